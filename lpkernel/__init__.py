@@ -1,0 +1,25 @@
+"""lpkernel: chain-rule log-probabilities of token sequences in JAX."""
+
+from lpkernel import reference as reference
+from lpkernel.checks import check_chain_rule as check_chain_rule
+from lpkernel.checks import check_inputs as check_inputs
+from lpkernel.checks import checkify_inputs as checkify_inputs
+from lpkernel.logprobs import ChunkConfig as ChunkConfig
+from lpkernel.logprobs import token_logprobs as token_logprobs
+from lpkernel.logprobs import token_logprobs_and_greedy as token_logprobs_and_greedy
+from lpkernel.scoring import Scores as Scores
+from lpkernel.scoring import score as score
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChunkConfig",
+    "Scores",
+    "check_chain_rule",
+    "check_inputs",
+    "checkify_inputs",
+    "reference",
+    "score",
+    "token_logprobs",
+    "token_logprobs_and_greedy",
+]
