@@ -59,6 +59,15 @@ def check_broadcastable(name: str, shape: Sequence[int], target: Sequence[int]) 
     raise ValueError(f"{name}.shape={tuple(shape)} does not broadcast to {tuple(target)}")
 
 
+def check_same_dims(name, shape, ref_name, ref_shape, letters="BT") -> None:
+  """ValueError naming the first of ``letters`` where ``shape`` differs from ``ref_shape``."""
+  if len(shape) < len(letters):
+    raise ValueError(f"{name} must be [{', '.join(letters)}, ...], got {name}.shape={tuple(shape)}")
+  for letter, a, b in zip(letters, shape, ref_shape, strict=False):
+    if a != b:
+      raise ValueError(f"{name} has {letter}={a} but {ref_name} has {letter}={b}")
+
+
 def check_rows(tokens, response_mask, segment_ids, num_segments) -> None:
   """Static checks on the ``[B, T]`` row arrays of ``score``."""
   check_int("tokens", tokens)
@@ -66,14 +75,16 @@ def check_rows(tokens, response_mask, segment_ids, num_segments) -> None:
     raise ValueError(f"tokens must be [B, T], got {tokens.shape=}")
   if tokens.shape[1] < 1:
     raise ValueError(f"T={tokens.shape[1]} must be at least 1")
-  if response_mask.shape != tokens.shape:
-    raise ValueError(f"{response_mask.shape=} must equal {tokens.shape=}")
+  if response_mask.ndim != 2:
+    raise ValueError(f"response_mask must be [B, T], got {response_mask.shape=}")
+  check_same_dims("response_mask", response_mask.shape, "tokens", tokens.shape)
   if not (response_mask.dtype == jnp.bool_ or _is_int(response_mask)):
     raise TypeError(f"response_mask must be bool (or 0/1 ints), got {response_mask.dtype=}")
   if segment_ids is not None:
     check_int("segment_ids", segment_ids)
-    if segment_ids.shape != tokens.shape:
-      raise ValueError(f"{segment_ids.shape=} must equal {tokens.shape=}")
+    if segment_ids.ndim != 2:
+      raise ValueError(f"segment_ids must be [B, T], got {segment_ids.shape=}")
+    check_same_dims("segment_ids", segment_ids.shape, "tokens", tokens.shape)
   if num_segments is not None and (not isinstance(num_segments, int) or num_segments < 1):
     raise ValueError(f"num_segments must be None or a positive Python int, got {num_segments=}")
 
@@ -81,13 +92,11 @@ def check_rows(tokens, response_mask, segment_ids, num_segments) -> None:
 def check_score_shapes(logits, tokens, response_mask, segment_ids, num_segments) -> None:
   """Static checks of ``score``'s arguments; raises naming the dimension."""
   check_float_logits("logits", logits)
-  check_rows(tokens, response_mask, segment_ids, num_segments)
   if logits.ndim != 3:
     raise ValueError(f"logits must be [B, T, V], got {logits.shape=}")
-  if logits.shape[:2] != tokens.shape:
-    raise ValueError(
-        f"logits [B, T] = {logits.shape[:2]} must equal tokens [B, T] = {tokens.shape}"
-    )
+  check_int("tokens", tokens)
+  check_same_dims("logits", logits.shape, "tokens", tokens.shape)
+  check_rows(tokens, response_mask, segment_ids, num_segments)
   if logits.shape[2] < 1:
     raise ValueError(f"vocab_size V={logits.shape[2]} must be at least 1")
 
@@ -166,7 +175,8 @@ def check_chain_rule(joint_logprob, prompt_logprob, *, atol: float = 1e-4) -> No
       raise ValueError(f"{name} holds NaN")
     if (value > atol).any():
       raise ValueError(f"{name} must be <= 0, got max {value.max()}")
-  conditional = np.where(np.isneginf(joint), -np.inf, joint - prompt)
+  with np.errstate(invalid="ignore"):  # -inf - -inf: an impossible joint is consistent
+    conditional = np.where(np.isneginf(joint), -np.inf, joint - prompt)
   if (conditional > atol).any():
     i = np.unravel_index(np.argmax(conditional), conditional.shape)
     raise ValueError(

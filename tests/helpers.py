@@ -1,0 +1,118 @@
+"""Shared test helpers: the float64 NumPy oracle, input builders, tolerances."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Tolerances for float32 results computed from logits of each input dtype,
+# compared against an oracle fed the *same* (already rounded) logits.
+TOLERANCES = {
+    # float32 accumulation over V terms: a few ulps of the log-sum-exp.
+    jnp.dtype(jnp.float32): dict(rtol=2e-5, atol=2e-5),
+    # Inputs are exact in float32 after the upcast; only accumulation order differs,
+    # but gradients are rounded back to the 8-bit mantissa of bfloat16.
+    jnp.dtype(jnp.bfloat16): dict(rtol=2e-5, atol=2e-5),
+    # Likewise; float16 gradients keep a 10-bit mantissa.
+    jnp.dtype(jnp.float16): dict(rtol=2e-5, atol=2e-5),
+}
+GRAD_TOLERANCES = {
+    jnp.dtype(jnp.float32): dict(rtol=1e-5, atol=1e-6),
+    jnp.dtype(jnp.bfloat16): dict(rtol=1e-2, atol=1e-2),  # one bf16 ulp of the result
+    jnp.dtype(jnp.float16): dict(rtol=2e-3, atol=1e-3),  # one f16 ulp of the result
+}
+
+
+def assert_close(actual, expected, *, rtol, atol, what=""):
+  actual = np.asarray(actual, np.float64)
+  expected = np.asarray(expected, np.float64)
+  np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected), err_msg=f"{what}: NaN pattern")
+  np.testing.assert_array_equal(np.isneginf(actual), np.isneginf(expected), err_msg=f"{what}: -inf")
+  finite = np.isfinite(expected)
+  diff = np.abs(actual[finite] - expected[finite])
+  bound = atol + rtol * np.abs(expected[finite])
+  worst = float(np.max(diff - bound, initial=-np.inf))
+  assert worst <= 0, f"{what}: max |diff| = {float(np.max(diff, initial=0)):.3g} beyond tolerance"
+
+
+def oracle_token_logprobs(logits, targets, temperature=1.0, softcap=None):
+  """float64 NumPy log-softmax gather; NaN for ids outside [0, V)."""
+  y = np.asarray(jnp.asarray(logits, jnp.float32), np.float64)
+  if softcap is not None:
+    y = softcap * np.tanh(y / softcap)
+  y = y / np.asarray(temperature, np.float64)[..., None]
+  m = np.max(y, axis=-1, keepdims=True)
+  m = np.where(np.isfinite(m), m, 0.0)
+  with np.errstate(divide="ignore"):
+    lse = np.log(np.sum(np.exp(y - m), axis=-1)) + m[..., 0]
+  targets = np.asarray(targets)
+  v = y.shape[-1]
+  ok = (targets >= 0) & (targets < v)
+  picked = np.take_along_axis(y, np.where(ok, targets, 0)[..., None], axis=-1)[..., 0]
+  with np.errstate(invalid="ignore"):
+    lp = np.where(np.isneginf(picked), -np.inf, picked - lse)
+  return np.where(ok, lp, np.nan)
+
+
+def oracle_score(logits, tokens, response_mask, segment_ids=None, num_segments=None):
+  """float64 chain-rule sums by explicit loops over positions (the DESIGN.md rule)."""
+  logits = np.asarray(jnp.asarray(logits, jnp.float32), np.float64)
+  tokens = np.asarray(tokens)
+  response_mask = np.asarray(response_mask, bool)
+  b, t, v = logits.shape
+  seg = np.ones((b, t), int) if segment_ids is None else np.asarray(segment_ids)
+  shape = (b,) if num_segments is None else (b, num_segments)
+  out = {k: np.zeros(shape) for k in ("prompt", "response", "ptok", "rtok")}
+  greedy = np.ones(shape, bool)
+  token_lp = np.zeros((b, t))
+  lp_all = oracle_token_logprobs(logits[:, :-1], tokens[:, 1:]) if t > 1 else np.zeros((b, 0))
+  for i in range(b):
+    bad = (seg[i] < 0).any() or (num_segments is not None and (seg[i] > num_segments).any())
+    for pos in range(1, t):
+      s = seg[i, pos]
+      if s <= 0 or s != seg[i, pos - 1]:
+        continue
+      lp = lp_all[i, pos - 1]
+      token_lp[i, pos] = lp
+      if bad:
+        continue
+      k = i if num_segments is None else (i, s - 1)
+      role = "response" if response_mask[i, pos] else "prompt"
+      out[role][k] += lp
+      out["rtok" if role == "response" else "ptok"][k] += 1
+      tok = tokens[i, pos]
+      if role == "response" and not (0 <= tok < v and logits[i, pos - 1, tok] >= logits[i, pos - 1].max()):
+        greedy[k] = False
+    if bad:
+      out["prompt"][i] = np.nan
+      out["response"][i] = np.nan
+      token_lp[i] = np.nan
+  return dict(
+      prompt_logprob=out["prompt"],
+      response_logprob=out["response"],
+      joint_logprob=out["prompt"] + out["response"],
+      prompt_tokens=out["ptok"],
+      response_tokens=out["rtok"],
+      response_greedy=greedy,
+      token_logprobs=token_lp,
+  )
+
+
+def random_logits(key, shape, dtype=jnp.float32, scale=3.0):
+  return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def random_tokens(key, shape, vocab_size):
+  return jax.random.randint(key, shape, 0, vocab_size, jnp.int32)
+
+
+def pad_rows(lengths, t, left=False):
+  """HF-style attention mask int32[B, T] for rows of the given lengths."""
+  mask = np.zeros((len(lengths), t), np.int32)
+  for i, n in enumerate(lengths):
+    if left:
+      mask[i, t - n :] = 1
+    else:
+      mask[i, :n] = 1
+  return jnp.asarray(mask)

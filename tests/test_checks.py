@@ -1,0 +1,90 @@
+"""check_inputs (eager), checkify_inputs (under jit) and check_chain_rule."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import checkify
+
+import lpkernel as lpk
+
+TOKENS = jnp.array([[1, 2, 3, 0], [4, 1, 0, 0]])
+MASK = jnp.array([[0, 0, 1, 1], [0, 1, 0, 0]], bool)
+SEG = jnp.array([[1, 1, 1, 1], [1, 1, 0, 0]])
+
+
+def test_valid_inputs_pass():
+  lpk.check_inputs(5, TOKENS, MASK, SEG, num_segments=1)
+  lpk.check_inputs(jnp.zeros((2, 4, 5)), TOKENS, MASK)
+
+
+@pytest.mark.parametrize(
+    "tokens,seg,num_segments,match",
+    [
+        (TOKENS.at[0, 2].set(-1), SEG, None, r"negative ids.*\[b=0, t=2\].*-1"),
+        (TOKENS.at[1, 1].set(5), SEG, None, r"ids >= vocab_size=5.*\[b=1, t=1\]"),
+        (TOKENS, SEG.at[1, 3].set(-1), None, r"segment_ids hold negative.*\[b=1, t=3\]"),
+        (TOKENS, SEG.at[0, 3].set(2), 1, r"segment_ids exceed num_segments=1.*\[b=0, t=3\]"),
+    ],
+)
+def test_bad_values_raise_eagerly(tokens, seg, num_segments, match):
+  with pytest.raises(ValueError, match=match):
+    lpk.check_inputs(5, tokens, MASK, seg, num_segments=num_segments)
+
+
+def test_padding_ids_are_not_checked():
+  lpk.check_inputs(5, TOKENS.at[1, 3].set(-100), MASK, SEG)
+
+
+def test_shape_errors_come_first():
+  with pytest.raises(ValueError, match="T=3"):
+    lpk.check_inputs(jnp.zeros((2, 3, 5)), TOKENS, MASK)
+
+
+@pytest.mark.parametrize(
+    "tokens,seg,num_segments,match",
+    [
+        (TOKENS.at[0, 2].set(-1), SEG, None, "negative ids"),
+        (TOKENS.at[1, 1].set(5), SEG, None, "vocab_size"),
+        (TOKENS, SEG.at[0, 3].set(3), 2, "exceed"),
+    ],
+)
+def test_checkify_raises_under_jit(tokens, seg, num_segments, match):
+  logits = jnp.zeros((2, 4, 5))
+
+  def checked(logits, tokens, mask, seg):
+    lpk.checkify_inputs(logits, tokens, mask, seg, num_segments=num_segments)
+    return lpk.score(logits, tokens, mask, segment_ids=seg, num_segments=num_segments)
+
+  run = jax.jit(checkify.checkify(checked))
+  err, scores = run(logits, tokens, MASK, seg)
+  with pytest.raises(checkify.JaxRuntimeError, match=match):
+    err.throw()
+  err, _ = run(logits, TOKENS, MASK, SEG)
+  err.throw()  # valid inputs: no error
+
+
+def test_seed_pair_is_rejected_by_the_chain_rule():
+  """log Pr([x, y]) = -3.5 with log Pr(x) = -5.2 means log Pr(y|x) = +1.7 > 0."""
+  with pytest.raises(ValueError, match="cannot be positive"):
+    lpk.check_chain_rule(-3.5, -5.2)
+  lpk.check_chain_rule(-5.9, -5.2)
+
+
+def test_chain_rule_check_on_real_scores():
+  logits = jax.random.normal(jax.random.key(0), (2, 4, 5))
+  s = lpk.score(logits, TOKENS, MASK, segment_ids=SEG)
+  lpk.check_chain_rule(s.joint_logprob, s.prompt_logprob)
+  with pytest.raises(ValueError, match="cannot be positive"):  # swapped roles
+    lpk.check_chain_rule(s.prompt_logprob, s.joint_logprob)
+
+
+@pytest.mark.parametrize("joint,prompt,match", [(np.nan, -1.0, "NaN"), (0.5, -1.0, "<= 0")])
+def test_chain_rule_rejects_nan_and_positive(joint, prompt, match):
+  with pytest.raises(ValueError, match=match):
+    lpk.check_chain_rule(joint, prompt)
+
+
+def test_impossible_joint_is_consistent():
+  lpk.check_chain_rule(-np.inf, -2.0)
+  lpk.check_chain_rule(-np.inf, -np.inf)

@@ -1,0 +1,189 @@
+"""token_logprobs: values and gradients against the reference and the float64 oracle."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+
+import lpkernel as lpk
+from lpkernel import reference
+from lpkernel.logprobs import ChunkConfig
+from tests.helpers import GRAD_TOLERANCES, TOLERANCES, assert_close, oracle_token_logprobs, random_logits, random_tokens
+
+DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+# A tiny chunk config sends small vocabularies through the multi-chunk path.
+SMALL_CHUNKS = ChunkConfig(max_chunk=8, min_chunk=2)
+
+
+def _inputs(seed, shape, v, dtype):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  return random_logits(k1, (*shape, v), dtype), random_tokens(k2, shape, v)
+
+
+def _check_against_both(logits, targets, **opts):
+  dtype = logits.dtype
+  got = lpk.token_logprobs(logits, targets, **opts)
+  assert got.dtype == jnp.float32
+  tol = TOLERANCES[jnp.dtype(dtype)]
+  opts.pop("chunks", None)
+  assert_close(got, reference.token_logprobs(logits, targets, **opts), **tol, what="vs reference")
+  assert_close(got, oracle_token_logprobs(logits, targets, **opts), **tol, what="vs oracle")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize(
+    "shape,v", [((5,), 1), ((5,), 3), ((2, 3), 32003), ((1,), 40000), ((4, 7), 520), ((3,), 2049)],
+    ids=["V1", "V3", "V32003", "V40000-chunked", "V520", "V2049"],
+)
+def test_values_match_reference_and_oracle(shape, v, dtype):
+  _check_against_both(*_inputs(0, shape, v, dtype))
+
+
+@given(
+    n=st.integers(1, 6),
+    v=st.integers(1, 50),
+    dtype=st.sampled_from(DTYPES),
+    chunked=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes(n, v, dtype, chunked, seed):
+  logits, targets = _inputs(seed, (n,), v, dtype)
+  _check_against_both(logits, targets, chunks=SMALL_CHUNKS if chunked else ChunkConfig())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("softcap", [None, 2.5], ids=["plain", "softcap"])
+@pytest.mark.parametrize("temperature", ["one", "scalar", "per-row"])
+@pytest.mark.parametrize("chunks", [ChunkConfig(), SMALL_CHUNKS], ids=["one-chunk", "chunked"])
+def test_value_and_grad_match_reference(dtype, softcap, temperature, chunks):
+  logits, targets = _inputs(1, (3, 4), 24, dtype)
+  tau = {"one": 1.0, "scalar": jnp.float32(0.7), "per-row": jnp.array([[0.5], [1.0], [2.0]])}[temperature]
+  weights = jax.random.normal(jax.random.key(2), targets.shape)
+
+  def loss(fn, x, tau, **kw):
+    return jnp.sum(weights * fn(x, targets, temperature=tau, softcap=softcap, **kw))
+
+  argnums = (1,) if temperature == "one" else (1, 2)
+  got_v, got_g = jax.value_and_grad(loss, argnums=argnums)(lpk.token_logprobs, logits, tau, chunks=chunks)
+  ref_v, ref_g = jax.value_and_grad(loss, argnums=argnums)(reference.token_logprobs, logits, tau)
+  tol = TOLERANCES[jnp.dtype(dtype)]
+  assert_close(got_v, ref_v, rtol=tol["rtol"], atol=1e-4, what="value")
+  assert got_g[0].dtype == logits.dtype
+  assert_close(got_g[0], ref_g[0], **GRAD_TOLERANCES[jnp.dtype(dtype)], what="dlogits")
+  if temperature != "one":
+    assert np.shape(got_g[1]) == np.shape(tau)
+    assert_close(got_g[1], ref_g[1], rtol=1e-4, atol=1e-4, what="dtemperature")
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("chunks", [ChunkConfig(), SMALL_CHUNKS], ids=["one-chunk", "chunked"])
+def test_custom_vjp_check_grads(softcap, chunks):
+  logits, targets = _inputs(3, (4,), 16, jnp.float32)
+  tau = jnp.array([0.5, 1.0, 1.5, 3.0])
+
+  def f(x, tau):
+    return lpk.token_logprobs(x, targets, temperature=tau, softcap=softcap, chunks=chunks)
+
+  check_grads(f, (logits, tau), order=1, modes=["rev"], eps=1e-2, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("bad", [-1, -3, 7, 100])
+def test_out_of_range_ids_give_nan_and_never_wrap(bad):
+  logits, targets = _inputs(4, (3,), 7, jnp.float32)
+  targets = targets.at[1].set(bad)
+  lp = jax.jit(lpk.token_logprobs)(logits, targets)
+  assert np.isnan(lp[1])
+  assert np.isfinite(np.asarray(lp)[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("chunks", [ChunkConfig(), SMALL_CHUNKS], ids=["one-chunk", "chunked"])
+def test_neg_inf_target_is_zero_probability_not_nan(chunks):
+  logits = jnp.zeros((3, 16)).at[0, 5].set(-jnp.inf).at[1].set(-jnp.inf).at[2, :8].set(-jnp.inf)
+  targets = jnp.array([5, 2, 3])
+  lp = lpk.token_logprobs(logits, targets, chunks=chunks)
+  np.testing.assert_array_equal(lp, [-np.inf, -np.inf, -np.inf])
+  # A masked (zero-cotangent) impossible row leaves no NaN in the gradient.
+  grad = jax.grad(lambda x: jnp.sum(jnp.where(jnp.arange(3) == 2, 0.0, lp_fn(x, targets, chunks))))(logits)
+  assert np.isfinite(grad).all()
+
+
+def lp_fn(x, targets, chunks):
+  lp = lpk.token_logprobs(x, targets, chunks=chunks)
+  return jnp.where(jnp.isneginf(lp), 0.0, lp)
+
+
+def test_neg_inf_elsewhere_gives_finite_gradient():
+  logits = jnp.zeros((2, 6)).at[:, 4:].set(-jnp.inf)
+  targets = jnp.array([1, 2])
+  grad = jax.grad(lambda x: jnp.sum(lpk.token_logprobs(x, targets)))(logits)
+  assert np.isfinite(grad).all()
+  np.testing.assert_allclose(grad[0], [-0.25, 0.75, -0.25, -0.25, 0.0, 0.0], rtol=1e-6)
+
+
+def test_masked_nan_rows_put_no_nan_into_gradients():
+  logits = jnp.zeros((3, 5)).at[1].set(jnp.nan)
+  targets = jnp.array([0, 1, 2])
+  grad = jax.grad(lambda x: jnp.sum(jnp.where(jnp.arange(3) == 1, 0.0, lpk.token_logprobs(x, targets))))(logits)
+  assert np.isfinite(grad).all()
+
+
+def test_vmap_over_extra_axis_matches_batched_call():
+  logits, targets = _inputs(5, (4, 3), 11, jnp.bfloat16)
+  mapped = jax.vmap(lpk.token_logprobs)(logits, targets)
+  chex.assert_trees_all_close(mapped, lpk.token_logprobs(logits, targets))
+
+
+def test_no_retracing_on_new_values():
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def f(x, t):
+    return lpk.token_logprobs(x, t)
+
+  for seed in range(3):
+    f(*_inputs(seed, (2, 3), 9, jnp.float32))
+
+
+@pytest.mark.parametrize(
+    "logits_shape,targets_shape,dtype,err",
+    [
+        ((2, 3, 5), (2, 4), jnp.float32, ValueError),  # leading dims differ
+        ((2, 3), (2, 3), jnp.float32, ValueError),  # missing V axis
+        ((2, 0), (2,), jnp.float32, ValueError),  # V = 0
+        ((2, 5), (2,), jnp.int32, TypeError),  # integer logits
+        ((2, 5), (2,), jnp.float64, TypeError),
+    ],
+)
+def test_bad_shapes_and_dtypes_raise(logits_shape, targets_shape, dtype, err):
+  logits = jax.ShapeDtypeStruct(logits_shape, dtype)
+  targets = jnp.zeros(targets_shape, jnp.int32)
+  with pytest.raises(err):
+    lpk.token_logprobs(logits, targets)
+
+
+def test_float_targets_raise_type_error():
+  with pytest.raises(TypeError, match="targets"):
+    lpk.token_logprobs(jnp.zeros((2, 4)), jnp.zeros((2,)))
+
+
+def test_bad_temperature_shape_and_softcap_raise():
+  with pytest.raises(ValueError, match="temperature"):
+    lpk.token_logprobs(jnp.zeros((2, 4)), jnp.zeros((2,), jnp.int32), temperature=jnp.ones(3))
+  with pytest.raises(ValueError, match="softcap"):
+    lpk.token_logprobs(jnp.zeros((2, 4)), jnp.zeros((2,), jnp.int32), softcap=-1.0)
+
+
+@pytest.mark.parametrize("v,chunk", [(32000, 32000), (128256, 32064), (40000, 20000), (65537, 65537), (3, 3)])
+def test_chunk_choice_divides_vocab(v, chunk):
+  assert ChunkConfig().chunk(v) == chunk
+
+
+def test_greedy_flags():
+  logits = jnp.array([[0.0, 2.0, 1.0], [3.0, 3.0, 0.0]])
+  _, greedy = lpk.token_logprobs_and_greedy(logits, jnp.array([1, 0]))
+  np.testing.assert_array_equal(greedy, [True, True])
+  _, greedy = lpk.token_logprobs_and_greedy(logits, jnp.array([2, -1]))
+  np.testing.assert_array_equal(greedy, [False, False])
