@@ -1,0 +1,97 @@
+"""``python -m benchmarks``: run a suite, print the table, write JSON and a plot.
+
+On the CPU the suite runs twice when Debian's tcmalloc is installed, once under
+the current allocator and once with tcmalloc preloaded: writing fresh large
+buffers is page-fault bound under glibc malloc, and that moves the backward rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+
+from benchmarks import methods as methods_lib
+from benchmarks import report
+from benchmarks.runner import run_suite
+from benchmarks.suites import PASSES, SUITES
+
+TCMALLOC_GLOBS = ["/usr/lib/*-linux-gnu/libtcmalloc*.so.4", "/usr/lib64/libtcmalloc*.so.4", "/usr/lib/libtcmalloc*.so.4"]
+
+
+def current_allocator() -> str:
+  return "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "default"
+
+
+def find_tcmalloc() -> str | None:
+  found = sorted(p for g in TCMALLOC_GLOBS for p in glob.glob(g) if "debug" not in p)
+  return found[0] if found else None
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+  p.add_argument("--suite", choices=sorted(SUITES), default="default")
+  p.add_argument("--methods", nargs="*", help=f"subset of {[m.name for m in methods_lib.METHODS]}")
+  p.add_argument("--passes", nargs="*", choices=PASSES, default=list(PASSES))
+  p.add_argument("--repeats", type=int, default=5, help="timed runs per row (after 1 warm-up)")
+  p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
+  p.add_argument("--allocator", choices=["both", "current"], default="both",
+                 help="CPU: also rerun with tcmalloc preloaded when it is installed")
+  p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--no-plot", action="store_true")
+  p.add_argument("--raw-json", type=Path, help=argparse.SUPPRESS)  # child runs write here
+  return p.parse_args(argv)
+
+
+def _run_here(args) -> list[dict]:
+  results = run_suite(SUITES[args.suite], methods_lib.by_name(args.methods), tuple(args.passes),
+                      args.repeats, progress=not args.no_progress)
+  for res in results:
+    res["allocator"] = current_allocator()
+  return results
+
+
+def _run_child_with(preload: str, argv: list[str]) -> list[dict]:
+  with tempfile.TemporaryDirectory() as tmp:
+    raw = Path(tmp) / "raw.json"
+    env = dict(os.environ, LD_PRELOAD=preload)
+    cmd = [sys.executable, "-m", "benchmarks", *argv, "--allocator", "current", "--raw-json", str(raw)]
+    subprocess.run(cmd, env=env, check=True)
+    return json.loads(raw.read_text())
+
+
+def main(argv=None) -> dict:
+  argv = sys.argv[1:] if argv is None else argv
+  args = parse_args(argv)
+  results = _run_here(args)
+  if args.raw_json:
+    args.raw_json.write_text(json.dumps(results))
+    return {}
+  tcmalloc = find_tcmalloc()
+  if args.allocator == "both" and jax.default_backend() == "cpu" and current_allocator() == "default":
+    if tcmalloc:
+      print(f"rerunning under tcmalloc ({tcmalloc})", flush=True)
+      results += _run_child_with(tcmalloc, [a for a in argv if a not in ("--allocator", "both")])
+    else:
+      print("tcmalloc not found (apt-get install libtcmalloc-minimal4): default allocator only")
+  meta = report.metadata(args.suite, args.repeats, sorted({r["allocator"] for r in results}))
+  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+  stem = args.out / f"{meta['backend']}-{stamp}"
+  print(report.table(results))
+  report.write_json(stem.with_suffix(".json"), meta, results)
+  if not args.no_plot:
+    report.plot(stem.with_suffix(".png"), results)
+  print(f"\nwrote {stem.with_suffix('.json')}" + ("" if args.no_plot else f" and {stem.with_suffix('.png')}"))
+  return {"meta": meta, "results": results, "json": stem.with_suffix(".json")}
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,112 @@
+"""The methods the suite times: lpkernel and its baselines and peers.
+
+Every method turns one case's inputs into a scalar loss (a sum of target
+log-probabilities, so every method computes the same number) and names the
+inputs it differentiates for the forward+backward pass. A method that cannot
+run here says why; the runner reports it as skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import lpkernel as lpk
+from lpkernel import reference
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A benchmarked implementation.
+
+  Attributes:
+    name: shown in the table.
+    fused: runs on hidden-state cases (else on logits cases).
+    loss: ``inputs dict -> float32 scalar``.
+    wrt: names of the inputs the backward pass differentiates.
+    missing: a zero-argument callable returning why it cannot run, or None.
+  """
+
+  name: str
+  fused: bool
+  loss: Callable[[dict], jax.Array]
+  wrt: tuple[str, ...]
+  missing: Callable[[], str | None] = lambda: None
+
+
+def _needs(module: str) -> Callable[[], str | None]:
+  return lambda: None if importlib.util.find_spec(module) else f"{module} is not installed"
+
+
+# --- logits rows: score a response mask over [B, T, V] logits ---------------
+
+
+def _lpkernel(inp):
+  return lpk.score(inp["logits"], inp["tokens"], inp["response_mask"]).response_logprob.sum()
+
+
+def _plain(inp):
+  return reference.score(inp["logits"], inp["tokens"], inp["response_mask"]).response_logprob.sum()
+
+
+def _optax(inp):
+  logits, tokens, mask = inp["logits"], inp["tokens"], inp["response_mask"]
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), tokens[:, 1:])
+  return -jnp.sum(jnp.where(mask[:, 1:], ce, 0.0))
+
+
+# --- fused rows: hidden [N, D] @ unembed [D, V] with targets [N] -------------
+
+
+def _fused(inp):
+  return lpk.fused_token_logprobs(inp["hidden"], inp["unembed"], inp["targets"]).sum()
+
+
+def _materialised(inp):
+  logits = jnp.dot(inp["hidden"], inp["unembed"], preferred_element_type=jnp.float32)
+  return lpk.token_logprobs(logits.astype(inp["hidden"].dtype), inp["targets"]).sum()
+
+
+def _tokamax(inp):
+  import tokamax
+
+  loss = tokamax.linear_softmax_cross_entropy_loss(
+      inp["hidden"], inp["targets"], inp["unembed"], reduction="sum", implementation="xla"
+  )
+  return -loss.astype(jnp.float32)
+
+
+def _jax_cce(inp):
+  import jax_cce
+
+  # jax-cce takes the unembedding as [V, D] (given pre-transposed, untimed) and
+  # returns the mean cross-entropy.
+  loss = jax_cce.linear_cross_entropy(inp["hidden"], inp["unembed_t"], inp["targets"])
+  return -loss.astype(jnp.float32) * inp["targets"].size
+
+
+METHODS = [
+    Method("lpkernel", False, _lpkernel, ("logits",)),
+    Method("plain", False, _plain, ("logits",)),
+    Method("optax", False, _optax, ("logits",)),
+    Method("lpkernel-fused", True, _fused, ("hidden", "unembed")),
+    Method("materialised", True, _materialised, ("hidden", "unembed")),
+    Method("tokamax-xla", True, _tokamax, ("hidden", "unembed"), _needs("tokamax")),
+    Method("jax-cce", True, _jax_cce, ("hidden", "unembed_t"), _needs("jax_cce")),
+]
+BASELINE = {False: "plain", True: "materialised"}
+
+
+def by_name(names: list[str] | None) -> list[Method]:
+  if not names:
+    return METHODS
+  known = {m.name: m for m in METHODS}
+  unknown = [n for n in names if n not in known]
+  if unknown:
+    raise ValueError(f"unknown methods {unknown}; choose from {sorted(known)}")
+  return [known[n] for n in names]

@@ -1,0 +1,111 @@
+"""The suite's outputs: a printed table, a JSON file and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import jax
+
+
+def metadata(suite: str, repeats: int, allocators: list[str]) -> dict:
+  device = jax.devices()[0]
+  return {
+      "suite": suite,
+      "backend": jax.default_backend(),
+      "device": getattr(device, "device_kind", str(device)),
+      "device_count": jax.device_count(),
+      "cpu_count": os.cpu_count(),
+      "jax": jax.__version__,
+      "jaxlib": jax.lib.__version__ if hasattr(jax, "lib") else None,
+      "python": platform.python_version(),
+      "machine": platform.machine(),
+      "allocators": allocators,
+      "repeats": repeats,
+  }
+
+
+def _ratio(x):
+  return "-" if x is None else f"{x:.2f}x"
+
+
+def table(results: list[dict]) -> str:
+  """One table over every case, allocator and method."""
+  header = ["method", "case", "alloc", "pass", "median ms (min-max)", "Mtok/s", "GB/s",
+            "x read", "x exp", "x bwd floor", "x matmul", "x baseline", "temp MB"]
+  lines = [header]
+  for res in results:
+    for r in res["rows"]:
+      base = [r["method"], res["case"], res.get("allocator", "-"), r["pass_"]]
+      if r["status"] != "ok":
+        lines.append(base + [f"skipped: {r['reason']}"] + [""] * (len(header) - 5))
+        continue
+      f = r["vs_floor"]
+      lines.append(base + [
+          f"{r['median_ms']:.1f} ({r['min_ms']:.1f}-{r['max_ms']:.1f})",
+          f"{r['tokens_per_s'] / 1e6:.2f}",
+          f"{r['gb_per_s']:.1f}",
+          _ratio(f.get("read")),
+          _ratio(f.get("exp")),
+          _ratio(f.get("read+write+2exp")),
+          _ratio(f.get("matmul", f.get("3 matmuls"))),
+          _ratio(r["vs_baseline"]),
+          "-" if r["temp_mb"] is None else f"{r['temp_mb']:.1f}",
+      ])
+  widths = [max(len(str(row[i])) for row in lines if len(row) > i) for i in range(len(header))]
+  out = []
+  for row in lines:
+    if len(row) == 5 or (len(row) > 4 and str(row[4]).startswith("skipped")):
+      out.append("  ".join(str(c).ljust(w) for c, w in zip(row[:4], widths, strict=False)) + "  " + row[4])
+    else:
+      out.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)))
+  floors = ["", "floors (median ms):"]
+  for res in results:
+    fl = ", ".join(f"{k} {v:.1f}" for k, v in res["floors_ms"].items())
+    floors.append(f"  {res['case']} [{res.get('allocator', '-')}]: {fl}")
+  return "\n".join(out + floors)
+
+
+def write_json(path: Path, meta: dict, results: list[dict]) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+
+
+def plot(path: Path, results: list[dict]) -> None:
+  """Time per method as a multiple of its floor, one panel per pass."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  passes = ["forward", "forward+backward"]
+  fig, axes = plt.subplots(1, 2, figsize=(14, 5), sharey=False)
+  for ax, pass_name in zip(axes, passes, strict=True):
+    labels, methods, values = [], [], {}
+    for res in results:
+      label = f"{res['case']}\n{res.get('allocator', '')}".strip()
+      labels.append(label)
+      for r in res["rows"]:
+        if r["pass_"] != pass_name or r["status"] != "ok":
+          continue
+        floor = min(r["vs_floor"].values())
+        values.setdefault(r["method"], {})[label] = floor
+        if r["method"] not in methods:
+          methods.append(r["method"])
+    width = 0.8 / max(len(methods), 1)
+    for i, m in enumerate(methods):
+      xs = [j + i * width for j, lab in enumerate(labels) if lab in values[m]]
+      ys = [values[m][lab] for lab in labels if lab in values[m]]
+      ax.bar(xs, ys, width, label=m)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("time / floor (log)")
+    ax.set_title(f"{pass_name}: lower is better, 1 = floor")
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

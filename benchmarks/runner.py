@@ -1,0 +1,163 @@
+"""Runs a suite: builds inputs, measures floors and methods, returns result rows."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import floors
+from benchmarks.methods import BASELINE, Method
+from benchmarks.suites import PASSES, Case
+
+
+@dataclasses.dataclass
+class Timing:
+  median_ms: float
+  min_ms: float
+  max_ms: float
+  temp_mb: float | None
+
+
+def _temp_mb(compiled) -> float | None:
+  stats = compiled.memory_analysis()
+  return None if stats is None else stats.temp_size_in_bytes / 1e6
+
+
+def measure(fn: Callable, args: tuple, repeats: int, warmup: int = 1) -> tuple[Timing, object]:
+  """Compiles ``fn``, runs it ``warmup`` times, then times ``repeats`` runs."""
+  compiled = jax.jit(fn).lower(*args).compile()
+  out = None
+  for _ in range(warmup):
+    out = jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append((time.perf_counter() - start) * 1e3)
+  return Timing(statistics.median(times), min(times), max(times), _temp_mb(compiled)), out
+
+
+def make_inputs(case: Case, seed: int = 0) -> dict:
+  """Random inputs for a case: logits rows or hidden states, targets and masks."""
+  s, dtype = case.shape, jnp.dtype(case.dtype)
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  if case.fused:
+    hidden = jax.random.normal(k1, (s.tokens, s.width), jnp.float32).astype(dtype)
+    unembed = (jax.random.normal(k2, (s.width, s.vocab), jnp.float32) / s.width**0.5).astype(dtype)
+    targets = jax.random.randint(k3, (s.tokens,), 0, s.vocab, jnp.int32)
+    return {"hidden": hidden, "unembed": unembed, "unembed_t": unembed.T.copy(), "targets": targets}
+  logits = (3 * jax.random.normal(k1, (s.batch, s.time, s.vocab), jnp.float32)).astype(dtype)
+  tokens = jax.random.randint(k2, (s.batch, s.time), 0, s.vocab, jnp.int32)
+  response_mask = jnp.broadcast_to(jnp.arange(s.time) >= s.time // 2, (s.batch, s.time))
+  return {"logits": logits, "tokens": tokens, "response_mask": response_mask}
+
+
+def _floor_tasks(case: Case) -> dict[str, tuple[Callable, tuple[str, ...]]]:
+  if case.fused:
+    return {name: (fn, ("hidden", "unembed")) for name, fn in floors.FUSED_FLOORS.items()}
+  return {name: (fn, ("logits",)) for name, fn in floors.LOGITS_FLOORS.items()}
+
+
+def _pass_fn(method: Method, pass_name: str, names: list[str]) -> Callable:
+  """A positional-argument function for one pass over the named inputs."""
+
+  def loss(*args):
+    return method.loss(dict(zip(names, args, strict=True)))
+
+  if pass_name == "forward":
+    return loss
+  argnums = tuple(names.index(n) for n in method.wrt)
+  return jax.grad(loss, argnums=argnums)
+
+
+def _bytes_read(case: Case) -> int:
+  s, itemsize = case.shape, jnp.dtype(case.dtype).itemsize
+  if case.fused:
+    return (s.tokens * s.width + s.width * s.vocab) * itemsize
+  return s.batch * s.time * s.vocab * itemsize
+
+
+def run_case(case: Case, methods: list[Method], passes, repeats: int, on_step=lambda: None) -> dict:
+  """Floors and method rows for one case."""
+  inputs = make_inputs(case)
+  floor_ms = {}
+  for name, (fn, arg_names) in _floor_tasks(case).items():
+    timing, _ = measure(fn, tuple(inputs[a] for a in arg_names), repeats)
+    floor_ms[name] = timing.median_ms
+    on_step()
+  if not case.fused:
+    floor_ms["read+write+2exp"] = floor_ms["read+write"] + 2 * floor_ms["exp"]
+  rows = []
+  for method in methods:
+    if method.fused != case.fused:
+      continue
+    for pass_name in passes:
+      row = dict(method=method.name, case=case.label, shape=case.shape._asdict(), dtype=case.dtype,
+                 pass_=pass_name, fused=case.fused)
+      reason = method.missing()
+      if reason is None:
+        names = sorted(inputs)
+        fn = _pass_fn(method, pass_name, names)
+        try:
+          timing, out = measure(fn, tuple(inputs[n] for n in names), repeats)
+        except Exception as e:  # noqa: BLE001 - a peer failing on this backend is reported
+          reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+      if reason is not None:
+        rows.append(row | dict(status="skipped", reason=reason))
+      else:
+        row |= dict(status="ok", **dataclasses.asdict(timing))
+        if pass_name == "forward":
+          row["value"] = float(out)
+        row["tokens_per_s"] = case.shape.tokens / (timing.median_ms / 1e3)
+        row["gb_per_s"] = _bytes_read(case) / 1e9 / (timing.median_ms / 1e3)
+        rows.append(row)
+      on_step()
+  _add_ratios(rows, floor_ms, case)
+  return {"case": case.label, "fused": case.fused, "floors_ms": floor_ms, "rows": rows}
+
+
+def _add_ratios(rows: list[dict], floor_ms: dict, case: Case) -> None:
+  baseline = {r["pass_"]: r for r in rows if r["method"] == BASELINE[case.fused] and r["status"] == "ok"}
+  for r in rows:
+    if r["status"] != "ok":
+      continue
+    if case.fused:
+      floor_names = ("matmul",) if r["pass_"] == "forward" else ("3 matmuls",)
+    else:
+      floor_names = ("read", "exp") if r["pass_"] == "forward" else ("read+write+2exp",)
+    r["vs_floor"] = {f: r["median_ms"] / floor_ms[f] for f in floor_names}
+    base = baseline.get(r["pass_"])
+    r["vs_baseline"] = r["median_ms"] / base["median_ms"] if base else None
+    if "value" in r and base and "value" in base:
+      r["rel_diff_vs_baseline"] = abs(r["value"] - base["value"]) / max(abs(base["value"]), 1e-30)
+
+
+def steps(cases: list[Case], methods: list[Method], passes) -> int:
+  total = 0
+  for case in cases:
+    total += len(_floor_tasks(case))
+    total += sum(len(passes) for m in methods if m.fused == case.fused)
+  return total
+
+
+def run_suite(cases: list[Case], methods: list[Method], passes=PASSES, repeats: int = 5,
+              progress: bool = True) -> list[dict]:
+  """Runs every case; a tqdm bar shows the sweep when ``progress``."""
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps(cases, methods, passes), desc="benchmarks", unit="run")
+  results = []
+  for case in cases:
+    if bar is not None:
+      bar.set_postfix_str(case.label)
+    results.append(run_case(case, methods, passes, repeats, on_step=bar.update if bar else lambda: None))
+  if bar is not None:
+    bar.close()
+  return results
