@@ -74,6 +74,10 @@ def _materialised(inp):
 
 def _tokamax(inp):
   import tokamax
+  from absl import flags
+
+  if not flags.FLAGS.is_parsed():  # tokamax reads absl flags; ours are not absl's
+    flags.FLAGS.mark_as_parsed()
 
   loss = tokamax.linear_softmax_cross_entropy_loss(
       inp["hidden"], inp["targets"], inp["unembed"], reduction="sum", implementation="xla"

@@ -31,6 +31,10 @@ def _ratio(x):
   return "-" if x is None else f"{x:.2f}x"
 
 
+def _ms(x):
+  return f"{x:.3g}"
+
+
 def table(results: list[dict]) -> str:
   """One table over every case, allocator and method."""
   header = ["method", "case", "alloc", "pass", "median ms (min-max)", "Mtok/s", "GB/s",
@@ -40,11 +44,11 @@ def table(results: list[dict]) -> str:
     for r in res["rows"]:
       base = [r["method"], res["case"], res.get("allocator", "-"), r["pass_"]]
       if r["status"] != "ok":
-        lines.append(base + [f"skipped: {r['reason']}"] + [""] * (len(header) - 5))
+        lines.append(base + [f"skipped: {r['reason']}"])
         continue
       f = r["vs_floor"]
       lines.append(base + [
-          f"{r['median_ms']:.1f} ({r['min_ms']:.1f}-{r['max_ms']:.1f})",
+          f"{_ms(r['median_ms'])} ({_ms(r['min_ms'])}-{_ms(r['max_ms'])})",
           f"{r['tokens_per_s'] / 1e6:.2f}",
           f"{r['gb_per_s']:.1f}",
           _ratio(f.get("read")),
@@ -54,13 +58,9 @@ def table(results: list[dict]) -> str:
           _ratio(r["vs_baseline"]),
           "-" if r["temp_mb"] is None else f"{r['temp_mb']:.1f}",
       ])
-  widths = [max(len(str(row[i])) for row in lines if len(row) > i) for i in range(len(header))]
-  out = []
-  for row in lines:
-    if len(row) == 5 or (len(row) > 4 and str(row[4]).startswith("skipped")):
-      out.append("  ".join(str(c).ljust(w) for c, w in zip(row[:4], widths, strict=False)) + "  " + row[4])
-    else:
-      out.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)))
+  full = [row for row in lines if len(row) == len(header)]
+  widths = [max(len(row[i]) for row in full) for i in range(len(header))]
+  out = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) for row in lines]
   floors = ["", "floors (median ms):"]
   for res in results:
     fl = ", ".join(f"{k} {v:.1f}" for k, v in res["floors_ms"].items())

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import lpkernel as lpk
-from lpkernel import reference
+from lpkernel import reference, shapes
 from lpkernel.logprobs import ChunkConfig
 from tests.helpers import (
     GRAD_TOLERANCES,
@@ -265,7 +265,7 @@ def test_product_underflows_but_log_sum_is_exact():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("with_grad", [False, True], ids=["forward", "forward+backward"])
 def test_no_logits_sized_temporaries(dtype, with_grad):
-  b, t, v = 8, 512, 32000
+  _, b, t, v = shapes.LLAMA2_VOCAB  # (8, 512, 32000)
   logits = jax.ShapeDtypeStruct((b, t, v), dtype)
   tokens = jax.ShapeDtypeStruct((b, t), jnp.int32)
   mask = jax.ShapeDtypeStruct((b, t), jnp.bool_)

@@ -1,0 +1,61 @@
+"""Smoke test of the benchmark suite on the quick suite (no timing asserted)."""
+
+import json
+
+import pytest
+
+from benchmarks import __main__ as cli
+from benchmarks import methods, suites
+from lpkernel import shapes
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench")
+  return cli.main(["--suite", "quick", "--repeats", "2", "--allocator", "current",
+                   "--no-progress", "--out", str(out)])
+
+
+def test_json_schema_and_floors(quick_run):
+  data = json.loads(quick_run["json"].read_text())
+  meta = data["meta"]
+  for key in ("backend", "device", "jax", "jaxlib", "cpu_count", "allocators", "suite"):
+    assert key in meta, key
+  assert {r["case"] for r in data["results"]} == {c.label for c in suites.SUITES["quick"]}
+  for res in data["results"]:
+    want = {"matmul", "3 matmuls"} if res["fused"] else {"read", "exp", "read+write", "read+write+2exp"}
+    assert set(res["floors_ms"]) == want
+    assert all(v > 0 for v in res["floors_ms"].values())
+    names = {r["method"] for r in res["rows"]}
+    assert names == {m.name for m in methods.METHODS if m.fused == res["fused"]}
+    for r in res["rows"]:
+      assert r["status"] in ("ok", "skipped")
+      if r["status"] == "skipped":
+        assert r["reason"]
+        continue
+      assert r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+      assert r["vs_floor"] and r["vs_baseline"] is not None
+  assert quick_run["json"].with_suffix(".png").exists()
+
+
+def test_every_method_agrees_with_the_baseline(quick_run):
+  checked = 0
+  for res in quick_run["results"]:
+    for r in res["rows"]:
+      if r["status"] == "ok" and r["pass_"] == "forward":
+        tol = 1e-2 if r["dtype"] == "bfloat16" and res["fused"] else 1e-4
+        assert r["rel_diff_vs_baseline"] < tol, (r["method"], res["case"], r["rel_diff_vs_baseline"])
+        checked += 1
+  assert checked >= 8
+
+
+def test_suites_reuse_the_library_shapes():
+  assert suites.Case(shapes.LLAMA2_VOCAB, "float32") in suites.SUITES["default"]
+  every = [c.shape for cases in suites.SUITES.values() for c in cases]
+  library = {v for v in vars(shapes).values() if isinstance(v, (shapes.LogitsShape, shapes.HiddenShape))}
+  assert set(every) <= library
+
+
+def test_unknown_method_is_an_error():
+  with pytest.raises(ValueError, match="unknown methods"):
+    methods.by_name(["nope"])

@@ -1,0 +1,145 @@
+"""Fused path against score(hidden @ unembed) and the float64 oracle."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lpkernel as lpk
+from lpkernel import reference, shapes
+from tests.helpers import GRAD_TOLERANCES, assert_close, oracle_score, oracle_token_logprobs
+
+SMALL = lpk.FusedConfig(vocab_block=4)  # many blocks and a tail on small V
+
+
+def _inputs(seed, n, d, v, dtype=jnp.float32):
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  h = jax.random.normal(k1, (n, d), jnp.float32).astype(dtype)
+  w = (2 * jax.random.normal(k2, (d, v), jnp.float32) / d**0.5).astype(dtype)
+  return h, w, jax.random.randint(k3, (n,), 0, v, jnp.int32)
+
+
+def _logits(h, w):
+  return jnp.dot(h, w, preferred_element_type=jnp.float32)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("n,v", [(5, 1), (9, 7), (3, 32003), (17, 64)])
+@pytest.mark.parametrize("config", [lpk.FusedConfig(), SMALL], ids=["default-block", "block4"])
+def test_values_match_materialised_and_oracle(n, v, dtype, config):
+  h, w, t = _inputs(0, n, 16, v, dtype)
+  got = lpk.fused_token_logprobs(h, w, t, config=config)
+  logits = _logits(h, w)
+  assert_close(got, reference.token_logprobs(logits, t), rtol=1e-5, atol=1e-4, what="vs materialised")
+  assert_close(got, oracle_token_logprobs(logits, t), rtol=1e-5, atol=1e-4, what="vs oracle")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("temperature", ["one", "per-token"])
+def test_gradients_match_materialised(dtype, softcap, temperature):
+  h, w, t = _inputs(1, 11, 8, 13, dtype)
+  tau = 1.0 if temperature == "one" else jnp.linspace(0.5, 2.0, 11)
+  c = jax.random.normal(jax.random.key(9), (3, 11))
+
+  def loss_fused(h, w, tau):
+    s = lpk.fused_token_stats(h, w, t, temperature=tau, softcap=softcap, config=SMALL)
+    return jnp.sum(c[0] * s.logprobs + c[1] * s.lse + c[2] * s.entropy)
+
+  def loss_ref(h, w, tau):
+    y = _logits(h, w)
+    if softcap is not None:
+      y = softcap * jnp.tanh(y / softcap)
+    y = y / jnp.asarray(tau)[..., None]
+    logp = jax.nn.log_softmax(y)
+    ent = -jnp.sum(jnp.exp(logp) * logp, -1)
+    lp = jnp.take_along_axis(logp, t[:, None], -1)[:, 0]
+    return jnp.sum(c[0] * lp + c[1] * jax.nn.logsumexp(y, -1) + c[2] * ent)
+
+  argnums = (0, 1) if temperature == "one" else (0, 1, 2)
+  got = jax.value_and_grad(loss_fused, argnums)(h, w, tau)
+  want = jax.value_and_grad(loss_ref, argnums)(h, w, tau)
+  assert_close(got[0], want[0], rtol=1e-5, atol=1e-4, what="value")
+  tol = GRAD_TOLERANCES[jnp.dtype(dtype)] if dtype != jnp.float32 else dict(rtol=1e-4, atol=1e-5)
+  for name, a, b in zip(("dhidden", "dunembed", "dtemperature"), got[1], want[1], strict=False):
+    assert a.dtype == b.dtype
+    assert_close(a, b, **tol, what=name)
+
+
+@pytest.mark.parametrize("num_segments", [None, 2])
+def test_score_hidden_equals_score_of_logits(num_segments):
+  k = jax.random.split(jax.random.key(2), 4)
+  b, t, d, v = 2, 7, 8, 11
+  hidden = jax.random.normal(k[0], (b, t, d))
+  w = jax.random.normal(k[1], (d, v))
+  tokens = jax.random.randint(k[2], (b, t), 0, v)
+  response = jnp.arange(t)[None] >= jnp.array([[2], [4]])
+  seg = jnp.array([[1, 1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1, 1]])
+  got, stats = lpk.score_hidden(hidden, w, tokens, response, segment_ids=seg,
+                                num_segments=num_segments, config=SMALL, with_stats=True)
+  logits = jnp.einsum("btd,dv->btv", hidden, w)
+  want = lpk.score(logits, tokens, response, segment_ids=seg, num_segments=num_segments)
+  for name in ("prompt_logprob", "response_logprob", "joint_logprob", "token_logprobs"):
+    assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-5, what=name)
+  for name in ("prompt_tokens", "response_tokens", "response_greedy"):
+    np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+  oracle = oracle_score(logits, tokens, response, seg, num_segments)
+  assert_close(got.joint_logprob, oracle["joint_logprob"], rtol=1e-5, atol=1e-5, what="oracle")
+  assert_close(stats.lse, jax.nn.logsumexp(logits, -1), rtol=1e-6, atol=1e-5, what="lse")
+
+
+def test_greedy_matches_argmax():
+  h, w, _ = _inputs(3, 32, 8, 10)
+  t = jnp.argmax(_logits(h, w), -1).at[::2].add(1) % 10
+  stats = lpk.fused_token_stats(h, w, t, config=SMALL)
+  np.testing.assert_array_equal(stats.greedy, jnp.argmax(_logits(h, w), -1) == t)
+
+
+@pytest.mark.parametrize("bad", [-1, 10, 1000])
+def test_out_of_range_ids_give_nan(bad):
+  h, w, t = _inputs(4, 3, 8, 10)
+  lp = jax.jit(lambda h, w, t: lpk.fused_token_logprobs(h, w, t, config=SMALL))(h, w, t.at[1].set(bad))
+  assert np.isnan(lp[1]) and np.isfinite(np.asarray(lp)[[0, 2]]).all()
+
+
+def test_neg_inf_hidden_gives_neg_inf_not_nan_and_masked_grads_are_finite():
+  h, w, t = _inputs(5, 3, 4, 6)
+  w = w.at[:, 2].set(jnp.array([1.0, 0, 0, 0]))
+  h = h.at[0, 0].set(-jnp.inf)  # column 2's logit is -inf for row 0 (others NaN: 0 * inf)
+  lp = lpk.fused_token_logprobs(h[1:], w, t[1:])
+  assert np.isfinite(lp).all()
+  g = jax.grad(lambda h: jnp.sum(jnp.where(jnp.arange(3) == 0, 0.0, lpk.fused_token_logprobs(h, w, t))))(h)
+  assert np.isfinite(g[1:]).all()
+
+
+@pytest.mark.parametrize(
+    "h_shape,w_shape,t_shape,dtypes,err",
+    [
+        ((4, 8), (7, 10), (4,), (jnp.float32, jnp.float32), ValueError),  # D mismatch
+        ((4, 8), (8, 10), (5,), (jnp.float32, jnp.float32), ValueError),  # N mismatch
+        ((4, 8), (8,), (4,), (jnp.float32, jnp.float32), ValueError),  # unembed rank
+        ((4, 8), (8, 10), (4,), (jnp.float32, jnp.bfloat16), TypeError),  # dtype mismatch
+    ],
+)
+def test_bad_shapes_raise(h_shape, w_shape, t_shape, dtypes, err):
+  with pytest.raises(err):
+    lpk.fused_token_logprobs(jnp.zeros(h_shape, dtypes[0]), jnp.zeros(w_shape, dtypes[1]),
+                             jnp.zeros(t_shape, jnp.int32))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("with_grad", [False, True], ids=["forward", "forward+backward"])
+def test_no_logits_sized_temporaries(dtype, with_grad):
+  s = shapes.FUSED_MEMORY
+  h = jax.ShapeDtypeStruct((s.tokens, s.width), dtype)
+  w = jax.ShapeDtypeStruct((s.width, s.vocab), dtype)
+  t = jax.ShapeDtypeStruct((s.tokens,), jnp.int32)
+
+  def loss(h, w, t):
+    return lpk.fused_token_logprobs(h, w, t).sum()
+
+  fn = jax.grad(loss, argnums=(0, 1)) if with_grad else loss
+  temp = jax.jit(fn).lower(h, w, t).compile().memory_analysis().temp_size_in_bytes
+  logits_f32 = s.tokens * s.vocab * 4
+  assert temp < 0.05 * logits_f32, f"temporaries {temp / 1e6:.1f} MB vs logits {logits_f32 / 1e6:.1f} MB"
