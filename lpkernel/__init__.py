@@ -1,5 +1,6 @@
 """lpkernel: chain-rule log-probabilities of token sequences in JAX."""
 
+from lpkernel import losses as losses
 from lpkernel import reference as reference
 from lpkernel.checks import check_chain_rule as check_chain_rule
 from lpkernel.checks import check_inputs as check_inputs
@@ -22,6 +23,7 @@ __all__ = [
     "FusedConfig",
     "TokenStats",
     "fused_token_logprobs",
+    "losses",
     "fused_token_stats",
     "score_hidden",
     "Scores",

@@ -1,0 +1,161 @@
+"""Flax adapters (nnx and linen), the reference LM, SFT and loglikelihood."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import lpkernel as lpk
+from lpkernel.flax import TinyLM, TinyLMConfig, loglikelihood, packed_positions, score_linen, score_model
+from lpkernel.flax.sft import InstructionTask, train_sft
+from lpkernel.losses import sft_loss
+
+CFG = TinyLMConfig(vocab_size=32, width=32, num_layers=2, num_heads=2, max_length=24)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return TinyLM(CFG, rngs=nnx.Rngs(0))
+
+
+def _rows(seed=0, b=2, t=10):
+  tokens = jax.random.randint(jax.random.key(seed), (b, t), 0, CFG.vocab_size)
+  response = jnp.arange(t)[None] >= jnp.array([[4], [6]])[:b]
+  return tokens, response
+
+
+def _close(a, b, atol=1e-5):
+  for name in ("prompt_logprob", "response_logprob", "joint_logprob", "token_logprobs"):
+    np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-5, atol=atol, err_msg=name)
+  for name in ("prompt_tokens", "response_tokens", "response_greedy"):
+    np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
+def test_nnx_adapter_equals_scoring_by_hand(model):
+  tokens, response = _rows()
+  seg = jnp.array([[1] * 8 + [0] * 2, [1] * 10])
+  by_hand = lpk.score(model(tokens, segment_ids=seg), tokens, response, segment_ids=seg)
+  _close(score_model(model, tokens, response, segment_ids=seg), by_hand)
+  _close(score_model(model, tokens, response, segment_ids=seg, fused=True), by_hand)
+
+
+class LinenLM(nn.Module):
+  vocab: int = 16
+  width: int = 8
+  tied: bool = True
+
+  @nn.compact
+  def __call__(self, tokens, return_hidden=False):
+    embed = nn.Embed(self.vocab, self.width)
+    h = nn.Dense(self.width)(embed(tokens))
+    unembed = embed.embedding.T if self.tied else self.param("out", nn.initializers.normal(), (self.width, self.vocab))
+    return (h, unembed) if return_hidden else h @ unembed
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_linen_adapter_logits_and_fused(tied):
+  module = LinenLM(tied=tied)
+  tokens = jax.random.randint(jax.random.key(1), (2, 7), 0, 16)
+  response = jnp.arange(7)[None] >= 3
+  response = jnp.broadcast_to(response, (2, 7))
+  variables = module.init(jax.random.key(0), tokens)
+  by_hand = lpk.score(module.apply(variables, tokens), tokens, response)
+  seg = jnp.ones((2, 7), jnp.int32)  # the module takes no segment_ids: none are passed
+  _close(score_linen(module.apply, variables, tokens, response, segment_ids=seg), by_hand)
+  _close(score_linen(module.apply, variables, tokens, response, fused=True), by_hand)
+
+
+def test_packed_attention_scores_like_each_sequence_alone(model):
+  a, b = _rows(3, 1, 7), _rows(4, 1, 9)
+  tokens = jnp.concatenate([a[0], b[0], jnp.zeros((1, 4), jnp.int32)], 1)
+  response = jnp.concatenate([a[1], b[1], jnp.zeros((1, 4), bool)], 1)
+  seg = jnp.array([[1] * 7 + [2] * 9 + [0] * 4])
+  packed = score_model(model, tokens, response, segment_ids=seg, num_segments=2)
+  for i, (t, r) in enumerate((a, b)):
+    alone = score_model(model, t, r)
+    np.testing.assert_allclose(packed.joint_logprob[0, i], alone.joint_logprob[0], rtol=1e-5)
+    np.testing.assert_allclose(packed.response_logprob[0, i], alone.response_logprob[0], rtol=1e-5)
+
+
+def test_positions_restart_per_segment():
+  seg = jnp.array([[1, 1, 1, 2, 2, 0, 0]])
+  np.testing.assert_array_equal(packed_positions(seg), [[0, 1, 2, 0, 1, 0, 1]])
+
+
+def test_response_only_gradient_is_conditional_gradient(model):
+  tokens, response = _rows(5)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def grads(loss):
+    def f(params):
+      return loss(score_model(nnx.merge(graphdef, params, rest), tokens, response))
+    return jax.grad(f)(params)
+
+  g_sft = grads(lambda s: sft_loss(s, "sum"))
+  g_cond = grads(lambda s: -jnp.sum(s.joint_logprob - s.prompt_logprob))
+  g_full = grads(lambda s: sft_loss(s, "sum", response_only=False))
+  for a, b in zip(jax.tree.leaves(g_sft), jax.tree.leaves(g_cond), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(g_sft), jax.tree.leaves(g_full), strict=True))
+  assert diff > 1e-3  # not the full-sequence gradient
+
+
+def test_sft_raises_conditional_and_full_sequence_moves_prompt():
+  task = InstructionTask(alphabet=12, prompt_length=4)
+  cfg = TinyLMConfig(vocab_size=task.vocab_size, width=32, num_layers=2, num_heads=2, max_length=task.length)
+  resp = train_sft(TinyLM(cfg, rngs=nnx.Rngs(0)), task, steps=60, response_only=True, eval_every=60)
+  full = train_sft(TinyLM(cfg, rngs=nnx.Rngs(0)), task, steps=60, response_only=False, eval_every=60)
+  before, after = resp[0], resp[-1]
+  assert after["log Pr(y|x)"] > before["log Pr(y|x)"] + 5.0, resp
+  # The full-sequence loss also learns the prompt distribution; response-only does not.
+  assert full[-1]["log Pr(x)"] > before["log Pr(x)"] + 2.0, full
+  assert full[-1]["log Pr(x)"] > resp[-1]["log Pr(x)"] + 2.0
+
+
+# --- loglikelihood ---------------------------------------------------------
+
+REQUESTS = [([1, 2, 3], [4, 5]), ([7], [8, 9, 10]), ([3] * 9, [1]), ([5, 6], [7]), ([2, 2], [2, 2, 2])]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_loglikelihood_packed_equals_unpacked_and_by_hand(model, fused):
+  packed = loglikelihood(model, REQUESTS, max_length=16, batch_size=2, fused=fused)
+  unpacked = loglikelihood(model, REQUESTS, max_length=16, batch_size=3, pack=False)
+  np.testing.assert_allclose([p[0] for p in packed], [u[0] for u in unpacked], rtol=1e-5)
+  assert [p[1] for p in packed] == [u[1] for u in unpacked]
+  ctx, cont = REQUESTS[1]
+  tokens = jnp.array([ctx + cont])
+  response = jnp.array([[False] * len(ctx) + [True] * len(cont)])
+  np.testing.assert_allclose(packed[1][0], score_model(model, tokens, response).response_logprob[0], rtol=1e-5)
+
+
+def test_loglikelihood_left_truncates_like_lm_eval(model):
+  ctx, cont = list(range(1, 21)), [3, 4]
+  (lp, _), = loglikelihood(model, [(ctx, cont)], max_length=8)
+  window = (ctx + cont)[-9:]
+  tokens = jnp.array([window])
+  response = jnp.array([[False] * 7 + [True] * 2])
+  np.testing.assert_allclose(lp, score_model(model, tokens, response).response_logprob[0], rtol=1e-5)
+
+
+def test_loglikelihood_errors(model):
+  with pytest.raises(ValueError, match="longer than max_length"):
+    loglikelihood(model, [([1], list(range(1, 12)))], max_length=8)
+  with pytest.raises(ValueError, match="empty context"):
+    loglikelihood(model, [([], [1, 2])], max_length=8)
+  (lp, _), = loglikelihood(model, [([], [1, 2])], max_length=8, prefix_token=0)
+  assert np.isfinite(lp)
+
+
+def test_loglikelihood_is_greedy_on_a_constructed_model():
+  vocab = 6
+
+  def next_token_model(tokens):  # always predicts (token + 1) % vocab
+    return 10.0 * jax.nn.one_hot((tokens + 1) % vocab, vocab)
+
+  reqs = [([0, 1], [2, 3]), ([0, 1], [2, 4]), ([5], [0])]
+  out = loglikelihood(next_token_model, reqs, max_length=6)
+  assert [g for _, g in out] == [True, False, True]
+  assert out[0][0] > out[1][0]
