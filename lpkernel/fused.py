@@ -35,16 +35,19 @@ class FusedConfig:
   """Tiling of the fused sweep.
 
   Attributes:
-    vocab_block: columns of ``unembed`` per step. The ``[N, vocab_block]``
-      float32 blocks are the largest temporaries: at N = 4096, D = 512,
-      V = 32000, 256 kept forward+backward under 5% of the float32 logits'
-      bytes in bfloat16 (512 took 8%) at about the same speed on a 2-core CPU.
+    vocab_block: columns of ``unembed`` per step, or None for the backend's
+      default. The ``[N, vocab_block]`` float32 blocks are the largest
+      temporaries. On the CPU, 256: at N = 4096, D = 512, V = 32000 it kept
+      forward+backward under 5% of the float32 logits' bytes in bfloat16 (512
+      took 8%) at about the same speed on 2 cores. Elsewhere 2048: accelerators
+      need wide matmuls, and ``[32768, 2048]`` is 1.6% of 128k-vocab logits.
   """
 
-  vocab_block: int = 256
+  vocab_block: int | None = None
 
   def block(self, vocab_size: int) -> int:
-    return min(self.vocab_block, vocab_size)
+    default = 256 if jax.default_backend() == "cpu" else 2048
+    return min(self.vocab_block or default, vocab_size)
 
 
 DEFAULT_FUSED = FusedConfig()

@@ -95,14 +95,12 @@ def _finite_or_zero(x: jax.Array) -> jax.Array:
   return jnp.where(jnp.isfinite(x), x, 0.0)
 
 
-def _row_stats(x, tau, softcap, chunks: ChunkConfig):
-  """Row max (in ``x``'s dtype) and float32 log-sum-exp of ``softcap(x) / tau``.
+def _row_stats_two_pass(x, tau, softcap, chunks: ChunkConfig):
+  """Row max and log-sum-exp by two fused reductions over vocabulary chunks.
 
-  Args:
-    x: float[N, V] logits.
-    tau: float32[N] temperatures, or None.
-  Returns:
-    (max_x[N] in x.dtype, lse[N] float32).
+  The max is taken in ``x``'s own dtype (it commutes with the monotone
+  transform), then one ``exp`` per element; XLA:CPU vectorises both well, and
+  not the one-pass combiner.
   """
   n, v = x.shape
   chunk = chunks.chunk(v)
@@ -110,7 +108,6 @@ def _row_stats(x, tau, softcap, chunks: ChunkConfig):
   xc = _chunk_rows(x, chunk)
   tau_c = None if tau is None else _per_chunk(tau, k)[:, None]
   with jax.named_scope("chunk_max"):
-    # max commutes with the monotone transform, so it is taken in x's own dtype.
     chunk_max = jnp.max(xc, axis=-1)
     shift = _finite_or_zero(_transform(chunk_max, None if tau is None else tau_c[:, 0], softcap))
   with jax.named_scope("chunk_sumexp"):
@@ -123,6 +120,42 @@ def _row_stats(x, tau, softcap, chunks: ChunkConfig):
     row_shift = _finite_or_zero(row_shift)
     total = jnp.sum(sumexp * jnp.exp(shift - row_shift[:, None]), axis=-1)
     return jnp.max(chunk_max.reshape(n, k), axis=-1), jnp.log(total) + row_shift
+
+
+def _online_combine(a, b):
+  """Merges two (max x, max y, sum of exp(y - max y)) partials of a softmax normaliser."""
+  (xa, ma, sa), (xb, mb, sb) = a, b
+  m = jnp.maximum(ma, mb)
+  shift = _finite_or_zero(m)
+  return jnp.maximum(xa, xb), m, sa * jnp.exp(ma - shift) + sb * jnp.exp(mb - shift)
+
+
+def _row_stats_one_pass(x, tau, softcap):
+  """Row max and log-sum-exp in one read of ``x`` (a variadic online reduction).
+
+  Accelerators are bound by memory bandwidth, not ``exp``: one pass instead of
+  two nearly halves the forward time there.
+  """
+  y = _transform(x, None if tau is None else tau[:, None], softcap)
+  init = (jnp.array(-jnp.inf, _F32),) * 2 + (jnp.array(0.0, _F32),)
+  # x is carried in float32 (a variadic reduce takes one precision), exactly.
+  max_x, m, s = lax.reduce((x.astype(_F32), y, jnp.ones_like(y)), init, _online_combine, (1,))
+  return max_x.astype(x.dtype), jnp.log(s) + _finite_or_zero(m)
+
+
+def _row_stats(x, tau, softcap, chunks: ChunkConfig):
+  """Row max and float32 log-sum-exp of ``y = softcap(x) / tau``, chosen by backend.
+
+  Args:
+    x: float[N, V] logits.
+    tau: float32[N] temperatures, or None.
+  Returns:
+    (max_x[N] in x's dtype, for exact greedy flags; lse[N] float32).
+  """
+  return lax.platform_dependent(
+      cpu=lambda: _row_stats_two_pass(x, tau, softcap, chunks),
+      default=lambda: _row_stats_one_pass(x, tau, softcap),
+  )
 
 
 def _gather(x: jax.Array, targets: jax.Array) -> jax.Array:
