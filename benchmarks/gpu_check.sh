@@ -13,6 +13,6 @@ mkdir -p "$out/results"
 nvidia-smi -L
 python3 -c "import jax, flax, optax, chex; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 timeout "${BENCH_TIMEOUT:-300}" python3 -m benchmarks --suite gpu --repeats 10 --no-progress \
-  --out "$out/results" 2>&1 | tee "$out/bench.log"
+  --out "$out/results" ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log"
 timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
   tests/test_logprobs.py tests/test_scoring.py tests/test_fused.py tests/test_checks.py 2>&1 | tail -40 | tee "$out/pytest.log"

@@ -95,31 +95,19 @@ def _finite_or_zero(x: jax.Array) -> jax.Array:
   return jnp.where(jnp.isfinite(x), x, 0.0)
 
 
-def _row_stats_two_pass(x, tau, softcap, chunks: ChunkConfig):
-  """Row max and log-sum-exp by two fused reductions over vocabulary chunks.
+def _chunk_partials_two_pass(xc, tau_c, softcap):
+  """Per-chunk (max x, shift, sum exp(y - shift)) by two fused reductions.
 
   The max is taken in ``x``'s own dtype (it commutes with the monotone
-  transform), then one ``exp`` per element; XLA:CPU vectorises both well, and
-  not the one-pass combiner.
+  transform), then one ``exp`` per element: XLA:CPU vectorises both, and not
+  the one-pass combiner.
   """
-  n, v = x.shape
-  chunk = chunks.chunk(v)
-  k = v // chunk
-  xc = _chunk_rows(x, chunk)
-  tau_c = None if tau is None else _per_chunk(tau, k)[:, None]
   with jax.named_scope("chunk_max"):
-    chunk_max = jnp.max(xc, axis=-1)
-    shift = _finite_or_zero(_transform(chunk_max, None if tau is None else tau_c[:, 0], softcap))
+    max_x = jnp.max(xc, axis=-1)
+    shift = _finite_or_zero(_transform(max_x, None if tau_c is None else tau_c[:, 0], softcap))
   with jax.named_scope("chunk_sumexp"):
     sumexp = jnp.sum(jnp.exp(_transform(xc, tau_c, softcap) - shift[:, None]), axis=-1)
-  if k == 1:
-    return chunk_max, jnp.log(sumexp) + shift
-  with jax.named_scope("combine_chunks"):
-    shift, sumexp = shift.reshape(n, k), sumexp.reshape(n, k)
-    row_shift = jnp.max(jnp.where(sumexp > 0, shift, -jnp.inf), axis=-1)
-    row_shift = _finite_or_zero(row_shift)
-    total = jnp.sum(sumexp * jnp.exp(shift - row_shift[:, None]), axis=-1)
-    return jnp.max(chunk_max.reshape(n, k), axis=-1), jnp.log(total) + row_shift
+  return max_x, shift, sumexp
 
 
 def _online_combine(a, b):
@@ -130,21 +118,25 @@ def _online_combine(a, b):
   return jnp.maximum(xa, xb), m, sa * jnp.exp(ma - shift) + sb * jnp.exp(mb - shift)
 
 
-def _row_stats_one_pass(x, tau, softcap):
-  """Row max and log-sum-exp in one read of ``x`` (a variadic online reduction).
+def _chunk_partials_one_pass(xc, tau_c, softcap):
+  """Per-chunk partials in one read of the logits (a variadic online reduction).
 
   Accelerators are bound by memory bandwidth, not ``exp``: one pass instead of
   two nearly halves the forward time there.
   """
-  y = _transform(x, None if tau is None else tau[:, None], softcap)
+  y = _transform(xc, tau_c, softcap)
   init = (jnp.array(-jnp.inf, _F32),) * 2 + (jnp.array(0.0, _F32),)
   # x is carried in float32 (a variadic reduce takes one precision), exactly.
-  max_x, m, s = lax.reduce((x.astype(_F32), y, jnp.ones_like(y)), init, _online_combine, (1,))
-  return max_x.astype(x.dtype), jnp.log(s) + _finite_or_zero(m)
+  max_x, m, sumexp = lax.reduce((xc.astype(_F32), y, jnp.ones_like(y)), init, _online_combine, (1,))
+  return max_x.astype(xc.dtype), _finite_or_zero(m), sumexp
 
 
-def _row_stats(x, tau, softcap, chunks: ChunkConfig):
-  """Row max and float32 log-sum-exp of ``y = softcap(x) / tau``, chosen by backend.
+def _row_stats(x, tau, softcap, chunks: ChunkConfig, partials=None):
+  """Row max and float32 log-sum-exp of ``y = softcap(x) / tau``.
+
+  Chunks of the vocabulary are reduced to (max x, shift, sum-exp) partials,
+  two-pass on the CPU and one-pass elsewhere (or by ``partials`` if given),
+  then combined per row.
 
   Args:
     x: float[N, V] logits.
@@ -152,10 +144,25 @@ def _row_stats(x, tau, softcap, chunks: ChunkConfig):
   Returns:
     (max_x[N] in x's dtype, for exact greedy flags; lse[N] float32).
   """
-  return lax.platform_dependent(
-      cpu=lambda: _row_stats_two_pass(x, tau, softcap, chunks),
-      default=lambda: _row_stats_one_pass(x, tau, softcap),
-  )
+  n, v = x.shape
+  chunk = chunks.chunk(v)
+  k = v // chunk
+  xc = _chunk_rows(x, chunk)
+  tau_c = None if tau is None else _per_chunk(tau, k)[:, None]
+  if partials is None:
+    max_x, shift, sumexp = lax.platform_dependent(
+        cpu=lambda: _chunk_partials_two_pass(xc, tau_c, softcap),
+        default=lambda: _chunk_partials_one_pass(xc, tau_c, softcap),
+    )
+  else:
+    max_x, shift, sumexp = partials(xc, tau_c, softcap)
+  if k == 1:
+    return max_x, jnp.log(sumexp) + shift
+  with jax.named_scope("combine_chunks"):
+    shift, sumexp = shift.reshape(n, k), sumexp.reshape(n, k)
+    row_shift = _finite_or_zero(jnp.max(jnp.where(sumexp > 0, shift, -jnp.inf), axis=-1))
+    total = jnp.sum(sumexp * jnp.exp(shift - row_shift[:, None]), axis=-1)
+    return jnp.max(max_x.reshape(n, k), axis=-1), jnp.log(total) + row_shift
 
 
 def _gather(x: jax.Array, targets: jax.Array) -> jax.Array:

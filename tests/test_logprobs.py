@@ -191,15 +191,16 @@ def test_greedy_flags():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("softcap,temperature", [(None, None), (2.0, "rows")])
-def test_one_pass_accelerator_stats_match_two_pass(dtype, softcap, temperature):
+@pytest.mark.parametrize("chunks", [ChunkConfig(), SMALL_CHUNKS], ids=["one-chunk", "chunked"])
+def test_one_pass_accelerator_stats_match_two_pass(dtype, softcap, temperature, chunks):
   """The accelerator branch (variadic online reduction) against the CPU branch."""
-  from lpkernel.logprobs import _row_stats_one_pass, _row_stats_two_pass
+  from lpkernel.logprobs import _chunk_partials_one_pass, _chunk_partials_two_pass, _row_stats
 
   logits, _ = _inputs(6, (6,), 40, dtype)
   logits = logits.at[0].set(-jnp.inf).at[1, :20].set(-jnp.inf)
   tau = None if temperature is None else jnp.linspace(0.5, 2.0, 6)
-  one = _row_stats_one_pass(logits, tau, softcap)
-  two = _row_stats_two_pass(logits, tau, softcap, SMALL_CHUNKS)
+  one = _row_stats(logits, tau, softcap, chunks, partials=_chunk_partials_one_pass)
+  two = _row_stats(logits, tau, softcap, chunks, partials=_chunk_partials_two_pass)
   np.testing.assert_array_equal(one[0], two[0])
   assert_close(one[1], two[1], rtol=1e-6, atol=1e-6, what="lse")
   assert np.isneginf(one[1][0]) == (softcap is None)
