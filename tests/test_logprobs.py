@@ -194,13 +194,14 @@ def test_greedy_flags():
 @pytest.mark.parametrize("chunks", [ChunkConfig(), SMALL_CHUNKS], ids=["one-chunk", "chunked"])
 def test_one_pass_accelerator_stats_match_two_pass(dtype, softcap, temperature, chunks):
   """The accelerator branch (variadic online reduction) against the CPU branch."""
-  from lpkernel.logprobs import _chunk_partials_one_pass, _chunk_partials_two_pass, _row_stats
+  from lpkernel.logprobs import _chunk_partials_one_pass, _chunk_partials_two_pass, _chunked_stats
 
   logits, _ = _inputs(6, (6,), 40, dtype)
   logits = logits.at[0].set(-jnp.inf).at[1, :20].set(-jnp.inf)
   tau = None if temperature is None else jnp.linspace(0.5, 2.0, 6)
-  one = _row_stats(logits, tau, softcap, chunks, partials=_chunk_partials_one_pass)
-  two = _row_stats(logits, tau, softcap, chunks, partials=_chunk_partials_two_pass)
+  chunk = chunks.chunk(logits.shape[-1])
+  one = _chunked_stats(logits, tau, softcap, chunk, _chunk_partials_one_pass)
+  two = _chunked_stats(logits, tau, softcap, chunk, _chunk_partials_two_pass)
   np.testing.assert_array_equal(one[0], two[0])
   assert_close(one[1], two[1], rtol=1e-6, atol=1e-6, what="lse")
   assert np.isneginf(one[1][0]) == (softcap is None)
