@@ -41,7 +41,7 @@ def parse_args(argv=None):
   p.add_argument("--suite", choices=sorted(SUITES), default="default")
   p.add_argument("--methods", nargs="*", help=f"subset of {[m.name for m in methods_lib.METHODS]}")
   p.add_argument("--passes", nargs="*", choices=PASSES, default=list(PASSES))
-  p.add_argument("--repeats", type=int, default=5, help="timed runs per row (after 1 warm-up)")
+  p.add_argument("--repeats", type=int, default=3, help="timed runs per row (after 1 warm-up)")
   p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
   p.add_argument("--allocator", choices=["both", "current"], default="both",
                  help="CPU: also rerun with tcmalloc preloaded when it is installed")

@@ -109,3 +109,48 @@ def plot(path: Path, results: list[dict]) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def plot_sweep(results: list[dict], dim: str, pass_name: str = "forward", path: Path | None = None):
+  """Time and temporary memory of each method (and the floors) against one shape dim.
+
+  Args:
+    results: from ``run_suite`` over cases that differ in ``dim`` (e.g. "vocab").
+    dim: the shape field on the x axis.
+  Returns:
+    the matplotlib figure (also saved to ``path`` when given).
+  """
+  import matplotlib.pyplot as plt
+
+  fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4))
+  series: dict[str, list[tuple[int, float, float]]] = {}
+  floors: dict[str, list[tuple[int, float]]] = {}
+  for res in results:
+    for r in res["rows"]:
+      if r["pass_"] == pass_name and r["status"] == "ok":
+        x = r["shape"][dim]
+        series.setdefault(r["method"], []).append((x, r["median_ms"], r["temp_mb"] or 0.0))
+    first = next(iter(res["rows"]), None)
+    if first is not None:
+      for name, ms in res["floors_ms"].items():
+        floors.setdefault(name, []).append((first["shape"][dim], ms))
+  for name, pts in series.items():
+    pts.sort()
+    ax_t.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+    ax_m.plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=name)
+  for name, pts in floors.items():
+    pts.sort()
+    ax_t.plot([p[0] for p in pts], [p[1] for p in pts], "k--", alpha=0.5, lw=1)
+    ax_t.annotate(f"{name} floor", (pts[-1][0], pts[-1][1]), fontsize=7)
+  for ax, label in ((ax_t, "median ms"), (ax_m, "temporary MB")):
+    ax.set_xscale("log")
+    ax.set_yscale("symlog" if ax is ax_m else "log")
+    ax.set_xlabel(dim)
+    ax.set_ylabel(label)
+    ax.legend(fontsize=7)
+  ax_t.set_title(f"{pass_name}: time vs {dim}")
+  ax_m.set_title(f"{pass_name}: compiled temporaries vs {dim}")
+  fig.tight_layout()
+  if path is not None:
+    fig.savefig(path, dpi=110)
+  return fig

@@ -33,7 +33,7 @@ SUITES: dict[str, list[Case]] = {
     "quick": _cases([shapes.TINY], [shapes.TINY_HIDDEN]),
     # A few minutes on 2 CPU cores.
     "default": _cases(
-        [shapes.SMALL_VOCAB, shapes.LLAMA2_VOCAB, shapes.LLAMA3_VOCAB], [shapes.FUSED_DEFAULT]
+        [shapes.SMALL_VOCAB, shapes.LLAMA2_VOCAB, shapes.LLAMA3_VOCAB], [shapes.FUSED_MEMORY]
     ),
     # Longer CPU runs.
     "large": _cases([shapes.LLAMA3_VOCAB, shapes.LLAMA3_LONG], [shapes.FUSED_DEFAULT]),

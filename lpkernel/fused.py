@@ -92,7 +92,13 @@ def _sweep(step, carry, vocab_size: int, vb: int):
   return step(carry, full * vb, tail) if tail else carry
 
 
-def _forward(h, w, targets, tau, softcap, config):
+def _sweep_partials(h, w, targets, tau, softcap, config):
+  """One sweep over this ``unembed``'s columns: per-row running partials.
+
+  Returns:
+    (m, s, sy, ty), float32[N]: max of y, sum of exp(y - m), sum of
+    exp(y - m) * y, and the target's y (-inf when no column here holds it).
+  """
   n, v = h.shape[0], w.shape[1]
   tau_col = None if tau is None else tau[:, None]
 
@@ -112,11 +118,15 @@ def _forward(h, w, targets, tau, softcap, config):
   init = (jnp.full((n,), -jnp.inf, _F32), jnp.zeros((n,), _F32), jnp.zeros((n,), _F32),
           jnp.full((n,), -jnp.inf, _F32))
   with jax.named_scope("fused_sweep"):
-    m, s, sy, ty = _sweep(step, init, v, config.block(v))
+    return _sweep(step, init, v, config.block(v))
+
+
+def finish_stats(m, s, sy, ty, targets, vocab_size):
+  """``TokenStats`` and ``E_p[y]`` from a row's (combined) sweep partials."""
   shift = _finite_or_zero(m)
   lse = jnp.log(s) + shift
   expected_y = jnp.where(s > 0, sy / s, 0.0)
-  in_range = (targets >= 0) & (targets < v)
+  in_range = (targets >= 0) & (targets < vocab_size)
   logprob = jnp.where(ty == -jnp.inf, -jnp.inf, ty - lse)
   stats = TokenStats(
       logprobs=jnp.where(in_range, logprob, jnp.nan),
@@ -125,6 +135,11 @@ def _forward(h, w, targets, tau, softcap, config):
       greedy=in_range & (ty == m),
   )
   return stats, expected_y
+
+
+def _forward(h, w, targets, tau, softcap, config):
+  m, s, sy, ty = _sweep_partials(h, w, targets, tau, softcap, config)
+  return finish_stats(m, s, sy, ty, targets, w.shape[1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))

@@ -224,7 +224,8 @@ def _logprobs_bwd(softcap, chunks, residuals, cotangents):
       yc = _transform(xc, tau_c, softcap)
       lse_c = _per_chunk(safe_lse[:, 0], k)[:, None]
       expected = jnp.sum(jnp.exp(yc - lse_c) * _finite_or_zero(yc), axis=-1).reshape(n, k).sum(-1)
-      target_y = _finite_or_zero(_transform(_gather(x, targets), tau, softcap))
+      in_block = (targets >= 0) & (targets < v)  # a vocab shard may not hold the target
+      target_y = jnp.where(in_block, _finite_or_zero(_transform(_gather(x, targets), tau, softcap)), 0.0)
       dtau = jnp.where(live, g * (expected - target_y) / tau, 0.0)
   targets_ct = jnp.zeros(targets.shape, jax.dtypes.float0)
   return dx.astype(x.dtype), targets_ct, dtau
