@@ -93,7 +93,7 @@ def test_impossible_joint_is_consistent():
 def test_teaching_helpers():
   from lpkernel import teaching
 
-  logits = teaching.logits_from_conditionals([{1: 0.1}, {2: 0.5}, {3: 0.8}], 4)
+  logits = teaching.logits_from_conditionals([{1: 0.1}, {2: 0.5}, {3: 0.8}, {}], 4)
   s = lpk.score(logits, jnp.array([[0, 1, 2, 3]]), jnp.zeros((1, 4), bool))
   np.testing.assert_allclose(np.exp(s.prompt_logprob[0]), 0.04, rtol=1e-6)
   curve = teaching.product_vs_log_sum(0.5, [10, 200, 2000])

@@ -28,8 +28,9 @@ def _logits(h, w):
 @pytest.mark.parametrize("config", [lpk.FusedConfig(), SMALL], ids=["default-block", "block4"])
 def test_values_match_materialised_and_oracle(n, v, dtype, config):
   h, w, t = _inputs(0, n, 16, v, dtype)
-  got = lpk.fused_token_logprobs(h, w, t, config=config)
-  logits = _logits(h, w)
+  with jax.default_matmul_precision("highest"):  # GPUs default to TF32
+    got = lpk.fused_token_logprobs(h, w, t, config=config)
+    logits = _logits(h, w)
   assert_close(got, reference.token_logprobs(logits, t), rtol=1e-5, atol=1e-4, what="vs materialised")
   assert_close(got, oracle_token_logprobs(logits, t), rtol=1e-5, atol=1e-4, what="vs oracle")
 
@@ -57,8 +58,10 @@ def test_gradients_match_materialised(dtype, softcap, temperature):
     return jnp.sum(c[0] * lp + c[1] * jax.nn.logsumexp(y, -1) + c[2] * ent)
 
   argnums = (0, 1) if temperature == "one" else (0, 1, 2)
-  got = jax.value_and_grad(loss_fused, argnums)(h, w, tau)
-  want = jax.value_and_grad(loss_ref, argnums)(h, w, tau)
+  # Both sides at full float32 matmul precision (GPUs default to TF32).
+  with jax.default_matmul_precision("highest"):
+    got = jax.value_and_grad(loss_fused, argnums)(h, w, tau)
+    want = jax.value_and_grad(loss_ref, argnums)(h, w, tau)
   assert_close(got[0], want[0], rtol=1e-5, atol=1e-4, what="value")
   tol = GRAD_TOLERANCES[jnp.dtype(dtype)] if dtype != jnp.float32 else dict(rtol=1e-4, atol=1e-5)
   for name, a, b in zip(("dhidden", "dunembed", "dtemperature"), got[1], want[1], strict=False):
