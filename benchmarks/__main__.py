@@ -24,7 +24,11 @@ from benchmarks import report
 from benchmarks.runner import run_suite
 from benchmarks.suites import PASSES, SUITES
 
-TCMALLOC_GLOBS = ["/usr/lib/*-linux-gnu/libtcmalloc*.so.4", "/usr/lib64/libtcmalloc*.so.4", "/usr/lib/libtcmalloc*.so.4"]
+TCMALLOC_GLOBS = [
+  "/usr/lib/*-linux-gnu/libtcmalloc*.so.4",
+  "/usr/lib64/libtcmalloc*.so.4",
+  "/usr/lib/libtcmalloc*.so.4",
+]
 
 
 def current_allocator() -> str:
@@ -43,8 +47,12 @@ def parse_args(argv=None):
   p.add_argument("--passes", nargs="*", choices=PASSES, default=list(PASSES))
   p.add_argument("--repeats", type=int, default=3, help="timed runs per row (after 1 warm-up)")
   p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
-  p.add_argument("--allocator", choices=["both", "current"], default="both",
-                 help="CPU: also rerun with tcmalloc preloaded when it is installed")
+  p.add_argument(
+    "--allocator",
+    choices=["both", "current"],
+    default="both",
+    help="CPU: also rerun with tcmalloc preloaded when it is installed",
+  )
   p.add_argument("--no-progress", action="store_true")
   p.add_argument("--no-plot", action="store_true")
   p.add_argument("--raw-json", type=Path, help=argparse.SUPPRESS)  # child runs write here
@@ -52,8 +60,13 @@ def parse_args(argv=None):
 
 
 def _run_here(args) -> list[dict]:
-  results = run_suite(SUITES[args.suite], methods_lib.by_name(args.methods), tuple(args.passes),
-                      args.repeats, progress=not args.no_progress)
+  results = run_suite(
+    SUITES[args.suite],
+    methods_lib.by_name(args.methods),
+    tuple(args.passes),
+    args.repeats,
+    progress=not args.no_progress,
+  )
   for res in results:
     res["allocator"] = current_allocator()
   return results
@@ -63,7 +76,16 @@ def _run_child_with(preload: str, argv: list[str]) -> list[dict]:
   with tempfile.TemporaryDirectory() as tmp:
     raw = Path(tmp) / "raw.json"
     env = dict(os.environ, LD_PRELOAD=preload)
-    cmd = [sys.executable, "-m", "benchmarks", *argv, "--allocator", "current", "--raw-json", str(raw)]
+    cmd = [
+      sys.executable,
+      "-m",
+      "benchmarks",
+      *argv,
+      "--allocator",
+      "current",
+      "--raw-json",
+      str(raw),
+    ]
     subprocess.run(cmd, env=env, check=True)
     return json.loads(raw.read_text())
 
@@ -76,7 +98,9 @@ def main(argv=None) -> dict:
     args.raw_json.write_text(json.dumps(results))
     return {}
   tcmalloc = find_tcmalloc()
-  if args.allocator == "both" and jax.default_backend() == "cpu" and current_allocator() == "default":
+  if (
+    args.allocator == "both" and jax.default_backend() == "cpu" and current_allocator() == "default"
+  ):
     if tcmalloc:
       print(f"rerunning under tcmalloc ({tcmalloc})", flush=True)
       results += _run_child_with(tcmalloc, [a for a in argv if a not in ("--allocator", "both")])
@@ -89,7 +113,10 @@ def main(argv=None) -> dict:
   report.write_json(stem.with_suffix(".json"), meta, results)
   if not args.no_plot:
     report.plot(stem.with_suffix(".png"), results)
-  print(f"\nwrote {stem.with_suffix('.json')}" + ("" if args.no_plot else f" and {stem.with_suffix('.png')}"))
+  print(
+    f"\nwrote {stem.with_suffix('.json')}"
+    + ("" if args.no_plot else f" and {stem.with_suffix('.png')}")
+  )
   return {"meta": meta, "results": results, "json": stem.with_suffix(".json")}
 
 

@@ -56,7 +56,9 @@ def _plain(inp):
 
 def _optax(inp):
   logits, tokens, mask = inp["logits"], inp["tokens"], inp["response_mask"]
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), tokens[:, 1:])
+  ce = optax.softmax_cross_entropy_with_integer_labels(
+    logits[:, :-1].astype(jnp.float32), tokens[:, 1:]
+  )
   return -jnp.sum(jnp.where(mask[:, 1:], ce, 0.0))
 
 
@@ -80,7 +82,7 @@ def _tokamax(inp):
     flags.FLAGS.mark_as_parsed()
 
   loss = tokamax.linear_softmax_cross_entropy_loss(
-      inp["hidden"], inp["targets"], inp["unembed"], reduction="sum", implementation="xla"
+    inp["hidden"], inp["targets"], inp["unembed"], reduction="sum", implementation="xla"
   )
   return -loss.astype(jnp.float32)
 
@@ -95,13 +97,13 @@ def _jax_cce(inp):
 
 
 METHODS = [
-    Method("lpkernel", False, _lpkernel, ("logits",)),
-    Method("plain", False, _plain, ("logits",)),
-    Method("optax", False, _optax, ("logits",)),
-    Method("lpkernel-fused", True, _fused, ("hidden", "unembed")),
-    Method("materialised", True, _materialised, ("hidden", "unembed")),
-    Method("tokamax-xla", True, _tokamax, ("hidden", "unembed"), _needs("tokamax")),
-    Method("jax-cce", True, _jax_cce, ("hidden", "unembed_t"), _needs("jax_cce")),
+  Method("lpkernel", False, _lpkernel, ("logits",)),
+  Method("plain", False, _plain, ("logits",)),
+  Method("optax", False, _optax, ("logits",)),
+  Method("lpkernel-fused", True, _fused, ("hidden", "unembed")),
+  Method("materialised", True, _materialised, ("hidden", "unembed")),
+  Method("tokamax-xla", True, _tokamax, ("hidden", "unembed"), _needs("tokamax")),
+  Method("jax-cce", True, _jax_cce, ("hidden", "unembed_t"), _needs("jax_cce")),
 ]
 BASELINE = {False: "plain", True: "materialised"}
 

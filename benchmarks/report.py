@@ -13,17 +13,17 @@ import jax
 def metadata(suite: str, repeats: int, allocators: list[str]) -> dict:
   device = jax.devices()[0]
   return {
-      "suite": suite,
-      "backend": jax.default_backend(),
-      "device": getattr(device, "device_kind", str(device)),
-      "device_count": jax.device_count(),
-      "cpu_count": os.cpu_count(),
-      "jax": jax.__version__,
-      "jaxlib": jax.lib.__version__ if hasattr(jax, "lib") else None,
-      "python": platform.python_version(),
-      "machine": platform.machine(),
-      "allocators": allocators,
-      "repeats": repeats,
+    "suite": suite,
+    "backend": jax.default_backend(),
+    "device": getattr(device, "device_kind", str(device)),
+    "device_count": jax.device_count(),
+    "cpu_count": os.cpu_count(),
+    "jax": jax.__version__,
+    "jaxlib": jax.lib.__version__ if hasattr(jax, "lib") else None,
+    "python": platform.python_version(),
+    "machine": platform.machine(),
+    "allocators": allocators,
+    "repeats": repeats,
   }
 
 
@@ -37,8 +37,21 @@ def _ms(x):
 
 def table(results: list[dict]) -> str:
   """One table over every case, allocator and method."""
-  header = ["method", "case", "alloc", "pass", "median ms (min-max)", "Mtok/s", "GB/s",
-            "x read", "x exp", "x bwd floor", "x matmul", "x baseline", "temp MB"]
+  header = [
+    "method",
+    "case",
+    "alloc",
+    "pass",
+    "median ms (min-max)",
+    "Mtok/s",
+    "GB/s",
+    "x read",
+    "x exp",
+    "x bwd floor",
+    "x matmul",
+    "x baseline",
+    "temp MB",
+  ]
   lines = [header]
   for res in results:
     for r in res["rows"]:
@@ -47,7 +60,9 @@ def table(results: list[dict]) -> str:
         lines.append(base + [f"skipped: {r['reason']}"])
         continue
       f = r["vs_floor"]
-      lines.append(base + [
+      lines.append(
+        base
+        + [
           f"{_ms(r['median_ms'])} ({_ms(r['min_ms'])}-{_ms(r['max_ms'])})",
           f"{r['tokens_per_s'] / 1e6:.2f}",
           f"{r['gb_per_s']:.1f}",
@@ -57,7 +72,8 @@ def table(results: list[dict]) -> str:
           _ratio(f.get("matmul", f.get("3 matmuls"))),
           _ratio(r["vs_baseline"]),
           "-" if r["temp_mb"] is None else f"{r['temp_mb']:.1f}",
-      ])
+        ]
+      )
   full = [row for row in lines if len(row) == len(header)]
   widths = [max(len(row[i]) for row in full) for i in range(len(header))]
   out = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) for row in lines]
@@ -101,7 +117,9 @@ def plot(path: Path, results: list[dict]) -> None:
       ax.bar(xs, ys, width, label=m)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_yscale("log")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, rotation=60, ha="right", fontsize=7)
+    ax.set_xticks(
+      [j + 0.4 - width / 2 for j in range(len(labels))], labels, rotation=60, ha="right", fontsize=7
+    )
     ax.set_ylabel("time / floor (log)")
     ax.set_title(f"{pass_name}: lower is better, 1 = floor")
     ax.legend(fontsize=7)

@@ -97,8 +97,14 @@ def run_case(case: Case, methods: list[Method], passes, repeats: int, on_step=la
     if method.fused != case.fused:
       continue
     for pass_name in passes:
-      row = dict(method=method.name, case=case.label, shape=case.shape._asdict(), dtype=case.dtype,
-                 pass_=pass_name, fused=case.fused)
+      row = dict(
+        method=method.name,
+        case=case.label,
+        shape=case.shape._asdict(),
+        dtype=case.dtype,
+        pass_=pass_name,
+        fused=case.fused,
+      )
       reason = method.missing()
       if reason is None:
         names = sorted(inputs)
@@ -122,7 +128,9 @@ def run_case(case: Case, methods: list[Method], passes, repeats: int, on_step=la
 
 
 def _add_ratios(rows: list[dict], floor_ms: dict, case: Case) -> None:
-  baseline = {r["pass_"]: r for r in rows if r["method"] == BASELINE[case.fused] and r["status"] == "ok"}
+  baseline = {
+    r["pass_"]: r for r in rows if r["method"] == BASELINE[case.fused] and r["status"] == "ok"
+  }
   for r in rows:
     if r["status"] != "ok":
       continue
@@ -145,8 +153,9 @@ def steps(cases: list[Case], methods: list[Method], passes) -> int:
   return total
 
 
-def run_suite(cases: list[Case], methods: list[Method], passes=PASSES, repeats: int = 5,
-              progress: bool = True) -> list[dict]:
+def run_suite(
+  cases: list[Case], methods: list[Method], passes=PASSES, repeats: int = 5, progress: bool = True
+) -> list[dict]:
   """Runs every case; a tqdm bar shows the sweep when ``progress``."""
   bar = None
   if progress:
@@ -157,7 +166,9 @@ def run_suite(cases: list[Case], methods: list[Method], passes=PASSES, repeats: 
   for case in cases:
     if bar is not None:
       bar.set_postfix_str(case.label)
-    results.append(run_case(case, methods, passes, repeats, on_step=bar.update if bar else lambda: None))
+    results.append(
+      run_case(case, methods, passes, repeats, on_step=bar.update if bar else lambda: None)
+    )
   if bar is not None:
     bar.close()
   return results

@@ -20,7 +20,9 @@ class Case(NamedTuple):
   @property
   def label(self) -> str:
     s = self.shape
-    dims = f"N{s.tokens} D{s.width} V{s.vocab}" if self.fused else f"B{s.batch} T{s.time} V{s.vocab}"
+    dims = (
+      f"N{s.tokens} D{s.width} V{s.vocab}" if self.fused else f"B{s.batch} T{s.time} V{s.vocab}"
+    )
     return f"{dims} {self.dtype}"
 
 
@@ -29,17 +31,17 @@ def _cases(logits, hidden, dtypes=("float32", "bfloat16")):
 
 
 SUITES: dict[str, list[Case]] = {
-    # Seconds: tiny shapes for the smoke test and quick checks.
-    "quick": _cases([shapes.TINY], [shapes.TINY_HIDDEN]),
-    # A few minutes on 2 CPU cores.
-    "default": _cases(
-        [shapes.SMALL_VOCAB, shapes.LLAMA2_VOCAB, shapes.LLAMA3_VOCAB], [shapes.FUSED_MEMORY]
-    ),
-    # Longer CPU runs.
-    "large": _cases([shapes.LLAMA3_VOCAB, shapes.LLAMA3_LONG], [shapes.FUSED_DEFAULT]),
-    # Accelerator-sized shapes.
-    "gpu": _cases([shapes.LLAMA2_VOCAB, shapes.LLAMA3_LONG], [], dtypes=("bfloat16", "float32"))
-    + _cases([], [shapes.FUSED_GPU], dtypes=("bfloat16",)),
+  # Seconds: tiny shapes for the smoke test and quick checks.
+  "quick": _cases([shapes.TINY], [shapes.TINY_HIDDEN]),
+  # A few minutes on 2 CPU cores.
+  "default": _cases(
+    [shapes.SMALL_VOCAB, shapes.LLAMA2_VOCAB, shapes.LLAMA3_VOCAB], [shapes.FUSED_MEMORY]
+  ),
+  # Longer CPU runs.
+  "large": _cases([shapes.LLAMA3_VOCAB, shapes.LLAMA3_LONG], [shapes.FUSED_DEFAULT]),
+  # Accelerator-sized shapes.
+  "gpu": _cases([shapes.LLAMA2_VOCAB, shapes.LLAMA3_LONG], [], dtypes=("bfloat16", "float32"))
+  + _cases([], [shapes.FUSED_GPU], dtypes=("bfloat16",)),
 }
 
 PASSES = ("forward", "forward+backward")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
@@ -35,11 +34,11 @@ def check_logits_and_targets(logits, targets) -> None:
   check_int("targets", targets)
   if logits.ndim != targets.ndim + 1:
     raise ValueError(
-        f"logits must have one more axis (V) than targets: {logits.shape=} vs {targets.shape=}"
+      f"logits must have one more axis (V) than targets: {logits.shape=} vs {targets.shape=}"
     )
   if logits.shape[:-1] != targets.shape:
     raise ValueError(
-        f"logits leading dims {logits.shape[:-1]} must equal targets.shape={targets.shape}"
+      f"logits leading dims {logits.shape[:-1]} must equal targets.shape={targets.shape}"
     )
   if logits.shape[-1] < 1:
     raise ValueError(f"vocab_size={logits.shape[-1]} must be at least 1")
@@ -106,9 +105,9 @@ def _value_problems(vocab_size, tokens, segment_ids, num_segments):
   seg = jnp.ones_like(tokens) if segment_ids is None else segment_ids
   real = seg > 0
   problems = [
-      (real & (tokens < 0), "tokens hold negative ids (ids never wrap around)", tokens),
-      (real & (tokens >= vocab_size), f"tokens hold ids >= {vocab_size=}", tokens),
-      (seg < 0, "segment_ids hold negative values (0 is padding, 1..S are sequences)", seg),
+    (real & (tokens < 0), "tokens hold negative ids (ids never wrap around)", tokens),
+    (real & (tokens >= vocab_size), f"tokens hold ids >= {vocab_size=}", tokens),
+    (seg < 0, "segment_ids hold negative values (0 is padding, 1..S are sequences)", seg),
   ]
   if num_segments is not None:
     problems.append((seg > num_segments, f"segment_ids exceed {num_segments=}", seg))
@@ -146,7 +145,9 @@ def check_inputs(logits_or_vocab_size, tokens, response_mask, segment_ids=None, 
       raise ValueError(f"{message}: first at [b={b}, t={t}] with value {np.asarray(values)[b, t]}")
 
 
-def checkify_inputs(logits_or_vocab_size, tokens, response_mask, segment_ids=None, num_segments=None):
+def checkify_inputs(
+  logits_or_vocab_size, tokens, response_mask, segment_ids=None, num_segments=None
+):
   """The value checks of :func:`check_inputs` as ``checkify.check`` calls.
 
   Use inside a function transformed by ``jax.experimental.checkify.checkify``;
@@ -180,8 +181,6 @@ def check_chain_rule(joint_logprob, prompt_logprob, *, atol: float = 1e-4) -> No
   if (conditional > atol).any():
     i = np.unravel_index(np.argmax(conditional), conditional.shape)
     raise ValueError(
-        f"log Pr(y|x) = joint - prompt = {joint[i]} - ({prompt[i]}) = {conditional[i]} > 0 "
-        f"at index {tuple(map(int, i))}: a conditional log-probability cannot be positive"
+      f"log Pr(y|x) = joint - prompt = {joint[i]} - ({prompt[i]}) = {conditional[i]} > 0 "
+      f"at index {tuple(map(int, i))}: a conditional log-probability cannot be positive"
     )
-
-

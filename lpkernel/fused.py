@@ -119,8 +119,12 @@ def _sweep_partials(h, w, targets, tau, softcap, config):
     ty = jnp.maximum(ty, jnp.max(jnp.where(hit, y, -jnp.inf), axis=-1))
     return new_m, s, sy, ty
 
-  init = (jnp.full((n,), -jnp.inf, _F32), jnp.zeros((n,), _F32), jnp.zeros((n,), _F32),
-          jnp.full((n,), -jnp.inf, _F32))
+  init = (
+    jnp.full((n,), -jnp.inf, _F32),
+    jnp.zeros((n,), _F32),
+    jnp.zeros((n,), _F32),
+    jnp.full((n,), -jnp.inf, _F32),
+  )
   with jax.named_scope("fused_sweep"):
     return _sweep(step, init, v, config.block(v))
 
@@ -133,10 +137,10 @@ def finish_stats(m, s, sy, ty, targets, vocab_size):
   in_range = (targets >= 0) & (targets < vocab_size)
   logprob = jnp.where(ty == -jnp.inf, -jnp.inf, ty - lse)
   stats = TokenStats(
-      logprobs=jnp.where(in_range, logprob, jnp.nan),
-      lse=lse,
-      entropy=lse - expected_y,
-      greedy=in_range & (ty == m),
+    logprobs=jnp.where(in_range, logprob, jnp.nan),
+    lse=lse,
+    entropy=lse - expected_y,
+    greedy=in_range & (ty == m),
   )
   return stats, expected_y
 
@@ -173,7 +177,9 @@ def _fused_bwd(softcap, config, residuals, ct: TokenStats):
     p = jnp.exp(y - safe_lse)
     onehot = (lo + lax.broadcasted_iota(jnp.int32, (1, width), 1)) == targets[:, None]
     # d/dy of lp, lse and entropy: (onehot - p), p and p * (E_p[y] - y).
-    dy = g_lp * (jnp.where(onehot, 1.0, 0.0) - p) + g_lse * p + g_ent * p * (ey - _finite_or_zero(y))
+    dy = (
+      g_lp * (jnp.where(onehot, 1.0, 0.0) - p) + g_lse * p + g_ent * p * (ey - _finite_or_zero(y))
+    )
     dy = jnp.where(live, dy, 0.0)
     if tau is not None:  # y = s(z) / tau  =>  dy/dtau = -y / tau
       dtau = dtau - jnp.sum(dy * _finite_or_zero(y), axis=-1) / tau
@@ -182,8 +188,11 @@ def _fused_bwd(softcap, config, residuals, ct: TokenStats):
     dwb = _dot(h.T, dz).astype(w.dtype)
     return dh, lax.dynamic_update_slice_in_dim(dw, dwb, lo, axis=1), dtau
 
-  init = (jnp.zeros(h.shape, _F32), jnp.zeros(w.shape, w.dtype),
-          None if tau is None else jnp.zeros((n,), _F32))
+  init = (
+    jnp.zeros(h.shape, _F32),
+    jnp.zeros(w.shape, w.dtype),
+    None if tau is None else jnp.zeros((n,), _F32),
+  )
   with jax.named_scope("fused_sweep_backward"):
     dh, dw, dtau = _sweep(step, init, v, config.block(v))
   return dh.astype(h.dtype), dw, jnp.zeros(targets.shape, jax.dtypes.float0), dtau
@@ -193,13 +202,13 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def fused_token_stats(
-    hidden: jax.Array,
-    unembed: jax.Array,
-    targets: jax.Array,
-    *,
-    temperature=1.0,
-    softcap: float | None = None,
-    config: FusedConfig = DEFAULT_FUSED,
+  hidden: jax.Array,
+  unembed: jax.Array,
+  targets: jax.Array,
+  *,
+  temperature=1.0,
+  softcap: float | None = None,
+  config: FusedConfig = DEFAULT_FUSED,
 ) -> TokenStats:
   """Log-probability, log-sum-exp, entropy and greedy flag of each target, in one sweep.
 
@@ -224,8 +233,9 @@ def fused_token_stats(
   return jax.tree.map(lambda x: x.reshape(batch_shape), stats)
 
 
-def fused_token_logprobs(hidden, unembed, targets, *, temperature=1.0, softcap=None,
-                         config: FusedConfig = DEFAULT_FUSED) -> jax.Array:
+def fused_token_logprobs(
+  hidden, unembed, targets, *, temperature=1.0, softcap=None, config: FusedConfig = DEFAULT_FUSED
+) -> jax.Array:
   """``log_softmax(hidden @ unembed)[..., target]`` without the ``[N, V]`` logits.
 
   Same arguments as :func:`fused_token_stats`; returns float32 ``[...]``.
@@ -236,8 +246,9 @@ def fused_token_logprobs(hidden, unembed, targets, *, temperature=1.0, softcap=N
     >>> lpk.fused_token_logprobs(h, w, jnp.array([0, 7]))
     Array([-2.0794415, -2.0794415], dtype=float32)
   """
-  return fused_token_stats(hidden, unembed, targets, temperature=temperature, softcap=softcap,
-                           config=config).logprobs
+  return fused_token_stats(
+    hidden, unembed, targets, temperature=temperature, softcap=softcap, config=config
+  ).logprobs
 
 
 def _check_fused(hidden, unembed, targets) -> None:
@@ -257,17 +268,17 @@ def _check_fused(hidden, unembed, targets) -> None:
 
 
 def score_hidden(
-    hidden: jax.Array,
-    unembed: jax.Array,
-    tokens: jax.Array,
-    response_mask: jax.Array,
-    *,
-    segment_ids: jax.Array | None = None,
-    num_segments: int | None = None,
-    temperature=1.0,
-    softcap: float | None = None,
-    config: FusedConfig = DEFAULT_FUSED,
-    with_stats: bool = False,
+  hidden: jax.Array,
+  unembed: jax.Array,
+  tokens: jax.Array,
+  response_mask: jax.Array,
+  *,
+  segment_ids: jax.Array | None = None,
+  num_segments: int | None = None,
+  temperature=1.0,
+  softcap: float | None = None,
+  config: FusedConfig = DEFAULT_FUSED,
+  with_stats: bool = False,
 ):
   """``score(hidden @ unembed, ...)`` without materialising the logits.
 
@@ -289,7 +300,8 @@ def score_hidden(
   checks.check_same_dims("hidden", hidden.shape, "tokens", tokens.shape)
   checks.check_rows(tokens, response_mask, segment_ids, num_segments)
   layout = row_layout(tokens, response_mask, segment_ids, num_segments)
-  stats = fused_token_stats(hidden, unembed, layout.targets, temperature=temperature,
-                            softcap=softcap, config=config)
+  stats = fused_token_stats(
+    hidden, unembed, layout.targets, temperature=temperature, softcap=softcap, config=config
+  )
   scores: Scores = sum_scores(stats.logprobs, stats.greedy, layout, num_segments)
   return (scores, stats) if with_stats else scores

@@ -81,7 +81,9 @@ def _transform(x: jax.Array, tau: jax.Array | None, softcap: float | None) -> ja
   return y
 
 
-def _transform_grad(x: jax.Array, tau: jax.Array | None, softcap: float | None) -> jax.Array | float:
+def _transform_grad(
+  x: jax.Array, tau: jax.Array | None, softcap: float | None
+) -> jax.Array | float:
   """``d transform / dx``, elementwise."""
   d = 1.0
   if softcap is not None:
@@ -163,8 +165,8 @@ def _row_stats(x, tau, softcap, chunks: ChunkConfig):
   """
   v = x.shape[1]
   return lax.platform_dependent(
-      cpu=lambda: _chunked_stats(x, tau, softcap, chunks.chunk(v), _chunk_partials_two_pass),
-      default=lambda: _chunked_stats(x, tau, softcap, v, _chunk_partials_one_pass),
+    cpu=lambda: _chunked_stats(x, tau, softcap, chunks.chunk(v), _chunk_partials_two_pass),
+    default=lambda: _chunked_stats(x, tau, softcap, v, _chunk_partials_one_pass),
   )
 
 
@@ -176,17 +178,21 @@ def _gather(x: jax.Array, targets: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(picked, x.dtype)
 
 
+def finish(targets, vocab_size, target_x, target_y, row_max, lse):
+  """(logprob[N], target_is_max[N]) from the target's raw and transformed logit,
+  the raw row max and the log-sum-exp; NaN for ids outside ``[0, vocab_size)``."""
+  # -inf at the target is probability zero, even when the whole row is -inf.
+  logprob = jnp.where(target_y == -jnp.inf, -jnp.inf, target_y - lse)
+  in_range = (targets >= 0) & (targets < vocab_size)
+  return jnp.where(in_range, logprob, jnp.nan), in_range & (target_x == row_max)
+
+
 def _forward(x, targets, tau, softcap, chunks):
   """Returns (logprob[N], target_is_max[N], lse[N])."""
-  v = x.shape[-1]
   row_max, lse = _row_stats(x, tau, softcap, chunks)
   target_x = _gather(x, targets)
   target_y = _transform(target_x, tau, softcap)
-  # -inf at the target is probability zero, even when the whole row is -inf.
-  logprob = jnp.where(target_y == -jnp.inf, -jnp.inf, target_y - lse)
-  in_range = (targets >= 0) & (targets < v)
-  logprob = jnp.where(in_range, logprob, jnp.nan)
-  return logprob, in_range & (target_x == row_max), lse
+  return (*finish(targets, x.shape[-1], target_x, target_y, row_max, lse), lse)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -225,7 +231,9 @@ def _logprobs_bwd(softcap, chunks, residuals, cotangents):
       lse_c = _per_chunk(safe_lse[:, 0], k)[:, None]
       expected = jnp.sum(jnp.exp(yc - lse_c) * _finite_or_zero(yc), axis=-1).reshape(n, k).sum(-1)
       in_block = (targets >= 0) & (targets < v)  # a vocab shard may not hold the target
-      target_y = jnp.where(in_block, _finite_or_zero(_transform(_gather(x, targets), tau, softcap)), 0.0)
+      target_y = jnp.where(
+        in_block, _finite_or_zero(_transform(_gather(x, targets), tau, softcap)), 0.0
+      )
       dtau = jnp.where(live, g * (expected - target_y) / tau, 0.0)
   targets_ct = jnp.zeros(targets.shape, jax.dtypes.float0)
   return dx.astype(x.dtype), targets_ct, dtau
@@ -244,12 +252,12 @@ def _temperature_rows(temperature, batch_shape) -> jax.Array | None:
 
 
 def token_logprobs_and_greedy(
-    logits: jax.Array,
-    targets: jax.Array,
-    *,
-    temperature=1.0,
-    softcap: float | None = None,
-    chunks: ChunkConfig = DEFAULT_CHUNKS,
+  logits: jax.Array,
+  targets: jax.Array,
+  *,
+  temperature=1.0,
+  softcap: float | None = None,
+  chunks: ChunkConfig = DEFAULT_CHUNKS,
 ) -> tuple[jax.Array, jax.Array]:
   """Like :func:`token_logprobs`, also returning whether each target is an argmax.
 
@@ -267,12 +275,12 @@ def token_logprobs_and_greedy(
 
 
 def token_logprobs(
-    logits: jax.Array,
-    targets: jax.Array,
-    *,
-    temperature=1.0,
-    softcap: float | None = None,
-    chunks: ChunkConfig = DEFAULT_CHUNKS,
+  logits: jax.Array,
+  targets: jax.Array,
+  *,
+  temperature=1.0,
+  softcap: float | None = None,
+  chunks: ChunkConfig = DEFAULT_CHUNKS,
 ) -> jax.Array:
   r"""Log-probability of each target under the softmax of its logits row.
 
@@ -305,5 +313,5 @@ def token_logprobs(
     Array([-0.2876821], dtype=float32)
   """
   return token_logprobs_and_greedy(
-      logits, targets, temperature=temperature, softcap=softcap, chunks=chunks
+    logits, targets, temperature=temperature, softcap=softcap, chunks=chunks
   )[0]

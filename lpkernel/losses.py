@@ -46,16 +46,23 @@ def sft_loss(scores: Scores, normalise: Normalisation = "tokens", *, response_on
 def _preference_metrics(chosen_reward, rejected_reward, loss):
   margin = chosen_reward - rejected_reward
   return {
-      "loss": jnp.mean(loss),
-      "rewards/chosen": jnp.mean(chosen_reward),
-      "rewards/rejected": jnp.mean(rejected_reward),
-      "rewards/margin": jnp.mean(margin),
-      "rewards/accuracy": jnp.mean((margin > 0).astype(jnp.float32)),
+    "loss": jnp.mean(loss),
+    "rewards/chosen": jnp.mean(chosen_reward),
+    "rewards/rejected": jnp.mean(rejected_reward),
+    "rewards/margin": jnp.mean(margin),
+    "rewards/accuracy": jnp.mean((margin > 0).astype(jnp.float32)),
   }
 
 
-def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, *,
-             beta: float = 0.1, label_smoothing: float = 0.0):
+def dpo_loss(
+  policy_chosen,
+  policy_rejected,
+  reference_chosen,
+  reference_rejected,
+  *,
+  beta: float = 0.1,
+  label_smoothing: float = 0.0,
+):
   r"""DPO (sigmoid) loss on ``log Pr(y | x)`` of chosen and rejected responses.
 
   .. math::
@@ -78,8 +85,9 @@ def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejecte
   return jnp.mean(loss), _preference_metrics(chosen, rejected, loss)
 
 
-def ipo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, *,
-             beta: float = 0.1):
+def ipo_loss(
+  policy_chosen, policy_rejected, reference_chosen, reference_rejected, *, beta: float = 0.1
+):
   r"""IPO loss: :math:`(h - 1 / (2\beta))^2` with ``h`` the log-ratio margin (no beta)."""
   chosen = policy_chosen - reference_chosen
   rejected = policy_rejected - reference_rejected

@@ -27,8 +27,16 @@ def token_logprobs(logits, targets, *, temperature=1.0, softcap=None):
   return jnp.where(in_range, picked[..., 0], jnp.nan)
 
 
-def score(logits, tokens, response_mask, *, segment_ids=None, num_segments=None,
-          temperature=1.0, softcap=None) -> Scores:
+def score(
+  logits,
+  tokens,
+  response_mask,
+  *,
+  segment_ids=None,
+  num_segments=None,
+  temperature=1.0,
+  softcap=None,
+) -> Scores:
   """``Scores`` by slicing: ``logits[:, :-1]`` against ``tokens[:, 1:]``."""
   b, t, _ = logits.shape
   seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
@@ -37,7 +45,7 @@ def score(logits, tokens, response_mask, *, segment_ids=None, num_segments=None,
   greedy = jnp.argmax(logits[:, :-1], axis=-1) == tokens[:, 1:]
   # Ties: a target whose logit equals the row max counts as greedy.
   greedy |= jnp.take_along_axis(
-      logits[:, :-1], jnp.clip(tokens[:, 1:], 0, logits.shape[-1] - 1)[..., None], axis=-1
+    logits[:, :-1], jnp.clip(tokens[:, 1:], 0, logits.shape[-1] - 1)[..., None], axis=-1
   )[..., 0] == jnp.max(logits[:, :-1], axis=-1)
   scored = (seg[:, 1:] > 0) & (seg[:, 1:] == seg[:, :-1])
   response = response_mask[:, 1:].astype(bool)
@@ -59,11 +67,11 @@ def score(logits, tokens, response_mask, *, segment_ids=None, num_segments=None,
   response_lp = jnp.where(ok_b, total(in_response), jnp.nan)
   token_lp = jnp.where(ok[:, None], jnp.where(scored, lp, 0.0), jnp.nan)
   return Scores(
-      prompt_logprob=prompt,
-      response_logprob=response_lp,
-      joint_logprob=prompt + response_lp,
-      prompt_tokens=squeeze(jnp.sum(in_prompt, axis=1, dtype=jnp.int32)),
-      response_tokens=squeeze(jnp.sum(in_response, axis=1, dtype=jnp.int32)),
-      response_greedy=squeeze(jnp.all(~in_response | greedy[:, :, None], axis=1)),
-      token_logprobs=jnp.concatenate([jnp.zeros((b, 1), _F32), token_lp], axis=1),
+    prompt_logprob=prompt,
+    response_logprob=response_lp,
+    joint_logprob=prompt + response_lp,
+    prompt_tokens=squeeze(jnp.sum(in_prompt, axis=1, dtype=jnp.int32)),
+    response_tokens=squeeze(jnp.sum(in_response, axis=1, dtype=jnp.int32)),
+    response_greedy=squeeze(jnp.all(~in_response | greedy[:, :, None], axis=1)),
+    token_logprobs=jnp.concatenate([jnp.zeros((b, 1), _F32), token_lp], axis=1),
   )

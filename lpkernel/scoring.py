@@ -73,11 +73,11 @@ def row_layout(tokens, response_mask, segment_ids=None, num_segments=None) -> Ro
   if num_segments is not None:
     row_ok &= jnp.all(seg <= num_segments, axis=1)
   return RowLayout(
-      targets=_shift_left(tokens.astype(jnp.int32), 0),
-      scored=scored,
-      response=_shift_left(response_mask.astype(bool), False),
-      segment=next_seg,
-      row_ok=row_ok,
+    targets=_shift_left(tokens.astype(jnp.int32), 0),
+    scored=scored,
+    response=_shift_left(response_mask.astype(bool), False),
+    segment=next_seg,
+    row_ok=row_ok,
   )
 
 
@@ -103,7 +103,9 @@ def sum_scores(row_logprobs, row_greedy, layout: RowLayout, num_segments=None) -
   in_response = layout.scored & layout.response
   # `where`, not a product: a masked position holding NaN or -inf stays out.
   prompt = _group_sum(jnp.where(in_prompt, row_logprobs, 0.0), layout.segment, num_segments, _F32)
-  response = _group_sum(jnp.where(in_response, row_logprobs, 0.0), layout.segment, num_segments, _F32)
+  response = _group_sum(
+    jnp.where(in_response, row_logprobs, 0.0), layout.segment, num_segments, _F32
+  )
   poison = ~layout.row_ok if num_segments is None else ~layout.row_ok[:, None]
   prompt = jnp.where(poison, jnp.nan, prompt)
   response = jnp.where(poison, jnp.nan, response)
@@ -111,27 +113,27 @@ def sum_scores(row_logprobs, row_greedy, layout: RowLayout, num_segments=None) -
   token_lp = jnp.where(layout.scored, row_logprobs, 0.0)
   token_lp = jnp.where(layout.row_ok[:, None], token_lp, jnp.nan)
   return Scores(
-      prompt_logprob=prompt,
-      response_logprob=response,
-      joint_logprob=prompt + response,
-      prompt_tokens=_group_sum(in_prompt, layout.segment, num_segments, jnp.int32),
-      response_tokens=_group_sum(in_response, layout.segment, num_segments, jnp.int32),
-      response_greedy=not_greedy == 0,
-      # Position t + 1 holds the log-probability of token t + 1.
-      token_logprobs=jnp.concatenate([jnp.zeros_like(token_lp[:, :1]), token_lp[:, :-1]], axis=1),
+    prompt_logprob=prompt,
+    response_logprob=response,
+    joint_logprob=prompt + response,
+    prompt_tokens=_group_sum(in_prompt, layout.segment, num_segments, jnp.int32),
+    response_tokens=_group_sum(in_response, layout.segment, num_segments, jnp.int32),
+    response_greedy=not_greedy == 0,
+    # Position t + 1 holds the log-probability of token t + 1.
+    token_logprobs=jnp.concatenate([jnp.zeros_like(token_lp[:, :1]), token_lp[:, :-1]], axis=1),
   )
 
 
 def score(
-    logits: jax.Array,
-    tokens: jax.Array,
-    response_mask: jax.Array,
-    *,
-    segment_ids: jax.Array | None = None,
-    num_segments: int | None = None,
-    temperature=1.0,
-    softcap: float | None = None,
-    chunks: ChunkConfig = DEFAULT_CHUNKS,
+  logits: jax.Array,
+  tokens: jax.Array,
+  response_mask: jax.Array,
+  *,
+  segment_ids: jax.Array | None = None,
+  num_segments: int | None = None,
+  temperature=1.0,
+  softcap: float | None = None,
+  chunks: ChunkConfig = DEFAULT_CHUNKS,
 ) -> Scores:
   """Scores batched ``[x, y]`` rows: log Pr(x), log Pr(y | x) and log Pr([x, y]).
 
@@ -171,7 +173,7 @@ def score(
   layout = row_layout(tokens, response_mask, segment_ids, num_segments)
   with jax.named_scope("token_logprobs"):
     row_lp, row_greedy = token_logprobs_and_greedy(
-        logits, layout.targets, temperature=temperature, softcap=softcap, chunks=chunks
+      logits, layout.targets, temperature=temperature, softcap=softcap, chunks=chunks
     )
   with jax.named_scope("masked_sums"):
     return sum_scores(row_lp, row_greedy, layout, num_segments)

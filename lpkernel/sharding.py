@@ -14,7 +14,9 @@ two collectives over the model axis per token:
 so 16 bytes per token are all-reduced. The fused path sends 4 values, also 16
 bytes: ``pmax`` of (block max, target logit), ``psum`` of (sum-exp, sum of
 exp * y, for the entropy). The ``[N, V]`` logits are never gathered. The
-compiled programs are checked for exactly this in ``tests/test_sharding.py``. The backward pass needs no collective for the logits (each block's
+compiled programs are checked for exactly this in ``tests/test_sharding.py``.
+
+The backward pass needs no collective for the logits (each block's
 gradient depends on its own logits and the global log-sum-exp); shard_map's
 transpose ``psum``-s the fused path's ``d hidden`` and an array temperature's
 gradient over the model axis.
@@ -27,7 +29,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from lpkernel import checks
 from lpkernel import fused as fused_lib
@@ -58,10 +61,8 @@ def _vp_forward(x, targets, tau, softcap, chunks, axis, vocab_size):
     lse = jnp.log(lax.psum(jnp.exp(block_lse - shift), axis)) + shift
   # The target's logit is exact in float32, so its transform is the same everywhere.
   target_y = lp_lib._transform(target_x, tau, softcap)
-  logprob = jnp.where(target_y == -jnp.inf, -jnp.inf, target_y - lse)
-  in_range = (targets >= 0) & (targets < vocab_size)
-  logprob = jnp.where(in_range, logprob, jnp.nan)
-  return logprob, in_range & (target_x == row_max), lse, local_t
+  logprob, greedy = lp_lib.finish(targets, vocab_size, target_x, target_y, row_max, lse)
+  return logprob, greedy, lse, local_t
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -94,9 +95,17 @@ def _vp_bwd(softcap, chunks, axis, vocab_size, residuals, cotangents):
 _vp_logprobs.defvjp(_vp_fwd, _vp_bwd)
 
 
-def vocab_parallel_token_logprobs_and_greedy(logits, targets, mesh: Mesh, *, model_axis="model",
-                                             batch_axis=None, temperature=1.0, softcap=None,
-                                             chunks=lp_lib.DEFAULT_CHUNKS):
+def vocab_parallel_token_logprobs_and_greedy(
+  logits,
+  targets,
+  mesh: Mesh,
+  *,
+  model_axis="model",
+  batch_axis=None,
+  temperature=1.0,
+  softcap=None,
+  chunks=lp_lib.DEFAULT_CHUNKS,
+):
   """``token_logprobs_and_greedy`` for logits sharded along V over ``model_axis``.
 
   Args:
@@ -113,7 +122,9 @@ def vocab_parallel_token_logprobs_and_greedy(logits, targets, mesh: Mesh, *, mod
   checks.check_softcap(softcap)
   batch_shape, v = targets.shape, logits.shape[-1]
   if v % mesh.shape[model_axis]:
-    raise ValueError(f"vocab_size={v} must divide by the {model_axis!r} axis size {mesh.shape[model_axis]}")
+    raise ValueError(
+      f"vocab_size={v} must divide by the {model_axis!r} axis size {mesh.shape[model_axis]}"
+    )
   tau = lp_lib._temperature_rows(temperature, batch_shape)
   x = logits.reshape(-1, v)
   t = targets.reshape(-1).astype(jnp.int32)
@@ -122,21 +133,42 @@ def vocab_parallel_token_logprobs_and_greedy(logits, targets, mesh: Mesh, *, mod
   def local(x, t, tau):
     return _vp_logprobs(x, t, tau, softcap, chunks, model_axis, v)
 
-  out = jax.shard_map(local, mesh=mesh, in_specs=(P(batch_axis, model_axis), row, None if tau is None else row),
-                      out_specs=(row, row), check_vma=False)(x, t, tau)
+  out = jax.shard_map(
+    local,
+    mesh=mesh,
+    in_specs=(P(batch_axis, model_axis), row, None if tau is None else row),
+    out_specs=(row, row),
+    check_vma=False,
+  )(x, t, tau)
   return tuple(o.reshape(batch_shape) for o in out)
 
 
-def vocab_parallel_score(logits, tokens, response_mask, mesh: Mesh, *, segment_ids=None,
-                         num_segments=None, model_axis="model", batch_axis=None, temperature=1.0,
-                         softcap=None) -> Scores:
+def vocab_parallel_score(
+  logits,
+  tokens,
+  response_mask,
+  mesh: Mesh,
+  *,
+  segment_ids=None,
+  num_segments=None,
+  model_axis="model",
+  batch_axis=None,
+  temperature=1.0,
+  softcap=None,
+) -> Scores:
   """``score`` for ``logits [B, T, V]`` sharded as ``P(batch_axis, None, model_axis)``."""
   checks.check_score_shapes(logits, tokens, response_mask, segment_ids, num_segments)
   layout = row_layout(tokens, response_mask, segment_ids, num_segments)
   b, t, v = logits.shape
   lp, greedy = vocab_parallel_token_logprobs_and_greedy(
-      logits.reshape(b * t, v), layout.targets.reshape(-1), mesh, model_axis=model_axis,
-      batch_axis=batch_axis, temperature=_rows_temperature(temperature, (b, t)), softcap=softcap)
+    logits.reshape(b * t, v),
+    layout.targets.reshape(-1),
+    mesh,
+    model_axis=model_axis,
+    batch_axis=batch_axis,
+    temperature=_rows_temperature(temperature, (b, t)),
+    softcap=softcap,
+  )
   return sum_scores(lp.reshape(b, t), greedy.reshape(b, t), layout, num_segments)
 
 
@@ -180,9 +212,18 @@ def _vp_fused_bwd(softcap, config, axis, vocab_size, residuals, ct):
 _vp_fused.defvjp(_vp_fused_fwd, _vp_fused_bwd)
 
 
-def vocab_parallel_fused_token_stats(hidden, unembed, targets, mesh: Mesh, *, model_axis="model",
-                                     batch_axis=None, temperature=1.0, softcap=None,
-                                     config=fused_lib.DEFAULT_FUSED) -> fused_lib.TokenStats:
+def vocab_parallel_fused_token_stats(
+  hidden,
+  unembed,
+  targets,
+  mesh: Mesh,
+  *,
+  model_axis="model",
+  batch_axis=None,
+  temperature=1.0,
+  softcap=None,
+  config=fused_lib.DEFAULT_FUSED,
+) -> fused_lib.TokenStats:
   """``fused_token_stats`` with ``unembed [D, V]`` sharded as ``P(None, model_axis)``.
 
   ``hidden [..., D]`` is sharded over tokens (``batch_axis``) and replicated over
@@ -192,7 +233,9 @@ def vocab_parallel_fused_token_stats(hidden, unembed, targets, mesh: Mesh, *, mo
   checks.check_softcap(softcap)
   v = unembed.shape[1]
   if v % mesh.shape[model_axis]:
-    raise ValueError(f"vocab_size={v} must divide by the {model_axis!r} axis size {mesh.shape[model_axis]}")
+    raise ValueError(
+      f"vocab_size={v} must divide by the {model_axis!r} axis size {mesh.shape[model_axis]}"
+    )
   batch_shape = targets.shape
   tau = lp_lib._temperature_rows(temperature, batch_shape)
   h = hidden.reshape(-1, hidden.shape[-1])
@@ -203,23 +246,45 @@ def vocab_parallel_fused_token_stats(hidden, unembed, targets, mesh: Mesh, *, mo
     return _vp_fused(h, w, t, tau, softcap, config, model_axis, v)
 
   out_specs = fused_lib.TokenStats(row, row, row, row)
-  stats = jax.shard_map(local, mesh=mesh,
-                        in_specs=(P(batch_axis, None), P(None, model_axis), row, None if tau is None else row),
-                        out_specs=out_specs, check_vma=False)(h, unembed, t, tau)
+  stats = jax.shard_map(
+    local,
+    mesh=mesh,
+    in_specs=(P(batch_axis, None), P(None, model_axis), row, None if tau is None else row),
+    out_specs=out_specs,
+    check_vma=False,
+  )(h, unembed, t, tau)
   return jax.tree.map(lambda x: x.reshape(batch_shape), stats)
 
 
-def vocab_parallel_score_hidden(hidden, unembed, tokens, response_mask, mesh: Mesh, *,
-                                segment_ids=None, num_segments=None, model_axis="model",
-                                batch_axis=None, temperature=1.0, softcap=None,
-                                config=fused_lib.DEFAULT_FUSED) -> Scores:
+def vocab_parallel_score_hidden(
+  hidden,
+  unembed,
+  tokens,
+  response_mask,
+  mesh: Mesh,
+  *,
+  segment_ids=None,
+  num_segments=None,
+  model_axis="model",
+  batch_axis=None,
+  temperature=1.0,
+  softcap=None,
+  config=fused_lib.DEFAULT_FUSED,
+) -> Scores:
   """``score_hidden`` with ``unembed`` sharded along V over ``model_axis``."""
   checks.check_same_dims("hidden", hidden.shape, "tokens", tokens.shape)
   checks.check_rows(tokens, response_mask, segment_ids, num_segments)
   layout = row_layout(tokens, response_mask, segment_ids, num_segments)
   b, t, d = hidden.shape
   stats = vocab_parallel_fused_token_stats(
-      hidden.reshape(b * t, d), unembed, layout.targets.reshape(-1), mesh, model_axis=model_axis,
-      batch_axis=batch_axis, temperature=_rows_temperature(temperature, (b, t)), softcap=softcap,
-      config=config)
+    hidden.reshape(b * t, d),
+    unembed,
+    layout.targets.reshape(-1),
+    mesh,
+    model_axis=model_axis,
+    batch_axis=batch_axis,
+    temperature=_rows_temperature(temperature, (b, t)),
+    softcap=softcap,
+    config=config,
+  )
   return sum_scores(stats.logprobs.reshape(b, t), stats.greedy.reshape(b, t), layout, num_segments)

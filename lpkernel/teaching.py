@@ -46,5 +46,10 @@ def product_vs_log_sum(per_token_prob: float, lengths):
   log_sum = np.array([np.sum(np.full(n, np.log(p), np.float32), dtype=np.float32) for n in lengths])
   with np.errstate(divide="ignore"):
     log_of_product = np.log(product)
-  return {"length": lengths, "product": product, "log_of_product": log_of_product,
-          "log_sum": log_sum, "exact": lengths * np.log(np.float64(per_token_prob))}
+  return {
+    "length": lengths,
+    "product": product,
+    "log_of_product": log_of_product,
+    "log_sum": log_sum,
+    "exact": lengths * np.log(np.float64(per_token_prob)),
+  }

@@ -9,25 +9,27 @@ import numpy as np
 # Tolerances for float32 results computed from logits of each input dtype,
 # compared against an oracle fed the *same* (already rounded) logits.
 TOLERANCES = {
-    # float32 accumulation over V terms: a few ulps of the log-sum-exp.
-    jnp.dtype(jnp.float32): dict(rtol=2e-5, atol=2e-5),
-    # Inputs are exact in float32 after the upcast; only accumulation order differs,
-    # but gradients are rounded back to the 8-bit mantissa of bfloat16.
-    jnp.dtype(jnp.bfloat16): dict(rtol=2e-5, atol=2e-5),
-    # Likewise; float16 gradients keep a 10-bit mantissa.
-    jnp.dtype(jnp.float16): dict(rtol=2e-5, atol=2e-5),
+  # float32 accumulation over V terms: a few ulps of the log-sum-exp.
+  jnp.dtype(jnp.float32): dict(rtol=2e-5, atol=2e-5),
+  # Inputs are exact in float32 after the upcast; only accumulation order differs,
+  # but gradients are rounded back to the 8-bit mantissa of bfloat16.
+  jnp.dtype(jnp.bfloat16): dict(rtol=2e-5, atol=2e-5),
+  # Likewise; float16 gradients keep a 10-bit mantissa.
+  jnp.dtype(jnp.float16): dict(rtol=2e-5, atol=2e-5),
 }
 GRAD_TOLERANCES = {
-    jnp.dtype(jnp.float32): dict(rtol=1e-5, atol=1e-6),
-    jnp.dtype(jnp.bfloat16): dict(rtol=1e-2, atol=1e-2),  # one bf16 ulp of the result
-    jnp.dtype(jnp.float16): dict(rtol=2e-3, atol=1e-3),  # one f16 ulp of the result
+  jnp.dtype(jnp.float32): dict(rtol=1e-5, atol=1e-6),
+  jnp.dtype(jnp.bfloat16): dict(rtol=1e-2, atol=1e-2),  # one bf16 ulp of the result
+  jnp.dtype(jnp.float16): dict(rtol=2e-3, atol=1e-3),  # one f16 ulp of the result
 }
 
 
 def assert_close(actual, expected, *, rtol, atol, what=""):
   actual = np.asarray(actual, np.float64)
   expected = np.asarray(expected, np.float64)
-  np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected), err_msg=f"{what}: NaN pattern")
+  np.testing.assert_array_equal(
+    np.isnan(actual), np.isnan(expected), err_msg=f"{what}: NaN pattern"
+  )
   np.testing.assert_array_equal(np.isneginf(actual), np.isneginf(expected), err_msg=f"{what}: -inf")
   finite = np.isfinite(expected)
   diff = np.abs(actual[finite] - expected[finite])
@@ -82,20 +84,22 @@ def oracle_score(logits, tokens, response_mask, segment_ids=None, num_segments=N
       out[role][k] += lp
       out["rtok" if role == "response" else "ptok"][k] += 1
       tok = tokens[i, pos]
-      if role == "response" and not (0 <= tok < v and logits[i, pos - 1, tok] >= logits[i, pos - 1].max()):
+      if role == "response" and not (
+        0 <= tok < v and logits[i, pos - 1, tok] >= logits[i, pos - 1].max()
+      ):
         greedy[k] = False
     if bad:
       out["prompt"][i] = np.nan
       out["response"][i] = np.nan
       token_lp[i] = np.nan
   return dict(
-      prompt_logprob=out["prompt"],
-      response_logprob=out["response"],
-      joint_logprob=out["prompt"] + out["response"],
-      prompt_tokens=out["ptok"],
-      response_tokens=out["rtok"],
-      response_greedy=greedy,
-      token_logprobs=token_lp,
+    prompt_logprob=out["prompt"],
+    response_logprob=out["response"],
+    joint_logprob=out["prompt"] + out["response"],
+    prompt_tokens=out["ptok"],
+    response_tokens=out["rtok"],
+    response_greedy=greedy,
+    token_logprobs=token_lp,
   )
 
 

@@ -12,8 +12,19 @@ from lpkernel import shapes
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("bench")
-  return cli.main(["--suite", "quick", "--repeats", "2", "--allocator", "current",
-                   "--no-progress", "--out", str(out)])
+  return cli.main(
+    [
+      "--suite",
+      "quick",
+      "--repeats",
+      "2",
+      "--allocator",
+      "current",
+      "--no-progress",
+      "--out",
+      str(out),
+    ]
+  )
 
 
 def test_json_schema_and_floors(quick_run):
@@ -23,7 +34,9 @@ def test_json_schema_and_floors(quick_run):
     assert key in meta, key
   assert {r["case"] for r in data["results"]} == {c.label for c in suites.SUITES["quick"]}
   for res in data["results"]:
-    want = {"matmul", "3 matmuls"} if res["fused"] else {"read", "exp", "read+write", "read+write+2exp"}
+    want = (
+      {"matmul", "3 matmuls"} if res["fused"] else {"read", "exp", "read+write", "read+write+2exp"}
+    )
     assert set(res["floors_ms"]) == want
     assert all(v > 0 for v in res["floors_ms"].values())
     names = {r["method"] for r in res["rows"]}
@@ -44,7 +57,11 @@ def test_every_method_agrees_with_the_baseline(quick_run):
     for r in res["rows"]:
       if r["status"] == "ok" and r["pass_"] == "forward":
         tol = 1e-2 if r["dtype"] == "bfloat16" and res["fused"] else 1e-4
-        assert r["rel_diff_vs_baseline"] < tol, (r["method"], res["case"], r["rel_diff_vs_baseline"])
+        assert r["rel_diff_vs_baseline"] < tol, (
+          r["method"],
+          res["case"],
+          r["rel_diff_vs_baseline"],
+        )
         checked += 1
   assert checked >= 8
 
@@ -52,7 +69,9 @@ def test_every_method_agrees_with_the_baseline(quick_run):
 def test_suites_reuse_the_library_shapes():
   assert suites.Case(shapes.LLAMA2_VOCAB, "float32") in suites.SUITES["default"]
   every = [c.shape for cases in suites.SUITES.values() for c in cases]
-  library = {v for v in vars(shapes).values() if isinstance(v, (shapes.LogitsShape, shapes.HiddenShape))}
+  library = {
+    v for v in vars(shapes).values() if isinstance(v, (shapes.LogitsShape, shapes.HiddenShape))
+  }
   assert set(every) <= library
 
 

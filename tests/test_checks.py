@@ -19,13 +19,13 @@ def test_valid_inputs_pass():
 
 
 @pytest.mark.parametrize(
-    "tokens,seg,num_segments,match",
-    [
-        (TOKENS.at[0, 2].set(-1), SEG, None, r"negative ids.*\[b=0, t=2\].*-1"),
-        (TOKENS.at[1, 1].set(5), SEG, None, r"ids >= vocab_size=5.*\[b=1, t=1\]"),
-        (TOKENS, SEG.at[1, 3].set(-1), None, r"segment_ids hold negative.*\[b=1, t=3\]"),
-        (TOKENS, SEG.at[0, 3].set(2), 1, r"segment_ids exceed num_segments=1.*\[b=0, t=3\]"),
-    ],
+  "tokens,seg,num_segments,match",
+  [
+    (TOKENS.at[0, 2].set(-1), SEG, None, r"negative ids.*\[b=0, t=2\].*-1"),
+    (TOKENS.at[1, 1].set(5), SEG, None, r"ids >= vocab_size=5.*\[b=1, t=1\]"),
+    (TOKENS, SEG.at[1, 3].set(-1), None, r"segment_ids hold negative.*\[b=1, t=3\]"),
+    (TOKENS, SEG.at[0, 3].set(2), 1, r"segment_ids exceed num_segments=1.*\[b=0, t=3\]"),
+  ],
 )
 def test_bad_values_raise_eagerly(tokens, seg, num_segments, match):
   with pytest.raises(ValueError, match=match):
@@ -42,12 +42,12 @@ def test_shape_errors_come_first():
 
 
 @pytest.mark.parametrize(
-    "tokens,seg,num_segments,match",
-    [
-        (TOKENS.at[0, 2].set(-1), SEG, None, "negative ids"),
-        (TOKENS.at[1, 1].set(5), SEG, None, "vocab_size"),
-        (TOKENS, SEG.at[0, 3].set(3), 2, "exceed"),
-    ],
+  "tokens,seg,num_segments,match",
+  [
+    (TOKENS.at[0, 2].set(-1), SEG, None, "negative ids"),
+    (TOKENS.at[1, 1].set(5), SEG, None, "vocab_size"),
+    (TOKENS, SEG.at[0, 3].set(3), 2, "exceed"),
+  ],
 )
 def test_checkify_raises_under_jit(tokens, seg, num_segments, match):
   logits = jnp.zeros((2, 4, 5))

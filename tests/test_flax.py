@@ -8,7 +8,14 @@ import pytest
 from flax import nnx
 
 import lpkernel as lpk
-from lpkernel.flax import TinyLM, TinyLMConfig, loglikelihood, packed_positions, score_linen, score_model
+from lpkernel.flax import (
+  TinyLM,
+  TinyLMConfig,
+  loglikelihood,
+  packed_positions,
+  score_linen,
+  score_model,
+)
 from lpkernel.flax.sft import InstructionTask, train_sft
 from lpkernel.losses import sft_loss
 
@@ -28,7 +35,9 @@ def _rows(seed=0, b=2, t=10):
 
 def _close(a, b, atol=1e-5):
   for name in ("prompt_logprob", "response_logprob", "joint_logprob", "token_logprobs"):
-    np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-5, atol=atol, err_msg=name)
+    np.testing.assert_allclose(
+      getattr(a, name), getattr(b, name), rtol=1e-5, atol=atol, err_msg=name
+    )
   for name in ("prompt_tokens", "response_tokens", "response_greedy"):
     np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
 
@@ -50,7 +59,11 @@ class LinenLM(nn.Module):
   def __call__(self, tokens, return_hidden=False):
     embed = nn.Embed(self.vocab, self.width)
     h = nn.Dense(self.width)(embed(tokens))
-    unembed = embed.embedding.T if self.tied else self.param("out", nn.initializers.normal(), (self.width, self.vocab))
+    unembed = (
+      embed.embedding.T
+      if self.tied
+      else self.param("out", nn.initializers.normal(), (self.width, self.vocab))
+    )
     return (h, unembed) if return_hidden else h @ unembed
 
 
@@ -91,6 +104,7 @@ def test_response_only_gradient_is_conditional_gradient(model):
   def grads(loss):
     def f(params):
       return loss(score_model(nnx.merge(graphdef, params, rest), tokens, response))
+
     return jax.grad(f)(params)
 
   g_sft = grads(lambda s: sft_loss(s, "sum"))
@@ -98,15 +112,22 @@ def test_response_only_gradient_is_conditional_gradient(model):
   g_full = grads(lambda s: sft_loss(s, "sum", response_only=False))
   for a, b in zip(jax.tree.leaves(g_sft), jax.tree.leaves(g_cond), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-  diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(g_sft), jax.tree.leaves(g_full), strict=True))
+  diff = max(
+    float(jnp.max(jnp.abs(a - b)))
+    for a, b in zip(jax.tree.leaves(g_sft), jax.tree.leaves(g_full), strict=True)
+  )
   assert diff > 1e-3  # not the full-sequence gradient
 
 
 def test_sft_raises_conditional_and_full_sequence_moves_prompt():
   task = InstructionTask(alphabet=12, prompt_length=4)
-  cfg = TinyLMConfig(vocab_size=task.vocab_size, width=32, num_layers=2, num_heads=2, max_length=task.length)
+  cfg = TinyLMConfig(
+    vocab_size=task.vocab_size, width=32, num_layers=2, num_heads=2, max_length=task.length
+  )
   resp = train_sft(TinyLM(cfg, rngs=nnx.Rngs(0)), task, steps=60, response_only=True, eval_every=60)
-  full = train_sft(TinyLM(cfg, rngs=nnx.Rngs(0)), task, steps=60, response_only=False, eval_every=60)
+  full = train_sft(
+    TinyLM(cfg, rngs=nnx.Rngs(0)), task, steps=60, response_only=False, eval_every=60
+  )
   before, after = resp[0], resp[-1]
   assert after["log Pr(y|x)"] > before["log Pr(y|x)"] + 5.0, resp
   # The full-sequence loss also learns the prompt distribution; response-only does not.
@@ -116,7 +137,13 @@ def test_sft_raises_conditional_and_full_sequence_moves_prompt():
 
 # --- loglikelihood ---------------------------------------------------------
 
-REQUESTS = [([1, 2, 3], [4, 5]), ([7], [8, 9, 10]), ([3] * 9, [1]), ([5, 6], [7]), ([2, 2], [2, 2, 2])]
+REQUESTS = [
+  ([1, 2, 3], [4, 5]),
+  ([7], [8, 9, 10]),
+  ([3] * 9, [1]),
+  ([5, 6], [7]),
+  ([2, 2], [2, 2, 2]),
+]
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -128,16 +155,20 @@ def test_loglikelihood_packed_equals_unpacked_and_by_hand(model, fused):
   ctx, cont = REQUESTS[1]
   tokens = jnp.array([ctx + cont])
   response = jnp.array([[False] * len(ctx) + [True] * len(cont)])
-  np.testing.assert_allclose(packed[1][0], score_model(model, tokens, response).response_logprob[0], rtol=1e-5)
+  np.testing.assert_allclose(
+    packed[1][0], score_model(model, tokens, response).response_logprob[0], rtol=1e-5
+  )
 
 
 def test_loglikelihood_left_truncates_like_lm_eval(model):
   ctx, cont = list(range(1, 21)), [3, 4]
-  (lp, _), = loglikelihood(model, [(ctx, cont)], max_length=8)
+  ((lp, _),) = loglikelihood(model, [(ctx, cont)], max_length=8)
   window = (ctx + cont)[-9:]
   tokens = jnp.array([window])
   response = jnp.array([[False] * 7 + [True] * 2])
-  np.testing.assert_allclose(lp, score_model(model, tokens, response).response_logprob[0], rtol=1e-5)
+  np.testing.assert_allclose(
+    lp, score_model(model, tokens, response).response_logprob[0], rtol=1e-5
+  )
 
 
 def test_loglikelihood_errors(model):
@@ -145,7 +176,7 @@ def test_loglikelihood_errors(model):
     loglikelihood(model, [([1], list(range(1, 12)))], max_length=8)
   with pytest.raises(ValueError, match="empty context"):
     loglikelihood(model, [([], [1, 2])], max_length=8)
-  (lp, _), = loglikelihood(model, [([], [1, 2])], max_length=8, prefix_token=0)
+  ((lp, _),) = loglikelihood(model, [([], [1, 2])], max_length=8, prefix_token=0)
   assert np.isfinite(lp)
 
 

@@ -31,7 +31,9 @@ def test_values_match_materialised_and_oracle(n, v, dtype, config):
   with jax.default_matmul_precision("highest"):  # GPUs default to TF32
     got = lpk.fused_token_logprobs(h, w, t, config=config)
     logits = _logits(h, w)
-  assert_close(got, reference.token_logprobs(logits, t), rtol=1e-5, atol=1e-4, what="vs materialised")
+  assert_close(
+    got, reference.token_logprobs(logits, t), rtol=1e-5, atol=1e-4, what="vs materialised"
+  )
   assert_close(got, oracle_token_logprobs(logits, t), rtol=1e-5, atol=1e-4, what="vs oracle")
 
 
@@ -78,8 +80,16 @@ def test_score_hidden_equals_score_of_logits(num_segments):
   tokens = jax.random.randint(k[2], (b, t), 0, v)
   response = jnp.arange(t)[None] >= jnp.array([[2], [4]])
   seg = jnp.array([[1, 1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1, 1]])
-  got, stats = lpk.score_hidden(hidden, w, tokens, response, segment_ids=seg,
-                                num_segments=num_segments, config=SMALL, with_stats=True)
+  got, stats = lpk.score_hidden(
+    hidden,
+    w,
+    tokens,
+    response,
+    segment_ids=seg,
+    num_segments=num_segments,
+    config=SMALL,
+    with_stats=True,
+  )
   logits = jnp.einsum("btd,dv->btv", hidden, w)
   want = lpk.score(logits, tokens, response, segment_ids=seg, num_segments=num_segments)
   for name in ("prompt_logprob", "response_logprob", "joint_logprob", "token_logprobs"):
@@ -101,7 +111,9 @@ def test_greedy_matches_argmax():
 @pytest.mark.parametrize("bad", [-1, 10, 1000])
 def test_out_of_range_ids_give_nan(bad):
   h, w, t = _inputs(4, 3, 8, 10)
-  lp = jax.jit(lambda h, w, t: lpk.fused_token_logprobs(h, w, t, config=SMALL))(h, w, t.at[1].set(bad))
+  lp = jax.jit(lambda h, w, t: lpk.fused_token_logprobs(h, w, t, config=SMALL))(
+    h, w, t.at[1].set(bad)
+  )
   assert np.isnan(lp[1]) and np.isfinite(np.asarray(lp)[[0, 2]]).all()
 
 
@@ -111,23 +123,26 @@ def test_neg_inf_hidden_gives_neg_inf_not_nan_and_masked_grads_are_finite():
   h = h.at[0, 0].set(-jnp.inf)  # column 2's logit is -inf for row 0 (others NaN: 0 * inf)
   lp = lpk.fused_token_logprobs(h[1:], w, t[1:])
   assert np.isfinite(lp).all()
-  g = jax.grad(lambda h: jnp.sum(jnp.where(jnp.arange(3) == 0, 0.0, lpk.fused_token_logprobs(h, w, t))))(h)
+  g = jax.grad(
+    lambda h: jnp.sum(jnp.where(jnp.arange(3) == 0, 0.0, lpk.fused_token_logprobs(h, w, t)))
+  )(h)
   assert np.isfinite(g[1:]).all()
 
 
 @pytest.mark.parametrize(
-    "h_shape,w_shape,t_shape,dtypes,err",
-    [
-        ((4, 8), (7, 10), (4,), (jnp.float32, jnp.float32), ValueError),  # D mismatch
-        ((4, 8), (8, 10), (5,), (jnp.float32, jnp.float32), ValueError),  # N mismatch
-        ((4, 8), (8,), (4,), (jnp.float32, jnp.float32), ValueError),  # unembed rank
-        ((4, 8), (8, 10), (4,), (jnp.float32, jnp.bfloat16), TypeError),  # dtype mismatch
-    ],
+  "h_shape,w_shape,t_shape,dtypes,err",
+  [
+    ((4, 8), (7, 10), (4,), (jnp.float32, jnp.float32), ValueError),  # D mismatch
+    ((4, 8), (8, 10), (5,), (jnp.float32, jnp.float32), ValueError),  # N mismatch
+    ((4, 8), (8,), (4,), (jnp.float32, jnp.float32), ValueError),  # unembed rank
+    ((4, 8), (8, 10), (4,), (jnp.float32, jnp.bfloat16), TypeError),  # dtype mismatch
+  ],
 )
 def test_bad_shapes_raise(h_shape, w_shape, t_shape, dtypes, err):
   with pytest.raises(err):
-    lpk.fused_token_logprobs(jnp.zeros(h_shape, dtypes[0]), jnp.zeros(w_shape, dtypes[1]),
-                             jnp.zeros(t_shape, jnp.int32))
+    lpk.fused_token_logprobs(
+      jnp.zeros(h_shape, dtypes[0]), jnp.zeros(w_shape, dtypes[1]), jnp.zeros(t_shape, jnp.int32)
+    )
 
 
 @pytest.mark.slow
@@ -145,4 +160,6 @@ def test_no_logits_sized_temporaries(dtype, with_grad):
   fn = jax.grad(loss, argnums=(0, 1)) if with_grad else loss
   temp = jax.jit(fn).lower(h, w, t).compile().memory_analysis().temp_size_in_bytes
   logits_f32 = s.tokens * s.vocab * 4
-  assert temp < 0.05 * logits_f32, f"temporaries {temp / 1e6:.1f} MB vs logits {logits_f32 / 1e6:.1f} MB"
+  assert temp < 0.05 * logits_f32, (
+    f"temporaries {temp / 1e6:.1f} MB vs logits {logits_f32 / 1e6:.1f} MB"
+  )

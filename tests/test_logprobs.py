@@ -12,7 +12,14 @@ from jax.test_util import check_grads
 import lpkernel as lpk
 from lpkernel import reference
 from lpkernel.logprobs import ChunkConfig
-from tests.helpers import GRAD_TOLERANCES, TOLERANCES, assert_close, oracle_token_logprobs, random_logits, random_tokens
+from tests.helpers import (
+  GRAD_TOLERANCES,
+  TOLERANCES,
+  assert_close,
+  oracle_token_logprobs,
+  random_logits,
+  random_tokens,
+)
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 # A tiny chunk config sends small vocabularies through the multi-chunk path.
@@ -36,19 +43,20 @@ def _check_against_both(logits, targets, **opts):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize(
-    "shape,v", [((5,), 1), ((5,), 3), ((2, 3), 32003), ((1,), 40000), ((4, 7), 520), ((3,), 2049)],
-    ids=["V1", "V3", "V32003", "V40000-chunked", "V520", "V2049"],
+  "shape,v",
+  [((5,), 1), ((5,), 3), ((2, 3), 32003), ((1,), 40000), ((4, 7), 520), ((3,), 2049)],
+  ids=["V1", "V3", "V32003", "V40000-chunked", "V520", "V2049"],
 )
 def test_values_match_reference_and_oracle(shape, v, dtype):
   _check_against_both(*_inputs(0, shape, v, dtype))
 
 
 @given(
-    n=st.integers(1, 6),
-    v=st.integers(1, 50),
-    dtype=st.sampled_from(DTYPES),
-    chunked=st.booleans(),
-    seed=st.integers(0, 2**16),
+  n=st.integers(1, 6),
+  v=st.integers(1, 50),
+  dtype=st.sampled_from(DTYPES),
+  chunked=st.booleans(),
+  seed=st.integers(0, 2**16),
 )
 def test_random_shapes(n, v, dtype, chunked, seed):
   logits, targets = _inputs(seed, (n,), v, dtype)
@@ -61,14 +69,18 @@ def test_random_shapes(n, v, dtype, chunked, seed):
 @pytest.mark.parametrize("chunks", [ChunkConfig(), SMALL_CHUNKS], ids=["one-chunk", "chunked"])
 def test_value_and_grad_match_reference(dtype, softcap, temperature, chunks):
   logits, targets = _inputs(1, (3, 4), 24, dtype)
-  tau = {"one": 1.0, "scalar": jnp.float32(0.7), "per-row": jnp.array([[0.5], [1.0], [2.0]])}[temperature]
+  tau = {"one": 1.0, "scalar": jnp.float32(0.7), "per-row": jnp.array([[0.5], [1.0], [2.0]])}[
+    temperature
+  ]
   weights = jax.random.normal(jax.random.key(2), targets.shape)
 
   def loss(fn, x, tau, **kw):
     return jnp.sum(weights * fn(x, targets, temperature=tau, softcap=softcap, **kw))
 
   argnums = (1,) if temperature == "one" else (1, 2)
-  got_v, got_g = jax.value_and_grad(loss, argnums=argnums)(lpk.token_logprobs, logits, tau, chunks=chunks)
+  got_v, got_g = jax.value_and_grad(loss, argnums=argnums)(
+    lpk.token_logprobs, logits, tau, chunks=chunks
+  )
   ref_v, ref_g = jax.value_and_grad(loss, argnums=argnums)(reference.token_logprobs, logits, tau)
   tol = TOLERANCES[jnp.dtype(dtype)]
   assert_close(got_v, ref_v, rtol=tol["rtol"], atol=1e-4, what="value")
@@ -107,7 +119,9 @@ def test_neg_inf_target_is_zero_probability_not_nan(chunks):
   lp = lpk.token_logprobs(logits, targets, chunks=chunks)
   np.testing.assert_array_equal(lp, [-np.inf, -np.inf, -np.inf])
   # A masked (zero-cotangent) impossible row leaves no NaN in the gradient.
-  grad = jax.grad(lambda x: jnp.sum(jnp.where(jnp.arange(3) == 2, 0.0, lp_fn(x, targets, chunks))))(logits)
+  grad = jax.grad(lambda x: jnp.sum(jnp.where(jnp.arange(3) == 2, 0.0, lp_fn(x, targets, chunks))))(
+    logits
+  )
   assert np.isfinite(grad).all()
 
 
@@ -127,7 +141,9 @@ def test_neg_inf_elsewhere_gives_finite_gradient():
 def test_masked_nan_rows_put_no_nan_into_gradients():
   logits = jnp.zeros((3, 5)).at[1].set(jnp.nan)
   targets = jnp.array([0, 1, 2])
-  grad = jax.grad(lambda x: jnp.sum(jnp.where(jnp.arange(3) == 1, 0.0, lpk.token_logprobs(x, targets))))(logits)
+  grad = jax.grad(
+    lambda x: jnp.sum(jnp.where(jnp.arange(3) == 1, 0.0, lpk.token_logprobs(x, targets)))
+  )(logits)
   assert np.isfinite(grad).all()
 
 
@@ -148,14 +164,14 @@ def test_no_retracing_on_new_values():
 
 
 @pytest.mark.parametrize(
-    "logits_shape,targets_shape,dtype,err",
-    [
-        ((2, 3, 5), (2, 4), jnp.float32, ValueError),  # leading dims differ
-        ((2, 3), (2, 3), jnp.float32, ValueError),  # missing V axis
-        ((2, 0), (2,), jnp.float32, ValueError),  # V = 0
-        ((2, 5), (2,), jnp.int32, TypeError),  # integer logits
-        ((2, 5), (2,), jnp.float64, TypeError),
-    ],
+  "logits_shape,targets_shape,dtype,err",
+  [
+    ((2, 3, 5), (2, 4), jnp.float32, ValueError),  # leading dims differ
+    ((2, 3), (2, 3), jnp.float32, ValueError),  # missing V axis
+    ((2, 0), (2,), jnp.float32, ValueError),  # V = 0
+    ((2, 5), (2,), jnp.int32, TypeError),  # integer logits
+    ((2, 5), (2,), jnp.float64, TypeError),
+  ],
 )
 def test_bad_shapes_and_dtypes_raise(logits_shape, targets_shape, dtype, err):
   logits = jax.ShapeDtypeStruct(logits_shape, dtype)
@@ -176,7 +192,9 @@ def test_bad_temperature_shape_and_softcap_raise():
     lpk.token_logprobs(jnp.zeros((2, 4)), jnp.zeros((2,), jnp.int32), softcap=-1.0)
 
 
-@pytest.mark.parametrize("v,chunk", [(32000, 32000), (128256, 32064), (40000, 20000), (65537, 65537), (3, 3)])
+@pytest.mark.parametrize(
+  "v,chunk", [(32000, 32000), (128256, 32064), (40000, 20000), (65537, 65537), (3, 3)]
+)
 def test_chunk_choice_divides_vocab(v, chunk):
   assert ChunkConfig().chunk(v) == chunk
 

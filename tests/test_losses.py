@@ -12,9 +12,15 @@ def _scores(response_lp, response_tokens, prompt_lp=None, prompt_tokens=None):
   r = jnp.asarray(response_lp, jnp.float32)
   p = jnp.zeros_like(r) if prompt_lp is None else jnp.asarray(prompt_lp, jnp.float32)
   pt = jnp.zeros(r.shape, jnp.int32) if prompt_tokens is None else jnp.asarray(prompt_tokens)
-  return Scores(prompt_logprob=p, response_logprob=r, joint_logprob=p + r, prompt_tokens=pt,
-                response_tokens=jnp.asarray(response_tokens), response_greedy=jnp.zeros(r.shape, bool),
-                token_logprobs=jnp.zeros(r.shape + (1,)))
+  return Scores(
+    prompt_logprob=p,
+    response_logprob=r,
+    joint_logprob=p + r,
+    prompt_tokens=pt,
+    response_tokens=jnp.asarray(response_tokens),
+    response_greedy=jnp.zeros(r.shape, bool),
+    token_logprobs=jnp.zeros(r.shape + (1,)),
+  )
 
 
 def test_sft_normalisations():
@@ -45,7 +51,9 @@ def test_dpo_by_hand():
 
 
 def test_ipo_by_hand():
-  loss, _ = losses.ipo_loss(jnp.array([-5.0]), jnp.array([-7.0]), jnp.array([-6.0]), jnp.array([-6.5]), beta=0.25)
+  loss, _ = losses.ipo_loss(
+    jnp.array([-5.0]), jnp.array([-7.0]), jnp.array([-6.0]), jnp.array([-6.5]), beta=0.25
+  )
   np.testing.assert_allclose(loss, (1.5 - 2.0) ** 2, rtol=1e-6)
 
 
@@ -59,4 +67,6 @@ def test_simpo_by_hand():
 def test_z_loss():
   lse = jnp.array([1.0, 2.0, 3.0])
   np.testing.assert_allclose(losses.z_loss(lse, weight=1.0), 14 / 3)
-  np.testing.assert_allclose(losses.z_loss(lse, jnp.array([True, False, True]), weight=0.5), 0.5 * 10 / 2)
+  np.testing.assert_allclose(
+    losses.z_loss(lse, jnp.array([True, False, True]), weight=0.5), 0.5 * 10 / 2
+  )

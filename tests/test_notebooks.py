@@ -23,7 +23,9 @@ def test_notebook_runs(path):
     assert not cell.get("outputs"), f"{path.name} is committed with outputs"
   env_path = os.environ.get("PYTHONPATH", "")
   os.environ["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env_path}" if env_path else str(ROOT)
-  client = NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
+  client = NotebookClient(
+    nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+  )
   start = time.perf_counter()
   client.execute()
   print(f"{path.name}: {time.perf_counter() - start:.1f} s")

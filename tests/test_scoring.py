@@ -12,13 +12,13 @@ import lpkernel as lpk
 from lpkernel import reference, shapes
 from lpkernel.logprobs import ChunkConfig
 from tests.helpers import (
-    GRAD_TOLERANCES,
-    TOLERANCES,
-    assert_close,
-    oracle_score,
-    pad_rows,
-    random_logits,
-    random_tokens,
+  GRAD_TOLERANCES,
+  TOLERANCES,
+  assert_close,
+  oracle_score,
+  pad_rows,
+  random_logits,
+  random_tokens,
 )
 
 FLOAT_FIELDS = ("prompt_logprob", "response_logprob", "joint_logprob", "token_logprobs")
@@ -37,14 +37,23 @@ def _inputs(seed, b, t, v, dtype=jnp.float32):
 def _check(scores, expected, dtype=jnp.float32):
   tol = TOLERANCES[jnp.dtype(dtype)]
   for name in FLOAT_FIELDS:
-    assert_close(getattr(scores, name), expected[name] if isinstance(expected, dict) else getattr(expected, name),
-                 rtol=tol["rtol"], atol=1e-4, what=name)
+    assert_close(
+      getattr(scores, name),
+      expected[name] if isinstance(expected, dict) else getattr(expected, name),
+      rtol=tol["rtol"],
+      atol=1e-4,
+      what=name,
+    )
   for name in COUNT_FIELDS:
     want = expected[name] if isinstance(expected, dict) else getattr(expected, name)
-    np.testing.assert_array_equal(getattr(scores, name), np.asarray(want).astype(getattr(scores, name).dtype), err_msg=name)
+    np.testing.assert_array_equal(
+      getattr(scores, name), np.asarray(want).astype(getattr(scores, name).dtype), err_msg=name
+    )
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize(
+  "dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=lambda d: jnp.dtype(d).name
+)
 @pytest.mark.parametrize("b,t,v", [(2, 1, 5), (3, 6, 1), (2, 5, 3), (1, 3, 32003), (2, 9, 40)])
 def test_matches_reference_and_oracle(b, t, v, dtype):
   logits, tokens, response = _inputs(0, b, t, v, dtype)
@@ -54,11 +63,11 @@ def test_matches_reference_and_oracle(b, t, v, dtype):
 
 
 @given(
-    b=st.integers(1, 3),
-    t=st.integers(1, 12),
-    v=st.integers(1, 20),
-    left=st.booleans(),
-    seed=st.integers(0, 2**16),
+  b=st.integers(1, 3),
+  t=st.integers(1, 12),
+  v=st.integers(1, 20),
+  left=st.booleans(),
+  seed=st.integers(0, 2**16),
 )
 def test_padding_matches_oracle(b, t, v, left, seed):
   logits, tokens, response = _inputs(seed, b, t, v)
@@ -68,7 +77,9 @@ def test_padding_matches_oracle(b, t, v, left, seed):
   scores = lpk.score(logits, tokens, response, segment_ids=seg)
   _check(scores, oracle_score(logits, tokens, response, seg))
   _check(scores, reference.score(logits, tokens, response, segment_ids=seg))
-  np.testing.assert_array_equal(scores.joint_logprob, scores.prompt_logprob + scores.response_logprob)
+  np.testing.assert_array_equal(
+    scores.joint_logprob, scores.prompt_logprob + scores.response_logprob
+  )
 
 
 def _pack(pieces, t):
@@ -89,7 +100,11 @@ def _pack(pieces, t):
   return jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(response), jnp.asarray(seg)
 
 
-@given(lengths=st.lists(st.integers(1, 6), min_size=1, max_size=4), v=st.integers(1, 12), seed=st.integers(0, 999))
+@given(
+  lengths=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+  v=st.integers(1, 12),
+  seed=st.integers(0, 999),
+)
 def test_packing_invariance(lengths, v, seed):
   pieces = [_inputs(seed + i, 1, n, v) for i, n in enumerate(lengths)]
   t = sum(lengths) + 2  # trailing padding
@@ -97,11 +112,22 @@ def test_packing_invariance(lengths, v, seed):
   packed = lpk.score(logits, tokens, response, segment_ids=seg, num_segments=len(lengths) + 1)
   for i, piece in enumerate(pieces):
     alone = lpk.score(*piece)
-    for name in ("prompt_logprob", "response_logprob", "joint_logprob", "prompt_tokens", "response_tokens", "response_greedy"):
-      np.testing.assert_allclose(getattr(packed, name)[0, i], getattr(alone, name)[0], rtol=1e-6, atol=1e-6, err_msg=name)
+    for name in (
+      "prompt_logprob",
+      "response_logprob",
+      "joint_logprob",
+      "prompt_tokens",
+      "response_tokens",
+      "response_greedy",
+    ):
+      np.testing.assert_allclose(
+        getattr(packed, name)[0, i], getattr(alone, name)[0], rtol=1e-6, atol=1e-6, err_msg=name
+      )
   assert packed.prompt_tokens[0, -1] == 0 and packed.joint_logprob[0, -1] == 0
   per_row = lpk.score(logits, tokens, response, segment_ids=seg)
-  np.testing.assert_allclose(per_row.joint_logprob, packed.joint_logprob.sum(1), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    per_row.joint_logprob, packed.joint_logprob.sum(1), rtol=1e-5, atol=1e-5
+  )
 
 
 @given(seed=st.integers(0, 999))
@@ -109,7 +135,11 @@ def test_permuting_segments_permutes_scores(seed):
   pieces = [_inputs(seed + i, 1, n, 7) for i, n in enumerate((3, 5, 2))]
   a = lpk.score(*_pack(pieces, 10)[:3], segment_ids=_pack(pieces, 10)[3], num_segments=3)
   order = [2, 0, 1]
-  b = lpk.score(*_pack([pieces[i] for i in order], 10)[:3], segment_ids=_pack([pieces[i] for i in order], 10)[3], num_segments=3)
+  b = lpk.score(
+    *_pack([pieces[i] for i in order], 10)[:3],
+    segment_ids=_pack([pieces[i] for i in order], 10)[3],
+    num_segments=3,
+  )
   np.testing.assert_allclose(b.joint_logprob[0], a.joint_logprob[0, order], rtol=1e-6)
 
 
@@ -133,7 +163,9 @@ def test_gradients_match_reference(num_segments, dtype):
 def test_response_only_gradient_is_joint_minus_prompt():
   logits, tokens, response = _inputs(9, 2, 7, 11)
   g_resp = jax.grad(lambda x: lpk.score(x, tokens, response).response_logprob.sum())(logits)
-  g_diff = jax.grad(lambda x: (lambda s: (s.joint_logprob - s.prompt_logprob).sum())(lpk.score(x, tokens, response)))(logits)
+  g_diff = jax.grad(
+    lambda x: (lambda s: (s.joint_logprob - s.prompt_logprob).sum())(lpk.score(x, tokens, response))
+  )(logits)
   np.testing.assert_allclose(g_resp, g_diff, atol=1e-6)
   g_joint = jax.grad(lambda x: lpk.score(x, tokens, response).joint_logprob.sum())(logits)
   assert not np.allclose(g_resp, g_joint)
@@ -180,7 +212,9 @@ def test_out_of_range_token_poisons_only_its_sums():
 def test_invalid_segment_ids_poison_the_row(bad_seg, num_segments):
   logits, tokens, response = _inputs(13, 2, 5, 6)
   seg = jnp.array([[1, 1, 2, 2, 0], [1, 1, 1, 2, 2]]).at[0, 4].set(bad_seg)
-  s = jax.jit(lpk.score, static_argnames="num_segments")(logits, tokens, response, segment_ids=seg, num_segments=num_segments)
+  s = jax.jit(lpk.score, static_argnames="num_segments")(
+    logits, tokens, response, segment_ids=seg, num_segments=num_segments
+  )
   assert np.isnan(s.joint_logprob[0]).all() and np.isfinite(s.joint_logprob[1]).all()
 
 
@@ -201,23 +235,25 @@ def test_masked_positions_put_no_nan_into_gradients():
   logits, tokens, response = _inputs(15, 1, 6, 5)
   seg = jnp.array([[1, 1, 1, 1, 0, 0]])
   logits = logits.at[0, 4:].set(jnp.nan)  # garbage logits under padding
-  g = jax.grad(lambda x: lpk.score(x, tokens, response, segment_ids=seg).joint_logprob.sum())(logits)
+  g = jax.grad(lambda x: lpk.score(x, tokens, response, segment_ids=seg).joint_logprob.sum())(
+    logits
+  )
   assert np.isfinite(g).all()
 
 
 @pytest.mark.parametrize(
-    "kwargs,err,match",
-    [
-        (dict(logits=(2, 5), tokens=(2, 5)), ValueError, "logits"),
-        (dict(logits=(2, 5, 3), tokens=(2, 4)), ValueError, "T=5"),
-        (dict(logits=(3, 5, 3), tokens=(2, 5)), ValueError, "B=3"),
-        (dict(mask=(2,)), ValueError, "response_mask"),
-        (dict(mask=(2, 4)), ValueError, "response_mask"),
-        (dict(seg=(2, 4)), ValueError, "segment_ids"),
-        (dict(tokens_dtype=jnp.float32), TypeError, "tokens"),
-        (dict(seg_dtype=jnp.float32), TypeError, "segment_ids"),
-        (dict(num_segments=0), ValueError, "num_segments"),
-    ],
+  "kwargs,err,match",
+  [
+    (dict(logits=(2, 5), tokens=(2, 5)), ValueError, "logits"),
+    (dict(logits=(2, 5, 3), tokens=(2, 4)), ValueError, "T=5"),
+    (dict(logits=(3, 5, 3), tokens=(2, 5)), ValueError, "B=3"),
+    (dict(mask=(2,)), ValueError, "response_mask"),
+    (dict(mask=(2, 4)), ValueError, "response_mask"),
+    (dict(seg=(2, 4)), ValueError, "segment_ids"),
+    (dict(tokens_dtype=jnp.float32), TypeError, "tokens"),
+    (dict(seg_dtype=jnp.float32), TypeError, "segment_ids"),
+    (dict(num_segments=0), ValueError, "num_segments"),
+  ],
 )
 def test_bad_shapes_raise_naming_the_dimension(kwargs, err, match):
   logits = jnp.zeros(kwargs.get("logits", (2, 5, 3)))
@@ -277,7 +313,7 @@ def test_no_logits_sized_temporaries(dtype, with_grad):
   stats = jax.jit(fn).lower(logits, tokens, mask).compile().memory_analysis()
   logits_bytes = b * t * v * jnp.dtype(dtype).itemsize
   assert stats.temp_size_in_bytes < 0.10 * logits_bytes, (
-      f"temporaries {stats.temp_size_in_bytes / 1e6:.1f} MB vs logits {logits_bytes / 1e6:.1f} MB"
+    f"temporaries {stats.temp_size_in_bytes / 1e6:.1f} MB vs logits {logits_bytes / 1e6:.1f} MB"
   )
   if with_grad:  # the gradient itself is the output, in the logits' dtype
     assert stats.output_size_in_bytes == logits_bytes
@@ -287,7 +323,12 @@ def test_reference_does_materialise():
   """The memory test can fail: the plain reference builds a [B, T, V] float32 log-softmax."""
   logits = jax.ShapeDtypeStruct((2, 64, 1000), jnp.float32)
   rows = jax.ShapeDtypeStruct((2, 64), jnp.int32)
-  stats = jax.jit(lambda x, t: reference.score(x, t, t > 0).joint_logprob.sum()).lower(logits, rows).compile().memory_analysis()
+  stats = (
+    jax.jit(lambda x, t: reference.score(x, t, t > 0).joint_logprob.sum())
+    .lower(logits, rows)
+    .compile()
+    .memory_analysis()
+  )
   assert stats.temp_size_in_bytes >= 2 * 64 * 1000 * 4 * 0.9
 
 

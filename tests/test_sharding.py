@@ -15,7 +15,9 @@ from lpkernel.losses import dpo_loss, sft_loss
 
 B, T, V, D = 4, 6, 32, 8
 
-pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py sets them)")
+pytestmark = pytest.mark.skipif(
+  jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py sets them)"
+)
 
 
 @pytest.fixture(scope="module", params=[(2, 4), (1, 8)], ids=["2x4", "1x8"])
@@ -40,7 +42,9 @@ def _put(mesh, x, *spec):
 
 def _assert_scores_close(a, b):
   for name in ("prompt_logprob", "response_logprob", "joint_logprob", "token_logprobs"):
-    np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-5, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(
+      getattr(a, name), getattr(b, name), rtol=1e-5, atol=1e-5, err_msg=name
+    )
   for name in ("prompt_tokens", "response_tokens", "response_greedy"):
     np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
 
@@ -55,8 +59,15 @@ def test_jit_with_named_sharding_matches_one_device(mesh):
     a = lpk.score(x, t, r, segment_ids=s, num_segments=3)
     b = lpk.score_hidden(h, unembed, t, r, segment_ids=s)
     lp = lpk.token_logprobs(x, t)
-    loss = sft_loss(a) + dpo_loss(b.response_logprob[:2], b.response_logprob[2:],
-                                  b.response_logprob[2:], b.response_logprob[:2])[0]
+    loss = (
+      sft_loss(a)
+      + dpo_loss(
+        b.response_logprob[:2],
+        b.response_logprob[2:],
+        b.response_logprob[2:],
+        b.response_logprob[:2],
+      )[0]
+    )
     return a, b, lp, loss
 
   got = run(xs, ts, rs, ss, hs)
@@ -76,11 +87,25 @@ def test_vocab_parallel_logits_values_and_grads(mesh, num_segments):
   tau = jnp.array([[0.5], [1.0], [1.5], [2.0]])
 
   def loss(fn, x, tau, **kw):
-    s = fn(x, tokens, response, segment_ids=seg, num_segments=num_segments, temperature=tau, softcap=5.0, **kw)
+    s = fn(
+      x,
+      tokens,
+      response,
+      segment_ids=seg,
+      num_segments=num_segments,
+      temperature=tau,
+      softcap=5.0,
+      **kw,
+    )
     return jnp.sum(s.response_logprob) + 0.3 * jnp.sum(s.prompt_logprob), s
 
-  vp = jax.jit(jax.value_and_grad(lambda x, tau: loss(sharding.vocab_parallel_score, x, tau, mesh=mesh, batch_axis="data"),
-                                  argnums=(0, 1), has_aux=True))
+  vp = jax.jit(
+    jax.value_and_grad(
+      lambda x, tau: loss(sharding.vocab_parallel_score, x, tau, mesh=mesh, batch_axis="data"),
+      argnums=(0, 1),
+      has_aux=True,
+    )
+  )
   ref = jax.value_and_grad(lambda x, tau: loss(lpk.score, x, tau), argnums=(0, 1), has_aux=True)
   (v1, s1), (gx1, gt1) = vp(xs, tau)
   (v2, s2), (gx2, gt2) = ref(logits, tau)
@@ -100,16 +125,24 @@ def test_vocab_parallel_fused_values_and_grads(mesh):
     s = fn(h, w, tokens, response, segment_ids=seg, config=config, **kw)
     return jnp.sum(s.joint_logprob), s
 
-  vp = jax.jit(jax.value_and_grad(lambda h, w: loss(sharding.vocab_parallel_score_hidden, h, w, mesh=mesh,
-                                                    batch_axis="data"), argnums=(0, 1), has_aux=True))
+  vp = jax.jit(
+    jax.value_and_grad(
+      lambda h, w: loss(sharding.vocab_parallel_score_hidden, h, w, mesh=mesh, batch_axis="data"),
+      argnums=(0, 1),
+      has_aux=True,
+    )
+  )
   (v1, s1), (gh1, gw1) = vp(hs, ws)
-  (v2, s2), (gh2, gw2) = jax.value_and_grad(lambda h, w: loss(lpk.score_hidden, h, w), argnums=(0, 1),
-                                            has_aux=True)(hidden, unembed)
+  (v2, s2), (gh2, gw2) = jax.value_and_grad(
+    lambda h, w: loss(lpk.score_hidden, h, w), argnums=(0, 1), has_aux=True
+  )(hidden, unembed)
   _assert_scores_close(s1, s2)
   np.testing.assert_allclose(gh1, gh2, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(gw1, gw2, rtol=1e-5, atol=1e-6)
 
-  stats = jax.jit(lambda h, w: sharding.vocab_parallel_fused_token_stats(h, w, tokens, mesh, batch_axis="data"))(hs, ws)
+  stats = jax.jit(
+    lambda h, w: sharding.vocab_parallel_fused_token_stats(h, w, tokens, mesh, batch_axis="data")
+  )(hs, ws)
   want = lpk.fused_token_stats(hidden, unembed, tokens)
   np.testing.assert_allclose(stats.entropy, want.entropy, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(stats.lse, want.lse, rtol=1e-6, atol=1e-6)
@@ -119,17 +152,22 @@ def test_vocab_parallel_out_of_range_ids_are_nan(mesh):
   logits, tokens, _, _, _, _ = _inputs(3)
   tokens = tokens.at[0, 1].set(V).at[1, 2].set(-1)
   xs = _put(mesh, logits, "data", None, "model")
-  lp, _ = jax.jit(lambda x: sharding.vocab_parallel_token_logprobs_and_greedy(x, tokens, mesh, batch_axis="data"))(xs)
+  lp, _ = jax.jit(
+    lambda x: sharding.vocab_parallel_token_logprobs_and_greedy(x, tokens, mesh, batch_axis="data")
+  )(xs)
   assert np.isnan(lp[0, 1]) and np.isnan(lp[1, 2])
   assert np.isfinite(np.delete(np.asarray(lp).ravel(), [1, 8])).all()
 
 
 def test_vocab_must_divide_the_model_axis(mesh):
   with pytest.raises(ValueError, match="must divide"):
-    sharding.vocab_parallel_token_logprobs_and_greedy(jnp.zeros((4, 30)), jnp.zeros(4, jnp.int32), mesh)
+    sharding.vocab_parallel_token_logprobs_and_greedy(
+      jnp.zeros((4, 30)), jnp.zeros(4, jnp.int32), mesh
+    )
 
 
-_COLLECTIVE = re.compile(r"= \(?([a-z0-9]+)\[([\d,]*)\][^=]*? (all-gather|all-to-all|all-reduce|reduce-scatter|collective-permute)(-start)?\(")
+_KINDS = "all-gather|all-to-all|all-reduce|reduce-scatter|collective-permute"
+_COLLECTIVE = re.compile(r"= \(?([a-z0-9]+)\[([\d,]*)\][^=]*? (" + _KINDS + r")(-start)?\(")
 _BYTES = {"f32": 4, "bf16": 2, "s32": 4, "pred": 1, "f16": 2, "u32": 4}
 
 
@@ -151,16 +189,26 @@ def test_hlo_never_gathers_the_vocabulary_and_moves_16_bytes_per_token(path, wit
   unembed = jnp.zeros((D, v))
   if path == "logits":
     args = (_put(mesh, logits, "data", None, "model"),)
-    fn = lambda x: sharding.vocab_parallel_score(x, tokens, response, mesh, batch_axis="data").joint_logprob.sum()
+    fn = lambda x: sharding.vocab_parallel_score(
+      x, tokens, response, mesh, batch_axis="data"
+    ).joint_logprob.sum()
   else:
     args = (_put(mesh, hidden, "data"), _put(mesh, unembed, None, "model"))
-    fn = lambda h, w: sharding.vocab_parallel_score_hidden(h, w, tokens, response, mesh, batch_axis="data").joint_logprob.sum()
+    fn = lambda h, w: sharding.vocab_parallel_score_hidden(
+      h, w, tokens, response, mesh, batch_axis="data"
+    ).joint_logprob.sum()
   if with_grad:
     fn = jax.grad(fn, argnums=tuple(range(len(args))))
   hlo = jax.jit(fn).lower(*args).compile().as_text()
   found = collectives(hlo)
   for kind, _, shape in found:
-    assert not (kind in ("all-gather", "all-to-all") and any(d >= v // 4 for d in shape)), (kind, shape)
-  per_token = sum(np.prod(shape) * _BYTES[dtype] for kind, dtype, shape in found
-                  if kind == "all-reduce" and shape and shape[-1] == n_local)
+    assert not (kind in ("all-gather", "all-to-all") and any(d >= v // 4 for d in shape)), (
+      kind,
+      shape,
+    )
+  per_token = sum(
+    np.prod(shape) * _BYTES[dtype]
+    for kind, dtype, shape in found
+    if kind == "all-reduce" and shape and shape[-1] == n_local
+  )
   assert per_token == 16 * n_local, found

@@ -10,12 +10,12 @@ from lpkernel.flax.model import attention_mask as attention_mask
 from lpkernel.flax.model import packed_positions as packed_positions
 
 __all__ = [
-    "TinyLM",
-    "TinyLMConfig",
-    "attention_mask",
-    "loglikelihood",
-    "packed_positions",
-    "score_linen",
-    "score_model",
-    "scores_from_output",
+  "TinyLM",
+  "TinyLMConfig",
+  "attention_mask",
+  "loglikelihood",
+  "packed_positions",
+  "score_linen",
+  "score_model",
+  "scores_from_output",
 ]

@@ -50,8 +50,16 @@ def scores_from_output(output, tokens, response_mask, **score_kwargs) -> Scores:
   raise TypeError(f"model output must be logits or (hidden, unembed), got {type(output).__name__}")
 
 
-def score_model(model, tokens, response_mask, *, segment_ids=None, num_segments=None,
-                fused: bool = False, **score_kwargs) -> Scores:
+def score_model(
+  model,
+  tokens,
+  response_mask,
+  *,
+  segment_ids=None,
+  num_segments=None,
+  fused: bool = False,
+  **score_kwargs,
+) -> Scores:
   """Scores rows with an ``nnx.Module`` (or any callable ``model(tokens, ...)``).
 
   Args:
@@ -62,12 +70,22 @@ def score_model(model, tokens, response_mask, *, segment_ids=None, num_segments=
     **score_kwargs: ``temperature``, ``softcap``, tiling configs.
   """
   out = model(tokens, **_model_kwargs(model, segment_ids, fused))
-  return scores_from_output(out, tokens, response_mask, segment_ids=segment_ids,
-                            num_segments=num_segments, **score_kwargs)
+  return scores_from_output(
+    out, tokens, response_mask, segment_ids=segment_ids, num_segments=num_segments, **score_kwargs
+  )
 
 
-def score_linen(apply_fn, variables, tokens, response_mask, *, segment_ids=None,
-                num_segments=None, fused: bool = False, **score_kwargs) -> Scores:
+def score_linen(
+  apply_fn,
+  variables,
+  tokens,
+  response_mask,
+  *,
+  segment_ids=None,
+  num_segments=None,
+  fused: bool = False,
+  **score_kwargs,
+) -> Scores:
   """Scores rows with a linen module: ``apply_fn(variables, tokens, ...)``.
 
   ``apply_fn`` is usually ``module.apply``; keywords are passed as for
@@ -78,5 +96,6 @@ def score_linen(apply_fn, variables, tokens, response_mask, *, segment_ids=None,
   target = module.__call__ if isinstance(module, linen.Module) else apply_fn
   kwargs = _model_kwargs(target, segment_ids, fused)
   out = apply_fn(variables, tokens, **kwargs)
-  return scores_from_output(out, tokens, response_mask, segment_ids=segment_ids,
-                            num_segments=num_segments, **score_kwargs)
+  return scores_from_output(
+    out, tokens, response_mask, segment_ids=segment_ids, num_segments=num_segments, **score_kwargs
+  )

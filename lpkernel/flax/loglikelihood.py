@@ -28,9 +28,9 @@ def _window(context, continuation, max_length, prefix_token):
     context = [prefix_token]
   if len(continuation) > max_length:
     raise ValueError(
-        f"continuation of {len(continuation)} tokens is longer than {max_length=}: it would be cut"
+      f"continuation of {len(continuation)} tokens is longer than {max_length=}: it would be cut"
     )
-  return (context + continuation)[-(max_length + 1):], len(continuation)
+  return (context + continuation)[-(max_length + 1) :], len(continuation)
 
 
 def pack_requests(windows: Sequence[tuple[list[int], int]], row_length: int, pack: bool = True):
@@ -54,9 +54,17 @@ def pack_requests(windows: Sequence[tuple[list[int], int]], row_length: int, pac
   return rows
 
 
-def loglikelihood(model, requests, *, max_length: int, batch_size: int = 8,
-                  prefix_token: int | None = None, pack: bool = True, pad_token: int = 0,
-                  fused: bool = False) -> list[tuple[float, bool]]:
+def loglikelihood(
+  model,
+  requests,
+  *,
+  max_length: int,
+  batch_size: int = 8,
+  prefix_token: int | None = None,
+  pack: bool = True,
+  pad_token: int = 0,
+  fused: bool = False,
+) -> list[tuple[float, bool]]:
   """``log Pr(continuation | context)`` and greedy flags, in request order.
 
   Args:
@@ -91,9 +99,9 @@ def loglikelihood(model, requests, *, max_length: int, batch_size: int = 8,
     pos = 0
     for s, i in enumerate(members, start=1):
       toks, n_cont = windows[i]
-      tokens[r, pos:pos + len(toks)] = toks
-      seg[r, pos:pos + len(toks)] = s
-      response[r, pos + len(toks) - n_cont:pos + len(toks)] = True
+      tokens[r, pos : pos + len(toks)] = toks
+      seg[r, pos : pos + len(toks)] = s
+      response[r, pos + len(toks) - n_cont : pos + len(toks)] = True
       place[i] = (r, s - 1)
       pos += len(toks)
 

@@ -29,7 +29,8 @@ def packed_positions(segment_ids: jax.Array) -> jax.Array:
   t = segment_ids.shape[1]
   idx = jnp.arange(t)[None, :]
   starts = jnp.concatenate(
-      [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+  )
   last_start = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
   return (idx - last_start).astype(jnp.int32)
 
@@ -49,7 +50,8 @@ class Block(nnx.Module):
   def __init__(self, cfg: TinyLMConfig, rngs: nnx.Rngs):
     self.norm1 = nnx.RMSNorm(cfg.width, rngs=rngs)
     self.attn = nnx.MultiHeadAttention(
-        num_heads=cfg.num_heads, in_features=cfg.width, decode=False, rngs=rngs)
+      num_heads=cfg.num_heads, in_features=cfg.width, decode=False, rngs=rngs
+    )
     self.norm2 = nnx.RMSNorm(cfg.width, rngs=rngs)
     self.up = nnx.Linear(cfg.width, cfg.mlp_ratio * cfg.width, rngs=rngs)
     self.down = nnx.Linear(cfg.mlp_ratio * cfg.width, cfg.width, rngs=rngs)

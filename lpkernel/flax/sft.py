@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 
-
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -45,19 +44,31 @@ class InstructionTask:
     y = 2 + (x[:, ::-1] - 2 + 1) % self.alphabet
     tokens = np.concatenate([np.full((n, 1), BOS), x, np.full((n, 1), SEP), y], axis=1)
     response = np.zeros_like(tokens, bool)
-    response[:, 2 + self.prompt_length:] = True
+    response[:, 2 + self.prompt_length :] = True
     return jnp.asarray(tokens, jnp.int32), jnp.asarray(response)
 
 
 def mean_logprobs(model, tokens, response) -> dict[str, float]:
   """Mean ``log Pr(x)`` and ``log Pr(y | x)`` per sequence."""
   s = score_model(model, tokens, response)
-  return {"log Pr(x)": float(jnp.mean(s.prompt_logprob)),
-          "log Pr(y|x)": float(jnp.mean(s.response_logprob))}
+  return {
+    "log Pr(x)": float(jnp.mean(s.prompt_logprob)),
+    "log Pr(y|x)": float(jnp.mean(s.response_logprob)),
+  }
 
 
-def train_sft(model, task: InstructionTask, *, steps: int, response_only: bool, batch: int = 32,
-              learning_rate: float = 3e-3, seed: int = 0, eval_every: int = 10, eval_size: int = 128):
+def train_sft(
+  model,
+  task: InstructionTask,
+  *,
+  steps: int,
+  response_only: bool,
+  batch: int = 32,
+  learning_rate: float = 3e-3,
+  seed: int = 0,
+  eval_every: int = 10,
+  eval_size: int = 128,
+):
   """Trains ``model`` in place with AdamW; returns the held-out history.
 
   Returns:
@@ -80,8 +91,13 @@ def train_sft(model, task: InstructionTask, *, steps: int, response_only: bool, 
 
   def record(i):
     s = evaluate(model, *held_out)
-    history.append({"step": i, "log Pr(x)": float(jnp.mean(s.prompt_logprob)),
-                    "log Pr(y|x)": float(jnp.mean(s.response_logprob))})
+    history.append(
+      {
+        "step": i,
+        "log Pr(x)": float(jnp.mean(s.prompt_logprob)),
+        "log Pr(y|x)": float(jnp.mean(s.response_logprob)),
+      }
+    )
 
   record(0)
   for i in range(1, steps + 1):
@@ -89,5 +105,3 @@ def train_sft(model, task: InstructionTask, *, steps: int, response_only: bool, 
     if i % eval_every == 0 or i == steps:
       record(i)
   return history
-
-
