@@ -72,10 +72,14 @@ def _run_here(args) -> list[dict]:
   return results
 
 
-def _run_child_with(preload: str, argv: list[str]) -> list[dict]:
+def _run_child(preload: str | None, argv: list[str]) -> list[dict]:
+  """Runs the suite in a fresh process (with ``preload`` as LD_PRELOAD) and reads its rows."""
   with tempfile.TemporaryDirectory() as tmp:
     raw = Path(tmp) / "raw.json"
-    env = dict(os.environ, LD_PRELOAD=preload)
+    env = dict(os.environ)
+    env.pop("LD_PRELOAD", None)
+    if preload:
+      env["LD_PRELOAD"] = preload
     cmd = [
       sys.executable,
       "-m",
@@ -90,22 +94,30 @@ def _run_child_with(preload: str, argv: list[str]) -> list[dict]:
     return json.loads(raw.read_text())
 
 
+def _both_allocators(args) -> bool:
+  return (
+    args.allocator == "both" and jax.default_backend() == "cpu" and current_allocator() == "default"
+  )
+
+
 def main(argv=None) -> dict:
   argv = sys.argv[1:] if argv is None else argv
   args = parse_args(argv)
-  results = _run_here(args)
-  if args.raw_json:
-    args.raw_json.write_text(json.dumps(results))
-    return {}
   tcmalloc = find_tcmalloc()
-  if (
-    args.allocator == "both" and jax.default_backend() == "cpu" and current_allocator() == "default"
-  ):
-    if tcmalloc:
-      print(f"rerunning under tcmalloc ({tcmalloc})", flush=True)
-      results += _run_child_with(tcmalloc, [a for a in argv if a not in ("--allocator", "both")])
-    else:
+  if args.raw_json or not _both_allocators(args) or not tcmalloc:
+    if not args.raw_json and _both_allocators(args):
       print("tcmalloc not found (apt-get install libtcmalloc-minimal4): default allocator only")
+    results = _run_here(args)
+    if args.raw_json:
+      args.raw_json.write_text(json.dumps(results))
+      return {}
+  else:
+    # One fresh process per allocator: neither run inherits the other's heap
+    # (the largest rows hold several GB, and tcmalloc keeps what it frees).
+    child_argv = [a for a in argv if a not in ("--allocator", "both")]
+    results = _run_child(None, child_argv)
+    print(f"rerunning under tcmalloc ({tcmalloc})", flush=True)
+    results += _run_child(tcmalloc, child_argv)
   meta = report.metadata(args.suite, args.repeats, sorted({r["allocator"] for r in results}))
   stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
   stem = args.out / f"{meta['backend']}-{stamp}"
