@@ -56,12 +56,14 @@ def parse_args(argv=None):
   p.add_argument("--no-progress", action="store_true")
   p.add_argument("--no-plot", action="store_true")
   p.add_argument("--raw-json", type=Path, help=argparse.SUPPRESS)  # child runs write here
+  p.add_argument("--case", type=int, help=argparse.SUPPRESS)  # child runs: one case of the suite
   return p.parse_args(argv)
 
 
 def _run_here(args) -> list[dict]:
+  cases = SUITES[args.suite]
   results = run_suite(
-    SUITES[args.suite],
+    cases if args.case is None else [cases[args.case]],
     methods_lib.by_name(args.methods),
     tuple(args.passes),
     args.repeats,
@@ -94,6 +96,14 @@ def _run_child(preload: str | None, argv: list[str]) -> list[dict]:
     return json.loads(raw.read_text())
 
 
+def _progress(items, show: bool):
+  if not show:
+    return items
+  from tqdm.auto import tqdm
+
+  return tqdm(items, desc="benchmarks (case, allocator)", unit="case")
+
+
 def _both_allocators(args) -> bool:
   return (
     args.allocator == "both" and jax.default_backend() == "cpu" and current_allocator() == "default"
@@ -112,12 +122,15 @@ def main(argv=None) -> dict:
       args.raw_json.write_text(json.dumps(results))
       return {}
   else:
-    # One fresh process per allocator: neither run inherits the other's heap
-    # (the largest rows hold several GB, and tcmalloc keeps what it frees).
-    child_argv = [a for a in argv if a not in ("--allocator", "both")]
-    results = _run_child(None, child_argv)
-    print(f"rerunning under tcmalloc ({tcmalloc})", flush=True)
-    results += _run_child(tcmalloc, child_argv)
+    # One fresh process per case and allocator: no run inherits another's heap
+    # (the largest rows hold several GB, and tcmalloc keeps what it frees; a
+    # whole suite in one tcmalloc process was OOM-killed at 24 GB here).
+    child_argv = [a for a in argv if a not in ("--allocator", "both")] + ["--no-progress"]
+    runs = [(alloc, i) for alloc in (None, tcmalloc) for i in range(len(SUITES[args.suite]))]
+    print(f"each case runs under the default allocator, then tcmalloc ({tcmalloc})", flush=True)
+    results = []
+    for alloc, i in _progress(runs, not args.no_progress):
+      results += _run_child(alloc, child_argv + ["--case", str(i)])
   meta = report.metadata(args.suite, args.repeats, sorted({r["allocator"] for r in results}))
   stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
   stem = args.out / f"{meta['backend']}-{stamp}"
