@@ -40,6 +40,13 @@ from lpkernel.scoring import Scores, row_layout, sum_scores
 _F32 = jnp.float32
 
 
+def _check_vocab_divides(vocab_size: int, mesh: Mesh, model_axis: str) -> None:
+  if vocab_size % mesh.shape[model_axis]:
+    raise ValueError(
+      f"{vocab_size=} must divide by the {model_axis!r} axis size {mesh.shape[model_axis]}"
+    )
+
+
 def _block_offset(axis: str, block: int):
   return lax.axis_index(axis) * block
 
@@ -121,10 +128,7 @@ def vocab_parallel_token_logprobs_and_greedy(
   checks.check_logits_and_targets(logits, targets)
   checks.check_softcap(softcap)
   batch_shape, v = targets.shape, logits.shape[-1]
-  if v % mesh.shape[model_axis]:
-    raise ValueError(
-      f"vocab_size={v} must divide by the {model_axis!r} axis size {mesh.shape[model_axis]}"
-    )
+  _check_vocab_divides(v, mesh, model_axis)
   tau = lp_lib._temperature_rows(temperature, batch_shape)
   x = logits.reshape(-1, v)
   t = targets.reshape(-1).astype(jnp.int32)
@@ -159,23 +163,16 @@ def vocab_parallel_score(
   """``score`` for ``logits [B, T, V]`` sharded as ``P(batch_axis, None, model_axis)``."""
   checks.check_score_shapes(logits, tokens, response_mask, segment_ids, num_segments)
   layout = row_layout(tokens, response_mask, segment_ids, num_segments)
-  b, t, v = logits.shape
   lp, greedy = vocab_parallel_token_logprobs_and_greedy(
-    logits.reshape(b * t, v),
-    layout.targets.reshape(-1),
+    logits,
+    layout.targets,
     mesh,
     model_axis=model_axis,
     batch_axis=batch_axis,
-    temperature=_rows_temperature(temperature, (b, t)),
+    temperature=temperature,
     softcap=softcap,
   )
-  return sum_scores(lp.reshape(b, t), greedy.reshape(b, t), layout, num_segments)
-
-
-def _rows_temperature(temperature, shape):
-  if isinstance(temperature, (int, float)):
-    return temperature
-  return jnp.broadcast_to(jnp.asarray(temperature, _F32), shape).reshape(-1)
+  return sum_scores(lp, greedy, layout, num_segments)
 
 
 # --- unembedding sharded along V (fused) ----------------------------------------
@@ -232,10 +229,7 @@ def vocab_parallel_fused_token_stats(
   fused_lib._check_fused(hidden, unembed, targets)
   checks.check_softcap(softcap)
   v = unembed.shape[1]
-  if v % mesh.shape[model_axis]:
-    raise ValueError(
-      f"vocab_size={v} must divide by the {model_axis!r} axis size {mesh.shape[model_axis]}"
-    )
+  _check_vocab_divides(v, mesh, model_axis)
   batch_shape = targets.shape
   tau = lp_lib._temperature_rows(temperature, batch_shape)
   h = hidden.reshape(-1, hidden.shape[-1])
@@ -275,16 +269,15 @@ def vocab_parallel_score_hidden(
   checks.check_same_dims("hidden", hidden.shape, "tokens", tokens.shape)
   checks.check_rows(tokens, response_mask, segment_ids, num_segments)
   layout = row_layout(tokens, response_mask, segment_ids, num_segments)
-  b, t, d = hidden.shape
   stats = vocab_parallel_fused_token_stats(
-    hidden.reshape(b * t, d),
+    hidden,
     unembed,
-    layout.targets.reshape(-1),
+    layout.targets,
     mesh,
     model_axis=model_axis,
     batch_axis=batch_axis,
-    temperature=_rows_temperature(temperature, (b, t)),
+    temperature=temperature,
     softcap=softcap,
     config=config,
   )
-  return sum_scores(stats.logprobs.reshape(b, t), stats.greedy.reshape(b, t), layout, num_segments)
+  return sum_scores(stats.logprobs, stats.greedy, layout, num_segments)

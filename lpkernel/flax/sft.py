@@ -48,15 +48,6 @@ class InstructionTask:
     return jnp.asarray(tokens, jnp.int32), jnp.asarray(response)
 
 
-def mean_logprobs(model, tokens, response) -> dict[str, float]:
-  """Mean ``log Pr(x)`` and ``log Pr(y | x)`` per sequence."""
-  s = score_model(model, tokens, response)
-  return {
-    "log Pr(x)": float(jnp.mean(s.prompt_logprob)),
-    "log Pr(y|x)": float(jnp.mean(s.response_logprob)),
-  }
-
-
 def train_sft(
   model,
   task: InstructionTask,
