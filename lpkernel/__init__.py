@@ -1,37 +1,45 @@
 """lpkernel: chain-rule log-probabilities of token sequences in JAX."""
 
 from lpkernel import losses as losses
+from lpkernel import ops as ops
 from lpkernel import reference as reference
 from lpkernel.checks import check_chain_rule as check_chain_rule
 from lpkernel.checks import check_inputs as check_inputs
 from lpkernel.checks import checkify_inputs as checkify_inputs
-from lpkernel.fused import FusedConfig as FusedConfig
 from lpkernel.fused import TokenStats as TokenStats
 from lpkernel.fused import fused_token_logprobs as fused_token_logprobs
 from lpkernel.fused import fused_token_stats as fused_token_stats
-from lpkernel.fused import score_hidden as score_hidden
-from lpkernel.logprobs import ChunkConfig as ChunkConfig
 from lpkernel.logprobs import token_logprobs as token_logprobs
 from lpkernel.logprobs import token_logprobs_and_greedy as token_logprobs_and_greedy
+from lpkernel.ops import ChunkConfig as ChunkConfig
+from lpkernel.ops import FusedConfig as FusedConfig
+from lpkernel.ops import PallasGpuLogits as PallasGpuLogits
+from lpkernel.ops import XlaFused as XlaFused
+from lpkernel.ops import XlaLogits as XlaLogits
 from lpkernel.scoring import Scores as Scores
 from lpkernel.scoring import score as score
+from lpkernel.scoring import score_hidden as score_hidden
 
 __version__ = "0.1.0"
 
 __all__ = [
   "ChunkConfig",
   "FusedConfig",
-  "TokenStats",
-  "fused_token_logprobs",
-  "losses",
-  "fused_token_stats",
-  "score_hidden",
+  "PallasGpuLogits",
   "Scores",
+  "TokenStats",
+  "XlaFused",
+  "XlaLogits",
   "check_chain_rule",
   "check_inputs",
   "checkify_inputs",
+  "fused_token_logprobs",
+  "fused_token_stats",
+  "losses",
+  "ops",
   "reference",
   "score",
+  "score_hidden",
   "token_logprobs",
   "token_logprobs_and_greedy",
 ]

@@ -6,15 +6,48 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
 LOGIT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+_INT32_MAX = np.iinfo(np.int32).max
 
 
 def _is_int(x) -> bool:
   return jnp.issubdtype(x.dtype, jnp.integer)
+
+
+def as_array(name: str, x):
+  """``x`` as an array: JAX and NumPy arrays (and shape structs) pass; Python
+  lists and tuples become NumPy arrays; anything else is a ``TypeError``."""
+  if isinstance(x, (list, tuple)):
+    x = np.asarray(x)
+    if x.dtype == object:
+      raise TypeError(f"{name} must be a rectangular array, got a ragged {type(x).__name__}")
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise TypeError(f"{name} must be an array (jax.Array, numpy.ndarray or a list), got {type(x)}")
+  return x
+
+
+def as_ids(name: str, x, *, fill: int = -1):
+  """Integer ids as int32, range-checked *before* the cast.
+
+  An id that does not fit in int32 (a 64-bit NumPy array, or a 64-bit JAX
+  array under ``jax_enable_x64``) becomes ``fill`` (-1: out of range for every
+  vocabulary and invalid as a segment id), never wraps around (``2**32 + 3``
+  is not 3). Non-integer ids raise ``TypeError``.
+  """
+  x = as_array(name, x)
+  check_int(name, x)
+  if np.dtype(x.dtype).itemsize < 4 or x.dtype == np.int32:
+    return x if x.dtype == np.int32 else (x.astype(np.int32) if isinstance(x, np.ndarray) else x)
+  xp = np if isinstance(x, (np.ndarray, np.generic)) else jnp
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(x.shape, jnp.int32)
+  fits = x <= _INT32_MAX if np.dtype(x.dtype).kind == "u" else (x >= -_INT32_MAX) & (x <= _INT32_MAX)
+  return xp.where(fits, x, fill).astype(xp.int32)
 
 
 def check_float_logits(name: str, x) -> None:
@@ -41,12 +74,56 @@ def check_logits_and_targets(logits, targets) -> None:
       f"logits leading dims {logits.shape[:-1]} must equal targets.shape={targets.shape}"
     )
   if logits.shape[-1] < 1:
-    raise ValueError(f"vocab_size={logits.shape[-1]} must be at least 1")
+    raise ValueError(f"vocab_size V={logits.shape[-1]} must be at least 1")
+
+
+def check_fused(hidden, unembed, targets) -> None:
+  """``hidden[..., D]`` and ``unembed[D, V]`` against ``targets[...]``."""
+  check_float_logits("hidden", hidden)
+  check_float_logits("unembed", unembed)
+  check_int("targets", targets)
+  if unembed.ndim != 2:
+    raise ValueError(f"unembed must be [D, V], got {unembed.shape=}")
+  if hidden.dtype != unembed.dtype:
+    raise TypeError(f"hidden.dtype={hidden.dtype} and unembed.dtype={unembed.dtype} must match")
+  if hidden.shape[-1] != unembed.shape[0]:
+    hint = (
+      " (a tied embedding table [V, D] is unembed.T)" if hidden.shape[-1] == unembed.shape[1] else ""
+    )
+    raise ValueError(f"hidden has D={hidden.shape[-1]} but unembed has D={unembed.shape[0]}{hint}")
+  if hidden.shape[-1] < 1:
+    raise ValueError(f"model width D={hidden.shape[-1]} must be at least 1")
+  if hidden.shape[:-1] != targets.shape:
+    raise ValueError(f"hidden leading dims {hidden.shape[:-1]} must equal {targets.shape=}")
+  if unembed.shape[1] < 1:
+    raise ValueError(f"vocab_size V={unembed.shape[1]} must be at least 1")
+
+
+def _positive_finite_number(x) -> bool:
+  return isinstance(x, (int, float, np.integer, np.floating)) and bool(np.isfinite(x) and x > 0)
 
 
 def check_softcap(softcap) -> None:
-  if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
-    raise ValueError(f"softcap must be None or a positive Python number, got {softcap=}")
+  if softcap is not None and not _positive_finite_number(softcap):
+    raise ValueError(f"softcap must be None or a finite positive Python number, got {softcap=}")
+
+
+def temperature_rows(temperature, batch_shape) -> jax.Array | None:
+  """``temperature`` broadcast to ``batch_shape`` and flattened to float32[N]; None for 1.
+
+  A Python (or NumPy scalar) temperature must be finite and positive
+  (``ValueError``); an array's bad entries poison their positions downstream.
+  """
+  if isinstance(temperature, (int, float, np.integer, np.floating)):
+    if not _positive_finite_number(temperature):
+      raise ValueError(f"temperature must be finite and positive, got {temperature=}")
+    if temperature == 1:
+      return None
+  temperature = jnp.asarray(as_array("temperature", temperature))
+  if not jnp.issubdtype(temperature.dtype, jnp.floating):
+    temperature = temperature.astype(jnp.float32)
+  check_broadcastable("temperature", temperature.shape, batch_shape)
+  return jnp.broadcast_to(temperature.astype(jnp.float32), batch_shape).reshape(-1)
 
 
 def check_broadcastable(name: str, shape: Sequence[int], target: Sequence[int]) -> None:
@@ -67,6 +144,14 @@ def check_same_dims(name, shape, ref_name, ref_shape, letters="BT") -> None:
       raise ValueError(f"{name} has {letter}={a} but {ref_name} has {letter}={b}")
 
 
+def as_rows(tokens, response_mask, segment_ids):
+  """The row arrays of ``score`` as arrays, ids as range-checked int32."""
+  tokens = as_ids("tokens", tokens)
+  response_mask = as_array("response_mask", response_mask)
+  segment_ids = None if segment_ids is None else as_ids("segment_ids", segment_ids)
+  return tokens, response_mask, segment_ids
+
+
 def check_rows(tokens, response_mask, segment_ids, num_segments) -> None:
   """Static checks on the ``[B, T]`` row arrays of ``score``."""
   check_int("tokens", tokens)
@@ -84,7 +169,10 @@ def check_rows(tokens, response_mask, segment_ids, num_segments) -> None:
     if segment_ids.ndim != 2:
       raise ValueError(f"segment_ids must be [B, T], got {segment_ids.shape=}")
     check_same_dims("segment_ids", segment_ids.shape, "tokens", tokens.shape)
-  if num_segments is not None and (not isinstance(num_segments, int) or num_segments < 1):
+  if num_segments is not None and (
+    not isinstance(num_segments, (int, np.integer)) or isinstance(num_segments, bool)
+    or num_segments < 1
+  ):
     raise ValueError(f"num_segments must be None or a positive Python int, got {num_segments=}")
 
 
@@ -100,17 +188,54 @@ def check_score_shapes(logits, tokens, response_mask, segment_ids, num_segments)
     raise ValueError(f"vocab_size V={logits.shape[2]} must be at least 1")
 
 
-def _value_problems(vocab_size, tokens, segment_ids, num_segments):
+def _run_starts(seg, xp):
+  prev = xp.concatenate([xp.zeros_like(seg[:, :1]), seg[:, :-1]], axis=1)
+  return (seg > 0) & (seg != prev)
+
+
+def contiguous_segments(seg, xp=jnp):
+  """bool[B]: every segment id > 0 of the row is one contiguous run.
+
+  ``1,1,2,2,1,1`` and ``1,1,0,0,1,1`` are not: a row has as many run starts as
+  distinct positive ids exactly when no id reappears. ``xp`` is ``numpy``
+  (eager) or ``jax.numpy`` (traced).
+  """
+  starts = xp.sum(_run_starts(seg, xp), axis=1)
+  ordered = xp.sort(seg, axis=1)
+  distinct = xp.sum(_run_starts(ordered, xp), axis=1)
+  return starts == distinct
+
+
+def _first_restart(seg_row) -> int:
+  """The first position of a row where a segment id starts a second run."""
+  seen = set()
+  for t, s in enumerate(seg_row.tolist()):
+    if s > 0 and (t == 0 or seg_row[t - 1] != s):
+      if s in seen:
+        return t
+      seen.add(s)
+  raise AssertionError("row has no restart")
+
+
+_NOT_CONTIGUOUS = (
+  "segment_ids reappear after another id in the row (each sequence must be one contiguous run)"
+)
+
+
+def _value_problems(vocab_size, tokens, segment_ids, num_segments, xp):
   """(bad, message, values) triples; ``bad`` is True where ``values`` are wrong."""
-  seg = jnp.ones_like(tokens) if segment_ids is None else segment_ids
+  seg = xp.ones_like(tokens) if segment_ids is None else segment_ids
   real = seg > 0
   problems = [
-    (real & (tokens < 0), "tokens hold negative ids (ids never wrap around)", tokens),
+    (real & (tokens < 0), "tokens hold negative ids (ids never wrap; 64-bit ids beyond int32 count as -1)", tokens),
     (real & (tokens >= vocab_size), f"tokens hold ids >= {vocab_size=}", tokens),
-    (seg < 0, "segment_ids hold negative values (0 is padding, 1..S are sequences)", seg),
+    (seg < 0, "segment_ids hold negative values (0 is padding, 1..S are sequences; 64-bit ids beyond int32 count as -1)", seg),
   ]
   if num_segments is not None:
     problems.append((seg > num_segments, f"segment_ids exceed {num_segments=}", seg))
+  if segment_ids is not None:
+    # Row-level: which rows break contiguity (check_inputs finds the position).
+    problems.append((~contiguous_segments(seg, xp)[:, None], _NOT_CONTIGUOUS, seg))
   return problems
 
 
@@ -123,8 +248,9 @@ def _vocab_size(logits_or_vocab_size) -> int:
 def check_inputs(logits_or_vocab_size, tokens, response_mask, segment_ids=None, num_segments=None):
   """Eager validation of ``score``'s inputs with clear messages.
 
-  Checks shapes and dtypes, token ids in ``[0, V)`` wherever ``segment_ids > 0``,
-  and segment ids in ``[0, S]``. Call it outside ``jit`` (it reads values).
+  Checks shapes and dtypes, token ids in ``[0, V)`` wherever ``segment_ids > 0``
+  (64-bit ids are checked before any cast), segment ids in ``[0, S]`` and each
+  segment one contiguous run. Call it outside ``jit`` (it reads values).
 
   Args:
     logits_or_vocab_size: float[B, T, V] logits, or the vocabulary size V.
@@ -133,16 +259,20 @@ def check_inputs(logits_or_vocab_size, tokens, response_mask, segment_ids=None, 
   Raises:
     TypeError / ValueError naming the offending input, position and value.
   """
+  tokens, response_mask, segment_ids = as_rows(tokens, response_mask, segment_ids)
   if isinstance(logits_or_vocab_size, (int, np.integer)):
     check_rows(tokens, response_mask, segment_ids, num_segments)
   else:
     check_score_shapes(logits_or_vocab_size, tokens, response_mask, segment_ids, num_segments)
   vocab_size = _vocab_size(logits_or_vocab_size)
-  for bad, message, values in _value_problems(vocab_size, tokens, segment_ids, num_segments):
-    bad = np.asarray(bad)
+  tokens = np.asarray(tokens)
+  segment_ids = None if segment_ids is None else np.asarray(segment_ids)
+  for bad, message, values in _value_problems(vocab_size, tokens, segment_ids, num_segments, np):
     if bad.any():
       b, t = map(int, np.argwhere(bad)[0])
-      raise ValueError(f"{message}: first at [b={b}, t={t}] with value {np.asarray(values)[b, t]}")
+      if message is _NOT_CONTIGUOUS:
+        t = _first_restart(values[b])
+      raise ValueError(f"{message}: first at [b={b}, t={t}] with value {values[b, t]}")
 
 
 def checkify_inputs(
@@ -151,10 +281,15 @@ def checkify_inputs(
   """The value checks of :func:`check_inputs` as ``checkify.check`` calls.
 
   Use inside a function transformed by ``jax.experimental.checkify.checkify``;
-  works under ``jit``.
+  works under ``jit``. 64-bit ids are range-checked before any cast, as by
+  every scoring function (pass them with ``jax_enable_x64``, or as NumPy arrays
+  to the checkified function's caller unjitted).
   """
+  tokens, response_mask, segment_ids = as_rows(tokens, response_mask, segment_ids)
   vocab_size = _vocab_size(logits_or_vocab_size)
-  for bad, message, _ in _value_problems(vocab_size, tokens, segment_ids, num_segments):
+  tokens = jnp.asarray(tokens)
+  segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
+  for bad, message, _ in _value_problems(vocab_size, tokens, segment_ids, num_segments, jnp):
     checkify.check(~jnp.any(bad), message)
 
 

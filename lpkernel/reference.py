@@ -1,5 +1,6 @@
 """The plain definitions, in straightforward ``jnp``: the yardstick for every
-fast path (tests) and the baseline of the benchmark suite.
+implementation (tests hold each to these, values and gradients by autodiff)
+and the baseline of the benchmark suite. ``implementation="reference"`` runs them.
 
 They materialise a full float32 log-softmax on purpose; never use them for speed.
 """
@@ -9,22 +10,56 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lpkernel.scoring import Scores
+from lpkernel.checks import contiguous_segments
 
 _F32 = jnp.float32
 
 
-def token_logprobs(logits, targets, *, temperature=1.0, softcap=None):
-  """``log_softmax(softcap(logits) / temperature)[target]``; NaN for ids outside [0, V)."""
+def _transformed(logits, temperature, softcap):
   y = logits.astype(_F32)
   if softcap is not None:
-    y = softcap * jnp.tanh(y / softcap)
-  y = y / jnp.asarray(temperature, _F32)[..., None]
+    y = jnp.where(y == -jnp.inf, -jnp.inf, softcap * jnp.tanh(y / softcap))
+  tau = jnp.asarray(temperature, _F32)
+  return y / tau[..., None], ~(jnp.isfinite(tau) & (tau > 0))
+
+
+def token_logprobs_and_greedy(logits, targets, *, temperature=1.0, softcap=None):
+  """``log_softmax(softcap(logits) / temperature)[target]`` and first-argmax flags.
+
+  NaN for ids outside ``[0, V)`` and for temperatures that are not finite and
+  positive; an impossible (``-inf``) target is never greedy.
+  """
+  y, bad_tau = _transformed(logits, temperature, softcap)
   log_probs = jax.nn.log_softmax(y, axis=-1)
   v = logits.shape[-1]
-  in_range = (targets >= 0) & (targets < v)
-  picked = jnp.take_along_axis(log_probs, jnp.where(in_range, targets, 0)[..., None], axis=-1)
-  return jnp.where(in_range, picked[..., 0], jnp.nan)
+  in_range = (targets >= 0) & (targets < v) & ~bad_tau
+  safe = jnp.where(in_range, targets, 0)[..., None]
+  picked = jnp.take_along_axis(log_probs, safe, axis=-1)[..., 0]
+  target_y = jnp.take_along_axis(y, safe, axis=-1)[..., 0]
+  lp = jnp.where(in_range, picked, jnp.nan)
+  greedy = in_range & (jnp.argmax(y, axis=-1) == targets) & (target_y > -jnp.inf)
+  return lp, greedy & ~jnp.isnan(lp)
+
+
+def token_logprobs(logits, targets, *, temperature=1.0, softcap=None):
+  """``log_softmax(softcap(logits) / temperature)[target]``; NaN for ids outside [0, V)."""
+  return token_logprobs_and_greedy(logits, targets, temperature=temperature, softcap=softcap)[0]
+
+
+def fused_token_stats(h, w, targets, tau=None, softcap=None):
+  """``TokenStats`` of the materialised ``h @ w`` (float32 accumulation)."""
+  from lpkernel.fused import TokenStats
+
+  logits = jnp.dot(h, w, preferred_element_type=_F32)
+  temperature = 1.0 if tau is None else tau
+  lp, greedy = token_logprobs_and_greedy(logits, targets, temperature=temperature, softcap=softcap)
+  y, bad_tau = _transformed(logits, temperature, softcap)
+  log_p = jax.nn.log_softmax(y, axis=-1)
+  p = jnp.exp(log_p)
+  entropy = -jnp.sum(jnp.where(p > 0, p * log_p, 0.0), axis=-1)
+  lse = jax.nn.logsumexp(y, axis=-1)
+  poison = lambda x: jnp.where(bad_tau, jnp.nan, x)  # noqa: E731
+  return TokenStats(logprobs=lp, lse=poison(lse), entropy=poison(entropy), greedy=greedy)
 
 
 def score(
@@ -36,20 +71,19 @@ def score(
   num_segments=None,
   temperature=1.0,
   softcap=None,
-) -> Scores:
+):
   """``Scores`` by slicing: ``logits[:, :-1]`` against ``tokens[:, 1:]``."""
+  from lpkernel.scoring import Scores
+
   b, t, _ = logits.shape
   seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
   temperature = jnp.broadcast_to(jnp.asarray(temperature, _F32), (b, t))[:, :-1]
-  lp = token_logprobs(logits[:, :-1], tokens[:, 1:], temperature=temperature, softcap=softcap)
-  greedy = jnp.argmax(logits[:, :-1], axis=-1) == tokens[:, 1:]
-  # Ties: a target whose logit equals the row max counts as greedy.
-  greedy |= jnp.take_along_axis(
-    logits[:, :-1], jnp.clip(tokens[:, 1:], 0, logits.shape[-1] - 1)[..., None], axis=-1
-  )[..., 0] == jnp.max(logits[:, :-1], axis=-1)
+  lp, greedy = token_logprobs_and_greedy(
+    logits[:, :-1], tokens[:, 1:], temperature=temperature, softcap=softcap
+  )
   scored = (seg[:, 1:] > 0) & (seg[:, 1:] == seg[:, :-1])
   response = response_mask[:, 1:].astype(bool)
-  ok = jnp.all(seg >= 0, axis=1)
+  ok = jnp.all(seg >= 0, axis=1) & contiguous_segments(seg)
   if num_segments is None:
     member = scored[:, :, None]
   else:
@@ -61,10 +95,10 @@ def score(
   ok_b = ok if num_segments is None else ok[:, None]
 
   def total(mask):
-    return squeeze(jnp.sum(jnp.where(mask, lp[:, :, None], 0.0), axis=1))
+    return jnp.where(ok_b, squeeze(jnp.sum(jnp.where(mask, lp[:, :, None], 0.0), axis=1)), jnp.nan)
 
-  prompt = jnp.where(ok_b, total(in_prompt), jnp.nan)
-  response_lp = jnp.where(ok_b, total(in_response), jnp.nan)
+  prompt = total(in_prompt)
+  response_lp = total(in_response)
   token_lp = jnp.where(ok[:, None], jnp.where(scored, lp, 0.0), jnp.nan)
   return Scores(
     prompt_logprob=prompt,
@@ -72,6 +106,6 @@ def score(
     joint_logprob=prompt + response_lp,
     prompt_tokens=squeeze(jnp.sum(in_prompt, axis=1, dtype=jnp.int32)),
     response_tokens=squeeze(jnp.sum(in_response, axis=1, dtype=jnp.int32)),
-    response_greedy=squeeze(jnp.all(~in_response | greedy[:, :, None], axis=1)),
+    response_greedy=squeeze(jnp.all(~in_response | greedy[:, :, None], axis=1)) & ok_b,
     token_logprobs=jnp.concatenate([jnp.zeros((b, 1), _F32), token_lp], axis=1),
   )

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from lpkernel import checks
-from lpkernel.logprobs import DEFAULT_CHUNKS, ChunkConfig, token_logprobs_and_greedy
+from lpkernel.fused import fused_token_stats
+from lpkernel.logprobs import token_logprobs_and_greedy
 
 _F32 = jnp.float32
 
@@ -65,20 +66,35 @@ def _shift_left(x: jax.Array, fill) -> jax.Array:
 
 
 def row_layout(tokens, response_mask, segment_ids=None, num_segments=None) -> RowLayout:
-  """The shifted targets and masks of :func:`score` (shapes checked by the caller)."""
-  seg = jnp.ones_like(tokens, jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  """The shifted targets and masks of :func:`score` (arrays already checked)."""
+  tokens, response_mask = jnp.asarray(tokens), jnp.asarray(response_mask)
+  seg = jnp.ones_like(tokens, jnp.int32) if segment_ids is None else jnp.asarray(segment_ids)
   next_seg = _shift_left(seg, 0)
   scored = (next_seg > 0) & (next_seg == seg)
   row_ok = jnp.all(seg >= 0, axis=1)
   if num_segments is not None:
     row_ok &= jnp.all(seg <= num_segments, axis=1)
+  if segment_ids is not None:
+    row_ok &= checks.contiguous_segments(seg)
   return RowLayout(
-    targets=_shift_left(tokens.astype(jnp.int32), 0),
+    targets=_shift_left(tokens, 0),
     scored=scored,
     response=_shift_left(response_mask.astype(bool), False),
     segment=next_seg,
     row_ok=row_ok,
   )
+
+
+@jax.custom_jvp
+def _poison(x: jax.Array, bad: jax.Array) -> jax.Array:
+  """``x`` with NaN where ``bad``, and a NaN derivative there too (not a zero one)."""
+  return jnp.where(bad, jnp.nan, x)
+
+
+@_poison.defjvp
+def _poison_jvp(primals, tangents):
+  x, bad = primals
+  return _poison(x, bad), tangents[0] * jnp.where(bad, jnp.nan, 1.0)
 
 
 def _group_sum(values, groups, num_segments, dtype):
@@ -94,10 +110,11 @@ def sum_scores(row_logprobs, row_greedy, layout: RowLayout, num_segments=None) -
 
   Args:
     row_logprobs: float32[B, T], lp of ``layout.targets`` under logits row t.
-    row_greedy: bool[B, T], that target is an argmax of its row.
+    row_greedy: bool[B, T], that target is the first argmax of its row.
     layout: from :func:`row_layout`.
   Returns:
-    ``Scores``; a row with invalid segment ids has NaN log-probabilities.
+    ``Scores``; a row with invalid segment ids has NaN log-probabilities (and
+    NaN gradients), no greedy flag, and its counts as usual.
   """
   in_prompt = layout.scored & ~layout.response
   in_response = layout.scored & layout.response
@@ -106,22 +123,43 @@ def sum_scores(row_logprobs, row_greedy, layout: RowLayout, num_segments=None) -
   response = _group_sum(
     jnp.where(in_response, row_logprobs, 0.0), layout.segment, num_segments, _F32
   )
-  poison = ~layout.row_ok if num_segments is None else ~layout.row_ok[:, None]
-  prompt = jnp.where(poison, jnp.nan, prompt)
-  response = jnp.where(poison, jnp.nan, response)
+  bad_row = ~layout.row_ok if num_segments is None else ~layout.row_ok[:, None]
+  prompt, response = _poison(prompt, bad_row), _poison(response, bad_row)
   not_greedy = _group_sum(in_response & ~row_greedy, layout.segment, num_segments, jnp.int32)
-  token_lp = jnp.where(layout.scored, row_logprobs, 0.0)
-  token_lp = jnp.where(layout.row_ok[:, None], token_lp, jnp.nan)
+  token_lp = _poison(jnp.where(layout.scored, row_logprobs, 0.0), ~layout.row_ok[:, None])
   return Scores(
     prompt_logprob=prompt,
     response_logprob=response,
     joint_logprob=prompt + response,
     prompt_tokens=_group_sum(in_prompt, layout.segment, num_segments, jnp.int32),
     response_tokens=_group_sum(in_response, layout.segment, num_segments, jnp.int32),
-    response_greedy=not_greedy == 0,
+    response_greedy=(not_greedy == 0) & ~bad_row,
     # Position t + 1 holds the log-probability of token t + 1.
     token_logprobs=jnp.concatenate([jnp.zeros_like(token_lp[:, :1]), token_lp[:, :-1]], axis=1),
   )
+
+
+def score_rows(tokens, response_mask, segment_ids, num_segments, per_token, time_dims):
+  """The one scoring pipeline: check -> row layout -> per-token -> masked sums.
+
+  Args:
+    tokens, response_mask, segment_ids, num_segments: as for :func:`score`.
+    per_token: ``targets int32[B, T] -> (logprobs float32[B, T], greedy bool[B, T], extra)``:
+      any implementation of the per-token op (logits, fused, vocab-parallel).
+    time_dims: ``(name, shape)`` of the model output whose ``[B, T]`` leading
+      dims must match ``tokens``.
+
+  Returns:
+    (``Scores``, ``extra``).
+  """
+  tokens, response_mask, segment_ids = checks.as_rows(tokens, response_mask, segment_ids)
+  checks.check_rows(tokens, response_mask, segment_ids, num_segments)
+  checks.check_same_dims(*time_dims, "tokens", tokens.shape)
+  layout = row_layout(tokens, response_mask, segment_ids, num_segments)
+  with jax.named_scope("per_token"):
+    lp, greedy, extra = per_token(layout.targets)
+  with jax.named_scope("masked_sums"):
+    return sum_scores(lp, greedy, layout, num_segments), extra
 
 
 def score(
@@ -131,9 +169,9 @@ def score(
   *,
   segment_ids: jax.Array | None = None,
   num_segments: int | None = None,
-  temperature=1.0,
+  temperature: float | jax.Array = 1.0,
   softcap: float | None = None,
-  chunks: ChunkConfig = DEFAULT_CHUNKS,
+  implementation=None,
 ) -> Scores:
   """Scores batched ``[x, y]`` rows: log Pr(x), log Pr(y | x) and log Pr([x, y]).
 
@@ -146,18 +184,20 @@ def score(
     logits: float[B, T, V]; ``logits[:, t]`` predicts ``tokens[:, t + 1]``.
     tokens: int[B, T].
     response_mask: bool[B, T], True where the token belongs to y.
-    segment_ids: int[B, T] or None. 0 = padding, 1..S = packed sequence. An
-      HF-style attention mask is valid (left or right padding).
+    segment_ids: int[B, T] or None. 0 = padding, 1..S = packed sequence, each
+      one contiguous run. An HF-style attention mask is valid (left or right
+      padding).
     num_segments: None for ``[B]`` scores, or static S for ``[B, S]`` scores
       (index ``s - 1`` holds segment ``s``).
-    temperature: positive scalar or array broadcastable to ``[B, T]`` (applied
-      to logits row ``t``).
-    softcap: None or ``c > 0`` for ``c * tanh(logits / c)``.
-    chunks: vocabulary chunking of the reductions.
+    temperature: finite positive Python number or array broadcastable to
+      ``[B, T]`` (applied to logits row ``t``).
+    softcap: None or a finite ``c > 0`` for ``c * tanh(logits / c)``.
+    implementation: as for :func:`lpkernel.token_logprobs`.
 
   Returns:
     ``Scores``. Out-of-range scored token ids give NaN at that position and in
-    every sum holding it; invalid segment ids make the whole row NaN.
+    every sum holding it; invalid segment ids (negative, above S, or not
+    contiguous) make the whole row NaN.
 
   Raises:
     TypeError / ValueError on mismatched shapes or dtypes.
@@ -169,11 +209,65 @@ def score(
     >>> float(s.prompt_logprob[0]), float(s.response_logprob[0])  # log(1/4) each
     (-1.3862943649291992, -1.3862943649291992)
   """
-  checks.check_score_shapes(logits, tokens, response_mask, segment_ids, num_segments)
-  layout = row_layout(tokens, response_mask, segment_ids, num_segments)
-  with jax.named_scope("token_logprobs"):
-    row_lp, row_greedy = token_logprobs_and_greedy(
-      logits, layout.targets, temperature=temperature, softcap=softcap, chunks=chunks
+  logits = checks.as_array("logits", logits)
+  checks.check_float_logits("logits", logits)
+  if logits.ndim != 3:
+    raise ValueError(f"logits must be [B, T, V], got {logits.shape=}")
+
+  def per_token(targets):
+    lp, greedy = token_logprobs_and_greedy(
+      logits, targets, temperature=temperature, softcap=softcap, implementation=implementation
     )
-  with jax.named_scope("masked_sums"):
-    return sum_scores(row_lp, row_greedy, layout, num_segments)
+    return lp, greedy, None
+
+  return score_rows(
+    tokens, response_mask, segment_ids, num_segments, per_token, ("logits", logits.shape)
+  )[0]
+
+
+def score_hidden(
+  hidden: jax.Array,
+  unembed: jax.Array,
+  tokens: jax.Array,
+  response_mask: jax.Array,
+  *,
+  segment_ids: jax.Array | None = None,
+  num_segments: int | None = None,
+  temperature: float | jax.Array = 1.0,
+  softcap: float | None = None,
+  implementation=None,
+  with_stats: bool = False,
+):
+  """``score(hidden @ unembed, ...)`` without materialising the logits.
+
+  Args:
+    hidden: float[B, T, D]; ``hidden[:, t] @ unembed`` predicts ``tokens[:, t + 1]``.
+    unembed: float[D, V].
+    tokens, response_mask, segment_ids, num_segments, temperature, softcap: as
+      for :func:`score`.
+    implementation: as for :func:`lpkernel.fused_token_stats`.
+    with_stats: also return the per-row ``TokenStats`` (log-sum-exp for z-loss,
+      entropy), ``[B, T]`` aligned like the logits rows (row t predicts t + 1).
+
+  Returns:
+    ``Scores``, or ``(Scores, TokenStats)`` when ``with_stats``.
+  """
+  hidden = checks.as_array("hidden", hidden)
+  if hidden.ndim != 3:
+    raise ValueError(f"hidden must be [B, T, D], got {hidden.shape=}")
+
+  def per_token(targets):
+    stats = fused_token_stats(
+      hidden,
+      unembed,
+      targets,
+      temperature=temperature,
+      softcap=softcap,
+      implementation=implementation,
+    )
+    return stats.logprobs, stats.greedy, stats
+
+  scores, stats = score_rows(
+    tokens, response_mask, segment_ids, num_segments, per_token, ("hidden", hidden.shape)
+  )
+  return (scores, stats) if with_stats else scores

@@ -29,7 +29,7 @@ def _logits(h, w):
 def test_values_match_materialised_and_oracle(n, v, dtype, config):
   h, w, t = _inputs(0, n, 16, v, dtype)
   with jax.default_matmul_precision("highest"):  # GPUs default to TF32
-    got = lpk.fused_token_logprobs(h, w, t, config=config)
+    got = lpk.fused_token_logprobs(h, w, t, implementation=lpk.XlaFused(config))
     logits = _logits(h, w)
   assert_close(
     got, reference.token_logprobs(logits, t), rtol=1e-5, atol=1e-4, what="vs materialised"
@@ -46,7 +46,7 @@ def test_gradients_match_materialised(dtype, softcap, temperature):
   c = jax.random.normal(jax.random.key(9), (3, 11))
 
   def loss_fused(h, w, tau):
-    s = lpk.fused_token_stats(h, w, t, temperature=tau, softcap=softcap, config=SMALL)
+    s = lpk.fused_token_stats(h, w, t, temperature=tau, softcap=softcap, implementation=lpk.XlaFused(SMALL))
     return jnp.sum(c[0] * s.logprobs + c[1] * s.lse + c[2] * s.entropy)
 
   def loss_ref(h, w, tau):
@@ -87,7 +87,7 @@ def test_score_hidden_equals_score_of_logits(num_segments):
     response,
     segment_ids=seg,
     num_segments=num_segments,
-    config=SMALL,
+    implementation=lpk.XlaFused(SMALL),
     with_stats=True,
   )
   logits = jnp.einsum("btd,dv->btv", hidden, w)
@@ -104,14 +104,14 @@ def test_score_hidden_equals_score_of_logits(num_segments):
 def test_greedy_matches_argmax():
   h, w, _ = _inputs(3, 32, 8, 10)
   t = jnp.argmax(_logits(h, w), -1).at[::2].add(1) % 10
-  stats = lpk.fused_token_stats(h, w, t, config=SMALL)
+  stats = lpk.fused_token_stats(h, w, t, implementation=lpk.XlaFused(SMALL))
   np.testing.assert_array_equal(stats.greedy, jnp.argmax(_logits(h, w), -1) == t)
 
 
 @pytest.mark.parametrize("bad", [-1, 10, 1000])
 def test_out_of_range_ids_give_nan(bad):
   h, w, t = _inputs(4, 3, 8, 10)
-  lp = jax.jit(lambda h, w, t: lpk.fused_token_logprobs(h, w, t, config=SMALL))(
+  lp = jax.jit(lambda h, w, t: lpk.fused_token_logprobs(h, w, t, implementation=lpk.XlaFused(SMALL)))(
     h, w, t.at[1].set(bad)
   )
   assert np.isnan(lp[1]) and np.isfinite(np.asarray(lp)[[0, 2]]).all()

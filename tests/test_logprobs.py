@@ -11,7 +11,7 @@ from jax.test_util import check_grads
 
 import lpkernel as lpk
 from lpkernel import reference
-from lpkernel.logprobs import ChunkConfig
+from lpkernel.ops import ChunkConfig, XlaLogits
 from tests.helpers import (
   GRAD_TOLERANCES,
   TOLERANCES,
@@ -36,7 +36,7 @@ def _check_against_both(logits, targets, **opts):
   got = lpk.token_logprobs(logits, targets, **opts)
   assert got.dtype == jnp.float32
   tol = TOLERANCES[jnp.dtype(dtype)]
-  opts.pop("chunks", None)
+  opts.pop("implementation", None)
   assert_close(got, reference.token_logprobs(logits, targets, **opts), **tol, what="vs reference")
   assert_close(got, oracle_token_logprobs(logits, targets, **opts), **tol, what="vs oracle")
 
@@ -60,7 +60,7 @@ def test_values_match_reference_and_oracle(shape, v, dtype):
 )
 def test_random_shapes(n, v, dtype, chunked, seed):
   logits, targets = _inputs(seed, (n,), v, dtype)
-  _check_against_both(logits, targets, chunks=SMALL_CHUNKS if chunked else ChunkConfig())
+  _check_against_both(logits, targets, implementation=XlaLogits(SMALL_CHUNKS if chunked else ChunkConfig()))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
@@ -79,7 +79,7 @@ def test_value_and_grad_match_reference(dtype, softcap, temperature, chunks):
 
   argnums = (1,) if temperature == "one" else (1, 2)
   got_v, got_g = jax.value_and_grad(loss, argnums=argnums)(
-    lpk.token_logprobs, logits, tau, chunks=chunks
+    lpk.token_logprobs, logits, tau, implementation=XlaLogits(chunks)
   )
   ref_v, ref_g = jax.value_and_grad(loss, argnums=argnums)(reference.token_logprobs, logits, tau)
   tol = TOLERANCES[jnp.dtype(dtype)]
@@ -98,7 +98,7 @@ def test_custom_vjp_check_grads(softcap, chunks):
   tau = jnp.array([0.5, 1.0, 1.5, 3.0])
 
   def f(x, tau):
-    return lpk.token_logprobs(x, targets, temperature=tau, softcap=softcap, chunks=chunks)
+    return lpk.token_logprobs(x, targets, temperature=tau, softcap=softcap, implementation=XlaLogits(chunks))
 
   check_grads(f, (logits, tau), order=1, modes=["rev"], eps=1e-2, atol=2e-2, rtol=2e-2)
 
@@ -116,7 +116,7 @@ def test_out_of_range_ids_give_nan_and_never_wrap(bad):
 def test_neg_inf_target_is_zero_probability_not_nan(chunks):
   logits = jnp.zeros((3, 16)).at[0, 5].set(-jnp.inf).at[1].set(-jnp.inf).at[2, :8].set(-jnp.inf)
   targets = jnp.array([5, 2, 3])
-  lp = lpk.token_logprobs(logits, targets, chunks=chunks)
+  lp = lpk.token_logprobs(logits, targets, implementation=XlaLogits(chunks))
   np.testing.assert_array_equal(lp, [-np.inf, -np.inf, -np.inf])
   # A masked (zero-cotangent) impossible row leaves no NaN in the gradient.
   grad = jax.grad(lambda x: jnp.sum(jnp.where(jnp.arange(3) == 2, 0.0, lp_fn(x, targets, chunks))))(
@@ -126,7 +126,7 @@ def test_neg_inf_target_is_zero_probability_not_nan(chunks):
 
 
 def lp_fn(x, targets, chunks):
-  lp = lpk.token_logprobs(x, targets, chunks=chunks)
+  lp = lpk.token_logprobs(x, targets, implementation=XlaLogits(chunks))
   return jnp.where(jnp.isneginf(lp), 0.0, lp)
 
 
@@ -205,21 +205,3 @@ def test_greedy_flags():
   np.testing.assert_array_equal(greedy, [True, True])
   _, greedy = lpk.token_logprobs_and_greedy(logits, jnp.array([2, -1]))
   np.testing.assert_array_equal(greedy, [False, False])
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("softcap,temperature", [(None, None), (2.0, "rows")])
-@pytest.mark.parametrize("chunks", [ChunkConfig(), SMALL_CHUNKS], ids=["one-chunk", "chunked"])
-def test_one_pass_accelerator_stats_match_two_pass(dtype, softcap, temperature, chunks):
-  """The accelerator branch (variadic online reduction) against the CPU branch."""
-  from lpkernel.logprobs import _chunk_partials_one_pass, _chunk_partials_two_pass, _chunked_stats
-
-  logits, _ = _inputs(6, (6,), 40, dtype)
-  logits = logits.at[0].set(-jnp.inf).at[1, :20].set(-jnp.inf)
-  tau = None if temperature is None else jnp.linspace(0.5, 2.0, 6)
-  chunk = chunks.chunk(logits.shape[-1])
-  one = _chunked_stats(logits, tau, softcap, chunk, _chunk_partials_one_pass)
-  two = _chunked_stats(logits, tau, softcap, chunk, _chunk_partials_two_pass)
-  np.testing.assert_array_equal(one[0], two[0])
-  assert_close(one[1], two[1], rtol=1e-6, atol=1e-6, what="lse")
-  assert np.isneginf(one[1][0]) == (softcap is None)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import lpkernel as lpk
 from lpkernel import reference, shapes
-from lpkernel.logprobs import ChunkConfig
+from lpkernel.ops import ChunkConfig, XlaLogits
 from tests.helpers import (
   GRAD_TOLERANCES,
   TOLERANCES,
@@ -334,5 +334,5 @@ def test_reference_does_materialise():
 
 def test_chunked_path_scores_match():
   logits, tokens, response = _inputs(16, 2, 5, 24)
-  a = lpk.score(logits, tokens, response, chunks=ChunkConfig(max_chunk=8, min_chunk=2))
+  a = lpk.score(logits, tokens, response, implementation=XlaLogits(ChunkConfig(max_chunk=8, min_chunk=2)))
   _check(a, reference.score(logits, tokens, response))

@@ -15,8 +15,7 @@ import jax
 from flax import linen
 
 from lpkernel.flax.model import packed_positions
-from lpkernel.fused import score_hidden
-from lpkernel.scoring import Scores, score
+from lpkernel.scoring import Scores, score, score_hidden
 
 
 def _accepts(fn: Callable, name: str) -> bool:

@@ -1,0 +1,79 @@
+"""Implementations of lpkernel's ops, behind one seam.
+
+Per op, a reference (``lpkernel.reference``, plain ``jnp``) and implementation
+objects that satisfy the kernel contract of ``lpkernel.partials``:
+
+* logits path (``token_logprobs``, ``score``): :class:`XlaLogits`,
+  :class:`PallasGpuLogits`, :class:`PallasTpuLogits`;
+* fused path (``fused_token_stats``, ``score_hidden``): :class:`XlaFused`,
+  :class:`ChunkedFused` (vendor matmul per token chunk feeding a logits
+  implementation).
+
+A public entry's ``implementation=`` takes None (the measured best for the
+backend), a name, or one of these objects (with its tiling and, for Pallas,
+``interpret=True`` to run on the CPU). A named implementation that cannot run
+on this backend raises ``ValueError``; nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from lpkernel.ops.fused.xla import FusedConfig as FusedConfig
+from lpkernel.ops.fused.xla import XlaFused as XlaFused
+from lpkernel.ops.logprobs.pallas_gpu import PallasGpuLogits as PallasGpuLogits
+from lpkernel.ops.logprobs.xla import ChunkConfig as ChunkConfig
+from lpkernel.ops.logprobs.xla import XlaLogits as XlaLogits
+
+REFERENCE = "reference"
+
+LOGITS = {"xla": XlaLogits, "pallas_gpu": PallasGpuLogits}
+FUSED = {"xla": XlaFused}
+
+# The measured best per backend (see the README's "Implementations" section).
+DEFAULT_LOGITS = {"cpu": "xla", "gpu": "xla", "tpu": "xla"}
+DEFAULT_FUSED = {"cpu": "xla", "gpu": "xla", "tpu": "xla"}
+
+__all__ = [
+  "ChunkConfig",
+  "FusedConfig",
+  "PallasGpuLogits",
+  "XlaFused",
+  "XlaLogits",
+  "fused_implementation",
+  "is_reference",
+  "logits_implementation",
+]
+
+
+def is_reference(implementation) -> bool:
+  return isinstance(implementation, str) and implementation == REFERENCE
+
+
+def _resolve(implementation, registry, defaults, op: str):
+  backend = jax.default_backend()
+  if implementation is None:
+    implementation = defaults.get(backend, "xla")
+  if isinstance(implementation, str):
+    if implementation not in registry:
+      names = sorted([*registry, REFERENCE])
+      raise ValueError(f"unknown {op} implementation {implementation!r}; choose one of {names}")
+    implementation = registry[implementation]()
+  platforms = getattr(implementation, "platforms", None)
+  if platforms is not None and backend not in platforms and not implementation.interpret:
+    raise ValueError(
+      f"the {implementation.name!r} {op} implementation runs on {list(platforms)}, "
+      f"not on this {backend!r} backend (pass an implementation with interpret=True "
+      f"to run it in Pallas interpret mode)"
+    )
+  return implementation
+
+
+def logits_implementation(implementation=None):
+  """The logits implementation object for ``implementation`` on this backend."""
+  return _resolve(implementation, LOGITS, DEFAULT_LOGITS, "logits")
+
+
+def fused_implementation(implementation=None):
+  """The fused implementation object for ``implementation`` on this backend."""
+  return _resolve(implementation, FUSED, DEFAULT_FUSED, "fused")

@@ -1,0 +1,175 @@
+"""The logits path as Pallas GPU (Triton) kernels.
+
+Forward: one pass over each row. A program owns ``block_rows`` rows and one of
+``splits`` spans of the vocabulary; it streams ``[block_rows, block_v]`` tiles
+with masked loads (any ``V``, any ``N``), keeps the running max, the rescaled
+sum of ``exp`` and the first argmax in float32 registers, and writes one
+:class:`~lpkernel.partials.RowPartials` per (row, span). The spans are merged by
+:func:`lpkernel.partials.combine`; they exist so that a few long rows still fill
+the GPU. The target's logit is one gathered element per row (XLA).
+
+Backward: one elementwise pass (1 read, 1 write) from each row's shift and
+``log(sum exp)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from lpkernel import partials as P
+from lpkernel.ops import tiling
+from lpkernel.ops.logprobs import xla
+
+_F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasGpuLogits:
+  """Pallas GPU (Triton) kernels for the logits path.
+
+  Attributes:
+    block_rows: rows per program (a power of two).
+    block_v: columns per tile (a power of two).
+    num_warps: warps per program.
+    splits: vocabulary spans per row, or None to fill about ``target_programs``
+      programs when there are few rows.
+    target_programs: programs the forward aims for (a few per multiprocessor).
+    bwd_block_rows, bwd_block_v, bwd_num_warps: the backward's tiles.
+    interpret: run in Pallas interpret mode (on the CPU, for tests).
+  """
+
+  block_rows: int = 1
+  block_v: int = 4096
+  num_warps: int = 8
+  splits: int | None = None
+  target_programs: int = 528
+  bwd_block_rows: int = 4
+  bwd_block_v: int = 1024
+  bwd_num_warps: int = 4
+  interpret: bool = False
+  name = "pallas_gpu"
+  platforms = ("gpu",)
+
+  def __post_init__(self):
+    for field in ("block_rows", "block_v", "bwd_block_rows", "bwd_block_v", "num_warps"):
+      tiling.check_power_of_two(f"PallasGpuLogits.{field}", getattr(self, field))
+    if self.splits is not None and self.splits < 1:
+      raise ValueError(f"PallasGpuLogits.splits={self.splits} must be None or positive")
+
+  def num_splits(self, n: int, v: int) -> int:
+    if self.splits is not None:
+      return min(self.splits, pl.cdiv(v, self.block_v))
+    row_blocks = pl.cdiv(n, self.block_rows)
+    return max(1, min(pl.cdiv(self.target_programs, row_blocks), pl.cdiv(v, self.block_v)))
+
+  def partials(self, x, targets, tau, softcap) -> P.RowPartials:
+    n, v = x.shape
+    splits = self.num_splits(n, v)
+    span = pl.cdiv(pl.cdiv(v, splits), self.block_v) * self.block_v
+    tiling.check_gpu_block("logits forward", (self.block_rows, self.block_v), x.dtype)
+    kernel = functools.partial(
+      _partials_kernel,
+      block_rows=self.block_rows,
+      block_v=self.block_v,
+      span=span,
+      softcap=softcap,
+    )
+    out = jax.ShapeDtypeStruct((splits * n,), _F32)
+    m, s, arg = pl.pallas_call(
+      kernel,
+      grid=(pl.cdiv(n, self.block_rows), splits),
+      out_shape=(out, out, jax.ShapeDtypeStruct((splits * n,), jnp.int32)),
+      compiler_params=plgpu.CompilerParams(num_warps=self.num_warps, num_stages=3),
+      interpret=self.interpret,
+      name="lpkernel_logits_partials",
+    )(x, *_tau_args(tau))
+    t = xla.target_y(x, targets, tau, softcap)
+    if splits == 1:
+      return P.RowPartials(m, s, t, arg)
+    blocks = P.RowPartials(
+      m.reshape(splits, n), s.reshape(splits, n), t[None], arg.reshape(splits, n)
+    )
+    return P.combine(blocks, P.over_axis(0), expand=lambda r: r[None])._replace(t=t)
+
+  def grad_logits(self, x, targets, tau, softcap, shift, log_s, g) -> jax.Array:
+    n, v = x.shape
+    bn, bv = self.bwd_block_rows, self.bwd_block_v
+    tiling.check_gpu_block("logits backward", (bn, bv), x.dtype)
+    kernel = functools.partial(_grad_kernel, block_rows=bn, block_v=bv, softcap=softcap)
+    return pl.pallas_call(
+      kernel,
+      grid=(pl.cdiv(n, bn), pl.cdiv(v, bv)),
+      out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=self.bwd_num_warps, num_stages=2),
+      interpret=self.interpret,
+      name="lpkernel_logits_grad",
+    )(x, targets, shift, log_s, g, *_tau_args(tau))
+
+  def centred_expected_y(self, x, tau, softcap, shift, log_s) -> jax.Array:
+    return xla.centred_expected_y(x, tau, softcap, shift, log_s, x.shape[1])
+
+
+def _tau_args(tau):
+  """The temperature rows as an optional trailing kernel input."""
+  return () if tau is None else (tau.astype(_F32),)
+
+
+def _partials_kernel(x_ref, *refs, block_rows, block_v, span, softcap):
+  tau_ref, (m_ref, s_ref, arg_ref) = (refs[0], refs[1:]) if len(refs) == 4 else (None, refs)
+  n, v = x_ref.shape
+  i, j = pl.program_id(0), pl.program_id(1)
+  rows = i * block_rows + jnp.arange(block_rows)
+  row_ok = rows < n
+  tau = None if tau_ref is None else plgpu.load(tau_ref.at[rows], mask=row_ok, other=1.0)[:, None]
+  lo = j * span
+
+  def body(k, carry):
+    m, s, arg = carry
+    cols = lo + k * block_v + jnp.arange(block_v)
+    mask = row_ok[:, None] & (cols < v)[None, :]
+    x = plgpu.load(x_ref.at[rows[:, None], cols[None, :]], mask=mask, other=-jnp.inf)
+    y = P.transform(x, tau, softcap)  # masked columns are -inf: no mass, never the argmax
+    block_m = jnp.max(y, axis=1)
+    new_m = jnp.maximum(m, block_m)
+    shift = P.shift_of(new_m)
+    s = s * jnp.exp(m - shift) + jnp.sum(jnp.exp(y - shift[:, None]), axis=1)
+    first = jnp.min(jnp.where(y == block_m[:, None], cols[None, :], P.NO_COLUMN), axis=1)
+    return new_m, s, jnp.where(block_m > m, first, arg)
+
+  init = (
+    jnp.full((block_rows,), -jnp.inf, _F32),
+    jnp.zeros((block_rows,), _F32),
+    jnp.full((block_rows,), P.NO_COLUMN, jnp.int32),
+  )
+  m, s, arg = jax.lax.fori_loop(0, span // block_v, body, init)
+  out = j * n + rows
+  plgpu.store(m_ref.at[out], m, mask=row_ok)
+  plgpu.store(s_ref.at[out], s, mask=row_ok)
+  plgpu.store(arg_ref.at[out], arg, mask=row_ok)
+
+
+def _grad_kernel(x_ref, t_ref, shift_ref, log_s_ref, g_ref, *refs, block_rows, block_v, softcap):
+  tau_ref, dx_ref = refs if len(refs) == 2 else (None, refs[0])
+  n, v = x_ref.shape
+  rows = pl.program_id(0) * block_rows + jnp.arange(block_rows)
+  cols = pl.program_id(1) * block_v + jnp.arange(block_v)
+  row_ok = rows < n
+  mask = row_ok[:, None] & (cols < v)[None, :]
+
+  def row(ref, other):
+    return plgpu.load(ref.at[rows], mask=row_ok, other=other)[:, None]
+
+  g = row(g_ref, 0.0)
+  tau = None if tau_ref is None else row(tau_ref, 1.0)
+  x = plgpu.load(x_ref.at[rows[:, None], cols[None, :]], mask=mask, other=0.0)
+  y = P.transform(x, tau, softcap)
+  p = P.softmax(y, row(shift_ref, 0.0), row(log_s_ref, 0.0))
+  dy = jnp.where(cols[None, :] == row(t_ref, -1), 1.0, 0.0) - p
+  dx = jnp.where(g != 0, g * dy * P.transform_grad(x, tau, softcap), 0.0)
+  plgpu.store(dx_ref.at[rows[:, None], cols[None, :]], dx.astype(dx_ref.dtype), mask=mask)

@@ -1,0 +1,186 @@
+"""The logits path in XLA: chunked two-pass row partials through an integer bit view.
+
+Two habits of XLA shape it (measured with jax 0.10.2 on XLA:CPU):
+
+* XLA shares one upcast between every consumer of a narrow-dtype tensor and then
+  materialises it. Every consumer here reads the logits through an integer bit
+  view (``bitcast_convert_type``), which no convert can be moved through, so each
+  fused reduction upcasts privately inside its own loop.
+* XLA:CPU's fused ``exp`` row reduction slowed about 10x past 32768 columns, so
+  on the CPU the vocabulary is split into ``chunk`` columns viewed as extra rows
+  (``[N, V] -> [N * K, V / K]``, a free reshape of the bit view); each chunk's
+  partials are merged per row by :func:`lpkernel.partials.combine`. Elsewhere
+  whole rows are reduced (the accelerator branch, tested on the CPU too).
+
+Each chunk costs two fused reductions: a max (with, in the same loop, the max
+of the columns before the target, for the first-argmax greedy rule) in the
+logits' own dtype, then one ``exp`` per element. A one-pass variadic online
+reduction was 2-20x slower on XLA:CPU and 1.45x slower than two passes on an
+H200.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lpkernel import partials as P
+
+_F32 = jnp.float32
+_BITS = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkConfig:
+  """How the vocabulary axis is split for the row reductions on the CPU.
+
+  Attributes:
+    max_chunk: the longest vocabulary chunk reduced as one row. XLA:CPU's fused
+      row reduction of ``exp`` slowed down about 10x past 32768 float32 elements
+      (measured with jax 0.10.2); chunks at or under it stay fast on every core.
+    min_chunk: the shortest chunk worth splitting into; a vocabulary with no
+      divisor in ``[min_chunk, max_chunk]`` is reduced as one row.
+  """
+
+  max_chunk: int = 32768
+  min_chunk: int = 1024
+
+  def __post_init__(self):
+    if self.max_chunk < 1 or self.min_chunk < 1:
+      raise ValueError(f"ChunkConfig sizes must be positive, got {self.max_chunk=}, {self.min_chunk=}")
+
+  def chunk(self, vocab_size: int) -> int:
+    """The chunk width used for ``vocab_size`` (a divisor of it)."""
+    if vocab_size <= self.max_chunk:
+      return vocab_size
+    for num_chunks in range(2, vocab_size // self.min_chunk + 1):
+      if vocab_size % num_chunks == 0 and vocab_size // num_chunks <= self.max_chunk:
+        return vocab_size // num_chunks
+    return vocab_size
+
+
+def _bits(x: jax.Array) -> jax.Array:
+  return lax.bitcast_convert_type(x, _BITS[x.dtype.itemsize])
+
+
+def _from_bits(bits: jax.Array, dtype) -> jax.Array:
+  return lax.bitcast_convert_type(bits, dtype)
+
+
+def chunk_rows(x: jax.Array, chunk: int) -> jax.Array:
+  """``float[N, V] -> float[N * V / chunk, chunk]``, reshaped through the bit view."""
+  n, v = x.shape
+  return _from_bits(_bits(x).reshape(n * (v // chunk), chunk), x.dtype)
+
+
+def _per_chunk(row_values: jax.Array, num_chunks: int) -> jax.Array:
+  """``[N] -> [N * K]``: repeat a per-row value for each of its chunks."""
+  return jnp.repeat(row_values, num_chunks) if num_chunks > 1 else row_values
+
+
+def gather(x: jax.Array, targets: jax.Array) -> jax.Array:
+  """``x[i, targets[i]]`` through the bit view; out-of-range ids read column 0."""
+  v = x.shape[-1]
+  safe = jnp.where((targets >= 0) & (targets < v), targets, 0)
+  picked = jnp.take_along_axis(_bits(x), safe[:, None], axis=-1)[:, 0]
+  return _from_bits(picked, x.dtype)
+
+
+def target_y(x, targets, tau, softcap) -> jax.Array:
+  """float32[N]: the target's transformed logit, ``-inf`` for ids outside this block."""
+  in_block = (targets >= 0) & (targets < x.shape[-1])
+  return jnp.where(in_block, P.transform(gather(x, targets), tau, softcap), -jnp.inf)
+
+
+def partials(x, targets, tau, softcap, chunk: int) -> P.RowPartials:
+  """Row partials of ``x [N, V]`` (block-local ``targets``), ``chunk`` columns at a time."""
+  n, v = x.shape
+  k = v // chunk
+  xc = chunk_rows(x, chunk)
+  tau_c = None if tau is None else _per_chunk(tau, k)
+  starts = jnp.tile(jnp.arange(k, dtype=jnp.int32) * chunk, n)
+  local_t = _per_chunk(targets, k) - starts
+  with jax.named_scope("chunk_max"):
+    # The max commutes with the monotone transform: reduce in x's own dtype.
+    max_x = jnp.max(xc, axis=-1)
+    cols = lax.broadcasted_iota(jnp.int32, xc.shape, 1)
+    before_x = jnp.max(jnp.where(cols < local_t[:, None], xc, -jnp.inf), axis=-1)
+    m = P.transform(max_x, tau_c, softcap)
+  with jax.named_scope("chunk_sumexp"):
+    y = P.transform(xc, None if tau_c is None else tau_c[:, None], softcap)
+    s = jnp.sum(jnp.exp(y - P.shift_of(m)[:, None]), axis=-1)
+  t = target_y(x, targets, tau, softcap)
+  holds = (local_t >= 0) & (local_t < chunk)
+  # The target's chunk says whether the target is its first argmax (see RowPartials.arg).
+  first = P.transform(before_x, tau_c, softcap) < m
+  arg = jnp.where(holds, jnp.where(first, starts + local_t, -1), starts)
+  if k == 1:
+    return P.RowPartials(m, s, t, arg)
+  with jax.named_scope("combine_chunks"):
+    merged = P.combine(
+      P.RowPartials(m.reshape(n, k), s.reshape(n, k), t[:, None], arg.reshape(n, k)),
+      P.over_axis(1),
+      expand=lambda r: r[:, None],
+    )
+  return merged._replace(t=t)
+
+
+def centred_expected_y(x, tau, softcap, shift, log_s, chunk: int) -> jax.Array:
+  """float32[N]: ``E_p[y - shift]`` over the finite ``y`` of each row (chunked like the forward)."""
+  n, v = x.shape
+  k = v // chunk
+  xc = chunk_rows(x, chunk)
+  tau_c = None if tau is None else _per_chunk(tau, k)[:, None]
+  yc = P.transform(xc, tau_c, softcap)
+  shift_c = _per_chunk(shift, k)[:, None]
+  p = P.softmax(yc, shift_c, _per_chunk(log_s, k)[:, None])
+  return jnp.sum(p * P.finite_or_zero(yc - shift_c), axis=-1).reshape(n, k).sum(-1)
+
+
+def grad_logits(x, targets, tau, softcap, shift, log_s, g) -> jax.Array:
+  """``d logits = g * (onehot - p) * dy/dx`` in one elementwise pass; ``x``'s dtype.
+
+  ``g`` is zero on dead rows (the caller makes their ``tau`` safe); its rows
+  are exactly zero there whatever ``x`` holds.
+  """
+  n, v = x.shape
+  # The selects keep XLA:CPU from sharing the forward's broadcast shift and
+  # sum-exp reduction with this pass's fusion: shared, it materialised them (or
+  # the one-hot and the row mask) as [N, V] float32 buffers. A row whose log_s
+  # is not finite (all -inf, or +inf inside) gets p = 0 off its +inf columns.
+  shift, log_s = P.finite_or_zero(shift), P.finite_or_zero(log_s)
+  tau_col = None if tau is None else tau[:, None]
+  y = P.transform(x, tau_col, softcap)
+  onehot = lax.broadcasted_iota(jnp.int32, (n, v), 1) == targets[:, None]
+  dy = jnp.where(onehot, 1.0, 0.0) - P.softmax(y, shift[:, None], log_s[:, None])
+  dx = jnp.where(g[:, None] != 0, g[:, None] * dy * P.transform_grad(x, tau_col, softcap), 0.0)
+  return dx.astype(x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class XlaLogits:
+  """The XLA implementation: chunked on the CPU, whole rows elsewhere.
+
+  Attributes:
+    chunks: the CPU's vocabulary chunking.
+  """
+
+  chunks: ChunkConfig = ChunkConfig()
+  name = "xla"
+  platforms = None  # every backend
+
+  def partials(self, x, targets, tau, softcap) -> P.RowPartials:
+    v = x.shape[1]
+    return lax.platform_dependent(
+      cpu=lambda: partials(x, targets, tau, softcap, self.chunks.chunk(v)),
+      default=lambda: partials(x, targets, tau, softcap, v),
+    )
+
+  def grad_logits(self, x, targets, tau, softcap, shift, log_s, g) -> jax.Array:
+    return grad_logits(x, targets, tau, softcap, shift, log_s, g)
+
+  def centred_expected_y(self, x, tau, softcap, shift, log_s) -> jax.Array:
+    return centred_expected_y(x, tau, softcap, shift, log_s, self.chunks.chunk(x.shape[1]))

@@ -1,0 +1,216 @@
+"""The kernel contract: per-row softmax partials, their one merge, and one ``finish``.
+
+Every implementation (XLA, Pallas GPU, Pallas TPU, each vocabulary shard of the
+vocab-parallel functions) reduces a block of a logits row to a
+:class:`RowPartials`; partials of blocks of the same row are merged by
+:func:`combine` (over an array axis, or over a mesh axis with collectives), and
+:func:`finish` turns the merged partials into log-probability, log-sum-exp,
+entropy and the greedy flag. The numerics live here, once:
+
+* ``lp = (t - shift) - log(s)``, never ``t - (shift + log(s))``: at large logit
+  magnitudes the log-sum-exp rounds to the ulp of ``shift`` (a row of 1e8 would
+  score 0 instead of ``-log V``). The backward pass gets ``shift`` and
+  ``log(s)`` separately for the same reason.
+* NaN wins: a NaN anywhere in the row makes ``m`` and ``s`` NaN, and so the
+  log-probability, even when the target is ``-inf``.
+* ``-inf`` at the target is probability zero: ``-inf``, also for all-``-inf`` rows.
+* greedy means the target is the *first* argmax of its (transformed) row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_F32 = jnp.float32
+NO_COLUMN = jnp.iinfo(jnp.int32).max
+
+
+class RowPartials(NamedTuple):
+  """Softmax statistics of one block of columns of each row, all ``[N]``.
+
+  ``y`` is the transformed logit ``softcap(x) / temperature`` in float32.
+
+  Attributes:
+    m: max of ``y`` over the block (``-inf`` for an empty or all-``-inf``
+      block; NaN if the block holds NaN).
+    s: sum of ``exp(y - shift(m))``; see :func:`shift_of`.
+    t: the target's ``y``, or ``-inf`` when the block does not hold the target.
+    arg: int32, the first column (global id) where ``y == m``. Implementations
+      that only decide the target's own flag may report, instead, the target
+      itself when it is the block's first argmax, ``-1`` when an earlier column
+      of the block attains ``m``, and any column of the block on the target's
+      side otherwise (e.g. the block's first column): merges then give the
+      same greedy flag.
+    sy: sum of ``exp(y - shift(m)) * (y - shift(m))`` (finite terms only), for
+      the entropy; None where no entropy is asked for. Centred on the shift so
+      that the entropy keeps its precision at large logit magnitudes.
+  """
+
+  m: jax.Array
+  s: jax.Array
+  t: jax.Array
+  arg: jax.Array
+  sy: jax.Array | None = None
+
+
+def finite_or_zero(x: jax.Array) -> jax.Array:
+  return jnp.where(jnp.isfinite(x), x, 0.0)
+
+
+def shift_of(m: jax.Array) -> jax.Array:
+  """The shift of a row's exponentials: its max, or 0 when that is not finite."""
+  return finite_or_zero(m)
+
+
+def transform(x: jax.Array, tau: jax.Array | None, softcap: float | None) -> jax.Array:
+  """``y = softcap(x) / tau`` in float32; ``-inf`` stays ``-inf`` under softcap."""
+  y = x.astype(_F32)
+  if softcap is not None:
+    y = jnp.where(y == -jnp.inf, -jnp.inf, softcap * jnp.tanh(y / softcap))
+  if tau is not None:
+    y = y / tau
+  return y
+
+
+def transform_grad(x: jax.Array, tau: jax.Array | None, softcap: float | None):
+  """``dy / dx`` elementwise (a Python 1.0 when there is no transform)."""
+  d = 1.0
+  if softcap is not None:
+    d = 1.0 - jnp.square(jnp.tanh(x.astype(_F32) / softcap))
+  if tau is not None:
+    d = d / tau
+  return d
+
+
+def empty(n: int, with_entropy: bool = False) -> RowPartials:
+  """The partials of no columns (the identity of :func:`combine`)."""
+  return RowPartials(
+    m=jnp.full((n,), -jnp.inf, _F32),
+    s=jnp.zeros((n,), _F32),
+    t=jnp.full((n,), -jnp.inf, _F32),
+    arg=jnp.full((n,), NO_COLUMN, jnp.int32),
+    sy=jnp.zeros((n,), _F32) if with_entropy else None,
+  )
+
+
+class Reducers(NamedTuple):
+  """How :func:`combine` reduces over the blocks: an array axis or a mesh axis.
+
+  ``max`` and ``sum`` take an array or a tuple of arrays.
+  """
+
+  max: Callable
+  sum: Callable
+  min: Callable
+
+
+def over_axis(axis: int) -> Reducers:
+  """Reduce partials stacked along ``axis`` of each field."""
+  return Reducers(
+    max=lambda x: jax.tree.map(lambda a: jnp.max(a, axis=axis), x),
+    sum=lambda x: jax.tree.map(lambda a: jnp.sum(a, axis=axis), x),
+    min=lambda x: jnp.min(x, axis=axis),
+  )
+
+
+def over_mesh(axis_name: str) -> Reducers:
+  """Reduce partials held by the devices along a mesh axis (inside ``shard_map``).
+
+  A tuple is reduced by one all-reduce of several operands.
+  """
+  return Reducers(
+    max=lambda x: lax.pmax(x, axis_name),
+    sum=lambda x: lax.psum(x, axis_name),
+    min=lambda x: lax.pmin(x, axis_name),
+  )
+
+
+def combine(p: RowPartials, reduce: Reducers, expand=lambda x: x) -> RowPartials:
+  """The online-softmax merge of the blocks' partials: the only one in lpkernel.
+
+  Args:
+    p: partials of several blocks of the same rows.
+    reduce: reductions over the blocks (:func:`over_axis` or :func:`over_mesh`).
+    expand: puts a reduced ``[N]`` value back beside the blocks (e.g. a
+      ``[:, None]`` for blocks along axis 1; identity for a mesh axis).
+  """
+  m, t = reduce.max((p.m, p.t))
+  scale = jnp.exp(p.m - expand(shift_of(m)))  # 0 for an empty block; NaN stays NaN
+  # Ties go to the lowest column; a block whose max is below the row's never wins.
+  arg = reduce.min(jnp.where(p.m == expand(m), p.arg, NO_COLUMN))
+  if p.sy is None:
+    return RowPartials(m=m, s=reduce.sum(p.s * scale), t=t, arg=arg)
+  # Re-centre each block's sum of p * (y - shift) on the row's shift.
+  delta = jnp.where(p.s > 0, shift_of(p.m) - expand(shift_of(m)), 0.0)
+  s, sy = reduce.sum((p.s * scale, (p.sy + p.s * delta) * scale))
+  return RowPartials(m=m, s=s, t=t, arg=arg, sy=sy)
+
+
+def merge(a: RowPartials, b: RowPartials) -> RowPartials:
+  """Merges two blocks' partials of the same rows (e.g. a running sweep and a new block)."""
+  stacked = jax.tree.map(lambda x, y: jnp.stack([x, y]), a, b)
+  return combine(stacked, over_axis(0))
+
+
+class Finished(NamedTuple):
+  """What :func:`finish` gives per row, all ``[N]``.
+
+  Attributes:
+    logprob: log Pr(target); NaN for an id outside ``[0, V)``.
+    greedy: bool, the target is the first argmax of its row (False where NaN).
+    shift: float32 shift of the row (its max, or 0).
+    log_s: ``log(sum exp(y - shift))``; ``lse = shift + log_s``.
+    centred: ``E_p[y - shift]`` (0 without ``sy``); the entropy is
+      ``log_s - centred``.
+  """
+
+  logprob: jax.Array
+  greedy: jax.Array
+  shift: jax.Array
+  log_s: jax.Array
+  centred: jax.Array
+
+  @property
+  def lse(self) -> jax.Array:
+    return self.shift + self.log_s
+
+  @property
+  def entropy(self) -> jax.Array:
+    return self.log_s - self.centred
+
+
+def finish(p: RowPartials, targets: jax.Array, vocab_size: int) -> Finished:
+  """Log-probability, greedy flag and normaliser of each row from its merged partials.
+
+  Args:
+    p: the partials of whole rows.
+    targets: int32[N] global ids; outside ``[0, vocab_size)`` gives NaN.
+  """
+  shift = shift_of(p.m)
+  log_s = jnp.log(p.s)
+  nan_row = jnp.isnan(p.m) | jnp.isnan(log_s)
+  logprob = jnp.where((p.t == -jnp.inf) & ~nan_row, -jnp.inf, (p.t - shift) - log_s)
+  in_range = (targets >= 0) & (targets < vocab_size)
+  logprob = jnp.where(in_range, logprob, jnp.nan)
+  # An impossible (-inf) target is never greedy, nor is a NaN value.
+  greedy = (p.arg == targets) & (p.t == p.m) & (p.t > -jnp.inf) & ~jnp.isnan(logprob)
+  centred = jnp.zeros_like(shift) if p.sy is None else jnp.where(p.s > 0, p.sy / p.s, 0.0)
+  return Finished(logprob, greedy, shift, log_s, centred)
+
+
+def poisoned_rows(targets, tau, vocab_size) -> tuple[jax.Array, jax.Array]:
+  """bool[N] masks of rows whose values are NaN by policy: (id outside
+  ``[0, vocab_size)``, temperature not finite and positive)."""
+  bad_id = (targets < 0) | (targets >= vocab_size)
+  bad_tau = jnp.zeros_like(bad_id) if tau is None else ~(jnp.isfinite(tau) & (tau > 0))
+  return bad_id, bad_tau
+
+
+def softmax(y: jax.Array, shift: jax.Array, log_s: jax.Array) -> jax.Array:
+  """``p = exp((y - shift) - log_s)`` with per-row ``shift``/``log_s`` broadcast to ``y``."""
+  return jnp.exp((y - shift) - log_s)
