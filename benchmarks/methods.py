@@ -46,8 +46,18 @@ def _needs(module: str) -> Callable[[], str | None]:
 # --- logits rows: score a response mask over [B, T, V] logits ---------------
 
 
-def _lpkernel(inp):
-  return lpk.score(inp["logits"], inp["tokens"], inp["response_mask"]).response_logprob.sum()
+def _lpkernel(implementation=None):
+  def loss(inp):
+    scores = lpk.score(
+      inp["logits"], inp["tokens"], inp["response_mask"], implementation=implementation
+    )
+    return scores.response_logprob.sum()
+
+  return loss
+
+
+def _on_gpu() -> str | None:
+  return None if jax.default_backend() == "gpu" else "needs a GPU (Pallas Triton kernels)"
 
 
 def _plain(inp):
@@ -97,7 +107,9 @@ def _jax_cce(inp):
 
 
 METHODS = [
-  Method("lpkernel", False, _lpkernel, ("logits",)),
+  Method("lpkernel", False, _lpkernel(), ("logits",)),
+  Method("lpkernel-xla", False, _lpkernel("xla"), ("logits",)),
+  Method("lpkernel-pallas", False, _lpkernel("pallas_gpu"), ("logits",), _on_gpu),
   Method("plain", False, _plain, ("logits",)),
   Method("optax", False, _optax, ("logits",)),
   Method("lpkernel-fused", True, _fused, ("hidden", "unembed")),

@@ -36,7 +36,9 @@ def token_logprobs_and_greedy(logits, targets, *, temperature=1.0, softcap=None)
   safe = jnp.where(in_range, targets, 0)[..., None]
   picked = jnp.take_along_axis(log_probs, safe, axis=-1)[..., 0]
   target_y = jnp.take_along_axis(y, safe, axis=-1)[..., 0]
-  lp = jnp.where(in_range, picked, jnp.nan)
+  # An impossible target is -inf (log_softmax of an all -inf row is NaN), unless NaN wins.
+  impossible = (target_y == -jnp.inf) & ~jnp.any(jnp.isnan(y), axis=-1)
+  lp = jnp.where(in_range, jnp.where(impossible, -jnp.inf, picked), jnp.nan)
   greedy = in_range & (jnp.argmax(y, axis=-1) == targets) & (target_y > -jnp.inf)
   return lp, greedy & ~jnp.isnan(lp)
 
