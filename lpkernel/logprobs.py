@@ -174,8 +174,9 @@ def token_logprobs(
 
   Example:
     >>> import jax.numpy as jnp, lpkernel as lpk
-    >>> lpk.token_logprobs(jnp.log(jnp.array([[0.25, 0.75]])), jnp.array([1]))
-    Array([-0.2876821], dtype=float32)
+    >>> lp = lpk.token_logprobs(jnp.log(jnp.array([[0.25, 0.75]])), jnp.array([1]))
+    >>> round(float(lp[0]), 6)  # log(0.75)
+    -0.287682
   """
   return token_logprobs_and_greedy(
     logits, targets, temperature=temperature, softcap=softcap, implementation=implementation

@@ -101,7 +101,7 @@ def score(
 
   prompt = total(in_prompt)
   response_lp = total(in_response)
-  token_lp = jnp.where(ok[:, None], jnp.where(scored, lp, 0.0), jnp.nan)
+  token_lp = jnp.where(scored, lp, 0.0)
   return Scores(
     prompt_logprob=prompt,
     response_logprob=response_lp,
@@ -109,5 +109,7 @@ def score(
     prompt_tokens=squeeze(jnp.sum(in_prompt, axis=1, dtype=jnp.int32)),
     response_tokens=squeeze(jnp.sum(in_response, axis=1, dtype=jnp.int32)),
     response_greedy=squeeze(jnp.all(~in_response | greedy[:, :, None], axis=1)) & ok_b,
-    token_logprobs=jnp.concatenate([jnp.zeros((b, 1), _F32), token_lp], axis=1),
+    token_logprobs=jnp.where(
+      ok[:, None], jnp.concatenate([jnp.zeros((b, 1), _F32), token_lp], axis=1), jnp.nan
+    ),
   )

@@ -126,7 +126,9 @@ def sum_scores(row_logprobs, row_greedy, layout: RowLayout, num_segments=None) -
   bad_row = ~layout.row_ok if num_segments is None else ~layout.row_ok[:, None]
   prompt, response = _poison(prompt, bad_row), _poison(response, bad_row)
   not_greedy = _group_sum(in_response & ~row_greedy, layout.segment, num_segments, jnp.int32)
-  token_lp = _poison(jnp.where(layout.scored, row_logprobs, 0.0), ~layout.row_ok[:, None])
+  # Position t + 1 holds the log-probability of token t + 1.
+  token_lp = jnp.where(layout.scored, row_logprobs, 0.0)
+  token_lp = jnp.concatenate([jnp.zeros_like(token_lp[:, :1]), token_lp[:, :-1]], axis=1)
   return Scores(
     prompt_logprob=prompt,
     response_logprob=response,
@@ -134,8 +136,7 @@ def sum_scores(row_logprobs, row_greedy, layout: RowLayout, num_segments=None) -
     prompt_tokens=_group_sum(in_prompt, layout.segment, num_segments, jnp.int32),
     response_tokens=_group_sum(in_response, layout.segment, num_segments, jnp.int32),
     response_greedy=(not_greedy == 0) & ~bad_row,
-    # Position t + 1 holds the log-probability of token t + 1.
-    token_logprobs=jnp.concatenate([jnp.zeros_like(token_lp[:, :1]), token_lp[:, :-1]], axis=1),
+    token_logprobs=_poison(token_lp, ~layout.row_ok[:, None]),
   )
 
 

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import lpkernel as lpk
+
 # Tolerances for float32 results computed from logits of each input dtype,
 # compared against an oracle fed the *same* (already rounded) logits.
 TOLERANCES = {
@@ -40,21 +42,36 @@ def assert_close(actual, expected, *, rtol, atol, what=""):
 
 def oracle_token_logprobs(logits, targets, temperature=1.0, softcap=None):
   """float64 NumPy log-softmax gather; NaN for ids outside [0, V)."""
+  with np.errstate(all="ignore"):  # inf - inf, 0 / 0: the policy decides below
+    return _oracle_token_logprobs(logits, targets, temperature, softcap)
+
+
+def _oracle_token_logprobs(logits, targets, temperature, softcap):
   y = np.asarray(jnp.asarray(logits, jnp.float32), np.float64)
   if softcap is not None:
-    y = softcap * np.tanh(y / softcap)
+    y = np.where(np.isneginf(y), -np.inf, softcap * np.tanh(y / softcap))
   y = y / np.asarray(temperature, np.float64)[..., None]
   m = np.max(y, axis=-1, keepdims=True)
   m = np.where(np.isfinite(m), m, 0.0)
-  with np.errstate(divide="ignore"):
-    lse = np.log(np.sum(np.exp(y - m), axis=-1)) + m[..., 0]
+  lse = np.log(np.sum(np.exp(y - m), axis=-1)) + m[..., 0]
   targets = np.asarray(targets)
   v = y.shape[-1]
   ok = (targets >= 0) & (targets < v)
   picked = np.take_along_axis(y, np.where(ok, targets, 0)[..., None], axis=-1)[..., 0]
-  with np.errstate(invalid="ignore"):
-    lp = np.where(np.isneginf(picked), -np.inf, picked - lse)
+  nan_row = np.isnan(y).any(axis=-1)
+  lp = np.where(np.isneginf(picked) & ~nan_row, -np.inf, (picked - m[..., 0]) - (lse - m[..., 0]))
   return np.where(ok, lp, np.nan)
+
+
+def oracle_logits_grad(logits, targets, weights, temperature=1.0, softcap=None):
+  """float64 d/d logits of ``sum(weights * lp)`` (no softcap/temperature chain beyond y)."""
+  y = np.asarray(jnp.asarray(logits, jnp.float32), np.float64)
+  assert softcap is None and np.all(np.asarray(temperature) == 1.0)
+  m = np.max(y, axis=-1, keepdims=True)
+  p = np.exp(y - m)
+  p /= p.sum(-1, keepdims=True)
+  onehot = np.arange(y.shape[-1]) == np.asarray(targets)[..., None]
+  return np.asarray(weights, np.float64)[..., None] * (onehot - p)
 
 
 def oracle_score(logits, tokens, response_mask, segment_ids=None, num_segments=None):
@@ -71,26 +88,31 @@ def oracle_score(logits, tokens, response_mask, segment_ids=None, num_segments=N
   lp_all = oracle_token_logprobs(logits[:, :-1], tokens[:, 1:]) if t > 1 else np.zeros((b, 0))
   for i in range(b):
     bad = (seg[i] < 0).any() or (num_segments is not None and (seg[i] > num_segments).any())
+    runs = [s for pos, s in enumerate(seg[i]) if s > 0 and (pos == 0 or seg[i, pos - 1] != s)]
+    bad = bad or len(runs) != len(set(runs))  # a segment id reappears
     for pos in range(1, t):
       s = seg[i, pos]
       if s <= 0 or s != seg[i, pos - 1]:
         continue
       lp = lp_all[i, pos - 1]
       token_lp[i, pos] = lp
-      if bad:
+      if num_segments is not None and s > num_segments:
         continue
       k = i if num_segments is None else (i, s - 1)
       role = "response" if response_mask[i, pos] else "prompt"
+      out["rtok" if role == "response" else "ptok"][k] += 1  # counted even in a bad row
+      if bad:
+        continue
       out[role][k] += lp
-      out["rtok" if role == "response" else "ptok"][k] += 1
       tok = tokens[i, pos]
-      if role == "response" and not (
-        0 <= tok < v and logits[i, pos - 1, tok] >= logits[i, pos - 1].max()
-      ):
+      row = logits[i, pos - 1]
+      first_argmax = 0 <= tok < v and np.argmax(row) == tok and not np.isnan(row).any()
+      if role == "response" and not (first_argmax and row[tok] > -np.inf):
         greedy[k] = False
     if bad:
       out["prompt"][i] = np.nan
       out["response"][i] = np.nan
+      greedy[i] = False
       token_lp[i] = np.nan
   return dict(
     prompt_logprob=out["prompt"],
@@ -101,6 +123,17 @@ def oracle_score(logits, tokens, response_mask, segment_ids=None, num_segments=N
     response_greedy=greedy,
     token_logprobs=token_lp,
   )
+
+
+LOGITS_IMPLEMENTATIONS = {
+  # The XLA path on the CPU: whole rows (the accelerator branch's code), and
+  # 8-column chunks merged per row (the CPU branch's).
+  "xla-rows": lpk.XlaLogits(lpk.ChunkConfig(max_chunk=2**30)),
+  "xla-chunked": lpk.XlaLogits(lpk.ChunkConfig(max_chunk=8, min_chunk=2)),
+  # Pallas GPU kernels in interpret mode: 64-column tiles (several per row and
+  # a masked tail), 4 rows per program with a row tail, and vocabulary splits.
+  "pallas_gpu": lpk.PallasGpuLogits(block_rows=4, block_v=64, splits=2, interpret=True),
+}
 
 
 def random_logits(key, shape, dtype=jnp.float32, scale=3.0):

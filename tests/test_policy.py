@@ -1,0 +1,413 @@
+"""The bad-input and numerics policy (README "Bad input"), on every public path.
+
+Each test names the policy item it guards: precision at large magnitudes, NaN
+wins, -inf stays impossible, masked positions never poison gradients, 64-bit
+ids never wrap, contiguous segments, temperature and softcap, NaN gradients of
+poisoned values, clear errors.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from jax.experimental import checkify
+from jax.sharding import Mesh
+
+import lpkernel as lpk
+from lpkernel import reference, sharding
+from tests.helpers import (
+  LOGITS_IMPLEMENTATIONS,
+  assert_close,
+  oracle_logits_grad,
+  oracle_token_logprobs,
+)
+
+IMPLS = pytest.mark.parametrize(
+  "impl", list(LOGITS_IMPLEMENTATIONS.values()), ids=list(LOGITS_IMPLEMENTATIONS)
+)
+FUSED_SMALL = lpk.XlaFused(lpk.FusedConfig(vocab_block=4))
+SCORE_FIELDS = ("prompt_logprob", "response_logprob", "joint_logprob", "token_logprobs")
+
+
+def _mesh():
+  return Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+
+
+# --- precision at large logit magnitudes ------------------------------------------
+
+
+@IMPLS
+@pytest.mark.parametrize("offset", [1e4, 1e6, 1e8])
+def test_large_common_offset_keeps_values_and_gradients(impl, offset):
+  x = jax.random.normal(jax.random.key(0), (6, 37)) * 2 + offset
+  t = jnp.arange(6) * 5
+  w = jnp.linspace(-1.0, 1.0, 6)
+  lp = lpk.token_logprobs(x, t, implementation=impl)
+  assert_close(lp, oracle_token_logprobs(x, t), rtol=1e-6, atol=2e-6, what="values")
+  g = jax.grad(lambda x: jnp.sum(w * lpk.token_logprobs(x, t, implementation=impl)))(x)
+  # optax's error against float64 at +1e4 is about 4e-8; the old lse-only residual gave 1.8e-4.
+  np.testing.assert_allclose(g, oracle_logits_grad(x, t, w), atol=2e-7)
+
+
+def test_uniform_row_of_1e8_scores_minus_log_v():
+  for impl in [*LOGITS_IMPLEMENTATIONS.values(), "reference"]:
+    lp = lpk.token_logprobs(jnp.full((2, 10), 1e8), jnp.array([0, 9]), implementation=impl)
+    np.testing.assert_allclose(lp, -np.log(10), rtol=1e-6)
+  h, w = jnp.ones((2, 4)), jnp.full((4, 10), 2.5e7)  # logits 1e8
+  for impl in [FUSED_SMALL, "reference"]:
+    lp = lpk.fused_token_logprobs(h, w, jnp.array([0, 9]), implementation=impl)
+    np.testing.assert_allclose(lp, -np.log(10), rtol=1e-6)
+
+
+def test_fused_gradients_keep_precision_at_large_offsets():
+  h = jax.random.normal(jax.random.key(1), (5, 4))
+  w = jax.random.normal(jax.random.key(2), (4, 9))
+  h = jnp.concatenate([h, jnp.full((5, 1), 1.0)], 1)
+  w = jnp.concatenate([w, jnp.full((1, 9), 1e4)], 0)  # adds 1e4 to every logit
+  t = jnp.arange(5)
+  with jax.default_matmul_precision("highest"):
+    logits = h @ w
+    dh_fused = jax.grad(
+      lambda h: jnp.sum(lpk.fused_token_logprobs(h, w, t, implementation=FUSED_SMALL))
+    )(h)
+  dlogits = oracle_logits_grad(logits, t, np.ones(5))
+  want = dlogits @ np.asarray(w, np.float64).T
+  # The last hidden column meets the 1e4 weights in dz @ w.T itself (float32
+  # rounding of 1e4 * sum(dz) ~ 1e-3 on any path); the others keep their precision.
+  np.testing.assert_allclose(dh_fused[:, :4], want[:, :4], atol=2e-5)
+
+
+# --- NaN wins --------------------------------------------------------------------
+
+
+@IMPLS
+def test_nan_anywhere_in_a_row_wins_over_a_neg_inf_target(impl):
+  x = jnp.zeros((3, 20)).at[0, 3].set(-jnp.inf).at[0, 15].set(jnp.nan)
+  x = x.at[1, 15].set(jnp.nan).at[2, 4].set(-jnp.inf)
+  lp, greedy = lpk.token_logprobs_and_greedy(x, jnp.array([3, 0, 4]), implementation=impl)
+  assert np.isnan(lp[0]) and np.isnan(lp[1]) and np.isneginf(lp[2])
+  assert not greedy.any()
+
+
+def test_nan_wins_on_the_fused_and_vocab_parallel_paths():
+  h = jnp.ones((2, 3))
+  w = jnp.zeros((3, 8)).at[:, 2].set(-jnp.inf).at[0, 6].set(jnp.nan)
+  lp = lpk.fused_token_logprobs(h, w, jnp.array([2, 0]), implementation=FUSED_SMALL)
+  assert np.isnan(lp).all()
+  mesh = _mesh()
+  x = jnp.zeros((4, 8)).at[:2, 1].set(-jnp.inf).at[0, 6].set(jnp.nan)  # NaN in another shard
+  lp, _ = sharding.vocab_parallel_token_logprobs_and_greedy(x, jnp.array([1, 1, 0, 0]), mesh)
+  assert np.isnan(lp[0]) and np.isneginf(lp[1]) and np.isfinite(lp[2:]).all()
+  stats = sharding.vocab_parallel_fused_token_stats(h, w, jnp.array([2, 0]), mesh)
+  assert np.isnan(stats.logprobs).all()
+
+
+# --- -inf stays impossible under every option --------------------------------------
+
+
+@IMPLS
+def test_softcap_keeps_neg_inf_impossible(impl):
+  x = jax.random.normal(jax.random.key(3), (3, 12)).at[:, 5].set(-jnp.inf)
+  lp = lpk.token_logprobs(x, jnp.array([5, 0, 1]), softcap=2.0, implementation=impl)
+  assert np.isneginf(lp[0])
+  assert_close(lp, oracle_token_logprobs(x, jnp.array([5, 0, 1]), softcap=2.0), rtol=1e-5, atol=1e-5)
+  # No probability leaks to the impossible column: the rest still sums to one.
+  full = jnp.stack(
+    [lpk.token_logprobs(x, jnp.full((3,), j), softcap=2.0, implementation=impl) for j in range(12)]
+  )
+  np.testing.assert_allclose(jnp.sum(jnp.exp(full), 0), 1.0, rtol=1e-5)
+
+
+def test_fused_neg_inf_target_and_all_neg_inf_rows_are_neg_inf():
+  h = jnp.ones((3, 2))
+  w = jnp.zeros((2, 6)).at[:, 4].set(-jnp.inf)
+  w_all = jnp.full((2, 6), -jnp.inf)
+  for impl in [FUSED_SMALL, lpk.XlaFused(), "reference"]:
+    lp = lpk.fused_token_logprobs(h, w, jnp.array([4, 0, 1]), implementation=impl)
+    assert np.isneginf(lp[0]) and np.isfinite(lp[1:]).all()
+    assert np.isneginf(lpk.fused_token_logprobs(h, w_all, jnp.array([4, 0, 1]), implementation=impl)).all()
+
+
+# --- masked positions never poison gradients -------------------------------------------
+
+
+def _rows(b=2, t=6):
+  tokens = jnp.arange(b * t).reshape(b, t) % 7
+  seg = jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+  return tokens, jnp.ones((b, t), bool), seg
+
+
+def test_garbage_in_unscored_hidden_rows_leaves_fused_gradients_finite():
+  tokens, mask, seg = _rows()
+  hidden = jax.random.normal(jax.random.key(4), (2, 6, 3))
+  hidden = hidden.at[0, 4].set(jnp.nan).at[0, 5].set(jnp.inf).at[1, 5].set(jnp.nan)  # pad, last
+  unembed = jax.random.normal(jax.random.key(5), (3, 8))
+  tau = jnp.ones((2, 6)).at[0, 4].set(0.0).at[0, 5].set(jnp.nan).at[1, 5].set(0.0)
+  mesh = _mesh()
+
+  def loss(h, w, tau, fn):
+    return fn(h, w, tokens, mask, segment_ids=seg, temperature=tau).joint_logprob.sum()
+
+  vp = lambda h, w, *a, **k: sharding.vocab_parallel_score_hidden(h, w, *a, mesh=mesh, **k)  # noqa: E731
+  for fn in (lpk.score_hidden, vp):
+    value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(hidden, unembed, tau, fn)
+    assert np.isfinite(value)
+    for g in grads:
+      assert np.isfinite(g).all()
+
+
+@IMPLS
+def test_bad_temperature_at_padding_leaves_logits_gradients_finite(impl):
+  tokens, mask, seg = _rows()
+  logits = jax.random.normal(jax.random.key(6), (2, 6, 7)).at[0, 4:].set(jnp.nan)
+  tau = jnp.ones((2, 6)).at[0, 4].set(0.0).at[0, 5].set(jnp.nan).at[1, 5].set(-1.0)
+  value, grads = jax.value_and_grad(
+    lambda x, tau: lpk.score(
+      x, tokens, mask, segment_ids=seg, temperature=tau, implementation=impl
+    ).joint_logprob.sum(),
+    argnums=(0, 1),
+  )(logits, tau)
+  assert np.isfinite(value) and all(np.isfinite(g).all() for g in grads)
+
+
+def test_extreme_bfloat16_logits_with_zero_entropy_cotangent_give_finite_gradients():
+  big = float(jnp.finfo(jnp.bfloat16).max) ** 0.5  # h * w reaches +-3.39e38
+  h = jnp.array([[big, 0.0], [1.0, 1.0]], jnp.bfloat16)
+  w = jnp.array([[big, -big, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]], jnp.bfloat16)
+  t = jnp.array([0, 2])
+  for impl in [FUSED_SMALL, lpk.XlaFused()]:
+    dh, dw = jax.grad(
+      lambda h, w: jnp.sum(lpk.fused_token_stats(h, w, t, implementation=impl).logprobs),
+      argnums=(0, 1),
+    )(h, w)
+    assert np.isfinite(np.asarray(dh, np.float32)).all()
+    assert np.isfinite(np.asarray(dw, np.float32)).all()
+
+
+# --- 64-bit ids never wrap --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64])
+def test_64_bit_numpy_ids_are_range_checked_before_the_cast(dtype):
+  logits = jax.random.normal(jax.random.key(7), (1, 4, 9))
+  tokens = np.array([[1, 2, 2**32 + 3, 4]], dtype)
+  mask = np.ones((1, 4), bool)
+  s = lpk.score(logits, tokens, mask)
+  assert np.isnan(s.token_logprobs[0, 2]) and np.isnan(s.joint_logprob[0])
+  assert np.isfinite(np.asarray(s.token_logprobs)[0, [1, 3]]).all()
+  lp = lpk.token_logprobs(logits[0], tokens[0])
+  assert np.isnan(lp[2]) and np.isfinite(np.asarray(lp)[[0, 1, 3]]).all()
+  h, w = jnp.ones((4, 2)), jnp.zeros((2, 9))
+  assert np.isnan(lpk.fused_token_logprobs(h, w, tokens[0])[2])
+  with pytest.raises(ValueError, match="ids"):
+    lpk.check_inputs(logits, tokens, mask)
+  seg = np.array([[1, 1, 2**32 + 1, 2**32 + 1]], np.int64)  # would wrap to segment 1
+  assert np.isnan(lpk.score(logits, tokens % 9, mask, segment_ids=seg).joint_logprob[0])
+  with pytest.raises(ValueError, match="segment_ids"):
+    lpk.check_inputs(logits, tokens % 9, mask, seg)
+
+
+def test_64_bit_ids_under_x64_and_checkify():
+  with jax.enable_x64(True):
+    logits = jax.random.normal(jax.random.key(8), (1, 4, 9), jnp.float32)
+    tokens = jnp.array([[1, 2, 2**32 + 3, 4]], jnp.int64)
+    mask = jnp.ones((1, 4), bool)
+    s = jax.jit(lpk.score)(logits, tokens, mask)
+    assert np.isnan(s.token_logprobs[0, 2])
+
+    def checked(logits, tokens, mask):
+      lpk.checkify_inputs(logits, tokens, mask)
+      return lpk.score(logits, tokens, mask)
+
+    err, _ = jax.jit(checkify.checkify(checked))(logits, tokens, mask)
+    with pytest.raises(checkify.JaxRuntimeError, match="ids"):
+      err.throw()
+
+
+# --- segments are contiguous runs ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "seg", [[1, 1, 2, 2, 1, 1], [1, 1, 0, 0, 1, 1], [2, 1, 1, 2, 0, 0]], ids=["121", "101", "212"]
+)
+def test_reappearing_segment_ids_poison_the_row(seg):
+  logits = jax.random.normal(jax.random.key(9), (2, 6, 5))
+  tokens = jnp.ones((2, 6), jnp.int32)
+  mask = jnp.zeros((2, 6), bool).at[:, 3:].set(True)
+  segs = jnp.array([seg, [1, 1, 1, 2, 2, 0]])
+  for num_segments in (None, 3):
+    s = lpk.score(logits, tokens, mask, segment_ids=segs, num_segments=num_segments)
+    r = reference.score(logits, tokens, mask, segment_ids=segs, num_segments=num_segments)
+    for name in SCORE_FIELDS:
+      assert np.isnan(getattr(s, name)[0]).all(), name
+      assert np.isfinite(getattr(s, name)[1]).all(), name
+      assert np.isnan(getattr(r, name)[0]).all(), name
+    assert not np.asarray(s.response_greedy[0]).any()
+  with pytest.raises(ValueError, match=r"contiguous run.*\[b=0, t="):
+    lpk.check_inputs(logits, tokens, mask, segs)
+  err, _ = jax.jit(checkify.checkify(lambda s: lpk.checkify_inputs(5, tokens, mask, s)))(segs)
+  with pytest.raises(checkify.JaxRuntimeError, match="contiguous"):
+    err.throw()
+
+
+def test_padding_between_and_around_sequences_is_contiguous():
+  seg = jnp.array([[0, 1, 1, 0, 2, 2, 0], [1, 1, 1, 1, 1, 0, 0]])
+  lpk.check_inputs(5, jnp.ones((2, 7), jnp.int32), jnp.ones((2, 7), bool), seg)
+
+
+# --- temperature and softcap ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_python_temperature_and_softcap_raise(bad):
+  x, t = jnp.zeros((2, 4)), jnp.zeros((2,), jnp.int32)
+  with pytest.raises(ValueError, match="temperature"):
+    lpk.token_logprobs(x, t, temperature=bad)
+  with pytest.raises(ValueError, match="softcap"):
+    lpk.token_logprobs(x, t, softcap=bad)
+  with pytest.raises(ValueError, match="temperature"):
+    lpk.fused_token_logprobs(jnp.ones((2, 3)), jnp.ones((3, 4)), t, temperature=bad)
+
+
+@IMPLS
+def test_bad_array_temperature_poisons_its_position_and_its_gradient(impl):
+  x = jax.random.normal(jax.random.key(10), (4, 9))
+  t = jnp.arange(4)
+  tau = jnp.array([1.0, 0.0, jnp.nan, -2.0])
+  lp = lpk.token_logprobs(x, t, temperature=tau, implementation=impl)
+  assert np.isfinite(lp[0]) and np.isnan(lp[1:]).all()
+  dx, dtau = jax.grad(
+    lambda x, tau: jnp.sum(lpk.token_logprobs(x, t, temperature=tau, implementation=impl)),
+    argnums=(0, 1),
+  )(x, tau)
+  assert np.isfinite(dx[0]).all() and np.isnan(dx[1:]).all(axis=1).all()
+  assert np.isfinite(dtau[0]) and np.isnan(dtau[1:]).all()
+
+
+# --- gradients of poisoned values are NaN ------------------------------------------------------
+
+
+@IMPLS
+def test_out_of_range_ids_have_nan_gradients(impl):
+  x = jax.random.normal(jax.random.key(11), (3, 9))
+  t = jnp.array([1, 9, -1])
+  dx = jax.grad(lambda x: jnp.sum(lpk.token_logprobs(x, t, implementation=impl)))(x)
+  assert np.isfinite(dx[0]).all() and np.isnan(dx[1:]).all()
+  h, w = jax.random.normal(jax.random.key(12), (3, 4)), jax.random.normal(jax.random.key(13), (4, 9))
+  dh = jax.grad(lambda h: jnp.sum(lpk.fused_token_logprobs(h, w, t, implementation=FUSED_SMALL)))(h)
+  assert np.isfinite(dh[0]).all() and np.isnan(dh[1:]).all()
+
+
+def test_invalid_segment_rows_have_nan_gradients_and_valid_rows_do_not():
+  logits = jax.random.normal(jax.random.key(14), (2, 6, 5))
+  tokens, mask = jnp.ones((2, 6), jnp.int32), jnp.ones((2, 6), bool)
+  seg = jnp.array([[1, 1, 2, 2, 1, 1], [1, 1, 1, 0, 0, 0]])
+  for field in ("joint_logprob", "token_logprobs"):
+    g = jax.grad(lambda x: getattr(lpk.score(x, tokens, mask, segment_ids=seg), field).sum())(logits)
+    assert np.isnan(g[0, 0]).all()  # a scored position of the bad row
+    assert np.isfinite(g[1]).all() and (g[1, 2:] == 0).all()  # masked positions: exact zeros
+
+
+# --- clear errors ------------------------------------------------------------------------------
+
+
+def test_configs_reject_non_positive_sizes():
+  with pytest.raises(ValueError, match="vocab_block"):
+    lpk.FusedConfig(vocab_block=0)
+  with pytest.raises(ValueError, match="ChunkConfig"):
+    lpk.ChunkConfig(max_chunk=0)
+  with pytest.raises(ValueError, match="ChunkConfig"):
+    lpk.ChunkConfig(min_chunk=-4)
+  with pytest.raises(ValueError, match="power of two"):
+    lpk.PallasGpuLogits(block_v=1000)
+
+
+def test_zero_width_hidden_names_d_and_transposed_table_is_suggested():
+  with pytest.raises(ValueError, match="D=0"):
+    lpk.score_hidden(jnp.zeros((1, 3, 0)), jnp.zeros((0, 5)), jnp.zeros((1, 3), jnp.int32), jnp.ones((1, 3), bool))
+  with pytest.raises(ValueError, match="unembed.T"):
+    lpk.fused_token_logprobs(jnp.zeros((2, 4)), jnp.zeros((7, 4)), jnp.zeros((2,), jnp.int32))
+
+
+def test_python_lists_are_arrays_and_other_objects_are_type_errors():
+  logits = jax.random.normal(jax.random.key(15), (1, 3, 4))
+  a = lpk.score(logits, [[0, 1, 2]], [[False, True, True]], segment_ids=[[1, 1, 1]])
+  b = lpk.score(logits, jnp.array([[0, 1, 2]]), jnp.array([[False, True, True]]))
+  np.testing.assert_array_equal(a.joint_logprob, b.joint_logprob)
+  np.testing.assert_array_equal(lpk.token_logprobs(logits[0], [0, 1, 2]), lpk.token_logprobs(logits[0], jnp.arange(3)))
+  with pytest.raises(TypeError, match="tokens must be an array"):
+    lpk.score(logits, {"ids": 1}, [[False, True, True]])
+  with pytest.raises(TypeError, match="integer"):
+    lpk.score(logits, [[0.0, 1.0, 2.0]], [[False, True, True]])
+
+
+def test_vocab_parallel_errors_name_the_array_and_the_axis():
+  mesh = _mesh()
+  x, t = jnp.zeros((3, 8)), jnp.zeros((3,), jnp.int32)
+  with pytest.raises(ValueError, match=r"logits has 3 rows.*'data' axis size 2"):
+    sharding.vocab_parallel_token_logprobs_and_greedy(x, t, mesh, batch_axis="data")
+  with pytest.raises(ValueError, match=r"model_axis='vocab' is not an axis"):
+    sharding.vocab_parallel_token_logprobs_and_greedy(x, t, mesh, model_axis="vocab")
+  with pytest.raises(ValueError, match=r"unembed has V=6.*'model' axis size 4"):
+    sharding.vocab_parallel_fused_token_stats(jnp.zeros((4, 2)), jnp.zeros((2, 6)), t[:1].repeat(4), mesh)
+
+
+def test_implementation_names_are_checked():
+  x, t = jnp.zeros((2, 4)), jnp.zeros((2,), jnp.int32)
+  with pytest.raises(ValueError, match="unknown logits implementation"):
+    lpk.token_logprobs(x, t, implementation="triton")
+  with pytest.raises(ValueError, match="runs on \\['gpu'\\]"):
+    lpk.token_logprobs(x, t, implementation="pallas_gpu")  # the CPU suite has no GPU
+
+
+# --- hypothesis: the policy holds on drawn bad inputs ----------------------------------------------
+
+_SPECIAL = st.sampled_from([0.0, 1.5, -2.0, 30.0, -jnp.inf, jnp.inf, jnp.nan])
+
+
+@given(
+  row=st.lists(_SPECIAL, min_size=1, max_size=9),
+  target=st.integers(-3, 12),
+  tau=st.sampled_from([1.0, 0.5, 0.0, -1.0, jnp.nan, jnp.inf]),
+  softcap=st.sampled_from([None, 3.0]),
+)
+def test_drawn_special_values_follow_the_oracle(row, target, tau, softcap):
+  x = jnp.array([row], jnp.float32)
+  t = jnp.array([target])
+  temp = jnp.array([tau])
+  want = reference.token_logprobs(x, t, temperature=temp, softcap=softcap)
+  oracle = oracle_token_logprobs(x, t, temperature=np.array([tau]), softcap=softcap)
+  if not (np.isfinite(tau) and tau > 0):
+    oracle = np.full_like(oracle, np.nan)
+  for impl in LOGITS_IMPLEMENTATIONS.values():
+    got = lpk.token_logprobs(x, t, temperature=temp, softcap=softcap, implementation=impl)
+    assert_close(got, oracle, rtol=1e-5, atol=1e-5, what=f"{impl} vs oracle")
+    assert_close(got, want, rtol=1e-5, atol=1e-5, what=f"{impl} vs reference")
+
+
+@given(
+  seg=st.lists(st.lists(st.integers(0, 3), min_size=6, max_size=6), min_size=1, max_size=3),
+  ids=st.lists(st.sampled_from([0, 3, 4, 5, -1, 2**31 - 1]), min_size=6, max_size=6),
+)
+def test_drawn_segments_and_ids_follow_the_oracle_or_raise(seg, ids):
+  from tests.helpers import oracle_score
+
+  seg = np.array(seg)
+  tokens = np.broadcast_to(np.array(ids), seg.shape)
+  logits = jax.random.normal(jax.random.key(16), (*seg.shape, 5))
+  mask = np.zeros(seg.shape, bool)
+  mask[:, 3:] = True
+  s = lpk.score(logits, tokens, mask, segment_ids=seg, num_segments=3)
+  want = oracle_score(logits, tokens, mask, seg, num_segments=3)
+  for name in SCORE_FIELDS:
+    assert_close(getattr(s, name), want[name], rtol=1e-5, atol=1e-4, what=name)
+  valid = all(lpk.checks.contiguous_segments(seg, np)) and not (
+    ((seg > 0) & ((tokens < 0) | (tokens >= 5))).any()
+  )
+  if valid:
+    lpk.check_inputs(logits, tokens, mask, seg, num_segments=3)
+  else:
+    with pytest.raises(ValueError):
+      lpk.check_inputs(logits, tokens, mask, seg, num_segments=3)
