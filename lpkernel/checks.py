@@ -119,7 +119,9 @@ def temperature_rows(temperature, batch_shape) -> jax.Array | None:
       raise ValueError(f"temperature must be finite and positive, got {temperature=}")
     if temperature == 1:
       return None
-  temperature = jnp.asarray(as_array("temperature", temperature))
+  else:
+    temperature = as_array("temperature", temperature)
+  temperature = jnp.asarray(temperature)
   if not jnp.issubdtype(temperature.dtype, jnp.floating):
     temperature = temperature.astype(jnp.float32)
   check_broadcastable("temperature", temperature.shape, batch_shape)

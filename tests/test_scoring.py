@@ -294,44 +294,6 @@ def test_product_underflows_but_log_sum_is_exact():
   np.testing.assert_allclose(s.response_logprob[0], n * np.log(p), rtol=1e-6)
 
 
-# --- No [B, T, V] temporaries ------------------------------------------------
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("with_grad", [False, True], ids=["forward", "forward+backward"])
-def test_no_logits_sized_temporaries(dtype, with_grad):
-  _, b, t, v = shapes.LLAMA2_VOCAB  # (8, 512, 32000)
-  logits = jax.ShapeDtypeStruct((b, t, v), dtype)
-  tokens = jax.ShapeDtypeStruct((b, t), jnp.int32)
-  mask = jax.ShapeDtypeStruct((b, t), jnp.bool_)
-
-  def loss(x, tok, m):
-    return lpk.score(x, tok, m).response_logprob.sum()
-
-  fn = jax.grad(loss) if with_grad else loss
-  stats = jax.jit(fn).lower(logits, tokens, mask).compile().memory_analysis()
-  logits_bytes = b * t * v * jnp.dtype(dtype).itemsize
-  assert stats.temp_size_in_bytes < 0.10 * logits_bytes, (
-    f"temporaries {stats.temp_size_in_bytes / 1e6:.1f} MB vs logits {logits_bytes / 1e6:.1f} MB"
-  )
-  if with_grad:  # the gradient itself is the output, in the logits' dtype
-    assert stats.output_size_in_bytes == logits_bytes
-
-
-def test_reference_does_materialise():
-  """The memory test can fail: the plain reference builds a [B, T, V] float32 log-softmax."""
-  logits = jax.ShapeDtypeStruct((2, 64, 1000), jnp.float32)
-  rows = jax.ShapeDtypeStruct((2, 64), jnp.int32)
-  stats = (
-    jax.jit(lambda x, t: reference.score(x, t, t > 0).joint_logprob.sum())
-    .lower(logits, rows)
-    .compile()
-    .memory_analysis()
-  )
-  assert stats.temp_size_in_bytes >= 2 * 64 * 1000 * 4 * 0.9
-
-
 def test_chunked_path_scores_match():
   logits, tokens, response = _inputs(16, 2, 5, 24)
   a = lpk.score(logits, tokens, response, implementation=XlaLogits(ChunkConfig(max_chunk=8, min_chunk=2)))

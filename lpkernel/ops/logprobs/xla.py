@@ -160,6 +160,45 @@ def grad_logits(x, targets, tau, softcap, shift, log_s, g) -> jax.Array:
   return dx.astype(x.dtype)
 
 
+# Elements of one row block's float32 temporaries (2 MiB) when rows are reduced in blocks.
+_ROW_BLOCK_ELEMENTS = 1 << 19
+
+
+def _needs_row_blocks(x, softcap) -> bool:
+  """XLA:CPU's fast reductions (YNNPACK fusions) take neither ``tanh`` nor a float16
+  upcast in their prologue: it materialised either as a float32 ``[N, V]`` copy
+  (jax 0.10.2). Then rows are reduced in blocks, bounding that copy to a block."""
+  return softcap is not None or x.dtype == jnp.float16
+
+
+def _in_row_blocks(fn, x, *rows):
+  """``fn(x, *rows)`` over blocks of rows in a ``fori_loop``; results have N leading rows.
+
+  The block is the largest divisor of N with at most ``_ROW_BLOCK_ELEMENTS``
+  elements, so there is no remainder block.
+  """
+  n, v = x.shape
+  cap = max(1, _ROW_BLOCK_ELEMENTS // v)
+  block = max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+  if block == n:
+    return fn(x, *rows)
+
+  def take(a, lo):
+    return None if a is None else lax.dynamic_slice_in_dim(a, lo, block, 0)
+
+  def body(i, out):
+    # Slicing the output of a barrier over (x, offset) keeps XLA from moving the
+    # block's float32 upcast above the slice and out of the loop (a float32 copy
+    # of the whole array), as in the fused sweep.
+    xx, lo = lax.optimization_barrier((x, i * block))
+    res = fn(take(xx, lo), *(take(r, lo) for r in rows))
+    return jax.tree.map(lambda o, r: lax.dynamic_update_slice_in_dim(o, r, lo, 0), out, res)
+
+  shapes = jax.eval_shape(fn, x[:block], *(None if r is None else r[:block] for r in rows))
+  init = jax.tree.map(lambda a: jnp.zeros((n, *a.shape[1:]), a.dtype), shapes)
+  return lax.fori_loop(0, n // block, body, init)
+
+
 @dataclasses.dataclass(frozen=True)
 class XlaLogits:
   """The XLA implementation: chunked on the CPU, whole rows elsewhere.
@@ -174,13 +213,23 @@ class XlaLogits:
 
   def partials(self, x, targets, tau, softcap) -> P.RowPartials:
     v = x.shape[1]
-    return lax.platform_dependent(
-      cpu=lambda: partials(x, targets, tau, softcap, self.chunks.chunk(v)),
-      default=lambda: partials(x, targets, tau, softcap, v),
-    )
+
+    def cpu():
+      chunk = self.chunks.chunk(v)
+      fn = lambda x, t, tau: partials(x, t, tau, softcap, chunk)  # noqa: E731
+      return _in_row_blocks(fn, x, targets, tau) if _needs_row_blocks(x, softcap) else fn(x, targets, tau)
+
+    return lax.platform_dependent(cpu=cpu, default=lambda: partials(x, targets, tau, softcap, v))
 
   def grad_logits(self, x, targets, tau, softcap, shift, log_s, g) -> jax.Array:
-    return grad_logits(x, targets, tau, softcap, shift, log_s, g)
+    def cpu():
+      fn = lambda x, *rows: grad_logits(x, *rows[:1], rows[1], softcap, *rows[2:])  # noqa: E731
+      if not _needs_row_blocks(x, softcap):
+        return fn(x, targets, tau, shift, log_s, g)
+      return _in_row_blocks(fn, x, targets, tau, shift, log_s, g)
+
+    default = lambda: grad_logits(x, targets, tau, softcap, shift, log_s, g)  # noqa: E731
+    return lax.platform_dependent(cpu=cpu, default=default)
 
   def centred_expected_y(self, x, tau, softcap, shift, log_s) -> jax.Array:
     return centred_expected_y(x, tau, softcap, shift, log_s, self.chunks.chunk(x.shape[1]))

@@ -1,0 +1,98 @@
+"""No logits-sized temporaries, under every option: the compiled programs' temporary bytes.
+
+The cross product of dtype (float32, bfloat16, float16) x temperature (none,
+scalar, per-example) x softcap (none, 30) x pass (forward, forward+backward) x
+vocabulary (32000 in one chunk, 65536 in two), for ``score``,
+``token_logprobs`` and the fused path (whose logits never exist). The bound is
+10% of the logits' bytes (float32 logits for the fused path); the gradient is
+an output, not a temporary. ``test_reference_does_materialise`` shows the
+measurement can fail.
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import lpkernel as lpk
+from lpkernel import reference
+
+DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+TEMPERATURES = ["none", "scalar", "per-example"]
+SOFTCAPS = [None, 30.0]
+PASSES = [False, True]
+SHAPES = [(8, 512, 32000), (2, 256, 65536)]  # one vocabulary chunk, two chunks on the CPU
+WIDTH = 512
+
+
+def _temperature(kind, tau):
+  return {"none": 1.0, "scalar": 0.7, "per-example": tau}[kind]
+
+
+def _logits_loss(path, kind, softcap):
+  def loss(x, tokens, mask, tau):
+    temperature = _temperature(kind, tau)
+    if path == "score":
+      return lpk.score(x, tokens, mask, temperature=temperature, softcap=softcap).joint_logprob.sum()
+    return jnp.sum(lpk.token_logprobs(x, tokens, temperature=temperature, softcap=softcap))
+
+  return loss
+
+
+def _temp_fraction(fn, args, argnums, with_grad, reference_bytes):
+  fn = jax.grad(fn, argnums=argnums) if with_grad else fn
+  stats = jax.jit(fn).lower(*args).compile().memory_analysis()
+  return stats.temp_size_in_bytes / reference_bytes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["score", "token_logprobs", "fused"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_no_logits_sized_temporaries_under_any_option(path, dtype):
+  failures = []
+  shapes = SHAPES[:1] if path == "fused" else SHAPES
+  for (b, t, v), kind, softcap, with_grad in itertools.product(
+    shapes, TEMPERATURES, SOFTCAPS, PASSES
+  ):
+    tau = jax.ShapeDtypeStruct((b, t), jnp.float32)
+    if path == "fused":
+      args = (
+        jax.ShapeDtypeStruct((b * t, WIDTH), dtype),
+        jax.ShapeDtypeStruct((WIDTH, v), dtype),
+        jax.ShapeDtypeStruct((b * t,), jnp.int32),
+        jax.ShapeDtypeStruct((b * t,), jnp.float32),
+      )
+
+      def fn(h, w, targets, tau, kind=kind, softcap=softcap):
+        temperature = _temperature(kind, tau)
+        stats = lpk.fused_token_stats(h, w, targets, temperature=temperature, softcap=softcap)
+        return jnp.sum(stats.logprobs)
+
+      argnums, logits_bytes = (0, 1), b * t * v * 4
+    else:
+      args = (
+        jax.ShapeDtypeStruct((b, t, v), dtype),
+        jax.ShapeDtypeStruct((b, t), jnp.int32),
+        jax.ShapeDtypeStruct((b, t), jnp.bool_),
+        tau,
+      )
+      fn, argnums = _logits_loss(path, kind, softcap), 0
+      logits_bytes = b * t * v * jnp.dtype(dtype).itemsize
+    fraction = _temp_fraction(fn, args, argnums, with_grad, logits_bytes)
+    if fraction >= 0.10:
+      failures.append(f"V={v} temperature={kind} softcap={softcap} grad={with_grad}: {fraction:.2f}x")
+  assert not failures, "temporaries vs the logits' bytes:\n" + "\n".join(failures)
+
+
+def test_reference_does_materialise():
+  """The memory test can fail: the plain reference builds a [B, T, V] float32 log-softmax."""
+  logits = jax.ShapeDtypeStruct((2, 64, 1000), jnp.float32)
+  rows = jax.ShapeDtypeStruct((2, 64), jnp.int32)
+  stats = (
+    jax.jit(lambda x, t: reference.score(x, t, t > 0).joint_logprob.sum())
+    .lower(logits, rows)
+    .compile()
+    .memory_analysis()
+  )
+  assert stats.temp_size_in_bytes >= 2 * 64 * 1000 * 4 * 0.9
