@@ -14,6 +14,7 @@ from lpkernel.logprobs import token_logprobs_and_greedy as token_logprobs_and_gr
 from lpkernel.ops import ChunkConfig as ChunkConfig
 from lpkernel.ops import FusedConfig as FusedConfig
 from lpkernel.ops import PallasGpuLogits as PallasGpuLogits
+from lpkernel.ops import PallasTpuLogits as PallasTpuLogits
 from lpkernel.ops import XlaFused as XlaFused
 from lpkernel.ops import XlaLogits as XlaLogits
 from lpkernel.scoring import Scores as Scores
@@ -26,6 +27,7 @@ __all__ = [
   "ChunkConfig",
   "FusedConfig",
   "PallasGpuLogits",
+  "PallasTpuLogits",
   "Scores",
   "TokenStats",
   "XlaFused",

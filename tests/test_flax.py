@@ -190,3 +190,83 @@ def test_loglikelihood_is_greedy_on_a_constructed_model():
   out = loglikelihood(next_token_model, reqs, max_length=6)
   assert [g for _, g in out] == [True, False, True]
   assert out[0][0] > out[1][0]
+
+
+# --- loglikelihood follows lm-eval exactly -------------------------------------------
+
+
+def _one_by_one(model_fn, requests, max_length, prefix_token=None):
+  """Each request alone, scored by hand on exactly lm-eval's input window."""
+  out = []
+  for ctx, cont in requests:
+    window = (list(ctx) + list(cont))[-(max_length + 1) :]
+    logits = model_fn(jnp.array([window[:-1]]))[0]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    positions = range(len(window) - len(cont) - 1, len(window) - 1)
+    lp = sum(float(logp[p, window[p + 1]]) for p in positions)
+    greedy = all(int(jnp.argmax(logits[p])) == window[p + 1] for p in positions)
+    out.append((lp, greedy))
+  return out
+
+
+def test_plain_callable_is_never_packed_and_matches_lm_eval_by_hand(model):
+  def plain(tokens):  # cannot see segments: packing would let requests attend to each other
+    return model(tokens)
+
+  requests = REQUESTS + [([4, 4, 4], [5, 6, 7, 8]), ([9, 1], [2])]
+  got = loglikelihood(plain, requests, max_length=16, batch_size=2)
+  want = _one_by_one(plain, requests, 16)
+  np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], rtol=1e-5, atol=1e-5)
+  assert [g[1] for g in got] == [w[1] for w in want]
+  with pytest.raises(ValueError, match="pack=True needs a model"):
+    loglikelihood(plain, requests, max_length=16, pack=True)
+
+
+def test_model_with_max_length_positions_is_fed_max_length_tokens():
+  small = TinyLM(TinyLMConfig(vocab_size=32, width=16, num_layers=1, num_heads=2, max_length=8), rngs=nnx.Rngs(3))
+  ctx, cont = list(range(1, 21)), [3, 4]
+  ((lp, _),) = loglikelihood(small, [(ctx, cont)], max_length=8)
+  ((want, _),) = _one_by_one(small, [(ctx, cont)], 8)
+  np.testing.assert_allclose(lp, want, rtol=1e-5)
+
+
+def test_empty_context_conditions_on_a_leading_prefix_token(model):
+  (a,) = loglikelihood(model, [([], [0, 5, 6])], max_length=8, prefix_token=0)
+  (b,) = loglikelihood(model, [([0], [5, 6])], max_length=8)
+  (c,) = loglikelihood(model, [([], [5, 6])], max_length=8, prefix_token=0)
+  np.testing.assert_allclose(a[0], b[0], rtol=1e-6)
+  np.testing.assert_allclose(c[0], b[0], rtol=1e-6)
+
+
+def test_greedy_is_the_first_argmax_so_ties_count_only_for_the_lowest_id():
+  def tied(tokens):  # ids 2 and 3 tie for the max everywhere
+    return jnp.broadcast_to(jnp.array([0.0, 1.0, 5.0, 5.0, 2.0]), (*tokens.shape, 5))
+
+  out = loglikelihood(tied, [([0], [2]), ([0], [3]), ([0], [2, 2])], max_length=4)
+  assert [g for _, g in out] == [True, False, True]
+  np.testing.assert_allclose(out[0][0], out[1][0])
+
+
+def test_loglikelihood_rejects_bad_ids_and_batch_sizes(model):
+  assert loglikelihood(model, [], max_length=8) == []
+  for bad in ([32, 1], [-1, 1]):
+    with pytest.raises(ValueError, match=r"context holds ids outside \[0, 32\)"):
+      loglikelihood(model, [(bad, [1])], max_length=8)
+  with pytest.raises(ValueError, match="continuation holds ids"):
+    loglikelihood(model, [([1], [40])], max_length=8)
+  with pytest.raises(ValueError, match="prefix_token"):
+    loglikelihood(model, [([], [1])], max_length=8, prefix_token=99)
+  with pytest.raises(TypeError, match="integer"):
+    loglikelihood(model, [([1.5, 2.0], [1])], max_length=8)
+  for batch_size in (0, -2):
+    with pytest.raises(ValueError, match="batch_size"):
+      loglikelihood(model, REQUESTS, max_length=8, batch_size=batch_size)
+
+
+def test_loglikelihood_compiles_once_for_repeated_calls(model):
+  from lpkernel.flax.loglikelihood import _score_rows
+
+  loglikelihood(model, REQUESTS, max_length=16, batch_size=2)
+  before = _score_rows._cache_size()
+  loglikelihood(model, list(reversed(REQUESTS)), max_length=16, batch_size=2)
+  assert _score_rows._cache_size() == before

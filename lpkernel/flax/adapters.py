@@ -12,10 +12,13 @@ import inspect
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 from flax import linen
 
 from lpkernel.flax.model import packed_positions
-from lpkernel.scoring import Scores, score, score_hidden
+from lpkernel.fused import fused_token_stats
+from lpkernel.logprobs import token_logprobs_and_greedy
+from lpkernel.scoring import Scores, score, score_hidden, score_rows
 
 
 def _accepts(fn: Callable, name: str) -> bool:
@@ -26,7 +29,8 @@ def _accepts(fn: Callable, name: str) -> bool:
   return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def _model_kwargs(fn, segment_ids, fused: bool) -> dict:
+def model_kwargs(fn, segment_ids, fused: bool) -> dict:
+  """The keywords ``fn`` is called with: packing information it accepts, ``return_hidden``."""
   kwargs = {}
   if segment_ids is not None and _accepts(fn, "segment_ids"):
     kwargs["segment_ids"] = segment_ids
@@ -39,14 +43,48 @@ def _model_kwargs(fn, segment_ids, fused: bool) -> dict:
   return kwargs
 
 
-def scores_from_output(output, tokens, response_mask, **score_kwargs) -> Scores:
-  """``Scores`` from a model's output: logits, or ``(hidden, unembed)``."""
-  if isinstance(output, tuple) and len(output) == 2:
-    hidden, unembed = output
-    return score_hidden(hidden, unembed, tokens, response_mask, **score_kwargs)
-  if isinstance(output, jax.Array) or hasattr(output, "shape"):
+def scores_from_output(
+  output, tokens, response_mask, *, drops_last: bool = False, **score_kwargs
+) -> Scores:
+  """``Scores`` from a model's output: logits, or ``(hidden, unembed)``.
+
+  Args:
+    output: ``[B, T(-1), V]`` logits or ``(hidden [B, T(-1), D], unembed [D, V])``.
+    drops_last: the model was fed ``tokens[:, :-1]`` (as lm-eval feeds it), so
+      its output has ``T - 1`` rows; the last token, which predicts nothing, is
+      never an input.
+  """
+  fused = isinstance(output, tuple) and len(output) == 2
+  if not fused and not (isinstance(output, jax.Array) or hasattr(output, "shape")):
+    raise TypeError(
+      f"model output must be logits or (hidden, unembed), got {type(output).__name__}"
+    )
+  if not drops_last:
+    if fused:
+      return score_hidden(*output, tokens, response_mask, **score_kwargs)
     return score(output, tokens, response_mask, **score_kwargs)
-  raise TypeError(f"model output must be logits or (hidden, unembed), got {type(output).__name__}")
+  segment_ids = score_kwargs.pop("segment_ids", None)
+  num_segments = score_kwargs.pop("num_segments", None)
+  rows = output[0] if fused else output
+  if rows.shape[:2] != (tokens.shape[0], tokens.shape[1] - 1):
+    raise ValueError(f"model output has {rows.shape[:2]=} for tokens {tokens.shape=} minus one")
+
+  def per_token(targets):
+    if fused:
+      stats = fused_token_stats(*output, targets[:, :-1], **score_kwargs)
+      lp, greedy = stats.logprobs, stats.greedy
+    else:
+      lp, greedy = token_logprobs_and_greedy(output, targets[:, :-1], **score_kwargs)
+    # The last row predicts nothing and is never scored.
+    return (
+      jnp.concatenate([lp, jnp.zeros_like(lp[:, :1])], axis=1),
+      jnp.concatenate([greedy, jnp.zeros_like(greedy[:, :1])], axis=1),
+      None,
+    )
+
+  return score_rows(
+    tokens, response_mask, segment_ids, num_segments, per_token, ("tokens", tokens.shape)
+  )[0]
 
 
 def score_model(
@@ -68,7 +106,7 @@ def score_model(
     fused: score from ``(hidden, unembed)`` without materialising logits.
     **score_kwargs: ``temperature``, ``softcap``, tiling configs.
   """
-  out = model(tokens, **_model_kwargs(model, segment_ids, fused))
+  out = model(tokens, **model_kwargs(model, segment_ids, fused))
   return scores_from_output(
     out, tokens, response_mask, segment_ids=segment_ids, num_segments=num_segments, **score_kwargs
   )
@@ -93,7 +131,7 @@ def score_linen(
   # Module.apply takes **kwargs for anything; ask the module's own __call__.
   module = getattr(apply_fn, "__self__", None)
   target = module.__call__ if isinstance(module, linen.Module) else apply_fn
-  kwargs = _model_kwargs(target, segment_ids, fused)
+  kwargs = model_kwargs(target, segment_ids, fused)
   out = apply_fn(variables, tokens, **kwargs)
   return scores_from_output(
     out, tokens, response_mask, segment_ids=segment_ids, num_segments=num_segments, **score_kwargs

@@ -6,7 +6,8 @@ with masked loads (any ``V``, any ``N``), keeps the running max, the rescaled
 sum of ``exp`` and the first argmax in float32 registers, and writes one
 :class:`~lpkernel.partials.RowPartials` per (row, span). The spans are merged by
 :func:`lpkernel.partials.combine`; they exist so that a few long rows still fill
-the GPU. The target's logit is one gathered element per row (XLA).
+the GPU. The target's logit is picked in the same pass, from the same
+arithmetic as the max it is compared with (in the one tile that holds it).
 
 Backward: one elementwise pass (1 read, 1 write) from each row's shift and
 ``log(sum exp)``.
@@ -93,21 +94,18 @@ class PallasGpuLogits:
       softcap=softcap,
     )
     out = jax.ShapeDtypeStruct((splits * n,), _F32)
-    m, s, arg = pl.pallas_call(
+    m, s, t, arg = pl.pallas_call(
       kernel,
       grid=(pl.cdiv(n, self.block_rows), splits),
-      out_shape=(out, out, jax.ShapeDtypeStruct((splits * n,), jnp.int32)),
+      out_shape=(out, out, out, jax.ShapeDtypeStruct((splits * n,), jnp.int32)),
       compiler_params=plgpu.CompilerParams(num_warps=self.num_warps, num_stages=3),
       interpret=self.interpret,
       name="lpkernel_logits_partials",
-    )(x, *_tau_args(tau))
-    t = xla.target_y(x, targets, tau, softcap)
+    )(x, targets, *_tau_args(tau))
     if splits == 1:
       return P.RowPartials(m, s, t, arg)
-    blocks = P.RowPartials(
-      m.reshape(splits, n), s.reshape(splits, n), t[None], arg.reshape(splits, n)
-    )
-    return P.combine(blocks, P.over_axis(0), expand=lambda r: r[None])._replace(t=t)
+    blocks = P.RowPartials(*(a.reshape(splits, n) for a in (m, s, t, arg)))
+    return P.combine(blocks, P.over_axis(0), expand=lambda r: r[None])
 
   def grad_logits(self, x, targets, tau, softcap, shift, log_s, g) -> jax.Array:
     n, v = x.shape
@@ -132,17 +130,18 @@ def _tau_args(tau):
   return () if tau is None else (tau.astype(_F32),)
 
 
-def _partials_kernel(x_ref, *refs, block_rows, block_v, span, softcap):
-  tau_ref, (m_ref, s_ref, arg_ref) = (refs[0], refs[1:]) if len(refs) == 4 else (None, refs)
+def _partials_kernel(x_ref, t_ref, *refs, block_rows, block_v, span, softcap):
+  tau_ref, (m_ref, s_ref, t_out_ref, arg_ref) = (refs[0], refs[1:]) if len(refs) == 5 else (None, refs)
   n, v = x_ref.shape
   i, j = pl.program_id(0), pl.program_id(1)
   rows = i * block_rows + jnp.arange(block_rows)
   row_ok = rows < n
   tau = None if tau_ref is None else plgpu.load(tau_ref.at[rows], mask=row_ok, other=1.0)[:, None]
+  target = plgpu.load(t_ref.at[rows], mask=row_ok, other=-1)
   lo = j * span
 
   def body(k, carry):
-    m, s, arg = carry
+    m, s, t, arg = carry
     cols = lo + k * block_v + jnp.arange(block_v)
     mask = row_ok[:, None] & (cols < v)[None, :]
     x = plgpu.load(x_ref.at[rows[:, None], cols[None, :]], mask=mask, other=-jnp.inf)
@@ -164,17 +163,23 @@ def _partials_kernel(x_ref, *refs, block_rows, block_v, span, softcap):
       ),
       lambda: arg,
     )
-    return new_m, s, arg
+    # The target's y, from the same arithmetic as the max it is compared with,
+    # picked only in the tile that holds it.
+    here = (target >= cols[0]) & (target <= cols[-1])
+    t = jax.lax.cond(
+      jnp.any(here),
+      lambda: jnp.maximum(t, jnp.max(jnp.where(cols[None, :] == target[:, None], y, -jnp.inf), axis=1)),
+      lambda: t,
+    )
+    return new_m, s, t, arg
 
-  init = (
-    jnp.full((block_rows,), -jnp.inf, _F32),
-    jnp.zeros((block_rows,), _F32),
-    jnp.full((block_rows,), P.NO_COLUMN, jnp.int32),
-  )
-  m, s, arg = jax.lax.fori_loop(0, span // block_v, body, init)
+  minus_inf = jnp.full((block_rows,), -jnp.inf, _F32)
+  init = (minus_inf, jnp.zeros((block_rows,), _F32), minus_inf, jnp.full((block_rows,), P.NO_COLUMN, jnp.int32))
+  m, s, t, arg = jax.lax.fori_loop(0, span // block_v, body, init)
   out = j * n + rows
   plgpu.store(m_ref.at[out], m, mask=row_ok)
   plgpu.store(s_ref.at[out], s, mask=row_ok)
+  plgpu.store(t_out_ref.at[out], t, mask=row_ok)
   plgpu.store(arg_ref.at[out], arg, mask=row_ok)
 
 

@@ -114,8 +114,9 @@ def partials(x, targets, tau, softcap, chunk: int) -> P.RowPartials:
     s = jnp.sum(jnp.exp(y - P.shift_of(m)[:, None]), axis=-1)
   t = target_y(x, targets, tau, softcap)
   holds = (local_t >= 0) & (local_t < chunk)
-  # The target's chunk says whether the target is its first argmax (see RowPartials.arg).
-  first = P.transform(before_x, tau_c, softcap) < m
+  # The target's chunk says whether the target is its first argmax (see
+  # RowPartials.arg): it attains the chunk's max and no column before it does.
+  first = (P.transform(before_x, tau_c, softcap) < m) & (_per_chunk(t, k) == m)
   arg = jnp.where(holds, jnp.where(first, starts + local_t, -1), starts)
   if k == 1:
     return P.RowPartials(m, s, t, arg)

@@ -1,0 +1,161 @@
+"""The logits path as Pallas Mosaic TPU kernels (opt-in until measured on a TPU).
+
+Forward: a grid of (row blocks, vocabulary blocks); the vocabulary axis is the
+reduction ("arbitrary") axis. Each step folds one ``[block_rows, block_v]``
+VMEM tile into running max, rescaled sum of ``exp`` and first argmax held in
+float32 VMEM scratch, and writes the row block's
+:class:`~lpkernel.partials.RowPartials` at the last step. Blocks respect the
+``(8, 128)`` tiling (``(16, 128)`` for 16-bit logits); the tail columns of the
+last block are masked by an iota compare (never padded by copying the
+logits), and the tail rows of the last row block are dropped on write-back.
+
+Backward: one elementwise pass over the same tiles from each row's shift and
+``log(sum exp)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from lpkernel import partials as P
+from lpkernel.ops import tiling
+from lpkernel.ops.logprobs import xla
+
+_F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasTpuLogits:
+  """Pallas Mosaic TPU kernels for the logits path.
+
+  Attributes:
+    block_rows: rows per tile (a multiple of 8 for float32 logits, 16 for 16-bit).
+    block_v: columns per tile (a multiple of 128).
+    interpret: run in Pallas TPU interpret mode (``pltpu.InterpretParams``) on the CPU.
+  """
+
+  block_rows: int = 16
+  block_v: int = 2048
+  interpret: bool = False
+  name = "pallas_tpu"
+  platforms = ("tpu",)
+
+  def __post_init__(self):
+    if self.block_rows < 8 or self.block_rows % 8 or self.block_v % 128 or self.block_v < 128:
+      raise ValueError(
+        f"PallasTpuLogits blocks ({self.block_rows}, {self.block_v}) must be multiples of (8, 128)"
+      )
+
+  def _blocks(self, x):
+    n, v = x.shape
+    rows = min(self.block_rows, n) if n < self.block_rows else self.block_rows
+    cols = v if v <= self.block_v else self.block_v
+    tiling.check_tpu_block("logits", (rows, cols), (n, v), x.dtype)
+    return rows, cols
+
+  def _call(self, kernel, grid, in_specs, out_specs, out_shape, scratch=(), semantics=None):
+    return pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=0,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        scratch_shapes=list(scratch),
+      ),
+      out_shape=out_shape,
+      compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
+      interpret=pltpu.InterpretParams() if self.interpret else False,
+    )
+
+  def partials(self, x, targets, tau, softcap) -> P.RowPartials:
+    n, v = x.shape
+    br, bv = self._blocks(x)
+    grid = (pl.cdiv(n, br), pl.cdiv(v, bv))
+    row = pl.BlockSpec((br, 1), lambda i, k: (i, 0))
+    in_specs = [pl.BlockSpec((br, bv), lambda i, k: (i, k)), row] + ([] if tau is None else [row])
+    col = jax.ShapeDtypeStruct((n, 1), _F32)
+    m, s, t, arg = self._call(
+      functools.partial(_partials_kernel, vocab_size=v, softcap=softcap, has_tau=tau is not None),
+      grid,
+      in_specs,
+      [row, row, row, row],
+      [col, col, col, jax.ShapeDtypeStruct((n, 1), jnp.int32)],
+      scratch=[pltpu.VMEM((br, 1), _F32)] * 3 + [pltpu.VMEM((br, 1), jnp.int32)],
+      semantics=("parallel", "arbitrary"),
+    )(x, targets[:, None], *([] if tau is None else [tau.astype(_F32)[:, None]]))
+    return P.RowPartials(m[:, 0], s[:, 0], t[:, 0], arg[:, 0])
+
+  def grad_logits(self, x, targets, tau, softcap, shift, log_s, g) -> jax.Array:
+    n, v = x.shape
+    br, bv = self._blocks(x)
+    tile = pl.BlockSpec((br, bv), lambda i, k: (i, k))
+    row = pl.BlockSpec((br, 1), lambda i, k: (i, 0))
+    rows = [targets, shift, log_s, g] + ([] if tau is None else [tau.astype(_F32)])
+    return self._call(
+      functools.partial(_grad_kernel, softcap=softcap, has_tau=tau is not None),
+      (pl.cdiv(n, br), pl.cdiv(v, bv)),
+      [tile] + [row] * len(rows),
+      tile,
+      jax.ShapeDtypeStruct(x.shape, x.dtype),
+      semantics=("parallel", "parallel"),
+    )(x, *(r[:, None] for r in rows))
+
+  def centred_expected_y(self, x, tau, softcap, shift, log_s) -> jax.Array:
+    return xla.centred_expected_y(x, tau, softcap, shift, log_s, x.shape[1])
+
+
+def _partials_kernel(x_ref, target_ref, *refs, vocab_size, softcap, has_tau):
+  tau_ref, refs = (refs[0], refs[1:]) if has_tau else (None, refs)
+  m_ref, s_ref, t_ref, arg_ref, m_sc, s_sc, t_sc, arg_sc = refs
+  k = pl.program_id(1)
+
+  @pl.when(k == 0)
+  def _init():
+    m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, _F32)
+    s_sc[...] = jnp.zeros(s_sc.shape, _F32)
+    t_sc[...] = jnp.full(t_sc.shape, -jnp.inf, _F32)
+    arg_sc[...] = jnp.full(arg_sc.shape, P.NO_COLUMN, jnp.int32)
+
+  x = x_ref[...]
+  cols = k * x.shape[1] + lax.broadcasted_iota(jnp.int32, x.shape, 1)
+  y = P.transform(x, None if tau_ref is None else tau_ref[...], softcap)
+  y = jnp.where(cols < vocab_size, y, -jnp.inf)  # the tail block's columns past V
+  block_m = jnp.max(y, axis=1, keepdims=True)
+  m = m_sc[...]
+  new_m = jnp.maximum(m, block_m)
+  shift = P.shift_of(new_m)
+  s_sc[...] = s_sc[...] * jnp.exp(m - shift) + jnp.sum(jnp.exp(y - shift), axis=1, keepdims=True)
+  first = jnp.min(jnp.where(y == block_m, cols, P.NO_COLUMN), axis=1, keepdims=True)
+  arg_sc[...] = jnp.where(block_m > m, first, arg_sc[...])
+  m_sc[...] = new_m
+  # The target's y from the same arithmetic as the max it is compared with.
+  hit = jnp.where(cols == target_ref[...], y, -jnp.inf)
+  t_sc[...] = jnp.maximum(t_sc[...], jnp.max(hit, axis=1, keepdims=True))
+
+  @pl.when(k == pl.num_programs(1) - 1)
+  def _write():
+    m_ref[...] = m_sc[...]
+    s_ref[...] = s_sc[...]
+    t_ref[...] = t_sc[...]
+    arg_ref[...] = arg_sc[...]
+
+
+def _grad_kernel(x_ref, t_ref, shift_ref, log_s_ref, g_ref, *refs, softcap, has_tau):
+  tau_ref, dx_ref = refs if has_tau else (None, refs[0])
+  x = x_ref[...]
+  tau = None if tau_ref is None else tau_ref[...]
+  cols = pl.program_id(1) * x.shape[1] + lax.broadcasted_iota(jnp.int32, x.shape, 1)
+  y = P.transform(x, tau, softcap)
+  p = P.softmax(y, shift_ref[...], log_s_ref[...])
+  g = g_ref[...]
+  dy = jnp.where(cols == t_ref[...], 1.0, 0.0) - p
+  dx = jnp.where(g != 0, g * dy * P.transform_grad(x, tau, softcap), 0.0)
+  dx_ref[...] = dx.astype(dx_ref.dtype)
