@@ -125,6 +125,11 @@ class PallasGpuLogits:
     return xla.centred_expected_y(x, tau, softcap, shift, log_s, x.shape[1])
 
 
+def _any(flags):
+  # Triton lowering has no reduce_or.
+  return jnp.max(flags.astype(jnp.int32)) > 0
+
+
 def _tau_args(tau):
   """The temperature rows as an optional trailing kernel input."""
   return () if tau is None else (tau.astype(_F32),)
@@ -142,7 +147,8 @@ def _partials_kernel(x_ref, t_ref, *refs, block_rows, block_v, span, softcap):
 
   def body(k, carry):
     m, s, t, arg = carry
-    cols = lo + k * block_v + jnp.arange(block_v)
+    start = lo + k * block_v
+    cols = start + jnp.arange(block_v)
     mask = row_ok[:, None] & (cols < v)[None, :]
     x = plgpu.load(x_ref.at[rows[:, None], cols[None, :]], mask=mask, other=-jnp.inf)
     y = P.transform(x, tau, softcap)  # masked columns are -inf: no mass, never the argmax
@@ -155,7 +161,7 @@ def _partials_kernel(x_ref, t_ref, *refs, block_rows, block_v, span, softcap):
     # earlier column.
     raised = block_m > m
     arg = jax.lax.cond(
-      jnp.any(raised),
+      _any(raised),
       lambda: jnp.where(
         raised,
         jnp.min(jnp.where(y == block_m[:, None], cols[None, :], P.NO_COLUMN), axis=1),
@@ -165,9 +171,9 @@ def _partials_kernel(x_ref, t_ref, *refs, block_rows, block_v, span, softcap):
     )
     # The target's y, from the same arithmetic as the max it is compared with,
     # picked only in the tile that holds it.
-    here = (target >= cols[0]) & (target <= cols[-1])
+    here = (target >= start) & (target < start + block_v)
     t = jax.lax.cond(
-      jnp.any(here),
+      _any(here),
       lambda: jnp.maximum(t, jnp.max(jnp.where(cols[None, :] == target[:, None], y, -jnp.inf), axis=1)),
       lambda: t,
     )
