@@ -152,3 +152,34 @@ def test_validators_reject_untileable_blocks():
   tiling.check_tpu_block("logits", (5, 1000), (5, 1000), jnp.float32)  # whole axes are fine
   with pytest.raises(ValueError, match="multiples of \\(8, 128\\)"):
     lpk.PallasTpuLogits(block_rows=4)
+
+
+# --- the kernels compile for their hardware ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "impl,platform,call",
+  [
+    (lpk.PallasGpuLogits(), "cuda", "__gpu$xla.gpu.triton"),
+    (lpk.PallasGpuLogits(block_rows=4, block_v=512, splits=3), "cuda", "__gpu$xla.gpu.triton"),
+    (lpk.PallasTpuLogits(), "tpu", "tpu_custom_call"),
+  ],
+  ids=["gpu-default", "gpu-split", "tpu-default"],
+)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("options", ["plain", "softcap+temperature"])
+def test_kernels_lower_for_their_hardware(impl, platform, call, dtype, options):
+  """Interpret mode runs primitives a GPU or TPU compiler may lack: lowering the
+  real kernels (Triton, Mosaic) here catches those, forward and backward."""
+  from lpkernel import logprobs
+
+  x = jax.ShapeDtypeStruct((64, 1000), dtype)
+  t = jax.ShapeDtypeStruct((64,), jnp.int32)
+  tau = jax.ShapeDtypeStruct((64,), jnp.float32) if options != "plain" else None
+  softcap = 30.0 if options != "plain" else None
+
+  def loss(x, t, tau):
+    return jnp.sum(logprobs._logprobs(x, t, tau, softcap, impl, None, 1000)[0])
+
+  text = jax.jit(jax.grad(loss)).trace(x, t, tau).lower(lowering_platforms=(platform,)).as_text()
+  assert text.count(f"custom_call @{call}") == 2  # the forward partials and the backward
