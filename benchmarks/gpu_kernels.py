@@ -128,8 +128,10 @@ def _time(out: dict, repeats: int) -> None:
       plain = lambda x: jnp.sum(reference.token_logprobs(x, tg))  # noqa: E731
       row("plain", plain, read, "forward")
       row("plain", jax.grad(plain), rw, "forward+backward")
-      opt = lambda x: -jnp.sum(  # noqa: E731
-        optax.softmax_cross_entropy_with_integer_labels(x.astype(jnp.float32), tg)
+      opt = lambda x: (
+        -jnp.sum(  # noqa: E731
+          optax.softmax_cross_entropy_with_integer_labels(x.astype(jnp.float32), tg)
+        )
       )
       row("optax", opt, read, "forward")
       row("optax", jax.grad(opt), rw, "forward+backward")

@@ -1,10 +1,10 @@
-"""Benchmark suites: which shapes, dtypes and passes, built from ``lpkernel.shapes``."""
+"""Benchmark suites: which shapes, dtypes and passes, built from ``benchmarks.shapes``."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from lpkernel import shapes
+from benchmarks import shapes
 
 
 class Case(NamedTuple):

@@ -46,7 +46,9 @@ def as_ids(name: str, x, *, fill: int = -1):
   xp = np if isinstance(x, (np.ndarray, np.generic)) else jnp
   if isinstance(x, jax.ShapeDtypeStruct):
     return jax.ShapeDtypeStruct(x.shape, jnp.int32)
-  fits = x <= _INT32_MAX if np.dtype(x.dtype).kind == "u" else (x >= -_INT32_MAX) & (x <= _INT32_MAX)
+  fits = (
+    x <= _INT32_MAX if np.dtype(x.dtype).kind == "u" else (x >= -_INT32_MAX) & (x <= _INT32_MAX)
+  )
   return xp.where(fits, x, fill).astype(xp.int32)
 
 
@@ -88,7 +90,9 @@ def check_fused(hidden, unembed, targets) -> None:
     raise TypeError(f"hidden.dtype={hidden.dtype} and unembed.dtype={unembed.dtype} must match")
   if hidden.shape[-1] != unembed.shape[0]:
     hint = (
-      " (a tied embedding table [V, D] is unembed.T)" if hidden.shape[-1] == unembed.shape[1] else ""
+      " (a tied embedding table [V, D] is unembed.T)"
+      if hidden.shape[-1] == unembed.shape[1]
+      else ""
     )
     raise ValueError(f"hidden has D={hidden.shape[-1]} but unembed has D={unembed.shape[0]}{hint}")
   if hidden.shape[-1] < 1:
@@ -172,7 +176,8 @@ def check_rows(tokens, response_mask, segment_ids, num_segments) -> None:
       raise ValueError(f"segment_ids must be [B, T], got {segment_ids.shape=}")
     check_same_dims("segment_ids", segment_ids.shape, "tokens", tokens.shape)
   if num_segments is not None and (
-    not isinstance(num_segments, (int, np.integer)) or isinstance(num_segments, bool)
+    not isinstance(num_segments, (int, np.integer))
+    or isinstance(num_segments, bool)
     or num_segments < 1
   ):
     raise ValueError(f"num_segments must be None or a positive Python int, got {num_segments=}")
@@ -229,9 +234,18 @@ def _value_problems(vocab_size, tokens, segment_ids, num_segments, xp):
   seg = xp.ones_like(tokens) if segment_ids is None else segment_ids
   real = seg > 0
   problems = [
-    (real & (tokens < 0), "tokens hold negative ids (ids never wrap; 64-bit ids beyond int32 count as -1)", tokens),
+    (
+      real & (tokens < 0),
+      "tokens hold negative ids (ids never wrap; 64-bit ids beyond int32 count as -1)",
+      tokens,
+    ),
     (real & (tokens >= vocab_size), f"tokens hold ids >= {vocab_size=}", tokens),
-    (seg < 0, "segment_ids hold negative values (0 is padding, 1..S are sequences; 64-bit ids beyond int32 count as -1)", seg),
+    (
+      seg < 0,
+      "segment_ids hold negative values (0 is padding, 1..S are sequences; "
+      "64-bit ids beyond int32 count as -1)",
+      seg,
+    ),
   ]
   if num_segments is not None:
     problems.append((seg > num_segments, f"segment_ids exceed {num_segments=}", seg))

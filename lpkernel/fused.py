@@ -73,7 +73,8 @@ def _fused_bwd(softcap, impl, axis, vocab_size, residuals, ct: TokenStats):
   live = (g[0] != 0) | (g[1] != 0) | (g[2] != 0)
   # A poisoned value has a NaN gradient: the log-prob's for an id out of range,
   # every field's for a bad temperature.
-  g = [jnp.where(live & bad, jnp.nan, c) for c, bad in zip(g, (bad_id | bad_tau, bad_tau, bad_tau))]
+  bads = (bad_id | bad_tau, bad_tau, bad_tau)
+  g = [jnp.where(live & bad, jnp.nan, c) for c, bad in zip(g, bads, strict=True)]
   # Dead rows hold anything (padding, NaN, inf): keep them out of h^T dz and 1/tau.
   safe_h = jnp.where(live[:, None], h, 0)
   safe_tau = None if tau is None else jnp.where(live & ~bad_tau, tau, 1.0)

@@ -15,8 +15,8 @@ each shard. Each device reduces its vocabulary block to
 * fused path: the same plus the entropy's sum in the ``psum``: 20 bytes per token.
 
 NaN wins across devices (``pmax`` keeps NaN; the ``psum`` of a NaN is NaN). The
-``[N, V]`` logits are never gathered; ``tests/test_sharding.py`` checks the
-compiled programs for exactly this. The backward pass of the logits needs no
+``[N, V]`` logits are never gathered; the project's tests check the compiled
+programs for exactly this. The backward pass of the logits needs no
 collective; shard_map's transpose ``psum``-s the fused path's ``d hidden`` and an
 array temperature's gradient over the model axis.
 """
@@ -33,7 +33,9 @@ from lpkernel.logprobs import rows_logprobs_and_greedy
 from lpkernel.scoring import Scores, score_rows
 
 
-def _check_mesh(mesh: Mesh, model_axis: str, batch_axis: str | None, vocab_size: int, n: int, names):
+def _check_mesh(
+  mesh: Mesh, model_axis: str, batch_axis: str | None, vocab_size: int, n: int, names
+):
   """Clear errors naming the user's arrays and the mesh axes."""
   if not isinstance(mesh, Mesh):
     raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")

@@ -5,8 +5,7 @@ import json
 import pytest
 
 from benchmarks import __main__ as cli
-from benchmarks import methods, suites
-from lpkernel import shapes
+from benchmarks import methods, shapes, suites
 
 
 @pytest.fixture(scope="module")

@@ -91,7 +91,7 @@ def test_impossible_joint_is_consistent():
 
 
 def test_teaching_helpers():
-  from lpkernel import teaching
+  from lpkernel.examples import teaching
 
   logits = teaching.logits_from_conditionals([{1: 0.1}, {2: 0.5}, {3: 0.8}, {}], 4)
   s = lpk.score(logits, jnp.array([[0, 1, 2, 3]]), jnp.zeros((1, 4), bool))

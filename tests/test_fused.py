@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import lpkernel as lpk
-from lpkernel import reference, shapes
+from benchmarks import shapes
+from lpkernel import reference
 from tests.helpers import GRAD_TOLERANCES, assert_close, oracle_score, oracle_token_logprobs
 
 SMALL = lpk.FusedConfig(vocab_block=4)  # many blocks and a tail on small V
@@ -46,7 +47,9 @@ def test_gradients_match_materialised(dtype, softcap, temperature):
   c = jax.random.normal(jax.random.key(9), (3, 11))
 
   def loss_fused(h, w, tau):
-    s = lpk.fused_token_stats(h, w, t, temperature=tau, softcap=softcap, implementation=lpk.XlaFused(SMALL))
+    s = lpk.fused_token_stats(
+      h, w, t, temperature=tau, softcap=softcap, implementation=lpk.XlaFused(SMALL)
+    )
     return jnp.sum(c[0] * s.logprobs + c[1] * s.lse + c[2] * s.entropy)
 
   def loss_ref(h, w, tau):
@@ -111,9 +114,9 @@ def test_greedy_matches_argmax():
 @pytest.mark.parametrize("bad", [-1, 10, 1000])
 def test_out_of_range_ids_give_nan(bad):
   h, w, t = _inputs(4, 3, 8, 10)
-  lp = jax.jit(lambda h, w, t: lpk.fused_token_logprobs(h, w, t, implementation=lpk.XlaFused(SMALL)))(
-    h, w, t.at[1].set(bad)
-  )
+  lp = jax.jit(
+    lambda h, w, t: lpk.fused_token_logprobs(h, w, t, implementation=lpk.XlaFused(SMALL))
+  )(h, w, t.at[1].set(bad))
   assert np.isnan(lp[1]) and np.isfinite(np.asarray(lp)[[0, 2]]).all()
 
 

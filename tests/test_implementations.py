@@ -18,7 +18,12 @@ import pytest
 import lpkernel as lpk
 from lpkernel import reference
 from lpkernel.ops import tiling
-from tests.helpers import GRAD_TOLERANCES, LOGITS_IMPLEMENTATIONS, assert_close, oracle_token_logprobs
+from tests.helpers import (
+  GRAD_TOLERANCES,
+  LOGITS_IMPLEMENTATIONS,
+  assert_close,
+  oracle_token_logprobs,
+)
 
 IMPLEMENTATIONS = {
   **LOGITS_IMPLEMENTATIONS,
@@ -83,8 +88,12 @@ def test_score_runs_every_implementation(name):
   tokens = jax.random.randint(jax.random.key(3), (3, 7), 0, 300)
   mask = jnp.broadcast_to(jnp.arange(7) >= 3, (3, 7))
   seg = jnp.array([[1, 1, 1, 2, 2, 2, 0], [1] * 7, [0, 0, 1, 1, 1, 1, 1]])
-  got = lpk.score(logits, tokens, mask, segment_ids=seg, num_segments=2, implementation=IMPLEMENTATIONS[name])
-  want = lpk.score(logits, tokens, mask, segment_ids=seg, num_segments=2, implementation="reference")
+  got = lpk.score(
+    logits, tokens, mask, segment_ids=seg, num_segments=2, implementation=IMPLEMENTATIONS[name]
+  )
+  want = lpk.score(
+    logits, tokens, mask, segment_ids=seg, num_segments=2, implementation="reference"
+  )
   for field in ("prompt_logprob", "response_logprob", "token_logprobs"):
     assert_close(getattr(got, field), getattr(want, field), rtol=1e-5, atol=1e-5, what=field)
   np.testing.assert_array_equal(got.response_greedy, want.response_greedy)

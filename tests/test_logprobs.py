@@ -52,15 +52,17 @@ def test_values_match_reference_and_oracle(shape, v, dtype):
 
 
 @given(
-  n=st.integers(1, 6),
-  v=st.integers(1, 50),
+  n=st.sampled_from([1, 6]),
+  v=st.sampled_from([1, 2, 17, 50]),
   dtype=st.sampled_from(DTYPES),
   chunked=st.booleans(),
   seed=st.integers(0, 2**16),
 )
 def test_random_shapes(n, v, dtype, chunked, seed):
   logits, targets = _inputs(seed, (n,), v, dtype)
-  _check_against_both(logits, targets, implementation=XlaLogits(SMALL_CHUNKS if chunked else ChunkConfig()))
+  _check_against_both(
+    logits, targets, implementation=XlaLogits(SMALL_CHUNKS if chunked else ChunkConfig())
+  )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
@@ -98,7 +100,9 @@ def test_custom_vjp_check_grads(softcap, chunks):
   tau = jnp.array([0.5, 1.0, 1.5, 3.0])
 
   def f(x, tau):
-    return lpk.token_logprobs(x, targets, temperature=tau, softcap=softcap, implementation=XlaLogits(chunks))
+    return lpk.token_logprobs(
+      x, targets, temperature=tau, softcap=softcap, implementation=XlaLogits(chunks)
+    )
 
   check_grads(f, (logits, tau), order=1, modes=["rev"], eps=1e-2, atol=2e-2, rtol=2e-2)
 

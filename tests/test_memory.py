@@ -34,7 +34,9 @@ def _logits_loss(path, kind, softcap):
   def loss(x, tokens, mask, tau):
     temperature = _temperature(kind, tau)
     if path == "score":
-      return lpk.score(x, tokens, mask, temperature=temperature, softcap=softcap).joint_logprob.sum()
+      return lpk.score(
+        x, tokens, mask, temperature=temperature, softcap=softcap
+      ).joint_logprob.sum()
     return jnp.sum(lpk.token_logprobs(x, tokens, temperature=temperature, softcap=softcap))
 
   return loss
@@ -81,7 +83,9 @@ def test_no_logits_sized_temporaries_under_any_option(path, dtype):
       logits_bytes = b * t * v * jnp.dtype(dtype).itemsize
     fraction = _temp_fraction(fn, args, argnums, with_grad, logits_bytes)
     if fraction >= 0.10:
-      failures.append(f"V={v} temperature={kind} softcap={softcap} grad={with_grad}: {fraction:.2f}x")
+      failures.append(
+        f"V={v} temperature={kind} softcap={softcap} grad={with_grad}: {fraction:.2f}x"
+      )
   assert not failures, "temporaries vs the logits' bytes:\n" + "\n".join(failures)
 
 

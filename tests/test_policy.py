@@ -112,7 +112,9 @@ def test_softcap_keeps_neg_inf_impossible(impl):
   x = jax.random.normal(jax.random.key(3), (3, 12)).at[:, 5].set(-jnp.inf)
   lp = lpk.token_logprobs(x, jnp.array([5, 0, 1]), softcap=2.0, implementation=impl)
   assert np.isneginf(lp[0])
-  assert_close(lp, oracle_token_logprobs(x, jnp.array([5, 0, 1]), softcap=2.0), rtol=1e-5, atol=1e-5)
+  assert_close(
+    lp, oracle_token_logprobs(x, jnp.array([5, 0, 1]), softcap=2.0), rtol=1e-5, atol=1e-5
+  )
   # No probability leaks to the impossible column: the rest still sums to one.
   full = jnp.stack(
     [lpk.token_logprobs(x, jnp.full((3,), j), softcap=2.0, implementation=impl) for j in range(12)]
@@ -127,7 +129,9 @@ def test_fused_neg_inf_target_and_all_neg_inf_rows_are_neg_inf():
   for impl in [FUSED_SMALL, lpk.XlaFused(), "reference"]:
     lp = lpk.fused_token_logprobs(h, w, jnp.array([4, 0, 1]), implementation=impl)
     assert np.isneginf(lp[0]) and np.isfinite(lp[1:]).all()
-    assert np.isneginf(lpk.fused_token_logprobs(h, w_all, jnp.array([4, 0, 1]), implementation=impl)).all()
+    assert np.isneginf(
+      lpk.fused_token_logprobs(h, w_all, jnp.array([4, 0, 1]), implementation=impl)
+    ).all()
 
 
 # --- masked positions never poison gradients -------------------------------------------
@@ -179,7 +183,7 @@ def test_extreme_bfloat16_logits_with_zero_entropy_cotangent_give_finite_gradien
   t = jnp.array([0, 2])
   for impl in [FUSED_SMALL, lpk.XlaFused()]:
     dh, dw = jax.grad(
-      lambda h, w: jnp.sum(lpk.fused_token_stats(h, w, t, implementation=impl).logprobs),
+      lambda h, w, impl=impl: jnp.sum(lpk.fused_token_stats(h, w, t, implementation=impl).logprobs),
       argnums=(0, 1),
     )(h, w)
     assert np.isfinite(np.asarray(dh, np.float32)).all()
@@ -295,7 +299,10 @@ def test_out_of_range_ids_have_nan_gradients(impl):
   t = jnp.array([1, 9, -1])
   dx = jax.grad(lambda x: jnp.sum(lpk.token_logprobs(x, t, implementation=impl)))(x)
   assert np.isfinite(dx[0]).all() and np.isnan(dx[1:]).all()
-  h, w = jax.random.normal(jax.random.key(12), (3, 4)), jax.random.normal(jax.random.key(13), (4, 9))
+  h, w = (
+    jax.random.normal(jax.random.key(12), (3, 4)),
+    jax.random.normal(jax.random.key(13), (4, 9)),
+  )
   dh = jax.grad(lambda h: jnp.sum(lpk.fused_token_logprobs(h, w, t, implementation=FUSED_SMALL)))(h)
   assert np.isfinite(dh[0]).all() and np.isnan(dh[1:]).all()
 
@@ -305,7 +312,9 @@ def test_invalid_segment_rows_have_nan_gradients_and_valid_rows_do_not():
   tokens, mask = jnp.ones((2, 6), jnp.int32), jnp.ones((2, 6), bool)
   seg = jnp.array([[1, 1, 2, 2, 1, 1], [1, 1, 1, 0, 0, 0]])
   for field in ("joint_logprob", "token_logprobs"):
-    g = jax.grad(lambda x: getattr(lpk.score(x, tokens, mask, segment_ids=seg), field).sum())(logits)
+    g = jax.grad(lambda x, f=field: getattr(lpk.score(x, tokens, mask, segment_ids=seg), f).sum())(
+      logits
+    )
     assert np.isnan(g[0, 0]).all()  # a scored position of the bad row
     assert np.isfinite(g[1]).all() and (g[1, 2:] == 0).all()  # masked positions: exact zeros
 
@@ -326,7 +335,9 @@ def test_configs_reject_non_positive_sizes():
 
 def test_zero_width_hidden_names_d_and_transposed_table_is_suggested():
   with pytest.raises(ValueError, match="D=0"):
-    lpk.score_hidden(jnp.zeros((1, 3, 0)), jnp.zeros((0, 5)), jnp.zeros((1, 3), jnp.int32), jnp.ones((1, 3), bool))
+    lpk.score_hidden(
+      jnp.zeros((1, 3, 0)), jnp.zeros((0, 5)), jnp.zeros((1, 3), jnp.int32), jnp.ones((1, 3), bool)
+    )
   with pytest.raises(ValueError, match="unembed.T"):
     lpk.fused_token_logprobs(jnp.zeros((2, 4)), jnp.zeros((7, 4)), jnp.zeros((2,), jnp.int32))
 
@@ -336,7 +347,9 @@ def test_python_lists_are_arrays_and_other_objects_are_type_errors():
   a = lpk.score(logits, [[0, 1, 2]], [[False, True, True]], segment_ids=[[1, 1, 1]])
   b = lpk.score(logits, jnp.array([[0, 1, 2]]), jnp.array([[False, True, True]]))
   np.testing.assert_array_equal(a.joint_logprob, b.joint_logprob)
-  np.testing.assert_array_equal(lpk.token_logprobs(logits[0], [0, 1, 2]), lpk.token_logprobs(logits[0], jnp.arange(3)))
+  np.testing.assert_array_equal(
+    lpk.token_logprobs(logits[0], [0, 1, 2]), lpk.token_logprobs(logits[0], jnp.arange(3))
+  )
   with pytest.raises(TypeError, match="tokens must be an array"):
     lpk.score(logits, {"ids": 1}, [[False, True, True]])
   with pytest.raises(TypeError, match="integer"):
@@ -351,7 +364,9 @@ def test_vocab_parallel_errors_name_the_array_and_the_axis():
   with pytest.raises(ValueError, match=r"model_axis='vocab' is not an axis"):
     sharding.vocab_parallel_token_logprobs_and_greedy(x, t, mesh, model_axis="vocab")
   with pytest.raises(ValueError, match=r"unembed has V=6.*'model' axis size 4"):
-    sharding.vocab_parallel_fused_token_stats(jnp.zeros((4, 2)), jnp.zeros((2, 6)), t[:1].repeat(4), mesh)
+    sharding.vocab_parallel_fused_token_stats(
+      jnp.zeros((4, 2)), jnp.zeros((2, 6)), t[:1].repeat(4), mesh
+    )
 
 
 def test_implementation_names_are_checked():
@@ -362,7 +377,7 @@ def test_implementation_names_are_checked():
     lpk.token_logprobs(x, t, implementation="pallas_gpu")  # the CPU suite has no GPU
 
 
-# --- hypothesis: the policy holds on drawn bad inputs ----------------------------------------------
+# --- hypothesis: the policy holds on drawn bad inputs ---------------------------------
 
 _SPECIAL = st.sampled_from([0.0, 1.5, -2.0, 30.0, -jnp.inf, jnp.inf, jnp.nan])
 
@@ -389,13 +404,13 @@ def test_drawn_special_values_follow_the_oracle(row, target, tau, softcap):
 
 @given(
   seg=st.lists(st.lists(st.integers(0, 3), min_size=6, max_size=6), min_size=1, max_size=3),
-  ids=st.lists(st.sampled_from([0, 3, 4, 5, -1, 2**31 - 1]), min_size=6, max_size=6),
+  ids=st.lists(st.sampled_from([0, 3, 4, 5, -1, 2**31 - 1, 2**32 + 3]), min_size=6, max_size=6),
 )
 def test_drawn_segments_and_ids_follow_the_oracle_or_raise(seg, ids):
   from tests.helpers import oracle_score
 
   seg = np.array(seg)
-  tokens = np.broadcast_to(np.array(ids), seg.shape)
+  tokens = np.broadcast_to(np.array(ids, np.int64), seg.shape)  # 64-bit NumPy ids
   logits = jax.random.normal(jax.random.key(16), (*seg.shape, 5))
   mask = np.zeros(seg.shape, bool)
   mask[:, 3:] = True
@@ -403,6 +418,8 @@ def test_drawn_segments_and_ids_follow_the_oracle_or_raise(seg, ids):
   want = oracle_score(logits, tokens, mask, seg, num_segments=3)
   for name in SCORE_FIELDS:
     assert_close(getattr(s, name), want[name], rtol=1e-5, atol=1e-4, what=name)
+  for name in ("prompt_tokens", "response_tokens", "response_greedy"):
+    np.testing.assert_array_equal(getattr(s, name), want[name].astype(getattr(s, name).dtype), name)
   valid = all(lpk.checks.contiguous_segments(seg, np)) and not (
     ((seg > 0) & ((tokens < 0) | (tokens >= 5))).any()
   )

@@ -3,16 +3,24 @@
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_python_blocks_run():
-  blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-  assert blocks
-  namespace: dict = {}
-  for block in blocks:
-    code = "\n".join(line[2:] if line.startswith("  ") else line for line in block.splitlines())
-    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_readme_has_python_blocks():
+  assert len(BLOCKS) >= 3
+
+
+@pytest.mark.parametrize("index", range(len(BLOCKS)))
+def test_each_readme_python_block_runs_on_its_own(index):
+  lines = BLOCKS[index].splitlines()
+  indent = min(len(line) - len(line.lstrip()) for line in lines if line.strip())
+  code = "\n".join(line[indent:] for line in lines)
+  exec(compile(code, f"README block {index}", "exec"), {})  # noqa: S102  a fresh namespace
 
 
 def test_readme_states_the_two_commands():

@@ -193,7 +193,9 @@ def test_hlo_never_gathers_the_vocabulary_and_moves_few_bytes_per_token(path, wi
   unembed = jnp.zeros((D, v))
   if path == "logits":
     args = (_put(mesh, logits, "data", None, "model"),)
-    fn = lambda x: _loss(sharding.vocab_parallel_score(x, tokens, response, mesh, batch_axis="data"))
+    fn = lambda x: _loss(
+      sharding.vocab_parallel_score(x, tokens, response, mesh, batch_axis="data")
+    )
   else:
     args = (_put(mesh, hidden, "data"), _put(mesh, unembed, None, "model"))
     fn = lambda h, w: _loss(

@@ -78,7 +78,7 @@ def _sweep(step, carry, vocab_size: int, vb: int):
 
 
 def block_partials(y: jax.Array, cols: jax.Array, targets: jax.Array) -> P.RowPartials:
-  """Partials (with the entropy's sum) of transformed logits ``y [N, W]`` at columns ``cols [W]``."""
+  """Partials (with the entropy's sum) of transformed logits ``y [N, W]`` at ``cols [W]``."""
   m = jnp.max(y, axis=-1)
   shift = P.shift_of(m)[:, None]
   e = jnp.exp(y - shift)

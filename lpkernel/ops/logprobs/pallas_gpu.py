@@ -136,7 +136,9 @@ def _tau_args(tau):
 
 
 def _partials_kernel(x_ref, t_ref, *refs, block_rows, block_v, span, softcap):
-  tau_ref, (m_ref, s_ref, t_out_ref, arg_ref) = (refs[0], refs[1:]) if len(refs) == 5 else (None, refs)
+  tau_ref, (m_ref, s_ref, t_out_ref, arg_ref) = (
+    (refs[0], refs[1:]) if len(refs) == 5 else (None, refs)
+  )
   n, v = x_ref.shape
   i, j = pl.program_id(0), pl.program_id(1)
   rows = i * block_rows + jnp.arange(block_rows)
@@ -174,13 +176,20 @@ def _partials_kernel(x_ref, t_ref, *refs, block_rows, block_v, span, softcap):
     here = (target >= start) & (target < start + block_v)
     t = jax.lax.cond(
       _any(here),
-      lambda: jnp.maximum(t, jnp.max(jnp.where(cols[None, :] == target[:, None], y, -jnp.inf), axis=1)),
+      lambda: jnp.maximum(
+        t, jnp.max(jnp.where(cols[None, :] == target[:, None], y, -jnp.inf), axis=1)
+      ),
       lambda: t,
     )
     return new_m, s, t, arg
 
   minus_inf = jnp.full((block_rows,), -jnp.inf, _F32)
-  init = (minus_inf, jnp.zeros((block_rows,), _F32), minus_inf, jnp.full((block_rows,), P.NO_COLUMN, jnp.int32))
+  init = (
+    minus_inf,
+    jnp.zeros((block_rows,), _F32),
+    minus_inf,
+    jnp.full((block_rows,), P.NO_COLUMN, jnp.int32),
+  )
   m, s, t, arg = jax.lax.fori_loop(0, span // block_v, body, init)
   out = j * n + rows
   plgpu.store(m_ref.at[out], m, mask=row_ok)

@@ -50,7 +50,9 @@ class ChunkConfig:
 
   def __post_init__(self):
     if self.max_chunk < 1 or self.min_chunk < 1:
-      raise ValueError(f"ChunkConfig sizes must be positive, got {self.max_chunk=}, {self.min_chunk=}")
+      raise ValueError(
+        f"ChunkConfig sizes must be positive, got {self.max_chunk=}, {self.min_chunk=}"
+      )
 
   def chunk(self, vocab_size: int) -> int:
     """The chunk width used for ``vocab_size`` (a divisor of it)."""
@@ -218,7 +220,11 @@ class XlaLogits:
     def cpu():
       chunk = self.chunks.chunk(v)
       fn = lambda x, t, tau: partials(x, t, tau, softcap, chunk)  # noqa: E731
-      return _in_row_blocks(fn, x, targets, tau) if _needs_row_blocks(x, softcap) else fn(x, targets, tau)
+      return (
+        _in_row_blocks(fn, x, targets, tau)
+        if _needs_row_blocks(x, softcap)
+        else fn(x, targets, tau)
+      )
 
     return lax.platform_dependent(cpu=cpu, default=lambda: partials(x, targets, tau, softcap, v))
 
