@@ -20,6 +20,7 @@ from lpkernel.ops import XlaLogits as XlaLogits
 from lpkernel.scoring import Scores as Scores
 from lpkernel.scoring import score as score
 from lpkernel.scoring import score_hidden as score_hidden
+from lpkernel.scoring import to_predicting_positions as to_predicting_positions
 
 __version__ = "0.1.0"
 
@@ -43,5 +44,6 @@ __all__ = [
   "score",
   "score_hidden",
   "token_logprobs",
+  "to_predicting_positions",
   "token_logprobs_and_greedy",
 ]

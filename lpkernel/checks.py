@@ -261,7 +261,13 @@ def _vocab_size(logits_or_vocab_size) -> int:
   return int(logits_or_vocab_size.shape[-1])
 
 
-def check_inputs(logits_or_vocab_size, tokens, response_mask, segment_ids=None, num_segments=None):
+def check_inputs(
+  logits_or_vocab_size: jax.Array | int,
+  tokens: jax.Array,
+  response_mask: jax.Array,
+  segment_ids: jax.Array | None = None,
+  num_segments: int | None = None,
+) -> None:
   """Eager validation of ``score``'s inputs with clear messages.
 
   Checks shapes and dtypes, token ids in ``[0, V)`` wherever ``segment_ids > 0``
@@ -292,8 +298,12 @@ def check_inputs(logits_or_vocab_size, tokens, response_mask, segment_ids=None, 
 
 
 def checkify_inputs(
-  logits_or_vocab_size, tokens, response_mask, segment_ids=None, num_segments=None
-):
+  logits_or_vocab_size: jax.Array | int,
+  tokens: jax.Array,
+  response_mask: jax.Array,
+  segment_ids: jax.Array | None = None,
+  num_segments: int | None = None,
+) -> None:
   """The value checks of :func:`check_inputs` as ``checkify.check`` calls.
 
   Use inside a function transformed by ``jax.experimental.checkify.checkify``;
@@ -309,7 +319,9 @@ def checkify_inputs(
     checkify.check(~jnp.any(bad), message)
 
 
-def check_chain_rule(joint_logprob, prompt_logprob, *, atol: float = 1e-4) -> None:
+def check_chain_rule(
+  joint_logprob: jax.Array | float, prompt_logprob: jax.Array | float, *, atol: float = 1e-4
+) -> None:
   """Rejects reported ``(log Pr([x, y]), log Pr(x))`` pairs that break the chain rule.
 
   ``log Pr(y | x) = log Pr([x, y]) - log Pr(x)`` is a log-probability, so it is

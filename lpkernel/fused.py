@@ -94,7 +94,7 @@ def rows_fused_token_stats(
   tau: jax.Array | None,
   *,
   softcap: float | None = None,
-  implementation=None,
+  implementation: str | ops.FusedImplementation | None = None,
   axis_name: str | None = None,
   vocab_size: int | None = None,
 ) -> TokenStats:
@@ -122,7 +122,7 @@ def fused_token_stats(
   *,
   temperature: float | jax.Array = 1.0,
   softcap: float | None = None,
-  implementation=None,
+  implementation: str | ops.FusedImplementation | None = None,
 ) -> TokenStats:
   """Log-probability, log-sum-exp, entropy and greedy flag of each target, in one sweep.
 
@@ -172,7 +172,7 @@ def fused_token_logprobs(
   *,
   temperature: float | jax.Array = 1.0,
   softcap: float | None = None,
-  implementation=None,
+  implementation: str | ops.FusedImplementation | None = None,
 ) -> jax.Array:
   """``log_softmax(hidden @ unembed)[..., target]`` without the ``[N, V]`` logits.
 

@@ -76,7 +76,7 @@ def rows_logprobs_and_greedy(
   tau: jax.Array | None,
   *,
   softcap: float | None = None,
-  implementation=None,
+  implementation: str | ops.LogitsImplementation | None = None,
   axis_name: str | None = None,
   vocab_size: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
@@ -106,7 +106,7 @@ def token_logprobs_and_greedy(
   *,
   temperature: float | jax.Array = 1.0,
   softcap: float | None = None,
-  implementation=None,
+  implementation: str | ops.LogitsImplementation | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Like :func:`token_logprobs`, also returning whether each target is greedy.
 
@@ -138,7 +138,7 @@ def token_logprobs(
   *,
   temperature: float | jax.Array = 1.0,
   softcap: float | None = None,
-  implementation=None,
+  implementation: str | ops.LogitsImplementation | None = None,
 ) -> jax.Array:
   r"""Log-probability of each target under the softmax of its logits row.
 

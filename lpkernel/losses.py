@@ -1,12 +1,17 @@
-"""Training losses on ``Scores``: pure functions of arrays, usable with optax.
+"""Training losses on sequence log-probabilities: pure functions of arrays, optax-ready.
 
-Conventions: log-probabilities are ``Scores`` fields (float32 ``[B]`` or
-``[B, S]``); losses are scalars to *minimise*.
+Every preference loss takes its sequences the same way: a :class:`~lpkernel.Scores`
+(its ``response_logprob`` and ``response_tokens``), or a pair ``(logps,
+token_counts)`` of ``[B]`` arrays, or a bare ``[B]`` array of summed
+log-probabilities where no length normalisation is asked for. Losses are
+scalars to *minimise*; the metrics dict uses TRL's keys (``rewards/chosen``,
+``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``,
+``logps/chosen``, ``logps/rejected``), means over the batch.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +19,41 @@ import jax.numpy as jnp
 from lpkernel.scoring import Scores
 
 Normalisation = Literal["tokens", "sequences", "sum"]
+DpoLossType = Literal["sigmoid", "hinge", "robust"]
 
 
-def sft_loss(scores: Scores, normalise: Normalisation = "tokens", *, response_only: bool = True):
+class Sequences(NamedTuple):
+  """Per-sequence response log-probabilities (summed) and token counts, ``[B]`` each."""
+
+  logps: jax.Array
+  tokens: jax.Array | None
+
+  def mean_logps(self) -> jax.Array:
+    """``logps / tokens``: the length-averaged log-probability (TRL's IPO and SimPO)."""
+    if self.tokens is None:
+      raise ValueError(
+        "length-averaged log-probabilities need token counts: pass Scores or (logps, tokens)"
+      )
+    return self.logps / jnp.maximum(self.tokens, 1)
+
+
+SequenceLike = Scores | Sequences | tuple | jax.Array
+
+
+def as_sequences(x: SequenceLike) -> Sequences:
+  """``Scores`` | ``(logps, tokens)`` | ``logps`` -> :class:`Sequences`."""
+  if isinstance(x, Scores):
+    return Sequences(x.response_logprob, x.response_tokens)
+  if isinstance(x, Sequences):
+    return x
+  if isinstance(x, tuple) and len(x) == 2:
+    return Sequences(jnp.asarray(x[0]), jnp.asarray(x[1]))
+  return Sequences(jnp.asarray(x), None)
+
+
+def sft_loss(
+  scores: Scores, normalise: Normalisation = "tokens", *, response_only: bool = True
+) -> jax.Array:
   """Negative log-likelihood of the responses (or of whole sequences).
 
   Args:
@@ -43,73 +80,148 @@ def sft_loss(scores: Scores, normalise: Normalisation = "tokens", *, response_on
   raise ValueError(f"normalise must be 'tokens', 'sequences' or 'sum', got {normalise!r}")
 
 
-def _preference_metrics(chosen_reward, rejected_reward, loss):
+def _metrics(loss, chosen_reward, rejected_reward, chosen_logps, rejected_logps):
   margin = chosen_reward - rejected_reward
   return {
     "loss": jnp.mean(loss),
     "rewards/chosen": jnp.mean(chosen_reward),
     "rewards/rejected": jnp.mean(rejected_reward),
-    "rewards/margin": jnp.mean(margin),
-    "rewards/accuracy": jnp.mean((margin > 0).astype(jnp.float32)),
+    "rewards/margins": jnp.mean(margin),
+    "rewards/accuracies": jnp.mean((chosen_reward > rejected_reward).astype(jnp.float32)),
+    "logps/chosen": jnp.mean(chosen_logps),
+    "logps/rejected": jnp.mean(rejected_logps),
   }
 
 
+def _check_smoothing(label_smoothing: float, upper: float) -> None:
+  if not 0.0 <= label_smoothing < upper:
+    raise ValueError(f"label_smoothing={label_smoothing} must be in [0, {upper})")
+
+
 def dpo_loss(
-  policy_chosen,
-  policy_rejected,
-  reference_chosen,
-  reference_rejected,
+  policy_chosen: SequenceLike,
+  policy_rejected: SequenceLike,
+  reference_chosen: SequenceLike,
+  reference_rejected: SequenceLike,
   *,
   beta: float = 0.1,
   label_smoothing: float = 0.0,
-):
-  r"""DPO (sigmoid) loss on ``log Pr(y | x)`` of chosen and rejected responses.
+  loss_type: DpoLossType = "sigmoid",
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  r"""DPO-family losses on ``log Pr(y | x)`` of chosen and rejected responses (TRL's).
 
-  .. math::
-    h = \beta [(\pi_c - r_c) - (\pi_r - r_r)],\quad
-    L = -(1 - \epsilon) \log\sigma(h) - \epsilon \log\sigma(-h)
+  With :math:`h = (\pi_c - \rho_c) - (\pi_r - \rho_r)` (policy minus reference
+  log-ratios, summed over tokens) and :math:`\epsilon` the label smoothing:
+
+  * ``"sigmoid"`` (DPO, Rafailov et al. 2023; conservative DPO with
+    :math:`\epsilon > 0`): :math:`-(1-\epsilon)\log\sigma(\beta h) - \epsilon\log\sigma(-\beta h)`;
+  * ``"robust"`` (rDPO, Chowdhury et al. 2024):
+    :math:`[-(1-\epsilon)\log\sigma(\beta h) + \epsilon\log\sigma(-\beta h)] / (1 - 2\epsilon)`;
+  * ``"hinge"`` (SLiC, Zhao et al. 2023): :math:`\max(0, 1 - \beta h)`.
 
   Args:
-    policy_chosen, policy_rejected: float32[B] ``response_logprob`` under the policy.
-    reference_chosen, reference_rejected: the same under the frozen reference.
-    beta: inverse temperature of the implicit reward.
-    label_smoothing: conservative DPO's flip probability ``epsilon``.
+    policy_chosen, policy_rejected, reference_chosen, reference_rejected:
+      ``Scores``, ``(logps, tokens)`` or ``[B]`` summed log-probabilities.
+    beta: inverse temperature of the implicit reward ``beta * (pi - rho)``.
+    label_smoothing: the probability that a preference label is flipped.
+    loss_type: ``"sigmoid"``, ``"robust"`` or ``"hinge"``.
 
   Returns:
-    (loss scalar, metrics dict with rewards and accuracy).
+    (mean loss, metrics with TRL's keys).
   """
-  chosen = beta * (policy_chosen - reference_chosen)
-  rejected = beta * (policy_rejected - reference_rejected)
+  pc, pr, rc, rr = (
+    as_sequences(x).logps
+    for x in (policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+  )
+  chosen, rejected = beta * (pc - rc), beta * (pr - rr)
   h = chosen - rejected
-  loss = -(1 - label_smoothing) * jax.nn.log_sigmoid(h) - label_smoothing * jax.nn.log_sigmoid(-h)
-  return jnp.mean(loss), _preference_metrics(chosen, rejected, loss)
+  if loss_type == "sigmoid":
+    _check_smoothing(label_smoothing, 1.0)
+    loss = -(1 - label_smoothing) * jax.nn.log_sigmoid(h) - label_smoothing * jax.nn.log_sigmoid(-h)
+  elif loss_type == "robust":
+    _check_smoothing(label_smoothing, 0.5)
+    loss = (
+      -(1 - label_smoothing) * jax.nn.log_sigmoid(h) + label_smoothing * jax.nn.log_sigmoid(-h)
+    ) / (1 - 2 * label_smoothing)
+  elif loss_type == "hinge":
+    loss = jax.nn.relu(1 - h)
+  else:
+    raise ValueError(f"loss_type must be 'sigmoid', 'robust' or 'hinge', got {loss_type!r}")
+  return jnp.mean(loss), _metrics(loss, chosen, rejected, pc, pr)
 
 
 def ipo_loss(
-  policy_chosen, policy_rejected, reference_chosen, reference_rejected, *, beta: float = 0.1
-):
-  r"""IPO loss: :math:`(h - 1 / (2\beta))^2` with ``h`` the log-ratio margin (no beta)."""
-  chosen = policy_chosen - reference_chosen
-  rejected = policy_rejected - reference_rejected
-  loss = jnp.square(chosen - rejected - 1.0 / (2.0 * beta))
-  return jnp.mean(loss), _preference_metrics(beta * chosen, beta * rejected, loss)
+  policy_chosen: SequenceLike,
+  policy_rejected: SequenceLike,
+  reference_chosen: SequenceLike,
+  reference_rejected: SequenceLike,
+  *,
+  beta: float = 0.1,
+  average_log_probs: bool = True,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  r"""IPO (Azar et al. 2023): :math:`(h - 1 / (2\beta))^2`, ``h`` the log-ratio margin.
 
+  Args:
+    average_log_probs: True (TRL's default) uses each sequence's log-probability
+      divided by its token count in ``h``; False uses the summed
+      log-probabilities of the paper. Token counts come from ``Scores`` or
+      ``(logps, tokens)`` pairs.
 
-def simpo_loss(chosen: Scores, rejected: Scores, *, beta: float = 2.0, gamma: float = 0.5):
-  r"""SimPO: length-normalised, reference-free, with a target margin ``gamma``.
-
-  .. math:: L = -\log\sigma(\beta \bar\pi_c - \beta \bar\pi_r - \gamma),\quad
-     \bar\pi = \log \Pr(y|x) / |y|
+  Returns:
+    (mean loss, metrics with TRL's keys; rewards are ``beta`` times the log-ratios).
   """
-  c = beta * chosen.response_logprob / jnp.maximum(chosen.response_tokens, 1)
-  r = beta * rejected.response_logprob / jnp.maximum(rejected.response_tokens, 1)
-  loss = -jax.nn.log_sigmoid(c - r - gamma)
-  return jnp.mean(loss), _preference_metrics(c, r, loss)
+  seqs = [
+    as_sequences(x) for x in (policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+  ]
+  pc, pr, rc, rr = (s.mean_logps() if average_log_probs else s.logps for s in seqs)
+  chosen, rejected = pc - rc, pr - rr
+  loss = jnp.square(chosen - rejected - 1.0 / (2.0 * beta))
+  return jnp.mean(loss), _metrics(loss, beta * chosen, beta * rejected, pc, pr)
 
 
-def z_loss(lse: jax.Array, mask: jax.Array | None = None, *, weight: float = 1e-4):
+def simpo_loss(
+  chosen: SequenceLike,
+  rejected: SequenceLike,
+  *,
+  beta: float = 2.0,
+  gamma: float = 0.5,
+  label_smoothing: float = 0.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  r"""SimPO (Meng et al. 2024): length-normalised, reference-free, target margin ``gamma``.
+
+  .. math:: u = \beta \bar\pi_c - \beta \bar\pi_r - \gamma,\quad
+     L = -(1-\epsilon)\log\sigma(u) - \epsilon\log\sigma(-u),\quad
+     \bar\pi = \log \Pr(y|x) / |y|
+
+  Args:
+    chosen, rejected: ``Scores`` or ``(logps, tokens)`` (token counts are needed).
+    label_smoothing: :math:`\epsilon`, as TRL's CPO trainer.
+
+  Returns:
+    (mean loss, metrics with TRL's keys; rewards are ``beta`` times the averages).
+  """
+  _check_smoothing(label_smoothing, 1.0)
+  c_avg, r_avg = as_sequences(chosen).mean_logps(), as_sequences(rejected).mean_logps()
+  c, r = beta * c_avg, beta * r_avg
+  u = c - r - gamma
+  loss = -(1 - label_smoothing) * jax.nn.log_sigmoid(u) - label_smoothing * jax.nn.log_sigmoid(-u)
+  return jnp.mean(loss), _metrics(loss, c, r, c_avg, r_avg)
+
+
+def z_loss(lse: jax.Array, mask: jax.Array | None = None, *, weight: float = 1e-4) -> jax.Array:
   """``weight * mean(lse ** 2)`` over ``mask`` (the log-sum-exp from ``TokenStats``)."""
   sq = jnp.square(lse)
   if mask is None:
     return weight * jnp.mean(sq)
   return weight * jnp.sum(jnp.where(mask, sq, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
+__all__ = [
+  "Sequences",
+  "as_sequences",
+  "dpo_loss",
+  "ipo_loss",
+  "simpo_loss",
+  "sft_loss",
+  "z_loss",
+]

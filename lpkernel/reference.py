@@ -23,7 +23,13 @@ def _transformed(logits, temperature, softcap):
   return y / tau[..., None], ~(jnp.isfinite(tau) & (tau > 0))
 
 
-def token_logprobs_and_greedy(logits, targets, *, temperature=1.0, softcap=None):
+def token_logprobs_and_greedy(
+  logits: jax.Array,
+  targets: jax.Array,
+  *,
+  temperature: float | jax.Array = 1.0,
+  softcap: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """``log_softmax(softcap(logits) / temperature)[target]`` and first-argmax flags.
 
   NaN for ids outside ``[0, V)`` and for temperatures that are not finite and
@@ -43,12 +49,24 @@ def token_logprobs_and_greedy(logits, targets, *, temperature=1.0, softcap=None)
   return lp, greedy & ~jnp.isnan(lp)
 
 
-def token_logprobs(logits, targets, *, temperature=1.0, softcap=None):
+def token_logprobs(
+  logits: jax.Array,
+  targets: jax.Array,
+  *,
+  temperature: float | jax.Array = 1.0,
+  softcap: float | None = None,
+) -> jax.Array:
   """``log_softmax(softcap(logits) / temperature)[target]``; NaN for ids outside [0, V)."""
   return token_logprobs_and_greedy(logits, targets, temperature=temperature, softcap=softcap)[0]
 
 
-def fused_token_stats(h, w, targets, tau=None, softcap=None):
+def fused_token_stats(
+  h: jax.Array,
+  w: jax.Array,
+  targets: jax.Array,
+  tau: jax.Array | None = None,
+  softcap: float | None = None,
+):
   """``TokenStats`` of the materialised ``h @ w`` (float32 accumulation)."""
   from lpkernel.fused import TokenStats
 
@@ -65,14 +83,14 @@ def fused_token_stats(h, w, targets, tau=None, softcap=None):
 
 
 def score(
-  logits,
-  tokens,
-  response_mask,
+  logits: jax.Array,
+  tokens: jax.Array,
+  response_mask: jax.Array,
   *,
-  segment_ids=None,
-  num_segments=None,
-  temperature=1.0,
-  softcap=None,
+  segment_ids: jax.Array | None = None,
+  num_segments: int | None = None,
+  temperature: float | jax.Array = 1.0,
+  softcap: float | None = None,
 ):
   """``Scores`` by slicing: ``logits[:, :-1]`` against ``tokens[:, 1:]``."""
   from lpkernel.scoring import Scores

@@ -7,12 +7,15 @@ against ``tokens[t + 1]`` and the last row is never scored.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from lpkernel import checks
-from lpkernel.fused import fused_token_stats
+from lpkernel import checks, ops
+from lpkernel.fused import TokenStats, fused_token_stats
 from lpkernel.logprobs import token_logprobs_and_greedy
 
 _F32 = jnp.float32
@@ -140,7 +143,29 @@ def sum_scores(row_logprobs, row_greedy, layout: RowLayout, num_segments=None) -
   )
 
 
-def score_rows(tokens, response_mask, segment_ids, num_segments, per_token, time_dims):
+def to_predicting_positions(token_logprobs: jax.Array) -> jax.Array:
+  """``Scores.token_logprobs`` moved to the position of the logits that predicted each token.
+
+  lpkernel puts log Pr(token t) at ``[:, t]`` (column 0 is never scored). TRL and
+  most PyTorch code put it at ``[:, t - 1]``, the row of the logits that
+  predicted it; this returns that alignment, ``[B, T]`` with 0 in the last column.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> to_predicting_positions(jnp.array([[0.0, -1.0, -2.0]]))
+    Array([[-1., -2.,  0.]], dtype=float32)
+  """
+  return jnp.concatenate([token_logprobs[:, 1:], jnp.zeros_like(token_logprobs[:, :1])], axis=1)
+
+
+def score_rows(
+  tokens: jax.Array,
+  response_mask: jax.Array,
+  segment_ids: jax.Array | None,
+  num_segments: int | None,
+  per_token: Callable[[jax.Array], tuple[jax.Array, jax.Array, Any]],
+  time_dims: tuple[str, tuple[int, ...]],
+) -> tuple[Scores, Any]:
   """The one scoring pipeline: check -> row layout -> per-token -> masked sums.
 
   Args:
@@ -172,7 +197,7 @@ def score(
   num_segments: int | None = None,
   temperature: float | jax.Array = 1.0,
   softcap: float | None = None,
-  implementation=None,
+  implementation: str | ops.LogitsImplementation | None = None,
 ) -> Scores:
   """Scores batched ``[x, y]`` rows: log Pr(x), log Pr(y | x) and log Pr([x, y]).
 
@@ -236,9 +261,9 @@ def score_hidden(
   num_segments: int | None = None,
   temperature: float | jax.Array = 1.0,
   softcap: float | None = None,
-  implementation=None,
+  implementation: str | ops.FusedImplementation | None = None,
   with_stats: bool = False,
-):
+) -> Scores | tuple[Scores, TokenStats]:
   """``score(hidden @ unembed, ...)`` without materialising the logits.
 
   Args:

@@ -27,7 +27,7 @@ import jax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from lpkernel import checks
+from lpkernel import checks, ops
 from lpkernel.fused import TokenStats, rows_fused_token_stats
 from lpkernel.logprobs import rows_logprobs_and_greedy
 from lpkernel.scoring import Scores, score_rows
@@ -63,7 +63,7 @@ def vocab_parallel_token_logprobs_and_greedy(
   batch_axis: str | None = None,
   temperature: float | jax.Array = 1.0,
   softcap: float | None = None,
-  implementation=None,
+  implementation: str | ops.LogitsImplementation | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """``token_logprobs_and_greedy`` for logits sharded along V over ``model_axis``.
 
@@ -121,7 +121,7 @@ def vocab_parallel_score(
   batch_axis: str | None = None,
   temperature: float | jax.Array = 1.0,
   softcap: float | None = None,
-  implementation=None,
+  implementation: str | ops.LogitsImplementation | None = None,
 ) -> Scores:
   """``score`` for ``logits [B, T, V]`` sharded as ``P(batch_axis, None, model_axis)``."""
   logits = checks.as_array("logits", logits)
@@ -157,7 +157,7 @@ def vocab_parallel_fused_token_stats(
   batch_axis: str | None = None,
   temperature: float | jax.Array = 1.0,
   softcap: float | None = None,
-  implementation=None,
+  implementation: str | ops.FusedImplementation | None = None,
 ) -> TokenStats:
   """``fused_token_stats`` with ``unembed [D, V]`` sharded as ``P(None, model_axis)``.
 
@@ -209,7 +209,7 @@ def vocab_parallel_score_hidden(
   batch_axis: str | None = None,
   temperature: float | jax.Array = 1.0,
   softcap: float | None = None,
-  implementation=None,
+  implementation: str | ops.FusedImplementation | None = None,
 ) -> Scores:
   """``score_hidden`` with ``unembed`` sharded along V over ``model_axis``."""
   hidden = checks.as_array("hidden", hidden)

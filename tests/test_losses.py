@@ -1,5 +1,6 @@
 """Losses against hand-computed values."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -37,31 +38,105 @@ def _sig(x):
   return 1 / (1 + np.exp(-x))
 
 
-def test_dpo_by_hand():
-  pc, pr, rc, rr = jnp.array([-5.0]), jnp.array([-7.0]), jnp.array([-6.0]), jnp.array([-6.5])
+PC, PR, RC, RR = (jnp.array(v) for v in ([-5.0, -3.0], [-7.0, -2.5], [-6.0, -3.5], [-6.5, -2.0]))
+N_C, N_R = jnp.array([2, 4]), jnp.array([3, 5])
+
+
+def _log_sig(x):
+  return -np.log1p(np.exp(-x))
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "hinge"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_dpo_family_matches_the_papers_values_and_gradients(loss_type, eps):
   beta = 0.5
-  loss, m = losses.dpo_loss(pc, pr, rc, rr, beta=beta)
-  h = beta * ((-5 + 6) - (-7 + 6.5))  # 0.75
-  np.testing.assert_allclose(loss, -np.log(_sig(h)), rtol=1e-6)
-  np.testing.assert_allclose(m["rewards/chosen"], 0.5)
-  np.testing.assert_allclose(m["rewards/rejected"], -0.25)
-  np.testing.assert_allclose(m["rewards/accuracy"], 1.0)
-  smooth, _ = losses.dpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=0.1)
-  np.testing.assert_allclose(smooth, -0.9 * np.log(_sig(h)) - 0.1 * np.log(_sig(-h)), rtol=1e-6)
+  h = beta * ((np.asarray(PC) - np.asarray(RC)) - (np.asarray(PR) - np.asarray(RR)))
+  if loss_type == "sigmoid":  # Rafailov et al.; conservative DPO with eps
+    want = -(1 - eps) * _log_sig(h) - eps * _log_sig(-h)
+    dh = -(1 - eps) * _sig(-h) + eps * _sig(h)
+  elif loss_type == "robust":  # Chowdhury et al.
+    want = (-(1 - eps) * _log_sig(h) + eps * _log_sig(-h)) / (1 - 2 * eps)
+    dh = (-(1 - eps) * _sig(-h) - eps * _sig(h)) / (1 - 2 * eps)
+  else:  # hinge (SLiC)
+    want = np.maximum(0, 1 - h)
+    dh = np.where(1 - h > 0, -1.0, 0.0)
+
+  def f(pc):
+    return losses.dpo_loss(pc, PR, RC, RR, beta=beta, label_smoothing=eps, loss_type=loss_type)
+
+  (loss, m), g = jax.value_and_grad(f, has_aux=True)(PC)
+  np.testing.assert_allclose(loss, want.mean(), rtol=1e-6)
+  np.testing.assert_allclose(g, dh * beta / 2, rtol=1e-5, atol=1e-7)  # d mean / d pi_c
+  np.testing.assert_allclose(m["rewards/chosen"], beta * np.mean(np.asarray(PC - RC)), rtol=1e-6)
+  np.testing.assert_allclose(m["rewards/margins"], np.mean(h), rtol=1e-6)
+  np.testing.assert_allclose(m["rewards/accuracies"], np.mean(h > 0))
+  np.testing.assert_allclose(m["logps/rejected"], np.mean(np.asarray(PR)))
+  assert set(m) == {
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+  }
 
 
-def test_ipo_by_hand():
-  loss, _ = losses.ipo_loss(
-    jnp.array([-5.0]), jnp.array([-7.0]), jnp.array([-6.0]), jnp.array([-6.5]), beta=0.25
-  )
-  np.testing.assert_allclose(loss, (1.5 - 2.0) ** 2, rtol=1e-6)
+def test_every_loss_takes_scores_pairs_or_arrays_alike():
+  sc, sr = _scores(PC, N_C), _scores(PR, N_R)
+  a, _ = losses.dpo_loss(sc, sr, _scores(RC, N_C), _scores(RR, N_R))
+  b, _ = losses.dpo_loss((PC, N_C), (PR, N_R), (RC, N_C), (RR, N_R))
+  c, _ = losses.dpo_loss(PC, PR, RC, RR)
+  np.testing.assert_allclose([a, b], c)
+  a, _ = losses.simpo_loss(sc, sr)
+  b, _ = losses.simpo_loss((PC, N_C), (PR, N_R))
+  np.testing.assert_allclose(a, b)
+  with pytest.raises(ValueError, match="token counts"):
+    losses.simpo_loss(PC, PR)
 
 
-def test_simpo_by_hand():
-  chosen, rejected = _scores([-4.0], [2]), _scores([-9.0], [3])
-  loss, m = losses.simpo_loss(chosen, rejected, beta=2.0, gamma=0.5)
-  np.testing.assert_allclose(loss, -np.log(_sig(2 * (-2.0) - 2 * (-3.0) - 0.5)), rtol=1e-6)
-  np.testing.assert_allclose(m["rewards/margin"], 2.0)
+@pytest.mark.parametrize("average", [True, False])
+def test_ipo_length_averaged_like_trl_or_summed_like_the_paper(average):
+  beta = 0.25
+  norm = (lambda x, n: np.asarray(x) / np.asarray(n)) if average else (lambda x, n: np.asarray(x))
+  h = (norm(PC, N_C) - norm(RC, N_C)) - (norm(PR, N_R) - norm(RR, N_R))
+  want = (h - 1 / (2 * beta)) ** 2
+
+  def f(pc):
+    return losses.ipo_loss(
+      (pc, N_C), (PR, N_R), (RC, N_C), (RR, N_R), beta=beta, average_log_probs=average
+    )
+
+  (loss, m), g = jax.value_and_grad(f, has_aux=True)(PC)
+  np.testing.assert_allclose(loss, want.mean(), rtol=1e-6)
+  dpc = 2 * (h - 1 / (2 * beta)) / (np.asarray(N_C) if average else 1.0) / 2
+  np.testing.assert_allclose(g, dpc, rtol=1e-5)
+  np.testing.assert_allclose(m["rewards/margins"], beta * np.mean(h), rtol=1e-6)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_simpo_matches_the_paper_with_label_smoothing(eps):
+  beta, gamma = 2.0, 0.5
+  c, r = np.asarray(PC) / np.asarray(N_C), np.asarray(PR) / np.asarray(N_R)
+  u = beta * c - beta * r - gamma
+  want = -(1 - eps) * _log_sig(u) - eps * _log_sig(-u)
+
+  def f(pc):
+    return losses.simpo_loss((pc, N_C), (PR, N_R), beta=beta, gamma=gamma, label_smoothing=eps)
+
+  (loss, m), g = jax.value_and_grad(f, has_aux=True)(PC)
+  np.testing.assert_allclose(loss, want.mean(), rtol=1e-6)
+  du = -(1 - eps) * _sig(-u) + eps * _sig(u)
+  np.testing.assert_allclose(g, du * beta / np.asarray(N_C) / 2, rtol=1e-5)
+  np.testing.assert_allclose(m["rewards/chosen"], beta * c.mean(), rtol=1e-6)
+  np.testing.assert_allclose(m["logps/chosen"], c.mean(), rtol=1e-6)
+
+
+def test_bad_options_raise():
+  with pytest.raises(ValueError, match="loss_type"):
+    losses.dpo_loss(PC, PR, RC, RR, loss_type="kto")
+  with pytest.raises(ValueError, match="label_smoothing"):
+    losses.dpo_loss(PC, PR, RC, RR, loss_type="robust", label_smoothing=0.5)
 
 
 def test_z_loss():

@@ -428,3 +428,24 @@ def test_drawn_segments_and_ids_follow_the_oracle_or_raise(seg, ids):
   else:
     with pytest.raises(ValueError):
       lpk.check_inputs(logits, tokens, mask, seg, num_segments=3)
+
+
+# --- greedy is the first argmax on every path ----------------------------------------
+
+
+def test_first_argmax_rule_on_the_fused_and_vocab_parallel_paths():
+  # Ties between columns 1 and 6 (in different model shards of size 2): only id 1 is greedy.
+  x = jnp.zeros((4, 8)).at[:, 1].set(3.0).at[:, 6].set(3.0)
+  t = jnp.array([1, 6, 1, 6])
+  want = np.array([True, False, True, False])
+  _, greedy = sharding.vocab_parallel_token_logprobs_and_greedy(x, t, _mesh(), batch_axis="data")
+  np.testing.assert_array_equal(greedy, want)
+  h = jnp.ones((4, 1))
+  for impl in [FUSED_SMALL, lpk.XlaFused(), "reference"]:
+    np.testing.assert_array_equal(
+      lpk.fused_token_stats(h, x[:1], t, implementation=impl).greedy, want
+    )
+  stats = sharding.vocab_parallel_fused_token_stats(h, x[:1], t, _mesh(), batch_axis="data")
+  np.testing.assert_array_equal(stats.greedy, want)
+  for impl in [*LOGITS_IMPLEMENTATIONS.values(), "reference"]:
+    np.testing.assert_array_equal(lpk.token_logprobs_and_greedy(x, t, implementation=impl)[1], want)

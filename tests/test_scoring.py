@@ -312,3 +312,15 @@ def test_chunked_path_scores_match():
     logits, tokens, response, implementation=XlaLogits(ChunkConfig(max_chunk=8, min_chunk=2))
   )
   _check(a, reference.score(logits, tokens, response))
+
+
+def test_predicting_positions_match_the_pytorch_alignment():
+  logits, tokens, response = _inputs(21, 2, 6, 9)
+  s = lpk.score(logits, tokens, response)
+  shifted = lpk.to_predicting_positions(s.token_logprobs)
+  # PyTorch / TRL: log_softmax(logits[:, :-1]) gathered at tokens[:, 1:], at index t - 1.
+  torch_style = jnp.take_along_axis(
+    jax.nn.log_softmax(logits[:, :-1]), tokens[:, 1:, None], axis=-1
+  )[..., 0]
+  np.testing.assert_allclose(shifted[:, :-1], torch_style, rtol=1e-6, atol=1e-6)
+  assert (shifted[:, -1] == 0).all()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,7 @@ def _accepts(fn: Callable, name: str) -> bool:
   return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def model_kwargs(fn, segment_ids, fused: bool) -> dict:
+def model_kwargs(fn: Callable, segment_ids: jax.Array | None, fused: bool) -> dict:
   """The keywords ``fn`` is called with: packing information it accepts, ``return_hidden``."""
   kwargs = {}
   if segment_ids is not None and _accepts(fn, "segment_ids"):
@@ -44,7 +45,12 @@ def model_kwargs(fn, segment_ids, fused: bool) -> dict:
 
 
 def scores_from_output(
-  output, tokens, response_mask, *, drops_last: bool = False, **score_kwargs
+  output: Any,
+  tokens: jax.Array,
+  response_mask: jax.Array,
+  *,
+  drops_last: bool = False,
+  **score_kwargs: Any,
 ) -> Scores:
   """``Scores`` from a model's output: logits, or ``(hidden, unembed)``.
 
@@ -88,14 +94,14 @@ def scores_from_output(
 
 
 def score_model(
-  model,
-  tokens,
-  response_mask,
+  model: Callable,
+  tokens: jax.Array,
+  response_mask: jax.Array,
   *,
-  segment_ids=None,
-  num_segments=None,
+  segment_ids: jax.Array | None = None,
+  num_segments: int | None = None,
   fused: bool = False,
-  **score_kwargs,
+  **score_kwargs: Any,
 ) -> Scores:
   """Scores rows with an ``nnx.Module`` (or any callable ``model(tokens, ...)``).
 
@@ -113,15 +119,15 @@ def score_model(
 
 
 def score_linen(
-  apply_fn,
-  variables,
-  tokens,
-  response_mask,
+  apply_fn: Callable,
+  variables: Any,
+  tokens: jax.Array,
+  response_mask: jax.Array,
   *,
-  segment_ids=None,
-  num_segments=None,
+  segment_ids: jax.Array | None = None,
+  num_segments: int | None = None,
   fused: bool = False,
-  **score_kwargs,
+  **score_kwargs: Any,
 ) -> Scores:
   """Scores rows with a linen module: ``apply_fn(variables, tokens, ...)``.
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,7 @@ def _named_parameters(fn) -> set[str]:
     return set()
 
 
-def can_pack(model) -> bool:
+def can_pack(model: Callable) -> bool:
   """A model sees packed rows correctly only if it takes both ``segment_ids``
   (to mask attention across sequences) and ``positions`` (restarting per sequence)."""
   return {"segment_ids", "positions"} <= _named_parameters(model)
@@ -129,8 +129,8 @@ def _vocab_size(model, graphdef, state, row_length, fused, packed) -> int:
 
 
 def loglikelihood(
-  model,
-  requests,
+  model: Callable,
+  requests: Iterable[tuple[Sequence[int], Sequence[int]]],
   *,
   max_length: int,
   batch_size: int = 8,
