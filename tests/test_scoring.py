@@ -69,8 +69,8 @@ _jit_score = jax.jit(lpk.score, static_argnames=("num_segments",))
 # reuse a few compiled programs; values, lengths and sides vary freely.
 @given(
   b=st.sampled_from([1, 3]),
-  t=st.sampled_from([1, 2, 12]),
-  v=st.sampled_from([1, 3, 20]),
+  t=st.sampled_from([1, 12]),
+  v=st.sampled_from([1, 20]),
   left=st.booleans(),
   seed=st.integers(0, 2**16),
 )
