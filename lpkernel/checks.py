@@ -49,7 +49,8 @@ def as_ids(name: str, x, *, fill: int = -1):
   fits = (
     x <= _INT32_MAX if np.dtype(x.dtype).kind == "u" else (x >= -_INT32_MAX) & (x <= _INT32_MAX)
   )
-  return xp.where(fits, x, fill).astype(xp.int32)
+  # Cast the fitting ids first: NumPy refuses a negative fill beside uint64.
+  return xp.where(fits, xp.where(fits, x, 0).astype(xp.int32), fill)
 
 
 def check_float_logits(name: str, x) -> None:

@@ -10,6 +10,7 @@ and the centred ``E_p[y]``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.struct
@@ -111,6 +112,8 @@ def rows_fused_token_stats(
     vocab_size: the global V (default ``w.shape[1]``).
   """
   impl = ops.fused_implementation(implementation)
+  if getattr(impl, "precision", "") is None:  # the caller's matmul precision, captured here
+    impl = dataclasses.replace(impl, precision=jax.config.jax_default_matmul_precision)
   v = w.shape[1] if vocab_size is None else vocab_size
   return _fused(h, w, targets, tau, softcap, impl, axis_name, v)
 

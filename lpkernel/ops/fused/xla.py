@@ -55,18 +55,18 @@ class FusedConfig:
     return min(max(256, min(widest, vocab_size // 128 // 128 * 128)), vocab_size)
 
 
-def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
-  return jnp.dot(a, b, preferred_element_type=_F32)
+def _dot(a: jax.Array, b: jax.Array, precision) -> jax.Array:
+  return jnp.dot(a, b, precision=precision, preferred_element_type=_F32)
 
 
-def _block_logits(h, w, lo, width, tau, softcap):
+def _block_logits(h, w, lo, width, tau, softcap, precision):
   """Columns ``[lo, lo + width)``: (z raw float32 [N, width], y transformed, the w block)."""
   # XLA moves a dtype convert above a dynamic-slice and then out of the loop,
   # which would copy the whole matrix in float32 (bfloat16 dots are upcast on
   # the CPU). Slicing the output of a barrier over (matrix, offset) stops that.
   w, lo = lax.optimization_barrier((w, jnp.asarray(lo, jnp.int32)))
   wb = lax.dynamic_slice_in_dim(w, lo, width, axis=1)
-  z = _dot(h, wb)
+  z = _dot(h, wb, precision)
   return z, P.transform(z, tau, softcap), wb
 
 
@@ -97,9 +97,14 @@ class XlaFused:
 
   Attributes:
     config: the vocabulary tiling.
+    precision: the matmuls' precision (``jax.lax.Precision`` or its name); None
+      takes ``jax.default_matmul_precision`` at the call (read once at the entry,
+      so it reaches the loop bodies and the backward sweep too). GPUs default
+      float32 matmuls to TF32, about 1e-3 relative.
   """
 
   config: FusedConfig = FusedConfig()
+  precision: str | None = None
   name = "xla"
   platforms = None
 
@@ -108,7 +113,7 @@ class XlaFused:
     tau_col = None if tau is None else tau[:, None]
 
     def step(carry, lo, width):
-      _, y, _ = _block_logits(h, w, lo, width, tau_col, softcap)
+      _, y, _ = _block_logits(h, w, lo, width, tau_col, softcap, self.precision)
       cols = lo + lax.broadcasted_iota(jnp.int32, (1, width), 1)
       return P.merge(carry, block_partials(y, cols, targets))
 
@@ -130,7 +135,7 @@ class XlaFused:
 
     def step(carry, lo, width):
       dh, dw, dtau = carry
-      z, y, wb = _block_logits(h, w, lo, width, tau_col, softcap)
+      z, y, wb = _block_logits(h, w, lo, width, tau_col, softcap, self.precision)
       p = P.softmax(y, shift, log_s)
       onehot = (lo + lax.broadcasted_iota(jnp.int32, (1, width), 1)) == targets[:, None]
       y_c = P.finite_or_zero(y - shift)
@@ -144,8 +149,8 @@ class XlaFused:
       if tau is not None:  # y = s(z) / tau  =>  dy/dtau = -y / tau, y = y_c + shift
         dtau = dtau - (jnp.sum(dy * y_c, axis=-1) + shift[:, 0] * jnp.sum(dy, axis=-1)) / tau
       dz = (dy * P.transform_grad(z, tau_col, softcap)).astype(h.dtype)
-      dh = dh + _dot(dz, wb.T)
-      dwb = _dot(h.T, dz).astype(w.dtype)
+      dh = dh + _dot(dz, wb.T, self.precision)
+      dwb = _dot(h.T, dz, self.precision).astype(w.dtype)
       return dh, lax.dynamic_update_slice_in_dim(dw, dwb, lo, axis=1), dtau
 
     init = (
