@@ -42,13 +42,9 @@ class TokenStats:
 
 
 def _forward(h, w, targets, tau, softcap, impl, axis, vocab_size):
-  offset = 0 if axis is None else lax.axis_index(axis) * w.shape[1]
+  offset = P.block_offset(axis, w.shape[1])
   local = targets - offset
-  p = impl.partials(h, w, local, tau, softcap)
-  if axis is not None:
-    with jax.named_scope("vocab_parallel_combine"):
-      p = p._replace(arg=jnp.where(p.arg == P.NO_COLUMN, P.NO_COLUMN, p.arg + offset))
-      p = P.combine(p, P.over_mesh(axis))
+  p = P.combine_shards(impl.partials(h, w, local, tau, softcap), axis, offset)
   f = P.finish(p, targets, vocab_size)
   bad_id, bad_tau = P.poisoned_rows(targets, tau, vocab_size)
   # The log-sum-exp and entropy do not depend on the target; all depend on tau.

@@ -152,6 +152,21 @@ def combine(p: RowPartials, reduce: Reducers, expand=lambda x: x) -> RowPartials
   return RowPartials(m=m, s=s, t=t, arg=arg, sy=sy)
 
 
+def block_offset(axis_name: str | None, block_columns: int) -> jax.Array | int:
+  """The first global column of this device's block (0 without a mesh axis)."""
+  return 0 if axis_name is None else lax.axis_index(axis_name) * block_columns
+
+
+def combine_shards(p: RowPartials, axis_name: str | None, offset) -> RowPartials:
+  """Merges the partials of every device's vocabulary block along ``axis_name``
+  (inside ``shard_map``); block-local argmax columns become global ones."""
+  if axis_name is None:
+    return p
+  with jax.named_scope("vocab_parallel_combine"):
+    p = p._replace(arg=jnp.where(p.arg == NO_COLUMN, NO_COLUMN, p.arg + offset))
+    return combine(p, over_mesh(axis_name))
+
+
 def merge(a: RowPartials, b: RowPartials) -> RowPartials:
   """Merges two blocks' partials of the same rows (e.g. a running sweep and a new block)."""
   stacked = jax.tree.map(lambda x, y: jnp.stack([x, y]), a, b)
