@@ -56,6 +56,18 @@ def _lpkernel(implementation=None):
   return loss
 
 
+def _not_default(name: str) -> Callable[[], str | None]:
+  """Skips an implementation that is already lpkernel's default here (timed as "lpkernel")."""
+  from lpkernel import ops
+
+  def missing():
+    if ops.DEFAULT_LOGITS.get(jax.default_backend()) == name:
+      return f"the default implementation on {jax.default_backend()} (see lpkernel)"
+    return None
+
+  return missing
+
+
 def _on_gpu() -> str | None:
   return None if jax.default_backend() == "gpu" else "needs a GPU (Pallas Triton kernels)"
 
@@ -108,7 +120,7 @@ def _jax_cce(inp):
 
 METHODS = [
   Method("lpkernel", False, _lpkernel(), ("logits",)),
-  Method("lpkernel-xla", False, _lpkernel("xla"), ("logits",)),
+  Method("lpkernel-xla", False, _lpkernel("xla"), ("logits",), _not_default("xla")),
   Method("lpkernel-pallas", False, _lpkernel("pallas_gpu"), ("logits",), _on_gpu),
   Method("plain", False, _plain, ("logits",)),
   Method("optax", False, _optax, ("logits",)),
