@@ -121,7 +121,13 @@ def _jax_cce(inp):
 METHODS = [
   Method("lpkernel", False, _lpkernel(), ("logits",)),
   Method("lpkernel-xla", False, _lpkernel("xla"), ("logits",), _not_default("xla")),
-  Method("lpkernel-pallas", False, _lpkernel("pallas_gpu"), ("logits",), _on_gpu),
+  Method(
+    "lpkernel-pallas",
+    False,
+    _lpkernel("pallas_gpu"),
+    ("logits",),
+    lambda: _on_gpu() or _not_default("pallas_gpu")(),
+  ),
   Method("plain", False, _plain, ("logits",)),
   Method("optax", False, _optax, ("logits",)),
   Method("lpkernel-fused", True, _fused, ("hidden", "unembed")),
