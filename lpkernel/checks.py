@@ -184,11 +184,18 @@ def check_rows(tokens, response_mask, segment_ids, num_segments) -> None:
     raise ValueError(f"num_segments must be None or a positive Python int, got {num_segments=}")
 
 
+def as_model_rows(name: str, x, last: str):
+  """A model output ``float[B, T, last]`` (logits or hidden states) as an array."""
+  x = as_array(name, x)
+  check_float_logits(name, x)
+  if x.ndim != 3:
+    raise ValueError(f"{name} must be [B, T, {last}], got {name}.shape={tuple(x.shape)}")
+  return x
+
+
 def check_score_shapes(logits, tokens, response_mask, segment_ids, num_segments) -> None:
   """Static checks of ``score``'s arguments; raises naming the dimension."""
-  check_float_logits("logits", logits)
-  if logits.ndim != 3:
-    raise ValueError(f"logits must be [B, T, V], got {logits.shape=}")
+  as_model_rows("logits", logits, "V")
   check_int("tokens", tokens)
   check_same_dims("logits", logits.shape, "tokens", tokens.shape)
   check_rows(tokens, response_mask, segment_ids, num_segments)

@@ -235,10 +235,7 @@ def score(
     >>> float(s.prompt_logprob[0]), float(s.response_logprob[0])  # log(1/4) each
     (-1.3862943649291992, -1.3862943649291992)
   """
-  logits = checks.as_array("logits", logits)
-  checks.check_float_logits("logits", logits)
-  if logits.ndim != 3:
-    raise ValueError(f"logits must be [B, T, V], got {logits.shape=}")
+  logits = checks.as_model_rows("logits", logits, "V")
 
   def per_token(targets):
     lp, greedy = token_logprobs_and_greedy(
@@ -278,9 +275,7 @@ def score_hidden(
   Returns:
     ``Scores``, or ``(Scores, TokenStats)`` when ``with_stats``.
   """
-  hidden = checks.as_array("hidden", hidden)
-  if hidden.ndim != 3:
-    raise ValueError(f"hidden must be [B, T, D], got {hidden.shape=}")
+  hidden = checks.as_model_rows("hidden", hidden, "D")
 
   def per_token(targets):
     stats = fused_token_stats(

@@ -124,10 +124,7 @@ def vocab_parallel_score(
   implementation: str | ops.LogitsImplementation | None = None,
 ) -> Scores:
   """``score`` for ``logits [B, T, V]`` sharded as ``P(batch_axis, None, model_axis)``."""
-  logits = checks.as_array("logits", logits)
-  checks.check_float_logits("logits", logits)
-  if logits.ndim != 3:
-    raise ValueError(f"logits must be [B, T, V], got {logits.shape=}")
+  logits = checks.as_model_rows("logits", logits, "V")
 
   def per_token(targets):
     lp, greedy = vocab_parallel_token_logprobs_and_greedy(
@@ -212,9 +209,7 @@ def vocab_parallel_score_hidden(
   implementation: str | ops.FusedImplementation | None = None,
 ) -> Scores:
   """``score_hidden`` with ``unembed`` sharded along V over ``model_axis``."""
-  hidden = checks.as_array("hidden", hidden)
-  if hidden.ndim != 3:
-    raise ValueError(f"hidden must be [B, T, D], got {hidden.shape=}")
+  hidden = checks.as_model_rows("hidden", hidden, "D")
 
   def per_token(targets):
     stats = vocab_parallel_fused_token_stats(
