@@ -201,3 +201,13 @@ def test_kernels_lower_for_their_hardware(impl, platform, call, dtype, options):
 
   text = jax.jit(jax.grad(loss)).trace(x, t, tau).lower(lowering_platforms=(platform,)).as_text()
   assert text.count(f"custom_call @{call}") == 2  # the forward partials and the backward
+
+
+@pytest.mark.parametrize("name", list(IMPLEMENTATIONS))
+def test_nan_anywhere_in_a_row_wins_in_every_implementation(name):
+  x = jnp.zeros((3, 300)).at[0, 7].set(-jnp.inf).at[0, 290].set(jnp.nan).at[1, 3].set(-jnp.inf)
+  lp, greedy = lpk.token_logprobs_and_greedy(
+    x, jnp.array([7, 3, 0]), implementation=IMPLEMENTATIONS[name]
+  )
+  assert np.isnan(lp[0]) and np.isneginf(lp[1]) and np.isfinite(lp[2])
+  np.testing.assert_array_equal(greedy, [False, False, True])
