@@ -80,28 +80,41 @@ def check_logits_and_targets(logits, targets) -> None:
     raise ValueError(f"vocab_size V={logits.shape[-1]} must be at least 1")
 
 
-def check_fused(hidden, unembed, targets) -> None:
-  """``hidden[..., D]`` and ``unembed[D, V]`` against ``targets[...]``."""
+def vocab_axis(axis) -> int:
+  """``unembed``'s vocabulary axis as 1 (``[D, V]``) or 0 (a tied table ``[V, D]``)."""
+  if (
+    isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or axis not in (-2, -1, 0, 1)
+  ):
+    raise ValueError(f"vocab_axis={axis!r} must be -1 / 1 (unembed [D, V]) or 0 / -2 ([V, D])")
+  return int(axis) % 2
+
+
+def check_fused(hidden, unembed, targets, vocab_axis: int = 1) -> None:
+  """``hidden[..., D]`` and ``unembed[D, V]`` (``[V, D]`` for ``vocab_axis=0``) against
+  ``targets[...]``."""
   check_float_logits("hidden", hidden)
   check_float_logits("unembed", unembed)
   check_int("targets", targets)
+  layout = "[D, V]" if vocab_axis == 1 else "[V, D] (vocab_axis=0)"
   if unembed.ndim != 2:
-    raise ValueError(f"unembed must be [D, V], got {unembed.shape=}")
+    raise ValueError(f"unembed must be {layout}, got {unembed.shape=}")
   if hidden.dtype != unembed.dtype:
     raise TypeError(f"hidden.dtype={hidden.dtype} and unembed.dtype={unembed.dtype} must match")
-  if hidden.shape[-1] != unembed.shape[0]:
+  d, v = unembed.shape[1 - vocab_axis], unembed.shape[vocab_axis]
+  if hidden.shape[-1] != d:
     hint = (
-      " (a tied embedding table [V, D] is unembed.T)"
-      if hidden.shape[-1] == unembed.shape[1]
+      f" (for unembed {unembed.shape} laid out the other way, a tied embedding table, pass "
+      f"vocab_axis={1 - vocab_axis}: it is read as stored, never transposed)"
+      if hidden.shape[-1] == v
       else ""
     )
-    raise ValueError(f"hidden has D={hidden.shape[-1]} but unembed has D={unembed.shape[0]}{hint}")
+    raise ValueError(f"hidden has D={hidden.shape[-1]} but unembed {layout} has D={d}{hint}")
   if hidden.shape[-1] < 1:
     raise ValueError(f"model width D={hidden.shape[-1]} must be at least 1")
   if hidden.shape[:-1] != targets.shape:
     raise ValueError(f"hidden leading dims {hidden.shape[:-1]} must equal {targets.shape=}")
-  if unembed.shape[1] < 1:
-    raise ValueError(f"vocab_size V={unembed.shape[1]} must be at least 1")
+  if v < 1:
+    raise ValueError(f"vocab_size V={v} must be at least 1")
 
 
 def _positive_finite_number(x) -> bool:

@@ -41,10 +41,10 @@ class TokenStats:
   greedy: jax.Array
 
 
-def _forward(h, w, targets, tau, softcap, impl, axis, vocab_size):
-  offset = P.block_offset(axis, w.shape[1])
+def _forward(h, w, targets, tau, softcap, impl, axis, vocab_size, vocab_axis):
+  offset = P.block_offset(axis, w.shape[vocab_axis])
   local = targets - offset
-  p = P.combine_shards(impl.partials(h, w, local, tau, softcap), axis, offset)
+  p = P.combine_shards(impl.partials(h, w, local, tau, softcap, vocab_axis), axis, offset)
   f = P.finish(p, targets, vocab_size)
   bad_id, bad_tau = P.poisoned_rows(targets, tau, vocab_size)
   # The log-sum-exp and entropy do not depend on the target; all depend on tau.
@@ -57,12 +57,12 @@ def _forward(h, w, targets, tau, softcap, impl, axis, vocab_size):
   return stats, (h, w, local, tau, f, (bad_id, bad_tau))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _fused(h, w, targets, tau, softcap, impl, axis, vocab_size):
-  return _forward(h, w, targets, tau, softcap, impl, axis, vocab_size)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _fused(h, w, targets, tau, softcap, impl, axis, vocab_size, vocab_axis):
+  return _forward(h, w, targets, tau, softcap, impl, axis, vocab_size, vocab_axis)[0]
 
 
-def _fused_bwd(softcap, impl, axis, vocab_size, residuals, ct: TokenStats):
+def _fused_bwd(softcap, impl, axis, vocab_size, vocab_axis, residuals, ct: TokenStats):
   h, w, local, tau, f, (bad_id, bad_tau) = residuals
   g = [c.astype(_F32) for c in (ct.logprobs, ct.lse, ct.entropy)]
   if axis is not None:  # see lpkernel.logprobs: shard_map splits a replicated cotangent
@@ -75,7 +75,7 @@ def _fused_bwd(softcap, impl, axis, vocab_size, residuals, ct: TokenStats):
   # Dead rows hold anything (padding, NaN, inf): keep them out of h^T dz and 1/tau.
   safe_h = jnp.where(live[:, None], h, 0)
   safe_tau = None if tau is None else jnp.where(live & ~bad_tau, tau, 1.0)
-  dh, dw, dtau = impl.grads(safe_h, w, local, safe_tau, softcap, f, g)
+  dh, dw, dtau = impl.grads(safe_h, w, local, safe_tau, softcap, f, g, vocab_axis)
   if dtau is not None:
     dtau = jnp.where(live, dtau, 0.0)
   return dh.astype(h.dtype), dw, jnp.zeros(local.shape, jax.dtypes.float0), dtau
@@ -94,24 +94,29 @@ def rows_fused_token_stats(
   implementation: str | ops.FusedImplementation | None = None,
   axis_name: str | None = None,
   vocab_size: int | None = None,
+  vocab_axis: int = -1,
 ) -> TokenStats:
   """The per-shard building block: ``TokenStats`` of ``h [N, D] @ w [D, Vb]``.
 
   Args:
     h: float[N, D] hidden states.
-    w: float[D, Vb]: the whole unembedding, or (inside ``shard_map`` with
-      ``axis_name``) this device's block of columns.
+    w: float[D, Vb] (or ``[Vb, D]`` with ``vocab_axis=0``): the whole
+      unembedding, or (inside ``shard_map`` with ``axis_name``) this device's
+      block of the vocabulary.
     targets: int32[N] global ids.
     tau: float32[N] temperatures, or None.
     implementation: as for :func:`fused_token_stats`.
     axis_name: the mesh axis over which the columns are split, or None.
-    vocab_size: the global V (default ``w.shape[1]``).
+    vocab_size: the global V (default ``w``'s vocabulary axis).
+    vocab_axis: ``w``'s vocabulary axis: -1 / 1 for ``[D, V]``, 0 / -2 for a
+      tied embedding table ``[V, D]`` (read as stored, never transposed).
   """
+  vocab_axis = checks.vocab_axis(vocab_axis)
   impl = ops.fused_implementation(implementation)
   if getattr(impl, "precision", "") is None:  # the caller's matmul precision, captured here
     impl = dataclasses.replace(impl, precision=jax.config.jax_default_matmul_precision)
-  v = w.shape[1] if vocab_size is None else vocab_size
-  return _fused(h, w, targets, tau, softcap, impl, axis_name, v)
+  v = w.shape[vocab_axis] if vocab_size is None else vocab_size
+  return _fused(h, w, targets, tau, softcap, impl, axis_name, v, vocab_axis)
 
 
 def fused_token_stats(
@@ -122,12 +127,14 @@ def fused_token_stats(
   temperature: float | jax.Array = 1.0,
   softcap: float | None = None,
   implementation: str | ops.FusedImplementation | None = None,
+  vocab_axis: int = -1,
 ) -> TokenStats:
   """Log-probability, log-sum-exp, entropy and greedy flag of each target, in one sweep.
 
   Args:
     hidden: float[..., D] final hidden states (float32, bfloat16 or float16).
-    unembed: float[D, V] unembedding matrix, same dtype as ``hidden``.
+    unembed: float[D, V] unembedding matrix, same dtype as ``hidden``; or a
+      tied embedding table float[V, D] as stored, with ``vocab_axis=0``.
     targets: int[...] ids in ``[0, V)`` (NaN outside, as for ``token_logprobs``).
     temperature: a finite positive Python number or an array broadcastable to
       ``targets``.
@@ -135,6 +142,9 @@ def fused_token_stats(
     implementation: None (the measured best for this backend), a name
       (``"xla"``, ``"reference"``) or an object from ``lpkernel.ops``
       (e.g. ``XlaFused(FusedConfig(vocab_block=512))``).
+    vocab_axis: ``unembed``'s vocabulary axis: -1 for ``[D, V]``, 0 for a
+      tied table ``[V, D]`` (no transposed copy is made; its gradient is
+      ``[V, D]`` too).
 
   Returns:
     ``TokenStats`` of float32 ``[...]`` arrays (``greedy`` bool); gradients flow
@@ -148,7 +158,8 @@ def fused_token_stats(
   """
   hidden, unembed = checks.as_array("hidden", hidden), checks.as_array("unembed", unembed)
   targets = checks.as_ids("targets", targets)
-  checks.check_fused(hidden, unembed, targets)
+  vocab_axis = checks.vocab_axis(vocab_axis)
+  checks.check_fused(hidden, unembed, targets, vocab_axis)
   checks.check_softcap(softcap)
   batch_shape = targets.shape
   tau = checks.temperature_rows(temperature, batch_shape)
@@ -156,10 +167,17 @@ def fused_token_stats(
   if ops.is_reference(implementation):
     from lpkernel import reference
 
-    stats = reference.fused_token_stats(h, unembed, targets.reshape(-1), tau, softcap)
+    w = unembed if vocab_axis == 1 else unembed.T
+    stats = reference.fused_token_stats(h, w, targets.reshape(-1), tau, softcap)
   else:
     stats = rows_fused_token_stats(
-      h, unembed, targets.reshape(-1), tau, softcap=softcap, implementation=implementation
+      h,
+      unembed,
+      targets.reshape(-1),
+      tau,
+      softcap=softcap,
+      implementation=implementation,
+      vocab_axis=vocab_axis,
     )
   return jax.tree.map(lambda x: x.reshape(batch_shape), stats)
 
@@ -172,6 +190,7 @@ def fused_token_logprobs(
   temperature: float | jax.Array = 1.0,
   softcap: float | None = None,
   implementation: str | ops.FusedImplementation | None = None,
+  vocab_axis: int = -1,
 ) -> jax.Array:
   """``log_softmax(hidden @ unembed)[..., target]`` without the ``[N, V]`` logits.
 
@@ -190,4 +209,5 @@ def fused_token_logprobs(
     temperature=temperature,
     softcap=softcap,
     implementation=implementation,
+    vocab_axis=vocab_axis,
   ).logprobs

@@ -260,17 +260,20 @@ def score_hidden(
   softcap: float | None = None,
   implementation: str | ops.FusedImplementation | None = None,
   with_stats: bool = False,
+  vocab_axis: int = -1,
 ) -> Scores | tuple[Scores, TokenStats]:
   """``score(hidden @ unembed, ...)`` without materialising the logits.
 
   Args:
     hidden: float[B, T, D]; ``hidden[:, t] @ unembed`` predicts ``tokens[:, t + 1]``.
-    unembed: float[D, V].
+    unembed: float[D, V], or a tied embedding table float[V, D] as stored
+      with ``vocab_axis=0`` (never transposed or copied).
     tokens, response_mask, segment_ids, num_segments, temperature, softcap: as
       for :func:`score`.
     implementation: as for :func:`lpkernel.fused_token_stats`.
     with_stats: also return the per-row ``TokenStats`` (log-sum-exp for z-loss,
       entropy), ``[B, T]`` aligned like the logits rows (row t predicts t + 1).
+    vocab_axis: ``unembed``'s vocabulary axis (-1, or 0 for ``[V, D]``).
 
   Returns:
     ``Scores``, or ``(Scores, TokenStats)`` when ``with_stats``.
@@ -285,6 +288,7 @@ def score_hidden(
       temperature=temperature,
       softcap=softcap,
       implementation=implementation,
+      vocab_axis=vocab_axis,
     )
     return stats.logprobs, stats.greedy, stats
 

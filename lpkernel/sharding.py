@@ -155,17 +155,20 @@ def vocab_parallel_fused_token_stats(
   temperature: float | jax.Array = 1.0,
   softcap: float | None = None,
   implementation: str | ops.FusedImplementation | None = None,
+  vocab_axis: int = -1,
 ) -> TokenStats:
-  """``fused_token_stats`` with ``unembed [D, V]`` sharded as ``P(None, model_axis)``.
+  """``fused_token_stats`` with ``unembed [D, V]`` sharded as ``P(None, model_axis)``
+  (a tied table ``[V, D]`` with ``vocab_axis=0``: ``P(model_axis, None)``).
 
   ``hidden [..., D]`` is sharded over tokens (``batch_axis``) and replicated over
   the model axis; V must divide by the model axis size.
   """
   hidden, unembed = checks.as_array("hidden", hidden), checks.as_array("unembed", unembed)
   targets = checks.as_ids("targets", targets)
-  checks.check_fused(hidden, unembed, targets)
+  vocab_axis = checks.vocab_axis(vocab_axis)
+  checks.check_fused(hidden, unembed, targets, vocab_axis)
   checks.check_softcap(softcap)
-  v = unembed.shape[1]
+  v = unembed.shape[vocab_axis]
   _check_mesh(mesh, model_axis, batch_axis, v, targets.size, ("unembed", "hidden"))
   batch_shape = targets.shape
   tau = checks.temperature_rows(temperature, batch_shape)
@@ -181,12 +184,18 @@ def vocab_parallel_fused_token_stats(
       implementation=implementation,
       axis_name=model_axis,
       vocab_size=v,
+      vocab_axis=vocab_axis,
     )
 
   stats = jax.shard_map(
     local,
     mesh=mesh,
-    in_specs=(P(batch_axis, None), P(None, model_axis), row, None if tau is None else row),
+    in_specs=(
+      P(batch_axis, None),
+      P(None, model_axis) if vocab_axis == 1 else P(model_axis, None),
+      row,
+      None if tau is None else row,
+    ),
     out_specs=TokenStats(row, row, row, row),
     check_vma=False,
   )(hidden.reshape(-1, hidden.shape[-1]), unembed, targets.reshape(-1), tau)
@@ -207,6 +216,7 @@ def vocab_parallel_score_hidden(
   temperature: float | jax.Array = 1.0,
   softcap: float | None = None,
   implementation: str | ops.FusedImplementation | None = None,
+  vocab_axis: int = -1,
 ) -> Scores:
   """``score_hidden`` with ``unembed`` sharded along V over ``model_axis``."""
   hidden = checks.as_model_rows("hidden", hidden, "D")
@@ -222,6 +232,7 @@ def vocab_parallel_score_hidden(
       temperature=temperature,
       softcap=softcap,
       implementation=implementation,
+      vocab_axis=vocab_axis,
     )
     return stats.logprobs, stats.greedy, None
 

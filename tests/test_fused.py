@@ -74,6 +74,67 @@ def test_gradients_match_materialised(dtype, softcap, temperature):
     assert_close(a, b, **tol, what=name)
 
 
+@pytest.mark.parametrize("implementation", [lpk.XlaFused(SMALL), "xla", "reference"], ids=str)
+def test_tied_table_is_read_as_stored(implementation):
+  """``vocab_axis=0``: a ``[V, D]`` table gives the ``[D, V]`` values and oracle gradients."""
+  h, w, t = _inputs(3, 9, 8, 13)
+  table = w.T.copy()  # [V, D], as an embedding is stored
+  tau = jnp.linspace(0.5, 2.0, 9)
+  c = jax.random.normal(jax.random.key(10), (3, 9))
+
+  def loss(h, table, vocab_axis):
+    s = lpk.fused_token_stats(
+      h,
+      table,
+      t,
+      temperature=tau,
+      softcap=3.0,
+      implementation=implementation,
+      vocab_axis=vocab_axis,
+    )
+    return jnp.sum(c[0] * s.logprobs + c[1] * s.lse + c[2] * s.entropy)
+
+  def oracle_loss(h, w):  # float64, from the written-out definitions
+    y = 3.0 * jnp.tanh(jnp.dot(h, w) / 3.0) / tau[:, None]
+    logp = jax.nn.log_softmax(y)
+    lp = jnp.take_along_axis(logp, t[:, None], -1)[:, 0]
+    ent = -jnp.sum(jnp.exp(logp) * logp, -1)
+    return jnp.sum(c[0] * lp + c[1] * jax.nn.logsumexp(y, -1) + c[2] * ent)
+
+  with jax.default_matmul_precision("highest"):
+    got = jax.value_and_grad(loss, (0, 1))(h, table, 0)
+    flat = jax.value_and_grad(loss, (0, 1))(h, w, -1)
+  with jax.enable_x64():
+    want = jax.value_and_grad(oracle_loss, (0, 1))(
+      *(jnp.asarray(np.asarray(x), jnp.float64) for x in (h, w))
+    )
+  assert got[1][1].shape == table.shape
+  assert_close(got[0], flat[0], rtol=1e-6, atol=1e-5, what="value vs [D, V]")
+  assert_close(got[0], want[0], rtol=1e-5, atol=1e-4, what="value vs oracle")
+  assert_close(got[1][0], want[1][0], rtol=1e-4, atol=1e-5, what="dhidden vs oracle")
+  assert_close(got[1][1], want[1][1].T, rtol=1e-4, atol=1e-5, what="dtable vs oracle")
+
+
+def test_tied_table_is_never_transposed_in_memory():
+  """A gemma-like table: ``vocab_axis=0`` keeps temporaries far below the table's
+  bytes, forward and backward; passing ``table.T`` copies it (the test can fail)."""
+  n, d, v = 512, 640, 65536
+  h = jax.ShapeDtypeStruct((n, d), jnp.bfloat16)
+  table = jax.ShapeDtypeStruct((v, d), jnp.bfloat16)
+  t = jax.ShapeDtypeStruct((n,), jnp.int32)
+  table_bytes = v * d * 2
+
+  def temp(loss, with_grad):
+    fn = jax.grad(loss, argnums=(0, 1)) if with_grad else loss
+    return jax.jit(fn).lower(h, table, t).compile().memory_analysis().temp_size_in_bytes
+
+  as_stored = lambda h, w, t: lpk.fused_token_logprobs(h, w, t, vocab_axis=0).sum()  # noqa: E731
+  transposed = lambda h, w, t: lpk.fused_token_logprobs(h, w.T, t).sum()  # noqa: E731
+  for with_grad in (False, True):
+    assert temp(as_stored, with_grad) < 0.1 * table_bytes
+  assert temp(transposed, False) > table_bytes  # the copy this option exists to avoid
+
+
 @pytest.mark.parametrize("num_segments", [None, 2])
 def test_score_hidden_equals_score_of_logits(num_segments):
   k = jax.random.split(jax.random.key(2), 4)

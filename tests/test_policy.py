@@ -345,8 +345,14 @@ def test_zero_width_hidden_names_d_and_transposed_table_is_suggested():
     lpk.score_hidden(
       jnp.zeros((1, 3, 0)), jnp.zeros((0, 5)), jnp.zeros((1, 3), jnp.int32), jnp.ones((1, 3), bool)
     )
-  with pytest.raises(ValueError, match="unembed.T"):
+  with pytest.raises(ValueError, match="pass vocab_axis=0"):
     lpk.fused_token_logprobs(jnp.zeros((2, 4)), jnp.zeros((7, 4)), jnp.zeros((2,), jnp.int32))
+  with pytest.raises(ValueError, match="pass vocab_axis=1"):
+    lpk.fused_token_logprobs(
+      jnp.zeros((2, 4)), jnp.zeros((4, 7)), jnp.zeros((2,), jnp.int32), vocab_axis=0
+    )
+  with pytest.raises(ValueError, match="vocab_axis=2"):
+    lpk.fused_token_logprobs(jnp.zeros((2, 4)), jnp.zeros((4, 7)), jnp.zeros(2, int), vocab_axis=2)
 
 
 def test_python_lists_are_arrays_and_other_objects_are_type_errors():

@@ -115,14 +115,26 @@ def test_vocab_parallel_logits_values_and_grads(mesh, num_segments):
   assert gx1.sharding.spec[-1] == "model"
 
 
-def test_vocab_parallel_fused_values_and_grads(mesh):
+@pytest.mark.parametrize("vocab_axis", [-1, 0], ids=["DV", "tied-VD"])
+def test_vocab_parallel_fused_values_and_grads(mesh, vocab_axis):
   _, tokens, response, hidden, unembed, seg = _inputs(2)
-  ws = _put(mesh, unembed, None, "model")
+  if vocab_axis == 0:  # a tied table [V, D], sharded along its first axis
+    unembed = unembed.T.copy()
+  ws = _put(mesh, unembed, *((None, "model") if vocab_axis else ("model", None)))
   hs = _put(mesh, hidden, "data")
   config = lpk.FusedConfig(vocab_block=3)  # several blocks and a tail per shard
 
   def loss(fn, h, w, **kw):
-    s = fn(h, w, tokens, response, segment_ids=seg, implementation=lpk.XlaFused(config), **kw)
+    s = fn(
+      h,
+      w,
+      tokens,
+      response,
+      segment_ids=seg,
+      implementation=lpk.XlaFused(config),
+      vocab_axis=vocab_axis,
+      **kw,
+    )
     return jnp.sum(s.joint_logprob), s
 
   vp = jax.jit(
@@ -141,9 +153,11 @@ def test_vocab_parallel_fused_values_and_grads(mesh):
   np.testing.assert_allclose(gw1, gw2, rtol=1e-5, atol=1e-6)
 
   stats = jax.jit(
-    lambda h, w: sharding.vocab_parallel_fused_token_stats(h, w, tokens, mesh, batch_axis="data")
+    lambda h, w: sharding.vocab_parallel_fused_token_stats(
+      h, w, tokens, mesh, batch_axis="data", vocab_axis=vocab_axis
+    )
   )(hs, ws)
-  want = lpk.fused_token_stats(hidden, unembed, tokens)
+  want = lpk.fused_token_stats(hidden, unembed, tokens, vocab_axis=vocab_axis)
   np.testing.assert_allclose(stats.entropy, want.entropy, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(stats.lse, want.lse, rtol=1e-6, atol=1e-6)
 

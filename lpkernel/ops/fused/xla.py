@@ -10,6 +10,10 @@ and writes ``d unembed`` block by block; only the ``[N, D]`` float32
 
 Full blocks run in a ``fori_loop``; the ``V mod Vb`` tail columns are one more,
 statically shaped step, so any ``V`` and ``N`` work without padding.
+
+The matrix is read as it is stored: ``[D, V]`` (``vocab_axis=1``) or a tied
+embedding table ``[V, D]`` (``vocab_axis=0``); each block's matmuls contract
+the right axis, so no transposed copy of the matrix is ever made.
 """
 
 from __future__ import annotations
@@ -55,18 +59,20 @@ class FusedConfig:
     return min(max(256, min(widest, vocab_size // 128 // 128 * 128)), vocab_size)
 
 
-def _dot(a: jax.Array, b: jax.Array, precision) -> jax.Array:
-  return jnp.dot(a, b, precision=precision, preferred_element_type=_F32)
+def _contract(a: jax.Array, a_axis: int, b: jax.Array, b_axis: int, precision) -> jax.Array:
+  """``a`` times ``b`` over ``a``'s axis ``a_axis`` and ``b``'s axis ``b_axis`` (2-D each)."""
+  dims = (((a_axis,), (b_axis,)), ((), ()))
+  return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=_F32)
 
 
-def _block_logits(h, w, lo, width, tau, softcap, precision):
-  """Columns ``[lo, lo + width)``: (z raw float32 [N, width], y transformed, the w block)."""
+def _block_logits(h, w, lo, width, tau, softcap, precision, vocab_axis):
+  """Vocabulary ``[lo, lo + width)``: (z raw float32 [N, width], y transformed, the w block)."""
   # XLA moves a dtype convert above a dynamic-slice and then out of the loop,
   # which would copy the whole matrix in float32 (bfloat16 dots are upcast on
   # the CPU). Slicing the output of a barrier over (matrix, offset) stops that.
   w, lo = lax.optimization_barrier((w, jnp.asarray(lo, jnp.int32)))
-  wb = lax.dynamic_slice_in_dim(w, lo, width, axis=1)
-  z = _dot(h, wb, precision)
+  wb = lax.dynamic_slice_in_dim(w, lo, width, axis=vocab_axis)
+  z = _contract(h, 1, wb, 1 - vocab_axis, precision)
   return z, P.transform(z, tau, softcap), wb
 
 
@@ -108,21 +114,21 @@ class XlaFused:
   name = "xla"
   platforms = None
 
-  def partials(self, h, w, targets, tau, softcap) -> P.RowPartials:
-    """Partials of ``h [N, D] @ w [D, Vb]`` (block-local ``targets``)."""
+  def partials(self, h, w, targets, tau, softcap, vocab_axis=1) -> P.RowPartials:
+    """Partials of ``h [N, D] @ w [D, Vb]`` (or ``w [Vb, D]`` with ``vocab_axis=0``)."""
     tau_col = None if tau is None else tau[:, None]
 
     def step(carry, lo, width):
-      _, y, _ = _block_logits(h, w, lo, width, tau_col, softcap, self.precision)
+      _, y, _ = _block_logits(h, w, lo, width, tau_col, softcap, self.precision, vocab_axis)
       cols = lo + lax.broadcasted_iota(jnp.int32, (1, width), 1)
       return P.merge(carry, block_partials(y, cols, targets))
 
     with jax.named_scope("fused_sweep"):
-      v = w.shape[1]
+      v = w.shape[vocab_axis]
       return _sweep(step, P.empty(h.shape[0], with_entropy=True), v, self.config.block(v))
 
-  def grads(self, h, w, targets, tau, softcap, f: P.Finished, g):
-    """(d h float32 [N, D], d w [D, Vb] in w's dtype, d tau float32 [N] or None).
+  def grads(self, h, w, targets, tau, softcap, f: P.Finished, g, vocab_axis=1):
+    """(d h float32 [N, D], d w in w's layout and dtype, d tau float32 [N] or None).
 
     Args:
       f: the rows' finished statistics (shift, log_s, centred).
@@ -135,7 +141,7 @@ class XlaFused:
 
     def step(carry, lo, width):
       dh, dw, dtau = carry
-      z, y, wb = _block_logits(h, w, lo, width, tau_col, softcap, self.precision)
+      z, y, wb = _block_logits(h, w, lo, width, tau_col, softcap, self.precision, vocab_axis)
       p = P.softmax(y, shift, log_s)
       onehot = (lo + lax.broadcasted_iota(jnp.int32, (1, width), 1)) == targets[:, None]
       y_c = P.finite_or_zero(y - shift)
@@ -149,9 +155,14 @@ class XlaFused:
       if tau is not None:  # y = s(z) / tau  =>  dy/dtau = -y / tau, y = y_c + shift
         dtau = dtau - (jnp.sum(dy * y_c, axis=-1) + shift[:, 0] * jnp.sum(dy, axis=-1)) / tau
       dz = (dy * P.transform_grad(z, tau_col, softcap)).astype(h.dtype)
-      dh = dh + _dot(dz, wb.T, self.precision)
-      dwb = _dot(h.T, dz, self.precision).astype(w.dtype)
-      return dh, lax.dynamic_update_slice_in_dim(dw, dwb, lo, axis=1), dtau
+      dh = dh + _contract(dz, 1, wb, vocab_axis, self.precision)
+      # d w block: [D, W] = h^T dz, or [W, D] = dz^T h for a [V, D] table.
+      dwb = (
+        _contract(h, 0, dz, 0, self.precision)
+        if vocab_axis == 1
+        else _contract(dz, 0, h, 0, self.precision)
+      )
+      return dh, lax.dynamic_update_slice_in_dim(dw, dwb.astype(w.dtype), lo, vocab_axis), dtau
 
     init = (
       jnp.zeros(h.shape, _F32),
@@ -159,5 +170,5 @@ class XlaFused:
       None if tau is None else jnp.zeros((h.shape[0],), _F32),
     )
     with jax.named_scope("fused_sweep_backward"):
-      v = w.shape[1]
+      v = w.shape[vocab_axis]
       return _sweep(step, init, v, self.config.block(v))
