@@ -10,6 +10,7 @@ from flax import nnx
 import lpkernel as lpk
 from lpkernel.examples.sft import InstructionTask, train_sft
 from lpkernel.flax import (
+  ModelSpec,
   TinyLM,
   TinyLMConfig,
   loglikelihood,
@@ -75,9 +76,16 @@ def test_linen_adapter_logits_and_fused(tied):
   response = jnp.broadcast_to(response, (2, 7))
   variables = module.init(jax.random.key(0), tokens)
   by_hand = lpk.score(module.apply(variables, tokens), tokens, response)
-  seg = jnp.ones((2, 7), jnp.int32)  # the module takes no segment_ids: none are passed
-  _close(score_linen(module.apply, variables, tokens, response, segment_ids=seg), by_hand)
-  _close(score_linen(module.apply, variables, tokens, response, fused=True), by_hand)
+  spec = ModelSpec(hidden="return_hidden")
+  _close(score_linen(module.apply, variables, tokens, response), by_hand)
+  _close(score_linen(module, variables, tokens, response, spec=spec, fused=True), by_hand)
+  # Declared, not guessed: no packing keywords declared, so packed rows are refused,
+  # and fused=True without the hidden-state keyword is refused.
+  seg = jnp.ones((2, 7), jnp.int32)
+  with pytest.raises(ValueError, match="cannot receive packed rows"):
+    score_linen(module.apply, variables, tokens, response, spec=spec, segment_ids=seg)
+  with pytest.raises(ValueError, match="ModelSpec\\(hidden=...\\)"):
+    score_linen(module.apply, variables, tokens, response, fused=True)
 
 
 def test_packed_attention_scores_like_each_sequence_alone(model):
@@ -226,6 +234,17 @@ def test_plain_callable_is_never_packed_and_matches_lm_eval_by_hand(model):
   assert [g[1] for g in got] == [w[1] for w in want]
   with pytest.raises(ValueError, match="pack=True needs a model"):
     loglikelihood(plain, requests, max_length=16, pack=True)
+
+  # Accepting the keywords is not enough: only a declared spec packs.
+  def wrapper(tokens, segment_ids=None, positions=None):  # drops segment_ids
+    return model(tokens, positions=positions)
+
+  with pytest.raises(ValueError, match="pack=True needs a model"):
+    loglikelihood(
+      wrapper, requests, max_length=16, pack=True, spec=ModelSpec(positions="positions")
+    )
+  got = loglikelihood(wrapper, requests, max_length=16, batch_size=2)
+  np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], rtol=1e-5, atol=1e-5)
 
 
 def test_model_with_max_length_positions_is_fed_max_length_tokens():

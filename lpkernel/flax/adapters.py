@@ -1,47 +1,99 @@
-"""Score Flax models: an ``nnx.Module`` called directly, or a linen ``apply``.
+"""Score Flax models: an ``nnx.Module`` called directly, or a linen module.
 
-A model returns either logits ``[B, T, V]`` (scored with ``lpkernel.score``) or
-a pair ``(hidden [B, T, D], unembed [D, V])`` (scored with ``score_hidden``,
-never building the logits). ``segment_ids`` and ``positions`` are passed to
-models whose call accepts them.
+How a model receives packed rows and what it returns is declared by a
+:class:`~lpkernel.flax.spec.ModelSpec` (the ``spec=`` argument, else the model's
+``lpkernel_spec``), never guessed from its signature. The output is logits
+``[B, T, V]`` (scored with ``lpkernel.score``), a pair ``(hidden [B, T, D],
+unembed)`` or an object with logits / hidden-state fields (hidden states are
+scored with ``score_hidden``, never building the logits).
 """
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import linen
+from flax import linen, nnx
 
-from lpkernel.flax.model import packed_positions
+from lpkernel.flax.spec import ModelSpec, spec_of
 from lpkernel.fused import fused_token_stats
 from lpkernel.logprobs import token_logprobs_and_greedy
 from lpkernel.scoring import Scores, score, score_hidden, score_rows
 
 
-def _accepts(fn: Callable, name: str) -> bool:
-  try:
-    params = inspect.signature(fn).parameters
-  except (TypeError, ValueError):
-    return False
-  return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+@dataclasses.dataclass(frozen=True)
+class BoundModel:
+  """A model as a pure function of its state, with its spec (hashable: a static
+  argument of ``jax.jit``).
+
+  Attributes:
+    static: the nnx ``GraphDef``, the linen module, or the callable.
+    kind: ``"nnx"``, ``"linen"`` (``static.apply(variables, ...)``), ``"apply"``
+      (``static(variables, ...)``) or ``"callable"`` (``static(tokens, ...)``).
+    spec: how the model is called and read.
+  """
+
+  static: Any
+  kind: str
+  spec: ModelSpec
+
+  @staticmethod
+  def of(model: Any, variables: Any = None, spec: ModelSpec | None = None):
+    """``(BoundModel, state)`` for an nnx module, a linen module or its ``apply``
+    with ``variables``, or a callable ``model(tokens, ...)``."""
+    if variables is not None:
+      owner = getattr(model, "__self__", None)
+      if isinstance(model, linen.Module):
+        return BoundModel(model, "linen", spec_of(model, spec)), variables
+      if isinstance(owner, linen.Module) and getattr(model, "__name__", "") == "apply":
+        return BoundModel(owner, "linen", spec_of(owner, spec)), variables
+      if callable(model):
+        return BoundModel(model, "apply", spec_of(model, spec)), variables
+      raise TypeError(f"a linen model is a Module or its apply, got {type(model).__name__}")
+    if isinstance(model, linen.Module):
+      raise TypeError("a linen module needs its variables (score_linen(module, variables, ...))")
+    if isinstance(model, nnx.Module):
+      graphdef, state = nnx.split(model)
+      return BoundModel(graphdef, "nnx", spec_of(model, spec)), state
+    if not callable(model):
+      raise TypeError(f"model must be an nnx.Module or a callable, got {type(model).__name__}")
+    return BoundModel(model, "callable", spec_of(model, spec)), None
+
+  def module_and_variables(self, state) -> tuple[Any, Any]:
+    """What the spec's callables receive: (module, variables), variables None for nnx."""
+    if self.kind == "nnx":
+      return nnx.merge(self.static, state), None
+    return (self.static if self.kind == "linen" else None), state
+
+  def output(self, state, tokens, segment_ids, fused: bool):
+    """``spec.read`` of the model's output for ``tokens`` packed by ``segment_ids``."""
+    kwargs = self.spec.call_kwargs(segment_ids, fused)
+    module, variables = self.module_and_variables(state)
+    if self.kind == "nnx":
+      out = module(tokens, **kwargs)
+    elif self.kind == "linen":
+      out = module.apply(variables, tokens, **kwargs)
+    elif self.kind == "apply":
+      out = self.static(variables, tokens, **kwargs)
+    else:
+      out = self.static(tokens, **kwargs)
+    return self.spec.read(out, fused, module, variables)
 
 
-def model_kwargs(fn: Callable, segment_ids: jax.Array | None, fused: bool) -> dict:
-  """The keywords ``fn`` is called with: packing information it accepts, ``return_hidden``."""
-  kwargs = {}
-  if segment_ids is not None and _accepts(fn, "segment_ids"):
-    kwargs["segment_ids"] = segment_ids
-  if segment_ids is not None and _accepts(fn, "positions"):
-    kwargs["positions"] = packed_positions(segment_ids)
-  if fused:
-    if not _accepts(fn, "return_hidden"):
-      raise TypeError("fused=True needs a model whose call accepts return_hidden=True")
-    kwargs["return_hidden"] = True
-  return kwargs
+def with_model_options(score_kwargs: dict, options: dict) -> dict:
+  """The caller's keywords plus the spec's (vocab_axis, softcap); a softcap given
+  both ways must agree."""
+  merged = dict(score_kwargs)
+  for name, value in options.items():
+    given = merged.get(name)
+    if name == "softcap" and given is not None and value is not None and given != value:
+      raise ValueError(f"softcap={given} disagrees with the model's softcap {value}")
+    if given is None:
+      merged[name] = value
+  return merged
 
 
 def scores_from_output(
@@ -52,19 +104,24 @@ def scores_from_output(
   drops_last: bool = False,
   **score_kwargs: Any,
 ) -> Scores:
-  """``Scores`` from a model's output: logits, or ``(hidden, unembed)``.
+  """``Scores`` from what a model returned: logits, or ``(hidden, unembed)``.
 
   Args:
-    output: ``[B, T(-1), V]`` logits or ``(hidden [B, T(-1), D], unembed [D, V])``.
+    output: ``[B, T(-1), V]`` logits or ``(hidden [B, T(-1), D], unembed)``
+      (``unembed`` ``[D, V]``, or ``[V, D]`` with ``vocab_axis=0``).
     drops_last: the model was fed ``tokens[:, :-1]`` (as lm-eval feeds it), so
       its output has ``T - 1`` rows; the last token, which predicts nothing, is
       never an input.
+    **score_kwargs: ``segment_ids``, ``num_segments``, ``temperature``,
+      ``softcap``, ``vocab_axis`` (fused), ``implementation``.
   """
   fused = isinstance(output, tuple) and len(output) == 2
-  if not fused and not (isinstance(output, jax.Array) or hasattr(output, "shape")):
+  if not fused and not hasattr(output, "shape"):
     raise TypeError(
       f"model output must be logits or (hidden, unembed), got {type(output).__name__}"
     )
+  if not fused:
+    score_kwargs.pop("vocab_axis", None)
   if not drops_last:
     if fused:
       return score_hidden(*output, tokens, response_mask, **score_kwargs)
@@ -93,11 +150,40 @@ def scores_from_output(
   )[0]
 
 
+def score_bound(
+  bound: BoundModel,
+  state: Any,
+  tokens: jax.Array,
+  response_mask: jax.Array,
+  *,
+  segment_ids: jax.Array | None = None,
+  num_segments: int | None = None,
+  fused: bool = False,
+  drops_last: bool = False,
+  **score_kwargs: Any,
+) -> Scores:
+  """Scores of a :class:`BoundModel` (the function under ``score_model`` and
+  ``score_linen``); with ``drops_last`` the model sees ``tokens[:, :-1]``."""
+  inputs = tokens[:, :-1] if drops_last else tokens
+  inputs_seg = None if segment_ids is None else segment_ids[:, : inputs.shape[1]]
+  out, options = bound.output(state, inputs, inputs_seg, fused)
+  return scores_from_output(
+    out,
+    tokens,
+    response_mask,
+    drops_last=drops_last,
+    segment_ids=segment_ids,
+    num_segments=num_segments,
+    **with_model_options(score_kwargs, options),
+  )
+
+
 def score_model(
   model: Callable,
   tokens: jax.Array,
   response_mask: jax.Array,
   *,
+  spec: ModelSpec | None = None,
   segment_ids: jax.Array | None = None,
   num_segments: int | None = None,
   fused: bool = False,
@@ -106,39 +192,56 @@ def score_model(
   """Scores rows with an ``nnx.Module`` (or any callable ``model(tokens, ...)``).
 
   Args:
-    model: called as ``model(tokens, segment_ids=..., positions=...)`` with the
-      keywords it accepts; with ``fused=True`` also ``return_hidden=True``.
+    model: called as ``model(tokens, **keywords)`` with the keywords its
+      ``spec`` declares (packing with ``segment_ids``; the hidden-state flag
+      with ``fused=True``).
     tokens, response_mask, segment_ids, num_segments: as for ``lpkernel.score``.
-    fused: score from ``(hidden, unembed)`` without materialising logits.
-    **score_kwargs: ``temperature``, ``softcap``, tiling configs.
+      Packed rows (``segment_ids``) need a spec that declares how the model
+      keeps sequences apart; otherwise ``ValueError``.
+    spec: a :class:`~lpkernel.flax.ModelSpec`; None takes the model's
+      ``lpkernel_spec``, else ``ModelSpec()``.
+    fused: score from hidden states without materialising logits.
+    **score_kwargs: ``temperature``, ``softcap``, ``implementation``.
   """
-  out = model(tokens, **model_kwargs(model, segment_ids, fused))
-  return scores_from_output(
-    out, tokens, response_mask, segment_ids=segment_ids, num_segments=num_segments, **score_kwargs
+  bound, state = BoundModel.of(model, spec=spec)
+  return score_bound(
+    bound,
+    state,
+    tokens,
+    response_mask,
+    segment_ids=segment_ids,
+    num_segments=num_segments,
+    fused=fused,
+    **score_kwargs,
   )
 
 
 def score_linen(
-  apply_fn: Callable,
+  module: linen.Module | Callable,
   variables: Any,
   tokens: jax.Array,
   response_mask: jax.Array,
   *,
+  spec: ModelSpec | None = None,
   segment_ids: jax.Array | None = None,
   num_segments: int | None = None,
   fused: bool = False,
   **score_kwargs: Any,
 ) -> Scores:
-  """Scores rows with a linen module: ``apply_fn(variables, tokens, ...)``.
+  """Scores rows with a linen module: ``module.apply(variables, tokens, ...)``.
 
-  ``apply_fn`` is usually ``module.apply``; keywords are passed as for
-  :func:`score_model`.
+  ``module`` is a linen ``Module``, its ``apply``, or any
+  ``apply_fn(variables, tokens, ...)``; the rest is as for :func:`score_model`
+  (the spec's callables receive the module and ``variables``).
   """
-  # Module.apply takes **kwargs for anything; ask the module's own __call__.
-  module = getattr(apply_fn, "__self__", None)
-  target = module.__call__ if isinstance(module, linen.Module) else apply_fn
-  kwargs = model_kwargs(target, segment_ids, fused)
-  out = apply_fn(variables, tokens, **kwargs)
-  return scores_from_output(
-    out, tokens, response_mask, segment_ids=segment_ids, num_segments=num_segments, **score_kwargs
+  bound, state = BoundModel.of(module, variables, spec)
+  return score_bound(
+    bound,
+    state,
+    tokens,
+    response_mask,
+    segment_ids=segment_ids,
+    num_segments=num_segments,
+    fused=fused,
+    **score_kwargs,
   )

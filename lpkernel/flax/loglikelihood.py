@@ -1,41 +1,29 @@
-"""lm-evaluation-harness ``loglikelihood`` over ``(context, continuation)`` requests.
+"""lm-evaluation-harness ``loglikelihood`` and ``loglikelihood_rolling`` on token ids.
 
 Each request becomes ``context + continuation`` cut to its last
 ``max_length + 1`` tokens, exactly as lm-eval does; the model is fed all but the
 last of them (at most ``max_length`` tokens) and the continuation is scored.
 Requests are sorted by length and packed first-fit into fixed-length rows (one
-compiled shape) when the model can see packing (it takes both ``segment_ids``
-and ``positions``), else placed one per row; scored per segment and returned
-in request order. ``is_greedy`` is lm-eval's rule: every continuation token is
-the *first* argmax of its row.
+compiled shape) when the model's :class:`~lpkernel.flax.ModelSpec` declares how
+it keeps sequences apart, else placed one per row; scored per segment and
+returned in request order. ``is_greedy`` is lm-eval's rule: every continuation
+token is the *first* argmax of its row. Rolling log-likelihoods cut documents
+into lm-eval's disjoint windows and score them the same way.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import inspect
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from lpkernel.flax.adapters import model_kwargs, scores_from_output
-
-
-def _named_parameters(fn) -> set[str]:
-  """Parameters a callable names explicitly (``**kwargs`` declares nothing)."""
-  try:
-    return set(inspect.signature(fn).parameters)
-  except (TypeError, ValueError):
-    return set()
-
-
-def can_pack(model: Callable) -> bool:
-  """A model sees packed rows correctly only if it takes both ``segment_ids``
-  (to mask attention across sequences) and ``positions`` (restarting per sequence)."""
-  return {"segment_ids", "positions"} <= _named_parameters(model)
+from lpkernel.flax.adapters import BoundModel, scores_from_output, with_model_options
+from lpkernel.flax.spec import ModelSpec
 
 
 def _ids(name: str, ids, vocab_size: int | None) -> list[int]:
@@ -92,40 +80,163 @@ def pack_requests(windows: Sequence[tuple[list[int], int]], row_length: int, pac
   return rows
 
 
-@functools.partial(
-  jax.jit, static_argnames=("graphdef", "model_fn", "num_segments", "fused", "packed")
-)
-def _score_rows(state, tokens, response, seg, *, graphdef, model_fn, num_segments, fused, packed):
+@functools.partial(jax.jit, static_argnames=("bound", "num_segments", "fused", "packed"))
+def _score_rows(state, tokens, response, seg, *, bound, num_segments, fused, packed):
   """Per-segment ``(log Pr(continuation | context), greedy)`` of packed rows.
 
   The model sees ``tokens[:, :-1]`` (at most ``max_length`` tokens); its output
   row ``t`` predicts token ``t + 1``. Built once per (model structure, shapes):
   calls with new requests reuse the compiled program.
   """
-  model = model_fn if graphdef is None else nnx.merge(graphdef, state)
-  inputs_seg = seg[:, :-1] if packed else None
-  out = model(tokens[:, :-1], **model_kwargs(model, inputs_seg, fused))
+  out, options = bound.output(state, tokens[:, :-1], seg[:, :-1] if packed else None, fused)
   s = scores_from_output(
-    out, tokens, response, segment_ids=seg, num_segments=num_segments, drops_last=True
+    out,
+    tokens,
+    response,
+    drops_last=True,
+    segment_ids=seg,
+    num_segments=num_segments,
+    **with_model_options({}, options),
   )
   return s.response_logprob, s.response_greedy
 
 
-def _vocab_size(model, graphdef, state, row_length, fused, packed) -> int:
+def _vocab_size(bound: BoundModel, state, row_length: int, fused: bool, packed: bool) -> int:
   """V from the model's output shape (traced, not run)."""
-  model_fn = None if graphdef is not None else model
-  tokens = jax.ShapeDtypeStruct((1, row_length), jnp.int32)
-  seg = jax.ShapeDtypeStruct((1, row_length), jnp.int32)
-
-  def output(state, tokens, seg):
-    m = model_fn if graphdef is None else nnx.merge(graphdef, state)
-    return m(tokens[:, :-1], **model_kwargs(m, seg[:, :-1] if packed else None, fused))
-
-  out = jax.eval_shape(output, state, tokens, seg)
+  tokens = jax.ShapeDtypeStruct((1, row_length - 1), jnp.int32)
+  seg = tokens if packed else None
+  out = jax.eval_shape(
+    lambda state, tokens, seg: bound.output(state, tokens, seg, fused)[0], state, tokens, seg
+  )
   if isinstance(out, tuple):  # (hidden, unembed)
-    return int(out[1].shape[-1])
-  logits = getattr(out, "logits", out)
-  return int(logits.shape[-1])
+    return int(out[1].shape[bound.spec.vocab_axis])
+  return int(out.shape[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class Scorer:
+  """A model bound for lm-eval-style requests: window ``max_length``, rows of
+  ``max_length + 1`` tokens, ``batch_size`` rows per call, packed or not.
+
+  Build it with :meth:`of`; :func:`loglikelihood`, :func:`loglikelihood_rolling`
+  and the lm-eval backend share it, so a model is split and traced once.
+  """
+
+  bound: BoundModel
+  state: Any
+  max_length: int
+  batch_size: int
+  pack: bool
+  fused: bool
+  pad_token: int
+  vocab_size: int
+
+  @staticmethod
+  def of(
+    model: Any,
+    *,
+    max_length: int,
+    variables: Any = None,
+    spec: ModelSpec | None = None,
+    batch_size: int = 8,
+    pack: bool | None = None,
+    pad_token: int = 0,
+    fused: bool = False,
+  ) -> Scorer:
+    if not isinstance(batch_size, int) or batch_size < 1:
+      raise ValueError(f"batch_size={batch_size!r} must be a positive int")
+    if not isinstance(max_length, int) or max_length < 1:
+      raise ValueError(f"max_length={max_length!r} must be a positive int")
+    bound, state = BoundModel.of(model, variables, spec)
+    if pack is None:
+      pack = bound.spec.packs
+    elif pack and not bound.spec.packs:
+      raise ValueError(
+        f"pack=True needs a model whose spec declares how it keeps packed sequences apart "
+        f"(positions= and segment_ids= or attention_mask=); {bound.spec} would let packed "
+        "requests attend to each other"
+      )
+    vocab_size = _vocab_size(bound, state, max_length + 1, fused, pack)
+    _ids("pad_token", [pad_token], vocab_size)
+    return Scorer(bound, state, max_length, batch_size, pack, fused, pad_token, vocab_size)
+
+  def window(self, context, continuation, prefix_token=None) -> tuple[list[int], int]:
+    """lm-eval's window of one request: (its last ``max_length + 1`` tokens,
+    continuation length)."""
+    return _window(context, continuation, self.max_length, prefix_token, self.vocab_size)
+
+  def score_windows(self, windows: Sequence[tuple[list[int], int]]) -> list[tuple[float, bool]]:
+    """``(log Pr(last n tokens | the rest), greedy)`` of each ``(tokens, n)``, in order."""
+    if not windows:
+      return []
+    row_length = self.max_length + 1
+    rows = pack_requests(windows, row_length, self.pack)
+    num_segments = max(len(r) for r in rows)
+    num_segments = 1 << (num_segments - 1).bit_length()  # few distinct compiled shapes
+    n_rows = -(-len(rows) // self.batch_size) * self.batch_size
+    tokens = np.full((n_rows, row_length), self.pad_token, np.int32)
+    seg = np.zeros((n_rows, row_length), np.int32)
+    response = np.zeros((n_rows, row_length), bool)
+    place = {}
+    for r, members in enumerate(rows):
+      pos = 0
+      for s, i in enumerate(members, start=1):
+        toks, n_cont = windows[i]
+        tokens[r, pos : pos + len(toks)] = toks
+        seg[r, pos : pos + len(toks)] = s
+        response[r, pos + len(toks) - n_cont : pos + len(toks)] = True
+        place[i] = (r, s - 1)
+        pos += len(toks)
+    run = functools.partial(
+      _score_rows, bound=self.bound, num_segments=num_segments, fused=self.fused, packed=self.pack
+    )
+    logprob = np.zeros((n_rows, num_segments), np.float32)
+    greedy = np.zeros((n_rows, num_segments), bool)
+    for b in range(0, n_rows, self.batch_size):
+      sl = slice(b, b + self.batch_size)
+      lp, gr = run(self.state, tokens[sl], response[sl], seg[sl])
+      logprob[sl], greedy[sl] = np.asarray(lp), np.asarray(gr)
+    return [(float(logprob[place[i]]), bool(greedy[place[i]])) for i in range(len(windows))]
+
+  def loglikelihood(self, requests, prefix_token=None) -> list[tuple[float, bool]]:
+    """As :func:`loglikelihood`."""
+    if prefix_token is not None:
+      _ids("prefix_token", [prefix_token], self.vocab_size)
+    return self.score_windows([self.window(c, y, prefix_token) for c, y in requests])
+
+  def loglikelihood_rolling(self, documents, prefix_token: int) -> list[float]:
+    """As :func:`loglikelihood_rolling`."""
+    _ids("prefix_token", [prefix_token], self.vocab_size)
+    documents = list(documents)
+    windows, owner = [], []
+    for d, doc in enumerate(documents):
+      doc = _ids("document", doc, self.vocab_size)
+      for context, continuation in rolling_windows(doc, prefix_token, self.max_length):
+        windows.append(self.window(context, continuation))
+        owner.append(d)
+    totals = [0.0] * len(documents)
+    for d, (lp, _) in zip(owner, self.score_windows(windows), strict=True):
+      totals[d] += lp
+    return totals
+
+
+def rolling_windows(tokens: Sequence[int], prefix_token: int, max_length: int):
+  """lm-eval's disjoint rolling windows of a document, as ``(context, continuation)``.
+
+  The document is cut into consecutive pieces of ``max_length`` tokens; each
+  piece is a continuation whose context is the ``prefix_token`` (first piece)
+  or the tokens just before it, so that context and piece fill one window of
+  ``max_length + 1`` tokens (``get_rolling_token_windows`` with
+  ``context_len=1``, then ``make_disjoint_window``). Every token is predicted
+  exactly once.
+  """
+  tokens = list(tokens)
+  out = []
+  for start in range(0, len(tokens), max_length):
+    end = min(start + max_length, len(tokens))
+    context = [prefix_token] if start == 0 else tokens[max(0, end - max_length - 1) : start]
+    out.append((context, tokens[start:end]))
+  return out
 
 
 def loglikelihood(
@@ -133,6 +244,8 @@ def loglikelihood(
   requests: Iterable[tuple[Sequence[int], Sequence[int]]],
   *,
   max_length: int,
+  variables: Any = None,
+  spec: ModelSpec | None = None,
   batch_size: int = 8,
   prefix_token: int | None = None,
   pack: bool | None = None,
@@ -142,16 +255,21 @@ def loglikelihood(
   """``log Pr(continuation | context)`` and greedy flags, in request order, as lm-eval.
 
   Args:
-    model: an ``nnx.Module`` (or callable) returning logits or ``(hidden, unembed)``
-      for ``tokens [B, L]`` with ``L <= max_length``.
+    model: an ``nnx.Module`` or callable ``model(tokens, ...)``, or with
+      ``variables`` a linen module (or its ``apply``), returning what its
+      ``spec`` declares, for ``tokens [B, L]`` with ``L <= max_length``.
     requests: list of ``(context_tokens, continuation_tokens)`` (integer ids).
     max_length: the model's window: each request keeps its last
       ``max_length + 1`` tokens, of which the model is fed all but the last.
+    variables: a linen model's variables.
+    spec: how the model takes packing and what it returns
+      (:class:`~lpkernel.flax.ModelSpec`; None: the model's ``lpkernel_spec``).
     batch_size: rows per model call (at least 1).
     prefix_token: conditioning token for requests with an empty context (as
       lm-eval, a continuation starting with it conditions on that token).
-    pack: pack several requests per row; None packs exactly when the model can
-      see packing (:func:`can_pack`); True with a model that cannot raises.
+    pack: pack several requests per row; None packs exactly when the spec
+      declares how the model keeps sequences apart; True without that raises.
+    pad_token: the id that fills rows past their requests (never scored).
     fused: score from hidden states without logits.
 
   Returns:
@@ -163,54 +281,51 @@ def loglikelihood(
       ``batch_size < 1``; ``pack=True`` for a model that cannot see packing.
     TypeError: non-integer ids.
   """
-  if not isinstance(batch_size, int) or batch_size < 1:
-    raise ValueError(f"batch_size={batch_size!r} must be a positive int")
-  if pack is None:
-    pack = can_pack(model)
-  elif pack and not can_pack(model):
-    raise ValueError(
-      "pack=True needs a model that takes segment_ids and positions; this one would let "
-      "packed requests attend to each other"
-    )
-  requests = list(requests)
-  if not requests:
-    return []
-  graphdef, state = nnx.split(model) if isinstance(model, nnx.Module) else (None, None)
-  row_length = max_length + 1
-  vocab_size = _vocab_size(model, graphdef, state, row_length, fused, pack)
-  if prefix_token is not None:
-    _ids("prefix_token", [prefix_token], vocab_size)
-  windows = [_window(c, y, max_length, prefix_token, vocab_size) for c, y in requests]
-  rows = pack_requests(windows, row_length, pack)
-  num_segments = max(len(r) for r in rows)
-  num_segments = 1 << (num_segments - 1).bit_length()  # few distinct compiled shapes
-  n_rows = -(-len(rows) // batch_size) * batch_size
-  tokens = np.full((n_rows, row_length), pad_token, np.int32)
-  seg = np.zeros((n_rows, row_length), np.int32)
-  response = np.zeros((n_rows, row_length), bool)
-  place = {}
-  for r, members in enumerate(rows):
-    pos = 0
-    for s, i in enumerate(members, start=1):
-      toks, n_cont = windows[i]
-      tokens[r, pos : pos + len(toks)] = toks
-      seg[r, pos : pos + len(toks)] = s
-      response[r, pos + len(toks) - n_cont : pos + len(toks)] = True
-      place[i] = (r, s - 1)
-      pos += len(toks)
-
-  run = functools.partial(
-    _score_rows,
-    graphdef=graphdef,
-    model_fn=None if graphdef is not None else model,
-    num_segments=num_segments,
+  scorer = Scorer.of(
+    model,
+    max_length=max_length,
+    variables=variables,
+    spec=spec,
+    batch_size=batch_size,
+    pack=pack,
+    pad_token=pad_token,
     fused=fused,
-    packed=pack,
   )
-  logprob = np.zeros((n_rows, num_segments), np.float32)
-  greedy = np.zeros((n_rows, num_segments), bool)
-  for b in range(0, n_rows, batch_size):
-    sl = slice(b, b + batch_size)
-    lp, gr = run(state, tokens[sl], response[sl], seg[sl])
-    logprob[sl], greedy[sl] = np.asarray(lp), np.asarray(gr)
-  return [(float(logprob[place[i]]), bool(greedy[place[i]])) for i in range(len(requests))]
+  return scorer.loglikelihood(list(requests), prefix_token)
+
+
+def loglikelihood_rolling(
+  model: Callable,
+  documents: Iterable[Sequence[int]],
+  *,
+  max_length: int,
+  prefix_token: int,
+  variables: Any = None,
+  spec: ModelSpec | None = None,
+  batch_size: int = 8,
+  pack: bool | None = None,
+  pad_token: int = 0,
+  fused: bool = False,
+) -> list[float]:
+  """``log Pr(document)`` of each document, window by window, as lm-eval's
+  ``loglikelihood_rolling`` (perplexity tasks).
+
+  Each document is cut into :func:`rolling_windows`; the windows of all the
+  documents are scored together (packed when the model can see packing) and
+  summed per document. ``prefix_token`` (BOS / end-of-text) conditions the
+  first token. Arguments as for :func:`loglikelihood`.
+
+  Returns:
+    one float per document (0.0 for an empty one).
+  """
+  scorer = Scorer.of(
+    model,
+    max_length=max_length,
+    variables=variables,
+    spec=spec,
+    batch_size=batch_size,
+    pack=pack,
+    pad_token=pad_token,
+    fused=fused,
+  )
+  return scorer.loglikelihood_rolling(documents, prefix_token)

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lpkernel.flax.spec import ModelSpec, causal_segment_mask, packed_positions
+
 
 @dataclasses.dataclass(frozen=True)
 class TinyLMConfig:
@@ -24,26 +26,9 @@ class TinyLMConfig:
   mlp_ratio: int = 4
 
 
-def packed_positions(segment_ids: jax.Array) -> jax.Array:
-  """int32[B, T] positions that restart at 0 at the start of each segment."""
-  t = segment_ids.shape[1]
-  idx = jnp.arange(t)[None, :]
-  starts = jnp.concatenate(
-    [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
-  )
-  last_start = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
-  return (idx - last_start).astype(jnp.int32)
-
-
 def attention_mask(segment_ids: jax.Array) -> jax.Array:
-  """bool[B, 1, T, T]: causal, within one segment, never to or from padding."""
-  t = segment_ids.shape[1]
-  causal = jnp.tril(jnp.ones((t, t), bool))
-  same = segment_ids[:, :, None] == segment_ids[:, None, :]
-  real = (segment_ids > 0)[:, :, None]
-  # Padding rows attend to themselves only, so their softmax stays finite.
-  diag = jnp.eye(t, dtype=bool)
-  return ((causal & same & real) | diag)[:, None]
+  """bool[B, 1, T, T]: :func:`causal_segment_mask` with a heads axis."""
+  return causal_segment_mask(segment_ids)[:, None]
 
 
 class Block(nnx.Module):
@@ -65,8 +50,14 @@ class TinyLM(nnx.Module):
   """``TinyLM(cfg, rngs=nnx.Rngs(0))(tokens, segment_ids=..., positions=...)``.
 
   Returns logits float32[B, T, V], or with ``return_hidden=True`` the final
-  hidden states [B, T, D] and the tied unembedding [D, V] for ``score_hidden``.
+  hidden states [B, T, D] and the tied embedding table [V, D] (as stored) for
+  ``score_hidden(..., vocab_axis=0)``. Its ``lpkernel_spec`` declares this and
+  that it keeps packed sequences apart through ``segment_ids`` and ``positions``.
   """
+
+  lpkernel_spec = ModelSpec(
+    segment_ids="segment_ids", positions="positions", hidden="return_hidden", vocab_axis=0
+  )
 
   def __init__(self, cfg: TinyLMConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -88,7 +79,7 @@ class TinyLM(nnx.Module):
     for block in self.blocks:
       x = block(x, mask)
     hidden = self.norm(x)
-    unembed = self.embed.embedding[...].T
+    table = self.embed.embedding[...]  # [V, D], tied
     if return_hidden:
-      return hidden, unembed
-    return hidden @ unembed
+      return hidden, table
+    return hidden @ table.T
