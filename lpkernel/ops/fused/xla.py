@@ -155,7 +155,10 @@ class XlaFused:
       if tau is not None:  # y = s(z) / tau  =>  dy/dtau = -y / tau, y = y_c + shift
         dtau = dtau - (jnp.sum(dy * y_c, axis=-1) + shift[:, 0] * jnp.sum(dy, axis=-1)) / tau
       dz = (dy * P.transform_grad(z, tau_col, softcap)).astype(h.dtype)
-      dh = dh + _contract(dz, 1, wb, vocab_axis, self.precision)
+      # d h += dz @ w_block^T; the explicit transpose of a [D, W] block keeps
+      # XLA:CPU's temporaries lower (bfloat16: 25.8 vs 27.6 MB) than contracting W.
+      w_rows = wb.T if vocab_axis == 1 else wb  # [W, D]
+      dh = dh + _contract(dz, 1, w_rows, 0, self.precision)
       # d w block: [D, W] = h^T dz, or [W, D] = dz^T h for a [V, D] table.
       dwb = (
         _contract(h, 0, dz, 0, self.precision)
