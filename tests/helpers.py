@@ -153,3 +153,9 @@ def pad_rows(lengths, t, left=False):
     else:
       mask[i, :n] = 1
   return jnp.asarray(mask)
+
+
+def jitted(fn, *args, **static):
+  """``fn(*args, **static)`` compiled as one program: eager calls dispatch (and
+  compile) every primitive on its own, which dominates a small test's time."""
+  return jax.jit(lambda *a: fn(*a, **static))(*args)

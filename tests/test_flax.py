@@ -1,5 +1,7 @@
 """Flax adapters (nnx and linen), the reference LM, SFT and loglikelihood."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -43,12 +45,22 @@ def _close(a, b, atol=1e-5):
     np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
 
 
+@functools.partial(nnx.jit, static_argnames=("num_segments", "fused"))
+def _score_model(model, tokens, response, segment_ids=None, num_segments=None, fused=False):
+  """``score_model`` compiled once (TinyLM run op by op dominates these tests' time)."""
+  return score_model(
+    model, tokens, response, segment_ids=segment_ids, num_segments=num_segments, fused=fused
+  )
+
+
 def test_nnx_adapter_equals_scoring_by_hand(model):
   tokens, response = _rows()
   seg = jnp.array([[1] * 8 + [0] * 2, [1] * 10])
-  by_hand = lpk.score(model(tokens, segment_ids=seg), tokens, response, segment_ids=seg)
-  _close(score_model(model, tokens, response, segment_ids=seg), by_hand)
-  _close(score_model(model, tokens, response, segment_ids=seg, fused=True), by_hand)
+  by_hand = nnx.jit(
+    lambda m: lpk.score(m(tokens, segment_ids=seg), tokens, response, segment_ids=seg)
+  )(model)
+  _close(_score_model(model, tokens, response, seg), by_hand)
+  _close(_score_model(model, tokens, response, seg, fused=True), by_hand)
 
 
 class LinenLM(nn.Module):
@@ -75,10 +87,12 @@ def test_linen_adapter_logits_and_fused(tied):
   response = jnp.arange(7)[None] >= 3
   response = jnp.broadcast_to(response, (2, 7))
   variables = module.init(jax.random.key(0), tokens)
-  by_hand = lpk.score(module.apply(variables, tokens), tokens, response)
+  by_hand = jax.jit(lambda v: lpk.score(module.apply(v, tokens), tokens, response))(variables)
   spec = ModelSpec(hidden="return_hidden")
-  _close(score_linen(module.apply, variables, tokens, response), by_hand)
-  _close(score_linen(module, variables, tokens, response, spec=spec, fused=True), by_hand)
+  logits_path = jax.jit(lambda v: score_linen(module.apply, v, tokens, response))
+  fused_path = jax.jit(lambda v: score_linen(module, v, tokens, response, spec=spec, fused=True))
+  _close(logits_path(variables), by_hand)
+  _close(fused_path(variables), by_hand)
   # Declared, not guessed: no packing keywords declared, so packed rows are refused,
   # and fused=True without the hidden-state keyword is refused.
   seg = jnp.ones((2, 7), jnp.int32)
@@ -93,9 +107,9 @@ def test_packed_attention_scores_like_each_sequence_alone(model):
   tokens = jnp.concatenate([a[0], b[0], jnp.zeros((1, 4), jnp.int32)], 1)
   response = jnp.concatenate([a[1], b[1], jnp.zeros((1, 4), bool)], 1)
   seg = jnp.array([[1] * 7 + [2] * 9 + [0] * 4])
-  packed = score_model(model, tokens, response, segment_ids=seg, num_segments=2)
+  packed = _score_model(model, tokens, response, seg, num_segments=2)
   for i, (t, r) in enumerate((a, b)):
-    alone = score_model(model, t, r)
+    alone = _score_model(model, t, r)
     np.testing.assert_allclose(packed.joint_logprob[0, i], alone.joint_logprob[0], rtol=1e-5)
     np.testing.assert_allclose(packed.response_logprob[0, i], alone.response_logprob[0], rtol=1e-5)
 
@@ -113,7 +127,7 @@ def test_response_only_gradient_is_conditional_gradient(model):
     def f(params):
       return loss(score_model(nnx.merge(graphdef, params, rest), tokens, response))
 
-    return jax.grad(f)(params)
+    return jax.jit(jax.grad(f))(params)
 
   def by_hand(params):  # -sum of log_softmax at the response targets, written out
     logits = nnx.merge(graphdef, params, rest)(tokens)
@@ -122,7 +136,7 @@ def test_response_only_gradient_is_conditional_gradient(model):
     return -jnp.sum(jnp.where(response[:, 1:], picked, 0.0))
 
   g_sft = grads(lambda s: sft_loss(s, "sum"))
-  g_hand = jax.grad(by_hand)(params)
+  g_hand = jax.jit(jax.grad(by_hand))(params)
   g_full = grads(lambda s: sft_loss(s, "sum", response_only=False))
   for a, b in zip(jax.tree.leaves(g_sft), jax.tree.leaves(g_hand), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -170,7 +184,7 @@ def test_loglikelihood_packed_equals_unpacked_and_by_hand(model, fused):
   tokens = jnp.array([ctx + cont])
   response = jnp.array([[False] * len(ctx) + [True] * len(cont)])
   np.testing.assert_allclose(
-    packed[1][0], score_model(model, tokens, response).response_logprob[0], rtol=1e-5
+    packed[1][0], _score_model(model, tokens, response).response_logprob[0], rtol=1e-5
   )
 
 
@@ -181,7 +195,7 @@ def test_loglikelihood_left_truncates_like_lm_eval(model):
   tokens = jnp.array([window])
   response = jnp.array([[False] * 7 + [True] * 2])
   np.testing.assert_allclose(
-    lp, score_model(model, tokens, response).response_logprob[0], rtol=1e-5
+    lp, _score_model(model, tokens, response).response_logprob[0], rtol=1e-5
   )
 
 
@@ -212,6 +226,7 @@ def test_loglikelihood_is_greedy_on_a_constructed_model():
 def _one_by_one(model_fn, requests, max_length, prefix_token=None):
   """Each request alone, scored by hand on exactly lm-eval's input window."""
   out = []
+  model_fn = jax.jit(model_fn)
   for ctx, cont in requests:
     window = (list(ctx) + list(cont))[-(max_length + 1) :]
     logits = model_fn(jnp.array([window[:-1]]))[0]

@@ -20,6 +20,7 @@ from lpkernel import reference, sharding
 from tests.helpers import (
   LOGITS_IMPLEMENTATIONS,
   assert_close,
+  jitted,
   oracle_logits_grad,
   oracle_token_logprobs,
 )
@@ -100,13 +101,15 @@ def test_nan_anywhere_in_a_row_wins_over_a_neg_inf_target(impl):
 def test_nan_wins_on_the_fused_and_vocab_parallel_paths():
   h = jnp.ones((2, 3))
   w = jnp.zeros((3, 8)).at[:, 2].set(-jnp.inf).at[0, 6].set(jnp.nan)
-  lp = lpk.fused_token_logprobs(h, w, jnp.array([2, 0]), implementation=FUSED_SMALL)
+  lp = jitted(lpk.fused_token_logprobs, h, w, jnp.array([2, 0]), implementation=FUSED_SMALL)
   assert np.isnan(lp).all()
   mesh = _mesh()
   x = jnp.zeros((4, 8)).at[:2, 1].set(-jnp.inf).at[0, 6].set(jnp.nan)  # NaN in another shard
-  lp, _ = sharding.vocab_parallel_token_logprobs_and_greedy(x, jnp.array([1, 1, 0, 0]), mesh)
+  lp, _ = jitted(
+    sharding.vocab_parallel_token_logprobs_and_greedy, x, jnp.array([1, 1, 0, 0]), mesh=mesh
+  )
   assert np.isnan(lp[0]) and np.isneginf(lp[1]) and np.isfinite(lp[2:]).all()
-  stats = sharding.vocab_parallel_fused_token_stats(h, w, jnp.array([2, 0]), mesh)
+  stats = jitted(sharding.vocab_parallel_fused_token_stats, h, w, jnp.array([2, 0]), mesh=mesh)
   assert np.isnan(stats.logprobs).all()
 
 
@@ -122,8 +125,14 @@ def test_softcap_keeps_neg_inf_impossible(impl):
     lp, oracle_token_logprobs(x, jnp.array([5, 0, 1]), softcap=2.0), rtol=1e-5, atol=1e-5
   )
   # No probability leaks to the impossible column: the rest still sums to one.
-  full = jnp.stack(
-    [lpk.token_logprobs(x, jnp.full((3,), j), softcap=2.0, implementation=impl) for j in range(12)]
+  full = jitted(
+    lambda x: jnp.stack(
+      [
+        lpk.token_logprobs(x, jnp.full((3,), j), softcap=2.0, implementation=impl)
+        for j in range(12)
+      ]
+    ),
+    x,
   )
   np.testing.assert_allclose(jnp.sum(jnp.exp(full), 0), 1.0, rtol=1e-5)
 
@@ -163,7 +172,8 @@ def test_garbage_in_unscored_hidden_rows_leaves_fused_gradients_finite():
 
   vp = lambda h, w, *a, **k: sharding.vocab_parallel_score_hidden(h, w, *a, mesh=mesh, **k)  # noqa: E731
   for fn in (lpk.score_hidden, vp):
-    value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(hidden, unembed, tau, fn)
+    value_and_grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+    value, grads = value_and_grad(hidden, unembed, tau, fn)
     assert np.isfinite(value)
     for g in grads:
       assert np.isfinite(g).all()
@@ -453,14 +463,19 @@ def test_first_argmax_rule_on_the_fused_and_vocab_parallel_paths():
   x = jnp.zeros((4, 8)).at[:, 1].set(3.0).at[:, 6].set(3.0)
   t = jnp.array([1, 6, 1, 6])
   want = np.array([True, False, True, False])
-  _, greedy = sharding.vocab_parallel_token_logprobs_and_greedy(x, t, _mesh(), batch_axis="data")
+  _, greedy = jitted(
+    sharding.vocab_parallel_token_logprobs_and_greedy, x, t, mesh=_mesh(), batch_axis="data"
+  )
   np.testing.assert_array_equal(greedy, want)
   h = jnp.ones((4, 1))
   for impl in [FUSED_SMALL, lpk.XlaFused(), "reference"]:
     np.testing.assert_array_equal(
-      lpk.fused_token_stats(h, x[:1], t, implementation=impl).greedy, want
+      jitted(lpk.fused_token_stats, h, x[:1], t, implementation=impl).greedy, want
     )
-  stats = sharding.vocab_parallel_fused_token_stats(h, x[:1], t, _mesh(), batch_axis="data")
+  stats = jitted(
+    sharding.vocab_parallel_fused_token_stats, h, x[:1], t, mesh=_mesh(), batch_axis="data"
+  )
   np.testing.assert_array_equal(stats.greedy, want)
   for impl in [*LOGITS_IMPLEMENTATIONS.values(), "reference"]:
-    np.testing.assert_array_equal(lpk.token_logprobs_and_greedy(x, t, implementation=impl)[1], want)
+    got = jitted(lpk.token_logprobs_and_greedy, x, t, implementation=impl)[1]
+    np.testing.assert_array_equal(got, want)
