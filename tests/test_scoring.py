@@ -194,8 +194,8 @@ def test_temperature_and_softcap_match_reference():
 def test_vmap_over_extra_batch_axis():
   logits, tokens, response = _inputs(11, 6, 5, 7)
   rs = lambda x: x.reshape(2, 3, *x.shape[1:])
-  mapped = jax.vmap(lpk.score)(rs(logits), rs(tokens), rs(response))
-  flat = lpk.score(logits, tokens, response)
+  mapped = jax.jit(jax.vmap(lpk.score))(rs(logits), rs(tokens), rs(response))
+  flat = jax.jit(lpk.score)(logits, tokens, response)
   chex.assert_trees_all_close(jax.tree.map(lambda x: x.reshape(6, *x.shape[2:]), mapped), flat)
 
 

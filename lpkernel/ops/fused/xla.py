@@ -37,11 +37,11 @@ class FusedConfig:
     vocab_block: columns of ``unembed`` per step, or None for the default:
       about ``V / 128`` columns (a multiple of 128), so each ``[N, block]``
       float32 temporary stays under 1% of the logits' bytes, within
-      ``[256, 256]`` on the CPU and ``[256, 2048]`` elsewhere. On the CPU, 256
-      kept N = 4096, D = 512, V = 32000 forward+backward under 5% of the float32
-      logits' bytes in bfloat16 (512 took 8%) at about the same speed on 2
-      cores; an H200 ran N = 32768, D = 4096, V = 128256 forward at 1.15x the
-      bare matmul with 2048.
+      ``[256, 256]`` on the CPU and ``[256, 2048]`` elsewhere. On 2 CPU cores
+      at N = 4096, D = 512, V = 32000 forward+backward, 256 took 3.8 s / 21.6
+      MB of temporaries in float32 (1024: 3.3 s / 63.6 MB) and 1.46 s / 45.5 MB
+      in bfloat16 (512: 1.71 s / 71 MB); an H200 ran N = 32768, D = 4096,
+      V = 128256 forward at 1.15x the bare matmul with 2048.
   """
 
   vocab_block: int | None = None
@@ -138,6 +138,7 @@ class XlaFused:
     g_lp, g_lse, g_ent = (c[:, None] for c in g)
     tau_col = None if tau is None else tau[:, None]
     shift, log_s, centred = f.shift[:, None], f.log_s[:, None], f.centred[:, None]
+    h_t = lax.optimization_barrier(h.T)  # [D, N], materialised once (N * D, like h)
 
     def step(carry, lo, width):
       dh, dw, dtau = carry
@@ -155,23 +156,28 @@ class XlaFused:
       if tau is not None:  # y = s(z) / tau  =>  dy/dtau = -y / tau, y = y_c + shift
         dtau = dtau - (jnp.sum(dy * y_c, axis=-1) + shift[:, 0] * jnp.sum(dy, axis=-1)) / tau
       dz = (dy * P.transform_grad(z, tau_col, softcap)).astype(h.dtype)
-      # d h += dz @ w_block^T; the explicit transpose of a [D, W] block keeps
-      # XLA:CPU's temporaries lower (bfloat16: 25.8 vs 27.6 MB) than contracting W.
-      w_rows = wb.T if vocab_axis == 1 else wb  # [W, D]
-      dh = dh + _contract(dz, 1, w_rows, 0, self.precision)
-      # d w block: [D, W] = h^T dz, or [W, D] = dz^T h for a [V, D] table.
-      dwb = (
-        _contract(h, 0, dz, 0, self.precision)
-        if vocab_axis == 1
-        else _contract(dz, 0, h, 0, self.precision)
-      )
-      return dh, lax.dynamic_update_slice_in_dim(dw, dwb.astype(w.dtype), lo, vocab_axis), dtau
+      # d h += dz @ w_block^T, contracting the block's vocabulary axis as stored.
+      dh = dh + _contract(dz, 1, wb, vocab_axis, self.precision)
+      # d w block [D, W] = h^T dz from the [D, N] copy of h made once: XLA:CPU's
+      # fast bfloat16 dots want the contracted axis last on the left (contracting
+      # N on h itself ran 5x slower); a [V, D] table takes the block transposed.
+      dwb = _contract(h_t, 1, dz, 0, self.precision)
+      dwb = lax.bitcast_convert_type((dwb if vocab_axis == 1 else dwb.T).astype(w.dtype), bits)
+      return dh, lax.dynamic_update_slice_in_dim(dw, dwb, lo, vocab_axis), dtau
 
+    # On the CPU a bfloat16 d w is carried as its bits: XLA:CPU updates a
+    # bfloat16 [D, V] carry by copying all of it per block (2.8 s of 3.2 s at
+    # N=4096, D=512, V=32000) but a uint16 one in place. The view back costs
+    # one copy of d w (a temporary of the gradient's own size, never of the
+    # logits'); float16 has no fast CPU dot and does not gain.
+    on_cpu = jax.default_backend() == "cpu"
+    bits = jnp.dtype(jnp.uint16) if on_cpu and w.dtype == jnp.bfloat16 else w.dtype
     init = (
       jnp.zeros(h.shape, _F32),
-      jnp.zeros(w.shape, w.dtype),
+      jnp.zeros(w.shape, bits),
       None if tau is None else jnp.zeros((h.shape[0],), _F32),
     )
     with jax.named_scope("fused_sweep_backward"):
       v = w.shape[vocab_axis]
-      return _sweep(step, init, v, self.config.block(v))
+      dh, dw, dtau = _sweep(step, init, v, self.config.block(v))
+      return dh, lax.bitcast_convert_type(dw, w.dtype), dtau
