@@ -126,7 +126,7 @@ def test_simple_evaluate_matches_lpk_score(model, pack):
   np.testing.assert_allclose(ppl["bits_per_byte,none"], -total / nbytes / math.log(2), rtol=1e-5)
 
 
-def test_tok_encode_contract_tokenizer_and_linen_free_callable(model):
+def test_tok_encode_contract_tokenizer_and_a_plain_callable(model):
   """A tokenizer with only tok_encode/tok_decode, a plain callable (one request per
   row: it declares no packing) and an explicit prefix token."""
   lm = lpkernel.lm_eval.LpkernelLM(
@@ -173,3 +173,31 @@ def test_bad_arguments_raise(model):
     lpkernel.lm_eval.LpkernelLM(lambda t: model(t), CharTokenizer(), max_length=8, pack=True)
   lm = lpkernel.lm_eval.LpkernelLM(model, CharTokenizer(), max_length=8, spec=ModelSpec())
   assert not lm.scorer.pack  # an explicit spec without packing keywords wins
+
+
+def test_linen_model_with_variables_and_a_declared_spec():
+  """A linen model (the gemma stand-in) through the backend: module + variables +
+  GEMMA, packed, equals lpkernel.flax.loglikelihood one request per row."""
+  import jax
+
+  from lpkernel.flax import GEMMA, loglikelihood
+  from tests import gemma_standin as gm
+
+  module = gm.Transformer(gm.TransformerConfig(num_embed=VOCAB))
+  variables = module.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))
+  lm = lpkernel.lm_eval.LpkernelLM(
+    module, CharTokenizer(), variables=variables, spec=GEMMA, max_length=16, batch_size=2
+  )
+  assert lm.scorer.pack
+
+  class Request:
+    def __init__(self, *args):
+      self.args = args
+
+  pairs = [("ice is", " cold"), ("water is", " wet"), ("a cat says", " meow")]
+  got = lm.loglikelihood([Request(*p) for p in pairs], disable_tqdm=True)
+  tok = CharTokenizer()
+  ids = [(tok.tok_encode(c), tok.tok_encode(y)) for c, y in pairs]
+  want = loglikelihood(module, ids, variables=variables, spec=GEMMA, max_length=16, pack=False)
+  np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], rtol=1e-5)
+  assert [g[1] for g in got] == [w[1] for w in want]
