@@ -11,7 +11,7 @@ jax.config.update("jax_num_cpu_devices", 8) if hasattr(jax.config, "jax_num_cpu_
 
 settings.register_profile(
   "ci",
-  max_examples=12,
+  max_examples=8,
   deadline=None,
   derandomize=True,
   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

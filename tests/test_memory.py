@@ -53,7 +53,9 @@ def _temp_fraction(fn, args, argnums, with_grad, reference_bytes):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 def test_no_logits_sized_temporaries_under_any_option(path, dtype):
   failures = []
-  shapes = SHAPES[:1] if path == "fused" else SHAPES
+  # Two vocabulary chunks matter where chunks are (the logits paths); float16
+  # shares their code with bfloat16, so it runs the one-chunk shape only.
+  shapes = SHAPES[:1] if path == "fused" or dtype == jnp.float16 else SHAPES
   for (b, t, v), kind, softcap, with_grad in itertools.product(
     shapes, TEMPERATURES, SOFTCAPS, PASSES
   ):
