@@ -167,3 +167,18 @@ def test_loglikelihood_packs_gemma_and_matches_one_per_row(model, fused):
   r = jnp.array([[False] * len(ctx) + [True] * len(cont)])
   by_hand = lpk.score(_logits(module, variables, t), t, r).response_logprob[0]
   np.testing.assert_allclose(packed[1][0], by_hand, rtol=1e-5)
+
+
+def test_undeclared_outputs_raise_clear_errors(model):
+  module, variables = model
+  tokens, responses = _sequences()
+  t, r = tokens[0], responses[0]
+  with pytest.raises(TypeError, match="no logits in 'scores'"):
+    score_linen(module, variables, t, r, spec=ModelSpec(logits_field="scores"))
+  no_table = ModelSpec(hidden="return_hidden_states")
+  with pytest.raises(ValueError, match="declare ModelSpec\\(unembed="):
+    score_linen(module, variables, t, r, spec=no_table, fused=True)
+  with pytest.raises(TypeError, match="spec must be a lpkernel.flax.ModelSpec"):
+    score_linen(module, variables, t, r, spec={"positions": "positions"})
+  with pytest.raises(TypeError, match="must be a keyword name"):
+    ModelSpec(positions=3)

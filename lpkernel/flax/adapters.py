@@ -159,19 +159,15 @@ def score_bound(
   segment_ids: jax.Array | None = None,
   num_segments: int | None = None,
   fused: bool = False,
-  drops_last: bool = False,
   **score_kwargs: Any,
 ) -> Scores:
   """Scores of a :class:`BoundModel` (the function under ``score_model`` and
-  ``score_linen``); with ``drops_last`` the model sees ``tokens[:, :-1]``."""
-  inputs = tokens[:, :-1] if drops_last else tokens
-  inputs_seg = None if segment_ids is None else segment_ids[:, : inputs.shape[1]]
-  out, options = bound.output(state, inputs, inputs_seg, fused)
+  ``score_linen``)."""
+  out, options = bound.output(state, tokens, segment_ids, fused)
   return scores_from_output(
     out,
     tokens,
     response_mask,
-    drops_last=drops_last,
     segment_ids=segment_ids,
     num_segments=num_segments,
     **with_model_options(score_kwargs, options),
