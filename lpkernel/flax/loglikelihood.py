@@ -211,8 +211,9 @@ class Scorer:
     windows, owner = [], []
     for d, doc in enumerate(documents):
       doc = _ids("document", doc, self.vocab_size)
+      # Ids are checked once, above; each window is exactly context + piece.
       for context, continuation in rolling_windows(doc, prefix_token, self.max_length):
-        windows.append(self.window(context, continuation))
+        windows.append((context + continuation, len(continuation)))
         owner.append(d)
     totals = [0.0] * len(documents)
     for d, (lp, _) in zip(owner, self.score_windows(windows), strict=True):

@@ -138,7 +138,11 @@ class XlaFused:
     g_lp, g_lse, g_ent = (c[:, None] for c in g)
     tau_col = None if tau is None else tau[:, None]
     shift, log_s, centred = f.shift[:, None], f.log_s[:, None], f.centred[:, None]
-    h_t = lax.optimization_barrier(h.T)  # [D, N], materialised once (N * D, like h)
+    # On the CPU, d w blocks come from a [D, N] copy of h made once: XLA:CPU's fast
+    # bfloat16 dots want the contracted axis last on the left (contracting N on h
+    # itself ran 5x slower). Other backends contract h as it is, with no copy.
+    on_cpu = jax.default_backend() == "cpu"
+    h_t = lax.optimization_barrier(h.T) if on_cpu else None
 
     def step(carry, lo, width):
       dh, dw, dtau = carry
@@ -158,10 +162,12 @@ class XlaFused:
       dz = (dy * P.transform_grad(z, tau_col, softcap)).astype(h.dtype)
       # d h += dz @ w_block^T, contracting the block's vocabulary axis as stored.
       dh = dh + _contract(dz, 1, wb, vocab_axis, self.precision)
-      # d w block [D, W] = h^T dz from the [D, N] copy of h made once: XLA:CPU's
-      # fast bfloat16 dots want the contracted axis last on the left (contracting
-      # N on h itself ran 5x slower); a [V, D] table takes the block transposed.
-      dwb = _contract(h_t, 1, dz, 0, self.precision)
+      # d w block [D, W] = h^T dz; a [V, D] table takes the block transposed.
+      dwb = (
+        _contract(h_t, 1, dz, 0, self.precision)
+        if on_cpu
+        else _contract(h, 0, dz, 0, self.precision)
+      )
       dwb = lax.bitcast_convert_type((dwb if vocab_axis == 1 else dwb.T).astype(w.dtype), bits)
       return dh, lax.dynamic_update_slice_in_dim(dw, dwb, lo, vocab_axis), dtau
 
@@ -170,7 +176,6 @@ class XlaFused:
     # N=4096, D=512, V=32000) but a uint16 one in place. The view back costs
     # one copy of d w (a temporary of the gradient's own size, never of the
     # logits'); float16 has no fast CPU dot and does not gain.
-    on_cpu = jax.default_backend() == "cpu"
     bits = jnp.dtype(jnp.uint16) if on_cpu and w.dtype == jnp.bfloat16 else w.dtype
     init = (
       jnp.zeros(h.shape, _F32),
