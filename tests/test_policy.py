@@ -479,3 +479,40 @@ def test_first_argmax_rule_on_the_fused_and_vocab_parallel_paths():
   for impl in [*LOGITS_IMPLEMENTATIONS.values(), "reference"]:
     got = jitted(lpk.token_logprobs_and_greedy, x, t, implementation=impl)[1]
     np.testing.assert_array_equal(got, want)
+
+
+def test_tied_table_keeps_the_policy():
+  """``vocab_axis=0`` (a [V, D] table read as stored) against the policy: first-argmax
+  ties, NaN wins over -inf, -inf targets, finite gradients past garbage in unscored
+  rows; equal to the ``[D, V]`` path field by field."""
+  ones = jnp.ones((2, 1))
+  cases = [  # (unembed [1, 8], targets, check of the tied path's stats)
+    (jnp.zeros((1, 8)).at[0, 1].set(3.0).at[0, 6].set(3.0), [1, 6], "tie"),
+    (jnp.zeros((1, 8)).at[0, 2].set(-jnp.inf).at[0, 6].set(jnp.nan), [2, 0], "nan"),
+    (jnp.zeros((1, 8)).at[0, 3].set(-jnp.inf), [3, 0], "-inf"),
+  ]
+  for w, t, kind in cases:
+    t = jnp.array(t)
+    for impl in [FUSED_SMALL, lpk.XlaFused(), "reference"]:
+      flat = jitted(lpk.fused_token_stats, ones, w, t, implementation=impl)
+      tied = jitted(lpk.fused_token_stats, ones, w.T.copy(), t, implementation=impl, vocab_axis=0)
+      for name in ("logprobs", "lse", "entropy", "greedy"):
+        np.testing.assert_array_equal(getattr(tied, name), getattr(flat, name), err_msg=name)
+      if kind == "tie":
+        np.testing.assert_array_equal(tied.greedy, [True, False])
+      elif kind == "nan":
+        assert np.isnan(tied.logprobs).all()
+      else:
+        assert np.isneginf(tied.logprobs[0]) and np.isfinite(tied.logprobs[1])
+  tokens, mask, seg = _rows()
+  hidden = (
+    jax.random.normal(jax.random.key(4), (2, 6, 3)).at[0, 4].set(jnp.nan).at[1, 5].set(jnp.inf)
+  )
+  table = jax.random.normal(jax.random.key(5), (8, 3))
+
+  def loss(hh, tt):
+    s = lpk.score_hidden(hh, tt, tokens, mask, segment_ids=seg, vocab_axis=0)
+    return s.joint_logprob.sum()
+
+  value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(hidden, table)
+  assert np.isfinite(value) and all(np.isfinite(g).all() for g in grads)
