@@ -13,7 +13,9 @@ from lpkernel.logprobs import token_logprobs as token_logprobs
 from lpkernel.logprobs import token_logprobs_and_greedy as token_logprobs_and_greedy
 from lpkernel.ops import ChunkConfig as ChunkConfig
 from lpkernel.ops import FusedConfig as FusedConfig
+from lpkernel.ops import PallasGpuFused as PallasGpuFused
 from lpkernel.ops import PallasGpuLogits as PallasGpuLogits
+from lpkernel.ops import PallasTpuFused as PallasTpuFused
 from lpkernel.ops import PallasTpuLogits as PallasTpuLogits
 from lpkernel.ops import XlaFused as XlaFused
 from lpkernel.ops import XlaLogits as XlaLogits
@@ -27,7 +29,9 @@ __version__ = "0.1.0"
 __all__ = [
   "ChunkConfig",
   "FusedConfig",
+  "PallasGpuFused",
   "PallasGpuLogits",
+  "PallasTpuFused",
   "PallasTpuLogits",
   "Scores",
   "TokenStats",

@@ -88,14 +88,14 @@ def transform_grad(x: jax.Array, tau: jax.Array | None, softcap: float | None):
   return d
 
 
-def empty(n: int, with_entropy: bool = False) -> RowPartials:
-  """The partials of no columns (the identity of :func:`combine`)."""
+def empty(shape: int | tuple[int, ...], with_entropy: bool = False) -> RowPartials:
+  """The partials of no columns (the identity of :func:`combine`), each field of ``shape``."""
   return RowPartials(
-    m=jnp.full((n,), -jnp.inf, _F32),
-    s=jnp.zeros((n,), _F32),
-    t=jnp.full((n,), -jnp.inf, _F32),
-    arg=jnp.full((n,), NO_COLUMN, jnp.int32),
-    sy=jnp.zeros((n,), _F32) if with_entropy else None,
+    m=jnp.full(shape, -jnp.inf, _F32),
+    s=jnp.zeros(shape, _F32),
+    t=jnp.full(shape, -jnp.inf, _F32),
+    arg=jnp.full(shape, NO_COLUMN, jnp.int32),
+    sy=jnp.zeros(shape, _F32) if with_entropy else None,
   )
 
 
@@ -230,3 +230,42 @@ def poisoned_rows(targets, tau, vocab_size) -> tuple[jax.Array, jax.Array]:
 def softmax(y: jax.Array, shift: jax.Array, log_s: jax.Array) -> jax.Array:
   """``p = exp((y - shift) - log_s)`` with per-row ``shift``/``log_s`` broadcast to ``y``."""
   return jnp.exp((y - shift) - log_s)
+
+
+def grad_y(
+  is_target: jax.Array,
+  p: jax.Array,
+  g_lp: jax.Array,
+  g_lse: jax.Array | None = None,
+  g_ent: jax.Array | None = None,
+  y_c: jax.Array | None = None,
+  centred: jax.Array | None = None,
+) -> jax.Array:
+  """d/dy of ``g_lp * lp + g_lse * lse + g_ent * entropy`` over a block of rows' ``y``.
+
+  Every implementation's backward, once: ``(onehot - p)``, ``p`` and
+  ``p * (E_p[y] - y)``, with per-row cotangents broadcast to the block (``[N, 1]``
+  against ``[N, W]``). A term whose cotangent is zero is left out, so ``inf * 0``
+  never makes NaN on a dead row.
+
+  Args:
+    is_target: bool, the block's target column of each row.
+    p: the softmax over the block (:func:`softmax`).
+    g_lse, g_ent: None where only log-probabilities are differentiated.
+    y_c: ``finite_or_zero(y - shift)``; ``centred``: ``E_p[y - shift]``
+      (:class:`Finished`), both needed with ``g_ent``.
+  """
+  dy = jnp.where(g_lp != 0, g_lp * (jnp.where(is_target, 1.0, 0.0) - p), 0.0)
+  if g_lse is not None:
+    dy = dy + jnp.where(g_lse != 0, g_lse * p, 0.0)
+  if g_ent is not None:
+    dy = dy + jnp.where(g_ent != 0, g_ent * p * (centred - y_c), 0.0)
+  return dy
+
+
+def grad_tau(dy: jax.Array, y_c: jax.Array, shift: jax.Array, tau: jax.Array) -> jax.Array:
+  """``d/d tau`` of a row block given its ``dy`` (``y = s(x) / tau``, so
+  ``dy/dtau = -y / tau`` with ``y = y_c + shift``); rows ``[N, 1]`` in, ``[N, 1]`` out."""
+  return -(
+    jnp.sum(dy * y_c, axis=-1, keepdims=True) + shift * jnp.sum(dy, axis=-1, keepdims=True)
+  ) / tau

@@ -5,7 +5,8 @@ objects that satisfy the kernel contract of ``lpkernel.partials``:
 
 * logits path (``token_logprobs``, ``score``): :class:`XlaLogits`,
   :class:`PallasGpuLogits`, :class:`PallasTpuLogits`;
-* fused path (``fused_token_stats``, ``score_hidden``): :class:`XlaFused`.
+* fused path (``fused_token_stats``, ``score_hidden``): :class:`XlaFused`,
+  :class:`PallasGpuFused`, :class:`PallasTpuFused`.
 
 A public entry's ``implementation=`` takes None (the measured best for the
 backend), a name, or one of these objects (with its tiling and, for Pallas,
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import jax
 
+from lpkernel.ops.fused.pallas_gpu import PallasGpuFused as PallasGpuFused
+from lpkernel.ops.fused.pallas_tpu import PallasTpuFused as PallasTpuFused
 from lpkernel.ops.fused.xla import FusedConfig as FusedConfig
 from lpkernel.ops.fused.xla import XlaFused as XlaFused
 from lpkernel.ops.logprobs.pallas_gpu import PallasGpuLogits as PallasGpuLogits
@@ -27,10 +30,10 @@ from lpkernel.ops.logprobs.xla import XlaLogits as XlaLogits
 REFERENCE = "reference"
 
 LogitsImplementation = XlaLogits | PallasGpuLogits | PallasTpuLogits
-FusedImplementation = XlaFused
+FusedImplementation = XlaFused | PallasGpuFused | PallasTpuFused
 
 LOGITS = {"xla": XlaLogits, "pallas_gpu": PallasGpuLogits, "pallas_tpu": PallasTpuLogits}
-FUSED = {"xla": XlaFused}
+FUSED = {"xla": XlaFused, "pallas_gpu": PallasGpuFused, "pallas_tpu": PallasTpuFused}
 
 # The measured best per backend: on an H200 (jax 0.11.2) the Pallas kernels beat
 # XLA on every measured shape, forward and backward; on TPUs the kernels are
@@ -43,7 +46,9 @@ __all__ = [
   "FusedImplementation",
   "LogitsImplementation",
   "FusedConfig",
+  "PallasGpuFused",
   "PallasGpuLogits",
+  "PallasTpuFused",
   "PallasTpuLogits",
   "XlaFused",
   "XlaLogits",

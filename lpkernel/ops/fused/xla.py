@@ -59,7 +59,7 @@ class FusedConfig:
     return min(max(256, min(widest, vocab_size // 128 // 128 * 128)), vocab_size)
 
 
-def _contract(a: jax.Array, a_axis: int, b: jax.Array, b_axis: int, precision) -> jax.Array:
+def contract(a: jax.Array, a_axis: int, b: jax.Array, b_axis: int, precision) -> jax.Array:
   """``a`` times ``b`` over ``a``'s axis ``a_axis`` and ``b``'s axis ``b_axis`` (2-D each)."""
   dims = (((a_axis,), (b_axis,)), ((), ()))
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=_F32)
@@ -72,29 +72,38 @@ def _block_logits(h, w, lo, width, tau, softcap, precision, vocab_axis):
   # the CPU). Slicing the output of a barrier over (matrix, offset) stops that.
   w, lo = lax.optimization_barrier((w, jnp.asarray(lo, jnp.int32)))
   wb = lax.dynamic_slice_in_dim(w, lo, width, axis=vocab_axis)
-  z = _contract(h, 1, wb, 1 - vocab_axis, precision)
+  z = contract(h, 1, wb, 1 - vocab_axis, precision)
   return z, P.transform(z, tau, softcap), wb
 
 
-def _sweep(step, carry, vocab_size: int, vb: int):
-  """Folds ``step(carry, lo, width)`` over full blocks, then the static tail block."""
-  full, tail = divmod(vocab_size, vb)
-  carry = lax.fori_loop(0, full, lambda k, c: step(c, k * vb, vb), carry)
-  return step(carry, full * vb, tail) if tail else carry
+def sweep(step, carry, size: int, block: int):
+  """Folds ``step(carry, lo, width)`` over the full blocks of ``[0, size)``, then
+  the static tail block (if ``block`` does not divide ``size``)."""
+  full, tail = divmod(size, block)
+  carry = lax.fori_loop(0, full, lambda k, c: step(c, k * block, block), carry)
+  return step(carry, full * block, tail) if tail else carry
 
 
-def block_partials(y: jax.Array, cols: jax.Array, targets: jax.Array) -> P.RowPartials:
-  """Partials (with the entropy's sum) of transformed logits ``y [N, W]`` at ``cols [W]``."""
-  m = jnp.max(y, axis=-1)
-  shift = P.shift_of(m)[:, None]
+def block_partials(
+  y: jax.Array, cols: jax.Array, targets: jax.Array, keepdims: bool = False
+) -> P.RowPartials:
+  """Partials (with the entropy's sum) of transformed logits ``y [N, W]`` at ``cols``.
+
+  ``targets`` is ``[N]``, every field ``[N]``; with ``keepdims`` both are
+  ``[N, 1]`` (the 2-D layout TPU kernels keep).
+  """
+  m = jnp.max(y, axis=-1, keepdims=True)
+  shift = P.shift_of(m)
   e = jnp.exp(y - shift)
-  return P.RowPartials(
+  target_col = targets if keepdims else targets[:, None]
+  p = P.RowPartials(
     m=m,
-    s=jnp.sum(e, axis=-1),
-    t=jnp.max(jnp.where(cols == targets[:, None], y, -jnp.inf), axis=-1),
-    arg=jnp.min(jnp.where(y == m[:, None], cols, P.NO_COLUMN), axis=-1),
-    sy=jnp.sum(e * P.finite_or_zero(y - shift), axis=-1),
+    s=jnp.sum(e, axis=-1, keepdims=True),
+    t=jnp.max(jnp.where(cols == target_col, y, -jnp.inf), axis=-1, keepdims=True),
+    arg=jnp.min(jnp.where(y == m, cols, P.NO_COLUMN), axis=-1, keepdims=True),
+    sy=jnp.sum(e * P.finite_or_zero(y - shift), axis=-1, keepdims=True),
   )
+  return p if keepdims else jax.tree.map(lambda a: a[:, 0], p)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +134,7 @@ class XlaFused:
 
     with jax.named_scope("fused_sweep"):
       v = w.shape[vocab_axis]
-      return _sweep(step, P.empty(h.shape[0], with_entropy=True), v, self.config.block(v))
+      return sweep(step, P.empty(h.shape[0], with_entropy=True), v, self.config.block(v))
 
   def grads(self, h, w, targets, tau, softcap, f: P.Finished, g, vocab_axis=1):
     """(d h float32 [N, D], d w in w's layout and dtype, d tau float32 [N] or None).
@@ -150,23 +159,17 @@ class XlaFused:
       p = P.softmax(y, shift, log_s)
       onehot = (lo + lax.broadcasted_iota(jnp.int32, (1, width), 1)) == targets[:, None]
       y_c = P.finite_or_zero(y - shift)
-      # d/dy of lp, lse and entropy: (onehot - p), p and p * (E_p[y] - y). A
-      # term whose cotangent is zero is left out, so inf * 0 never makes NaN.
-      dy = (
-        jnp.where(g_lp != 0, g_lp * (jnp.where(onehot, 1.0, 0.0) - p), 0.0)
-        + jnp.where(g_lse != 0, g_lse * p, 0.0)
-        + jnp.where(g_ent != 0, g_ent * p * (centred - y_c), 0.0)
-      )
-      if tau is not None:  # y = s(z) / tau  =>  dy/dtau = -y / tau, y = y_c + shift
-        dtau = dtau - (jnp.sum(dy * y_c, axis=-1) + shift[:, 0] * jnp.sum(dy, axis=-1)) / tau
+      dy = P.grad_y(onehot, p, g_lp, g_lse, g_ent, y_c, centred)
+      if tau is not None:
+        dtau = dtau + P.grad_tau(dy, y_c, shift, tau_col)[:, 0]
       dz = (dy * P.transform_grad(z, tau_col, softcap)).astype(h.dtype)
       # d h += dz @ w_block^T, contracting the block's vocabulary axis as stored.
-      dh = dh + _contract(dz, 1, wb, vocab_axis, self.precision)
+      dh = dh + contract(dz, 1, wb, vocab_axis, self.precision)
       # d w block [D, W] = h^T dz; a [V, D] table takes the block transposed.
       dwb = (
-        _contract(h_t, 1, dz, 0, self.precision)
+        contract(h_t, 1, dz, 0, self.precision)
         if on_cpu
-        else _contract(h, 0, dz, 0, self.precision)
+        else contract(h, 0, dz, 0, self.precision)
       )
       dwb = lax.bitcast_convert_type((dwb if vocab_axis == 1 else dwb.T).astype(w.dtype), bits)
       return dh, lax.dynamic_update_slice_in_dim(dw, dwb, lo, vocab_axis), dtau
@@ -184,5 +187,5 @@ class XlaFused:
     )
     with jax.named_scope("fused_sweep_backward"):
       v = w.shape[vocab_axis]
-      dh, dw, dtau = _sweep(step, init, v, self.config.block(v))
+      dh, dw, dtau = sweep(step, init, v, self.config.block(v))
       return dh, lax.bitcast_convert_type(dw, w.dtype), dtau

@@ -81,7 +81,8 @@ class PallasGpuLogits:
     row_blocks = pl.cdiv(n, self.block_rows)
     return max(1, min(pl.cdiv(self.target_programs, row_blocks), pl.cdiv(v, self.block_v)))
 
-  def partials(self, x, targets, tau, softcap) -> P.RowPartials:
+  def partials(self, x, targets, tau, softcap, with_entropy: bool = False) -> P.RowPartials:
+    """Row partials of logits ``x [N, V]``; with the entropy's ``sy`` if asked (the fused path)."""
     n, v = x.shape
     splits = self.num_splits(n, v)
     span = pl.cdiv(pl.cdiv(v, splits), self.block_v) * self.block_v
@@ -92,34 +93,60 @@ class PallasGpuLogits:
       block_v=self.block_v,
       span=span,
       softcap=softcap,
+      has_tau=tau is not None,
+      with_entropy=with_entropy,
     )
     out = jax.ShapeDtypeStruct((splits * n,), _F32)
-    m, s, t, arg = pl.pallas_call(
+    arg = jax.ShapeDtypeStruct((splits * n,), jnp.int32)
+    fields = pl.pallas_call(
       kernel,
       grid=(pl.cdiv(n, self.block_rows), splits),
-      out_shape=(out, out, out, jax.ShapeDtypeStruct((splits * n,), jnp.int32)),
+      out_shape=(out, out, out, arg) + ((out,) if with_entropy else ()),
       compiler_params=plgpu.CompilerParams(num_warps=self.num_warps, num_stages=3),
       interpret=self.interpret,
       name="lpkernel_logits_partials",
     )(x, targets, *_tau_args(tau))
     if splits == 1:
-      return P.RowPartials(m, s, t, arg)
-    blocks = P.RowPartials(*(a.reshape(splits, n) for a in (m, s, t, arg)))
+      return P.RowPartials(*fields)
+    blocks = P.RowPartials(*(a.reshape(splits, n) for a in fields))
     return P.combine(blocks, P.over_axis(0), expand=lambda r: r[None])
 
   def grad_logits(self, x, targets, tau, softcap, shift, log_s, g) -> jax.Array:
+    return self._grad(x, targets, tau, softcap, [shift, log_s, g], x.dtype)[0]
+
+  def grad_fused_logits(self, z, targets, tau, softcap, f: P.Finished, g, dtype):
+    """The fused path's ``d z`` from float32 logits ``z [N, V]`` (a token chunk).
+
+    Args:
+      f: the rows' finished statistics; g: (g_lp, g_lse, g_entropy) float32 [N].
+      dtype: ``d z``'s dtype (the hidden states', for the matmuls that follow).
+
+    Returns:
+      (d z [N, V] in ``dtype``, d tau float32 [N] or None).
+    """
+    rows = [f.shift, f.log_s, *g, f.centred]
+    dz, *parts = self._grad(z, targets, tau, softcap, rows, dtype)
+    return dz, (jnp.sum(parts[0].reshape(-1, z.shape[0]), axis=0) if parts else None)
+
+  def _grad(self, x, targets, tau, softcap, rows, dtype):
     n, v = x.shape
     bn, bv = self.bwd_block_rows, self.bwd_block_v
     tiling.check_gpu_block("logits backward", (bn, bv), x.dtype)
-    kernel = functools.partial(_grad_kernel, block_rows=bn, block_v=bv, softcap=softcap)
+    fused = len(rows) > 3
+    kernel = functools.partial(
+      _grad_kernel, block_rows=bn, block_v=bv, softcap=softcap, has_tau=tau is not None, fused=fused
+    )
+    out = [jax.ShapeDtypeStruct(x.shape, dtype)]
+    if fused and tau is not None:  # per (column block, row): the block's sum for d tau
+      out.append(jax.ShapeDtypeStruct((pl.cdiv(v, bv) * n,), _F32))
     return pl.pallas_call(
       kernel,
       grid=(pl.cdiv(n, bn), pl.cdiv(v, bv)),
-      out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+      out_shape=tuple(out),
       compiler_params=plgpu.CompilerParams(num_warps=self.bwd_num_warps, num_stages=2),
       interpret=self.interpret,
       name="lpkernel_logits_grad",
-    )(x, targets, shift, log_s, g, *_tau_args(tau))
+    )(x, targets, *rows, *_tau_args(tau))
 
   def centred_expected_y(self, x, tau, softcap, shift, log_s) -> jax.Array:
     return xla.centred_expected_y(x, tau, softcap, shift, log_s, x.shape[1])
@@ -135,10 +162,10 @@ def _tau_args(tau):
   return () if tau is None else (tau.astype(_F32),)
 
 
-def _partials_kernel(x_ref, t_ref, *refs, block_rows, block_v, span, softcap):
-  tau_ref, (m_ref, s_ref, t_out_ref, arg_ref) = (
-    (refs[0], refs[1:]) if len(refs) == 5 else (None, refs)
-  )
+def _partials_kernel(
+  x_ref, t_ref, *refs, block_rows, block_v, span, softcap, has_tau, with_entropy
+):
+  tau_ref, refs = (refs[0], refs[1:]) if has_tau else (None, refs)
   n, v = x_ref.shape
   i, j = pl.program_id(0), pl.program_id(1)
   rows = i * block_rows + jnp.arange(block_rows)
@@ -148,7 +175,7 @@ def _partials_kernel(x_ref, t_ref, *refs, block_rows, block_v, span, softcap):
   lo = j * span
 
   def body(k, carry):
-    m, s, t, arg = carry
+    m, s, t, arg, sy = carry
     start = lo + k * block_v
     cols = start + jnp.arange(block_v)
     mask = row_ok[:, None] & (cols < v)[None, :]
@@ -157,7 +184,13 @@ def _partials_kernel(x_ref, t_ref, *refs, block_rows, block_v, span, softcap):
     block_m = jnp.max(y, axis=1)
     new_m = jnp.maximum(m, block_m)
     shift = P.shift_of(new_m)
-    s = s * _exp(m - shift) + jnp.sum(_exp(y - shift[:, None]), axis=1)
+    scale = _exp(m - shift)  # 0 while the row is empty; NaN stays NaN
+    e = _exp(y - shift[:, None])
+    if with_entropy:  # re-centre the running sum of p * (y - shift) on the new shift
+      delta = jnp.where(s > 0, P.shift_of(m) - shift, 0.0)
+      y_c = P.finite_or_zero(y - shift[:, None])
+      sy = (sy + s * delta) * scale + jnp.sum(e * y_c, axis=1)
+    s = s * scale + jnp.sum(e, axis=1)
     # The first argmax moves only where a block raises the max (rarely, after
     # the first blocks): skip its per-element work otherwise. Ties keep the
     # earlier column.
@@ -181,39 +214,43 @@ def _partials_kernel(x_ref, t_ref, *refs, block_rows, block_v, span, softcap):
       ),
       lambda: t,
     )
-    return new_m, s, t, arg
+    return new_m, s, t, arg, sy
 
   minus_inf = jnp.full((block_rows,), -jnp.inf, _F32)
-  init = (
-    minus_inf,
-    jnp.zeros((block_rows,), _F32),
-    minus_inf,
-    jnp.full((block_rows,), P.NO_COLUMN, jnp.int32),
-  )
-  m, s, t, arg = jax.lax.fori_loop(0, span // block_v, body, init)
+  zeros = jnp.zeros((block_rows,), _F32)
+  init = (minus_inf, zeros, minus_inf, jnp.full((block_rows,), P.NO_COLUMN, jnp.int32), zeros)
+  fields = jax.lax.fori_loop(0, span // block_v, body, init)
   out = j * n + rows
-  plgpu.store(m_ref.at[out], m, mask=row_ok)
-  plgpu.store(s_ref.at[out], s, mask=row_ok)
-  plgpu.store(t_out_ref.at[out], t, mask=row_ok)
-  plgpu.store(arg_ref.at[out], arg, mask=row_ok)
+  for ref, value in zip(refs, fields, strict=False):  # sy only with the entropy
+    plgpu.store(ref.at[out], value, mask=row_ok)
 
 
-def _grad_kernel(x_ref, t_ref, shift_ref, log_s_ref, g_ref, *refs, block_rows, block_v, softcap):
-  tau_ref, dx_ref = refs if len(refs) == 2 else (None, refs[0])
+def _grad_kernel(x_ref, t_ref, *refs, block_rows, block_v, softcap, has_tau, fused):
+  """d x of ``g_lp * lp`` (the logits path) or, ``fused``, of ``g_lp * lp +
+  g_lse * lse + g_ent * entropy`` with each row block's part of d tau."""
+  rows_in = 6 if fused else 3  # shift, log_s, g_lp (, g_lse, g_ent, centred)
+  row_refs, refs = refs[:rows_in], refs[rows_in:]
+  tau_ref, (dx_ref, *dtau_ref) = (refs[0], refs[1:]) if has_tau else (None, refs)
   n, v = x_ref.shape
   rows = pl.program_id(0) * block_rows + jnp.arange(block_rows)
   cols = pl.program_id(1) * block_v + jnp.arange(block_v)
   row_ok = rows < n
   mask = row_ok[:, None] & (cols < v)[None, :]
 
-  def row(ref, other):
+  def row(ref, other=0.0):
     return plgpu.load(ref.at[rows], mask=row_ok, other=other)[:, None]
 
-  g = row(g_ref, 0.0)
+  shift, log_s, g_lp, *fused_rows = (row(r) for r in row_refs)
+  g_lse, g_ent, centred = fused_rows if fused else (None, None, None)
   tau = None if tau_ref is None else row(tau_ref, 1.0)
   x = plgpu.load(x_ref.at[rows[:, None], cols[None, :]], mask=mask, other=0.0)
   y = P.transform(x, tau, softcap)
-  p = _exp((y - row(shift_ref, 0.0)) - row(log_s_ref, 0.0))
-  dy = jnp.where(cols[None, :] == row(t_ref, -1), 1.0, 0.0) - p
-  dx = jnp.where(g != 0, g * dy * P.transform_grad(x, tau, softcap), 0.0)
+  p = _exp((y - shift) - log_s)
+  y_c = P.finite_or_zero(y - shift)
+  dy = P.grad_y(cols[None, :] == row(t_ref, -1), p, g_lp, g_lse, g_ent, y_c, centred)
+  dy = jnp.where(mask, dy, 0.0)
+  dx = jnp.where(dy != 0, dy * P.transform_grad(x, tau, softcap), 0.0)  # dead rows may hold NaN
   plgpu.store(dx_ref.at[rows[:, None], cols[None, :]], dx.astype(dx_ref.dtype), mask=mask)
+  if dtau_ref:  # this column block's part of d tau; the caller sums the blocks
+    out = pl.program_id(1) * n + rows
+    plgpu.store(dtau_ref[0].at[out], P.grad_tau(dy, y_c, shift, tau)[:, 0], mask=row_ok)

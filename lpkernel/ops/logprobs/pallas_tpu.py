@@ -61,18 +61,8 @@ class PallasTpuLogits:
     return rows, cols
 
   def _call(self, kernel, grid, in_specs, out_specs, out_shape, scratch=(), semantics=None):
-    return pl.pallas_call(
-      kernel,
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=0,
-        grid=grid,
-        in_specs=in_specs,
-        out_specs=out_specs,
-        scratch_shapes=list(scratch),
-      ),
-      out_shape=out_shape,
-      compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
-      interpret=pltpu.InterpretParams() if self.interpret else False,
+    return tpu_call(
+      kernel, grid, in_specs, out_specs, out_shape, scratch, semantics, self.interpret
     )
 
   def partials(self, x, targets, tau, softcap) -> P.RowPartials:
@@ -110,6 +100,24 @@ class PallasTpuLogits:
 
   def centred_expected_y(self, x, tau, softcap, shift, log_s) -> jax.Array:
     return xla.centred_expected_y(x, tau, softcap, shift, log_s, x.shape[1])
+
+
+def tpu_call(kernel, grid, in_specs, out_specs, out_shape, scratch, semantics, interpret):
+  """``pl.pallas_call`` of a Mosaic TPU kernel over ``grid`` with VMEM ``scratch``;
+  ``interpret`` runs it in TPU interpret mode (``pltpu.InterpretParams``)."""
+  return pl.pallas_call(
+    kernel,
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=0,
+      grid=grid,
+      in_specs=in_specs,
+      out_specs=out_specs,
+      scratch_shapes=list(scratch),
+    ),
+    out_shape=out_shape,
+    compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
+    interpret=pltpu.InterpretParams() if interpret else False,
+  )
 
 
 def _partials_kernel(x_ref, target_ref, *refs, vocab_size, softcap, has_tau):
