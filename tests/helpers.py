@@ -136,6 +136,20 @@ LOGITS_IMPLEMENTATIONS = {
 }
 
 
+FUSED_IMPLEMENTATIONS = {
+  # The XLA sweep in 4-column blocks (many blocks and a tail on small vocabularies).
+  "xla": lpk.XlaFused(lpk.FusedConfig(vocab_block=4)),
+  # Token chunks of 8 (several and a tail) through the GPU row kernels, interpreted.
+  "pallas_gpu": lpk.PallasGpuFused(
+    chunk_tokens=8,
+    logits=lpk.PallasGpuLogits(block_rows=4, block_v=64, splits=2, bwd_block_v=64),
+    interpret=True,
+  ),
+  # Mosaic TPU tiles of 16 tokens x 128 columns, interpreted.
+  "pallas_tpu": lpk.PallasTpuFused(block_rows=16, block_v=128, interpret=True),
+}
+
+
 def random_logits(key, shape, dtype=jnp.float32, scale=3.0):
   return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 

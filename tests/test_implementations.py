@@ -10,6 +10,8 @@ float32, with and without softcap and per-example temperature. Interpret mode
 does not check block shapes: the static validators do (last tests).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +24,7 @@ from tests.helpers import (
   GRAD_TOLERANCES,
   LOGITS_IMPLEMENTATIONS,
   assert_close,
+  jitted,
   oracle_token_logprobs,
 )
 
@@ -118,30 +121,97 @@ def test_reference_implementation_is_the_plain_definition():
 # --- the fused path ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("block", [None, 3, 256])
-@pytest.mark.parametrize("options", ["plain", "softcap+temperature"])
-def test_fused_implementation_matches_reference(block, options):
-  impl = lpk.XlaFused(lpk.FusedConfig(vocab_block=block))
-  h = jax.random.normal(jax.random.key(4), (9, 16))
-  w = jax.random.normal(jax.random.key(5), (16, 1000)) / 2
-  t = jax.random.randint(jax.random.key(6), (9,), 0, 1000).at[2].set(999)
-  opts = {} if options == "plain" else dict(softcap=20.0, temperature=jnp.linspace(0.5, 2, 9))
-  c = jax.random.normal(jax.random.key(7), (3, 9))
+FUSED = {
+  # The XLA sweep in 256-column blocks: three or more, and a tail, at every V.
+  "xla": lpk.XlaFused(lpk.FusedConfig(vocab_block=256)),
+  # Token chunks of 8 (two and a tail of 3) through the GPU row kernels.
+  "pallas_gpu": lpk.PallasGpuFused(
+    chunk_tokens=8,
+    logits=lpk.PallasGpuLogits(block_rows=4, block_v=256, splits=2, bwd_block_v=512),
+    interpret=True,
+  ),
+  # Mosaic TPU tiles: 16 tokens (a block and a tail of 3) x 256 columns.
+  "pallas_tpu": lpk.PallasTpuFused(block_rows=16, block_v=256, interpret=True),
+}
 
-  def loss(h, w, impl):
-    s = lpk.fused_token_stats(h, w, t, implementation=impl, **opts)
+
+def _fused_batch(v, dtype, n=19, d=16):
+  """hidden [n, d], unembed [d, v] on dyadic grids, so every logit is exact in
+  float32 whatever the order of accumulation; every special case in one batch:
+  row 0 all -inf, row 1 offset by +8192, row 2's target the last column, row
+  3's out of range."""
+  kh, kw, kt = jax.random.split(jax.random.key(v), 3)
+  h = jnp.round(4 * jax.random.normal(kh, (n, d))) / 4
+  w = jnp.round(32 * jax.random.normal(kw, (d, v))) / 64
+  h = h.at[:, :2].set(0.0).at[1, 0].set(1.0).at[0, 1].set(jnp.inf)
+  w = w.at[0].set(8192.0).at[1].set(-1.0)
+  t = jax.random.randint(kt, (n,), 0, v).at[2].set(v - 1).at[3].set(v)
+  return h.astype(dtype), w.astype(dtype), t
+
+
+FUSED_CASES = [
+  pytest.param(name, v, dtype, options, 1, id=f"{name}-{v}-{jnp.dtype(dtype).name}-{options}")
+  for name in FUSED
+  for v in (1000, 4097, 32003)
+  for dtype in (jnp.float32, jnp.bfloat16)
+  for options in ["softcap+temperature" if v == 4097 else "plain"]
+  if dtype == jnp.float32 or v == 4097  # bfloat16 with every option, at one V
+] + [
+  pytest.param(name, 1000, jnp.float32, "softcap+temperature", 0, id=f"{name}-1000-tied")
+  for name in FUSED
+]
+
+
+@pytest.mark.parametrize("name,v,dtype,options,vocab_axis", FUSED_CASES)
+def test_fused_implementation_matches_reference_and_oracle(name, v, dtype, options, vocab_axis):
+  impl = FUSED[name]
+  if v > 4097 and name == "pallas_gpu":  # 8 tiles per row, bounded interpret time
+    impl = dataclasses.replace(impl, logits=lpk.PallasGpuLogits(block_v=4096, splits=2))
+  elif v > 4097 and name == "pallas_tpu":
+    impl = lpk.PallasTpuFused(block_rows=16, block_v=4096, interpret=True)
+  h, w, t = _fused_batch(v, dtype)
+  n = t.shape[0]
+  tau = jnp.linspace(0.5, 2.0, n) if options != "plain" else jnp.ones(n)
+  softcap = 30.0 if options != "plain" else None
+  c = jax.random.normal(jax.random.key(7), (3, n))
+  keep = (jnp.arange(n) != 0) & (jnp.arange(n) != 3)  # the -inf row and the poisoned one
+  table = w if vocab_axis == 1 else w.T
+
+  def stats(h, table, tau, impl, t=t):
+    return lpk.fused_token_stats(
+      h, table, t, temperature=tau, softcap=softcap, implementation=impl, vocab_axis=vocab_axis
+    )
+
+  def loss(h, table, tau, impl, t=t, c=c):
+    s = stats(h, table, tau, impl, t)
     return jnp.sum(c[0] * s.logprobs + c[1] * s.lse + c[2] * s.entropy)
 
   with jax.default_matmul_precision("highest"):
-    got = lpk.fused_token_stats(h, w, t, implementation=impl, **opts)
-    want = lpk.fused_token_stats(h, w, t, implementation="reference", **opts)
-    g = jax.grad(loss, argnums=(0, 1))(h, w, impl)
-    g_ref = jax.grad(loss, argnums=(0, 1))(h, w, "reference")
+    got = jitted(stats, h, table, tau, impl=impl)
+    want = jitted(stats, h, table, tau, impl="reference")
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+    g = grad(jnp.where(keep[:, None], h, 0), table, tau, impl, t, jnp.where(keep, c, 0.0))
+    # The reference on the kept rows alone: autodiff of the plain form puts 0 * inf in row 0.
+    g_ref = grad(h[keep], table, tau[keep], "reference", t[keep], c[:, keep])
   for field in ("logprobs", "lse", "entropy"):
-    assert_close(getattr(got, field), getattr(want, field), rtol=1e-5, atol=2e-5, what=field)
+    # The entropy of the all -inf row: -inf here (log 0 - 0), 0 from the plain form.
+    rows = slice(1, None) if field == "entropy" else slice(None)
+    assert_close(getattr(got, field)[rows], getattr(want, field)[rows], rtol=2e-5, atol=2e-5, what=field)
   np.testing.assert_array_equal(got.greedy, want.greedy)
-  for a, b in zip(g, g_ref, strict=True):
-    assert_close(a, b, rtol=1e-4, atol=1e-5, what="fused gradients")
+  z = np.asarray(h, np.float64) @ np.asarray(w, np.float64)
+  oracle = oracle_token_logprobs(z, t, tau, softcap)
+  assert_close(got.logprobs, oracle, rtol=2e-5, atol=2e-5, what=f"{name} vs oracle")
+  assert np.isneginf(got.logprobs[0]) and np.isnan(got.logprobs[3])
+  tol = dict(rtol=1e-4, atol=1e-5) if dtype == jnp.float32 else GRAD_TOLERANCES[jnp.dtype(dtype)]
+  assert g[0].dtype == h.dtype and g[1].dtype == w.dtype and g[1].shape == table.shape
+  assert (g[0][~keep] == 0).all() and (g[2][~keep] == 0).all()
+  g = [g[0][keep], g[1], g[2][keep]]
+  if dtype == jnp.bfloat16:
+    # d logits are rounded to bfloat16 for the matmuls (the plain form keeps them in
+    # float32): against the 8192 column of row 1 that is a few units of d hidden[:, 0].
+    g[0], g_ref = g[0][:, 1:], (g_ref[0][:, 1:], *g_ref[1:])
+  for what, a, b in zip(("d hidden", "d unembed", "d tau"), g, g_ref, strict=True):
+    assert_close(a, b, **tol, what=f"{name} {what}")
 
 
 # --- static block validation ------------------------------------------------------------------
@@ -156,6 +226,15 @@ def test_every_kernel_configuration_tiles_the_hardware(dtype):
     for shape in [(13, 1000), (4096, 128256), (16, 32003)]:
       x = jax.ShapeDtypeStruct(shape, dtype)
       impl._blocks(x)  # validates (rows, columns) against the array and dtype
+  for impl in [lpk.PallasGpuFused(), FUSED["pallas_gpu"]]:
+    for tiles in [impl.logits, FUSED["pallas_gpu"].logits]:
+      tiling.check_gpu_block("forward", (tiles.block_rows, tiles.block_v), dtype)
+      tiling.check_gpu_block("backward", (tiles.bwd_block_rows, tiles.bwd_block_v), dtype)
+  for impl in [lpk.PallasTpuFused(), FUSED["pallas_tpu"]]:
+    for n, d, v in [(13, 64, 1000), (32768, 4096, 128256), (16, 640, 32003)]:
+      h = jax.ShapeDtypeStruct((n, d), dtype)
+      impl.blocks(h, jax.ShapeDtypeStruct((d, v), dtype), 1)  # validates every tile
+      impl.blocks(h, jax.ShapeDtypeStruct((v, d), dtype), 0)
 
 
 def test_validators_reject_untileable_blocks():
@@ -170,6 +249,14 @@ def test_validators_reject_untileable_blocks():
   tiling.check_tpu_block("logits", (5, 1000), (5, 1000), jnp.float32)  # whole axes are fine
   with pytest.raises(ValueError, match="multiples of \\(8, 128\\)"):
     lpk.PallasTpuLogits(block_rows=4)
+  with pytest.raises(ValueError, match="multiples of \\(8, 128\\)"):
+    lpk.PallasTpuFused(block_v=200)
+  with pytest.raises(ValueError, match="hidden block rows=8 must be a multiple of 16"):
+    lpk.PallasTpuFused(block_rows=8).blocks(
+      jax.ShapeDtypeStruct((64, 128), jnp.bfloat16), jax.ShapeDtypeStruct((128, 1000), jnp.bfloat16), 1
+    )
+  with pytest.raises(ValueError, match="chunk_tokens"):
+    lpk.PallasGpuFused(chunk_tokens=0)
 
 
 # --- the kernels compile for their hardware ------------------------------------------------------
@@ -211,3 +298,35 @@ def test_nan_anywhere_in_a_row_wins_in_every_implementation(name):
   )
   assert np.isnan(lp[0]) and np.isneginf(lp[1]) and np.isfinite(lp[2])
   np.testing.assert_array_equal(greedy, [False, False, True])
+
+
+@pytest.mark.parametrize(
+  "impl,platform,call,count",
+  [
+    (lpk.PallasGpuFused(), "cuda", "__gpu$xla.gpu.triton", 2),
+    (lpk.PallasGpuFused(chunk_tokens=24), "cuda", "__gpu$xla.gpu.triton", 4),
+    (lpk.PallasTpuFused(), "tpu", "tpu_custom_call", 3),
+  ],
+  ids=["gpu-one-chunk", "gpu-chunks", "tpu-default"],
+)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("vocab_axis", [1, 0], ids=["unembed", "tied"])
+def test_fused_kernels_lower_for_their_hardware(impl, platform, call, count, dtype, vocab_axis):
+  """The fused kernels, forward and backward (temperature and softcap on), lowered
+  for their hardware: GPU one row kernel per pass (in the chunk loop, and once
+  more for a tail chunk), TPU the forward, d hidden and d unembed kernels."""
+  from lpkernel import fused
+
+  n, d, v = 64, 128, 1000
+  h = jax.ShapeDtypeStruct((n, d), dtype)
+  w = jax.ShapeDtypeStruct((d, v) if vocab_axis == 1 else (v, d), dtype)
+  t = jax.ShapeDtypeStruct((n,), jnp.int32)
+  tau = jax.ShapeDtypeStruct((n,), jnp.float32)
+
+  def loss(h, w, t, tau):
+    s = fused._fused(h, w, t, tau, 30.0, impl, None, v, vocab_axis)
+    return jnp.sum(s.logprobs + s.lse + s.entropy)
+
+  lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 3))).trace(h, w, t, tau)
+  text = lowered.lower(lowering_platforms=(platform,)).as_text()
+  assert text.count(f"custom_call @{call}") == count

@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 import lpkernel as lpk
 from lpkernel import reference, sharding
 from tests.helpers import (
+  FUSED_IMPLEMENTATIONS,
   LOGITS_IMPLEMENTATIONS,
   assert_close,
   jitted,
@@ -28,7 +29,8 @@ from tests.helpers import (
 IMPLS = pytest.mark.parametrize(
   "impl", list(LOGITS_IMPLEMENTATIONS.values()), ids=list(LOGITS_IMPLEMENTATIONS)
 )
-FUSED_SMALL = lpk.XlaFused(lpk.FusedConfig(vocab_block=4))
+FUSED_SMALL = FUSED_IMPLEMENTATIONS["xla"]
+ALL_FUSED = [*FUSED_IMPLEMENTATIONS.values(), lpk.XlaFused()]
 SCORE_FIELDS = ("prompt_logprob", "response_logprob", "joint_logprob", "token_logprobs")
 
 
@@ -62,8 +64,8 @@ def test_uniform_row_of_1e8_scores_minus_log_v():
     lp = lpk.token_logprobs(jnp.full((2, 10), 1e8), jnp.array([0, 9]), implementation=impl)
     np.testing.assert_allclose(lp, -np.log(10), rtol=1e-6)
   h, w = jnp.ones((2, 4)), jnp.full((4, 10), 2.5e7)  # logits 1e8
-  for impl in [FUSED_SMALL, "reference"]:
-    lp = lpk.fused_token_logprobs(h, w, jnp.array([0, 9]), implementation=impl)
+  for impl in [*ALL_FUSED, "reference"]:
+    lp = jitted(lpk.fused_token_logprobs, h, w, jnp.array([0, 9]), implementation=impl)
     np.testing.assert_allclose(lp, -np.log(10), rtol=1e-6)
 
 
@@ -75,14 +77,16 @@ def test_fused_gradients_keep_precision_at_large_offsets():
   t = jnp.arange(5)
   with jax.default_matmul_precision("highest"):
     logits = h @ w
-    dh_fused = jax.grad(
-      lambda h: jnp.sum(lpk.fused_token_logprobs(h, w, t, implementation=FUSED_SMALL))
-    )(h)
   dlogits = oracle_logits_grad(logits, t, np.ones(5))
   want = dlogits @ np.asarray(w, np.float64).T
-  # The last hidden column meets the 1e4 weights in dz @ w.T itself (float32
-  # rounding of 1e4 * sum(dz) ~ 1e-3 on any path); the others keep their precision.
-  np.testing.assert_allclose(dh_fused[:, :4], want[:, :4], atol=2e-5)
+  for impl in ALL_FUSED:
+    with jax.default_matmul_precision("highest"):
+      dh_fused = jax.jit(
+        jax.grad(lambda h, impl=impl: jnp.sum(lpk.fused_token_logprobs(h, w, t, implementation=impl)))
+      )(h)
+    # The last hidden column meets the 1e4 weights in dz @ w.T itself (float32
+    # rounding of 1e4 * sum(dz) ~ 1e-3 on any path); the others keep their precision.
+    np.testing.assert_allclose(dh_fused[:, :4], want[:, :4], atol=2e-5)
 
 
 # --- NaN wins --------------------------------------------------------------------
@@ -141,11 +145,11 @@ def test_fused_neg_inf_target_and_all_neg_inf_rows_are_neg_inf():
   h = jnp.ones((3, 2))
   w = jnp.zeros((2, 6)).at[:, 4].set(-jnp.inf)
   w_all = jnp.full((2, 6), -jnp.inf)
-  for impl in [FUSED_SMALL, lpk.XlaFused(), "reference"]:
-    lp = lpk.fused_token_logprobs(h, w, jnp.array([4, 0, 1]), implementation=impl)
+  for impl in [*ALL_FUSED, "reference"]:
+    lp = jitted(lpk.fused_token_logprobs, h, w, jnp.array([4, 0, 1]), implementation=impl)
     assert np.isneginf(lp[0]) and np.isfinite(lp[1:]).all()
     assert np.isneginf(
-      lpk.fused_token_logprobs(h, w_all, jnp.array([4, 0, 1]), implementation=impl)
+      jitted(lpk.fused_token_logprobs, h, w_all, jnp.array([4, 0, 1]), implementation=impl)
     ).all()
 
 
@@ -198,10 +202,14 @@ def test_extreme_bfloat16_logits_with_zero_entropy_cotangent_give_finite_gradien
   h = jnp.array([[big, 0.0], [1.0, 1.0]], jnp.bfloat16)
   w = jnp.array([[big, -big, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]], jnp.bfloat16)
   t = jnp.array([0, 2])
-  for impl in [FUSED_SMALL, lpk.XlaFused()]:
-    dh, dw = jax.grad(
-      lambda h, w, impl=impl: jnp.sum(lpk.fused_token_stats(h, w, t, implementation=impl).logprobs),
-      argnums=(0, 1),
+  for impl in ALL_FUSED:
+    dh, dw = jax.jit(
+      jax.grad(
+        lambda h, w, impl=impl: jnp.sum(
+          lpk.fused_token_stats(h, w, t, implementation=impl).logprobs
+        ),
+        argnums=(0, 1),
+      )
     )(h, w)
     assert np.isfinite(np.asarray(dh, np.float32)).all()
     assert np.isfinite(np.asarray(dw, np.float32)).all()
@@ -468,7 +476,7 @@ def test_first_argmax_rule_on_the_fused_and_vocab_parallel_paths():
   )
   np.testing.assert_array_equal(greedy, want)
   h = jnp.ones((4, 1))
-  for impl in [FUSED_SMALL, lpk.XlaFused(), "reference"]:
+  for impl in [*ALL_FUSED, "reference"]:
     np.testing.assert_array_equal(
       jitted(lpk.fused_token_stats, h, x[:1], t, implementation=impl).greedy, want
     )
@@ -493,7 +501,7 @@ def test_tied_table_keeps_the_policy():
   ]
   for w, t, kind in cases:
     t = jnp.array(t)
-    for impl in [FUSED_SMALL, lpk.XlaFused(), "reference"]:
+    for impl in [*ALL_FUSED, "reference"]:
       flat = jitted(lpk.fused_token_stats, ones, w, t, implementation=impl)
       tied = jitted(lpk.fused_token_stats, ones, w.T.copy(), t, implementation=impl, vocab_axis=0)
       for name in ("logprobs", "lse", "entropy", "greedy"):

@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 import lpkernel as lpk
 from lpkernel import sharding
 from lpkernel.losses import dpo_loss, sft_loss
+from tests.helpers import FUSED_IMPLEMENTATIONS
 
 B, T, V, D = 4, 6, 32, 8
 
@@ -115,14 +116,23 @@ def test_vocab_parallel_logits_values_and_grads(mesh, num_segments):
   assert gx1.sharding.spec[-1] == "model"
 
 
-@pytest.mark.parametrize("vocab_axis", [-1, 0], ids=["DV", "tied-VD"])
-def test_vocab_parallel_fused_values_and_grads(mesh, vocab_axis):
+FUSED_ON_EACH_SHARD = {
+  "xla": lpk.XlaFused(lpk.FusedConfig(vocab_block=3)),  # several blocks and a tail per shard
+  **{name: FUSED_IMPLEMENTATIONS[name] for name in ("pallas_gpu", "pallas_tpu")},
+}
+
+
+@pytest.mark.parametrize(
+  "name,vocab_axis",
+  [("xla", -1), ("xla", 0), ("pallas_gpu", 0), ("pallas_tpu", -1)],
+  ids=["xla-DV", "xla-tied-VD", "pallas_gpu-tied-VD", "pallas_tpu-DV"],
+)
+def test_vocab_parallel_fused_values_and_grads(mesh, name, vocab_axis):
   _, tokens, response, hidden, unembed, seg = _inputs(2)
   if vocab_axis == 0:  # a tied table [V, D], sharded along its first axis
     unembed = unembed.T.copy()
   ws = _put(mesh, unembed, *((None, "model") if vocab_axis else ("model", None)))
   hs = _put(mesh, hidden, "data")
-  config = lpk.FusedConfig(vocab_block=3)  # several blocks and a tail per shard
 
   def loss(fn, h, w, **kw):
     s = fn(
@@ -131,7 +141,7 @@ def test_vocab_parallel_fused_values_and_grads(mesh, vocab_axis):
       tokens,
       response,
       segment_ids=seg,
-      implementation=lpk.XlaFused(config),
+      implementation=FUSED_ON_EACH_SHARD[name],
       vocab_axis=vocab_axis,
       **kw,
     )
