@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (see the device tool). Most important first:
-# the Pallas logits kernels checked on the device and timed against the floors
+# the Pallas fused (token chunks) and logits kernels checked on the device and timed
+# against the floors
 # (benchmarks/gpu_kernels.py), then the gpu suite. Results land under $OUT.
 # Usage there: bash benchmarks/gpu_check.sh
 set -u

@@ -1,5 +1,10 @@
-"""Checks and times the Pallas GPU logits kernels on a GPU: ``python -m benchmarks.gpu_kernels``.
+"""Checks and times the Pallas GPU kernels on a GPU: ``python -m benchmarks.gpu_kernels``.
 
+0. The fused path first (the newest, unmeasured): ``PallasGpuFused`` checked on
+   the device against the reference (values, lse, entropy, gradients, softcap
+   and temperature, a tied table), then timed forward and forward+backward at
+   N = 32768, D = 4096, V = 128256 bfloat16 against one and three bare matmuls,
+   beside the XLA sweep, for a few chunk sizes.
 1. Correctness on the device (compiled, not interpret mode) against the plain
    reference: values, greedy flags and gradients, awkward V, softcap and
    per-row temperature, -inf rows and a NaN row.
@@ -80,6 +85,109 @@ def _check(out: dict) -> None:
   out["checks"] = rows
 
 
+FUSED_CHUNKS = [None, 4096, 8192]  # tokens per chunk (None: 1 GiB of float32 logits)
+FUSED_CHECKS = [(300, 256, 32003, jnp.float32), (1000, 512, 128256, jnp.bfloat16)]  # N, D, V
+FUSED_TIMED = (32768, 4096, 128256)  # N, D, V in bfloat16
+
+
+def _check_fused(out: dict) -> None:
+  rows = []
+  for n, d, v, dtype in FUSED_CHECKS:
+    k = jax.random.split(jax.random.key(v), 3)
+    h = jax.random.normal(k[0], (n, d), jnp.float32).astype(dtype)
+    w = (jax.random.normal(k[1], (d, v), jnp.float32) / d**0.5).astype(dtype)
+    t = jax.random.randint(k[2], (n,), 0, v)
+    c = jax.random.normal(jax.random.key(3), (3, n))
+    for vocab_axis, softcap, tau in [(1, None, None), (0, 30.0, jnp.linspace(0.5, 2.0, n))]:
+      table = w if vocab_axis == 1 else w.T
+      temp = 1.0 if tau is None else tau
+
+      def loss(h, table, impl):
+        s = lpk.fused_token_stats(
+          h,
+          table,
+          t,
+          temperature=temp,
+          softcap=softcap,
+          implementation=impl,
+          vocab_axis=vocab_axis,
+        )
+        return jnp.sum(c[0] * s.logprobs + c[1] * s.lse + c[2] * s.entropy), s
+
+      impl = lpk.PallasGpuFused(chunk_tokens=128)  # several chunks and a tail
+      with jax.default_matmul_precision("highest"):
+        (_, got), g = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True), static_argnums=2)(
+          h, table, impl
+        )
+        (_, want), g_ref = jax.jit(
+          jax.value_and_grad(loss, (0, 1), has_aux=True), static_argnums=2
+        )(h, table, "reference")
+      err = {
+        f: float(jnp.max(jnp.abs(getattr(got, f) - getattr(want, f))))
+        for f in ("logprobs", "lse", "entropy")
+      }
+      for name, a, b in zip(("dh", "dw"), g, g_ref, strict=True):
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+        err[name] = float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+      err["greedy_mismatches"] = int(jnp.sum(got.greedy != want.greedy))
+      r = dict(
+        n=n,
+        d=d,
+        v=v,
+        dtype=jnp.dtype(dtype).name,
+        vocab_axis=vocab_axis,
+        softcap=softcap,
+        temperature=tau is not None,
+        **err,
+      )
+      rows.append(r)
+      print("fused check", r, flush=True)
+  out["fused_checks"] = rows
+
+
+def _time_fused(out: dict, repeats: int) -> None:
+  rows = []
+  n, d, v = FUSED_TIMED
+  k = jax.random.split(jax.random.key(0), 3)
+  h = jax.random.normal(k[0], (n, d), jnp.float32).astype(jnp.bfloat16)
+  w = (jax.random.normal(k[1], (d, v), jnp.float32) / d**0.5).astype(jnp.bfloat16)
+  t = jax.random.randint(k[2], (n,), 0, v)
+  one = measure(floors.matmul, (h, w), repeats)[0].median_ms
+  three = measure(floors.three_matmuls, (h, w), repeats)[0].median_ms
+  print(f"fused N{n} D{d} V{v} bfloat16: one matmul {one:.1f} ms, three {three:.1f} ms", flush=True)
+
+  def fwd(impl):
+    return lambda h, w: jnp.sum(lpk.fused_token_logprobs(h, w, t, implementation=impl))
+
+  impls = [("xla", "xla")] + [
+    (f"pallas_gpu chunk={c}", lpk.PallasGpuFused(chunk_tokens=c)) for c in FUSED_CHUNKS
+  ]
+  for name, impl in impls:
+    for pass_, fn, floor in [
+      ("forward", fwd(impl), one),
+      ("forward+backward", jax.grad(fwd(impl), argnums=(0, 1)), three),
+    ]:
+      try:
+        timing = measure(fn, (h, w), repeats)[0]
+      except Exception as e:  # reported, not fatal
+        print(f"  {name} {pass_}: failed {type(e).__name__}: {str(e)[:200]}", flush=True)
+        continue
+      r = dict(
+        method=name,
+        pass_=pass_,
+        ms=timing.median_ms,
+        floor_ms=floor,
+        ratio=timing.median_ms / floor,
+        temp_mb=timing.temp_mb,
+      )
+      rows.append(r)
+      print(
+        f"  {name:28s} {pass_:17s} {r['ms']:8.1f} ms  x{r['ratio']:.2f}  {r['temp_mb']} MB",
+        flush=True,
+      )
+  out["fused_timings"] = rows
+
+
 def _time(out: dict, repeats: int) -> None:
   rows = []
   for b, t, v in [(8, 4096, 128256), (8, 512, 32000)]:
@@ -150,6 +258,9 @@ def main(argv=None):
   stamp = time.strftime("%Y%m%d-%H%M%S")
   path = f"{args.out}/gpu-kernels-{stamp}.json"
   try:
+    if not args.skip_checks:
+      _check_fused(out)
+    _time_fused(out, min(args.repeats, 10))
     if not args.skip_checks:
       _check(out)
     _time(out, args.repeats)

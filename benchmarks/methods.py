@@ -56,12 +56,14 @@ def _lpkernel(implementation=None):
   return loss
 
 
-def _not_default(name: str) -> Callable[[], str | None]:
-  """Skips an implementation that is already lpkernel's default here (timed as "lpkernel")."""
+def _not_default(name: str, fused: bool = False) -> Callable[[], str | None]:
+  """Skips an implementation that is already lpkernel's default here (timed as
+  "lpkernel", or "lpkernel-fused")."""
   from lpkernel import ops
 
   def missing():
-    if ops.DEFAULT_LOGITS.get(jax.default_backend()) == name:
+    defaults = ops.DEFAULT_FUSED if fused else ops.DEFAULT_LOGITS
+    if defaults.get(jax.default_backend()) == name:
       return f"the default implementation on {jax.default_backend()} (see lpkernel)"
     return None
 
@@ -87,8 +89,13 @@ def _optax(inp):
 # --- fused rows: hidden [N, D] @ unembed [D, V] with targets [N] -------------
 
 
-def _fused(inp):
-  return lpk.fused_token_logprobs(inp["hidden"], inp["unembed"], inp["targets"]).sum()
+def _fused(implementation=None):
+  def loss(inp):
+    return lpk.fused_token_logprobs(
+      inp["hidden"], inp["unembed"], inp["targets"], implementation=implementation
+    ).sum()
+
+  return loss
 
 
 def _materialised(inp):
@@ -130,7 +137,14 @@ METHODS = [
   ),
   Method("plain", False, _plain, ("logits",)),
   Method("optax", False, _optax, ("logits",)),
-  Method("lpkernel-fused", True, _fused, ("hidden", "unembed")),
+  Method("lpkernel-fused", True, _fused(), ("hidden", "unembed")),
+  Method(
+    "lpkernel-fused-pallas",
+    True,
+    _fused("pallas_gpu"),
+    ("hidden", "unembed"),
+    lambda: _on_gpu() or _not_default("pallas_gpu", fused=True)(),
+  ),
   Method("materialised", True, _materialised, ("hidden", "unembed")),
   Method("tokamax-xla", True, _tokamax, ("hidden", "unembed"), _needs("tokamax")),
   Method("jax-cce", True, _jax_cce, ("hidden", "unembed_t"), _needs("jax_cce")),

@@ -266,6 +266,6 @@ def grad_y(
 def grad_tau(dy: jax.Array, y_c: jax.Array, shift: jax.Array, tau: jax.Array) -> jax.Array:
   """``d/d tau`` of a row block given its ``dy`` (``y = s(x) / tau``, so
   ``dy/dtau = -y / tau`` with ``y = y_c + shift``); rows ``[N, 1]`` in, ``[N, 1]`` out."""
-  return -(
-    jnp.sum(dy * y_c, axis=-1, keepdims=True) + shift * jnp.sum(dy, axis=-1, keepdims=True)
-  ) / tau
+  return (
+    -(jnp.sum(dy * y_c, axis=-1, keepdims=True) + shift * jnp.sum(dy, axis=-1, keepdims=True)) / tau
+  )

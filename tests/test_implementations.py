@@ -196,7 +196,9 @@ def test_fused_implementation_matches_reference_and_oracle(name, v, dtype, optio
   for field in ("logprobs", "lse", "entropy"):
     # The entropy of the all -inf row: -inf here (log 0 - 0), 0 from the plain form.
     rows = slice(1, None) if field == "entropy" else slice(None)
-    assert_close(getattr(got, field)[rows], getattr(want, field)[rows], rtol=2e-5, atol=2e-5, what=field)
+    assert_close(
+      getattr(got, field)[rows], getattr(want, field)[rows], rtol=2e-5, atol=2e-5, what=field
+    )
   np.testing.assert_array_equal(got.greedy, want.greedy)
   z = np.asarray(h, np.float64) @ np.asarray(w, np.float64)
   oracle = oracle_token_logprobs(z, t, tau, softcap)
@@ -253,7 +255,9 @@ def test_validators_reject_untileable_blocks():
     lpk.PallasTpuFused(block_v=200)
   with pytest.raises(ValueError, match="hidden block rows=8 must be a multiple of 16"):
     lpk.PallasTpuFused(block_rows=8).blocks(
-      jax.ShapeDtypeStruct((64, 128), jnp.bfloat16), jax.ShapeDtypeStruct((128, 1000), jnp.bfloat16), 1
+      jax.ShapeDtypeStruct((64, 128), jnp.bfloat16),
+      jax.ShapeDtypeStruct((128, 1000), jnp.bfloat16),
+      1,
     )
   with pytest.raises(ValueError, match="chunk_tokens"):
     lpk.PallasGpuFused(chunk_tokens=0)

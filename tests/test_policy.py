@@ -82,7 +82,9 @@ def test_fused_gradients_keep_precision_at_large_offsets():
   for impl in ALL_FUSED:
     with jax.default_matmul_precision("highest"):
       dh_fused = jax.jit(
-        jax.grad(lambda h, impl=impl: jnp.sum(lpk.fused_token_logprobs(h, w, t, implementation=impl)))
+        jax.grad(
+          lambda h, impl=impl: jnp.sum(lpk.fused_token_logprobs(h, w, t, implementation=impl))
+        )
       )(h)
     # The last hidden column meets the 1e4 weights in dz @ w.T itself (float32
     # rounding of 1e4 * sum(dz) ~ 1e-3 on any path); the others keep their precision.

@@ -167,9 +167,7 @@ class XlaFused:
       dh = dh + contract(dz, 1, wb, vocab_axis, self.precision)
       # d w block [D, W] = h^T dz; a [V, D] table takes the block transposed.
       dwb = (
-        contract(h_t, 1, dz, 0, self.precision)
-        if on_cpu
-        else contract(h, 0, dz, 0, self.precision)
+        contract(h_t, 1, dz, 0, self.precision) if on_cpu else contract(h, 0, dz, 0, self.precision)
       )
       dwb = lax.bitcast_convert_type((dwb if vocab_axis == 1 else dwb.T).astype(w.dtype), bits)
       return dh, lax.dynamic_update_slice_in_dim(dw, dwb, lo, vocab_axis), dtau
