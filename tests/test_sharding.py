@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 import lpkernel as lpk
 from lpkernel import sharding
 from lpkernel.losses import dpo_loss, sft_loss
-from tests.helpers import FUSED_IMPLEMENTATIONS
+from tests.helpers import FUSED_IMPLEMENTATIONS, jitted
 
 B, T, V, D = 4, 6, 32, 8
 
@@ -116,18 +116,7 @@ def test_vocab_parallel_logits_values_and_grads(mesh, num_segments):
   assert gx1.sharding.spec[-1] == "model"
 
 
-FUSED_ON_EACH_SHARD = {
-  "xla": lpk.XlaFused(lpk.FusedConfig(vocab_block=3)),  # several blocks and a tail per shard
-  **{name: FUSED_IMPLEMENTATIONS[name] for name in ("pallas_gpu", "pallas_tpu")},
-}
-
-
-@pytest.mark.parametrize(
-  "name,vocab_axis",
-  [("xla", -1), ("xla", 0), ("pallas_gpu", 0), ("pallas_tpu", -1)],
-  ids=["xla-DV", "xla-tied-VD", "pallas_gpu-tied-VD", "pallas_tpu-DV"],
-)
-def test_vocab_parallel_fused_values_and_grads(mesh, name, vocab_axis):
+def _vocab_parallel_fused_matches_one_device(mesh, impl, vocab_axis):
   _, tokens, response, hidden, unembed, seg = _inputs(2)
   if vocab_axis == 0:  # a tied table [V, D], sharded along its first axis
     unembed = unembed.T.copy()
@@ -141,7 +130,7 @@ def test_vocab_parallel_fused_values_and_grads(mesh, name, vocab_axis):
       tokens,
       response,
       segment_ids=seg,
-      implementation=FUSED_ON_EACH_SHARD[name],
+      implementation=impl,
       vocab_axis=vocab_axis,
       **kw,
     )
@@ -155,8 +144,8 @@ def test_vocab_parallel_fused_values_and_grads(mesh, name, vocab_axis):
     )
   )
   (v1, s1), (gh1, gw1) = vp(hs, ws)
-  (v2, s2), (gh2, gw2) = jax.value_and_grad(
-    lambda h, w: loss(lpk.score_hidden, h, w), argnums=(0, 1), has_aux=True
+  (v2, s2), (gh2, gw2) = jax.jit(
+    jax.value_and_grad(lambda h, w: loss(lpk.score_hidden, h, w), argnums=(0, 1), has_aux=True)
   )(hidden, unembed)
   _assert_scores_close(s1, s2)
   np.testing.assert_allclose(gh1, gh2, rtol=1e-5, atol=1e-6)
@@ -164,12 +153,26 @@ def test_vocab_parallel_fused_values_and_grads(mesh, name, vocab_axis):
 
   stats = jax.jit(
     lambda h, w: sharding.vocab_parallel_fused_token_stats(
-      h, w, tokens, mesh, batch_axis="data", vocab_axis=vocab_axis
+      h, w, tokens, mesh, batch_axis="data", vocab_axis=vocab_axis, implementation=impl
     )
   )(hs, ws)
-  want = lpk.fused_token_stats(hidden, unembed, tokens, vocab_axis=vocab_axis)
+  want = jitted(lpk.fused_token_stats, hidden, unembed, tokens, vocab_axis=vocab_axis)
   np.testing.assert_allclose(stats.entropy, want.entropy, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(stats.lse, want.lse, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("vocab_axis", [-1, 0], ids=["DV", "tied-VD"])
+def test_vocab_parallel_fused_values_and_grads(mesh, vocab_axis):
+  config = lpk.FusedConfig(vocab_block=3)  # several blocks and a tail per shard
+  _vocab_parallel_fused_matches_one_device(mesh, lpk.XlaFused(config), vocab_axis)
+
+
+@pytest.mark.parametrize(
+  "name,shape,vocab_axis", [("pallas_gpu", (1, 8), 0), ("pallas_tpu", (2, 4), -1)]
+)
+def test_vocab_parallel_fused_runs_the_pallas_kernels_on_each_shard(name, shape, vocab_axis):
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(shape), ("data", "model"))
+  _vocab_parallel_fused_matches_one_device(mesh, FUSED_IMPLEMENTATIONS[name], vocab_axis)
 
 
 def test_vocab_parallel_out_of_range_ids_are_nan(mesh):
