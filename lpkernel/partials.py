@@ -99,6 +99,33 @@ def empty(shape: int | tuple[int, ...], with_entropy: bool = False) -> RowPartia
   )
 
 
+def block_partials(
+  y: jax.Array,
+  cols: jax.Array,
+  targets: jax.Array,
+  keepdims: bool = False,
+  with_entropy: bool = True,
+) -> RowPartials:
+  """The partials of one block of transformed logits ``y [N, W]`` at global columns ``cols``.
+
+  ``targets`` is ``[N]`` and every field ``[N]``; with ``keepdims`` both are
+  ``[N, 1]`` (the 2-D layout TPU kernels keep). Columns outside the array must
+  already be ``-inf`` in ``y``.
+  """
+  m = jnp.max(y, axis=-1, keepdims=True)
+  shift = shift_of(m)
+  e = jnp.exp(y - shift)
+  target_col = targets if keepdims else targets[:, None]
+  p = RowPartials(
+    m=m,
+    s=jnp.sum(e, axis=-1, keepdims=True),
+    t=jnp.max(jnp.where(cols == target_col, y, -jnp.inf), axis=-1, keepdims=True),
+    arg=jnp.min(jnp.where(y == m, cols, NO_COLUMN), axis=-1, keepdims=True),
+    sy=jnp.sum(e * finite_or_zero(y - shift), axis=-1, keepdims=True) if with_entropy else None,
+  )
+  return p if keepdims else jax.tree.map(lambda a: a[:, 0], p)
+
+
 class Reducers(NamedTuple):
   """How :func:`combine` reduces over the blocks: an array axis or a mesh axis.
 

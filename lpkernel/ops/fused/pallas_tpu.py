@@ -35,7 +35,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from lpkernel import partials as P
 from lpkernel.ops import tiling
-from lpkernel.ops.fused.xla import block_partials, contract
+from lpkernel.ops.fused.xla import contract
 from lpkernel.ops.logprobs.pallas_tpu import tpu_call
 
 _F32 = jnp.float32
@@ -197,7 +197,7 @@ def _forward_kernel(h_ref, w_ref, t_ref, *refs, has_tau, softcap, **tile):
   _, _, z, col, inside = _tile_logits(h_ref, w_ref, i, k, **tile)
   y = P.transform(z, None if tau_ref is None else tau_ref[...], softcap)
   y = jnp.where(inside, y, -jnp.inf)  # no mass, never the argmax
-  block = block_partials(y, col, t_ref[...], keepdims=True)
+  block = P.block_partials(y, col, t_ref[...], keepdims=True)
   merged = P.merge(P.RowPartials(*(ref[...] for ref in outs)), block)
   for ref, value in zip(outs, merged, strict=True):
     ref[...] = value

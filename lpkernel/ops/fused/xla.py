@@ -84,28 +84,6 @@ def sweep(step, carry, size: int, block: int):
   return step(carry, full * block, tail) if tail else carry
 
 
-def block_partials(
-  y: jax.Array, cols: jax.Array, targets: jax.Array, keepdims: bool = False
-) -> P.RowPartials:
-  """Partials (with the entropy's sum) of transformed logits ``y [N, W]`` at ``cols``.
-
-  ``targets`` is ``[N]``, every field ``[N]``; with ``keepdims`` both are
-  ``[N, 1]`` (the 2-D layout TPU kernels keep).
-  """
-  m = jnp.max(y, axis=-1, keepdims=True)
-  shift = P.shift_of(m)
-  e = jnp.exp(y - shift)
-  target_col = targets if keepdims else targets[:, None]
-  p = P.RowPartials(
-    m=m,
-    s=jnp.sum(e, axis=-1, keepdims=True),
-    t=jnp.max(jnp.where(cols == target_col, y, -jnp.inf), axis=-1, keepdims=True),
-    arg=jnp.min(jnp.where(y == m, cols, P.NO_COLUMN), axis=-1, keepdims=True),
-    sy=jnp.sum(e * P.finite_or_zero(y - shift), axis=-1, keepdims=True),
-  )
-  return p if keepdims else jax.tree.map(lambda a: a[:, 0], p)
-
-
 @dataclasses.dataclass(frozen=True)
 class XlaFused:
   """The XLA vocabulary-block sweep (any backend).
@@ -130,7 +108,7 @@ class XlaFused:
     def step(carry, lo, width):
       _, y, _ = _block_logits(h, w, lo, width, tau_col, softcap, self.precision, vocab_axis)
       cols = lo + lax.broadcasted_iota(jnp.int32, (1, width), 1)
-      return P.merge(carry, block_partials(y, cols, targets))
+      return P.merge(carry, P.block_partials(y, cols, targets))
 
     with jax.named_scope("fused_sweep"):
       v = w.shape[vocab_axis]

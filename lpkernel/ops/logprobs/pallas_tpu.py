@@ -1,10 +1,11 @@
 """The logits path as Pallas Mosaic TPU kernels (opt-in until measured on a TPU).
 
 Forward: a grid of (row blocks, vocabulary blocks); the vocabulary axis is the
-reduction ("arbitrary") axis. Each step folds one ``[block_rows, block_v]``
-VMEM tile into running max, rescaled sum of ``exp`` and first argmax held in
-float32 VMEM scratch, and writes the row block's
-:class:`~lpkernel.partials.RowPartials` at the last step. Blocks respect the
+reduction ("arbitrary") axis. Each step reduces one ``[block_rows, block_v]``
+VMEM tile to :class:`~lpkernel.partials.RowPartials`
+(:func:`lpkernel.partials.block_partials`) and merges them
+(:func:`lpkernel.partials.merge`) into the row block's float32 outputs, which
+stay in VMEM across the vocabulary axis. Blocks respect the
 ``(8, 128)`` tiling (``(16, 128)`` for 16-bit logits); the tail columns of the
 last block are masked by an iota compare (never padded by copying the
 logits), and the tail rows of the last row block are dropped on write-back.
@@ -78,7 +79,6 @@ class PallasTpuLogits:
       in_specs,
       [row, row, row, row],
       [col, col, col, jax.ShapeDtypeStruct((n, 1), jnp.int32)],
-      scratch=[pltpu.VMEM((br, 1), _F32)] * 3 + [pltpu.VMEM((br, 1), jnp.int32)],
       semantics=("parallel", "arbitrary"),
     )(x, targets[:, None], *([] if tau is None else [tau.astype(_F32)[:, None]]))
     return P.RowPartials(m[:, 0], s[:, 0], t[:, 0], arg[:, 0])
@@ -121,39 +121,23 @@ def tpu_call(kernel, grid, in_specs, out_specs, out_shape, scratch, semantics, i
 
 
 def _partials_kernel(x_ref, target_ref, *refs, vocab_size, softcap, has_tau):
-  tau_ref, refs = (refs[0], refs[1:]) if has_tau else (None, refs)
-  m_ref, s_ref, t_ref, arg_ref, m_sc, s_sc, t_sc, arg_sc = refs
+  tau_ref, outs = (refs[0], refs[1:]) if has_tau else (None, refs)
   k = pl.program_id(1)
 
   @pl.when(k == 0)
   def _init():
-    m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, _F32)
-    s_sc[...] = jnp.zeros(s_sc.shape, _F32)
-    t_sc[...] = jnp.full(t_sc.shape, -jnp.inf, _F32)
-    arg_sc[...] = jnp.full(arg_sc.shape, P.NO_COLUMN, jnp.int32)
+    for ref, value in zip(outs, P.empty(outs[0].shape)[:4], strict=True):
+      ref[...] = value
 
   x = x_ref[...]
   cols = k * x.shape[1] + lax.broadcasted_iota(jnp.int32, x.shape, 1)
   y = P.transform(x, None if tau_ref is None else tau_ref[...], softcap)
   y = jnp.where(cols < vocab_size, y, -jnp.inf)  # the tail block's columns past V
-  block_m = jnp.max(y, axis=1, keepdims=True)
-  m = m_sc[...]
-  new_m = jnp.maximum(m, block_m)
-  shift = P.shift_of(new_m)
-  s_sc[...] = s_sc[...] * jnp.exp(m - shift) + jnp.sum(jnp.exp(y - shift), axis=1, keepdims=True)
-  first = jnp.min(jnp.where(y == block_m, cols, P.NO_COLUMN), axis=1, keepdims=True)
-  arg_sc[...] = jnp.where(block_m > m, first, arg_sc[...])
-  m_sc[...] = new_m
-  # The target's y from the same arithmetic as the max it is compared with.
-  hit = jnp.where(cols == target_ref[...], y, -jnp.inf)
-  t_sc[...] = jnp.maximum(t_sc[...], jnp.max(hit, axis=1, keepdims=True))
-
-  @pl.when(k == pl.num_programs(1) - 1)
-  def _write():
-    m_ref[...] = m_sc[...]
-    s_ref[...] = s_sc[...]
-    t_ref[...] = t_sc[...]
-    arg_ref[...] = arg_sc[...]
+  # The row block's outputs stay in VMEM across the vocabulary axis: the running partials.
+  block = P.block_partials(y, cols, target_ref[...], keepdims=True, with_entropy=False)
+  merged = P.merge(P.RowPartials(*(ref[...] for ref in outs)), block)
+  for ref, value in zip(outs, merged[:4], strict=True):  # no entropy on the logits path
+    ref[...] = value
 
 
 def _grad_kernel(x_ref, t_ref, shift_ref, log_s_ref, g_ref, *refs, softcap, has_tau):
@@ -162,8 +146,6 @@ def _grad_kernel(x_ref, t_ref, shift_ref, log_s_ref, g_ref, *refs, softcap, has_
   tau = None if tau_ref is None else tau_ref[...]
   cols = pl.program_id(1) * x.shape[1] + lax.broadcasted_iota(jnp.int32, x.shape, 1)
   y = P.transform(x, tau, softcap)
-  p = P.softmax(y, shift_ref[...], log_s_ref[...])
-  g = g_ref[...]
-  dy = jnp.where(cols == t_ref[...], 1.0, 0.0) - p
-  dx = jnp.where(g != 0, g * dy * P.transform_grad(x, tau, softcap), 0.0)
+  dy = P.grad_y(cols == t_ref[...], P.softmax(y, shift_ref[...], log_s_ref[...]), g_ref[...])
+  dx = jnp.where(dy != 0, dy * P.transform_grad(x, tau, softcap), 0.0)  # dead rows may hold NaN
   dx_ref[...] = dx.astype(dx_ref.dtype)
