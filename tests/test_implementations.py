@@ -311,8 +311,9 @@ def test_nan_anywhere_in_a_row_wins_in_every_implementation(name):
     (lpk.PallasGpuFused(), "cuda", "__gpu$xla.gpu.triton", 2),
     (lpk.PallasGpuFused(chunk_tokens=24), "cuda", "__gpu$xla.gpu.triton", 4),
     (lpk.PallasTpuFused(), "tpu", "tpu_custom_call", 3),
+    (lpk.PallasTpuFused(256, 512, vmem_limit_bytes=64 << 20), "tpu", "tpu_custom_call", 3),
   ],
-  ids=["gpu-one-chunk", "gpu-chunks", "tpu-default"],
+  ids=["gpu-one-chunk", "gpu-chunks", "tpu-default", "tpu-wide-vmem"],
 )
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("vocab_axis", [1, 0], ids=["unembed", "tied"])

@@ -49,16 +49,21 @@ class PallasTpuFused:
     block_rows: tokens per tile (a multiple of 8; of 16 for 16-bit hidden states).
     block_v: vocabulary columns per tile (a multiple of 128).
     precision: the matmuls' precision, as for :class:`~lpkernel.ops.XlaFused`.
+    vmem_limit_bytes: Mosaic's scoped VMEM limit for the kernels, or None for
+      its default (16 MiB on some chips).
     interpret: run in Pallas TPU interpret mode (``pltpu.InterpretParams``) on the CPU.
 
-  VMEM per step is about two buffers each of a ``[block_rows, D]`` and a
-  ``[D, block_v]`` tile plus a float32 ``[D, block_v]`` accumulator: 9 MiB at
-  D = 4096 in bfloat16 with the defaults.
+  VMEM: the ``d unembed`` kernel, the largest, double-buffers a ``[block_rows,
+  D]`` and a ``[D, block_v]`` input tile and a ``[D, block_v]`` output tile and
+  keeps a float32 ``[D, block_v]`` accumulator: about 14 MiB at D = 4096 in
+  bfloat16 with the defaults. Lower ``block_v`` for wider models, or raise
+  ``vmem_limit_bytes`` on chips with more VMEM.
   """
 
   block_rows: int = 128
   block_v: int = 256
   precision: str | None = None
+  vmem_limit_bytes: int | None = None
   interpret: bool = False
   name = "pallas_tpu"
   platforms = ("tpu",)
@@ -121,6 +126,7 @@ class PallasTpuFused:
       (),
       ("parallel", "arbitrary"),
       self.interpret,
+      self.vmem_limit_bytes,
     )(h, w, targets[:, None], *_column(tau))
     return P.RowPartials(*(a[:, 0] for a in out))
 
@@ -149,6 +155,7 @@ class PallasTpuFused:
       (),
       ("parallel", "arbitrary"),
       self.interpret,
+      self.vmem_limit_bytes,
     )(*inputs)
 
     hs, ws, row = self._specs(h, w, vocab_axis, rows, cols, vocab_major=True)
@@ -162,6 +169,7 @@ class PallasTpuFused:
       [pltpu.VMEM(w_tile, _F32)],
       ("parallel", "arbitrary"),
       self.interpret,
+      self.vmem_limit_bytes,
     )(*inputs)
     return dh, dw, (dtau[0][:, 0] if dtau else None)
 

@@ -102,9 +102,12 @@ class PallasTpuLogits:
     return xla.centred_expected_y(x, tau, softcap, shift, log_s, x.shape[1])
 
 
-def tpu_call(kernel, grid, in_specs, out_specs, out_shape, scratch, semantics, interpret):
+def tpu_call(
+  kernel, grid, in_specs, out_specs, out_shape, scratch, semantics, interpret, vmem_limit=None
+):
   """``pl.pallas_call`` of a Mosaic TPU kernel over ``grid`` with VMEM ``scratch``;
-  ``interpret`` runs it in TPU interpret mode (``pltpu.InterpretParams``)."""
+  ``interpret`` runs it in TPU interpret mode (``pltpu.InterpretParams``);
+  ``vmem_limit`` raises Mosaic's scoped VMEM limit (bytes; None: its default)."""
   return pl.pallas_call(
     kernel,
     grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -115,7 +118,9 @@ def tpu_call(kernel, grid, in_specs, out_specs, out_shape, scratch, semantics, i
       scratch_shapes=list(scratch),
     ),
     out_shape=out_shape,
-    compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
+    compiler_params=pltpu.CompilerParams(
+      dimension_semantics=semantics, vmem_limit_bytes=vmem_limit
+    ),
     interpret=pltpu.InterpretParams() if interpret else False,
   )
 
