@@ -48,3 +48,9 @@ def check_tpu_block(what: str, block: tuple[int, int], shape: tuple[int, int], d
     raise ValueError(
       f"{what} block columns={cols} must be a multiple of 128 (or equal the array's {shape[1]})"
     )
+
+
+def check_tpu_tile_sizes(owner: str, block_rows: int, block_v: int) -> None:
+  """A TPU kernel's configured ``(block_rows, block_v)``: multiples of ``(8, 128)``."""
+  if block_rows < 8 or block_rows % 8 or block_v % 128 or block_v < 128:
+    raise ValueError(f"{owner} blocks ({block_rows}, {block_v}) must be multiples of (8, 128)")

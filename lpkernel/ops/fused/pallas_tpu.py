@@ -69,10 +69,7 @@ class PallasTpuFused:
   platforms = ("tpu",)
 
   def __post_init__(self):
-    if self.block_rows < 8 or self.block_rows % 8 or self.block_v % 128 or self.block_v < 128:
-      raise ValueError(
-        f"PallasTpuFused blocks ({self.block_rows}, {self.block_v}) must be multiples of (8, 128)"
-      )
+    tiling.check_tpu_tile_sizes("PallasTpuFused", self.block_rows, self.block_v)
 
   def blocks(self, h, w, vocab_axis: int) -> tuple[int, int]:
     """(rows, columns) of the tiles for ``h [N, D]`` and ``w``; validated against the tiling."""

@@ -49,10 +49,7 @@ class PallasTpuLogits:
   platforms = ("tpu",)
 
   def __post_init__(self):
-    if self.block_rows < 8 or self.block_rows % 8 or self.block_v % 128 or self.block_v < 128:
-      raise ValueError(
-        f"PallasTpuLogits blocks ({self.block_rows}, {self.block_v}) must be multiples of (8, 128)"
-      )
+    tiling.check_tpu_tile_sizes("PallasTpuLogits", self.block_rows, self.block_v)
 
   def _blocks(self, x):
     n, v = x.shape
