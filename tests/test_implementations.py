@@ -156,7 +156,9 @@ FUSED_CASES = [
   for dtype in (jnp.float32, jnp.bfloat16)
   for options in ["softcap+temperature" if v == 4097 else "plain"]
   if dtype == jnp.float32 or v == 4097  # bfloat16 with every option, at one V
-  if name != "xla" or v != 4097 or dtype == jnp.bfloat16  # XLA's sweep: tests/test_fused.py
+  # XLA's sweep is also held to the materialised form in tests/test_fused.py; the
+  # Pallas kernels meet V=1000 in the tied case below.
+  if (name == "xla") == (v == 1000) or (v == 4097 and dtype == jnp.bfloat16)
 ] + [
   pytest.param(name, 1000, jnp.float32, "softcap+temperature", 0, id=f"{name}-1000-tied")
   for name in FUSED
