@@ -257,17 +257,19 @@ def main(argv=None):
   print(out, flush=True)
   stamp = time.strftime("%Y%m%d-%H%M%S")
   path = f"{args.out}/gpu-kernels-{stamp}.json"
-  try:
-    if not args.skip_checks:
-      _check_fused(out)
-    _time_fused(out, min(args.repeats, 10))
-    if not args.skip_checks:
-      _check(out)
-    _time(out, args.repeats)
-  finally:
-    with open(path, "w") as f:
-      json.dump(out, f, indent=1, default=lambda o: None if o is None else float(np.asarray(o)))
-    print("wrote", path)
+  sections = [
+    *([] if args.skip_checks else [_check_fused]),
+    lambda out: _time_fused(out, min(args.repeats, 10)),
+    *([] if args.skip_checks else [_check]),
+    lambda out: _time(out, args.repeats),
+  ]
+  for section in sections:
+    try:
+      section(out)
+    finally:  # after every section: a run cut short by its timeout keeps what it measured
+      with open(path, "w") as f:
+        json.dump(out, f, indent=1, default=lambda o: None if o is None else float(np.asarray(o)))
+      print("wrote", path, flush=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,12 @@ objects that satisfy the kernel contract of ``lpkernel.partials``:
 * fused path (``fused_token_stats``, ``score_hidden``): :class:`XlaFused`,
   :class:`PallasGpuFused`, :class:`PallasTpuFused`.
 
+Each is held to the reference, values and gradients, by
+``tests/test_implementations.py`` (against the float64 oracle too, Pallas in
+interpret mode, and lowered for its hardware), ``tests/test_policy.py`` (the
+bad-input and numerics policy) and ``tests/test_sharding.py`` (on each
+vocabulary shard).
+
 A public entry's ``implementation=`` takes None (the measured best for the
 backend), a name, or one of these objects (with its tiling and, for Pallas,
 ``interpret=True`` to run on the CPU). A named implementation that cannot run
