@@ -338,3 +338,27 @@ def test_fused_kernels_lower_for_their_hardware(impl, platform, call, count, dty
   lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 3))).trace(h, w, t, tau)
   text = lowered.lower(lowering_platforms=(platform,)).as_text()
   assert text.count(f"custom_call @{call}") == count
+
+
+@pytest.mark.parametrize(
+  "impl",
+  [
+    lpk.PallasGpuFused(chunk_tokens=128, logits=lpk.PallasGpuLogits(block_v=512), interpret=True),
+    lpk.PallasTpuFused(block_rows=128, block_v=512, interpret=True),
+  ],
+  ids=["pallas_gpu", "pallas_tpu"],
+)
+def test_pallas_fused_kernels_never_hold_the_logits(impl):
+  """Compiled temporaries (interpret mode) against the [N, V] float32 logits: the
+  GPU path holds one 128-token chunk of the 2048 (6%) and its d logits, plus a
+  float32 d unembed; the TPU kernels only tiles."""
+  n, d, v = 2048, 64, 4096
+  h, w = jax.ShapeDtypeStruct((n, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32)
+  t = jnp.zeros(n, jnp.int32)
+
+  def loss(h, w):
+    return jnp.sum(lpk.fused_token_stats(h, w, t, implementation=impl).logprobs)
+
+  for fn, bound in [(loss, 0.10), (jax.grad(loss, argnums=(0, 1)), 0.15)]:
+    temp = jax.jit(fn).lower(h, w).compile().memory_analysis().temp_size_in_bytes
+    assert temp < bound * n * v * 4, f"{temp / (n * v * 4):.3f} of the logits' bytes"
