@@ -362,3 +362,11 @@ def test_pallas_fused_kernels_never_hold_the_logits(impl):
   for fn, bound in [(loss, 0.10), (jax.grad(loss, argnums=(0, 1)), 0.15)]:
     temp = jax.jit(fn).lower(h, w).compile().memory_analysis().temp_size_in_bytes
     assert temp < bound * n * v * 4, f"{temp / (n * v * 4):.3f} of the logits' bytes"
+
+
+def test_gpu_fused_chunks_follow_their_budget():
+  impl = lpk.PallasGpuFused()  # 1 GiB of float32 logits per chunk
+  assert impl.chunk(32768, 128256) == 2048 and impl.chunk(32768, 32000) == 8320
+  assert impl.chunk(100, 128256) == 100  # fewer tokens than a chunk: one chunk
+  assert impl.chunk(32768, 10**7) == 128  # at least 128 tokens
+  assert lpk.PallasGpuFused(chunk_tokens=4096).chunk(1000, 50) == 1000
