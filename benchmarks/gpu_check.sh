@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (see the device tool). Most important first:
 # the Pallas fused (token chunks) and logits kernels checked on the device and timed
-# against the floors
-# (benchmarks/gpu_kernels.py), then the gpu suite. Results land under $OUT.
+# against the floors (benchmarks/gpu_kernels.py, results saved after each section),
+# then the gpu suite. Results land under $OUT.
 # Usage there: bash benchmarks/gpu_check.sh
 set -u
 if ls .whl/*.whl >/dev/null 2>&1; then
