@@ -156,14 +156,13 @@ class PallasTpuFused:
     )(*inputs)
 
     hs, ws, row = self._specs(h, w, vocab_axis, rows, cols, vocab_major=True)
-    w_tile = (d, cols) if vocab_axis == 1 else (cols, d)
     dw = tpu_call(
       functools.partial(_dw_kernel, **statics),
       (pl.cdiv(v, cols), pl.cdiv(n, rows)),
       [hs, ws] + [row] * len(vectors),
       ws,
       jax.ShapeDtypeStruct(w.shape, w.dtype),
-      [pltpu.VMEM(w_tile, _F32)],
+      [pltpu.VMEM(ws.block_shape, _F32)],  # d w tile's float32 accumulator
       ("parallel", "arbitrary"),
       self.interpret,
       self.vmem_limit_bytes,

@@ -246,11 +246,11 @@ def _grad_kernel(x_ref, t_ref, *refs, block_rows, block_v, softcap, has_tau, fus
   x = plgpu.load(x_ref.at[rows[:, None], cols[None, :]], mask=mask, other=0.0)
   y = P.transform(x, tau, softcap)
   p = _exp((y - shift) - log_s)
-  y_c = P.finite_or_zero(y - shift)
+  y_c = P.finite_or_zero(y - shift) if fused else None
   dy = P.grad_y(cols[None, :] == row(t_ref, -1), p, g_lp, g_lse, g_ent, y_c, centred)
-  dy = jnp.where(mask, dy, 0.0)
   dx = jnp.where(dy != 0, dy * P.transform_grad(x, tau, softcap), 0.0)  # dead rows may hold NaN
   plgpu.store(dx_ref.at[rows[:, None], cols[None, :]], dx.astype(dx_ref.dtype), mask=mask)
   if dtau_ref:  # this column block's part of d tau; the caller sums the blocks
+    dy = jnp.where(mask, dy, 0.0)  # the masked-out loads (x = 0) carry no gradient
     out = pl.program_id(1) * n + rows
     plgpu.store(dtau_ref[0].at[out], P.grad_tau(dy, y_c, shift, tau)[:, 0], mask=row_ok)

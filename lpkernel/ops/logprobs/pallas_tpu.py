@@ -58,11 +58,6 @@ class PallasTpuLogits:
     tiling.check_tpu_block("logits", (rows, cols), (n, v), x.dtype)
     return rows, cols
 
-  def _call(self, kernel, grid, in_specs, out_specs, out_shape, scratch=(), semantics=None):
-    return tpu_call(
-      kernel, grid, in_specs, out_specs, out_shape, scratch, semantics, self.interpret
-    )
-
   def partials(self, x, targets, tau, softcap) -> P.RowPartials:
     n, v = x.shape
     br, bv = self._blocks(x)
@@ -70,13 +65,15 @@ class PallasTpuLogits:
     row = pl.BlockSpec((br, 1), lambda i, k: (i, 0))
     in_specs = [pl.BlockSpec((br, bv), lambda i, k: (i, k)), row] + ([] if tau is None else [row])
     col = jax.ShapeDtypeStruct((n, 1), _F32)
-    m, s, t, arg = self._call(
+    m, s, t, arg = tpu_call(
       functools.partial(_partials_kernel, vocab_size=v, softcap=softcap, has_tau=tau is not None),
       grid,
       in_specs,
       [row, row, row, row],
       [col, col, col, jax.ShapeDtypeStruct((n, 1), jnp.int32)],
-      semantics=("parallel", "arbitrary"),
+      (),
+      ("parallel", "arbitrary"),
+      self.interpret,
     )(x, targets[:, None], *([] if tau is None else [tau.astype(_F32)[:, None]]))
     return P.RowPartials(m[:, 0], s[:, 0], t[:, 0], arg[:, 0])
 
@@ -86,13 +83,15 @@ class PallasTpuLogits:
     tile = pl.BlockSpec((br, bv), lambda i, k: (i, k))
     row = pl.BlockSpec((br, 1), lambda i, k: (i, 0))
     rows = [targets, shift, log_s, g] + ([] if tau is None else [tau.astype(_F32)])
-    return self._call(
+    return tpu_call(
       functools.partial(_grad_kernel, softcap=softcap, has_tau=tau is not None),
       (pl.cdiv(n, br), pl.cdiv(v, bv)),
       [tile] + [row] * len(rows),
       tile,
       jax.ShapeDtypeStruct(x.shape, x.dtype),
-      semantics=("parallel", "parallel"),
+      (),
+      ("parallel", "parallel"),
+      self.interpret,
     )(x, *(r[:, None] for r in rows))
 
   def centred_expected_y(self, x, tau, softcap, shift, log_s) -> jax.Array:
