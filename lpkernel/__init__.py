@@ -7,6 +7,7 @@ from lpkernel.checks import check_chain_rule as check_chain_rule
 from lpkernel.checks import check_inputs as check_inputs
 from lpkernel.checks import checkify_inputs as checkify_inputs
 from lpkernel.fused import TokenStats as TokenStats
+from lpkernel.fused import fused_nll_loss as fused_nll_loss
 from lpkernel.fused import fused_token_logprobs as fused_token_logprobs
 from lpkernel.fused import fused_token_stats as fused_token_stats
 from lpkernel.logprobs import token_logprobs as token_logprobs
@@ -40,6 +41,7 @@ __all__ = [
   "check_chain_rule",
   "check_inputs",
   "checkify_inputs",
+  "fused_nll_loss",
   "fused_token_logprobs",
   "fused_token_stats",
   "losses",

@@ -4,6 +4,7 @@ consistency check on reported scores."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -144,6 +145,25 @@ def temperature_rows(temperature, batch_shape) -> jax.Array | None:
     temperature = temperature.astype(jnp.float32)
   check_broadcastable("temperature", temperature.shape, batch_shape)
   return jnp.broadcast_to(temperature.astype(jnp.float32), batch_shape).reshape(-1)
+
+
+def loss_weights(weights, batch_shape) -> jax.Array:
+  """Per-token loss weights broadcast to ``batch_shape`` and flattened to float32[N]
+  (None: every token weighs 1; a bool mask is 1 / 0)."""
+  if weights is None:
+    return jnp.ones(math.prod(batch_shape), jnp.float32)
+  weights = jnp.asarray(as_array("weights", weights))
+  if not (jnp.issubdtype(weights.dtype, jnp.floating) or weights.dtype == jnp.bool_):
+    raise TypeError(f"weights must be floats or a bool mask, got weights.dtype={weights.dtype}")
+  check_broadcastable("weights", weights.shape, batch_shape)
+  return jnp.broadcast_to(weights.astype(jnp.float32), batch_shape).reshape(-1)
+
+
+def check_z_loss(z_loss) -> None:
+  if not isinstance(z_loss, (int, float, np.integer, np.floating)) or not (
+    np.isfinite(z_loss) and z_loss >= 0
+  ):
+    raise ValueError(f"z_loss must be a finite Python number >= 0, got {z_loss=}")
 
 
 def check_broadcastable(name: str, shape: Sequence[int], target: Sequence[int]) -> None:

@@ -112,11 +112,16 @@ def rows_fused_token_stats(
       tied embedding table ``[V, D]`` (read as stored, never transposed).
   """
   vocab_axis = checks.vocab_axis(vocab_axis)
+  impl = _implementation(implementation)
+  v = w.shape[vocab_axis] if vocab_size is None else vocab_size
+  return _fused(h, w, targets, tau, softcap, impl, axis_name, v, vocab_axis)
+
+
+def _implementation(implementation) -> ops.FusedImplementation:
   impl = ops.fused_implementation(implementation)
   if getattr(impl, "precision", "") is None:  # the caller's matmul precision, captured here
     impl = dataclasses.replace(impl, precision=jax.config.jax_default_matmul_precision)
-  v = w.shape[vocab_axis] if vocab_size is None else vocab_size
-  return _fused(h, w, targets, tau, softcap, impl, axis_name, v, vocab_axis)
+  return impl
 
 
 def fused_token_stats(
@@ -211,3 +216,185 @@ def fused_token_logprobs(
     implementation=implementation,
     vocab_axis=vocab_axis,
   ).logprobs
+
+
+# --- the training loss: gradients written in the forward pass ----------------
+
+
+def _loss_rows(targets, tau, weights, z_loss, vocab_size, axis, offset) -> P.LossRows:
+  """The cotangents of ``sum_n w_n (z_loss * lse_n^2 - lp_n)``, row by row.
+
+  ``tau`` is the caller's temperature (its bad entries poison their rows); the
+  per-row output is each row's weighted term, exactly zero where ``w_n == 0``.
+  """
+
+  def cotangents(p: P.RowPartials, lo, width):
+    def cut(a):
+      return None if a is None else lax.dynamic_slice_in_dim(a, lo, width)
+
+    t, w = cut(targets), cut(weights)
+    f = P.finish(P.combine_shards(p, axis, offset), t, vocab_size)
+    bad_id, bad_tau = P.poisoned_rows(t, cut(tau), vocab_size)
+    lp = jnp.where(bad_id | bad_tau, jnp.nan, f.logprob)
+    lse = jnp.where(bad_tau, jnp.nan, f.lse)
+    live = w != 0
+    term = -lp if z_loss == 0 else z_loss * jnp.square(lse) - lp
+    g_lp = jnp.where(live & (bad_id | bad_tau), jnp.nan, -w)
+    g_lse = None if z_loss == 0 else jnp.where(live, 2 * z_loss * w * lse, 0.0)
+    return f, (g_lp, g_lse, None), jnp.where(live, w * term, 0.0)
+
+  return P.LossRows(targets - offset, cotangents)
+
+
+def _safe_rows(h, tau, weights):
+  """Dead rows (zero weight) hold anything: zeros and temperature 1 keep them out
+  of every matmul and division, as do temperature 1 on poisoned rows."""
+  live = weights != 0
+  safe_h = jnp.where(live[:, None], h, 0)
+  if tau is None:
+    return safe_h, None
+  return safe_h, jnp.where(live & ~P.poisoned_rows(weights, tau, 1)[1], tau, 1.0)
+
+
+def _nll_value(h, w, targets, tau, weights, z_loss, softcap, impl, axis, vocab_size, vocab_axis):
+  """The loss without gradients: one forward sweep."""
+  offset = P.block_offset(axis, w.shape[vocab_axis])
+  rows = _loss_rows(targets, tau, weights, z_loss, vocab_size, axis, offset)
+  safe_h, safe_tau = _safe_rows(h, tau, weights)
+  p = impl.partials(safe_h, w, rows.targets, safe_tau, softcap, vocab_axis)
+  return jnp.sum(rows.cotangents(p, 0, h.shape[0])[2])
+
+
+def _nll_fwd(h, w, targets, tau, weights, z_loss, softcap, impl, axis, vocab_size, vocab_axis):
+  offset = P.block_offset(axis, w.shape[vocab_axis])
+  rows = _loss_rows(targets, tau, weights, z_loss, vocab_size, axis, offset)
+  safe_h, safe_tau = _safe_rows(h, tau, weights)
+  n = h.shape[0]
+  one_pass = getattr(impl, "loss_grads", lambda *a: None)(
+    safe_h, w, safe_tau, softcap, rows, jnp.zeros((n,), _F32), vocab_axis
+  )
+  if one_pass is None:  # the forward sweep, then the backward sweep from its statistics
+    p = impl.partials(safe_h, w, rows.targets, safe_tau, softcap, vocab_axis)
+    f, g, terms = rows.cotangents(p, 0, n)
+    dh, dw, dtau = impl.grads(safe_h, w, rows.targets, safe_tau, softcap, f, g, vocab_axis)
+  else:
+    terms, dh, dw, dtau = one_pass
+  if dtau is not None:
+    dtau = jnp.where(weights != 0, dtau, 0.0)
+  return jnp.sum(terms), (dh.astype(h.dtype), dw, dtau, weights)
+
+
+def _nll_bwd(z_loss, softcap, impl, axis, vocab_size, vocab_axis, residuals, ct):
+  dh, dw, dtau, weights = residuals
+  if axis is not None:  # see lpkernel.logprobs: shard_map splits a replicated cotangent
+    ct = ct * lax.axis_size(axis)
+
+  def scale(x):
+    return None if x is None else (x.astype(_F32) * ct).astype(x.dtype)
+
+  return (
+    scale(dh),
+    scale(dw),
+    jnp.zeros(weights.shape, jax.dtypes.float0),
+    scale(dtau),
+    jnp.zeros_like(weights),
+  )
+
+
+_nll = jax.custom_vjp(_nll_value, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+_nll.defvjp(_nll_fwd, _nll_bwd)
+
+
+def rows_fused_nll_loss(
+  h: jax.Array,
+  w: jax.Array,
+  targets: jax.Array,
+  weights: jax.Array,
+  tau: jax.Array | None,
+  *,
+  z_loss: float = 0.0,
+  softcap: float | None = None,
+  implementation: str | ops.FusedImplementation | None = None,
+  axis_name: str | None = None,
+  vocab_size: int | None = None,
+  vocab_axis: int = -1,
+) -> jax.Array:
+  """The per-shard building block of :func:`fused_nll_loss` on rows ``h [N, D]``.
+
+  Args:
+    weights: float32[N] (constants: no gradient reaches them).
+    Others as for :func:`rows_fused_token_stats`.
+  """
+  vocab_axis = checks.vocab_axis(vocab_axis)
+  impl = _implementation(implementation)
+  v = w.shape[vocab_axis] if vocab_size is None else vocab_size
+  weights = lax.stop_gradient(weights)
+  return _nll(h, w, targets, tau, weights, float(z_loss), softcap, impl, axis_name, v, vocab_axis)
+
+
+def fused_nll_loss(
+  hidden: jax.Array,
+  unembed: jax.Array,
+  targets: jax.Array,
+  weights: jax.Array | None = None,
+  *,
+  z_loss: float = 0.0,
+  temperature: float | jax.Array = 1.0,
+  softcap: float | None = None,
+  implementation: str | ops.FusedImplementation | None = None,
+  vocab_axis: int = -1,
+) -> jax.Array:
+  """The training loss ``sum_n w_n * (z_loss * lse_n ** 2 - log Pr(target_n))`` from hidden states.
+
+  Its cotangents are known as soon as each row's statistics are, so under
+  ``jax.grad`` the forward pass writes the gradients while the logits are at
+  hand (where the implementation measures faster that way, e.g. three matmuls
+  instead of four on token chunks) and the backward pass only scales them.
+  Without differentiation it is one forward sweep.
+
+  Args:
+    hidden, unembed, targets, temperature, softcap, implementation, vocab_axis:
+      as for :func:`fused_token_stats`.
+    weights: float or bool ``[...]`` broadcastable to ``targets`` (e.g. a
+      response mask divided by its token count), or None for 1 everywhere.
+      Tokens of weight 0 contribute exactly 0 to the loss and the gradients,
+      whatever they hold. Weights are constants: no gradient reaches them.
+    z_loss: the weight of the squared log-sum-exp (PaLM's z-loss, 1e-4 there).
+
+  Returns:
+    float32 scalar; ``+inf`` if a weighted target is impossible (``-inf`` logit),
+    NaN if a weighted target id is outside ``[0, V)``; gradients flow to
+    ``hidden``, ``unembed`` and an array ``temperature``.
+
+  Example:
+    >>> import jax.numpy as jnp, lpkernel as lpk
+    >>> h, w = jnp.ones((2, 4)), jnp.zeros((4, 8))        # uniform over 8 tokens
+    >>> lpk.fused_nll_loss(h, w, jnp.array([0, 7]), jnp.array([0.5, 0.5]))  # log 8
+    Array(2.0794415, dtype=float32)
+  """
+  hidden, unembed = checks.as_array("hidden", hidden), checks.as_array("unembed", unembed)
+  targets = checks.as_ids("targets", targets)
+  vocab_axis = checks.vocab_axis(vocab_axis)
+  checks.check_fused(hidden, unembed, targets, vocab_axis)
+  checks.check_softcap(softcap)
+  checks.check_z_loss(z_loss)
+  tau = checks.temperature_rows(temperature, targets.shape)
+  weights = checks.loss_weights(weights, targets.shape)
+  h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+  if ops.is_reference(implementation):
+    from lpkernel import reference
+
+    w = unembed if vocab_axis == 1 else unembed.T
+    stats = reference.fused_token_stats(h, w, t, tau, softcap)
+    return reference.nll_loss(stats, lax.stop_gradient(weights), z_loss)
+  return rows_fused_nll_loss(
+    h,
+    unembed,
+    t,
+    weights,
+    tau,
+    z_loss=z_loss,
+    softcap=softcap,
+    implementation=implementation,
+    vocab_axis=vocab_axis,
+  )

@@ -254,6 +254,30 @@ def poisoned_rows(targets, tau, vocab_size) -> tuple[jax.Array, jax.Array]:
   return bad_id, bad_tau
 
 
+class LossRows(NamedTuple):
+  """What a training loss tells an implementation about its rows in the forward pass.
+
+  A loss whose per-row cotangents are known once each row's statistics are (a
+  weighted log-likelihood, z-loss) lets an implementation write the gradients
+  while the logits are at hand, instead of recomputing them in the backward.
+
+  Attributes:
+    targets: int32[N] target ids local to the implementation's columns.
+    cotangents: ``(partials of rows [lo, lo + width), lo, width) -> (finished,
+      g, out)``: the rows' :class:`Finished` statistics, their cotangents
+      ``(g_lp, g_lse, g_entropy)`` (``[width]`` each, None for an absent term)
+      and their per-row outputs (a pytree of ``[width]`` arrays).
+  """
+
+  targets: jax.Array
+  cotangents: Callable
+
+
+def dense_cotangents(g, like: jax.Array) -> list[jax.Array]:
+  """``(g_lp, g_lse, g_entropy)`` with zeros (shaped like ``like``) for absent terms."""
+  return [jnp.zeros_like(like) if c is None else c for c in g]
+
+
 def softmax(y: jax.Array, shift: jax.Array, log_s: jax.Array) -> jax.Array:
   """``p = exp((y - shift) - log_s)`` with per-row ``shift``/``log_s`` broadcast to ``y``."""
   return jnp.exp((y - shift) - log_s)

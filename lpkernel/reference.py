@@ -82,6 +82,13 @@ def fused_token_stats(
   return TokenStats(logprobs=lp, lse=poison(lse), entropy=poison(entropy), greedy=greedy)
 
 
+def nll_loss(stats, weights: jax.Array, z_loss: float = 0.0) -> jax.Array:
+  """``sum_n w_n * (z_loss * lse_n ** 2 - lp_n)`` over ``TokenStats``; zero-weight terms
+  are exactly 0."""
+  term = z_loss * jnp.square(stats.lse) - stats.logprobs if z_loss else -stats.logprobs
+  return jnp.sum(jnp.where(weights != 0, weights * term, 0.0))
+
+
 def score(
   logits: jax.Array,
   tokens: jax.Array,

@@ -15,6 +15,11 @@ backward's recompute, as for the XLA sweep) and the rest is bandwidth-bound row
 passes over one chunk at a time: temporaries are about one chunk of float32
 logits plus one of ``d logits`` (``chunk_bytes``) and, with more than one chunk,
 a float32 ``d unembed``, never ``[N, V]``.
+
+A training loss (:func:`lpkernel.fused_nll_loss`), whose cotangents are known
+in the forward pass, runs each chunk once: matmul, the row kernel's forward
+then gradient pass over the same logits, ``d hidden`` and ``d unembed``, three
+matmuls in all.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lpkernel import partials as P
-from lpkernel.ops.fused.xla import contract, sweep
+from lpkernel.ops.fused.xla import chunked_grads, contract, sweep
 from lpkernel.ops.logprobs.pallas_gpu import PallasGpuLogits
 
 _F32 = jnp.float32
@@ -91,41 +96,35 @@ class PallasGpuFused:
     """(d h float32 [N, D], d w in w's layout and dtype, d tau float32 [N] or None);
     arguments as for :meth:`lpkernel.ops.XlaFused.grads`."""
     rows = self._rows()
-    n, v = h.shape[0], w.shape[vocab_axis]
-    size = self.chunk(n, v)
-    one_chunk = size == n
+    g = P.dense_cotangents(g, f.shift)
 
-    def step(carry, lo, width):
-      dh, dw, dtau = carry
-
+    def row_grads(z, lo, width):
       def cut(a):
         return None if a is None else lax.dynamic_slice_in_dim(a, lo, width)
 
-      z, hc = self._logits(h, w, lo, width, vocab_axis)
       fc = P.Finished(*(cut(a) for a in f))
-      dz, dtau_c = rows.grad_fused_logits(
+      dz, dtau = rows.grad_fused_logits(
         z, cut(targets), cut(tau), softcap, fc, [cut(c) for c in g], h.dtype
       )
-      # d h rows = dz @ w^T, contracting the vocabulary axis as stored.
-      dh = lax.dynamic_update_slice_in_dim(
-        dh, contract(dz, 1, w, vocab_axis, self.precision), lo, 0
-      )
-      # d w += h^T dz ([D, V]), or its transpose for a [V, D] table.
-      dwc = (
-        contract(hc, 0, dz, 0, self.precision)
-        if vocab_axis == 1
-        else contract(dz, 0, hc, 0, self.precision)
-      )
-      dw = dwc.astype(w.dtype) if one_chunk else dw + dwc
-      if dtau is not None:
-        dtau = lax.dynamic_update_slice_in_dim(dtau, dtau_c, lo, 0)
+      return dz, dtau, None
+
+    size = self.chunk(h.shape[0], w.shape[vocab_axis])
+    with jax.named_scope("fused_chunks_backward"):
+      _, dh, dw, dtau = chunked_grads(h, w, size, vocab_axis, self.precision, row_grads, tau=tau)
       return dh, dw, dtau
 
-    init = (
-      jnp.zeros(h.shape, _F32),
-      jnp.zeros(w.shape, w.dtype if one_chunk else _F32),
-      None if tau is None else jnp.zeros((n,), _F32),
-    )
-    with jax.named_scope("fused_chunks_backward"):
-      dh, dw, dtau = sweep(step, init, n, size)
-      return dh, dw.astype(w.dtype), dtau
+  def loss_grads(self, h, w, tau, softcap, rows: P.LossRows, out_init, vocab_axis=1):
+    """A training loss and its gradients from each chunk's logits, made once (three
+    matmuls in all); arguments and result as for :meth:`lpkernel.ops.XlaFused.loss_grads`."""
+    kernels = self._rows()
+
+    def row_grads(z, lo, width):
+      t = lax.dynamic_slice_in_dim(rows.targets, lo, width)
+      tc = None if tau is None else lax.dynamic_slice_in_dim(tau, lo, width)
+      f, g, out = rows.cotangents(kernels.partials(z, t, tc, softcap), lo, width)
+      g = P.dense_cotangents(g, f.shift)
+      return (*kernels.grad_fused_logits(z, t, tc, softcap, f, g, h.dtype), out)
+
+    size = self.chunk(h.shape[0], w.shape[vocab_axis])
+    with jax.named_scope("fused_loss_chunks"):
+      return chunked_grads(h, w, size, vocab_axis, self.precision, row_grads, out_init, tau)

@@ -134,6 +134,7 @@ class PallasTpuFused:
     v = w.shape[vocab_axis]
     rows, cols = self.blocks(h, w, vocab_axis)
     statics = self._statics(h, w, vocab_axis, softcap, tau)
+    g = P.dense_cotangents(g, f.shift)
     vectors = [targets, f.shift, f.log_s, f.centred, *g, *([] if tau is None else [tau])]
     inputs = (h, w, *(_column(a)[0] for a in vectors))
 

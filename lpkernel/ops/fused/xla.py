@@ -45,15 +45,39 @@ class FusedConfig:
       blocks on the CPU pay (512: 4.25 s against 4.8 s with 256, another run)
       but with softcap their backward holds 11% of the logits' bytes, past the
       10% bound the tests hold, so 256 stays.
+    loss_chunks: how :meth:`XlaFused.loss_grads` (the training loss, whose
+      gradient is written in the forward pass) runs: True, token chunks (each
+      chunk's whole ``[C, V]`` float32 logits from one matmul, then ``d logits``,
+      ``d hidden`` and a float32 ``d unembed`` accumulator: three matmuls in
+      all); False, the forward sweep then the backward sweep (four); None, the
+      measured best: chunks for float32 on the CPU (N = 4096, D = 512,
+      V = 32000 on 2 cores: 3.2 s against 4.6 s), sweeps for bfloat16 there
+      (1.6 s against 1.9 s) and, unmeasured, on other backends.
+    loss_chunk_bytes: one chunk's float32 logits budget (32 MiB: 256 tokens at
+      V = 32000; at least 64 tokens).
   """
 
   vocab_block: int | None = None
+  loss_chunks: bool | None = None
+  loss_chunk_bytes: int = 32 << 20
 
   def __post_init__(self):
     if self.vocab_block is not None and (
       not isinstance(self.vocab_block, int) or self.vocab_block < 1
     ):
       raise ValueError(f"FusedConfig.vocab_block={self.vocab_block!r} must be None or positive")
+    if not isinstance(self.loss_chunk_bytes, int) or self.loss_chunk_bytes < 1:
+      raise ValueError(f"FusedConfig.loss_chunk_bytes={self.loss_chunk_bytes!r} must be positive")
+
+  def chunked_loss(self, dtype) -> bool:
+    """Whether the training loss takes token chunks (else the forward and backward sweeps)."""
+    if self.loss_chunks is not None:
+      return self.loss_chunks
+    return jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32
+
+  def loss_chunk(self, n: int, vocab_size: int) -> int:
+    """Tokens per chunk of the training loss: float32 logits within ``loss_chunk_bytes``."""
+    return min(n, max(64, self.loss_chunk_bytes // (4 * vocab_size) // 64 * 64))
 
   def block(self, vocab_size: int) -> int:
     if self.vocab_block is not None:
@@ -77,6 +101,84 @@ def _block_logits(h, w, lo, width, tau, softcap, precision, vocab_axis):
   wb = lax.dynamic_slice_in_dim(w, lo, width, axis=vocab_axis)
   z = contract(h, 1, wb, 1 - vocab_axis, precision)
   return z, P.transform(z, tau, softcap), wb
+
+
+def _on_cpu() -> bool:
+  return jax.default_backend() == "cpu"
+
+
+def block_grad(z, y, cols, targets, tau_col, softcap, f: P.Finished, g, dtype):
+  """``d z`` of one block of logits (in ``dtype``) and its rows' part of ``d tau``.
+
+  Args:
+    z, y: the block's raw and transformed float32 logits ``[N, W]`` at global columns
+      ``cols [1, W]``.
+    targets: int32[N]; ``tau_col``: float32[N, 1] or None.
+    f: the rows' finished statistics, ``[N]`` each; ``g``: (g_lp, g_lse, g_entropy),
+      ``[N]`` each or None for an absent term.
+
+  Returns:
+    (d z [N, W], d tau float32 [N] or None).
+  """
+  shift = f.shift[:, None]
+  p = P.softmax(y, shift, f.log_s[:, None])
+  y_c = P.finite_or_zero(y - shift)
+  g_lp, g_lse, g_ent = (None if c is None else c[:, None] for c in g)
+  dy = P.grad_y(cols == targets[:, None], p, g_lp, g_lse, g_ent, y_c, f.centred[:, None])
+  dtau = None if tau_col is None else P.grad_tau(dy, y_c, shift, tau_col)[:, 0]
+  return (dy * P.transform_grad(z, tau_col, softcap)).astype(dtype), dtau
+
+
+def grad_unembed(h, h_t, dz, vocab_axis: int, precision) -> jax.Array:
+  """``h^T dz`` float32 in the matrix's layout: ``[D, W]``, or ``[W, D]`` for a ``[V, D]``
+  table. ``h_t``: ``h.T`` made once (the CPU's fast bfloat16 dots contract the
+  left operand's last axis), or None to contract ``h`` as it is."""
+  if h_t is not None:
+    dw = contract(h_t, 1, dz, 0, precision)
+    return dw if vocab_axis == 1 else dw.T
+  return contract(h, 0, dz, 0, precision) if vocab_axis == 1 else contract(dz, 0, h, 0, precision)
+
+
+def chunked_grads(h, w, size: int, vocab_axis: int, precision, row_grads, out_init=None, tau=None):
+  """Gradients over token chunks, each chunk's logits made once by one matmul.
+
+  For tokens ``[lo, lo + width)`` (``size`` at a time, the tail statically
+  shaped): ``z = h_c @ w`` (float32 ``[width, V]``), then
+  ``row_grads(z, lo, width) -> (d z, d tau [width] or None, out [width])``, then
+  ``d h`` rows ``= d z @ w^T`` and ``d w += h_c^T d z`` (a float32 accumulator
+  when there is more than one chunk).
+
+  Returns:
+    (out, d h float32 [N, D], d w in w's layout and dtype, d tau float32 [N] or None).
+  """
+  n = h.shape[0]
+  one_chunk = size >= n
+
+  def put(a, b, lo):
+    return jax.tree.map(lambda x, y: lax.dynamic_update_slice_in_dim(x, y, lo, 0), a, b)
+
+  def step(carry, lo, width):
+    out, dh, dw, dtau = carry
+    hc = lax.dynamic_slice_in_dim(h, lo, width, axis=0)
+    z = contract(hc, 1, w, 1 - vocab_axis, precision)
+    dz, dtau_c, out_c = row_grads(z, lo, width)
+    # d h rows = dz @ w^T, contracting the vocabulary axis as stored.
+    dh = put(dh, contract(dz, 1, w, vocab_axis, precision), lo)
+    h_t = lax.optimization_barrier(hc.T) if _on_cpu() and vocab_axis == 1 else None
+    dwc = grad_unembed(hc, h_t, dz, vocab_axis, precision)
+    dw = dwc.astype(w.dtype) if one_chunk else dw + dwc
+    if dtau is not None:
+      dtau = put(dtau, dtau_c, lo)
+    return put(out, out_c, lo), dh, dw, dtau
+
+  init = (
+    out_init,
+    jnp.zeros(h.shape, _F32),
+    jnp.zeros(w.shape, w.dtype if one_chunk else _F32),
+    None if tau is None else jnp.zeros((n,), _F32),
+  )
+  out, dh, dw, dtau = sweep(step, init, n, min(size, n))
+  return out, dh, dw.astype(w.dtype), dtau
 
 
 def sweep(step, carry, size: int, block: int):
@@ -122,35 +224,26 @@ class XlaFused:
 
     Args:
       f: the rows' finished statistics (shift, log_s, centred).
-      g: (g_lp, g_lse, g_entropy) float32 [N], zero on dead rows; ``tau`` and
-        ``h`` are already made safe there by the caller.
+      g: (g_lp, g_lse, g_entropy) float32 [N] (None for an absent term), zero on
+        dead rows; ``tau`` and ``h`` are already made safe there by the caller.
     """
-    g_lp, g_lse, g_ent = (c[:, None] for c in g)
     tau_col = None if tau is None else tau[:, None]
-    shift, log_s, centred = f.shift[:, None], f.log_s[:, None], f.centred[:, None]
     # On the CPU, d w blocks come from a [D, N] copy of h made once: XLA:CPU's fast
     # bfloat16 dots want the contracted axis last on the left (contracting N on h
     # itself ran 5x slower). Other backends contract h as it is, with no copy.
-    on_cpu = jax.default_backend() == "cpu"
-    h_t = lax.optimization_barrier(h.T) if on_cpu else None
+    h_t = lax.optimization_barrier(h.T) if _on_cpu() else None
 
     def step(carry, lo, width):
       dh, dw, dtau = carry
       z, y, wb = _block_logits(h, w, lo, width, tau_col, softcap, self.precision, vocab_axis)
-      p = P.softmax(y, shift, log_s)
-      onehot = (lo + lax.broadcasted_iota(jnp.int32, (1, width), 1)) == targets[:, None]
-      y_c = P.finite_or_zero(y - shift)
-      dy = P.grad_y(onehot, p, g_lp, g_lse, g_ent, y_c, centred)
+      cols = lo + lax.broadcasted_iota(jnp.int32, (1, width), 1)
+      dz, dtau_b = block_grad(z, y, cols, targets, tau_col, softcap, f, g, h.dtype)
       if tau is not None:
-        dtau = dtau + P.grad_tau(dy, y_c, shift, tau_col)[:, 0]
-      dz = (dy * P.transform_grad(z, tau_col, softcap)).astype(h.dtype)
+        dtau = dtau + dtau_b
       # d h += dz @ w_block^T, contracting the block's vocabulary axis as stored.
       dh = dh + contract(dz, 1, wb, vocab_axis, self.precision)
-      # d w block [D, W] = h^T dz; a [V, D] table takes the block transposed.
-      dwb = (
-        contract(h_t, 1, dz, 0, self.precision) if on_cpu else contract(h, 0, dz, 0, self.precision)
-      )
-      dwb = lax.bitcast_convert_type((dwb if vocab_axis == 1 else dwb.T).astype(w.dtype), bits)
+      dwb = grad_unembed(h, h_t, dz, vocab_axis, self.precision)
+      dwb = lax.bitcast_convert_type(dwb.astype(w.dtype), bits)
       return dh, lax.dynamic_update_slice_in_dim(dw, dwb, lo, vocab_axis), dtau
 
     # On the CPU a bfloat16 d w is carried as its bits: XLA:CPU updates a
@@ -158,7 +251,7 @@ class XlaFused:
     # N=4096, D=512, V=32000) but a uint16 one in place. The view back costs
     # one copy of d w (a temporary of the gradient's own size, never of the
     # logits'); float16 has no fast CPU dot and does not gain.
-    bits = jnp.dtype(jnp.uint16) if on_cpu and w.dtype == jnp.bfloat16 else w.dtype
+    bits = jnp.dtype(jnp.uint16) if _on_cpu() and w.dtype == jnp.bfloat16 else w.dtype
     init = (
       jnp.zeros(h.shape, _F32),
       jnp.zeros(w.shape, bits),
@@ -168,3 +261,33 @@ class XlaFused:
       v = w.shape[vocab_axis]
       dh, dw, dtau = sweep(step, init, v, self.config.block(v))
       return dh, lax.bitcast_convert_type(dw, w.dtype), dtau
+
+  def loss_grads(self, h, w, tau, softcap, rows: P.LossRows, out_init, vocab_axis=1):
+    """A training loss and its gradients in one pass, or None to let the caller
+    sweep twice (``FusedConfig.loss_chunks``).
+
+    Args:
+      h, w, tau, softcap: as for :meth:`partials` (``h`` and ``tau`` safe on dead rows).
+      rows: the rows' local targets and their cotangents, known in the forward
+        pass (:class:`lpkernel.partials.LossRows`).
+      out_init: the ``[N]`` outputs' initial value (a pytree).
+
+    Returns:
+      (out, d h float32 [N, D], d w in w's layout and dtype, d tau float32 [N] or None).
+    """
+    if not self.config.chunked_loss(h.dtype):
+      return None
+    tau_col = None if tau is None else tau[:, None]
+    v = w.shape[vocab_axis]
+
+    def row_grads(z, lo, width):
+      tc = None if tau is None else lax.dynamic_slice_in_dim(tau_col, lo, width)
+      t = lax.dynamic_slice_in_dim(rows.targets, lo, width)
+      y = P.transform(z, tc, softcap)
+      cols = lax.broadcasted_iota(jnp.int32, (1, v), 1)
+      f, g, out = rows.cotangents(P.block_partials(y, cols, t, with_entropy=False), lo, width)
+      return (*block_grad(z, y, cols, t, tc, softcap, f, g, h.dtype), out)
+
+    size = self.config.loss_chunk(h.shape[0], v)
+    with jax.named_scope("fused_loss_chunks"):
+      return chunked_grads(h, w, size, vocab_axis, self.precision, row_grads, out_init, tau)
