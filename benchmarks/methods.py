@@ -98,6 +98,10 @@ def _fused(implementation=None):
   return loss
 
 
+def _fused_loss(inp):
+  return -lpk.fused_nll_loss(inp["hidden"], inp["unembed"], inp["targets"])
+
+
 def _materialised(inp):
   logits = jnp.dot(inp["hidden"], inp["unembed"], preferred_element_type=jnp.float32)
   return lpk.token_logprobs(logits.astype(inp["hidden"].dtype), inp["targets"]).sum()
@@ -145,6 +149,7 @@ METHODS = [
     ("hidden", "unembed"),
     lambda: _on_gpu() or _not_default("pallas_gpu", fused=True)(),
   ),
+  Method("lpkernel-fused-loss", True, _fused_loss, ("hidden", "unembed")),
   Method("materialised", True, _materialised, ("hidden", "unembed")),
   Method("tokamax-xla", True, _tokamax, ("hidden", "unembed"), _needs("tokamax")),
   Method("jax-cce", True, _jax_cce, ("hidden", "unembed_t"), _needs("jax_cce")),

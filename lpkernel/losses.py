@@ -16,6 +16,7 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from lpkernel import checks, ops
 from lpkernel.scoring import Scores
 
 Normalisation = Literal["tokens", "sequences", "sum"]
@@ -66,18 +67,94 @@ def sft_loss(
   Returns:
     float32 scalar.
   """
+  _check_normalise(normalise)
   if response_only:
     logprob, count = scores.response_logprob, scores.response_tokens
   else:
     logprob, count = scores.joint_logprob, scores.prompt_tokens + scores.response_tokens
   nll = -jnp.sum(jnp.where(count > 0, logprob, 0.0))
-  if normalise == "sum":
-    return nll
+  return nll / _normaliser(normalise, count)
+
+
+def _check_normalise(normalise) -> None:
+  if normalise not in ("tokens", "sequences", "sum"):
+    raise ValueError(f"normalise must be 'tokens', 'sequences' or 'sum', got {normalise!r}")
+
+
+def _normaliser(normalise: Normalisation, count: jax.Array) -> jax.Array:
+  """What the summed NLL is divided by, from the scored tokens per sequence."""
   if normalise == "tokens":
-    return nll / jnp.maximum(jnp.sum(count), 1)
+    return jnp.maximum(jnp.sum(count), 1)
   if normalise == "sequences":
-    return nll / jnp.maximum(jnp.sum(count > 0), 1)
-  raise ValueError(f"normalise must be 'tokens', 'sequences' or 'sum', got {normalise!r}")
+    return jnp.maximum(jnp.sum(count > 0), 1)
+  return jnp.ones((), jnp.int32)
+
+
+def sft_loss_hidden(
+  hidden: jax.Array,
+  unembed: jax.Array,
+  tokens: jax.Array,
+  response_mask: jax.Array,
+  *,
+  segment_ids: jax.Array | None = None,
+  num_segments: int | None = None,
+  normalise: Normalisation = "tokens",
+  response_only: bool = True,
+  z_loss: float = 0.0,
+  temperature: float | jax.Array = 1.0,
+  softcap: float | None = None,
+  implementation: str | ops.FusedImplementation | None = None,
+  vocab_axis: int = -1,
+) -> jax.Array:
+  """``sft_loss(score_hidden(...))`` (+ z-loss), its gradients written in the forward pass.
+
+  The same number as ``sft_loss(score_hidden(hidden, unembed, tokens,
+  response_mask, ...), normalise, response_only=...)`` plus ``z_loss`` times
+  the same normalisation of the scored tokens' squared log-sum-exp, computed
+  by :func:`lpkernel.fused_nll_loss`: under ``jax.grad`` no logits are made
+  twice where the implementation measures that faster.
+
+  Args:
+    hidden: float[B, T, D]; ``hidden[:, t] @ unembed`` predicts ``tokens[:, t + 1]``.
+    unembed, temperature, softcap, implementation, vocab_axis: as for
+      :func:`lpkernel.score_hidden`.
+    tokens, response_mask, segment_ids, num_segments: as for :func:`lpkernel.score`;
+      ``"sequences"`` counts rows (``num_segments=None``) or packed segments.
+    normalise, response_only: as for :func:`sft_loss`.
+    z_loss: weight of the squared log-sum-exp of the same tokens (PaLM: 1e-4).
+
+  Returns:
+    float32 scalar; NaN if a counted token id is out of range or a row's
+    segment ids are invalid.
+  """
+  from lpkernel.fused import fused_nll_loss
+  from lpkernel.scoring import checked_layout
+
+  _check_normalise(normalise)
+  hidden = checks.as_model_rows("hidden", hidden, "D")
+  layout = checked_layout(
+    tokens, response_mask, segment_ids, num_segments, ("hidden", hidden.shape)
+  )
+  counted = layout.scored & layout.response if response_only else layout.scored
+  if num_segments is None:
+    count = jnp.sum(counted, axis=1)
+  else:
+    seg = jnp.arange(1, num_segments + 1, dtype=layout.segment.dtype)
+    count = jnp.sum(counted[:, :, None] & (layout.segment[:, :, None] == seg), axis=1)
+  weights = jnp.where(counted, 1.0 / _normaliser(normalise, count), 0.0)
+  # A row with invalid segment ids poisons the loss where it counts, as in sft_loss.
+  weights = jnp.where(counted & ~layout.row_ok[:, None], jnp.nan, weights)
+  return fused_nll_loss(
+    hidden,
+    unembed,
+    layout.targets,
+    weights,
+    z_loss=z_loss,
+    temperature=temperature,
+    softcap=softcap,
+    implementation=implementation,
+    vocab_axis=vocab_axis,
+  )
 
 
 def _metrics(loss, chosen_reward, rejected_reward, chosen_logps, rejected_logps):
@@ -223,5 +300,6 @@ __all__ = [
   "ipo_loss",
   "simpo_loss",
   "sft_loss",
+  "sft_loss_hidden",
   "z_loss",
 ]

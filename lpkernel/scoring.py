@@ -158,6 +158,18 @@ def to_predicting_positions(token_logprobs: jax.Array) -> jax.Array:
   return jnp.concatenate([token_logprobs[:, 1:], jnp.zeros_like(token_logprobs[:, :1])], axis=1)
 
 
+def checked_layout(tokens, response_mask, segment_ids, num_segments, time_dims) -> RowLayout:
+  """The static checks of :func:`score`'s row arrays, then their :func:`row_layout`.
+
+  ``time_dims``: ``(name, shape)`` of the model output whose ``[B, T]`` leading
+  dims must match ``tokens``.
+  """
+  tokens, response_mask, segment_ids = checks.as_rows(tokens, response_mask, segment_ids)
+  checks.check_rows(tokens, response_mask, segment_ids, num_segments)
+  checks.check_same_dims(*time_dims, "tokens", tokens.shape)
+  return row_layout(tokens, response_mask, segment_ids, num_segments)
+
+
 def score_rows(
   tokens: jax.Array,
   response_mask: jax.Array,
@@ -178,10 +190,7 @@ def score_rows(
   Returns:
     (``Scores``, ``extra``).
   """
-  tokens, response_mask, segment_ids = checks.as_rows(tokens, response_mask, segment_ids)
-  checks.check_rows(tokens, response_mask, segment_ids, num_segments)
-  checks.check_same_dims(*time_dims, "tokens", tokens.shape)
-  layout = row_layout(tokens, response_mask, segment_ids, num_segments)
+  layout = checked_layout(tokens, response_mask, segment_ids, num_segments, time_dims)
   with jax.named_scope("per_token"):
     lp, greedy, extra = per_token(layout.targets)
   with jax.named_scope("masked_sums"):
