@@ -5,8 +5,8 @@ Everything in lpkernel runs under ``jax.jit`` with ``NamedSharding`` inputs
 **vocab-parallel** forms, for logits sharded along V or an ``unembed`` sharded
 along V over a model axis, written with ``jax.shard_map`` around the public
 per-shard building blocks (:func:`lpkernel.logprobs.rows_logprobs_and_greedy`,
-:func:`lpkernel.fused.rows_fused_token_stats`), so any implementation runs on
-each shard. Each device reduces its vocabulary block to
+:func:`lpkernel.fused.rows_fused_token_stats`, :func:`lpkernel.fused.rows_fused_nll_loss`),
+so any implementation runs on each shard. Each device reduces its vocabulary block to
 :class:`lpkernel.partials.RowPartials`, merged across the model axis by the same
 :func:`lpkernel.partials.combine` as everywhere else, with collectives:
 
@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from lpkernel import checks, ops
-from lpkernel.fused import TokenStats, rows_fused_token_stats
+from lpkernel.fused import TokenStats, rows_fused_nll_loss, rows_fused_token_stats
 from lpkernel.logprobs import rows_logprobs_and_greedy
 from lpkernel.scoring import Scores, score_rows
 
@@ -163,16 +163,10 @@ def vocab_parallel_fused_token_stats(
   ``hidden [..., D]`` is sharded over tokens (``batch_axis``) and replicated over
   the model axis; V must divide by the model axis size.
   """
-  hidden, unembed = checks.as_array("hidden", hidden), checks.as_array("unembed", unembed)
-  targets = checks.as_ids("targets", targets)
-  vocab_axis = checks.vocab_axis(vocab_axis)
-  checks.check_fused(hidden, unembed, targets, vocab_axis)
-  checks.check_softcap(softcap)
-  v = unembed.shape[vocab_axis]
-  _check_mesh(mesh, model_axis, batch_axis, v, targets.size, ("unembed", "hidden"))
-  batch_shape = targets.shape
-  tau = checks.temperature_rows(temperature, batch_shape)
-  row = P(batch_axis)
+  hidden, unembed, targets, vocab_axis, tau = _fused_arguments(
+    hidden, unembed, targets, mesh, model_axis, batch_axis, temperature, softcap, vocab_axis
+  )
+  v, batch_shape, row = unembed.shape[vocab_axis], targets.shape, P(batch_axis)
 
   def local(h, w, t, tau):
     return rows_fused_token_stats(
@@ -190,16 +184,94 @@ def vocab_parallel_fused_token_stats(
   stats = jax.shard_map(
     local,
     mesh=mesh,
-    in_specs=(
-      P(batch_axis, None),
-      P(None, model_axis) if vocab_axis == 1 else P(model_axis, None),
-      row,
-      None if tau is None else row,
-    ),
+    in_specs=_fused_specs(model_axis, batch_axis, vocab_axis, tau),
     out_specs=TokenStats(row, row, row, row),
     check_vma=False,
   )(hidden.reshape(-1, hidden.shape[-1]), unembed, targets.reshape(-1), tau)
   return jax.tree.map(lambda x: x.reshape(batch_shape), stats)
+
+
+def _fused_arguments(
+  hidden, unembed, targets, mesh, model_axis, batch_axis, temperature, softcap, vocab_axis
+):
+  """The checked arguments of the vocab-parallel fused functions: (hidden, unembed,
+  targets int32, vocab_axis 0 / 1, temperature rows float32[N] or None)."""
+  hidden, unembed = checks.as_array("hidden", hidden), checks.as_array("unembed", unembed)
+  targets = checks.as_ids("targets", targets)
+  vocab_axis = checks.vocab_axis(vocab_axis)
+  checks.check_fused(hidden, unembed, targets, vocab_axis)
+  checks.check_softcap(softcap)
+  v = unembed.shape[vocab_axis]
+  _check_mesh(mesh, model_axis, batch_axis, v, targets.size, ("unembed", "hidden"))
+  tau = checks.temperature_rows(temperature, targets.shape)
+  return hidden, unembed, targets, vocab_axis, tau
+
+
+def _fused_specs(model_axis, batch_axis, vocab_axis, tau, extra_rows=0):
+  """shard_map in_specs of (h [N, D], w, targets [N], *extra [N], tau [N] | None)."""
+  row = P(batch_axis)
+  return (
+    P(batch_axis, None),
+    P(None, model_axis) if vocab_axis == 1 else P(model_axis, None),
+    row,
+    *([row] * extra_rows),
+    None if tau is None else row,
+  )
+
+
+def vocab_parallel_fused_nll_loss(
+  hidden: jax.Array,
+  unembed: jax.Array,
+  targets: jax.Array,
+  mesh: Mesh,
+  weights: jax.Array | None = None,
+  *,
+  z_loss: float = 0.0,
+  model_axis: str = "model",
+  batch_axis: str | None = None,
+  temperature: float | jax.Array = 1.0,
+  softcap: float | None = None,
+  implementation: str | ops.FusedImplementation | None = None,
+  vocab_axis: int = -1,
+) -> jax.Array:
+  """:func:`lpkernel.fused_nll_loss` with ``unembed`` sharded along V over
+  ``model_axis`` (shardings as for :func:`vocab_parallel_fused_token_stats`).
+
+  Each device writes its block of ``d unembed`` in the forward pass from the
+  rows' merged statistics; ``d hidden`` is summed over the model axis by
+  shard_map's transpose.
+  """
+  hidden, unembed, targets, vocab_axis, tau = _fused_arguments(
+    hidden, unembed, targets, mesh, model_axis, batch_axis, temperature, softcap, vocab_axis
+  )
+  checks.check_z_loss(z_loss)
+  weights = checks.loss_weights(weights, targets.shape)
+  v = unembed.shape[vocab_axis]
+
+  def local(h, w, t, wt, tau):
+    loss = rows_fused_nll_loss(
+      h,
+      w,
+      t,
+      wt,
+      tau,
+      z_loss=z_loss,
+      softcap=softcap,
+      implementation=implementation,
+      axis_name=model_axis,
+      vocab_size=v,
+      vocab_axis=vocab_axis,
+    )
+    return loss[None]  # one partial sum per batch shard, added up outside
+
+  losses = jax.shard_map(
+    local,
+    mesh=mesh,
+    in_specs=_fused_specs(model_axis, batch_axis, vocab_axis, tau, extra_rows=1),
+    out_specs=P(batch_axis),
+    check_vma=False,
+  )(hidden.reshape(-1, hidden.shape[-1]), unembed, targets.reshape(-1), weights, tau)
+  return losses.sum()
 
 
 def vocab_parallel_score_hidden(
@@ -242,6 +314,7 @@ def vocab_parallel_score_hidden(
 
 
 __all__ = [
+  "vocab_parallel_fused_nll_loss",
   "vocab_parallel_fused_token_stats",
   "vocab_parallel_score",
   "vocab_parallel_score_hidden",

@@ -53,12 +53,14 @@ class FusedConfig:
       measured best: chunks for float32 on the CPU (N = 4096, D = 512,
       V = 32000 on 2 cores: 3.2 s against 4.6 s), sweeps for bfloat16 there
       (1.6 s against 1.9 s) and, unmeasured, on other backends.
-    loss_chunk_bytes: one chunk's float32 logits budget (32 MiB: 256 tokens at
-      V = 32000; at least 64 tokens).
+    loss_chunk_tokens: tokens per chunk, or None for as many as keep one
+      chunk's float32 logits within ``loss_chunk_bytes`` (32 MiB: 256 tokens at
+      V = 32000; a multiple of 64, at least 64).
   """
 
   vocab_block: int | None = None
   loss_chunks: bool | None = None
+  loss_chunk_tokens: int | None = None
   loss_chunk_bytes: int = 32 << 20
 
   def __post_init__(self):
@@ -66,6 +68,12 @@ class FusedConfig:
       not isinstance(self.vocab_block, int) or self.vocab_block < 1
     ):
       raise ValueError(f"FusedConfig.vocab_block={self.vocab_block!r} must be None or positive")
+    if self.loss_chunk_tokens is not None and (
+      not isinstance(self.loss_chunk_tokens, int) or self.loss_chunk_tokens < 1
+    ):
+      raise ValueError(
+        f"FusedConfig.loss_chunk_tokens={self.loss_chunk_tokens!r} must be None or positive"
+      )
     if not isinstance(self.loss_chunk_bytes, int) or self.loss_chunk_bytes < 1:
       raise ValueError(f"FusedConfig.loss_chunk_bytes={self.loss_chunk_bytes!r} must be positive")
 
@@ -76,7 +84,9 @@ class FusedConfig:
     return jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32
 
   def loss_chunk(self, n: int, vocab_size: int) -> int:
-    """Tokens per chunk of the training loss: float32 logits within ``loss_chunk_bytes``."""
+    """Tokens per chunk of the training loss."""
+    if self.loss_chunk_tokens is not None:
+      return min(n, self.loss_chunk_tokens)
     return min(n, max(64, self.loss_chunk_bytes // (4 * vocab_size) // 64 * 64))
 
   def block(self, vocab_size: int) -> int:
