@@ -230,3 +230,76 @@ def test_no_logits_sized_temporaries(dtype, with_grad):
   assert temp < 0.10 * logits_f32, (
     f"temporaries {temp / 1e6:.1f} MB vs logits {logits_f32 / 1e6:.1f} MB"
   )
+
+
+# --- the training loss: fused_nll_loss ---------------------------------------------------
+
+CHUNKS = lpk.XlaFused(lpk.FusedConfig(vocab_block=4, loss_chunks=True, loss_chunk_tokens=2))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("n,v", [(1, 1), (5, 3), (3, 32003)])
+@pytest.mark.parametrize("implementation", [None, CHUNKS], ids=["default", "chunks2"])
+def test_nll_loss_matches_the_reference(n, v, dtype, implementation):
+  h, w, t = _inputs(11, n, 8, v, dtype)
+  weights = jnp.linspace(1.0, 0.0, n) if n > 1 else None  # the last token weighs 0
+
+  def loss(h, w, impl):
+    return lpk.fused_nll_loss(h, w, t, weights, z_loss=0.01, implementation=impl)
+
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
+  (value, g), (want, g_ref) = grad(h, w, implementation), grad(h, w, "reference")
+  assert_close(value, want, rtol=2e-5, atol=2e-5, what="loss")
+  lp = oracle_token_logprobs(_logits(h, w), t)
+  lse = np.log(np.sum(np.exp(np.asarray(_logits(h, w), np.float64)), -1))
+  wt = np.ones(n) if weights is None else np.asarray(weights, np.float64)
+  assert_close(value, np.sum(wt * (0.01 * lse**2 - lp)), rtol=2e-5, atol=2e-5, what="oracle")
+  for a, b in zip(g, g_ref, strict=True):
+    assert a.dtype == b.dtype
+    assert_close(a, b, **GRAD_TOLERANCES[jnp.dtype(dtype)], what="gradient")
+
+
+def test_nll_loss_policy():
+  """+inf for an impossible weighted target, NaN (value and gradients) for an
+  out-of-range weighted id; zero-weight tokens contribute exactly nothing, whatever
+  they hold, and no gradient reaches the weights."""
+  h, w, t = _inputs(12, 6, 4, 10)
+  weights = jnp.array([1.0, 1.0, 0.0, 0.0, 0.5, 0.0])
+  h_bad = h.at[2].set(jnp.nan).at[3].set(jnp.inf)
+  t_bad = t.at[5].set(10)  # out of range, zero weight
+
+  for impl in [CHUNKS, lpk.XlaFused(SMALL), "reference"]:
+
+    def loss(h, weights, t=t_bad, impl=impl):
+      return lpk.fused_nll_loss(h, w, t, weights, implementation=impl)
+
+    keep = jnp.array([0, 1, 4])
+    value, (gh, gw) = jax.value_and_grad(loss, argnums=(0, 1))(h_bad, weights)
+    want = lpk.fused_nll_loss(h[keep], w, t[keep], weights[keep], implementation=impl)
+    np.testing.assert_allclose(value, want, rtol=1e-6)
+    assert (gw == 0).all()
+    if impl != "reference":  # its autodiff puts 0 * NaN in the dead rows
+      assert (gh[jnp.array([2, 3, 5])] == 0).all() and np.isfinite(gh).all()
+    impossible = w.at[:, 9].set(-jnp.inf)  # every logit of column 9 is -inf for h = 1
+    ones = jnp.ones_like(h)
+    assert np.isposinf(lpk.fused_nll_loss(ones, impossible, t.at[0].set(9), implementation=impl))
+    value, gh = jax.value_and_grad(loss)(h, weights, t.at[1].set(-1))
+    assert np.isnan(value)
+    if impl != "reference":  # the plain form's `where` gives a zero gradient there
+      assert np.isnan(gh[1]).all() and np.isfinite(np.delete(gh, 1, axis=0)).all(), impl
+
+
+@pytest.mark.parametrize(
+  "kwargs,err,match",
+  [
+    (dict(weights=jnp.ones(5)), ValueError, "weights.shape"),
+    (dict(weights=jnp.ones(4, jnp.int32)), TypeError, "weights must be floats"),
+    (dict(z_loss=-1.0), ValueError, "z_loss"),
+    (dict(z_loss=float("nan")), ValueError, "z_loss"),
+  ],
+)
+def test_nll_loss_bad_arguments_raise(kwargs, err, match):
+  with pytest.raises(err, match=match):
+    lpk.fused_nll_loss(jnp.zeros((4, 8)), jnp.zeros((8, 10)), jnp.zeros(4, jnp.int32), **kwargs)
+  with pytest.raises(ValueError, match="loss_chunk_tokens"):
+    lpk.FusedConfig(loss_chunk_tokens=0)
