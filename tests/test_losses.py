@@ -145,3 +145,57 @@ def test_z_loss():
   np.testing.assert_allclose(
     losses.z_loss(lse, jnp.array([True, False, True]), weight=0.5), 0.5 * 10 / 2
   )
+
+
+@pytest.mark.parametrize("normalise,num_segments", [("tokens", None), ("sequences", 2), ("sum", 2)])
+def test_sft_loss_hidden_is_sft_loss_of_score_hidden_plus_z_loss(normalise, num_segments):
+  import lpkernel as lpk
+
+  k = jax.random.split(jax.random.key(2), 4)
+  b, t, d, v = 3, 9, 8, 50
+  hidden = jax.random.normal(k[0], (b, t, d))
+  unembed = jax.random.normal(k[1], (d, v))
+  tokens = jax.random.randint(k[2], (b, t), 0, v)
+  mask = jnp.arange(t)[None] >= jnp.array([[3], [5], [9]])  # row 2 has no response
+  seg = jnp.array([[1] * 4 + [2] * 5, [1] * 9, [1] * 7 + [0] * 2])
+  impl = lpk.XlaFused(lpk.FusedConfig(vocab_block=16, loss_chunks=True, loss_chunk_tokens=5))
+
+  for response_only in (True, False):
+    kw = dict(segment_ids=seg, num_segments=num_segments)
+
+    def fused(h, response_only=response_only, kw=kw):
+      return losses.sft_loss_hidden(
+        h,
+        unembed,
+        tokens,
+        mask,
+        normalise=normalise,
+        response_only=response_only,
+        z_loss=1e-2,
+        implementation=impl,
+        **kw,
+      )
+
+    def plain(h, response_only=response_only, kw=kw):
+      scores, stats = lpk.score_hidden(h, unembed, tokens, mask, with_stats=True, **kw)
+      nll = losses.sft_loss(scores, normalise, response_only=response_only)
+      counted = scores.token_logprobs != 0  # every scored token here has lp < 0
+      counted = jnp.concatenate([counted[:, 1:], jnp.zeros((b, 1), bool)], axis=1)
+      if response_only:
+        counted &= jnp.concatenate([mask[:, 1:], jnp.zeros((b, 1), bool)], axis=1)
+      counts = (
+        scores.response_tokens if response_only else (scores.prompt_tokens + scores.response_tokens)
+      )
+      denominator = {"tokens": jnp.sum(counts), "sequences": jnp.sum(counts > 0), "sum": 1}
+      z = jnp.sum(jnp.where(counted, stats.lse**2, 0.0)) / denominator[normalise]
+      return nll + 1e-2 * z
+
+    (a, ga), (e, ge) = (jax.jit(jax.value_and_grad(f))(hidden) for f in (fused, plain))
+    np.testing.assert_allclose(a, e, rtol=1e-6)
+    np.testing.assert_allclose(ga, ge, rtol=1e-5, atol=1e-7)
+  bad = seg.at[1, 4].set(-1)  # invalid segment ids poison the loss where tokens count
+  assert np.isnan(losses.sft_loss_hidden(hidden, unembed, tokens, mask, segment_ids=bad))
+  with pytest.raises(ValueError, match="normalise"):
+    losses.sft_loss_hidden(hidden, unembed, tokens, mask, normalise="mean")
+  with pytest.raises(ValueError, match="hidden has T"):
+    losses.sft_loss_hidden(hidden[:, 1:], unembed, tokens, mask)

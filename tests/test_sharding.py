@@ -175,6 +175,48 @@ def test_vocab_parallel_fused_runs_the_pallas_kernels_on_each_shard(name, shape,
   _vocab_parallel_fused_matches_one_device(mesh, FUSED_IMPLEMENTATIONS[name], vocab_axis)
 
 
+@pytest.mark.parametrize("loss_chunks", [True, False], ids=["chunks", "sweeps"])
+def test_vocab_parallel_fused_nll_loss_matches_one_device(mesh, loss_chunks):
+  """Each shard writes its block of d unembed in the forward pass from the rows'
+  merged statistics; values and gradients equal one device's."""
+  _, tokens, response, hidden, unembed, _ = _inputs(4)
+  config = lpk.FusedConfig(vocab_block=3, loss_chunks=loss_chunks, loss_chunk_tokens=5)
+  impl = lpk.XlaFused(config)
+  weights = jnp.where(response, 0.25, 0.0).at[0, 0].set(1.0)
+  tau = jnp.linspace(0.5, 2.0, B * T).reshape(B, T)
+  hidden = hidden.at[1, 0].set(jnp.nan)  # a zero-weight row stays out everywhere
+
+  def loss(fn, h, w, tau, **kw):
+    return fn(
+      h,
+      w,
+      tokens,
+      weights=weights,
+      z_loss=1e-2,
+      temperature=tau,
+      softcap=5.0,
+      implementation=impl,
+      **kw,
+    )
+
+  vp = jax.jit(
+    jax.value_and_grad(
+      lambda h, w, tau: loss(
+        sharding.vocab_parallel_fused_nll_loss, h, w, tau, mesh=mesh, batch_axis="data"
+      ),
+      argnums=(0, 1, 2),
+    )
+  )
+  value, grads = vp(_put(mesh, hidden, "data"), _put(mesh, unembed, None, "model"), tau)
+  want, want_grads = jax.jit(
+    jax.value_and_grad(lambda h, w, tau: loss(lpk.fused_nll_loss, h, w, tau), argnums=(0, 1, 2))
+  )(hidden, unembed, tau)
+  np.testing.assert_allclose(value, want, rtol=1e-6)
+  for a, b in zip(grads, want_grads, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert np.isfinite(grads[0]).all()
+
+
 def test_vocab_parallel_out_of_range_ids_are_nan(mesh):
   logits, tokens, _, _, _, _ = _inputs(3)
   tokens = tokens.at[0, 1].set(V).at[1, 2].set(-1)
