@@ -303,3 +303,19 @@ def test_nll_loss_bad_arguments_raise(kwargs, err, match):
     lpk.fused_nll_loss(jnp.zeros((4, 8)), jnp.zeros((8, 10)), jnp.zeros(4, jnp.int32), **kwargs)
   with pytest.raises(ValueError, match="loss_chunk_tokens"):
     lpk.FusedConfig(loss_chunk_tokens=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+def test_nll_loss_gradients_hold_no_logits_sized_temporaries(dtype):
+  """The loss's forward+backward on the CPU default (token chunks of 256 in float32,
+  the sweeps in bfloat16): one chunk's logits and d logits, and a float32
+  d unembed accumulator (D x V, the gradient's size), never [N, V]."""
+  s = shapes.FUSED_MEMORY
+  h = jax.ShapeDtypeStruct((s.tokens, s.width), dtype)
+  w = jax.ShapeDtypeStruct((s.width, s.vocab), dtype)
+  t = jax.ShapeDtypeStruct((s.tokens,), jnp.int32)
+  grad = jax.grad(lambda h, w, t: lpk.fused_nll_loss(h, w, t), argnums=(0, 1))
+  temp = jax.jit(grad).lower(h, w, t).compile().memory_analysis().temp_size_in_bytes
+  logits_f32 = s.tokens * s.vocab * 4
+  assert temp < 0.25 * logits_f32, f"{temp / logits_f32:.3f} of the logits' bytes"

@@ -423,6 +423,34 @@ def test_fused_kernels_lower_for_their_hardware(impl, platform, call, count, dty
 
 
 @pytest.mark.parametrize(
+  "impl,platform,call,count",
+  [
+    (lpk.PallasGpuFused(), "cuda", "__gpu$xla.gpu.triton", 2),
+    (lpk.PallasGpuFused(chunk_tokens=24), "cuda", "__gpu$xla.gpu.triton", 4),
+    (lpk.PallasTpuFused(), "tpu", "tpu_custom_call", 3),
+  ],
+  ids=["gpu-one-chunk", "gpu-chunks", "tpu"],
+)
+def test_fused_loss_lowers_for_their_hardware(impl, platform, call, count):
+  """The training loss's forward pass with its gradients: on GPUs the row kernel's
+  forward and gradient passes once per chunk shape (no recompute in the backward),
+  on TPUs the forward kernel then the two gradient kernels."""
+  from lpkernel import fused
+
+  n, d, v = 64, 128, 1000
+  h = jax.ShapeDtypeStruct((n, d), jnp.bfloat16)
+  w = jax.ShapeDtypeStruct((d, v), jnp.bfloat16)
+  t = jax.ShapeDtypeStruct((n,), jnp.int32)
+  tau, weights = (jax.ShapeDtypeStruct((n,), jnp.float32),) * 2
+
+  def loss(h, w, t, tau, weights):
+    return fused._nll(h, w, t, tau, weights, 1e-4, 30.0, impl, None, v, 1)
+
+  lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 3))).trace(h, w, t, tau, weights)
+  assert lowered.lower(lowering_platforms=(platform,)).as_text().count(f"@{call}") == count
+
+
+@pytest.mark.parametrize(
   "impl",
   [
     lpk.PallasGpuFused(chunk_tokens=128, logits=lpk.PallasGpuLogits(block_v=512), interpret=True),
