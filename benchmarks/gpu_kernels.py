@@ -130,6 +130,27 @@ def _check_fused(out: dict) -> None:
         a, b = a.astype(jnp.float32), b.astype(jnp.float32)
         err[name] = float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
       err["greedy_mismatches"] = int(jnp.sum(got.greedy != want.greedy))
+
+      def nll(h, table, impl):
+        return lpk.fused_nll_loss(
+          h,
+          table,
+          t,
+          c[0] ** 2,
+          z_loss=1e-4,
+          temperature=temp,
+          softcap=softcap,
+          implementation=impl,
+          vocab_axis=vocab_axis,
+        )
+
+      with jax.default_matmul_precision("highest"):
+        grad = jax.jit(jax.value_and_grad(nll, (0, 1)), static_argnums=2)
+        (got_loss, g), (want_loss, g_ref) = grad(h, table, impl), grad(h, table, "reference")
+      err["loss_rel"] = float(jnp.abs(got_loss - want_loss) / jnp.abs(want_loss))
+      for name, a, b in zip(("loss_dh", "loss_dw"), g, g_ref, strict=True):
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+        err[name] = float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
       r = dict(
         n=n,
         d=d,
@@ -159,14 +180,20 @@ def _time_fused(out: dict, repeats: int) -> None:
   def fwd(impl):
     return lambda h, w: jnp.sum(lpk.fused_token_logprobs(h, w, t, implementation=impl))
 
+  def loss(impl):  # the training loss: gradients written in the forward pass
+    return jax.grad(lambda h, w: lpk.fused_nll_loss(h, w, t, implementation=impl), (0, 1))
+
+  chunked = lpk.XlaFused(lpk.FusedConfig(loss_chunks=True))
   impls = [("xla", "xla")] + [
     (f"pallas_gpu chunk={c}", lpk.PallasGpuFused(chunk_tokens=c)) for c in FUSED_CHUNKS
   ]
-  for name, impl in impls:
-    for pass_, fn, floor in [
+  for name, impl in [*impls, ("xla loss chunks", chunked)]:
+    passes = [
       ("forward", fwd(impl), one),
       ("forward+backward", jax.grad(fwd(impl), argnums=(0, 1)), three),
-    ]:
+    ]
+    passes = [("loss forward+backward", loss(impl), three)] + ([] if impl is chunked else passes)
+    for pass_, fn, floor in passes:
       try:
         timing = measure(fn, (h, w), repeats)[0]
       except Exception as e:  # reported, not fatal
@@ -182,7 +209,7 @@ def _time_fused(out: dict, repeats: int) -> None:
       )
       rows.append(r)
       print(
-        f"  {name:28s} {pass_:17s} {r['ms']:8.1f} ms  x{r['ratio']:.2f}  {r['temp_mb']} MB",
+        f"  {name:28s} {pass_:21s} {r['ms']:8.1f} ms  x{r['ratio']:.2f}  {r['temp_mb']} MB",
         flush=True,
       )
   out["fused_timings"] = rows
@@ -217,7 +244,7 @@ def _time(out: dict, repeats: int) -> None:
           temp_mb=timing.temp_mb,
         )
         rows.append(r)
-        print(f"  {name:34s} {pass_:17s} {r['ms']:8.3f} ms  x{r['ratio']:.2f}", flush=True)
+        print(f"  {name:34s} {pass_:21s} {r['ms']:8.3f} ms  x{r['ratio']:.2f}", flush=True)
 
       def fwd(impl):
         return lambda x: jnp.sum(lpk.token_logprobs(x, tg, implementation=impl))
