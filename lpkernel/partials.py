@@ -209,7 +209,7 @@ class Finished(NamedTuple):
     shift: float32 shift of the row (its max, or 0).
     log_s: ``log(sum exp(y - shift))``; ``lse = shift + log_s``.
     centred: ``E_p[y - shift]`` (0 without ``sy``); the entropy is
-      ``log_s - centred``.
+      ``log_s - centred`` (0 for a row of ``-inf`` logits).
   """
 
   logprob: jax.Array
@@ -224,7 +224,8 @@ class Finished(NamedTuple):
 
   @property
   def entropy(self) -> jax.Array:
-    return self.log_s - self.centred
+    # A row of -inf logits holds no possible token: 0, by 0 log 0 = 0, as the plain form.
+    return jnp.where(self.log_s == -jnp.inf, 0.0, self.log_s - self.centred)
 
 
 def finish(p: RowPartials, targets: jax.Array, vocab_size: int) -> Finished:

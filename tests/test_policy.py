@@ -150,9 +150,9 @@ def test_fused_neg_inf_target_and_all_neg_inf_rows_are_neg_inf():
   for impl in [*ALL_FUSED, "reference"]:
     lp = jitted(lpk.fused_token_logprobs, h, w, jnp.array([4, 0, 1]), implementation=impl)
     assert np.isneginf(lp[0]) and np.isfinite(lp[1:]).all()
-    assert np.isneginf(
-      jitted(lpk.fused_token_logprobs, h, w_all, jnp.array([4, 0, 1]), implementation=impl)
-    ).all()
+    stats = jitted(lpk.fused_token_stats, h, w_all, jnp.array([4, 0, 1]), implementation=impl)
+    assert np.isneginf(stats.logprobs).all() and np.isneginf(stats.lse).all()
+    assert (stats.entropy == 0).all(), impl  # no possible token: 0 log 0 = 0
 
 
 # --- masked positions never poison gradients -------------------------------------------
