@@ -237,8 +237,11 @@ def test_no_logits_sized_temporaries(dtype, with_grad):
 CHUNKS = lpk.XlaFused(lpk.FusedConfig(vocab_block=4, loss_chunks=True, loss_chunk_tokens=2))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("n,v", [(1, 1), (5, 3), (3, 32003)])
+@pytest.mark.parametrize(
+  "n,v,dtype",
+  [(1, 1, jnp.float32), (5, 3, jnp.float32), (3, 32003, jnp.float32), (5, 3, jnp.bfloat16)],
+  ids=str,
+)
 @pytest.mark.parametrize("implementation", [None, CHUNKS], ids=["default", "chunks2"])
 def test_nll_loss_matches_the_reference(n, v, dtype, implementation):
   h, w, t = _inputs(11, n, 8, v, dtype)
@@ -259,34 +262,35 @@ def test_nll_loss_matches_the_reference(n, v, dtype, implementation):
     assert_close(a, b, **GRAD_TOLERANCES[jnp.dtype(dtype)], what="gradient")
 
 
-def test_nll_loss_policy():
+@pytest.mark.parametrize("impl", [CHUNKS, lpk.XlaFused(SMALL), "reference"], ids=str)
+def test_nll_loss_policy(impl):
   """+inf for an impossible weighted target, NaN (value and gradients) for an
   out-of-range weighted id; zero-weight tokens contribute exactly nothing, whatever
   they hold, and no gradient reaches the weights."""
   h, w, t = _inputs(12, 6, 4, 10)
   weights = jnp.array([1.0, 1.0, 0.0, 0.0, 0.5, 0.0])
+  keep = jnp.array([0, 1, 4])
   h_bad = h.at[2].set(jnp.nan).at[3].set(jnp.inf)
-  t_bad = t.at[5].set(10)  # out of range, zero weight
+  impossible = w.at[:, 9].set(-jnp.inf)  # every logit of column 9 is -inf for h = 1
 
-  for impl in [CHUNKS, lpk.XlaFused(SMALL), "reference"]:
-
-    def loss(h, weights, t=t_bad, impl=impl):
+  @jax.jit
+  def run(h, w, t, weights):
+    def loss(h, weights):
       return lpk.fused_nll_loss(h, w, t, weights, implementation=impl)
 
-    keep = jnp.array([0, 1, 4])
-    value, (gh, gw) = jax.value_and_grad(loss, argnums=(0, 1))(h_bad, weights)
-    want = lpk.fused_nll_loss(h[keep], w, t[keep], weights[keep], implementation=impl)
-    np.testing.assert_allclose(value, want, rtol=1e-6)
-    assert (gw == 0).all()
-    if impl != "reference":  # its autodiff puts 0 * NaN in the dead rows
-      assert (gh[jnp.array([2, 3, 5])] == 0).all() and np.isfinite(gh).all()
-    impossible = w.at[:, 9].set(-jnp.inf)  # every logit of column 9 is -inf for h = 1
-    ones = jnp.ones_like(h)
-    assert np.isposinf(lpk.fused_nll_loss(ones, impossible, t.at[0].set(9), implementation=impl))
-    value, gh = jax.value_and_grad(loss)(h, weights, t.at[1].set(-1))
-    assert np.isnan(value)
-    if impl != "reference":  # the plain form's `where` gives a zero gradient there
-      assert np.isnan(gh[1]).all() and np.isfinite(np.delete(gh, 1, axis=0)).all(), impl
+    return jax.value_and_grad(loss, argnums=(0, 1))(h, weights)
+
+  value, (gh, gw) = run(h_bad, w, t.at[5].set(10), weights)  # row 5: out of range, weight 0
+  want, _ = run(h[keep], w, t[keep], weights[keep])
+  np.testing.assert_allclose(value, want, rtol=1e-6)
+  assert (gw == 0).all()
+  if impl != "reference":  # its autodiff puts 0 * NaN in the dead rows
+    assert (gh[jnp.array([2, 3, 5])] == 0).all() and np.isfinite(gh).all()
+  assert np.isposinf(run(jnp.ones_like(h), impossible, t.at[0].set(9), weights)[0])
+  value, (gh, _) = run(h, w, t.at[1].set(-1), weights)
+  assert np.isnan(value)
+  if impl != "reference":  # the plain form's `where` gives a zero gradient there
+    assert np.isnan(gh[1]).all() and np.isfinite(np.delete(gh, 1, axis=0)).all()
 
 
 @pytest.mark.parametrize(

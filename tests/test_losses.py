@@ -193,6 +193,8 @@ def test_sft_loss_hidden_is_sft_loss_of_score_hidden_plus_z_loss(normalise, num_
     (a, ga), (e, ge) = (jax.jit(jax.value_and_grad(f))(hidden) for f in (fused, plain))
     np.testing.assert_allclose(a, e, rtol=1e-6)
     np.testing.assert_allclose(ga, ge, rtol=1e-5, atol=1e-7)
+  if normalise != "tokens":
+    return
   bad = seg.at[1, 4].set(-1)  # invalid segment ids poison the loss where tokens count
   assert np.isnan(losses.sft_loss_hidden(hidden, unembed, tokens, mask, segment_ids=bad))
   with pytest.raises(ValueError, match="normalise"):
