@@ -98,8 +98,13 @@ def _fused(implementation=None):
   return loss
 
 
-def _fused_loss(inp):
-  return -lpk.fused_nll_loss(inp["hidden"], inp["unembed"], inp["targets"])
+def _fused_loss(implementation=None):
+  def loss(inp):
+    return -lpk.fused_nll_loss(
+      inp["hidden"], inp["unembed"], inp["targets"], implementation=implementation
+    )
+
+  return loss
 
 
 def _materialised(inp):
@@ -149,7 +154,14 @@ METHODS = [
     ("hidden", "unembed"),
     lambda: _on_gpu() or _not_default("pallas_gpu", fused=True)(),
   ),
-  Method("lpkernel-fused-loss", True, _fused_loss, ("hidden", "unembed")),
+  Method("lpkernel-fused-loss", True, _fused_loss(), ("hidden", "unembed")),
+  Method(
+    "lpkernel-fused-loss-pallas",
+    True,
+    _fused_loss("pallas_gpu"),
+    ("hidden", "unembed"),
+    lambda: _on_gpu() or _not_default("pallas_gpu", fused=True)(),
+  ),
   Method("materialised", True, _materialised, ("hidden", "unembed")),
   Method("tokamax-xla", True, _tokamax, ("hidden", "unembed"), _needs("tokamax")),
   Method("jax-cce", True, _jax_cce, ("hidden", "unembed_t"), _needs("jax_cce")),
