@@ -4,6 +4,7 @@ log-likelihoods."""
 from lpkernel.flax.adapters import score_linen as score_linen
 from lpkernel.flax.adapters import score_model as score_model
 from lpkernel.flax.adapters import scores_from_output as scores_from_output
+from lpkernel.flax.adapters import sft_loss_model as sft_loss_model
 from lpkernel.flax.loglikelihood import Scorer as Scorer
 from lpkernel.flax.loglikelihood import loglikelihood as loglikelihood
 from lpkernel.flax.loglikelihood import loglikelihood_rolling as loglikelihood_rolling
@@ -31,4 +32,5 @@ __all__ = [
   "score_linen",
   "score_model",
   "scores_from_output",
+  "sft_loss_model",
 ]

@@ -212,6 +212,51 @@ def score_model(
   )
 
 
+def sft_loss_model(
+  model: Callable,
+  tokens: jax.Array,
+  response_mask: jax.Array,
+  *,
+  spec: ModelSpec | None = None,
+  segment_ids: jax.Array | None = None,
+  num_segments: int | None = None,
+  normalise: str = "tokens",
+  response_only: bool = True,
+  z_loss: float = 0.0,
+  **score_kwargs: Any,
+) -> jax.Array:
+  """The SFT loss of an ``nnx.Module`` from its hidden states (``losses.sft_loss_hidden``).
+
+  The same number as ``sft_loss(score_model(model, ..., fused=True), normalise,
+  response_only=...)`` (plus ``z_loss`` times the normalised squared
+  log-sum-exp), with the loss's gradients written in the forward pass and no
+  ``[B, T, V]`` logits.
+
+  Args:
+    model, spec, tokens, response_mask, segment_ids, num_segments: as for
+      :func:`score_model`; the spec must declare how the model returns hidden
+      states (``ModelSpec(hidden=...)``, as ``TinyLM`` does).
+    normalise, response_only, z_loss: as for :func:`lpkernel.losses.sft_loss_hidden`.
+    **score_kwargs: ``temperature``, ``softcap``, ``implementation``.
+  """
+  from lpkernel.losses import sft_loss_hidden
+
+  bound, state = BoundModel.of(model, spec=spec)
+  # (hidden, unembed) and the spec's vocab_axis / softcap, or a clear error.
+  out, options = bound.output(state, tokens, segment_ids, fused=True)
+  return sft_loss_hidden(
+    *out,
+    tokens,
+    response_mask,
+    segment_ids=segment_ids,
+    num_segments=num_segments,
+    normalise=normalise,
+    response_only=response_only,
+    z_loss=z_loss,
+    **with_model_options(score_kwargs, options),
+  )
+
+
 def score_linen(
   module: linen.Module | Callable,
   variables: Any,
