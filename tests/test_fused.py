@@ -240,7 +240,7 @@ CHUNKS = lpk.XlaFused(lpk.FusedConfig(vocab_block=4, loss_chunks=True, loss_chun
 @pytest.mark.parametrize(
   "n,v,dtype",
   [(1, 1, jnp.float32), (5, 3, jnp.float32), (3, 32003, jnp.float32), (5, 3, jnp.bfloat16)],
-  ids=str,
+  ids=["n1-v1", "n5-v3", "n3-v32003", "n5-v3-bfloat16"],
 )
 @pytest.mark.parametrize("implementation", [None, CHUNKS], ids=["default", "chunks2"])
 def test_nll_loss_matches_the_reference(n, v, dtype, implementation):
@@ -262,7 +262,9 @@ def test_nll_loss_matches_the_reference(n, v, dtype, implementation):
     assert_close(a, b, **GRAD_TOLERANCES[jnp.dtype(dtype)], what="gradient")
 
 
-@pytest.mark.parametrize("impl", [CHUNKS, lpk.XlaFused(SMALL), "reference"], ids=str)
+@pytest.mark.parametrize(
+  "impl", [CHUNKS, lpk.XlaFused(SMALL), "reference"], ids=["chunks", "default", "reference"]
+)
 def test_nll_loss_policy(impl):
   """+inf for an impossible weighted target, NaN (value and gradients) for an
   out-of-range weighted id; zero-weight tokens contribute exactly nothing, whatever

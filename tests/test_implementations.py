@@ -237,18 +237,20 @@ def _oracle_lse(z, tau, softcap):
 
 @pytest.mark.parametrize(
   "name,dtype",
-  [(name, jnp.float32) for name in LOSS_IMPLEMENTATIONS]
+  [pytest.param(name, jnp.float32, id=f"{name}-float32") for name in LOSS_IMPLEMENTATIONS]
   # bfloat16 where the gradients are written in the forward pass.
-  + [(name, jnp.bfloat16) for name in ("xla-chunks", "pallas_gpu")],
-  ids=str,
+  + [
+    pytest.param(name, jnp.bfloat16, id=f"{name}-bfloat16") for name in ("xla-chunks", "pallas_gpu")
+  ],
 )
 def test_fused_loss_matches_reference_and_oracle(name, dtype):
-  """``fused_nll_loss`` with z-loss, softcap and per-token temperature at V = 4097:
+  """``fused_nll_loss`` with z-loss, softcap and per-token temperature at V = 1000
+  (three 256-column tiles and a tail):
   the value against the reference and the float64 oracle, the gradients (written
   in the forward pass where the implementation does) against the reference's
   autodiff. Zero-weight rows hold the all -inf row, the out-of-range id and NaN."""
   impl = LOSS_IMPLEMENTATIONS[name]
-  h, w, t = _fused_batch(4097, dtype)
+  h, w, t = _fused_batch(1000, dtype)
   n = t.shape[0]
   tau = jnp.linspace(0.5, 2.0, n)
   weights = jax.random.uniform(jax.random.key(3), (n,), minval=0.5, maxval=1.5)
@@ -292,8 +294,13 @@ def test_fused_loss_matches_reference_and_oracle(name, dtype):
   assert (g[0][~live] == 0).all() and (g[2][~live] == 0).all()
   tol = dict(rtol=1e-4, atol=1e-5) if dtype == jnp.float32 else GRAD_TOLERANCES[jnp.dtype(dtype)]
   g, g_ref = ([a[0][live], a[1], a[2][live]] for a in (g, g_ref))
-  if dtype == jnp.bfloat16:  # as in the test above: the 8192 column of d hidden
-    g[0], g_ref = g[0][:, 1:], (g_ref[0][:, 1:], *g_ref[1:])
+  # d hidden[:, 0] is 8192 times the row's sum of d logits, which the z-loss term
+  # keeps away from 0: float32 rounding of that sum (about 1e-7 of its 1-norm)
+  # comes out 8192 times larger, whatever the order of summation; in bfloat16 the
+  # d logits themselves are rounded (as in the test above).
+  if dtype == jnp.float32:
+    assert_close(g[0][:, 0], g_ref[0][:, 0], rtol=1e-4, atol=8192 * 2e-6, what="d hidden[:, 0]")
+  g[0], g_ref = g[0][:, 1:], (g_ref[0][:, 1:], *g_ref[1:])
   for what, a, b in zip(("d hidden", "d unembed", "d tau"), g, g_ref, strict=True):
     assert_close(a, b, **tol, what=f"{name} {what}")
 

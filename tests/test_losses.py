@@ -196,7 +196,7 @@ def test_sft_loss_hidden_is_sft_loss_of_score_hidden_plus_z_loss(normalise, num_
   if normalise != "tokens":
     return
   bad = seg.at[1, 4].set(-1)  # invalid segment ids poison the loss where tokens count
-  assert np.isnan(losses.sft_loss_hidden(hidden, unembed, tokens, mask, segment_ids=bad))
+  assert np.isnan(jax.jit(losses.sft_loss_hidden)(hidden, unembed, tokens, mask, segment_ids=bad))
   with pytest.raises(ValueError, match="normalise"):
     losses.sft_loss_hidden(hidden, unembed, tokens, mask, normalise="mean")
   with pytest.raises(ValueError, match="hidden has T"):
