@@ -314,8 +314,8 @@ def test_nll_loss_bad_arguments_raise(kwargs, err, match):
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
 def test_nll_loss_gradients_hold_no_logits_sized_temporaries(dtype):
-  """The loss's forward+backward on the CPU default (token chunks of 256 in float32,
-  the sweeps in bfloat16): one chunk's logits and d logits, and a float32
+  """The loss's forward+backward on the CPU default (token chunks of 512 in float32,
+  the sweeps in bfloat16): about one chunk's float32 logits and a float32
   d unembed accumulator (D x V, the gradient's size), never [N, V]."""
   s = shapes.FUSED_MEMORY
   h = jax.ShapeDtypeStruct((s.tokens, s.width), dtype)
@@ -324,4 +324,6 @@ def test_nll_loss_gradients_hold_no_logits_sized_temporaries(dtype):
   grad = jax.grad(lambda h, w, t: lpk.fused_nll_loss(h, w, t), argnums=(0, 1))
   temp = jax.jit(grad).lower(h, w, t).compile().memory_analysis().temp_size_in_bytes
   logits_f32 = s.tokens * s.vocab * 4
-  assert temp < 0.25 * logits_f32, f"{temp / logits_f32:.3f} of the logits' bytes"
+  chunk, grad_acc = lpk.FusedConfig().loss_chunk_bytes, s.width * s.vocab * 4
+  assert temp < 1.25 * chunk + grad_acc, f"{temp / logits_f32:.3f} of the logits' bytes"
+  assert temp < 0.3 * logits_f32  # 25% in float32 here, 8% in bfloat16 (the sweeps)

@@ -51,17 +51,21 @@ class FusedConfig:
       ``d hidden`` and a float32 ``d unembed`` accumulator: three matmuls in
       all); False, the forward sweep then the backward sweep (four); None, the
       measured best: chunks for float32 on the CPU (N = 4096, D = 512,
-      V = 32000 on 2 cores: 3.2 s against 4.6 s), sweeps for bfloat16 there
-      (1.6 s against 1.9 s) and, unmeasured, on other backends.
+      V = 32000 on 2 cores, same process: 512-token chunks 3.1-3.3 s,
+      256-token chunks 3.2-3.7 s, the sweeps 4.6 s, the materialised form
+      3.2-3.3 s), sweeps for bfloat16 there (1.6 s against 1.9 s) and,
+      unmeasured, on other backends.
     loss_chunk_tokens: tokens per chunk, or None for as many as keep one
-      chunk's float32 logits within ``loss_chunk_bytes`` (32 MiB: 256 tokens at
-      V = 32000; a multiple of 64, at least 64).
+      chunk's float32 logits within ``loss_chunk_bytes`` (64 MiB: 512 tokens at
+      V = 32000, 128 at V = 128256; a multiple of 64, at least 64). The
+      temporaries are about one chunk's logits plus the float32 ``d unembed``
+      accumulator (the gradient's size), whatever N.
   """
 
   vocab_block: int | None = None
   loss_chunks: bool | None = None
   loss_chunk_tokens: int | None = None
-  loss_chunk_bytes: int = 32 << 20
+  loss_chunk_bytes: int = 64 << 20
 
   def __post_init__(self):
     if self.vocab_block is not None and (
