@@ -327,3 +327,34 @@ def test_nll_loss_gradients_hold_no_logits_sized_temporaries(dtype):
   chunk, grad_acc = lpk.FusedConfig().loss_chunk_bytes, s.width * s.vocab * 4
   assert temp < 1.25 * chunk + grad_acc, f"{temp / logits_f32:.3f} of the logits' bytes"
   assert temp < 0.3 * logits_f32  # 25% in float32 here, 8% in bfloat16 (the sweeps)
+
+
+@pytest.mark.parametrize(
+  "implementation",
+  [
+    lpk.XlaFused(lpk.FusedConfig(vocab_block=128)),
+    lpk.XlaFused(lpk.FusedConfig(vocab_block=128, loss_chunks=True, loss_chunk_tokens=16)),
+  ],
+  ids=["sweeps", "loss-chunks"],
+)
+def test_bfloat16_tied_table_gradients_run_on_the_cpu(implementation):
+  """A bfloat16 ``[V, D]`` table's gradient blocks: XLA:CPU has no bfloat16 dot with a
+  float32 result that contracts the left operand's first axis (it raised at run
+  time), so each is taken as ``dz.T @ h``; per-token stats and the loss, against the
+  reference."""
+  h, w, t = _inputs(13, 40, 16, 300, jnp.bfloat16)
+  table = w.T.copy()
+
+  def stats(h, table, impl):
+    return lpk.fused_token_logprobs(h, table, t, implementation=impl, vocab_axis=0).sum()
+
+  def loss(h, table, impl):
+    return lpk.fused_nll_loss(h, table, t, z_loss=1e-3, implementation=impl, vocab_axis=0)
+
+  for fn in (stats, loss):
+    grad = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)), static_argnums=2)
+    (value, g), (want, g_ref) = grad(h, table, implementation), grad(h, table, "reference")
+    assert_close(value, want, rtol=2e-5, atol=2e-5, what=fn.__name__)
+    for a, b in zip(g, g_ref, strict=True):
+      assert a.dtype == jnp.bfloat16 and a.shape == b.shape
+      assert_close(a, b, **GRAD_TOLERANCES[jnp.dtype(jnp.bfloat16)], what=f"{fn.__name__} grad")

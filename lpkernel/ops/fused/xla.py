@@ -143,14 +143,20 @@ def block_grad(z, y, cols, targets, tau_col, softcap, f: P.Finished, g, dtype):
   return (dy * P.transform_grad(z, tau_col, softcap)).astype(dtype), dtau
 
 
-def grad_unembed(h, h_t, dz, vocab_axis: int, precision) -> jax.Array:
+def grad_unembed(h, dz, vocab_axis: int, precision, h_t=None) -> jax.Array:
   """``h^T dz`` float32 in the matrix's layout: ``[D, W]``, or ``[W, D]`` for a ``[V, D]``
-  table. ``h_t``: ``h.T`` made once (the CPU's fast bfloat16 dots contract the
-  left operand's last axis), or None to contract ``h`` as it is."""
-  if h_t is not None:
-    dw = contract(h_t, 1, dz, 0, precision)
-    return dw if vocab_axis == 1 else dw.T
-  return contract(h, 0, dz, 0, precision) if vocab_axis == 1 else contract(dz, 0, h, 0, precision)
+  table.
+
+  With ``h_t`` (``h.T``, made once by the caller: the CPU) every dot contracts its
+  left operand's last axis, which XLA:CPU's bfloat16 dots need (to be fast, and
+  with a float32 result at all); a ``[V, D]`` table then takes ``dz.T @ h``, the
+  copy of ``dz`` kept by a barrier from being folded back into the dot.
+  """
+  if h_t is None:
+    return contract(h, 0, dz, 0, precision) if vocab_axis == 1 else contract(dz, 0, h, 0, precision)
+  if vocab_axis == 1:
+    return contract(h_t, 1, dz, 0, precision)
+  return contract(lax.optimization_barrier(dz.T), 1, h, 0, precision)
 
 
 def chunked_grads(h, w, size: int, vocab_axis: int, precision, row_grads, out_init=None, tau=None):
@@ -178,8 +184,8 @@ def chunked_grads(h, w, size: int, vocab_axis: int, precision, row_grads, out_in
     dz, dtau_c, out_c = row_grads(z, lo, width)
     # d h rows = dz @ w^T, contracting the vocabulary axis as stored.
     dh = put(dh, contract(dz, 1, w, vocab_axis, precision), lo)
-    h_t = lax.optimization_barrier(hc.T) if _on_cpu() and vocab_axis == 1 else None
-    dwc = grad_unembed(hc, h_t, dz, vocab_axis, precision)
+    h_t = lax.optimization_barrier(hc.T) if _on_cpu() else None
+    dwc = grad_unembed(hc, dz, vocab_axis, precision, h_t)
     dw = dwc.astype(w.dtype) if one_chunk else dw + dwc
     if dtau is not None:
       dtau = put(dtau, dtau_c, lo)
@@ -256,7 +262,7 @@ class XlaFused:
         dtau = dtau + dtau_b
       # d h += dz @ w_block^T, contracting the block's vocabulary axis as stored.
       dh = dh + contract(dz, 1, wb, vocab_axis, self.precision)
-      dwb = grad_unembed(h, h_t, dz, vocab_axis, self.precision)
+      dwb = grad_unembed(h, dz, vocab_axis, self.precision, h_t)
       dwb = lax.bitcast_convert_type(dwb.astype(w.dtype), bits)
       return dh, lax.dynamic_update_slice_in_dim(dw, dwb, lo, vocab_axis), dtau
 
