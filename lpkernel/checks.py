@@ -118,6 +118,17 @@ def check_fused(hidden, unembed, targets, vocab_axis: int = 1) -> None:
     raise ValueError(f"vocab_size V={v} must be at least 1")
 
 
+def fused_arguments(hidden, unembed, targets, temperature, softcap, axis):
+  """The checked arguments of every fused entry: (hidden, unembed, targets int32,
+  vocab axis 0 / 1, temperature rows float32[N] or None)."""
+  hidden, unembed = as_array("hidden", hidden), as_array("unembed", unembed)
+  targets = as_ids("targets", targets)
+  axis = vocab_axis(axis)
+  check_fused(hidden, unembed, targets, axis)
+  check_softcap(softcap)
+  return hidden, unembed, targets, axis, temperature_rows(temperature, targets.shape)
+
+
 def _positive_finite_number(x) -> bool:
   return isinstance(x, (int, float, np.integer, np.floating)) and bool(np.isfinite(x) and x > 0)
 

@@ -46,15 +46,29 @@ def _forward(h, w, targets, tau, softcap, impl, axis, vocab_size, vocab_axis):
   local = targets - offset
   p = P.combine_shards(impl.partials(h, w, local, tau, softcap, vocab_axis), axis, offset)
   f = P.finish(p, targets, vocab_size)
+  stats, bads = _poisoned_stats(f, targets, tau, vocab_size)
+  return stats, (h, w, local, tau, f, bads)
+
+
+def _poisoned_stats(f: P.Finished, targets, tau, vocab_size):
+  """``TokenStats`` of finished rows with the bad-input policy applied, and the
+  (bad id, bad temperature) masks. The log-sum-exp and entropy do not depend on
+  the target; all depend on tau."""
   bad_id, bad_tau = P.poisoned_rows(targets, tau, vocab_size)
-  # The log-sum-exp and entropy do not depend on the target; all depend on tau.
   stats = TokenStats(
     logprobs=jnp.where(bad_id | bad_tau, jnp.nan, f.logprob),
     lse=jnp.where(bad_tau, jnp.nan, f.lse),
     entropy=jnp.where(bad_tau, jnp.nan, f.entropy),
     greedy=f.greedy & ~(bad_id | bad_tau),
   )
-  return stats, (h, w, local, tau, f, (bad_id, bad_tau))
+  return stats, (bad_id, bad_tau)
+
+
+def _safe_rows(h, tau, live, bad_tau):
+  """Dead rows hold anything (padding, NaN, inf): zeros and temperature 1 keep them
+  out of every matmul and division, as temperature 1 does on poisoned rows."""
+  safe_h = jnp.where(live[:, None], h, 0)
+  return safe_h, None if tau is None else jnp.where(live & ~bad_tau, tau, 1.0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
@@ -72,9 +86,7 @@ def _fused_bwd(softcap, impl, axis, vocab_size, vocab_axis, residuals, ct: Token
   # every field's for a bad temperature.
   bads = (bad_id | bad_tau, bad_tau, bad_tau)
   g = [jnp.where(live & bad, jnp.nan, c) for c, bad in zip(g, bads, strict=True)]
-  # Dead rows hold anything (padding, NaN, inf): keep them out of h^T dz and 1/tau.
-  safe_h = jnp.where(live[:, None], h, 0)
-  safe_tau = None if tau is None else jnp.where(live & ~bad_tau, tau, 1.0)
+  safe_h, safe_tau = _safe_rows(h, tau, live, bad_tau)
   dh, dw, dtau = impl.grads(safe_h, w, local, safe_tau, softcap, f, g, vocab_axis)
   if dtau is not None:
     dtau = jnp.where(live, dtau, 0.0)
@@ -124,6 +136,14 @@ def _implementation(implementation) -> ops.FusedImplementation:
   return impl
 
 
+def _reference_stats(h, unembed, targets, tau, softcap, vocab_axis) -> TokenStats:
+  """``TokenStats`` of the materialised reference (a ``[V, D]`` table transposed)."""
+  from lpkernel import reference
+
+  w = unembed if vocab_axis == 1 else unembed.T
+  return reference.fused_token_stats(h, w, targets, tau, softcap)
+
+
 def fused_token_stats(
   hidden: jax.Array,
   unembed: jax.Array,
@@ -161,19 +181,13 @@ def fused_token_stats(
     >>> lpk.fused_token_stats(h, w, jnp.array([0, 7])).entropy
     Array([2.0794415, 2.0794415], dtype=float32)
   """
-  hidden, unembed = checks.as_array("hidden", hidden), checks.as_array("unembed", unembed)
-  targets = checks.as_ids("targets", targets)
-  vocab_axis = checks.vocab_axis(vocab_axis)
-  checks.check_fused(hidden, unembed, targets, vocab_axis)
-  checks.check_softcap(softcap)
+  hidden, unembed, targets, vocab_axis, tau = checks.fused_arguments(
+    hidden, unembed, targets, temperature, softcap, vocab_axis
+  )
   batch_shape = targets.shape
-  tau = checks.temperature_rows(temperature, batch_shape)
   h = hidden.reshape(-1, hidden.shape[-1])
   if ops.is_reference(implementation):
-    from lpkernel import reference
-
-    w = unembed if vocab_axis == 1 else unembed.T
-    stats = reference.fused_token_stats(h, w, targets.reshape(-1), tau, softcap)
+    stats = _reference_stats(h, unembed, targets.reshape(-1), tau, softcap, vocab_axis)
   else:
     stats = rows_fused_token_stats(
       h,
@@ -234,9 +248,8 @@ def _loss_rows(targets, tau, weights, z_loss, vocab_size, axis, offset) -> P.Los
 
     t, w = cut(targets), cut(weights)
     f = P.finish(P.combine_shards(p, axis, offset), t, vocab_size)
-    bad_id, bad_tau = P.poisoned_rows(t, cut(tau), vocab_size)
-    lp = jnp.where(bad_id | bad_tau, jnp.nan, f.logprob)
-    lse = jnp.where(bad_tau, jnp.nan, f.lse)
+    stats, (bad_id, bad_tau) = _poisoned_stats(f, t, cut(tau), vocab_size)
+    lp, lse = stats.logprobs, stats.lse
     live = w != 0
     term = -lp if z_loss == 0 else z_loss * jnp.square(lse) - lp
     g_lp = jnp.where(live & (bad_id | bad_tau), jnp.nan, -w)
@@ -246,29 +259,25 @@ def _loss_rows(targets, tau, weights, z_loss, vocab_size, axis, offset) -> P.Los
   return P.LossRows(targets - offset, cotangents)
 
 
-def _safe_rows(h, tau, weights):
-  """Dead rows (zero weight) hold anything: zeros and temperature 1 keep them out
-  of every matmul and division, as do temperature 1 on poisoned rows."""
-  live = weights != 0
-  safe_h = jnp.where(live[:, None], h, 0)
-  if tau is None:
-    return safe_h, None
-  return safe_h, jnp.where(live & ~P.poisoned_rows(weights, tau, 1)[1], tau, 1.0)
+def _loss_inputs(h, w, targets, tau, weights, z_loss, axis, vocab_size, vocab_axis):
+  """(``LossRows``, safe h, safe tau) of the loss on this shard."""
+  offset = P.block_offset(axis, w.shape[vocab_axis])
+  rows = _loss_rows(targets, tau, weights, z_loss, vocab_size, axis, offset)
+  bad_tau = P.poisoned_rows(targets, tau, vocab_size)[1]
+  return (rows, *_safe_rows(h, tau, weights != 0, bad_tau))
 
 
 def _nll_value(h, w, targets, tau, weights, z_loss, softcap, impl, axis, vocab_size, vocab_axis):
   """The loss without gradients: one forward sweep."""
-  offset = P.block_offset(axis, w.shape[vocab_axis])
-  rows = _loss_rows(targets, tau, weights, z_loss, vocab_size, axis, offset)
-  safe_h, safe_tau = _safe_rows(h, tau, weights)
+  args = (h, w, targets, tau, weights, z_loss, axis, vocab_size, vocab_axis)
+  rows, safe_h, safe_tau = _loss_inputs(*args)
   p = impl.partials(safe_h, w, rows.targets, safe_tau, softcap, vocab_axis)
   return jnp.sum(rows.cotangents(p, 0, h.shape[0])[2])
 
 
 def _nll_fwd(h, w, targets, tau, weights, z_loss, softcap, impl, axis, vocab_size, vocab_axis):
-  offset = P.block_offset(axis, w.shape[vocab_axis])
-  rows = _loss_rows(targets, tau, weights, z_loss, vocab_size, axis, offset)
-  safe_h, safe_tau = _safe_rows(h, tau, weights)
+  args = (h, w, targets, tau, weights, z_loss, axis, vocab_size, vocab_axis)
+  rows, safe_h, safe_tau = _loss_inputs(*args)
   n = h.shape[0]
   one_pass = getattr(impl, "loss_grads", lambda *a: None)(
     safe_h, w, safe_tau, softcap, rows, jnp.zeros((n,), _F32), vocab_axis
@@ -372,20 +381,16 @@ def fused_nll_loss(
     >>> lpk.fused_nll_loss(h, w, jnp.array([0, 7]), jnp.array([0.5, 0.5]))  # log 8
     Array(2.0794415, dtype=float32)
   """
-  hidden, unembed = checks.as_array("hidden", hidden), checks.as_array("unembed", unembed)
-  targets = checks.as_ids("targets", targets)
-  vocab_axis = checks.vocab_axis(vocab_axis)
-  checks.check_fused(hidden, unembed, targets, vocab_axis)
-  checks.check_softcap(softcap)
+  hidden, unembed, targets, vocab_axis, tau = checks.fused_arguments(
+    hidden, unembed, targets, temperature, softcap, vocab_axis
+  )
   checks.check_z_loss(z_loss)
-  tau = checks.temperature_rows(temperature, targets.shape)
   weights = checks.loss_weights(weights, targets.shape)
   h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
   if ops.is_reference(implementation):
     from lpkernel import reference
 
-    w = unembed if vocab_axis == 1 else unembed.T
-    stats = reference.fused_token_stats(h, w, t, tau, softcap)
+    stats = _reference_stats(h, unembed, t, tau, softcap, vocab_axis)
     return reference.nll_loss(stats, lax.stop_gradient(weights), z_loss)
   return rows_fused_nll_loss(
     h,

@@ -128,7 +128,7 @@ def sft_loss_hidden(
     segment ids are invalid.
   """
   from lpkernel.fused import fused_nll_loss
-  from lpkernel.scoring import checked_layout
+  from lpkernel.scoring import checked_layout, group_sum
 
   _check_normalise(normalise)
   hidden = checks.as_model_rows("hidden", hidden, "D")
@@ -136,11 +136,7 @@ def sft_loss_hidden(
     tokens, response_mask, segment_ids, num_segments, ("hidden", hidden.shape)
   )
   counted = layout.scored & layout.response if response_only else layout.scored
-  if num_segments is None:
-    count = jnp.sum(counted, axis=1)
-  else:
-    seg = jnp.arange(1, num_segments + 1, dtype=layout.segment.dtype)
-    count = jnp.sum(counted[:, :, None] & (layout.segment[:, :, None] == seg), axis=1)
+  count = group_sum(counted, layout.segment, num_segments, jnp.int32)
   weights = jnp.where(counted, 1.0 / _normaliser(normalise, count), 0.0)
   # A row with invalid segment ids poisons the loss where it counts, as in sft_loss.
   weights = jnp.where(counted & ~layout.row_ok[:, None], jnp.nan, weights)

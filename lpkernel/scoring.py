@@ -100,7 +100,7 @@ def _poison_jvp(primals, tangents):
   return _poison(x, bad), tangents[0] * jnp.where(bad, jnp.nan, 1.0)
 
 
-def _group_sum(values, groups, num_segments, dtype):
+def group_sum(values, groups, num_segments, dtype):
   """Sums ``values[B, T]`` (already zero where unscored) per row or per segment."""
   if num_segments is None:
     return jnp.sum(values, axis=1, dtype=dtype)
@@ -122,13 +122,13 @@ def sum_scores(row_logprobs, row_greedy, layout: RowLayout, num_segments=None) -
   in_prompt = layout.scored & ~layout.response
   in_response = layout.scored & layout.response
   # `where`, not a product: a masked position holding NaN or -inf stays out.
-  prompt = _group_sum(jnp.where(in_prompt, row_logprobs, 0.0), layout.segment, num_segments, _F32)
-  response = _group_sum(
+  prompt = group_sum(jnp.where(in_prompt, row_logprobs, 0.0), layout.segment, num_segments, _F32)
+  response = group_sum(
     jnp.where(in_response, row_logprobs, 0.0), layout.segment, num_segments, _F32
   )
   bad_row = ~layout.row_ok if num_segments is None else ~layout.row_ok[:, None]
   prompt, response = _poison(prompt, bad_row), _poison(response, bad_row)
-  not_greedy = _group_sum(in_response & ~row_greedy, layout.segment, num_segments, jnp.int32)
+  not_greedy = group_sum(in_response & ~row_greedy, layout.segment, num_segments, jnp.int32)
   # Position t + 1 holds the log-probability of token t + 1.
   token_lp = jnp.where(layout.scored, row_logprobs, 0.0)
   token_lp = jnp.concatenate([jnp.zeros_like(token_lp[:, :1]), token_lp[:, :-1]], axis=1)
@@ -136,8 +136,8 @@ def sum_scores(row_logprobs, row_greedy, layout: RowLayout, num_segments=None) -
     prompt_logprob=prompt,
     response_logprob=response,
     joint_logprob=prompt + response,
-    prompt_tokens=_group_sum(in_prompt, layout.segment, num_segments, jnp.int32),
-    response_tokens=_group_sum(in_response, layout.segment, num_segments, jnp.int32),
+    prompt_tokens=group_sum(in_prompt, layout.segment, num_segments, jnp.int32),
+    response_tokens=group_sum(in_response, layout.segment, num_segments, jnp.int32),
     response_greedy=(not_greedy == 0) & ~bad_row,
     token_logprobs=_poison(token_lp, ~layout.row_ok[:, None]),
   )

@@ -194,17 +194,11 @@ def vocab_parallel_fused_token_stats(
 def _fused_arguments(
   hidden, unembed, targets, mesh, model_axis, batch_axis, temperature, softcap, vocab_axis
 ):
-  """The checked arguments of the vocab-parallel fused functions: (hidden, unembed,
-  targets int32, vocab_axis 0 / 1, temperature rows float32[N] or None)."""
-  hidden, unembed = checks.as_array("hidden", hidden), checks.as_array("unembed", unembed)
-  targets = checks.as_ids("targets", targets)
-  vocab_axis = checks.vocab_axis(vocab_axis)
-  checks.check_fused(hidden, unembed, targets, vocab_axis)
-  checks.check_softcap(softcap)
-  v = unembed.shape[vocab_axis]
-  _check_mesh(mesh, model_axis, batch_axis, v, targets.size, ("unembed", "hidden"))
-  tau = checks.temperature_rows(temperature, targets.shape)
-  return hidden, unembed, targets, vocab_axis, tau
+  """``checks.fused_arguments``, then the mesh: V must divide by the model axis."""
+  args = checks.fused_arguments(hidden, unembed, targets, temperature, softcap, vocab_axis)
+  v, n = args[1].shape[args[3]], args[2].size
+  _check_mesh(mesh, model_axis, batch_axis, v, n, ("unembed", "hidden"))
+  return args
 
 
 def _fused_specs(model_axis, batch_axis, vocab_axis, tau, extra_rows=0):
