@@ -289,6 +289,8 @@ def test_nll_loss_policy(impl):
   if impl != "reference":  # its autodiff puts 0 * NaN in the dead rows
     assert (gh[jnp.array([2, 3, 5])] == 0).all() and np.isfinite(gh).all()
   assert np.isposinf(run(jnp.ones_like(h), impossible, t.at[0].set(9), weights)[0])
+  value, (gh, _) = run(h.at[0, 1].set(jnp.nan), w, t, weights)  # NaN wins in a weighted row
+  assert np.isnan(value) and np.isnan(gh[0]).any()
   value, (gh, _) = run(h, w, t.at[1].set(-1), weights)
   assert np.isnan(value)
   if impl != "reference":  # the plain form's `where` gives a zero gradient there
