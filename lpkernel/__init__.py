@@ -10,6 +10,7 @@ from lpkernel.fused import TokenStats as TokenStats
 from lpkernel.fused import fused_nll_loss as fused_nll_loss
 from lpkernel.fused import fused_token_logprobs as fused_token_logprobs
 from lpkernel.fused import fused_token_stats as fused_token_stats
+from lpkernel.logprobs import nll_loss as nll_loss
 from lpkernel.logprobs import token_logprobs as token_logprobs
 from lpkernel.logprobs import token_logprobs_and_greedy as token_logprobs_and_greedy
 from lpkernel.ops import ChunkConfig as ChunkConfig
@@ -42,6 +43,7 @@ __all__ = [
   "check_inputs",
   "checkify_inputs",
   "fused_nll_loss",
+  "nll_loss",
   "fused_token_logprobs",
   "fused_token_stats",
   "losses",

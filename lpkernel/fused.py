@@ -235,34 +235,10 @@ def fused_token_logprobs(
 # --- the training loss: gradients written in the forward pass ----------------
 
 
-def _loss_rows(targets, tau, weights, z_loss, vocab_size, axis, offset) -> P.LossRows:
-  """The cotangents of ``sum_n w_n (z_loss * lse_n^2 - lp_n)``, row by row.
-
-  ``tau`` is the caller's temperature (its bad entries poison their rows); the
-  per-row output is each row's weighted term, exactly zero where ``w_n == 0``.
-  """
-
-  def cotangents(p: P.RowPartials, lo, width):
-    def cut(a):
-      return None if a is None else lax.dynamic_slice_in_dim(a, lo, width)
-
-    t, w = cut(targets), cut(weights)
-    f = P.finish(P.combine_shards(p, axis, offset), t, vocab_size)
-    stats, (bad_id, bad_tau) = _poisoned_stats(f, t, cut(tau), vocab_size)
-    lp, lse = stats.logprobs, stats.lse
-    live = w != 0
-    term = -lp if z_loss == 0 else z_loss * jnp.square(lse) - lp
-    g_lp = jnp.where(live & (bad_id | bad_tau), jnp.nan, -w)
-    g_lse = None if z_loss == 0 else jnp.where(live, 2 * z_loss * w * lse, 0.0)
-    return f, (g_lp, g_lse, None), jnp.where(live, w * term, 0.0)
-
-  return P.LossRows(targets - offset, cotangents)
-
-
 def _loss_inputs(h, w, targets, tau, weights, z_loss, axis, vocab_size, vocab_axis):
   """(``LossRows``, safe h, safe tau) of the loss on this shard."""
   offset = P.block_offset(axis, w.shape[vocab_axis])
-  rows = _loss_rows(targets, tau, weights, z_loss, vocab_size, axis, offset)
+  rows = P.nll_rows(targets, tau, weights, z_loss, vocab_size, axis, offset)
   bad_tau = P.poisoned_rows(targets, tau, vocab_size)[1]
   return (rows, *_safe_rows(h, tau, weights != 0, bad_tau))
 

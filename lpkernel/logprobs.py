@@ -54,16 +54,27 @@ def _logprobs_bwd(softcap, impl, axis, vocab_size, residuals, cotangents):
     dx = impl.grad_logits(x, local, safe_tau, softcap, shift, log_s, g)
   dtau = None
   if tau is not None:
-    with jax.named_scope("dtemperature"):
-      # lp = y_t - lse(y), y = s(x) / tau  =>  d lp / d tau = (E_p[y] - y_t) / tau,
-      # both centred on the row's shift to keep their precision.
-      centred = impl.centred_expected_y(x, safe_tau, softcap, shift, log_s)
-      t = P.finite_or_zero(xla.target_y(x, local, safe_tau, softcap) - shift)
-      dtau = jnp.where(live, g * (centred - t) / safe_tau, 0.0)
+    dtau = jnp.where(live, _grad_tau(impl, x, local, safe_tau, softcap, shift, log_s, g), 0.0)
   return dx, jnp.zeros(local.shape, jax.dtypes.float0), dtau
 
 
 _logprobs.defvjp(_forward, _logprobs_bwd)
+
+
+def _grad_tau(impl, x, local, tau, softcap, shift, log_s, g, g_lse=None):
+  """float32[N]: d/d tau of ``g * lp + g_lse * lse`` over whole rows (``tau`` safe).
+
+  ``y = s(x) / tau``, so ``d lse / d tau = -E_p[y] / tau`` and
+  ``d lp / d tau = (E_p[y] - y_t) / tau``, each centred on the row's shift to
+  keep its precision.
+  """
+  with jax.named_scope("dtemperature"):
+    centred = impl.centred_expected_y(x, tau, softcap, shift, log_s)
+    t = P.finite_or_zero(xla.target_y(x, local, tau, softcap) - shift)
+    d = jnp.where(g != 0, g * (centred - t), 0.0)
+    if g_lse is not None:
+      d = d - jnp.where(g_lse != 0, g_lse * (centred + P.finite_or_zero(shift)), 0.0)
+    return d / tau
 
 
 def rows_logprobs_and_greedy(
@@ -177,3 +188,127 @@ def token_logprobs(
   return token_logprobs_and_greedy(
     logits, targets, temperature=temperature, softcap=softcap, implementation=implementation
   )[0]
+
+
+# --- the training loss: gradients written in the forward pass ----------------
+
+
+def _nll_inputs(x, targets, tau, weights, z_loss):
+  """(``LossRows``, safe tau: 1 on dead and poisoned rows) of the loss over whole rows."""
+  v = x.shape[1]
+  rows = P.nll_rows(targets, tau, weights, z_loss, v, None, 0)
+  if tau is None:
+    return rows, None
+  bad_tau = P.poisoned_rows(targets, tau, v)[1]
+  return rows, jnp.where((weights != 0) & ~bad_tau, tau, 1.0)
+
+
+def _nll_value(x, targets, tau, weights, z_loss, softcap, impl):
+  """The loss without gradients: one forward pass."""
+  rows, safe_tau = _nll_inputs(x, targets, tau, weights, z_loss)
+  return jnp.sum(rows.cotangents(impl.partials(x, targets, safe_tau, softcap), 0, x.shape[0])[2])
+
+
+def _nll_fwd(x, targets, tau, weights, z_loss, softcap, impl):
+  rows, safe_tau = _nll_inputs(x, targets, tau, weights, z_loss)
+  one_pass = getattr(impl, "loss_grads", lambda *a: None)(x, safe_tau, softcap, rows)
+  if one_pass is None:  # the forward pass, then d logits from its statistics
+    p = impl.partials(x, targets, safe_tau, softcap)
+    f, (g_lp, g_lse, _), terms = rows.cotangents(p, 0, x.shape[0])
+    with jax.named_scope("dlogits"):
+      dx = impl.grad_logits(x, targets, safe_tau, softcap, f.shift, f.log_s, g_lp, g_lse)
+    dtau = None
+    if tau is not None:
+      dtau = _grad_tau(impl, x, targets, safe_tau, softcap, f.shift, f.log_s, g_lp, g_lse)
+      dtau = jnp.where(weights != 0, dtau, 0.0)
+  else:
+    terms, dx, dtau = one_pass
+  return jnp.sum(terms), (dx, dtau, weights)
+
+
+def _nll_bwd(z_loss, softcap, impl, residuals, ct):
+  dx, dtau, weights = residuals
+  # The loss is usually the whole objective (ct == 1): then d logits is passed on
+  # as written, not read and written again to scale it.
+  dx = lax.cond(ct == 1, lambda: dx, lambda: (dx.astype(_F32) * ct).astype(dx.dtype))
+  return (
+    dx,
+    jnp.zeros(weights.shape, jax.dtypes.float0),
+    None if dtau is None else dtau * ct,
+    jnp.zeros_like(weights),
+  )
+
+
+_nll = jax.custom_vjp(_nll_value, nondiff_argnums=(4, 5, 6))
+_nll.defvjp(_nll_fwd, _nll_bwd)
+
+
+def rows_nll_loss(
+  x: jax.Array,
+  targets: jax.Array,
+  weights: jax.Array,
+  tau: jax.Array | None,
+  *,
+  z_loss: float = 0.0,
+  softcap: float | None = None,
+  implementation: str | ops.LogitsImplementation | None = None,
+) -> jax.Array:
+  """:func:`nll_loss` of whole rows ``x [N, V]`` (targets int32[N], weights
+  float32[N] constants, tau float32[N] or None)."""
+  impl = ops.logits_implementation(implementation)
+  return _nll(x, targets, tau, lax.stop_gradient(weights), float(z_loss), softcap, impl)
+
+
+def nll_loss(
+  logits: jax.Array,
+  targets: jax.Array,
+  weights: jax.Array | None = None,
+  *,
+  z_loss: float = 0.0,
+  temperature: float | jax.Array = 1.0,
+  softcap: float | None = None,
+  implementation: str | ops.LogitsImplementation | None = None,
+) -> jax.Array:
+  """The training loss ``sum_n w_n * (z_loss * lse_n ** 2 - log Pr(target_n))`` from logits.
+
+  Its cotangents are known as soon as each row's statistics are, so under
+  ``jax.grad`` the forward pass writes ``d logits`` (on GPUs in the same
+  kernel that reads the row, the second read mostly from L2) and the backward
+  pass hands it on, scaled only if the loss's cotangent is not 1. Without
+  differentiation it is one forward pass.
+
+  Args:
+    logits, targets, temperature, softcap, implementation: as for
+      :func:`token_logprobs`.
+    weights: float or bool ``[...]`` broadcastable to ``targets`` (e.g. a
+      response mask divided by its token count), or None for 1 everywhere.
+      Tokens of weight 0 contribute exactly 0 to the loss and the gradients,
+      whatever their logits hold. Weights are constants: no gradient reaches them.
+    z_loss: the weight of the squared log-sum-exp (PaLM's z-loss, 1e-4 there).
+
+  Returns:
+    float32 scalar; ``+inf`` if a weighted target is impossible (``-inf``
+    logit), NaN if a weighted target id is outside ``[0, V)``, its
+    temperature is bad or its row holds NaN; gradients flow to ``logits`` and
+    an array ``temperature``.
+
+  Example:
+    >>> import jax.numpy as jnp, lpkernel as lpk
+    >>> logits = jnp.zeros((2, 8))                       # uniform over 8 tokens
+    >>> lpk.nll_loss(logits, jnp.array([0, 7]), jnp.array([0.5, 0.5]))  # log 8
+    Array(2.0794415, dtype=float32)
+  """
+  logits = checks.as_array("logits", logits)
+  targets = checks.as_ids("targets", targets)
+  checks.check_logits_and_targets(logits, targets)
+  checks.check_softcap(softcap)
+  checks.check_z_loss(z_loss)
+  tau = checks.temperature_rows(temperature, targets.shape)
+  weights = checks.loss_weights(weights, targets.shape)
+  x, t = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+  if ops.is_reference(implementation):
+    from lpkernel import reference
+
+    stats = reference.logits_stats(x, t, tau, softcap)
+    return reference.nll_loss(stats, lax.stop_gradient(weights), z_loss)
+  return rows_nll_loss(x, t, weights, tau, z_loss=z_loss, softcap=softcap, implementation=implementation)

@@ -251,7 +251,8 @@ def poisoned_rows(targets, tau, vocab_size) -> tuple[jax.Array, jax.Array]:
   """bool[N] masks of rows whose values are NaN by policy: (id outside
   ``[0, vocab_size)``, temperature not finite and positive)."""
   bad_id = (targets < 0) | (targets >= vocab_size)
-  bad_tau = jnp.zeros_like(bad_id) if tau is None else ~(jnp.isfinite(tau) & (tau > 0))
+  # |tau| < inf rather than isfinite, so that kernels can call it (see finite_or_zero).
+  bad_tau = jnp.zeros_like(bad_id) if tau is None else ~((jnp.abs(tau) < jnp.inf) & (tau > 0))
   return bad_id, bad_tau
 
 
@@ -268,10 +269,70 @@ class LossRows(NamedTuple):
       g, out)``: the rows' :class:`Finished` statistics, their cotangents
       ``(g_lp, g_lse, g_entropy)`` (``[width]`` each, None for an absent term)
       and their per-row outputs (a pytree of ``[width]`` arrays).
+    weights: float32[N], the rows' loss weights, and ``tau`` the caller's
+      float32[N] temperatures or None (both for :attr:`row_terms`).
+    row_terms: ``(finished, targets, tau, weights) -> (g_lp, g_lse or None,
+      out)`` of the same rows, elementwise, so that a kernel can call it on the
+      rows it holds (``tau`` the caller's temperatures or None); None where the
+      rows' partials must first be merged across devices.
   """
 
   targets: jax.Array
   cotangents: Callable
+  weights: jax.Array | None = None
+  tau: jax.Array | None = None
+  row_terms: Callable | None = None
+
+
+def nll_terms(f: Finished, targets, tau, weights, *, z_loss: float, vocab_size: int):
+  """Row by row, the loss ``w * (z_loss * lse ** 2 - lp)`` and its cotangents.
+
+  Elementwise on ``[N]`` rows (kernels call it too). Rows of weight 0 give
+  exactly 0 whatever they hold; a weighted row with an id outside
+  ``[0, vocab_size)`` or a bad temperature (``tau``: the caller's, or None)
+  gives NaN, and a NaN ``g_lp`` so that its gradients are NaN too; a NaN
+  weight wins.
+
+  Returns:
+    (g_lp, g_lse or None without z-loss, the rows' terms), float32 ``[N]``.
+  """
+  bad_id, bad_tau = poisoned_rows(targets, tau, vocab_size)
+  lp = jnp.where(bad_id | bad_tau, jnp.nan, f.logprob)
+  live = weights != 0
+  term, g_lse = -lp, None
+  if z_loss != 0:
+    lse = jnp.where(bad_tau, jnp.nan, f.lse)
+    term = z_loss * jnp.square(lse) - lp
+    g_lse = jnp.where(live, 2 * z_loss * weights * lse, 0.0)
+  g_lp = jnp.where(live & (bad_id | bad_tau), jnp.nan, -weights)
+  return g_lp, g_lse, jnp.where(live, weights * term, 0.0)
+
+
+def nll_rows(targets, tau, weights, z_loss: float, vocab_size: int, axis_name, offset) -> LossRows:
+  """The :class:`LossRows` of ``sum_n w_n * (z_loss * lse_n ** 2 - lp_n)`` on this shard.
+
+  Args:
+    targets: int32[N] global ids; ``tau``: the caller's float32[N] temperatures
+      or None; ``weights``: float32[N].
+    axis_name, offset: the mesh axis the columns are split over (or None) and
+      this device's first column (:func:`block_offset`).
+  """
+
+  def cotangents(p: RowPartials, lo, width):
+    def cut(a):
+      return None if a is None else lax.dynamic_slice_in_dim(a, lo, width)
+
+    t = cut(targets)
+    f = finish(combine_shards(p, axis_name, offset), t, vocab_size)
+    g_lp, g_lse, out = nll_terms(f, t, cut(tau), cut(weights), z_loss=z_loss, vocab_size=vocab_size)
+    return f, (g_lp, g_lse, None), out
+
+  def row_terms(f, t, tau, w):
+    return nll_terms(f, t, tau, w, z_loss=z_loss, vocab_size=vocab_size)
+
+  return LossRows(
+    targets - offset, cotangents, weights, tau, row_terms if axis_name is None else None
+  )
 
 
 def dense_cotangents(g, like: jax.Array) -> list[jax.Array]:

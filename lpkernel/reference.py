@@ -68,9 +68,13 @@ def fused_token_stats(
   softcap: float | None = None,
 ):
   """``TokenStats`` of the materialised ``h @ w`` (float32 accumulation)."""
+  return logits_stats(jnp.dot(h, w, preferred_element_type=_F32), targets, tau, softcap)
+
+
+def logits_stats(logits, targets, tau=None, softcap=None):
+  """``TokenStats`` (log-prob, log-sum-exp, entropy, greedy) of logits rows ``[..., V]``."""
   from lpkernel.fused import TokenStats
 
-  logits = jnp.dot(h, w, preferred_element_type=_F32)
   temperature = 1.0 if tau is None else tau
   lp, greedy = token_logprobs_and_greedy(logits, targets, temperature=temperature, softcap=softcap)
   y, bad_tau = _transformed(logits, temperature, softcap)

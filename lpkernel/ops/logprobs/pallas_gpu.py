@@ -111,8 +111,49 @@ class PallasGpuLogits:
     blocks = P.RowPartials(*(a.reshape(splits, n) for a in fields))
     return P.combine(blocks, P.over_axis(0), expand=lambda r: r[None])
 
-  def grad_logits(self, x, targets, tau, softcap, shift, log_s, g) -> jax.Array:
-    return self._grad(x, targets, tau, softcap, [shift, log_s, g], x.dtype)[0]
+  def grad_logits(self, x, targets, tau, softcap, shift, log_s, g, g_lse=None) -> jax.Array:
+    if g_lse is None:
+      return self._grad(x, targets, tau, softcap, [shift, log_s, g], x.dtype)[0]
+    zeros = jnp.zeros_like(g)
+    return self._grad(x, targets, tau, softcap, [shift, log_s, g, g_lse, zeros, zeros], x.dtype)[0]
+
+  def loss_grads(self, x, tau, softcap, rows: P.LossRows):
+    """A training loss over whole rows and its gradients in one kernel, or None
+    (rows merged across devices, or too few rows to fill the GPU: then the
+    caller runs :meth:`partials` and :meth:`grad_logits`).
+
+    Args:
+      x: float[N, V] logits; ``tau``: float32[N] safe temperatures (1 on dead
+        and poisoned rows) or None.
+      rows: the loss's rows (:class:`lpkernel.partials.LossRows`, with ``row_terms``).
+
+    Returns:
+      (float32[N] per-row terms, d x [N, V] in x's dtype, d tau float32[N] or None).
+    """
+    n, v = x.shape
+    if rows.row_terms is None or self.num_splits(n, v) > 1:
+      return None
+    tiling.check_gpu_block("logits loss", (self.block_rows, self.block_v), x.dtype)
+    kernel = functools.partial(
+      _loss_kernel,
+      block_rows=self.block_rows,
+      block_v=self.block_v,
+      softcap=softcap,
+      has_tau=tau is not None,
+      row_terms=rows.row_terms,
+    )
+    row = jax.ShapeDtypeStruct((n,), _F32)
+    out_shape = (jax.ShapeDtypeStruct(x.shape, x.dtype), row) + (() if tau is None else (row,))
+    taus = () if tau is None else (tau.astype(_F32), rows.tau.astype(_F32))
+    dx, out, *dtau = pl.pallas_call(
+      kernel,
+      grid=(pl.cdiv(n, self.block_rows),),
+      out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=self.num_warps, num_stages=3),
+      interpret=self.interpret,
+      name="lpkernel_logits_loss",
+    )(x, rows.targets, rows.weights.astype(_F32), *taus)
+    return out, dx, (dtau[0] if dtau else None)
 
   def grad_fused_logits(self, z, targets, tau, softcap, f: P.Finished, g, dtype):
     """The fused path's ``d z`` from float32 logits ``z [N, V]`` (a token chunk).
@@ -162,67 +203,100 @@ def _tau_args(tau):
   return () if tau is None else (tau.astype(_F32),)
 
 
+def _online_tile(x_ref, rows, row_ok, target, tau, start, carry, *, block_v, softcap, with_entropy):
+  """Folds columns ``[start, start + block_v)`` of the rows into their running
+  ``(m, s, t, arg, sy)`` (float32 ``[block_rows]`` each)."""
+  v = x_ref.shape[1]
+  m, s, t, arg, sy = carry
+  cols = start + jnp.arange(block_v)
+  mask = row_ok[:, None] & (cols < v)[None, :]
+  x = plgpu.load(x_ref.at[rows[:, None], cols[None, :]], mask=mask, other=-jnp.inf)
+  y = P.transform(x, tau, softcap)  # masked columns are -inf: no mass, never the argmax
+  block_m = jnp.max(y, axis=1)
+  new_m = jnp.maximum(m, block_m)
+  shift = P.shift_of(new_m)
+  scale = _exp(m - shift)  # 0 while the row is empty; NaN stays NaN
+  e = _exp(y - shift[:, None])
+  if with_entropy:  # re-centre the running sum of p * (y - shift) on the new shift
+    delta = jnp.where(s > 0, P.shift_of(m) - shift, 0.0)
+    y_c = P.finite_or_zero(y - shift[:, None])
+    sy = (sy + s * delta) * scale + jnp.sum(e * y_c, axis=1)
+  s = s * scale + jnp.sum(e, axis=1)
+  # The first argmax moves only where a block raises the max (rarely, after
+  # the first blocks): skip its per-element work otherwise. Ties keep the
+  # earlier column.
+  raised = block_m > m
+  arg = jax.lax.cond(
+    _any(raised),
+    lambda: jnp.where(
+      raised,
+      jnp.min(jnp.where(y == block_m[:, None], cols[None, :], P.NO_COLUMN), axis=1),
+      arg,
+    ),
+    lambda: arg,
+  )
+  # The target's y, from the same arithmetic as the max it is compared with,
+  # picked only in the tile that holds it.
+  here = (target >= start) & (target < start + block_v)
+  t = jax.lax.cond(
+    _any(here),
+    lambda: jnp.maximum(
+      t, jnp.max(jnp.where(cols[None, :] == target[:, None], y, -jnp.inf), axis=1)
+    ),
+    lambda: t,
+  )
+  return new_m, s, t, arg, sy
+
+
+def _no_columns(block_rows):
+  """The running ``(m, s, t, arg, sy)`` of rows before their first tile."""
+  minus_inf = jnp.full((block_rows,), -jnp.inf, _F32)
+  zeros = jnp.zeros((block_rows,), _F32)
+  return minus_inf, zeros, minus_inf, jnp.full((block_rows,), P.NO_COLUMN, jnp.int32), zeros
+
+
 def _partials_kernel(
   x_ref, t_ref, *refs, block_rows, block_v, span, softcap, has_tau, with_entropy
 ):
   tau_ref, refs = (refs[0], refs[1:]) if has_tau else (None, refs)
-  n, v = x_ref.shape
+  n = x_ref.shape[0]
   i, j = pl.program_id(0), pl.program_id(1)
   rows = i * block_rows + jnp.arange(block_rows)
   row_ok = rows < n
   tau = None if tau_ref is None else plgpu.load(tau_ref.at[rows], mask=row_ok, other=1.0)[:, None]
   target = plgpu.load(t_ref.at[rows], mask=row_ok, other=-1)
-  lo = j * span
-
-  def body(k, carry):
-    m, s, t, arg, sy = carry
-    start = lo + k * block_v
-    cols = start + jnp.arange(block_v)
-    mask = row_ok[:, None] & (cols < v)[None, :]
-    x = plgpu.load(x_ref.at[rows[:, None], cols[None, :]], mask=mask, other=-jnp.inf)
-    y = P.transform(x, tau, softcap)  # masked columns are -inf: no mass, never the argmax
-    block_m = jnp.max(y, axis=1)
-    new_m = jnp.maximum(m, block_m)
-    shift = P.shift_of(new_m)
-    scale = _exp(m - shift)  # 0 while the row is empty; NaN stays NaN
-    e = _exp(y - shift[:, None])
-    if with_entropy:  # re-centre the running sum of p * (y - shift) on the new shift
-      delta = jnp.where(s > 0, P.shift_of(m) - shift, 0.0)
-      y_c = P.finite_or_zero(y - shift[:, None])
-      sy = (sy + s * delta) * scale + jnp.sum(e * y_c, axis=1)
-    s = s * scale + jnp.sum(e, axis=1)
-    # The first argmax moves only where a block raises the max (rarely, after
-    # the first blocks): skip its per-element work otherwise. Ties keep the
-    # earlier column.
-    raised = block_m > m
-    arg = jax.lax.cond(
-      _any(raised),
-      lambda: jnp.where(
-        raised,
-        jnp.min(jnp.where(y == block_m[:, None], cols[None, :], P.NO_COLUMN), axis=1),
-        arg,
-      ),
-      lambda: arg,
-    )
-    # The target's y, from the same arithmetic as the max it is compared with,
-    # picked only in the tile that holds it.
-    here = (target >= start) & (target < start + block_v)
-    t = jax.lax.cond(
-      _any(here),
-      lambda: jnp.maximum(
-        t, jnp.max(jnp.where(cols[None, :] == target[:, None], y, -jnp.inf), axis=1)
-      ),
-      lambda: t,
-    )
-    return new_m, s, t, arg, sy
-
-  minus_inf = jnp.full((block_rows,), -jnp.inf, _F32)
-  zeros = jnp.zeros((block_rows,), _F32)
-  init = (minus_inf, zeros, minus_inf, jnp.full((block_rows,), P.NO_COLUMN, jnp.int32), zeros)
-  fields = jax.lax.fori_loop(0, span // block_v, body, init)
+  tile = functools.partial(
+    _online_tile, x_ref, rows, row_ok, target, tau,
+    block_v=block_v, softcap=softcap, with_entropy=with_entropy,
+  )  # fmt: skip
+  fields = jax.lax.fori_loop(
+    0, span // block_v, lambda k, c: tile(j * span + k * block_v, c), _no_columns(block_rows)
+  )
   out = j * n + rows
   for ref, value in zip(refs, fields, strict=False):  # sy only with the entropy
     plgpu.store(ref.at[out], value, mask=row_ok)
+
+
+def _tile_grad(x_ref, rows, row_ok, cols, target, tau, softcap, shift, log_s, g_lp, g_lse,
+               g_ent=None, centred=None, *, with_dtau):  # fmt: skip
+  """d x of one ``[block_rows, block_v]`` tile (its store mask too), and with
+  ``with_dtau`` its rows' part of d tau (else None).
+
+  Row values are ``[block_rows, 1]``; ``g_lse``, ``g_ent`` and ``centred`` may be None.
+  """
+  v = x_ref.shape[1]
+  mask = row_ok[:, None] & (cols < v)[None, :]
+  x = plgpu.load(x_ref.at[rows[:, None], cols[None, :]], mask=mask, other=0.0)
+  y = P.transform(x, tau, softcap)
+  p = _exp((y - shift) - log_s)
+  y_c = P.finite_or_zero(y - shift) if g_ent is not None or with_dtau else None
+  dy = P.grad_y(cols[None, :] == target, p, g_lp, g_lse, g_ent, y_c, centred)
+  dx = jnp.where(dy != 0, dy * P.transform_grad(x, tau, softcap), 0.0)  # dead rows may hold NaN
+  dtau = None
+  if with_dtau:
+    dy = jnp.where(mask, dy, 0.0)  # the masked-out loads (x = 0) carry no gradient
+    dtau = P.grad_tau(dy, y_c, shift, tau)
+  return dx, mask, dtau
 
 
 def _grad_kernel(x_ref, t_ref, *refs, block_rows, block_v, softcap, has_tau, fused):
@@ -231,11 +305,10 @@ def _grad_kernel(x_ref, t_ref, *refs, block_rows, block_v, softcap, has_tau, fus
   rows_in = 6 if fused else 3  # shift, log_s, g_lp (, g_lse, g_ent, centred)
   row_refs, refs = refs[:rows_in], refs[rows_in:]
   tau_ref, (dx_ref, *dtau_ref) = (refs[0], refs[1:]) if has_tau else (None, refs)
-  n, v = x_ref.shape
+  n = x_ref.shape[0]
   rows = pl.program_id(0) * block_rows + jnp.arange(block_rows)
   cols = pl.program_id(1) * block_v + jnp.arange(block_v)
   row_ok = rows < n
-  mask = row_ok[:, None] & (cols < v)[None, :]
 
   def row(ref, other=0.0):
     return plgpu.load(ref.at[rows], mask=row_ok, other=other)[:, None]
@@ -243,14 +316,52 @@ def _grad_kernel(x_ref, t_ref, *refs, block_rows, block_v, softcap, has_tau, fus
   shift, log_s, g_lp, *fused_rows = (row(r) for r in row_refs)
   g_lse, g_ent, centred = fused_rows if fused else (None, None, None)
   tau = None if tau_ref is None else row(tau_ref, 1.0)
-  x = plgpu.load(x_ref.at[rows[:, None], cols[None, :]], mask=mask, other=0.0)
-  y = P.transform(x, tau, softcap)
-  p = _exp((y - shift) - log_s)
-  y_c = P.finite_or_zero(y - shift) if fused else None
-  dy = P.grad_y(cols[None, :] == row(t_ref, -1), p, g_lp, g_lse, g_ent, y_c, centred)
-  dx = jnp.where(dy != 0, dy * P.transform_grad(x, tau, softcap), 0.0)  # dead rows may hold NaN
+  dx, mask, dtau = _tile_grad(
+    x_ref, rows, row_ok, cols, row(t_ref, -1), tau, softcap, shift, log_s, g_lp, g_lse, g_ent,
+    centred, with_dtau=bool(dtau_ref),
+  )  # fmt: skip
   plgpu.store(dx_ref.at[rows[:, None], cols[None, :]], dx.astype(dx_ref.dtype), mask=mask)
   if dtau_ref:  # this column block's part of d tau; the caller sums the blocks
-    dy = jnp.where(mask, dy, 0.0)  # the masked-out loads (x = 0) carry no gradient
-    out = pl.program_id(1) * n + rows
-    plgpu.store(dtau_ref[0].at[out], P.grad_tau(dy, y_c, shift, tau)[:, 0], mask=row_ok)
+    plgpu.store(dtau_ref[0].at[pl.program_id(1) * n + rows], dtau[:, 0], mask=row_ok)
+
+
+def _loss_kernel(x_ref, t_ref, w_ref, *refs, block_rows, block_v, softcap, has_tau, row_terms):
+  """A training loss over whole rows in one program: the online pass over the
+  row's tiles, the loss's cotangents from its statistics, then ``d x`` tile by
+  tile (the row is read twice, the second time mostly from L2)."""
+  tau_refs, (dx_ref, out_ref, *dtau_ref) = (refs[:2], refs[2:]) if has_tau else ((), refs)
+  n, v = x_ref.shape
+  rows = pl.program_id(0) * block_rows + jnp.arange(block_rows)
+  row_ok = rows < n
+  target = plgpu.load(t_ref.at[rows], mask=row_ok, other=-1)
+  weight = plgpu.load(w_ref.at[rows], mask=row_ok, other=0.0)
+  # The safe temperature (1 on dead or poisoned rows) transforms; the caller's poisons.
+  tau, caller_tau = (
+    (plgpu.load(r.at[rows], mask=row_ok, other=1.0) for r in tau_refs) if has_tau else (None, None)
+  )
+  tau_col = None if tau is None else tau[:, None]
+  tiles = pl.cdiv(v, block_v)
+  tile = functools.partial(
+    _online_tile, x_ref, rows, row_ok, target, tau_col,
+    block_v=block_v, softcap=softcap, with_entropy=False,
+  )  # fmt: skip
+  m, s, t, arg, _ = jax.lax.fori_loop(
+    0, tiles, lambda k, c: tile(k * block_v, c), _no_columns(block_rows)
+  )
+  f = P.finish(P.RowPartials(m, s, t, arg), target, v)
+  g_lp, g_lse, out = row_terms(f, target, caller_tau, weight)
+  plgpu.store(out_ref.at[rows], out, mask=row_ok)
+  col = lambda a: None if a is None else a[:, None]  # noqa: E731
+
+  def grad_tile(k, dtau):
+    cols = k * block_v + jnp.arange(block_v)
+    dx, mask, dtau_k = _tile_grad(
+      x_ref, rows, row_ok, cols, target[:, None], tau_col, softcap, col(f.shift), col(f.log_s),
+      col(g_lp), col(g_lse), with_dtau=has_tau,
+    )  # fmt: skip
+    plgpu.store(dx_ref.at[rows[:, None], cols[None, :]], dx.astype(dx_ref.dtype), mask=mask)
+    return dtau if dtau_k is None else dtau + dtau_k[:, 0]
+
+  dtau = jax.lax.fori_loop(0, tiles, grad_tile, jnp.zeros((block_rows,), _F32))
+  if dtau_ref:
+    plgpu.store(dtau_ref[0].at[rows], jnp.where(weight != 0, dtau, 0.0), mask=row_ok)

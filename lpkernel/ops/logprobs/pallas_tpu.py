@@ -77,14 +77,18 @@ class PallasTpuLogits:
     )(x, targets[:, None], *([] if tau is None else [tau.astype(_F32)[:, None]]))
     return P.RowPartials(m[:, 0], s[:, 0], t[:, 0], arg[:, 0])
 
-  def grad_logits(self, x, targets, tau, softcap, shift, log_s, g) -> jax.Array:
+  def grad_logits(self, x, targets, tau, softcap, shift, log_s, g, g_lse=None) -> jax.Array:
     n, v = x.shape
     br, bv = self._blocks(x)
     tile = pl.BlockSpec((br, bv), lambda i, k: (i, k))
     row = pl.BlockSpec((br, 1), lambda i, k: (i, 0))
-    rows = [targets, shift, log_s, g] + ([] if tau is None else [tau.astype(_F32)])
+    optional = [r.astype(_F32) for r in (g_lse, tau) if r is not None]
+    rows = [targets, shift, log_s, g, *optional]
+    kernel = functools.partial(
+      _grad_kernel, softcap=softcap, has_lse=g_lse is not None, has_tau=tau is not None
+    )
     return tpu_call(
-      functools.partial(_grad_kernel, softcap=softcap, has_tau=tau is not None),
+      kernel,
       (pl.cdiv(n, br), pl.cdiv(v, bv)),
       [tile] + [row] * len(rows),
       tile,
@@ -141,12 +145,16 @@ def _partials_kernel(x_ref, target_ref, *refs, vocab_size, softcap, has_tau):
     ref[...] = value
 
 
-def _grad_kernel(x_ref, t_ref, shift_ref, log_s_ref, g_ref, *refs, softcap, has_tau):
+def _grad_kernel(x_ref, t_ref, shift_ref, log_s_ref, g_ref, *refs, softcap, has_lse, has_tau):
+  """d x of ``g * lp`` (and ``g_lse * lse`` with ``has_lse``) over one tile."""
+  g_lse_ref, refs = (refs[0], refs[1:]) if has_lse else (None, refs)
   tau_ref, dx_ref = refs if has_tau else (None, refs[0])
   x = x_ref[...]
   tau = None if tau_ref is None else tau_ref[...]
+  g_lse = None if g_lse_ref is None else g_lse_ref[...]
   cols = pl.program_id(1) * x.shape[1] + lax.broadcasted_iota(jnp.int32, x.shape, 1)
   y = P.transform(x, tau, softcap)
-  dy = P.grad_y(cols == t_ref[...], P.softmax(y, shift_ref[...], log_s_ref[...]), g_ref[...])
+  p = P.softmax(y, shift_ref[...], log_s_ref[...])
+  dy = P.grad_y(cols == t_ref[...], p, g_ref[...], g_lse)
   dx = jnp.where(dy != 0, dy * P.transform_grad(x, tau, softcap), 0.0)  # dead rows may hold NaN
   dx_ref[...] = dx.astype(dx_ref.dtype)

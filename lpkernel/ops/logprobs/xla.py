@@ -143,11 +143,13 @@ def centred_expected_y(x, tau, softcap, shift, log_s, chunk: int) -> jax.Array:
   return jnp.sum(p * P.finite_or_zero(yc - shift_c), axis=-1).reshape(n, k).sum(-1)
 
 
-def grad_logits(x, targets, tau, softcap, shift, log_s, g) -> jax.Array:
-  """``d logits = g * (onehot - p) * dy/dx`` in one elementwise pass; ``x``'s dtype.
+def grad_logits(x, targets, tau, softcap, shift, log_s, g, g_lse=None) -> jax.Array:
+  """``d logits = (g * (onehot - p) + g_lse * p) * dy/dx`` in one elementwise pass;
+  ``x``'s dtype.
 
-  ``g`` is zero on dead rows (the caller makes their ``tau`` safe); its rows
-  are exactly zero there whatever ``x`` holds.
+  ``g`` (and ``g_lse``, the log-sum-exp's cotangent, or None) is zero on dead
+  rows (the caller makes their ``tau`` safe); its rows are exactly zero there
+  whatever ``x`` holds.
   """
   n, v = x.shape
   # The selects keep XLA:CPU from sharing the forward's broadcast shift and
@@ -155,11 +157,18 @@ def grad_logits(x, targets, tau, softcap, shift, log_s, g) -> jax.Array:
   # the one-hot and the row mask) as [N, V] float32 buffers. A row whose log_s
   # is not finite (all -inf, or +inf inside) gets p = 0 off its +inf columns.
   shift, log_s = P.finite_or_zero(shift), P.finite_or_zero(log_s)
+  # And a barrier keeps this pass's upcast of x from being merged with the
+  # forward's (CSE): where the forward reads x itself (one vocabulary chunk, 2-D
+  # logits), the shared upcast was materialised as a float32 [N, V] copy.
+  x = lax.optimization_barrier(x)
   tau_col = None if tau is None else tau[:, None]
   y = P.transform(x, tau_col, softcap)
   onehot = lax.broadcasted_iota(jnp.int32, (n, v), 1) == targets[:, None]
-  dy = jnp.where(onehot, 1.0, 0.0) - P.softmax(y, shift[:, None], log_s[:, None])
-  dx = jnp.where(g[:, None] != 0, g[:, None] * dy * P.transform_grad(x, tau_col, softcap), 0.0)
+  p = P.softmax(y, shift[:, None], log_s[:, None])
+  dydx = P.transform_grad(x, tau_col, softcap)
+  dx = jnp.where(g[:, None] != 0, g[:, None] * (jnp.where(onehot, 1.0, 0.0) - p) * dydx, 0.0)
+  if g_lse is not None:
+    dx = dx + jnp.where(g_lse[:, None] != 0, g_lse[:, None] * p * dydx, 0.0)
   return dx.astype(x.dtype)
 
 
@@ -228,14 +237,14 @@ class XlaLogits:
 
     return lax.platform_dependent(cpu=cpu, default=lambda: partials(x, targets, tau, softcap, v))
 
-  def grad_logits(self, x, targets, tau, softcap, shift, log_s, g) -> jax.Array:
+  def grad_logits(self, x, targets, tau, softcap, shift, log_s, g, g_lse=None) -> jax.Array:
     def cpu():
       fn = lambda x, *rows: grad_logits(x, *rows[:1], rows[1], softcap, *rows[2:])  # noqa: E731
       if not _needs_row_blocks(x, softcap):
-        return fn(x, targets, tau, shift, log_s, g)
-      return _in_row_blocks(fn, x, targets, tau, shift, log_s, g)
+        return fn(x, targets, tau, shift, log_s, g, g_lse)
+      return _in_row_blocks(fn, x, targets, tau, shift, log_s, g, g_lse)
 
-    default = lambda: grad_logits(x, targets, tau, softcap, shift, log_s, g)  # noqa: E731
+    default = lambda: grad_logits(x, targets, tau, softcap, shift, log_s, g, g_lse)  # noqa: E731
     return lax.platform_dependent(cpu=cpu, default=default)
 
   def centred_expected_y(self, x, tau, softcap, shift, log_s) -> jax.Array:
