@@ -128,22 +128,14 @@ def sft_loss_hidden(
     segment ids are invalid.
   """
   from lpkernel.fused import fused_nll_loss
-  from lpkernel.scoring import checked_layout, group_sum
 
-  _check_normalise(normalise)
   hidden = checks.as_model_rows("hidden", hidden, "D")
-  layout = checked_layout(
-    tokens, response_mask, segment_ids, num_segments, ("hidden", hidden.shape)
-  )
-  counted = layout.scored & layout.response if response_only else layout.scored
-  count = group_sum(counted, layout.segment, num_segments, jnp.int32)
-  weights = jnp.where(counted, 1.0 / _normaliser(normalise, count), 0.0)
-  # A row with invalid segment ids poisons the loss where it counts, as in sft_loss.
-  weights = jnp.where(counted & ~layout.row_ok[:, None], jnp.nan, weights)
+  args = (tokens, response_mask, segment_ids, num_segments, normalise, response_only)
+  targets, weights = _sft_weights(*args, ("hidden", hidden.shape))
   return fused_nll_loss(
     hidden,
     unembed,
-    layout.targets,
+    targets,
     weights,
     z_loss=z_loss,
     temperature=temperature,
@@ -151,6 +143,65 @@ def sft_loss_hidden(
     implementation=implementation,
     vocab_axis=vocab_axis,
   )
+
+
+def sft_loss_logits(
+  logits: jax.Array,
+  tokens: jax.Array,
+  response_mask: jax.Array,
+  *,
+  segment_ids: jax.Array | None = None,
+  num_segments: int | None = None,
+  normalise: Normalisation = "tokens",
+  response_only: bool = True,
+  z_loss: float = 0.0,
+  temperature: float | jax.Array = 1.0,
+  softcap: float | None = None,
+  implementation: str | ops.LogitsImplementation | None = None,
+) -> jax.Array:
+  """``sft_loss(score(...))`` (+ z-loss) from logits, its gradient written in the forward pass.
+
+  The same number as :func:`sft_loss_hidden` from ``[B, T, V]`` logits,
+  computed by :func:`lpkernel.nll_loss`: under ``jax.grad`` the forward pass
+  writes ``d logits`` (on GPUs in the kernel that reads each row).
+
+  Args:
+    logits: float[B, T, V]; ``logits[:, t]`` predicts ``tokens[:, t + 1]``.
+    temperature, softcap, implementation: as for :func:`lpkernel.score`.
+    Others as for :func:`sft_loss_hidden`.
+
+  Returns:
+    float32 scalar; NaN if a counted token id is out of range or a row's
+    segment ids are invalid.
+  """
+  from lpkernel.logprobs import nll_loss
+
+  logits = checks.as_model_rows("logits", logits, "V")
+  args = (tokens, response_mask, segment_ids, num_segments, normalise, response_only)
+  targets, weights = _sft_weights(*args, ("logits", logits.shape))
+  return nll_loss(
+    logits,
+    targets,
+    weights,
+    z_loss=z_loss,
+    temperature=temperature,
+    softcap=softcap,
+    implementation=implementation,
+  )
+
+
+def _sft_weights(tokens, response_mask, segment_ids, num_segments, normalise, response_only, dims):
+  """(targets int32[B, T], weights float32[B, T]): the rows' next tokens and
+  each counted token's ``1 / normaliser`` (0 elsewhere; NaN where a row's
+  segment ids are invalid, as in :func:`sft_loss`)."""
+  from lpkernel.scoring import checked_layout, group_sum
+
+  _check_normalise(normalise)
+  layout = checked_layout(tokens, response_mask, segment_ids, num_segments, dims)
+  counted = layout.scored & layout.response if response_only else layout.scored
+  count = group_sum(counted, layout.segment, num_segments, jnp.int32)
+  weights = jnp.where(counted, 1.0 / _normaliser(normalise, count), 0.0)
+  return layout.targets, jnp.where(counted & ~layout.row_ok[:, None], jnp.nan, weights)
 
 
 def _metrics(loss, chosen_reward, rejected_reward, chosen_logps, rejected_logps):

@@ -305,6 +305,68 @@ def test_fused_loss_matches_reference_and_oracle(name, dtype):
     assert_close(a, b, **tol, what=f"{name} {what}")
 
 
+LOGITS_LOSS_IMPLEMENTATIONS = {
+  # The forward pass, then d logits from its statistics (two Pallas GPU kernels:
+  # vocabulary splits; two Mosaic kernels).
+  **IMPLEMENTATIONS,
+  # One kernel per row block: the online pass, the cotangents, then d logits.
+  "pallas_gpu-one-kernel": dataclasses.replace(IMPLEMENTATIONS["pallas_gpu"], splits=1),
+}
+
+
+@pytest.mark.parametrize(
+  "name,dtype",
+  [pytest.param(name, jnp.float32, id=f"{name}-float32") for name in LOGITS_LOSS_IMPLEMENTATIONS]
+  + [
+    pytest.param(name, jnp.bfloat16, id=f"{name}-bfloat16")
+    for name in ("xla-chunked", "pallas_gpu-one-kernel")
+  ],
+)
+def test_logits_loss_matches_reference_and_oracle(name, dtype):
+  """``nll_loss`` with z-loss, softcap and per-token temperature at V = 1000 (tiles
+  and a tail, a target in the tail, a +1e4 offset, ties): the value against the
+  reference and the float64 oracle, d logits and d tau (written in the forward
+  pass) against the reference's autodiff. Zero-weight rows hold the all -inf row,
+  the out-of-range id, a NaN row and a zero temperature; their gradients are 0."""
+  impl = LOGITS_LOSS_IMPLEMENTATIONS[name]
+  x, t = _batch(1000, dtype)
+  n = t.shape[0]
+  tau = jnp.linspace(0.5, 2.0, n).at[11].set(0.0)
+  dead = jnp.zeros(n, bool).at[jnp.array([0, 3, 7, 11])].set(True)
+  weights = jax.random.uniform(jax.random.key(3), (n,), minval=0.5, maxval=1.5)
+  weights = jnp.where(dead, 0.0, weights)
+  x = x.at[7].set(jnp.nan)
+  live = np.flatnonzero(~dead)
+
+  def loss(x, tau, impl, keep=slice(None)):
+    return lpk.nll_loss(
+      x[keep],
+      t[keep],
+      weights[keep],
+      z_loss=1e-3,
+      temperature=tau[keep],
+      softcap=30.0,
+      implementation=impl,
+    )
+
+  value, g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)(x, tau, impl)
+  # The reference on the live rows alone (its autodiff puts 0 * NaN in dead rows).
+  ref_value, g_ref = jax.value_and_grad(
+    lambda x, tau: loss(x, tau, "reference", jnp.array(live)), argnums=(0, 1)
+  )(x, tau)
+  assert_close(value, ref_value, rtol=2e-6, atol=0, what=f"{name} loss")
+  tau64 = np.asarray(tau, np.float64)[live]
+  z = np.asarray(x.astype(jnp.float32), np.float64)[live]
+  lp = oracle_token_logprobs(z, np.asarray(t)[live], tau64, 30.0)
+  want = np.sum(np.asarray(weights)[live] * (1e-3 * _oracle_lse(z, tau64, 30.0) ** 2 - lp))
+  assert_close(value, want, rtol=2e-6, atol=0, what=f"{name} vs oracle")
+  assert g[0].dtype == x.dtype
+  assert (g[0][np.asarray(dead)] == 0).all() and (g[1][np.asarray(dead)] == 0).all()
+  tol = GRAD_TOLERANCES[jnp.dtype(dtype)]
+  assert_close(g[0][live], g_ref[0][live], **tol, what=f"{name} d logits")
+  assert_close(g[1][live], g_ref[1][live], rtol=1e-4, atol=1e-5, what=f"{name} d tau")
+
+
 # --- static block validation ------------------------------------------------------------------
 
 
@@ -451,6 +513,34 @@ def test_fused_loss_lowers_for_their_hardware(impl, platform, call, count):
     return fused._nll(h, w, t, tau, weights, 1e-4, 30.0, impl, None, v, 1)
 
   lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 3))).trace(h, w, t, tau, weights)
+  assert lowered.lower(lowering_platforms=(platform,)).as_text().count(f"@{call}") == count
+
+
+@pytest.mark.parametrize(
+  "impl,platform,call,count",
+  [
+    (lpk.PallasGpuLogits(), "cuda", "__gpu$xla.gpu.triton", 1),
+    (lpk.PallasGpuLogits(block_rows=4, block_v=512, splits=3), "cuda", "__gpu$xla.gpu.triton", 2),
+    (lpk.PallasTpuLogits(), "tpu", "tpu_custom_call", 2),
+  ],
+  ids=["gpu-one-kernel", "gpu-split", "tpu"],
+)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+def test_logits_loss_lowers_for_their_hardware(impl, platform, call, count, dtype):
+  """The logits loss's forward pass with its gradient (z-loss, softcap, temperature):
+  on GPUs one kernel per row block (its cotangents computed inside), or with
+  vocabulary splits the forward kernel then the gradient kernel; on TPUs the
+  forward then the gradient kernel. Nothing runs in the backward."""
+  from lpkernel import logprobs
+
+  x = jax.ShapeDtypeStruct((64, 1000), dtype)
+  t = jax.ShapeDtypeStruct((64,), jnp.int32)
+  tau, weights = (jax.ShapeDtypeStruct((64,), jnp.float32),) * 2
+
+  def loss(x, t, tau, weights):
+    return logprobs._nll(x, t, tau, weights, 1e-4, 30.0, impl)
+
+  lowered = jax.jit(jax.grad(loss, argnums=(0, 2))).trace(x, t, tau, weights)
   assert lowered.lower(lowering_platforms=(platform,)).as_text().count(f"@{call}") == count
 
 

@@ -209,3 +209,95 @@ def test_greedy_flags():
   np.testing.assert_array_equal(greedy, [True, True])
   _, greedy = lpk.token_logprobs_and_greedy(logits, jnp.array([2, -1]))
   np.testing.assert_array_equal(greedy, [False, False])
+
+
+# --- the training loss: nll_loss -------------------------------------------------------
+
+ONE_KERNEL = lpk.PallasGpuLogits(block_rows=4, block_v=64, splits=1, interpret=True)
+
+
+def _oracle_lse(logits):
+  y = np.asarray(jnp.asarray(logits, jnp.float32), np.float64)
+  m = np.max(y, axis=-1, keepdims=True)
+  return np.log(np.sum(np.exp(y - m), axis=-1)) + m[..., 0]
+
+
+@pytest.mark.parametrize(
+  "shape,v,dtype",
+  [((1,), 1, jnp.float32), ((5,), 3, jnp.float32), ((3,), 32003, jnp.float32),
+   ((2, 3), 3, jnp.bfloat16)],  # fmt: skip
+  ids=["n1-v1", "n5-v3", "n3-v32003", "2x3-v3-bfloat16"],
+)
+@pytest.mark.parametrize("implementation", [None, ONE_KERNEL], ids=["default", "pallas-one-kernel"])
+def test_nll_loss_matches_the_reference_and_oracle(shape, v, dtype, implementation):
+  x, t = _inputs(13, shape, v, dtype)
+  n = int(np.prod(shape))
+  weights = jnp.linspace(1.0, 0.0, n).reshape(shape) if n > 1 else None  # the last weighs 0
+
+  def loss(x, impl):
+    return lpk.nll_loss(x, t, weights, z_loss=0.01, implementation=impl)
+
+  grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  (value, g), (want, g_ref) = grad(x, implementation), grad(x, "reference")
+  assert_close(value, want, rtol=2e-5, atol=2e-5, what="loss")
+  wt = np.ones(shape) if weights is None else np.asarray(weights, np.float64)
+  oracle = np.sum(wt * (0.01 * _oracle_lse(x) ** 2 - oracle_token_logprobs(x, t)))
+  assert_close(value, oracle, rtol=2e-5, atol=2e-5, what="oracle")
+  assert g.dtype == x.dtype
+  assert_close(g, g_ref, **GRAD_TOLERANCES[jnp.dtype(dtype)], what="d logits")
+
+
+@pytest.mark.parametrize("impl", [None, ONE_KERNEL, "reference"], ids=lambda i: str(i)[:16])
+def test_nll_loss_policy(impl):
+  """+inf for an impossible weighted target, NaN (value and gradient) for an
+  out-of-range weighted id or a NaN in a weighted row; zero-weight rows contribute
+  exactly nothing, whatever they hold, and no gradient reaches the weights."""
+  x, t = _inputs(14, (6,), 10, jnp.float32)
+  weights = jnp.array([1.0, 1.0, 0.0, 0.0, 0.5, 0.0])
+  keep = jnp.array([0, 1, 4])
+
+  @jax.jit
+  def run(x, t, weights):
+    def loss(x, weights):
+      return lpk.nll_loss(x, t, weights, temperature=jnp.full(t.shape, 0.5), implementation=impl)
+
+    return jax.value_and_grad(loss, argnums=(0, 1))(x, weights)
+
+  bad = x.at[2].set(jnp.nan).at[3].set(jnp.inf)
+  value, (gx, gw) = run(bad, t.at[5].set(10), weights)  # row 5: out of range, weight 0
+  np.testing.assert_allclose(value, run(x[keep], t[keep], weights[keep])[0], rtol=1e-6)
+  assert (gw == 0).all()
+  if impl != "reference":  # its autodiff puts 0 * NaN in the dead rows
+    assert (gx[jnp.array([2, 3, 5])] == 0).all() and np.isfinite(gx).all()
+  assert np.isposinf(run(x.at[0, 4].set(-jnp.inf), t.at[0].set(4), weights)[0])
+  value, (gx, _) = run(x.at[0, 1].set(jnp.nan), t, weights)  # NaN wins in a weighted row
+  assert np.isnan(value) and np.isnan(gx[0]).any()
+  value, (gx, _) = run(x, t.at[1].set(-1), weights)
+  assert np.isnan(value)
+  if impl != "reference":  # the plain form's `where` gives a zero gradient there
+    assert np.isnan(gx[1]).all() and np.isfinite(np.delete(gx, 1, axis=0)).all()
+
+
+def test_nll_loss_scales_its_gradient_by_the_cotangent():
+  """The backward hands d logits on as written when the cotangent is 1, scaled otherwise."""
+  x, t = _inputs(15, (4,), 50, jnp.float32)
+  g1 = jax.grad(lambda x: lpk.nll_loss(x, t))(x)
+  g3 = jax.jit(jax.grad(lambda x, c: c * lpk.nll_loss(x, t)))(x, 3.0)
+  assert_close(g3, 3 * g1, rtol=1e-6, atol=0, what="3 x d logits")
+  assert_close(g1, jax.grad(lambda x: -jnp.sum(lpk.token_logprobs(x, t)))(x), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(
+  "kwargs,err,match",
+  [
+    (dict(weights=jnp.ones(5)), ValueError, "weights.shape"),
+    (dict(weights=jnp.ones(4, jnp.int32)), TypeError, "weights must be floats"),
+    (dict(z_loss=-1.0), ValueError, "z_loss"),
+    (dict(softcap=0.0), ValueError, "softcap"),
+    (dict(targets=jnp.zeros(5, jnp.int32)), ValueError, "targets"),
+  ],
+)
+def test_nll_loss_bad_arguments_raise(kwargs, err, match):
+  args = dict(logits=jnp.zeros((4, 8)), targets=jnp.zeros(4, jnp.int32)) | kwargs
+  with pytest.raises(err, match=match):
+    lpk.nll_loss(**args)

@@ -148,7 +148,7 @@ def test_z_loss():
 
 
 @pytest.mark.parametrize("normalise,num_segments", [("tokens", None), ("sequences", 2), ("sum", 2)])
-def test_sft_loss_hidden_is_sft_loss_of_score_hidden_plus_z_loss(normalise, num_segments):
+def test_sft_losses_from_hidden_and_logits_are_sft_loss_plus_z_loss(normalise, num_segments):
   import lpkernel as lpk
 
   k = jax.random.split(jax.random.key(2), 4)
@@ -190,13 +190,24 @@ def test_sft_loss_hidden_is_sft_loss_of_score_hidden_plus_z_loss(normalise, num_
       z = jnp.sum(jnp.where(counted, stats.lse**2, 0.0)) / denominator[normalise]
       return nll + 1e-2 * z
 
-    (a, ga), (e, ge) = (jax.jit(jax.value_and_grad(f))(hidden) for f in (fused, plain))
-    np.testing.assert_allclose(a, e, rtol=1e-6)
-    np.testing.assert_allclose(ga, ge, rtol=1e-5, atol=1e-7)
+    def from_logits(h, response_only=response_only, kw=kw):
+      return losses.sft_loss_logits(
+        h @ unembed, tokens, mask, normalise=normalise, response_only=response_only, z_loss=1e-2, **kw
+      )
+
+    e, ge = jax.jit(jax.value_and_grad(plain))(hidden)
+    for f in (fused, from_logits):
+      a, ga = jax.jit(jax.value_and_grad(f))(hidden)
+      np.testing.assert_allclose(a, e, rtol=1e-6)
+      np.testing.assert_allclose(ga, ge, rtol=1e-5, atol=1e-7)
   if normalise != "tokens":
     return
   bad = seg.at[1, 4].set(-1)  # invalid segment ids poison the loss where tokens count
   assert np.isnan(jax.jit(losses.sft_loss_hidden)(hidden, unembed, tokens, mask, segment_ids=bad))
+  logits = hidden @ unembed
+  assert np.isnan(jax.jit(losses.sft_loss_logits)(logits, tokens, mask, segment_ids=bad))
+  with pytest.raises(ValueError, match="logits has T"):
+    losses.sft_loss_logits(logits[:, 1:], tokens, mask)
   with pytest.raises(ValueError, match="normalise"):
     losses.sft_loss_hidden(hidden, unembed, tokens, mask, normalise="mean")
   with pytest.raises(ValueError, match="hidden has T"):

@@ -102,3 +102,22 @@ def test_reference_does_materialise():
     .memory_analysis()
   )
   assert stats.temp_size_in_bytes >= 2 * 64 * 1000 * 4 * 0.9
+
+
+@pytest.mark.parametrize("path", ["token_logprobs", "nll_loss"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+def test_two_dimensional_logits_hold_no_float32_copy(path, dtype):
+  """``[N, V]`` logits in one vocabulary chunk: the forward reduces ``x`` itself, and
+  XLA:CPU merged its float32 upcast with the backward's and materialised it (a
+  float32 ``[N, V]`` copy, 200% of bfloat16 logits) until the backward read ``x``
+  through a barrier. The gradient of the loss is written in its forward pass."""
+  x = jax.ShapeDtypeStruct((2048, 32000), dtype)
+  t = jax.ShapeDtypeStruct((2048,), jnp.int32)
+
+  def fn(x, t):
+    if path == "nll_loss":
+      return lpk.nll_loss(x, t)
+    return jnp.sum(lpk.token_logprobs(x, t))
+
+  fraction = _temp_fraction(fn, (x, t), 0, True, 2048 * 32000 * jnp.dtype(dtype).itemsize)
+  assert fraction < 0.10, f"temporaries {fraction:.2f}x the logits' bytes"
