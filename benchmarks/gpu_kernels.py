@@ -7,10 +7,13 @@
    beside the XLA sweep, for a few chunk sizes.
 1. Correctness on the device (compiled, not interpret mode) against the plain
    reference: values, greedy flags and gradients, awkward V, softcap and
-   per-row temperature, -inf rows and a NaN row.
+   per-row temperature, -inf rows and a NaN row; and the training loss
+   (``nll_loss`` with z-loss, its one kernel per row) and its gradient.
 2. Forward and forward+backward times at the accelerator shapes against the
-   read and read+write floors measured in the same process, for the Pallas
-   kernels (a few tilings), lpkernel's XLA path, the plain reference and optax.
+   read and read+write floors measured in the same process: first the
+   training loss (one kernel per row, a few tilings, and the XLA form), then
+   the Pallas kernels (a few tilings), lpkernel's XLA path, the plain reference
+   and optax.
 
 Writes ``gpu-kernels-<stamp>.json`` to ``--out``.
 """
@@ -39,6 +42,7 @@ TILINGS = [  # (block_rows, block_v, num_warps)
   (4, 2048, 8),
   (1, 2048, 4),
 ]
+LOSS_TILINGS = [(1, 2048, 4), (1, 4096, 8), (2, 2048, 8), (1, 1024, 4)]
 BWD_TILINGS = [(4, 1024, 4), (8, 1024, 8), (2, 2048, 8), (16, 512, 4)]
 
 
@@ -59,6 +63,14 @@ def _check(out: dict) -> None:
           lp = lpk.token_logprobs(x, t, temperature=temp, softcap=softcap, implementation=impl)
           return jnp.sum(jnp.where(w != 0, w * lp, 0.0))
 
+        def nll(x, impl):
+          return lpk.nll_loss(
+            x, t, jnp.abs(w), z_loss=1e-4, temperature=temp, softcap=softcap, implementation=impl
+          )
+
+        # The training loss in one kernel per row (splits=1), gradient included.
+        loss_got, g_loss = jax.value_and_grad(nll)(x, lpk.PallasGpuLogits(splits=1))
+        loss_want, g_loss_want = jax.value_and_grad(nll)(x, "reference")
         got = lpk.token_logprobs_and_greedy(
           x, t, temperature=temp, softcap=softcap, implementation="pallas_gpu"
         )
@@ -79,6 +91,10 @@ def _check(out: dict) -> None:
             and bool(jnp.all(jnp.isneginf(got[0]) == jnp.isneginf(want[0]))),
             greedy_equal=bool(jnp.all(got[1] == want[1])),
             max_grad_err=float(jnp.nanmax(jnp.abs(g_got - g_want))),
+            loss_rel_err=float(jnp.abs(loss_got - loss_want) / jnp.abs(loss_want)),
+            max_loss_grad_err=float(
+              jnp.nanmax(jnp.abs(g_loss.astype(jnp.float32) - g_loss_want.astype(jnp.float32)))
+            ),
           )
         )
         print("check", rows[-1], flush=True)
@@ -252,6 +268,15 @@ def _time(out: dict, repeats: int) -> None:
       def fwd_bwd(impl):
         return jax.grad(lambda x: jnp.sum(lpk.token_logprobs(x, tg, implementation=impl)))
 
+      def loss(impl):  # the training loss: d logits written in the forward pass
+        return jax.grad(lambda x: lpk.nll_loss(x, tg, implementation=impl))
+
+      # The loss first (the forward+backward target is read+write x1.3): its one
+      # kernel per row at a few tilings, and the XLA form.
+      for bn, bv, nw in LOSS_TILINGS:
+        impl = lpk.PallasGpuLogits(block_rows=bn, block_v=bv, num_warps=nw)
+        row(f"pallas loss {bn}x{bv} w{nw}", loss(impl), rw, "forward+backward")
+      row("xla loss", loss("xla"), rw, "forward+backward")
       for bn, bv, nw in TILINGS:
         impl = lpk.PallasGpuLogits(block_rows=bn, block_v=bv, num_warps=nw)
         row(f"pallas fwd {bn}x{bv} w{nw}", fwd(impl), read, "forward")

@@ -56,6 +56,17 @@ def _lpkernel(implementation=None):
   return loss
 
 
+def _lpkernel_loss(implementation=None):
+  def loss(inp):  # the training loss: d logits written in the forward pass
+    nll = lpk.losses.sft_loss_logits(
+      inp["logits"], inp["tokens"], inp["response_mask"], normalise="sum",
+      implementation=implementation,
+    )  # fmt: skip
+    return -nll
+
+  return loss
+
+
 def _not_default(name: str, fused: bool = False) -> Callable[[], str | None]:
   """Skips an implementation that is already lpkernel's default here (timed as
   "lpkernel", or "lpkernel-fused")."""
@@ -144,6 +155,7 @@ METHODS = [
     ("logits",),
     lambda: _on_gpu() or _not_default("pallas_gpu")(),
   ),
+  Method("lpkernel-loss", False, _lpkernel_loss(), ("logits",)),
   Method("plain", False, _plain, ("logits",)),
   Method("optax", False, _optax, ("logits",)),
   Method("lpkernel-fused", True, _fused(), ("hidden", "unembed")),

@@ -14,10 +14,11 @@ interpret mode, and lowered for its hardware), ``tests/test_policy.py`` (the
 bad-input and numerics policy) and ``tests/test_sharding.py`` (on each
 vocabulary shard).
 
-A fused implementation may also provide ``loss_grads``, which writes a
-training loss's gradients in the forward pass (:func:`lpkernel.fused_nll_loss`;
-the rows' cotangents come through :class:`lpkernel.partials.LossRows`);
-without it, or when it declines, the loss runs ``partials`` then ``grads``.
+An implementation may also provide ``loss_grads``, which writes a training
+loss's gradients in the forward pass (:func:`lpkernel.fused_nll_loss`,
+:func:`lpkernel.nll_loss`; the rows' cotangents come through
+:class:`lpkernel.partials.LossRows`); without it, or when it declines, the loss
+runs ``partials`` then ``grads`` (``grad_logits`` on the logits path).
 
 A public entry's ``implementation=`` takes None (the measured best for the
 backend), a name, or one of these objects (with its tiling and, for Pallas,

@@ -11,6 +11,11 @@ arithmetic as the max it is compared with (in the one tile that holds it).
 
 Backward: one elementwise pass (1 read, 1 write) from each row's shift and
 ``log(sum exp)``.
+
+Training loss (:func:`lpkernel.nll_loss`): one kernel per row block does the
+forward's online pass over the row, computes the loss's cotangents from the
+row's statistics (``LossRows.row_terms``), and writes ``d logits`` tile by tile
+in a second pass over the row, which the GPU's L2 mostly still holds.
 """
 
 from __future__ import annotations
