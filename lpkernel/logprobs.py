@@ -311,4 +311,6 @@ def nll_loss(
 
     stats = reference.logits_stats(x, t, tau, softcap)
     return reference.nll_loss(stats, lax.stop_gradient(weights), z_loss)
-  return rows_nll_loss(x, t, weights, tau, z_loss=z_loss, softcap=softcap, implementation=implementation)
+  return rows_nll_loss(
+    x, t, weights, tau, z_loss=z_loss, softcap=softcap, implementation=implementation
+  )

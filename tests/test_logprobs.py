@@ -224,8 +224,12 @@ def _oracle_lse(logits):
 
 @pytest.mark.parametrize(
   "shape,v,dtype",
-  [((1,), 1, jnp.float32), ((5,), 3, jnp.float32), ((3,), 32003, jnp.float32),
-   ((2, 3), 3, jnp.bfloat16)],  # fmt: skip
+  [
+    ((1,), 1, jnp.float32),
+    ((5,), 3, jnp.float32),
+    ((3,), 32003, jnp.float32),
+    ((2, 3), 3, jnp.bfloat16),
+  ],  # fmt: skip
   ids=["n1-v1", "n5-v3", "n3-v32003", "2x3-v3-bfloat16"],
 )
 @pytest.mark.parametrize("implementation", [None, ONE_KERNEL], ids=["default", "pallas-one-kernel"])

@@ -192,7 +192,13 @@ def test_sft_losses_from_hidden_and_logits_are_sft_loss_plus_z_loss(normalise, n
 
     def from_logits(h, response_only=response_only, kw=kw):
       return losses.sft_loss_logits(
-        h @ unembed, tokens, mask, normalise=normalise, response_only=response_only, z_loss=1e-2, **kw
+        h @ unembed,
+        tokens,
+        mask,
+        normalise=normalise,
+        response_only=response_only,
+        z_loss=1e-2,
+        **kw,
       )
 
     e, ge = jax.jit(jax.value_and_grad(plain))(hidden)
