@@ -229,6 +229,16 @@ LOSS_IMPLEMENTATIONS = {
 }
 
 
+def _loss_rows(n):
+  """(tau, weights, dead) of a loss test's n rows: rows 0, 3, 7 and 11 weigh 0 (the
+  all -inf row, the out-of-range id, a NaN row, and a zero temperature on row 11,
+  which stays out)."""
+  dead = jnp.zeros(n, bool).at[jnp.array([0, 3, 7, 11])].set(True)
+  weights = jax.random.uniform(jax.random.key(3), (n,), minval=0.5, maxval=1.5)
+  tau = jnp.linspace(0.5, 2.0, n).at[11].set(0.0)
+  return tau, jnp.where(dead, 0.0, weights), dead
+
+
 def _oracle_lse(z, tau, softcap):
   y = np.where(np.isneginf(z), -np.inf, softcap * np.tanh(z / softcap)) / tau[:, None]
   m = np.max(y, axis=-1, keepdims=True)
@@ -252,12 +262,8 @@ def test_fused_loss_matches_reference_and_oracle(name, dtype):
   impl = LOSS_IMPLEMENTATIONS[name]
   h, w, t = _fused_batch(1000, dtype)
   n = t.shape[0]
-  tau = jnp.linspace(0.5, 2.0, n)
-  weights = jax.random.uniform(jax.random.key(3), (n,), minval=0.5, maxval=1.5)
-  dead = jnp.zeros(n, bool).at[jnp.array([0, 3, 7, 11])].set(True)
-  weights = jnp.where(dead, 0.0, weights)
+  tau, weights, dead = _loss_rows(n)
   h = h.at[7].set(jnp.nan)
-  tau = tau.at[11].set(0.0)  # a bad temperature on a dead row stays out
 
   def loss(h, w, tau, impl, keep=slice(None)):
     return lpk.fused_nll_loss(
@@ -331,10 +337,7 @@ def test_logits_loss_matches_reference_and_oracle(name, dtype):
   impl = LOGITS_LOSS_IMPLEMENTATIONS[name]
   x, t = _batch(1000, dtype)
   n = t.shape[0]
-  tau = jnp.linspace(0.5, 2.0, n).at[11].set(0.0)
-  dead = jnp.zeros(n, bool).at[jnp.array([0, 3, 7, 11])].set(True)
-  weights = jax.random.uniform(jax.random.key(3), (n,), minval=0.5, maxval=1.5)
-  weights = jnp.where(dead, 0.0, weights)
+  tau, weights, dead = _loss_rows(n)
   x = x.at[7].set(jnp.nan)
   live = np.flatnonzero(~dead)
 
