@@ -61,19 +61,22 @@ def _logprobs_bwd(softcap, impl, axis, vocab_size, residuals, cotangents):
 _logprobs.defvjp(_forward, _logprobs_bwd)
 
 
-def _grad_tau(impl, x, local, tau, softcap, shift, log_s, g, g_lse=None):
-  """float32[N]: d/d tau of ``g * lp + g_lse * lse`` over whole rows (``tau`` safe).
+def _grad_tau(impl, x, local, tau, softcap, shift, log_s, g, g_lse=None, mass=None):
+  """float32[N]: this block's part of d/d tau of ``g * lp + g_lse * lse`` (``tau`` safe).
 
   ``y = s(x) / tau``, so ``d lse / d tau = -E_p[y] / tau`` and
   ``d lp / d tau = (E_p[y] - y_t) / tau``, each centred on the row's shift to
-  keep its precision.
+  keep its precision. On a vocabulary block the sums run over its columns and
+  the parts add up over the blocks: ``mass`` is the block's share of the
+  softmax (the lse term's shift weighs that much here); the lp term's shift
+  parts cancel over the blocks.
   """
   with jax.named_scope("dtemperature"):
     centred = impl.centred_expected_y(x, tau, softcap, shift, log_s)
     t = P.finite_or_zero(xla.target_y(x, local, tau, softcap) - shift)
     d = jnp.where(g != 0, g * (centred - t), 0.0)
     if g_lse is not None:
-      d = d - jnp.where(g_lse != 0, g_lse * (centred + P.finite_or_zero(shift)), 0.0)
+      d = d - jnp.where(g_lse != 0, g_lse * (centred + P.finite_or_zero(shift) * mass), 0.0)
     return d / tau
 
 
@@ -193,41 +196,46 @@ def token_logprobs(
 # --- the training loss: gradients written in the forward pass ----------------
 
 
-def _nll_inputs(x, targets, tau, weights, z_loss):
-  """(``LossRows``, safe tau: 1 on dead and poisoned rows) of the loss over whole rows."""
-  v = x.shape[1]
-  rows = P.nll_rows(targets, tau, weights, z_loss, v, None, 0)
+def _nll_inputs(x, targets, tau, weights, z_loss, axis, vocab_size):
+  """(``LossRows``, safe tau: 1 on dead and poisoned rows) of the loss on this shard."""
+  offset = P.block_offset(axis, x.shape[1])
+  rows = P.nll_rows(targets, tau, weights, z_loss, vocab_size, axis, offset)
   if tau is None:
     return rows, None
-  bad_tau = P.poisoned_rows(targets, tau, v)[1]
+  bad_tau = P.poisoned_rows(targets, tau, vocab_size)[1]
   return rows, jnp.where((weights != 0) & ~bad_tau, tau, 1.0)
 
 
-def _nll_value(x, targets, tau, weights, z_loss, softcap, impl):
+def _nll_value(x, targets, tau, weights, z_loss, softcap, impl, axis, vocab_size):
   """The loss without gradients: one forward pass."""
-  rows, safe_tau = _nll_inputs(x, targets, tau, weights, z_loss)
-  return jnp.sum(rows.cotangents(impl.partials(x, targets, safe_tau, softcap), 0, x.shape[0])[2])
+  rows, safe_tau = _nll_inputs(x, targets, tau, weights, z_loss, axis, vocab_size)
+  p = impl.partials(x, rows.targets, safe_tau, softcap)
+  return jnp.sum(rows.cotangents(p, 0, x.shape[0])[2])
 
 
-def _nll_fwd(x, targets, tau, weights, z_loss, softcap, impl):
-  rows, safe_tau = _nll_inputs(x, targets, tau, weights, z_loss)
+def _nll_fwd(x, targets, tau, weights, z_loss, softcap, impl, axis, vocab_size):
+  rows, safe_tau = _nll_inputs(x, targets, tau, weights, z_loss, axis, vocab_size)
   one_pass = getattr(impl, "loss_grads", lambda *a: None)(x, safe_tau, softcap, rows)
   if one_pass is None:  # the forward pass, then d logits from its statistics
-    p = impl.partials(x, targets, safe_tau, softcap)
+    p = impl.partials(x, rows.targets, safe_tau, softcap)
     f, (g_lp, g_lse, _), terms = rows.cotangents(p, 0, x.shape[0])
     with jax.named_scope("dlogits"):
-      dx = impl.grad_logits(x, targets, safe_tau, softcap, f.shift, f.log_s, g_lp, g_lse)
+      dx = impl.grad_logits(x, rows.targets, safe_tau, softcap, f.shift, f.log_s, g_lp, g_lse)
     dtau = None
     if tau is not None:
-      dtau = _grad_tau(impl, x, targets, safe_tau, softcap, f.shift, f.log_s, g_lp, g_lse)
-      dtau = jnp.where(weights != 0, dtau, 0.0)
+      # This block's share of the softmax mass (1 without vocabulary shards).
+      mass = jnp.where(p.s > 0, p.s * jnp.exp(P.shift_of(p.m) - f.shift - f.log_s), 0.0)
+      args = (x, rows.targets, safe_tau, softcap, f.shift, f.log_s, g_lp, g_lse, mass)
+      dtau = jnp.where(weights != 0, _grad_tau(impl, *args), 0.0)
   else:
     terms, dx, dtau = one_pass
   return jnp.sum(terms), (dx, dtau, weights)
 
 
-def _nll_bwd(z_loss, softcap, impl, residuals, ct):
+def _nll_bwd(z_loss, softcap, impl, axis, vocab_size, residuals, ct):
   dx, dtau, weights = residuals
+  if axis is not None:  # see _logprobs_bwd: shard_map splits a replicated cotangent
+    ct = ct * lax.axis_size(axis)
   # The loss is usually the whole objective (ct == 1): then d logits is passed on
   # as written, not read and written again to scale it.
   dx = lax.cond(ct == 1, lambda: dx, lambda: (dx.astype(_F32) * ct).astype(dx.dtype))
@@ -239,7 +247,7 @@ def _nll_bwd(z_loss, softcap, impl, residuals, ct):
   )
 
 
-_nll = jax.custom_vjp(_nll_value, nondiff_argnums=(4, 5, 6))
+_nll = jax.custom_vjp(_nll_value, nondiff_argnums=(4, 5, 6, 7, 8))
 _nll.defvjp(_nll_fwd, _nll_bwd)
 
 
@@ -252,11 +260,22 @@ def rows_nll_loss(
   z_loss: float = 0.0,
   softcap: float | None = None,
   implementation: str | ops.LogitsImplementation | None = None,
+  axis_name: str | None = None,
+  vocab_size: int | None = None,
 ) -> jax.Array:
-  """:func:`nll_loss` of whole rows ``x [N, V]`` (targets int32[N], weights
-  float32[N] constants, tau float32[N] or None)."""
+  """The per-shard building block of :func:`nll_loss` on rows ``x [N, Vb]``.
+
+  Args:
+    x: float[N, Vb] logits: whole rows, or (inside ``shard_map`` with
+      ``axis_name``) this device's block of columns.
+    targets: int32[N] global ids; ``weights``: float32[N] (constants: no
+      gradient reaches them); ``tau``: float32[N] temperatures or None.
+    axis_name, vocab_size: as for :func:`rows_logprobs_and_greedy`.
+  """
   impl = ops.logits_implementation(implementation)
-  return _nll(x, targets, tau, lax.stop_gradient(weights), float(z_loss), softcap, impl)
+  v = x.shape[1] if vocab_size is None else vocab_size
+  weights = lax.stop_gradient(weights)
+  return _nll(x, targets, tau, weights, float(z_loss), softcap, impl, axis_name, v)
 
 
 def nll_loss(

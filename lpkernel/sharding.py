@@ -5,7 +5,8 @@ Everything in lpkernel runs under ``jax.jit`` with ``NamedSharding`` inputs
 **vocab-parallel** forms, for logits sharded along V or an ``unembed`` sharded
 along V over a model axis, written with ``jax.shard_map`` around the public
 per-shard building blocks (:func:`lpkernel.logprobs.rows_logprobs_and_greedy`,
-:func:`lpkernel.fused.rows_fused_token_stats`, :func:`lpkernel.fused.rows_fused_nll_loss`),
+:func:`lpkernel.logprobs.rows_nll_loss`, :func:`lpkernel.fused.rows_fused_token_stats`,
+:func:`lpkernel.fused.rows_fused_nll_loss`),
 so any implementation runs on each shard. Each device reduces its vocabulary block to
 :class:`lpkernel.partials.RowPartials`, merged across the model axis by the same
 :func:`lpkernel.partials.combine` as everywhere else, with collectives:
@@ -29,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from lpkernel import checks, ops
 from lpkernel.fused import TokenStats, rows_fused_nll_loss, rows_fused_token_stats
-from lpkernel.logprobs import rows_logprobs_and_greedy
+from lpkernel.logprobs import rows_logprobs_and_greedy, rows_nll_loss
 from lpkernel.scoring import Scores, score_rows
 
 
@@ -107,6 +108,61 @@ def vocab_parallel_token_logprobs_and_greedy(
     check_vma=False,
   )(logits.reshape(-1, v), targets.reshape(-1), tau)
   return tuple(o.reshape(batch_shape) for o in out)
+
+
+def vocab_parallel_nll_loss(
+  logits: jax.Array,
+  targets: jax.Array,
+  mesh: Mesh,
+  weights: jax.Array | None = None,
+  *,
+  z_loss: float = 0.0,
+  model_axis: str = "model",
+  batch_axis: str | None = None,
+  temperature: float | jax.Array = 1.0,
+  softcap: float | None = None,
+  implementation: str | ops.LogitsImplementation | None = None,
+) -> jax.Array:
+  """:func:`lpkernel.nll_loss` for logits sharded along V over ``model_axis``
+  (shardings as for :func:`vocab_parallel_token_logprobs_and_greedy`).
+
+  Each device writes its block of ``d logits`` in the forward pass from the
+  rows' statistics merged across the model axis (Megatron's vocab-parallel
+  cross-entropy, with z-loss, softcap and temperature).
+  """
+  logits = checks.as_array("logits", logits)
+  targets = checks.as_ids("targets", targets)
+  checks.check_logits_and_targets(logits, targets)
+  checks.check_softcap(softcap)
+  checks.check_z_loss(z_loss)
+  batch_shape, v = targets.shape, logits.shape[-1]
+  _check_mesh(mesh, model_axis, batch_axis, v, targets.size, ("logits", "logits"))
+  tau = checks.temperature_rows(temperature, batch_shape)
+  weights = checks.loss_weights(weights, batch_shape)
+  row = P(batch_axis)
+
+  def local(x, t, wt, tau):
+    loss = rows_nll_loss(
+      x,
+      t,
+      wt,
+      tau,
+      z_loss=z_loss,
+      softcap=softcap,
+      implementation=implementation,
+      axis_name=model_axis,
+      vocab_size=v,
+    )
+    return loss[None]  # one partial sum per batch shard, added up outside
+
+  losses = jax.shard_map(
+    local,
+    mesh=mesh,
+    in_specs=(P(batch_axis, model_axis), row, row, None if tau is None else row),
+    out_specs=row,
+    check_vma=False,
+  )(logits.reshape(-1, v), targets.reshape(-1), weights, tau)
+  return losses.sum()
 
 
 def vocab_parallel_score(
@@ -310,6 +366,7 @@ def vocab_parallel_score_hidden(
 __all__ = [
   "vocab_parallel_fused_nll_loss",
   "vocab_parallel_fused_token_stats",
+  "vocab_parallel_nll_loss",
   "vocab_parallel_score",
   "vocab_parallel_score_hidden",
   "vocab_parallel_token_logprobs_and_greedy",

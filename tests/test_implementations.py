@@ -541,7 +541,7 @@ def test_logits_loss_lowers_for_their_hardware(impl, platform, call, count, dtyp
   tau, weights = (jax.ShapeDtypeStruct((64,), jnp.float32),) * 2
 
   def loss(x, t, tau, weights):
-    return logprobs._nll(x, t, tau, weights, 1e-4, 30.0, impl)
+    return logprobs._nll(x, t, tau, weights, 1e-4, 30.0, impl, None, 1000)
 
   lowered = jax.jit(jax.grad(loss, argnums=(0, 2))).trace(x, t, tau, weights)
   assert lowered.lower(lowering_platforms=(platform,)).as_text().count(f"@{call}") == count

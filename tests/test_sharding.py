@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 import lpkernel as lpk
 from lpkernel import sharding
 from lpkernel.losses import dpo_loss, sft_loss
-from tests.helpers import FUSED_IMPLEMENTATIONS, jitted
+from tests.helpers import FUSED_IMPLEMENTATIONS, LOGITS_IMPLEMENTATIONS, jitted
 
 B, T, V, D = 4, 6, 32, 8
 
@@ -218,6 +218,37 @@ def test_vocab_parallel_fused_nll_loss_matches_one_device(mesh):
   assert np.isfinite(grads[0]).all()
 
 
+@pytest.mark.parametrize("implementation", ["xla", "pallas_gpu"])
+def test_vocab_parallel_nll_loss_matches_one_device(mesh, implementation):
+  """Each shard writes its block of d logits in the forward pass from the rows'
+  merged statistics; the loss, d logits and d tau (z-loss, softcap and per-token
+  temperature on) equal one device's, and no gradient reaches the weights."""
+  impl = {"xla": "xla", "pallas_gpu": LOGITS_IMPLEMENTATIONS["pallas_gpu"]}[implementation]
+  logits, tokens, response, _, _, _ = _inputs(5)
+  weights = jnp.where(response, 0.25, 0.0).at[0, 0].set(1.0)
+  tau = jnp.linspace(0.5, 2.0, B * T).reshape(B, T)
+  logits = logits.at[1, 0].set(jnp.nan)  # a zero-weight row stays out everywhere
+
+  def loss(fn, x, tau, **kw):
+    opts = dict(z_loss=1e-2, temperature=tau, softcap=5.0, implementation=impl)
+    return fn(x, tokens, weights=weights, **opts, **kw)
+
+  vp = jax.jit(
+    jax.value_and_grad(
+      lambda x, tau: loss(sharding.vocab_parallel_nll_loss, x, tau, mesh=mesh, batch_axis="data"),
+      argnums=(0, 1),
+    )
+  )
+  value, grads = vp(_put(mesh, logits, "data", None, "model"), tau)
+  want, want_grads = jax.jit(
+    jax.value_and_grad(lambda x, tau: loss(lpk.nll_loss, x, tau), argnums=(0, 1))
+  )(logits, tau)
+  np.testing.assert_allclose(value, want, rtol=1e-6)
+  for a, b in zip(grads, want_grads, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert np.isfinite(grads[0]).all() and grads[0].sharding.spec[-1] == "model"
+
+
 def test_vocab_parallel_out_of_range_ids_are_nan(mesh):
   logits, tokens, _, _, _, _ = _inputs(3)
   tokens = tokens.at[0, 1].set(V).at[1, 2].set(-1)
@@ -251,11 +282,12 @@ def collectives(hlo: str):
   return found
 
 
-@pytest.mark.parametrize("path", ["logits", "fused"])
+@pytest.mark.parametrize("path", ["logits", "fused", "loss"])
 @pytest.mark.parametrize("with_grad", [False, True], ids=["forward", "forward+backward"])
 def test_hlo_never_gathers_the_vocabulary_and_moves_few_bytes_per_token(path, with_grad):
   """Per token: max, target logit, sum-exp and first-argmax column, 16 bytes (the fused
-  path's entropy sum is not read by Scores, so XLA drops it). The loss reads greedy flags."""
+  path's entropy sum is not read by Scores, so XLA drops it). The scores' loss reads
+  greedy flags; the training loss does not."""
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
   v, n_local = 4096, B * T // 2
   logits, tokens, response, hidden, _, _ = _inputs(4)
@@ -266,6 +298,9 @@ def test_hlo_never_gathers_the_vocabulary_and_moves_few_bytes_per_token(path, wi
     fn = lambda x: _loss(
       sharding.vocab_parallel_score(x, tokens, response, mesh, batch_axis="data")
     )
+  elif path == "loss":
+    args = (_put(mesh, logits, "data", None, "model"),)
+    fn = lambda x: sharding.vocab_parallel_nll_loss(x, tokens, mesh, response, batch_axis="data")
   else:
     args = (_put(mesh, hidden, "data"), _put(mesh, unembed, None, "model"))
     fn = lambda h, w: _loss(
@@ -288,6 +323,7 @@ def test_hlo_never_gathers_the_vocabulary_and_moves_few_bytes_per_token(path, wi
   # Under grad only what the gradient needs survives: max and sum-exp (and the fused
   # path's entropy sum, a residual); no backward collective per token.
   expected = {("logits", False): 16, ("fused", False): 16, ("logits", True): 8, ("fused", True): 12}
+  expected |= {("loss", False): 12, ("loss", True): 8}
   assert per_token == expected[path, with_grad] * n_local, found
 
 
