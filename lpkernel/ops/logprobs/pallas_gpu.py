@@ -208,9 +208,12 @@ def _tau_args(tau):
   return () if tau is None else (tau.astype(_F32),)
 
 
-def _online_tile(x_ref, rows, row_ok, target, tau, start, carry, *, block_v, softcap, with_entropy):
+def _online_tile(
+  x_ref, rows, row_ok, target, tau, start, carry, *, block_v, softcap, with_entropy, with_arg=True
+):
   """Folds columns ``[start, start + block_v)`` of the rows into their running
-  ``(m, s, t, arg, sy)`` (float32 ``[block_rows]`` each)."""
+  ``(m, s, t, arg, sy)`` (float32 ``[block_rows]`` each; ``arg`` left as it is
+  without ``with_arg``, for a loss that reads no greedy flag)."""
   v = x_ref.shape[1]
   m, s, t, arg, sy = carry
   cols = start + jnp.arange(block_v)
@@ -231,15 +234,16 @@ def _online_tile(x_ref, rows, row_ok, target, tau, start, carry, *, block_v, sof
   # the first blocks): skip its per-element work otherwise. Ties keep the
   # earlier column.
   raised = block_m > m
-  arg = jax.lax.cond(
-    _any(raised),
-    lambda: jnp.where(
-      raised,
-      jnp.min(jnp.where(y == block_m[:, None], cols[None, :], P.NO_COLUMN), axis=1),
-      arg,
-    ),
-    lambda: arg,
-  )
+  if with_arg:
+    arg = jax.lax.cond(
+      _any(raised),
+      lambda: jnp.where(
+        raised,
+        jnp.min(jnp.where(y == block_m[:, None], cols[None, :], P.NO_COLUMN), axis=1),
+        arg,
+      ),
+      lambda: arg,
+    )
   # The target's y, from the same arithmetic as the max it is compared with,
   # picked only in the tile that holds it.
   here = (target >= start) & (target < start + block_v)
@@ -348,7 +352,7 @@ def _loss_kernel(x_ref, t_ref, w_ref, *refs, block_rows, block_v, softcap, has_t
   tiles = pl.cdiv(v, block_v)
   tile = functools.partial(
     _online_tile, x_ref, rows, row_ok, target, tau_col,
-    block_v=block_v, softcap=softcap, with_entropy=False,
+    block_v=block_v, softcap=softcap, with_entropy=False, with_arg=False,
   )  # fmt: skip
   m, s, t, arg, _ = jax.lax.fori_loop(
     0, tiles, lambda k, c: tile(k * block_v, c), _no_columns(block_rows)
