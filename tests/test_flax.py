@@ -314,26 +314,29 @@ def test_loglikelihood_compiles_once_for_repeated_calls(model):
   assert _score_rows._cache_size() == before
 
 
-def test_sft_loss_model_is_sft_loss_of_fused_scores(model):
-  """The Flax training loss from hidden states: value and parameter gradients equal
-  ``sft_loss(score_model(..., fused=True))`` (TinyLM ties its table, [V, D])."""
+@pytest.mark.parametrize("fused", [True, False], ids=["hidden", "logits"])
+def test_sft_loss_model_is_sft_loss_of_scores(model, fused):
+  """The Flax training loss from hidden states (TinyLM ties its table, [V, D]) or
+  logits: value and parameter gradients equal ``sft_loss(score_model(..., fused))``."""
   from lpkernel.flax import sft_loss_model
 
   tokens, response = _rows(6)
   seg = jnp.array([[1] * 5 + [2] * 5, [1] * 8 + [0] * 2])
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-  def fused(params):
+  def loss(params):
     m = nnx.merge(graphdef, params, rest)
-    return sft_loss_model(m, tokens, response, segment_ids=seg, normalise="sequences")
+    return sft_loss_model(m, tokens, response, segment_ids=seg, normalise="sequences", fused=fused)
 
   def scored(params):
     m = nnx.merge(graphdef, params, rest)
-    return sft_loss(score_model(m, tokens, response, segment_ids=seg, fused=True), "sequences")
+    return sft_loss(score_model(m, tokens, response, segment_ids=seg, fused=fused), "sequences")
 
-  (a, ga), (b, gb) = (jax.jit(jax.value_and_grad(f))(params) for f in (fused, scored))
+  (a, ga), (b, gb) = (jax.jit(jax.value_and_grad(f))(params) for f in (loss, scored))
   np.testing.assert_allclose(a, b, rtol=1e-6)
   for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+  if not fused:
+    return
   with pytest.raises(ValueError, match="hidden"):  # a model that cannot return hidden states
     sft_loss_model(lambda t: jnp.zeros((*t.shape, 8)), tokens, response)

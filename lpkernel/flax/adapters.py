@@ -223,28 +223,32 @@ def sft_loss_model(
   normalise: str = "tokens",
   response_only: bool = True,
   z_loss: float = 0.0,
+  fused: bool = True,
   **score_kwargs: Any,
 ) -> jax.Array:
-  """The SFT loss of an ``nnx.Module`` from its hidden states (``losses.sft_loss_hidden``).
+  """The SFT loss of an ``nnx.Module``, its gradients written in the forward pass.
 
-  The same number as ``sft_loss(score_model(model, ..., fused=True), normalise,
-  response_only=...)`` (plus ``z_loss`` times the normalised squared
-  log-sum-exp), with the loss's gradients written in the forward pass and no
-  ``[B, T, V]`` logits.
+  The same number as ``sft_loss(score_model(model, ..., fused=fused),
+  normalise, response_only=...)`` (plus ``z_loss`` times the normalised
+  squared log-sum-exp): from the model's hidden states with no ``[B, T, V]``
+  logits (``losses.sft_loss_hidden``), or with ``fused=False`` from its logits
+  (``losses.sft_loss_logits``).
 
   Args:
     model, spec, tokens, response_mask, segment_ids, num_segments: as for
-      :func:`score_model`; the spec must declare how the model returns hidden
-      states (``ModelSpec(hidden=...)``, as ``TinyLM`` does).
+      :func:`score_model`; with ``fused=True`` the spec must declare how the
+      model returns hidden states (``ModelSpec(hidden=...)``, as ``TinyLM`` does).
     normalise, response_only, z_loss: as for :func:`lpkernel.losses.sft_loss_hidden`.
+    fused: from hidden states (True) or logits (False).
     **score_kwargs: ``temperature``, ``softcap``, ``implementation``.
   """
-  from lpkernel.losses import sft_loss_hidden
+  from lpkernel.losses import sft_loss_hidden, sft_loss_logits
 
   bound, state = BoundModel.of(model, spec=spec)
-  # (hidden, unembed) and the spec's vocab_axis / softcap, or a clear error.
-  out, options = bound.output(state, tokens, segment_ids, fused=True)
-  return sft_loss_hidden(
+  # logits, or (hidden, unembed) and the spec's vocab_axis / softcap, or a clear error.
+  out, options = bound.output(state, tokens, segment_ids, fused=fused)
+  loss, out = (sft_loss_hidden, out) if fused else (sft_loss_logits, (out,))
+  return loss(
     *out,
     tokens,
     response_mask,
