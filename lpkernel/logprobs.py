@@ -236,9 +236,10 @@ def _nll_bwd(z_loss, softcap, impl, axis, vocab_size, residuals, ct):
   dx, dtau, weights = residuals
   if axis is not None:  # see _logprobs_bwd: shard_map splits a replicated cotangent
     ct = ct * lax.axis_size(axis)
-  # The loss is usually the whole objective (ct == 1): then d logits is passed on
-  # as written, not read and written again to scale it.
-  dx = lax.cond(ct == 1, lambda: dx, lambda: (dx.astype(_F32) * ct).astype(dx.dtype))
+  # A constant cotangent (jax.grad of the loss itself: 1) folds away, leaving d
+  # logits as the forward pass wrote it. (A lax.cond on ct == 1 would not help:
+  # XLA copies an operand returned by a branch.)
+  dx = (dx.astype(_F32) * ct).astype(dx.dtype)
   return (
     dx,
     jnp.zeros(weights.shape, jax.dtypes.float0),
