@@ -13,8 +13,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from lpkernel.flax.adapters import score_model
-from lpkernel.losses import sft_loss
+from lpkernel.flax.adapters import score_model, sft_loss_model
 
 BOS, SEP = 0, 1
 
@@ -71,7 +70,9 @@ def train_sft(
   @nnx.jit
   def step(model, optimizer, tokens, response):
     def loss_fn(model):
-      return sft_loss(score_model(model, tokens, response), "tokens", response_only=response_only)
+      # sft_loss(score_model(...)), its gradients written in the forward pass from
+      # the model's hidden states (no [B, T, V] logits).
+      return sft_loss_model(model, tokens, response, response_only=response_only)
 
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     optimizer.update(model, grads)
