@@ -118,6 +118,15 @@ def check_fused(hidden, unembed, targets, vocab_axis: int = 1) -> None:
     raise ValueError(f"vocab_size V={v} must be at least 1")
 
 
+def logits_arguments(logits, targets, temperature, softcap):
+  """The checked arguments of every logits entry: (logits, targets int32,
+  temperature rows float32[N] or None)."""
+  logits, targets = as_array("logits", logits), as_ids("targets", targets)
+  check_logits_and_targets(logits, targets)
+  check_softcap(softcap)
+  return logits, targets, temperature_rows(temperature, targets.shape)
+
+
 def fused_arguments(hidden, unembed, targets, temperature, softcap, axis):
   """The checked arguments of every fused entry: (hidden, unembed, targets int32,
   vocab axis 0 / 1, temperature rows float32[N] or None)."""

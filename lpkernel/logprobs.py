@@ -124,12 +124,8 @@ def token_logprobs_and_greedy(
     (float32[...] log-probabilities, bool[...] the target is the *first*
     argmax of its transformed logits row; False where the value is NaN).
   """
-  logits = checks.as_array("logits", logits)
-  targets = checks.as_ids("targets", targets)
-  checks.check_logits_and_targets(logits, targets)
-  checks.check_softcap(softcap)
+  logits, targets, tau = checks.logits_arguments(logits, targets, temperature, softcap)
   batch_shape, v = targets.shape, logits.shape[-1]
-  tau = checks.temperature_rows(temperature, batch_shape)
   if ops.is_reference(implementation):
     from lpkernel import reference
 
@@ -318,12 +314,8 @@ def nll_loss(
     >>> lpk.nll_loss(logits, jnp.array([0, 7]), jnp.array([0.5, 0.5]))  # log 8
     Array(2.0794415, dtype=float32)
   """
-  logits = checks.as_array("logits", logits)
-  targets = checks.as_ids("targets", targets)
-  checks.check_logits_and_targets(logits, targets)
-  checks.check_softcap(softcap)
+  logits, targets, tau = checks.logits_arguments(logits, targets, temperature, softcap)
   checks.check_z_loss(z_loss)
-  tau = checks.temperature_rows(temperature, targets.shape)
   weights = checks.loss_weights(weights, targets.shape)
   x, t = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
   if ops.is_reference(implementation):

@@ -80,13 +80,10 @@ def vocab_parallel_token_logprobs_and_greedy(
   Returns:
     (float32[...] log-probabilities, bool[...] greedy flags), sharded over tokens.
   """
-  logits = checks.as_array("logits", logits)
-  targets = checks.as_ids("targets", targets)
-  checks.check_logits_and_targets(logits, targets)
-  checks.check_softcap(softcap)
+  logits, targets, tau = _logits_arguments(
+    logits, targets, mesh, model_axis, batch_axis, temperature, softcap
+  )
   batch_shape, v = targets.shape, logits.shape[-1]
-  _check_mesh(mesh, model_axis, batch_axis, v, targets.size, ("logits", "logits"))
-  tau = checks.temperature_rows(temperature, batch_shape)
   row = P(batch_axis)
 
   def local(x, t, tau):
@@ -130,15 +127,12 @@ def vocab_parallel_nll_loss(
   rows' statistics merged across the model axis (Megatron's vocab-parallel
   cross-entropy, with z-loss, softcap and temperature).
   """
-  logits = checks.as_array("logits", logits)
-  targets = checks.as_ids("targets", targets)
-  checks.check_logits_and_targets(logits, targets)
-  checks.check_softcap(softcap)
+  logits, targets, tau = _logits_arguments(
+    logits, targets, mesh, model_axis, batch_axis, temperature, softcap
+  )
   checks.check_z_loss(z_loss)
-  batch_shape, v = targets.shape, logits.shape[-1]
-  _check_mesh(mesh, model_axis, batch_axis, v, targets.size, ("logits", "logits"))
-  tau = checks.temperature_rows(temperature, batch_shape)
-  weights = checks.loss_weights(weights, batch_shape)
+  v = logits.shape[-1]
+  weights = checks.loss_weights(weights, targets.shape)
   row = P(batch_axis)
 
   def local(x, t, wt, tau):
@@ -245,6 +239,13 @@ def vocab_parallel_fused_token_stats(
     check_vma=False,
   )(hidden.reshape(-1, hidden.shape[-1]), unembed, targets.reshape(-1), tau)
   return jax.tree.map(lambda x: x.reshape(batch_shape), stats)
+
+
+def _logits_arguments(logits, targets, mesh, model_axis, batch_axis, temperature, softcap):
+  """``checks.logits_arguments``, then the mesh: V must divide by the model axis."""
+  logits, targets, tau = checks.logits_arguments(logits, targets, temperature, softcap)
+  _check_mesh(mesh, model_axis, batch_axis, logits.shape[-1], targets.size, ("logits", "logits"))
+  return logits, targets, tau
 
 
 def _fused_arguments(
