@@ -24,6 +24,8 @@ array temperature's gradient over the model axis.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -135,27 +137,29 @@ def vocab_parallel_nll_loss(
   weights = checks.loss_weights(weights, targets.shape)
   row = P(batch_axis)
 
-  def local(x, t, wt, tau):
-    loss = rows_nll_loss(
-      x,
-      t,
-      wt,
-      tau,
-      z_loss=z_loss,
-      softcap=softcap,
-      implementation=implementation,
-      axis_name=model_axis,
-      vocab_size=v,
-    )
-    return loss[None]  # one partial sum per batch shard, added up outside
+  local = functools.partial(
+    rows_nll_loss,
+    z_loss=z_loss,
+    softcap=softcap,
+    implementation=implementation,
+    axis_name=model_axis,
+    vocab_size=v,
+  )
+  in_specs = (P(batch_axis, model_axis), row, row, None if tau is None else row)
+  args = (logits.reshape(-1, v), targets.reshape(-1), weights, tau)
+  return _summed_over_batch_shards(local, mesh, in_specs, batch_axis, *args)
 
+
+def _summed_over_batch_shards(local, mesh, in_specs, batch_axis, *args):
+  """A loss under ``shard_map``: ``local`` gives each batch shard's partial sum
+  (the same on every model shard), added up outside."""
   losses = jax.shard_map(
-    local,
+    lambda *a: local(*a)[None],
     mesh=mesh,
-    in_specs=(P(batch_axis, model_axis), row, row, None if tau is None else row),
-    out_specs=row,
+    in_specs=in_specs,
+    out_specs=P(batch_axis),
     check_vma=False,
-  )(logits.reshape(-1, v), targets.reshape(-1), weights, tau)
+  )(*args)
   return losses.sum()
 
 
@@ -299,30 +303,18 @@ def vocab_parallel_fused_nll_loss(
   weights = checks.loss_weights(weights, targets.shape)
   v = unembed.shape[vocab_axis]
 
-  def local(h, w, t, wt, tau):
-    loss = rows_fused_nll_loss(
-      h,
-      w,
-      t,
-      wt,
-      tau,
-      z_loss=z_loss,
-      softcap=softcap,
-      implementation=implementation,
-      axis_name=model_axis,
-      vocab_size=v,
-      vocab_axis=vocab_axis,
-    )
-    return loss[None]  # one partial sum per batch shard, added up outside
-
-  losses = jax.shard_map(
-    local,
-    mesh=mesh,
-    in_specs=_fused_specs(model_axis, batch_axis, vocab_axis, tau, extra_rows=1),
-    out_specs=P(batch_axis),
-    check_vma=False,
-  )(hidden.reshape(-1, hidden.shape[-1]), unembed, targets.reshape(-1), weights, tau)
-  return losses.sum()
+  local = functools.partial(
+    rows_fused_nll_loss,
+    z_loss=z_loss,
+    softcap=softcap,
+    implementation=implementation,
+    axis_name=model_axis,
+    vocab_size=v,
+    vocab_axis=vocab_axis,
+  )
+  in_specs = _fused_specs(model_axis, batch_axis, vocab_axis, tau, extra_rows=1)
+  args = (hidden.reshape(-1, hidden.shape[-1]), unembed, targets.reshape(-1), weights, tau)
+  return _summed_over_batch_shards(local, mesh, in_specs, batch_axis, *args)
 
 
 def vocab_parallel_score_hidden(
