@@ -305,3 +305,26 @@ def test_nll_loss_bad_arguments_raise(kwargs, err, match):
   args = dict(logits=jnp.zeros((4, 8)), targets=jnp.zeros(4, jnp.int32)) | kwargs
   with pytest.raises(err, match=match):
     lpk.nll_loss(**args)
+
+
+@given(
+  n=st.sampled_from([1, 6]),
+  v=st.sampled_from([1, 2, 17, 50]),
+  dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+  z_loss=st.sampled_from([0.0, 0.01]),
+  seed=st.integers(0, 2**16),
+)
+def test_nll_loss_is_the_weighted_sum_of_token_logprobs(n, v, dtype, z_loss, seed):
+  """``nll_loss`` equals ``sum(w * (z * lse^2 - token_logprobs))``, values and gradients."""
+  x, t = _inputs(seed, (n,), v, dtype)
+  u = jax.random.uniform(jax.random.key(seed + 1), (n,))
+  w = jnp.where(u < 0.3, 0.0, u)  # some tokens weigh nothing
+
+  def composed(x):
+    lse = jax.nn.logsumexp(x.astype(jnp.float32), axis=-1)
+    return jnp.sum(w * (z_loss * lse**2 - lpk.token_logprobs(x, t)))
+
+  got, g = jax.jit(jax.value_and_grad(lambda x: lpk.nll_loss(x, t, w, z_loss=z_loss)))(x)
+  want, g_want = jax.jit(jax.value_and_grad(composed))(x)
+  assert_close(got, want, rtol=1e-5, atol=1e-5, what="loss")
+  assert_close(g, g_want, **GRAD_TOLERANCES[jnp.dtype(dtype)], what="d logits")
