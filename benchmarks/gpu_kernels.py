@@ -34,16 +34,11 @@ from benchmarks import floors
 from benchmarks.runner import measure
 from lpkernel import reference
 
-TILINGS = [  # (block_rows, block_v, num_warps)
-  (1, 4096, 8),
-  (1, 8192, 8),
-  (1, 8192, 16),
-  (2, 4096, 8),
-  (4, 2048, 8),
-  (1, 2048, 4),
-]
+# (block_rows, block_v, num_warps): the default first, then the runners-up of the
+# H200 run (gpu-kernels-20261127-142936.log), to leave time for the loss.
+TILINGS = [(1, 2048, 4), (1, 4096, 8), (2, 4096, 8)]
 LOSS_TILINGS = [(1, 2048, 4), (1, 4096, 8), (2, 2048, 8), (1, 1024, 4)]
-BWD_TILINGS = [(4, 1024, 4), (8, 1024, 8), (2, 2048, 8), (16, 512, 4)]
+BWD_TILINGS = [(4, 1024, 4), (2, 2048, 8)]
 
 
 def _check(out: dict) -> None:
