@@ -8,10 +8,11 @@
 1. Correctness on the device (compiled, not interpret mode) against the plain
    reference: values, greedy flags and gradients, awkward V, softcap and
    per-row temperature, -inf rows and a NaN row; and the training loss
-   (``nll_loss`` with z-loss, its one kernel per row) and its gradient.
+   (``nll_loss`` with z-loss, its opt-in one kernel per row) and its gradient.
 2. Forward and forward+backward times at the accelerator shapes against the
    read and read+write floors measured in the same process: first the
-   training loss (one kernel per row, a few tilings, and the XLA form), then
+   training loss (one kernel per row at a few tilings, the default two
+   kernels, and the XLA form), then
    the Pallas kernels (a few tilings), lpkernel's XLA path, the plain reference
    and optax.
 
@@ -64,7 +65,8 @@ def _check(out: dict) -> None:
           )
 
         # The training loss in one kernel per row (splits=1), gradient included.
-        loss_got, g_loss = jax.value_and_grad(nll)(x, lpk.PallasGpuLogits(splits=1))
+        one_kernel = lpk.PallasGpuLogits(splits=1, loss_kernel=True)
+        loss_got, g_loss = jax.value_and_grad(nll)(x, one_kernel)
         loss_want, g_loss_want = jax.value_and_grad(nll)(x, "reference")
         got = lpk.token_logprobs_and_greedy(
           x, t, temperature=temp, softcap=softcap, implementation="pallas_gpu"
@@ -267,10 +269,12 @@ def _time(out: dict, repeats: int) -> None:
         return jax.grad(lambda x: lpk.nll_loss(x, tg, implementation=impl))
 
       # The loss first (the forward+backward target is read+write x1.3): its one
-      # kernel per row at a few tilings, and the XLA form.
+      # kernel per row (opt-in) at a few tilings, the default (forward kernel,
+      # then gradient kernel), and the XLA form.
       for bn, bv, nw in LOSS_TILINGS:
-        impl = lpk.PallasGpuLogits(block_rows=bn, block_v=bv, num_warps=nw)
-        row(f"pallas loss {bn}x{bv} w{nw}", loss(impl), rw, "forward+backward")
+        impl = lpk.PallasGpuLogits(block_rows=bn, block_v=bv, num_warps=nw, loss_kernel=True)
+        row(f"pallas loss 1 kernel {bn}x{bv} w{nw}", loss(impl), rw, "forward+backward")
+      row("pallas loss 2 kernels", loss("pallas_gpu"), rw, "forward+backward")
       row("xla loss", loss("xla"), rw, "forward+backward")
       for bn, bv, nw in TILINGS:
         impl = lpk.PallasGpuLogits(block_rows=bn, block_v=bv, num_warps=nw)

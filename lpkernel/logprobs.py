@@ -288,8 +288,9 @@ def nll_loss(
   """The training loss ``sum_n w_n * (z_loss * lse_n ** 2 - log Pr(target_n))`` from logits.
 
   Its cotangents are known as soon as each row's statistics are, so under
-  ``jax.grad`` the forward pass writes ``d logits`` (on GPUs in the same
-  kernel that reads the row, the second read mostly from L2) and the backward
+  ``jax.grad`` the forward pass writes ``d logits`` (with
+  ``PallasGpuLogits(loss_kernel=True)`` in the kernel that reads the row, the
+  second read mostly from L2) and the backward
   pass hands it on, scaled only if the loss's cotangent is not 1. Without
   differentiation it is one forward pass.
 

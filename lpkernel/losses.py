@@ -163,7 +163,7 @@ def sft_loss_logits(
 
   The same number as :func:`sft_loss_hidden` from ``[B, T, V]`` logits,
   computed by :func:`lpkernel.nll_loss`: under ``jax.grad`` the forward pass
-  writes ``d logits`` (on GPUs in the kernel that reads each row).
+  writes ``d logits``.
 
   Args:
     logits: float[B, T, V]; ``logits[:, t]`` predicts ``tokens[:, t + 1]``.

@@ -316,7 +316,9 @@ LOGITS_LOSS_IMPLEMENTATIONS = {
   # vocabulary splits; two Mosaic kernels).
   **IMPLEMENTATIONS,
   # One kernel per row block: the online pass, the cotangents, then d logits.
-  "pallas_gpu-one-kernel": dataclasses.replace(IMPLEMENTATIONS["pallas_gpu"], splits=1),
+  "pallas_gpu-one-kernel": dataclasses.replace(
+    IMPLEMENTATIONS["pallas_gpu"], splits=1, loss_kernel=True
+  ),
 }
 
 
@@ -522,18 +524,25 @@ def test_fused_loss_lowers_for_their_hardware(impl, platform, call, count):
 @pytest.mark.parametrize(
   "impl,platform,call,count",
   [
-    (lpk.PallasGpuLogits(), "cuda", "__gpu$xla.gpu.triton", 1),
-    (lpk.PallasGpuLogits(block_rows=4, block_v=512, splits=3), "cuda", "__gpu$xla.gpu.triton", 2),
+    (lpk.PallasGpuLogits(loss_kernel=True), "cuda", "__gpu$xla.gpu.triton", 1),
+    (lpk.PallasGpuLogits(), "cuda", "__gpu$xla.gpu.triton", 2),
+    (
+      lpk.PallasGpuLogits(block_rows=4, block_v=512, splits=3, loss_kernel=True),
+      "cuda",
+      "__gpu$xla.gpu.triton",
+      2,
+    ),
     (lpk.PallasTpuLogits(), "tpu", "tpu_custom_call", 2),
   ],
-  ids=["gpu-one-kernel", "gpu-split", "tpu"],
+  ids=["gpu-one-kernel", "gpu-default", "gpu-split", "tpu"],
 )
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
 def test_logits_loss_lowers_for_their_hardware(impl, platform, call, count, dtype):
   """The logits loss's forward pass with its gradient (z-loss, softcap, temperature):
-  on GPUs one kernel per row block (its cotangents computed inside), or with
-  vocabulary splits the forward kernel then the gradient kernel; on TPUs the
-  forward then the gradient kernel. Nothing runs in the backward."""
+  on GPUs with ``loss_kernel`` one kernel per row block (its cotangents computed
+  inside); by default, or with vocabulary splits, the forward kernel then the
+  gradient kernel; on TPUs the forward then the gradient kernel. Nothing runs in
+  the backward."""
   from lpkernel import logprobs
 
   x = jax.ShapeDtypeStruct((64, 1000), dtype)

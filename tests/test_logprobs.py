@@ -213,7 +213,9 @@ def test_greedy_flags():
 
 # --- the training loss: nll_loss -------------------------------------------------------
 
-ONE_KERNEL = lpk.PallasGpuLogits(block_rows=4, block_v=64, splits=1, interpret=True)
+ONE_KERNEL = lpk.PallasGpuLogits(
+  block_rows=4, block_v=64, splits=1, loss_kernel=True, interpret=True
+)
 
 
 def _oracle_lse(logits):

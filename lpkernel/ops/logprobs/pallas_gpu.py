@@ -12,10 +12,11 @@ arithmetic as the max it is compared with (in the one tile that holds it).
 Backward: one elementwise pass (1 read, 1 write) from each row's shift and
 ``log(sum exp)``.
 
-Training loss (:func:`lpkernel.nll_loss`): one kernel per row block does the
-forward's online pass over the row, computes the loss's cotangents from the
-row's statistics (``LossRows.row_terms``), and writes ``d logits`` tile by tile
-in a second pass over the row, which the GPU's L2 mostly still holds.
+Training loss (:func:`lpkernel.nll_loss`), opt-in with ``loss_kernel=True``:
+one kernel per row block does the forward's online pass over the row, computes
+the loss's cotangents from the row's statistics (``LossRows.row_terms``), and
+writes ``d logits`` tile by tile in a second pass over the row, which the GPU's
+L2 mostly still holds.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ class PallasGpuLogits:
       programs when there are few rows.
     target_programs: programs the forward aims for (a few per multiprocessor).
     bwd_block_rows, bwd_block_v, bwd_num_warps: the backward's tiles.
+    loss_kernel: run the training loss (:func:`lpkernel.nll_loss`) as one
+      kernel per row block (the forward's tiling), its gradient written while
+      the row is in L2; opt-in until timed on a GPU (otherwise the forward
+      kernel, then the gradient kernel, both measured).
     interpret: run in Pallas interpret mode (on the CPU, for tests).
   """
 
@@ -70,6 +75,7 @@ class PallasGpuLogits:
   bwd_block_rows: int = 4
   bwd_block_v: int = 1024
   bwd_num_warps: int = 4
+  loss_kernel: bool = False
   interpret: bool = False
   name = "pallas_gpu"
   platforms = ("gpu",)
@@ -124,8 +130,8 @@ class PallasGpuLogits:
 
   def loss_grads(self, x, tau, softcap, rows: P.LossRows):
     """A training loss over whole rows and its gradients in one kernel, or None
-    (rows merged across devices, or too few rows to fill the GPU: then the
-    caller runs :meth:`partials` and :meth:`grad_logits`).
+    (without ``loss_kernel``, rows merged across devices, or too few rows to
+    fill the GPU: then the caller runs :meth:`partials` and :meth:`grad_logits`).
 
     Args:
       x: float[N, V] logits; ``tau``: float32[N] safe temperatures (1 on dead
@@ -136,7 +142,7 @@ class PallasGpuLogits:
       (float32[N] per-row terms, d x [N, V] in x's dtype, d tau float32[N] or None).
     """
     n, v = x.shape
-    if rows.row_terms is None or self.num_splits(n, v) > 1:
+    if not self.loss_kernel or rows.row_terms is None or self.num_splits(n, v) > 1:
       return None
     tiling.check_gpu_block("logits loss", (self.block_rows, self.block_v), x.dtype)
     kernel = functools.partial(
