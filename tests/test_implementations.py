@@ -319,6 +319,8 @@ LOGITS_LOSS_IMPLEMENTATIONS = {
   "pallas_gpu-one-kernel": dataclasses.replace(
     IMPLEMENTATIONS["pallas_gpu"], splits=1, loss_kernel=True
   ),
+  # One Mosaic kernel over blocks of whole rows (16 rows: a block and a tail).
+  "pallas_tpu-one-kernel": dataclasses.replace(IMPLEMENTATIONS["pallas_tpu"], loss_kernel=True),
 }
 
 
@@ -533,16 +535,17 @@ def test_fused_loss_lowers_for_their_hardware(impl, platform, call, count):
       2,
     ),
     (lpk.PallasTpuLogits(), "tpu", "tpu_custom_call", 2),
+    (lpk.PallasTpuLogits(loss_kernel=True), "tpu", "tpu_custom_call", 1),
   ],
-  ids=["gpu-one-kernel", "gpu-default", "gpu-split", "tpu"],
+  ids=["gpu-one-kernel", "gpu-default", "gpu-split", "tpu", "tpu-one-kernel"],
 )
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
 def test_logits_loss_lowers_for_their_hardware(impl, platform, call, count, dtype):
   """The logits loss's forward pass with its gradient (z-loss, softcap, temperature):
   on GPUs with ``loss_kernel`` one kernel per row block (its cotangents computed
   inside); by default, or with vocabulary splits, the forward kernel then the
-  gradient kernel; on TPUs the forward then the gradient kernel. Nothing runs in
-  the backward."""
+  gradient kernel; on TPUs the forward then the gradient kernel, or with
+  ``loss_kernel`` one kernel over whole rows. Nothing runs in the backward."""
   from lpkernel import logprobs
 
   x = jax.ShapeDtypeStruct((64, 1000), dtype)

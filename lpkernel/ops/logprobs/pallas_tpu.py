@@ -12,6 +12,11 @@ logits), and the tail rows of the last row block are dropped on write-back.
 
 Backward: one elementwise pass over the same tiles from each row's shift and
 ``log(sum exp)``.
+
+Training loss (:func:`lpkernel.nll_loss`), opt-in with ``loss_kernel=True``:
+one kernel over blocks of whole rows (``[block_rows, V]`` in VMEM): the row
+statistics, the loss's cotangents (``LossRows.row_terms``) and ``d logits``
+from one read of the logits and one write.
 """
 
 from __future__ import annotations
@@ -39,11 +44,18 @@ class PallasTpuLogits:
   Attributes:
     block_rows: rows per tile (a multiple of 8 for float32 logits, 16 for 16-bit).
     block_v: columns per tile (a multiple of 128).
+    loss_kernel: run the training loss as one kernel over blocks of whole rows
+      (``block_rows`` rows of logits and of ``d logits``, double-buffered, and
+      float32 temporaries of that size in VMEM: raise ``vmem_limit_bytes`` for
+      long vocabularies); otherwise the forward kernel, then the gradient kernel.
+    vmem_limit_bytes: Mosaic's scoped VMEM limit for the loss kernel (None: its default).
     interpret: run in Pallas TPU interpret mode (``pltpu.InterpretParams``) on the CPU.
   """
 
   block_rows: int = 16
   block_v: int = 2048
+  loss_kernel: bool = False
+  vmem_limit_bytes: int | None = None
   interpret: bool = False
   name = "pallas_tpu"
   platforms = ("tpu",)
@@ -97,6 +109,37 @@ class PallasTpuLogits:
       ("parallel", "parallel"),
       self.interpret,
     )(x, *(r[:, None] for r in rows))
+
+  def loss_grads(self, x, tau, softcap, rows: P.LossRows):
+    """A training loss and its gradients in one kernel over whole rows, or None
+    (without ``loss_kernel``, or rows merged across devices); arguments and
+    result as for :meth:`lpkernel.ops.PallasGpuLogits.loss_grads`."""
+    if not self.loss_kernel or rows.row_terms is None:
+      return None
+    n, v = x.shape
+    br = self._blocks(x)[0]
+    tiling.check_tpu_block("logits loss", (br, v), (n, v), x.dtype)
+    whole = pl.BlockSpec((br, v), lambda i: (i, 0))
+    row = pl.BlockSpec((br, 1), lambda i: (i, 0))
+    taus = [] if tau is None else [tau, rows.tau]
+    inputs = [x, rows.targets, rows.weights, *taus]
+    col = jax.ShapeDtypeStruct((n, 1), _F32)
+    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype), col] + ([] if tau is None else [col])
+    kernel = functools.partial(
+      _loss_kernel, softcap=softcap, has_tau=tau is not None, row_terms=rows.row_terms
+    )
+    dx, out, *dtau = tpu_call(
+      kernel,
+      (pl.cdiv(n, br),),
+      [whole] + [row] * (len(inputs) - 1),
+      [whole] + [row] * (len(out_shape) - 1),
+      out_shape,
+      (),
+      ("parallel",),
+      self.interpret,
+      self.vmem_limit_bytes,
+    )(x, *(r.astype(_F32 if r.dtype != jnp.int32 else r.dtype)[:, None] for r in inputs[1:]))
+    return out[:, 0], dx, (dtau[0][:, 0] if dtau else None)
 
   def centred_expected_y(self, x, tau, softcap, shift, log_s) -> jax.Array:
     return xla.centred_expected_y(x, tau, softcap, shift, log_s, x.shape[1])
@@ -158,3 +201,24 @@ def _grad_kernel(x_ref, t_ref, shift_ref, log_s_ref, g_ref, *refs, softcap, has_
   dy = P.grad_y(cols == t_ref[...], p, g_ref[...], g_lse)
   dx = jnp.where(dy != 0, dy * P.transform_grad(x, tau, softcap), 0.0)  # dead rows may hold NaN
   dx_ref[...] = dx.astype(dx_ref.dtype)
+
+
+def _loss_kernel(x_ref, t_ref, w_ref, *refs, softcap, has_tau, row_terms):
+  """A training loss over a block of whole rows: statistics, cotangents, d x."""
+  tau_refs, (dx_ref, out_ref, *dtau_ref) = (refs[:2], refs[2:]) if has_tau else ((), refs)
+  x, target, weight = x_ref[...], t_ref[...], w_ref[...]
+  # The safe temperature (1 on dead or poisoned rows) transforms; the caller's poisons.
+  tau, caller_tau = (r[...] for r in tau_refs) if has_tau else (None, None)
+  cols = lax.broadcasted_iota(jnp.int32, x.shape, 1)
+  y = P.transform(x, tau, softcap)
+  f = P.finish(
+    P.block_partials(y, cols, target, keepdims=True, with_entropy=False), target, x.shape[1]
+  )
+  g_lp, g_lse, out = row_terms(f, target, caller_tau, weight)
+  dy = P.grad_y(cols == target, P.softmax(y, f.shift, f.log_s), g_lp, g_lse)
+  dx = jnp.where(dy != 0, dy * P.transform_grad(x, tau, softcap), 0.0)  # dead rows may hold NaN
+  dx_ref[...] = dx.astype(dx_ref.dtype)
+  out_ref[...] = out
+  if dtau_ref:
+    dtau = P.grad_tau(dy, P.finite_or_zero(y - f.shift), f.shift, tau)
+    dtau_ref[0][...] = jnp.where(weight != 0, dtau, 0.0)
