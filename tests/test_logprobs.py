@@ -287,10 +287,11 @@ def test_nll_loss_policy(impl):
 def test_nll_loss_scales_its_gradient_by_the_cotangent():
   """The backward hands d logits on as written when the cotangent is 1, scaled otherwise."""
   x, t = _inputs(15, (4,), 50, jnp.float32)
-  g1 = jax.grad(lambda x: lpk.nll_loss(x, t))(x)
+  g1 = jax.jit(jax.grad(lambda x: lpk.nll_loss(x, t)))(x)
   g3 = jax.jit(jax.grad(lambda x, c: c * lpk.nll_loss(x, t)))(x, 3.0)
   assert_close(g3, 3 * g1, rtol=1e-6, atol=0, what="3 x d logits")
-  assert_close(g1, jax.grad(lambda x: -jnp.sum(lpk.token_logprobs(x, t)))(x), rtol=1e-6, atol=0)
+  per_token = jax.jit(jax.grad(lambda x: -jnp.sum(lpk.token_logprobs(x, t))))(x)
+  assert_close(g1, per_token, rtol=1e-6, atol=0, what="d logits vs per-token")
 
 
 @pytest.mark.parametrize(
@@ -311,7 +312,7 @@ def test_nll_loss_bad_arguments_raise(kwargs, err, match):
 
 @given(
   n=st.sampled_from([1, 6]),
-  v=st.sampled_from([1, 2, 17, 50]),
+  v=st.sampled_from([1, 17, 50]),
   dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
   z_loss=st.sampled_from([0.0, 0.01]),
   seed=st.integers(0, 2**16),

@@ -63,6 +63,7 @@ def test_matches_reference_and_oracle(b, t, v, dtype):
 
 
 _jit_score = jax.jit(lpk.score, static_argnames=("num_segments",))
+_jit_reference = jax.jit(reference.score, static_argnames=("num_segments",))
 
 
 # Shapes come from small sets (awkward ones included) so that the drawn examples
@@ -81,7 +82,7 @@ def test_padding_matches_oracle(b, t, v, left, seed):
   tokens = jnp.where(seg > 0, tokens, -100)  # pad ids never leak into sums
   scores = _jit_score(logits, tokens, response, segment_ids=seg)
   _check(scores, oracle_score(logits, tokens, response, seg))
-  _check(scores, reference.score(logits, tokens, response, segment_ids=seg))
+  _check(scores, _jit_reference(logits, tokens, response, segment_ids=seg))
   np.testing.assert_array_equal(
     scores.joint_logprob, scores.prompt_logprob + scores.response_logprob
   )
