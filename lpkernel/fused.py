@@ -64,11 +64,9 @@ def _poisoned_stats(f: P.Finished, targets, tau, vocab_size):
   return stats, (bad_id, bad_tau)
 
 
-def _safe_rows(h, tau, live, bad_tau):
-  """Dead rows hold anything (padding, NaN, inf): zeros and temperature 1 keep them
-  out of every matmul and division, as temperature 1 does on poisoned rows."""
-  safe_h = jnp.where(live[:, None], h, 0)
-  return safe_h, None if tau is None else jnp.where(live & ~bad_tau, tau, 1.0)
+def _live_hidden(h, live):
+  """Dead rows hold anything (padding, NaN, inf): zeros keep them out of every matmul."""
+  return jnp.where(live[:, None], h, 0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
@@ -86,7 +84,7 @@ def _fused_bwd(softcap, impl, axis, vocab_size, vocab_axis, residuals, ct: Token
   # every field's for a bad temperature.
   bads = (bad_id | bad_tau, bad_tau, bad_tau)
   g = [jnp.where(live & bad, jnp.nan, c) for c, bad in zip(g, bads, strict=True)]
-  safe_h, safe_tau = _safe_rows(h, tau, live, bad_tau)
+  safe_h, safe_tau = _live_hidden(h, live), P.safe_tau(tau, live, bad_tau)
   dh, dw, dtau = impl.grads(safe_h, w, local, safe_tau, softcap, f, g, vocab_axis)
   if dtau is not None:
     dtau = jnp.where(live, dtau, 0.0)
@@ -236,11 +234,10 @@ def fused_token_logprobs(
 
 
 def _loss_inputs(h, w, targets, tau, weights, z_loss, axis, vocab_size, vocab_axis):
-  """(``LossRows``, safe h, safe tau) of the loss on this shard."""
-  offset = P.block_offset(axis, w.shape[vocab_axis])
-  rows = P.nll_rows(targets, tau, weights, z_loss, vocab_size, axis, offset)
-  bad_tau = P.poisoned_rows(targets, tau, vocab_size)[1]
-  return (rows, *_safe_rows(h, tau, weights != 0, bad_tau))
+  """(``LossRows``, safe h, safe tau) of the loss on this shard: dead rows' h is 0."""
+  args = (targets, tau, weights, z_loss, vocab_size, axis, w.shape[vocab_axis])
+  rows, safe_tau = P.nll_inputs(*args)
+  return rows, _live_hidden(h, weights != 0), safe_tau
 
 
 def _nll_value(h, w, targets, tau, weights, z_loss, softcap, impl, axis, vocab_size, vocab_axis):

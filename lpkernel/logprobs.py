@@ -49,7 +49,7 @@ def _logprobs_bwd(softcap, impl, axis, vocab_size, residuals, cotangents):
     g = g * lax.axis_size(axis)
   live = g != 0  # dead rows stay exactly zero, even over NaN or inf logits
   g = jnp.where(live & bad, jnp.nan, g)  # a poisoned value has a NaN gradient
-  safe_tau = None if tau is None else jnp.where(live & ~bad, tau, 1.0)
+  safe_tau = P.safe_tau(tau, live, bad)
   with jax.named_scope("dlogits"):
     dx = impl.grad_logits(x, local, safe_tau, softcap, shift, log_s, g)
   dtau = None
@@ -192,25 +192,15 @@ def token_logprobs(
 # --- the training loss: gradients written in the forward pass ----------------
 
 
-def _nll_inputs(x, targets, tau, weights, z_loss, axis, vocab_size):
-  """(``LossRows``, safe tau: 1 on dead and poisoned rows) of the loss on this shard."""
-  offset = P.block_offset(axis, x.shape[1])
-  rows = P.nll_rows(targets, tau, weights, z_loss, vocab_size, axis, offset)
-  if tau is None:
-    return rows, None
-  bad_tau = P.poisoned_rows(targets, tau, vocab_size)[1]
-  return rows, jnp.where((weights != 0) & ~bad_tau, tau, 1.0)
-
-
 def _nll_value(x, targets, tau, weights, z_loss, softcap, impl, axis, vocab_size):
   """The loss without gradients: one forward pass."""
-  rows, safe_tau = _nll_inputs(x, targets, tau, weights, z_loss, axis, vocab_size)
+  rows, safe_tau = P.nll_inputs(targets, tau, weights, z_loss, vocab_size, axis, x.shape[1])
   p = impl.partials(x, rows.targets, safe_tau, softcap)
   return jnp.sum(rows.cotangents(p, 0, x.shape[0])[2])
 
 
 def _nll_fwd(x, targets, tau, weights, z_loss, softcap, impl, axis, vocab_size):
-  rows, safe_tau = _nll_inputs(x, targets, tau, weights, z_loss, axis, vocab_size)
+  rows, safe_tau = P.nll_inputs(targets, tau, weights, z_loss, vocab_size, axis, x.shape[1])
   one_pass = getattr(impl, "loss_grads", lambda *a: None)(x, safe_tau, softcap, rows)
   if one_pass is None:  # the forward pass, then d logits from its statistics
     p = impl.partials(x, rows.targets, safe_tau, softcap)

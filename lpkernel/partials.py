@@ -335,6 +335,21 @@ def nll_rows(targets, tau, weights, z_loss: float, vocab_size: int, axis_name, o
   )
 
 
+def nll_inputs(targets, tau, weights, z_loss: float, vocab_size: int, axis_name, block_columns):
+  """The loss's :func:`nll_rows` on this shard (``block_columns`` of the
+  vocabulary) and the temperatures the implementation transforms with: the
+  caller's, 1 on dead and poisoned rows (None without temperatures)."""
+  offset = block_offset(axis_name, block_columns)
+  rows = nll_rows(targets, tau, weights, z_loss, vocab_size, axis_name, offset)
+  return rows, safe_tau(tau, weights != 0, poisoned_rows(targets, tau, vocab_size)[1])
+
+
+def safe_tau(tau, live, bad):
+  """The temperatures to transform with: 1 on dead (not ``live``) and poisoned
+  (``bad``) rows, whose logits may hold anything; None stays None."""
+  return None if tau is None else jnp.where(live & ~bad, tau, 1.0)
+
+
 def dense_cotangents(g, like: jax.Array) -> list[jax.Array]:
   """``(g_lp, g_lse, g_entropy)`` with zeros (shaped like ``like``) for absent terms."""
   return [jnp.zeros_like(like) if c is None else c for c in g]
