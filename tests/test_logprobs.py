@@ -253,7 +253,14 @@ def test_nll_loss_matches_the_reference_and_oracle(shape, v, dtype, implementati
   assert_close(g, g_ref, **GRAD_TOLERANCES[jnp.dtype(dtype)], what="d logits")
 
 
-@pytest.mark.parametrize("impl", [None, ONE_KERNEL, "reference"], ids=lambda i: str(i)[:16])
+TPU_ONE_KERNEL = lpk.PallasTpuLogits(block_rows=8, block_v=128, loss_kernel=True, interpret=True)
+
+
+@pytest.mark.parametrize(
+  "impl",
+  [None, ONE_KERNEL, TPU_ONE_KERNEL, "reference"],
+  ids=["default", "pallas_gpu-one-kernel", "pallas_tpu-one-kernel", "reference"],
+)
 def test_nll_loss_policy(impl):
   """+inf for an impossible weighted target, NaN (value and gradient) for an
   out-of-range weighted id or a NaN in a weighted row; zero-weight rows contribute
