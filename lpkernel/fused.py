@@ -20,6 +20,7 @@ from jax import lax
 
 from lpkernel import checks, ops
 from lpkernel import partials as P
+from lpkernel.ops import higher_order
 
 _F32 = jnp.float32
 
@@ -41,13 +42,22 @@ class TokenStats:
   greedy: jax.Array
 
 
+def _plain(impl) -> ops.XlaFused:
+  """The implementation whose derivatives each rule that runs ``impl`` takes (a
+  gradient of a gradient differentiates the rules; kernels have no derivative)."""
+  return ops.XlaFused(precision=getattr(impl, "precision", None))
+
+
 def _forward(h, w, targets, tau, softcap, impl, axis, vocab_size, vocab_axis):
-  offset = P.block_offset(axis, w.shape[vocab_axis])
-  local = targets - offset
-  p = P.combine_shards(impl.partials(h, w, local, tau, softcap, vocab_axis), axis, offset)
-  f = P.finish(p, targets, vocab_size)
-  stats, bads = _poisoned_stats(f, targets, tau, vocab_size)
-  return stats, (h, w, local, tau, f, bads)
+  def rule(impl, h, w, targets, tau):
+    offset = P.block_offset(axis, w.shape[vocab_axis])
+    local = targets - offset
+    p = P.combine_shards(impl.partials(h, w, local, tau, softcap, vocab_axis), axis, offset)
+    f = P.finish(p, targets, vocab_size)
+    stats, bads = _poisoned_stats(f, targets, tau, vocab_size)
+    return stats, (h, w, local, tau, f, bads)
+
+  return higher_order.differentiated_as(rule, impl, _plain(impl))(h, w, targets, tau)
 
 
 def _poisoned_stats(f: P.Finished, targets, tau, vocab_size):
@@ -75,20 +85,25 @@ def _fused(h, w, targets, tau, softcap, impl, axis, vocab_size, vocab_axis):
 
 
 def _fused_bwd(softcap, impl, axis, vocab_size, vocab_axis, residuals, ct: TokenStats):
-  h, w, local, tau, f, (bad_id, bad_tau) = residuals
-  g = [c.astype(_F32) for c in (ct.logprobs, ct.lse, ct.entropy)]
-  if axis is not None:  # see lpkernel.logprobs: shard_map splits a replicated cotangent
-    g = [c * lax.axis_size(axis) for c in g]
-  live = (g[0] != 0) | (g[1] != 0) | (g[2] != 0)
-  # A poisoned value has a NaN gradient: the log-prob's for an id out of range,
-  # every field's for a bad temperature.
-  bads = (bad_id | bad_tau, bad_tau, bad_tau)
-  g = [jnp.where(live & bad, jnp.nan, c) for c, bad in zip(g, bads, strict=True)]
-  safe_h, safe_tau = _live_hidden(h, live), P.safe_tau(tau, live, bad_tau)
-  dh, dw, dtau = impl.grads(safe_h, w, local, safe_tau, softcap, f, g, vocab_axis)
-  if dtau is not None:
-    dtau = jnp.where(live, dtau, 0.0)
-  return dh.astype(h.dtype), dw, jnp.zeros(local.shape, jax.dtypes.float0), dtau
+  def rule(impl, residuals, g):
+    h, w, local, tau, f, (bad_id, bad_tau) = residuals
+    g = [c.astype(_F32) for c in g]
+    if axis is not None:  # see lpkernel.logprobs: shard_map splits a replicated cotangent
+      g = [c * lax.axis_size(axis) for c in g]
+    live = (g[0] != 0) | (g[1] != 0) | (g[2] != 0)
+    # A poisoned value has a NaN gradient: the log-prob's for an id out of range,
+    # every field's for a bad temperature.
+    bads = (bad_id | bad_tau, bad_tau, bad_tau)
+    g = [jnp.where(live & bad, jnp.nan, c) for c, bad in zip(g, bads, strict=True)]
+    safe_h, safe_tau = _live_hidden(h, live), P.safe_tau(tau, live, bad_tau)
+    dh, dw, dtau = impl.grads(safe_h, w, local, safe_tau, softcap, f, g, vocab_axis)
+    if dtau is not None:
+      dtau = jnp.where(live, dtau, 0.0)
+    return dh.astype(h.dtype), dw, dtau
+
+  g = (ct.logprobs, ct.lse, ct.entropy)
+  dh, dw, dtau = higher_order.differentiated_as(rule, impl, _plain(impl))(residuals, g)
+  return dh, dw, jnp.zeros(residuals[2].shape, jax.dtypes.float0), dtau
 
 
 _fused.defvjp(_forward, _fused_bwd)
@@ -122,16 +137,17 @@ def rows_fused_token_stats(
       tied embedding table ``[V, D]`` (read as stored, never transposed).
   """
   vocab_axis = checks.vocab_axis(vocab_axis)
-  impl = _implementation(implementation)
+  impl = _implementation(implementation, h.shape[0])
   v = w.shape[vocab_axis] if vocab_size is None else vocab_size
   return _fused(h, w, targets, tau, softcap, impl, axis_name, v, vocab_axis)
 
 
-def _implementation(implementation) -> ops.FusedImplementation:
+def _implementation(implementation, num_rows: int) -> ops.FusedImplementation:
   impl = ops.fused_implementation(implementation)
   if getattr(impl, "precision", "") is None:  # the caller's matmul precision, captured here
     impl = dataclasses.replace(impl, precision=jax.config.jax_default_matmul_precision)
-  return impl
+  # No rows: empty results, with no kernel to launch over a grid of 0 programs.
+  return impl if num_rows else _plain(impl)
 
 
 def _reference_stats(h, unembed, targets, tau, softcap, vocab_axis) -> TokenStats:
@@ -249,21 +265,26 @@ def _nll_value(h, w, targets, tau, weights, z_loss, softcap, impl, axis, vocab_s
 
 
 def _nll_fwd(h, w, targets, tau, weights, z_loss, softcap, impl, axis, vocab_size, vocab_axis):
-  args = (h, w, targets, tau, weights, z_loss, axis, vocab_size, vocab_axis)
-  rows, safe_h, safe_tau = _loss_inputs(*args)
-  n = h.shape[0]
-  one_pass = getattr(impl, "loss_grads", lambda *a: None)(
-    safe_h, w, safe_tau, softcap, rows, jnp.zeros((n,), _F32), vocab_axis
-  )
-  if one_pass is None:  # the forward sweep, then the backward sweep from its statistics
-    p = impl.partials(safe_h, w, rows.targets, safe_tau, softcap, vocab_axis)
-    f, g, terms = rows.cotangents(p, 0, n)
-    dh, dw, dtau = impl.grads(safe_h, w, rows.targets, safe_tau, softcap, f, g, vocab_axis)
-  else:
-    terms, dh, dw, dtau = one_pass
-  if dtau is not None:
-    dtau = jnp.where(weights != 0, dtau, 0.0)
-  return jnp.sum(terms), (dh.astype(h.dtype), dw, dtau, weights)
+  def rule(impl, h, w, targets, tau, weights):
+    args = (h, w, targets, tau, weights, z_loss, axis, vocab_size, vocab_axis)
+    rows, safe_h, safe_tau = _loss_inputs(*args)
+    n = h.shape[0]
+    one_pass = getattr(impl, "loss_grads", lambda *a: None)(
+      safe_h, w, safe_tau, softcap, rows, jnp.zeros((n,), _F32), vocab_axis
+    )
+    if one_pass is None:  # the forward sweep, then the backward sweep from its statistics
+      p = impl.partials(safe_h, w, rows.targets, safe_tau, softcap, vocab_axis)
+      f, g, terms = rows.cotangents(p, 0, n)
+      dh, dw, dtau = impl.grads(safe_h, w, rows.targets, safe_tau, softcap, f, g, vocab_axis)
+    else:
+      terms, dh, dw, dtau = one_pass
+    if dtau is not None:
+      dtau = jnp.where(weights != 0, dtau, 0.0)
+    return jnp.sum(terms), dh.astype(h.dtype), dw, dtau
+
+  plain = _plain(impl)
+  loss, *grads = higher_order.differentiated_as(rule, impl, plain)(h, w, targets, tau, weights)
+  return loss, (*grads, weights)
 
 
 def _nll_bwd(z_loss, softcap, impl, axis, vocab_size, vocab_axis, residuals, ct):
@@ -308,7 +329,7 @@ def rows_fused_nll_loss(
     Others as for :func:`rows_fused_token_stats`.
   """
   vocab_axis = checks.vocab_axis(vocab_axis)
-  impl = _implementation(implementation)
+  impl = _implementation(implementation, h.shape[0])
   v = w.shape[vocab_axis] if vocab_size is None else vocab_size
   weights = lax.stop_gradient(weights)
   return _nll(h, w, targets, tau, weights, float(z_loss), softcap, impl, axis_name, v, vocab_axis)

@@ -19,20 +19,35 @@ from jax import lax
 
 from lpkernel import checks, ops
 from lpkernel import partials as P
+from lpkernel.ops import higher_order
 from lpkernel.ops.logprobs import xla
 
 _F32 = jnp.float32
 
 
+# Each rule that runs the implementation is differentiated as the XLA one's (a
+# gradient of a gradient differentiates the rules; kernels have no derivative).
+_PLAIN = xla.XlaLogits()
+
+
+def _implementation(implementation, num_rows: int) -> ops.LogitsImplementation:
+  impl = ops.logits_implementation(implementation)
+  # No rows: empty results, with no kernel to launch over a grid of 0 programs.
+  return impl if num_rows else _PLAIN
+
+
 def _forward(x, targets, tau, softcap, impl, axis, vocab_size):
-  offset = P.block_offset(axis, x.shape[1])
-  local = targets - offset
-  p = P.combine_shards(impl.partials(x, local, tau, softcap), axis, offset)
-  f = P.finish(p, targets, vocab_size)
-  bad_id, bad_tau = P.poisoned_rows(targets, tau, vocab_size)
-  bad = bad_id | bad_tau
-  logprob = jnp.where(bad, jnp.nan, f.logprob)
-  return (logprob, f.greedy & ~bad), (x, local, tau, f.shift, f.log_s, bad)
+  def rule(impl, x, targets, tau):
+    offset = P.block_offset(axis, x.shape[1])
+    local = targets - offset
+    p = P.combine_shards(impl.partials(x, local, tau, softcap), axis, offset)
+    f = P.finish(p, targets, vocab_size)
+    bad_id, bad_tau = P.poisoned_rows(targets, tau, vocab_size)
+    bad = bad_id | bad_tau
+    logprob = jnp.where(bad, jnp.nan, f.logprob)
+    return (logprob, f.greedy & ~bad), (x, local, tau, f.shift, f.log_s, bad)
+
+  return higher_order.differentiated_as(rule, impl, _PLAIN)(x, targets, tau)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -41,21 +56,25 @@ def _logprobs(x, targets, tau, softcap, impl, axis, vocab_size):
 
 
 def _logprobs_bwd(softcap, impl, axis, vocab_size, residuals, cotangents):
-  x, local, tau, shift, log_s, bad = residuals
-  g = cotangents[0].astype(_F32)
-  if axis is not None:
-    # shard_map hands each device 1 / (axis size) of a replicated output's
-    # cotangent and sums the unmapped inputs' cotangents (temperature) itself.
-    g = g * lax.axis_size(axis)
-  live = g != 0  # dead rows stay exactly zero, even over NaN or inf logits
-  g = jnp.where(live & bad, jnp.nan, g)  # a poisoned value has a NaN gradient
-  safe_tau = P.safe_tau(tau, live, bad)
-  with jax.named_scope("dlogits"):
-    dx = impl.grad_logits(x, local, safe_tau, softcap, shift, log_s, g)
-  dtau = None
-  if tau is not None:
-    dtau = jnp.where(live, _grad_tau(impl, x, local, safe_tau, softcap, shift, log_s, g), 0.0)
-  return dx, jnp.zeros(local.shape, jax.dtypes.float0), dtau
+  def rule(impl, residuals, g):
+    x, local, tau, shift, log_s, bad = residuals
+    g = g.astype(_F32)
+    if axis is not None:
+      # shard_map hands each device 1 / (axis size) of a replicated output's
+      # cotangent and sums the unmapped inputs' cotangents (temperature) itself.
+      g = g * lax.axis_size(axis)
+    live = g != 0  # dead rows stay exactly zero, even over NaN or inf logits
+    g = jnp.where(live & bad, jnp.nan, g)  # a poisoned value has a NaN gradient
+    safe_tau = P.safe_tau(tau, live, bad)
+    with jax.named_scope("dlogits"):
+      dx = impl.grad_logits(x, local, safe_tau, softcap, shift, log_s, g)
+    dtau = None
+    if tau is not None:
+      dtau = jnp.where(live, _grad_tau(impl, x, local, safe_tau, softcap, shift, log_s, g), 0.0)
+    return dx, dtau
+
+  dx, dtau = higher_order.differentiated_as(rule, impl, _PLAIN)(residuals, cotangents[0])
+  return dx, jnp.zeros(residuals[1].shape, jax.dtypes.float0), dtau
 
 
 _logprobs.defvjp(_forward, _logprobs_bwd)
@@ -105,7 +124,7 @@ def rows_logprobs_and_greedy(
   Returns:
     (float32[N] log-probabilities, bool[N] first-argmax greedy flags).
   """
-  impl = ops.logits_implementation(implementation)
+  impl = _implementation(implementation, x.shape[0])
   v = x.shape[1] if vocab_size is None else vocab_size
   return _logprobs(x, targets, tau, softcap, impl, axis_name, v)
 
@@ -200,9 +219,13 @@ def _nll_value(x, targets, tau, weights, z_loss, softcap, impl, axis, vocab_size
 
 
 def _nll_fwd(x, targets, tau, weights, z_loss, softcap, impl, axis, vocab_size):
-  rows, safe_tau = P.nll_inputs(targets, tau, weights, z_loss, vocab_size, axis, x.shape[1])
-  one_pass = getattr(impl, "loss_grads", lambda *a: None)(x, safe_tau, softcap, rows)
-  if one_pass is None:  # the forward pass, then d logits from its statistics
+  def rule(impl, x, targets, tau, weights):
+    rows, safe_tau = P.nll_inputs(targets, tau, weights, z_loss, vocab_size, axis, x.shape[1])
+    one_pass = getattr(impl, "loss_grads", lambda *a: None)(x, safe_tau, softcap, rows)
+    if one_pass is not None:
+      terms, dx, dtau = one_pass
+      return jnp.sum(terms), dx, dtau
+    # The forward pass, then d logits from its statistics.
     p = impl.partials(x, rows.targets, safe_tau, softcap)
     f, (g_lp, g_lse, _), terms = rows.cotangents(p, 0, x.shape[0])
     with jax.named_scope("dlogits"):
@@ -213,9 +236,10 @@ def _nll_fwd(x, targets, tau, weights, z_loss, softcap, impl, axis, vocab_size):
       mass = jnp.where(p.s > 0, p.s * jnp.exp(P.shift_of(p.m) - f.shift - f.log_s), 0.0)
       args = (x, rows.targets, safe_tau, softcap, f.shift, f.log_s, g_lp, g_lse, mass)
       dtau = jnp.where(weights != 0, _grad_tau(impl, *args), 0.0)
-  else:
-    terms, dx, dtau = one_pass
-  return jnp.sum(terms), (dx, dtau, weights)
+    return jnp.sum(terms), dx, dtau
+
+  loss, dx, dtau = higher_order.differentiated_as(rule, impl, _PLAIN)(x, targets, tau, weights)
+  return loss, (dx, dtau, weights)
 
 
 def _nll_bwd(z_loss, softcap, impl, axis, vocab_size, residuals, ct):
@@ -259,7 +283,7 @@ def rows_nll_loss(
       gradient reaches them); ``tau``: float32[N] temperatures or None.
     axis_name, vocab_size: as for :func:`rows_logprobs_and_greedy`.
   """
-  impl = ops.logits_implementation(implementation)
+  impl = _implementation(implementation, x.shape[0])
   v = x.shape[1] if vocab_size is None else vocab_size
   weights = lax.stop_gradient(weights)
   return _nll(x, targets, tau, weights, float(z_loss), softcap, impl, axis_name, v)

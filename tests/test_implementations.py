@@ -12,6 +12,8 @@ does not check block shapes: the static validators do (last tests).
 
 import dataclasses
 
+import chex
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -589,3 +591,173 @@ def test_gpu_fused_chunks_follow_their_budget():
   assert impl.chunk(100, 128256) == 100  # fewer tokens than a chunk: one chunk
   assert impl.chunk(32768, 10**7) == 128  # at least 128 tokens
   assert lpk.PallasGpuFused(chunk_tokens=4096).chunk(1000, 50) == 1000
+
+
+# --- derivatives of derivatives and empty inputs -----------------------------------
+
+
+def _gradient_derivatives(f, args):
+  """Derivatives of ``f``'s gradient: reverse over reverse (``jax.grad`` of a
+  function of ``jax.grad``) and forward over reverse (``jax.jvp`` of ``jax.grad``,
+  the Hessian-vector product), each w.r.t. every argument, in one program."""
+  argnums = tuple(range(len(args)))
+  grad = jax.grad(f, argnums)
+
+  def derivatives(*args):
+    rr = jax.grad(lambda *a: sum(jnp.sum(jnp.sin(g)) for g in grad(*a)), argnums)(*args)
+    tangents = tuple(jnp.cos(jnp.arange(a.size, dtype=a.dtype)).reshape(a.shape) for a in args)
+    return rr, jax.jvp(grad, args, tangents)[1]
+
+  return jax.jit(derivatives)(*args)
+
+
+def _second_order_rows(n=6, v=300):
+  """n rows over V = 300 (two 256-column tiles, a tail), a dead row (weight 0)."""
+  k1, k2 = jax.random.split(jax.random.key(7))
+  t = jax.random.randint(k2, (n,), 0, v)
+  weights = jnp.linspace(0.5, 2.0, n).at[1].set(0.0)
+  return k1, t, weights, jnp.linspace(0.5, 2.0, n)
+
+
+SECOND_ORDER_LOGITS = [
+  pytest.param(name, op, id=f"{name}-{op}")
+  for name in LOGITS_LOSS_IMPLEMENTATIONS
+  for op in ("token_logprobs", "nll_loss")
+  if not (op == "token_logprobs" and name.endswith("one-kernel"))  # the loss's kernels only
+]
+
+
+@pytest.mark.parametrize("name,op", SECOND_ORDER_LOGITS)
+def test_logits_second_derivatives_are_the_reference_s(name, op):
+  """Second derivatives (w.r.t. logits and temperature, with softcap and z-loss)
+  equal the reference's on every implementation: the custom VJP's rules are
+  differentiated as the XLA implementation's (a kernel has no derivative; the
+  XLA bit views carry their own), never with a term silently dropped."""
+  key, t, weights, tau = _second_order_rows()
+  x = 2 * jax.random.normal(key, (t.shape[0], 300))
+
+  def f(impl):
+    if op == "nll_loss":
+      opts = dict(z_loss=0.1, temperature=tau, softcap=5.0)
+      return lambda x, tau: lpk.nll_loss(x, t, weights, **opts | dict(temperature=tau), implementation=impl)
+    return lambda x, tau: jnp.sum(
+      weights * lpk.token_logprobs(x, t, temperature=tau, softcap=5.0, implementation=impl)
+    )
+
+  got = _gradient_derivatives(f(LOGITS_LOSS_IMPLEMENTATIONS[name]), (x, tau))
+  want = _gradient_derivatives(f("reference"), (x, tau))
+  for what, a, b in zip(("rev-rev", "fwd-rev"), got, want, strict=True):
+    for arg, ga, gb in zip(("logits", "temperature"), a, b, strict=True):
+      scale = float(jnp.max(jnp.abs(gb)))
+      assert_close(ga, gb, rtol=1e-4, atol=1e-5 * scale, what=f"{name} {op} {what} {arg}")
+
+
+@pytest.mark.parametrize(
+  "name,op",
+  [
+    pytest.param(name, op, id=f"{name}-{op}")
+    for name in LOSS_IMPLEMENTATIONS
+    for op in ("fused_token_stats", "fused_nll_loss")
+  ],
+)
+def test_fused_second_derivatives_are_the_reference_s(name, op):
+  """As above for the fused path, w.r.t. hidden, unembed and temperature, with every
+  field of ``TokenStats`` (log-prob, log-sum-exp, entropy) in the objective."""
+  key, t, weights, tau = _second_order_rows()
+  kh, kw = jax.random.split(key)
+  h, w = jax.random.normal(kh, (t.shape[0], 8)), jax.random.normal(kw, (8, 300))
+
+  def f(impl):
+    if op == "fused_nll_loss":
+      return lambda h, w, tau: lpk.fused_nll_loss(
+        h, w, t, weights, z_loss=0.1, temperature=tau, softcap=5.0, implementation=impl
+      )
+
+    def stats(h, w, tau):
+      s = lpk.fused_token_stats(h, w, t, temperature=tau, softcap=5.0, implementation=impl)
+      return jnp.sum(weights * s.logprobs + 0.1 * s.lse + 0.3 * s.entropy)
+
+    return stats
+
+  got = _gradient_derivatives(f(LOSS_IMPLEMENTATIONS[name]), (h, w, tau))
+  want = _gradient_derivatives(f("reference"), (h, w, tau))
+  for what, a, b in zip(("rev-rev", "fwd-rev"), got, want, strict=True):
+    for arg, ga, gb in zip(("hidden", "unembed", "temperature"), a, b, strict=True):
+      scale = float(jnp.max(jnp.abs(gb)))
+      assert_close(ga, gb, rtol=1e-4, atol=1e-5 * scale, what=f"{name} {op} {what} {arg}")
+
+
+def test_bfloat16_fused_second_derivatives():
+  """The CPU's bfloat16 backward sweep carries ``d unembed`` as uint16 bits (see
+  ``XlaFused.grads``), which have no derivative: its derivatives come from a
+  bfloat16 carry. Held to the float32 reference within bfloat16's rounding (a
+  dropped term is off by the derivative's whole size)."""
+  key, t, weights, _ = _second_order_rows()
+  kh, kw = jax.random.split(key)
+  h, w = jax.random.normal(kh, (t.shape[0], 8)), jax.random.normal(kw, (8, 300))
+
+  def f(impl):
+    def stats(h, w):
+      s = lpk.fused_token_stats(h, w, t, implementation=impl)
+      return jnp.sum(weights * s.logprobs + s.lse + s.entropy)
+
+    return stats
+
+  want = _gradient_derivatives(f("reference"), (h, w))[0]
+  bf16 = (h.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+  got = _gradient_derivatives(f(LOSS_IMPLEMENTATIONS["xla-sweeps"]), bf16)[0]
+  for arg, a, b in zip(("hidden", "unembed"), got, want, strict=True):
+    scale = float(jnp.max(jnp.abs(b)))
+    assert_close(a.astype(jnp.float32), b, rtol=0, atol=0.1 * scale, what=f"rev-rev {arg}")
+
+
+def test_third_derivatives_are_the_reference_s():
+  """The rules' derivative rule calls the op again for its values, so a third
+  derivative meets the same rule: exact at every order (Pallas GPU kernels)."""
+  key, t, weights, _ = _second_order_rows()
+  x = 2 * jax.random.normal(key, (t.shape[0], 300))
+
+  def third(impl):
+    def lp(x):
+      return jnp.sum(weights * lpk.token_logprobs(x, t, implementation=impl))
+
+    def nested(f):
+      return lambda x: jnp.sum(jnp.sin(jax.grad(f)(x)))
+
+    return jax.jit(jax.grad(nested(nested(lp))))(x)
+
+  want = third("reference")
+  got = third(IMPLEMENTATIONS["pallas_gpu"])
+  assert_close(got, want, rtol=1e-3, atol=1e-3 * float(jnp.max(jnp.abs(want))), what="d3")
+
+
+EMPTY_CASES = [
+  *(pytest.param("logits", name, id=f"logits-{name}") for name in LOGITS_LOSS_IMPLEMENTATIONS),
+  *(pytest.param("fused", name, id=f"fused-{name}") for name in LOSS_IMPLEMENTATIONS),
+]
+
+
+@pytest.mark.parametrize("path,name", EMPTY_CASES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+def test_every_implementation_takes_no_rows(path, name, dtype):
+  """N = 0 (an empty batch): empty per-token results, a zero loss and zero
+  gradients on every implementation (no kernel is launched over no rows)."""
+  t = jnp.zeros((0,), jnp.int32)
+  if path == "logits":
+    impl = LOGITS_LOSS_IMPLEMENTATIONS[name]
+    x = jnp.zeros((0, 300), dtype)
+    lp, dx = jax.value_and_grad(lambda x: lpk.nll_loss(x, t, z_loss=0.1, implementation=impl))(x)
+    assert lpk.token_logprobs(x, t, implementation=impl).shape == (0,)
+    assert float(lp) == 0.0 and dx.shape == (0, 300) and dx.dtype == dtype
+    return
+  impl = LOSS_IMPLEMENTATIONS[name]
+  h, w = jnp.zeros((0, 8), dtype), jnp.ones((8, 300), dtype)
+  loss, (dh, dw) = jax.value_and_grad(
+    lambda h, w: lpk.fused_nll_loss(h, w, t, z_loss=0.1, implementation=impl), (0, 1)
+  )(h, w)
+  dh2, dw2 = jax.grad(
+    lambda h, w: jnp.sum(lpk.fused_token_logprobs(h, w, t, implementation=impl)), (0, 1)
+  )(h, w)
+  assert float(loss) == 0.0 and dh.shape == dh2.shape == (0, 8)
+  assert dw.dtype == dw2.dtype == dtype
+  chex.assert_trees_all_equal((dw, dw2), (jnp.zeros_like(w), jnp.zeros_like(w)))

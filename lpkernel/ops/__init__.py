@@ -14,6 +14,12 @@ interpret mode, and lowered for its hardware), ``tests/test_policy.py`` (the
 bad-input and numerics policy) and ``tests/test_sharding.py`` (on each
 vocabulary shard).
 
+An implementation whose code JAX differentiates exactly at any order declares
+``differentiable = True`` (the XLA ones); the ops' custom-VJP rules that run any
+other (a Pallas kernel has no derivative) take the XLA implementation's
+derivatives, so second derivatives are exact everywhere
+(:mod:`lpkernel.ops.higher_order`).
+
 An implementation may also provide ``loss_grads``, which writes a training
 loss's gradients in the forward pass (:func:`lpkernel.fused_nll_loss`,
 :func:`lpkernel.nll_loss`; the rows' cotangents come through

@@ -19,12 +19,14 @@ the right axis, so no transposed copy of the matrix is ever made.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from lpkernel import partials as P
+from lpkernel.ops import higher_order
 
 _F32 = jnp.float32
 
@@ -203,7 +205,9 @@ def chunked_grads(h, w, size: int, vocab_axis: int, precision, row_grads, out_in
 
 def sweep(step, carry, size: int, block: int):
   """Folds ``step(carry, lo, width)`` over the full blocks of ``[0, size)``, then
-  the static tail block (if ``block`` does not divide ``size``)."""
+  the static tail block (if ``block`` does not divide ``size``); nothing when ``size`` is 0."""
+  if size == 0:
+    return carry
   full, tail = divmod(size, block)
   carry = lax.fori_loop(0, full, lambda k, c: step(c, k * block, block), carry)
   return step(carry, full * block, tail) if tail else carry
@@ -225,6 +229,7 @@ class XlaFused:
   precision: str | None = None
   name = "xla"
   platforms = None
+  differentiable = True  # plain jnp at any order (lpkernel.ops.higher_order)
 
   def partials(self, h, w, targets, tau, softcap, vocab_axis=1) -> P.RowPartials:
     """Partials of ``h [N, D] @ w [D, Vb]`` (or ``w [Vb, D]`` with ``vocab_axis=0``)."""
@@ -247,6 +252,18 @@ class XlaFused:
       g: (g_lp, g_lse, g_entropy) float32 [N] (None for an absent term), zero on
         dead rows; ``tau`` and ``h`` are already made safe there by the caller.
     """
+    # On the CPU a bfloat16 d w is carried as its bits: XLA:CPU updates a
+    # bfloat16 [D, V] carry by copying all of it per block (2.8 s of 3.2 s at
+    # N=4096, D=512, V=32000) but a uint16 one in place. The view back costs
+    # one copy of d w (a temporary of the gradient's own size, never of the
+    # logits'); float16 has no fast CPU dot and does not gain. A bit view has no
+    # derivative, so a derivative of this backward is the bfloat16 carry's.
+    bits = jnp.dtype(jnp.uint16) if _on_cpu() and w.dtype == jnp.bfloat16 else None
+    sweep_back = functools.partial(self._grads, softcap=softcap, vocab_axis=vocab_axis)
+    return higher_order.differentiated_as(sweep_back, bits, None)(h, w, targets, tau, f, g)
+
+  def _grads(self, bits, h, w, targets, tau, f, g, *, softcap, vocab_axis):
+    """:meth:`grads` with ``d w`` carried as ``bits`` (an unsigned dtype) or, for None, as is."""
     tau_col = None if tau is None else tau[:, None]
     # On the CPU, d w blocks come from a [D, N] copy of h made once: XLA:CPU's fast
     # bfloat16 dots want the contracted axis last on the left (contracting N on h
@@ -262,25 +279,20 @@ class XlaFused:
         dtau = dtau + dtau_b
       # d h += dz @ w_block^T, contracting the block's vocabulary axis as stored.
       dh = dh + contract(dz, 1, wb, vocab_axis, self.precision)
-      dwb = grad_unembed(h, dz, vocab_axis, self.precision, h_t)
-      dwb = lax.bitcast_convert_type(dwb.astype(w.dtype), bits)
+      dwb = grad_unembed(h, dz, vocab_axis, self.precision, h_t).astype(w.dtype)
+      if bits is not None:
+        dwb = lax.bitcast_convert_type(dwb, bits)
       return dh, lax.dynamic_update_slice_in_dim(dw, dwb, lo, vocab_axis), dtau
 
-    # On the CPU a bfloat16 d w is carried as its bits: XLA:CPU updates a
-    # bfloat16 [D, V] carry by copying all of it per block (2.8 s of 3.2 s at
-    # N=4096, D=512, V=32000) but a uint16 one in place. The view back costs
-    # one copy of d w (a temporary of the gradient's own size, never of the
-    # logits'); float16 has no fast CPU dot and does not gain.
-    bits = jnp.dtype(jnp.uint16) if _on_cpu() and w.dtype == jnp.bfloat16 else w.dtype
     init = (
       jnp.zeros(h.shape, _F32),
-      jnp.zeros(w.shape, bits),
+      jnp.zeros(w.shape, w.dtype if bits is None else bits),
       None if tau is None else jnp.zeros((h.shape[0],), _F32),
     )
     with jax.named_scope("fused_sweep_backward"):
       v = w.shape[vocab_axis]
       dh, dw, dtau = sweep(step, init, v, self.config.block(v))
-      return dh, lax.bitcast_convert_type(dw, w.dtype), dtau
+      return dh, dw if bits is None else lax.bitcast_convert_type(dw, w.dtype), dtau
 
   def loss_grads(self, h, w, tau, softcap, rows: P.LossRows, out_init, vocab_axis=1):
     """A training loss and its gradients in one pass, or None to let the caller

@@ -22,6 +22,7 @@ H200.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -72,10 +73,23 @@ def _from_bits(bits: jax.Array, dtype) -> jax.Array:
   return lax.bitcast_convert_type(bits, dtype)
 
 
+# A bit view has no derivative (its tangent would be silently zero), so the two
+# helpers that read x through one carry their own rule: the reshape or gather of
+# the tangent. With them this module is plain differentiable jnp at any order,
+# the derivatives every implementation's VJP rules are given (lpkernel.ops.higher_order).
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def chunk_rows(x: jax.Array, chunk: int) -> jax.Array:
   """``float[N, V] -> float[N * V / chunk, chunk]``, reshaped through the bit view."""
   n, v = x.shape
   return _from_bits(_bits(x).reshape(n * (v // chunk), chunk), x.dtype)
+
+
+@chunk_rows.defjvp
+def _chunk_rows_jvp(chunk, primals, tangents):
+  (x,), (dx,) = primals, tangents
+  return chunk_rows(x, chunk), dx.reshape(-1, chunk)
 
 
 def _per_chunk(row_values: jax.Array, num_chunks: int) -> jax.Array:
@@ -83,12 +97,22 @@ def _per_chunk(row_values: jax.Array, num_chunks: int) -> jax.Array:
   return jnp.repeat(row_values, num_chunks) if num_chunks > 1 else row_values
 
 
+def _safe_ids(targets: jax.Array, v: int) -> jax.Array:
+  return jnp.where((targets >= 0) & (targets < v), targets, 0)
+
+
+@jax.custom_jvp
 def gather(x: jax.Array, targets: jax.Array) -> jax.Array:
   """``x[i, targets[i]]`` through the bit view; out-of-range ids read column 0."""
-  v = x.shape[-1]
-  safe = jnp.where((targets >= 0) & (targets < v), targets, 0)
-  picked = jnp.take_along_axis(_bits(x), safe[:, None], axis=-1)[:, 0]
-  return _from_bits(picked, x.dtype)
+  picked = jnp.take_along_axis(_bits(x), _safe_ids(targets, x.shape[-1])[:, None], axis=-1)
+  return _from_bits(picked[:, 0], x.dtype)
+
+
+@gather.defjvp
+def _gather_jvp(primals, tangents):
+  (x, targets), (dx, _) = primals, tangents
+  safe = _safe_ids(targets, x.shape[-1])
+  return gather(x, targets), jnp.take_along_axis(dx, safe[:, None], axis=-1)[:, 0]
 
 
 def target_y(x, targets, tau, softcap) -> jax.Array:
@@ -222,6 +246,7 @@ class XlaLogits:
   chunks: ChunkConfig = ChunkConfig()
   name = "xla"
   platforms = None  # every backend
+  differentiable = True  # plain jnp at any order (lpkernel.ops.higher_order)
 
   def partials(self, x, targets, tau, softcap) -> P.RowPartials:
     v = x.shape[1]
