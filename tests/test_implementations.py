@@ -11,6 +11,7 @@ does not check block shapes: the static validators do (last tests).
 """
 
 import dataclasses
+import functools
 
 import chex
 
@@ -619,70 +620,71 @@ def _second_order_rows(n=6, v=300):
   return k1, t, weights, jnp.linspace(0.5, 2.0, n)
 
 
-SECOND_ORDER_LOGITS = [
-  pytest.param(name, op, id=f"{name}-{op}")
-  for name in LOGITS_LOSS_IMPLEMENTATIONS
-  for op in ("token_logprobs", "nll_loss")
-  if not (op == "token_logprobs" and name.endswith("one-kernel"))  # the loss's kernels only
+def _second_order_inputs(path):
+  """The arguments differentiated: (logits, tau) or (hidden, unembed, tau)."""
+  key, t, weights, tau = _second_order_rows()
+  if path == "logits":
+    return (2 * jax.random.normal(key, (t.shape[0], 300)), tau)
+  kh, kw = jax.random.split(key)
+  return (jax.random.normal(kh, (t.shape[0], 8)), jax.random.normal(kw, (8, 300)), tau)
+
+
+def _objective(op, impl):
+  """A scalar of the op's outputs (softcap, temperature; z-loss for the losses;
+  every ``TokenStats`` field for the fused stats)."""
+  _, t, weights, _ = _second_order_rows()
+  opts = dict(softcap=5.0, implementation=impl)
+  if op == "token_logprobs":
+    return lambda x, tau: jnp.sum(weights * lpk.token_logprobs(x, t, temperature=tau, **opts))
+  if op == "nll_loss":
+    return lambda x, tau: lpk.nll_loss(x, t, weights, z_loss=0.1, temperature=tau, **opts)
+  if op == "fused_nll_loss":
+    return lambda h, w, tau: lpk.fused_nll_loss(
+      h, w, t, weights, z_loss=0.1, temperature=tau, **opts
+    )
+
+  def stats(h, w, tau):
+    s = lpk.fused_token_stats(h, w, t, temperature=tau, **opts)
+    return jnp.sum(weights * s.logprobs + 0.1 * s.lse + 0.3 * s.entropy)
+
+  return stats
+
+
+@functools.cache
+def _reference_derivatives(path, op):
+  return _gradient_derivatives(_objective(op, "reference"), _second_order_inputs(path))
+
+
+SECOND_ORDER = [
+  *(
+    pytest.param("logits", name, op, id=f"{name}-{op}")
+    for name in LOGITS_LOSS_IMPLEMENTATIONS
+    for op in ("token_logprobs", "nll_loss")
+    if not (op == "token_logprobs" and name.endswith("one-kernel"))  # the loss's kernels only
+  ),
+  *(
+    pytest.param("fused", name, op, id=f"fused-{name}-{op}")
+    for name in LOSS_IMPLEMENTATIONS
+    for op in ("fused_token_stats", "fused_nll_loss")
+    if not (op == "fused_token_stats" and name == "xla-chunks")  # loss options only
+  ),
 ]
 
 
-@pytest.mark.parametrize("name,op", SECOND_ORDER_LOGITS)
-def test_logits_second_derivatives_are_the_reference_s(name, op):
-  """Second derivatives (w.r.t. logits and temperature, with softcap and z-loss)
-  equal the reference's on every implementation: the custom VJP's rules are
-  differentiated as the XLA implementation's (a kernel has no derivative; the
-  XLA bit views carry their own), never with a term silently dropped."""
-  key, t, weights, tau = _second_order_rows()
-  x = 2 * jax.random.normal(key, (t.shape[0], 300))
-
-  def f(impl):
-    if op == "nll_loss":
-      opts = dict(z_loss=0.1, temperature=tau, softcap=5.0)
-      return lambda x, tau: lpk.nll_loss(x, t, weights, **opts | dict(temperature=tau), implementation=impl)
-    return lambda x, tau: jnp.sum(
-      weights * lpk.token_logprobs(x, t, temperature=tau, softcap=5.0, implementation=impl)
-    )
-
-  got = _gradient_derivatives(f(LOGITS_LOSS_IMPLEMENTATIONS[name]), (x, tau))
-  want = _gradient_derivatives(f("reference"), (x, tau))
+@pytest.mark.parametrize("path,name,op", SECOND_ORDER)
+def test_second_derivatives_are_the_reference_s(path, name, op):
+  """Second derivatives w.r.t. every input (logits or hidden and unembed, and
+  temperature; with softcap and z-loss) equal the reference's on every
+  implementation: the custom VJP's rules are differentiated as the XLA
+  implementation's (a kernel has no derivative; the XLA bit views carry their
+  own), never with a term silently dropped."""
+  impl = (LOGITS_LOSS_IMPLEMENTATIONS if path == "logits" else LOSS_IMPLEMENTATIONS)[name]
+  args = _second_order_inputs(path)
+  got = _gradient_derivatives(_objective(op, impl), args)
+  want = _reference_derivatives(path, op)
+  names = ("logits", "temperature") if path == "logits" else ("hidden", "unembed", "temperature")
   for what, a, b in zip(("rev-rev", "fwd-rev"), got, want, strict=True):
-    for arg, ga, gb in zip(("logits", "temperature"), a, b, strict=True):
-      scale = float(jnp.max(jnp.abs(gb)))
-      assert_close(ga, gb, rtol=1e-4, atol=1e-5 * scale, what=f"{name} {op} {what} {arg}")
-
-
-@pytest.mark.parametrize(
-  "name,op",
-  [
-    pytest.param(name, op, id=f"{name}-{op}")
-    for name in LOSS_IMPLEMENTATIONS
-    for op in ("fused_token_stats", "fused_nll_loss")
-  ],
-)
-def test_fused_second_derivatives_are_the_reference_s(name, op):
-  """As above for the fused path, w.r.t. hidden, unembed and temperature, with every
-  field of ``TokenStats`` (log-prob, log-sum-exp, entropy) in the objective."""
-  key, t, weights, tau = _second_order_rows()
-  kh, kw = jax.random.split(key)
-  h, w = jax.random.normal(kh, (t.shape[0], 8)), jax.random.normal(kw, (8, 300))
-
-  def f(impl):
-    if op == "fused_nll_loss":
-      return lambda h, w, tau: lpk.fused_nll_loss(
-        h, w, t, weights, z_loss=0.1, temperature=tau, softcap=5.0, implementation=impl
-      )
-
-    def stats(h, w, tau):
-      s = lpk.fused_token_stats(h, w, t, temperature=tau, softcap=5.0, implementation=impl)
-      return jnp.sum(weights * s.logprobs + 0.1 * s.lse + 0.3 * s.entropy)
-
-    return stats
-
-  got = _gradient_derivatives(f(LOSS_IMPLEMENTATIONS[name]), (h, w, tau))
-  want = _gradient_derivatives(f("reference"), (h, w, tau))
-  for what, a, b in zip(("rev-rev", "fwd-rev"), got, want, strict=True):
-    for arg, ga, gb in zip(("hidden", "unembed", "temperature"), a, b, strict=True):
+    for arg, ga, gb in zip(names, a, b, strict=True):
       scale = float(jnp.max(jnp.abs(gb)))
       assert_close(ga, gb, rtol=1e-4, atol=1e-5 * scale, what=f"{name} {op} {what} {arg}")
 
@@ -692,21 +694,12 @@ def test_bfloat16_fused_second_derivatives():
   ``XlaFused.grads``), which have no derivative: its derivatives come from a
   bfloat16 carry. Held to the float32 reference within bfloat16's rounding (a
   dropped term is off by the derivative's whole size)."""
-  key, t, weights, _ = _second_order_rows()
-  kh, kw = jax.random.split(key)
-  h, w = jax.random.normal(kh, (t.shape[0], 8)), jax.random.normal(kw, (8, 300))
-
-  def f(impl):
-    def stats(h, w):
-      s = lpk.fused_token_stats(h, w, t, implementation=impl)
-      return jnp.sum(weights * s.logprobs + s.lse + s.entropy)
-
-    return stats
-
-  want = _gradient_derivatives(f("reference"), (h, w))[0]
-  bf16 = (h.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
-  got = _gradient_derivatives(f(LOSS_IMPLEMENTATIONS["xla-sweeps"]), bf16)[0]
-  for arg, a, b in zip(("hidden", "unembed"), got, want, strict=True):
+  impl = LOSS_IMPLEMENTATIONS["xla-sweeps"]
+  h, w, tau = _second_order_inputs("fused")
+  args = (h.astype(jnp.bfloat16), w.astype(jnp.bfloat16), tau)
+  got = _gradient_derivatives(_objective("fused_token_stats", impl), args)[0]
+  want = _reference_derivatives("fused", "fused_token_stats")[0]
+  for arg, a, b in zip(("hidden", "unembed", "temperature"), got, want, strict=True):
     scale = float(jnp.max(jnp.abs(b)))
     assert_close(a.astype(jnp.float32), b, rtol=0, atol=0.1 * scale, what=f"rev-rev {arg}")
 
