@@ -19,6 +19,8 @@ entropy and the greedy flag. The numerics live here, once:
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -146,13 +148,35 @@ def over_axis(axis: int) -> Reducers:
   )
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _pmax(x, axis_name: str):
+  """``lax.pmax`` with a derivative (JAX has none): the tangent of the devices
+  holding the max, averaged over ties. Only a derivative of a derivative meets
+  it (the custom VJPs' rules are differentiated then): the shift's tangent
+  cancels in every result, and the target's logit lives on one device."""
+  return lax.pmax(x, axis_name)
+
+
+@_pmax.defjvp
+def _pmax_jvp(axis_name, primals, tangents):
+  (x,), (dx,) = primals, tangents
+  m = _pmax(x, axis_name)
+
+  def tangent(x, m, dx):
+    at = x == m
+    ties = lax.psum(at.astype(dx.dtype), axis_name)
+    return lax.psum(jnp.where(at, dx, 0), axis_name) / jnp.maximum(ties, 1)
+
+  return m, jax.tree.map(tangent, x, m, dx)
+
+
 def over_mesh(axis_name: str) -> Reducers:
   """Reduce partials held by the devices along a mesh axis (inside ``shard_map``).
 
   A tuple is reduced by one all-reduce of several operands.
   """
   return Reducers(
-    max=lambda x: lax.pmax(x, axis_name),
+    max=lambda x: _pmax(x, axis_name),
     sum=lambda x: lax.psum(x, axis_name),
     min=lambda x: lax.pmin(x, axis_name),
   )

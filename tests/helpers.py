@@ -173,3 +173,18 @@ def jitted(fn, *args, **static):
   """``fn(*args, **static)`` compiled as one program: eager calls dispatch (and
   compile) every primitive on its own, which dominates a small test's time."""
   return jax.jit(lambda *a: fn(*a, **static))(*args)
+
+
+def gradient_derivatives(f, args):
+  """Derivatives of ``f``'s gradient: reverse over reverse (``jax.grad`` of a
+  function of ``jax.grad``) and forward over reverse (``jax.jvp`` of ``jax.grad``,
+  the Hessian-vector product), each w.r.t. every argument, in one program."""
+  argnums = tuple(range(len(args)))
+  grad = jax.grad(f, argnums)
+
+  def derivatives(*args):
+    rr = jax.grad(lambda *a: sum(jnp.sum(jnp.sin(g)) for g in grad(*a)), argnums)(*args)
+    tangents = tuple(jnp.cos(jnp.arange(a.size, dtype=a.dtype)).reshape(a.shape) for a in args)
+    return rr, jax.jvp(grad, args, tangents)[1]
+
+  return jax.jit(derivatives)(*args)

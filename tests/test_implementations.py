@@ -27,6 +27,7 @@ from tests.helpers import (
   GRAD_TOLERANCES,
   LOGITS_IMPLEMENTATIONS,
   assert_close,
+  gradient_derivatives,
   jitted,
   oracle_token_logprobs,
 )
@@ -597,21 +598,6 @@ def test_gpu_fused_chunks_follow_their_budget():
 # --- derivatives of derivatives and empty inputs -----------------------------------
 
 
-def _gradient_derivatives(f, args):
-  """Derivatives of ``f``'s gradient: reverse over reverse (``jax.grad`` of a
-  function of ``jax.grad``) and forward over reverse (``jax.jvp`` of ``jax.grad``,
-  the Hessian-vector product), each w.r.t. every argument, in one program."""
-  argnums = tuple(range(len(args)))
-  grad = jax.grad(f, argnums)
-
-  def derivatives(*args):
-    rr = jax.grad(lambda *a: sum(jnp.sum(jnp.sin(g)) for g in grad(*a)), argnums)(*args)
-    tangents = tuple(jnp.cos(jnp.arange(a.size, dtype=a.dtype)).reshape(a.shape) for a in args)
-    return rr, jax.jvp(grad, args, tangents)[1]
-
-  return jax.jit(derivatives)(*args)
-
-
 def _second_order_rows(n=6, v=300):
   """n rows over V = 300 (two 256-column tiles, a tail), a dead row (weight 0)."""
   k1, k2 = jax.random.split(jax.random.key(7))
@@ -652,7 +638,7 @@ def _objective(op, impl):
 
 @functools.cache
 def _reference_derivatives(path, op):
-  return _gradient_derivatives(_objective(op, "reference"), _second_order_inputs(path))
+  return gradient_derivatives(_objective(op, "reference"), _second_order_inputs(path))
 
 
 SECOND_ORDER = [
@@ -680,7 +666,7 @@ def test_second_derivatives_are_the_reference_s(path, name, op):
   own), never with a term silently dropped."""
   impl = (LOGITS_LOSS_IMPLEMENTATIONS if path == "logits" else LOSS_IMPLEMENTATIONS)[name]
   args = _second_order_inputs(path)
-  got = _gradient_derivatives(_objective(op, impl), args)
+  got = gradient_derivatives(_objective(op, impl), args)
   want = _reference_derivatives(path, op)
   names = ("logits", "temperature") if path == "logits" else ("hidden", "unembed", "temperature")
   for what, a, b in zip(("rev-rev", "fwd-rev"), got, want, strict=True):
@@ -697,7 +683,7 @@ def test_bfloat16_fused_second_derivatives():
   impl = LOSS_IMPLEMENTATIONS["xla-sweeps"]
   h, w, tau = _second_order_inputs("fused")
   args = (h.astype(jnp.bfloat16), w.astype(jnp.bfloat16), tau)
-  got = _gradient_derivatives(_objective("fused_token_stats", impl), args)[0]
+  got = gradient_derivatives(_objective("fused_token_stats", impl), args)[0]
   want = _reference_derivatives("fused", "fused_token_stats")[0]
   for arg, a, b in zip(("hidden", "unembed", "temperature"), got, want, strict=True):
     scale = float(jnp.max(jnp.abs(b)))

@@ -12,7 +12,12 @@ from jax.sharding import PartitionSpec as P
 import lpkernel as lpk
 from lpkernel import sharding
 from lpkernel.losses import dpo_loss, sft_loss
-from tests.helpers import FUSED_IMPLEMENTATIONS, LOGITS_IMPLEMENTATIONS, jitted
+from tests.helpers import (
+  FUSED_IMPLEMENTATIONS,
+  LOGITS_IMPLEMENTATIONS,
+  gradient_derivatives,
+  jitted,
+)
 
 B, T, V, D = 4, 6, 32, 8
 
@@ -329,3 +334,46 @@ def test_hlo_never_gathers_the_vocabulary_and_moves_few_bytes_per_token(path, wi
 
 def _loss(scores):
   return scores.joint_logprob.sum() + scores.response_greedy.sum()
+
+
+@pytest.mark.parametrize("path", ["score", "nll_loss", "fused_nll_loss"])
+def test_vocab_parallel_second_derivatives_match_one_device(path):
+  """A Hessian-vector product (forward over reverse) and a gradient of a
+  gradient through the vocab-parallel functions equal one device's reference:
+  each shard's rules (Pallas GPU kernels on the logits paths) are
+  differentiated as the XLA implementation's, collectives included."""
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+  logits, tokens, response, hidden, unembed, _ = _inputs(9)
+  weights = jnp.where(response, 0.25, 0.0)
+  tau = jnp.linspace(0.5, 2.0, B * T).reshape(B, T)
+  impl = LOGITS_IMPLEMENTATIONS["pallas_gpu"]
+  opts = dict(temperature=tau, softcap=5.0)
+  if path == "score":
+    args = (_put(mesh, logits, "data", None, "model"),)
+    vp = lambda x: jnp.sum(  # noqa: E731
+      sharding.vocab_parallel_score(
+        x, tokens, response, mesh=mesh, batch_axis="data", implementation=impl, **opts
+      ).response_logprob
+    )
+    one = lambda x: jnp.sum(  # noqa: E731
+      lpk.score(x, tokens, response, implementation="reference", **opts).response_logprob
+    )
+  elif path == "nll_loss":
+    args = (_put(mesh, logits, "data", None, "model"),)
+    kw = dict(weights=weights, z_loss=1e-2, **opts)
+    vp = lambda x: sharding.vocab_parallel_nll_loss(  # noqa: E731
+      x, tokens, mesh=mesh, batch_axis="data", implementation=impl, **kw
+    )
+    one = lambda x: lpk.nll_loss(x, tokens, implementation="reference", **kw)  # noqa: E731
+  else:
+    args = (_put(mesh, hidden, "data"), _put(mesh, unembed, None, "model"))
+    kw = dict(weights=weights, z_loss=1e-2, **opts)
+    vp = lambda h, w: sharding.vocab_parallel_fused_nll_loss(  # noqa: E731
+      h, w, tokens, mesh=mesh, batch_axis="data", **kw
+    )
+    one = lambda h, w: lpk.fused_nll_loss(h, w, tokens, implementation="reference", **kw)  # noqa: E731
+
+  got = gradient_derivatives(vp, args)
+  want = gradient_derivatives(one, tuple(np.asarray(a) for a in args))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(b))))
