@@ -187,6 +187,17 @@ def check_z_loss(z_loss) -> None:
 
 
 def check_broadcastable(name: str, shape: Sequence[int], target: Sequence[int]) -> None:
+  """ValueError unless ``shape`` broadcasts to ``target`` with the same rank (or is a scalar).
+
+  NumPy would align a lower-rank array with the *last* axes: a per-example ``[B]``
+  against ``[B, T]`` tokens would silently apply along T whenever ``B == T``.
+  """
+  if 0 < len(shape) < len(target):
+    raise ValueError(
+      f"{name}.shape={tuple(shape)} has fewer axes than the tokens' {tuple(target)}; "
+      f"give it their rank, e.g. {name}[:, None] for one value per example "
+      "(NumPy broadcasting would match its axis to the last one)"
+    )
   try:
     ok = np.broadcast_shapes(tuple(shape), tuple(target)) == tuple(target)
   except ValueError:

@@ -99,3 +99,24 @@ def test_teaching_helpers():
   curve = teaching.product_vs_log_sum(0.5, [10, 200, 2000])
   assert curve["product"][-1] == 0 and np.isneginf(curve["log_of_product"][-1])
   np.testing.assert_allclose(curve["log_sum"], curve["exact"], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "call",
+  [
+    lambda x, t, a: lpk.score(x, t, t > 0, temperature=a),
+    lambda x, t, a: lpk.token_logprobs(x, t, temperature=a),
+    lambda x, t, a: lpk.nll_loss(x, t, a),
+    lambda x, t, a: lpk.fused_nll_loss(x, jnp.ones((4, 4)), t, a),
+  ],
+  ids=["score-temperature", "token_logprobs-temperature", "nll_loss-weights", "fused-weights"],
+)
+def test_per_example_arrays_need_the_tokens_rank(call):
+  """A per-example [B] temperature or weight against [B, T] tokens with B == T
+  would broadcast along T (NumPy aligns the last axes): refused, naming the fix;
+  [B, 1] is per example, a scalar array is everywhere."""
+  x, t = jnp.zeros((3, 3, 4)), jnp.ones((3, 3), jnp.int32)
+  with pytest.raises(ValueError, match=r"fewer axes.*\[:, None\]"):
+    call(x, t, jnp.array([0.5, 1.0, 2.0]))
+  call(x, t, jnp.array([[0.5], [1.0], [2.0]]))
+  call(x, t, jnp.array(0.5))
