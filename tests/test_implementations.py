@@ -740,3 +740,52 @@ def test_every_implementation_takes_no_rows(path, name, dtype):
   assert float(loss) == 0.0 and dh.shape == dh2.shape == (0, 8)
   assert dw.dtype == dw2.dtype == dtype
   chex.assert_trees_all_equal((dw, dw2), (jnp.zeros_like(w), jnp.zeros_like(w)))
+
+
+def test_tpu_kernels_lower_under_vmap():
+  """``jax.vmap`` of the TPU kernels (each op and its gradient) lowers to Mosaic
+  calls with the batch as an extra grid axis. (JAX's TPU interpreter cannot run
+  a vmapped kernel: it ignores the batch's grid axis; the GPU kernels run vmapped
+  in interpret mode, below.)"""
+  from lpkernel import fused, logprobs
+
+  x = jax.ShapeDtypeStruct((3, 64, 1024), jnp.float32)
+  t = jax.ShapeDtypeStruct((3, 64), jnp.int32)
+  h = jax.ShapeDtypeStruct((3, 64, 128), jnp.float32)
+  w, weights = jnp.zeros((128, 1024)), jnp.ones((64,))
+
+  def lowered(f, *args):
+    text = jax.jit(jax.vmap(f)).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+    return text.count("@tpu_custom_call")
+
+  for impl, count in ((lpk.PallasTpuLogits(), 2), (lpk.PallasTpuLogits(loss_kernel=True), 1)):
+    loss = jax.value_and_grad(lambda a, b: logprobs._nll(a, b, None, weights, 0.0, None, impl, None, 1024))
+    assert lowered(loss, x, t) == count
+  stats = jax.grad(
+    lambda a, b: jnp.sum(fused._fused(a, w, b, None, None, lpk.PallasTpuFused(), None, 1024, 1).logprobs)
+  )
+  assert lowered(stats, h, t) == 3
+
+
+def test_gpu_kernels_run_under_vmap():
+  """``jax.vmap`` of the Pallas GPU kernels (interpreted), values and gradients,
+  equals the reference on the unbatched rows."""
+  k1, k2, k3 = jax.random.split(jax.random.key(11), 3)
+  x, t = 3 * jax.random.normal(k1, (3, 5, 300)), jax.random.randint(k2, (3, 5), 0, 300)
+  h, w = jax.random.normal(k3, (3, 5, 8)), jax.random.normal(k1, (8, 300))
+
+  def both(impl, fused_impl):
+    def lp(x, t):
+      return jnp.sum(jnp.sin(lpk.token_logprobs(x, t, implementation=impl)))
+
+    def fused(h, t):
+      return jnp.sum(jnp.sin(lpk.fused_token_logprobs(h, w, t, implementation=fused_impl)))
+
+    return jax.jit(jax.vmap(jax.value_and_grad(lp)))(x, t), jax.jit(
+      jax.vmap(jax.value_and_grad(fused))
+    )(h, t)
+
+  got = both(IMPLEMENTATIONS["pallas_gpu"], FUSED["pallas_gpu"])
+  want = both("reference", "reference")
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    assert_close(a, b, rtol=1e-5, atol=1e-5, what="vmapped")
