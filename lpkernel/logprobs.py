@@ -66,18 +66,31 @@ def _logprobs_bwd(softcap, impl, axis, vocab_size, residuals, cotangents):
     live = g != 0  # dead rows stay exactly zero, even over NaN or inf logits
     g = jnp.where(live & bad, jnp.nan, g)  # a poisoned value has a NaN gradient
     safe_tau = P.safe_tau(tau, live, bad)
-    with jax.named_scope("dlogits"):
-      dx = impl.grad_logits(x, local, safe_tau, softcap, shift, log_s, g)
-    dtau = None
-    if tau is not None:
-      dtau = jnp.where(live, _grad_tau(impl, x, local, safe_tau, softcap, shift, log_s, g), 0.0)
-    return dx, dtau
+    dx, dtau = _grads(impl, x, local, safe_tau, softcap, shift, log_s, g)
+    return dx, None if dtau is None else jnp.where(live, dtau, 0.0)
 
   dx, dtau = higher_order.differentiated_as(rule, impl, _PLAIN)(residuals, cotangents[0])
   return dx, jnp.zeros(residuals[1].shape, jax.dtypes.float0), dtau
 
 
 _logprobs.defvjp(_forward, _logprobs_bwd)
+
+
+def _grads(impl, x, local, tau, softcap, shift, log_s, g, g_lse=None, mass=None):
+  """(d x in x's dtype, d tau float32[N] or None): this block's gradients of
+  ``g * lp + g_lse * lse`` (``tau`` safe; ``mass`` as for :func:`_grad_tau`).
+
+  An implementation whose gradient kernel also sums each row's ``d tau``
+  (``grad_logits_and_tau``: the Pallas GPU one) does both in one pass over
+  ``x``; otherwise ``d tau`` takes :func:`_grad_tau`'s pass.
+  """
+  with jax.named_scope("dlogits"):
+    if tau is not None and hasattr(impl, "grad_logits_and_tau"):
+      return impl.grad_logits_and_tau(x, local, tau, softcap, shift, log_s, g, g_lse)
+    dx = impl.grad_logits(x, local, tau, softcap, shift, log_s, g, g_lse)
+  if tau is None:
+    return dx, None
+  return dx, _grad_tau(impl, x, local, tau, softcap, shift, log_s, g, g_lse, mass)
 
 
 def _grad_tau(impl, x, local, tau, softcap, shift, log_s, g, g_lse=None, mass=None):
@@ -228,15 +241,11 @@ def _nll_fwd(x, targets, tau, weights, z_loss, softcap, impl, axis, vocab_size):
     # The forward pass, then d logits from its statistics.
     p = impl.partials(x, rows.targets, safe_tau, softcap)
     f, (g_lp, g_lse, _), terms = rows.cotangents(p, 0, x.shape[0])
-    with jax.named_scope("dlogits"):
-      dx = impl.grad_logits(x, rows.targets, safe_tau, softcap, f.shift, f.log_s, g_lp, g_lse)
-    dtau = None
-    if tau is not None:
-      # This block's share of the softmax mass (1 without vocabulary shards).
-      mass = jnp.where(p.s > 0, p.s * jnp.exp(P.shift_of(p.m) - f.shift - f.log_s), 0.0)
-      args = (x, rows.targets, safe_tau, softcap, f.shift, f.log_s, g_lp, g_lse, mass)
-      dtau = jnp.where(weights != 0, _grad_tau(impl, *args), 0.0)
-    return jnp.sum(terms), dx, dtau
+    # This block's share of the softmax mass (1 without vocabulary shards).
+    mass = jnp.where(p.s > 0, p.s * jnp.exp(P.shift_of(p.m) - f.shift - f.log_s), 0.0)
+    args = (x, rows.targets, safe_tau, softcap, f.shift, f.log_s, g_lp, g_lse, mass)
+    dx, dtau = _grads(impl, *args)
+    return jnp.sum(terms), dx, None if dtau is None else jnp.where(weights != 0, dtau, 0.0)
 
   loss, dx, dtau = higher_order.differentiated_as(rule, impl, _PLAIN)(x, targets, tau, weights)
   return loss, (dx, dtau, weights)

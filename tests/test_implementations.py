@@ -78,8 +78,9 @@ def test_logits_implementation_matches_reference_and_oracle(name, v, dtype, opti
   w = jax.random.normal(jax.random.key(1), (n,))
   scored = jnp.arange(n) != 3  # the poisoned row's gradient is NaN (tested in test_policy)
 
-  def loss(x, impl):
-    lp = lpk.token_logprobs(x, t, implementation=impl, **opts)
+  def loss(x, tau, impl):
+    with_tau = {} if options == "plain" else dict(temperature=tau)  # plain: no temperature
+    lp = lpk.token_logprobs(x, t, implementation=impl, **opts | with_tau)
     return jnp.sum(jnp.where(scored & jnp.isfinite(lp), w * lp, 0.0))
 
   lp, greedy = lpk.token_logprobs_and_greedy(x, t, implementation=impl, **opts)
@@ -89,13 +90,17 @@ def test_logits_implementation_matches_reference_and_oracle(name, v, dtype, opti
   assert_close(lp, oracle, rtol=2e-5, atol=2e-5, what=f"{name} vs oracle")
   np.testing.assert_array_equal(greedy, want_greedy)
   assert not bool(greedy[4]) and bool(greedy[5])  # the first of two tied maxima
-  g = jax.grad(loss)(x, impl)
-  g_ref = jax.grad(loss)(x, "reference")
+  tau = opts.get("temperature", jnp.ones(n))
+  g, g_tau = jax.grad(loss, argnums=(0, 1))(x, tau, impl)
+  g_ref, g_tau_ref = jax.grad(loss, argnums=(0, 1))(x, tau, "reference")
   assert g.dtype == x.dtype
   # Row 0 (all -inf, masked out) is exactly zero here; autodiff of the plain
   # reference puts 0 * NaN there.
-  assert (g[0] == 0).all()
+  assert (g[0] == 0).all() and g_tau[0] == 0
   assert_close(g[1:], g_ref[1:], **GRAD_TOLERANCES[jnp.dtype(dtype)], what=f"{name} d logits")
+  if options != "plain":  # rows 1 (+1e4 offset) and 3 (poisoned, unscored) apart
+    keep = (jnp.arange(n) > 1) & scored
+    assert_close(g_tau[keep], g_tau_ref[keep], rtol=1e-4, atol=1e-4, what=f"{name} d tau")
 
 
 @pytest.mark.parametrize("name", ["xla-rows", "pallas_gpu", "pallas_tpu"])
@@ -452,8 +457,18 @@ def test_kernels_lower_for_their_hardware(impl, platform, call, dtype, options):
   def loss(x, t, tau):
     return jnp.sum(logprobs._logprobs(x, t, tau, softcap, impl, None, 1000)[0])
 
-  text = jax.jit(jax.grad(loss)).trace(x, t, tau).lower(lowering_platforms=(platform,)).as_text()
+  argnums = (0,) if tau is None else (0, 2)
+  lowered = jax.jit(jax.grad(loss, argnums)).trace(x, t, tau)
+  text = lowered.lower(lowering_platforms=(platform,)).as_text()
   assert text.count(f"custom_call @{call}") == 2  # the forward partials and the backward
+  if platform == "cuda":  # d temperature too comes from the gradient kernel
+    assert not _xla_reductions_of(text, x.shape)
+
+
+def _xla_reductions_of(stablehlo: str, shape) -> list[str]:
+  """The XLA (not kernel) reductions that read an array of ``shape``."""
+  tensor = "tensor<" + "x".join(map(str, shape)) + "x"
+  return [line for line in stablehlo.splitlines() if "stablehlo.reduce" in line and tensor in line]
 
 
 @pytest.mark.parametrize("name", list(IMPLEMENTATIONS))
@@ -560,7 +575,10 @@ def test_logits_loss_lowers_for_their_hardware(impl, platform, call, count, dtyp
     return logprobs._nll(x, t, tau, weights, 1e-4, 30.0, impl, None, 1000)
 
   lowered = jax.jit(jax.grad(loss, argnums=(0, 2))).trace(x, t, tau, weights)
-  assert lowered.lower(lowering_platforms=(platform,)).as_text().count(f"@{call}") == count
+  text = lowered.lower(lowering_platforms=(platform,)).as_text()
+  assert text.count(f"@{call}") == count
+  if platform == "cuda":  # d temperature too comes from the kernels
+    assert not _xla_reductions_of(text, x.shape)
 
 
 @pytest.mark.parametrize(

@@ -128,6 +128,17 @@ class PallasGpuLogits:
     zeros = jnp.zeros_like(g)
     return self._grad(x, targets, tau, softcap, [shift, log_s, g, g_lse, zeros, zeros], x.dtype)[0]
 
+  def grad_logits_and_tau(self, x, targets, tau, softcap, shift, log_s, g, g_lse=None):
+    """``d x`` and, summed in the same kernel, each row's ``d tau`` (``tau`` an array).
+
+    Returns:
+      (d x [N, V] in x's dtype, float32[N]: this block's part of ``d tau``; the
+      parts of a row's vocabulary blocks, or shards, add up to its ``d tau``).
+    """
+    zeros = jnp.zeros_like(g)
+    rows = [shift, log_s, g, zeros if g_lse is None else g_lse, zeros, zeros]
+    return self._grad_and_tau(x, targets, tau, softcap, rows, x.dtype)
+
   def loss_grads(self, x, tau, softcap, rows: P.LossRows):
     """A training loss over whole rows and its gradients in one kernel, or None
     (without ``loss_kernel``, rows merged across devices, or too few rows to
@@ -176,9 +187,12 @@ class PallasGpuLogits:
     Returns:
       (d z [N, V] in ``dtype``, d tau float32 [N] or None).
     """
-    rows = [f.shift, f.log_s, *g, f.centred]
-    dz, *parts = self._grad(z, targets, tau, softcap, rows, dtype)
-    return dz, (jnp.sum(parts[0].reshape(-1, z.shape[0]), axis=0) if parts else None)
+    return self._grad_and_tau(z, targets, tau, softcap, [f.shift, f.log_s, *g, f.centred], dtype)
+
+  def _grad_and_tau(self, x, targets, tau, softcap, rows, dtype):
+    """The gradient kernel in its fused mode (six ``rows``): (d x, d tau float32[N] or None)."""
+    dx, *parts = self._grad(x, targets, tau, softcap, rows, dtype)
+    return dx, (jnp.sum(parts[0].reshape(-1, x.shape[0]), axis=0) if parts else None)
 
   def _grad(self, x, targets, tau, softcap, rows, dtype):
     n, v = x.shape
