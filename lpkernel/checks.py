@@ -219,8 +219,18 @@ def as_rows(tokens, response_mask, segment_ids):
   """The row arrays of ``score`` as arrays, ids as range-checked int32."""
   tokens = as_ids("tokens", tokens)
   response_mask = as_array("response_mask", response_mask)
-  segment_ids = None if segment_ids is None else as_ids("segment_ids", segment_ids)
+  if segment_ids is not None:
+    segment_ids = as_array("segment_ids", segment_ids)
+    if segment_ids.dtype == np.bool_:  # a boolean attention mask (True = real): ids 1 / 0
+      segment_ids = _as_int32(segment_ids)
+    segment_ids = as_ids("segment_ids", segment_ids)
   return tokens, response_mask, segment_ids
+
+
+def _as_int32(x):
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(x.shape, jnp.int32)
+  return x.astype(np.int32 if isinstance(x, (np.ndarray, np.generic)) else jnp.int32)
 
 
 def check_rows(tokens, response_mask, segment_ids, num_segments) -> None:

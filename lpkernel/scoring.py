@@ -221,7 +221,7 @@ def score(
     response_mask: bool[B, T], True where the token belongs to y.
     segment_ids: int[B, T] or None. 0 = padding, 1..S = packed sequence, each
       one contiguous run. An HF-style attention mask is valid (left or right
-      padding).
+      padding), as ints or bools (``tokens != pad_id``).
     num_segments: None for ``[B]`` scores, or static S for ``[B, S]`` scores
       (index ``s - 1`` holds segment ``s``).
     temperature: finite positive Python number or array broadcastable to

@@ -88,6 +88,20 @@ def test_padding_matches_oracle(b, t, v, left, seed):
   )
 
 
+@pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])
+def test_boolean_attention_mask_is_a_segment_ids(left):
+  """``segment_ids=tokens != pad`` (bool, as JAX code writes masks) scores as the
+  0 / 1 attention mask does, eagerly and under jit, and passes check_inputs."""
+  logits, tokens, response = _inputs(3, 3, 6, 11)
+  mask = pad_rows([6, 4, 1], 6, left=left)
+  want = lpk.score(logits, tokens, response, segment_ids=mask)
+  for bool_mask in (mask > 0, np.asarray(mask > 0), np.asarray(mask > 0).tolist()):
+    chex.assert_trees_all_equal(lpk.score(logits, tokens, response, segment_ids=bool_mask), want)
+  jitted_score = jax.jit(lambda m: lpk.score(logits, tokens, response, segment_ids=m))
+  chex.assert_trees_all_close(jitted_score(mask > 0), want)
+  lpk.check_inputs(logits, tokens, response, segment_ids=np.asarray(mask > 0))
+
+
 def _pack(pieces, t):
   """Packs (logits, tokens, response) pieces into one row with segment ids."""
   v = pieces[0][0].shape[-1]
