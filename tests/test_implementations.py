@@ -664,13 +664,17 @@ SECOND_ORDER = [
     pytest.param("logits", name, op, id=f"{name}-{op}")
     for name in LOGITS_LOSS_IMPLEMENTATIONS
     for op in ("token_logprobs", "nll_loss")
-    if not (op == "token_logprobs" and name.endswith("one-kernel"))  # the loss's kernels only
+    # The per-token rules are shared by every implementation: the chunked bit
+    # views and a kernel cover them (the one-kernel loss exists for the loss only).
+    if op == "nll_loss" or name in ("xla-chunked", "pallas_gpu")
   ),
   *(
     pytest.param("fused", name, op, id=f"fused-{name}-{op}")
     for name in LOSS_IMPLEMENTATIONS
     for op in ("fused_token_stats", "fused_nll_loss")
-    if not (op == "fused_token_stats" and name == "xla-chunks")  # loss options only
+    # The per-token rules are shared by every implementation (the sweeps and a
+    # kernel cover them); each loss path has its own.
+    if op == "fused_nll_loss" or name in ("xla-sweeps", "pallas_gpu")
   ),
 ]
 
@@ -729,13 +733,20 @@ def test_third_derivatives_are_the_reference_s():
 
 
 EMPTY_CASES = [
-  *(pytest.param("logits", name, id=f"logits-{name}") for name in LOGITS_LOSS_IMPLEMENTATIONS),
-  *(pytest.param("fused", name, id=f"fused-{name}") for name in LOSS_IMPLEMENTATIONS),
+  # Kernels see no dtype-specific code for no rows; the XLA loss path does.
+  *(
+    pytest.param("logits", name, jnp.float32, id=f"logits-{name}")
+    for name in LOGITS_LOSS_IMPLEMENTATIONS
+  ),
+  *(
+    pytest.param("fused", name, dtype, id=f"fused-{name}-{jnp.dtype(dtype).name}")
+    for name in LOSS_IMPLEMENTATIONS
+    for dtype in (jnp.float32, jnp.bfloat16)
+  ),
 ]
 
 
-@pytest.mark.parametrize("path,name", EMPTY_CASES)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("path,name,dtype", EMPTY_CASES)
 def test_every_implementation_takes_no_rows(path, name, dtype):
   """N = 0 (an empty batch): empty per-token results, a zero loss and zero
   gradients on every implementation (no kernel is launched over no rows)."""
