@@ -81,7 +81,7 @@ def _grads(impl, x, local, tau, softcap, shift, log_s, g, g_lse=None, mass=None)
   ``g * lp + g_lse * lse`` (``tau`` safe; ``mass`` as for :func:`_grad_tau`).
 
   An implementation whose gradient kernel also sums each row's ``d tau``
-  (``grad_logits_and_tau``: the Pallas GPU one) does both in one pass over
+  (``grad_logits_and_tau``: the Pallas ones) does both in one pass over
   ``x``; otherwise ``d tau`` takes :func:`_grad_tau`'s pass.
   """
   with jax.named_scope("dlogits"):

@@ -90,25 +90,43 @@ class PallasTpuLogits:
     return P.RowPartials(m[:, 0], s[:, 0], t[:, 0], arg[:, 0])
 
   def grad_logits(self, x, targets, tau, softcap, shift, log_s, g, g_lse=None) -> jax.Array:
+    return self._grad(x, targets, tau, softcap, shift, log_s, g, g_lse, with_tau=False)[0]
+
+  def grad_logits_and_tau(self, x, targets, tau, softcap, shift, log_s, g, g_lse=None):
+    """``d x`` and, accumulated in the same kernel, each row's ``d tau`` (``tau``
+    an array); as :meth:`lpkernel.ops.PallasGpuLogits.grad_logits_and_tau`."""
+    return self._grad(x, targets, tau, softcap, shift, log_s, g, g_lse, with_tau=True)
+
+  def _grad(self, x, targets, tau, softcap, shift, log_s, g, g_lse, *, with_tau):
     n, v = x.shape
     br, bv = self._blocks(x)
     tile = pl.BlockSpec((br, bv), lambda i, k: (i, k))
     row = pl.BlockSpec((br, 1), lambda i, k: (i, 0))
     optional = [r.astype(_F32) for r in (g_lse, tau) if r is not None]
     rows = [targets, shift, log_s, g, *optional]
+    with_tau = with_tau and tau is not None
     kernel = functools.partial(
-      _grad_kernel, softcap=softcap, has_lse=g_lse is not None, has_tau=tau is not None
+      _grad_kernel,
+      vocab_size=v,
+      softcap=softcap,
+      has_lse=g_lse is not None,
+      has_tau=tau is not None,
+      with_dtau=with_tau,
     )
-    return tpu_call(
+    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
+    if with_tau:  # a row's sum, accumulated over its column tiles (resident output)
+      out_shape.append(jax.ShapeDtypeStruct((n, 1), _F32))
+    dx, *dtau = tpu_call(
       kernel,
       (pl.cdiv(n, br), pl.cdiv(v, bv)),
       [tile] + [row] * len(rows),
-      tile,
-      jax.ShapeDtypeStruct(x.shape, x.dtype),
+      [tile, row][: len(out_shape)],
+      out_shape,
       (),
-      ("parallel", "parallel"),
+      ("parallel", "arbitrary" if with_tau else "parallel"),
       self.interpret,
     )(x, *(r[:, None] for r in rows))
+    return dx, (dtau[0][:, 0] if dtau else None)
 
   def loss_grads(self, x, tau, softcap, rows: P.LossRows):
     """A training loss and its gradients in one kernel over whole rows, or None
@@ -188,19 +206,32 @@ def _partials_kernel(x_ref, target_ref, *refs, vocab_size, softcap, has_tau):
     ref[...] = value
 
 
-def _grad_kernel(x_ref, t_ref, shift_ref, log_s_ref, g_ref, *refs, softcap, has_lse, has_tau):
-  """d x of ``g * lp`` (and ``g_lse * lse`` with ``has_lse``) over one tile."""
+def _grad_kernel(
+  x_ref, t_ref, shift_ref, log_s_ref, g_ref, *refs, vocab_size, softcap, has_lse, has_tau, with_dtau
+):
+  """d x of ``g * lp`` (and ``g_lse * lse`` with ``has_lse``) over one tile; with
+  ``with_dtau`` the tile's part of each row's ``d tau`` added to its resident sum."""
   g_lse_ref, refs = (refs[0], refs[1:]) if has_lse else (None, refs)
-  tau_ref, dx_ref = refs if has_tau else (None, refs[0])
+  tau_ref, refs = (refs[0], refs[1:]) if has_tau else (None, refs)
+  dx_ref, *dtau_ref = refs
   x = x_ref[...]
   tau = None if tau_ref is None else tau_ref[...]
   g_lse = None if g_lse_ref is None else g_lse_ref[...]
   cols = pl.program_id(1) * x.shape[1] + lax.broadcasted_iota(jnp.int32, x.shape, 1)
   y = P.transform(x, tau, softcap)
-  p = P.softmax(y, shift_ref[...], log_s_ref[...])
+  shift = shift_ref[...]
+  p = P.softmax(y, shift, log_s_ref[...])
   dy = P.grad_y(cols == t_ref[...], p, g_ref[...], g_lse)
   dx = jnp.where(dy != 0, dy * P.transform_grad(x, tau, softcap), 0.0)  # dead rows may hold NaN
   dx_ref[...] = dx.astype(dx_ref.dtype)
+  if dtau_ref:
+    @pl.when(pl.program_id(1) == 0)
+    def _init():
+      dtau_ref[0][...] = jnp.zeros_like(dtau_ref[0])
+
+    in_vocab = cols < vocab_size  # the tail tile's columns past V hold garbage
+    dy, y_c = (jnp.where(in_vocab, a, 0.0) for a in (dy, P.finite_or_zero(y - shift)))
+    dtau_ref[0][...] += P.grad_tau(dy, y_c, shift, tau)
 
 
 def _loss_kernel(x_ref, t_ref, w_ref, *refs, softcap, has_tau, row_terms):
