@@ -20,7 +20,6 @@ entropy and the greedy flag. The numerics live here, once:
 from __future__ import annotations
 
 import functools
-
 from collections.abc import Callable
 from typing import NamedTuple
 

@@ -14,7 +14,6 @@ import dataclasses
 import functools
 
 import chex
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -786,10 +785,14 @@ def test_tpu_kernels_lower_under_vmap():
     return text.count("@tpu_custom_call")
 
   for impl, count in ((lpk.PallasTpuLogits(), 2), (lpk.PallasTpuLogits(loss_kernel=True), 1)):
-    loss = jax.value_and_grad(lambda a, b: logprobs._nll(a, b, None, weights, 0.0, None, impl, None, 1024))
+    loss = jax.value_and_grad(
+      lambda a, b, impl=impl: logprobs._nll(a, b, None, weights, 0.0, None, impl, None, 1024)
+    )
     assert lowered(loss, x, t) == count
   stats = jax.grad(
-    lambda a, b: jnp.sum(fused._fused(a, w, b, None, None, lpk.PallasTpuFused(), None, 1024, 1).logprobs)
+    lambda a, b: jnp.sum(
+      fused._fused(a, w, b, None, None, lpk.PallasTpuFused(), None, 1024, 1).logprobs
+    )
   )
   assert lowered(stats, h, t) == 3
 

@@ -31,7 +31,6 @@ from jax.experimental.pallas import triton as plgpu
 
 from lpkernel import partials as P
 from lpkernel.ops import tiling
-from lpkernel.ops.logprobs import xla
 
 _F32 = jnp.float32
 _LOG2E = 1.4426950408889634
@@ -213,9 +212,6 @@ class PallasGpuLogits:
       interpret=self.interpret,
       name="lpkernel_logits_grad",
     )(x, targets, *rows, *_tau_args(tau))
-
-  def centred_expected_y(self, x, tau, softcap, shift, log_s) -> jax.Array:
-    return xla.centred_expected_y(x, tau, softcap, shift, log_s, x.shape[1])
 
 
 def _any(flags):

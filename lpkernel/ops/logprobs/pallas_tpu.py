@@ -32,7 +32,6 @@ from jax.experimental.pallas import tpu as pltpu
 
 from lpkernel import partials as P
 from lpkernel.ops import tiling
-from lpkernel.ops.logprobs import xla
 
 _F32 = jnp.float32
 
@@ -159,9 +158,6 @@ class PallasTpuLogits:
     )(x, *(r.astype(_F32 if r.dtype != jnp.int32 else r.dtype)[:, None] for r in inputs[1:]))
     return out[:, 0], dx, (dtau[0][:, 0] if dtau else None)
 
-  def centred_expected_y(self, x, tau, softcap, shift, log_s) -> jax.Array:
-    return xla.centred_expected_y(x, tau, softcap, shift, log_s, x.shape[1])
-
 
 def tpu_call(
   kernel, grid, in_specs, out_specs, out_shape, scratch, semantics, interpret, vmem_limit=None
@@ -225,6 +221,7 @@ def _grad_kernel(
   dx = jnp.where(dy != 0, dy * P.transform_grad(x, tau, softcap), 0.0)  # dead rows may hold NaN
   dx_ref[...] = dx.astype(dx_ref.dtype)
   if dtau_ref:
+
     @pl.when(pl.program_id(1) == 0)
     def _init():
       dtau_ref[0][...] = jnp.zeros_like(dtau_ref[0])
