@@ -24,7 +24,10 @@ An implementation may also provide ``loss_grads``, which writes a training
 loss's gradients in the forward pass (:func:`lpkernel.fused_nll_loss`,
 :func:`lpkernel.nll_loss`; the rows' cotangents come through
 :class:`lpkernel.partials.LossRows`); without it, or when it declines, the loss
-runs ``partials`` then ``grads`` (``grad_logits`` on the logits path).
+runs ``partials`` then ``grads`` (``grad_logits`` on the logits path). A logits
+implementation may provide ``grad_logits_and_tau`` (``d x`` and each row's
+``d temperature`` from one pass over ``x``: the Pallas kernels); without it an
+array temperature's gradient takes its own pass (``centred_expected_y``).
 
 A public entry's ``implementation=`` takes None (the measured best for the
 backend), a name, or one of these objects (with its tiling and, for Pallas,
