@@ -8,7 +8,9 @@
 1. Correctness on the device (compiled, not interpret mode) against the plain
    reference: values, greedy flags and gradients, awkward V, softcap and
    per-row temperature, -inf rows and a NaN row; and the training loss
-   (``nll_loss`` with z-loss, its opt-in one kernel per row) and its gradient.
+   (``nll_loss`` with z-loss, its opt-in one kernel per row) and its gradient;
+   ``d temperature`` of the per-token path and of the default loss (both from
+   the gradient kernel).
 2. Forward and forward+backward times at the accelerator shapes against the
    read and read+write floors measured in the same process: first the
    training loss (one kernel per row at a few tilings, the default two
@@ -42,6 +44,12 @@ LOSS_TILINGS = [(1, 2048, 4), (1, 4096, 8), (2, 2048, 8), (1, 1024, 4)]
 BWD_TILINGS = [(4, 1024, 4), (2, 2048, 8)]
 
 
+def _max_err(got: list, want: list) -> float:
+  """The largest |got - want| over pairs of arrays (NaN ignored; 0 for none)."""
+  pairs = zip(got, want, strict=True)
+  return max((float(jnp.nanmax(jnp.abs(a - b))) for a, b in pairs), default=0.0)
+
+
 def _check(out: dict) -> None:
   rows = []
   for n, v in [(64, 1000), (37, 4097), (16, 32003), (8, 128256)]:
@@ -55,25 +63,33 @@ def _check(out: dict) -> None:
         temp = 1.0 if tau is None else jnp.linspace(0.5, 2.0, n)
         w = jax.random.normal(jax.random.key(1), (n,)).at[:3].set(0.0)
 
-        def loss(x, impl):
+        def loss(x, temp, impl):
           lp = lpk.token_logprobs(x, t, temperature=temp, softcap=softcap, implementation=impl)
           return jnp.sum(jnp.where(w != 0, w * lp, 0.0))
 
-        def nll(x, impl):
+        def nll(x, temp, impl):
           return lpk.nll_loss(
             x, t, jnp.abs(w), z_loss=1e-4, temperature=temp, softcap=softcap, implementation=impl
           )
 
+        # d temperature too (from the gradient kernel) when it is an array.
+        argnums = (0,) if tau is None else (0, 1)
+
+        def grads(fn, impl):
+          return [a.astype(jnp.float32) for a in jax.grad(fn, argnums)(x, temp, impl)]
+
         # The training loss in one kernel per row (splits=1), gradient included.
         one_kernel = lpk.PallasGpuLogits(splits=1, loss_kernel=True)
-        loss_got, g_loss = jax.value_and_grad(nll)(x, one_kernel)
-        loss_want, g_loss_want = jax.value_and_grad(nll)(x, "reference")
+        loss_got, g_loss = jax.value_and_grad(nll)(x, temp, one_kernel)
+        loss_want, g_loss_want = jax.value_and_grad(nll)(x, temp, "reference")
         got = lpk.token_logprobs_and_greedy(
           x, t, temperature=temp, softcap=softcap, implementation="pallas_gpu"
         )
         want = reference.token_logprobs_and_greedy(x, t, temperature=temp, softcap=softcap)
-        g_got = jax.grad(loss)(x, "pallas_gpu").astype(jnp.float32)
-        g_want = jax.grad(loss)(x, "reference").astype(jnp.float32)
+        g_got, *dtau_got = grads(loss, "pallas_gpu")
+        g_want, *dtau_want = grads(loss, "reference")
+        # The default loss (forward kernel, then the gradient kernel with d tau).
+        two_got, two_want = grads(nll, "pallas_gpu")[1:], grads(nll, "reference")[1:]
         same_nan = bool(jnp.all(jnp.isnan(got[0]) == jnp.isnan(want[0])))
         finite = jnp.isfinite(want[0])
         rows.append(
@@ -92,6 +108,8 @@ def _check(out: dict) -> None:
             max_loss_grad_err=float(
               jnp.nanmax(jnp.abs(g_loss.astype(jnp.float32) - g_loss_want.astype(jnp.float32)))
             ),
+            max_dtau_err=_max_err(dtau_got, dtau_want),
+            max_loss_dtau_err=_max_err(two_got, two_want),
           )
         )
         print("check", rows[-1], flush=True)
