@@ -361,7 +361,8 @@ def fused_nll_loss(
     weights: float or bool ``[...]`` broadcastable to ``targets`` (e.g. a
       response mask divided by its token count), or None for 1 everywhere.
       Tokens of weight 0 contribute exactly 0 to the loss and the gradients,
-      whatever they hold. Weights are constants: no gradient reaches them.
+      whatever they hold. Weights are constants: differentiating w.r.t.
+      them raises ``TypeError`` (never a silent zero gradient).
     z_loss: the weight of the squared log-sum-exp (PaLM's z-loss, 1e-4 there).
 
   Returns:
