@@ -176,27 +176,28 @@ def loss_weights(weights, batch_shape) -> jax.Array:
   if not (jnp.issubdtype(weights.dtype, jnp.floating) or weights.dtype == jnp.bool_):
     raise TypeError(f"weights must be floats or a bool mask, got weights.dtype={weights.dtype}")
   check_broadcastable("weights", weights.shape, batch_shape)
-  return _constant_weights(jnp.broadcast_to(weights.astype(jnp.float32), batch_shape).reshape(-1))
+  return jnp.broadcast_to(weights.astype(jnp.float32), batch_shape).reshape(-1)
 
 
 @jax.custom_jvp
-def _constant_weights(weights: jax.Array) -> jax.Array:
-  """The loss weights, which the losses treat as constants: differentiating
-  w.r.t. them raises (their gradient would otherwise be a silent zero)."""
+def constant_weights(weights: jax.Array) -> jax.Array:
+  """The loss weights, which the losses treat as constants (where a plain
+  ``stop_gradient`` would make their gradient a silent zero): differentiating
+  w.r.t. them raises ``TypeError``."""
   return weights
 
 
 def _constant_weights_jvp(primals, tangents):
   if not isinstance(tangents[0], jax.custom_derivatives.SymbolicZero):
     raise TypeError(
-      "the loss weights are constants (no gradient reaches them), but they are being "
-      "differentiated: pass jax.lax.stop_gradient(weights), or differentiate the "
-      "per-token values (token_logprobs / fused_token_stats) instead"
+      "the loss weights are constants, but they are being differentiated: pass "
+      "jax.lax.stop_gradient(weights), or differentiate the per-token values "
+      "(token_logprobs / fused_token_stats) instead"
     )
   return primals[0], tangents[0]
 
 
-_constant_weights.defjvp(_constant_weights_jvp, symbolic_zeros=True)
+constant_weights.defjvp(_constant_weights_jvp, symbolic_zeros=True)
 
 
 def check_z_loss(z_loss) -> None:

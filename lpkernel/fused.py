@@ -325,13 +325,13 @@ def rows_fused_nll_loss(
   """The per-shard building block of :func:`fused_nll_loss` on rows ``h [N, D]``.
 
   Args:
-    weights: float32[N] (constants: no gradient reaches them).
+    weights: float32[N] (constants: differentiating w.r.t. them raises).
     Others as for :func:`rows_fused_token_stats`.
   """
   vocab_axis = checks.vocab_axis(vocab_axis)
   impl = _implementation(implementation, h.shape[0])
   v = w.shape[vocab_axis] if vocab_size is None else vocab_size
-  weights = lax.stop_gradient(weights)
+  weights = checks.constant_weights(weights)
   return _nll(h, w, targets, tau, weights, float(z_loss), softcap, impl, axis_name, v, vocab_axis)
 
 
@@ -386,7 +386,7 @@ def fused_nll_loss(
     from lpkernel import reference
 
     stats = _reference_stats(h, unembed, t, tau, softcap, vocab_axis)
-    return reference.nll_loss(stats, lax.stop_gradient(weights), z_loss)
+    return reference.nll_loss(stats, checks.constant_weights(weights), z_loss)
   return rows_fused_nll_loss(
     h,
     unembed,

@@ -288,13 +288,13 @@ def rows_nll_loss(
   Args:
     x: float[N, Vb] logits: whole rows, or (inside ``shard_map`` with
       ``axis_name``) this device's block of columns.
-    targets: int32[N] global ids; ``weights``: float32[N] (constants: no
-      gradient reaches them); ``tau``: float32[N] temperatures or None.
+    targets: int32[N] global ids; ``weights``: float32[N] (constants:
+      differentiating w.r.t. them raises); ``tau``: float32[N] temperatures or None.
     axis_name, vocab_size: as for :func:`rows_logprobs_and_greedy`.
   """
   impl = _implementation(implementation, x.shape[0])
   v = x.shape[1] if vocab_size is None else vocab_size
-  weights = lax.stop_gradient(weights)
+  weights = checks.constant_weights(weights)
   return _nll(x, targets, tau, weights, float(z_loss), softcap, impl, axis_name, v)
 
 
@@ -347,7 +347,7 @@ def nll_loss(
     from lpkernel import reference
 
     stats = reference.logits_stats(x, t, tau, softcap)
-    return reference.nll_loss(stats, lax.stop_gradient(weights), z_loss)
+    return reference.nll_loss(stats, checks.constant_weights(weights), z_loss)
   return rows_nll_loss(
     x, t, weights, tau, z_loss=z_loss, softcap=softcap, implementation=implementation
   )

@@ -252,6 +252,12 @@ def test_vocab_parallel_nll_loss_matches_one_device(mesh, implementation):
   for a, b in zip(grads, want_grads, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert np.isfinite(grads[0]).all() and grads[0].sharding.spec[-1] == "model"
+  with pytest.raises(TypeError, match="weights are constants"):  # never a silent zero
+    jax.grad(
+      lambda w: sharding.vocab_parallel_nll_loss(
+        logits, tokens, mesh, weights=w, batch_axis="data", implementation=impl
+      )
+    )(weights)
 
 
 def test_vocab_parallel_out_of_range_ids_are_nan(mesh):
