@@ -241,8 +241,9 @@ def _nll_fwd(x, targets, tau, weights, z_loss, softcap, impl, axis, vocab_size):
     # The forward pass, then d logits from its statistics.
     p = impl.partials(x, rows.targets, safe_tau, softcap)
     f, (g_lp, g_lse, _), terms = rows.cotangents(p, 0, x.shape[0])
-    # This block's share of the softmax mass (1 without vocabulary shards).
-    mass = jnp.where(p.s > 0, p.s * jnp.exp(P.shift_of(p.m) - f.shift - f.log_s), 0.0)
+    mass = None  # d tau's: this block's share of the softmax mass (1 without shards)
+    if tau is not None:
+      mass = jnp.where(p.s > 0, p.s * jnp.exp(P.shift_of(p.m) - f.shift - f.log_s), 0.0)
     args = (x, rows.targets, safe_tau, softcap, f.shift, f.log_s, g_lp, g_lse, mass)
     dx, dtau = _grads(impl, *args)
     return jnp.sum(terms), dx, None if dtau is None else jnp.where(weights != 0, dtau, 0.0)

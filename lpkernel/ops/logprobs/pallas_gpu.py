@@ -124,8 +124,7 @@ class PallasGpuLogits:
   def grad_logits(self, x, targets, tau, softcap, shift, log_s, g, g_lse=None) -> jax.Array:
     if g_lse is None:
       return self._grad(x, targets, tau, softcap, [shift, log_s, g], x.dtype)[0]
-    zeros = jnp.zeros_like(g)
-    return self._grad(x, targets, tau, softcap, [shift, log_s, g, g_lse, zeros, zeros], x.dtype)[0]
+    return self.grad_logits_and_tau(x, targets, tau, softcap, shift, log_s, g, g_lse)[0]
 
   def grad_logits_and_tau(self, x, targets, tau, softcap, shift, log_s, g, g_lse=None):
     """``d x`` and, summed in the same kernel, each row's ``d tau`` (``tau`` an array).
