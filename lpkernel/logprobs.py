@@ -105,10 +105,16 @@ def _grad_tau(impl, x, local, tau, softcap, shift, log_s, g, g_lse=None, mass=No
   """
   with jax.named_scope("dtemperature"):
     centred = impl.centred_expected_y(x, tau, softcap, shift, log_s)
-    t = P.finite_or_zero(xla.target_y(x, local, tau, softcap) - shift)
+    target_y = xla.target_y(x, local, tau, softcap)
+    # An impossible target's y is a constant: its term is the shift alone
+    # (d lp / d tau = E_p[y] / tau), in the one block that holds it.
+    holds = (local >= 0) & (local < x.shape[-1])
+    t = jnp.where(holds & (target_y == -jnp.inf), -shift, P.finite_or_zero(target_y - shift))
     d = jnp.where(g != 0, g * (centred - t), 0.0)
     if g_lse is not None:
-      d = d - jnp.where(g_lse != 0, g_lse * (centred + P.finite_or_zero(shift) * mass), 0.0)
+      # A row with no mass (all -inf, lse = -inf) has nothing that moves with tau.
+      live_lse = (g_lse != 0) & (log_s != -jnp.inf)
+      d = d - jnp.where(live_lse, g_lse * (centred + P.finite_or_zero(shift) * mass), 0.0)
     return d / tau
 
 

@@ -378,9 +378,15 @@ def dense_cotangents(g, like: jax.Array) -> list[jax.Array]:
   return [jnp.zeros_like(like) if c is None else c for c in g]
 
 
-def softmax(y: jax.Array, shift: jax.Array, log_s: jax.Array) -> jax.Array:
-  """``p = exp((y - shift) - log_s)`` with per-row ``shift``/``log_s`` broadcast to ``y``."""
-  return jnp.exp((y - shift) - log_s)
+def softmax(y: jax.Array, shift: jax.Array, log_s: jax.Array, exp=jnp.exp) -> jax.Array:
+  """``p = exp((y - shift) - log_s)`` with per-row ``shift``/``log_s`` broadcast to ``y``.
+
+  A row with no mass (all ``-inf``: ``log_s = -inf``) has ``p = 0``, not
+  ``exp(-inf + inf)``; a row holding ``+inf`` (``log_s = +inf``) has ``p = 0`` at
+  its finite columns and NaN at its ``+inf`` ones; NaN stays NaN. ``exp`` may be
+  a kernel's own exponential.
+  """
+  return exp((y - shift) - jnp.where(log_s == -jnp.inf, 0.0, log_s))
 
 
 def grad_y(
@@ -391,15 +397,20 @@ def grad_y(
   g_ent: jax.Array | None = None,
   y_c: jax.Array | None = None,
   centred: jax.Array | None = None,
+  *,
+  y: jax.Array,
 ) -> jax.Array:
   """d/dy of ``g_lp * lp + g_lse * lse + g_ent * entropy`` over a block of rows' ``y``.
 
   Every implementation's backward, once: ``(onehot - p)``, ``p`` and
   ``p * (E_p[y] - y)``, with per-row cotangents broadcast to the block (``[N, 1]``
   against ``[N, W]``). A term whose cotangent is zero is left out, so ``inf * 0``
-  never makes NaN on a dead row.
+  never makes NaN on a dead row. A ``-inf`` logit is a constant (impossible
+  under every option): no derivative reaches it, not even from its own
+  impossible target, and not NaN from a row with no mass.
 
   Args:
+    y: the block's transformed logits.
     is_target: bool, the block's target column of each row.
     p: the softmax over the block (:func:`softmax`).
     g_lse, g_ent: None where only log-probabilities are differentiated.
@@ -411,7 +422,7 @@ def grad_y(
     dy = dy + jnp.where(g_lse != 0, g_lse * p, 0.0)
   if g_ent is not None:
     dy = dy + jnp.where(g_ent != 0, g_ent * p * (centred - y_c), 0.0)
-  return dy
+  return jnp.where(y == -jnp.inf, 0.0, dy)
 
 
 def grad_tau(dy: jax.Array, y_c: jax.Array, shift: jax.Array, tau: jax.Array) -> jax.Array:

@@ -2,7 +2,8 @@
 implementation (tests hold each to these, values and gradients by autodiff)
 and the baseline of the benchmark suite. ``implementation="reference"`` runs them.
 
-They materialise a full float32 log-softmax on purpose; never use them for speed.
+They materialise full float32 ``[..., V]`` temporaries on purpose; never use them
+for speed.
 """
 
 from __future__ import annotations
@@ -16,11 +17,29 @@ _F32 = jnp.float32
 
 
 def _transformed(logits, temperature, softcap):
-  y = logits.astype(_F32)
+  """``y = softcap(logits) / temperature`` in float32, and the rows whose temperature is bad.
+
+  A ``-inf`` logit is impossible under every option: its ``y`` is ``-inf``, a
+  constant through which no derivative passes (neither to the logit nor to the
+  temperature).
+  """
+  x = logits.astype(_F32)
+  impossible = x == -jnp.inf
+  x = jnp.where(impossible, 0.0, x)  # and again below: no 0 * inf in any derivative
   if softcap is not None:
-    y = jnp.where(y == -jnp.inf, -jnp.inf, softcap * jnp.tanh(y / softcap))
+    x = softcap * jnp.tanh(x / softcap)
   tau = jnp.asarray(temperature, _F32)
-  return y / tau[..., None], ~(jnp.isfinite(tau) & (tau > 0))
+  y = jnp.where(impossible, -jnp.inf, x / tau[..., None])
+  return y, ~(jnp.isfinite(tau) & (tau > 0))
+
+
+def _log_softmax_parts(y):
+  """Each row's ``(shift, log(sum exp(y - shift)))``: the max when finite (else 0),
+  constant under differentiation; ``log_s`` is ``-inf`` for a row of ``-inf``,
+  ``+inf`` for a row holding ``+inf``."""
+  m = jnp.max(y, axis=-1)
+  shift = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+  return shift, jnp.log(jnp.sum(jnp.exp(y - shift[..., None]), axis=-1))
 
 
 def token_logprobs_and_greedy(
@@ -32,19 +51,22 @@ def token_logprobs_and_greedy(
 ) -> tuple[jax.Array, jax.Array]:
   """``log_softmax(softcap(logits) / temperature)[target]`` and first-argmax flags.
 
-  NaN for ids outside ``[0, V)`` and for temperatures that are not finite and
-  positive; an impossible (``-inf``) target is never greedy.
+  Computed as ``(y_t - shift) - log(sum exp(y - shift))``: an impossible
+  (``-inf``) target gives ``-inf`` (also in a row of ``-inf``, whose softmax
+  has no mass), a row holding ``+inf`` gives ``-inf`` at its finite targets
+  and NaN at its ``+inf`` ones, NaN anywhere in a row gives NaN; ids outside
+  ``[0, V)`` and temperatures that are not finite and positive give NaN. An
+  impossible target is never greedy.
   """
   y, bad_tau = _transformed(logits, temperature, softcap)
-  log_probs = jax.nn.log_softmax(y, axis=-1)
+  shift, log_s = _log_softmax_parts(y)
   v = logits.shape[-1]
   in_range = (targets >= 0) & (targets < v) & ~bad_tau
   safe = jnp.where(in_range, targets, 0)[..., None]
-  picked = jnp.take_along_axis(log_probs, safe, axis=-1)[..., 0]
   target_y = jnp.take_along_axis(y, safe, axis=-1)[..., 0]
-  # An impossible target is -inf (log_softmax of an all -inf row is NaN), unless NaN wins.
-  impossible = (target_y == -jnp.inf) & ~jnp.any(jnp.isnan(y), axis=-1)
-  lp = jnp.where(in_range, jnp.where(impossible, -jnp.inf, picked), jnp.nan)
+  # A row with no mass adds nothing to its -inf target (-inf - -inf would be NaN).
+  lp = (target_y - shift) - jnp.where(log_s == -jnp.inf, 0.0, log_s)
+  lp = jnp.where(in_range, lp, jnp.nan)
   greedy = in_range & (jnp.argmax(y, axis=-1) == targets) & (target_y > -jnp.inf)
   return lp, greedy & ~jnp.isnan(lp)
 
@@ -78,12 +100,13 @@ def logits_stats(logits, targets, tau=None, softcap=None):
   temperature = 1.0 if tau is None else tau
   lp, greedy = token_logprobs_and_greedy(logits, targets, temperature=temperature, softcap=softcap)
   y, bad_tau = _transformed(logits, temperature, softcap)
-  log_p = jax.nn.log_softmax(y, axis=-1)
+  shift, log_s = _log_softmax_parts(y)
+  log_p = (y - shift[..., None]) - jnp.where(log_s == -jnp.inf, 0.0, log_s)[..., None]
   p = jnp.exp(log_p)
-  entropy = -jnp.sum(jnp.where(p > 0, p * log_p, 0.0), axis=-1)
-  lse = jax.nn.logsumexp(y, axis=-1)
+  # 0 * log 0 is 0, in the value and in the derivative.
+  entropy = -jnp.sum(p * jnp.where(p > 0, log_p, 0.0), axis=-1)
   poison = lambda x: jnp.where(bad_tau, jnp.nan, x)  # noqa: E731
-  return TokenStats(logprobs=lp, lse=poison(lse), entropy=poison(entropy), greedy=greedy)
+  return TokenStats(logprobs=lp, lse=poison(shift + log_s), entropy=poison(entropy), greedy=greedy)
 
 
 def nll_loss(stats, weights: jax.Array, z_loss: float = 0.0) -> jax.Array:

@@ -25,4 +25,11 @@ settings.register_profile(
   derandomize=True,
   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-settings.load_profile("ci")
+# A longer randomised search for local runs: HYPOTHESIS_PROFILE=thorough python -m pytest -k ...
+settings.register_profile(
+  "thorough",
+  max_examples=300,
+  deadline=None,
+  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

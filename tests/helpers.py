@@ -33,6 +33,7 @@ def assert_close(actual, expected, *, rtol, atol, what=""):
     np.isnan(actual), np.isnan(expected), err_msg=f"{what}: NaN pattern"
   )
   np.testing.assert_array_equal(np.isneginf(actual), np.isneginf(expected), err_msg=f"{what}: -inf")
+  np.testing.assert_array_equal(np.isposinf(actual), np.isposinf(expected), err_msg=f"{what}: +inf")
   finite = np.isfinite(expected)
   diff = np.abs(actual[finite] - expected[finite])
   bound = atol + rtol * np.abs(expected[finite])

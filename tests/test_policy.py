@@ -6,6 +6,8 @@ ids never wrap, contiguous segments, temperature and softcap, NaN gradients of
 poisoned values, clear errors.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +33,11 @@ IMPLS = pytest.mark.parametrize(
 )
 FUSED_SMALL = FUSED_IMPLEMENTATIONS["xla"]
 ALL_FUSED = [*FUSED_IMPLEMENTATIONS.values(), lpk.XlaFused()]
+# The training loss's one-kernel paths (GPU, interpreted; TPU, its interpreter).
+_LOSS_KERNELS = [
+  lpk.PallasGpuLogits(block_rows=2, block_v=8, splits=1, loss_kernel=True, interpret=True),
+  lpk.PallasTpuLogits(loss_kernel=True, interpret=True),
+]
 SCORE_FIELDS = ("prompt_logprob", "response_logprob", "joint_logprob", "token_logprobs")
 
 
@@ -421,24 +428,68 @@ def test_implementation_names_are_checked():
 _SPECIAL = st.sampled_from([0.0, 1.5, -2.0, 30.0, -jnp.inf, jnp.inf, jnp.nan])
 
 
+_ROWS = 3  # rows per drawn example, 9 columns each: one shape, one compile per implementation
+
+
+@functools.cache
+def _values_and_grads(impl, softcap):
+  """jitted (lp, d lp, d tau, nll, d nll, d nll / d tau) of ``g * lp`` and of the z-loss
+  loss, with respect to the logits and the temperature, for ``impl``."""
+
+  def lp_sum(x, t, tau, g):
+    lp = lpk.token_logprobs(x, t, temperature=tau, softcap=softcap, implementation=impl)
+    return jnp.sum(g * lp), lp
+
+  def nll(x, t, tau, g):
+    return lpk.nll_loss(x, t, g, z_loss=0.01, temperature=tau, softcap=softcap, implementation=impl)
+
+  def run(x, t, tau, g):
+    (_, lp), (dx, dtau) = jax.value_and_grad(lp_sum, (0, 2), has_aux=True)(x, t, tau, g)
+    loss, (dl_dx, dl_dtau) = jax.value_and_grad(nll, (0, 2))(x, t, tau, jnp.abs(g))
+    return lp, dx, dtau, loss, dl_dx, dl_dtau
+
+  return jax.jit(run)
+
+
 @given(
-  row=st.lists(_SPECIAL, min_size=9, max_size=9),  # one shape: one compile per implementation
-  target=st.integers(-3, 12),
-  tau=st.sampled_from([1.0, 0.5, 0.0, -1.0, jnp.nan, jnp.inf]),
+  rows=st.lists(st.lists(_SPECIAL, min_size=9, max_size=9), min_size=_ROWS, max_size=_ROWS),
+  targets=st.lists(st.integers(-3, 12), min_size=_ROWS, max_size=_ROWS),
+  taus=st.lists(
+    st.sampled_from([1.0, 0.5, 0.0, -1.0, jnp.nan, jnp.inf]), min_size=_ROWS, max_size=_ROWS
+  ),
   softcap=st.sampled_from([None, 3.0]),
 )
-def test_drawn_special_values_follow_the_oracle(row, target, tau, softcap):
-  x = jnp.array([row], jnp.float32)
-  t = jnp.array([target])
-  temp = jnp.array([tau])
-  want = reference.token_logprobs(x, t, temperature=temp, softcap=softcap)
-  oracle = oracle_token_logprobs(x, t, temperature=np.array([tau]), softcap=softcap)
-  if not (np.isfinite(tau) and tau > 0):
-    oracle = np.full_like(oracle, np.nan)
-  for impl in LOGITS_IMPLEMENTATIONS.values():
-    got = lpk.token_logprobs(x, t, temperature=temp, softcap=softcap, implementation=impl)
-    assert_close(got, oracle, rtol=1e-5, atol=1e-5, what=f"{impl} vs oracle")
-    assert_close(got, want, rtol=1e-5, atol=1e-5, what=f"{impl} vs reference")
+def test_drawn_special_values_follow_the_oracle(rows, targets, taus, softcap):
+  """Rows of 0, 1.5, -2, 30, -inf, +inf and NaN: values as the oracle on every
+  implementation; derivatives (of ``g * lp`` and of the z-loss training loss,
+  w.r.t. the logits and the temperature) as the reference's autodiff, NaN where
+  the value is poisoned (a bad id or temperature); a ``-inf`` logit is a
+  constant, which no derivative reaches."""
+  x, t, tau = jnp.array(rows, jnp.float32), jnp.array(targets), jnp.array(taus, jnp.float32)
+  g = jnp.array([1.0, -0.5, 2.0])
+  poisoned = ~((t >= 0) & (t < 9) & jnp.isfinite(tau) & (tau > 0))
+  oracle = oracle_token_logprobs(x, t, temperature=np.asarray(tau), softcap=softcap)
+  oracle = np.where(poisoned, np.nan, oracle)
+  lp, dx, dtau, loss, dl_dx, dl_dtau = _values_and_grads("reference", softcap)(x, t, tau, g)
+  assert_close(lp, oracle, rtol=1e-5, atol=1e-5, what="reference vs oracle")
+  # The reference's derivatives at a poisoned value are autodiff's zeros; the
+  # policy's are NaN (but for the -inf logits, constants).
+  nan_x = poisoned[:, None] & (x != -jnp.inf)
+  want = (
+    oracle,
+    jnp.where(nan_x, jnp.nan, dx),
+    jnp.where(poisoned, jnp.nan, dtau),
+    jnp.where(poisoned.any(), jnp.nan, loss),
+    jnp.where(nan_x, jnp.nan, dl_dx),
+    jnp.where(poisoned, jnp.nan, dl_dtau),
+  )
+  names = ("lp", "d x", "d tau", "loss", "d loss / d x", "d loss / d tau")
+  for impl in [*LOGITS_IMPLEMENTATIONS.values(), *_LOSS_KERNELS]:
+    got = _values_and_grads(impl, softcap)(x, t, tau, g)
+    for name, a, b in zip(names, got, want, strict=True):
+      # d tau cancels terms of size |y| / tau (up to 60 here) in float32.
+      tol = dict(rtol=1e-4, atol=1e-3 if "tau" in name else 1e-4)
+      assert_close(a, b, **tol, what=f"{impl} {name}")
 
 
 @given(

@@ -140,7 +140,7 @@ def block_grad(z, y, cols, targets, tau_col, softcap, f: P.Finished, g, dtype):
   p = P.softmax(y, shift, f.log_s[:, None])
   y_c = P.finite_or_zero(y - shift)
   g_lp, g_lse, g_ent = (None if c is None else c[:, None] for c in g)
-  dy = P.grad_y(cols == targets[:, None], p, g_lp, g_lse, g_ent, y_c, f.centred[:, None])
+  dy = P.grad_y(cols == targets[:, None], p, g_lp, g_lse, g_ent, y_c, f.centred[:, None], y=y)
   dtau = None if tau_col is None else P.grad_tau(dy, y_c, shift, tau_col)[:, 0]
   return (dy * P.transform_grad(z, tau_col, softcap)).astype(dtype), dtau
 

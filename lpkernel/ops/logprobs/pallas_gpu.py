@@ -312,9 +312,9 @@ def _tile_grad(x_ref, rows, row_ok, cols, target, tau, softcap, shift, log_s, g_
   mask = row_ok[:, None] & (cols < v)[None, :]
   x = plgpu.load(x_ref.at[rows[:, None], cols[None, :]], mask=mask, other=0.0)
   y = P.transform(x, tau, softcap)
-  p = _exp((y - shift) - log_s)
+  p = P.softmax(y, shift, log_s, exp=_exp)
   y_c = P.finite_or_zero(y - shift) if g_ent is not None or with_dtau else None
-  dy = P.grad_y(cols[None, :] == target, p, g_lp, g_lse, g_ent, y_c, centred)
+  dy = P.grad_y(cols[None, :] == target, p, g_lp, g_lse, g_ent, y_c, centred, y=y)
   dx = jnp.where(dy != 0, dy * P.transform_grad(x, tau, softcap), 0.0)  # dead rows may hold NaN
   dtau = None
   if with_dtau:

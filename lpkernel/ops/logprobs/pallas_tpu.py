@@ -217,7 +217,7 @@ def _grad_kernel(
   y = P.transform(x, tau, softcap)
   shift = shift_ref[...]
   p = P.softmax(y, shift, log_s_ref[...])
-  dy = P.grad_y(cols == t_ref[...], p, g_ref[...], g_lse)
+  dy = P.grad_y(cols == t_ref[...], p, g_ref[...], g_lse, y=y)
   dx = jnp.where(dy != 0, dy * P.transform_grad(x, tau, softcap), 0.0)  # dead rows may hold NaN
   dx_ref[...] = dx.astype(dx_ref.dtype)
   if dtau_ref:
@@ -243,7 +243,7 @@ def _loss_kernel(x_ref, t_ref, w_ref, *refs, softcap, has_tau, row_terms):
     P.block_partials(y, cols, target, keepdims=True, with_entropy=False), target, x.shape[1]
   )
   g_lp, g_lse, out = row_terms(f, target, caller_tau, weight)
-  dy = P.grad_y(cols == target, P.softmax(y, f.shift, f.log_s), g_lp, g_lse)
+  dy = P.grad_y(cols == target, P.softmax(y, f.shift, f.log_s), g_lp, g_lse, y=y)
   dx = jnp.where(dy != 0, dy * P.transform_grad(x, tau, softcap), 0.0)  # dead rows may hold NaN
   dx_ref[...] = dx.astype(dx_ref.dtype)
   out_ref[...] = out

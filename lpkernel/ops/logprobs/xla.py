@@ -176,11 +176,10 @@ def grad_logits(x, targets, tau, softcap, shift, log_s, g, g_lse=None) -> jax.Ar
   whatever ``x`` holds.
   """
   n, v = x.shape
-  # The selects keep XLA:CPU from sharing the forward's broadcast shift and
-  # sum-exp reduction with this pass's fusion: shared, it materialised them (or
-  # the one-hot and the row mask) as [N, V] float32 buffers. A row whose log_s
-  # is not finite (all -inf, or +inf inside) gets p = 0 off its +inf columns.
-  shift, log_s = P.finite_or_zero(shift), P.finite_or_zero(log_s)
+  # The selects (here and in P.softmax) keep XLA:CPU from sharing the forward's
+  # broadcast shift and sum-exp reduction with this pass's fusion: shared, it
+  # materialised them (or the one-hot and the row mask) as [N, V] float32 buffers.
+  shift = P.finite_or_zero(shift)
   # And a barrier keeps this pass's upcast of x from being merged with the
   # forward's (CSE): where the forward reads x itself (one vocabulary chunk, 2-D
   # logits), the shared upcast was materialised as a float32 [N, V] copy.
@@ -193,7 +192,8 @@ def grad_logits(x, targets, tau, softcap, shift, log_s, g, g_lse=None) -> jax.Ar
   dx = jnp.where(g[:, None] != 0, g[:, None] * (jnp.where(onehot, 1.0, 0.0) - p) * dydx, 0.0)
   if g_lse is not None:
     dx = dx + jnp.where(g_lse[:, None] != 0, g_lse[:, None] * p * dydx, 0.0)
-  return dx.astype(x.dtype)
+  # A -inf logit is a constant: no derivative reaches it (P.grad_y).
+  return jnp.where(y == -jnp.inf, 0.0, dx).astype(x.dtype)
 
 
 # Elements of one row block's float32 temporaries (2 MiB) when rows are reduced in blocks.
