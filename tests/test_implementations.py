@@ -768,6 +768,49 @@ def test_every_implementation_takes_no_rows(path, name, dtype):
   chex.assert_trees_all_equal((dw, dw2), (jnp.zeros_like(w), jnp.zeros_like(w)))
 
 
+X64_CASES = [
+  *(pytest.param("logits", name, id=f"logits-{name}") for name in LOGITS_LOSS_IMPLEMENTATIONS),
+  *(pytest.param("fused", name, id=f"fused-{name}") for name in LOSS_IMPLEMENTATIONS),
+]
+
+
+@pytest.mark.parametrize("path,name", X64_CASES)
+def test_every_implementation_runs_under_x64(path, name):
+  """``jax_enable_x64`` (64-bit default ints and floats) changes no number: the
+  per-token values, the loss and the gradients (temperature included) equal the
+  32-bit run's. (The GPU kernels' index arithmetic defaulted to int64 and
+  raised a ``TypeError`` there.)"""
+  x, t = _batch(300, jnp.float32, n=9)
+  tau = jnp.linspace(0.5, 2.0, 9)
+  w = jnp.ones((9,)).at[0].set(0.0).at[3].set(0.0)  # the all -inf row, the bad id
+
+  if path == "logits":
+    impl, args = LOGITS_LOSS_IMPLEMENTATIONS[name], (x,)
+
+    def run(x, tau):
+      lp = lpk.token_logprobs(x, t, temperature=tau, implementation=impl)
+      loss = lpk.nll_loss(x, t, w, z_loss=0.1, temperature=tau, implementation=impl)
+      return loss + jnp.sum(jnp.where(w != 0, lp, 0.0)), lp
+  else:
+    impl = LOSS_IMPLEMENTATIONS[name]
+    args = (
+      jax.random.normal(jax.random.key(1), (9, 8)),
+      jax.random.normal(jax.random.key(2), (8, 300)),
+    )
+
+    def run(h, u, tau):
+      lp = lpk.fused_token_logprobs(h, u, t, temperature=tau, implementation=impl)
+      loss = lpk.fused_nll_loss(h, u, t, w, z_loss=0.1, temperature=tau, implementation=impl)
+      return loss + jnp.sum(jnp.where(w != 0, lp, 0.0)), lp
+
+  step = jax.value_and_grad(run, tuple(range(len(args) + 1)), has_aux=True)
+  want = jax.jit(step)(*args, tau)
+  with jax.enable_x64(True):
+    got = jax.jit(step)(*args, tau)
+  chex.assert_trees_all_equal_dtypes(got, want)
+  chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_tpu_kernels_lower_under_vmap():
   """``jax.vmap`` of the TPU kernels (each op and its gradient) lowers to Mosaic
   calls with the batch as an extra grid axis. (JAX's TPU interpreter cannot run

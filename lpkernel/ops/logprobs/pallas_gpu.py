@@ -213,6 +213,11 @@ class PallasGpuLogits:
     )(x, targets, *rows, *_tau_args(tau))
 
 
+def _iota(n: int) -> jax.Array:
+  """``[0, n)`` as int32 (index arithmetic stays 32-bit under ``jax_enable_x64``)."""
+  return jnp.arange(n, dtype=jnp.int32)
+
+
 def _any(flags):
   # Triton lowering has no reduce_or.
   return jnp.max(flags.astype(jnp.int32)) > 0
@@ -231,7 +236,7 @@ def _online_tile(
   without ``with_arg``, for a loss that reads no greedy flag)."""
   v = x_ref.shape[1]
   m, s, t, arg, sy = carry
-  cols = start + jnp.arange(block_v)
+  cols = jnp.asarray(start, jnp.int32) + _iota(block_v)
   mask = row_ok[:, None] & (cols < v)[None, :]
   x = plgpu.load(x_ref.at[rows[:, None], cols[None, :]], mask=mask, other=-jnp.inf)
   y = P.transform(x, tau, softcap)  # masked columns are -inf: no mass, never the argmax
@@ -285,7 +290,7 @@ def _partials_kernel(
   tau_ref, refs = (refs[0], refs[1:]) if has_tau else (None, refs)
   n = x_ref.shape[0]
   i, j = pl.program_id(0), pl.program_id(1)
-  rows = i * block_rows + jnp.arange(block_rows)
+  rows = i * block_rows + _iota(block_rows)
   row_ok = rows < n
   tau = None if tau_ref is None else plgpu.load(tau_ref.at[rows], mask=row_ok, other=1.0)[:, None]
   target = plgpu.load(t_ref.at[rows], mask=row_ok, other=-1)
@@ -330,8 +335,8 @@ def _grad_kernel(x_ref, t_ref, *refs, block_rows, block_v, softcap, has_tau, fus
   row_refs, refs = refs[:rows_in], refs[rows_in:]
   tau_ref, (dx_ref, *dtau_ref) = (refs[0], refs[1:]) if has_tau else (None, refs)
   n = x_ref.shape[0]
-  rows = pl.program_id(0) * block_rows + jnp.arange(block_rows)
-  cols = pl.program_id(1) * block_v + jnp.arange(block_v)
+  rows = pl.program_id(0) * block_rows + _iota(block_rows)
+  cols = pl.program_id(1) * block_v + _iota(block_v)
   row_ok = rows < n
 
   def row(ref, other=0.0):
@@ -355,7 +360,7 @@ def _loss_kernel(x_ref, t_ref, w_ref, *refs, block_rows, block_v, softcap, has_t
   tile (the row is read twice, the second time mostly from L2)."""
   tau_refs, (dx_ref, out_ref, *dtau_ref) = (refs[:2], refs[2:]) if has_tau else ((), refs)
   n, v = x_ref.shape
-  rows = pl.program_id(0) * block_rows + jnp.arange(block_rows)
+  rows = pl.program_id(0) * block_rows + _iota(block_rows)
   row_ok = rows < n
   target = plgpu.load(t_ref.at[rows], mask=row_ok, other=-1)
   weight = plgpu.load(w_ref.at[rows], mask=row_ok, other=0.0)
@@ -378,7 +383,7 @@ def _loss_kernel(x_ref, t_ref, w_ref, *refs, block_rows, block_v, softcap, has_t
   col = lambda a: None if a is None else a[:, None]  # noqa: E731
 
   def grad_tile(k, dtau):
-    cols = k * block_v + jnp.arange(block_v)
+    cols = k * block_v + _iota(block_v)
     dx, mask, dtau_k = _tile_grad(
       x_ref, rows, row_ok, cols, target[:, None], tau_col, softcap, col(f.shift), col(f.log_s),
       col(g_lp), col(g_lse), with_dtau=has_tau,
