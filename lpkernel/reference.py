@@ -1,6 +1,7 @@
 """The plain definitions, in straightforward ``jnp``: the yardstick for every
-implementation (tests hold each to these, values and gradients by autodiff)
-and the baseline of the benchmark suite. ``implementation="reference"`` runs them.
+implementation (tests hold each to these, values and gradients by autodiff,
+special values included). ``implementation="reference"`` runs them. (The
+benchmarks' ``plain`` baseline is the literal ``jax.nn.log_softmax`` + gather.)
 
 They materialise full float32 ``[..., V]`` temporaries on purpose; never use them
 for speed.
