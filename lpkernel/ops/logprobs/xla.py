@@ -188,12 +188,9 @@ def grad_logits(x, targets, tau, softcap, shift, log_s, g, g_lse=None) -> jax.Ar
   y = P.transform(x, tau_col, softcap)
   onehot = lax.broadcasted_iota(jnp.int32, (n, v), 1) == targets[:, None]
   p = P.softmax(y, shift[:, None], log_s[:, None])
-  dydx = P.transform_grad(x, tau_col, softcap)
-  dx = jnp.where(g[:, None] != 0, g[:, None] * (jnp.where(onehot, 1.0, 0.0) - p) * dydx, 0.0)
-  if g_lse is not None:
-    dx = dx + jnp.where(g_lse[:, None] != 0, g_lse[:, None] * p * dydx, 0.0)
-  # A -inf logit is a constant: no derivative reaches it (P.grad_y).
-  return jnp.where(y == -jnp.inf, 0.0, dx).astype(x.dtype)
+  dy = P.grad_y(onehot, p, g[:, None], None if g_lse is None else g_lse[:, None], y=y)
+  dx = jnp.where(dy != 0, dy * P.transform_grad(x, tau_col, softcap), 0.0)  # dead rows may hold NaN
+  return dx.astype(x.dtype)
 
 
 # Elements of one row block's float32 temporaries (2 MiB) when rows are reduced in blocks.
