@@ -89,6 +89,15 @@ def transform_grad(x: jax.Array, tau: jax.Array | None, softcap: float | None):
   return d
 
 
+def grad_x(dy: jax.Array, x: jax.Array, tau: jax.Array | None, softcap: float | None):
+  """``d x`` from ``d y`` through :func:`transform`, elementwise (float32).
+
+  Zero wherever ``dy`` is zero: a dead row's logits may hold NaN, whose
+  ``transform_grad`` would otherwise turn ``0 * NaN`` into a NaN gradient.
+  """
+  return jnp.where(dy != 0, dy * transform_grad(x, tau, softcap), 0.0)
+
+
 def empty(shape: int | tuple[int, ...], with_entropy: bool = False) -> RowPartials:
   """The partials of no columns (the identity of :func:`combine`), each field of ``shape``."""
   return RowPartials(
@@ -213,8 +222,13 @@ def combine_shards(p: RowPartials, axis_name: str | None, offset) -> RowPartials
   if axis_name is None:
     return p
   with jax.named_scope("vocab_parallel_combine"):
-    p = p._replace(arg=jnp.where(p.arg == NO_COLUMN, NO_COLUMN, p.arg + offset))
-    return combine(p, over_mesh(axis_name))
+    return combine(at_offset(p, offset), over_mesh(axis_name))
+
+
+def at_offset(p: RowPartials, offset) -> RowPartials:
+  """A block's partials with its block-local argmax columns moved to global ones
+  (the block starts at column ``offset``); the merges' greedy flags are unchanged."""
+  return p._replace(arg=jnp.where(p.arg == NO_COLUMN, NO_COLUMN, p.arg + offset))
 
 
 def merge(a: RowPartials, b: RowPartials) -> RowPartials:

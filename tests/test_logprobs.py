@@ -23,7 +23,7 @@ from tests.helpers import (
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 # A tiny chunk config sends small vocabularies through the multi-chunk path.
-SMALL_CHUNKS = ChunkConfig(max_chunk=8, min_chunk=2)
+SMALL_CHUNKS = ChunkConfig(max_chunk=8, min_chunk=2, sweep_block=5)  # V = 17: swept, 3 blocks + a tail
 
 
 def _inputs(seed, shape, v, dtype):
@@ -197,9 +197,10 @@ def test_bad_temperature_shape_and_softcap_raise():
 
 
 @pytest.mark.parametrize(
-  "v,chunk", [(32000, 32000), (128256, 32064), (40000, 20000), (65537, 65537), (3, 3)]
+  "v,chunk", [(32000, 32000), (128256, 32064), (40000, 20000), (65537, None), (3, 3)]
 )
 def test_chunk_choice_divides_vocab(v, chunk):
+  """A chunk divides V; None (65537 is prime) means the vocabulary is swept in blocks."""
   assert ChunkConfig().chunk(v) == chunk
 
 

@@ -2,7 +2,8 @@
 
 The cross product of dtype (float32, bfloat16, float16) x temperature (none,
 scalar, per-example) x softcap (none, 30) x pass (forward, forward+backward) x
-vocabulary (32000 in one chunk, 65536 in two), for ``score``,
+vocabulary (32000 in one chunk, 65536 in two, 32771 swept in column blocks:
+it is prime), for ``score``,
 ``token_logprobs`` and the fused path (whose logits never exist). The bound is
 10% of the logits' bytes (float32 logits for the fused path); the gradient is
 an output, not a temporary. ``test_reference_does_materialise`` shows the
@@ -22,7 +23,8 @@ DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 TEMPERATURES = ["none", "scalar", "per-example"]
 SOFTCAPS = [None, 30.0]
 PASSES = [False, True]
-SHAPES = [(8, 512, 32000), (2, 256, 65536)]  # one vocabulary chunk, two chunks on the CPU
+# One vocabulary chunk, two chunks, and no chunk (a sweep over column blocks) on the CPU.
+SHAPES = [(8, 512, 32000), (2, 256, 65536), (2, 256, 32771)]
 WIDTH = 512
 
 
@@ -53,8 +55,8 @@ def _temp_fraction(fn, args, argnums, with_grad, reference_bytes):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 def test_no_logits_sized_temporaries_under_any_option(path, dtype):
   failures = []
-  # Two vocabulary chunks matter where chunks are (the logits paths); float16
-  # shares their code with bfloat16, so it runs the one-chunk shape only.
+  # Chunks and sweeps matter where they are (the logits paths); float16 shares
+  # their code with bfloat16, so it runs the one-chunk shape only.
   shapes = SHAPES[:1] if path == "fused" or dtype == jnp.float16 else SHAPES
   for (b, t, v), kind, softcap, with_grad in itertools.product(
     shapes, TEMPERATURES, SOFTCAPS, PASSES

@@ -218,7 +218,7 @@ def _tile_dz(h_ref, w_ref, t_ref, refs, i, k, *, has_tau, softcap, **tile):
   p = P.softmax(y, shift, log_s)
   dy = P.grad_y(col == t_ref[...], p, g_lp, g_lse, g_ent, y_c, centred, y=y)
   dy = jnp.where(inside, dy, 0.0)
-  dz = jnp.where(inside, dy * P.transform_grad(z, tau, softcap), 0.0).astype(h.dtype)
+  dz = P.grad_x(dy, z, tau, softcap).astype(h.dtype)
   return h, w, dz, dy, y_c, shift, tau
 
 

@@ -27,6 +27,7 @@ from jax import lax
 
 from lpkernel import partials as P
 from lpkernel.ops import higher_order
+from lpkernel.ops.blocks import block_of, sweep
 
 _F32 = jnp.float32
 
@@ -110,11 +111,7 @@ def contract(a: jax.Array, a_axis: int, b: jax.Array, b_axis: int, precision) ->
 
 def _block_logits(h, w, lo, width, tau, softcap, precision, vocab_axis):
   """Vocabulary ``[lo, lo + width)``: (z raw float32 [N, width], y transformed, the w block)."""
-  # XLA moves a dtype convert above a dynamic-slice and then out of the loop,
-  # which would copy the whole matrix in float32 (bfloat16 dots are upcast on
-  # the CPU). Slicing the output of a barrier over (matrix, offset) stops that.
-  w, lo = lax.optimization_barrier((w, jnp.asarray(lo, jnp.int32)))
-  wb = lax.dynamic_slice_in_dim(w, lo, width, axis=vocab_axis)
+  wb = block_of(w, lo, width, vocab_axis)
   z = contract(h, 1, wb, 1 - vocab_axis, precision)
   return z, P.transform(z, tau, softcap), wb
 
@@ -142,7 +139,7 @@ def block_grad(z, y, cols, targets, tau_col, softcap, f: P.Finished, g, dtype):
   g_lp, g_lse, g_ent = (None if c is None else c[:, None] for c in g)
   dy = P.grad_y(cols == targets[:, None], p, g_lp, g_lse, g_ent, y_c, f.centred[:, None], y=y)
   dtau = None if tau_col is None else P.grad_tau(dy, y_c, shift, tau_col)[:, 0]
-  return (dy * P.transform_grad(z, tau_col, softcap)).astype(dtype), dtau
+  return P.grad_x(dy, z, tau_col, softcap).astype(dtype), dtau
 
 
 def grad_unembed(h, dz, vocab_axis: int, precision, h_t=None) -> jax.Array:
@@ -201,16 +198,6 @@ def chunked_grads(h, w, size: int, vocab_axis: int, precision, row_grads, out_in
   )
   out, dh, dw, dtau = sweep(step, init, n, min(size, n))
   return out, dh, dw.astype(w.dtype), dtau
-
-
-def sweep(step, carry, size: int, block: int):
-  """Folds ``step(carry, lo, width)`` over the full blocks of ``[0, size)``, then
-  the static tail block (if ``block`` does not divide ``size``); nothing when ``size`` is 0."""
-  if size == 0:
-    return carry
-  full, tail = divmod(size, block)
-  carry = lax.fori_loop(0, full, lambda k, c: step(c, k * block, block), carry)
-  return step(carry, full * block, tail) if tail else carry
 
 
 @dataclasses.dataclass(frozen=True)

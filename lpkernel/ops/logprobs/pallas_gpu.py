@@ -320,7 +320,7 @@ def _tile_grad(x_ref, rows, row_ok, cols, target, tau, softcap, shift, log_s, g_
   p = P.softmax(y, shift, log_s, exp=_exp)
   y_c = P.finite_or_zero(y - shift) if g_ent is not None or with_dtau else None
   dy = P.grad_y(cols[None, :] == target, p, g_lp, g_lse, g_ent, y_c, centred, y=y)
-  dx = jnp.where(dy != 0, dy * P.transform_grad(x, tau, softcap), 0.0)  # dead rows may hold NaN
+  dx = P.grad_x(dy, x, tau, softcap)
   dtau = None
   if with_dtau:
     dy = jnp.where(mask, dy, 0.0)  # the masked-out loads (x = 0) carry no gradient

@@ -218,7 +218,7 @@ def _grad_kernel(
   shift = shift_ref[...]
   p = P.softmax(y, shift, log_s_ref[...])
   dy = P.grad_y(cols == t_ref[...], p, g_ref[...], g_lse, y=y)
-  dx = jnp.where(dy != 0, dy * P.transform_grad(x, tau, softcap), 0.0)  # dead rows may hold NaN
+  dx = P.grad_x(dy, x, tau, softcap)
   dx_ref[...] = dx.astype(dx_ref.dtype)
   if dtau_ref:
 
@@ -244,7 +244,7 @@ def _loss_kernel(x_ref, t_ref, w_ref, *refs, softcap, has_tau, row_terms):
   )
   g_lp, g_lse, out = row_terms(f, target, caller_tau, weight)
   dy = P.grad_y(cols == target, P.softmax(y, f.shift, f.log_s), g_lp, g_lse, y=y)
-  dx = jnp.where(dy != 0, dy * P.transform_grad(x, tau, softcap), 0.0)  # dead rows may hold NaN
+  dx = P.grad_x(dy, x, tau, softcap)
   dx_ref[...] = dx.astype(dx_ref.dtype)
   out_ref[...] = out
   if dtau_ref:

@@ -1,0 +1,33 @@
+"""A fold over the blocks of an axis: full blocks in a loop, then a static tail."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def sweep(step, carry, size: int, block: int):
+  """Folds ``step(carry, lo, width)`` over the full blocks of ``[0, size)``, then
+  the static tail block (if ``block`` does not divide ``size``); nothing when ``size`` is 0.
+
+  The full blocks run in a ``fori_loop`` (``lo`` traced, ``width == block``); the
+  tail is one more statically shaped step, so any ``size`` works without padding.
+  """
+  if size == 0:
+    return carry
+  full, tail = divmod(size, block)
+  carry = lax.fori_loop(0, full, lambda k, c: step(c, k * block, block), carry)
+  return step(carry, full * block, tail) if tail else carry
+
+
+def block_of(a: jax.Array, lo, width: int, axis: int) -> jax.Array:
+  """``a``'s ``[lo, lo + width)`` along ``axis``, sliced from the output of an
+  optimisation barrier over ``(a, lo)``.
+
+  Inside a loop, XLA would otherwise move a dtype convert of the block above the
+  dynamic slice and out of the loop: a float32 copy of the whole array
+  (bfloat16 dots and reductions are upcast on the CPU).
+  """
+  a, lo = lax.optimization_barrier((a, jnp.asarray(lo, jnp.int32)))
+  return lax.dynamic_slice_in_dim(a, lo, width, axis=axis)
