@@ -22,8 +22,9 @@ from tests.helpers import (
 )
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
-# A tiny chunk config sends small vocabularies through the multi-chunk path.
-SMALL_CHUNKS = ChunkConfig(max_chunk=8, min_chunk=2, sweep_block=5)  # V = 17: swept, 3 blocks + a tail
+# A tiny chunk config sends small vocabularies through the multi-chunk path, and
+# V = 17 (no divisor in [2, 8]) through the sweep: 3 blocks of 5 and a tail.
+SMALL_CHUNKS = ChunkConfig(max_chunk=8, min_chunk=2, sweep_block=5)
 
 
 def _inputs(seed, shape, v, dtype):
