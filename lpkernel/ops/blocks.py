@@ -10,12 +10,14 @@ from jax import lax
 def sweep(step, carry, size: int, block: int):
   """Folds ``step(carry, lo, width)`` over the full blocks of ``[0, size)``, then
   the static tail block (if ``block`` does not divide ``size``); nothing when ``size`` is 0.
+  A ``block`` wider than ``size`` is one block of ``size``.
 
   The full blocks run in a ``fori_loop`` (``lo`` traced, ``width == block``); the
   tail is one more statically shaped step, so any ``size`` works without padding.
   """
   if size == 0:
     return carry
+  block = min(block, size)
   full, tail = divmod(size, block)
   carry = lax.fori_loop(0, full, lambda k, c: step(c, k * block, block), carry)
   return step(carry, full * block, tail) if tail else carry
