@@ -38,18 +38,22 @@ def test_values_match_materialised_and_oracle(n, v, dtype, config):
   assert_close(got, oracle_token_logprobs(logits, t), rtol=1e-5, atol=1e-4, what="vs oracle")
 
 
+# The backward sweep over 4-column blocks, or token chunks of 4 (two and a tail of 3).
+BACKWARDS = {"sweep": SMALL, "chunks": lpk.FusedConfig(grad_chunks=True, loss_chunk_tokens=4)}
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("softcap", [None, 3.0])
 @pytest.mark.parametrize("temperature", ["one", "per-token"])
-def test_gradients_match_materialised(dtype, softcap, temperature):
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_gradients_match_materialised(dtype, softcap, temperature, backward):
   h, w, t = _inputs(1, 11, 8, 13, dtype)
+  impl = lpk.XlaFused(BACKWARDS[backward])
   tau = 1.0 if temperature == "one" else jnp.linspace(0.5, 2.0, 11)
   c = jax.random.normal(jax.random.key(9), (3, 11))
 
   def loss_fused(h, w, tau):
-    s = lpk.fused_token_stats(
-      h, w, t, temperature=tau, softcap=softcap, implementation=lpk.XlaFused(SMALL)
-    )
+    s = lpk.fused_token_stats(h, w, t, temperature=tau, softcap=softcap, implementation=impl)
     return jnp.sum(c[0] * s.logprobs + c[1] * s.lse + c[2] * s.entropy)
 
   def loss_ref(h, w, tau):
