@@ -127,11 +127,14 @@ def oracle_score(logits, tokens, response_mask, segment_ids=None, num_segments=N
 
 
 LOGITS_IMPLEMENTATIONS = {
-  # The XLA path on the CPU: whole rows (the accelerator branch's code), and the
-  # CPU branch's: 8-column chunks merged per row where they divide V (1000), else
-  # a sweep over 512-column slices with a static tail (4097: a 1-column tail).
-  "xla-rows": lpk.XlaLogits(lpk.ChunkConfig(max_chunk=2**30)),
-  "xla-chunked": lpk.XlaLogits(lpk.ChunkConfig(max_chunk=8, min_chunk=2, sweep_block=512)),
+  # The XLA path on the CPU: whole rows with a masked max for the first argmax
+  # (the accelerator branch's code), and the CPU branch's: 8-column chunks with
+  # 4-column argmax blocks, merged per row, where they divide V (1000), else a
+  # sweep over 512-column slices with a static tail (4097: a 1-column tail).
+  "xla-rows": lpk.XlaLogits(lpk.ChunkConfig(max_chunk=2**30, argmax_block=0)),
+  "xla-chunked": lpk.XlaLogits(
+    lpk.ChunkConfig(max_chunk=8, min_chunk=2, sweep_block=512, argmax_block=4)
+  ),
   # Pallas GPU kernels in interpret mode: 64-column tiles (several per row and
   # a masked tail), 4 rows per program with a row tail, and vocabulary splits.
   "pallas_gpu": lpk.PallasGpuLogits(block_rows=4, block_v=64, splits=2, interpret=True),

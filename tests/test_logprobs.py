@@ -198,10 +198,13 @@ def test_bad_temperature_shape_and_softcap_raise():
 
 
 @pytest.mark.parametrize(
-  "v,chunk", [(32000, 32000), (128256, 32064), (40000, 20000), (65537, None), (3, 3)]
+  "v,chunk",
+  [(32000, 32000), (128256, 32064), (40000, 20000), (65537, None), (3, 3), (32003, None)]
+  + [(50257, None), (151936, None)],  # chunks of 1733 (a prime), of 1187 * 2**k: no argmax blocks
 )
 def test_chunk_choice_divides_vocab(v, chunk):
-  """A chunk divides V; None (65537 is prime) means the vocabulary is swept in blocks."""
+  """A chunk divides V and has argmax blocks; None (65537 and 32003 are prime)
+  means the vocabulary is swept in blocks."""
   assert ChunkConfig().chunk(v) == chunk
 
 
@@ -226,6 +229,43 @@ def test_softcap_backward_is_one_pass_over_whole_rows(dtype):
 
   assert loops(forward, *args) >= 1  # the check can fail: the forward loops over row blocks
   assert loops(backward, *args, rows, rows, rows) == 0
+
+
+@pytest.mark.parametrize(
+  "chunks,block",
+  [
+    (ChunkConfig(max_chunk=2**30, argmax_block=12), 12),  # one chunk of 48, blocks of 12
+    (ChunkConfig(max_chunk=16, min_chunk=2, argmax_block=4), 4),  # chunks of 16, blocks of 4
+    (ChunkConfig(max_chunk=16, min_chunk=2), None),  # no divisor in [64, 8]: the masked max
+  ],
+  ids=["blocks12", "chunks16-blocks4", "masked"],
+)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+def test_first_argmax_from_block_maxima(chunks, block, dtype):
+  """The greedy flag from blocks' maxima: a tie at the max before the target (in
+  an earlier chunk, an earlier block of its chunk, or its own block) makes it not
+  greedy; at or after it, greedy; a larger value elsewhere, not greedy."""
+  v = 48
+  assert chunks.argmax_block_for(chunks.chunk(v)) == block
+  rows, targets, want = [], [], []
+  base = np.asarray(jax.random.uniform(jax.random.key(0), (v,)))
+  for t in range(0, v, 5):
+    for p in [0, 3, 4, 11, 12, 15, 16, 17, 30, 46, 47]:
+      for top in (5.0, 6.0):  # a tie, or a larger value at p
+        if p == t:
+          continue
+        row = base.copy()
+        row[t], row[p] = 5.0, top
+        rows.append(row)
+        targets.append(t)
+        want.append(top == 5.0 and p > t)
+  x, t = jnp.asarray(np.stack(rows), dtype), jnp.asarray(targets)
+  impl = XlaLogits(chunks)
+  lp, greedy = jax.jit(lambda x, t: lpk.token_logprobs_and_greedy(x, t, implementation=impl))(x, t)
+  np.testing.assert_array_equal(greedy, np.array(want))
+  want_lp, want_greedy = reference.token_logprobs_and_greedy(x, t)
+  np.testing.assert_array_equal(greedy, want_greedy)
+  assert_close(lp, want_lp, rtol=1e-6, atol=1e-6, what="log-probabilities")
 
 
 def test_greedy_flags():

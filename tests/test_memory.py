@@ -35,10 +35,9 @@ def _temperature(kind, tau):
 def _logits_loss(path, kind, softcap):
   def loss(x, tokens, mask, tau):
     temperature = _temperature(kind, tau)
-    if path == "score":
-      return lpk.score(
-        x, tokens, mask, temperature=temperature, softcap=softcap
-      ).joint_logprob.sum()
+    if path == "score":  # greedy flags too: their first-argmax pass once copied the logits
+      scores = lpk.score(x, tokens, mask, temperature=temperature, softcap=softcap)
+      return scores.joint_logprob.sum() + scores.response_greedy.sum()
     return jnp.sum(lpk.token_logprobs(x, tokens, temperature=temperature, softcap=softcap))
 
   return loss

@@ -47,33 +47,61 @@ class ChunkConfig:
       (measured with jax 0.10.2); chunks at or under it stay fast on every core.
     min_chunk: the shortest chunk worth splitting into (a divisor of V).
     sweep_block: columns per step of the loop that reduces a vocabulary with no
-      divisor in ``[min_chunk, max_chunk]`` (e.g. V = 100277): each step slices
+      chunk (a divisor in ``[min_chunk, max_chunk]`` with argmax blocks, e.g.
+      V = 100277, a prime): each step slices
       (copies) a ``[N, sweep_block]`` block and merges its partials online, so
       its temporaries are under 5% of the logits' bytes for any V past
       ``max_chunk``. On 2 cores at N = 1024, V = 100277 the forward took 73-86
       ms in float32 with 512-4096 columns (bfloat16 60-68 ms), against 320-470
       ms for whole rows, and 60-72 ms (bfloat16 51) for V = 100352 in chunks.
+    argmax_block: the widest block of columns whose maxima locate a row's first
+      argmax (the greedy flag; :meth:`argmax_block_for`): the max pass reduces
+      such blocks (as fast as whole chunks down to 32 columns) and only the
+      target's block is read again. XLA:CPU does not fuse a masked max (a
+      compare in the reduction's prologue): it materialised the select, a
+      float32 copy of the logits (4x bfloat16 logits' bytes), and ran 3-4x
+      slower than the plain max (N = 4096, V = 32000 float32: the greedy flags
+      took the forward from about 110 ms to 350-410 ms). So a chunk must have
+      such blocks: a vocabulary with none (V = 32003, 50257, 151936) is swept,
+      and only a sweep's short tail takes the masked max. 0: never (every
+      chunk takes the masked max, as the accelerators' whole rows do).
   """
 
   max_chunk: int = 32768
   min_chunk: int = 1024
   sweep_block: int = 512
+  argmax_block: int = 1024
 
   def __post_init__(self):
-    if self.max_chunk < 1 or self.min_chunk < 1 or self.sweep_block < 1:
+    sizes = (self.max_chunk, self.min_chunk, self.sweep_block, self.argmax_block + 1)
+    if min(sizes) < 1:
       raise ValueError(
         f"ChunkConfig sizes must be positive, got {self.max_chunk=}, {self.min_chunk=}, "
-        f"{self.sweep_block=}"
+        f"{self.sweep_block=}, {self.argmax_block=}"
       )
 
+  def argmax_block_for(self, chunk: int) -> int | None:
+    """The width of the blocks whose maxima locate the first argmax in a chunk:
+    its largest divisor in ``[argmax_block // 32, min(argmax_block, chunk // 2)]``,
+    or None (a masked max over the chunk)."""
+    lo, hi = max(1, self.argmax_block // 32), min(self.argmax_block, chunk // 2)
+    return next((d for d in range(hi, lo - 1, -1) if chunk % d == 0), None)
+
+  def _fits(self, chunk: int) -> bool:
+    """A chunk is reduced as such if it has argmax blocks (or is short, or blocks are off)."""
+    if self.argmax_block == 0 or chunk <= self.sweep_block:
+      return True
+    return self.argmax_block_for(chunk) is not None
+
   def chunk(self, vocab_size: int) -> int | None:
-    """The chunk width used for ``vocab_size`` (a divisor of it), or None when
-    the vocabulary is swept in ``sweep_block`` column blocks."""
+    """The chunk width used for ``vocab_size`` (a divisor of it with argmax blocks),
+    or None when the vocabulary is swept in ``sweep_block`` column blocks."""
     if vocab_size <= self.max_chunk:
-      return vocab_size
+      return vocab_size if self._fits(vocab_size) else None
     for num_chunks in range(2, vocab_size // self.min_chunk + 1):
-      if vocab_size % num_chunks == 0 and vocab_size // num_chunks <= self.max_chunk:
-        return vocab_size // num_chunks
+      chunk = vocab_size // num_chunks
+      if vocab_size % num_chunks == 0 and chunk <= self.max_chunk and self._fits(chunk):
+        return chunk
     return None
 
 
@@ -133,8 +161,40 @@ def target_y(x, targets, tau, softcap) -> jax.Array:
   return jnp.where(in_block, P.transform(gather(x, targets), tau, softcap), -jnp.inf)
 
 
-def partials(x, targets, tau, softcap, chunk: int) -> P.RowPartials:
-  """Row partials of ``x [N, V]`` (block-local ``targets``), ``chunk`` columns at a time."""
+def _before_in_blocks(x, targets, block: int) -> jax.Array:
+  """The max of each row's columns before its target ``[N]``, from one plain max
+  over ``block``-column blocks (``block`` divides V) and one re-read of the
+  target's block: the first-argmax rule's input.
+
+  XLA:CPU's fast reductions take no compare in their prologue: a masked max over
+  the whole row (the fallback in :func:`partials`) materialised its select, a
+  float32 copy of the logits, and ran 3-4x slower than the plain max; here the
+  mask only meets the blocks' maxima and one block. Only the greedy flag reads
+  it (a compiled program without flags drops this pass). A column of an earlier
+  chunk that ties the target's chunk's max decides that flag the same way
+  through the merge, so the row's columns can stand for the chunk's.
+  """
+  n, v = x.shape
+  fine = jnp.max(chunk_rows(x, block), axis=-1).reshape(n, v // block)
+  safe = _safe_ids(targets, v)
+  own = safe // block  # the target's block
+  j = lax.broadcasted_iota(jnp.int32, fine.shape, 1)
+  before = jnp.max(jnp.where(j < own[:, None], fine, -jnp.inf), axis=-1)
+  # The target's block [N, block], taken through the bit view (a bfloat16 take
+  # was upcast whole: a float32 copy of the logits). It only decides a flag.
+  cols = own[:, None] * block + lax.broadcasted_iota(jnp.int32, (n, block), 1)
+  rows = _from_bits(jnp.take_along_axis(_bits(lax.stop_gradient(x)), cols, axis=-1), x.dtype)
+  within = jnp.max(jnp.where(cols < safe[:, None], rows, -jnp.inf), axis=-1)
+  return jnp.maximum(before, within)
+
+
+def partials(x, targets, tau, softcap, chunk: int, block: int | None = None) -> P.RowPartials:
+  """Row partials of ``x [N, V]`` (block-local ``targets``), ``chunk`` columns at a time.
+
+  With ``block`` (a divisor of ``chunk``) the first argmax is located from the
+  maxima of ``block``-column blocks (:func:`_before_in_blocks`); without, by a
+  masked max over each chunk.
+  """
   n, v = x.shape
   k = v // chunk
   xc = chunk_rows(x, chunk)
@@ -144,8 +204,11 @@ def partials(x, targets, tau, softcap, chunk: int) -> P.RowPartials:
   with jax.named_scope("chunk_max"):
     # The max commutes with the monotone transform: reduce in x's own dtype.
     max_x = jnp.max(xc, axis=-1)
-    cols = lax.broadcasted_iota(jnp.int32, xc.shape, 1)
-    before_x = jnp.max(jnp.where(cols < local_t[:, None], xc, -jnp.inf), axis=-1)
+    if block is None:
+      cols = lax.broadcasted_iota(jnp.int32, xc.shape, 1)
+      before_x = jnp.max(jnp.where(cols < local_t[:, None], xc, -jnp.inf), axis=-1)
+    else:  # before_x holds only for the target's chunk, the one that reads it
+      before_x = _per_chunk(_before_in_blocks(x, targets, block), k)
     m = P.transform(max_x, tau_c, softcap)
   with jax.named_scope("chunk_sumexp"):
     y = P.transform(xc, None if tau_c is None else tau_c[:, None], softcap)
@@ -282,7 +345,9 @@ class XlaLogits:
       chunk = self.chunks.chunk(v)
 
       def reduce(x, t, tau):  # whole rows of x, or a swept slice of them
-        fn = lambda x, t, tau: partials(x, t, tau, softcap, chunk or x.shape[1])  # noqa: E731
+        width = chunk or x.shape[1]
+        block = self.chunks.argmax_block_for(width)
+        fn = lambda x, t, tau: partials(x, t, tau, softcap, width, block)  # noqa: E731
         return _in_row_blocks(fn, x, t, tau) if _needs_row_blocks(x, softcap) else fn(x, t, tau)
 
       if chunk is None:
