@@ -10,15 +10,16 @@ Two habits of XLA shape it (measured with jax 0.10.2 on XLA:CPU):
   on the CPU the vocabulary is split into ``chunk`` columns viewed as extra rows
   (``[N, V] -> [N * K, V / K]``, a free reshape of the bit view); each chunk's
   partials are merged per row by :func:`lpkernel.partials.combine`. A vocabulary
-  that no chunk width divides is swept in column blocks instead (each a sliced
-  copy, merged online). Elsewhere whole rows are reduced (the accelerator
+  that no chunk width (with argmax blocks) divides is swept in column blocks
+  instead (each a sliced copy, merged online). Elsewhere whole rows are reduced (the accelerator
   branch, tested on the CPU too).
 
-Each chunk costs two fused reductions: a max (with, in the same loop, the max
-of the columns before the target, for the first-argmax greedy rule) in the
-logits' own dtype, then one ``exp`` per element. A one-pass variadic online
-reduction was 2-20x slower on XLA:CPU and 1.45x slower than two passes on an
-H200.
+Each chunk costs two fused reductions: a max in the logits' own dtype, then one
+``exp`` per element. The greedy flag's first-argmax rule adds, on the CPU, a
+plain max over small column blocks and a re-read of the target's block (a
+masked max over the row, the accelerators' way, is not fused by XLA:CPU). A
+one-pass variadic online reduction was 2-20x slower on XLA:CPU and 1.45x slower
+than two passes on an H200.
 """
 
 from __future__ import annotations
