@@ -155,6 +155,24 @@ def block_grad(z, y, cols, targets, tau_col, softcap, f: P.Finished, g, dtype):
   return P.grad_x(dy, z, tau_col, softcap).astype(dtype), dtau
 
 
+def chunk_grad(z, lo, width, targets, tau_col, softcap, dtype, stats):
+  """``chunked_grads``' ``row_grads`` for tokens ``[lo, lo + width)`` whose whole
+  float32 logits are ``z [width, V]``: (d z, d tau or None, out).
+
+  ``stats(y, cols, t, rows) -> (f, g, out)`` gives the chunk's finished statistics
+  and cotangents (``rows(a)`` slices an ``[N, ...]`` array to the chunk's rows).
+  """
+
+  def rows(a):
+    return None if a is None else lax.dynamic_slice_in_dim(a, lo, width)
+
+  t, tc = rows(targets), rows(tau_col)
+  y = P.transform(z, tc, softcap)
+  cols = lax.broadcasted_iota(jnp.int32, (1, z.shape[1]), 1)
+  f, g, out = stats(y, cols, t, rows)
+  return (*block_grad(z, y, cols, t, tc, softcap, f, g, dtype), out)
+
+
 def grad_unembed(h, dz, vocab_axis: int, precision, h_t=None) -> jax.Array:
   """``h^T dz`` float32 in the matrix's layout: ``[D, W]``, or ``[W, D]`` for a ``[V, D]``
   table.
@@ -302,14 +320,10 @@ class XlaFused:
     v = w.shape[vocab_axis]
 
     def row_grads(z, lo, width):
-      def rows(a):
-        return None if a is None else lax.dynamic_slice_in_dim(a, lo, width)
+      def stats(y, cols, t, rows):  # the saved statistics and cotangents, this chunk's rows
+        return jax.tree.map(rows, f), tuple(rows(c) for c in g), None
 
-      t, tc = rows(targets), rows(tau_col)
-      cols = lax.broadcasted_iota(jnp.int32, (1, v), 1)
-      fc, gc = jax.tree.map(rows, f), tuple(rows(c) for c in g)
-      y = P.transform(z, tc, softcap)
-      return (*block_grad(z, y, cols, t, tc, softcap, fc, gc, h.dtype), None)
+      return chunk_grad(z, lo, width, targets, tau_col, softcap, h.dtype, stats)
 
     size = self.config.loss_chunk(h.shape[0], v)
     with jax.named_scope("fused_chunks_backward"):
@@ -335,12 +349,10 @@ class XlaFused:
     v = w.shape[vocab_axis]
 
     def row_grads(z, lo, width):
-      tc = None if tau is None else lax.dynamic_slice_in_dim(tau_col, lo, width)
-      t = lax.dynamic_slice_in_dim(rows.targets, lo, width)
-      y = P.transform(z, tc, softcap)
-      cols = lax.broadcasted_iota(jnp.int32, (1, v), 1)
-      f, g, out = rows.cotangents(P.block_partials(y, cols, t, with_entropy=False), lo, width)
-      return (*block_grad(z, y, cols, t, tc, softcap, f, g, h.dtype), out)
+      def stats(y, cols, t, _):  # the chunk's statistics, then the loss's cotangents
+        return rows.cotangents(P.block_partials(y, cols, t, with_entropy=False), lo, width)
+
+      return chunk_grad(z, lo, width, rows.targets, tau_col, softcap, h.dtype, stats)
 
     size = self.config.loss_chunk(h.shape[0], v)
     with jax.named_scope("fused_loss_chunks"):

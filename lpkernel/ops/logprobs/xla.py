@@ -11,8 +11,8 @@ Two habits of XLA shape it (measured with jax 0.10.2 on XLA:CPU):
   (``[N, V] -> [N * K, V / K]``, a free reshape of the bit view); each chunk's
   partials are merged per row by :func:`lpkernel.partials.combine`. A vocabulary
   that no chunk width (with argmax blocks) divides is swept in column blocks
-  instead (each a sliced copy, merged online). Elsewhere whole rows are reduced (the accelerator
-  branch, tested on the CPU too).
+  instead (each a sliced copy, merged online). Elsewhere whole rows are reduced
+  (the accelerator branch, tested on the CPU too).
 
 Each chunk costs two fused reductions: a max in the logits' own dtype, then one
 ``exp`` per element. The greedy flag's first-argmax rule adds, on the CPU, a
@@ -49,12 +49,12 @@ class ChunkConfig:
     min_chunk: the shortest chunk worth splitting into (a divisor of V).
     sweep_block: columns per step of the loop that reduces a vocabulary with no
       chunk (a divisor in ``[min_chunk, max_chunk]`` with argmax blocks, e.g.
-      V = 100277, a prime): each step slices
-      (copies) a ``[N, sweep_block]`` block and merges its partials online, so
-      its temporaries are under 5% of the logits' bytes for any V past
-      ``max_chunk``. On 2 cores at N = 1024, V = 100277 the forward took 73-86
-      ms in float32 with 512-4096 columns (bfloat16 60-68 ms), against 320-470
-      ms for whole rows, and 60-72 ms (bfloat16 51) for V = 100352 in chunks.
+      V = 100277, a prime): each step slices (copies) a ``[N, sweep_block]``
+      block and merges its partials online, so its temporaries are under 5% of
+      the logits' bytes for any V past ``max_chunk``. On 2 cores at N = 1024,
+      V = 100277 the forward took 73-86 ms in float32 with 512-4096 columns
+      (bfloat16 60-68 ms), against 320-470 ms for whole rows, and 60-72 ms
+      (bfloat16 51) for V = 100352 in chunks.
     argmax_block: the widest block of columns whose maxima locate a row's first
       argmax (the greedy flag; :meth:`argmax_block_for`): the max pass reduces
       such blocks (as fast as whole chunks down to 32 columns) and only the
