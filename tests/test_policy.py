@@ -32,7 +32,12 @@ IMPLS = pytest.mark.parametrize(
   "impl", list(LOGITS_IMPLEMENTATIONS.values()), ids=list(LOGITS_IMPLEMENTATIONS)
 )
 FUSED_SMALL = FUSED_IMPLEMENTATIONS["xla"]
-ALL_FUSED = [*FUSED_IMPLEMENTATIONS.values(), lpk.XlaFused()]
+# The default XLA sweep, and its opt-in per-token backward in token chunks of 2.
+ALL_FUSED = [
+  *FUSED_IMPLEMENTATIONS.values(),
+  lpk.XlaFused(),
+  lpk.XlaFused(lpk.FusedConfig(grad_chunks=True, loss_chunk_tokens=2)),
+]
 # The training loss's one-kernel paths (GPU, interpreted; TPU, its interpreter).
 _LOSS_KERNELS = [
   lpk.PallasGpuLogits(block_rows=2, block_v=8, splits=1, loss_kernel=True, interpret=True),
