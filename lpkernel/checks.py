@@ -200,6 +200,18 @@ def _constant_weights_jvp(primals, tangents):
 constant_weights.defjvp(_constant_weights_jvp, symbolic_zeros=True)
 
 
+@jax.custom_jvp
+def poison(x: jax.Array, bad: jax.Array) -> jax.Array:
+  """``x`` with NaN where ``bad``, and a NaN derivative there too (not a zero one)."""
+  return jnp.where(bad, jnp.nan, x)
+
+
+@poison.defjvp
+def _poison_jvp(primals, tangents):
+  x, bad = primals
+  return poison(x, bad), tangents[0] * jnp.where(bad, jnp.nan, 1.0)
+
+
 def check_z_loss(z_loss) -> None:
   if not isinstance(z_loss, (int, float, np.integer, np.floating)) or not (
     np.isfinite(z_loss) and z_loss >= 0

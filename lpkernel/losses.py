@@ -1,9 +1,10 @@
 """Training losses on sequence log-probabilities: pure functions of arrays, optax-ready.
 
 Every preference loss takes its sequences the same way: a :class:`~lpkernel.Scores`
-(its ``response_logprob`` and ``response_tokens``), or a pair ``(logps,
-token_counts)`` of ``[B]`` arrays, or a bare ``[B]`` array of summed
-log-probabilities where no length normalisation is asked for. Losses are
+(its ``response_logprob`` and ``response_tokens``), a :class:`Sequences`
+``(logps, tokens)`` of ``[B]`` arrays, or a bare ``[B]`` array of summed
+log-probabilities where no length normalisation is asked for; a plain tuple is
+refused (it could be either). Shapes are checked and named. Losses are
 scalars to *minimise*; the metrics dict uses TRL's keys (``rewards/chosen``,
 ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``,
 ``logps/chosen``, ``logps/rejected``), means over the batch.
@@ -24,32 +25,76 @@ DpoLossType = Literal["sigmoid", "hinge", "robust"]
 
 
 class Sequences(NamedTuple):
-  """Per-sequence response log-probabilities (summed) and token counts, ``[B]`` each."""
+  """Per-sequence response log-probabilities (summed) and token counts, ``[B]`` each.
+
+  The typed pair the preference losses read; a bare tuple is refused (a
+  ``(logps, tokens)`` pair and two log-probabilities look alike).
+  """
 
   logps: jax.Array
-  tokens: jax.Array | None
+  tokens: jax.Array | None = None
 
-  def mean_logps(self) -> jax.Array:
-    """``logps / tokens``: the length-averaged log-probability (TRL's IPO and SimPO)."""
+  def mean_logps(self, name: str = "sequences") -> jax.Array:
+    """``logps / tokens``: the length-averaged log-probability (TRL's IPO and SimPO).
+
+    An empty response (0 tokens) has no average: NaN (and a NaN gradient).
+    """
     if self.tokens is None:
       raise ValueError(
-        "length-averaged log-probabilities need token counts: pass Scores or (logps, tokens)"
+        f"{name}: length-averaged log-probabilities need token counts: pass Scores or "
+        "lpkernel.losses.Sequences(logps, tokens)"
       )
-    return self.logps / jnp.maximum(self.tokens, 1)
+    empty = self.tokens <= 0
+    return checks.poison(self.logps / jnp.where(empty, 1, self.tokens), empty)
 
 
-SequenceLike = Scores | Sequences | tuple | jax.Array
+SequenceLike = Scores | Sequences | jax.Array
 
 
-def as_sequences(x: SequenceLike) -> Sequences:
-  """``Scores`` | ``(logps, tokens)`` | ``logps`` -> :class:`Sequences`."""
+def as_sequences(x: SequenceLike, name: str = "sequences") -> Sequences:
+  """``Scores`` | ``Sequences(logps, tokens)`` | ``logps`` array -> :class:`Sequences`.
+
+  Raises:
+    TypeError: for anything else (a tuple or list of numbers is ambiguous: a
+      ``(logps, tokens)`` pair or two log-probabilities).
+  """
   if isinstance(x, Scores):
     return Sequences(x.response_logprob, x.response_tokens)
   if isinstance(x, Sequences):
-    return x
-  if isinstance(x, tuple) and len(x) == 2:
-    return Sequences(jnp.asarray(x[0]), jnp.asarray(x[1]))
+    tokens = None if x.tokens is None else jnp.asarray(x.tokens)
+    return Sequences(jnp.asarray(x.logps), tokens)
+  if isinstance(x, (tuple, list)) or not (hasattr(x, "shape") and hasattr(x, "dtype")):
+    raise TypeError(
+      f"{name} must be Scores, lpkernel.losses.Sequences(logps, tokens) or an array of "
+      f"summed log-probabilities [B], got {type(x).__name__}"
+    )
   return Sequences(jnp.asarray(x), None)
+
+
+def _pairs(**named: SequenceLike) -> list[Sequences]:
+  """The named inputs as :class:`Sequences`, checked: float ``[B]`` log-probabilities,
+  one ``B`` for all, token counts (where given) of the same shape."""
+  seqs = {name: as_sequences(x, name) for name, x in named.items()}
+  first, ref = next(iter(seqs.items()))
+  for name, s in seqs.items():
+    if not jnp.issubdtype(s.logps.dtype, jnp.floating):
+      raise TypeError(f"{name} log-probabilities must be floats, got {s.logps.dtype}")
+    if s.logps.ndim != 1:
+      raise ValueError(
+        f"{name} log-probabilities must be [B] (one per sequence), got shape {s.logps.shape}"
+      )
+    if s.logps.shape != ref.logps.shape:
+      raise ValueError(
+        f"{name} has B={s.logps.shape[0]} but {first} has B={ref.logps.shape[0]}"
+      )
+    if s.tokens is not None:
+      if s.tokens.shape != s.logps.shape:
+        raise ValueError(
+          f"{name} token counts have shape {s.tokens.shape}, its log-probabilities {s.logps.shape}"
+        )
+      if s.tokens.dtype == jnp.bool_ or not jnp.issubdtype(s.tokens.dtype, jnp.number):
+        raise TypeError(f"{name} token counts must be numbers, got {s.tokens.dtype}")
+  return list(seqs.values())
 
 
 def sft_loss(
@@ -205,13 +250,16 @@ def _sft_weights(tokens, response_mask, segment_ids, num_segments, normalise, re
 
 
 def _metrics(loss, chosen_reward, rejected_reward, chosen_logps, rejected_logps):
+  """TRL's metric keys, means over the batch; a pair holding NaN is NaN in every
+  metric (``rewards/accuracies`` included), never counted as a win or a loss."""
   margin = chosen_reward - rejected_reward
+  win = jnp.where(jnp.isnan(margin), jnp.nan, (margin > 0).astype(jnp.float32))
   return {
     "loss": jnp.mean(loss),
     "rewards/chosen": jnp.mean(chosen_reward),
     "rewards/rejected": jnp.mean(rejected_reward),
     "rewards/margins": jnp.mean(margin),
-    "rewards/accuracies": jnp.mean((chosen_reward > rejected_reward).astype(jnp.float32)),
+    "rewards/accuracies": jnp.mean(win),
     "logps/chosen": jnp.mean(chosen_logps),
     "logps/rejected": jnp.mean(rejected_logps),
   }
@@ -245,17 +293,26 @@ def dpo_loss(
 
   Args:
     policy_chosen, policy_rejected, reference_chosen, reference_rejected:
-      ``Scores``, ``(logps, tokens)`` or ``[B]`` summed log-probabilities.
+      ``Scores``, ``Sequences(logps, tokens)`` or ``[B]`` summed log-probabilities.
     beta: inverse temperature of the implicit reward ``beta * (pi - rho)``.
     label_smoothing: the probability that a preference label is flipped.
     loss_type: ``"sigmoid"``, ``"robust"`` or ``"hinge"``.
 
   Returns:
     (mean loss, metrics with TRL's keys).
+
+  Raises:
+    TypeError / ValueError: an input that is not ``Scores``, ``Sequences`` or a
+      float ``[B]`` array, or whose ``B`` differs from ``policy_chosen``'s.
   """
   pc, pr, rc, rr = (
-    as_sequences(x).logps
-    for x in (policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    s.logps
+    for s in _pairs(
+      policy_chosen=policy_chosen,
+      policy_rejected=policy_rejected,
+      reference_chosen=reference_chosen,
+      reference_rejected=reference_rejected,
+    )
   )
   chosen, rejected = beta * (pc - rc), beta * (pr - rr)
   h = chosen - rejected
@@ -286,21 +343,41 @@ def ipo_loss(
   r"""IPO (Azar et al. 2023): :math:`(h - 1 / (2\beta))^2`, ``h`` the log-ratio margin.
 
   Args:
+    policy_chosen, policy_rejected, reference_chosen, reference_rejected: as
+      for :func:`dpo_loss`; with ``average_log_probs`` the policy's need token
+      counts (``Scores`` or ``Sequences``), and a reference without its own is
+      averaged over the policy's (TRL divides both by the completion length).
     average_log_probs: True (TRL's default) uses each sequence's log-probability
-      divided by its token count in ``h``; False uses the summed
-      log-probabilities of the paper. Token counts come from ``Scores`` or
-      ``(logps, tokens)`` pairs.
+      divided by its token count in ``h`` (NaN for an empty response); False
+      uses the summed log-probabilities of the paper.
 
   Returns:
-    (mean loss, metrics with TRL's keys; rewards are ``beta`` times the log-ratios).
+    (mean loss, metrics). The TRL keys carry TRL's DPOTrainer numbers whatever
+    the averaging: ``rewards/*`` are ``beta`` times the *summed* log-ratios and
+    ``logps/*`` the summed policy log-probabilities; with ``average_log_probs``
+    the averaged log-ratios the loss used are under ``logratios_mean/chosen``
+    and ``logratios_mean/rejected``.
   """
-  seqs = [
-    as_sequences(x) for x in (policy_chosen, policy_rejected, reference_chosen, reference_rejected)
-  ]
-  pc, pr, rc, rr = (s.mean_logps() if average_log_probs else s.logps for s in seqs)
-  chosen, rejected = pc - rc, pr - rr
+  pc, pr, rc, rr = _pairs(
+    policy_chosen=policy_chosen,
+    policy_rejected=policy_rejected,
+    reference_chosen=reference_chosen,
+    reference_rejected=reference_rejected,
+  )
+  chosen_sum, rejected_sum = pc.logps - rc.logps, pr.logps - rr.logps
+  if average_log_probs:
+    rc = rc if rc.tokens is not None else rc._replace(tokens=pc.tokens)
+    rr = rr if rr.tokens is not None else rr._replace(tokens=pr.tokens)
+    chosen = pc.mean_logps("policy_chosen") - rc.mean_logps("reference_chosen")
+    rejected = pr.mean_logps("policy_rejected") - rr.mean_logps("reference_rejected")
+  else:
+    chosen, rejected = chosen_sum, rejected_sum
   loss = jnp.square(chosen - rejected - 1.0 / (2.0 * beta))
-  return jnp.mean(loss), _metrics(loss, beta * chosen, beta * rejected, pc, pr)
+  metrics = _metrics(loss, beta * chosen_sum, beta * rejected_sum, pc.logps, pr.logps)
+  if average_log_probs:
+    metrics["logratios_mean/chosen"] = jnp.mean(chosen)
+    metrics["logratios_mean/rejected"] = jnp.mean(rejected)
+  return jnp.mean(loss), metrics
 
 
 def simpo_loss(
@@ -318,14 +395,16 @@ def simpo_loss(
      \bar\pi = \log \Pr(y|x) / |y|
 
   Args:
-    chosen, rejected: ``Scores`` or ``(logps, tokens)`` (token counts are needed).
+    chosen, rejected: ``Scores`` or ``Sequences(logps, tokens)`` (token counts
+      are needed; an empty response has no average: NaN).
     label_smoothing: :math:`\epsilon`, as TRL's CPO trainer.
 
   Returns:
     (mean loss, metrics with TRL's keys; rewards are ``beta`` times the averages).
   """
   _check_smoothing(label_smoothing, 1.0)
-  c_avg, r_avg = as_sequences(chosen).mean_logps(), as_sequences(rejected).mean_logps()
+  c, r = _pairs(chosen=chosen, rejected=rejected)
+  c_avg, r_avg = c.mean_logps("chosen"), r.mean_logps("rejected")
   c, r = beta * c_avg, beta * r_avg
   u = c - r - gamma
   loss = -(1 - label_smoothing) * jax.nn.log_sigmoid(u) - label_smoothing * jax.nn.log_sigmoid(-u)

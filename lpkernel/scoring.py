@@ -88,18 +88,6 @@ def row_layout(tokens, response_mask, segment_ids=None, num_segments=None) -> Ro
   )
 
 
-@jax.custom_jvp
-def _poison(x: jax.Array, bad: jax.Array) -> jax.Array:
-  """``x`` with NaN where ``bad``, and a NaN derivative there too (not a zero one)."""
-  return jnp.where(bad, jnp.nan, x)
-
-
-@_poison.defjvp
-def _poison_jvp(primals, tangents):
-  x, bad = primals
-  return _poison(x, bad), tangents[0] * jnp.where(bad, jnp.nan, 1.0)
-
-
 def group_sum(values, groups, num_segments, dtype):
   """Sums ``values[B, T]`` (already zero where unscored) per row or per segment."""
   if num_segments is None:
@@ -127,7 +115,7 @@ def sum_scores(row_logprobs, row_greedy, layout: RowLayout, num_segments=None) -
     jnp.where(in_response, row_logprobs, 0.0), layout.segment, num_segments, _F32
   )
   bad_row = ~layout.row_ok if num_segments is None else ~layout.row_ok[:, None]
-  prompt, response = _poison(prompt, bad_row), _poison(response, bad_row)
+  prompt, response = checks.poison(prompt, bad_row), checks.poison(response, bad_row)
   not_greedy = group_sum(in_response & ~row_greedy, layout.segment, num_segments, jnp.int32)
   # Position t + 1 holds the log-probability of token t + 1.
   token_lp = jnp.where(layout.scored, row_logprobs, 0.0)
@@ -139,7 +127,7 @@ def sum_scores(row_logprobs, row_greedy, layout: RowLayout, num_segments=None) -
     prompt_tokens=group_sum(in_prompt, layout.segment, num_segments, jnp.int32),
     response_tokens=group_sum(in_response, layout.segment, num_segments, jnp.int32),
     response_greedy=(not_greedy == 0) & ~bad_row,
-    token_logprobs=_poison(token_lp, ~layout.row_ok[:, None]),
+    token_logprobs=checks.poison(token_lp, ~layout.row_ok[:, None]),
   )
 
 

@@ -85,11 +85,12 @@ def test_dpo_family_matches_the_papers_values_and_gradients(loss_type, eps):
 def test_every_loss_takes_scores_pairs_or_arrays_alike():
   sc, sr = _scores(PC, N_C), _scores(PR, N_R)
   a, _ = losses.dpo_loss(sc, sr, _scores(RC, N_C), _scores(RR, N_R))
-  b, _ = losses.dpo_loss((PC, N_C), (PR, N_R), (RC, N_C), (RR, N_R))
+  seq = losses.Sequences
+  b, _ = losses.dpo_loss(seq(PC, N_C), seq(PR, N_R), seq(RC, N_C), seq(RR, N_R))
   c, _ = losses.dpo_loss(PC, PR, RC, RR)
   np.testing.assert_allclose([a, b], c)
   a, _ = losses.simpo_loss(sc, sr)
-  b, _ = losses.simpo_loss((PC, N_C), (PR, N_R))
+  b, _ = losses.simpo_loss(seq(PC, N_C), seq(PR, N_R))
   np.testing.assert_allclose(a, b)
   with pytest.raises(ValueError, match="token counts"):
     losses.simpo_loss(PC, PR)
@@ -103,15 +104,74 @@ def test_ipo_length_averaged_like_trl_or_summed_like_the_paper(average):
   want = (h - 1 / (2 * beta)) ** 2
 
   def f(pc):
+    seq = losses.Sequences
     return losses.ipo_loss(
-      (pc, N_C), (PR, N_R), (RC, N_C), (RR, N_R), beta=beta, average_log_probs=average
+      seq(pc, N_C), seq(PR, N_R), seq(RC, N_C), seq(RR, N_R), beta=beta, average_log_probs=average
     )
 
   (loss, m), g = jax.value_and_grad(f, has_aux=True)(PC)
   np.testing.assert_allclose(loss, want.mean(), rtol=1e-6)
   dpc = 2 * (h - 1 / (2 * beta)) / (np.asarray(N_C) if average else 1.0) / 2
   np.testing.assert_allclose(g, dpc, rtol=1e-5)
-  np.testing.assert_allclose(m["rewards/margins"], beta * np.mean(h), rtol=1e-6)
+  # TRL's DPOTrainer logs beta x the *summed* log-ratios and the summed log-probs
+  # under its keys whatever the averaging (trl 1.16 dpo_trainer.compute_loss).
+  c_sum, r_sum = np.asarray(PC - RC), np.asarray(PR - RR)
+  np.testing.assert_allclose(m["rewards/chosen"], beta * c_sum.mean(), rtol=1e-6)
+  np.testing.assert_allclose(m["rewards/margins"], beta * np.mean(c_sum - r_sum), rtol=1e-6)
+  np.testing.assert_allclose(m["rewards/accuracies"], np.mean(c_sum > r_sum))
+  np.testing.assert_allclose(m["logps/chosen"], np.mean(np.asarray(PC)), rtol=1e-6)
+  if average:
+    np.testing.assert_allclose(
+      m["logratios_mean/chosen"], np.mean(norm(PC, N_C) - norm(RC, N_C)), rtol=1e-6
+    )
+  else:
+    assert "logratios_mean/chosen" not in m
+
+
+def test_ipo_metrics_are_trls_where_averaging_flips_the_margin():
+  # Summed log-ratio margin +2.0, averaged margin -0.9: TRL logs the sums.
+  pc, rc = losses.Sequences(jnp.array([-10.0]), jnp.array([10])), jnp.array([-13.0])
+  pr, rr = losses.Sequences(jnp.array([-2.0]), jnp.array([1])), jnp.array([-3.0])
+  _, m = losses.ipo_loss(pc, pr, rc, rr, beta=0.5)
+  np.testing.assert_allclose(m["rewards/margins"], 0.5 * (3.0 - 1.0))
+  np.testing.assert_allclose(m["rewards/accuracies"], 1.0)
+  np.testing.assert_allclose(m["logratios_mean/chosen"] - m["logratios_mean/rejected"], -0.7)
+
+
+def test_a_bare_tuple_is_refused_not_guessed():
+  # Two per-sequence log-probabilities as a tuple look like (logps, tokens).
+  with pytest.raises(TypeError, match="Sequences"):
+    losses.dpo_loss((-3.0, -4.0), (-5.0, -6.0), (-3.5, -4.0), (-4.0, -6.5), beta=0.5)
+  with pytest.raises(TypeError, match="policy_rejected"):
+    losses.dpo_loss(PC, [-5.0, -6.0], RC, RR)
+  with pytest.raises(TypeError, match="chosen"):
+    losses.simpo_loss((PC, N_C), losses.Sequences(PR, N_R))
+
+
+def test_loss_inputs_are_checked_and_named():
+  with pytest.raises(ValueError, match="reference_chosen.*shape"):
+    losses.dpo_loss(PC, PR, RC[:, None], RR[:, None])
+  with pytest.raises(ValueError, match="policy_rejected has B=1 but policy_chosen has B=2"):
+    losses.dpo_loss(PC, PR[:1], RC, RR)
+  with pytest.raises(ValueError, match="reference_rejected token counts"):
+    losses.ipo_loss(
+      losses.Sequences(PC, N_C), losses.Sequences(PR, N_R), losses.Sequences(RC, N_C),
+      losses.Sequences(RR, N_R[:, None]),
+    )
+  with pytest.raises(TypeError, match="floats"):
+    losses.dpo_loss(jnp.array([1, 2]), PR, RC, RR)
+
+
+def test_an_empty_response_has_no_average_and_nan_is_never_a_win():
+  chosen = losses.Sequences(jnp.array([0.0, -5.0]), jnp.array([0, 5]))
+  rejected = losses.Sequences(jnp.array([-4.0, -9.0]), jnp.array([2, 3]))
+  loss, m = losses.simpo_loss(chosen, rejected)
+  assert np.isnan(loss) and np.isnan(m["rewards/accuracies"])
+  g = jax.grad(lambda lp: losses.simpo_loss(chosen._replace(logps=lp), rejected)[0])(chosen.logps)
+  assert np.isnan(g[0])
+  # A NaN log-probability makes its pair's metrics NaN (not a win, not a loss).
+  _, m = losses.dpo_loss(jnp.array([jnp.nan, -1.0]), PR, RC, RR)
+  assert np.isnan(m["rewards/accuracies"])
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.2])
@@ -122,7 +182,8 @@ def test_simpo_matches_the_paper_with_label_smoothing(eps):
   want = -(1 - eps) * _log_sig(u) - eps * _log_sig(-u)
 
   def f(pc):
-    return losses.simpo_loss((pc, N_C), (PR, N_R), beta=beta, gamma=gamma, label_smoothing=eps)
+    chosen, rejected = losses.Sequences(pc, N_C), losses.Sequences(PR, N_R)
+    return losses.simpo_loss(chosen, rejected, beta=beta, gamma=gamma, label_smoothing=eps)
 
   (loss, m), g = jax.value_and_grad(f, has_aux=True)(PC)
   np.testing.assert_allclose(loss, want.mean(), rtol=1e-6)
@@ -202,10 +263,13 @@ def test_sft_losses_from_hidden_and_logits_are_sft_loss_plus_z_loss(normalise, n
       )
 
     e, ge = jax.jit(jax.value_and_grad(plain))(hidden)
+    # d hidden sums (p - onehot) * unembed over V columns in another order: its
+    # float32 rounding is a few ulps of the largest term, whatever the machine.
+    grad_atol = 8 * np.finfo(np.float32).eps * float(jnp.max(jnp.abs(unembed)))
     for f in (fused, from_logits):
       a, ga = jax.jit(jax.value_and_grad(f))(hidden)
       np.testing.assert_allclose(a, e, rtol=1e-6)
-      np.testing.assert_allclose(ga, ge, rtol=1e-5, atol=1e-7)
+      np.testing.assert_allclose(ga, ge, rtol=1e-5, atol=grad_atol)
   if normalise != "tokens":
     return
   bad = seg.at[1, 4].set(-1)  # invalid segment ids poison the loss where tokens count
