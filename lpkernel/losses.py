@@ -84,9 +84,7 @@ def _pairs(**named: SequenceLike) -> list[Sequences]:
         f"{name} log-probabilities must be [B] (one per sequence), got shape {s.logps.shape}"
       )
     if s.logps.shape != ref.logps.shape:
-      raise ValueError(
-        f"{name} has B={s.logps.shape[0]} but {first} has B={ref.logps.shape[0]}"
-      )
+      raise ValueError(f"{name} has B={s.logps.shape[0]} but {first} has B={ref.logps.shape[0]}")
     if s.tokens is not None:
       if s.tokens.shape != s.logps.shape:
         raise ValueError(

@@ -9,10 +9,13 @@ for speed.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
-from lpkernel.checks import contiguous_segments
+from lpkernel.checks import contiguous_segments, poison
 
 _F32 = jnp.float32
 
@@ -43,6 +46,33 @@ def _log_softmax_parts(y):
   return shift, jnp.log(jnp.sum(jnp.exp(y - shift[..., None]), axis=-1))
 
 
+def _dead_rows_get_no_gradient(rows: Callable, x: jax.Array, tau: jax.Array):
+  """``rows(x, tau)``: a tuple of float32 ``[...]`` results of logits rows ``x [..., V]``,
+  differentiated by autodiff, except that a row none of whose results receives
+  a cotangent gets exactly zero derivatives, whatever it holds.
+
+  The policy's rule for masked positions (their NaN or ``inf`` never reaches a
+  gradient); autodiff alone would multiply the zero cotangent by the row's NaN
+  softmax.
+  """
+
+  @jax.custom_vjp
+  def guarded(x, tau):
+    return rows(x, tau)
+
+  def fwd(x, tau):
+    return rows(x, tau), (x, tau)
+
+  def bwd(residuals, cotangents):
+    x, tau = residuals
+    dx, dtau = jax.vjp(rows, x, tau)[1](cotangents)
+    live = functools.reduce(jnp.logical_or, [c != 0 for c in cotangents])
+    return jnp.where(live[..., None], dx, 0.0), jnp.where(live, dtau, 0.0)
+
+  guarded.defvjp(fwd, bwd)
+  return guarded(x, tau)
+
+
 def token_logprobs_and_greedy(
   logits: jax.Array,
   targets: jax.Array,
@@ -56,18 +86,27 @@ def token_logprobs_and_greedy(
   (``-inf``) target gives ``-inf`` (also in a row of ``-inf``, whose softmax
   has no mass), a row holding ``+inf`` gives ``-inf`` at its finite targets
   and NaN at its ``+inf`` ones, NaN anywhere in a row gives NaN; ids outside
-  ``[0, V)`` and temperatures that are not finite and positive give NaN. An
-  impossible target is never greedy.
+  ``[0, V)`` and temperatures that are not finite and positive give NaN, with
+  a NaN gradient. An impossible target is never greedy. A row whose value
+  receives no cotangent (a masked position) gets a zero gradient.
   """
-  y, bad_tau = _transformed(logits, temperature, softcap)
-  shift, log_s = _log_softmax_parts(y)
   v = logits.shape[-1]
+  tau = jnp.broadcast_to(jnp.asarray(temperature, _F32), targets.shape)
+
+  def logprobs(x, tau):
+    y, bad_tau = _transformed(x, tau, softcap)
+    shift, log_s = _log_softmax_parts(y)
+    in_range = (targets >= 0) & (targets < v) & ~bad_tau
+    safe = jnp.where(in_range, targets, 0)[..., None]
+    target_y = jnp.take_along_axis(y, safe, axis=-1)[..., 0]
+    # A row with no mass adds nothing to its -inf target (-inf - -inf would be NaN).
+    lp = (target_y - shift) - jnp.where(log_s == -jnp.inf, 0.0, log_s)
+    return (poison(lp, ~in_range),)
+
+  (lp,) = _dead_rows_get_no_gradient(logprobs, logits, tau)
+  y, bad_tau = _transformed(logits, tau, softcap)
   in_range = (targets >= 0) & (targets < v) & ~bad_tau
-  safe = jnp.where(in_range, targets, 0)[..., None]
-  target_y = jnp.take_along_axis(y, safe, axis=-1)[..., 0]
-  # A row with no mass adds nothing to its -inf target (-inf - -inf would be NaN).
-  lp = (target_y - shift) - jnp.where(log_s == -jnp.inf, 0.0, log_s)
-  lp = jnp.where(in_range, lp, jnp.nan)
+  target_y = jnp.take_along_axis(y, jnp.where(in_range, targets, 0)[..., None], axis=-1)[..., 0]
   greedy = in_range & (jnp.argmax(y, axis=-1) == targets) & (target_y > -jnp.inf)
   return lp, greedy & ~jnp.isnan(lp)
 
@@ -98,16 +137,20 @@ def logits_stats(logits, targets, tau=None, softcap=None):
   """``TokenStats`` (log-prob, log-sum-exp, entropy, greedy) of logits rows ``[..., V]``."""
   from lpkernel.fused import TokenStats
 
-  temperature = 1.0 if tau is None else tau
+  temperature = jnp.broadcast_to(jnp.asarray(1.0 if tau is None else tau, _F32), targets.shape)
   lp, greedy = token_logprobs_and_greedy(logits, targets, temperature=temperature, softcap=softcap)
-  y, bad_tau = _transformed(logits, temperature, softcap)
-  shift, log_s = _log_softmax_parts(y)
-  log_p = (y - shift[..., None]) - jnp.where(log_s == -jnp.inf, 0.0, log_s)[..., None]
-  p = jnp.exp(log_p)
-  # 0 * log 0 is 0, in the value and in the derivative.
-  entropy = -jnp.sum(p * jnp.where(p > 0, log_p, 0.0), axis=-1)
-  poison = lambda x: jnp.where(bad_tau, jnp.nan, x)  # noqa: E731
-  return TokenStats(logprobs=lp, lse=poison(shift + log_s), entropy=poison(entropy), greedy=greedy)
+
+  def lse_and_entropy(x, tau):
+    y, bad_tau = _transformed(x, tau, softcap)
+    shift, log_s = _log_softmax_parts(y)
+    log_p = (y - shift[..., None]) - jnp.where(log_s == -jnp.inf, 0.0, log_s)[..., None]
+    p = jnp.exp(log_p)
+    # 0 * log 0 is 0, in the value and in the derivative.
+    entropy = -jnp.sum(p * jnp.where(p > 0, log_p, 0.0), axis=-1)
+    return poison(shift + log_s, bad_tau), poison(entropy, bad_tau)
+
+  lse, entropy = _dead_rows_get_no_gradient(lse_and_entropy, logits, temperature)
+  return TokenStats(logprobs=lp, lse=lse, entropy=entropy, greedy=greedy)
 
 
 def nll_loss(stats, weights: jax.Array, z_loss: float = 0.0) -> jax.Array:

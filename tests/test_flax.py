@@ -93,13 +93,35 @@ def test_linen_adapter_logits_and_fused(tied):
   fused_path = jax.jit(lambda v: score_linen(module, v, tokens, response, spec=spec, fused=True))
   _close(logits_path(variables), by_hand)
   _close(fused_path(variables), by_hand)
-  # Declared, not guessed: no packing keywords declared, so packed rows are refused,
-  # and fused=True without the hidden-state keyword is refused.
-  seg = jnp.ones((2, 7), jnp.int32)
-  with pytest.raises(ValueError, match="cannot receive packed rows"):
+  # Declared, not guessed: no packing keywords declared, so packed rows are refused
+  # (naming what the spec lacks), and fused=True without the hidden-state keyword is refused.
+  seg = jnp.array([[1, 1, 1, 2, 2, 2, 2], [1] * 7])
+  with pytest.raises(
+    ValueError, match="row 0 .* several sequences.* no positions= and segment_ids="
+  ):
     score_linen(module.apply, variables, tokens, response, spec=spec, segment_ids=seg)
   with pytest.raises(ValueError, match="ModelSpec\\(hidden=...\\)"):
     score_linen(module.apply, variables, tokens, response, fused=True)
+
+
+def test_right_padding_is_not_packing():
+  """One sequence per row then padding (an HF attention mask) needs nothing from a
+  causal model; rows it would misread are refused eagerly and NaN under jit."""
+  module = LinenLM(tied=True)
+  tokens = jax.random.randint(jax.random.key(1), (3, 7), 0, 16)
+  response = jnp.broadcast_to(jnp.arange(7)[None] >= 3, (3, 7))
+  variables = module.init(jax.random.key(0), tokens)
+  pad_mask = jnp.array([[1] * 7, [1] * 5 + [0] * 2, [0] * 7])
+  got = score_linen(module.apply, variables, tokens, response, segment_ids=pad_mask)
+  want = lpk.score(module.apply(variables, tokens), tokens, response, segment_ids=pad_mask)
+  _close(got, want)
+  for bad in ([[0, 0, 1, 1, 1, 1, 1]], [[1, 1, 1, 2, 2, 2, 0]], [[1, 1, 0, 1, 1, 1, 1]]):
+    bad = jnp.concatenate([pad_mask[:2], jnp.array(bad)])
+    with pytest.raises(ValueError, match="row 2 of segment_ids"):
+      score_linen(module.apply, variables, tokens, response, segment_ids=bad)
+    under_jit = jax.jit(lambda v, s: score_linen(module.apply, v, tokens, response, segment_ids=s))
+    s = under_jit(variables, bad)
+    assert np.isnan(s.joint_logprob[2]) and np.isfinite(s.joint_logprob[:2]).all()
 
 
 def test_packed_attention_scores_like_each_sequence_alone(model):

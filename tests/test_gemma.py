@@ -6,6 +6,7 @@ Its call hides its signature, takes packing as ``positions`` plus an
 compared with ``lpk.score`` on its own logits, each sequence scored alone.
 """
 
+import dataclasses
 import functools
 import inspect
 
@@ -15,7 +16,15 @@ import numpy as np
 import pytest
 
 import lpkernel as lpk
-from lpkernel.flax import GEMMA, ModelSpec, loglikelihood, packed_positions, score_linen
+from lpkernel import flax as lpk_flax
+from lpkernel.flax import (
+  GEMMA,
+  ModelSpec,
+  loglikelihood,
+  packed_positions,
+  score_linen,
+  score_model,
+)
 from tests import gemma_standin as gm
 
 CONFIG = gm.TransformerConfig()
@@ -110,9 +119,9 @@ def test_packing_without_the_mask_is_refused_not_silently_wrong(model):
   tokens, responses = _sequences()
   row, response, seg = _packed(tokens, responses)
   positions_only = ModelSpec(positions="positions", hidden="return_hidden_states")
-  with pytest.raises(ValueError, match="cannot receive packed rows"):
+  with pytest.raises(ValueError, match="declares no segment_ids= or attention_mask="):
     score_linen(module, variables, row, response, spec=positions_only, segment_ids=seg)
-  with pytest.raises(ValueError, match="cannot receive packed rows"):
+  with pytest.raises(ValueError, match="declares no positions= and segment_ids="):
     score_linen(module, variables, row, response, segment_ids=seg)  # nothing declared
   # What the refusal prevents: positions restart, but attention crosses sequences.
   positions = packed_positions(seg)
@@ -122,19 +131,53 @@ def test_packing_without_the_mask_is_refused_not_silently_wrong(model):
   assert abs(float(wrong.joint_logprob[0, 1] - alone.joint_logprob[0])) > 0.1
 
 
-def test_softcap_comes_from_the_config_and_a_conflicting_one_raises(model):
+@pytest.mark.parametrize("fused", [False, True])
+def test_softcap_comes_from_the_config_and_a_conflicting_one_raises(model, fused):
+  """One rule on both paths: the spec's softcap is what the model does; the logits
+  already carry it (never capped twice), and a disagreeing value raises before the
+  model runs."""
   module, variables = model
   tokens, responses = _sequences()
   t, r = tokens[0], responses[0]
   h = module.apply(variables, t, return_hidden_states=True).hidden_states
   table = variables["params"]["embedder"]["input_embedding"]
   uncapped = lpk.score_hidden(h, table, t, r, vocab_axis=0)
-  capped = _score(module, variables, t, r, fused=True)
+  by_hand = lpk.score(_logits(module, variables, t), t, r)  # the model's own (capped) logits
+  capped = _score(module, variables, t, r, fused=fused)
   assert abs(float(capped.joint_logprob[0] - uncapped.joint_logprob[0])) > 1e-4
-  same = _score(module, variables, t, r, fused=True, softcap=30.0)
+  np.testing.assert_allclose(capped.joint_logprob, by_hand.joint_logprob, rtol=1e-5)
+  same = _score(module, variables, t, r, fused=fused, softcap=30.0)
   np.testing.assert_array_equal(same.joint_logprob, capped.joint_logprob)
-  with pytest.raises(ValueError, match="disagrees with the model's softcap"):
-    score_linen(module, variables, t, r, spec=GEMMA, fused=True, softcap=5.0)
+
+  class Exploding(type(module)):
+    def __call__(self, *args, **kwargs):
+      raise AssertionError("the model ran before the softcap was checked")
+
+  exploding = Exploding(module.config)
+  with pytest.raises(ValueError, match="disagrees with the model's own final-logit softcap 30"):
+    score_linen(exploding, variables, t, r, spec=GEMMA, fused=fused, softcap=20.0)
+  with pytest.raises(ValueError, match="disagrees"):
+    lpk_flax.sft_loss_model(
+      lambda tokens, **kw: exploding.apply(variables, tokens, **kw),
+      t,
+      r,
+      fused=fused,
+      spec=dataclasses.replace(GEMMA, softcap=30.0, unembed=lambda m, v: table),
+      softcap=5.0,
+    )
+
+
+def test_gemma_spec_on_a_callable_says_what_it_needs(model):
+  module, variables = model
+  tokens, responses = _sequences()
+  with pytest.raises(TypeError, match="score_linen"):
+    score_model(
+      lambda t, **kw: module.apply(variables, t, **kw),
+      tokens[0],
+      responses[0],
+      spec=GEMMA,
+      fused=True,
+    )
 
 
 def test_fused_gradients_reach_the_tied_table_as_stored(model):

@@ -155,7 +155,9 @@ def test_loss_inputs_are_checked_and_named():
     losses.dpo_loss(PC, PR[:1], RC, RR)
   with pytest.raises(ValueError, match="reference_rejected token counts"):
     losses.ipo_loss(
-      losses.Sequences(PC, N_C), losses.Sequences(PR, N_R), losses.Sequences(RC, N_C),
+      losses.Sequences(PC, N_C),
+      losses.Sequences(PR, N_R),
+      losses.Sequences(RC, N_C),
       losses.Sequences(RR, N_R[:, None]),
     )
   with pytest.raises(TypeError, match="floats"):

@@ -28,8 +28,11 @@ from tests.helpers import (
   oracle_token_logprobs,
 )
 
+# The reference too: the yardstick obeys the policy it holds the others to.
 IMPLS = pytest.mark.parametrize(
-  "impl", list(LOGITS_IMPLEMENTATIONS.values()), ids=list(LOGITS_IMPLEMENTATIONS)
+  "impl",
+  [*LOGITS_IMPLEMENTATIONS.values(), "reference"],
+  ids=[*LOGITS_IMPLEMENTATIONS, "reference"],
 )
 FUSED_SMALL = FUSED_IMPLEMENTATIONS["xla"]
 # The default XLA sweep, and its opt-in per-token backward in token chunks of 2.
@@ -317,8 +320,8 @@ def test_bad_python_temperature_and_softcap_raise(bad):
 @pytest.mark.parametrize(
   "impl",
   # The TPU kernels too: their gradient kernel sums d temperature itself.
-  [*LOGITS_IMPLEMENTATIONS.values(), lpk.PallasTpuLogits(interpret=True)],
-  ids=[*LOGITS_IMPLEMENTATIONS, "pallas_tpu"],
+  [*LOGITS_IMPLEMENTATIONS.values(), lpk.PallasTpuLogits(interpret=True), "reference"],
+  ids=[*LOGITS_IMPLEMENTATIONS, "pallas_tpu", "reference"],
 )
 def test_bad_array_temperature_poisons_its_position_and_its_gradient(impl):
   x = jax.random.normal(jax.random.key(10), (4, 9))

@@ -83,17 +83,32 @@ class BoundModel:
     return self.spec.read(out, fused, module, variables)
 
 
-def with_model_options(score_kwargs: dict, options: dict) -> dict:
-  """The caller's keywords plus the spec's (vocab_axis, softcap); a softcap given
-  both ways must agree."""
-  merged = dict(score_kwargs)
-  for name, value in options.items():
-    given = merged.get(name)
-    if name == "softcap" and given is not None and value is not None and given != value:
-      raise ValueError(f"softcap={given} disagrees with the model's softcap {value}")
-    if given is None:
-      merged[name] = value
-  return merged
+def run_model(
+  bound: BoundModel,
+  state: Any,
+  tokens: jax.Array,
+  segment_ids: jax.Array | None,
+  fused: bool,
+  score_kwargs: dict,
+) -> tuple[Any, dict]:
+  """The model's output for ``tokens`` and the keywords to score it with.
+
+  Decided before the model runs: the softcap lpkernel applies
+  (:meth:`ModelSpec.softcap_for`, an explicit one must agree with the
+  model's) and what the model is given of ``segment_ids``
+  (:meth:`ModelSpec.model_rows`: a model that cannot see packing gets nothing,
+  and a row it would misread is refused or scored NaN).
+
+  Returns:
+    (logits or ``(hidden, unembed)``, keywords for :func:`scores_from_output`
+    with ``segment_ids`` and the spec's ``vocab_axis`` / ``softcap``).
+  """
+  module, variables = bound.module_and_variables(state)
+  kwargs = dict(score_kwargs)
+  kwargs["softcap"] = bound.spec.softcap_for(kwargs.get("softcap"), fused, module, variables)
+  model_segments, kwargs["segment_ids"] = bound.spec.model_rows(segment_ids)
+  out, options = bound.output(state, tokens, model_segments, fused)
+  return out, {**kwargs, **options}
 
 
 def scores_from_output(
@@ -163,15 +178,9 @@ def score_bound(
 ) -> Scores:
   """Scores of a :class:`BoundModel` (the function under ``score_model`` and
   ``score_linen``)."""
-  out, options = bound.output(state, tokens, segment_ids, fused)
-  return scores_from_output(
-    out,
-    tokens,
-    response_mask,
-    segment_ids=segment_ids,
-    num_segments=num_segments,
-    **with_model_options(score_kwargs, options),
-  )
+  score_kwargs = dict(score_kwargs, num_segments=num_segments)
+  out, kwargs = run_model(bound, state, tokens, segment_ids, fused, score_kwargs)
+  return scores_from_output(out, tokens, response_mask, **kwargs)
 
 
 def score_model(
@@ -246,18 +255,17 @@ def sft_loss_model(
 
   bound, state = BoundModel.of(model, spec=spec)
   # logits, or (hidden, unembed) and the spec's vocab_axis / softcap, or a clear error.
-  out, options = bound.output(state, tokens, segment_ids, fused=fused)
+  out, kwargs = run_model(bound, state, tokens, segment_ids, fused, score_kwargs)
   loss, out = (sft_loss_hidden, out) if fused else (sft_loss_logits, (out,))
   return loss(
     *out,
     tokens,
     response_mask,
-    segment_ids=segment_ids,
     num_segments=num_segments,
     normalise=normalise,
     response_only=response_only,
     z_loss=z_loss,
-    **with_model_options(score_kwargs, options),
+    **kwargs,
   )
 
 

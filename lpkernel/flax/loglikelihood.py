@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lpkernel.flax.adapters import BoundModel, scores_from_output, with_model_options
+from lpkernel.flax.adapters import BoundModel, run_model, scores_from_output
 from lpkernel.flax.spec import ModelSpec
 
 
@@ -88,15 +88,10 @@ def _score_rows(state, tokens, response, seg, *, bound, num_segments, fused, pac
   row ``t`` predicts token ``t + 1``. Built once per (model structure, shapes):
   calls with new requests reuse the compiled program.
   """
-  out, options = bound.output(state, tokens[:, :-1], seg[:, :-1] if packed else None, fused)
+  out, kwargs = run_model(bound, state, tokens[:, :-1], seg[:, :-1] if packed else None, fused, {})
+  kwargs.pop("segment_ids")
   s = scores_from_output(
-    out,
-    tokens,
-    response,
-    drops_last=True,
-    segment_ids=seg,
-    num_segments=num_segments,
-    **with_model_options({}, options),
+    out, tokens, response, drops_last=True, segment_ids=seg, num_segments=num_segments, **kwargs
   )
   return s.response_logprob, s.response_greedy
 

@@ -69,9 +69,11 @@ class ModelSpec:
       output carries hidden states only (``variables`` is None for nnx).
     vocab_axis: the unembedding's vocabulary axis: -1 for ``[D, V]``, 0 for a
       tied embedding table ``[V, D]`` (read as stored, never transposed).
-    softcap: the model's final-logit softcap, applied on the fused path (a
-      model's logits already carry it): a number, or
-      ``softcap(module, variables)`` reading it from the model's config.
+    softcap: the model's final-logit softcap (None: not declared), a number
+      or ``softcap(module, variables)`` reading it from the model's config.
+      The model's logits already carry it; the fused path applies it to
+      ``hidden @ unembed``. An explicit ``softcap=`` must agree with it
+      (:meth:`softcap_for`).
   """
 
   segment_ids: str | None = None
@@ -99,6 +101,36 @@ class ModelSpec:
     isolates = self.segment_ids is not None or self.attention_mask is not None
     return isolates and self.positions is not None
 
+  def _missing_packing(self) -> str:
+    missing = [] if self.positions is not None else ["positions="]
+    if self.segment_ids is None and self.attention_mask is None:
+      missing.append("segment_ids= or attention_mask=")
+    return " and ".join(missing)
+
+  def model_rows(self, segment_ids: jax.Array | None) -> tuple[jax.Array | None, jax.Array | None]:
+    """``(what the model is given, what lpkernel scores with)`` for ``segment_ids``.
+
+    A model that declares packing gets the ids. Any other model gets nothing:
+    a row holding one sequence followed by padding (an HF attention mask with
+    right padding) needs nothing for a causal model. A row holding several
+    sequences, or starting with padding, would let tokens attend across
+    sequences or to padding: ``ValueError`` when the ids are concrete, and
+    under ``jit`` the row is scored NaN (its segment ids made invalid).
+    """
+    if segment_ids is None or self.packs:
+      return segment_ids, segment_ids
+    seg = jnp.asarray(segment_ids).astype(jnp.int32)
+    ok = single_sequence_rows(seg)
+    if not isinstance(ok, jax.core.Tracer) and not bool(jnp.all(ok)):
+      row = int(jnp.argmin(ok))
+      raise ValueError(
+        f"row {row} of segment_ids holds several sequences or starts with padding "
+        f"({seg[row].tolist()}), and this model cannot keep packed sequences apart: its "
+        f"ModelSpec declares no {self._missing_packing()}. Put one sequence per row with "
+        "padding only after it, or declare how the model takes packing"
+      )
+    return None, jnp.where(ok[:, None], seg, -1)
+
   def call_kwargs(self, segment_ids: jax.Array | None, fused: bool) -> dict[str, Any]:
     """The keywords for ``tokens [B, T]`` packed by ``segment_ids`` (None: one
     sequence per row, nothing passed) and, with ``fused``, the hidden-state flag."""
@@ -106,9 +138,9 @@ class ModelSpec:
     if segment_ids is not None:
       if not self.packs:
         raise ValueError(
-          f"this model cannot receive packed rows ({self}): declare a ModelSpec with "
-          "positions= and segment_ids= or attention_mask= (the keywords through which it "
-          "keeps sequences apart), or score one sequence per row without segment_ids"
+          f"this model cannot receive packed rows: its ModelSpec declares no "
+          f"{self._missing_packing()} (the keywords through which it keeps sequences "
+          "apart); score one sequence per row"
         )
       if self.segment_ids is not None:
         kwargs[self.segment_ids] = segment_ids
@@ -124,8 +156,27 @@ class ModelSpec:
       kwargs[self.hidden] = True
     return kwargs
 
+  def softcap_for(self, given: float | None, fused: bool, module: Any, variables: Any):
+    """The softcap lpkernel applies, decided before the model runs.
+
+    The spec's softcap is what the model does. Its logits already carry it, so
+    the logits path applies none; the fused path applies it to
+    ``hidden @ unembed``. An explicit ``given`` softcap must agree with it
+    (``ValueError`` otherwise). A spec that declares none leaves ``given`` to
+    be applied on either path.
+    """
+    if self.softcap is None:
+      return given
+    model = self.softcap(module, variables) if callable(self.softcap) else self.softcap
+    if given is not None and given != model:
+      raise ValueError(
+        f"softcap={given} disagrees with the model's own final-logit softcap {model} "
+        "(ModelSpec.softcap): the model applies it already; pass softcap=None or the same value"
+      )
+    return model if fused else None
+
   def read(self, output: Any, fused: bool, module: Any = None, variables: Any = None):
-    """``(logits, {})`` or ``((hidden, unembed), {"vocab_axis", "softcap"})`` from an output."""
+    """``(logits, {})`` or ``((hidden, unembed), {"vocab_axis": ...})`` from an output."""
     if fused:
       if isinstance(output, tuple) and len(output) == 2:
         pair = output
@@ -136,13 +187,20 @@ class ModelSpec:
             "ModelSpec(unembed=lambda module, variables: ...) to find the unembedding"
           )
         pair = (_field(output, self.hidden_field, "hidden states"), self.unembed(module, variables))
-      softcap = self.softcap(module, variables) if callable(self.softcap) else self.softcap
-      return pair, {"vocab_axis": self.vocab_axis, "softcap": softcap}
+      return pair, {"vocab_axis": self.vocab_axis}
     if isinstance(output, tuple):
       raise TypeError("the model returned a tuple; (hidden, unembed) is scored with fused=True")
     if hasattr(output, "shape"):
       return output, {}
     return _field(output, self.logits_field, "logits"), {}
+
+
+def single_sequence_rows(segment_ids: jax.Array) -> jax.Array:
+  """bool[B]: the row is one sequence (one id > 0) from its first token, then only padding."""
+  real = segment_ids > 0
+  prefix = jnp.all(real[:, 1:] <= real[:, :-1], axis=1)
+  one_id = jnp.all(~real | (segment_ids == segment_ids[:, :1]), axis=1)
+  return prefix & one_id
 
 
 def _field(output: Any, name: str, what: str) -> jax.Array:
@@ -165,6 +223,25 @@ def spec_of(model: Any, spec: ModelSpec | None) -> ModelSpec:
   return spec
 
 
+def _gemma_variables(variables: Any) -> Any:
+  if variables is None:
+    raise TypeError(
+      "GEMMA reads the tied table and the softcap from a linen gemma Transformer and its "
+      "variables: call score_linen(model, {'params': params}, ...) (a callable or nnx model "
+      "needs a ModelSpec of its own, with unembed= and softcap= reading its weights)"
+    )
+  return variables
+
+
+def _gemma_table(module: Any, variables: Any) -> jax.Array:
+  return _gemma_variables(variables)["params"]["embedder"]["input_embedding"]
+
+
+def _gemma_softcap(module: Any, variables: Any) -> float | None:
+  _gemma_variables(variables)
+  return module.config.final_logit_softcap
+
+
 # gemma's Transformer (linen): `apply(variables, tokens, positions=, attention_mask=,
 # return_hidden_states=)` returns Output(logits, cache, hidden_states); the tied
 # table is params/embedder/input_embedding [V, D]; softcap from its config.
@@ -172,7 +249,7 @@ GEMMA = ModelSpec(
   attention_mask="attention_mask",
   positions="positions",
   hidden="return_hidden_states",
-  unembed=lambda module, variables: variables["params"]["embedder"]["input_embedding"],
+  unembed=_gemma_table,
   vocab_axis=0,
-  softcap=lambda module, variables: module.config.final_logit_softcap,
+  softcap=_gemma_softcap,
 )
