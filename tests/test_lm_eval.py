@@ -2,7 +2,11 @@
 local tasks in tests/lm_eval_tasks, against the same numbers computed with
 ``lpk.score`` on the model's own logits (and lm-eval's own window functions)."""
 
+import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -12,10 +16,11 @@ from flax import nnx
 from lm_eval import simple_evaluate
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 import lpkernel as lpk
+import lpkernel.flax
 import lpkernel.lm_eval  # noqa: F401  (registers model="lpkernel")
 from lpkernel.flax import ModelSpec, TinyLM, TinyLMConfig, rolling_windows
 from tests.lm_eval_tasks import loader
@@ -25,12 +30,17 @@ ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 .,?"
 MAX_LENGTH = 32  # several rolling windows for the longer documents
 
 
-def hf_tokenizer() -> PreTrainedTokenizerFast:
-  """A real Hugging Face tokenizer, built locally: one token per character."""
+def hf_tokenizer(adds_bos: bool = False) -> PreTrainedTokenizerFast:
+  """A real Hugging Face tokenizer, built locally: one token per character; with
+  ``adds_bos``, its post-processor prepends BOS (as Llama's and Gemma's do)."""
   vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
   vocab.update({c: 4 + i for i, c in enumerate(ALPHABET)})
   tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+  if adds_bos:
+    tok.post_processor = processors.TemplateProcessing(
+      single="<bos> $A", special_tokens=[("<bos>", 1)]
+    )
   return PreTrainedTokenizerFast(
     tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
   )
@@ -76,18 +86,27 @@ def _logprob(model, context, continuation) -> tuple[float, bool]:
 
 
 def _encode_pair(tok, context, continuation):
-  """lm-eval's rule: trailing spaces move to the continuation; split the whole encoding."""
+  """lm-eval's rule: trailing spaces move to the continuation; split the whole
+  encoding, each made with the tokenizer's own default (HFLM's add_bos_token=None)."""
   n = len(context) - len(context.rstrip())
   if n:
     context, continuation = context[:-n], context[-n:] + continuation
-  whole = tok.encode(context + continuation, add_special_tokens=False)
-  ctx = tok.encode(context, add_special_tokens=False)
+  whole = tok.encode(context + continuation)
+  ctx = tok.encode(context)
   return ctx, whole[len(ctx) :]
 
 
-@pytest.mark.parametrize("pack", [None, False], ids=["packed", "one-per-row"])
-def test_simple_evaluate_matches_lpk_score(model, pack):
-  tok = hf_tokenizer()
+@pytest.mark.parametrize(
+  "pack,adds_bos",
+  [(None, False), (False, False), (None, True)],
+  ids=["packed", "one-per-row", "bos-adding-tokenizer"],
+)
+def test_simple_evaluate_matches_lpk_score(model, pack, adds_bos):
+  """By hand with HFLM's rules: a tokenizer that adds BOS keeps it in contexts and
+  rolling documents (HFLM 0.4.13's default); one that does not adds none."""
+  tok = hf_tokenizer(adds_bos)
+  if adds_bos:
+    assert tok.encode("ab") == [1, 4, 5]
   results = simple_evaluate(
     model="lpkernel",
     model_args={"model": model, "tokenizer": tok, "max_length": MAX_LENGTH, "pack": pack},
@@ -115,7 +134,7 @@ def test_simple_evaluate_matches_lpk_score(model, pack):
   # Perplexity: each document window by window, lm-eval's own windows, lpk.score each.
   total, words, nbytes = 0.0, 0, 0
   for doc in loader.rows("ppl.jsonl"):
-    ids = tok.encode(doc["text"], add_special_tokens=False)
+    ids = tok.encode(doc["text"])
     windows = map(make_disjoint_window, get_rolling_token_windows(ids, 1, MAX_LENGTH, 1))
     total += sum(_logprob(model, ctx, cont)[0] for ctx, cont in windows)
     words += len(doc["text"].split())
@@ -199,5 +218,96 @@ def test_linen_model_with_variables_and_a_declared_spec():
   tok = CharTokenizer()
   ids = [(tok.tok_encode(c), tok.tok_encode(y)) for c, y in pairs]
   want = loglikelihood(module, ids, variables=variables, spec=GEMMA, max_length=16, pack=False)
+  np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], rtol=1e-5)
+  assert [g[1] for g in got] == [w[1] for w in want]
+
+
+def test_registering_adds_to_lm_evals_own_models():
+  from lm_eval.api.registry import get_model, model_registry
+
+  assert get_model("lpkernel") is lpkernel.lm_eval.LpkernelLM
+  assert {"hf", "vllm", "dummy"} <= set(model_registry.keys())
+  assert get_model("dummy").__name__ == "DummyLM"  # lm-eval's own, still there
+
+
+def test_command_line_end_to_end(tmp_path, model):
+  """``python -m lpkernel.lm_eval`` with lm-eval's arguments, a factory and a local
+  tokenizer directory, in a subprocess: the same metrics as simple_evaluate in process."""
+  tokenizer_dir = tmp_path / "tokenizer"
+  hf_tokenizer(adds_bos=True).save_pretrained(tokenizer_dir)
+  out = tmp_path / "out"
+  root = Path(__file__).parent.parent
+  env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(root)}
+  args = [
+    sys.executable, "-m", "lpkernel.lm_eval", "--model", "lpkernel",
+    "--model_args", f"factory=tests.lm_eval_factory:build,tokenizer={tokenizer_dir},max_length=32",
+    "--tasks", "lpk_mc,lpk_ppl", "--include_path", str(TASKS), "--batch_size", "auto",
+    "--output_path", str(out),
+  ]  # fmt: skip
+  run = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+  assert run.returncode == 0, run.stderr[-3000:]
+  (path,) = out.rglob("results_*.json")
+  got = json.loads(path.read_text())["results"]
+  want = simple_evaluate(
+    model="lpkernel",
+    model_args={"model": model, "tokenizer": hf_tokenizer(adds_bos=True), "max_length": 32},
+    tasks=["lpk_mc", "lpk_ppl"],
+    task_manager=TaskManager(include_path=str(TASKS), include_defaults=False),
+  )["results"]
+  metrics = [
+    ("lpk_mc", "acc,none"),
+    ("lpk_mc", "acc_norm,none"),
+    ("lpk_ppl", "word_perplexity,none"),
+    ("lpk_ppl", "byte_perplexity,none"),
+  ]
+  for task, metric in metrics:
+    np.testing.assert_allclose(got[task][metric], want[task][metric], rtol=1e-6)
+
+
+class GemmaStyleTokenizer:
+  """SentencePiece-style, as ``gm.text.Gemma3Tokenizer``: ``encode(text, *, add_bos, add_eos)``."""
+
+  class special_tokens:  # noqa: N801
+    BOS, EOS = 1, 2
+
+  def encode(self, text, *, add_bos=False, add_eos=False):
+    return [1] * add_bos + CharTokenizer().tok_encode(text) + [2] * add_eos
+
+  def decode(self, ids):
+    return "".join("<bos>" if i == 1 else "<eos>" if i == 2 else ALPHABET[i - 4] for i in ids)
+
+
+def test_arguments_lm_eval_users_pass(model, tmp_path):
+  # A tokenizer name or directory is loaded, never taken for a tokenizer object.
+  hf_tokenizer().save_pretrained(tmp_path)
+  lm = lpkernel.lm_eval.LpkernelLM(model, str(tmp_path), batch_size="auto:4")
+  assert lm.tok_encode("ab") == [4, 5] and lm.scorer.batch_size is None
+  # max_length: the spec's declared window (TinyLM: its config), else required.
+  assert lm.max_length == 64
+  with pytest.raises(ValueError, match="max_length is required"):
+    lpkernel.lm_eval.LpkernelLM(lambda t: model(t), CharTokenizer())
+  with pytest.raises(ValueError, match="batch_size"):
+    lpkernel.lm_eval.LpkernelLM(model, CharTokenizer(), batch_size="big")
+  # gemma's tokenizer: add_bos=, and its BOS from special_tokens.
+  lm = lpkernel.lm_eval.LpkernelLM(model, GemmaStyleTokenizer(), add_bos_token=True)
+  assert lm.prefix_token_id == 1 and lm.tok_encode("ab") == [1, 4, 5]
+  assert lm.tok_encode("ab", add_special_tokens=False) == [4, 5]
+
+
+def test_rows_follow_the_requests_not_the_window(model):
+  """A short request is scored in a short row: the model sees a power of two of
+  tokens covering it, never the whole window."""
+  seen = []
+
+  def recording(tokens):
+    seen.append(tokens.shape[1])
+    return model(tokens)
+
+  requests = [([1, 4, 5], [6, 7]), ([1] + [4] * 20, [5] * 10), ([1, 4], [5])]
+  scorer = lpkernel.flax.Scorer.of(recording, max_length=64, batch_size=2)
+  seen.clear()  # the vocabulary size was read from a full-window trace
+  got = scorer.loglikelihood(requests)
+  assert sorted(set(seen)) == [8, 32]
+  want = [_logprob(model, c, y) for c, y in requests]
   np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], rtol=1e-5)
   assert [g[1] for g in got] == [w[1] for w in want]

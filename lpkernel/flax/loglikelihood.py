@@ -3,10 +3,11 @@
 Each request becomes ``context + continuation`` cut to its last
 ``max_length + 1`` tokens, exactly as lm-eval does; the model is fed all but the
 last of them (at most ``max_length`` tokens) and the continuation is scored.
-Requests are sorted by length and packed first-fit into fixed-length rows (one
-compiled shape) when the model's :class:`~lpkernel.flax.ModelSpec` declares how
-it keeps sequences apart, else placed one per row; scored per segment and
-returned in request order. ``is_greedy`` is lm-eval's rule: every continuation
+Requests are grouped by length into rows of a few widths (the model sees a
+power of two of tokens, at most ``max_length``: :func:`row_width`), packed
+first-fit within a width when the model's :class:`~lpkernel.flax.ModelSpec`
+declares how it keeps sequences apart, else placed one per row; scored per
+segment and returned in request order. ``is_greedy`` is lm-eval's rule: every continuation
 token is the *first* argmax of its row. Rolling log-likelihoods cut documents
 into lm-eval's disjoint windows and score them the same way.
 """
@@ -27,6 +28,8 @@ from lpkernel.flax.spec import ModelSpec
 
 
 def _ids(name: str, ids, vocab_size: int | None) -> list[int]:
+  if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+    raise TypeError(f"{name} must be a sequence of token ids, got {type(ids).__name__} {ids!r:.40}")
   arr = np.asarray(list(ids))
   if arr.size and not np.issubdtype(arr.dtype, np.integer):
     raise TypeError(f"{name} must hold integer token ids, got {arr.dtype} ({list(ids)[:4]}...)")
@@ -108,19 +111,52 @@ def _vocab_size(bound: BoundModel, state, row_length: int, fused: bool, packed: 
   return int(out.shape[-1])
 
 
+AUTO_BATCH_TOKENS = 16384
+"""Tokens per model call under ``batch_size="auto"``: rows of each width get
+``AUTO_BATCH_TOKENS // width`` of them (at least one)."""
+
+
+def row_width(n_tokens: int, max_length: int) -> int:
+  """The row width for a window of ``n_tokens``: the model sees ``width - 1``
+  tokens, a power of two (at least 8) covering the window, at most ``max_length``.
+
+  Requests are scored in rows of their own width, so the work follows the
+  requests (a 10-token request is not a ``max_length`` forward) while only a
+  few shapes are compiled (one per power of two).
+  """
+  seen = max(n_tokens - 1, 1)
+  return min(max(8, 1 << (seen - 1).bit_length()), max_length) + 1
+
+
+def parse_batch_size(batch_size: int | str | None) -> int | None:
+  """A positive int, or None for lm-eval's ``"auto"`` / ``"auto:N"`` (rows per
+  call from :data:`AUTO_BATCH_TOKENS`)."""
+  if isinstance(batch_size, str):
+    if batch_size == "auto" or batch_size.startswith("auto:"):
+      return None
+    if batch_size.isdigit():
+      batch_size = int(batch_size)
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f'batch_size={batch_size!r} must be a positive int, "auto" or "auto:N"')
+  return batch_size
+
+
 @dataclasses.dataclass(frozen=True)
 class Scorer:
-  """A model bound for lm-eval-style requests: window ``max_length``, rows of
-  ``max_length + 1`` tokens, ``batch_size`` rows per call, packed or not.
+  """A model bound for lm-eval-style requests: window ``max_length``, requests
+  scored in rows of a few widths (:func:`row_width`), packed or not.
 
   Build it with :meth:`of`; :func:`loglikelihood`, :func:`loglikelihood_rolling`
   and the lm-eval backend share it, so a model is split and traced once.
+
+  Attributes:
+    batch_size: most rows per model call; None: ``AUTO_BATCH_TOKENS // width``.
   """
 
   bound: BoundModel
   state: Any
   max_length: int
-  batch_size: int
+  batch_size: int | None
   pack: bool
   fused: bool
   pad_token: int
@@ -133,22 +169,21 @@ class Scorer:
     max_length: int,
     variables: Any = None,
     spec: ModelSpec | None = None,
-    batch_size: int = 8,
+    batch_size: int | str | None = 8,
     pack: bool | None = None,
     pad_token: int = 0,
     fused: bool = False,
   ) -> Scorer:
-    if not isinstance(batch_size, int) or batch_size < 1:
-      raise ValueError(f"batch_size={batch_size!r} must be a positive int")
-    if not isinstance(max_length, int) or max_length < 1:
+    batch_size = parse_batch_size(batch_size)
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
       raise ValueError(f"max_length={max_length!r} must be a positive int")
     bound, state = BoundModel.of(model, variables, spec)
     if pack is None:
       pack = bound.spec.packs
     elif pack and not bound.spec.packs:
       raise ValueError(
-        f"pack=True needs a model whose spec declares how it keeps packed sequences apart "
-        f"(positions= and segment_ids= or attention_mask=); {bound.spec} would let packed "
+        "pack=True needs a model whose spec declares how it keeps packed sequences apart "
+        "(positions= and segment_ids= or attention_mask=); this one would let packed "
         "requests attend to each other"
       )
     vocab_size = _vocab_size(bound, state, max_length + 1, fused, pack)
@@ -162,13 +197,23 @@ class Scorer:
 
   def score_windows(self, windows: Sequence[tuple[list[int], int]]) -> list[tuple[float, bool]]:
     """``(log Pr(last n tokens | the rest), greedy)`` of each ``(tokens, n)``, in order."""
-    if not windows:
-      return []
-    row_length = self.max_length + 1
+    by_width: dict[int, list[int]] = {}
+    for i, (tokens, _) in enumerate(windows):
+      by_width.setdefault(row_width(len(tokens), self.max_length), []).append(i)
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(windows)
+    for width, members in sorted(by_width.items()):
+      scored = self._score_rows_of_width([windows[i] for i in members], width)
+      for i, result in zip(members, scored, strict=True):
+        results[i] = result
+    return results
+
+  def _score_rows_of_width(self, windows, row_length: int) -> list[tuple[float, bool]]:
     rows = pack_requests(windows, row_length, self.pack)
     num_segments = max(len(r) for r in rows)
     num_segments = 1 << (num_segments - 1).bit_length()  # few distinct compiled shapes
-    n_rows = -(-len(rows) // self.batch_size) * self.batch_size
+    per_call = self.batch_size or max(1, AUTO_BATCH_TOKENS // row_length)
+    per_call = min(per_call, 1 << (len(rows) - 1).bit_length())  # no call of padding rows
+    n_rows = -(-len(rows) // per_call) * per_call
     tokens = np.full((n_rows, row_length), self.pad_token, np.int32)
     seg = np.zeros((n_rows, row_length), np.int32)
     response = np.zeros((n_rows, row_length), bool)
@@ -187,8 +232,8 @@ class Scorer:
     )
     logprob = np.zeros((n_rows, num_segments), np.float32)
     greedy = np.zeros((n_rows, num_segments), bool)
-    for b in range(0, n_rows, self.batch_size):
-      sl = slice(b, b + self.batch_size)
+    for b in range(0, n_rows, per_call):
+      sl = slice(b, b + per_call)
       lp, gr = run(self.state, tokens[sl], response[sl], seg[sl])
       logprob[sl], greedy[sl] = np.asarray(lp), np.asarray(gr)
     return [(float(logprob[place[i]]), bool(greedy[place[i]])) for i in range(len(windows))]
@@ -205,7 +250,12 @@ class Scorer:
     documents = list(documents)
     windows, owner = [], []
     for d, doc in enumerate(documents):
-      doc = _ids("document", doc, self.vocab_size)
+      if isinstance(doc, (int, np.integer)):
+        raise TypeError(
+          f"documents must be a list of documents, each a sequence of token ids; "
+          f"documents[{d}] is the int {doc} (for one document, pass [[...]])"
+        )
+      doc = _ids(f"documents[{d}]", doc, self.vocab_size)
       # Ids are checked once, above; each window is exactly context + piece.
       for context, continuation in rolling_windows(doc, prefix_token, self.max_length):
         windows.append((context + continuation, len(continuation)))
@@ -242,7 +292,7 @@ def loglikelihood(
   max_length: int,
   variables: Any = None,
   spec: ModelSpec | None = None,
-  batch_size: int = 8,
+  batch_size: int | str = 8,
   prefix_token: int | None = None,
   pack: bool | None = None,
   pad_token: int = 0,
@@ -260,7 +310,8 @@ def loglikelihood(
     variables: a linen model's variables.
     spec: how the model takes packing and what it returns
       (:class:`~lpkernel.flax.ModelSpec`; None: the model's ``lpkernel_spec``).
-    batch_size: rows per model call (at least 1).
+    batch_size: most rows per model call (at least 1), or lm-eval's ``"auto"``
+      (``"auto:N"`` alike): ``AUTO_BATCH_TOKENS // width`` rows per call.
     prefix_token: conditioning token for requests with an empty context (as
       lm-eval, a continuation starting with it conditions on that token).
     pack: pack several requests per row; None packs exactly when the spec
@@ -298,7 +349,7 @@ def loglikelihood_rolling(
   prefix_token: int,
   variables: Any = None,
   spec: ModelSpec | None = None,
-  batch_size: int = 8,
+  batch_size: int | str = 8,
   pack: bool | None = None,
   pad_token: int = 0,
   fused: bool = False,

@@ -56,7 +56,11 @@ class TinyLM(nnx.Module):
   """
 
   lpkernel_spec = ModelSpec(
-    segment_ids="segment_ids", positions="positions", hidden="return_hidden", vocab_axis=0
+    segment_ids="segment_ids",
+    positions="positions",
+    hidden="return_hidden",
+    vocab_axis=0,
+    max_length=lambda module, variables: module.cfg.max_length,
   )
 
   def __init__(self, cfg: TinyLMConfig, *, rngs: nnx.Rngs):

@@ -74,6 +74,9 @@ class ModelSpec:
       The model's logits already carry it; the fused path applies it to
       ``hidden @ unembed``. An explicit ``softcap=`` must agree with it
       (:meth:`softcap_for`).
+    max_length: the most tokens the model takes in one row (its context
+      window), a number or ``max_length(module, variables)``; None: not
+      declared (the lm-eval backend then needs ``max_length=``).
   """
 
   segment_ids: str | None = None
@@ -85,6 +88,7 @@ class ModelSpec:
   unembed: Callable[[Any, Any], jax.Array] | None = None
   vocab_axis: int = -1
   softcap: float | Callable[[Any, Any], float | None] | None = None
+  max_length: int | Callable[[Any, Any], int] | None = None
 
   def __post_init__(self):
     for name in ("segment_ids", "attention_mask", "positions", "hidden"):
@@ -155,6 +159,11 @@ class ModelSpec:
         )
       kwargs[self.hidden] = True
     return kwargs
+
+  def max_length_of(self, module: Any, variables: Any) -> int | None:
+    """The declared context window, or None."""
+    value = self.max_length
+    return value(module, variables) if callable(value) else value
 
   def softcap_for(self, given: float | None, fused: bool, module: Any, variables: Any):
     """The softcap lpkernel applies, decided before the model runs.
