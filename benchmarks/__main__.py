@@ -19,8 +19,8 @@ from pathlib import Path
 
 import jax
 
+from benchmarks import loglikelihood, report
 from benchmarks import methods as methods_lib
-from benchmarks import report
 from benchmarks.runner import run_suite
 from benchmarks.suites import PASSES, SUITES
 
@@ -131,18 +131,26 @@ def main(argv=None) -> dict:
     results = []
     for alloc, i in _progress(runs, not args.no_progress):
       results += _run_child(alloc, child_argv + ["--case", str(i)])
+  # lm-eval-style requests per second (packed and one per row), in this process.
+  requests_rows = loglikelihood.measure(args.repeats, quick=args.suite == "quick")
   meta = report.metadata(args.suite, args.repeats, sorted({r["allocator"] for r in results}))
   stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
   stem = args.out / f"{meta['backend']}-{stamp}"
   print(report.table(results))
-  report.write_json(stem.with_suffix(".json"), meta, results)
+  print("\nlm-eval-style loglikelihood requests:\n" + loglikelihood.table(requests_rows))
+  report.write_json(stem.with_suffix(".json"), meta, results, loglikelihood=requests_rows)
   if not args.no_plot:
     report.plot(stem.with_suffix(".png"), results)
   print(
     f"\nwrote {stem.with_suffix('.json')}"
     + ("" if args.no_plot else f" and {stem.with_suffix('.png')}")
   )
-  return {"meta": meta, "results": results, "json": stem.with_suffix(".json")}
+  return {
+    "meta": meta,
+    "results": results,
+    "loglikelihood": requests_rows,
+    "json": stem.with_suffix(".json"),
+  }
 
 
 if __name__ == "__main__":

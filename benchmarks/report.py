@@ -84,9 +84,10 @@ def table(results: list[dict]) -> str:
   return "\n".join(out + floors)
 
 
-def write_json(path: Path, meta: dict, results: list[dict]) -> None:
+def write_json(path: Path, meta: dict, results: list[dict], **sections: list[dict]) -> None:
+  """The run as JSON: ``meta``, the suite's ``results`` and any further ``sections``."""
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+  path.write_text(json.dumps({"meta": meta, "results": results, **sections}, indent=1))
 
 
 def plot(path: Path, results: list[dict]) -> None:

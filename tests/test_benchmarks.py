@@ -48,6 +48,9 @@ def test_json_schema_and_floors(quick_run):
       assert r["min_ms"] <= r["median_ms"] <= r["max_ms"]
       assert r["vs_floor"] and r["vs_baseline"] is not None
   assert quick_run["json"].with_suffix(".png").exists()
+  requests = data["loglikelihood"]
+  assert [r["packed"] for r in requests] == [True, False]
+  assert all(r["requests_per_second"] > 0 and r["seconds"] > 0 for r in requests)
 
 
 def test_every_method_agrees_with_the_baseline(quick_run):
