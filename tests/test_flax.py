@@ -16,6 +16,7 @@ from lpkernel.flax import (
   TinyLM,
   TinyLMConfig,
   loglikelihood,
+  loglikelihood_rolling,
   packed_positions,
   score_linen,
   score_model,
@@ -322,9 +323,14 @@ def test_loglikelihood_rejects_bad_ids_and_batch_sizes(model):
     loglikelihood(model, [([], [1])], max_length=8, prefix_token=99)
   with pytest.raises(TypeError, match="integer"):
     loglikelihood(model, [([1.5, 2.0], [1])], max_length=8)
-  for batch_size in (0, -2):
+  for batch_size in (0, -2, "8x"):
     with pytest.raises(ValueError, match="batch_size"):
       loglikelihood(model, REQUESTS, max_length=8, batch_size=batch_size)
+  # One document given as its ids, not as a list of documents: the argument is named.
+  with pytest.raises(TypeError, match=r"documents\[0\] is the int 1 .*\[\[\.\.\.\]\]"):
+    loglikelihood_rolling(model, [1, 2, 3], max_length=8, prefix_token=0)
+  with pytest.raises(TypeError, match="context must be a sequence of token ids"):
+    loglikelihood(model, [(1, [2])], max_length=8)
 
 
 def test_loglikelihood_compiles_once_for_repeated_calls(model):

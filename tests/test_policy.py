@@ -429,6 +429,15 @@ def test_implementation_names_are_checked():
     lpk.token_logprobs(x, t, implementation="triton")
   with pytest.raises(ValueError, match="runs on \\['gpu'\\]"):
     lpk.token_logprobs(x, t, implementation="pallas_gpu")  # the CPU suite has no GPU
+  # An implementation of the other op: which op takes which, not a missing argument.
+  tokens, mask = jnp.zeros((1, 3), jnp.int32), jnp.ones((1, 3), bool)
+  with pytest.raises(TypeError, match="fused implementation: the logits op .*score"):
+    lpk.score(jnp.zeros((1, 3, 4)), tokens, mask, implementation=lpk.XlaFused())
+  with pytest.raises(TypeError, match="logits implementation: the fused op .*score_hidden"):
+    h, w = jnp.zeros((1, 3, 2)), jnp.zeros((2, 4))
+    lpk.score_hidden(h, w, tokens, mask, implementation=lpk.XlaLogits())
+  with pytest.raises(TypeError, match="is not one"):
+    lpk.token_logprobs(x, t, implementation=object())
 
 
 # --- hypothesis: the policy holds on drawn bad inputs ---------------------------------

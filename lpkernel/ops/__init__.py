@@ -83,7 +83,30 @@ def is_reference(implementation: object) -> bool:
   return isinstance(implementation, str) and implementation == REFERENCE
 
 
+_ENTRIES = {
+  "logits": "token_logprobs, score, nll_loss, sft_loss_logits",
+  "fused": "fused_token_stats, fused_token_logprobs, score_hidden, fused_nll_loss, sft_loss_hidden",
+}
+
+
+def _check_op(implementation, registry, op: str) -> None:
+  """TypeError for an object that is not an implementation of ``op``, saying which
+  op takes which (the other op's objects have other methods)."""
+  if implementation is None or isinstance(implementation, (str, *registry.values())):
+    return
+  other = "fused" if op == "logits" else "logits"
+  kinds = (FUSED if op == "logits" else LOGITS).values()
+  what = f"a {other} implementation" if isinstance(implementation, tuple(kinds)) else "not one"
+  names = ", ".join(c.__name__ for c in registry.values())
+  raise TypeError(
+    f"implementation={type(implementation).__name__}(...) is {what}: the {op} op "
+    f"({_ENTRIES[op]}) takes {names}, a name or None; {other} implementations go to "
+    f"{_ENTRIES[other]}"
+  )
+
+
 def _resolve(implementation, registry, defaults, op: str):
+  _check_op(implementation, registry, op)
   backend = jax.default_backend()
   if implementation is None:
     implementation = defaults.get(backend, "xla")
