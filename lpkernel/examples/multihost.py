@@ -60,7 +60,44 @@ def losses(mesh, logits, tokens, mask, hidden, unembed):
   return data_parallel, vocab_parallel, fused
 
 
-def run(process_id: int, num_processes: int, coordinator: str, local_devices: int, check: bool):
+def one_device(logits, tokens, mask, hidden, unembed):
+  """Values and gradients of the three forms for the global batch on one device."""
+  import jax
+  import numpy as np
+  from jax.sharding import Mesh
+
+  with jax.default_device(jax.local_devices()[0]):
+    one_mesh = Mesh(np.array(jax.local_devices()[:1]).reshape(1, 1), ("data", "model"))
+    dp, vp, fused = losses(one_mesh, logits, tokens, mask, hidden, unembed)
+    return (
+      jax.value_and_grad(dp)(logits),
+      jax.value_and_grad(vp)(logits),
+      jax.value_and_grad(fused, argnums=(0, 1))(hidden, unembed),
+    )
+
+
+def save_shards(path: str, out) -> None:
+  """This process's shards of every result, with where each sits in the global array."""
+  import jax
+  import numpy as np
+
+  arrays = {}
+  for k, leaf in enumerate(jax.tree.leaves(out)):
+    for j, shard in enumerate(leaf.addressable_shards):
+      arrays[f"leaf{k}_shard{j}"] = np.asarray(shard.data)
+      bounds = [s.indices(n)[:2] for s, n in zip(shard.index, leaf.shape, strict=True)]
+      arrays[f"leaf{k}_index{j}"] = np.array(bounds, np.int64).reshape(-1, 2)
+  np.savez(path, **arrays)
+
+
+def run(
+  process_id: int,
+  num_processes: int,
+  coordinator: str,
+  local_devices: int,
+  check: bool,
+  out_path: str | None = None,
+):
   import jax
 
   if local_devices:
@@ -98,17 +135,12 @@ def run(process_id: int, num_processes: int, coordinator: str, local_devices: in
     )
 
   out = everything(**args)
+  if out_path:
+    save_shards(out_path, out)
   if not check:
     return out
   # The same global batch on this process's first device alone.
-  with jax.default_device(jax.local_devices()[0]):
-    one_mesh = Mesh(np.array(jax.local_devices()[:1]).reshape(1, 1), ("data", "model"))
-    dp, vp, fused = losses(one_mesh, logits, tokens, mask, hidden, unembed)
-    want = (
-      jax.value_and_grad(dp)(logits),
-      jax.value_and_grad(vp)(logits),
-      jax.value_and_grad(fused, argnums=(0, 1))(hidden, unembed),
-    )
+  want = one_device(logits, tokens, mask, hidden, unembed)
   for got, expected in zip(jax.tree.leaves(out), jax.tree.leaves(want), strict=True):
     expected = np.asarray(expected)
     for shard in got.addressable_shards:  # this process's part of each global result
@@ -128,9 +160,12 @@ def main(argv=None):
     "--local-devices", type=int, default=4, help="CPU devices per process (0: real accelerators)"
   )
   parser.add_argument("--check", action="store_true")
+  parser.add_argument("--out", help="write this process's result shards to this .npz file")
   args = parser.parse_args(argv)
   os.environ.setdefault("JAX_PLATFORMS", "cpu" if args.local_devices else "")
-  run(args.process_id, args.num_processes, args.coordinator, args.local_devices, args.check)
+  run(
+    args.process_id, args.num_processes, args.coordinator, args.local_devices, args.check, args.out
+  )
   return 0
 
 
