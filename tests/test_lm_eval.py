@@ -311,3 +311,46 @@ def test_rows_follow_the_requests_not_the_window(model):
   want = [_logprob(model, c, y) for c, y in requests]
   np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], rtol=1e-5)
   assert [g[1] for g in got] == [w[1] for w in want]
+
+
+def test_per_request_numbers_equal_lm_evals_own_hflm_on_a_bos_adding_tokenizer():
+  """lm-eval's own HFLM on a GPT-2 built from a config (PyTorch) against model="lpkernel"
+  on the same network (its logits through ``jax.pure_callback``), with a tokenizer
+  whose post-processor adds BOS: every per-choice and rolling log-likelihood."""
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("accelerate")  # HFLM's own dependency (lm-eval's "hf" extra)
+  import jax
+  from lm_eval.models.huggingface import HFLM
+  from transformers import GPT2Config, GPT2LMHeadModel
+
+  torch.manual_seed(0)
+  config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+  gpt2 = GPT2LMHeadModel(config).eval()
+  tok = hf_tokenizer(adds_bos=True)
+
+  def torch_logits(tokens):
+    with torch.no_grad():
+      return gpt2(torch.tensor(np.array(tokens), dtype=torch.long)).logits.numpy()
+
+  def jax_gpt2(tokens):
+    out = jax.ShapeDtypeStruct((*tokens.shape, VOCAB), jnp.float32)
+    return jax.pure_callback(torch_logits, out, tokens)
+
+  tasks = TaskManager(include_path=str(TASKS), include_defaults=False)
+  runs = {}
+  for name, lm in [
+    ("hf", HFLM(pretrained=gpt2, tokenizer=tok, max_length=MAX_LENGTH, batch_size=4)),
+    ("lpkernel", lpkernel.lm_eval.LpkernelLM(jax_gpt2, tok, max_length=MAX_LENGTH, batch_size=4)),
+  ]:
+    runs[name] = simple_evaluate(
+      model=lm, tasks=["lpk_mc", "lpk_ppl"], task_manager=tasks, log_samples=True
+    )
+  for task in ("lpk_mc", "lpk_ppl"):
+    hf, lp = (sorted(runs[n]["samples"][task], key=lambda s: s["doc_id"]) for n in runs)
+    for a, b in zip(hf, lp, strict=True):
+      for ra, rb in zip(a["resps"], b["resps"], strict=True):
+        ra, rb = np.atleast_1d(np.asarray(ra[0], float)), np.atleast_1d(np.asarray(rb[0], float))
+        np.testing.assert_allclose(rb[0], ra[0], rtol=1e-4, atol=1e-4)
+    for metric, value in runs["hf"]["results"][task].items():
+      if isinstance(value, float) and "stderr" not in metric:
+        np.testing.assert_allclose(runs["lpkernel"]["results"][task][metric], value, rtol=1e-4)
