@@ -262,6 +262,10 @@ def test_command_line_end_to_end(tmp_path, model):
   ]
   for task, metric in metrics:
     np.testing.assert_allclose(got[task][metric], want[task][metric], rtol=1e-6)
+  # The installed script is the same command.
+  script = Path(sys.executable).parent / "lpkernel-lm-eval"
+  run = subprocess.run([script, "--help"], env=env, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0 and "lm-eval" in run.stdout, run.stderr[-2000:]
 
 
 class GemmaStyleTokenizer:
