@@ -13,33 +13,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lpkernel import checks, ops
+from lpkernel import checks, ops, reference
 from lpkernel import partials as P
 from lpkernel.ops import higher_order
+from lpkernel.types import TokenStats
 
 _F32 = jnp.float32
-
-
-@flax.struct.dataclass
-class TokenStats:
-  """Per-token results of one fused sweep, each float32/bool ``[...]``.
-
-  Attributes:
-    logprobs: log Pr(target); NaN for ids outside ``[0, V)``.
-    lse: log-sum-exp of the (transformed) logits row (z-loss is ``lse ** 2``).
-    entropy: entropy of the softmax, ``lse - E_p[y]``.
-    greedy: the target is the first argmax of its row.
-  """
-
-  logprobs: jax.Array
-  lse: jax.Array
-  entropy: jax.Array
-  greedy: jax.Array
 
 
 def _plain(impl) -> ops.XlaFused:
@@ -152,7 +135,6 @@ def _implementation(implementation, num_rows: int) -> ops.FusedImplementation:
 
 def _reference_stats(h, unembed, targets, tau, softcap, vocab_axis) -> TokenStats:
   """``TokenStats`` of the materialised reference (a ``[V, D]`` table transposed)."""
-  from lpkernel import reference
 
   w = unembed if vocab_axis == 1 else unembed.T
   return reference.fused_token_stats(h, w, targets, tau, softcap)
@@ -383,8 +365,6 @@ def fused_nll_loss(
   weights = checks.loss_weights(weights, targets.shape)
   h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
   if ops.is_reference(implementation):
-    from lpkernel import reference
-
     stats = _reference_stats(h, unembed, t, tau, softcap, vocab_axis)
     return reference.nll_loss(stats, checks.constant_weights(weights), z_loss)
   return rows_fused_nll_loss(

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lpkernel import checks, ops
+from lpkernel import checks, ops, reference
 from lpkernel import partials as P
 from lpkernel.ops import higher_order
 from lpkernel.ops.logprobs import xla
@@ -165,8 +165,6 @@ def token_logprobs_and_greedy(
   logits, targets, tau = checks.logits_arguments(logits, targets, temperature, softcap)
   batch_shape, v = targets.shape, logits.shape[-1]
   if ops.is_reference(implementation):
-    from lpkernel import reference
-
     return reference.token_logprobs_and_greedy(
       logits, targets, temperature=1.0 if tau is None else tau.reshape(batch_shape), softcap=softcap
     )
@@ -351,8 +349,6 @@ def nll_loss(
   weights = checks.loss_weights(weights, targets.shape)
   x, t = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
   if ops.is_reference(implementation):
-    from lpkernel import reference
-
     stats = reference.logits_stats(x, t, tau, softcap)
     return reference.nll_loss(stats, checks.constant_weights(weights), z_loss)
   return rows_nll_loss(

@@ -18,7 +18,10 @@ import jax
 import jax.numpy as jnp
 
 from lpkernel import checks, ops
-from lpkernel.scoring import Scores
+from lpkernel.fused import fused_nll_loss
+from lpkernel.logprobs import nll_loss
+from lpkernel.scoring import checked_layout, group_sum
+from lpkernel.types import Scores
 
 Normalisation = Literal["tokens", "sequences", "sum"]
 DpoLossType = Literal["sigmoid", "hinge", "robust"]
@@ -170,8 +173,6 @@ def sft_loss_hidden(
     float32 scalar; NaN if a counted token id is out of range or a row's
     segment ids are invalid.
   """
-  from lpkernel.fused import fused_nll_loss
-
   hidden = checks.as_model_rows("hidden", hidden, "D")
   args = (tokens, response_mask, segment_ids, num_segments, normalise, response_only)
   targets, weights = _sft_weights(*args, ("hidden", hidden.shape))
@@ -217,8 +218,6 @@ def sft_loss_logits(
     float32 scalar; NaN if a counted token id is out of range or a row's
     segment ids are invalid.
   """
-  from lpkernel.logprobs import nll_loss
-
   logits = checks.as_model_rows("logits", logits, "V")
   args = (tokens, response_mask, segment_ids, num_segments, normalise, response_only)
   targets, weights = _sft_weights(*args, ("logits", logits.shape))
@@ -237,8 +236,6 @@ def _sft_weights(tokens, response_mask, segment_ids, num_segments, normalise, re
   """(targets int32[B, T], weights float32[B, T]): the rows' next tokens and
   each counted token's ``1 / normaliser`` (0 elsewhere; NaN where a row's
   segment ids are invalid, as in :func:`sft_loss`)."""
-  from lpkernel.scoring import checked_layout, group_sum
-
   _check_normalise(normalise)
   layout = checked_layout(tokens, response_mask, segment_ids, num_segments, dims)
   counted = layout.scored & layout.response if response_only else layout.scored

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from lpkernel.checks import contiguous_segments, poison
+from lpkernel.types import Scores, TokenStats
 
 _F32 = jnp.float32
 
@@ -135,8 +136,6 @@ def fused_token_stats(
 
 def logits_stats(logits, targets, tau=None, softcap=None):
   """``TokenStats`` (log-prob, log-sum-exp, entropy, greedy) of logits rows ``[..., V]``."""
-  from lpkernel.fused import TokenStats
-
   temperature = jnp.broadcast_to(jnp.asarray(1.0 if tau is None else tau, _F32), targets.shape)
   lp, greedy = token_logprobs_and_greedy(logits, targets, temperature=temperature, softcap=softcap)
 
@@ -171,8 +170,6 @@ def score(
   softcap: float | None = None,
 ):
   """``Scores`` by slicing: ``logits[:, :-1]`` against ``tokens[:, 1:]``."""
-  from lpkernel.scoring import Scores
-
   b, t, _ = logits.shape
   seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
   temperature = jnp.broadcast_to(jnp.asarray(temperature, _F32), (b, t))[:, :-1]

@@ -15,33 +15,11 @@ import jax
 import jax.numpy as jnp
 
 from lpkernel import checks, ops
-from lpkernel.fused import TokenStats, fused_token_stats
+from lpkernel.fused import fused_token_stats
 from lpkernel.logprobs import token_logprobs_and_greedy
+from lpkernel.types import Scores, TokenStats
 
 _F32 = jnp.float32
-
-
-@flax.struct.dataclass
-class Scores:
-  """Chain-rule scores; every field is ``[B]`` (per row) or ``[B, S]`` (per segment).
-
-  Attributes:
-    prompt_logprob: float32, log Pr(x) (the first token conditions, unscored).
-    response_logprob: float32, log Pr(y | x).
-    joint_logprob: float32, log Pr([x, y]) == prompt_logprob + response_logprob.
-    prompt_tokens: int32, number of scored x tokens.
-    response_tokens: int32, number of scored y tokens.
-    response_greedy: bool, every scored y token is an argmax of its logits row.
-    token_logprobs: float32[B, T], lp[t] at scored positions, 0 elsewhere.
-  """
-
-  prompt_logprob: jax.Array
-  response_logprob: jax.Array
-  joint_logprob: jax.Array
-  prompt_tokens: jax.Array
-  response_tokens: jax.Array
-  response_greedy: jax.Array
-  token_logprobs: jax.Array
 
 
 @flax.struct.dataclass

@@ -24,12 +24,19 @@ import argparse
 import os
 import sys
 
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import lpkernel as lpk
+from lpkernel import sharding
+
 B, T, D, V = 8, 6, 16, 64
 
 
 def global_batch(seed: int = 0):
   """The global batch every process derives (NumPy, identical everywhere)."""
-  import numpy as np
 
   rng = np.random.default_rng(seed)
   logits = rng.normal(size=(B, T, V)).astype(np.float32) * 2
@@ -42,8 +49,6 @@ def global_batch(seed: int = 0):
 
 def losses(mesh, logits, tokens, mask, hidden, unembed):
   """The three scoring forms as scalar losses (for values and gradients)."""
-  import lpkernel as lpk
-  from lpkernel import sharding
 
   def data_parallel(x):
     return lpk.score(x, tokens, mask).joint_logprob.sum()
@@ -62,9 +67,6 @@ def losses(mesh, logits, tokens, mask, hidden, unembed):
 
 def one_device(logits, tokens, mask, hidden, unembed):
   """Values and gradients of the three forms for the global batch on one device."""
-  import jax
-  import numpy as np
-  from jax.sharding import Mesh
 
   with jax.default_device(jax.local_devices()[0]):
     one_mesh = Mesh(np.array(jax.local_devices()[:1]).reshape(1, 1), ("data", "model"))
@@ -78,8 +80,6 @@ def one_device(logits, tokens, mask, hidden, unembed):
 
 def save_shards(path: str, out) -> None:
   """This process's shards of every result, with where each sits in the global array."""
-  import jax
-  import numpy as np
 
   arrays = {}
   for k, leaf in enumerate(jax.tree.leaves(out)):
@@ -98,15 +98,11 @@ def run(
   check: bool,
   out_path: str | None = None,
 ):
-  import jax
 
   if local_devices:
     jax.config.update("jax_num_cpu_devices", local_devices)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
-  import numpy as np
-  from jax.sharding import Mesh, NamedSharding
-  from jax.sharding import PartitionSpec as P
 
   devices = np.array(jax.devices()).reshape(-1, 2)  # (data, model) across both processes
   mesh = Mesh(devices, ("data", "model"))
@@ -162,7 +158,8 @@ def main(argv=None):
   parser.add_argument("--check", action="store_true")
   parser.add_argument("--out", help="write this process's result shards to this .npz file")
   args = parser.parse_args(argv)
-  os.environ.setdefault("JAX_PLATFORMS", "cpu" if args.local_devices else "")
+  if args.local_devices and not os.environ.get("JAX_PLATFORMS"):
+    jax.config.update("jax_platforms", "cpu")  # before any backend starts
   run(
     args.process_id, args.num_processes, args.coordinator, args.local_devices, args.check, args.out
   )

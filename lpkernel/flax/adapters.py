@@ -21,6 +21,7 @@ from flax import linen, nnx
 from lpkernel.flax.spec import ModelSpec, spec_of
 from lpkernel.fused import fused_token_stats
 from lpkernel.logprobs import token_logprobs_and_greedy
+from lpkernel.losses import sft_loss_hidden, sft_loss_logits
 from lpkernel.scoring import Scores, score, score_hidden, score_rows
 
 
@@ -251,8 +252,6 @@ def sft_loss_model(
     fused: from hidden states (True) or logits (False).
     **score_kwargs: ``temperature``, ``softcap``, ``implementation``.
   """
-  from lpkernel.losses import sft_loss_hidden, sft_loss_logits
-
   bound, state = BoundModel.of(model, spec=spec)
   # logits, or (hidden, unembed) and the spec's vocab_axis / softcap, or a clear error.
   out, kwargs = run_model(bound, state, tokens, segment_ids, fused, score_kwargs)

@@ -36,6 +36,7 @@ from typing import Any
 
 try:
   import lm_eval.models  # noqa: F401  (lm-eval's own models first: registering adds, never replaces)
+  from lm_eval.__main__ import cli_evaluate
   from lm_eval.api.model import TemplateLM
   from lm_eval.api.registry import register_model
 except ImportError as e:  # pragma: no cover - exercised only without the extra
@@ -145,13 +146,7 @@ def _tokenizer_kind(tokenizer: Any) -> str:
   return "sentencepiece" if "add_bos" in parameters else "huggingface"
 
 
-def _register(cls):
-  # Run as `python -m lpkernel.lm_eval`, this file is `__main__`; the backend is
-  # registered once, by the import that main() makes.
-  return cls if __name__ == "__main__" else register_model("lpkernel")(cls)
-
-
-@_register
+@register_model("lpkernel")
 class LpkernelLM(TemplateLM):
   """lm-eval's ``LM`` for a Flax model scored by lpkernel.
 
@@ -307,18 +302,12 @@ class LpkernelLM(TemplateLM):
 
 
 def main(argv: list[str] | None = None) -> None:
-  """lm-eval's command line with the ``lpkernel`` backend registered."""
-  from lm_eval.__main__ import cli_evaluate
-
-  import lpkernel.lm_eval  # noqa: F401  (registers model="lpkernel" under its real name)
-
+  """lm-eval's command line with the ``lpkernel`` backend registered (this
+  module's import registered it): ``python -m lpkernel.lm_eval`` and the
+  ``lpkernel-lm-eval`` script."""
   if argv is not None:
     sys.argv = [sys.argv[0], *argv]
   cli_evaluate()
 
 
 __all__ = ["LpkernelLM", "Tokenizer", "load_factory", "main"]
-
-
-if __name__ == "__main__":
-  main()

@@ -1,0 +1,87 @@
+"""The module graph: every lpkernel import at the top of its module, and no cycles.
+
+An import inside a function hides a cycle that only works because of the order
+in which modules happen to be loaded; here each module's top-level imports of
+lpkernel modules form a graph that must be acyclic (a package's implicit import
+of its parent ``__init__`` is not an edge: Python runs it first).
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "lpkernel"
+
+
+def _module_name(path: Path) -> str:
+  parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _targets(node: ast.AST) -> list[str]:
+  """The lpkernel modules an import statement loads."""
+  if isinstance(node, ast.Import):
+    names = [a.name for a in node.names]
+  elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+    # `from pkg import sub` loads pkg.sub when it is a module, else a name of pkg.
+    names = [
+      f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in MODULES else node.module
+      for a in node.names
+    ]
+  else:
+    return []
+  return [n for n in names if n == "lpkernel" or n.startswith("lpkernel.")]
+
+
+def _top_level_edges(tree: ast.Module) -> set[str]:
+  edges = set()
+  for node in tree.body:
+    statements = [node]
+    if isinstance(node, ast.Try):  # a guarded optional import
+      statements = node.body
+    for s in statements:
+      edges.update(_targets(s))
+  return edges
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_no_lpkernel_import_inside_a_function(name):
+  tree = ast.parse(MODULES[name].read_text())
+  nested = [
+    f"line {inner.lineno}"
+    for outer in ast.walk(tree)
+    if isinstance(outer, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+    for inner in ast.walk(outer)
+    if _targets(inner)
+  ]
+  assert not nested, f"{name} imports lpkernel modules inside functions: {nested}"
+
+
+def test_the_module_graph_is_acyclic():
+  graph = {
+    name: {t for t in _top_level_edges(ast.parse(path.read_text())) if t != name}
+    for name, path in MODULES.items()
+  }
+  # The package __init__ files re-export their submodules: an edge from a module to
+  # its own ancestor package is the implicit parent import, not a dependency.
+  for name, edges in graph.items():
+    graph[name] = {t for t in edges if not name.startswith(t + ".")}
+  state: dict[str, str] = {}
+
+  def visit(node: str, path: list[str]) -> None:
+    state[node] = "open"
+    for nxt in sorted(graph.get(node, ())):
+      if state.get(nxt) == "open":
+        cycle = path[path.index(nxt) :] + [nxt] if nxt in path else [node, nxt]
+        raise AssertionError(f"import cycle: {' -> '.join(cycle)}")
+      if nxt not in state:
+        visit(nxt, [*path, nxt])
+    state[node] = "done"
+
+  for name in sorted(graph):
+    if name not in state:
+      visit(name, [name])
