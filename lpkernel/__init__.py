@@ -6,7 +6,6 @@ from lpkernel import reference as reference
 from lpkernel.checks import check_chain_rule as check_chain_rule
 from lpkernel.checks import check_inputs as check_inputs
 from lpkernel.checks import checkify_inputs as checkify_inputs
-from lpkernel.fused import TokenStats as TokenStats
 from lpkernel.fused import fused_nll_loss as fused_nll_loss
 from lpkernel.fused import fused_token_logprobs as fused_token_logprobs
 from lpkernel.fused import fused_token_stats as fused_token_stats
@@ -21,10 +20,11 @@ from lpkernel.ops import PallasTpuFused as PallasTpuFused
 from lpkernel.ops import PallasTpuLogits as PallasTpuLogits
 from lpkernel.ops import XlaFused as XlaFused
 from lpkernel.ops import XlaLogits as XlaLogits
-from lpkernel.scoring import Scores as Scores
 from lpkernel.scoring import score as score
 from lpkernel.scoring import score_hidden as score_hidden
 from lpkernel.scoring import to_predicting_positions as to_predicting_positions
+from lpkernel.types import Scores as Scores
+from lpkernel.types import TokenStats as TokenStats
 
 __version__ = "0.1.0"
 
