@@ -32,7 +32,7 @@ from jax import lax
 
 from lpkernel import partials as P
 from lpkernel.ops.blocks import sweep
-from lpkernel.ops.fused.xla import chunked_grads, contract
+from lpkernel.ops.fused.matmuls import chunked_grads, contract
 from lpkernel.ops.logprobs.pallas_gpu import PallasGpuLogits
 
 _F32 = jnp.float32

@@ -35,8 +35,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from lpkernel import partials as P
 from lpkernel.ops import tiling
-from lpkernel.ops.fused.xla import contract
-from lpkernel.ops.logprobs.pallas_tpu import tpu_call
+from lpkernel.ops.fused.matmuls import contract
+from lpkernel.ops.mosaic import tpu_call
 
 _F32 = jnp.float32
 

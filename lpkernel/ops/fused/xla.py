@@ -28,6 +28,7 @@ from jax import lax
 from lpkernel import partials as P
 from lpkernel.ops import higher_order
 from lpkernel.ops.blocks import block_of, sweep
+from lpkernel.ops.fused.matmuls import chunked_grads, contract, grad_unembed, on_cpu
 
 _F32 = jnp.float32
 
@@ -116,21 +117,11 @@ class FusedConfig:
     return min(max(256, min(widest, vocab_size // 128 // 128 * 128)), vocab_size)
 
 
-def contract(a: jax.Array, a_axis: int, b: jax.Array, b_axis: int, precision) -> jax.Array:
-  """``a`` times ``b`` over ``a``'s axis ``a_axis`` and ``b``'s axis ``b_axis`` (2-D each)."""
-  dims = (((a_axis,), (b_axis,)), ((), ()))
-  return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=_F32)
-
-
 def _block_logits(h, w, lo, width, tau, softcap, precision, vocab_axis):
   """Vocabulary ``[lo, lo + width)``: (z raw float32 [N, width], y transformed, the w block)."""
   wb = block_of(w, lo, width, vocab_axis)
   z = contract(h, 1, wb, 1 - vocab_axis, precision)
   return z, P.transform(z, tau, softcap), wb
-
-
-def _on_cpu() -> bool:
-  return jax.default_backend() == "cpu"
 
 
 def block_grad(z, y, cols, targets, tau_col, softcap, f: P.Finished, g, dtype):
@@ -171,64 +162,6 @@ def chunk_grad(z, lo, width, targets, tau_col, softcap, dtype, stats):
   cols = lax.broadcasted_iota(jnp.int32, (1, z.shape[1]), 1)
   f, g, out = stats(y, cols, t, rows)
   return (*block_grad(z, y, cols, t, tc, softcap, f, g, dtype), out)
-
-
-def grad_unembed(h, dz, vocab_axis: int, precision, h_t=None) -> jax.Array:
-  """``h^T dz`` float32 in the matrix's layout: ``[D, W]``, or ``[W, D]`` for a ``[V, D]``
-  table.
-
-  With ``h_t`` (``h.T``, made once by the caller: the CPU) every dot contracts its
-  left operand's last axis, which XLA:CPU's bfloat16 dots need (to be fast, and
-  with a float32 result at all); a ``[V, D]`` table then takes ``dz.T @ h``, the
-  copy of ``dz`` kept by a barrier from being folded back into the dot.
-  """
-  if h_t is None:
-    return contract(h, 0, dz, 0, precision) if vocab_axis == 1 else contract(dz, 0, h, 0, precision)
-  if vocab_axis == 1:
-    return contract(h_t, 1, dz, 0, precision)
-  return contract(lax.optimization_barrier(dz.T), 1, h, 0, precision)
-
-
-def chunked_grads(h, w, size: int, vocab_axis: int, precision, row_grads, out_init=None, tau=None):
-  """Gradients over token chunks, each chunk's logits made once by one matmul.
-
-  For tokens ``[lo, lo + width)`` (``size`` at a time, the tail statically
-  shaped): ``z = h_c @ w`` (float32 ``[width, V]``), then
-  ``row_grads(z, lo, width) -> (d z, d tau [width] or None, out [width])``, then
-  ``d h`` rows ``= d z @ w^T`` and ``d w += h_c^T d z`` (a float32 accumulator
-  when there is more than one chunk).
-
-  Returns:
-    (out, d h float32 [N, D], d w in w's layout and dtype, d tau float32 [N] or None).
-  """
-  n = h.shape[0]
-  one_chunk = size >= n
-
-  def put(a, b, lo):
-    return jax.tree.map(lambda x, y: lax.dynamic_update_slice_in_dim(x, y, lo, 0), a, b)
-
-  def step(carry, lo, width):
-    out, dh, dw, dtau = carry
-    hc = lax.dynamic_slice_in_dim(h, lo, width, axis=0)
-    z = contract(hc, 1, w, 1 - vocab_axis, precision)
-    dz, dtau_c, out_c = row_grads(z, lo, width)
-    # d h rows = dz @ w^T, contracting the vocabulary axis as stored.
-    dh = put(dh, contract(dz, 1, w, vocab_axis, precision), lo)
-    h_t = lax.optimization_barrier(hc.T) if _on_cpu() else None
-    dwc = grad_unembed(hc, dz, vocab_axis, precision, h_t)
-    dw = dwc.astype(w.dtype) if one_chunk else dw + dwc
-    if dtau is not None:
-      dtau = put(dtau, dtau_c, lo)
-    return put(out, out_c, lo), dh, dw, dtau
-
-  init = (
-    out_init,
-    jnp.zeros(h.shape, _F32),
-    jnp.zeros(w.shape, w.dtype if one_chunk else _F32),
-    None if tau is None else jnp.zeros((n,), _F32),
-  )
-  out, dh, dw, dtau = sweep(step, init, n, min(size, n))
-  return out, dh, dw.astype(w.dtype), dtau
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,7 +211,7 @@ class XlaFused:
     # one copy of d w (a temporary of the gradient's own size, never of the
     # logits'); float16 has no fast CPU dot and does not gain. A bit view has no
     # derivative, so a derivative of this backward is the bfloat16 carry's.
-    bits = jnp.dtype(jnp.uint16) if _on_cpu() and w.dtype == jnp.bfloat16 else None
+    bits = jnp.dtype(jnp.uint16) if on_cpu() and w.dtype == jnp.bfloat16 else None
     sweep_back = functools.partial(self._grads, softcap=softcap, vocab_axis=vocab_axis)
     return higher_order.differentiated_as(sweep_back, bits, None)(h, w, targets, tau, f, g)
 
@@ -288,7 +221,7 @@ class XlaFused:
     # On the CPU, d w blocks come from a [D, N] copy of h made once: XLA:CPU's fast
     # bfloat16 dots want the contracted axis last on the left (contracting N on h
     # itself ran 5x slower). Other backends contract h as it is, with no copy.
-    h_t = lax.optimization_barrier(h.T) if _on_cpu() else None
+    h_t = lax.optimization_barrier(h.T) if on_cpu() else None
 
     def step(carry, lo, width):
       dh, dw, dtau = carry

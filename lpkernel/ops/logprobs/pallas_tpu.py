@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
 from lpkernel import partials as P
 from lpkernel.ops import tiling
+from lpkernel.ops.mosaic import tpu_call
 
 _F32 = jnp.float32
 
@@ -157,29 +157,6 @@ class PallasTpuLogits:
       self.vmem_limit_bytes,
     )(x, *(r.astype(_F32 if r.dtype != jnp.int32 else r.dtype)[:, None] for r in inputs[1:]))
     return out[:, 0], dx, (dtau[0][:, 0] if dtau else None)
-
-
-def tpu_call(
-  kernel, grid, in_specs, out_specs, out_shape, scratch, semantics, interpret, vmem_limit=None
-):
-  """``pl.pallas_call`` of a Mosaic TPU kernel over ``grid`` with VMEM ``scratch``;
-  ``interpret`` runs it in TPU interpret mode (``pltpu.InterpretParams``);
-  ``vmem_limit`` raises Mosaic's scoped VMEM limit (bytes; None: its default)."""
-  return pl.pallas_call(
-    kernel,
-    grid_spec=pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=0,
-      grid=grid,
-      in_specs=in_specs,
-      out_specs=out_specs,
-      scratch_shapes=list(scratch),
-    ),
-    out_shape=out_shape,
-    compiler_params=pltpu.CompilerParams(
-      dimension_semantics=semantics, vmem_limit_bytes=vmem_limit
-    ),
-    interpret=pltpu.InterpretParams() if interpret else False,
-  )
 
 
 def _partials_kernel(x_ref, target_ref, *refs, vocab_size, softcap, has_tau):
