@@ -37,7 +37,6 @@ B, T, D, V = 8, 6, 16, 64
 
 def global_batch(seed: int = 0):
   """The global batch every process derives (NumPy, identical everywhere)."""
-
   rng = np.random.default_rng(seed)
   logits = rng.normal(size=(B, T, V)).astype(np.float32) * 2
   tokens = rng.integers(0, V, size=(B, T)).astype(np.int32)
@@ -67,7 +66,6 @@ def losses(mesh, logits, tokens, mask, hidden, unembed):
 
 def one_device(logits, tokens, mask, hidden, unembed):
   """Values and gradients of the three forms for the global batch on one device."""
-
   with jax.default_device(jax.local_devices()[0]):
     one_mesh = Mesh(np.array(jax.local_devices()[:1]).reshape(1, 1), ("data", "model"))
     dp, vp, fused = losses(one_mesh, logits, tokens, mask, hidden, unembed)
@@ -80,7 +78,6 @@ def one_device(logits, tokens, mask, hidden, unembed):
 
 def save_shards(path: str, out) -> None:
   """This process's shards of every result, with where each sits in the global array."""
-
   arrays = {}
   for k, leaf in enumerate(jax.tree.leaves(out)):
     for j, shard in enumerate(leaf.addressable_shards):
@@ -98,7 +95,6 @@ def run(
   check: bool,
   out_path: str | None = None,
 ):
-
   if local_devices:
     jax.config.update("jax_num_cpu_devices", local_devices)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

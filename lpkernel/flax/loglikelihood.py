@@ -166,7 +166,7 @@ class Scorer:
   def of(
     model: Any,
     *,
-    max_length: int,
+    max_length: int | None,
     variables: Any = None,
     spec: ModelSpec | None = None,
     batch_size: int | str | None = 8,
@@ -174,10 +174,19 @@ class Scorer:
     pad_token: int = 0,
     fused: bool = False,
   ) -> Scorer:
+    """Binds ``model``; ``max_length`` None takes the spec's declared window
+    (``ModelSpec.max_length``) and raises when it declares none."""
     batch_size = parse_batch_size(batch_size)
+    bound, state = BoundModel.of(model, variables, spec)
+    if max_length is None:
+      max_length = bound.spec.max_length_of(*bound.module_and_variables(state))
+    if max_length is None:
+      raise ValueError(
+        "max_length is required: the model's ModelSpec declares none (ModelSpec(max_length=...)); "
+        "pass the model's context window as max_length="
+      )
     if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
       raise ValueError(f"max_length={max_length!r} must be a positive int")
-    bound, state = BoundModel.of(model, variables, spec)
     if pack is None:
       pack = bound.spec.packs
     elif pack and not bound.spec.packs:

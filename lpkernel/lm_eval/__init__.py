@@ -44,7 +44,6 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     'lpkernel.lm_eval needs lm-evaluation-harness: pip install "lpkernel[lm-eval]"'
   ) from e
 
-from lpkernel.flax.adapters import BoundModel
 from lpkernel.flax.loglikelihood import Scorer
 from lpkernel.flax.spec import ModelSpec
 
@@ -124,7 +123,7 @@ class Tokenizer:
     for name in names:
       for owner in (self.tokenizer, getattr(self.tokenizer, "special_tokens", None)):
         value = getattr(owner, name, None)
-        if isinstance(value, int) or (value is not None and hasattr(value, "__index__")):
+        if value is not None and hasattr(value, "__index__"):  # an int, or an int enum
           return int(value)
     return None
 
@@ -219,17 +218,9 @@ class LpkernelLM(TemplateLM):
         f"no prefix_token_id given and the tokenizer ({type(self.tokenizer.tokenizer).__name__}) "
         "has no BOS / EOS / EOT id: pass prefix_token_id="
       )
-    if max_length is None:
-      bound, state = BoundModel.of(model, variables, spec)
-      max_length = bound.spec.max_length_of(*bound.module_and_variables(state))
-    if max_length is None:
-      raise ValueError(
-        "max_length is required: the model's ModelSpec declares none (ModelSpec(max_length=...)); "
-        "pass the model's context window as max_length="
-      )
     self.scorer = Scorer.of(
       model,
-      max_length=int(max_length),
+      max_length=None if max_length is None else int(max_length),
       variables=variables,
       spec=spec,
       batch_size=batch_size,
