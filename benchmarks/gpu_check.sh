@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# One prepared run on a lent GPU machine (see the device tool). Most important first:
-# the Pallas fused (token chunks) and logits kernels checked on the device and timed
-# against the floors (benchmarks/gpu_kernels.py, results saved after each section),
-# then the gpu suite. Results land under $OUT.
-# Usage there: bash benchmarks/gpu_check.sh
+# The GPU check, on any machine with an NVIDIA GPU and a CUDA jax: prints the
+# device and the JAX/Flax versions, then, most important first, checks the Pallas
+# fused (token chunks) and logits kernels on the device against the reference and
+# times them against the device's floors (benchmarks/gpu_kernels.py, results saved
+# after each section), then runs `python -m benchmarks --suite gpu`. Results (JSON,
+# plots, logs) go under $OUT (default /tmp/gpu-out). Wheels in .whl/, if any, are
+# installed first into /tmp/site (for a machine without a package index).
+# Usage: bash benchmarks/gpu_check.sh
 set -u
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl

@@ -35,8 +35,8 @@ def _forward(h, w, targets, tau, softcap, impl, axis, vocab_size, vocab_axis):
   def rule(impl, h, w, targets, tau):
     offset = P.block_offset(axis, w.shape[vocab_axis])
     local = targets - offset
-    p = P.combine_shards(impl.partials(h, w, local, tau, softcap, vocab_axis), axis, offset)
-    f = P.finish(p, targets, vocab_size)
+    partials = impl.partials(h, w, local, tau, softcap, vocab_axis)
+    f = P.finish(P.combine_shards(partials, axis, offset, tau), targets, vocab_size, tau)
     stats, bads = _poisoned_stats(f, targets, tau, vocab_size)
     return stats, (h, w, local, tau, f, bads)
 

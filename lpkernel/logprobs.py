@@ -40,8 +40,8 @@ def _forward(x, targets, tau, softcap, impl, axis, vocab_size):
   def rule(impl, x, targets, tau):
     offset = P.block_offset(axis, x.shape[1])
     local = targets - offset
-    p = P.combine_shards(impl.partials(x, local, tau, softcap), axis, offset)
-    f = P.finish(p, targets, vocab_size)
+    p = P.combine_shards(impl.partials(x, local, tau, softcap), axis, offset, tau)
+    f = P.finish(p, targets, vocab_size, tau)
     bad_id, bad_tau = P.poisoned_rows(targets, tau, vocab_size)
     bad = bad_id | bad_tau
     logprob = jnp.where(bad, jnp.nan, f.logprob)
@@ -96,25 +96,24 @@ def _grads(impl, x, local, tau, softcap, shift, log_s, g, g_lse=None, mass=None)
 def _grad_tau(impl, x, local, tau, softcap, shift, log_s, g, g_lse=None, mass=None):
   """float32[N]: this block's part of d/d tau of ``g * lp + g_lse * lse`` (``tau`` safe).
 
-  ``y = s(x) / tau``, so ``d lse / d tau = -E_p[y] / tau`` and
+  ``y = z / tau``, so ``d lse / d tau = -E_p[y] / tau`` and
   ``d lp / d tau = (E_p[y] - y_t) / tau``, each centred on the row's shift to
-  keep its precision. On a vocabulary block the sums run over its columns and
-  the parts add up over the blocks: ``mass`` is the block's share of the
-  softmax (the lse term's shift weighs that much here); the lp term's shift
-  parts cancel over the blocks.
+  keep its precision (``y - shift / tau = (z - shift) / tau``). On a
+  vocabulary block the sums run over its columns and the parts add up over the
+  blocks: ``mass`` is the block's share of the softmax (the lse term's shift
+  weighs that much here); the lp term's shift parts cancel over the blocks.
   """
   with jax.named_scope("dtemperature"):
     centred = impl.centred_expected_y(x, tau, softcap, shift, log_s)
-    target_y = xla.target_y(x, local, tau, softcap)
-    # An impossible target's y is a constant: its term is the shift alone
-    # (d lp / d tau = E_p[y] / tau), in the one block that holds it.
-    holds = (local >= 0) & (local < x.shape[-1])
-    t = jnp.where(holds & (target_y == -jnp.inf), -shift, P.finite_or_zero(target_y - shift))
+    # An impossible target's centred y is a constant (-inf): d lp / d tau =
+    # E_p[y - shift / tau] / tau, as for P.grad_tau; the shift's parts cancel.
+    t = P.centred_y(xla.target_z(x, local, softcap), shift, tau)
     d = jnp.where(g != 0, g * (centred - t), 0.0)
     if g_lse is not None:
       # A row with no mass (all -inf, lse = -inf) has nothing that moves with tau.
       live_lse = (g_lse != 0) & (log_s != -jnp.inf)
-      d = d - jnp.where(live_lse, g_lse * (centred + P.finite_or_zero(shift) * mass), 0.0)
+      shift_part = jnp.where(mass > 0, (shift / tau) * mass, 0.0)
+      d = d - jnp.where(live_lse, g_lse * (centred + shift_part), 0.0)
     return d / tau
 
 
@@ -247,7 +246,8 @@ def _nll_fwd(x, targets, tau, weights, z_loss, softcap, impl, axis, vocab_size):
     f, (g_lp, g_lse, _), terms = rows.cotangents(p, 0, x.shape[0])
     mass = None  # d tau's: this block's share of the softmax mass (1 without shards)
     if tau is not None:
-      mass = jnp.where(p.s > 0, p.s * jnp.exp(P.shift_of(p.m) - f.shift - f.log_s), 0.0)
+      share = jnp.exp(P.scaled(P.shift_of(p.m) - f.shift, safe_tau) - f.log_s)
+      mass = jnp.where(p.s > 0, p.s * share, 0.0)
     args = (x, rows.targets, safe_tau, softcap, f.shift, f.log_s, g_lp, g_lse, mass)
     dx, dtau = _grads(impl, *args)
     return jnp.sum(terms), dx, None if dtau is None else jnp.where(weights != 0, dtau, 0.0)

@@ -7,14 +7,20 @@ vocab-parallel functions) reduces a block of a logits row to a
 :func:`finish` turns the merged partials into log-probability, log-sum-exp,
 entropy and the greedy flag. The numerics live here, once:
 
-* ``lp = (t - shift) - log(s)``, never ``t - (shift + log(s))``: at large logit
+* Shift before you scale: the partials hold the *capped* logits
+  ``z = softcap(x)`` (float32) and apply the temperature only to differences
+  ``z - shift``, so ``y = z / temperature`` is never formed: a bfloat16 logit
+  near the format's maximum at temperature 0.5 would overflow float32 to
+  ``inf`` (and ``inf - inf`` is NaN), though every log-probability is finite.
+* ``lp = (t - shift) / tau - log(s)``, never ``t / tau - (lse)``: at large logit
   magnitudes the log-sum-exp rounds to the ulp of ``shift`` (a row of 1e8 would
   score 0 instead of ``-log V``). The backward pass gets ``shift`` and
   ``log(s)`` separately for the same reason.
 * NaN wins: a NaN anywhere in the row makes ``m`` and ``s`` NaN, and so the
   log-probability, even when the target is ``-inf``.
 * ``-inf`` at the target is probability zero: ``-inf``, also for all-``-inf`` rows.
-* greedy means the target is the *first* argmax of its (transformed) row.
+* greedy means the target is the *first* argmax of its capped row ``z`` (a
+  temperature never changes the greedy token).
 """
 
 from __future__ import annotations
@@ -34,20 +40,23 @@ NO_COLUMN = jnp.iinfo(jnp.int32).max
 class RowPartials(NamedTuple):
   """Softmax statistics of one block of columns of each row, all ``[N]``.
 
-  ``y`` is the transformed logit ``softcap(x) / temperature`` in float32.
+  ``z`` is the capped logit ``softcap(x)`` in float32 (:func:`capped`) and
+  ``tau`` the row's temperature: the softmax is over ``y = z / tau``, always
+  formed as ``(z - shift) / tau`` (:func:`scaled`).
 
   Attributes:
-    m: max of ``y`` over the block (``-inf`` for an empty or all-``-inf``
+    m: max of ``z`` over the block (``-inf`` for an empty or all-``-inf``
       block; NaN if the block holds NaN).
-    s: sum of ``exp(y - shift(m))``; see :func:`shift_of`.
-    t: the target's ``y``, or ``-inf`` when the block does not hold the target.
-    arg: int32, the first column (global id) where ``y == m``. Implementations
+    s: sum of ``exp((z - shift(m)) / tau)``; see :func:`shift_of`.
+    t: the target's ``z``, or ``-inf`` when the block does not hold the target.
+    arg: int32, the first column (global id) where ``z == m``. Implementations
       that only decide the target's own flag may report, instead, the target
       itself when it is the block's first argmax, ``-1`` when an earlier column
       of the block attains ``m``, and any column of the block on the target's
       side otherwise (e.g. the block's first column): merges then give the
       same greedy flag.
-    sy: sum of ``exp(y - shift(m)) * (y - shift(m))`` (finite terms only), for
+    sy: sum of ``e * (z - shift(m)) / tau`` with ``e`` the terms of ``s``
+      (finite terms only), for
       the entropy; None where no entropy is asked for. Centred on the shift so
       that the entropy keeps its precision at large logit magnitudes.
   """
@@ -69,18 +78,22 @@ def shift_of(m: jax.Array) -> jax.Array:
   return finite_or_zero(m)
 
 
-def transform(x: jax.Array, tau: jax.Array | None, softcap: float | None) -> jax.Array:
-  """``y = softcap(x) / tau`` in float32; ``-inf`` stays ``-inf`` under softcap."""
-  y = x.astype(_F32)
+def capped(x: jax.Array, softcap: float | None) -> jax.Array:
+  """``z = softcap(x)`` in float32; ``-inf`` stays ``-inf`` under softcap."""
+  z = x.astype(_F32)
   if softcap is not None:
-    y = jnp.where(y == -jnp.inf, -jnp.inf, softcap * jnp.tanh(y / softcap))
-  if tau is not None:
-    y = y / tau
-  return y
+    z = jnp.where(z == -jnp.inf, -jnp.inf, softcap * jnp.tanh(z / softcap))
+  return z
+
+
+def scaled(d: jax.Array, tau: jax.Array | None) -> jax.Array:
+  """``d / tau`` (``d`` itself without a temperature): the temperature applied to a
+  difference of capped logits, never to a capped logit itself."""
+  return d if tau is None else d / tau
 
 
 def transform_grad(x: jax.Array, tau: jax.Array | None, softcap: float | None):
-  """``dy / dx`` elementwise (a Python 1.0 when there is no transform)."""
+  """``dy / dx`` of ``y = softcap(x) / tau`` elementwise (a Python 1.0 when neither applies)."""
   d = 1.0
   if softcap is not None:
     d = 1.0 - jnp.square(jnp.tanh(x.astype(_F32) / softcap))
@@ -90,7 +103,7 @@ def transform_grad(x: jax.Array, tau: jax.Array | None, softcap: float | None):
 
 
 def grad_x(dy: jax.Array, x: jax.Array, tau: jax.Array | None, softcap: float | None):
-  """``d x`` from ``d y`` through :func:`transform`, elementwise (float32).
+  """``d x`` from ``d y`` through ``y = softcap(x) / tau``, elementwise (float32).
 
   Zero wherever ``dy`` is zero: a dead row's logits may hold NaN, whose
   ``transform_grad`` would otherwise turn ``0 * NaN`` into a NaN gradient.
@@ -110,28 +123,29 @@ def empty(shape: int | tuple[int, ...], with_entropy: bool = False) -> RowPartia
 
 
 def block_partials(
-  y: jax.Array,
+  z: jax.Array,
   cols: jax.Array,
   targets: jax.Array,
+  tau: jax.Array | None,
   keepdims: bool = False,
   with_entropy: bool = True,
 ) -> RowPartials:
-  """The partials of one block of transformed logits ``y [N, W]`` at global columns ``cols``.
+  """The partials of one block of capped logits ``z [N, W]`` at global columns ``cols``.
 
   ``targets`` is ``[N]`` and every field ``[N]``; with ``keepdims`` both are
-  ``[N, 1]`` (the 2-D layout TPU kernels keep). Columns outside the array must
-  already be ``-inf`` in ``y``.
+  ``[N, 1]`` (the 2-D layout TPU kernels keep). ``tau`` is ``[N, 1]`` or None.
+  Columns outside the array must already be ``-inf`` in ``z``.
   """
-  m = jnp.max(y, axis=-1, keepdims=True)
-  shift = shift_of(m)
-  e = jnp.exp(y - shift)
+  m = jnp.max(z, axis=-1, keepdims=True)
+  y_c = scaled(z - shift_of(m), tau)
+  e = jnp.exp(y_c)
   target_col = targets if keepdims else targets[:, None]
   p = RowPartials(
     m=m,
     s=jnp.sum(e, axis=-1, keepdims=True),
-    t=jnp.max(jnp.where(cols == target_col, y, -jnp.inf), axis=-1, keepdims=True),
-    arg=jnp.min(jnp.where(y == m, cols, NO_COLUMN), axis=-1, keepdims=True),
-    sy=jnp.sum(e * finite_or_zero(y - shift), axis=-1, keepdims=True) if with_entropy else None,
+    t=jnp.max(jnp.where(cols == target_col, z, -jnp.inf), axis=-1, keepdims=True),
+    arg=jnp.min(jnp.where(z == m, cols, NO_COLUMN), axis=-1, keepdims=True),
+    sy=jnp.sum(e * finite_or_zero(y_c), axis=-1, keepdims=True) if with_entropy else None,
   )
   return p if keepdims else jax.tree.map(lambda a: a[:, 0], p)
 
@@ -190,24 +204,34 @@ def over_mesh(axis_name: str) -> Reducers:
   )
 
 
-def combine(p: RowPartials, reduce: Reducers, expand=lambda x: x) -> RowPartials:
+def combine(
+  p: RowPartials, reduce: Reducers, tau: jax.Array | None, expand=lambda x: x
+) -> RowPartials:
   """The online-softmax merge of the blocks' partials: the only one in lpkernel.
 
   Args:
     p: partials of several blocks of the same rows.
     reduce: reductions over the blocks (:func:`over_axis` or :func:`over_mesh`).
+    tau: the rows' temperatures ``[N]`` (as the reduced values), or None.
     expand: puts a reduced ``[N]`` value back beside the blocks (e.g. a
       ``[:, None]`` for blocks along axis 1; identity for a mesh axis).
   """
   m, t = reduce.max((p.m, p.t))
-  scale = jnp.exp(p.m - expand(shift_of(m)))  # 0 for an empty block; NaN stays NaN
+  tau = None if tau is None else expand(tau)
+  # 0 for an empty block, with no derivative (a derivative of -inf / tau is
+  # NaN in a gradient of a gradient); NaN stays NaN.
+  gap = p.m - expand(shift_of(m))
+  empty_block = gap == -jnp.inf
+  scale = jnp.where(empty_block, 0.0, jnp.exp(scaled(jnp.where(empty_block, 0.0, gap), tau)))
   # Ties go to the lowest column; a block whose max is below the row's never wins.
   arg = reduce.min(jnp.where(p.m == expand(m), p.arg, NO_COLUMN))
   if p.sy is None:
     return RowPartials(m=m, s=reduce.sum(p.s * scale), t=t, arg=arg)
   # Re-centre each block's sum of p * (y - shift) on the row's shift.
-  delta = jnp.where(p.s > 0, shift_of(p.m) - expand(shift_of(m)), 0.0)
-  s, sy = reduce.sum((p.s * scale, (p.sy + p.s * delta) * scale))
+  delta = jnp.where(p.s > 0, scaled(shift_of(p.m) - expand(shift_of(m)), tau), 0.0)
+  # A block without weight in the row adds nothing (its delta may be -inf).
+  recentred = jnp.where(scale == 0, 0.0, (p.sy + p.s * delta) * scale)
+  s, sy = reduce.sum((p.s * scale, recentred))
   return RowPartials(m=m, s=s, t=t, arg=arg, sy=sy)
 
 
@@ -216,13 +240,14 @@ def block_offset(axis_name: str | None, block_columns: int) -> jax.Array | int:
   return 0 if axis_name is None else lax.axis_index(axis_name) * block_columns
 
 
-def combine_shards(p: RowPartials, axis_name: str | None, offset) -> RowPartials:
+def combine_shards(p: RowPartials, axis_name: str | None, offset, tau) -> RowPartials:
   """Merges the partials of every device's vocabulary block along ``axis_name``
-  (inside ``shard_map``); block-local argmax columns become global ones."""
+  (inside ``shard_map``; ``tau`` the rows' temperatures or None); block-local
+  argmax columns become global ones."""
   if axis_name is None:
     return p
   with jax.named_scope("vocab_parallel_combine"):
-    return combine(at_offset(p, offset), over_mesh(axis_name))
+    return combine(at_offset(p, offset), over_mesh(axis_name), tau)
 
 
 def at_offset(p: RowPartials, offset) -> RowPartials:
@@ -231,10 +256,11 @@ def at_offset(p: RowPartials, offset) -> RowPartials:
   return p._replace(arg=jnp.where(p.arg == NO_COLUMN, NO_COLUMN, p.arg + offset))
 
 
-def merge(a: RowPartials, b: RowPartials) -> RowPartials:
-  """Merges two blocks' partials of the same rows (e.g. a running sweep and a new block)."""
+def merge(a: RowPartials, b: RowPartials, tau: jax.Array | None) -> RowPartials:
+  """Merges two blocks' partials of the same rows (e.g. a running sweep and a new
+  block); ``tau`` the rows' temperatures or None."""
   stacked = jax.tree.map(lambda x, y: jnp.stack([x, y]), a, b)
-  return combine(stacked, over_axis(0))
+  return combine(stacked, over_axis(0), tau)
 
 
 class Finished(NamedTuple):
@@ -243,10 +269,12 @@ class Finished(NamedTuple):
   Attributes:
     logprob: log Pr(target); NaN for an id outside ``[0, V)``.
     greedy: bool, the target is the first argmax of its row (False where NaN).
-    shift: float32 shift of the row (its max, or 0).
-    log_s: ``log(sum exp(y - shift))``; ``lse = shift + log_s``.
-    centred: ``E_p[y - shift]`` (0 without ``sy``); the entropy is
+    shift: float32 shift of the row's capped logits ``z`` (their max, or 0).
+    log_s: ``log(sum exp((z - shift) / tau))``.
+    centred: ``E_p[(z - shift) / tau]`` (0 without ``sy``); the entropy is
       ``log_s - centred`` (0 for a row of ``-inf`` logits).
+    lse: the log-sum-exp of ``y = z / tau``, ``shift / tau + log_s``
+      (``inf`` only where it exceeds float32).
   """
 
   logprob: jax.Array
@@ -254,10 +282,7 @@ class Finished(NamedTuple):
   shift: jax.Array
   log_s: jax.Array
   centred: jax.Array
-
-  @property
-  def lse(self) -> jax.Array:
-    return self.shift + self.log_s
+  lse: jax.Array
 
   @property
   def entropy(self) -> jax.Array:
@@ -265,23 +290,24 @@ class Finished(NamedTuple):
     return jnp.where(self.log_s == -jnp.inf, 0.0, self.log_s - self.centred)
 
 
-def finish(p: RowPartials, targets: jax.Array, vocab_size: int) -> Finished:
+def finish(p: RowPartials, targets: jax.Array, vocab_size: int, tau: jax.Array | None) -> Finished:
   """Log-probability, greedy flag and normaliser of each row from its merged partials.
 
   Args:
     p: the partials of whole rows.
     targets: int32[N] global ids; outside ``[0, vocab_size)`` gives NaN.
+    tau: the rows' temperatures (shaped as ``targets``), or None.
   """
   shift = shift_of(p.m)
   log_s = jnp.log(p.s)
   nan_row = jnp.isnan(p.m) | jnp.isnan(log_s)
-  logprob = jnp.where((p.t == -jnp.inf) & ~nan_row, -jnp.inf, (p.t - shift) - log_s)
+  logprob = jnp.where((p.t == -jnp.inf) & ~nan_row, -jnp.inf, scaled(p.t - shift, tau) - log_s)
   in_range = (targets >= 0) & (targets < vocab_size)
   logprob = jnp.where(in_range, logprob, jnp.nan)
   # An impossible (-inf) target is never greedy, nor is a NaN value.
   greedy = (p.arg == targets) & (p.t == p.m) & (p.t > -jnp.inf) & ~jnp.isnan(logprob)
   centred = jnp.zeros_like(shift) if p.sy is None else jnp.where(p.s > 0, p.sy / p.s, 0.0)
-  return Finished(logprob, greedy, shift, log_s, centred)
+  return Finished(logprob, greedy, shift, log_s, centred, scaled(shift, tau) + log_s)
 
 
 def poisoned_rows(targets, tau, vocab_size) -> tuple[jax.Array, jax.Array]:
@@ -345,12 +371,15 @@ def nll_terms(f: Finished, targets, tau, weights, *, z_loss: float, vocab_size: 
   return g_lp, g_lse, jnp.where(live, weights * term, 0.0)
 
 
-def nll_rows(targets, tau, weights, z_loss: float, vocab_size: int, axis_name, offset) -> LossRows:
+def nll_rows(
+  targets, tau, used_tau, weights, z_loss: float, vocab_size: int, axis_name, offset
+) -> LossRows:
   """The :class:`LossRows` of ``sum_n w_n * (z_loss * lse_n ** 2 - lp_n)`` on this shard.
 
   Args:
     targets: int32[N] global ids; ``tau``: the caller's float32[N] temperatures
-      or None; ``weights``: float32[N].
+      or None, ``used_tau`` those the implementation transforms with
+      (:func:`safe_tau`); ``weights``: float32[N].
     axis_name, offset: the mesh axis the columns are split over (or None) and
       this device's first column (:func:`block_offset`).
   """
@@ -360,7 +389,8 @@ def nll_rows(targets, tau, weights, z_loss: float, vocab_size: int, axis_name, o
       return None if a is None else lax.dynamic_slice_in_dim(a, lo, width)
 
     t = cut(targets)
-    f = finish(combine_shards(p, axis_name, offset), t, vocab_size)
+    used = cut(used_tau)
+    f = finish(combine_shards(p, axis_name, offset, used), t, vocab_size, used)
     g_lp, g_lse, out = nll_terms(f, t, cut(tau), cut(weights), z_loss=z_loss, vocab_size=vocab_size)
     return f, (g_lp, g_lse, None), out
 
@@ -377,8 +407,8 @@ def nll_inputs(targets, tau, weights, z_loss: float, vocab_size: int, axis_name,
   vocabulary) and the temperatures the implementation transforms with: the
   caller's, 1 on dead and poisoned rows (None without temperatures)."""
   offset = block_offset(axis_name, block_columns)
-  rows = nll_rows(targets, tau, weights, z_loss, vocab_size, axis_name, offset)
-  return rows, safe_tau(tau, weights != 0, poisoned_rows(targets, tau, vocab_size)[1])
+  used = safe_tau(tau, weights != 0, poisoned_rows(targets, tau, vocab_size)[1])
+  return nll_rows(targets, tau, used, weights, z_loss, vocab_size, axis_name, offset), used
 
 
 def safe_tau(tau, live, bad):
@@ -392,15 +422,18 @@ def dense_cotangents(g, like: jax.Array) -> list[jax.Array]:
   return [jnp.zeros_like(like) if c is None else c for c in g]
 
 
-def softmax(y: jax.Array, shift: jax.Array, log_s: jax.Array, exp=jnp.exp) -> jax.Array:
-  """``p = exp((y - shift) - log_s)`` with per-row ``shift``/``log_s`` broadcast to ``y``.
+def softmax(
+  z: jax.Array, shift: jax.Array, log_s: jax.Array, tau: jax.Array | None, exp=jnp.exp
+) -> jax.Array:
+  """``p = exp((z - shift) / tau - log_s)`` with per-row ``shift``, ``log_s`` and
+  ``tau`` (or None) broadcast to the capped logits ``z``.
 
   A row with no mass (all ``-inf``: ``log_s = -inf``) has ``p = 0``, not
   ``exp(-inf + inf)``; a row holding ``+inf`` (``log_s = +inf``) has ``p = 0`` at
   its finite columns and NaN at its ``+inf`` ones; NaN stays NaN. ``exp`` may be
   a kernel's own exponential.
   """
-  return exp((y - shift) - jnp.where(log_s == -jnp.inf, 0.0, log_s))
+  return exp(scaled(z - shift, tau) - jnp.where(log_s == -jnp.inf, 0.0, log_s))
 
 
 def grad_y(
@@ -412,7 +445,7 @@ def grad_y(
   y_c: jax.Array | None = None,
   centred: jax.Array | None = None,
   *,
-  y: jax.Array,
+  z: jax.Array,
 ) -> jax.Array:
   """d/dy of ``g_lp * lp + g_lse * lse + g_ent * entropy`` over a block of rows' ``y``.
 
@@ -424,24 +457,47 @@ def grad_y(
   impossible target, and not NaN from a row with no mass.
 
   Args:
-    y: the block's transformed logits.
+    z: the block's capped logits (only their ``-inf`` entries matter here).
     is_target: bool, the block's target column of each row.
     p: the softmax over the block (:func:`softmax`).
     g_lse, g_ent: None where only log-probabilities are differentiated.
-    y_c: ``finite_or_zero(y - shift)``; ``centred``: ``E_p[y - shift]``
-      (:class:`Finished`), both needed with ``g_ent``.
+    y_c: :func:`centred_y`; ``centred``: ``E_p[y_c]`` (:class:`Finished`),
+      both needed with ``g_ent``.
   """
   dy = jnp.where(g_lp != 0, g_lp * (jnp.where(is_target, 1.0, 0.0) - p), 0.0)
   if g_lse is not None:
     dy = dy + jnp.where(g_lse != 0, g_lse * p, 0.0)
   if g_ent is not None:
     dy = dy + jnp.where(g_ent != 0, g_ent * p * (centred - y_c), 0.0)
-  return jnp.where(y == -jnp.inf, 0.0, dy)
+  return jnp.where(z == -jnp.inf, 0.0, dy)
 
 
-def grad_tau(dy: jax.Array, y_c: jax.Array, shift: jax.Array, tau: jax.Array) -> jax.Array:
-  """``d/d tau`` of a row block given its ``dy`` (``y = s(x) / tau``, so
-  ``dy/dtau = -y / tau`` with ``y = y_c + shift``); rows ``[N, 1]`` in, ``[N, 1]`` out."""
-  return (
-    -(jnp.sum(dy * y_c, axis=-1, keepdims=True) + shift * jnp.sum(dy, axis=-1, keepdims=True)) / tau
-  )
+def centred_y(z: jax.Array, shift: jax.Array, tau: jax.Array | None) -> jax.Array:
+  """``y - shift / tau = (z - shift) / tau`` where finite, else 0: the centred
+  transformed logits the entropy and the temperature's derivative read."""
+  return finite_or_zero(scaled(z - shift, tau))
+
+
+def grad_tau(
+  dy: jax.Array,
+  y_c: jax.Array,
+  tau: jax.Array,
+  shift: jax.Array,
+  p: jax.Array,
+  g_lse: jax.Array | None,
+) -> jax.Array:
+  """``d/d tau`` of a row block given its ``dy``; rows ``[N, 1]`` in, ``[N, 1]`` out.
+
+  ``y = z / tau``, so ``dy/dtau = -y / tau`` with ``y = y_c + shift / tau``
+  (``shift`` in ``z``'s units). The constant ``shift / tau`` meets ``sum(dy)``,
+  whose log-probability and entropy parts cancel over a row's blocks: only the
+  log-sum-exp's part, ``g_lse`` times the block's mass (``p``, zero outside the
+  array), is kept, exactly, instead of a sum of rounding errors that
+  ``shift / tau`` (past float32 near the format's maximum) would blow up. An
+  impossible target's ``y`` is a constant ``-inf`` (centred: no shift part).
+  """
+  d = jnp.sum(dy * y_c, axis=-1, keepdims=True)
+  if g_lse is not None:
+    mass = jnp.sum(p, axis=-1, keepdims=True)
+    d = d + jnp.where((g_lse != 0) & (mass > 0), g_lse * mass * (shift / tau), 0.0)
+  return -d / tau

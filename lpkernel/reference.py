@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,30 +22,49 @@ from lpkernel.types import Scores, TokenStats
 _F32 = jnp.float32
 
 
-def _transformed(logits, temperature, softcap):
-  """``y = softcap(logits) / temperature`` in float32, and the rows whose temperature is bad.
+class _Rows(NamedTuple):
+  """Logits rows ``[..., V]`` under ``y = softcap(logits) / temperature``, all float32.
 
-  A ``-inf`` logit is impossible under every option: its ``y`` is ``-inf``, a
-  constant through which no derivative passes (neither to the logit nor to the
-  temperature).
+  Attributes:
+    z: the capped logits ``softcap(logits)`` (``-inf`` where the logit is).
+    shift: each row's max ``z`` when finite, else 0; constant under differentiation.
+    y_c: ``(z - shift) / temperature``: ``y`` less the row's constant
+      ``shift / temperature``, scaled only after the shift, so that it cannot
+      overflow where ``y`` itself would (bfloat16 logits near the format's
+      maximum at a temperature below 1).
+    log_s: ``log(sum exp(y_c))``: ``-inf`` for a row of ``-inf``, ``+inf`` for
+      a row holding ``+inf``.
+    scaled_shift: ``shift / temperature`` (``lse = scaled_shift + log_s``).
+    bad_tau: bool, the temperature is not finite and positive.
   """
+
+  z: jax.Array
+  shift: jax.Array
+  y_c: jax.Array
+  log_s: jax.Array
+  scaled_shift: jax.Array
+  bad_tau: jax.Array
+
+
+def _rows(logits, temperature, softcap) -> _Rows:
+  """The rows' :class:`_Rows`. A ``-inf`` logit is impossible under every option:
+  its ``y`` is ``-inf``, a constant through which no derivative passes (neither
+  to the logit nor to the temperature)."""
   x = logits.astype(_F32)
   impossible = x == -jnp.inf
   x = jnp.where(impossible, 0.0, x)  # and again below: no 0 * inf in any derivative
   if softcap is not None:
     x = softcap * jnp.tanh(x / softcap)
-  tau = jnp.asarray(temperature, _F32)
-  y = jnp.where(impossible, -jnp.inf, x / tau[..., None])
-  return y, ~(jnp.isfinite(tau) & (tau > 0))
-
-
-def _log_softmax_parts(y):
-  """Each row's ``(shift, log(sum exp(y - shift)))``: the max when finite (else 0),
-  constant under differentiation; ``log_s`` is ``-inf`` for a row of ``-inf``,
-  ``+inf`` for a row holding ``+inf``."""
-  m = jnp.max(y, axis=-1)
+  z = jnp.where(impossible, -jnp.inf, x)
+  m = jnp.max(z, axis=-1)
   shift = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-  return shift, jnp.log(jnp.sum(jnp.exp(y - shift[..., None]), axis=-1))
+  tau = jnp.asarray(temperature, _F32)
+  gap = x - shift[..., None]
+  # A gap past float32 (-M - M) has no mass: a constant -inf as an impossible logit.
+  none = impossible | (gap == -jnp.inf)
+  y_c = jnp.where(none, -jnp.inf, jnp.where(none, 0.0, gap) / tau[..., None])
+  log_s = jnp.log(jnp.sum(jnp.exp(y_c), axis=-1))
+  return _Rows(z, shift, y_c, log_s, shift / tau, ~(jnp.isfinite(tau) & (tau > 0)))
 
 
 def _dead_rows_get_no_gradient(rows: Callable, x: jax.Array, tau: jax.Array):
@@ -95,20 +115,20 @@ def token_logprobs_and_greedy(
   tau = jnp.broadcast_to(jnp.asarray(temperature, _F32), targets.shape)
 
   def logprobs(x, tau):
-    y, bad_tau = _transformed(x, tau, softcap)
-    shift, log_s = _log_softmax_parts(y)
-    in_range = (targets >= 0) & (targets < v) & ~bad_tau
+    r = _rows(x, tau, softcap)
+    in_range = (targets >= 0) & (targets < v) & ~r.bad_tau
     safe = jnp.where(in_range, targets, 0)[..., None]
-    target_y = jnp.take_along_axis(y, safe, axis=-1)[..., 0]
+    target_y_c = jnp.take_along_axis(r.y_c, safe, axis=-1)[..., 0]
     # A row with no mass adds nothing to its -inf target (-inf - -inf would be NaN).
-    lp = (target_y - shift) - jnp.where(log_s == -jnp.inf, 0.0, log_s)
+    lp = target_y_c - jnp.where(r.log_s == -jnp.inf, 0.0, r.log_s)
     return (poison(lp, ~in_range),)
 
   (lp,) = _dead_rows_get_no_gradient(logprobs, logits, tau)
-  y, bad_tau = _transformed(logits, tau, softcap)
-  in_range = (targets >= 0) & (targets < v) & ~bad_tau
-  target_y = jnp.take_along_axis(y, jnp.where(in_range, targets, 0)[..., None], axis=-1)[..., 0]
-  greedy = in_range & (jnp.argmax(y, axis=-1) == targets) & (target_y > -jnp.inf)
+  r = _rows(logits, tau, softcap)
+  in_range = (targets >= 0) & (targets < v) & ~r.bad_tau
+  target_z = jnp.take_along_axis(r.z, jnp.where(in_range, targets, 0)[..., None], axis=-1)[..., 0]
+  # The first argmax of the capped row: a temperature never changes the greedy token.
+  greedy = in_range & (jnp.argmax(r.z, axis=-1) == targets) & (target_z > -jnp.inf)
   return lp, greedy & ~jnp.isnan(lp)
 
 
@@ -140,13 +160,12 @@ def logits_stats(logits, targets, tau=None, softcap=None):
   lp, greedy = token_logprobs_and_greedy(logits, targets, temperature=temperature, softcap=softcap)
 
   def lse_and_entropy(x, tau):
-    y, bad_tau = _transformed(x, tau, softcap)
-    shift, log_s = _log_softmax_parts(y)
-    log_p = (y - shift[..., None]) - jnp.where(log_s == -jnp.inf, 0.0, log_s)[..., None]
+    r = _rows(x, tau, softcap)
+    log_p = r.y_c - jnp.where(r.log_s == -jnp.inf, 0.0, r.log_s)[..., None]
     p = jnp.exp(log_p)
     # 0 * log 0 is 0, in the value and in the derivative.
     entropy = -jnp.sum(p * jnp.where(p > 0, log_p, 0.0), axis=-1)
-    return poison(shift + log_s, bad_tau), poison(entropy, bad_tau)
+    return poison(r.scaled_shift + r.log_s, r.bad_tau), poison(entropy, r.bad_tau)
 
   lse, entropy = _dead_rows_get_no_gradient(lse_and_entropy, logits, temperature)
   return TokenStats(logprobs=lp, lse=lse, entropy=entropy, greedy=greedy)

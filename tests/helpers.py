@@ -76,7 +76,8 @@ def oracle_logits_grad(logits, targets, weights, temperature=1.0, softcap=None):
 
 
 def oracle_score(logits, tokens, response_mask, segment_ids=None, num_segments=None):
-  """float64 chain-rule sums by explicit loops over positions (the DESIGN.md rule)."""
+  """float64 chain-rule sums by explicit loops over positions (position t scores
+  token t + 1; a sum runs over one segment's prompt or response positions)."""
   logits = np.asarray(jnp.asarray(logits, jnp.float32), np.float64)
   tokens = np.asarray(tokens)
   response_mask = np.asarray(response_mask, bool)

@@ -106,6 +106,90 @@ def test_fused_gradients_keep_precision_at_large_offsets():
     np.testing.assert_allclose(dh_fused[:, :4], want[:, :4], atol=2e-5)
 
 
+# Rows of bfloat16 logits near the format's maximum M (y = x / tau overflows
+# float32 at tau < 1): all M; M twice, the next value below (2^120 lower) and
+# 0; M and -M. Their log-probabilities: -log 11; -log 2 and about -5.3e36;
+# below -float32 max (-inf). The temperatures: 0.5, 0.25, 0.25.
+_M = float(jnp.finfo(jnp.bfloat16).max)
+_BELOW_M = float(np.nextafter(jnp.bfloat16(_M), jnp.bfloat16(0)))
+_HUGE = np.array(
+  [[_M] * 11, [_M, _M, _BELOW_M, 0.0] + [-_M] * 7, [_M, -_M] + [0.0] * 9], np.float64
+)
+_HUGE_TAU = np.array([0.5, 0.25, 0.25])
+
+
+def _huge_oracle(targets):
+  """float64 log-probabilities, log-sum-exps, entropies and their derivatives
+  (d/dx, d/d tau of the log-probabilities) of the rows above."""
+  y = _HUGE / _HUGE_TAU[:, None]
+  m = y.max(-1, keepdims=True)
+  p = np.exp(y - m)
+  p /= p.sum(-1, keepdims=True)
+  log_s = np.log(np.exp(y - m).sum(-1))
+  y_t = y[np.arange(3), targets]
+  lp = (y_t - m[:, 0]) - log_s  # shifted first: float64 too rounds 2.4 away at 6.8e38
+  centred = (p * (y - m)).sum(-1)
+  onehot = np.arange(11) == targets[:, None]
+  d_tau = (centred - (y_t - m[:, 0])) / _HUGE_TAU
+  return lp, m[:, 0] + log_s, log_s - centred, (onehot - p) / _HUGE_TAU[:, None], d_tau
+
+
+@IMPLS
+def test_bfloat16_logits_near_the_maximum_under_temperature_give_finite_results(impl):
+  x = jnp.asarray(_HUGE, jnp.bfloat16)
+  assert np.array_equal(np.asarray(x, np.float64), _HUGE)  # every value exact in bfloat16
+  t = jnp.array([2, 2, 1])
+  tau = jnp.asarray(_HUGE_TAU, jnp.float32)
+  # The issue's call, as written.
+  lp = lpk.token_logprobs(x[:1], jnp.array([2]), temperature=0.5, implementation=impl)
+  np.testing.assert_allclose(lp, [-np.log(11)], rtol=1e-6)
+  want_lp, *_, want_dx, want_dtau = _huge_oracle(np.asarray(t))
+  lp = jax.jit(lambda x, tau: lpk.token_logprobs(x, t, temperature=tau, implementation=impl))(
+    x, tau
+  )
+  np.testing.assert_allclose(lp[:2], want_lp[:2], rtol=1e-6)
+  assert lp[2] == -np.inf and want_lp[2] < -np.finfo(np.float32).max  # rounds to -inf
+  first_two = jnp.array([1.0, 1.0, 0.0])
+  dx, dtau = jax.jit(
+    jax.grad(
+      lambda x, tau: jnp.sum(
+        first_two * lpk.token_logprobs(x, t, temperature=tau, implementation=impl)
+      ),
+      argnums=(0, 1),
+    )
+  )(x, tau)
+  np.testing.assert_allclose(np.asarray(dx[:2], np.float64), want_dx[:2], atol=1e-2)
+  np.testing.assert_allclose(dtau[:2], want_dtau[:2], rtol=1e-5)
+  assert dx[2].tolist() == [0.0] * 11 and dtau[2] == 0
+
+
+def test_bfloat16_logits_near_the_maximum_under_temperature_on_the_fused_path():
+  # Hidden rows 2^63 times one-hot read the rows above out of a table scaled by
+  # 2^-63, exactly (so that d hidden = d logits @ table^T stays in range).
+  scale = 2.0**63
+  h, w = jnp.asarray(np.eye(3) * scale, jnp.bfloat16), jnp.asarray(_HUGE / scale, jnp.bfloat16)
+  t, tau = jnp.array([2, 2, 1]), jnp.asarray(_HUGE_TAU, jnp.float32)
+  want_lp, want_lse, want_entropy, *_ = _huge_oracle(np.asarray(t))
+  for impl in [*ALL_FUSED, "reference"]:
+
+    def stats(h, w, tau, impl=impl):
+      return lpk.fused_token_stats(h, w, t, temperature=tau, implementation=impl)
+
+    s = jax.jit(stats)(h, w, tau)
+    np.testing.assert_allclose(s.logprobs[:2], want_lp[:2], rtol=1e-6)
+    assert s.logprobs[2] == -np.inf
+    np.testing.assert_allclose(s.entropy, want_entropy, rtol=1e-6, atol=1e-6)
+    # Past float32, in both the oracle and the result.
+    assert np.all(want_lse > np.finfo(np.float32).max) and np.all(s.lse == np.inf)
+
+    def objective(h, w, tau):
+      s = stats(h, w, tau)
+      return jnp.sum(s.logprobs[:2]) + jnp.sum(s.entropy)
+
+    grads = jax.jit(jax.grad(objective, argnums=(0, 1, 2)))(h, w, tau)
+    assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in grads), impl
+
+
 # --- NaN wins --------------------------------------------------------------------
 
 

@@ -178,16 +178,16 @@ def _column(a):
 
 def _tile_logits(h_ref, w_ref, i, k, *, n, vocab_size, vocab_axis, precision):
   """Tile (i, k): (h, w with the rows past N and columns past V zeroed, raw
-  float32 logits z [rows, cols], their global columns, bool[rows, cols] inside the array)."""
+  float32 logits x [rows, cols], their global columns, bool[rows, cols] inside the array)."""
   h, w = h_ref[...], w_ref[...]
   rows, cols = h.shape[0], w.shape[vocab_axis]
   row_ok = i * rows + lax.broadcasted_iota(jnp.int32, (rows, 1), 0) < n
   w_cols = k * cols + lax.broadcasted_iota(jnp.int32, w.shape, vocab_axis)
   h = jnp.where(row_ok, h, jnp.zeros_like(h))
   w = jnp.where(w_cols < vocab_size, w, jnp.zeros_like(w))
-  z = contract(h, 1, w, 1 - vocab_axis, precision)
-  col = k * cols + lax.broadcasted_iota(jnp.int32, z.shape, 1)
-  return h, w, z, col, row_ok & (col < vocab_size)
+  x = contract(h, 1, w, 1 - vocab_axis, precision)
+  col = k * cols + lax.broadcasted_iota(jnp.int32, x.shape, 1)
+  return h, w, x, col, row_ok & (col < vocab_size)
 
 
 def _forward_kernel(h_ref, w_ref, t_ref, *refs, has_tau, softcap, **tile):
@@ -199,27 +199,27 @@ def _forward_kernel(h_ref, w_ref, t_ref, *refs, has_tau, softcap, **tile):
     for ref, value in zip(outs, P.empty(outs[0].shape, with_entropy=True), strict=True):
       ref[...] = value
 
-  _, _, z, col, inside = _tile_logits(h_ref, w_ref, i, k, **tile)
-  y = P.transform(z, None if tau_ref is None else tau_ref[...], softcap)
-  y = jnp.where(inside, y, -jnp.inf)  # no mass, never the argmax
-  block = P.block_partials(y, col, t_ref[...], keepdims=True)
-  merged = P.merge(P.RowPartials(*(ref[...] for ref in outs)), block)
+  _, _, x, col, inside = _tile_logits(h_ref, w_ref, i, k, **tile)
+  tau = None if tau_ref is None else tau_ref[...]
+  z = jnp.where(inside, P.capped(x, softcap), -jnp.inf)  # no mass, never the argmax
+  block = P.block_partials(z, col, t_ref[...], tau, keepdims=True)
+  merged = P.merge(P.RowPartials(*(ref[...] for ref in outs)), block, tau)
   for ref, value in zip(outs, merged, strict=True):
     ref[...] = value
 
 
 def _tile_dz(h_ref, w_ref, t_ref, refs, i, k, *, has_tau, softcap, **tile):
-  """Tile (i, k)'s ``d z`` (zero outside the array), with what d h, d w and d tau need."""
+  """Tile (i, k)'s ``d logits`` (zero outside the array), with what d h, d w and d tau need."""
   shift, log_s, centred, g_lp, g_lse, g_ent, *tau = (ref[...] for ref in refs)
   tau = tau[0] if has_tau else None
-  h, w, z, col, inside = _tile_logits(h_ref, w_ref, i, k, **tile)
-  y = P.transform(z, tau, softcap)
-  y_c = P.finite_or_zero(y - shift)
-  p = P.softmax(y, shift, log_s)
-  dy = P.grad_y(col == t_ref[...], p, g_lp, g_lse, g_ent, y_c, centred, y=y)
-  dy = jnp.where(inside, dy, 0.0)
-  dz = P.grad_x(dy, z, tau, softcap).astype(h.dtype)
-  return h, w, dz, dy, y_c, shift, tau
+  h, w, x, col, inside = _tile_logits(h_ref, w_ref, i, k, **tile)
+  z = P.capped(x, softcap)
+  y_c = P.centred_y(z, shift, tau)
+  p = P.softmax(z, shift, log_s, tau)
+  dy = P.grad_y(col == t_ref[...], p, g_lp, g_lse, g_ent, y_c, centred, z=z)
+  dy, p = (jnp.where(inside, a, 0.0) for a in (dy, p))
+  dx = P.grad_x(dy, x, tau, softcap).astype(h.dtype)
+  return h, w, dx, dy, y_c, shift, tau, p, g_lse
 
 
 def _dh_kernel(h_ref, w_ref, t_ref, *refs, **statics):
@@ -232,10 +232,10 @@ def _dh_kernel(h_ref, w_ref, t_ref, *refs, **statics):
     for ref in (dh_ref, *dtau_ref):
       ref[...] = jnp.zeros(ref.shape, _F32)
 
-  _, w, dz, dy, y_c, shift, tau = _tile_dz(h_ref, w_ref, t_ref, refs, i, k, **statics)
+  _, w, dz, dy, y_c, shift, tau, p, g_lse = _tile_dz(h_ref, w_ref, t_ref, refs, i, k, **statics)
   dh_ref[...] += contract(dz, 1, w, statics["vocab_axis"], statics["precision"])
   if dtau_ref:
-    dtau_ref[0][...] += P.grad_tau(dy, y_c, shift, tau)
+    dtau_ref[0][...] += P.grad_tau(dy, y_c, tau, shift, p, g_lse)
 
 
 def _dw_kernel(h_ref, w_ref, t_ref, *refs, **statics):

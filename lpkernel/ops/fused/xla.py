@@ -117,51 +117,52 @@ class FusedConfig:
     return min(max(256, min(widest, vocab_size // 128 // 128 * 128)), vocab_size)
 
 
-def _block_logits(h, w, lo, width, tau, softcap, precision, vocab_axis):
-  """Vocabulary ``[lo, lo + width)``: (z raw float32 [N, width], y transformed, the w block)."""
+def _block_logits(h, w, lo, width, softcap, precision, vocab_axis):
+  """Vocabulary ``[lo, lo + width)``: (x raw float32 logits [N, width], z capped, the w block)."""
   wb = block_of(w, lo, width, vocab_axis)
-  z = contract(h, 1, wb, 1 - vocab_axis, precision)
-  return z, P.transform(z, tau, softcap), wb
+  x = contract(h, 1, wb, 1 - vocab_axis, precision)
+  return x, P.capped(x, softcap), wb
 
 
-def block_grad(z, y, cols, targets, tau_col, softcap, f: P.Finished, g, dtype):
-  """``d z`` of one block of logits (in ``dtype``) and its rows' part of ``d tau``.
+def block_grad(x, z, cols, targets, tau_col, softcap, f: P.Finished, g, dtype):
+  """``d x`` of one block of logits (in ``dtype``) and its rows' part of ``d tau``.
 
   Args:
-    z, y: the block's raw and transformed float32 logits ``[N, W]`` at global columns
+    x, z: the block's raw and capped float32 logits ``[N, W]`` at global columns
       ``cols [1, W]``.
     targets: int32[N]; ``tau_col``: float32[N, 1] or None.
     f: the rows' finished statistics, ``[N]`` each; ``g``: (g_lp, g_lse, g_entropy),
       ``[N]`` each or None for an absent term.
 
   Returns:
-    (d z [N, W], d tau float32 [N] or None).
+    (d x [N, W], d tau float32 [N] or None).
   """
   shift = f.shift[:, None]
-  p = P.softmax(y, shift, f.log_s[:, None])
-  y_c = P.finite_or_zero(y - shift)
+  p = P.softmax(z, shift, f.log_s[:, None], tau_col)
+  y_c = P.centred_y(z, shift, tau_col)
   g_lp, g_lse, g_ent = (None if c is None else c[:, None] for c in g)
-  dy = P.grad_y(cols == targets[:, None], p, g_lp, g_lse, g_ent, y_c, f.centred[:, None], y=y)
-  dtau = None if tau_col is None else P.grad_tau(dy, y_c, shift, tau_col)[:, 0]
-  return P.grad_x(dy, z, tau_col, softcap).astype(dtype), dtau
+  dy = P.grad_y(cols == targets[:, None], p, g_lp, g_lse, g_ent, y_c, f.centred[:, None], z=z)
+  dtau = None if tau_col is None else P.grad_tau(dy, y_c, tau_col, shift, p, g_lse)[:, 0]
+  return P.grad_x(dy, x, tau_col, softcap).astype(dtype), dtau
 
 
-def chunk_grad(z, lo, width, targets, tau_col, softcap, dtype, stats):
+def chunk_grad(x, lo, width, targets, tau_col, softcap, dtype, stats):
   """``chunked_grads``' ``row_grads`` for tokens ``[lo, lo + width)`` whose whole
-  float32 logits are ``z [width, V]``: (d z, d tau or None, out).
+  float32 logits are ``x [width, V]``: (d x, d tau or None, out).
 
-  ``stats(y, cols, t, rows) -> (f, g, out)`` gives the chunk's finished statistics
-  and cotangents (``rows(a)`` slices an ``[N, ...]`` array to the chunk's rows).
+  ``stats(z, cols, t, tc, rows) -> (f, g, out)`` gives the chunk's finished
+  statistics and cotangents from its capped logits, targets and temperatures
+  (``rows(a)`` slices an ``[N, ...]`` array to the chunk's rows).
   """
 
   def rows(a):
     return None if a is None else lax.dynamic_slice_in_dim(a, lo, width)
 
   t, tc = rows(targets), rows(tau_col)
-  y = P.transform(z, tc, softcap)
-  cols = lax.broadcasted_iota(jnp.int32, (1, z.shape[1]), 1)
-  f, g, out = stats(y, cols, t, rows)
-  return (*block_grad(z, y, cols, t, tc, softcap, f, g, dtype), out)
+  z = P.capped(x, softcap)
+  cols = lax.broadcasted_iota(jnp.int32, (1, x.shape[1]), 1)
+  f, g, out = stats(z, cols, t, tc, rows)
+  return (*block_grad(x, z, cols, t, tc, softcap, f, g, dtype), out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,9 +188,9 @@ class XlaFused:
     tau_col = None if tau is None else tau[:, None]
 
     def step(carry, lo, width):
-      _, y, _ = _block_logits(h, w, lo, width, tau_col, softcap, self.precision, vocab_axis)
+      _, z, _ = _block_logits(h, w, lo, width, softcap, self.precision, vocab_axis)
       cols = lo + lax.broadcasted_iota(jnp.int32, (1, width), 1)
-      return P.merge(carry, P.block_partials(y, cols, targets))
+      return P.merge(carry, P.block_partials(z, cols, targets, tau_col), tau)
 
     with jax.named_scope("fused_sweep"):
       v = w.shape[vocab_axis]
@@ -225,9 +226,9 @@ class XlaFused:
 
     def step(carry, lo, width):
       dh, dw, dtau = carry
-      z, y, wb = _block_logits(h, w, lo, width, tau_col, softcap, self.precision, vocab_axis)
+      x, z, wb = _block_logits(h, w, lo, width, softcap, self.precision, vocab_axis)
       cols = lo + lax.broadcasted_iota(jnp.int32, (1, width), 1)
-      dz, dtau_b = block_grad(z, y, cols, targets, tau_col, softcap, f, g, h.dtype)
+      dz, dtau_b = block_grad(x, z, cols, targets, tau_col, softcap, f, g, h.dtype)
       if tau is not None:
         dtau = dtau + dtau_b
       # d h += dz @ w_block^T, contracting the block's vocabulary axis as stored.
@@ -252,11 +253,11 @@ class XlaFused:
     tau_col = None if tau is None else tau[:, None]
     v = w.shape[vocab_axis]
 
-    def row_grads(z, lo, width):
-      def stats(y, cols, t, rows):  # the saved statistics and cotangents, this chunk's rows
+    def row_grads(x, lo, width):
+      def stats(z, cols, t, tc, rows):  # the saved statistics and cotangents, this chunk's rows
         return jax.tree.map(rows, f), tuple(rows(c) for c in g), None
 
-      return chunk_grad(z, lo, width, targets, tau_col, softcap, h.dtype, stats)
+      return chunk_grad(x, lo, width, targets, tau_col, softcap, h.dtype, stats)
 
     size = self.config.loss_chunk(h.shape[0], v)
     with jax.named_scope("fused_chunks_backward"):
@@ -281,11 +282,12 @@ class XlaFused:
     tau_col = None if tau is None else tau[:, None]
     v = w.shape[vocab_axis]
 
-    def row_grads(z, lo, width):
-      def stats(y, cols, t, _):  # the chunk's statistics, then the loss's cotangents
-        return rows.cotangents(P.block_partials(y, cols, t, with_entropy=False), lo, width)
+    def row_grads(x, lo, width):
+      def stats(z, cols, t, tc, _):  # the chunk's statistics, then the loss's cotangents
+        partials = P.block_partials(z, cols, t, tc, with_entropy=False)
+        return rows.cotangents(partials, lo, width)
 
-      return chunk_grad(z, lo, width, rows.targets, tau_col, softcap, h.dtype, stats)
+      return chunk_grad(x, lo, width, rows.targets, tau_col, softcap, h.dtype, stats)
 
     size = self.config.loss_chunk(h.shape[0], v)
     with jax.named_scope("fused_loss_chunks"):

@@ -119,7 +119,7 @@ class PallasGpuLogits:
     if splits == 1:
       return P.RowPartials(*fields)
     blocks = P.RowPartials(*(a.reshape(splits, n) for a in fields))
-    return P.combine(blocks, P.over_axis(0), expand=lambda r: r[None])
+    return P.combine(blocks, P.over_axis(0), tau, expand=lambda r: r[None])
 
   def grad_logits(self, x, targets, tau, softcap, shift, log_s, g, g_lse=None) -> jax.Array:
     if g_lse is None:
@@ -232,23 +232,23 @@ def _online_tile(
   x_ref, rows, row_ok, target, tau, start, carry, *, block_v, softcap, with_entropy, with_arg=True
 ):
   """Folds columns ``[start, start + block_v)`` of the rows into their running
-  ``(m, s, t, arg, sy)`` (float32 ``[block_rows]`` each; ``arg`` left as it is
-  without ``with_arg``, for a loss that reads no greedy flag)."""
+  ``(m, s, t, arg, sy)`` (float32 ``[block_rows]`` each, as ``tau``; ``arg``
+  left as it is without ``with_arg``, for a loss that reads no greedy flag)."""
   v = x_ref.shape[1]
   m, s, t, arg, sy = carry
   cols = jnp.asarray(start, jnp.int32) + _iota(block_v)
   mask = row_ok[:, None] & (cols < v)[None, :]
   x = plgpu.load(x_ref.at[rows[:, None], cols[None, :]], mask=mask, other=-jnp.inf)
-  y = P.transform(x, tau, softcap)  # masked columns are -inf: no mass, never the argmax
-  block_m = jnp.max(y, axis=1)
+  z = P.capped(x, softcap)  # masked columns are -inf: no mass, never the argmax
+  block_m = jnp.max(z, axis=1)
   new_m = jnp.maximum(m, block_m)
   shift = P.shift_of(new_m)
-  scale = _exp(m - shift)  # 0 while the row is empty; NaN stays NaN
-  e = _exp(y - shift[:, None])
+  scale = _exp(P.scaled(m - shift, tau))  # 0 while the row is empty; NaN stays NaN
+  y_c = P.scaled(z - shift[:, None], None if tau is None else tau[:, None])
+  e = _exp(y_c)
   if with_entropy:  # re-centre the running sum of p * (y - shift) on the new shift
-    delta = jnp.where(s > 0, P.shift_of(m) - shift, 0.0)
-    y_c = P.finite_or_zero(y - shift[:, None])
-    sy = (sy + s * delta) * scale + jnp.sum(e * y_c, axis=1)
+    delta = jnp.where(s > 0, P.scaled(P.shift_of(m) - shift, tau), 0.0)
+    sy = (sy + s * delta) * scale + jnp.sum(e * P.finite_or_zero(y_c), axis=1)
   s = s * scale + jnp.sum(e, axis=1)
   # The first argmax moves only where a block raises the max (rarely, after
   # the first blocks): skip its per-element work otherwise. Ties keep the
@@ -259,18 +259,18 @@ def _online_tile(
       _any(raised),
       lambda: jnp.where(
         raised,
-        jnp.min(jnp.where(y == block_m[:, None], cols[None, :], P.NO_COLUMN), axis=1),
+        jnp.min(jnp.where(z == block_m[:, None], cols[None, :], P.NO_COLUMN), axis=1),
         arg,
       ),
       lambda: arg,
     )
-  # The target's y, from the same arithmetic as the max it is compared with,
+  # The target's z, from the same arithmetic as the max it is compared with,
   # picked only in the tile that holds it.
   here = (target >= start) & (target < start + block_v)
   t = jax.lax.cond(
     _any(here),
     lambda: jnp.maximum(
-      t, jnp.max(jnp.where(cols[None, :] == target[:, None], y, -jnp.inf), axis=1)
+      t, jnp.max(jnp.where(cols[None, :] == target[:, None], z, -jnp.inf), axis=1)
     ),
     lambda: t,
   )
@@ -292,7 +292,7 @@ def _partials_kernel(
   i, j = pl.program_id(0), pl.program_id(1)
   rows = i * block_rows + _iota(block_rows)
   row_ok = rows < n
-  tau = None if tau_ref is None else plgpu.load(tau_ref.at[rows], mask=row_ok, other=1.0)[:, None]
+  tau = None if tau_ref is None else plgpu.load(tau_ref.at[rows], mask=row_ok, other=1.0)
   target = plgpu.load(t_ref.at[rows], mask=row_ok, other=-1)
   tile = functools.partial(
     _online_tile, x_ref, rows, row_ok, target, tau,
@@ -316,15 +316,15 @@ def _tile_grad(x_ref, rows, row_ok, cols, target, tau, softcap, shift, log_s, g_
   v = x_ref.shape[1]
   mask = row_ok[:, None] & (cols < v)[None, :]
   x = plgpu.load(x_ref.at[rows[:, None], cols[None, :]], mask=mask, other=0.0)
-  y = P.transform(x, tau, softcap)
-  p = P.softmax(y, shift, log_s, exp=_exp)
-  y_c = P.finite_or_zero(y - shift) if g_ent is not None or with_dtau else None
-  dy = P.grad_y(cols[None, :] == target, p, g_lp, g_lse, g_ent, y_c, centred, y=y)
+  z = P.capped(x, softcap)
+  p = P.softmax(z, shift, log_s, tau, exp=_exp)
+  y_c = P.centred_y(z, shift, tau) if g_ent is not None or with_dtau else None
+  dy = P.grad_y(cols[None, :] == target, p, g_lp, g_lse, g_ent, y_c, centred, z=z)
   dx = P.grad_x(dy, x, tau, softcap)
   dtau = None
-  if with_dtau:
-    dy = jnp.where(mask, dy, 0.0)  # the masked-out loads (x = 0) carry no gradient
-    dtau = P.grad_tau(dy, y_c, shift, tau)
+  if with_dtau:  # the masked-out loads (x = 0) carry no gradient and no mass
+    dy, p = (jnp.where(mask, a, 0.0) for a in (dy, p))
+    dtau = P.grad_tau(dy, y_c, tau, shift, p, g_lse)
   return dx, mask, dtau
 
 
@@ -371,13 +371,13 @@ def _loss_kernel(x_ref, t_ref, w_ref, *refs, block_rows, block_v, softcap, has_t
   tau_col = None if tau is None else tau[:, None]
   tiles = pl.cdiv(v, block_v)
   tile = functools.partial(
-    _online_tile, x_ref, rows, row_ok, target, tau_col,
+    _online_tile, x_ref, rows, row_ok, target, tau,
     block_v=block_v, softcap=softcap, with_entropy=False, with_arg=False,
   )  # fmt: skip
   m, s, t, arg, _ = jax.lax.fori_loop(
     0, tiles, lambda k, c: tile(k * block_v, c), _no_columns(block_rows)
   )
-  f = P.finish(P.RowPartials(m, s, t, arg), target, v)
+  f = P.finish(P.RowPartials(m, s, t, arg), target, v, tau)
   g_lp, g_lse, out = row_terms(f, target, caller_tau, weight)
   plgpu.store(out_ref.at[rows], out, mask=row_ok)
   col = lambda a: None if a is None else a[:, None]  # noqa: E731

@@ -170,11 +170,11 @@ def _partials_kernel(x_ref, target_ref, *refs, vocab_size, softcap, has_tau):
 
   x = x_ref[...]
   cols = k * x.shape[1] + lax.broadcasted_iota(jnp.int32, x.shape, 1)
-  y = P.transform(x, None if tau_ref is None else tau_ref[...], softcap)
-  y = jnp.where(cols < vocab_size, y, -jnp.inf)  # the tail block's columns past V
+  tau = None if tau_ref is None else tau_ref[...]
+  z = jnp.where(cols < vocab_size, P.capped(x, softcap), -jnp.inf)  # the tail's columns past V
   # The row block's outputs stay in VMEM across the vocabulary axis: the running partials.
-  block = P.block_partials(y, cols, target_ref[...], keepdims=True, with_entropy=False)
-  merged = P.merge(P.RowPartials(*(ref[...] for ref in outs)), block)
+  block = P.block_partials(z, cols, target_ref[...], tau, keepdims=True, with_entropy=False)
+  merged = P.merge(P.RowPartials(*(ref[...] for ref in outs)), block, tau)
   for ref, value in zip(outs, merged[:4], strict=True):  # no entropy on the logits path
     ref[...] = value
 
@@ -191,10 +191,10 @@ def _grad_kernel(
   tau = None if tau_ref is None else tau_ref[...]
   g_lse = None if g_lse_ref is None else g_lse_ref[...]
   cols = pl.program_id(1) * x.shape[1] + lax.broadcasted_iota(jnp.int32, x.shape, 1)
-  y = P.transform(x, tau, softcap)
+  z = P.capped(x, softcap)
   shift = shift_ref[...]
-  p = P.softmax(y, shift, log_s_ref[...])
-  dy = P.grad_y(cols == t_ref[...], p, g_ref[...], g_lse, y=y)
+  p = P.softmax(z, shift, log_s_ref[...], tau)
+  dy = P.grad_y(cols == t_ref[...], p, g_ref[...], g_lse, z=z)
   dx = P.grad_x(dy, x, tau, softcap)
   dx_ref[...] = dx.astype(dx_ref.dtype)
   if dtau_ref:
@@ -204,8 +204,8 @@ def _grad_kernel(
       dtau_ref[0][...] = jnp.zeros_like(dtau_ref[0])
 
     in_vocab = cols < vocab_size  # the tail tile's columns past V hold garbage
-    dy, y_c = (jnp.where(in_vocab, a, 0.0) for a in (dy, P.finite_or_zero(y - shift)))
-    dtau_ref[0][...] += P.grad_tau(dy, y_c, shift, tau)
+    dy, y_c, p = (jnp.where(in_vocab, a, 0.0) for a in (dy, P.centred_y(z, shift, tau), p))
+    dtau_ref[0][...] += P.grad_tau(dy, y_c, tau, shift, p, g_lse)
 
 
 def _loss_kernel(x_ref, t_ref, w_ref, *refs, softcap, has_tau, row_terms):
@@ -215,15 +215,19 @@ def _loss_kernel(x_ref, t_ref, w_ref, *refs, softcap, has_tau, row_terms):
   # The safe temperature (1 on dead or poisoned rows) transforms; the caller's poisons.
   tau, caller_tau = (r[...] for r in tau_refs) if has_tau else (None, None)
   cols = lax.broadcasted_iota(jnp.int32, x.shape, 1)
-  y = P.transform(x, tau, softcap)
+  z = P.capped(x, softcap)
   f = P.finish(
-    P.block_partials(y, cols, target, keepdims=True, with_entropy=False), target, x.shape[1]
+    P.block_partials(z, cols, target, tau, keepdims=True, with_entropy=False),
+    target,
+    x.shape[1],
+    tau,
   )
   g_lp, g_lse, out = row_terms(f, target, caller_tau, weight)
-  dy = P.grad_y(cols == target, P.softmax(y, f.shift, f.log_s), g_lp, g_lse, y=y)
+  p = P.softmax(z, f.shift, f.log_s, tau)
+  dy = P.grad_y(cols == target, p, g_lp, g_lse, z=z)
   dx = P.grad_x(dy, x, tau, softcap)
   dx_ref[...] = dx.astype(dx_ref.dtype)
   out_ref[...] = out
   if dtau_ref:
-    dtau = P.grad_tau(dy, P.finite_or_zero(y - f.shift), f.shift, tau)
+    dtau = P.grad_tau(dy, P.centred_y(z, f.shift, tau), tau, f.shift, p, g_lse)
     dtau_ref[0][...] = jnp.where(weight != 0, dtau, 0.0)

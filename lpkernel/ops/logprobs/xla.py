@@ -156,10 +156,10 @@ def _gather_jvp(primals, tangents):
   return gather(x, targets), jnp.take_along_axis(dx, safe[:, None], axis=-1)[:, 0]
 
 
-def target_y(x, targets, tau, softcap) -> jax.Array:
-  """float32[N]: the target's transformed logit, ``-inf`` for ids outside this block."""
+def target_z(x, targets, softcap) -> jax.Array:
+  """float32[N]: the target's capped logit, ``-inf`` for ids outside this block."""
   in_block = (targets >= 0) & (targets < x.shape[-1])
-  return jnp.where(in_block, P.transform(gather(x, targets), tau, softcap), -jnp.inf)
+  return jnp.where(in_block, P.capped(gather(x, targets), softcap), -jnp.inf)
 
 
 def _before_in_blocks(x, targets, block: int) -> jax.Array:
@@ -203,22 +203,23 @@ def partials(x, targets, tau, softcap, chunk: int, block: int | None = None) -> 
   starts = jnp.tile(jnp.arange(k, dtype=jnp.int32) * chunk, n)
   local_t = _per_chunk(targets, k) - starts
   with jax.named_scope("chunk_max"):
-    # The max commutes with the monotone transform: reduce in x's own dtype.
+    # The max commutes with the monotone softcap: reduce in x's own dtype.
     max_x = jnp.max(xc, axis=-1)
     if block is None:
       cols = lax.broadcasted_iota(jnp.int32, xc.shape, 1)
       before_x = jnp.max(jnp.where(cols < local_t[:, None], xc, -jnp.inf), axis=-1)
     else:  # before_x holds only for the target's chunk, the one that reads it
       before_x = _per_chunk(_before_in_blocks(x, targets, block), k)
-    m = P.transform(max_x, tau_c, softcap)
+    m = P.capped(max_x, softcap)
   with jax.named_scope("chunk_sumexp"):
-    y = P.transform(xc, None if tau_c is None else tau_c[:, None], softcap)
-    s = jnp.sum(jnp.exp(y - P.shift_of(m)[:, None]), axis=-1)
-  t = target_y(x, targets, tau, softcap)
+    z = P.capped(xc, softcap)
+    tau_col = None if tau_c is None else tau_c[:, None]
+    s = jnp.sum(jnp.exp(P.scaled(z - P.shift_of(m)[:, None], tau_col)), axis=-1)
+  t = target_z(x, targets, softcap)
   holds = (local_t >= 0) & (local_t < chunk)
   # The target's chunk says whether the target is its first argmax (see
   # RowPartials.arg): it attains the chunk's max and no column before it does.
-  first = (P.transform(before_x, tau_c, softcap) < m) & (_per_chunk(t, k) == m)
+  first = (P.capped(before_x, softcap) < m) & (_per_chunk(t, k) == m)
   arg = jnp.where(holds, jnp.where(first, starts + local_t, -1), starts)
   if k == 1:
     return P.RowPartials(m, s, t, arg)
@@ -226,21 +227,23 @@ def partials(x, targets, tau, softcap, chunk: int, block: int | None = None) -> 
     merged = P.combine(
       P.RowPartials(m.reshape(n, k), s.reshape(n, k), t[:, None], arg.reshape(n, k)),
       P.over_axis(1),
+      tau,
       expand=lambda r: r[:, None],
     )
   return merged._replace(t=t)
 
 
 def centred_expected_y(x, tau, softcap, shift, log_s, chunk: int) -> jax.Array:
-  """float32[N]: ``E_p[y - shift]`` over the finite ``y`` of each row (chunked like the forward)."""
+  """float32[N]: ``E_p[(z - shift) / tau]`` over the finite terms of each row
+  (chunked like the forward)."""
   n, v = x.shape
   k = v // chunk
   xc = chunk_rows(x, chunk)
   tau_c = None if tau is None else _per_chunk(tau, k)[:, None]
-  yc = P.transform(xc, tau_c, softcap)
+  zc = P.capped(xc, softcap)
   shift_c = _per_chunk(shift, k)[:, None]
-  p = P.softmax(yc, shift_c, _per_chunk(log_s, k)[:, None])
-  return jnp.sum(p * P.finite_or_zero(yc - shift_c), axis=-1).reshape(n, k).sum(-1)
+  p = P.softmax(zc, shift_c, _per_chunk(log_s, k)[:, None], tau_c)
+  return jnp.sum(p * P.centred_y(zc, shift_c, tau_c), axis=-1).reshape(n, k).sum(-1)
 
 
 def swept_partials(reduce, x, targets, tau, block: int) -> P.RowPartials:
@@ -249,7 +252,8 @@ def swept_partials(reduce, x, targets, tau, block: int) -> P.RowPartials:
   one slice's partials (its ``targets`` slice-local)."""
 
   def step(carry, lo, width):
-    return P.merge(carry, P.at_offset(reduce(block_of(x, lo, width, 1), targets - lo, tau), lo))
+    block = P.at_offset(reduce(block_of(x, lo, width, 1), targets - lo, tau), lo)
+    return P.merge(carry, block, tau)
 
   return sweep(step, P.empty(x.shape[0]), x.shape[1], block)
 
@@ -281,10 +285,10 @@ def grad_logits(x, targets, tau, softcap, shift, log_s, g, g_lse=None) -> jax.Ar
   # logits), the shared upcast was materialised as a float32 [N, V] copy.
   x = lax.optimization_barrier(x)
   tau_col = None if tau is None else tau[:, None]
-  y = P.transform(x, tau_col, softcap)
+  z = P.capped(x, softcap)
   onehot = lax.broadcasted_iota(jnp.int32, (n, v), 1) == targets[:, None]
-  p = P.softmax(y, shift[:, None], log_s[:, None])
-  dy = P.grad_y(onehot, p, g[:, None], None if g_lse is None else g_lse[:, None], y=y)
+  p = P.softmax(z, shift[:, None], log_s[:, None], tau_col)
+  dy = P.grad_y(onehot, p, g[:, None], None if g_lse is None else g_lse[:, None], z=z)
   dx = P.grad_x(dy, x, tau_col, softcap)
   return dx.astype(x.dtype)
 
