@@ -6,12 +6,6 @@ from lpkernel import reference as reference
 from lpkernel.checks import check_chain_rule as check_chain_rule
 from lpkernel.checks import check_inputs as check_inputs
 from lpkernel.checks import checkify_inputs as checkify_inputs
-from lpkernel.fused import fused_nll_loss as fused_nll_loss
-from lpkernel.fused import fused_token_logprobs as fused_token_logprobs
-from lpkernel.fused import fused_token_stats as fused_token_stats
-from lpkernel.logprobs import nll_loss as nll_loss
-from lpkernel.logprobs import token_logprobs as token_logprobs
-from lpkernel.logprobs import token_logprobs_and_greedy as token_logprobs_and_greedy
 from lpkernel.ops import ChunkConfig as ChunkConfig
 from lpkernel.ops import FusedConfig as FusedConfig
 from lpkernel.ops import PallasGpuFused as PallasGpuFused
@@ -20,6 +14,12 @@ from lpkernel.ops import PallasTpuFused as PallasTpuFused
 from lpkernel.ops import PallasTpuLogits as PallasTpuLogits
 from lpkernel.ops import XlaFused as XlaFused
 from lpkernel.ops import XlaLogits as XlaLogits
+from lpkernel.ops.fused.api import fused_nll_loss as fused_nll_loss
+from lpkernel.ops.fused.api import fused_token_logprobs as fused_token_logprobs
+from lpkernel.ops.fused.api import fused_token_stats as fused_token_stats
+from lpkernel.ops.logprobs.api import nll_loss as nll_loss
+from lpkernel.ops.logprobs.api import token_logprobs as token_logprobs
+from lpkernel.ops.logprobs.api import token_logprobs_and_greedy as token_logprobs_and_greedy
 from lpkernel.scoring import score as score
 from lpkernel.scoring import score_hidden as score_hidden
 from lpkernel.scoring import to_predicting_positions as to_predicting_positions

@@ -402,9 +402,9 @@ def check_inputs(
   else:
     check_score_shapes(logits_or_vocab_size, tokens, response_mask, segment_ids, num_segments)
   vocab_size = _vocab_size(logits_or_vocab_size)
-  tokens = np.asarray(tokens)
-  segment_ids = None if segment_ids is None else np.asarray(segment_ids)
-  for bad, message, values in _value_problems(vocab_size, tokens, segment_ids, num_segments, np):
+  ids = np.asarray(tokens)
+  segments = None if segment_ids is None else np.asarray(segment_ids)
+  for bad, message, values in _value_problems(vocab_size, ids, segments, num_segments, np):
     if bad.any():
       b, t = map(int, np.argwhere(bad)[0])
       if message is _NOT_CONTIGUOUS:

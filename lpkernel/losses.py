@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from lpkernel import checks, ops
-from lpkernel.fused import fused_nll_loss
-from lpkernel.logprobs import nll_loss
+from lpkernel.ops.fused.api import fused_nll_loss
+from lpkernel.ops.logprobs.api import nll_loss
 from lpkernel.scoring import checked_layout, group_sum
 from lpkernel.types import Scores
 
@@ -400,10 +400,10 @@ def simpo_loss(
   _check_smoothing(label_smoothing, 1.0)
   c, r = _pairs(chosen=chosen, rejected=rejected)
   c_avg, r_avg = c.mean_logps("chosen"), r.mean_logps("rejected")
-  c, r = beta * c_avg, beta * r_avg
-  u = c - r - gamma
+  c_reward, r_reward = beta * c_avg, beta * r_avg
+  u = c_reward - r_reward - gamma
   loss = -(1 - label_smoothing) * jax.nn.log_sigmoid(u) - label_smoothing * jax.nn.log_sigmoid(-u)
-  return jnp.mean(loss), _metrics(loss, c, r, c_avg, r_avg)
+  return jnp.mean(loss), _metrics(loss, c_reward, r_reward, c_avg, r_avg)
 
 
 def z_loss(lse: jax.Array, mask: jax.Array | None = None, *, weight: float = 1e-4) -> jax.Array:

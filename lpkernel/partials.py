@@ -92,9 +92,9 @@ def scaled(d: jax.Array, tau: jax.Array | None) -> jax.Array:
   return d if tau is None else d / tau
 
 
-def transform_grad(x: jax.Array, tau: jax.Array | None, softcap: float | None):
+def transform_grad(x: jax.Array, tau: jax.Array | None, softcap: float | None) -> jax.Array | float:
   """``dy / dx`` of ``y = softcap(x) / tau`` elementwise (a Python 1.0 when neither applies)."""
-  d = 1.0
+  d: jax.Array | float = 1.0
   if softcap is not None:
     d = 1.0 - jnp.square(jnp.tanh(x.astype(_F32) / softcap))
   if tau is not None:
@@ -468,6 +468,7 @@ def grad_y(
   if g_lse is not None:
     dy = dy + jnp.where(g_lse != 0, g_lse * p, 0.0)
   if g_ent is not None:
+    assert y_c is not None and centred is not None, "the entropy's term needs y_c and centred"
     dy = dy + jnp.where(g_ent != 0, g_ent * p * (centred - y_c), 0.0)
   return jnp.where(z == -jnp.inf, 0.0, dy)
 

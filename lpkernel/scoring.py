@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from lpkernel import checks, ops
-from lpkernel.fused import fused_token_stats
-from lpkernel.logprobs import token_logprobs_and_greedy
+from lpkernel.ops.fused.api import fused_token_stats
+from lpkernel.ops.logprobs.api import token_logprobs_and_greedy
 from lpkernel.types import Scores, TokenStats
 
 _F32 = jnp.float32
@@ -132,7 +132,8 @@ def checked_layout(tokens, response_mask, segment_ids, num_segments, time_dims) 
   """
   tokens, response_mask, segment_ids = checks.as_rows(tokens, response_mask, segment_ids)
   checks.check_rows(tokens, response_mask, segment_ids, num_segments)
-  checks.check_same_dims(*time_dims, "tokens", tokens.shape)
+  name, shape = time_dims
+  checks.check_same_dims(name, shape, "tokens", tokens.shape)
   return row_layout(tokens, response_mask, segment_ids, num_segments)
 
 

@@ -4,10 +4,12 @@ Everything in lpkernel runs under ``jax.jit`` with ``NamedSharding`` inputs
 (batch sharded over a data axis): XLA partitions it. This module adds the
 **vocab-parallel** forms, for logits sharded along V or an ``unembed`` sharded
 along V over a model axis, written with ``jax.shard_map`` around the public
-per-shard building blocks (:func:`lpkernel.logprobs.rows_logprobs_and_greedy`,
-:func:`lpkernel.logprobs.rows_nll_loss`, :func:`lpkernel.fused.rows_fused_token_stats`,
-:func:`lpkernel.fused.rows_fused_nll_loss`),
-so any implementation runs on each shard. Each device reduces its vocabulary block to
+per-shard building blocks of each op's ``api`` (``lpkernel.ops.logprobs.api``:
+:func:`~lpkernel.ops.logprobs.api.rows_logprobs_and_greedy`,
+:func:`~lpkernel.ops.logprobs.api.rows_nll_loss`; ``lpkernel.ops.fused.api``:
+:func:`~lpkernel.ops.fused.api.rows_fused_token_stats`,
+:func:`~lpkernel.ops.fused.api.rows_fused_nll_loss`), so any implementation runs
+on each shard. Each device reduces its vocabulary block to
 :class:`lpkernel.partials.RowPartials`, merged across the model axis by the same
 :func:`lpkernel.partials.combine` as everywhere else, with collectives:
 
@@ -31,8 +33,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from lpkernel import checks, ops
-from lpkernel.fused import TokenStats, rows_fused_nll_loss, rows_fused_token_stats
-from lpkernel.logprobs import rows_logprobs_and_greedy, rows_nll_loss
+from lpkernel.ops.fused.api import TokenStats, rows_fused_nll_loss, rows_fused_token_stats
+from lpkernel.ops.logprobs.api import rows_logprobs_and_greedy, rows_nll_loss
 from lpkernel.scoring import Scores, score_rows
 
 
@@ -239,7 +241,7 @@ def vocab_parallel_fused_token_stats(
     local,
     mesh=mesh,
     in_specs=_fused_specs(model_axis, batch_axis, vocab_axis, tau),
-    out_specs=TokenStats(row, row, row, row),
+    out_specs=TokenStats(row, row, row, row),  # type: ignore[arg-type]  # a spec per field
     check_vma=False,
   )(hidden.reshape(-1, hidden.shape[-1]), unembed, targets.reshape(-1), tau)
   return jax.tree.map(lambda x: x.reshape(batch_shape), stats)

@@ -139,6 +139,8 @@ LOGITS_IMPLEMENTATIONS = {
   # Pallas GPU kernels in interpret mode: 64-column tiles (several per row and
   # a masked tail), 4 rows per program with a row tail, and vocabulary splits.
   "pallas_gpu": lpk.PallasGpuLogits(block_rows=4, block_v=64, splits=2, interpret=True),
+  # Mosaic TPU kernels in TPU interpret mode: 16-row blocks, 256-column tiles.
+  "pallas_tpu": lpk.PallasTpuLogits(block_rows=16, block_v=256, interpret=True),
 }
 
 

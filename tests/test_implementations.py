@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import export
 
 import lpkernel as lpk
 from lpkernel import reference
@@ -31,10 +32,7 @@ from tests.helpers import (
   oracle_token_logprobs,
 )
 
-IMPLEMENTATIONS = {
-  **LOGITS_IMPLEMENTATIONS,
-  "pallas_tpu": lpk.PallasTpuLogits(block_rows=16, block_v=256, interpret=True),
-}
+IMPLEMENTATIONS = LOGITS_IMPLEMENTATIONS  # one registry for every test file (tests/helpers.py)
 
 
 def _batch(v, dtype, n=19):
@@ -119,11 +117,43 @@ def test_score_runs_every_implementation(name):
   np.testing.assert_array_equal(got.response_greedy, want.response_greedy)
 
 
-def test_reference_implementation_is_the_plain_definition():
+def test_the_reference_is_held_to_the_float64_oracle_values_and_gradients():
+  """The yardstick itself, against NumPy in float64 (not against itself): values
+  on every special row, and d logits and d temperature by finite differences."""
   x, t = _batch(100, jnp.float32)
-  np.testing.assert_array_equal(
-    lpk.token_logprobs(x, t, implementation="reference"), reference.token_logprobs(x, t)
-  )
+  tau = jnp.linspace(0.5, 2.0, x.shape[0])
+  lp = lpk.token_logprobs(x, t, temperature=tau, softcap=30.0, implementation="reference")
+  oracle = oracle_token_logprobs(x, t, np.asarray(tau), 30.0)
+  assert_close(lp, oracle, rtol=2e-6, atol=2e-6, what="reference vs oracle")
+  # Gradients on finite rows, by central differences of the float64 oracle.
+  rows = np.array([6, 7, 8])
+  xs, ts, taus = x[rows], t[rows], tau[rows]
+  w = jnp.array([0.3, -1.0, 2.0])
+
+  def loss(x, tau):
+    lp = lpk.token_logprobs(x, ts, temperature=tau, softcap=30.0, implementation="reference")
+    return jnp.sum(w * lp)
+
+  dx, dtau = jax.grad(loss, argnums=(0, 1))(xs, taus)
+  x64, tau64, w64 = (np.asarray(a, np.float64) for a in (xs, taus, w))
+
+  def oracle_loss(x, tau):  # in float64 throughout (the shared oracle reads float32)
+    y = 30.0 * np.tanh(x / 30.0) / tau[:, None]
+    m = y.max(-1, keepdims=True)
+    lse = m[:, 0] + np.log(np.exp(y - m).sum(-1))
+    return float(np.sum(w64 * (y[np.arange(3), np.asarray(ts)] - lse)))
+
+  eps = 1e-4
+  for i, j in [(0, 3), (1, int(ts[1])), (2, 50)]:
+    e = np.zeros_like(x64)
+    e[i, j] = eps
+    fd = (oracle_loss(x64 + e, tau64) - oracle_loss(x64 - e, tau64)) / (2 * eps)
+    np.testing.assert_allclose(dx[i, j], fd, rtol=1e-4, atol=1e-6)
+  for i in range(3):
+    e = np.zeros_like(tau64)
+    e[i] = eps
+    fd = (oracle_loss(x64, tau64 + e) - oracle_loss(x64, tau64 - e)) / (2 * eps)
+    np.testing.assert_allclose(dtau[i], fd, rtol=1e-4, atol=1e-6)
 
 
 # --- the fused path ------------------------------------------------------------------------
@@ -446,7 +476,7 @@ def test_validators_reject_untileable_blocks():
 def test_kernels_lower_for_their_hardware(impl, platform, call, dtype, options):
   """Interpret mode runs primitives a GPU or TPU compiler may lack: lowering the
   real kernels (Triton, Mosaic) here catches those, forward and backward."""
-  from lpkernel import logprobs
+  from lpkernel.ops.logprobs import api as logprobs
 
   x = jax.ShapeDtypeStruct((64, 1000), dtype)
   t = jax.ShapeDtypeStruct((64,), jnp.int32)
@@ -495,7 +525,7 @@ def test_fused_kernels_lower_for_their_hardware(impl, platform, call, count, dty
   """The fused kernels, forward and backward (temperature and softcap on), lowered
   for their hardware: GPU one row kernel per pass (in the chunk loop, and once
   more for a tail chunk), TPU the forward, d hidden and d unembed kernels."""
-  from lpkernel import fused
+  from lpkernel.ops.fused import api as fused
 
   n, d, v = 64, 128, 1000
   h = jax.ShapeDtypeStruct((n, d), dtype)
@@ -525,7 +555,7 @@ def test_fused_loss_lowers_for_their_hardware(impl, platform, call, count):
   """The training loss's forward pass with its gradients: on GPUs the row kernel's
   forward and gradient passes once per chunk shape (no recompute in the backward),
   on TPUs the forward kernel then the two gradient kernels."""
-  from lpkernel import fused
+  from lpkernel.ops.fused import api as fused
 
   n, d, v = 64, 128, 1000
   h = jax.ShapeDtypeStruct((n, d), jnp.bfloat16)
@@ -563,7 +593,7 @@ def test_logits_loss_lowers_for_their_hardware(impl, platform, call, count, dtyp
   inside); by default, or with vocabulary splits, the forward kernel then the
   gradient kernel; on TPUs the forward then the gradient kernel, or with
   ``loss_kernel`` one kernel over whole rows. Nothing runs in the backward."""
-  from lpkernel import logprobs
+  from lpkernel.ops.logprobs import api as logprobs
 
   x = jax.ShapeDtypeStruct((64, 1000), dtype)
   t = jax.ShapeDtypeStruct((64,), jnp.int32)
@@ -823,7 +853,8 @@ def test_tpu_kernels_lower_under_vmap():
   calls with the batch as an extra grid axis. (JAX's TPU interpreter cannot run
   a vmapped kernel: it ignores the batch's grid axis; the GPU kernels run vmapped
   in interpret mode, below.)"""
-  from lpkernel import fused, logprobs
+  from lpkernel.ops.fused import api as fused
+  from lpkernel.ops.logprobs import api as logprobs
 
   x = jax.ShapeDtypeStruct((3, 64, 1024), jnp.float32)
   t = jax.ShapeDtypeStruct((3, 64), jnp.int32)
@@ -869,3 +900,42 @@ def test_gpu_kernels_run_under_vmap():
   want = both("reference", "reference")
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     assert_close(a, b, rtol=1e-5, atol=1e-5, what="vmapped")
+
+
+# --- backend paths: chosen for the platform a program is lowered for -----------------
+
+
+def _lowered_text(fn, platform, *args):
+  """The StableHLO of ``fn`` exported for ``platform`` (no device of it needed)."""
+  return export.export(jax.jit(fn), platforms=[platform])(*args).mlir_module()
+
+
+def test_backend_paths_follow_the_platform_lowered_for_not_the_host():
+  """A program exported for a GPU from this CPU host holds the accelerator paths
+  (whole rows, 2048-column fused blocks, no bit-view carry); exported for the CPU,
+  the CPU's (argmax blocks, 256-column blocks, a uint16 d unembed carry)."""
+  n, d, v = 8, 16, 1 << 19  # abstract shapes: nothing is allocated
+  x = jax.ShapeDtypeStruct((n, v), jnp.float32)
+  h = jax.ShapeDtypeStruct((n, d), jnp.bfloat16)
+  w = jax.ShapeDtypeStruct((d, v), jnp.bfloat16)
+  t = jax.ShapeDtypeStruct((n,), jnp.int32)
+
+  def logits_path(x, t):
+    return lpk.token_logprobs_and_greedy(x, t, implementation=lpk.XlaLogits())
+
+  def fused_grads(h, w, t):
+    return jax.grad(
+      lambda h, w: jnp.sum(lpk.fused_token_logprobs(h, w, t, implementation=lpk.XlaFused())),
+      argnums=(0, 1),
+    )(h, w)
+
+  # The CPU's first-argmax blocks (1024 columns), its fused blocks (256 columns
+  # against 2048 elsewhere at this V) and its bit-view d unembed carry.
+  argmax_blocks = f"tensor<{n * v // 1024}x1024xf32>"
+  for platform, on_cpu in [("cpu", True), ("cuda", False), ("tpu", False)]:
+    text = _lowered_text(logits_path, platform, x, t)
+    assert (argmax_blocks in text) == on_cpu, platform
+    text = _lowered_text(fused_grads, platform, h, w, t)
+    assert (f"tensor<{n}x256xf32>" in text) == on_cpu, platform
+    assert (f"tensor<{n}x2048xf32>" in text) != on_cpu, platform
+    assert (f"tensor<{d}x{v}xui16>" in text) == on_cpu, platform

@@ -7,6 +7,9 @@ of its parent ``__init__`` is not an edge: Python runs it first).
 """
 
 import ast
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -102,3 +105,33 @@ def test_implementations_import_no_other_implementation():
     edges = _top_level_edges(ast.parse(MODULES[name].read_text()))
     others = {e for e in edges & IMPLEMENTATIONS if e != name and (name, e) not in USES_ANOTHER}
     assert not others, f"{name} imports the implementations {sorted(others)}"
+
+
+def test_lpkernel_imports_without_the_pallas_backends_and_names_what_is_missing():
+  """A JAX build without Triton's or Mosaic's Pallas backend: importing them fails,
+  lpkernel still imports and runs XLA, and a Pallas implementation raises naming
+  the missing module."""
+  program = textwrap.dedent(
+    """
+    import sys
+    sys.modules["jax.experimental.pallas.triton"] = None  # import raises ImportError
+    sys.modules["jax.experimental.pallas.tpu"] = None
+    import jax.numpy as jnp
+    import lpkernel as lpk
+    x, t = jnp.zeros((2, 5)), jnp.array([0, 4])
+    print(float(lpk.token_logprobs(x, t)[0]))
+    for impl in [lpk.PallasGpuLogits(interpret=True), lpk.PallasTpuLogits(interpret=True)]:
+      try:
+        lpk.token_logprobs(x, t, implementation=impl)
+      except ImportError as e:
+        print("refused:", e)
+    """
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", program], capture_output=True, text=True, timeout=300, cwd=PACKAGE.parent
+  )
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert abs(float(lines[0]) + 1.6094379) < 1e-6  # -log 5
+  assert "jax.experimental.pallas.triton" in lines[1] and "implementation='xla'" in lines[1]
+  assert "jax.experimental.pallas.tpu" in lines[2]

@@ -401,12 +401,7 @@ def test_bad_python_temperature_and_softcap_raise(bad):
     lpk.fused_token_logprobs(jnp.ones((2, 3)), jnp.ones((3, 4)), t, temperature=bad)
 
 
-@pytest.mark.parametrize(
-  "impl",
-  # The TPU kernels too: their gradient kernel sums d temperature itself.
-  [*LOGITS_IMPLEMENTATIONS.values(), lpk.PallasTpuLogits(interpret=True), "reference"],
-  ids=[*LOGITS_IMPLEMENTATIONS, "pallas_tpu", "reference"],
-)
+@IMPLS
 def test_bad_array_temperature_poisons_its_position_and_its_gradient(impl):
   x = jax.random.normal(jax.random.key(10), (4, 9))
   t = jnp.arange(4)

@@ -84,7 +84,7 @@ def save_shards(path: str, out) -> None:
       arrays[f"leaf{k}_shard{j}"] = np.asarray(shard.data)
       bounds = [s.indices(n)[:2] for s, n in zip(shard.index, leaf.shape, strict=True)]
       arrays[f"leaf{k}_index{j}"] = np.array(bounds, np.int64).reshape(-1, 2)
-  np.savez(path, **arrays)
+  np.savez(path, **arrays)  # type: ignore[arg-type]  # names of arrays, not allow_pickle
 
 
 def run(

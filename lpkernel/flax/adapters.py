@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
 from flax import linen, nnx
 
 from lpkernel.flax.spec import ModelSpec, spec_of
-from lpkernel.fused import fused_token_stats
-from lpkernel.logprobs import token_logprobs_and_greedy
 from lpkernel.losses import sft_loss_hidden, sft_loss_logits
+from lpkernel.ops.fused.api import fused_token_stats
+from lpkernel.ops.logprobs.api import token_logprobs_and_greedy
 from lpkernel.scoring import Scores, score, score_hidden, score_rows
 
 
@@ -140,7 +140,9 @@ def scores_from_output(
     score_kwargs.pop("vocab_axis", None)
   if not drops_last:
     if fused:
-      return score_hidden(*output, tokens, response_mask, **score_kwargs)
+      hidden, unembed = output
+      # Scores alone: score_kwargs never asks for with_stats.
+      return cast(Scores, score_hidden(hidden, unembed, tokens, response_mask, **score_kwargs))
     return score(output, tokens, response_mask, **score_kwargs)
   segment_ids = score_kwargs.pop("segment_ids", None)
   num_segments = score_kwargs.pop("num_segments", None)
@@ -255,17 +257,13 @@ def sft_loss_model(
   bound, state = BoundModel.of(model, spec=spec)
   # logits, or (hidden, unembed) and the spec's vocab_axis / softcap, or a clear error.
   out, kwargs = run_model(bound, state, tokens, segment_ids, fused, score_kwargs)
-  loss, out = (sft_loss_hidden, out) if fused else (sft_loss_logits, (out,))
-  return loss(
-    *out,
-    tokens,
-    response_mask,
-    num_segments=num_segments,
-    normalise=normalise,
-    response_only=response_only,
-    z_loss=z_loss,
-    **kwargs,
+  options: dict[str, Any] = dict(
+    num_segments=num_segments, normalise=normalise, response_only=response_only, z_loss=z_loss
   )
+  if fused:
+    hidden, unembed = out
+    return sft_loss_hidden(hidden, unembed, tokens, response_mask, **options, **kwargs)
+  return sft_loss_logits(out, tokens, response_mask, **options, **kwargs)
 
 
 def score_linen(

@@ -150,6 +150,7 @@ class ModelSpec:
         kwargs[self.segment_ids] = segment_ids
       if self.attention_mask is not None:
         kwargs[self.attention_mask] = causal_segment_mask(segment_ids)
+      assert self.positions is not None  # self.packs
       kwargs[self.positions] = packed_positions(segment_ids)
     if fused:
       if self.hidden is None:

@@ -138,6 +138,7 @@ def _tokenizer_kind(tokenizer: Any) -> str:
       f"SentencePiece-style tokenizer), or be a tokenizer name or directory; got "
       f"{type(tokenizer).__name__}"
     )
+  parameters: Mapping[str, inspect.Parameter]
   try:
     parameters = inspect.signature(encode).parameters
   except (TypeError, ValueError):
@@ -209,15 +210,16 @@ class LpkernelLM(TemplateLM):
       raise TypeError("LpkernelLM needs tokenizer= (an object, a name or a local directory)")
     self.tokenizer = Tokenizer(tokenizer)
     self.add_bos_token = add_bos_token
-    self._prefix = prefix_token_id
-    if self._prefix is None:
-      self._prefix = self.tokenizer.token_id("bos_token_id", "BOS", "eos_token_id", "EOS")
-      self._prefix = self._prefix if self._prefix is not None else self._eot()
-    if self._prefix is None:
+    prefix = prefix_token_id
+    if prefix is None:
+      prefix = self.tokenizer.token_id("bos_token_id", "BOS", "eos_token_id", "EOS")
+      prefix = prefix if prefix is not None else self._eot()
+    if prefix is None:
       raise ValueError(
         f"no prefix_token_id given and the tokenizer ({type(self.tokenizer.tokenizer).__name__}) "
         "has no BOS / EOS / EOT id: pass prefix_token_id="
       )
+    self._prefix: int = prefix
     self.scorer = Scorer.of(
       model,
       max_length=None if max_length is None else int(max_length),

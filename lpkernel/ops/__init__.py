@@ -1,7 +1,8 @@
 """Implementations of lpkernel's ops, behind one seam.
 
-Per op, a reference (``lpkernel.reference``, plain ``jnp``) and implementation
-objects that satisfy the kernel contract of ``lpkernel.partials``:
+Per op (``ops/<op>/``: ``api.py`` the public entry, ``reference.py`` plain
+``jnp``), implementation objects that satisfy the op's protocol
+(:mod:`lpkernel.ops.base`) on the kernel contract of ``lpkernel.partials``:
 
 * logits path (``token_logprobs``, ``score``): :class:`XlaLogits`,
   :class:`PallasGpuLogits`, :class:`PallasTpuLogits`;
@@ -30,8 +31,9 @@ implementation may provide ``grad_logits_and_tau`` (``d x`` and each row's
 array temperature's gradient takes its own pass (``centred_expected_y``).
 
 A public entry's ``implementation=`` takes None (the measured best for the
-backend), a name, or one of these objects (with its tiling and, for Pallas,
-``interpret=True`` to run on the CPU). A named implementation that cannot run
+backend), a name, one of these objects (with its tiling and, for Pallas,
+``interpret=True`` to run on the CPU), or any object satisfying the op's
+protocol (a new implementation needs no edit here). A named implementation that cannot run
 on this backend raises ``ValueError``; nothing falls back silently.
 """
 
@@ -39,6 +41,9 @@ from __future__ import annotations
 
 import jax
 
+from lpkernel.ops.base import CentredExpectedY, GradLogitsAndTau
+from lpkernel.ops.base import FusedImplementation as FusedImplementation
+from lpkernel.ops.base import LogitsImplementation as LogitsImplementation
 from lpkernel.ops.fused.pallas_gpu import PallasGpuFused as PallasGpuFused
 from lpkernel.ops.fused.pallas_tpu import PallasTpuFused as PallasTpuFused
 from lpkernel.ops.fused.xla import FusedConfig as FusedConfig
@@ -50,11 +55,16 @@ from lpkernel.ops.logprobs.xla import XlaLogits as XlaLogits
 
 REFERENCE = "reference"
 
-LogitsImplementation = XlaLogits | PallasGpuLogits | PallasTpuLogits
-FusedImplementation = XlaFused | PallasGpuFused | PallasTpuFused
-
-LOGITS = {"xla": XlaLogits, "pallas_gpu": PallasGpuLogits, "pallas_tpu": PallasTpuLogits}
-FUSED = {"xla": XlaFused, "pallas_gpu": PallasGpuFused, "pallas_tpu": PallasTpuFused}
+LOGITS: dict[str, type[LogitsImplementation]] = {
+  "xla": XlaLogits,
+  "pallas_gpu": PallasGpuLogits,
+  "pallas_tpu": PallasTpuLogits,
+}
+FUSED: dict[str, type[FusedImplementation]] = {
+  "xla": XlaFused,
+  "pallas_gpu": PallasGpuFused,
+  "pallas_tpu": PallasTpuFused,
+}
 
 # The measured best per backend: on an H200 (jax 0.11.2) the Pallas kernels beat
 # XLA on every measured shape, forward and backward; on TPUs the kernels are
@@ -89,20 +99,36 @@ _ENTRIES = {
 }
 
 
+_PROTOCOLS = {"logits": LogitsImplementation, "fused": FusedImplementation}
+
+
 def _check_op(implementation, registry, op: str) -> None:
-  """TypeError for an object that is not an implementation of ``op``, saying which
+  """TypeError for an object that does not satisfy ``op``'s protocol, saying which
   op takes which (the other op's objects have other methods)."""
-  if implementation is None or isinstance(implementation, (str, *registry.values())):
+  if implementation is None or isinstance(implementation, (str, _PROTOCOLS[op])):
+    if op == "logits" and not isinstance(implementation, (type(None), str)):
+      _check_temperature_grad(implementation)
     return
   other = "fused" if op == "logits" else "logits"
-  kinds = (FUSED if op == "logits" else LOGITS).values()
-  what = f"a {other} implementation" if isinstance(implementation, tuple(kinds)) else "not one"
+  is_other = isinstance(implementation, _PROTOCOLS[other])
+  what = f"a {other} implementation" if is_other else "not one"
   names = ", ".join(c.__name__ for c in registry.values())
   raise TypeError(
     f"implementation={type(implementation).__name__}(...) is {what}: the {op} op "
-    f"({_ENTRIES[op]}) takes {names}, a name or None; {other} implementations go to "
+    f"({_ENTRIES[op]}) takes {names}, a name, None or an object satisfying "
+    f"lpkernel.ops.base.{_PROTOCOLS[op].__name__}; {other} implementations go to "
     f"{_ENTRIES[other]}"
   )
+
+
+def _check_temperature_grad(implementation) -> None:
+  """A logits implementation must give each row's ``d temperature`` one way or the other."""
+  if not isinstance(implementation, (GradLogitsAndTau, CentredExpectedY)):
+    raise TypeError(
+      f"implementation={type(implementation).__name__}(...) has neither "
+      "grad_logits_and_tau nor centred_expected_y (lpkernel.ops.base): a temperature's "
+      "gradient needs one"
+    )
 
 
 def _resolve(implementation, registry, defaults, op: str):

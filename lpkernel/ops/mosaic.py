@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
+
+from lpkernel.ops.pallas_backends import require_mosaic
 
 
 def tpu_call(
@@ -12,6 +13,7 @@ def tpu_call(
   """``pl.pallas_call`` of a Mosaic TPU kernel over ``grid`` with VMEM ``scratch``;
   ``interpret`` runs it in TPU interpret mode (``pltpu.InterpretParams``);
   ``vmem_limit`` raises Mosaic's scoped VMEM limit (bytes; None: its default)."""
+  pltpu = require_mosaic()
   return pl.pallas_call(
     kernel,
     grid_spec=pltpu.PrefetchScalarGridSpec(

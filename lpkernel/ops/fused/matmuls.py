@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lpkernel.ops.blocks import sweep
+from lpkernel.ops.platform import on_cpu_or
 
 _F32 = jnp.float32
 
@@ -22,12 +23,6 @@ def contract(a: jax.Array, a_axis: int, b: jax.Array, b_axis: int, precision) ->
   """``a`` times ``b`` over ``a``'s axis ``a_axis`` and ``b``'s axis ``b_axis`` (2-D each)."""
   dims = (((a_axis,), (b_axis,)), ((), ()))
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=_F32)
-
-
-def on_cpu() -> bool:
-  """The CPU's layouts (a ``[D, N]`` copy of ``h`` for its bfloat16 dots): decided
-  at trace time by the default backend."""
-  return jax.default_backend() == "cpu"
 
 
 def grad_unembed(h, dz, vocab_axis: int, precision, h_t=None) -> jax.Array:
@@ -71,8 +66,11 @@ def chunked_grads(h, w, size: int, vocab_axis: int, precision, row_grads, out_in
     dz, dtau_c, out_c = row_grads(z, lo, width)
     # d h rows = dz @ w^T, contracting the vocabulary axis as stored.
     dh = put(dh, contract(dz, 1, w, vocab_axis, precision), lo)
-    h_t = lax.optimization_barrier(hc.T) if on_cpu() else None
-    dwc = grad_unembed(hc, dz, vocab_axis, precision, h_t)
+    # The CPU's layout: a [D, C] copy of the chunk's h for its bfloat16 dots.
+    dwc = on_cpu_or(
+      lambda: grad_unembed(hc, dz, vocab_axis, precision, lax.optimization_barrier(hc.T)),
+      lambda: grad_unembed(hc, dz, vocab_axis, precision),
+    )
     dw = dwc.astype(w.dtype) if one_chunk else dw + dwc
     if dtau is not None:
       dtau = put(dtau, dtau_c, lo)

@@ -29,14 +29,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
 from lpkernel import partials as P
 from lpkernel.ops import tiling
-from lpkernel.ops.fused.matmuls import contract
+from lpkernel.ops.fused import pallas_tpu_kernel as kernels
 from lpkernel.ops.mosaic import tpu_call
+from lpkernel.ops.pallas_backends import require_mosaic
 
 _F32 = jnp.float32
 
@@ -115,7 +114,7 @@ class PallasTpuFused:
     hs, ws, row = self._specs(h, w, vocab_axis, rows, cols)
     col = jax.ShapeDtypeStruct((n, 1), _F32)
     out = tpu_call(
-      functools.partial(_forward_kernel, **self._statics(h, w, vocab_axis, softcap, tau)),
+      functools.partial(kernels.forward_kernel, **self._statics(h, w, vocab_axis, softcap, tau)),
       (pl.cdiv(n, rows), pl.cdiv(v, cols)),
       [hs, ws, row] + ([] if tau is None else [row]),
       [row] * 5,
@@ -145,7 +144,7 @@ class PallasTpuFused:
       dh_out.append(jax.ShapeDtypeStruct((n, 1), _F32))
       dh_specs.append(row)
     dh, *dtau = tpu_call(
-      functools.partial(_dh_kernel, **statics),
+      functools.partial(kernels.dh_kernel, **statics),
       (pl.cdiv(n, rows), pl.cdiv(v, cols)),
       [hs, ws] + [row] * len(vectors),
       dh_specs,
@@ -158,12 +157,12 @@ class PallasTpuFused:
 
     hs, ws, row = self._specs(h, w, vocab_axis, rows, cols, vocab_major=True)
     dw = tpu_call(
-      functools.partial(_dw_kernel, **statics),
+      functools.partial(kernels.dw_kernel, **statics),
       (pl.cdiv(v, cols), pl.cdiv(n, rows)),
       [hs, ws] + [row] * len(vectors),
       ws,
       jax.ShapeDtypeStruct(w.shape, w.dtype),
-      [pltpu.VMEM(ws.block_shape, _F32)],  # d w tile's float32 accumulator
+      [require_mosaic().VMEM(ws.block_shape, _F32)],  # d w tile's float32 accumulator
       ("parallel", "arbitrary"),
       self.interpret,
       self.vmem_limit_bytes,
@@ -174,86 +173,3 @@ class PallasTpuFused:
 def _column(a):
   """An optional ``[N]`` vector as the ``[N, 1]`` column kernels take."""
   return () if a is None else (a[:, None] if a.dtype == jnp.int32 else a.astype(_F32)[:, None],)
-
-
-def _tile_logits(h_ref, w_ref, i, k, *, n, vocab_size, vocab_axis, precision):
-  """Tile (i, k): (h, w with the rows past N and columns past V zeroed, raw
-  float32 logits x [rows, cols], their global columns, bool[rows, cols] inside the array)."""
-  h, w = h_ref[...], w_ref[...]
-  rows, cols = h.shape[0], w.shape[vocab_axis]
-  row_ok = i * rows + lax.broadcasted_iota(jnp.int32, (rows, 1), 0) < n
-  w_cols = k * cols + lax.broadcasted_iota(jnp.int32, w.shape, vocab_axis)
-  h = jnp.where(row_ok, h, jnp.zeros_like(h))
-  w = jnp.where(w_cols < vocab_size, w, jnp.zeros_like(w))
-  x = contract(h, 1, w, 1 - vocab_axis, precision)
-  col = k * cols + lax.broadcasted_iota(jnp.int32, x.shape, 1)
-  return h, w, x, col, row_ok & (col < vocab_size)
-
-
-def _forward_kernel(h_ref, w_ref, t_ref, *refs, has_tau, softcap, **tile):
-  tau_ref, outs = (refs[0], refs[1:]) if has_tau else (None, refs)
-  i, k = pl.program_id(0), pl.program_id(1)
-
-  @pl.when(k == 0)
-  def _init():
-    for ref, value in zip(outs, P.empty(outs[0].shape, with_entropy=True), strict=True):
-      ref[...] = value
-
-  _, _, x, col, inside = _tile_logits(h_ref, w_ref, i, k, **tile)
-  tau = None if tau_ref is None else tau_ref[...]
-  z = jnp.where(inside, P.capped(x, softcap), -jnp.inf)  # no mass, never the argmax
-  block = P.block_partials(z, col, t_ref[...], tau, keepdims=True)
-  merged = P.merge(P.RowPartials(*(ref[...] for ref in outs)), block, tau)
-  for ref, value in zip(outs, merged, strict=True):
-    ref[...] = value
-
-
-def _tile_dz(h_ref, w_ref, t_ref, refs, i, k, *, has_tau, softcap, **tile):
-  """Tile (i, k)'s ``d logits`` (zero outside the array), with what d h, d w and d tau need."""
-  shift, log_s, centred, g_lp, g_lse, g_ent, *tau = (ref[...] for ref in refs)
-  tau = tau[0] if has_tau else None
-  h, w, x, col, inside = _tile_logits(h_ref, w_ref, i, k, **tile)
-  z = P.capped(x, softcap)
-  y_c = P.centred_y(z, shift, tau)
-  p = P.softmax(z, shift, log_s, tau)
-  dy = P.grad_y(col == t_ref[...], p, g_lp, g_lse, g_ent, y_c, centred, z=z)
-  dy, p = (jnp.where(inside, a, 0.0) for a in (dy, p))
-  dx = P.grad_x(dy, x, tau, softcap).astype(h.dtype)
-  return h, w, dx, dy, y_c, shift, tau, p, g_lse
-
-
-def _dh_kernel(h_ref, w_ref, t_ref, *refs, **statics):
-  rows_in = 6 + statics["has_tau"]  # shift, log_s, centred, g_lp, g_lse, g_ent (, tau)
-  (dh_ref, *dtau_ref), refs = refs[rows_in:], refs[:rows_in]
-  i, k = pl.program_id(0), pl.program_id(1)
-
-  @pl.when(k == 0)
-  def _init():
-    for ref in (dh_ref, *dtau_ref):
-      ref[...] = jnp.zeros(ref.shape, _F32)
-
-  _, w, dz, dy, y_c, shift, tau, p, g_lse = _tile_dz(h_ref, w_ref, t_ref, refs, i, k, **statics)
-  dh_ref[...] += contract(dz, 1, w, statics["vocab_axis"], statics["precision"])
-  if dtau_ref:
-    dtau_ref[0][...] += P.grad_tau(dy, y_c, tau, shift, p, g_lse)
-
-
-def _dw_kernel(h_ref, w_ref, t_ref, *refs, **statics):
-  dw_ref, acc = refs[-2:]
-  k, i = pl.program_id(0), pl.program_id(1)
-
-  @pl.when(i == 0)
-  def _init():
-    acc[...] = jnp.zeros(acc.shape, _F32)
-
-  h, _, dz, *_ = _tile_dz(h_ref, w_ref, t_ref, refs[:-2], i, k, **statics)
-  precision = statics["precision"]
-  # d w tile = h^T dz ([D, cols]), or its transpose for a [V, D] table.
-  if statics["vocab_axis"] == 1:
-    acc[...] += contract(h, 0, dz, 0, precision)
-  else:
-    acc[...] += contract(dz, 0, h, 0, precision)
-
-  @pl.when(i == pl.num_programs(1) - 1)
-  def _write():
-    dw_ref[...] = acc[...].astype(dw_ref.dtype)

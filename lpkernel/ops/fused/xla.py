@@ -28,7 +28,8 @@ from jax import lax
 from lpkernel import partials as P
 from lpkernel.ops import higher_order
 from lpkernel.ops.blocks import block_of, sweep
-from lpkernel.ops.fused.matmuls import chunked_grads, contract, grad_unembed, on_cpu
+from lpkernel.ops.fused.matmuls import chunked_grads, contract, grad_unembed
+from lpkernel.ops.platform import on_cpu_or
 
 _F32 = jnp.float32
 
@@ -98,11 +99,12 @@ class FusedConfig:
     if not isinstance(self.loss_chunk_bytes, int) or self.loss_chunk_bytes < 1:
       raise ValueError(f"FusedConfig.loss_chunk_bytes={self.loss_chunk_bytes!r} must be positive")
 
-  def chunked_loss(self, dtype) -> bool:
-    """Whether the training loss takes token chunks (else the forward and backward sweeps)."""
+  def chunked_loss(self, dtype, cpu: bool) -> bool:
+    """Whether the training loss takes token chunks (else the forward and backward
+    sweeps) in a program lowered for the CPU (``cpu``) or another platform."""
     if self.loss_chunks is not None:
       return self.loss_chunks
-    return jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32
+    return cpu and jnp.dtype(dtype) == jnp.float32
 
   def loss_chunk(self, n: int, vocab_size: int) -> int:
     """Tokens per chunk of the training loss."""
@@ -110,10 +112,11 @@ class FusedConfig:
       return min(n, self.loss_chunk_tokens)
     return min(n, max(64, self.loss_chunk_bytes // (4 * vocab_size) // 64 * 64))
 
-  def block(self, vocab_size: int) -> int:
+  def block(self, vocab_size: int, cpu: bool) -> int:
+    """Columns per step of the sweep in a program lowered for the CPU (``cpu``) or another."""
     if self.vocab_block is not None:
       return min(self.vocab_block, vocab_size)
-    widest = 256 if jax.default_backend() == "cpu" else 2048
+    widest = 256 if cpu else 2048
     return min(max(256, min(widest, vocab_size // 128 // 128 * 128)), vocab_size)
 
 
@@ -141,6 +144,8 @@ def block_grad(x, z, cols, targets, tau_col, softcap, f: P.Finished, g, dtype):
   p = P.softmax(z, shift, f.log_s[:, None], tau_col)
   y_c = P.centred_y(z, shift, tau_col)
   g_lp, g_lse, g_ent = (None if c is None else c[:, None] for c in g)
+  # An absent log-probability term is a zero cotangent (grad_y leaves it out).
+  g_lp = jnp.zeros_like(f.shift[:, None]) if g_lp is None else g_lp
   dy = P.grad_y(cols == targets[:, None], p, g_lp, g_lse, g_ent, y_c, f.centred[:, None], z=z)
   dtau = None if tau_col is None else P.grad_tau(dy, y_c, tau_col, shift, p, g_lse)[:, 0]
   return P.grad_x(dy, x, tau_col, softcap).astype(dtype), dtau
@@ -192,9 +197,12 @@ class XlaFused:
       cols = lo + lax.broadcasted_iota(jnp.int32, (1, width), 1)
       return P.merge(carry, P.block_partials(z, cols, targets, tau_col), tau)
 
-    with jax.named_scope("fused_sweep"):
+    def forward(cpu: bool) -> P.RowPartials:
       v = w.shape[vocab_axis]
-      return sweep(step, P.empty(h.shape[0], with_entropy=True), v, self.config.block(v))
+      return sweep(step, P.empty(h.shape[0], with_entropy=True), v, self.config.block(v, cpu))
+
+    with jax.named_scope("fused_sweep"):
+      return on_cpu_or(lambda: forward(True), lambda: forward(False))
 
   def grads(self, h, w, targets, tau, softcap, f: P.Finished, g, vocab_axis=1):
     """(d h float32 [N, D], d w in w's layout and dtype, d tau float32 [N] or None).
@@ -212,17 +220,23 @@ class XlaFused:
     # one copy of d w (a temporary of the gradient's own size, never of the
     # logits'); float16 has no fast CPU dot and does not gain. A bit view has no
     # derivative, so a derivative of this backward is the bfloat16 carry's.
-    bits = jnp.dtype(jnp.uint16) if on_cpu() and w.dtype == jnp.bfloat16 else None
-    sweep_back = functools.partial(self._grads, softcap=softcap, vocab_axis=vocab_axis)
-    return higher_order.differentiated_as(sweep_back, bits, None)(h, w, targets, tau, f, g)
+    args = (h, w, targets, tau, f, g)
 
-  def _grads(self, bits, h, w, targets, tau, f, g, *, softcap, vocab_axis):
-    """:meth:`grads` with ``d w`` carried as ``bits`` (an unsigned dtype) or, for None, as is."""
+    def backward(cpu: bool):
+      bits = jnp.dtype(jnp.uint16) if cpu and w.dtype == jnp.bfloat16 else None
+      sweep_back = functools.partial(self._grads, softcap=softcap, vocab_axis=vocab_axis, cpu=cpu)
+      return higher_order.differentiated_as(sweep_back, bits, None)(*args)
+
+    return on_cpu_or(lambda: backward(True), lambda: backward(False))
+
+  def _grads(self, bits, h, w, targets, tau, f, g, *, softcap, vocab_axis, cpu: bool):
+    """:meth:`grads` with ``d w`` carried as ``bits`` (an unsigned dtype) or, for
+    None, as is; the CPU's layouts and block width with ``cpu``."""
     tau_col = None if tau is None else tau[:, None]
     # On the CPU, d w blocks come from a [D, N] copy of h made once: XLA:CPU's fast
     # bfloat16 dots want the contracted axis last on the left (contracting N on h
     # itself ran 5x slower). Other backends contract h as it is, with no copy.
-    h_t = lax.optimization_barrier(h.T) if on_cpu() else None
+    h_t = lax.optimization_barrier(h.T) if cpu else None
 
     def step(carry, lo, width):
       dh, dw, dtau = carry
@@ -245,7 +259,7 @@ class XlaFused:
     )
     with jax.named_scope("fused_sweep_backward"):
       v = w.shape[vocab_axis]
-      dh, dw, dtau = sweep(step, init, v, self.config.block(v))
+      dh, dw, dtau = sweep(step, init, v, self.config.block(v, cpu))
       return dh, dw if bits is None else lax.bitcast_convert_type(dw, w.dtype), dtau
 
   def _chunked_grads(self, h, w, targets, tau, softcap, f: P.Finished, g, vocab_axis):
@@ -265,8 +279,9 @@ class XlaFused:
       return dh, dw, dtau
 
   def loss_grads(self, h, w, tau, softcap, rows: P.LossRows, out_init, vocab_axis=1):
-    """A training loss and its gradients in one pass, or None to let the caller
-    sweep twice (``FusedConfig.loss_chunks``).
+    """A training loss and its gradients in one call: token chunks, or the forward
+    sweep then the backward sweep (``FusedConfig.loss_chunks``, chosen for the
+    platform the program is lowered for).
 
     Args:
       h, w, tau, softcap: as for :meth:`partials` (``h`` and ``tau`` safe on dead rows).
@@ -277,8 +292,19 @@ class XlaFused:
     Returns:
       (out, d h float32 [N, D], d w in w's layout and dtype, d tau float32 [N] or None).
     """
-    if not self.config.chunked_loss(h.dtype):
-      return None
+    chunked = [self.config.chunked_loss(h.dtype, cpu) for cpu in (True, False)]
+    if chunked[0] == chunked[1]:  # no platform decides it
+      return self._loss(chunked[0], h, w, tau, softcap, rows, out_init, vocab_axis)
+    args = (h, w, tau, softcap, rows, out_init, vocab_axis)
+    return on_cpu_or(lambda: self._loss(chunked[0], *args), lambda: self._loss(chunked[1], *args))
+
+  def _loss(self, chunked: bool, h, w, tau, softcap, rows: P.LossRows, out_init, vocab_axis):
+    """:meth:`loss_grads` in token chunks, or by the two sweeps."""
+    if not chunked:
+      p = self.partials(h, w, rows.targets, tau, softcap, vocab_axis)
+      f, g, out = rows.cotangents(p, 0, h.shape[0])
+      dh, dw, dtau = self.grads(h, w, rows.targets, tau, softcap, f, g, vocab_axis)
+      return out, dh, dw, dtau
     tau_col = None if tau is None else tau[:, None]
     v = w.shape[vocab_axis]
 

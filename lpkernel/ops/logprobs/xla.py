@@ -33,6 +33,7 @@ from jax import lax
 
 from lpkernel import partials as P
 from lpkernel.ops.blocks import block_of, sweep
+from lpkernel.ops.platform import on_cpu_or
 
 _F32 = jnp.float32
 _BITS = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
@@ -359,7 +360,7 @@ class XlaLogits:
         return swept_partials(reduce, x, targets, tau, self.chunks.sweep_block)
       return reduce(x, targets, tau)
 
-    return lax.platform_dependent(cpu=cpu, default=lambda: partials(x, targets, tau, softcap, v))
+    return on_cpu_or(cpu, lambda: partials(x, targets, tau, softcap, v))
 
   def grad_logits(self, x, targets, tau, softcap, shift, log_s, g, g_lse=None) -> jax.Array:
     # One elementwise pass on every backend, whole: in row blocks (as the
@@ -375,4 +376,4 @@ class XlaLogits:
       return centred_expected_y(x, tau, softcap, shift, log_s, chunk)
 
     default = lambda: centred_expected_y(x, tau, softcap, shift, log_s, x.shape[1])  # noqa: E731
-    return lax.platform_dependent(cpu=cpu, default=default)
+    return on_cpu_or(cpu, default)

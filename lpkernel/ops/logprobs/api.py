@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lpkernel import checks, ops, reference
+from lpkernel import checks, ops
 from lpkernel import partials as P
-from lpkernel.ops import higher_order
-from lpkernel.ops.logprobs import xla
+from lpkernel.ops import base, higher_order
+from lpkernel.ops.logprobs import reference, xla
 
 _F32 = jnp.float32
 
@@ -85,7 +85,7 @@ def _grads(impl, x, local, tau, softcap, shift, log_s, g, g_lse=None, mass=None)
   ``x``; otherwise ``d tau`` takes :func:`_grad_tau`'s pass.
   """
   with jax.named_scope("dlogits"):
-    if tau is not None and hasattr(impl, "grad_logits_and_tau"):
+    if tau is not None and isinstance(impl, base.GradLogitsAndTau):
       return impl.grad_logits_and_tau(x, local, tau, softcap, shift, log_s, g, g_lse)
     dx = impl.grad_logits(x, local, tau, softcap, shift, log_s, g, g_lse)
   if tau is None:
@@ -237,7 +237,9 @@ def _nll_value(x, targets, tau, weights, z_loss, softcap, impl, axis, vocab_size
 def _nll_fwd(x, targets, tau, weights, z_loss, softcap, impl, axis, vocab_size):
   def rule(impl, x, targets, tau, weights):
     rows, safe_tau = P.nll_inputs(targets, tau, weights, z_loss, vocab_size, axis, x.shape[1])
-    one_pass = getattr(impl, "loss_grads", lambda *a: None)(x, safe_tau, softcap, rows)
+    one_pass = None
+    if isinstance(impl, base.LogitsLossGrads):
+      one_pass = impl.loss_grads(x, safe_tau, softcap, rows)
     if one_pass is not None:
       terms, dx, dtau = one_pass
       return jnp.sum(terms), dx, dtau

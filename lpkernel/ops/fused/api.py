@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lpkernel import checks, ops, reference
+from lpkernel import checks, ops
 from lpkernel import partials as P
-from lpkernel.ops import higher_order
+from lpkernel.ops import base, higher_order
+from lpkernel.ops.fused import reference
 from lpkernel.types import TokenStats
 
 _F32 = jnp.float32
@@ -71,7 +72,7 @@ def _fused_bwd(softcap, impl, axis, vocab_size, vocab_axis, residuals, ct: Token
   def rule(impl, residuals, g):
     h, w, local, tau, f, (bad_id, bad_tau) = residuals
     g = [c.astype(_F32) for c in g]
-    if axis is not None:  # see lpkernel.logprobs: shard_map splits a replicated cotangent
+    if axis is not None:  # see lpkernel.ops.logprobs.api: shard_map splits a replicated cotangent
       g = [c * lax.axis_size(axis) for c in g]
     live = (g[0] != 0) | (g[1] != 0) | (g[2] != 0)
     # A poisoned value has a NaN gradient: the log-prob's for an id out of range,
@@ -126,9 +127,10 @@ def rows_fused_token_stats(
 
 
 def _implementation(implementation, num_rows: int) -> ops.FusedImplementation:
-  impl = ops.fused_implementation(implementation)
+  impl: ops.FusedImplementation = ops.fused_implementation(implementation)
   if getattr(impl, "precision", "") is None:  # the caller's matmul precision, captured here
-    impl = dataclasses.replace(impl, precision=jax.config.jax_default_matmul_precision)
+    precision = jax.config.jax_default_matmul_precision  # type: ignore[attr-defined]
+    impl = dataclasses.replace(impl, precision=precision)  # type: ignore[type-var]
   # No rows: empty results, with no kernel to launch over a grid of 0 programs.
   return impl if num_rows else _plain(impl)
 
@@ -251,9 +253,10 @@ def _nll_fwd(h, w, targets, tau, weights, z_loss, softcap, impl, axis, vocab_siz
     args = (h, w, targets, tau, weights, z_loss, axis, vocab_size, vocab_axis)
     rows, safe_h, safe_tau = _loss_inputs(*args)
     n = h.shape[0]
-    one_pass = getattr(impl, "loss_grads", lambda *a: None)(
-      safe_h, w, safe_tau, softcap, rows, jnp.zeros((n,), _F32), vocab_axis
-    )
+    one_pass = None
+    if isinstance(impl, base.FusedLossGrads):
+      out_init = jnp.zeros((n,), _F32)
+      one_pass = impl.loss_grads(safe_h, w, safe_tau, softcap, rows, out_init, vocab_axis)
     if one_pass is None:  # the forward sweep, then the backward sweep from its statistics
       p = impl.partials(safe_h, w, rows.targets, safe_tau, softcap, vocab_axis)
       f, g, terms = rows.cotangents(p, 0, n)
@@ -271,7 +274,7 @@ def _nll_fwd(h, w, targets, tau, weights, z_loss, softcap, impl, axis, vocab_siz
 
 def _nll_bwd(z_loss, softcap, impl, axis, vocab_size, vocab_axis, residuals, ct):
   dh, dw, dtau, weights = residuals
-  if axis is not None:  # see lpkernel.logprobs: shard_map splits a replicated cotangent
+  if axis is not None:  # see lpkernel.ops.logprobs.api: shard_map splits a replicated cotangent
     ct = ct * lax.axis_size(axis)
 
   def scale(x):

@@ -1,0 +1,160 @@
+"""The implementation contract of each op, as ``typing.Protocol`` classes.
+
+An implementation is any object with these members: the registry
+(:mod:`lpkernel.ops`) and the ops' entries (``ops/<op>/api.py``) accept it
+without being edited, and a type checker verifies it against the protocol
+(``mypy`` in the test suite, ``tests/test_types.py``). The numerics every
+implementation shares live in :mod:`lpkernel.partials`; array shapes are in the
+docstrings, ``N`` rows of a vocabulary block of ``Vb`` columns.
+
+Optional capabilities are protocols of their own, checked with ``isinstance``:
+a logits implementation gives each row's ``d temperature`` either from its
+gradient pass (:class:`GradLogitsAndTau`) or from a separate pass
+(:class:`CentredExpectedY`); a training loss runs in one pass where an
+implementation offers ``loss_grads`` (:class:`LogitsLossGrads`,
+:class:`FusedLossGrads`), else as its forward then its gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import jax
+
+from lpkernel.partials import Finished, LossRows, RowPartials
+
+Array = jax.Array
+
+
+@runtime_checkable
+class LogitsImplementation(Protocol):
+  """The logits op: rows of logits ``x [N, Vb]`` to row partials, and their gradient.
+
+  Attributes:
+    name: the registry name (``"xla"``, ``"pallas_gpu"``, ...).
+    platforms: the backends it runs on, or None for every backend.
+  """
+
+  @property
+  def name(self) -> str: ...
+
+  @property
+  def platforms(self) -> tuple[str, ...] | None: ...
+
+  def partials(
+    self, x: Array, targets: Array, tau: Array | None, softcap: float | None
+  ) -> RowPartials:
+    """The row partials of ``x`` (``targets`` int32[N], local to the block;
+    ``tau`` float32[N] or None)."""
+    ...
+
+  def grad_logits(
+    self,
+    x: Array,
+    targets: Array,
+    tau: Array | None,
+    softcap: float | None,
+    shift: Array,
+    log_s: Array,
+    g: Array,
+    g_lse: Array | None = None,
+  ) -> Array:
+    """``d x`` (in ``x``'s dtype) of ``g * lp + g_lse * lse`` from each row's
+    finished ``shift`` and ``log_s`` (float32[N] each)."""
+    ...
+
+
+@runtime_checkable
+class GradLogitsAndTau(Protocol):
+  """A gradient pass that also sums each row's ``d tau`` (float32[N])."""
+
+  def grad_logits_and_tau(
+    self,
+    x: Array,
+    targets: Array,
+    tau: Array,
+    softcap: float | None,
+    shift: Array,
+    log_s: Array,
+    g: Array,
+    g_lse: Array | None = None,
+  ) -> tuple[Array, Array]: ...
+
+
+@runtime_checkable
+class CentredExpectedY(Protocol):
+  """``E_p[(z - shift) / tau]`` per row (float32[N]), for ``d tau``'s own pass."""
+
+  def centred_expected_y(
+    self, x: Array, tau: Array, softcap: float | None, shift: Array, log_s: Array
+  ) -> Array: ...
+
+
+@runtime_checkable
+class LogitsLossGrads(Protocol):
+  """A training loss's (per-row terms, ``d x``, ``d tau`` or None) in one pass, or
+  None to decline (the loss then runs ``partials`` and ``grad_logits``)."""
+
+  def loss_grads(
+    self, x: Array, tau: Array | None, softcap: float | None, rows: LossRows
+  ) -> tuple[Array, Array, Array | None] | None: ...
+
+
+@runtime_checkable
+class FusedImplementation(Protocol):
+  """The fused op: hidden states ``h [N, D]`` and an unembedding block (``[D, Vb]``,
+  or ``[Vb, D]`` with ``vocab_axis=0``) to row partials with the entropy's sum,
+  and their gradients, never ``[N, V]`` logits.
+
+  Attributes:
+    name, platforms: as for :class:`LogitsImplementation`.
+  """
+
+  @property
+  def name(self) -> str: ...
+
+  @property
+  def platforms(self) -> tuple[str, ...] | None: ...
+
+  def partials(
+    self,
+    h: Array,
+    w: Array,
+    targets: Array,
+    tau: Array | None,
+    softcap: float | None,
+    vocab_axis: int = 1,
+  ) -> RowPartials: ...
+
+  def grads(
+    self,
+    h: Array,
+    w: Array,
+    targets: Array,
+    tau: Array | None,
+    softcap: float | None,
+    f: Finished,
+    g: Any,
+    vocab_axis: int = 1,
+  ) -> tuple[Array, Array, Array | None]:
+    """(d h float32[N, D], d w in w's layout and dtype, d tau float32[N] or None)
+    from the rows' :class:`~lpkernel.partials.Finished` statistics and their
+    cotangents ``g = (g_lp, g_lse, g_entropy)`` (float32[N] each or None)."""
+    ...
+
+
+@runtime_checkable
+class FusedLossGrads(Protocol):
+  """A training loss's (outputs, d h, d w, d tau or None) in one pass, or None to
+  decline (the loss then runs ``partials`` and ``grads``)."""
+
+  def loss_grads(
+    self,
+    h: Array,
+    w: Array,
+    tau: Array | None,
+    softcap: float | None,
+    rows: LossRows,
+    out_init: Any,
+    vocab_axis: int = 1,
+  ) -> tuple[Any, Array, Array, Array | None] | None: ...

@@ -1,0 +1,98 @@
+"""The fused path's Pallas TPU (Mosaic) kernel bodies: a tile's logits on the
+MXU, the forward's merge into resident row partials, and the backward's
+``d hidden`` (with ``d tau``) and ``d unembed`` kernels. Their wrapper, block
+sizes and launch are :mod:`lpkernel.ops.fused.pallas_tpu`."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from lpkernel import partials as P
+from lpkernel.ops.fused.matmuls import contract
+
+_F32 = jnp.float32
+
+
+def _tile_logits(h_ref, w_ref, i, k, *, n, vocab_size, vocab_axis, precision):
+  """Tile (i, k): (h, w with the rows past N and columns past V zeroed, raw
+  float32 logits x [rows, cols], their global columns, bool[rows, cols] inside the array)."""
+  h, w = h_ref[...], w_ref[...]
+  rows, cols = h.shape[0], w.shape[vocab_axis]
+  row_ok = i * rows + lax.broadcasted_iota(jnp.int32, (rows, 1), 0) < n
+  w_cols = k * cols + lax.broadcasted_iota(jnp.int32, w.shape, vocab_axis)
+  h = jnp.where(row_ok, h, jnp.zeros_like(h))
+  w = jnp.where(w_cols < vocab_size, w, jnp.zeros_like(w))
+  x = contract(h, 1, w, 1 - vocab_axis, precision)
+  col = k * cols + lax.broadcasted_iota(jnp.int32, x.shape, 1)
+  return h, w, x, col, row_ok & (col < vocab_size)
+
+
+def forward_kernel(h_ref, w_ref, t_ref, *refs, has_tau, softcap, **tile):
+  tau_ref, outs = (refs[0], refs[1:]) if has_tau else (None, refs)
+  i, k = pl.program_id(0), pl.program_id(1)
+
+  @pl.when(k == 0)
+  def _init():
+    for ref, value in zip(outs, P.empty(outs[0].shape, with_entropy=True), strict=True):
+      ref[...] = value
+
+  _, _, x, col, inside = _tile_logits(h_ref, w_ref, i, k, **tile)
+  tau = None if tau_ref is None else tau_ref[...]
+  z = jnp.where(inside, P.capped(x, softcap), -jnp.inf)  # no mass, never the argmax
+  block = P.block_partials(z, col, t_ref[...], tau, keepdims=True)
+  merged = P.merge(P.RowPartials(*(ref[...] for ref in outs)), block, tau)
+  for ref, value in zip(outs, merged, strict=True):
+    ref[...] = value
+
+
+def _tile_dz(h_ref, w_ref, t_ref, refs, i, k, *, has_tau, softcap, **tile):
+  """Tile (i, k)'s ``d logits`` (zero outside the array), with what d h, d w and d tau need."""
+  shift, log_s, centred, g_lp, g_lse, g_ent, *tau = (ref[...] for ref in refs)
+  tau = tau[0] if has_tau else None
+  h, w, x, col, inside = _tile_logits(h_ref, w_ref, i, k, **tile)
+  z = P.capped(x, softcap)
+  y_c = P.centred_y(z, shift, tau)
+  p = P.softmax(z, shift, log_s, tau)
+  dy = P.grad_y(col == t_ref[...], p, g_lp, g_lse, g_ent, y_c, centred, z=z)
+  dy, p = (jnp.where(inside, a, 0.0) for a in (dy, p))
+  dx = P.grad_x(dy, x, tau, softcap).astype(h.dtype)
+  return h, w, dx, dy, y_c, shift, tau, p, g_lse
+
+
+def dh_kernel(h_ref, w_ref, t_ref, *refs, **statics):
+  rows_in = 6 + statics["has_tau"]  # shift, log_s, centred, g_lp, g_lse, g_ent (, tau)
+  (dh_ref, *dtau_ref), refs = refs[rows_in:], refs[:rows_in]
+  i, k = pl.program_id(0), pl.program_id(1)
+
+  @pl.when(k == 0)
+  def _init():
+    for ref in (dh_ref, *dtau_ref):
+      ref[...] = jnp.zeros(ref.shape, _F32)
+
+  _, w, dz, dy, y_c, shift, tau, p, g_lse = _tile_dz(h_ref, w_ref, t_ref, refs, i, k, **statics)
+  dh_ref[...] += contract(dz, 1, w, statics["vocab_axis"], statics["precision"])
+  if dtau_ref:
+    dtau_ref[0][...] += P.grad_tau(dy, y_c, tau, shift, p, g_lse)
+
+
+def dw_kernel(h_ref, w_ref, t_ref, *refs, **statics):
+  dw_ref, acc = refs[-2:]
+  k, i = pl.program_id(0), pl.program_id(1)
+
+  @pl.when(i == 0)
+  def _init():
+    acc[...] = jnp.zeros(acc.shape, _F32)
+
+  h, _, dz, *_ = _tile_dz(h_ref, w_ref, t_ref, refs[:-2], i, k, **statics)
+  precision = statics["precision"]
+  # d w tile = h^T dz ([D, cols]), or its transpose for a [V, D] table.
+  if statics["vocab_axis"] == 1:
+    acc[...] += contract(h, 0, dz, 0, precision)
+  else:
+    acc[...] += contract(dz, 0, h, 0, precision)
+
+  @pl.when(i == pl.num_programs(1) - 1)
+  def _write():
+    dw_ref[...] = acc[...].astype(dw_ref.dtype)
