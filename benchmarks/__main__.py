@@ -19,7 +19,7 @@ from pathlib import Path
 
 import jax
 
-from benchmarks import loglikelihood, report
+from benchmarks import loglikelihood, report, tune
 from benchmarks import methods as methods_lib
 from benchmarks.runner import run_suite
 from benchmarks.suites import PASSES, SUITES
@@ -52,6 +52,12 @@ def parse_args(argv=None):
     choices=["both", "current"],
     default="both",
     help="CPU: also rerun with tcmalloc preloaded when it is installed",
+  )
+  p.add_argument(
+    "--tune",
+    action="store_true",
+    help="time the fused path's candidate configurations on this machine and write "
+    "lpkernel's tuned table (then exit)",
   )
   p.add_argument("--no-progress", action="store_true")
   p.add_argument("--no-plot", action="store_true")
@@ -113,6 +119,11 @@ def _both_allocators(args) -> bool:
 def main(argv=None) -> dict:
   argv = sys.argv[1:] if argv is None else argv
   args = parse_args(argv)
+  if args.tune:
+    rows = tune.tune(SUITES[args.suite], args.repeats)
+    print(tune.table(rows))
+    print(f"\nwrote {tune.tuning.table_path()}")
+    return {"tune": rows}
   tcmalloc = find_tcmalloc()
   if args.raw_json or not _both_allocators(args) or not tcmalloc:
     if not args.raw_json and _both_allocators(args):
@@ -134,6 +145,8 @@ def main(argv=None) -> dict:
   # lm-eval-style requests per second (packed and one per row), in this process.
   requests_rows = loglikelihood.measure(args.repeats, quick=args.suite == "quick")
   meta = report.metadata(args.suite, args.repeats, sorted({r["allocator"] for r in results}))
+  # Which configuration implementation=None ran per case (heuristics, tuned table).
+  meta["configurations"] = tune.configurations(SUITES[args.suite])
   stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
   stem = args.out / f"{meta['backend']}-{stamp}"
   print(report.table(results))

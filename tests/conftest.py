@@ -13,6 +13,12 @@ os.environ.setdefault(
   "--xla_llvm_disable_expensive_passes=true",
 )
 
+# No tuned table of the machine's user (~/.cache/lpkernel/tuned.json) reaches the
+# tests: each that needs one writes its own (tests/test_tuning.py).
+os.environ["LPKERNEL_TUNED_TABLE"] = os.path.join(
+  os.environ.get("TMPDIR", "/tmp"), f"lpkernel-tests-no-table-{os.getpid()}.json"
+)
+
 import jax  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 

@@ -18,6 +18,7 @@ import pytest
 
 import lpkernel as lpk
 from lpkernel import reference
+from lpkernel.ops import tuning
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 TEMPERATURES = ["none", "scalar", "per-example"]
@@ -52,14 +53,18 @@ def _temp_fraction(fn, args, argnums, with_grad, reference_bytes):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", ["score", "token_logprobs", "fused"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
-def test_no_logits_sized_temporaries_under_any_option(path, dtype):
+def test_no_logits_sized_temporaries_under_any_option(path, dtype, monkeypatch):
   failures = []
   # Chunks and sweeps matter where they are (the logits paths); float16 shares
   # their code with bfloat16, so it runs the one-chunk shape only.
   shapes = SHAPES[:1] if path == "fused" or dtype == jnp.float16 else SHAPES
-  for (b, t, v), kind, softcap, with_grad in itertools.product(
-    shapes, TEMPERATURES, SOFTCAPS, PASSES
+  # The fused path's configuration follows the CPU (lpkernel.ops.tuning): this
+  # one's, and that of a CPU without bfloat16 dots (float32 matmuls).
+  cpus = [tuning.cpu_flags(), frozenset({"avx2"})] if path == "fused" else [tuning.cpu_flags()]
+  for (b, t, v), kind, softcap, with_grad, cpu in itertools.product(
+    shapes, TEMPERATURES, SOFTCAPS, PASSES, cpus
   ):
+    monkeypatch.setattr(tuning, "cpu_flags", lambda cpu=cpu: cpu)
     tau = jax.ShapeDtypeStruct((b, t), jnp.float32)
     if path == "fused":
       args = (
@@ -87,7 +92,8 @@ def test_no_logits_sized_temporaries_under_any_option(path, dtype):
     fraction = _temp_fraction(fn, args, argnums, with_grad, logits_bytes)
     if fraction >= 0.10:
       failures.append(
-        f"V={v} temperature={kind} softcap={softcap} grad={with_grad}: {fraction:.2f}x"
+        f"V={v} temperature={kind} softcap={softcap} grad={with_grad} "
+        f"cpu={tuning.machine_key('cpu')}: {fraction:.2f}x"
       )
   assert not failures, "temporaries vs the logits' bytes:\n" + "\n".join(failures)
 

@@ -131,7 +131,7 @@ def _check_temperature_grad(implementation) -> None:
     )
 
 
-def _resolve(implementation, registry, defaults, op: str):
+def _resolve(implementation, registry, defaults, op: str, like=None):
   _check_op(implementation, registry, op)
   backend = jax.default_backend()
   if implementation is None:
@@ -140,7 +140,13 @@ def _resolve(implementation, registry, defaults, op: str):
     if implementation not in registry:
       names = sorted([*registry, REFERENCE])
       raise ValueError(f"unknown {op} implementation {implementation!r}; choose one of {names}")
-    implementation = registry[implementation]()
+    cls = registry[implementation]
+    # A name is configured for the call's shape and dtype on this machine
+    # (heuristics, then the tuned table: lpkernel.ops.tuning); an object is used as given.
+    if like is None:
+      implementation = cls()
+    else:
+      implementation = cls.config_for(like[0], like[1], backend)
   platforms = getattr(implementation, "platforms", None)
   if platforms is not None and backend not in platforms and not implementation.interpret:
     raise ValueError(
@@ -152,14 +158,16 @@ def _resolve(implementation, registry, defaults, op: str):
 
 
 def logits_implementation(
-  implementation: str | LogitsImplementation | None = None,
+  implementation: str | LogitsImplementation | None = None, like=None
 ) -> LogitsImplementation:
-  """The logits implementation object for ``implementation`` on this backend."""
-  return _resolve(implementation, LOGITS, DEFAULT_LOGITS, "logits")
+  """The logits implementation object for ``implementation`` on this backend;
+  ``like``: ``(shape, dtype)`` of the logits rows ``[N, V]`` a name is configured for."""
+  return _resolve(implementation, LOGITS, DEFAULT_LOGITS, "logits", like)
 
 
 def fused_implementation(
-  implementation: str | FusedImplementation | None = None,
+  implementation: str | FusedImplementation | None = None, like=None
 ) -> FusedImplementation:
-  """The fused implementation object for ``implementation`` on this backend."""
-  return _resolve(implementation, FUSED, DEFAULT_FUSED, "fused")
+  """The fused implementation object for ``implementation`` on this backend;
+  ``like``: ``((N, D, V), dtype)`` of the matmul a name is configured for."""
+  return _resolve(implementation, FUSED, DEFAULT_FUSED, "fused", like)

@@ -121,18 +121,21 @@ def rows_fused_token_stats(
       tied embedding table ``[V, D]`` (read as stored, never transposed).
   """
   vocab_axis = checks.vocab_axis(vocab_axis)
-  impl = _implementation(implementation, h.shape[0])
+  impl = _implementation(implementation, h, w, vocab_axis)
   v = w.shape[vocab_axis] if vocab_size is None else vocab_size
   return _fused(h, w, targets, tau, softcap, impl, axis_name, v, vocab_axis)
 
 
-def _implementation(implementation, num_rows: int) -> ops.FusedImplementation:
-  impl: ops.FusedImplementation = ops.fused_implementation(implementation)
+def _implementation(implementation, h, w, vocab_axis: int) -> ops.FusedImplementation:
+  """The implementation for ``h @ w``: a name (or None) configured for its shape and
+  dtype (:func:`lpkernel.ops.fused_implementation`)."""
+  like = ((h.shape[0], h.shape[1], w.shape[vocab_axis]), h.dtype)
+  impl: ops.FusedImplementation = ops.fused_implementation(implementation, like)
   if getattr(impl, "precision", "") is None:  # the caller's matmul precision, captured here
     precision = jax.config.jax_default_matmul_precision  # type: ignore[attr-defined]
     impl = dataclasses.replace(impl, precision=precision)  # type: ignore[type-var]
   # No rows: empty results, with no kernel to launch over a grid of 0 programs.
-  return impl if num_rows else _plain(impl)
+  return impl if h.shape[0] else _plain(impl)
 
 
 def _reference_stats(h, unembed, targets, tau, softcap, vocab_axis) -> TokenStats:
@@ -314,7 +317,7 @@ def rows_fused_nll_loss(
     Others as for :func:`rows_fused_token_stats`.
   """
   vocab_axis = checks.vocab_axis(vocab_axis)
-  impl = _implementation(implementation, h.shape[0])
+  impl = _implementation(implementation, h, w, vocab_axis)
   v = w.shape[vocab_axis] if vocab_size is None else vocab_size
   weights = checks.constant_weights(weights)
   return _nll(h, w, targets, tau, weights, float(z_loss), softcap, impl, axis_name, v, vocab_axis)

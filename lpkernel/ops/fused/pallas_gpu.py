@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lpkernel import partials as P
+from lpkernel.ops import tuning
 from lpkernel.ops.blocks import sweep
 from lpkernel.ops.fused.matmuls import chunked_grads, contract
 from lpkernel.ops.logprobs.pallas_gpu import PallasGpuLogits
@@ -59,6 +60,13 @@ class PallasGpuFused:
   interpret: bool = False
   name = "pallas_gpu"
   platforms = ("gpu",)
+
+  @classmethod
+  def config_for(cls, shape: tuple[int, ...], dtype, platform: str) -> PallasGpuFused:
+    """The configuration for ``shape`` and ``dtype`` on ``platform``: the defaults
+    (the measured best so far), then this machine's tuned table
+    (:mod:`lpkernel.ops.tuning`)."""
+    return tuning.configured(cls, "fused", platform, dtype)
 
   def __post_init__(self):
     if self.chunk_tokens is not None and self.chunk_tokens < 1:

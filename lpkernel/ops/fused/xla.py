@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lpkernel import partials as P
-from lpkernel.ops import higher_order
+from lpkernel.ops import higher_order, tuning
 from lpkernel.ops.blocks import block_of, sweep
 from lpkernel.ops.fused.matmuls import chunked_grads, contract, grad_unembed
 from lpkernel.ops.platform import on_cpu_or
@@ -75,6 +75,14 @@ class FusedConfig:
       V = 32000, 128 at V = 128256; a multiple of 64, at least 64). The
       temporaries are about one chunk's logits plus the float32 ``d unembed``
       accumulator (the gradient's size), whatever N.
+    dot_dtype: None, the matmuls take ``hidden`` and ``unembed`` as they are;
+      ``"float32"``, each vocabulary block of a narrower table (and the hidden
+      states, once) is upcast first: for a CPU without bfloat16 dot
+      instructions, where XLA:CPU emulates them about 4x slower than float32
+      (the heuristic of :meth:`XlaFused.config_for`). The gradient keeps the
+      table's dtype; temporaries grow by one block and one float32 copy of
+      ``hidden``, never by a logits-sized buffer (the token-chunk loss upcasts
+      the whole table).
   """
 
   vocab_block: int | None = None
@@ -82,8 +90,11 @@ class FusedConfig:
   grad_chunks: bool = False
   loss_chunk_tokens: int | None = None
   loss_chunk_bytes: int = 64 << 20
+  dot_dtype: str | None = None
 
   def __post_init__(self):
+    if self.dot_dtype not in (None, "float32"):
+      raise ValueError(f"FusedConfig.dot_dtype={self.dot_dtype!r} must be None or 'float32'")
     if self.vocab_block is not None and (
       not isinstance(self.vocab_block, int) or self.vocab_block < 1
     ):
@@ -120,9 +131,12 @@ class FusedConfig:
     return min(max(256, min(widest, vocab_size // 128 // 128 * 128)), vocab_size)
 
 
-def _block_logits(h, w, lo, width, softcap, precision, vocab_axis):
-  """Vocabulary ``[lo, lo + width)``: (x raw float32 logits [N, width], z capped, the w block)."""
+def _block_logits(h, w, lo, width, softcap, precision, vocab_axis, dot_dtype=None):
+  """Vocabulary ``[lo, lo + width)``: (x raw float32 logits [N, width], z capped, the w
+  block, upcast to ``dot_dtype`` if given)."""
   wb = block_of(w, lo, width, vocab_axis)
+  if dot_dtype is not None:
+    wb = wb.astype(dot_dtype)
   x = contract(h, 1, wb, 1 - vocab_axis, precision)
   return x, P.capped(x, softcap), wb
 
@@ -188,12 +202,28 @@ class XlaFused:
   platforms = None
   differentiable = True  # plain jnp at any order (lpkernel.ops.higher_order)
 
+  @classmethod
+  def config_for(cls, shape: tuple[int, int, int], dtype, platform: str) -> XlaFused:
+    """The configuration for ``hidden [N, D] @ unembed [D, V]`` of ``dtype`` on
+    ``platform``: the heuristics (a CPU without bfloat16 dot instructions
+    upcasts bfloat16 blocks for its matmuls), then this machine's tuned table
+    (:mod:`lpkernel.ops.tuning`), whose fields win."""
+    config = {}
+    if platform == "cpu" and jnp.dtype(dtype) == jnp.bfloat16 and not tuning.native_bfloat16_dots():
+      config["dot_dtype"] = "float32"
+    return tuning.configured(cls, "fused", platform, dtype, config=config)
+
+  def _dot(self, a: jax.Array) -> jax.Array:
+    """``a`` as the matmuls take it (``FusedConfig.dot_dtype``)."""
+    return a if self.config.dot_dtype is None else a.astype(self.config.dot_dtype)
+
   def partials(self, h, w, targets, tau, softcap, vocab_axis=1) -> P.RowPartials:
     """Partials of ``h [N, D] @ w [D, Vb]`` (or ``w [Vb, D]`` with ``vocab_axis=0``)."""
     tau_col = None if tau is None else tau[:, None]
+    h, dot_dtype = self._dot(h), self.config.dot_dtype
 
     def step(carry, lo, width):
-      _, z, _ = _block_logits(h, w, lo, width, softcap, self.precision, vocab_axis)
+      _, z, _ = _block_logits(h, w, lo, width, softcap, self.precision, vocab_axis, dot_dtype)
       cols = lo + lax.broadcasted_iota(jnp.int32, (1, width), 1)
       return P.merge(carry, P.block_partials(z, cols, targets, tau_col), tau)
 
@@ -220,7 +250,7 @@ class XlaFused:
     # one copy of d w (a temporary of the gradient's own size, never of the
     # logits'); float16 has no fast CPU dot and does not gain. A bit view has no
     # derivative, so a derivative of this backward is the bfloat16 carry's.
-    args = (h, w, targets, tau, f, g)
+    args = (self._dot(h), w, targets, tau, f, g)
 
     def backward(cpu: bool):
       bits = jnp.dtype(jnp.uint16) if cpu and w.dtype == jnp.bfloat16 else None
@@ -235,12 +265,16 @@ class XlaFused:
     tau_col = None if tau is None else tau[:, None]
     # On the CPU, d w blocks come from a [D, N] copy of h made once: XLA:CPU's fast
     # bfloat16 dots want the contracted axis last on the left (contracting N on h
-    # itself ran 5x slower). Other backends contract h as it is, with no copy.
-    h_t = lax.optimization_barrier(h.T) if cpu else None
+    # itself ran 5x slower). Other backends contract h as it is, with no copy, and
+    # so do float32 matmuls (FusedConfig.dot_dtype): a second float32 copy of h
+    # would take the temporaries past the bound for 15-30% on the d w dots.
+    h_t = lax.optimization_barrier(h.T) if cpu and self.config.dot_dtype is None else None
 
     def step(carry, lo, width):
       dh, dw, dtau = carry
-      x, z, wb = _block_logits(h, w, lo, width, softcap, self.precision, vocab_axis)
+      x, z, wb = _block_logits(
+        h, w, lo, width, softcap, self.precision, vocab_axis, self.config.dot_dtype
+      )
       cols = lo + lax.broadcasted_iota(jnp.int32, (1, width), 1)
       dz, dtau_b = block_grad(x, z, cols, targets, tau_col, softcap, f, g, h.dtype)
       if tau is not None:
@@ -265,7 +299,8 @@ class XlaFused:
   def _chunked_grads(self, h, w, targets, tau, softcap, f: P.Finished, g, vocab_axis):
     """:meth:`grads` over token chunks (three matmuls per chunk, as the training loss)."""
     tau_col = None if tau is None else tau[:, None]
-    v = w.shape[vocab_axis]
+    v, w_dtype = w.shape[vocab_axis], w.dtype
+    h, w = self._dot(h), self._dot(w)
 
     def row_grads(x, lo, width):
       def stats(z, cols, t, tc, rows):  # the saved statistics and cotangents, this chunk's rows
@@ -276,7 +311,7 @@ class XlaFused:
     size = self.config.loss_chunk(h.shape[0], v)
     with jax.named_scope("fused_chunks_backward"):
       _, dh, dw, dtau = chunked_grads(h, w, size, vocab_axis, self.precision, row_grads, tau=tau)
-      return dh, dw, dtau
+      return dh, dw.astype(w_dtype), dtau
 
   def loss_grads(self, h, w, tau, softcap, rows: P.LossRows, out_init, vocab_axis=1):
     """A training loss and its gradients in one call: token chunks, or the forward
@@ -306,7 +341,8 @@ class XlaFused:
       dh, dw, dtau = self.grads(h, w, rows.targets, tau, softcap, f, g, vocab_axis)
       return out, dh, dw, dtau
     tau_col = None if tau is None else tau[:, None]
-    v = w.shape[vocab_axis]
+    v, w_dtype = w.shape[vocab_axis], w.dtype
+    h, w = self._dot(h), self._dot(w)
 
     def row_grads(x, lo, width):
       def stats(z, cols, t, tc, _):  # the chunk's statistics, then the loss's cotangents
@@ -317,4 +353,7 @@ class XlaFused:
 
     size = self.config.loss_chunk(h.shape[0], v)
     with jax.named_scope("fused_loss_chunks"):
-      return chunked_grads(h, w, size, vocab_axis, self.precision, row_grads, out_init, tau)
+      out, dh, dw, dtau = chunked_grads(
+        h, w, size, vocab_axis, self.precision, row_grads, out_init, tau
+      )
+      return out, dh, dw.astype(w_dtype), dtau

@@ -30,10 +30,12 @@ _F32 = jnp.float32
 _PLAIN = xla.XlaLogits()
 
 
-def _implementation(implementation, num_rows: int) -> ops.LogitsImplementation:
-  impl = ops.logits_implementation(implementation)
+def _implementation(implementation, x) -> ops.LogitsImplementation:
+  """The implementation for logits rows ``x``: a name (or None) configured for
+  their shape and dtype (:func:`lpkernel.ops.logits_implementation`)."""
+  impl = ops.logits_implementation(implementation, (x.shape, x.dtype))
   # No rows: empty results, with no kernel to launch over a grid of 0 programs.
-  return impl if num_rows else _PLAIN
+  return impl if x.shape[0] else _PLAIN
 
 
 def _forward(x, targets, tau, softcap, impl, axis, vocab_size):
@@ -142,7 +144,7 @@ def rows_logprobs_and_greedy(
   Returns:
     (float32[N] log-probabilities, bool[N] first-argmax greedy flags).
   """
-  impl = _implementation(implementation, x.shape[0])
+  impl = _implementation(implementation, x)
   v = x.shape[1] if vocab_size is None else vocab_size
   return _logprobs(x, targets, tau, softcap, impl, axis_name, v)
 
@@ -299,7 +301,7 @@ def rows_nll_loss(
       differentiating w.r.t. them raises); ``tau``: float32[N] temperatures or None.
     axis_name, vocab_size: as for :func:`rows_logprobs_and_greedy`.
   """
-  impl = _implementation(implementation, x.shape[0])
+  impl = _implementation(implementation, x)
   v = x.shape[1] if vocab_size is None else vocab_size
   weights = checks.constant_weights(weights)
   return _nll(x, targets, tau, weights, float(z_loss), softcap, impl, axis_name, v)

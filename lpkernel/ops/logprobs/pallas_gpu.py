@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from lpkernel import partials as P
-from lpkernel.ops import tiling
+from lpkernel.ops import tiling, tuning
 from lpkernel.ops.logprobs import pallas_gpu_kernel as kernels
 from lpkernel.ops.pallas_backends import require_triton
 
@@ -67,6 +67,13 @@ class PallasGpuLogits:
   interpret: bool = False
   name = "pallas_gpu"
   platforms = ("gpu",)
+
+  @classmethod
+  def config_for(cls, shape: tuple[int, ...], dtype, platform: str) -> PallasGpuLogits:
+    """The configuration for ``shape`` and ``dtype`` on ``platform``: the defaults
+    (the measured best so far), then this machine's tuned table
+    (:mod:`lpkernel.ops.tuning`)."""
+    return tuning.configured(cls, "logits", platform, dtype)
 
   def __post_init__(self):
     for field in ("block_rows", "block_v", "bwd_block_rows", "bwd_block_v", "num_warps"):

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from lpkernel import partials as P
-from lpkernel.ops import tiling
+from lpkernel.ops import tiling, tuning
 from lpkernel.ops.logprobs import pallas_tpu_kernel as kernels
 from lpkernel.ops.mosaic import tpu_call
 
@@ -58,6 +58,13 @@ class PallasTpuLogits:
   interpret: bool = False
   name = "pallas_tpu"
   platforms = ("tpu",)
+
+  @classmethod
+  def config_for(cls, shape: tuple[int, ...], dtype, platform: str) -> PallasTpuLogits:
+    """The configuration for ``shape`` and ``dtype`` on ``platform``: the defaults
+    (the measured best so far), then this machine's tuned table
+    (:mod:`lpkernel.ops.tuning`)."""
+    return tuning.configured(cls, "logits", platform, dtype)
 
   def __post_init__(self):
     tiling.check_tpu_tile_sizes("PallasTpuLogits", self.block_rows, self.block_v)

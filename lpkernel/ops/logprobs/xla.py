@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lpkernel import partials as P
+from lpkernel.ops import tuning
 from lpkernel.ops.blocks import block_of, sweep
 from lpkernel.ops.platform import on_cpu_or
 
@@ -343,6 +344,13 @@ class XlaLogits:
   name = "xla"
   platforms = None  # every backend
   differentiable = True  # plain jnp at any order (lpkernel.ops.higher_order)
+
+  @classmethod
+  def config_for(cls, shape: tuple[int, ...], dtype, platform: str) -> XlaLogits:
+    """The configuration for ``shape`` and ``dtype`` on ``platform``: the defaults
+    (the measured best so far), then this machine's tuned table
+    (:mod:`lpkernel.ops.tuning`)."""
+    return tuning.configured(cls, "logits", platform, dtype)
 
   def partials(self, x, targets, tau, softcap) -> P.RowPartials:
     v = x.shape[1]
