@@ -122,6 +122,9 @@ def rows_fused_token_stats(
   """
   vocab_axis = checks.vocab_axis(vocab_axis)
   impl = _implementation(implementation, h, w, vocab_axis)
+  if h.shape[0] == 0:  # no rows, nothing to compute (and no kernel over a grid of 0 programs)
+    empty = jnp.zeros((0,), _F32)
+    return TokenStats(empty, empty, empty, jnp.zeros((0,), bool))
   v = w.shape[vocab_axis] if vocab_size is None else vocab_size
   return _fused(h, w, targets, tau, softcap, impl, axis_name, v, vocab_axis)
 
@@ -134,8 +137,7 @@ def _implementation(implementation, h, w, vocab_axis: int) -> ops.FusedImplement
   if getattr(impl, "precision", "") is None:  # the caller's matmul precision, captured here
     precision = jax.config.jax_default_matmul_precision  # type: ignore[attr-defined]
     impl = dataclasses.replace(impl, precision=precision)  # type: ignore[type-var]
-  # No rows: empty results, with no kernel to launch over a grid of 0 programs.
-  return impl if h.shape[0] else _plain(impl)
+  return impl
 
 
 def _reference_stats(h, unembed, targets, tau, softcap, vocab_axis) -> TokenStats:
@@ -320,6 +322,8 @@ def rows_fused_nll_loss(
   impl = _implementation(implementation, h, w, vocab_axis)
   v = w.shape[vocab_axis] if vocab_size is None else vocab_size
   weights = checks.constant_weights(weights)
+  if h.shape[0] == 0:  # no rows: a loss of 0 (no kernel over a grid of 0 programs)
+    return jnp.zeros((), _F32)
   return _nll(h, w, targets, tau, weights, float(z_loss), softcap, impl, axis_name, v, vocab_axis)
 
 

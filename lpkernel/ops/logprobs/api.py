@@ -33,9 +33,7 @@ _PLAIN = xla.XlaLogits()
 def _implementation(implementation, x) -> ops.LogitsImplementation:
   """The implementation for logits rows ``x``: a name (or None) configured for
   their shape and dtype (:func:`lpkernel.ops.logits_implementation`)."""
-  impl = ops.logits_implementation(implementation, (x.shape, x.dtype))
-  # No rows: empty results, with no kernel to launch over a grid of 0 programs.
-  return impl if x.shape[0] else _PLAIN
+  return ops.logits_implementation(implementation, (x.shape, x.dtype))
 
 
 def _forward(x, targets, tau, softcap, impl, axis, vocab_size):
@@ -145,6 +143,8 @@ def rows_logprobs_and_greedy(
     (float32[N] log-probabilities, bool[N] first-argmax greedy flags).
   """
   impl = _implementation(implementation, x)
+  if x.shape[0] == 0:  # no rows, nothing to compute (and no kernel over a grid of 0 programs)
+    return jnp.zeros((0,), _F32), jnp.zeros((0,), bool)
   v = x.shape[1] if vocab_size is None else vocab_size
   return _logprobs(x, targets, tau, softcap, impl, axis_name, v)
 
@@ -304,6 +304,8 @@ def rows_nll_loss(
   impl = _implementation(implementation, x)
   v = x.shape[1] if vocab_size is None else vocab_size
   weights = checks.constant_weights(weights)
+  if x.shape[0] == 0:  # no rows: a loss of 0 (no kernel over a grid of 0 programs)
+    return jnp.zeros((), _F32)
   return _nll(x, targets, tau, weights, float(z_loss), softcap, impl, axis_name, v)
 
 
