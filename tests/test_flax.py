@@ -334,12 +334,20 @@ def test_loglikelihood_rejects_bad_ids_and_batch_sizes(model):
 
 
 def test_loglikelihood_compiles_once_for_repeated_calls(model):
-  from lpkernel.flax.loglikelihood import _score_rows
+  """The second call compiles nothing: JAX reports every backend compile."""
+  compiles = []
+
+  def listen(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(duration)
 
   loglikelihood(model, REQUESTS, max_length=16, batch_size=2)
-  before = _score_rows._cache_size()
-  loglikelihood(model, list(reversed(REQUESTS)), max_length=16, batch_size=2)
-  assert _score_rows._cache_size() == before
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    loglikelihood(model, list(reversed(REQUESTS)), max_length=16, batch_size=2)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert compiles == []
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["hidden", "logits"])

@@ -476,15 +476,15 @@ def test_validators_reject_untileable_blocks():
 def test_kernels_lower_for_their_hardware(impl, platform, call, dtype, options):
   """Interpret mode runs primitives a GPU or TPU compiler may lack: lowering the
   real kernels (Triton, Mosaic) here catches those, forward and backward."""
-  from lpkernel.ops.logprobs import api as logprobs
-
   x = jax.ShapeDtypeStruct((64, 1000), dtype)
   t = jax.ShapeDtypeStruct((64,), jnp.int32)
   tau = jax.ShapeDtypeStruct((64,), jnp.float32) if options != "plain" else None
   softcap = 30.0 if options != "plain" else None
 
   def loss(x, t, tau):
-    return jnp.sum(logprobs._logprobs(x, t, tau, softcap, impl, None, 1000)[0])
+    temperature = 1.0 if tau is None else tau
+    lp = lpk.token_logprobs(x, t, temperature=temperature, softcap=softcap, implementation=impl)
+    return jnp.sum(lp)
 
   argnums = (0,) if tau is None else (0, 2)
   lowered = jax.jit(jax.grad(loss, argnums)).trace(x, t, tau)
@@ -525,7 +525,6 @@ def test_fused_kernels_lower_for_their_hardware(impl, platform, call, count, dty
   """The fused kernels, forward and backward (temperature and softcap on), lowered
   for their hardware: GPU one row kernel per pass (in the chunk loop, and once
   more for a tail chunk), TPU the forward, d hidden and d unembed kernels."""
-  from lpkernel.ops.fused import api as fused
 
   n, d, v = 64, 128, 1000
   h = jax.ShapeDtypeStruct((n, d), dtype)
@@ -534,7 +533,9 @@ def test_fused_kernels_lower_for_their_hardware(impl, platform, call, count, dty
   tau = jax.ShapeDtypeStruct((n,), jnp.float32)
 
   def loss(h, w, t, tau):
-    s = fused._fused(h, w, t, tau, 30.0, impl, None, v, vocab_axis)
+    s = lpk.fused_token_stats(
+      h, w, t, temperature=tau, softcap=30.0, implementation=impl, vocab_axis=vocab_axis
+    )
     return jnp.sum(s.logprobs + s.lse + s.entropy)
 
   lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 3))).trace(h, w, t, tau)
@@ -555,7 +556,6 @@ def test_fused_loss_lowers_for_their_hardware(impl, platform, call, count):
   """The training loss's forward pass with its gradients: on GPUs the row kernel's
   forward and gradient passes once per chunk shape (no recompute in the backward),
   on TPUs the forward kernel then the two gradient kernels."""
-  from lpkernel.ops.fused import api as fused
 
   n, d, v = 64, 128, 1000
   h = jax.ShapeDtypeStruct((n, d), jnp.bfloat16)
@@ -564,7 +564,9 @@ def test_fused_loss_lowers_for_their_hardware(impl, platform, call, count):
   tau, weights = (jax.ShapeDtypeStruct((n,), jnp.float32),) * 2
 
   def loss(h, w, t, tau, weights):
-    return fused._nll(h, w, t, tau, weights, 1e-4, 30.0, impl, None, v, 1)
+    return lpk.fused_nll_loss(
+      h, w, t, weights, z_loss=1e-4, temperature=tau, softcap=30.0, implementation=impl
+    )
 
   lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 3))).trace(h, w, t, tau, weights)
   assert lowered.lower(lowering_platforms=(platform,)).as_text().count(f"@{call}") == count
@@ -593,14 +595,14 @@ def test_logits_loss_lowers_for_their_hardware(impl, platform, call, count, dtyp
   inside); by default, or with vocabulary splits, the forward kernel then the
   gradient kernel; on TPUs the forward then the gradient kernel, or with
   ``loss_kernel`` one kernel over whole rows. Nothing runs in the backward."""
-  from lpkernel.ops.logprobs import api as logprobs
-
   x = jax.ShapeDtypeStruct((64, 1000), dtype)
   t = jax.ShapeDtypeStruct((64,), jnp.int32)
   tau, weights = (jax.ShapeDtypeStruct((64,), jnp.float32),) * 2
 
   def loss(x, t, tau, weights):
-    return logprobs._nll(x, t, tau, weights, 1e-4, 30.0, impl, None, 1000)
+    return lpk.nll_loss(
+      x, t, weights, z_loss=1e-4, temperature=tau, softcap=30.0, implementation=impl
+    )
 
   lowered = jax.jit(jax.grad(loss, argnums=(0, 2))).trace(x, t, tau, weights)
   text = lowered.lower(lowering_platforms=(platform,)).as_text()
@@ -853,9 +855,6 @@ def test_tpu_kernels_lower_under_vmap():
   calls with the batch as an extra grid axis. (JAX's TPU interpreter cannot run
   a vmapped kernel: it ignores the batch's grid axis; the GPU kernels run vmapped
   in interpret mode, below.)"""
-  from lpkernel.ops.fused import api as fused
-  from lpkernel.ops.logprobs import api as logprobs
-
   x = jax.ShapeDtypeStruct((3, 64, 1024), jnp.float32)
   t = jax.ShapeDtypeStruct((3, 64), jnp.int32)
   h = jax.ShapeDtypeStruct((3, 64, 128), jnp.float32)
@@ -867,13 +866,11 @@ def test_tpu_kernels_lower_under_vmap():
 
   for impl, count in ((lpk.PallasTpuLogits(), 2), (lpk.PallasTpuLogits(loss_kernel=True), 1)):
     loss = jax.value_and_grad(
-      lambda a, b, impl=impl: logprobs._nll(a, b, None, weights, 0.0, None, impl, None, 1024)
+      lambda a, b, impl=impl: lpk.nll_loss(a, b, weights, implementation=impl)
     )
     assert lowered(loss, x, t) == count
   stats = jax.grad(
-    lambda a, b: jnp.sum(
-      fused._fused(a, w, b, None, None, lpk.PallasTpuFused(), None, 1024, 1).logprobs
-    )
+    lambda a, b: jnp.sum(lpk.fused_token_logprobs(a, w, b, implementation=lpk.PallasTpuFused()))
   )
   assert lowered(stats, h, t) == 3
 

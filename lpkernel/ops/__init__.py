@@ -147,13 +147,18 @@ def _resolve(implementation, registry, defaults, op: str, like=None):
       implementation = cls()
     else:
       implementation = cls.config_for(like[0], like[1], backend)
-  platforms = getattr(implementation, "platforms", None)
-  if platforms is not None and backend not in platforms and not implementation.interpret:
-    raise ValueError(
-      f"the {implementation.name!r} {op} implementation runs on {list(platforms)}, "
-      f"not on this {backend!r} backend (pass an implementation with interpret=True "
-      f"to run it in Pallas interpret mode)"
-    )
+    # A name resolves on this process's backend: one it cannot run on raises here.
+    # An object is the caller's: it may be lowered for another platform (jax.export,
+    # an AOT compile for a GPU or TPU on a CPU host), and run where it cannot, Pallas
+    # itself refuses it when the program is compiled.
+    platforms = getattr(implementation, "platforms", None)
+    if platforms is not None and backend not in platforms and not implementation.interpret:
+      raise ValueError(
+        f"the {implementation.name!r} {op} implementation runs on {list(platforms)}, "
+        f"not on this {backend!r} backend (pass an implementation with interpret=True "
+        f"to run it in Pallas interpret mode, or the object itself to lower it for its "
+        f"platform)"
+      )
   return implementation
 
 
