@@ -423,7 +423,7 @@ def test_every_kernel_configuration_tiles_the_hardware(dtype):
   for impl in [lpk.PallasTpuLogits(), IMPLEMENTATIONS["pallas_tpu"]]:
     for shape in [(13, 1000), (4096, 128256), (16, 32003)]:
       x = jax.ShapeDtypeStruct(shape, dtype)
-      impl._blocks(x)  # validates (rows, columns) against the array and dtype
+      impl.blocks(x)  # validates (rows, columns) against the array and dtype
   for impl in [lpk.PallasGpuFused(), FUSED["pallas_gpu"]]:
     for tiles in [impl.logits, FUSED["pallas_gpu"].logits]:
       tiling.check_gpu_block("forward", (tiles.block_rows, tiles.block_v), dtype)

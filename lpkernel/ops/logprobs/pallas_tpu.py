@@ -69,7 +69,9 @@ class PallasTpuLogits:
   def __post_init__(self):
     tiling.check_tpu_tile_sizes("PallasTpuLogits", self.block_rows, self.block_v)
 
-  def _blocks(self, x):
+  def blocks(self, x) -> tuple[int, int]:
+    """(rows, columns) of a block of logits ``x [N, V]``, checked against the
+    hardware's tiling for ``x``'s dtype."""
     n, v = x.shape
     rows = min(self.block_rows, n) if n < self.block_rows else self.block_rows
     cols = v if v <= self.block_v else self.block_v
@@ -78,7 +80,7 @@ class PallasTpuLogits:
 
   def partials(self, x, targets, tau, softcap) -> P.RowPartials:
     n, v = x.shape
-    br, bv = self._blocks(x)
+    br, bv = self.blocks(x)
     grid = (pl.cdiv(n, br), pl.cdiv(v, bv))
     row = pl.BlockSpec((br, 1), lambda i, k: (i, 0))
     in_specs = [pl.BlockSpec((br, bv), lambda i, k: (i, k)), row] + ([] if tau is None else [row])
@@ -107,7 +109,7 @@ class PallasTpuLogits:
 
   def _grad(self, x, targets, tau, softcap, shift, log_s, g, g_lse, *, with_tau):
     n, v = x.shape
-    br, bv = self._blocks(x)
+    br, bv = self.blocks(x)
     tile = pl.BlockSpec((br, bv), lambda i, k: (i, k))
     row = pl.BlockSpec((br, 1), lambda i, k: (i, 0))
     optional = [r.astype(_F32) for r in (g_lse, tau) if r is not None]
@@ -143,7 +145,7 @@ class PallasTpuLogits:
     if not self.loss_kernel or rows.row_terms is None:
       return None
     n, v = x.shape
-    br = self._blocks(x)[0]
+    br = self.blocks(x)[0]
     tiling.check_tpu_block("logits loss", (br, v), (n, v), x.dtype)
     whole = pl.BlockSpec((br, v), lambda i: (i, 0))
     row = pl.BlockSpec((br, 1), lambda i: (i, 0))
