@@ -150,6 +150,8 @@ def main(argv=None) -> dict:
   stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
   stem = args.out / f"{meta['backend']}-{stamp}"
   print(report.table(results))
+  print("\nconfiguration implementation=None ran (heuristics, tuned table):")
+  print("\n".join(f"  {case}: {impl}" for case, impl in meta["configurations"].items()))
   print("\nlm-eval-style loglikelihood requests:\n" + loglikelihood.table(requests_rows))
   report.write_json(stem.with_suffix(".json"), meta, results, loglikelihood=requests_rows)
   if not args.no_plot:
