@@ -1,0 +1,184 @@
+"""The rollout's processed distribution: temperature, min-p, top-k and top-p as data.
+
+Inference engines sample from a *processed* distribution; vLLM's V1 sampler
+applies, in order: temperature (``y = z / T``); min-p (drop tokens whose
+probability is below ``min_p`` times the largest); top-k (keep the tokens whose
+``y`` is at least the k-th largest, ties at the boundary kept); top-p (over the
+survivors' renormalised probabilities, drop the tokens whose ascending
+cumulative probability is ``<= 1 - p``, never the most likely one); then it
+renormalises over the kept set. A trainer that recomputes log-probabilities
+over the full vocabulary is off by ``log S`` per token, ``S`` the kept mass.
+
+**Tie rule at the top-p boundary.** vLLM's sort order decides between equal
+logits there; lpkernel's rule is deterministic: a token is kept iff the mass
+of the tokens *strictly* more likely than it is below ``p``, so tokens equal to
+the boundary logit share its fate (all kept). Without ties this is vLLM's rule.
+
+This module holds the parameters (:class:`Sampling`) and the plain definition
+(:func:`processed_logprobs_reference`: materialised logits, a sort, masks);
+the fast paths without ``[N, V]`` temporaries come next (issue 25).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lpkernel.checks import poison
+
+_F32 = jnp.float32
+
+
+class Sampling(NamedTuple):
+  """A sampler's parameters: Python numbers, or arrays of one value per example
+  (``[B]``, broadcast over that example's tokens). A pytree.
+
+  Attributes:
+    temperature: ``> 0``.
+    top_k: keep the ``k`` most likely tokens (ties at the boundary kept); off
+      when ``<= 0`` or ``>= V``.
+    top_p: keep the nucleus of mass ``p`` in ``(0, 1]``; off at 1.
+    min_p: drop tokens below ``min_p`` times the largest probability, in
+      ``[0, 1]``; off at 0.
+  """
+
+  temperature: float | jax.Array = 1.0
+  top_k: int | jax.Array = 0
+  top_p: float | jax.Array = 1.0
+  min_p: float | jax.Array = 0.0
+
+  def check(self) -> Sampling:
+    """``ValueError`` naming a Python value out of range (array values that are
+    out of range make their examples' results NaN instead)."""
+    t, k, p, m = self
+    if isinstance(t, (int, float)) and not (math.isfinite(t) and t > 0):
+      raise ValueError(f"Sampling.temperature={t!r} must be finite and > 0")
+    if isinstance(k, (float, bool)):
+      raise ValueError(f"Sampling.top_k={k!r} must be an int (<= 0 for off)")
+    if isinstance(p, (int, float)) and not (0 < p <= 1):
+      raise ValueError(f"Sampling.top_p={p!r} must be in (0, 1] (1 for off)")
+    if isinstance(m, (int, float)) and not (0 <= m <= 1):
+      raise ValueError(f"Sampling.min_p={m!r} must be in [0, 1] (0 for off)")
+    return self
+
+
+class ProcessedStats(NamedTuple):
+  """Per scored token, all shaped like the targets.
+
+  Attributes:
+    logprobs: log-probability under the processed distribution (renormalised
+      over the kept set); ``-inf`` when the target was not kept.
+    raw_logprobs: log-probability over the full vocabulary, temperature applied.
+    log_kept_mass: ``log S``, the kept set's mass under the temperature-scaled
+      distribution (``logprobs = raw_logprobs - log_kept_mass`` where kept).
+    kept: bool, the target is in the kept set.
+    kept_count: int32, the kept set's size.
+  """
+
+  logprobs: jax.Array
+  raw_logprobs: jax.Array
+  log_kept_mass: jax.Array
+  kept: jax.Array
+  kept_count: jax.Array
+
+
+def _per_row(value, batch_shape, dtype) -> jax.Array:
+  """A parameter as one value per row: a scalar, or ``[B]`` broadcast over the
+  remaining batch axes."""
+  a = jnp.asarray(value, dtype)
+  if a.ndim == 1 and len(batch_shape) > 1:
+    a = a.reshape(a.shape + (1,) * (len(batch_shape) - 1))
+  return jnp.broadcast_to(a, batch_shape)
+
+
+def kept_mask(y: jax.Array, sampling: Sampling) -> jax.Array:
+  """bool[..., V]: the kept set of temperature-scaled logits rows ``y`` under
+  min-p, then top-k, then top-p (the tie rule above); a constant (no derivative).
+
+  Sorts each row: the reference's way, with ``[..., V]`` temporaries.
+  """
+  y = jax.lax.stop_gradient(y)
+  v = y.shape[-1]
+  batch = y.shape[:-1]
+  k = _per_row(sampling.top_k, batch, jnp.int32)[..., None]
+  p = _per_row(sampling.top_p, batch, _F32)[..., None]
+  min_p = _per_row(sampling.min_p, batch, _F32)[..., None]
+  m = jnp.max(y, axis=-1, keepdims=True)
+  prob = jnp.exp(y - m)  # relative to the largest: min-p compares these with min_p
+  keep = prob >= min_p
+  # top-k: at least the k-th largest value (ties at the boundary kept); off for k <= 0 or >= V.
+  ranked = jnp.sort(jnp.where(keep, y, -jnp.inf), axis=-1)  # ascending
+  kth = jnp.take_along_axis(ranked, jnp.clip(v - k, 0, v - 1), axis=-1)
+  keep &= (k <= 0) | (k >= v) | (y >= kth)
+  # top-p over the survivors' renormalised mass: kept iff the mass strictly above is < p.
+  survivors = jnp.where(keep, jnp.exp(y - m), 0.0)
+  mass = survivors / jnp.sum(survivors, axis=-1, keepdims=True)
+  order = jnp.argsort(-y, axis=-1, stable=True)  # descending
+  sorted_mass = jnp.take_along_axis(mass, order, axis=-1)
+  sorted_y = jnp.take_along_axis(y, order, axis=-1)
+  above = jnp.cumsum(sorted_mass, axis=-1) - sorted_mass  # mass of the earlier (>=) tokens
+  # Ties: the mass strictly above a token is that of its first equal in the order.
+  first_of_tie = jnp.concatenate(
+    [jnp.ones_like(sorted_y[..., :1], bool), sorted_y[..., 1:] != sorted_y[..., :-1]], axis=-1
+  )
+  idx = jnp.where(first_of_tie, jnp.arange(v), 0)
+  strictly_above = jnp.take_along_axis(above, jax.lax.cummax(idx, axis=idx.ndim - 1), axis=-1)
+  top_p_sorted = (p >= 1) | (strictly_above < p)
+  top_p = jnp.take_along_axis(top_p_sorted, jnp.argsort(order, axis=-1), axis=-1)
+  return keep & top_p
+
+
+def processed_logprobs_reference(
+  logits: jax.Array,
+  targets: jax.Array,
+  sampling: Sampling,
+  *,
+  softcap: float | None = None,
+) -> ProcessedStats:
+  """The plain definition of the processed log-probabilities (materialised float32
+  rows, a sort per row): the yardstick for the fast paths.
+
+  Args:
+    logits: float[..., V] (``[B, ...]`` when a parameter is an array of ``[B]``).
+    targets: int[...] ids in ``[0, V)``; others give NaN.
+    sampling: the sampler's parameters (:class:`Sampling`); an array
+      temperature that is not finite and positive, or another parameter out of
+      range, makes its examples NaN.
+    softcap: applied before the temperature, as the model does.
+
+  >>> import jax.numpy as jnp
+  >>> s = processed_logprobs_reference(
+  ...   jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]])), jnp.array([1]), Sampling(top_k=2))
+  >>> round(float(s.logprobs[0]), 4), round(float(jnp.exp(s.log_kept_mass[0])), 4)
+  (-0.9808, 0.8)
+  """
+  sampling = sampling.check()
+  v = logits.shape[-1]
+  z = logits.astype(_F32)
+  if softcap is not None:
+    z = jnp.where(z == -jnp.inf, -jnp.inf, softcap * jnp.tanh(z / softcap))
+  batch = targets.shape
+  tau = _per_row(sampling.temperature, batch, _F32)
+  shift = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+  y = (z - jnp.where(jnp.isfinite(shift), shift, 0.0)) / tau[..., None]  # shift before scale
+  keep = kept_mask(y, sampling)
+  in_range = (targets >= 0) & (targets < v)
+  safe = jnp.where(in_range, targets, 0)[..., None]
+  raw = jax.nn.log_softmax(y, axis=-1)
+  processed = jax.nn.log_softmax(jnp.where(keep, y, -jnp.inf), axis=-1)
+  log_kept = jax.nn.logsumexp(jnp.where(keep, raw, -jnp.inf), axis=-1)
+  p = _per_row(sampling.top_p, batch, _F32)
+  m = _per_row(sampling.min_p, batch, _F32)
+  bad = ~in_range | ~(jnp.isfinite(tau) & (tau > 0)) | ~((p > 0) & (p <= 1))
+  bad |= ~((m >= 0) & (m <= 1))
+  kept = jnp.take_along_axis(keep, safe, axis=-1)[..., 0] & ~bad
+  return ProcessedStats(
+    logprobs=poison(jnp.take_along_axis(processed, safe, axis=-1)[..., 0], bad),
+    raw_logprobs=poison(jnp.take_along_axis(raw, safe, axis=-1)[..., 0], bad),
+    log_kept_mass=poison(log_kept, bad),
+    kept=kept,
+    kept_count=jnp.sum(keep, axis=-1, dtype=jnp.int32),
+  )

@@ -1,0 +1,165 @@
+"""The processed distribution's reference (lpkernel.sampling) against a NumPy port
+of vLLM V1's sampler (temperature, min-p, then ``apply_top_k_top_p``'s
+sort-and-cumsum), per example parameters mixed in one batch; the tie rule; the
+gradients of a kept set held constant."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lpkernel.sampling import ProcessedStats, Sampling, kept_mask, processed_logprobs_reference
+
+
+def vllm_kept(logits: np.ndarray, temperature, top_k, top_p, min_p) -> np.ndarray:
+  """bool[V]: vLLM V1's kept set of one row, in float64 (distinct logits: its sort
+  order then decides nothing)."""
+  y = np.asarray(logits, np.float64) / temperature
+  v = y.shape[-1]
+  probs = np.exp(y - y.max())
+  probs /= probs.sum()
+  if min_p > 0:  # apply_min_p
+    y = np.where(probs < min_p * probs.max(), -np.inf, y)
+  order = np.argsort(y, kind="stable")  # apply_top_k_top_p: ascending
+  y_sort = y[order]
+  if 0 < top_k < v:
+    y_sort = np.where(y_sort < y_sort[v - top_k], -np.inf, y_sort)
+  if top_p < 1:
+    p_sort = np.exp(y_sort - y_sort.max())
+    p_sort /= p_sort.sum()
+    mask = np.cumsum(p_sort) <= 1 - top_p
+    mask[-1] = False
+    y_sort = np.where(mask, -np.inf, y_sort)
+  kept = np.zeros(v, bool)
+  kept[order] = y_sort > -np.inf
+  return kept
+
+
+def _oracle(logits, targets, params):
+  """float64 processed / raw log-probabilities, log S and kept flags of rows."""
+  out = {"lp": [], "raw": [], "log_s": [], "kept": [], "count": []}
+  for row, t, (tau, k, p, m) in zip(logits, targets, params, strict=True):
+    y = np.asarray(row, np.float64) / tau
+    raw = y - y.max() - np.log(np.exp(y - y.max()).sum())
+    kept = vllm_kept(row, tau, k, p, m)
+    log_s = np.log(np.exp(raw[kept]).sum())
+    out["lp"].append(raw[t] - log_s if kept[t] else -np.inf)
+    out["raw"].append(raw[t])
+    out["log_s"].append(log_s)
+    out["kept"].append(kept)
+    out["count"].append(kept.sum())
+  return {k: np.array(v) for k, v in out.items()}
+
+
+TOP_K = [1, 20, 512, 0]  # 0: off (as is V)
+TOP_P = [0.5, 0.9, 0.95, 0.999, 1.0]
+MIN_P = [0.0, 0.05]
+
+
+@pytest.mark.parametrize("v", [1000, 32003, 151936])
+def test_kept_sets_and_values_equal_vllms_with_per_example_parameters(v):
+  """Every (top_k, top_p, min_p) combination at once, one example each, peaked and
+  flat rows, temperatures mixed: the kept sets equal the port's, values to
+  float32 rounding."""
+  combos = list(itertools.product(TOP_K, TOP_P, MIN_P))
+  b = len(combos)
+  rng = np.random.default_rng(v)
+  scale = np.where(np.arange(b) % 2 == 0, 4.0, 0.5)[:, None]  # peaked and flat rows
+  # Distinct logits, each exact in float32.
+  logits = (rng.permutation(v * b).reshape(b, v) / (v * b) * 2 - 1) * scale * 8
+  logits = np.asarray(logits.astype(np.float32), np.float64)
+  targets = rng.integers(0, v, b)
+  targets[::3] = np.argsort(logits[::3], axis=-1)[:, -2]  # often kept: the second most likely
+  tau = np.where(np.arange(b) % 3 == 0, 0.7, 1.0)
+  params = [(t, k, p, m) for t, (k, p, m) in zip(tau, combos, strict=True)]
+  sampling = Sampling(
+    temperature=jnp.asarray(tau, jnp.float32),
+    top_k=jnp.array([c[0] for c in combos]),
+    top_p=jnp.array([c[1] for c in combos], jnp.float32),
+    min_p=jnp.array([c[2] for c in combos], jnp.float32),
+  )
+  got = jax.jit(processed_logprobs_reference)(
+    jnp.asarray(logits, jnp.float32), jnp.asarray(targets), sampling
+  )
+  want = _oracle(logits, targets, params)
+  np.testing.assert_array_equal(got.kept_count, want["count"])
+  np.testing.assert_array_equal(got.kept, want["kept"][np.arange(b), targets])
+  np.testing.assert_allclose(got.raw_logprobs, want["raw"], rtol=2e-6, atol=2e-5)
+  np.testing.assert_allclose(got.log_kept_mass, want["log_s"], rtol=2e-6, atol=2e-5)
+  kept = want["kept"][np.arange(b), targets]
+  np.testing.assert_allclose(got.logprobs[kept], want["lp"][kept], rtol=2e-6, atol=2e-5)
+  assert np.all(np.asarray(got.logprobs)[~kept] == -np.inf)
+  assert kept.sum() >= b // 4  # the comparison is not vacuous
+
+
+@given(
+  ties=st.integers(2, 5),
+  rest=st.lists(st.integers(-20, 0), min_size=1, max_size=6, unique=True),
+  top_k=st.integers(1, 12),
+)
+def test_ties_at_the_top_k_boundary_are_kept(ties, rest, top_k):
+  row = np.array([1.0] * ties + [float(r) - 21 for r in rest], np.float32)
+  s = processed_logprobs_reference(jnp.asarray(row)[None], jnp.array([0]), Sampling(top_k=top_k))
+  # The tied maxima survive together; a k past them keeps the k largest (all when k >= V).
+  assert int(s.kept_count[0]) == (ties if top_k <= ties else min(row.size, top_k))
+
+
+@given(ties=st.integers(2, 6), p=st.sampled_from([0.05, 0.3, 0.5, 0.9, 0.999]))
+def test_tokens_equal_to_the_top_p_boundary_share_its_fate(ties, p):
+  """Equal logits at the boundary are all kept (vLLM would keep some by sort order)."""
+  row = jnp.asarray([2.0] * ties + [0.0, -1.0], jnp.float32)
+  s = processed_logprobs_reference(row[None], jnp.array([ties - 1]), Sampling(top_p=p))
+  assert bool(s.kept[0])
+  assert int(s.kept_count[0]) >= ties
+
+
+def test_gradients_keep_the_kept_set_constant():
+  """d processed_lp / d logits = (onehot - p_kept) / tau on kept columns, 0 elsewhere;
+  d / d tau by finite differences of the same kept set."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(3, 50)) * 3, jnp.float32)
+  t = jnp.asarray(np.argsort(np.asarray(x), -1)[:, -3])
+  tau = jnp.array([0.7, 1.0, 1.3])
+
+  def lp(x, tau):
+    s = Sampling(temperature=tau, top_k=jnp.array([10, 0, 5]), top_p=jnp.array([0.9, 0.8, 1.0]))
+    return processed_logprobs_reference(x, t, s)
+
+  stats = lp(x, tau)
+  assert isinstance(stats, ProcessedStats) and bool(jnp.all(stats.kept))
+  dx = jax.grad(lambda x: jnp.sum(lp(x, tau).logprobs))(x)
+  s = Sampling(temperature=tau, top_k=jnp.array([10, 0, 5]), top_p=jnp.array([0.9, 0.8, 1.0]))
+  y = np.asarray(x, np.float64) / np.asarray(tau)[:, None]
+
+  keep = np.asarray(kept_mask(jnp.asarray(y, jnp.float32), s))
+  assert keep.sum() < keep.size  # the sets truncate
+  p = np.where(keep, np.exp(y - y.max(-1, keepdims=True)), 0.0)
+  p /= p.sum(-1, keepdims=True)
+  onehot = np.arange(50) == np.asarray(t)[:, None]
+  np.testing.assert_allclose(dx, (onehot - p) / np.asarray(tau)[:, None], atol=1e-6)
+  assert np.all(np.asarray(dx)[~keep] == 0)
+  # d lp / d tau with the kept set held: (E_p_kept[y] - y_t) / tau, in float64.
+  dtau = jax.grad(lambda tau: jnp.sum(lp(x, tau).logprobs))(tau)
+  y_t = y[np.arange(3), np.asarray(t)]
+  want = ((p * y).sum(-1) - y_t) / np.asarray(tau, np.float64)
+  np.testing.assert_allclose(dtau, want, rtol=1e-5, atol=1e-6)
+
+
+def test_python_parameters_are_checked_and_array_ones_poison():
+  x, t = jnp.zeros((2, 5)), jnp.array([0, 1])
+  for bad in [
+    Sampling(temperature=0.0),
+    Sampling(top_p=0.0),
+    Sampling(top_p=1.5),
+    Sampling(min_p=-0.1),
+    Sampling(top_k=2.5),
+  ]:
+    with pytest.raises(ValueError, match="Sampling"):
+      processed_logprobs_reference(x, t, bad)
+  s = processed_logprobs_reference(x, t, Sampling(temperature=jnp.array([1.0, -1.0])))
+  assert np.isfinite(s.logprobs[0]) and np.isnan(s.logprobs[1])
+  assert np.isnan(processed_logprobs_reference(x, jnp.array([0, 5]), Sampling()).logprobs[1])
