@@ -20,7 +20,7 @@ import json
 import os
 import platform as host
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jax.numpy as jnp
 
@@ -69,10 +69,22 @@ def _key(op: str, implementation: str, platform: str, dtype) -> str:
 
 
 def load_table(path: Path | None = None) -> dict[str, dict[str, Any]]:
-  """The tuned table (empty when there is none); a malformed file raises ``ValueError``."""
+  """The tuned table (empty when there is none); a malformed file raises ``ValueError``.
+
+  Read once per version of the file (its modification time): implementations
+  are configured on every call that names them.
+  """
   path = table_path() if path is None else path
-  if not path.exists():
+  try:
+    mtime = path.stat().st_mtime_ns
+  except FileNotFoundError:
     return {}
+  return dict(_read(path, mtime))
+
+
+@functools.lru_cache(maxsize=8)
+def _read(path: Path, mtime_ns: int) -> dict[str, dict[str, Any]]:
+  """The table in ``path`` as of ``mtime_ns`` (the cache key)."""
   try:
     table = json.loads(path.read_text())
   except json.JSONDecodeError as e:
@@ -95,6 +107,7 @@ def record(op: str, implementation: str, platform: str, dtype, fields: dict[str,
   table[_key(op, implementation, platform, dtype)] = fields
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
+  _read.cache_clear()  # a rewrite within the clock's resolution keeps its mtime
   return path
 
 
@@ -118,3 +131,17 @@ def configured(cls, op: str, platform: str, dtype, **heuristic: Any):
     if isinstance(value, dict) and dataclasses.is_dataclass(defaults[name]):
       fields[name] = type(defaults[name])(**value)
   return cls(**fields)
+
+
+class Configured:
+  """``config_for`` for an implementation whose defaults are its measured best:
+  the tuned table's fields on top of them (``op`` names the table's op)."""
+
+  op: ClassVar[str]
+  name: ClassVar[str]
+
+  @classmethod
+  def config_for(cls, shape: tuple[int, ...], dtype, platform: str):
+    """The configuration for ``shape`` and ``dtype`` on ``platform``: the defaults
+    (the measured best so far), then this machine's tuned table."""
+    return configured(cls, cls.op, platform, dtype)

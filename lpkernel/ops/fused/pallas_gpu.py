@@ -40,7 +40,7 @@ _F32 = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
-class PallasGpuFused:
+class PallasGpuFused(tuning.Configured):
   """Token chunks: vendor matmuls feeding the Pallas GPU row kernels.
 
   Attributes:
@@ -58,15 +58,9 @@ class PallasGpuFused:
   logits: PallasGpuLogits = PallasGpuLogits()
   precision: str | None = None
   interpret: bool = False
+  op = "fused"
   name = "pallas_gpu"
   platforms = ("gpu",)
-
-  @classmethod
-  def config_for(cls, shape: tuple[int, ...], dtype, platform: str) -> PallasGpuFused:
-    """The configuration for ``shape`` and ``dtype`` on ``platform``: the defaults
-    (the measured best so far), then this machine's tuned table
-    (:mod:`lpkernel.ops.tuning`)."""
-    return tuning.configured(cls, "fused", platform, dtype)
 
   def __post_init__(self):
     if self.chunk_tokens is not None and self.chunk_tokens < 1:

@@ -41,7 +41,7 @@ _F32 = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
-class PallasTpuFused:
+class PallasTpuFused(tuning.Configured):
   """Pallas Mosaic TPU kernels for the fused path.
 
   Attributes:
@@ -64,15 +64,9 @@ class PallasTpuFused:
   precision: str | None = None
   vmem_limit_bytes: int | None = None
   interpret: bool = False
+  op = "fused"
   name = "pallas_tpu"
   platforms = ("tpu",)
-
-  @classmethod
-  def config_for(cls, shape: tuple[int, ...], dtype, platform: str) -> PallasTpuFused:
-    """The configuration for ``shape`` and ``dtype`` on ``platform``: the defaults
-    (the measured best so far), then this machine's tuned table
-    (:mod:`lpkernel.ops.tuning`)."""
-    return tuning.configured(cls, "fused", platform, dtype)
 
   def __post_init__(self):
     tiling.check_tpu_tile_sizes("PallasTpuFused", self.block_rows, self.block_v)

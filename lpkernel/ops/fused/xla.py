@@ -185,7 +185,7 @@ def chunk_grad(x, lo, width, targets, tau_col, softcap, dtype, stats):
 
 
 @dataclasses.dataclass(frozen=True)
-class XlaFused:
+class XlaFused(tuning.Configured):
   """The XLA vocabulary-block sweep (any backend).
 
   Attributes:
@@ -198,12 +198,13 @@ class XlaFused:
 
   config: FusedConfig = FusedConfig()
   precision: str | None = None
+  op = "fused"
   name = "xla"
   platforms = None
   differentiable = True  # plain jnp at any order (lpkernel.ops.higher_order)
 
   @classmethod
-  def config_for(cls, shape: tuple[int, int, int], dtype, platform: str) -> XlaFused:
+  def config_for(cls, shape: tuple[int, ...], dtype, platform: str) -> XlaFused:
     """The configuration for ``hidden [N, D] @ unembed [D, V]`` of ``dtype`` on
     ``platform``: the heuristics (a CPU without bfloat16 dot instructions
     upcasts bfloat16 blocks for its matmuls), then this machine's tuned table
@@ -211,7 +212,7 @@ class XlaFused:
     config = {}
     if platform == "cpu" and jnp.dtype(dtype) == jnp.bfloat16 and not tuning.native_bfloat16_dots():
       config["dot_dtype"] = "float32"
-    return tuning.configured(cls, "fused", platform, dtype, config=config)
+    return tuning.configured(cls, cls.op, platform, dtype, config=config)
 
   def _dot(self, a: jax.Array) -> jax.Array:
     """``a`` as the matmuls take it (``FusedConfig.dot_dtype``)."""

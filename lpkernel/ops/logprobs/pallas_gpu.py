@@ -37,7 +37,7 @@ _F32 = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
-class PallasGpuLogits:
+class PallasGpuLogits(tuning.Configured):
   """Pallas GPU (Triton) kernels for the logits path.
 
   Attributes:
@@ -65,15 +65,9 @@ class PallasGpuLogits:
   bwd_num_warps: int = 4
   loss_kernel: bool = False
   interpret: bool = False
+  op = "logits"
   name = "pallas_gpu"
   platforms = ("gpu",)
-
-  @classmethod
-  def config_for(cls, shape: tuple[int, ...], dtype, platform: str) -> PallasGpuLogits:
-    """The configuration for ``shape`` and ``dtype`` on ``platform``: the defaults
-    (the measured best so far), then this machine's tuned table
-    (:mod:`lpkernel.ops.tuning`)."""
-    return tuning.configured(cls, "logits", platform, dtype)
 
   def __post_init__(self):
     for field in ("block_rows", "block_v", "bwd_block_rows", "bwd_block_v", "num_warps"):

@@ -37,7 +37,7 @@ _F32 = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
-class PallasTpuLogits:
+class PallasTpuLogits(tuning.Configured):
   """Pallas Mosaic TPU kernels for the logits path.
 
   Attributes:
@@ -56,15 +56,9 @@ class PallasTpuLogits:
   loss_kernel: bool = False
   vmem_limit_bytes: int | None = None
   interpret: bool = False
+  op = "logits"
   name = "pallas_tpu"
   platforms = ("tpu",)
-
-  @classmethod
-  def config_for(cls, shape: tuple[int, ...], dtype, platform: str) -> PallasTpuLogits:
-    """The configuration for ``shape`` and ``dtype`` on ``platform``: the defaults
-    (the measured best so far), then this machine's tuned table
-    (:mod:`lpkernel.ops.tuning`)."""
-    return tuning.configured(cls, "logits", platform, dtype)
 
   def __post_init__(self):
     tiling.check_tpu_tile_sizes("PallasTpuLogits", self.block_rows, self.block_v)

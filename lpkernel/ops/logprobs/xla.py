@@ -333,7 +333,7 @@ def _in_row_blocks(fn, x, *rows):
 
 
 @dataclasses.dataclass(frozen=True)
-class XlaLogits:
+class XlaLogits(tuning.Configured):
   """The XLA implementation: chunked on the CPU, whole rows elsewhere.
 
   Attributes:
@@ -341,16 +341,10 @@ class XlaLogits:
   """
 
   chunks: ChunkConfig = ChunkConfig()
+  op = "logits"
   name = "xla"
   platforms = None  # every backend
   differentiable = True  # plain jnp at any order (lpkernel.ops.higher_order)
-
-  @classmethod
-  def config_for(cls, shape: tuple[int, ...], dtype, platform: str) -> XlaLogits:
-    """The configuration for ``shape`` and ``dtype`` on ``platform``: the defaults
-    (the measured best so far), then this machine's tuned table
-    (:mod:`lpkernel.ops.tuning`)."""
-    return tuning.configured(cls, "logits", platform, dtype)
 
   def partials(self, x, targets, tau, softcap) -> P.RowPartials:
     v = x.shape[1]
