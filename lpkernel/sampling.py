@@ -27,6 +27,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from lpkernel import partials as P
 from lpkernel.checks import poison
 
 _F32 = jnp.float32
@@ -114,7 +115,7 @@ def kept_mask(y: jax.Array, sampling: Sampling) -> jax.Array:
   kth = jnp.take_along_axis(ranked, jnp.clip(v - k, 0, v - 1), axis=-1)
   keep &= (k <= 0) | (k >= v) | (y >= kth)
   # top-p over the survivors' renormalised mass: kept iff the mass strictly above is < p.
-  survivors = jnp.where(keep, jnp.exp(y - m), 0.0)
+  survivors = jnp.where(keep, prob, 0.0)
   mass = survivors / jnp.sum(survivors, axis=-1, keepdims=True)
   order = jnp.argsort(-y, axis=-1, stable=True)  # descending
   sorted_mass = jnp.take_along_axis(mass, order, axis=-1)
@@ -157,13 +158,11 @@ def processed_logprobs_reference(
   """
   sampling = sampling.check()
   v = logits.shape[-1]
-  z = logits.astype(_F32)
-  if softcap is not None:
-    z = jnp.where(z == -jnp.inf, -jnp.inf, softcap * jnp.tanh(z / softcap))
+  z = P.capped(logits, softcap)
   batch = targets.shape
   tau = _per_row(sampling.temperature, batch, _F32)
-  shift = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
-  y = (z - jnp.where(jnp.isfinite(shift), shift, 0.0)) / tau[..., None]  # shift before scale
+  shift = P.shift_of(jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True)))
+  y = P.scaled(z - shift, tau[..., None])  # shift before scale
   keep = kept_mask(y, sampling)
   in_range = (targets >= 0) & (targets < v)
   safe = jnp.where(in_range, targets, 0)[..., None]
