@@ -27,8 +27,8 @@ def candidates(dtype: str) -> list[dict]:
   return [{"dot_dtype": None}, {"dot_dtype": "float32"}]
 
 
-def _time(case: Case, fields: dict, repeats: int) -> float:
-  inp = make_inputs(case)
+def _time(inp: dict, fields: dict, repeats: int) -> float:
+  """Median ms of the fused forward+backward on a case's inputs under ``fields``."""
   impl = lpk.XlaFused(lpk.FusedConfig(**fields))
 
   def loss(h, w):
@@ -44,17 +44,14 @@ def tune(cases: list[Case], repeats: int) -> list[dict]:
   """Times every candidate on every fused case, records the fastest per dtype, and
   returns the rows (case, dtype, fields, median ms, chosen)."""
   platform = jax.default_backend()
-  rows = [
-    {
-      "case": case.label,
-      "dtype": case.dtype,
-      "config": fields,
-      "median_ms": _time(case, fields, repeats),
-    }
-    for case in cases
-    if case.fused
-    for fields in candidates(case.dtype)
-  ]
+  rows = []
+  for case in cases:
+    if not case.fused:
+      continue
+    inp = make_inputs(case)  # once per case, whatever the candidates
+    for fields in candidates(case.dtype):
+      ms = _time(inp, fields, repeats)
+      rows.append({"case": case.label, "dtype": case.dtype, "config": fields, "median_ms": ms})
   for dtype in sorted({r["dtype"] for r in rows}):
     total: dict[str, float] = {}
     for r in rows:

@@ -14,15 +14,16 @@ import shutil
 from pathlib import Path
 
 
-def _runs(results: Path) -> dict[tuple[str, str, str], Path]:
-  """The newest suite run per (backend, device, suite); file names sort by time."""
-  latest: dict[tuple[str, str, str], Path] = {}
+def _runs(results: Path) -> dict[tuple[str, str, str], tuple[Path, dict]]:
+  """The newest suite run per (backend, device, suite), with its parsed JSON;
+  file names sort by time."""
+  latest: dict[tuple[str, str, str], tuple[Path, dict]] = {}
   for path in sorted(results.glob("*.json")):
     data = json.loads(path.read_text())
     meta = data.get("meta") if isinstance(data, dict) else None
     if not meta or "results" not in data:
       continue  # the GPU kernel checks write another layout (their logs say what ran)
-    latest[(meta["backend"], meta.get("device", "?"), meta.get("suite", "?"))] = path
+    latest[(meta["backend"], meta.get("device", "?"), meta.get("suite", "?"))] = (path, data)
   return latest
 
 
@@ -66,8 +67,7 @@ def write_results_page(root: Path, out_dir: Path) -> Path:
   ]
   plots = out_dir / "_results"
   plots.mkdir(parents=True, exist_ok=True)
-  for (backend, device, suite), path in sorted(_runs(results).items()):
-    data = json.loads(path.read_text())
+  for (backend, device, suite), (path, data) in sorted(_runs(results).items()):
     meta = data["meta"]
     lines += [
       f"## {backend}: {device}, suite `{suite}`",
