@@ -138,12 +138,13 @@ def fused_arguments(hidden, unembed, targets, temperature, softcap, axis):
   return hidden, unembed, targets, axis, temperature_rows(temperature, targets.shape)
 
 
-def _positive_finite_number(x) -> bool:
+def positive_finite_number(x) -> bool:
+  """``x`` is a Python or NumPy number, finite and > 0."""
   return isinstance(x, (int, float, np.integer, np.floating)) and bool(np.isfinite(x) and x > 0)
 
 
 def check_softcap(softcap) -> None:
-  if softcap is not None and not _positive_finite_number(softcap):
+  if softcap is not None and not positive_finite_number(softcap):
     raise ValueError(f"softcap must be None or a finite positive Python number, got {softcap=}")
 
 
@@ -154,7 +155,7 @@ def temperature_rows(temperature, batch_shape) -> jax.Array | None:
   (``ValueError``); an array's bad entries poison their positions downstream.
   """
   if isinstance(temperature, (int, float, np.integer, np.floating)):
-    if not _positive_finite_number(temperature):
+    if not positive_finite_number(temperature):
       raise ValueError(f"temperature must be finite and positive, got {temperature=}")
     if temperature == 1:
       return None

@@ -21,14 +21,14 @@ the fast paths without ``[N, V]`` temporaries come next (issue 25).
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lpkernel import partials as P
-from lpkernel.checks import poison
+from lpkernel.checks import poison, positive_finite_number
 
 _F32 = jnp.float32
 
@@ -55,7 +55,7 @@ class Sampling(NamedTuple):
     """``ValueError`` naming a Python value out of range (array values that are
     out of range make their examples' results NaN instead)."""
     t, k, p, m = self
-    if isinstance(t, (int, float)) and not (math.isfinite(t) and t > 0):
+    if np.isscalar(t) and not positive_finite_number(t):
       raise ValueError(f"Sampling.temperature={t!r} must be finite and > 0")
     if isinstance(k, (float, bool)):
       raise ValueError(f"Sampling.top_k={k!r} must be an int (<= 0 for off)")
