@@ -499,6 +499,13 @@ def grad_tau(
   """
   d = jnp.sum(dy * y_c, axis=-1, keepdims=True)
   if g_lse is not None:
-    mass = jnp.sum(p, axis=-1, keepdims=True)
-    d = d + jnp.where((g_lse != 0) & (mass > 0), g_lse * mass * (shift / tau), 0.0)
+    shifted = lse_shift(jnp.sum(p, axis=-1, keepdims=True), shift, tau)
+    d = d + jnp.where(g_lse != 0, g_lse * shifted, 0.0)
   return -d / tau
+
+
+def lse_shift(mass: jax.Array, shift: jax.Array, tau: jax.Array) -> jax.Array:
+  """A block's part of ``E_p[y]`` that the row's shift makes, ``mass * shift / tau``
+  (``mass`` the block's share of the softmax): 0 where the block has no mass, so
+  that a ``shift / tau`` past float32 never makes NaN."""
+  return jnp.where(mass > 0, mass * (shift / tau), 0.0)

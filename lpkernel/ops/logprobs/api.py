@@ -112,8 +112,7 @@ def _grad_tau(impl, x, local, tau, softcap, shift, log_s, g, g_lse=None, mass=No
     if g_lse is not None:
       # A row with no mass (all -inf, lse = -inf) has nothing that moves with tau.
       live_lse = (g_lse != 0) & (log_s != -jnp.inf)
-      shift_part = jnp.where(mass > 0, (shift / tau) * mass, 0.0)
-      d = d - jnp.where(live_lse, g_lse * (centred + shift_part), 0.0)
+      d = d - jnp.where(live_lse, g_lse * (centred + P.lse_shift(mass, shift, tau)), 0.0)
     return d / tau
 
 
