@@ -10,13 +10,15 @@ renormalises over the kept set. A trainer that recomputes log-probabilities
 over the full vocabulary is off by ``log S`` per token, ``S`` the kept mass.
 
 **Tie rule at the top-p boundary.** vLLM's sort order decides between equal
-logits there; lpkernel's rule is deterministic: a token is kept iff the mass
-of the tokens *strictly* more likely than it is below ``p``, so tokens equal to
-the boundary logit share its fate (all kept). Without ties this is vLLM's rule.
+logits there; lpkernel's rule is deterministic: a token is dropped iff the mass
+of the tokens at most as likely as it, *its ties included*, is ``<= 1 - p``
+(equivalently: kept iff the mass strictly more likely than it is below ``p``),
+so tokens equal to the boundary logit share its fate. Without ties this is
+vLLM's rule, summed in vLLM's order (ascending, from the least likely).
 
 This module holds the parameters (:class:`Sampling`) and the plain definition
 (:func:`processed_logprobs_reference`: materialised logits, a sort, masks);
-the fast paths without ``[N, V]`` temporaries come next (issue 25).
+the fast paths without ``[N, V]`` temporaries are :mod:`lpkernel.ops.processed`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from lpkernel import partials as P
 from lpkernel.checks import poison, positive_finite_number
@@ -77,6 +80,7 @@ class ProcessedStats(NamedTuple):
       distribution (``logprobs = raw_logprobs - log_kept_mass`` where kept).
     kept: bool, the target is in the kept set.
     kept_count: int32, the kept set's size.
+    greedy: bool, the target is the first argmax of its capped row (always kept).
   """
 
   logprobs: jax.Array
@@ -84,6 +88,7 @@ class ProcessedStats(NamedTuple):
   log_kept_mass: jax.Array
   kept: jax.Array
   kept_count: jax.Array
+  greedy: jax.Array
 
 
 def _per_row(value, batch_shape, dtype) -> jax.Array:
@@ -93,6 +98,34 @@ def _per_row(value, batch_shape, dtype) -> jax.Array:
   if a.ndim == 1 and len(batch_shape) > 1:
     a = a.reshape(a.shape + (1,) * (len(batch_shape) - 1))
   return jnp.broadcast_to(a, batch_shape)
+
+
+def param_rows(sampling: Sampling, batch_shape) -> tuple[jax.Array | None, ...]:
+  """The parameters flattened to one value per position ``[N]``: (temperature or
+  None for a Python 1, top_k int32, top_p, min_p, bool bad: an array value out of
+  range)."""
+  t = sampling.temperature
+  tau = None if (np.isscalar(t) and t == 1) else _per_row(t, batch_shape, _F32).reshape(-1)
+  k = _per_row(sampling.top_k, batch_shape, jnp.int32).reshape(-1)
+  p = _per_row(sampling.top_p, batch_shape, _F32).reshape(-1)
+  m = _per_row(sampling.min_p, batch_shape, _F32).reshape(-1)
+  bad = ~((p > 0) & (p <= 1)) | ~((m >= 0) & (m <= 1))
+  if tau is not None:
+    bad |= ~(jnp.isfinite(tau) & (tau > 0))
+  return tau, k, p, m, bad
+
+
+def at_or_below(w: jax.Array, values: jax.Array) -> jax.Array:
+  """``[..., K]``: for columns sorted descending by ``values``, the sum of ``w`` over
+  the columns whose value is at most this one's, its ties included (summed from
+  the smallest, as the engine's ascending cumulative sum)."""
+  tail = jnp.flip(jnp.cumsum(jnp.flip(w, -1), axis=-1), -1)
+  axis = values.ndim - 1
+  first = jnp.concatenate(
+    [jnp.ones_like(values[..., :1], bool), values[..., 1:] != values[..., :-1]], axis=-1
+  )
+  idx = jnp.where(first, lax.broadcasted_iota(jnp.int32, values.shape, axis), 0)
+  return jnp.take_along_axis(tail, lax.cummax(idx, axis=axis), axis=-1)
 
 
 def kept_mask(y: jax.Array, sampling: Sampling) -> jax.Array:
@@ -114,20 +147,12 @@ def kept_mask(y: jax.Array, sampling: Sampling) -> jax.Array:
   ranked = jnp.sort(jnp.where(keep, y, -jnp.inf), axis=-1)  # ascending
   kth = jnp.take_along_axis(ranked, jnp.clip(v - k, 0, v - 1), axis=-1)
   keep &= (k <= 0) | (k >= v) | (y >= kth)
-  # top-p over the survivors' renormalised mass: kept iff the mass strictly above is < p.
+  # top-p over the survivors' renormalised mass: dropped iff the mass at or below it is <= 1 - p.
   survivors = jnp.where(keep, prob, 0.0)
   mass = survivors / jnp.sum(survivors, axis=-1, keepdims=True)
   order = jnp.argsort(-y, axis=-1, stable=True)  # descending
-  sorted_mass = jnp.take_along_axis(mass, order, axis=-1)
-  sorted_y = jnp.take_along_axis(y, order, axis=-1)
-  above = jnp.cumsum(sorted_mass, axis=-1) - sorted_mass  # mass of the earlier (>=) tokens
-  # Ties: the mass strictly above a token is that of its first equal in the order.
-  first_of_tie = jnp.concatenate(
-    [jnp.ones_like(sorted_y[..., :1], bool), sorted_y[..., 1:] != sorted_y[..., :-1]], axis=-1
-  )
-  idx = jnp.where(first_of_tie, jnp.arange(v), 0)
-  strictly_above = jnp.take_along_axis(above, jax.lax.cummax(idx, axis=idx.ndim - 1), axis=-1)
-  top_p_sorted = (p >= 1) | (strictly_above < p)
+  tail = at_or_below(jnp.take_along_axis(mass, order, axis=-1), jnp.take_along_axis(y, order, axis=-1))
+  top_p_sorted = (p >= 1) | (tail > 1 - p)
   top_p = jnp.take_along_axis(top_p_sorted, jnp.argsort(order, axis=-1), axis=-1)
   return keep & top_p
 
@@ -160,24 +185,26 @@ def processed_logprobs_reference(
   v = logits.shape[-1]
   z = P.capped(logits, softcap)
   batch = targets.shape
-  tau = _per_row(sampling.temperature, batch, _F32)
+  tau_rows, _, _, _, bad = param_rows(sampling, batch)
+  tau = jnp.ones(batch, _F32) if tau_rows is None else tau_rows.reshape(batch)
+  bad = bad.reshape(batch)
   shift = P.shift_of(jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True)))
   y = P.scaled(z - shift, tau[..., None])  # shift before scale
   keep = kept_mask(y, sampling)
   in_range = (targets >= 0) & (targets < v)
+  bad |= ~in_range
   safe = jnp.where(in_range, targets, 0)[..., None]
   raw = jax.nn.log_softmax(y, axis=-1)
   processed = jax.nn.log_softmax(jnp.where(keep, y, -jnp.inf), axis=-1)
   log_kept = jax.nn.logsumexp(jnp.where(keep, raw, -jnp.inf), axis=-1)
-  p = _per_row(sampling.top_p, batch, _F32)
-  m = _per_row(sampling.min_p, batch, _F32)
-  bad = ~in_range | ~(jnp.isfinite(tau) & (tau > 0)) | ~((p > 0) & (p <= 1))
-  bad |= ~((m >= 0) & (m <= 1))
   kept = jnp.take_along_axis(keep, safe, axis=-1)[..., 0] & ~bad
+  z_t = jnp.take_along_axis(z, safe, axis=-1)[..., 0]
+  greedy = (jnp.argmax(z, axis=-1) == targets) & (z_t > -jnp.inf) & ~bad
   return ProcessedStats(
     logprobs=poison(jnp.take_along_axis(processed, safe, axis=-1)[..., 0], bad),
     raw_logprobs=poison(jnp.take_along_axis(raw, safe, axis=-1)[..., 0], bad),
     log_kept_mass=poison(log_kept, bad),
     kept=kept,
     kept_count=jnp.sum(keep, axis=-1, dtype=jnp.int32),
+    greedy=greedy & ~jnp.isnan(z_t),
   )

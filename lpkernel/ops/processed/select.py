@@ -1,0 +1,274 @@
+"""The kept set as a threshold, found without sorting a row.
+
+Every rule of the sampler (min-p, top-k with ties kept, top-p with the tie rule
+of :mod:`lpkernel.sampling`) keeps an *upper set* of a row's capped logits
+``z``: so the kept set is ``{z : min-p holds, key(z) >= kappa}`` for one
+per-row threshold ``kappa`` on :func:`order_key` (the float's bits as an
+ordered ``uint32``). This module finds ``kappa``:
+
+* from the row's ``K`` largest values (:func:`decide`), which settles every row
+  whose kept set lies among them (top-k with ``k <= K``, a nucleus of at most
+  ``K`` tokens, a min-p cut above the ``K``-th value) with no further read;
+* otherwise by a multiway search on the key (:func:`largest_key_within`): each
+  step is one sweep over the row that evaluates ``M - 1`` thresholds at once,
+  narrowing the key range ``M``-fold, so at most ``ceil(32 / log2 M)`` sweeps.
+
+A :class:`Rows` is what is swept: ``block(lo, width)`` gives the capped logits
+of vocabulary columns ``[lo, lo + width)`` (a slice of the logits, or a matmul
+of hidden states with a block of the unembedding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lpkernel import partials as P
+from lpkernel.ops.blocks import sweep
+from lpkernel.sampling import at_or_below
+
+_F32 = jnp.float32
+_U32 = jnp.uint32
+
+
+class Rows(NamedTuple):
+  """A sweepable ``[N, V]`` matrix of capped logits.
+
+  Attributes:
+    block: ``(lo, width) -> float32[N, width]``, the capped logits of columns
+      ``[lo, lo + width)`` (``lo`` may be traced, ``width`` is static).
+    vocab_size: V.
+    width: columns per sweep step.
+  """
+
+  block: Callable[[jax.Array | int, int], jax.Array]
+  vocab_size: int
+  width: int
+
+  def fold(self, step, init):
+    """Folds ``step(carry, z [N, W], cols [1, W])`` over the row's column blocks."""
+
+    def body(carry, lo, width):
+      cols = lo + lax.broadcasted_iota(jnp.int32, (1, width), 1)
+      return step(carry, self.block(lo, width), cols)
+
+    return sweep(body, init, self.vocab_size, self.width)
+
+
+class Params(NamedTuple):
+  """The sampler's parameters and the row statistics, one value per row ``[N]``.
+
+  Attributes:
+    tau: float32 temperature, or None (1).
+    top_k: int32, off when ``<= 0`` or ``>= V``.
+    top_p: float32, off when ``>= 1``.
+    min_p: float32, off at 0.
+    shift: the row's shift (:func:`lpkernel.partials.shift_of` of its max).
+  """
+
+  tau: jax.Array | None
+  top_k: jax.Array
+  top_p: jax.Array
+  min_p: jax.Array
+  shift: jax.Array
+
+  def col(self, a: jax.Array | None) -> jax.Array | None:
+    return None if a is None else a[:, None]
+
+  def e(self, z: jax.Array) -> jax.Array:
+    """``exp((z - shift) / tau)`` of ``z [N, W]``: each column's probability
+    relative to the row's largest (min-p compares it with ``min_p``)."""
+    return jnp.exp(P.scaled(z - self.shift[:, None], self.col(self.tau)))
+
+  def min_p_holds(self, e: jax.Array) -> jax.Array:
+    return e >= self.min_p[:, None]
+
+
+def order_key(z: jax.Array) -> jax.Array:
+  """uint32 keys ordered as the floats ``z`` (``-0.0`` as ``0.0``; NaN outside)."""
+  z = jnp.where(z == 0, 0.0, z).astype(_F32)
+  b = lax.bitcast_convert_type(z, _U32)
+  return jnp.where(b >> 31 == 1, ~b, b | _U32(0x80000000))
+
+
+def kept(z: jax.Array, params: Params, kappa: jax.Array) -> jax.Array:
+  """bool[N, W]: the columns of ``z [N, W]`` in the kept set of threshold ``kappa [N]``."""
+  return params.min_p_holds(params.e(z)) & (order_key(z) >= kappa[:, None])
+
+
+class Decision(NamedTuple):
+  """What :func:`decide` settles per row ``[N]``.
+
+  Attributes:
+    kappa: uint32 threshold key, final where ``settled``; else the top-k
+      threshold where ``top_k_known`` (0, all, when top-k is off).
+    settled: the kept set, its mass and size are known.
+    top_k_known: the top-k part of ``kappa`` is known (else a search finds it).
+    mass: the kept set's sum of :meth:`Params.e` where settled.
+    count: int32, the kept set's size where settled.
+    ceiling: uint32, one past the key of the row's largest value.
+  """
+
+  kappa: jax.Array
+  settled: jax.Array
+  top_k_known: jax.Array
+  mass: jax.Array
+  count: jax.Array
+  ceiling: jax.Array
+
+
+def decide(
+  top: jax.Array, complete: bool, params: Params, vocab_size: int, total: jax.Array
+) -> Decision:
+  """The kept set from each row's ``K`` largest capped logits ``top [N, K]``
+  (descending), where they settle it.
+
+  ``complete``: ``top`` holds every column of the rows (``K == V``); ``total``:
+  the whole row's sum of :meth:`Params.e` (the mass when nothing is truncated).
+  """
+  k_max = top.shape[1]
+  k, p = params.top_k, params.top_p
+  e = params.e(top)
+  ok_min_p = params.min_p_holds(e)
+  k_on = (k > 0) & (k < vocab_size)
+  kth = jnp.take_along_axis(top, jnp.clip(k - 1, 0, k_max - 1)[:, None], axis=-1)[:, 0]
+  top_k_known = ~k_on | (k <= k_max)
+  # Top-k past K matters only where min-p keeps more than the K values (not settled).
+  in_a = ok_min_p & ((~k_on | (k > k_max))[:, None] | (top >= kth[:, None]))
+  last = top[:, -1]
+  within = ~ok_min_p[:, -1] | (k_on & (k <= k_max) & (last < kth))
+  if complete:
+    within = jnp.ones_like(within)
+  w = jnp.where(in_a, e, 0.0)
+  tail = at_or_below(w / jnp.sum(w, axis=-1, keepdims=True), top)
+  keep = in_a & ((p[:, None] >= 1) | (tail > 1 - p[:, None]))
+  thr = jnp.min(jnp.where(keep, top, jnp.inf), axis=-1)
+  all_on = ~k_on & (p >= 1) & (params.min_p <= 0)  # nothing truncated
+  k_kappa = jnp.where(k_on & (k <= k_max), order_key(kth), _U32(0))
+  kappa = jnp.where(within, order_key(thr), k_kappa)
+  return Decision(
+    kappa=jnp.where(all_on, _U32(0), kappa),
+    settled=within | all_on,
+    top_k_known=top_k_known,
+    mass=jnp.where(all_on, total, jnp.sum(jnp.where(keep, e, 0.0), axis=-1)),
+    count=jnp.where(all_on, vocab_size, jnp.sum(keep, axis=-1, dtype=jnp.int32)),
+    ceiling=order_key(top[:, 0]) + _U32(1),
+  )
+
+
+def masked_sums(rows: Rows, params: Params, kappa: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """One sweep: the kept set's mass (sum of :meth:`Params.e`) and size per row."""
+
+  def step(carry, z, cols):
+    mass, count = carry
+    e = params.e(z)
+    keep = params.min_p_holds(e) & (order_key(z) >= kappa[:, None]) & (cols < rows.vocab_size)
+    return mass + jnp.sum(jnp.where(keep, e, 0.0), axis=-1), count + jnp.sum(
+      keep, axis=-1, dtype=jnp.int32
+    )
+
+  n = kappa.shape[0]
+  return rows.fold(step, (jnp.zeros((n,), _F32), jnp.zeros((n,), jnp.int32)))
+
+
+def largest_key_within(
+  rows: Rows,
+  params: Params,
+  floor: jax.Array,
+  ceiling: jax.Array,
+  weight: Callable[[jax.Array], jax.Array],
+  budget: jax.Array,
+  active: jax.Array,
+  ways: int,
+) -> jax.Array:
+  """uint32[N]: the largest key ``kappa`` in ``[floor, ceiling)`` whose columns
+  below it weigh at most ``budget``: ``sum(weight over {min-p holds,
+  floor <= key < kappa}) <= budget``; ``floor`` for rows not ``active``.
+
+  The kept set ``key >= kappa`` then drops exactly the columns whose weight at
+  or below them (ties included) is within the budget: top-k with ``weight = 1``
+  and ``budget = count - k``; top-p with ``weight = e`` and ``budget = (1 - p) S``.
+
+  Args:
+    floor, ceiling: uint32[N]; ``ceiling`` is past the row's largest key.
+    weight: ``e [N, W] -> float32[N, W]``.
+    budget: float32[N].
+    ways: thresholds per sweep plus one (the range narrows ``ways``-fold).
+  """
+  n = floor.shape[0]
+  j = jnp.arange(1, ways, dtype=_U32)[None, :]
+
+  def below(thresholds):  # [N, M - 1] weights strictly below each threshold
+    def step(total, z, cols):
+      e = params.e(z)
+      key = order_key(z)
+      w = jnp.where(
+        params.min_p_holds(e) & (key >= floor[:, None]) & (cols < rows.vocab_size), weight(e), 0.0
+      )
+      under = key[:, :, None] < thresholds[:, None, :]
+      return total + jnp.sum(jnp.where(under, w[:, :, None], 0.0), axis=1)
+
+    return rows.fold(step, jnp.zeros((n, ways - 1), _F32))
+
+  def body(state):
+    lo, hi = state  # lo is within the budget (or is floor), hi is not (or is ceiling)
+    step = jnp.maximum((hi - lo) // _U32(ways), _U32(1))
+    thresholds = jnp.minimum(lo[:, None] + j * step[:, None], hi[:, None])
+    inside = thresholds < hi[:, None]
+    fits = (below(thresholds) <= budget[:, None]) & inside
+    new_lo = jnp.max(jnp.where(fits, thresholds, lo[:, None]), axis=1)
+    new_hi = jnp.min(jnp.where(fits | ~inside, hi[:, None], thresholds), axis=1)
+    return new_lo, new_hi
+
+  def cond(state):
+    lo, hi = state
+    return jnp.any(active & (hi - lo > 1))
+
+  hi = jnp.where(active, jnp.maximum(ceiling, floor + _U32(1)), floor + _U32(1))
+  lo, _ = lax.while_loop(cond, body, (floor, hi))
+  return lo
+
+
+def threshold(rows: Rows, params: Params, d: Decision, ways: int) -> tuple[jax.Array, ...]:
+  """(kappa, mass, count) of every row: :func:`decide`'s where it settled, else
+  searched (top-k past ``K``, then top-p) and summed by further sweeps, run only
+  when some row needs them."""
+  k, p = params.top_k, params.top_p
+
+  def maybe(needed, fn, otherwise):
+    return lax.cond(jnp.any(needed), fn, lambda: otherwise)
+
+  def unsettled(_):
+    search_k = ~d.settled & ~d.top_k_known
+    zeros = (jnp.zeros_like(p), jnp.zeros_like(k))
+    _, count_a = maybe(search_k, lambda: masked_sums(rows, params, d.kappa), zeros)
+    kappa = maybe(
+      search_k,
+      lambda: largest_key_within(
+        rows, params, d.kappa, d.ceiling, jnp.ones_like, (count_a - k).astype(_F32), search_k, ways
+      ),
+      d.kappa,
+    )
+    search_p = ~d.settled & (p < 1)
+    mass_a, _ = maybe(search_p, lambda: masked_sums(rows, params, kappa), zeros)
+    kappa = maybe(
+      search_p,
+      lambda: largest_key_within(
+        rows, params, kappa, d.ceiling, lambda e: e, (1 - p) * mass_a, search_p, ways
+      ),
+      kappa,
+    )
+    mass, count = masked_sums(rows, params, kappa)
+    return (
+      jnp.where(d.settled, d.kappa, kappa),
+      jnp.where(d.settled, d.mass, mass),
+      jnp.where(d.settled, d.count, count),
+    )
+
+  return lax.cond(
+    jnp.all(d.settled), lambda _: (d.kappa, d.mass, d.count), unsettled, operand=None
+  )

@@ -1,0 +1,243 @@
+"""Processed log-probabilities in XLA, from logits or from hidden states.
+
+The forward pass reads the row twice at most in the common case, never sorting
+it and never forming an ``[N, V]`` temporary:
+
+1. the row's softmax partials (max, sum of exp, target, first argmax: the plain
+   forward pass) and the maxima of its ``GROUP``-column groups;
+2. the ``K`` largest values, exactly, from the ``K`` groups with the largest
+   maxima (every column among a row's ``K`` largest lies in one of them): a
+   gather of ``K * GROUP`` columns, or from hidden states a dot product with
+   ``K * GROUP`` gathered rows of the unembedding per token;
+3. :func:`lpkernel.ops.processed.select.decide`, then for the rows it leaves
+   open a search by sweeps (:func:`lpkernel.ops.processed.select.threshold`).
+
+The backward pass is one elementwise pass over the logits (or one sweep over
+the unembedding's blocks), the kept set given by each row's threshold key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lpkernel import partials as P
+from lpkernel.ops.blocks import block_of, sweep
+from lpkernel.ops.fused.matmuls import contract, grad_unembed
+from lpkernel.ops.fused.xla import FusedConfig, _block_logits
+from lpkernel.ops.logprobs.xla import XlaLogits, gather
+from lpkernel.ops.processed import select as S
+from lpkernel.ops.platform import on_cpu_or
+
+_F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessedConfig:
+  """Tiling of the processed paths.
+
+  Attributes:
+    candidates: ``K``, the largest values per row taken exactly; rows whose kept
+      set lies among them need no search (top-k up to ``K``, a nucleus of up to
+      ``K`` tokens). A Python ``top_k`` above it raises ``K`` to it (up to 1024).
+    group: columns per group whose maxima locate the ``K`` largest values; the
+      group maxima are ``1 / group`` of the logits (under the 10% bound from 16).
+    ways: thresholds per search sweep plus one (the search narrows ``ways``-fold).
+    sweep_block: columns per step of a search sweep over logits.
+    gather_bytes: the most bytes of gathered unembedding rows held at once
+      (hidden states: ``K * group`` rows per token, in token chunks).
+  """
+
+  candidates: int = 64
+  group: int = 32
+  ways: int = 8
+  sweep_block: int = 512
+  gather_bytes: int = 32 << 20
+
+  def __post_init__(self):
+    for name in ("candidates", "group", "sweep_block", "gather_bytes"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        raise ValueError(f"ProcessedConfig.{name}={getattr(self, name)!r} must be a positive int")
+    if not isinstance(self.ways, int) or self.ways < 2:
+      raise ValueError(f"ProcessedConfig.ways={self.ways!r} must be an int >= 2")
+
+  def k_for(self, top_k, vocab_size: int) -> int:
+    """``K`` for a row of ``vocab_size`` with a static (Python) or traced ``top_k``."""
+    k = self.candidates
+    if isinstance(top_k, int) and 0 < top_k < vocab_size:
+      k = max(k, min(top_k, 1024))
+    return min(k, vocab_size)
+
+
+def _group_maxima(z: jax.Array, group: int) -> jax.Array:
+  """``[N, W] -> [N, ceil(W / group)]`` maxima (a short tail padded with ``-inf``)."""
+  n, w = z.shape
+  pad = -w % group
+  if pad:
+    z = jnp.concatenate([z, jnp.full((n, pad), -jnp.inf, z.dtype)], axis=1)
+  return jnp.max(z.reshape(n, -1, group), axis=-1)
+
+
+def _pool_columns(maxima: jax.Array, k: int, group: int, vocab_size: int) -> jax.Array:
+  """int32[N, K' * group]: the columns of each row's ``K'`` groups with the largest
+  maxima (``K' = min(K, groups)``); columns past V are ``vocab_size`` (absent)."""
+  _, ids = lax.top_k(maxima, min(k, maxima.shape[1]))
+  cols = ids[:, :, None] * group + jnp.arange(group, dtype=jnp.int32)
+  cols = cols.reshape(ids.shape[0], -1)
+  return jnp.where(cols < vocab_size, cols, vocab_size)
+
+
+def _top(pool: jax.Array, cols: jax.Array, k: int, vocab_size: int) -> jax.Array:
+  """float32[N, K]: the ``K`` largest capped values of the pool, descending."""
+  pool = jnp.where(cols < vocab_size, pool, -jnp.inf)
+  return lax.top_k(pool, k)[0]
+
+
+def logits_rows(x, softcap, width: int) -> S.Rows:
+  """The capped logits ``x [N, V]`` as sweepable :class:`~select.Rows`."""
+  return S.Rows(
+    block=lambda lo, w: P.capped(block_of(x, lo, w, 1), softcap),
+    vocab_size=x.shape[1],
+    width=min(width, x.shape[1]),
+  )
+
+
+def logits_forward(x, targets, tau, softcap, k: int, config: ProcessedConfig):
+  """(RowPartials of whole rows, float32[N, K] largest capped values) of logits ``x [N, V]``."""
+  parts = XlaLogits().partials(x, targets, tau, softcap)
+  xs = lax.stop_gradient(x)
+  v = x.shape[1]
+  if k == v:  # every column is a candidate
+    return parts, lax.top_k(P.capped(xs, softcap), k)[0]
+  maxima = P.capped(_group_maxima(xs, config.group), softcap)
+  cols = _pool_columns(maxima, k, config.group, v)
+  pool = jax.vmap(gather, in_axes=(None, 1), out_axes=1)(xs, jnp.minimum(cols, v - 1))
+  return parts, _top(P.capped(pool, softcap), cols, k, v)
+
+
+def hidden_rows(h, w, softcap, vocab_axis: int, precision, width: int) -> S.Rows:
+  """The capped logits ``h @ w`` as sweepable :class:`~select.Rows` (never formed whole)."""
+  v = w.shape[vocab_axis]
+  return S.Rows(
+    block=lambda lo, wd: _block_logits(h, w, lo, wd, softcap, precision, vocab_axis)[1],
+    vocab_size=v,
+    width=min(width, v),
+  )
+
+
+def _pool_logits(h, w, cols, vocab_axis: int, precision, chunk: int) -> jax.Array:
+  """float32[N, P]: ``h[i] . w[:, cols[i, j]]``, ``chunk`` tokens at a time (each
+  chunk gathers ``chunk * P`` rows of ``w``)."""
+  n, p = cols.shape
+  safe = jnp.minimum(cols, w.shape[vocab_axis] - 1)
+
+  def step(out, lo, width):
+    hc = lax.dynamic_slice_in_dim(h, lo, width, 0)
+    cc = lax.dynamic_slice_in_dim(safe, lo, width, 0)
+    rows = jnp.take(w, cc, axis=vocab_axis)  # [C, P, D] or [D, C, P]
+    spec = "cd,cpd->cp" if vocab_axis == 0 else "cd,dcp->cp"
+    dots = jnp.einsum(spec, hc, rows, precision=precision, preferred_element_type=_F32)
+    return lax.dynamic_update_slice_in_dim(out, dots, lo, 0)
+
+  return sweep(step, jnp.zeros((n, p), _F32), n, chunk)
+
+
+def hidden_forward(
+  h, w, targets, tau, softcap, vocab_axis: int, precision, k: int, config, fused: FusedConfig
+):
+  """(RowPartials of whole rows, float32[N, K] largest capped values) of ``h @ w``:
+  one sweep over the unembedding's blocks, then the candidates' dot products."""
+  n = h.shape[0]
+  v = w.shape[vocab_axis]
+  tau_col = None if tau is None else tau[:, None]
+  g = config.group
+
+  def forward(cpu: bool):
+    width = fused.block(v, cpu)
+    width = max(g, width // g * g) if width < v else width  # blocks start on group boundaries
+
+    def step(carry, lo, wd):
+      parts, maxima = carry
+      _, z, _ = _block_logits(h, w, lo, wd, softcap, precision, vocab_axis)
+      cols = lo + lax.broadcasted_iota(jnp.int32, (1, wd), 1)
+      parts = P.merge(parts, P.block_partials(z, cols, targets, tau_col, with_entropy=False), tau)
+      bm = lax.stop_gradient(_group_maxima(z, g))
+      return parts, lax.dynamic_update_slice_in_dim(maxima, bm, lo // g, 1)
+
+    groups = -(-v // g)
+    init = (P.empty(n), jnp.full((n, groups), -jnp.inf, _F32))
+    return sweep(step, init, v, width)
+
+  with jax.named_scope("processed_sweep"):
+    parts, maxima = on_cpu_or(lambda: forward(True), lambda: forward(False))
+  cols = _pool_columns(maxima, k, g, v)
+  hs, ws = lax.stop_gradient(h), lax.stop_gradient(w)
+  row_bytes = cols.shape[1] * h.shape[1] * max(w.dtype.itemsize, 4)
+  chunk = max(1, min(n, config.gather_bytes // row_bytes))
+  pool = P.capped(_pool_logits(hs, ws, cols, vocab_axis, precision, chunk), softcap)
+  return parts, _top(pool, cols, k, v)
+
+
+def row_grads(z, cols, targets, params: S.Params, kappa, log_s, log_sk, g):
+  """``d y`` of a block of capped logits ``z [N, W]`` at columns ``cols [1, W]``
+  and its part of ``d tau`` ([N] or None).
+
+  ``g``: (g_processed, g_raw, g_log_kept_mass) float32[N], zero on dead rows;
+  the processed term counts only where the target was kept (its value is
+  ``-inf`` otherwise).
+  """
+  g_p, g_r, g_l = (c[:, None] for c in g)
+  tau_col = params.col(params.tau)
+  shift = params.shift[:, None]
+  p = P.softmax(z, shift, log_s[:, None], tau_col)
+  keep = S.kept(z, params, kappa)
+  pk = jnp.where(keep, P.softmax(z, shift, log_sk[:, None], tau_col), 0.0)
+  onehot = cols == targets[:, None]
+  dy = jnp.where(onehot, g_r + g_p, 0.0) - p * (g_r + g_l) + pk * (g_l - g_p)
+  if params.tau is None:
+    return dy, None
+  y_c = P.centred_y(z, shift, tau_col)
+  return dy, -jnp.sum(jnp.where(dy != 0, dy * y_c, 0.0), axis=-1) / params.tau
+
+
+def logits_grads(x, targets, params, kappa, log_s, log_sk, g, softcap):
+  """(d x in x's dtype, d tau [N] or None): one elementwise pass (and a row sum for tau)."""
+  x = lax.optimization_barrier(x)
+  cols = lax.broadcasted_iota(jnp.int32, (1, x.shape[1]), 1)
+  z = P.capped(x, softcap)
+  dy, dtau = row_grads(z, cols, targets, params, kappa, log_s, log_sk, g)
+  tau_col = params.col(params.tau)
+  return P.grad_x(dy, x, tau_col, softcap).astype(x.dtype), dtau
+
+
+def hidden_grads(h, w, targets, params, kappa, log_s, log_sk, g, softcap, vocab_axis, precision,
+                 fused: FusedConfig):
+  """(d h float32 [N, D], d w in w's layout and dtype, d tau [N] or None): one sweep
+  over the unembedding's blocks."""
+  tau_col = params.col(params.tau)
+  v = w.shape[vocab_axis]
+
+  def backward(cpu: bool):
+    def step(carry, lo, wd):
+      dh, dw, dtau = carry
+      x, z, wb = _block_logits(h, w, lo, wd, softcap, precision, vocab_axis)
+      cols = lo + lax.broadcasted_iota(jnp.int32, (1, wd), 1)
+      dy, dtau_b = row_grads(z, cols, targets, params, kappa, log_s, log_sk, g)
+      dz = P.grad_x(dy, x, tau_col, softcap).astype(h.dtype)
+      dh = dh + contract(dz, 1, wb, vocab_axis, precision)
+      dwb = grad_unembed(h, dz, vocab_axis, precision).astype(w.dtype)
+      dtau = None if dtau is None else dtau + dtau_b
+      return dh, lax.dynamic_update_slice_in_dim(dw, dwb, lo, vocab_axis), dtau
+
+    init = (
+      jnp.zeros(h.shape, _F32),
+      jnp.zeros(w.shape, w.dtype),
+      None if params.tau is None else jnp.zeros((h.shape[0],), _F32),
+    )
+    return sweep(step, init, v, fused.block(v, cpu))
+
+  with jax.named_scope("processed_sweep_backward"):
+    return on_cpu_or(lambda: backward(True), lambda: backward(False))
