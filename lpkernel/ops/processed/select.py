@@ -121,6 +121,16 @@ class Decision(NamedTuple):
   ceiling: jax.Array
 
 
+def _cut_below(top: jax.Array, value: jax.Array) -> jax.Array:
+  """The key halfway between ``value [N]`` and the next smaller value in ``top``:
+  the threshold that keeps ``value`` and drops what is below it, robust to a
+  recomputation of the same logits that rounds differently (a matmul blocked
+  otherwise in the sweeps than in the candidates' dot products)."""
+  hi = order_key(value)
+  lo = order_key(jnp.max(jnp.where(top < value[:, None], top, -jnp.inf), axis=-1))
+  return jnp.where(hi > lo, lo + (hi - lo + _U32(1)) // _U32(2), hi)
+
+
 def decide(
   top: jax.Array, complete: bool, params: Params, vocab_size: int, total: jax.Array
 ) -> Decision:
@@ -148,8 +158,8 @@ def decide(
   keep = in_a & ((p[:, None] >= 1) | (tail > 1 - p[:, None]))
   thr = jnp.min(jnp.where(keep, top, jnp.inf), axis=-1)
   all_on = ~k_on & (p >= 1) & (params.min_p <= 0)  # nothing truncated
-  k_kappa = jnp.where(k_on & (k <= k_max), order_key(kth), _U32(0))
-  kappa = jnp.where(within, order_key(thr), k_kappa)
+  k_kappa = jnp.where(k_on & (k <= k_max), _cut_below(top, kth), _U32(0))
+  kappa = jnp.where(within, _cut_below(top, thr), k_kappa)
   return Decision(
     kappa=jnp.where(all_on, _U32(0), kappa),
     settled=within | all_on,

@@ -42,7 +42,8 @@ class ProcessedConfig:
   Attributes:
     candidates: ``K``, the largest values per row taken exactly; rows whose kept
       set lies among them need no search (top-k up to ``K``, a nucleus of up to
-      ``K`` tokens). A Python ``top_k`` above it raises ``K`` to it (up to 1024).
+      ``K`` tokens). A Python ``top_k`` at or above it raises ``K`` to
+      ``top_k + 1`` (up to 1024).
     group: columns per group whose maxima locate the ``K`` largest values; the
       group maxima are ``1 / group`` of the logits (under the 10% bound from 16).
     ways: thresholds per search sweep plus one (the search narrows ``ways``-fold).
@@ -68,7 +69,7 @@ class ProcessedConfig:
     """``K`` for a row of ``vocab_size`` with a static (Python) or traced ``top_k``."""
     k = self.candidates
     if isinstance(top_k, int) and 0 < top_k < vocab_size:
-      k = max(k, min(top_k, 1024))
+      k = max(k, min(top_k + 1, 1024))  # one past the k-th: its next smaller value
     return min(k, vocab_size)
 
 
