@@ -20,6 +20,13 @@ from lpkernel.ops.fused.api import fused_token_stats as fused_token_stats
 from lpkernel.ops.logprobs.api import nll_loss as nll_loss
 from lpkernel.ops.logprobs.api import token_logprobs as token_logprobs
 from lpkernel.ops.logprobs.api import token_logprobs_and_greedy as token_logprobs_and_greedy
+from lpkernel.ops.processed.api import fused_processed_token_stats as fused_processed_token_stats
+from lpkernel.ops.processed.api import processed_token_stats as processed_token_stats
+from lpkernel.ops.processed.replay import fused_replay_token_logprobs as fused_replay_token_logprobs
+from lpkernel.ops.processed.replay import replay_token_logprobs as replay_token_logprobs
+from lpkernel.ops.processed.xla import ProcessedConfig as ProcessedConfig
+from lpkernel.sampling import ProcessedStats as ProcessedStats
+from lpkernel.sampling import Sampling as Sampling
 from lpkernel.scoring import score as score
 from lpkernel.scoring import score_hidden as score_hidden
 from lpkernel.scoring import to_predicting_positions as to_predicting_positions
@@ -35,6 +42,9 @@ __all__ = [
   "PallasGpuLogits",
   "PallasTpuFused",
   "PallasTpuLogits",
+  "ProcessedConfig",
+  "ProcessedStats",
+  "Sampling",
   "Scores",
   "TokenStats",
   "XlaFused",
@@ -46,6 +56,10 @@ __all__ = [
   "nll_loss",
   "fused_token_logprobs",
   "fused_token_stats",
+  "fused_processed_token_stats",
+  "fused_replay_token_logprobs",
+  "processed_token_stats",
+  "replay_token_logprobs",
   "losses",
   "ops",
   "reference",

@@ -13,10 +13,13 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lpkernel import checks, ops
 from lpkernel.ops.fused.api import fused_token_stats
 from lpkernel.ops.logprobs.api import token_logprobs_and_greedy
+from lpkernel.ops.processed.api import fused_processed_token_stats, processed_token_stats
+from lpkernel.sampling import Sampling
 from lpkernel.types import Scores, TokenStats
 
 _F32 = jnp.float32
@@ -164,6 +167,11 @@ def score_rows(
     return sum_scores(lp, greedy, layout, num_segments), extra
 
 
+def _one_temperature(temperature, sampling) -> None:
+  if sampling is not None and not (np.isscalar(temperature) and temperature == 1):
+    raise ValueError("with sampling=, pass the temperature as Sampling.temperature")
+
+
 def score(
   logits: jax.Array,
   tokens: jax.Array,
@@ -174,6 +182,7 @@ def score(
   temperature: float | jax.Array = 1.0,
   softcap: float | None = None,
   implementation: str | ops.LogitsImplementation | None = None,
+  sampling: Sampling | None = None,
 ) -> Scores:
   """Scores batched ``[x, y]`` rows: log Pr(x), log Pr(y | x) and log Pr([x, y]).
 
@@ -194,7 +203,13 @@ def score(
     temperature: finite positive Python number or array broadcastable to
       ``[B, T]`` (applied to logits row ``t``).
     softcap: None or a finite ``c > 0`` for ``c * tanh(logits / c)``.
-    implementation: as for :func:`lpkernel.token_logprobs`.
+    implementation: as for :func:`lpkernel.token_logprobs` (with ``sampling``:
+      None, ``"xla"`` or ``"reference"``).
+    sampling: score under the rollout engine's processed distribution
+      (:class:`lpkernel.Sampling`: temperature, min-p, top-k, top-p, per-example
+      arrays ``[B]`` allowed; :func:`lpkernel.processed_token_stats`); its
+      temperature replaces ``temperature``. A token the sampler could not have
+      drawn scores ``-inf``.
 
   Returns:
     ``Scores``. Out-of-range scored token ids give NaN at that position and in
@@ -212,8 +227,14 @@ def score(
     (-1.3862943649291992, -1.3862943649291992)
   """
   logits = checks.as_model_rows("logits", logits, "V")
+  _one_temperature(temperature, sampling)
 
   def per_token(targets):
+    if sampling is not None:
+      stats = processed_token_stats(
+        logits, targets, sampling, softcap=softcap, implementation=implementation
+      )
+      return stats.logprobs, stats.greedy, None
     lp, greedy = token_logprobs_and_greedy(
       logits, targets, temperature=temperature, softcap=softcap, implementation=implementation
     )
@@ -237,6 +258,7 @@ def score_hidden(
   implementation: str | ops.FusedImplementation | None = None,
   with_stats: bool = False,
   vocab_axis: int = -1,
+  sampling: Sampling | None = None,
 ) -> Scores | tuple[Scores, TokenStats]:
   """``score(hidden @ unembed, ...)`` without materialising the logits.
 
@@ -250,13 +272,27 @@ def score_hidden(
     with_stats: also return the per-row ``TokenStats`` (log-sum-exp for z-loss,
       entropy), ``[B, T]`` aligned like the logits rows (row t predicts t + 1).
     vocab_axis: ``unembed``'s vocabulary axis (-1, or 0 for ``[V, D]``).
+    sampling: as for :func:`score` (:func:`lpkernel.fused_processed_token_stats`);
+      ``with_stats`` then returns its :class:`lpkernel.ProcessedStats`.
 
   Returns:
     ``Scores``, or ``(Scores, TokenStats)`` when ``with_stats``.
   """
   hidden = checks.as_model_rows("hidden", hidden, "D")
+  _one_temperature(temperature, sampling)
 
   def per_token(targets):
+    if sampling is not None:
+      pstats = fused_processed_token_stats(
+        hidden,
+        unembed,
+        targets,
+        sampling,
+        softcap=softcap,
+        implementation=implementation,  # type: ignore[arg-type]
+        vocab_axis=vocab_axis,
+      )
+      return pstats.logprobs, pstats.greedy, pstats
     stats = fused_token_stats(
       hidden,
       unembed,

@@ -33,7 +33,7 @@ def _finish(parts, top, rows: S.Rows, targets, tau, knobs, config: ProcessedConf
   f = P.finish(parts, targets, v, tau)
   params = S.Params(tau, k, p, min_p, f.shift)
   d = S.decide(top, top.shape[1] == v, params, v, parts.s)
-  kappa, mass, count = S.threshold(rows, params, d, config.ways)
+  kappa, mass, count = S.threshold(rows, params, d)
   log_sk = jnp.log(mass)
   kept = S.kept(parts.t[:, None], params, kappa)[:, 0]
   logprobs = jnp.where(kept, P.scaled(parts.t - f.shift, tau) - log_sk, -jnp.inf)

@@ -9,9 +9,10 @@ ordered ``uint32``). This module finds ``kappa``:
 * from the row's ``K`` largest values (:func:`decide`), which settles every row
   whose kept set lies among them (top-k with ``k <= K``, a nucleus of at most
   ``K`` tokens, a min-p cut above the ``K``-th value) with no further read;
-* otherwise by a multiway search on the key (:func:`largest_key_within`): each
-  step is one sweep over the row that evaluates ``M - 1`` thresholds at once,
-  narrowing the key range ``M``-fold, so at most ``ceil(32 / log2 M)`` sweeps.
+* otherwise by a bisection (:func:`largest_key_within`): one masked sum per
+  sweep, halving the bracket's values (its keys once they are not finite)
+  until at most one column lies in it, then one masked max; about
+  ``log2`` of the columns in the first bracket sweeps.
 
 A :class:`Rows` is what is swept: ``block(lo, width)`` gives the capped logits
 of vocabulary columns ``[lo, lo + width)`` (a slice of the logits, or a matmul
@@ -185,6 +186,20 @@ def masked_sums(rows: Rows, params: Params, kappa: jax.Array) -> tuple[jax.Array
   return rows.fold(step, (jnp.zeros((n,), _F32), jnp.zeros((n,), jnp.int32)))
 
 
+def key_value(key: jax.Array) -> jax.Array:
+  """The float32 of an :func:`order_key` (its inverse)."""
+  b = jnp.where(key >> 31 == 1, key & _U32(0x7FFFFFFF), ~key)
+  return lax.bitcast_convert_type(b, _F32)
+
+
+def _masked(rows: Rows, params: Params, floor, z, cols):
+  """(e, key, bool in A) of a block: min-p holds, key at least ``floor``, inside V."""
+  e = params.e(z)
+  key = order_key(z)
+  in_a = params.min_p_holds(e) & (key >= floor[:, None]) & (cols < rows.vocab_size)
+  return e, key, in_a
+
+
 def largest_key_within(
   rows: Rows,
   params: Params,
@@ -192,58 +207,82 @@ def largest_key_within(
   ceiling: jax.Array,
   weight: Callable[[jax.Array], jax.Array],
   budget: jax.Array,
+  count: jax.Array,
   active: jax.Array,
-  ways: int,
+  start: jax.Array | None = None,
 ) -> jax.Array:
-  """uint32[N]: the largest key ``kappa`` in ``[floor, ceiling)`` whose columns
-  below it weigh at most ``budget``: ``sum(weight over {min-p holds,
-  floor <= key < kappa}) <= budget``; ``floor`` for rows not ``active``.
+  """uint32[N]: the largest key ``kappa`` in ``[floor, ceiling)`` whose columns of
+  A (min-p holds, key at least ``floor``) below it weigh at most ``budget``;
+  ``floor`` for rows not ``active``.
 
   The kept set ``key >= kappa`` then drops exactly the columns whose weight at
   or below them (ties included) is within the budget: top-k with ``weight = 1``
   and ``budget = count - k``; top-p with ``weight = e`` and ``budget = (1 - p) S``.
 
+  A bisection, one masked sum per sweep, halving the bracket's *values* while
+  they are finite (its keys otherwise), until at most one column of A lies in it;
+  then one masked max gives that column's key.
+
   Args:
     floor, ceiling: uint32[N]; ``ceiling`` is past the row's largest key.
     weight: ``e [N, W] -> float32[N, W]``.
     budget: float32[N].
-    ways: thresholds per sweep plus one (the range narrows ``ways``-fold).
+    count: int32[N], the size of A.
+    start: uint32[N] keys known to be within the budget (a tighter lower end), or None.
   """
   n = floor.shape[0]
-  j = jnp.arange(1, ways, dtype=_U32)[None, :]
 
-  def below(thresholds):  # [N, M - 1] weights strictly below each threshold
-    def step(total, z, cols):
-      e = params.e(z)
-      key = order_key(z)
-      w = jnp.where(
-        params.min_p_holds(e) & (key >= floor[:, None]) & (cols < rows.vocab_size), weight(e), 0.0
+  def below(mid):  # (weight, count) of A strictly below mid
+    def step(carry, z, cols):
+      e, key, in_a = _masked(rows, params, floor, z, cols)
+      under = in_a & (key < mid[:, None])
+      return (
+        carry[0] + jnp.sum(jnp.where(under, weight(e), 0.0), axis=1),
+        carry[1] + jnp.sum(under, axis=1, dtype=jnp.int32),
       )
-      under = key[:, :, None] < thresholds[:, None, :]
-      return total + jnp.sum(jnp.where(under, w[:, :, None], 0.0), axis=1)
 
-    return rows.fold(step, jnp.zeros((n, ways - 1), _F32))
+    return rows.fold(step, (jnp.zeros((n,), _F32), jnp.zeros((n,), jnp.int32)))
+
+  def open_(state):
+    lo, hi, c_lo, c_hi = state
+    return active & (hi - lo > 1) & (c_hi - c_lo > 1)
 
   def body(state):
-    lo, hi = state  # lo is within the budget (or is floor), hi is not (or is ceiling)
-    step = jnp.maximum((hi - lo) // _U32(ways), _U32(1))
-    thresholds = jnp.minimum(lo[:, None] + j * step[:, None], hi[:, None])
-    inside = thresholds < hi[:, None]
-    fits = (below(thresholds) <= budget[:, None]) & inside
-    new_lo = jnp.max(jnp.where(fits, thresholds, lo[:, None]), axis=1)
-    new_hi = jnp.min(jnp.where(fits | ~inside, hi[:, None], thresholds), axis=1)
-    return new_lo, new_hi
+    lo, hi, c_lo, c_hi = state
+    v_lo, v_hi = key_value(lo), key_value(hi)
+    by_value = order_key(v_lo / 2 + v_hi / 2)
+    by_key = lo + (hi - lo) // _U32(2)
+    finite = (jnp.abs(v_lo) < jnp.inf) & (jnp.abs(v_hi) < jnp.inf)
+    mid = jnp.clip(jnp.where(finite, by_value, by_key), lo + _U32(1), hi - _U32(1))
+    w_mid, c_mid = below(mid)
+    fits = (w_mid <= budget) & open_(state)
+    moves = open_(state)
+    return (
+      jnp.where(fits, mid, lo),
+      jnp.where(moves & ~fits, mid, hi),
+      jnp.where(fits, c_mid, c_lo),
+      jnp.where(moves & ~fits, c_mid, c_hi),
+    )
 
-  def cond(state):
-    lo, hi = state
-    return jnp.any(active & (hi - lo > 1))
+  lo = floor if start is None else jnp.maximum(floor, start)
+  hi = jnp.where(active, jnp.maximum(ceiling, lo + _U32(1)), lo + _U32(1))
+  c_lo = jnp.zeros((n,), jnp.int32) if start is None else below(lo)[1]
+  state = lax.while_loop(lambda s: jnp.any(open_(s)), body, (lo, hi, c_lo, count))
+  lo, hi, c_lo, c_hi = state
+  single = active & (c_hi - c_lo == 1)
 
-  hi = jnp.where(active, jnp.maximum(ceiling, floor + _U32(1)), floor + _U32(1))
-  lo, _ = lax.while_loop(cond, body, (floor, hi))
-  return lo
+  def the_one():  # the key of the one column of A in [lo, hi)
+    def step(best, z, cols):
+      _, key, in_a = _masked(rows, params, floor, z, cols)
+      inside = in_a & (key >= lo[:, None]) & (key < hi[:, None])
+      return jnp.maximum(best, jnp.max(jnp.where(inside, key, _U32(0)), axis=1))
+
+    return jnp.where(single, rows.fold(step, lo), lo)
+
+  return lax.cond(jnp.any(single), the_one, lambda: lo)
 
 
-def threshold(rows: Rows, params: Params, d: Decision, ways: int) -> tuple[jax.Array, ...]:
+def threshold(rows: Rows, params: Params, d: Decision) -> tuple[jax.Array, ...]:
   """(kappa, mass, count) of every row: :func:`decide`'s where it settled, else
   searched (top-k past ``K``, then top-p) and summed by further sweeps, run only
   when some row needs them."""
@@ -259,16 +298,21 @@ def threshold(rows: Rows, params: Params, d: Decision, ways: int) -> tuple[jax.A
     kappa = maybe(
       search_k,
       lambda: largest_key_within(
-        rows, params, d.kappa, d.ceiling, jnp.ones_like, (count_a - k).astype(_F32), search_k, ways
+        rows, params, d.kappa, d.ceiling, jnp.ones_like, (count_a - k).astype(_F32), count_a,
+        search_k,
       ),
       d.kappa,
     )
     search_p = ~d.settled & (p < 1)
-    mass_a, _ = maybe(search_p, lambda: masked_sums(rows, params, kappa), zeros)
+    mass_a, count_a = maybe(search_p, lambda: masked_sums(rows, params, kappa), zeros)
+    budget = (1 - p) * mass_a
+    # Every column whose e is under budget / V is dropped (all of them weigh at most the budget).
+    tau = 1.0 if params.tau is None else params.tau
+    lowest = order_key(params.shift + tau * jnp.log(budget / rows.vocab_size))
     kappa = maybe(
       search_p,
       lambda: largest_key_within(
-        rows, params, kappa, d.ceiling, lambda e: e, (1 - p) * mass_a, search_p, ways
+        rows, params, kappa, d.ceiling, lambda e: e, budget, count_a, search_p, lowest
       ),
       kappa,
     )

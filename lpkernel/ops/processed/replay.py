@@ -1,0 +1,186 @@
+"""Replay of a recorded kept set: log-probabilities renormalised over given ids.
+
+An engine that returns its sampling mask (the kept set of each position,
+``kept_ids: int[..., K]``, ``-1`` padded) lets the trainer renormalise over
+exactly those ids. From logits that is a gather of ``K`` columns; from hidden
+states it needs only ``K`` rows of the unembedding per token (a gather and
+``K`` dot products, never the ``[N, V]`` matmul), and the gradient reaches
+exactly those rows.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lpkernel import checks
+from lpkernel import partials as P
+from lpkernel.ops.blocks import sweep
+
+_F32 = jnp.float32
+
+
+def _check_ids(kept_ids, targets_shape, name="kept_ids") -> jax.Array:
+  kept_ids = checks.as_ids(name, kept_ids)
+  if kept_ids.shape[:-1] != tuple(targets_shape) or kept_ids.ndim < 1:
+    raise ValueError(
+      f"{name} must be [..., K] with leading dims equal to targets' {tuple(targets_shape)}, "
+      f"got {kept_ids.shape}"
+    )
+  return kept_ids
+
+
+def _kept_logprobs(x_kept, ids, targets, tau, softcap, vocab_size):
+  """float32[N]: the target's log-probability over its row's kept ids (plain jnp).
+
+  ``x_kept [N, K]`` holds the raw logits at ``ids`` (anything where ``ids == -1``);
+  ``-inf`` when the target is not among them; NaN for an id outside ``[-1, V)``
+  or a target outside ``[0, V)``.
+  """
+  z = P.capped(x_kept, softcap)
+  finite = (ids >= 0) & (z > -jnp.inf)
+  z = jnp.where(finite, z, 0.0)  # no -inf meets the temperature (its derivative would be NaN)
+  shift = P.shift_of(lax.stop_gradient(jnp.max(jnp.where(finite, z, -jnp.inf), axis=-1)))
+  tau_col = None if tau is None else tau[:, None]
+  y = jnp.where(finite, P.scaled(z - shift[:, None], tau_col), -jnp.inf)
+  log_s = jax.nn.logsumexp(y, axis=-1)
+  at_target = ids == targets[:, None]
+  y_t = jnp.max(jnp.where(at_target, y, -jnp.inf), axis=-1)
+  lp = jnp.where(jnp.any(at_target, axis=-1), y_t - log_s, -jnp.inf)
+  bad = jnp.any((ids < -1) | (ids >= vocab_size), axis=-1) | (targets < 0) | (targets >= vocab_size)
+  if tau is not None:
+    bad |= ~(jnp.isfinite(tau) & (tau > 0))
+  return checks.poison(lp, bad)
+
+
+def replay_token_logprobs(
+  logits: jax.Array,
+  targets: jax.Array,
+  kept_ids: jax.Array,
+  *,
+  temperature: float | jax.Array = 1.0,
+  softcap: float | None = None,
+) -> jax.Array:
+  """Each target's log-probability renormalised over its position's ``kept_ids``.
+
+  Args:
+    logits: float[..., V].
+    targets: int[...] ids in ``[0, V)``.
+    kept_ids: int[..., K], the recorded kept set of each position (distinct ids,
+      ``-1`` padded); an id outside ``[-1, V)`` gives NaN.
+    temperature: a Python number or an array broadcastable to ``targets``.
+    softcap: None or ``c > 0``, applied before the temperature.
+
+  Returns:
+    float32[...]; ``-inf`` where the target is not among the kept ids. Equal to
+    :func:`lpkernel.processed_token_stats`' ``logprobs`` when ``kept_ids`` is the
+    processed kept set.
+  """
+  logits, targets, tau = checks.logits_arguments(logits, targets, temperature, softcap)
+  kept_ids = _check_ids(kept_ids, targets.shape)
+  v = logits.shape[-1]
+  x = logits.reshape(-1, v)
+  ids = kept_ids.reshape(x.shape[0], -1)
+  x_kept = jnp.take_along_axis(x, jnp.clip(ids, 0, v - 1), axis=-1)
+  lp = _kept_logprobs(x_kept, ids, targets.reshape(-1), tau, softcap, v)
+  return lp.reshape(targets.shape)
+
+
+def _gather_rows(w, ids, vocab_axis: int) -> jax.Array:
+  """``[C, K, D]``: the unembedding's rows (columns of a ``[D, V]`` matrix) at ``ids [C, K]``."""
+  rows = jnp.take(w, ids, axis=vocab_axis)
+  return rows if vocab_axis == 0 else jnp.moveaxis(rows, 0, -1)
+
+
+def _kept_logits(h, w, ids, vocab_axis: int, precision, chunk: int) -> jax.Array:
+  """float32[N, K]: ``h[i] . w_row[ids[i, j]]`` in token chunks."""
+  n, k = ids.shape
+  safe = jnp.clip(ids, 0, w.shape[vocab_axis] - 1)
+
+  def step(out, lo, width):
+    hc = lax.dynamic_slice_in_dim(h, lo, width, 0)
+    rows = _gather_rows(w, lax.dynamic_slice_in_dim(safe, lo, width, 0), vocab_axis)
+    x = jnp.einsum("cd,ckd->ck", hc, rows, precision=precision, preferred_element_type=_F32)
+    return lax.dynamic_update_slice_in_dim(out, x, lo, 0)
+
+  return sweep(step, jnp.zeros((n, k), _F32), n, chunk)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _fused_replay(h, w, ids, targets, tau, softcap, vocab_axis, precision, chunk):
+  return _fused_replay_fwd(h, w, ids, targets, tau, softcap, vocab_axis, precision, chunk)[0]
+
+
+def _fused_replay_fwd(h, w, ids, targets, tau, softcap, vocab_axis, precision, chunk):
+  x_kept = _kept_logits(h, w, ids, vocab_axis, precision, chunk)
+  v = w.shape[vocab_axis]
+  lp, vjp = jax.vjp(lambda x, t: _kept_logprobs(x, ids, targets, t, softcap, v), x_kept, tau)
+  return lp, (h, w, ids, vjp)
+
+
+def _fused_replay_bwd(softcap, vocab_axis, precision, chunk, residuals, g):
+  h, w, ids, vjp = residuals
+  dx, dtau = vjp(g)  # d logits at the kept ids [N, K]; d tau
+  dx = jnp.where(ids >= 0, dx, 0.0)
+  safe = jnp.clip(ids, 0, w.shape[vocab_axis] - 1)
+
+  def step(carry, lo, width):
+    dh, dw = carry
+    hc = lax.dynamic_slice_in_dim(h, lo, width, 0)
+    ic = lax.dynamic_slice_in_dim(safe, lo, width, 0)
+    dc = lax.dynamic_slice_in_dim(dx, lo, width, 0)
+    rows = _gather_rows(w, ic, vocab_axis)
+    dhc = jnp.einsum("ck,ckd->cd", dc, rows, precision=precision, preferred_element_type=_F32)
+    d_rows = jnp.einsum("ck,cd->ckd", dc, hc, precision=precision, preferred_element_type=_F32)
+    d_rows = d_rows.reshape(-1, h.shape[1])
+    flat = ic.reshape(-1)
+    dw = dw.at[flat].add(d_rows) if vocab_axis == 0 else dw.at[:, flat].add(d_rows.T)
+    return lax.dynamic_update_slice_in_dim(dh, dhc.astype(h.dtype), lo, 0), dw
+
+  init = (jnp.zeros(h.shape, h.dtype), jnp.zeros(w.shape, _F32))
+  dh, dw = sweep(step, init, h.shape[0], chunk)
+  return dh, dw.astype(w.dtype), None, None, dtau
+
+
+_fused_replay.defvjp(_fused_replay_fwd, _fused_replay_bwd)
+
+
+def fused_replay_token_logprobs(
+  hidden: jax.Array,
+  unembed: jax.Array,
+  targets: jax.Array,
+  kept_ids: jax.Array,
+  *,
+  temperature: float | jax.Array = 1.0,
+  softcap: float | None = None,
+  vocab_axis: int = -1,
+  precision=None,
+  gather_bytes: int = 32 << 20,
+) -> jax.Array:
+  """:func:`replay_token_logprobs` of ``hidden @ unembed``, from the ``K`` kept rows
+  of the unembedding per token (``gather_bytes`` of them at a time), never the
+  ``[N, V]`` logits.
+
+  Args:
+    hidden: float[..., D]; unembed: float[D, V] or a tied table ``[V, D]`` with
+      ``vocab_axis=0``.
+    targets, kept_ids, temperature, softcap: as for :func:`replay_token_logprobs`.
+    precision: the dot products' precision.
+  """
+  hidden, unembed, targets, axis, tau = checks.fused_arguments(
+    hidden, unembed, targets, temperature, softcap, vocab_axis
+  )
+  kept_ids = _check_ids(kept_ids, targets.shape)
+  h = hidden.reshape(-1, hidden.shape[-1])
+  ids = kept_ids.reshape(h.shape[0], -1)
+  if h.shape[0] == 0:
+    return jnp.zeros(targets.shape, _F32)
+  if precision is None:
+    precision = jax.config.jax_default_matmul_precision  # type: ignore[attr-defined]
+  row_bytes = ids.shape[1] * h.shape[1] * 4
+  chunk = max(1, min(h.shape[0], gather_bytes // max(row_bytes, 1)))
+  lp = _fused_replay(h, unembed, ids, targets.reshape(-1), tau, softcap, axis, precision, chunk)
+  return lp.reshape(targets.shape)
