@@ -1,8 +1,14 @@
-"""The processed distribution's reference (lpkernel.sampling) against a NumPy port
-of vLLM V1's sampler (temperature, min-p, then ``apply_top_k_top_p``'s
-sort-and-cumsum), per example parameters mixed in one batch; the tie rule; the
-gradients of a kept set held constant."""
+"""The processed distribution, every implementation (the reference in
+lpkernel.sampling, the XLA paths from logits and from hidden states in both
+layouts) against a NumPy port of vLLM V1's sampler (temperature, min-p, then
+``apply_top_k_top_p``'s sort-and-cumsum), per example parameters mixed in one
+batch; the tie rule; the gradients of a kept set held constant.
 
+The hidden-state paths score ``eye(N) @ logits`` (exact in any dtype), so the
+same oracle and the same gradient (``d unembed = d logits``) hold them.
+"""
+
+import functools
 import itertools
 
 import jax
@@ -12,7 +18,25 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import lpkernel as lpk
 from lpkernel.sampling import ProcessedStats, Sampling, kept_mask, processed_logprobs_reference
+
+IMPLEMENTATIONS = ["reference", "logits", "hidden", "hidden_tied"]
+
+
+def processed(impl: str, logits, targets, sampling, softcap=None) -> ProcessedStats:
+  """``ProcessedStats`` of ``logits [..., V]`` by one implementation (differentiable in logits)."""
+  if impl == "reference":
+    return processed_logprobs_reference(logits, targets, sampling, softcap=softcap)
+  if impl == "logits":
+    return lpk.processed_token_stats(logits, targets, sampling, softcap=softcap)
+  v = logits.shape[-1]
+  n = int(np.prod(targets.shape))
+  hidden = jnp.eye(n, dtype=logits.dtype).reshape(*targets.shape, n)
+  w = logits.reshape(n, v)
+  if impl == "hidden":
+    return lpk.fused_processed_token_stats(hidden, w, targets, sampling, softcap=softcap)
+  return lpk.fused_processed_token_stats(hidden, w.T, targets, sampling, softcap=softcap, vocab_axis=0)
 
 
 def vllm_kept(logits: np.ndarray, temperature, top_k, top_p, min_p) -> np.ndarray:
@@ -60,8 +84,9 @@ TOP_P = [0.5, 0.9, 0.95, 0.999, 1.0]
 MIN_P = [0.0, 0.05]
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("v", [1000, 32003, 151936])
-def test_kept_sets_and_values_equal_vllms_with_per_example_parameters(v):
+def test_kept_sets_and_values_equal_vllms_with_per_example_parameters(v, impl):
   """Every (top_k, top_p, min_p) combination at once, one example each, peaked and
   flat rows, temperatures mixed: the kept sets equal the port's, values to
   float32 rounding."""
@@ -82,7 +107,7 @@ def test_kept_sets_and_values_equal_vllms_with_per_example_parameters(v):
     top_p=jnp.array([c[1] for c in combos], jnp.float32),
     min_p=jnp.array([c[2] for c in combos], jnp.float32),
   )
-  got = jax.jit(processed_logprobs_reference)(
+  got = jax.jit(functools.partial(processed, impl))(
     jnp.asarray(logits, jnp.float32), jnp.asarray(targets), sampling
   )
   want = _oracle(logits, targets, params)
@@ -100,24 +125,30 @@ def test_kept_sets_and_values_equal_vllms_with_per_example_parameters(v):
   ties=st.integers(2, 5),
   rest=st.lists(st.integers(-20, 0), min_size=1, max_size=6, unique=True),
   top_k=st.integers(1, 12),
+  impl=st.sampled_from(IMPLEMENTATIONS),
 )
-def test_ties_at_the_top_k_boundary_are_kept(ties, rest, top_k):
+def test_ties_at_the_top_k_boundary_are_kept(ties, rest, top_k, impl):
   row = np.array([1.0] * ties + [float(r) - 21 for r in rest], np.float32)
-  s = processed_logprobs_reference(jnp.asarray(row)[None], jnp.array([0]), Sampling(top_k=top_k))
+  s = processed(impl, jnp.asarray(row)[None], jnp.array([0]), Sampling(top_k=top_k))
   # The tied maxima survive together; a k past them keeps the k largest (all when k >= V).
   assert int(s.kept_count[0]) == (ties if top_k <= ties else min(row.size, top_k))
 
 
-@given(ties=st.integers(2, 6), p=st.sampled_from([0.05, 0.3, 0.5, 0.9, 0.999]))
-def test_tokens_equal_to_the_top_p_boundary_share_its_fate(ties, p):
+@given(
+  ties=st.integers(2, 6),
+  p=st.sampled_from([0.05, 0.3, 0.5, 0.9, 0.999]),
+  impl=st.sampled_from(IMPLEMENTATIONS),
+)
+def test_tokens_equal_to_the_top_p_boundary_share_its_fate(ties, p, impl):
   """Equal logits at the boundary are all kept (vLLM would keep some by sort order)."""
   row = jnp.asarray([2.0] * ties + [0.0, -1.0], jnp.float32)
-  s = processed_logprobs_reference(row[None], jnp.array([ties - 1]), Sampling(top_p=p))
+  s = processed(impl, row[None], jnp.array([ties - 1]), Sampling(top_p=p))
   assert bool(s.kept[0])
   assert int(s.kept_count[0]) >= ties
 
 
-def test_gradients_keep_the_kept_set_constant():
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_gradients_keep_the_kept_set_constant(impl):
   """d processed_lp / d logits = (onehot - p_kept) / tau on kept columns, 0 elsewhere;
   d / d tau by finite differences of the same kept set."""
   rng = np.random.default_rng(0)
@@ -127,7 +158,7 @@ def test_gradients_keep_the_kept_set_constant():
 
   def lp(x, tau):
     s = Sampling(temperature=tau, top_k=jnp.array([10, 0, 5]), top_p=jnp.array([0.9, 0.8, 1.0]))
-    return processed_logprobs_reference(x, t, s)
+    return processed(impl, x, t, s)
 
   stats = lp(x, tau)
   assert isinstance(stats, ProcessedStats) and bool(jnp.all(stats.kept))
@@ -149,8 +180,10 @@ def test_gradients_keep_the_kept_set_constant():
   np.testing.assert_allclose(dtau, want, rtol=1e-5, atol=1e-6)
 
 
-def test_python_parameters_are_checked_and_array_ones_poison():
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_python_parameters_are_checked_and_array_ones_poison(impl):
   x, t = jnp.zeros((2, 5)), jnp.array([0, 1])
+  run = functools.partial(processed, impl)
   for bad in [
     Sampling(temperature=0.0),
     Sampling(top_p=0.0),
@@ -159,7 +192,9 @@ def test_python_parameters_are_checked_and_array_ones_poison():
     Sampling(top_k=2.5),
   ]:
     with pytest.raises(ValueError, match="Sampling"):
-      processed_logprobs_reference(x, t, bad)
-  s = processed_logprobs_reference(x, t, Sampling(temperature=jnp.array([1.0, -1.0])))
+      run(x, t, bad)
+  s = run(x, t, Sampling(temperature=jnp.array([1.0, -1.0])))
   assert np.isfinite(s.logprobs[0]) and np.isnan(s.logprobs[1])
-  assert np.isnan(processed_logprobs_reference(x, jnp.array([0, 5]), Sampling()).logprobs[1])
+  assert np.isnan(run(x, jnp.array([0, 5]), Sampling()).logprobs[1])
+  s = run(x, t, Sampling(top_p=jnp.array([0.5, 1.5]), min_p=jnp.array([0.1, 0.0])))
+  assert np.isfinite(s.logprobs[0]) and np.isnan(s.logprobs[1])

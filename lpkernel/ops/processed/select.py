@@ -221,7 +221,10 @@ def largest_key_within(
 
   A bisection, one masked sum per sweep, halving the bracket's *values* while
   they are finite (its keys otherwise), until at most one column of A lies in it;
-  then one masked max gives that column's key.
+  then one sweep of masked maxima gives that column's key and the next smaller
+  one's, and the threshold is halfway between (as :func:`_cut_below`: a
+  recomputation of the logits that rounds otherwise, e.g. a ``tanh`` in another
+  fusion, keeps the same set).
 
   Args:
     floor, ceiling: uint32[N]; ``ceiling`` is past the row's largest key.
@@ -269,17 +272,24 @@ def largest_key_within(
   c_lo = jnp.zeros((n,), jnp.int32) if start is None else below(lo)[1]
   state = lax.while_loop(lambda s: jnp.any(open_(s)), body, (lo, hi, c_lo, count))
   lo, hi, c_lo, c_hi = state
-  single = active & (c_hi - c_lo == 1)
 
-  def the_one():  # the key of the one column of A in [lo, hi)
-    def step(best, z, cols):
+  def settle():  # the smallest kept key, then halfway down to the next smaller column of A
+    def step(carry, z, cols):
+      top, below = carry
       _, key, in_a = _masked(rows, params, floor, z, cols)
       inside = in_a & (key >= lo[:, None]) & (key < hi[:, None])
-      return jnp.maximum(best, jnp.max(jnp.where(inside, key, _U32(0)), axis=1))
+      under = in_a & (key < lo[:, None])
+      return (
+        jnp.maximum(top, jnp.max(jnp.where(inside, key, _U32(0)), axis=1)),
+        jnp.maximum(below, jnp.max(jnp.where(under, key, _U32(0)), axis=1)),
+      )
 
-    return jnp.where(single, rows.fold(step, lo), lo)
+    top, below = rows.fold(step, (lo, jnp.zeros_like(lo)))
+    top = jnp.where(c_hi - c_lo == 1, top, lo)  # one column in the bracket, or ties at lo
+    cut = jnp.maximum(below + (top - below + _U32(1)) // _U32(2), floor)
+    return jnp.where(active & (top > below), cut, lo)
 
-  return lax.cond(jnp.any(single), the_one, lambda: lo)
+  return lax.cond(jnp.any(active), settle, lambda: lo)
 
 
 def threshold(rows: Rows, params: Params, d: Decision) -> tuple[jax.Array, ...]:

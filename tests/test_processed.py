@@ -1,0 +1,246 @@
+"""The processed paths beyond the engine's kept sets (tests/test_sampling.py):
+gradients in bfloat16 with softcap and per-example temperatures against a
+float64 oracle, -inf and NaN, awkward shapes, replay of recorded kept ids,
+``score`` under a sampler, and the temporaries of every path."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lpkernel as lpk
+from lpkernel.sampling import kept_mask
+from tests.test_sampling import IMPLEMENTATIONS, processed
+
+FAST = [i for i in IMPLEMENTATIONS if i != "reference"]
+
+
+def _oracle_grad(x, t, tau, softcap, keep):
+  """float64 d processed_lp / d x with the kept set ``keep`` held constant."""
+  x = np.asarray(x, np.float64)
+  z = softcap * np.tanh(x / softcap) if softcap else x
+  y = z / tau[:, None]
+  p = np.where(keep, np.exp(y - y.max(-1, keepdims=True)), 0.0)
+  p /= p.sum(-1, keepdims=True)
+  onehot = np.arange(x.shape[-1]) == np.asarray(t)[:, None]
+  dz = np.where(keep, (onehot - p) / tau[:, None], 0.0)
+  return dz * (1 - np.tanh(x / softcap) ** 2 if softcap else 1.0)
+
+
+@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_gradients_with_softcap_and_per_example_temperature_match_float64(impl, dtype):
+  rng = np.random.default_rng(1)
+  n, v, softcap = 6, 3001, 20.0
+  x = jnp.asarray(rng.normal(size=(n, v)) * 6, dtype)
+  z = softcap * np.tanh(np.asarray(x, np.float64) / softcap)
+  t = jnp.asarray(np.argsort(z, -1)[:, -2])  # the second most likely: kept
+  tau = jnp.array([0.6, 0.8, 1.0, 1.2, 0.9, 1.5], jnp.float32)
+  sampling = lpk.Sampling(
+    temperature=tau,
+    top_k=jnp.array([40, 0, 5, 0, 100, 0]),
+    top_p=jnp.array([0.9, 0.95, 1.0, 0.8, 1.0, 0.999], jnp.float32),
+    min_p=jnp.array([0.0, 0.02, 0.0, 0.0, 0.05, 0.0], jnp.float32),
+  )
+  want = processed("reference", x.astype(jnp.float32), t, sampling, softcap)
+  got = jax.jit(lambda x: processed(impl, x, t, sampling, softcap))(x)
+  np.testing.assert_array_equal(got.kept_count, want.kept_count)
+  assert bool(jnp.all(got.kept))
+  np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got.log_kept_mass, want.log_kept_mass, rtol=1e-5, atol=1e-5)
+  dx = jax.grad(lambda x: jnp.sum(processed(impl, x, t, sampling, softcap).logprobs))(x)
+  assert dx.dtype == dtype
+  tau64 = np.asarray(tau, np.float64)
+  y = z / tau64[:, None]
+  keep = np.asarray(kept_mask(jnp.asarray(y - y.max(-1, keepdims=True), jnp.float32), sampling))
+  oracle = _oracle_grad(x, t, tau64, softcap, keep)
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(np.asarray(dx, np.float64), oracle, atol=tol)
+  assert np.all(np.asarray(dx, np.float64)[~keep] == 0)
+  # d tau with the kept set held: (E_p_kept[y] - y_t) / tau.
+  dtau = jax.grad(
+    lambda tau: jnp.sum(processed(impl, x, t, sampling._replace(temperature=tau), softcap).logprobs)
+  )(tau)
+  p = np.where(keep, np.exp(y - y.max(-1, keepdims=True)), 0.0)
+  p /= p.sum(-1, keepdims=True)
+  y_t = y[np.arange(n), np.asarray(t)]
+  np.testing.assert_allclose(dtau, ((p * y).sum(-1) - y_t) / tau64, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", FAST)
+def test_raw_and_kept_mass_terms_have_the_references_gradients(impl):
+  """All three differentiable outputs at once, with a searched row (a nucleus past K)."""
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(4, 2000)) * 0.3, jnp.float32)  # flat: big nuclei
+  t = jnp.array([3, 5, 7, 11])
+  sampling = lpk.Sampling(0.8, top_p=jnp.array([0.9, 0.5, 1.0, 0.999], jnp.float32))
+  w = jnp.array([1.0, -2.0, 0.5, 3.0])
+
+  def loss(impl):
+    def f(x):
+      s = processed(impl, x, t, sampling)
+      return jnp.sum(w * jnp.where(s.kept, s.logprobs, 0) + 0.3 * s.raw_logprobs - s.log_kept_mass)
+
+    return f
+
+  got, want = processed(impl, x, t, sampling), processed("reference", x, t, sampling)
+  np.testing.assert_array_equal(got.kept_count, want.kept_count)
+  assert int(got.kept_count[0]) > lpk.ProcessedConfig().candidates  # the search ran
+  np.testing.assert_allclose(jax.grad(loss(impl))(x), jax.grad(loss("reference"))(x), atol=2e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_impossible_tokens_give_minus_inf_and_nan_rows_nan(impl):
+  x = jnp.array(
+    [[0.0, -jnp.inf, 1.0, 2.0], [0.0, 1.0, jnp.nan, 2.0], [-jnp.inf, 3.0, 1.0, 0.0]], jnp.float32
+  )
+  t = jnp.array([1, 0, 2])
+  s = processed(impl, x, t, lpk.Sampling(top_k=3, top_p=0.99))
+  assert float(s.logprobs[0]) == -np.inf and float(s.raw_logprobs[0]) == -np.inf
+  assert np.isnan(s.logprobs[1])
+  assert np.isfinite(s.logprobs[2]) or float(s.logprobs[2]) == -np.inf
+  dx = jax.grad(lambda x: jnp.sum(jnp.where(jnp.arange(3) == 1, 0, processed(impl, x, t, lpk.Sampling(top_k=3, top_p=0.99)).logprobs)))(x)
+  assert np.all(np.isfinite(np.asarray(dx)[0])) and np.all(np.isfinite(np.asarray(dx)[2]))
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (2, 3), (1, 3)])
+def test_awkward_shapes(impl, shape):
+  """V = 1 and 3, one token; every sampler setting keeps the most likely token."""
+  n, v = shape
+  x = jnp.asarray(np.random.default_rng(n * 7 + v).normal(size=(n, v)), jnp.float32)
+  t = jnp.argmax(x, -1)
+  for s in [lpk.Sampling(), lpk.Sampling(0.5, 1, 0.1, 0.5), lpk.Sampling(top_k=2, top_p=0.9)]:
+    got, want = processed(impl, x, t, s), processed("reference", x, t, s)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-6)
+    np.testing.assert_array_equal(got.kept_count, want.kept_count)
+    assert bool(jnp.all(got.greedy))
+
+
+def test_no_rows():
+  s = lpk.processed_token_stats(jnp.zeros((0, 5)), jnp.zeros((0,), jnp.int32), lpk.Sampling(top_k=2))
+  assert s.logprobs.shape == (0,)
+
+
+def _kept_ids(x, sampling, k):
+  y = x / sampling.temperature
+  keep = kept_mask(y - jnp.max(y, -1, keepdims=True), sampling)
+  ids = jnp.where(keep, jnp.arange(x.shape[-1]), -1)
+  return (-jnp.sort(-ids, axis=-1))[:, :k], keep
+
+
+@pytest.mark.parametrize("vocab_axis", [-1, 0])
+def test_replay_equals_processed_and_reaches_only_the_kept_rows(vocab_axis):
+  rng = np.random.default_rng(3)
+  n, d, v = 24, 16, 1500
+  h = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(d, v)) * 0.7, jnp.float32)
+  x = h @ w
+  sampling = lpk.Sampling(0.7, 30, 0.9)
+  ids, keep = _kept_ids(x, sampling, 40)
+  t = jnp.where(jnp.arange(n) % 2 == 0, jnp.argmax(x, -1), jnp.asarray(rng.integers(0, v, n)))
+  want = lpk.processed_token_stats(x, t, sampling).logprobs
+  from_logits = lpk.replay_token_logprobs(x, t, ids, temperature=0.7)
+  table = w if vocab_axis == -1 else w.T
+  fused = lambda h, table: lpk.fused_replay_token_logprobs(  # noqa: E731
+    h, table, t, ids, temperature=0.7, vocab_axis=vocab_axis, gather_bytes=4096
+  )
+  from_hidden = fused(h, table)
+  for got in (from_logits, from_hidden):
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    np.testing.assert_allclose(got[~np.isinf(want)], want[~np.isinf(want)], atol=2e-6)
+  finite = ~np.isinf(np.asarray(want))
+
+  def loss_hidden(h, table):
+    return jnp.sum(jnp.where(finite, fused(h, table), 0.0))
+
+  def loss_logits(h, table):
+    logits = h @ (table if vocab_axis == -1 else table.T)
+    return jnp.sum(jnp.where(finite, lpk.replay_token_logprobs(logits, t, ids, temperature=0.7), 0))
+
+  dh, dw = jax.grad(loss_hidden, (0, 1))(h, table)
+  rh, rw = jax.grad(loss_logits, (0, 1))(h, table)
+  np.testing.assert_allclose(dh, rh, atol=2e-5)
+  np.testing.assert_allclose(dw, rw, atol=2e-5)
+  touched = np.any(np.asarray(dw) != 0, axis=0 if vocab_axis == -1 else 1)
+  assert np.all(np.asarray(keep)[finite].any(0) >= touched)  # only rows in some kept set
+
+
+def test_replay_checks_its_ids():
+  x, t = jnp.zeros((2, 5)), jnp.array([0, 1])
+  with pytest.raises(ValueError, match="kept_ids"):
+    lpk.replay_token_logprobs(x, t, jnp.zeros((3, 2), jnp.int32))
+  lp = lpk.replay_token_logprobs(x, t, jnp.array([[0, 9], [1, -1]]))
+  assert np.isnan(lp[0]) and np.isclose(lp[1], 0.0)
+
+
+@pytest.mark.parametrize("path", ["logits", "hidden"])
+def test_score_under_a_sampler_sums_processed_logprobs(path):
+  rng = np.random.default_rng(4)
+  b, t_len, d, v = 2, 12, 8, 300
+  h = jnp.asarray(rng.normal(size=(b, t_len, d)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
+  x = h @ w
+  greedy_next = jnp.argmax(x, -1)  # every token the argmax of its row: always kept
+  tokens = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), greedy_next[:, :-1]], axis=1)
+  mask = jnp.broadcast_to(jnp.arange(t_len) >= 4, (b, t_len))
+  segments = jnp.array([[1] * 6 + [2] * 6, [1] * 10 + [0] * 2])
+  sampling = lpk.Sampling(jnp.array([0.7, 1.0]), 20, jnp.array([0.9, 0.95]))
+  kw = dict(segment_ids=segments, num_segments=2, sampling=sampling)
+  if path == "logits":
+    got = lpk.score(x, tokens, mask, **kw)
+  else:
+    got = lpk.score_hidden(h, w, tokens, mask, **kw)
+  want = lpk.score(x, tokens, mask, **kw, implementation="reference")
+  np.testing.assert_allclose(got.response_logprob, want.response_logprob, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got.prompt_logprob, want.prompt_logprob, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(got.response_greedy, want.response_greedy)
+  assert bool(jnp.all(jnp.isfinite(got.joint_logprob)))
+  raw = lpk.score(x, tokens, mask, segment_ids=segments, num_segments=2, temperature=1.0)
+  assert bool(jnp.all(got.joint_logprob[0] > raw.joint_logprob[0]))  # renormalised: larger
+  with pytest.raises(ValueError, match="Sampling.temperature"):
+    lpk.score(x, tokens, mask, temperature=0.5, sampling=sampling)
+
+
+def _fraction(fn, args, reference_bytes):
+  stats = jax.jit(fn).lower(*args).compile().memory_analysis()
+  return stats.temp_size_in_bytes / reference_bytes
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("sampler", ["top_k_top_p", "top_p", "min_p"])
+def test_no_logits_sized_temporaries(dtype, sampler):
+  """Forward and forward+backward, from logits and from hidden states (both
+  layouts), under 10% of the float32 logits' bytes."""
+  n, d, v = 2048, 256, 32000
+  sampling = {
+    "top_k_top_p": lpk.Sampling(0.7, 50, 0.95),
+    "top_p": lpk.Sampling(1.0, 0, 0.95),
+    "min_p": lpk.Sampling(1.0, 0, 1.0, 0.05),
+  }[sampler]
+  bound = n * v * 4
+  x = jax.ShapeDtypeStruct((n, v), dtype)
+  t = jax.ShapeDtypeStruct((n,), jnp.int32)
+  h = jax.ShapeDtypeStruct((n, d), dtype)
+  failures = []
+  for name, fn, args in [
+    ("logits", lambda x, t: lpk.processed_token_stats(x, t, sampling).logprobs.sum(), (x, t)),
+    (
+      "hidden",
+      lambda h, w, t: lpk.fused_processed_token_stats(h, w, t, sampling).logprobs.sum(),
+      (h, jax.ShapeDtypeStruct((d, v), dtype), t),
+    ),
+    (
+      "hidden_tied",
+      lambda h, w, t: lpk.fused_processed_token_stats(h, w, t, sampling, vocab_axis=0)
+      .logprobs.sum(),
+      (h, jax.ShapeDtypeStruct((v, d), dtype), t),
+    ),
+  ]:
+    argnums = (0,) if name == "logits" else (0, 1)
+    for grad in (False, True):
+      f = jax.grad(fn, argnums) if grad else fn
+      frac = _fraction(f, args, bound)
+      if frac > 0.1:
+        failures.append(f"{name} grad={grad}: {frac:.1%}")
+  assert not failures, failures
