@@ -13,6 +13,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lpkernel import checks
 from lpkernel import partials as P
@@ -62,35 +63,39 @@ def _cotangents(ct: ProcessedStats, kept, bad):
   return clean(jnp.where(kept, ct.logprobs, 0.0)), clean(ct.raw_logprobs), clean(ct.log_kept_mass)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _logits_op(x, targets, tau, knobs, bad, softcap, k, config):
-  return _logits_fwd(x, targets, tau, knobs, bad, softcap, k, config)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _logits_op(x, targets, tau, knobs, bad, softcap, k, config, tau_grad):
+  return _logits_fwd(x, targets, tau, knobs, bad, softcap, k, config, tau_grad)[0]
 
 
-def _logits_fwd(x, targets, tau, knobs, bad, softcap, k, config):
+def _logits_fwd(x, targets, tau, knobs, bad, softcap, k, config, tau_grad):
   parts, top = xla.logits_forward(x, targets, tau, softcap, k, config)
   rows = xla.logits_rows(jax.lax.stop_gradient(x), softcap, config.sweep_block)
   stats, res = _finish(parts, top, rows, targets, tau, knobs, config)
   return _poisoned(stats, bad), (x, targets, bad, res)
 
 
-def _logits_bwd(softcap, k, config, residuals, ct):
+def _logits_bwd(softcap, k, config, tau_grad, residuals, ct):
   x, targets, bad, (params, kappa, log_s, log_sk, kept) = residuals
   g = _cotangents(ct, kept, bad)
-  dx, dtau = xla.logits_grads(x, targets, params, kappa, log_s, log_sk, g, softcap)
+  dx, dtau = xla.logits_grads(x, targets, params, kappa, log_s, log_sk, g, softcap, tau_grad)
   return dx, None, dtau, None, None
 
 
 _logits_op.defvjp(_logits_fwd, _logits_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11))
-def _hidden_op(h, w, targets, tau, knobs, bad, softcap, vocab_axis, precision, k, config, fused):
-  args = (softcap, vocab_axis, precision, k, config, fused)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11, 12))
+def _hidden_op(
+  h, w, targets, tau, knobs, bad, softcap, vocab_axis, precision, k, config, fused, tau_grad
+):
+  args = (softcap, vocab_axis, precision, k, config, fused, tau_grad)
   return _hidden_fwd(h, w, targets, tau, knobs, bad, *args)[0]
 
 
-def _hidden_fwd(h, w, targets, tau, knobs, bad, softcap, vocab_axis, precision, k, config, fused):
+def _hidden_fwd(
+  h, w, targets, tau, knobs, bad, softcap, vocab_axis, precision, k, config, fused, tau_grad
+):
   parts, top = xla.hidden_forward(
     h, w, targets, tau, softcap, vocab_axis, precision, k, config, fused
   )
@@ -100,11 +105,11 @@ def _hidden_fwd(h, w, targets, tau, knobs, bad, softcap, vocab_axis, precision, 
   return _poisoned(stats, bad), (h, w, targets, bad, res)
 
 
-def _hidden_bwd(softcap, vocab_axis, precision, k, config, fused, residuals, ct):
+def _hidden_bwd(softcap, vocab_axis, precision, k, config, fused, tau_grad, residuals, ct):
   h, w, targets, bad, (params, kappa, log_s, log_sk, kept) = residuals
   g = _cotangents(ct, kept, bad)
   dh, dw, dtau = xla.hidden_grads(
-    h, w, targets, params, kappa, log_s, log_sk, g, softcap, vocab_axis, precision, fused
+    h, w, targets, params, kappa, log_s, log_sk, g, softcap, vocab_axis, precision, fused, tau_grad
   )
   return dh.astype(h.dtype), dw, None, dtau, None, None
 
@@ -176,7 +181,8 @@ def processed_token_stats(
   x = logits.reshape(-1, v)
   if x.shape[0] == 0:
     return jax.tree.map(lambda a: a.reshape(batch_shape), _empty())
-  stats = _logits_op(x, targets.reshape(-1), tau, knobs, bad, softcap, k, config)
+  tau_grad = not np.isscalar(sampling.temperature)  # a Python temperature has no derivative
+  stats = _logits_op(x, targets.reshape(-1), tau, knobs, bad, softcap, k, config, tau_grad)
   return jax.tree.map(lambda a: a.reshape(batch_shape), stats)
 
 
@@ -230,6 +236,7 @@ def fused_processed_token_stats(
   if precision is None:
     precision = jax.config.jax_default_matmul_precision  # type: ignore[attr-defined]
   k = config.k_for(sampling.top_k, v)
-  args = (softcap, axis, precision, k, config, fused_config)
+  tau_grad = not np.isscalar(sampling.temperature)
+  args = (softcap, axis, precision, k, config, fused_config, tau_grad)
   stats = _hidden_op(h, unembed, targets.reshape(-1), tau, knobs, bad, *args)
   return jax.tree.map(lambda a: a.reshape(batch_shape), stats)

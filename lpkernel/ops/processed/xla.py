@@ -47,8 +47,9 @@ class ProcessedConfig:
     group: columns per group whose maxima locate the ``K`` largest values; the
       group maxima are ``1 / group`` of the logits (under the 10% bound from 16).
     sweep_block: columns per step of a search sweep over logits.
-    gather_bytes: the most bytes of gathered unembedding rows held at once
-      (hidden states: ``K * group`` rows per token, in token chunks).
+    gather_bytes: the most bytes of the candidates' pass held at once (its token
+      chunks: ``K * group`` columns, and from hidden states as many gathered
+      unembedding rows, per token; also at most 2% of the float32 logits).
   """
 
   candidates: int = 64
@@ -87,12 +88,28 @@ def _pool_columns(maxima: jax.Array, k: int, group: int, vocab_size: int) -> jax
   return jnp.where(cols < vocab_size, cols, vocab_size)
 
 
-def _top(pool: jax.Array, cols: jax.Array, k: int, vocab_size: int) -> jax.Array:
-  """float32[N, K]: the ``K`` largest capped values of the pool, descending."""
-  pool = jnp.where(cols < vocab_size, pool, -jnp.inf)
-  # The barrier keeps XLA:CPU's top-k a top-k: with its consumers in view it was
-  # rewritten as a sort of the pool, 15x slower (N = 4096, 2048 columns: 1.18 s).
-  return lax.optimization_barrier(lax.top_k(pool, k)[0])
+def _pool_top(values, cols, k: int, vocab_size: int, chunk: int) -> jax.Array:
+  """float32[N, K]: each row's ``K`` largest capped values among its pool columns
+  ``cols [N, P]``, ``chunk`` tokens at a time (``values(lo, width, cols_chunk)``
+  gives their capped values ``[width, P]``), so no ``[N, P]`` temporary."""
+  n = cols.shape[0]
+
+  def step(out, lo, width):
+    cc = lax.dynamic_slice_in_dim(cols, lo, width, 0)
+    pool = jnp.where(cc < vocab_size, values(lo, width, jnp.minimum(cc, vocab_size - 1)), -jnp.inf)
+    # The barrier keeps XLA:CPU's top-k a top-k: with its consumers in view it was
+    # rewritten as a sort of the pool, 15x slower (N = 4096, 2048 columns: 1.18 s).
+    top = lax.optimization_barrier(lax.top_k(pool, k)[0])
+    return lax.dynamic_update_slice_in_dim(out, top, lo, 0)
+
+  return sweep(step, jnp.zeros((n, k), _F32), n, chunk)
+
+
+def _chunk(config: ProcessedConfig, n: int, vocab_size: int, token_bytes: int) -> int:
+  """Tokens per chunk of the candidates' pass: ``token_bytes`` each, within
+  ``gather_bytes`` and 2% of the float32 logits' bytes."""
+  budget = min(config.gather_bytes, n * vocab_size * 4 // 50)
+  return max(1, min(n, budget // max(token_bytes, 1)))
 
 
 def logits_rows(x, softcap, width: int) -> S.Rows:
@@ -108,13 +125,16 @@ def logits_forward(x, targets, tau, softcap, k: int, config: ProcessedConfig):
   """(RowPartials of whole rows, float32[N, K] largest capped values) of logits ``x [N, V]``."""
   parts = XlaLogits().partials(x, targets, tau, softcap)
   xs = lax.stop_gradient(x)
-  v = x.shape[1]
-  if k == v:  # every column is a candidate
-    return parts, lax.top_k(P.capped(xs, softcap), k)[0]
+  n, v = x.shape
   maxima = P.capped(_group_maxima(xs, config.group), softcap)
   cols = _pool_columns(maxima, k, config.group, v)
-  pool = jax.vmap(gather, in_axes=(None, 1), out_axes=1)(xs, jnp.minimum(cols, v - 1))
-  return parts, _top(P.capped(pool, softcap), cols, k, v)
+
+  def values(lo, width, cc):
+    rows = lax.dynamic_slice_in_dim(xs, lo, width, 0)
+    return P.capped(jax.vmap(gather, in_axes=(None, 1), out_axes=1)(rows, cc), softcap)
+
+  chunk = _chunk(config, n, v, cols.shape[1] * 4 * 3)
+  return parts, _pool_top(values, cols, k, v, chunk)
 
 
 def hidden_rows(h, w, softcap, vocab_axis: int, precision, width: int) -> S.Rows:
@@ -127,21 +147,18 @@ def hidden_rows(h, w, softcap, vocab_axis: int, precision, width: int) -> S.Rows
   )
 
 
-def _pool_logits(h, w, cols, vocab_axis: int, precision, chunk: int) -> jax.Array:
-  """float32[N, P]: ``h[i] . w[:, cols[i, j]]``, ``chunk`` tokens at a time (each
-  chunk gathers ``chunk * P`` rows of ``w``)."""
-  n, p = cols.shape
-  safe = jnp.minimum(cols, w.shape[vocab_axis] - 1)
+def _pool_values(h, w, vocab_axis: int, precision, softcap):
+  """``values(lo, width, cols) -> float32[width, P]``: ``h[i] . w_row[cols[i, j]]``
+  capped, for tokens ``[lo, lo + width)`` (gathering ``width * P`` rows of ``w``)."""
 
-  def step(out, lo, width):
+  def values(lo, width, cc):
     hc = lax.dynamic_slice_in_dim(h, lo, width, 0)
-    cc = lax.dynamic_slice_in_dim(safe, lo, width, 0)
     rows = jnp.take(w, cc, axis=vocab_axis)  # [C, P, D] or [D, C, P]
     spec = "cd,cpd->cp" if vocab_axis == 0 else "cd,dcp->cp"
     dots = jnp.einsum(spec, hc, rows, precision=precision, preferred_element_type=_F32)
-    return lax.dynamic_update_slice_in_dim(out, dots, lo, 0)
+    return P.capped(dots, softcap)
 
-  return sweep(step, jnp.zeros((n, p), _F32), n, chunk)
+  return values
 
 
 def hidden_forward(
@@ -174,15 +191,14 @@ def hidden_forward(
     parts, maxima = on_cpu_or(lambda: forward(True), lambda: forward(False))
   cols = _pool_columns(maxima, k, g, v)
   hs, ws = lax.stop_gradient(h), lax.stop_gradient(w)
-  row_bytes = cols.shape[1] * h.shape[1] * max(w.dtype.itemsize, 4)
-  chunk = max(1, min(n, config.gather_bytes // row_bytes))
-  pool = P.capped(_pool_logits(hs, ws, cols, vocab_axis, precision, chunk), softcap)
-  return parts, _top(pool, cols, k, v)
+  token_bytes = cols.shape[1] * (h.shape[1] * w.dtype.itemsize + 3 * 4)
+  values = _pool_values(hs, ws, vocab_axis, precision, softcap)
+  return parts, _pool_top(values, cols, k, v, _chunk(config, n, v, token_bytes))
 
 
-def row_grads(z, cols, targets, params: S.Params, kappa, log_s, log_sk, g):
+def row_grads(z, cols, targets, params: S.Params, kappa, log_s, log_sk, g, tau_grad: bool):
   """``d y`` of a block of capped logits ``z [N, W]`` at columns ``cols [1, W]``
-  and its part of ``d tau`` ([N] or None).
+  and, with ``tau_grad``, its part of ``d tau`` ([N]; else None).
 
   ``g``: (g_processed, g_raw, g_log_kept_mass) float32[N], zero on dead rows;
   the processed term counts only where the target was kept (its value is
@@ -196,24 +212,30 @@ def row_grads(z, cols, targets, params: S.Params, kappa, log_s, log_sk, g):
   pk = jnp.where(keep, P.softmax(z, shift, log_sk[:, None], tau_col), 0.0)
   onehot = cols == targets[:, None]
   dy = jnp.where(onehot, g_r + g_p, 0.0) - p * (g_r + g_l) + pk * (g_l - g_p)
-  if params.tau is None:
+  if not tau_grad or params.tau is None:
     return dy, None
   y_c = P.centred_y(z, shift, tau_col)
   return dy, -jnp.sum(jnp.where(dy != 0, dy * y_c, 0.0), axis=-1) / params.tau
 
 
-def logits_grads(x, targets, params, kappa, log_s, log_sk, g, softcap):
-  """(d x in x's dtype, d tau [N] or None): one elementwise pass (and a row sum for tau)."""
-  x = lax.optimization_barrier(x)
+def logits_grads(x, targets, params, kappa, log_s, log_sk, g, softcap, tau_grad: bool):
+  """(d x in x's dtype, d tau [N] or None): one elementwise pass, and with
+  ``tau_grad`` a row reduction of its own (sharing ``d y`` with it made XLA
+  materialise a float32 ``[N, V]`` buffer)."""
   cols = lax.broadcasted_iota(jnp.int32, (1, x.shape[1]), 1)
-  z = P.capped(x, softcap)
-  dy, dtau = row_grads(z, cols, targets, params, kappa, log_s, log_sk, g)
-  tau_col = params.col(params.tau)
-  return P.grad_x(dy, x, tau_col, softcap).astype(x.dtype), dtau
+
+  def dy_and_dtau(x, tau_grad):
+    return row_grads(P.capped(x, softcap), cols, targets, params, kappa, log_s, log_sk, g, tau_grad)
+
+  dy, _ = dy_and_dtau(lax.optimization_barrier(x), False)
+  dx = P.grad_x(dy, x, params.col(params.tau), softcap).astype(x.dtype)
+  dtau = dy_and_dtau(lax.optimization_barrier(x), True)[1] if tau_grad else None
+  return dx, dtau
 
 
-def hidden_grads(h, w, targets, params, kappa, log_s, log_sk, g, softcap, vocab_axis, precision,
-                 fused: FusedConfig):
+def hidden_grads(
+  h, w, targets, params, kappa, log_s, log_sk, g, softcap, vocab_axis, precision, fused, tau_grad
+):
   """(d h float32 [N, D], d w in w's layout and dtype, d tau [N] or None): one sweep
   over the unembedding's blocks."""
   tau_col = params.col(params.tau)
@@ -224,7 +246,7 @@ def hidden_grads(h, w, targets, params, kappa, log_s, log_sk, g, softcap, vocab_
       dh, dw, dtau = carry
       x, z, wb = _block_logits(h, w, lo, wd, softcap, precision, vocab_axis)
       cols = lo + lax.broadcasted_iota(jnp.int32, (1, wd), 1)
-      dy, dtau_b = row_grads(z, cols, targets, params, kappa, log_s, log_sk, g)
+      dy, dtau_b = row_grads(z, cols, targets, params, kappa, log_s, log_sk, g, tau_grad)
       dz = P.grad_x(dy, x, tau_col, softcap).astype(h.dtype)
       dh = dh + contract(dz, 1, wb, vocab_axis, precision)
       dwb = grad_unembed(h, dz, vocab_axis, precision).astype(w.dtype)
@@ -234,7 +256,7 @@ def hidden_grads(h, w, targets, params, kappa, log_s, log_sk, g, softcap, vocab_
     init = (
       jnp.zeros(h.shape, _F32),
       jnp.zeros(w.shape, w.dtype),
-      None if params.tau is None else jnp.zeros((h.shape[0],), _F32),
+      jnp.zeros((h.shape[0],), _F32) if tau_grad and params.tau is not None else None,
     )
     return sweep(step, init, v, fused.block(v, cpu))
 
