@@ -224,12 +224,17 @@ def logits_grads(x, targets, params, kappa, log_s, log_sk, g, softcap, tau_grad:
   materialise a float32 ``[N, V]`` buffer)."""
   cols = lax.broadcasted_iota(jnp.int32, (1, x.shape[1]), 1)
 
-  def dy_and_dtau(x, tau_grad):
-    return row_grads(P.capped(x, softcap), cols, targets, params, kappa, log_s, log_sk, g, tau_grad)
+  def dy_and_dtau(tau_grad):
+    # The barrier keeps XLA from sharing this pass's upcast of x, and its
+    # broadcasts of the rows' statistics, with the forward's (CSE): shared, a
+    # broadcast temperature was materialised as a float32 [N, V] buffer.
+    xb, pb = lax.optimization_barrier((x, params))
+    dy, dtau = row_grads(P.capped(xb, softcap), cols, targets, pb, kappa, log_s, log_sk, g, tau_grad)
+    return xb, pb, dy, dtau
 
-  dy, _ = dy_and_dtau(lax.optimization_barrier(x), False)
-  dx = P.grad_x(dy, x, params.col(params.tau), softcap).astype(x.dtype)
-  dtau = dy_and_dtau(lax.optimization_barrier(x), True)[1] if tau_grad else None
+  xb, pb, dy, _ = dy_and_dtau(False)
+  dx = P.grad_x(dy, xb, pb.col(pb.tau), softcap).astype(x.dtype)
+  dtau = dy_and_dtau(True)[3] if tau_grad else None
   return dx, dtau
 
 
