@@ -99,7 +99,13 @@ def test_impossible_tokens_give_minus_inf_and_nan_rows_nan(impl):
   assert float(s.logprobs[0]) == -np.inf and float(s.raw_logprobs[0]) == -np.inf
   assert np.isnan(s.logprobs[1])
   assert np.isfinite(s.logprobs[2]) or float(s.logprobs[2]) == -np.inf
-  dx = jax.grad(lambda x: jnp.sum(jnp.where(jnp.arange(3) == 1, 0, processed(impl, x, t, lpk.Sampling(top_k=3, top_p=0.99)).logprobs)))(x)
+  dx = jax.grad(
+    lambda x: jnp.sum(
+      jnp.where(
+        jnp.arange(3) == 1, 0, processed(impl, x, t, lpk.Sampling(top_k=3, top_p=0.99)).logprobs
+      )
+    )
+  )(x)
   assert np.all(np.isfinite(np.asarray(dx)[0])) and np.all(np.isfinite(np.asarray(dx)[2]))
 
 
@@ -118,7 +124,9 @@ def test_awkward_shapes(impl, shape):
 
 
 def test_no_rows():
-  s = lpk.processed_token_stats(jnp.zeros((0, 5)), jnp.zeros((0,), jnp.int32), lpk.Sampling(top_k=2))
+  s = lpk.processed_token_stats(
+    jnp.zeros((0, 5)), jnp.zeros((0,), jnp.int32), lpk.Sampling(top_k=2)
+  )
   assert s.logprobs.shape == (0,)
 
 
@@ -232,8 +240,9 @@ def test_no_logits_sized_temporaries(dtype, sampler):
     ),
     (
       "hidden_tied",
-      lambda h, w, t: lpk.fused_processed_token_stats(h, w, t, sampling, vocab_axis=0)
-      .logprobs.sum(),
+      lambda h, w, t: lpk.fused_processed_token_stats(
+        h, w, t, sampling, vocab_axis=0
+      ).logprobs.sum(),
       (h, jax.ShapeDtypeStruct((v, d), dtype), t),
     ),
   ]:

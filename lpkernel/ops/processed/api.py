@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lpkernel import checks
+from lpkernel import checks, ops
 from lpkernel import partials as P
 from lpkernel.ops.fused.xla import FusedConfig
 from lpkernel.ops.processed import select as S
@@ -100,7 +100,9 @@ def _hidden_fwd(
     h, w, targets, tau, softcap, vocab_axis, precision, k, config, fused
   )
   hs, ws = jax.lax.stop_gradient(h), jax.lax.stop_gradient(w)
-  rows = xla.hidden_rows(hs, ws, softcap, vocab_axis, precision, fused.block(w.shape[vocab_axis], True))
+  width = fused.block(w.shape[vocab_axis], True)
+  hd = hs if fused.dot_dtype is None else hs.astype(fused.dot_dtype)
+  rows = xla.hidden_rows(hd, ws, softcap, vocab_axis, precision, width, fused.dot_dtype)
   stats, res = _finish(parts, top, rows, targets, tau, knobs, config)
   return _poisoned(stats, bad), (h, w, targets, bad, res)
 
@@ -188,7 +190,9 @@ def processed_token_stats(
 
 def _empty() -> ProcessedStats:
   f = jnp.zeros((0,), _F32)
-  return ProcessedStats(f, f, f, jnp.zeros((0,), bool), jnp.zeros((0,), jnp.int32), jnp.zeros((0,), bool))
+  return ProcessedStats(
+    f, f, f, jnp.zeros((0,), bool), jnp.zeros((0,), jnp.int32), jnp.zeros((0,), bool)
+  )
 
 
 def fused_processed_token_stats(
@@ -202,7 +206,7 @@ def fused_processed_token_stats(
   vocab_axis: int = -1,
   precision=None,
   config: ProcessedConfig = ProcessedConfig(),
-  fused_config: FusedConfig = FusedConfig(),
+  fused_config: FusedConfig | None = None,
 ) -> ProcessedStats:
   """:func:`processed_token_stats` of ``hidden @ unembed`` without the logits.
 
@@ -216,7 +220,8 @@ def fused_processed_token_stats(
     targets, sampling, softcap, implementation, config: as for
       :func:`processed_token_stats`.
     precision: the matmuls' precision (None: ``jax.default_matmul_precision``).
-    fused_config: the vocabulary tiling of the sweeps (:class:`lpkernel.FusedConfig`).
+    fused_config: the vocabulary tiling of the sweeps (:class:`lpkernel.FusedConfig`);
+      None: the XLA fused path's for this shape, dtype and machine.
   """
   _check_implementation(implementation)
   sampling = sampling.check()
@@ -226,7 +231,9 @@ def fused_processed_token_stats(
   v = unembed.shape[axis]
   if implementation == "reference":
     w = unembed if axis == 1 else unembed.T
-    logits = jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=_F32, precision=precision)
+    logits = jnp.einsum(
+      "...d,dv->...v", hidden, w, preferred_element_type=_F32, precision=precision
+    )
     return processed_logprobs_reference(logits, targets, sampling, softcap=softcap)
   batch_shape = targets.shape
   tau, knobs, bad = _rows(sampling, batch_shape, v, targets.reshape(-1))
@@ -236,6 +243,9 @@ def fused_processed_token_stats(
   if precision is None:
     precision = jax.config.jax_default_matmul_precision  # type: ignore[attr-defined]
   k = config.k_for(sampling.top_k, v)
+  if fused_config is None:
+    like = ((h.shape[0], h.shape[1], v), h.dtype)
+    fused_config = ops.fused_implementation("xla", like).config  # type: ignore[attr-defined]
   tau_grad = not np.isscalar(sampling.temperature)
   args = (softcap, axis, precision, k, config, fused_config, tau_grad)
   stats = _hidden_op(h, unembed, targets.reshape(-1), tau, knobs, bad, *args)

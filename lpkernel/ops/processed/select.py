@@ -308,7 +308,13 @@ def threshold(rows: Rows, params: Params, d: Decision) -> tuple[jax.Array, ...]:
     kappa = maybe(
       search_k,
       lambda: largest_key_within(
-        rows, params, d.kappa, d.ceiling, jnp.ones_like, (count_a - k).astype(_F32), count_a,
+        rows,
+        params,
+        d.kappa,
+        d.ceiling,
+        jnp.ones_like,
+        (count_a - k).astype(_F32),
+        count_a,
         search_k,
       ),
       d.kappa,
@@ -333,6 +339,4 @@ def threshold(rows: Rows, params: Params, d: Decision) -> tuple[jax.Array, ...]:
       jnp.where(d.settled, d.count, count),
     )
 
-  return lax.cond(
-    jnp.all(d.settled), lambda _: (d.kappa, d.mass, d.count), unsettled, operand=None
-  )
+  return lax.cond(jnp.all(d.settled), lambda _: (d.kappa, d.mass, d.count), unsettled, operand=None)

@@ -28,7 +28,7 @@ from lpkernel import partials as P
 from lpkernel.ops.blocks import block_of, sweep
 from lpkernel.ops.fused.matmuls import contract, grad_unembed
 from lpkernel.ops.fused.xla import FusedConfig, _block_logits
-from lpkernel.ops.logprobs.xla import XlaLogits, gather
+from lpkernel.ops.logprobs.xla import XlaLogits, chunk_rows, gather
 from lpkernel.ops.processed import select as S
 from lpkernel.ops.platform import on_cpu_or
 
@@ -49,7 +49,7 @@ class ProcessedConfig:
     sweep_block: columns per step of a search sweep over logits.
     gather_bytes: the most bytes of the candidates' pass held at once (its token
       chunks: ``K * group`` columns, and from hidden states as many gathered
-      unembedding rows, per token; also at most 2% of the float32 logits).
+      unembedding rows, per token; also at most 1% of the float32 logits).
   """
 
   candidates: int = 64
@@ -77,6 +77,24 @@ def _group_maxima(z: jax.Array, group: int) -> jax.Array:
   if pad:
     z = jnp.concatenate([z, jnp.full((n, pad), -jnp.inf, z.dtype)], axis=1)
   return jnp.max(z.reshape(n, -1, group), axis=-1)
+
+
+def _logits_group_maxima(x, group: int, block: int) -> jax.Array:
+  """``[N, V] -> [N, ceil(V / group)]`` maxima of logits in their own dtype: one
+  reduction of a bit view when ``group`` divides V (XLA shares, and materialises,
+  an upcast of a narrow dtype between its consumers otherwise), else a sweep of
+  column blocks."""
+  n, v = x.shape
+  if v % group == 0:
+    return jnp.max(chunk_rows(x, group), axis=-1).reshape(n, v // group)
+  width = max(group, min(block, v) // group * group)
+
+  def step(out, lo, wd):
+    return lax.dynamic_update_slice_in_dim(
+      out, _group_maxima(block_of(x, lo, wd, 1), group), lo // group, 1
+    )
+
+  return sweep(step, jnp.full((n, -(-v // group)), -jnp.inf, x.dtype), v, width)
 
 
 def _pool_columns(maxima: jax.Array, k: int, group: int, vocab_size: int) -> jax.Array:
@@ -107,8 +125,8 @@ def _pool_top(values, cols, k: int, vocab_size: int, chunk: int) -> jax.Array:
 
 def _chunk(config: ProcessedConfig, n: int, vocab_size: int, token_bytes: int) -> int:
   """Tokens per chunk of the candidates' pass: ``token_bytes`` each, within
-  ``gather_bytes`` and 2% of the float32 logits' bytes."""
-  budget = min(config.gather_bytes, n * vocab_size * 4 // 50)
+  ``gather_bytes`` and 1% of the float32 logits' bytes."""
+  budget = min(config.gather_bytes, n * vocab_size * 4 // 100)
   return max(1, min(n, budget // max(token_bytes, 1)))
 
 
@@ -126,34 +144,40 @@ def logits_forward(x, targets, tau, softcap, k: int, config: ProcessedConfig):
   parts = XlaLogits().partials(x, targets, tau, softcap)
   xs = lax.stop_gradient(x)
   n, v = x.shape
-  maxima = P.capped(_group_maxima(xs, config.group), softcap)
+  maxima = P.capped(_logits_group_maxima(xs, config.group, config.sweep_block), softcap)
   cols = _pool_columns(maxima, k, config.group, v)
 
   def values(lo, width, cc):
-    rows = lax.dynamic_slice_in_dim(xs, lo, width, 0)
+    rows = block_of(xs, lo, width, 0)  # a convert never moves onto all of x
     return P.capped(jax.vmap(gather, in_axes=(None, 1), out_axes=1)(rows, cc), softcap)
 
   chunk = _chunk(config, n, v, cols.shape[1] * 4 * 3)
   return parts, _pool_top(values, cols, k, v, chunk)
 
 
-def hidden_rows(h, w, softcap, vocab_axis: int, precision, width: int) -> S.Rows:
+def hidden_rows(h, w, softcap, vocab_axis: int, precision, width: int, dot_dtype) -> S.Rows:
   """The capped logits ``h @ w`` as sweepable :class:`~select.Rows` (never formed whole)."""
   v = w.shape[vocab_axis]
   return S.Rows(
-    block=lambda lo, wd: _block_logits(h, w, lo, wd, softcap, precision, vocab_axis)[1],
+    block=lambda lo, wd: _block_logits(h, w, lo, wd, softcap, precision, vocab_axis, dot_dtype)[1],
     vocab_size=v,
     width=min(width, v),
   )
 
 
-def _pool_values(h, w, vocab_axis: int, precision, softcap):
+def _pool_values(h, w, vocab_axis: int, precision, softcap, dot_dtype):
   """``values(lo, width, cols) -> float32[width, P]``: ``h[i] . w_row[cols[i, j]]``
-  capped, for tokens ``[lo, lo + width)`` (gathering ``width * P`` rows of ``w``)."""
+  capped, for tokens ``[lo, lo + width)`` (gathering ``width * P`` rows of ``w``,
+  upcast to ``dot_dtype`` if given)."""
 
   def values(lo, width, cc):
     hc = lax.dynamic_slice_in_dim(h, lo, width, 0)
-    rows = jnp.take(w, cc, axis=vocab_axis)  # [C, P, D] or [D, C, P]
+    # The barrier keeps a convert of the gathered rows from moving onto all of w
+    # and out of the loop (a float32 copy of the table).
+    wb, _ = lax.optimization_barrier((w, lo))
+    rows = jnp.take(wb, cc, axis=vocab_axis)  # [C, P, D] or [D, C, P]
+    if dot_dtype is not None:
+      rows = rows.astype(dot_dtype)
     spec = "cd,cpd->cp" if vocab_axis == 0 else "cd,dcp->cp"
     dots = jnp.einsum(spec, hc, rows, precision=precision, preferred_element_type=_F32)
     return P.capped(dots, softcap)
@@ -170,6 +194,7 @@ def hidden_forward(
   v = w.shape[vocab_axis]
   tau_col = None if tau is None else tau[:, None]
   g = config.group
+  h = h if fused.dot_dtype is None else h.astype(fused.dot_dtype)
 
   def forward(cpu: bool):
     width = fused.block(v, cpu)
@@ -177,7 +202,7 @@ def hidden_forward(
 
     def step(carry, lo, wd):
       parts, maxima = carry
-      _, z, _ = _block_logits(h, w, lo, wd, softcap, precision, vocab_axis)
+      _, z, _ = _block_logits(h, w, lo, wd, softcap, precision, vocab_axis, fused.dot_dtype)
       cols = lo + lax.broadcasted_iota(jnp.int32, (1, wd), 1)
       parts = P.merge(parts, P.block_partials(z, cols, targets, tau_col, with_entropy=False), tau)
       bm = lax.stop_gradient(_group_maxima(z, g))
@@ -192,7 +217,7 @@ def hidden_forward(
   cols = _pool_columns(maxima, k, g, v)
   hs, ws = lax.stop_gradient(h), lax.stop_gradient(w)
   token_bytes = cols.shape[1] * (h.shape[1] * w.dtype.itemsize + 3 * 4)
-  values = _pool_values(hs, ws, vocab_axis, precision, softcap)
+  values = _pool_values(hs, ws, vocab_axis, precision, softcap, fused.dot_dtype)
   return parts, _pool_top(values, cols, k, v, _chunk(config, n, v, token_bytes))
 
 
@@ -229,7 +254,9 @@ def logits_grads(x, targets, params, kappa, log_s, log_sk, g, softcap, tau_grad:
     # broadcasts of the rows' statistics, with the forward's (CSE): shared, a
     # broadcast temperature was materialised as a float32 [N, V] buffer.
     xb, pb = lax.optimization_barrier((x, params))
-    dy, dtau = row_grads(P.capped(xb, softcap), cols, targets, pb, kappa, log_s, log_sk, g, tau_grad)
+    dy, dtau = row_grads(
+      P.capped(xb, softcap), cols, targets, pb, kappa, log_s, log_sk, g, tau_grad
+    )
     return xb, pb, dy, dtau
 
   xb, pb, dy, _ = dy_and_dtau(False)
@@ -245,14 +272,16 @@ def hidden_grads(
   over the unembedding's blocks."""
   tau_col = params.col(params.tau)
   v = w.shape[vocab_axis]
+  h_dtype = h.dtype
+  h = h if fused.dot_dtype is None else h.astype(fused.dot_dtype)
 
   def backward(cpu: bool):
     def step(carry, lo, wd):
       dh, dw, dtau = carry
-      x, z, wb = _block_logits(h, w, lo, wd, softcap, precision, vocab_axis)
+      x, z, wb = _block_logits(h, w, lo, wd, softcap, precision, vocab_axis, fused.dot_dtype)
       cols = lo + lax.broadcasted_iota(jnp.int32, (1, wd), 1)
       dy, dtau_b = row_grads(z, cols, targets, params, kappa, log_s, log_sk, g, tau_grad)
-      dz = P.grad_x(dy, x, tau_col, softcap).astype(h.dtype)
+      dz = P.grad_x(dy, x, tau_col, softcap).astype(h.dtype)  # h as the matmuls take it
       dh = dh + contract(dz, 1, wb, vocab_axis, precision)
       dwb = grad_unembed(h, dz, vocab_axis, precision).astype(w.dtype)
       dtau = None if dtau is None else dtau + dtau_b
