@@ -131,7 +131,7 @@ class FusedConfig:
     return min(max(256, min(widest, vocab_size // 128 // 128 * 128)), vocab_size)
 
 
-def _block_logits(h, w, lo, width, softcap, precision, vocab_axis, dot_dtype=None):
+def block_logits(h, w, lo, width, softcap, precision, vocab_axis, dot_dtype=None):
   """Vocabulary ``[lo, lo + width)``: (x raw float32 logits [N, width], z capped, the w
   block, upcast to ``dot_dtype`` if given)."""
   wb = block_of(w, lo, width, vocab_axis)
@@ -224,7 +224,7 @@ class XlaFused(tuning.Configured):
     h, dot_dtype = self._dot(h), self.config.dot_dtype
 
     def step(carry, lo, width):
-      _, z, _ = _block_logits(h, w, lo, width, softcap, self.precision, vocab_axis, dot_dtype)
+      _, z, _ = block_logits(h, w, lo, width, softcap, self.precision, vocab_axis, dot_dtype)
       cols = lo + lax.broadcasted_iota(jnp.int32, (1, width), 1)
       return P.merge(carry, P.block_partials(z, cols, targets, tau_col), tau)
 
@@ -273,7 +273,7 @@ class XlaFused(tuning.Configured):
 
     def step(carry, lo, width):
       dh, dw, dtau = carry
-      x, z, wb = _block_logits(
+      x, z, wb = block_logits(
         h, w, lo, width, softcap, self.precision, vocab_axis, self.config.dot_dtype
       )
       cols = lo + lax.broadcasted_iota(jnp.int32, (1, width), 1)

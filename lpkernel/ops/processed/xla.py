@@ -27,7 +27,7 @@ from jax import lax
 from lpkernel import partials as P
 from lpkernel.ops.blocks import block_of, sweep
 from lpkernel.ops.fused.matmuls import contract, grad_unembed
-from lpkernel.ops.fused.xla import FusedConfig, _block_logits
+from lpkernel.ops.fused.xla import FusedConfig, block_logits
 from lpkernel.ops.logprobs.xla import XlaLogits, chunk_rows, gather
 from lpkernel.ops.processed import select as S
 from lpkernel.ops.platform import on_cpu_or
@@ -159,7 +159,7 @@ def hidden_rows(h, w, softcap, vocab_axis: int, precision, width: int, dot_dtype
   """The capped logits ``h @ w`` as sweepable :class:`~select.Rows` (never formed whole)."""
   v = w.shape[vocab_axis]
   return S.Rows(
-    block=lambda lo, wd: _block_logits(h, w, lo, wd, softcap, precision, vocab_axis, dot_dtype)[1],
+    block=lambda lo, wd: block_logits(h, w, lo, wd, softcap, precision, vocab_axis, dot_dtype)[1],
     vocab_size=v,
     width=min(width, v),
   )
@@ -202,7 +202,7 @@ def hidden_forward(
 
     def step(carry, lo, wd):
       parts, maxima = carry
-      _, z, _ = _block_logits(h, w, lo, wd, softcap, precision, vocab_axis, fused.dot_dtype)
+      _, z, _ = block_logits(h, w, lo, wd, softcap, precision, vocab_axis, fused.dot_dtype)
       cols = lo + lax.broadcasted_iota(jnp.int32, (1, wd), 1)
       parts = P.merge(parts, P.block_partials(z, cols, targets, tau_col, with_entropy=False), tau)
       bm = lax.stop_gradient(_group_maxima(z, g))
@@ -278,7 +278,7 @@ def hidden_grads(
   def backward(cpu: bool):
     def step(carry, lo, wd):
       dh, dw, dtau = carry
-      x, z, wb = _block_logits(h, w, lo, wd, softcap, precision, vocab_axis, fused.dot_dtype)
+      x, z, wb = block_logits(h, w, lo, wd, softcap, precision, vocab_axis, fused.dot_dtype)
       cols = lo + lax.broadcasted_iota(jnp.int32, (1, wd), 1)
       dy, dtau_b = row_grads(z, cols, targets, params, kappa, log_s, log_sk, g, tau_grad)
       dz = P.grad_x(dy, x, tau_col, softcap).astype(h.dtype)  # h as the matmuls take it
