@@ -29,6 +29,9 @@ class Method:
     loss: ``inputs dict -> float32 scalar``.
     wrt: names of the inputs the backward pass differentiates.
     missing: a zero-argument callable returning why it cannot run, or None.
+    baseline: the method whose number it computes and against which its
+      ``vs_baseline`` is taken (None: the case's, ``BASELINE``).
+    skip: ``(case, pass name) -> why it does not run there, or None``.
   """
 
   name: str
@@ -36,6 +39,8 @@ class Method:
   loss: Callable[[dict], jax.Array]
   wrt: tuple[str, ...]
   missing: Callable[[], str | None] = lambda: None
+  baseline: str | None = None
+  skip: Callable[[object, str], str | None] = lambda case, pass_: None
 
 
 def _needs(module: str) -> Callable[[], str | None]:
@@ -121,6 +126,63 @@ def _fused_loss(implementation=None):
   return loss
 
 
+# --- the rollout's processed distribution (temperature 0.7, top-k 50, top-p 0.95) ---
+
+SAMPLING = lpk.Sampling(temperature=0.7, top_k=50, top_p=0.95)
+SORTED_ELEMENTS = 1 << 25  # XLA:CPU sorts about 7 M elements per second: v8k's 4096 rows
+
+
+def _sorts_small(case, pass_: str) -> str | None:
+  """The sort-and-mask baselines run forward, up to ``SORTED_ELEMENTS`` logits."""
+  if pass_ != "forward":
+    return "forward only (it sorts every row)"
+  if case.shape.tokens * case.shape.vocab > SORTED_ELEMENTS:
+    return f"over {SORTED_ELEMENTS} logits (it sorts every row; see the smaller cases)"
+  return None
+
+
+def _kept_sum(stats, where=True):
+  """Sum of processed log-probabilities over the kept scored targets."""
+  return jnp.sum(jnp.where(where & stats.kept, stats.logprobs, 0.0))
+
+
+def _processed(implementation=None):
+  def loss(inp):  # targets shifted as score does: row t scores token t + 1
+    tokens, mask = inp["tokens"], inp["response_mask"]
+    targets = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
+    stats = lpk.processed_token_stats(
+      inp["logits"], targets, SAMPLING, implementation=implementation
+    )
+    scored = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
+    return _kept_sum(stats, scored)
+
+  return loss
+
+
+def _fused_processed(implementation=None):
+  def loss(inp):
+    stats = lpk.fused_processed_token_stats(
+      inp["hidden"], inp["unembed"], inp["targets"], SAMPLING, implementation=implementation
+    )
+    return _kept_sum(stats)
+
+  return loss
+
+
+def _replay(inp):
+  lp = lpk.fused_replay_token_logprobs(
+    inp["hidden"], inp["unembed"], inp["targets"], inp["kept_ids"], temperature=0.7
+  )
+  return jnp.sum(lp)
+
+
+def _replay_materialised(inp):
+  logits = jnp.dot(inp["hidden"], inp["unembed"], preferred_element_type=jnp.float32)
+  return jnp.sum(
+    lpk.replay_token_logprobs(logits, inp["targets"], inp["kept_ids"], temperature=0.7)
+  )
+
+
 def _materialised(inp):
   logits = jnp.dot(inp["hidden"], inp["unembed"], preferred_element_type=jnp.float32)
   return lpk.token_logprobs(logits.astype(inp["hidden"].dtype), inp["targets"]).sum()
@@ -161,6 +223,15 @@ METHODS = [
   Method("lpkernel-loss", False, _lpkernel_loss(), ("logits",)),
   Method("plain", False, _plain, ("logits",)),
   Method("optax", False, _optax, ("logits",)),
+  Method("lpkernel-processed", False, _processed(), ("logits",), baseline="sort-and-mask"),
+  Method(
+    "sort-and-mask",
+    False,
+    _processed("reference"),
+    ("logits",),
+    baseline="sort-and-mask",
+    skip=_sorts_small,
+  ),
   Method("lpkernel-fused", True, _fused(), ("hidden", "unembed")),
   Method(
     "lpkernel-fused-pallas",
@@ -178,6 +249,35 @@ METHODS = [
     lambda: _on_gpu() or _not_default("pallas_gpu", fused=True)(),
   ),
   Method("materialised", True, _materialised, ("hidden", "unembed")),
+  Method(
+    "lpkernel-fused-processed",
+    True,
+    _fused_processed(),
+    ("hidden", "unembed"),
+    baseline="fused-sort-and-mask",
+  ),
+  Method(
+    "fused-sort-and-mask",
+    True,
+    _fused_processed("reference"),
+    ("hidden", "unembed"),
+    baseline="fused-sort-and-mask",
+    skip=_sorts_small,
+  ),
+  Method(
+    "lpkernel-replay",
+    True,
+    _replay,
+    ("hidden", "unembed"),
+    baseline="replay-materialised",
+  ),
+  Method(
+    "replay-materialised",
+    True,
+    _replay_materialised,
+    ("hidden", "unembed"),
+    baseline="replay-materialised",
+  ),
   Method("tokamax-xla", True, _tokamax, ("hidden", "unembed"), _needs("tokamax")),
   Method("jax-cce", True, _jax_cce, ("hidden", "unembed_t"), _needs("jax_cce")),
 ]

@@ -50,6 +50,7 @@ def table(results: list[dict]) -> str:
     "x bwd floor",
     "x matmul",
     "x baseline",
+    "x lpkernel",
     "temp MB",
   ]
   lines = [header]
@@ -71,6 +72,7 @@ def table(results: list[dict]) -> str:
           _ratio(f.get("read+write+2exp")),
           _ratio(f.get("matmul", f.get("3 matmuls"))),
           _ratio(r["vs_baseline"]),
+          _ratio(r.get("vs_lpkernel")),
           "-" if r["temp_mb"] is None else f"{r['temp_mb']:.1f}",
         ]
       )

@@ -11,8 +11,10 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import floors
-from benchmarks.methods import BASELINE, Method
+from benchmarks.methods import BASELINE, METHODS, Method
 from benchmarks.suites import PASSES, Case
+
+KEPT_IDS = 512  # the replayed kept set's size
 
 
 @dataclasses.dataclass
@@ -50,7 +52,17 @@ def make_inputs(case: Case, seed: int = 0) -> dict:
     hidden = jax.random.normal(k1, (s.tokens, s.width), jnp.float32).astype(dtype)
     unembed = (jax.random.normal(k2, (s.width, s.vocab), jnp.float32) / s.width**0.5).astype(dtype)
     targets = jax.random.randint(k3, (s.tokens,), 0, s.vocab, jnp.int32)
-    return {"hidden": hidden, "unembed": unembed, "unembed_t": unembed.T.copy(), "targets": targets}
+    # A recorded kept set per token: the target and 511 other distinct ids (-1 past V).
+    spread = jnp.arange(KEPT_IDS, dtype=jnp.int32) * 7919
+    kept_ids = (targets[:, None] + spread) % s.vocab
+    kept_ids = jnp.where(jnp.arange(KEPT_IDS) < s.vocab, kept_ids, -1)
+    return {
+      "hidden": hidden,
+      "unembed": unembed,
+      "unembed_t": unembed.T.copy(),
+      "targets": targets,
+      "kept_ids": kept_ids,
+    }
   logits = (3 * jax.random.normal(k1, (s.batch, s.time, s.vocab), jnp.float32)).astype(dtype)
   tokens = jax.random.randint(k2, (s.batch, s.time), 0, s.vocab, jnp.int32)
   response_mask = jnp.broadcast_to(jnp.arange(s.time) >= s.time // 2, (s.batch, s.time))
@@ -96,7 +108,7 @@ def run_case(case: Case, methods: list[Method], passes, repeats: int, on_step=la
   for method in methods:
     if method.fused != case.fused:
       continue
-    for pass_name in passes:
+    for pass_name in case.passes or passes:
       row = dict(
         method=method.name,
         case=case.label,
@@ -106,6 +118,9 @@ def run_case(case: Case, methods: list[Method], passes, repeats: int, on_step=la
         fused=case.fused,
       )
       reason = method.missing()
+      if case.methods is not None and method.name not in case.methods:
+        reason = "not run at this shape (see the suite)"
+      reason = reason or method.skip(case, pass_name)
       if reason is None:
         names = sorted(inputs)
         fn = _pass_fn(method, pass_name, names)
@@ -128,18 +143,22 @@ def run_case(case: Case, methods: list[Method], passes, repeats: int, on_step=la
 
 
 def _add_ratios(rows: list[dict], floor_ms: dict, case: Case) -> None:
-  baseline = {
-    r["pass_"]: r for r in rows if r["method"] == BASELINE[case.fused] and r["status"] == "ok"
-  }
+  """Each row against the floors, its baseline (the method's own, else the
+  case's) and lpkernel's plain per-token path (``vs_lpkernel``)."""
+  ok = {(r["method"], r["pass_"]): r for r in rows if r["status"] == "ok"}
+  lpkernel = "lpkernel-fused" if case.fused else "lpkernel"
+  baselines = {m.name: m.baseline for m in METHODS}
   for r in rows:
     if r["status"] != "ok":
       continue
+    base = ok.get((baselines.get(r["method"]) or BASELINE[case.fused], r["pass_"]))
+    plain = ok.get((lpkernel, r["pass_"]))
+    r["vs_lpkernel"] = r["median_ms"] / plain["median_ms"] if plain else None
     if case.fused:
       floor_names = ("matmul",) if r["pass_"] == "forward" else ("3 matmuls",)
     else:
       floor_names = ("read", "exp") if r["pass_"] == "forward" else ("read+write+2exp",)
     r["vs_floor"] = {f: r["median_ms"] / floor_ms[f] for f in floor_names}
-    base = baseline.get(r["pass_"])
     r["vs_baseline"] = r["median_ms"] / base["median_ms"] if base else None
     if "value" in r and base and "value" in base:
       r["rel_diff_vs_baseline"] = abs(r["value"] - base["value"]) / max(abs(base["value"]), 1e-30)

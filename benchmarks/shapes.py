@@ -40,3 +40,5 @@ TINY_HIDDEN = HiddenShape("tiny-fused", 64, 32, 1031)
 FUSED_MEMORY = HiddenShape("fused-d512", 4096, 512, 32000)
 FUSED_DEFAULT = HiddenShape("fused-d1024", 4096, 1024, 32000)
 FUSED_GPU = HiddenShape("fused-gpu", 32768, 4096, 128256)
+# Qwen's vocabulary at D = 2048 (N scaled to 2 CPU cores), for the kept-set replay.
+REPLAY = HiddenShape("replay-qwen", 1024, 2048, 151936)

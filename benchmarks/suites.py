@@ -8,10 +8,16 @@ from benchmarks import shapes
 
 
 class Case(NamedTuple):
-  """One benchmarked problem: a logits or hidden-state shape in one dtype."""
+  """One benchmarked problem: a logits or hidden-state shape in one dtype.
+
+  ``methods`` / ``passes``: only these run (the others' rows say so), for a
+  shape too large for the slow baselines; None for all.
+  """
 
   shape: shapes.LogitsShape | shapes.HiddenShape
   dtype: str
+  methods: tuple[str, ...] | None = None
+  passes: tuple[str, ...] | None = None
 
   @property
   def fused(self) -> bool:
@@ -36,7 +42,9 @@ SUITES: dict[str, list[Case]] = {
   # A few minutes on 2 CPU cores.
   "default": _cases(
     [shapes.SMALL_VOCAB, shapes.LLAMA2_VOCAB, shapes.LLAMA3_VOCAB], [shapes.FUSED_MEMORY]
-  ),
+  )
+  # Replaying a recorded kept set of 512 ids against the full-vocabulary forward.
+  + [Case(shapes.REPLAY, "float32", ("lpkernel-fused", "lpkernel-replay"), ("forward",))],
   # Longer CPU runs.
   "large": _cases([shapes.LLAMA3_VOCAB, shapes.LLAMA3_LONG], [shapes.FUSED_DEFAULT]),
   # Accelerator-sized shapes.
