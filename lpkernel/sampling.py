@@ -100,7 +100,9 @@ def _per_row(value, batch_shape, dtype) -> jax.Array:
   return jnp.broadcast_to(a, batch_shape)
 
 
-def param_rows(sampling: Sampling, batch_shape) -> tuple[jax.Array | None, ...]:
+def param_rows(
+  sampling: Sampling, batch_shape
+) -> tuple[jax.Array | None, jax.Array, jax.Array, jax.Array, jax.Array]:
   """The parameters flattened to one value per position ``[N]``: (temperature or
   None for a Python 1, top_k int32, top_p, min_p, bool bad: an array value out of
   range)."""
@@ -151,7 +153,9 @@ def kept_mask(y: jax.Array, sampling: Sampling) -> jax.Array:
   survivors = jnp.where(keep, prob, 0.0)
   mass = survivors / jnp.sum(survivors, axis=-1, keepdims=True)
   order = jnp.argsort(-y, axis=-1, stable=True)  # descending
-  tail = at_or_below(jnp.take_along_axis(mass, order, axis=-1), jnp.take_along_axis(y, order, axis=-1))
+  tail = at_or_below(
+    jnp.take_along_axis(mass, order, axis=-1), jnp.take_along_axis(y, order, axis=-1)
+  )
   top_p_sorted = (p >= 1) | (tail > 1 - p)
   top_p = jnp.take_along_axis(top_p_sorted, jnp.argsort(order, axis=-1), axis=-1)
   return keep & top_p

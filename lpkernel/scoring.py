@@ -289,7 +289,7 @@ def score_hidden(
         targets,
         sampling,
         softcap=softcap,
-        implementation=implementation,  # type: ignore[arg-type]
+        implementation=implementation,
         vocab_axis=vocab_axis,
       )
       return pstats.logprobs, pstats.greedy, pstats

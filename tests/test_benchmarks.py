@@ -51,8 +51,7 @@ def test_json_schema_and_floors(quick_run):
       # where that baseline does not run (forward+backward of a sort).
       own = {m.name: m.baseline for m in methods.METHODS}.get(r["method"])
       baseline_ran = any(
-        b["method"] == own and b["pass_"] == r["pass_"] and b["status"] == "ok"
-        for b in res["rows"]
+        b["method"] == own and b["pass_"] == r["pass_"] and b["status"] == "ok" for b in res["rows"]
       )
       assert r["vs_baseline"] is not None or (own and not baseline_ran)
   assert quick_run["json"].with_suffix(".png").exists()

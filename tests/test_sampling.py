@@ -36,7 +36,9 @@ def processed(impl: str, logits, targets, sampling, softcap=None) -> ProcessedSt
   w = logits.reshape(n, v)
   if impl == "hidden":
     return lpk.fused_processed_token_stats(hidden, w, targets, sampling, softcap=softcap)
-  return lpk.fused_processed_token_stats(hidden, w.T, targets, sampling, softcap=softcap, vocab_axis=0)
+  return lpk.fused_processed_token_stats(
+    hidden, w.T, targets, sampling, softcap=softcap, vocab_axis=0
+  )
 
 
 def vllm_kept(logits: np.ndarray, temperature, top_k, top_p, min_p) -> np.ndarray:

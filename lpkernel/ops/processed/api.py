@@ -25,6 +25,7 @@ from lpkernel.sampling import ProcessedStats, Sampling, param_rows, processed_lo
 
 _F32 = jnp.float32
 _IMPLEMENTATIONS = (None, "xla", "reference")
+DEFAULT_CONFIG = ProcessedConfig()
 
 
 def _finish(parts, top, rows: S.Rows, targets, tau, knobs, config: ProcessedConfig):
@@ -143,7 +144,7 @@ def processed_token_stats(
   *,
   softcap: float | None = None,
   implementation: str | None = None,
-  config: ProcessedConfig = ProcessedConfig(),
+  config: ProcessedConfig = DEFAULT_CONFIG,
 ) -> ProcessedStats:
   """Each target's log-probability under the rollout engine's processed distribution.
 
@@ -160,7 +161,7 @@ def processed_token_stats(
     softcap: None or ``c > 0``, applied before the temperature, as the model does.
     implementation: None or ``"xla"`` (no ``[N, V]`` temporary, no sort), or
       ``"reference"`` (materialised rows and a sort).
-    config: the XLA path's tiling (:class:`lpkernel.ops.ProcessedConfig`).
+    config: the XLA path's tiling (:class:`lpkernel.ProcessedConfig`).
 
   Returns:
     :class:`lpkernel.ProcessedStats`, each field shaped like ``targets``.
@@ -205,14 +206,14 @@ def fused_processed_token_stats(
   implementation: str | None = None,
   vocab_axis: int = -1,
   precision=None,
-  config: ProcessedConfig = ProcessedConfig(),
+  config: ProcessedConfig = DEFAULT_CONFIG,
   fused_config: FusedConfig | None = None,
 ) -> ProcessedStats:
   """:func:`processed_token_stats` of ``hidden @ unembed`` without the logits.
 
   One sweep over the unembedding's vocabulary blocks (as the fused forward) plus
   the dot products of each token with the ``K * group`` rows of its candidate
-  groups (:class:`lpkernel.ops.ProcessedConfig`); the backward is one sweep.
+  groups (:class:`lpkernel.ProcessedConfig`); the backward is one sweep.
 
   Args:
     hidden: float[..., D]; unembed: float[D, V], or a tied table ``[V, D]`` with

@@ -110,7 +110,7 @@ class Decision(NamedTuple):
     settled: the kept set, its mass and size are known.
     top_k_known: the top-k part of ``kappa`` is known (else a search finds it).
     mass: the kept set's sum of :meth:`Params.e` where settled.
-    count: int32, the kept set's size where settled.
+    size: int32, the kept set's size where settled.
     ceiling: uint32, one past the key of the row's largest value.
   """
 
@@ -118,7 +118,7 @@ class Decision(NamedTuple):
   settled: jax.Array
   top_k_known: jax.Array
   mass: jax.Array
-  count: jax.Array
+  size: jax.Array
   ceiling: jax.Array
 
 
@@ -166,7 +166,7 @@ def decide(
     settled=within | all_on,
     top_k_known=top_k_known,
     mass=jnp.where(all_on, total, jnp.sum(jnp.where(keep, e, 0.0), axis=-1)),
-    count=jnp.where(all_on, vocab_size, jnp.sum(keep, axis=-1, dtype=jnp.int32)),
+    size=jnp.where(all_on, vocab_size, jnp.sum(keep, axis=-1, dtype=jnp.int32)),
     ceiling=order_key(top[:, 0]) + _U32(1),
   )
 
@@ -336,7 +336,7 @@ def threshold(rows: Rows, params: Params, d: Decision) -> tuple[jax.Array, ...]:
     return (
       jnp.where(d.settled, d.kappa, kappa),
       jnp.where(d.settled, d.mass, mass),
-      jnp.where(d.settled, d.count, count),
+      jnp.where(d.settled, d.size, count),
     )
 
-  return lax.cond(jnp.all(d.settled), lambda _: (d.kappa, d.mass, d.count), unsettled, operand=None)
+  return lax.cond(jnp.all(d.settled), lambda _: (d.kappa, d.mass, d.size), unsettled, operand=None)

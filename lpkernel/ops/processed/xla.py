@@ -29,8 +29,8 @@ from lpkernel.ops.blocks import block_of, sweep
 from lpkernel.ops.fused.matmuls import contract, grad_unembed
 from lpkernel.ops.fused.xla import FusedConfig, block_logits
 from lpkernel.ops.logprobs.xla import XlaLogits, chunk_rows, gather
-from lpkernel.ops.processed import select as S
 from lpkernel.ops.platform import on_cpu_or
+from lpkernel.ops.processed import select as S
 
 _F32 = jnp.float32
 
@@ -272,7 +272,6 @@ def hidden_grads(
   over the unembedding's blocks."""
   tau_col = params.col(params.tau)
   v = w.shape[vocab_axis]
-  h_dtype = h.dtype
   h = h if fused.dot_dtype is None else h.astype(fused.dot_dtype)
 
   def backward(cpu: bool):
