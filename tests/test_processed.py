@@ -219,7 +219,8 @@ def _fraction(fn, args, reference_bytes):
 @pytest.mark.parametrize("sampler", ["top_k_top_p", "top_p", "min_p"])
 def test_no_logits_sized_temporaries(dtype, sampler):
   """Forward and forward+backward, from logits and from hidden states (both
-  layouts), under 10% of the float32 logits' bytes."""
+  layouts), under 10% of the float32 logits' bytes; a ``[D, V]`` matrix may add
+  its one transposed copy (the candidates' row gathers)."""
   n, d, v = 2048, 256, 32000
   sampling = {
     "top_k_top_p": lpk.Sampling(0.7, 50, 0.95),
@@ -247,9 +248,16 @@ def test_no_logits_sized_temporaries(dtype, sampler):
     ),
   ]:
     argnums = (0,) if name == "logits" else (0, 1)
+    table = d * v * jnp.dtype(dtype).itemsize if name == "hidden" else 0
     for grad in (False, True):
       f = jax.grad(fn, argnums) if grad else fn
       frac = _fraction(f, args, bound)
-      if frac > 0.1:
+      if frac * bound > 0.1 * bound + table:
         failures.append(f"{name} grad={grad}: {frac:.1%}")
   assert not failures, failures
+
+
+def test_the_rollout_example_runs():
+  from lpkernel.examples import rollout_replay
+
+  assert np.isfinite(rollout_replay.main())

@@ -89,20 +89,27 @@ def replay_token_logprobs(
   return lp.reshape(targets.shape)
 
 
-def _gather_rows(w, ids, vocab_axis: int) -> jax.Array:
-  """``[C, K, D]``: the unembedding's rows (columns of a ``[D, V]`` matrix) at ``ids [C, K]``."""
-  rows = jnp.take(w, ids, axis=vocab_axis)
-  return rows if vocab_axis == 0 else jnp.moveaxis(rows, 0, -1)
+def rows_major(w: jax.Array, vocab_axis: int) -> jax.Array:
+  """The table as ``[V, D]``: itself, or a ``[D, V]`` matrix transposed once (a
+  table-sized temporary). Gathering columns of ``[D, V]`` reads ``D`` strided
+  elements per id: 13x slower than rows on 2 CPU cores (N = 1024, D = 512,
+  V = 32000, K = 512: 1.06 s against 0.08 s)."""
+  return w if vocab_axis == 0 else lax.optimization_barrier(w.T)
 
 
-def _kept_logits(h, w, ids, vocab_axis: int, precision, chunk: int) -> jax.Array:
-  """float32[N, K]: ``h[i] . w_row[ids[i, j]]`` in token chunks."""
+def _gather_rows(w_rows, ids) -> jax.Array:
+  """``[C, K, D]``: rows of a ``[V, D]`` table at ``ids [C, K]``."""
+  return jnp.take(w_rows, ids, axis=0)
+
+
+def _kept_logits(h, w_rows, ids, precision, chunk: int) -> jax.Array:
+  """float32[N, K]: ``h[i] . w_rows[ids[i, j]]`` in token chunks."""
   n, k = ids.shape
-  safe = jnp.clip(ids, 0, w.shape[vocab_axis] - 1)
+  safe = jnp.clip(ids, 0, w_rows.shape[0] - 1)
 
   def step(out, lo, width):
     hc = lax.dynamic_slice_in_dim(h, lo, width, 0)
-    rows = _gather_rows(w, lax.dynamic_slice_in_dim(safe, lo, width, 0), vocab_axis)
+    rows = _gather_rows(w_rows, lax.dynamic_slice_in_dim(safe, lo, width, 0))
     x = jnp.einsum("cd,ckd->ck", hc, rows, precision=precision, preferred_element_type=_F32)
     return lax.dynamic_update_slice_in_dim(out, x, lo, 0)
 
@@ -115,7 +122,7 @@ def _fused_replay(h, w, ids, targets, tau, softcap, vocab_axis, precision, chunk
 
 
 def _fused_replay_fwd(h, w, ids, targets, tau, softcap, vocab_axis, precision, chunk):
-  x_kept = _kept_logits(h, w, ids, vocab_axis, precision, chunk)
+  x_kept = _kept_logits(h, rows_major(w, vocab_axis), ids, precision, chunk)
   v = w.shape[vocab_axis]
   lp, vjp = jax.vjp(lambda x, t: _kept_logprobs(x, ids, targets, t, softcap, v), x_kept, tau)
   return lp, (h, w, ids, vjp)
@@ -126,22 +133,24 @@ def _fused_replay_bwd(softcap, vocab_axis, precision, chunk, residuals, g):
   dx, dtau = vjp(g)  # d logits at the kept ids [N, K]; d tau
   dx = jnp.where(ids >= 0, dx, 0.0)
   safe = jnp.clip(ids, 0, w.shape[vocab_axis] - 1)
+  w_rows = rows_major(w, vocab_axis)
 
   def step(carry, lo, width):
     dh, dw = carry
     hc = lax.dynamic_slice_in_dim(h, lo, width, 0)
     ic = lax.dynamic_slice_in_dim(safe, lo, width, 0)
     dc = lax.dynamic_slice_in_dim(dx, lo, width, 0)
-    rows = _gather_rows(w, ic, vocab_axis)
+    rows = _gather_rows(w_rows, ic)
     dhc = jnp.einsum("ck,ckd->cd", dc, rows, precision=precision, preferred_element_type=_F32)
     d_rows = jnp.einsum("ck,cd->ckd", dc, hc, precision=precision, preferred_element_type=_F32)
     d_rows = d_rows.reshape(-1, h.shape[1])
     flat = ic.reshape(-1)
-    dw = dw.at[flat].add(d_rows) if vocab_axis == 0 else dw.at[:, flat].add(d_rows.T)
+    dw = dw.at[flat].add(d_rows)  # [V, D]
     return lax.dynamic_update_slice_in_dim(dh, dhc.astype(h.dtype), lo, 0), dw
 
-  init = (jnp.zeros(h.shape, h.dtype), jnp.zeros(w.shape, _F32))
+  init = (jnp.zeros(h.shape, h.dtype), jnp.zeros(w_rows.shape, _F32))
   dh, dw = sweep(step, init, h.shape[0], chunk)
+  dw = dw if vocab_axis == 0 else dw.T
   return dh, dw.astype(w.dtype), None, None, dtau
 
 
@@ -162,7 +171,8 @@ def fused_replay_token_logprobs(
 ) -> jax.Array:
   """:func:`replay_token_logprobs` of ``hidden @ unembed``, from the ``K`` kept rows
   of the unembedding per token (``gather_bytes`` of them at a time), never the
-  ``[N, V]`` logits.
+  ``[N, V]`` logits. A ``[D, V]`` matrix is transposed once for its row gathers
+  (a table-sized temporary); a tied ``[V, D]`` table is read as stored.
 
   Args:
     hidden: float[..., D]; unembed: float[D, V] or a tied table ``[V, D]`` with

@@ -31,6 +31,7 @@ from lpkernel.ops.fused.xla import FusedConfig, block_logits
 from lpkernel.ops.logprobs.xla import XlaLogits, chunk_rows, gather
 from lpkernel.ops.platform import on_cpu_or
 from lpkernel.ops.processed import select as S
+from lpkernel.ops.processed.replay import rows_major
 
 _F32 = jnp.float32
 
@@ -168,18 +169,19 @@ def hidden_rows(h, w, softcap, vocab_axis: int, precision, width: int, dot_dtype
 def _pool_values(h, w, vocab_axis: int, precision, softcap, dot_dtype):
   """``values(lo, width, cols) -> float32[width, P]``: ``h[i] . w_row[cols[i, j]]``
   capped, for tokens ``[lo, lo + width)`` (gathering ``width * P`` rows of ``w``,
-  upcast to ``dot_dtype`` if given)."""
+  upcast to ``dot_dtype`` if given), from the table as ``[V, D]`` (a ``[D, V]``
+  matrix transposed once: :func:`~lpkernel.ops.processed.replay.rows_major`)."""
+  w_rows = rows_major(w, vocab_axis)
 
   def values(lo, width, cc):
     hc = lax.dynamic_slice_in_dim(h, lo, width, 0)
     # The barrier keeps a convert of the gathered rows from moving onto all of w
     # and out of the loop (a float32 copy of the table).
-    wb, _ = lax.optimization_barrier((w, lo))
-    rows = jnp.take(wb, cc, axis=vocab_axis)  # [C, P, D] or [D, C, P]
+    wb, _ = lax.optimization_barrier((w_rows, lo))
+    rows = jnp.take(wb, cc, axis=0)  # [C, P, D]
     if dot_dtype is not None:
       rows = rows.astype(dot_dtype)
-    spec = "cd,cpd->cp" if vocab_axis == 0 else "cd,dcp->cp"
-    dots = jnp.einsum(spec, hc, rows, precision=precision, preferred_element_type=_F32)
+    dots = jnp.einsum("cd,cpd->cp", hc, rows, precision=precision, preferred_element_type=_F32)
     return P.capped(dots, softcap)
 
   return values
