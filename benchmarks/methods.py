@@ -170,8 +170,10 @@ def _fused_processed(implementation=None):
 
 
 def _replay(inp):
+  # The table as a tied embedding [V, D] (Qwen's small models tie it): rows are
+  # gathered as stored (a [D, V] matrix would be transposed once first).
   lp = lpk.fused_replay_token_logprobs(
-    inp["hidden"], inp["unembed"], inp["targets"], inp["kept_ids"], temperature=0.7
+    inp["hidden"], inp["unembed_t"], inp["targets"], inp["kept_ids"], temperature=0.7, vocab_axis=0
   )
   return jnp.sum(lp)
 
@@ -268,7 +270,7 @@ METHODS = [
     "lpkernel-replay",
     True,
     _replay,
-    ("hidden", "unembed"),
+    ("hidden", "unembed_t"),
     baseline="replay-materialised",
   ),
   Method(
