@@ -70,8 +70,7 @@ def _logits_op(x, targets, tau, knobs, bad, softcap, k, config, tau_grad):
 
 
 def _logits_fwd(x, targets, tau, knobs, bad, softcap, k, config, tau_grad):
-  parts, top = xla.logits_forward(x, targets, tau, softcap, k, config)
-  rows = xla.logits_rows(jax.lax.stop_gradient(x), softcap, config.sweep_block)
+  parts, top, rows = xla.logits_forward(x, targets, tau, softcap, k, config)
   stats, res = _finish(parts, top, rows, targets, tau, knobs, config)
   return _poisoned(stats, bad), (x, targets, bad, res)
 
@@ -97,13 +96,9 @@ def _hidden_op(
 def _hidden_fwd(
   h, w, targets, tau, knobs, bad, softcap, vocab_axis, precision, k, config, fused, tau_grad
 ):
-  parts, top = xla.hidden_forward(
+  parts, top, rows = xla.hidden_forward(
     h, w, targets, tau, softcap, vocab_axis, precision, k, config, fused
   )
-  hs, ws = jax.lax.stop_gradient(h), jax.lax.stop_gradient(w)
-  width = fused.block(w.shape[vocab_axis], True)
-  hd = hs if fused.dot_dtype is None else hs.astype(fused.dot_dtype)
-  rows = xla.hidden_rows(hd, ws, softcap, vocab_axis, precision, width, fused.dot_dtype)
   stats, res = _finish(parts, top, rows, targets, tau, knobs, config)
   return _poisoned(stats, bad), (h, w, targets, bad, res)
 

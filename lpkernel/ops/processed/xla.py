@@ -141,7 +141,8 @@ def logits_rows(x, softcap, width: int) -> S.Rows:
 
 
 def logits_forward(x, targets, tau, softcap, k: int, config: ProcessedConfig):
-  """(RowPartials of whole rows, float32[N, K] largest capped values) of logits ``x [N, V]``."""
+  """(RowPartials of whole rows, float32[N, K] largest capped values, the rows as
+  sweepable :class:`~select.Rows` for a search) of logits ``x [N, V]``."""
   parts = XlaLogits().partials(x, targets, tau, softcap)
   xs = lax.stop_gradient(x)
   n, v = x.shape
@@ -153,7 +154,7 @@ def logits_forward(x, targets, tau, softcap, k: int, config: ProcessedConfig):
     return P.capped(jax.vmap(gather, in_axes=(None, 1), out_axes=1)(rows, cc), softcap)
 
   chunk = _chunk(config, n, v, cols.shape[1] * 4 * 3)
-  return parts, _pool_top(values, cols, k, v, chunk)
+  return parts, _pool_top(values, cols, k, v, chunk), logits_rows(xs, softcap, config.sweep_block)
 
 
 def hidden_rows(h, w, softcap, vocab_axis: int, precision, width: int, dot_dtype) -> S.Rows:
@@ -190,8 +191,10 @@ def _pool_values(h, w, vocab_axis: int, precision, softcap, dot_dtype):
 def hidden_forward(
   h, w, targets, tau, softcap, vocab_axis: int, precision, k: int, config, fused: FusedConfig
 ):
-  """(RowPartials of whole rows, float32[N, K] largest capped values) of ``h @ w``:
-  one sweep over the unembedding's blocks, then the candidates' dot products."""
+  """(RowPartials of whole rows, float32[N, K] largest capped values, the rows as
+  sweepable :class:`~select.Rows` for a search) of ``h @ w``: one sweep over the
+  unembedding's blocks, then the candidates' dot products. ``h`` is upcast to
+  the dot dtype once, for all three."""
   n = h.shape[0]
   v = w.shape[vocab_axis]
   tau_col = None if tau is None else tau[:, None]
@@ -220,7 +223,8 @@ def hidden_forward(
   hs, ws = lax.stop_gradient(h), lax.stop_gradient(w)
   token_bytes = cols.shape[1] * (h.shape[1] * w.dtype.itemsize + 3 * 4)
   values = _pool_values(hs, ws, vocab_axis, precision, softcap, fused.dot_dtype)
-  return parts, _pool_top(values, cols, k, v, _chunk(config, n, v, token_bytes))
+  rows = hidden_rows(hs, ws, softcap, vocab_axis, precision, fused.block(v, True), fused.dot_dtype)
+  return parts, _pool_top(values, cols, k, v, _chunk(config, n, v, token_bytes)), rows
 
 
 def row_grads(z, cols, targets, params: S.Params, kappa, log_s, log_sk, g, tau_grad: bool):
