@@ -224,7 +224,7 @@ def _sequences(shape, segment_ids) -> _Sequences:
   seg = jnp.asarray(segment_ids).astype(jnp.int32)
   # Segment ids are at most T per row; token (b, t) of segment s > 0 is sequence b * T + s - 1.
   ids = jnp.arange(b)[:, None] * t + jnp.clip(seg - 1, 0, t - 1)
-  present = jax.ops.segment_sum((seg > 0).reshape(-1), ids.reshape(-1), b * t) > 0
+  present = jax.ops.segment_sum((seg > 0).reshape(-1).astype(jnp.int32), ids.reshape(-1), b * t) > 0
   return _Sequences(ids, b * t, present)
 
 
@@ -434,6 +434,7 @@ def policy_loss(
   elif obj.beta:
     raise ValueError(f"beta={obj.beta} needs ref_logprobs in the rollout")
   bonus_mask = mask if entropy_mask is None else mask * entropy_mask
+  before_entropy = loss
   if obj.entropy_coef:
     loss = loss - obj.entropy_coef * _token_mean(entropy.astype(_F32), bonus_mask)
 
@@ -448,6 +449,7 @@ def policy_loss(
     pre_dual=pre_dual,
     pg=(pg_unclipped, pg_clipped),
     pg_loss=pg_loss,
+    before_entropy=before_entropy,
     kl=kl,
     entropy=entropy,
     ppo_kl=ppo_kl,
@@ -457,7 +459,7 @@ def policy_loss(
   return loss, lax.stop_gradient(metrics)
 
 
-def _trl_metrics(obj, *, lp, mask, adv, ratio, seqs, kl, entropy, is_w, **_):
+def _trl_metrics(obj, *, mask, adv, ratio, seqs, kl, entropy, is_w, before_entropy, **_):
   """TRL GRPOTrainer's logged numbers for this batch (one process)."""
   sequence_level = obj.ratio == "sequence"
   seq_mask = seqs.present & (seqs.sum(mask) > 0)
@@ -485,6 +487,8 @@ def _trl_metrics(obj, *, lp, mask, adv, ratio, seqs, kl, entropy, is_w, **_):
     out["kl"] = global_mean(kl)
   if entropy is not None:
     out["entropy"] = _token_mean(entropy.astype(_F32), mask)
+  if obj.entropy_coef:
+    out["policy_loss"] = before_entropy
   if is_w is not None and obj.importance_sampling is not None:
     if obj.importance_sampling.startswith("sequence"):
       ones = jnp.ones_like(mask)  # the sequence's weight sits on each of its tokens

@@ -48,9 +48,9 @@ def unembedding(model: nnx.Module) -> tuple[jax.Array, int, Any]:
   tied = bool(getattr(config, "use_tied_embedding", False) or getattr(config, "weight_tying", False))
   if hasattr(model, "lm_head") and not tied:
     head = model.lm_head
-    return head.w.value, -1, getattr(head, "dtype", None)
+    return head.w[...], -1, getattr(head, "dtype", None)
   embedder = model.embedder
-  return embedder.input_embedding.value, 0, getattr(embedder, "dtype", None)
+  return embedder.input_embedding[...], 0, getattr(embedder, "dtype", None)
 
 
 def _accepts(model: nnx.Module, name: str) -> bool:
@@ -69,7 +69,7 @@ def hidden_states(model: nnx.Module, tokens: jax.Array, **kwargs: Any) -> jax.Ar
   """
   if "output_hidden_states" in inspect.signature(model.__call__).parameters:
     model(tokens, **kwargs, output_hidden_states=True)
-    return nnx.pop(model, nnx.Intermediate)["all_hidden_states"].value[-1]
+    return nnx.pop(model, nnx.Intermediate)["all_hidden_states"].get_value()[-1]
   if not hasattr(model, "final_norm"):
     raise TypeError(
       f"{type(model).__name__} neither sows its hidden states (output_hidden_states=) nor "
@@ -77,7 +77,7 @@ def hidden_states(model: nnx.Module, tokens: jax.Array, **kwargs: Any) -> jax.Ar
     )
   capture = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)
   _, intermediates = capture(tokens, **kwargs)
-  return intermediates["final_norm"]["__call__"].value[-1]
+  return intermediates["final_norm"]["__call__"].get_value()[-1]
 
 
 def _temperature(temperature: float) -> float:
