@@ -13,7 +13,11 @@ lpkernel's fused sweep:
   ``epsilon_high``, ``epsilon_c``, ``loss_algo`` incl. ``gspo-token``,
   ``loss_agg_mode``, ``kl_loss_mode``, ``kl_clamp_value``, ``temperature``,
   ``sampler_is_weights``) and returning every aux key tunix's learners log.
-  A tunix user switches with ``GRPOConfig(policy_loss_fn="lpkernel_grpo")``.
+  A tunix user switches with ``GRPOConfig(policy_loss_fn="lpkernel_grpo")``;
+* :func:`route_log_probabilities`: tunix's reference / old-policy / rollout
+  log-probabilities through the drop-in as well;
+* :func:`model_spec`: the ``lpkernel.flax.ModelSpec`` of a tunix model, so
+  ``lpk.flax.score_model`` (and the lm-eval backend) score it, fused or not.
 
 Model families (Qwen2, Qwen3, Gemma 3: ``output_hidden_states=True`` sows the
 final hidden states; Llama 3: the final norm's output is captured with
@@ -32,6 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 from tunix.rl import common, function_registry
 
+from lpkernel.flax.spec import ModelSpec
 from lpkernel.ops.fused.api import fused_token_stats
 from lpkernel.rl import PolicyObjective, Rollout, policy_loss
 
@@ -78,6 +83,38 @@ def hidden_states(model: nnx.Module, tokens: jax.Array, **kwargs: Any) -> jax.Ar
   capture = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)
   _, intermediates = capture(tokens, **kwargs)
   return intermediates["final_norm"]["__call__"].get_value()[-1]
+
+
+def _call(model: nnx.Module, tokens: jax.Array, **keywords: Any):
+  """``ModelSpec.call`` for tunix models: logits ``[B, T, V]``, or with
+  ``output_hidden_states=True`` the pair ``(hidden, unembed)``. Rows without
+  packing keywords are one sequence each (positions from 0, causal mask)."""
+  hidden = keywords.pop("output_hidden_states", False)
+  if "positions" not in keywords:
+    b, t = tokens.shape
+    keywords["positions"] = jnp.broadcast_to(jnp.arange(t), (b, t))
+    keywords["attention_mask"] = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+  keywords["cache"] = None
+  if not hidden:
+    return model(tokens, **keywords)[0]
+  table, _, dtype = unembedding(model)
+  h = hidden_states(model, tokens, **keywords)
+  return (h, table) if dtype is None else (h.astype(dtype), table.astype(dtype))
+
+
+def model_spec(model: nnx.Module) -> ModelSpec:
+  """The :class:`~lpkernel.flax.ModelSpec` of a tunix causal LM (Qwen2, Qwen3,
+  Llama 3, Gemma 3), for ``lpk.flax.score_model(model, ..., spec=model_spec(model))``:
+  packed rows through ``positions`` and ``attention_mask``, ``fused=True``
+  through its sown hidden states and its (tied or untied) unembedding."""
+  _, vocab_axis, _ = unembedding(model)
+  return ModelSpec(
+    attention_mask="attention_mask",
+    positions="positions",
+    hidden="output_hidden_states",
+    vocab_axis=vocab_axis,
+    call=_call,
+  )
 
 
 def _temperature(temperature: float) -> float:
@@ -182,6 +219,23 @@ def compute_per_token_logps(
   return (lp, entropy) if return_entropy else lp
 
 
+_TUNIX_COMPUTE_PER_TOKEN_LOGPS = common.compute_per_token_logps
+
+
+def _routed(*args, return_logits: bool = False, **kwargs):
+  if return_logits:  # a caller that reads the logits keeps tunix's own
+    return _TUNIX_COMPUTE_PER_TOKEN_LOGPS(*args, return_logits=True, **kwargs)
+  return compute_per_token_logps(*args, **kwargs)
+
+
+def route_log_probabilities(enabled: bool = True) -> None:
+  """Route tunix's own ``common.compute_per_token_logps`` calls (the reference,
+  old-policy and rollout log-probabilities of ``RLCluster`` and the rollout
+  workers) through :func:`compute_per_token_logps`; calls that ask for the
+  logits keep tunix's. ``enabled=False`` restores tunix's function."""
+  common.compute_per_token_logps = _routed if enabled else _TUNIX_COMPUTE_PER_TOKEN_LOGPS
+
+
 def objective_from_config(algo_config: Any) -> PolicyObjective:
   """The :class:`~lpkernel.rl.PolicyObjective` a tunix ``GRPOConfig`` describes
   (tunix's ``"grpo"`` loss: log-ratio clamp 20, tunix metric keys)."""
@@ -239,7 +293,9 @@ __all__ = [
   "compute_per_token_logps",
   "grpo_loss_fn",
   "hidden_states",
+  "model_spec",
   "objective_from_config",
+  "route_log_probabilities",
   "token_stats",
   "unembedding",
 ]

@@ -17,6 +17,8 @@ from tunix.models.qwen3 import model as qwen3  # noqa: E402
 from tunix.rl import algo_core, common, function_registry  # noqa: E402
 from tunix.rl.grpo import grpo_learner  # noqa: E402
 
+import lpkernel as lpk  # noqa: E402
+import lpkernel.flax  # noqa: E402, F401
 import lpkernel.tunix as lpk_tunix  # noqa: E402
 from tests.helpers import assert_close  # noqa: E402
 
@@ -221,3 +223,42 @@ def test_grpo_step_temporaries_side_by_side():
   assert theirs > logits_bytes  # tunix holds the float32 logits (at least once)
   assert ours < 0.10 * theirs, (ours, theirs)
   assert np.isfinite(ours)
+
+
+def test_routed_tunix_calls_use_lpkernel_unless_they_read_logits():
+  graphdef, state = nnx.split(_model("qwen3"))
+  prompt_ids, completion_ids = _unpacked()
+  args = (graphdef, state, prompt_ids, completion_ids, PAD, EOS)
+  original = common.compute_per_token_logps
+  lpk_tunix.route_log_probabilities()
+  try:
+    assert common.compute_per_token_logps is not original
+    routed = common.compute_per_token_logps(*args, stop_gradient=True, return_logits=False)
+    lp_tunix, logits = common.compute_per_token_logps(*args, return_logits=True)
+    assert logits.shape[-1] == 1000  # tunix's own path, for its own losses
+  finally:
+    lpk_tunix.route_log_probabilities(False)
+  assert common.compute_per_token_logps is original
+  assert_close(routed, lp_tunix, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama3"])
+def test_model_spec_scores_tunix_models_fused_and_packed(family):
+  """lpk.flax.score_model on a tunix model: logits and fused paths equal
+  lpk.score on the model's own logits; packed rows equal rows of their own."""
+  model = _model(family, 500)
+  spec = lpk_tunix.model_spec(model)
+  tokens = jax.random.randint(jax.random.key(0), (2, 9), 3, 500)
+  response = jnp.broadcast_to(jnp.arange(9) >= 4, (2, 9))
+  positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
+  logits = model(tokens, positions, None, jnp.tril(jnp.ones((2, 9, 9), bool)))[0]
+  expected = lpk.score(logits, tokens, response)
+  for fused in (False, True):
+    scores = lpk.flax.score_model(model, tokens, response, spec=spec, fused=fused)
+    assert_close(scores.joint_logprob, expected.joint_logprob, rtol=1e-5, atol=1e-5)
+  seg = jnp.array([[1] * 4 + [2] * 5] * 2)
+  packed = lpk.flax.score_model(
+    model, tokens, response, spec=spec, fused=True, segment_ids=seg, num_segments=2
+  )
+  second = lpk.flax.score_model(model, tokens[:, 4:], response[:, 4:], spec=spec, fused=True)
+  assert_close(packed.joint_logprob[:, 1], second.joint_logprob, rtol=1e-5, atol=1e-5)

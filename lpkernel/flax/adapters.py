@@ -73,7 +73,11 @@ class BoundModel:
     """``spec.read`` of the model's output for ``tokens`` packed by ``segment_ids``."""
     kwargs = self.spec.call_kwargs(segment_ids, fused)
     module, variables = self.module_and_variables(state)
-    if self.kind == "nnx":
+    if self.spec.call is not None:
+      if self.kind not in ("nnx", "callable"):
+        raise TypeError("ModelSpec.call applies to nnx modules and plain callables, not linen")
+      out = self.spec.call(module if self.kind == "nnx" else self.static, tokens, **kwargs)
+    elif self.kind == "nnx":
       out = module(tokens, **kwargs)
     elif self.kind == "linen":
       out = module.apply(variables, tokens, **kwargs)

@@ -77,6 +77,11 @@ class ModelSpec:
     max_length: the most tokens the model takes in one row (its context
       window), a number or ``max_length(module, variables)``; None: not
       declared (the lm-eval backend then needs ``max_length=``).
+    call: how an nnx module (or a plain callable model) is called:
+      ``call(model, tokens, **keywords)`` returns the output read as above;
+      None: ``model(tokens, **keywords)``. For models that take constant
+      keywords, return tuples or hand over hidden states through ``sow``
+      (``lpkernel.tunix.model_spec`` is one).
   """
 
   segment_ids: str | None = None
@@ -89,6 +94,7 @@ class ModelSpec:
   vocab_axis: int = -1
   softcap: float | Callable[[Any, Any], float | None] | None = None
   max_length: int | Callable[[Any, Any], int] | None = None
+  call: Callable[..., Any] | None = None
 
   def __post_init__(self):
     for name in ("segment_ids", "attention_mask", "positions", "hidden"):
