@@ -19,7 +19,7 @@ from pathlib import Path
 
 import jax
 
-from benchmarks import loglikelihood, report, tune
+from benchmarks import loglikelihood, policy_step, report, tune
 from benchmarks import methods as methods_lib
 from benchmarks.runner import run_suite
 from benchmarks.suites import PASSES, SUITES
@@ -144,6 +144,10 @@ def main(argv=None) -> dict:
       results += _run_child(alloc, child_argv + ["--case", str(i)])
   # lm-eval-style requests per second (packed and one per row), in this process.
   requests_rows = loglikelihood.measure(args.repeats, quick=args.suite == "quick")
+  # One GRPO step's log-prob head, tunix's way and lpkernel's (lpkernel.tunix), and
+  # the production shape's temporaries, compiled only.
+  step_rows = policy_step.measure(args.repeats, quick=args.suite == "quick")
+  production_rows = policy_step.production_temporaries()
   meta = report.metadata(args.suite, args.repeats, sorted({r["allocator"] for r in results}))
   # Which configuration implementation=None ran per case (heuristics, tuned table).
   meta["configurations"] = tune.configurations(SUITES[args.suite])
@@ -153,7 +157,15 @@ def main(argv=None) -> dict:
   print("\nconfiguration implementation=None ran (heuristics, tuned table):")
   print("\n".join(f"  {case}: {impl}" for case, impl in meta["configurations"].items()))
   print("\nlm-eval-style loglikelihood requests:\n" + loglikelihood.table(requests_rows))
-  report.write_json(stem.with_suffix(".json"), meta, results, loglikelihood=requests_rows)
+  print("\none GRPO policy step's log-prob head:\n" + policy_step.table(step_rows, production_rows))
+  report.write_json(
+    stem.with_suffix(".json"),
+    meta,
+    results,
+    loglikelihood=requests_rows,
+    policy_step=step_rows,
+    policy_step_production=production_rows,
+  )
   if not args.no_plot:
     report.plot(stem.with_suffix(".png"), results)
   print(
@@ -164,6 +176,8 @@ def main(argv=None) -> dict:
     "meta": meta,
     "results": results,
     "loglikelihood": requests_rows,
+    "policy_step": step_rows,
+    "policy_step_production": production_rows,
     "json": stem.with_suffix(".json"),
   }
 

@@ -84,6 +84,26 @@ def write_results_page(root: Path, out_dir: Path) -> Path:
         f"- lm-eval requests ({request['case']}, {packed}): "
         f"{request['requests_per_second']:.0f} requests/s"
       )
+    steps = [r for r in data.get("policy_step", []) if r.get("status") == "ok"]
+    if steps:
+      lines += [
+        "",
+        "One GRPO policy step's log-prob head (`benchmarks/policy_step.py`):",
+        "",
+        "| case | pass | method | s | temp MiB | x tunix time | x tunix temp |",
+        "|---|---|---|---|---|---|---|",
+      ]
+      lines += [
+        f"| {r['case']} | {r['pass_']} | {r['method']} | {r['seconds']:.3f} | "
+        f"{r['temp_mib']:.1f} | {r['vs_tunix_time']:.2f} | {r['vs_tunix_temporaries']:.3f} |"
+        for r in steps
+      ]
+    for p in data.get("policy_step_production", []):
+      if "case" in p:
+        lines.append(
+          f"- compiled only, {p['case']}: temporaries tunix {p['tunix_gib']:.2f} GiB, "
+          f"lpkernel {p['lpkernel_gib']:.2f} GiB"
+        )
     png = path.with_suffix(".png")
     if png.exists():
       shutil.copy(png, plots / png.name)

@@ -3,6 +3,7 @@
 from lpkernel import losses as losses
 from lpkernel import ops as ops
 from lpkernel import reference as reference
+from lpkernel import rl as rl
 from lpkernel.checks import check_chain_rule as check_chain_rule
 from lpkernel.checks import check_inputs as check_inputs
 from lpkernel.checks import checkify_inputs as checkify_inputs
@@ -63,6 +64,7 @@ __all__ = [
   "losses",
   "ops",
   "reference",
+  "rl",
   "score",
   "score_hidden",
   "token_logprobs",

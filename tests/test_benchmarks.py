@@ -58,6 +58,11 @@ def test_json_schema_and_floors(quick_run):
   requests = data["loglikelihood"]
   assert [r["packed"] for r in requests] == [True, False]
   assert all(r["requests_per_second"] > 0 and r["seconds"] > 0 for r in requests)
+  steps = [r for r in data["policy_step"] if r["status"] == "ok"]
+  assert {r["method"].split()[0] for r in steps} == {"tunix", "lpkernel"}
+  assert all(r["seconds"] > 0 and r["temp_mib"] >= 0 for r in steps)
+  for r in data["policy_step_production"]:  # compiled only: lpkernel's never near tunix's
+    assert r["lpkernel_gib"] < 0.2 * r["tunix_gib"], r
 
 
 def test_every_method_agrees_with_the_baseline(quick_run):

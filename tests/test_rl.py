@@ -474,3 +474,10 @@ def test_matches_trls_grpo_loss(loss_type, level):
   for key, value in trl_metrics.items():
     if key != "entropy_coef":  # TRL's controller state, not a number of this batch
       assert_close(metrics[key], value, rtol=1e-5, atol=1e-7, what=key)
+
+
+def test_grpo_example_learns_the_toy_reward():
+  from lpkernel.examples import grpo
+
+  rewards = grpo.main(steps=8)
+  assert rewards[0] < 0.3 and max(rewards[-3:]) > 0.8, rewards
