@@ -13,6 +13,7 @@ temporaries (``jax.ShapeDtypeStruct`` inputs, ``memory_analysis()``).
 
 from __future__ import annotations
 
+import functools
 import time
 import types
 from typing import NamedTuple
@@ -111,11 +112,11 @@ def _config(t):
   return config
 
 
-def _step(t, name: str, graphdef, example, config):
-  """``state -> (loss, d state)`` through the named registered policy loss."""
+def _step(t, name: str, graphdef, config):
+  """``(state, example) -> (loss, d state)`` through the named registered policy loss."""
   loss_fn = t.registry.get_policy_loss_fn(name)
 
-  def step(state):
+  def step(state, example):
     return jax.value_and_grad(
       lambda s: loss_fn(t.nnx.merge(graphdef, s), example, config, PAD, EOS)[0]
     )(state)
@@ -123,30 +124,31 @@ def _step(t, name: str, graphdef, example, config):
   return jax.jit(step)
 
 
-def _logps(t, name: str, graphdef, example):
-  """``state -> per-token log-probabilities``: tunix's or lpkernel's forward."""
+def _logps(t, who: str, graphdef):
+  """``(state, example) -> per-token log-probabilities``: tunix's or lpkernel's forward."""
   compute = (
-    t.common.compute_per_token_logps
-    if name == "tunix"
-    else t.lpk_tunix.compute_per_token_logps
-  )
-  return jax.jit(
-    lambda state: compute(graphdef, state, example.prompt_ids, example.completion_ids, PAD, EOS)
+    t.common.compute_per_token_logps if who == "tunix" else t.lpk_tunix.compute_per_token_logps
   )
 
+  def logps(state, example):
+    return compute(graphdef, state, example.prompt_ids, example.completion_ids, PAD, EOS)
 
-def _time(fn, arg, repeats: int) -> float:
-  jax.block_until_ready(fn(arg))
+  return jax.jit(logps)
+
+
+def _time(fn, args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(fn(arg))
+    jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
   return float(np.median(times))
 
 
-def _temporaries(fn, arg) -> float:
-  return fn.lower(arg).compile().memory_analysis().temp_size_in_bytes / 2**20
+def _temporaries(fn, args) -> float:
+  """MiB of the compiled program's temporaries."""
+  return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes / 2**20
 
 
 def _chunked(t) -> str | None:
@@ -172,20 +174,22 @@ def measure(repeats: int = 3, quick: bool = False) -> list[dict]:
     example = _example(t, shape, k[2])
     config = _config(t)
     case = f"{shape.label} {dtype}"
-    for pass_, build in (
-      ("forward+backward", lambda who: _step(t, who, graphdef, example, config)),
-      ("forward", lambda who: _logps(t, who, graphdef, example)),
-    ):
+    for pass_ in ("forward+backward", "forward"):
       timed = {}
-      for who, name in (("tunix", "grpo"), ("lpkernel", "lpkernel_grpo")):
-        fn = build(name if pass_ == "forward+backward" else who)
-        timed[who] = (_time(fn, state, repeats), _temporaries(fn, state))
+      for who, loss_name in (("tunix", "grpo"), ("lpkernel", "lpkernel_grpo")):
+        if pass_ == "forward+backward":
+          fn = _step(t, loss_name, graphdef, config)
+        else:
+          fn = _logps(t, who, graphdef)
+        args = (state, example)
+        timed[who] = (_time(fn, args, repeats), _temporaries(fn, args))
       for who, (seconds, temps) in timed.items():
+        what = "grpo_loss_fn" if pass_ == "forward+backward" else "compute_per_token_logps"
         rows.append(
           {
             "case": case,
             "pass_": pass_,
-            "method": f"{who} {'grpo_loss_fn' if pass_ != 'forward' else 'compute_per_token_logps'}",
+            "method": f"{who} {what}",
             "seconds": seconds,
             "temp_mib": temps,
             "vs_tunix_time": seconds / timed["tunix"][0],
@@ -205,6 +209,15 @@ def measure(repeats: int = 3, quick: bool = False) -> list[dict]:
   return rows
 
 
+def _zeros_head(t, shape: StepShape):
+  length = shape.prompt + shape.completion
+  return head_model(
+    t,
+    jnp.zeros((shape.batch, length, shape.width), jnp.bfloat16),
+    jnp.zeros((shape.vocab, shape.width), jnp.bfloat16),
+  )
+
+
 def production_temporaries() -> list[dict]:
   """GiB of temporaries of a GRPO step's log-prob head (policy log-probs and
   entropy, forward+backward, bfloat16 hidden states and tied table), compiled for
@@ -214,28 +227,13 @@ def production_temporaries() -> list[dict]:
     return [{"status": "skipped: tunix is not installed"}]
   rows = []
   for shape in PRODUCTION:
+    graphdef, state = t.nnx.split(t.nnx.eval_shape(functools.partial(_zeros_head, t, shape)))
+    example = jax.eval_shape(functools.partial(_example, t, shape, jax.random.key(0)))
     length = shape.prompt + shape.completion
-    abstract = t.nnx.eval_shape(
-      lambda: head_model(
-        t,
-        jnp.zeros((shape.batch, length, shape.width), jnp.bfloat16),
-        jnp.zeros((shape.vocab, shape.width), jnp.bfloat16),
-      )
-    )
-    graphdef, state = t.nnx.split(abstract)
-    example = jax.eval_shape(lambda: _example(t, shape, jax.random.key(0)))
     out = {"case": f"{shape.label} bfloat16", "logits_gib": length * shape.vocab * 4 / 2**30}
     for who, name in (("tunix", "grpo"), ("lpkernel", "lpkernel_grpo")):
-      loss_fn = t.registry.get_policy_loss_fn(name)
-      config = _config(t)
-
-      def step(state, example, loss_fn=loss_fn, config=config):
-        return jax.grad(
-          lambda s: loss_fn(t.nnx.merge(graphdef, s), example, config, PAD, EOS)[0]
-        )(state)
-
-      compiled = jax.jit(step).lower(state, example).compile()
-      out[f"{who}_gib"] = compiled.memory_analysis().temp_size_in_bytes / 2**30
+      step = _step(t, name, graphdef, _config(t))
+      out[f"{who}_gib"] = _temporaries(step, (state, example)) / 2**10
     rows.append(out)
   return rows
 

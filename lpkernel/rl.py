@@ -1,4 +1,4 @@
-"""Policy-gradient objectives (GRPO, DAPO, Dr. GRPO, GSPO, PPO-style) from per-token log-probabilities.
+"""Policy-gradient objectives (GRPO, DAPO, Dr. GRPO, GSPO, PPO) from per-token log-probabilities.
 
 Every objective is a pure function of per-token arrays ``[B, T]``: the policy's
 log-probabilities (the only input with a gradient), a loss mask, advantages and
@@ -203,14 +203,14 @@ class Rollout(NamedTuple):
 
 
 class _Sequences(NamedTuple):
-  """Which sequence each token belongs to: ``ids [B, T]`` into ``count`` sequences."""
+  """Which sequence each token belongs to: ``ids [B, T]`` into ``size`` sequences."""
 
   ids: jax.Array
-  count: int
+  size: int
   present: jax.Array  # bool [count]: the sequence exists (a row, or a segment that occurs)
 
   def sum(self, x: jax.Array) -> jax.Array:
-    return jax.ops.segment_sum(x.reshape(-1), self.ids.reshape(-1), self.count)
+    return jax.ops.segment_sum(x.reshape(-1), self.ids.reshape(-1), self.size)
 
   def spread(self, per_sequence: jax.Array) -> jax.Array:
     return per_sequence[self.ids]
@@ -280,7 +280,8 @@ def _aggregate(x, mask, seqs: _Sequences, objective: PolicyObjective, global_tok
 
 
 def _token_mean(x, mask, eps: float = 0.0):
-  """``sum(x m) / sum(m)``: clamped at 1 (TRL, tunix's ``kl``) or ``+ eps`` (tunix's ``masked_mean``)."""
+  """``sum(x m) / sum(m)``, the count clamped at 1 (TRL, tunix's ``kl``) or plus
+  ``eps`` (tunix's ``masked_mean``)."""
   if eps:
     return jnp.sum(x * mask) / (jnp.sum(mask) + eps)
   return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1)
@@ -436,6 +437,7 @@ def policy_loss(
   bonus_mask = mask if entropy_mask is None else mask * entropy_mask
   before_entropy = loss
   if obj.entropy_coef:
+    assert entropy is not None  # needs_entropy, checked above
     loss = loss - obj.entropy_coef * _token_mean(entropy.astype(_F32), bonus_mask)
 
   terms = dict(
@@ -522,9 +524,7 @@ def _tunix_metrics(
     "pg_loss": pg_loss,
     "pg_clipfrac": mean((pg_clipped > pg_unclipped).astype(_F32)),
     "ppo_kl": ppo_kl,
-    "pg_clipfrac_lower": zero
-    if lower is None
-    else _aggregate(lower.astype(_F32), mask, seqs, obj),
+    "pg_clipfrac_lower": zero if lower is None else _aggregate(lower.astype(_F32), mask, seqs, obj),
     "is_ratio/mean": mean(ratio),
     "is_ratio/max": jnp.max(jnp.where(on, ratio, 0.0)),
     "is_ratio/min": jnp.min(jnp.where(on, ratio, jnp.inf)),
@@ -569,7 +569,7 @@ def policy_token_stats(
   if sampling is not None:
     if not (isinstance(temperature, (int, float)) and temperature == 1.0):
       raise ValueError("pass the temperature inside sampling= (lpk.Sampling(temperature=...))")
-    stats = fused_processed_token_stats(
+    processed = fused_processed_token_stats(
       hidden,
       unembed,
       targets,
@@ -578,7 +578,7 @@ def policy_token_stats(
       vocab_axis=vocab_axis,
       implementation=implementation,
     )
-    return stats.logprobs, None
+    return processed.logprobs, None
   stats = fused_token_stats(
     hidden,
     unembed,

@@ -50,11 +50,19 @@ def unembedding(model: nnx.Module) -> tuple[jax.Array, int, Any]:
   casts both operands to (None: as stored).
   """
   config = getattr(model, "config", None)
-  tied = bool(getattr(config, "use_tied_embedding", False) or getattr(config, "weight_tying", False))
+  tied = bool(
+    getattr(config, "use_tied_embedding", False) or getattr(config, "weight_tying", False)
+  )
   if hasattr(model, "lm_head") and not tied:
     head = model.lm_head
-    return head.w[...], -1, getattr(head, "dtype", None)
-  embedder = model.embedder
+    if getattr(head, "bias", None) is not None:
+      raise TypeError(
+        f"{type(model).__name__}.lm_head adds a bias to the logits: the fused sweep "
+        "computes hidden @ unembed only (score its logits with lpk.score instead)"
+      )
+    weight = head.w if hasattr(head, "w") else head.kernel  # tunix's Einsum, or nnx.Linear
+    return weight[...], -1, getattr(head, "dtype", None)
+  embedder = getattr(model, "embedder")  # noqa: B009  (nnx.Module declares no attributes)
   return embedder.input_embedding[...], 0, getattr(embedder, "dtype", None)
 
 
@@ -73,16 +81,19 @@ def hidden_states(model: nnx.Module, tokens: jax.Array, **kwargs: Any) -> jax.Ar
   so XLA removes the head's matmul.
   """
   if "output_hidden_states" in inspect.signature(model.__call__).parameters:
-    model(tokens, **kwargs, output_hidden_states=True)
-    return nnx.pop(model, nnx.Intermediate)["all_hidden_states"].get_value()[-1]
-  if not hasattr(model, "final_norm"):
+    call = nnx.capture(model, nnx.Intermediate)
+    _, sown = call(tokens, **kwargs, output_hidden_states=True)
+    hidden: Any = sown["all_hidden_states"]
+  elif hasattr(model, "final_norm"):  # Llama 3 sows nothing: its final norm's output
+    call = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)
+    _, outputs = call(tokens, **kwargs)
+    hidden = outputs["final_norm"]["__call__"]
+  else:
     raise TypeError(
       f"{type(model).__name__} neither sows its hidden states (output_hidden_states=) nor "
       "has a final_norm to capture them from"
     )
-  capture = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)
-  _, intermediates = capture(tokens, **kwargs)
-  return intermediates["final_norm"]["__call__"].get_value()[-1]
+  return hidden.get_value()[-1]
 
 
 def _call(model: nnx.Module, tokens: jax.Array, **keywords: Any):

@@ -43,11 +43,11 @@ def _oracle_aggregate(x, m, mode, max_length):
   if mode in ("bnpo", "token-mean", "dapo"):
     return sum(rows) / max(m.sum(), 1)
   if mode == "grpo":
-    return np.mean([r / max(c, 1) for r, c in zip(rows, n)])
+    return np.mean([r / max(c, 1) for r, c in zip(rows, n, strict=True)])
   if mode == "dr_grpo":
     return sum(rows) / (x.shape[0] * norm)
   if mode == "sequence-mean-token-mean":
-    return sum(r / c for r, c in zip(rows, n) if c > 0) / nonempty
+    return sum(r / c for r, c in zip(rows, n, strict=True) if c > 0) / nonempty
   if mode == "sequence-mean-token-scale":
     return sum(rows) / norm / nonempty
   return sum(rows) / nonempty  # seq-mean-token-sum, sequence-mean-token-sum-norm
@@ -169,7 +169,9 @@ def test_gspo_token_gradient_is_each_tokens_own():
   obj = rl.PolicyObjective(ratio="gspo-token", aggregation="token-mean", epsilon=0.9)
   g = jax.grad(lambda a: rl.policy_loss(a, rollout, obj)[0])(lp)
   m = np.asarray(rollout.mask)
-  w = np.exp([(np.asarray(lp - rollout.old_logprobs)[b] * m[b]).sum() / max(m[b].sum(), 1) for b in range(B)])
+  w = np.exp(
+    [(np.asarray(lp - rollout.old_logprobs)[b] * m[b]).sum() / max(m[b].sum(), 1) for b in range(B)]
+  )
   expected = -np.asarray(rollout.advantages)[:, None] * w[:, None] * m / m.sum()
   assert_close(g, expected, rtol=1e-5, atol=1e-7, what="gspo-token gradient")
 
@@ -215,8 +217,10 @@ def test_packed_sequences_equal_one_sequence_per_row():
     obj = rl.PolicyObjective(aggregation=agg, ratio=ratio, beta=0.05, max_length=6)
     flat = rl.Rollout(unpacked_mask, adv, old, ref)
     packed = rl.Rollout(pack(unpacked_mask), packed_adv, pack(old), pack(ref), segment_ids=seg)
-    loss_u, g_u = jax.value_and_grad(lambda a: rl.policy_loss(a, flat, obj)[0])(lp)
-    loss_p, g_p = jax.value_and_grad(lambda a: rl.policy_loss(a, packed, obj)[0])(pack(lp))
+    loss_u, g_u = jax.value_and_grad(lambda a, r=flat, o=obj: rl.policy_loss(a, r, o)[0])(lp)
+    loss_p, g_p = jax.value_and_grad(lambda a, r=packed, o=obj: rl.policy_loss(a, r, o)[0])(
+      pack(lp)
+    )
     assert_close(loss_p, loss_u, rtol=1e-6, atol=1e-7, what=f"{agg} {ratio} loss")
     assert_close(g_p, pack(g_u), rtol=1e-5, atol=1e-7, what=f"{agg} {ratio} gradient")
 
@@ -336,7 +340,7 @@ def test_fused_objective_equals_the_objective_on_materialised_logits(vocab_axis)
   value, grads = jax.value_and_grad(fused, argnums=(0, 1))(h, table)
   value_ref, grads_ref = jax.value_and_grad(materialised, argnums=(0, 1))(h, table)
   assert_close(value, value_ref, rtol=1e-5, atol=1e-6, what="loss")
-  for g, g_ref, name in zip(grads, grads_ref, ("d hidden", "d unembed")):
+  for g, g_ref, name in zip(grads, grads_ref, ("d hidden", "d unembed"), strict=True):
     assert_close(g, g_ref, rtol=1e-4, atol=1e-6, what=name)
 
 

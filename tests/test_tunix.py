@@ -11,11 +11,19 @@ import pytest
 
 tunix = pytest.importorskip("tunix")
 
+import optax  # noqa: E402
 from flax import nnx  # noqa: E402
+from grain import python as grain  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
+from tunix.models.gemma3 import model as gemma3  # noqa: E402
 from tunix.models.llama3 import model as llama3  # noqa: E402
+from tunix.models.qwen2 import model as qwen2  # noqa: E402
 from tunix.models.qwen3 import model as qwen3  # noqa: E402
 from tunix.rl import algo_core, common, function_registry  # noqa: E402
+from tunix.rl import rl_cluster as rl_cluster_lib  # noqa: E402
 from tunix.rl.grpo import grpo_learner  # noqa: E402
+from tunix.rl.rollout import base_rollout  # noqa: E402
+from tunix.tests import test_common as tunix_test_common  # noqa: E402
 
 import lpkernel as lpk  # noqa: E402
 import lpkernel.flax  # noqa: E402, F401
@@ -42,6 +50,14 @@ def _model(family: str, vocab_size: int = 1000):
   if family == "qwen3-tied":
     config = qwen3.ModelConfig(vocab_size=vocab_size, use_tied_embedding=True, **SMALL)
     return qwen3.Qwen3(config, rngs=nnx.Rngs(0))
+  if family == "qwen2":
+    return qwen2.Qwen2(qwen2.ModelConfig(vocab_size=vocab_size, **SMALL), rngs=nnx.Rngs(0))
+  if family == "gemma3":
+    sizes = {k: v for k, v in SMALL.items() if k not in ("rope_theta", "norm_eps")}
+    config = gemma3.ModelConfig(
+      num_embed=vocab_size, sliding_window_size=4, param_dtype=jnp.float32, **sizes
+    )
+    return gemma3.Gemma3(config, rngs=nnx.Rngs(0))
   config = llama3.ModelConfig(vocab_size=vocab_size, weight_tying=True, **SMALL)
   return llama3.Llama3(config, rngs=nnx.Rngs(0))
 
@@ -61,7 +77,7 @@ def _packed(vocab_size=1000):
   return tokens, seg, pos, mask
 
 
-@pytest.mark.parametrize("family", ["qwen3", "qwen3-tied", "llama3"])
+@pytest.mark.parametrize("family", ["qwen3", "qwen3-tied", "qwen2", "llama3", "gemma3"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_per_token_logprobs_and_entropy_equal_tunix(family, temperature):
   graphdef, state = nnx.split(_model(family))
@@ -129,7 +145,7 @@ def _compare(graphdef, state, example, config):
   (loss_t, aux_t), grads_t = _grpo("grpo", graphdef, state, example, config)
   (loss, aux), grads = _grpo("lpkernel_grpo", graphdef, state, example, config)
   assert_close(loss, loss_t, rtol=1e-5, atol=1e-6, what="loss")
-  for g, g_t in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_t)):
+  for g, g_t in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_t), strict=True):
     assert_close(g, g_t, rtol=1e-4, atol=1e-5, what="gradient")
   assert set(aux) == set(aux_t)
   for key in aux_t:
@@ -184,8 +200,15 @@ def test_registered_and_refuses_logits():
     lpk_tunix.compute_per_token_logps(
       graphdef, state, prompt_ids, completion_ids, PAD, EOS, return_logits=True
     )
+  toy = tunix_test_common.ToyTransformer(tunix_test_common.ModelConfig(), rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match="bias"):
+    lpk_tunix.unembedding(toy)
   objective = lpk_tunix.objective_from_config(_config(epsilon_high=0.28, loss_algo="gspo-token"))
-  assert (objective.eps_high, objective.ratio, objective.convention) == (0.28, "gspo-token", "tunix")
+  assert (objective.eps_high, objective.ratio, objective.convention) == (
+    0.28,
+    "gspo-token",
+    "tunix",
+  )
 
 
 def test_grpo_step_temporaries_side_by_side():
@@ -210,9 +233,9 @@ def test_grpo_step_temporaries_side_by_side():
     loss_fn = function_registry.get_policy_loss_fn(name)
 
     def step(state):
-      return jax.grad(
-        lambda s: loss_fn(nnx.merge(graphdef, s), example, config, PAD, EOS)[0]
-      )(state)
+      return jax.grad(lambda s: loss_fn(nnx.merge(graphdef, s), example, config, PAD, EOS)[0])(
+        state
+      )
 
     compiled = jax.jit(step).lower(state).compile()
     return compiled.memory_analysis().temp_size_in_bytes
@@ -229,7 +252,8 @@ def test_routed_tunix_calls_use_lpkernel_unless_they_read_logits():
   graphdef, state = nnx.split(_model("qwen3"))
   prompt_ids, completion_ids = _unpacked()
   args = (graphdef, state, prompt_ids, completion_ids, PAD, EOS)
-  original = common.compute_per_token_logps
+  original = lpk_tunix._TUNIX_COMPUTE_PER_TOKEN_LOGPS
+  assert common.compute_per_token_logps is original  # nothing left it routed
   lpk_tunix.route_log_probabilities()
   try:
     assert common.compute_per_token_logps is not original
@@ -262,3 +286,72 @@ def test_model_spec_scores_tunix_models_fused_and_packed(family):
   )
   second = lpk.flax.score_model(model, tokens[:, 4:], response[:, 4:], spec=spec, fused=True)
   assert_close(packed.joint_logprob[:, 1], second.joint_logprob, rtol=1e-5, atol=1e-5)
+
+
+class _Prompts(grain.RandomAccessDataSource):
+  DATA = ["input string", "hello world", "My name", "hello there"] * 2
+
+  def __getitem__(self, i):
+    return self.DATA[i]
+
+  def __len__(self):
+    return len(self.DATA)
+
+
+def _train_grpo(policy_loss_fn: str, steps: int = 2):
+  """tunix's GRPOLearner on an RLCluster (vanilla rollout engine, tunix's mock
+  vocabulary, a tiny Qwen3 actor and reference): the loss and KL it logged per
+  step, and the trained parameters."""
+  vocab = tunix_test_common.MockVocab()
+  config = qwen3.ModelConfig(vocab_size=vocab.GetPieceSize(), use_tied_embedding=True, **SMALL)
+  mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("fsdp", "tp"))
+  actor, reference = (qwen3.Qwen3(config, rngs=nnx.Rngs(0)) for _ in range(2))
+  roles = (rl_cluster_lib.Role.ACTOR, rl_cluster_lib.Role.REFERENCE, rl_cluster_lib.Role.ROLLOUT)
+  cluster = rl_cluster_lib.RLCluster(
+    actor=actor,
+    reference=reference,
+    tokenizer=vocab,
+    cluster_config=rl_cluster_lib.ClusterConfig(
+      role_to_mesh={role: mesh for role in roles},
+      rollout_engine="vanilla",
+      offload_to_cpu=False,
+      training_config=rl_cluster_lib.RLTrainingConfig(
+        actor_optimizer=optax.sgd(0.1), eval_every_n_steps=100, max_steps=steps
+      ),
+      rollout_config=base_rollout.RolloutConfig(
+        max_tokens_to_generate=6, max_prompt_length=8, kv_cache_size=64, temperature=0.9
+      ),
+    ),
+  )
+  learner = grpo_learner.GRPOLearner(
+    rl_cluster=cluster,
+    reward_fns=lambda prompts, completions, **_: [float(len(c)) for c in completions],
+    algo_config=grpo_learner.GRPOConfig(
+      num_generations=2, beta=0.04, policy_loss_fn=policy_loss_fn
+    ),
+  )
+  data = grain.MapDataset.source(_Prompts()).batch(2).map(lambda x: {"prompts": x, "answer": x})
+  learner.train(data)
+  logged = learner.rl_cluster.actor_trainer.metrics_logger
+  history = {k: np.asarray(logged.get_metric_history("actor", k, "train")) for k in ("loss", "kl")}
+  return history, nnx.state(actor, nnx.Param)
+
+
+# tunix 0.1.7's training loop uses APIs that jax and optax deprecated (`with mesh:`,
+# optax.global_norm, ...): its warnings, not ours.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_grpo_learner_trains_the_same_with_lpkernel():
+  """One config value switches tunix's own GRPOLearner to lpkernel (its reference
+  and old-policy log-probabilities too, routed): the logged losses and KL and the
+  trained parameters equal the run with tunix's "grpo"."""
+  theirs, params_theirs = _train_grpo("grpo")
+  lpk_tunix.route_log_probabilities()
+  try:
+    ours, params_ours = _train_grpo("lpkernel_grpo")
+  finally:
+    lpk_tunix.route_log_probabilities(False)
+  for key in ("loss", "kl"):
+    assert len(ours[key]) == len(theirs[key]) == 2
+    assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-6, what=key)
+  for p, p_t in zip(jax.tree.leaves(params_ours), jax.tree.leaves(params_theirs), strict=True):
+    assert_close(p, p_t, rtol=1e-5, atol=1e-6, what="trained parameters")
