@@ -109,6 +109,82 @@ def test_impossible_tokens_give_minus_inf_and_nan_rows_nan(impl):
   assert np.all(np.isfinite(np.asarray(dx)[0])) and np.all(np.isfinite(np.asarray(dx)[2]))
 
 
+def test_nan_hidden_rows_are_nan_and_leave_the_others_alone():
+  """The hidden path: a NaN hidden row gives that token NaN (value and gradient)
+  and every other token its clean value and a finite gradient."""
+  rng = np.random.default_rng(2)
+  h = jnp.asarray(rng.normal(size=(4, 8)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(8, 50)), jnp.float32)
+  t = jnp.argmax(h @ w, -1)
+  sampling = lpk.Sampling(temperature=0.8, top_k=10, top_p=0.9)
+  bad = h.at[1, 3].set(jnp.nan)
+  for vocab_axis, table in ((-1, w), (0, w.T)):
+    clean = lpk.fused_processed_token_stats(h, table, t, sampling, vocab_axis=vocab_axis)
+    got = lpk.fused_processed_token_stats(bad, table, t, sampling, vocab_axis=vocab_axis)
+    assert np.isnan(got.logprobs[1])
+    others = np.array([0, 2, 3])
+    np.testing.assert_allclose(got.logprobs[others], clean.logprobs[others], rtol=1e-6)
+
+    def loss(h, table, vocab_axis=vocab_axis):
+      lp = lpk.fused_processed_token_stats(h, table, t, sampling, vocab_axis=vocab_axis).logprobs
+      return jnp.sum(jnp.where(jnp.arange(4) == 1, 0.0, lp))
+
+    dh, dw = (np.asarray(g) for g in jax.grad(loss, argnums=(0, 1))(bad, table))
+    assert np.all(np.isfinite(dh[others])) and np.all(dh[1] == 0)
+    assert np.all(np.isfinite(dw)), "a dead NaN row leaked into d unembed"
+
+    def replayed(h, table, vocab_axis=vocab_axis):
+      ids = jnp.tile(jnp.arange(10), (4, 1))
+      lp = lpk.fused_replay_token_logprobs(h, table, t % 10, ids, vocab_axis=vocab_axis)
+      return jnp.sum(jnp.where(jnp.arange(4) == 1, 0.0, lp))
+
+    dh, dw = (np.asarray(g) for g in jax.grad(replayed, argnums=(0, 1))(bad, table))
+    assert np.all(dh[1] == 0) and np.all(np.isfinite(dw)), "replay: a dead NaN row leaked"
+
+
+@pytest.mark.parametrize("path", ["logits", "hidden"])
+def test_masked_positions_get_zero_gradients_under_a_sampler(path):
+  """Tokens outside the response, some of them outside the kept set (-inf), put
+  nothing into the response's gradient: zero rows, no NaN."""
+  rng = np.random.default_rng(5)
+  b, t_len, d, v = 2, 10, 8, 200
+  h = jnp.asarray(rng.normal(size=(b, t_len, d)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
+  x = h @ w
+  next_tokens = jnp.argmax(x, -1)  # row t predicts token t + 1: kept
+  dropped = jnp.argmin(x, -1)  # never in a top-20 set
+  outside = jnp.arange(t_len) % 3 == 0  # these positions are not in the response
+  chosen = jnp.where(outside[None, 1:], dropped[:, :-1], next_tokens[:, :-1])
+  tokens = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), chosen], axis=1)
+  mask = jnp.broadcast_to(~outside, (b, t_len))
+  sampling = lpk.Sampling(temperature=0.9, top_k=20)
+
+  def response(x_or_h):
+    if path == "logits":
+      scores = lpk.score(x_or_h, tokens, mask, sampling=sampling)
+    else:
+      scores = lpk.score_hidden(x_or_h, w, tokens, mask, sampling=sampling)
+    return jnp.sum(scores.response_logprob)
+
+  value, grad = jax.value_and_grad(response)(x if path == "logits" else h)
+  assert np.isfinite(value)
+  grad = np.asarray(grad)
+  assert np.all(np.isfinite(grad))
+  predicting_outside = np.asarray(outside[1:])  # row t predicts token t + 1
+  assert np.all(grad[:, :-1][:, predicting_outside] == 0)
+  assert np.all(grad[:, -1] == 0)  # the last row predicts nothing
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_greedy_is_the_first_of_tied_maxima(impl):
+  x = jnp.array([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]], jnp.float32)
+  sampling = lpk.Sampling(top_k=2)
+  first = processed(impl, x, jnp.array([1, 0]), sampling)
+  second = processed(impl, x, jnp.array([2, 3]), sampling)
+  np.testing.assert_array_equal(first.greedy, [True, True])
+  np.testing.assert_array_equal(second.greedy, [False, False])
+
+
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("shape", [(1, 1), (3, 1), (2, 3), (1, 3)])
 def test_awkward_shapes(impl, shape):

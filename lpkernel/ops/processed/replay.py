@@ -131,7 +131,10 @@ def _fused_replay_fwd(h, w, ids, targets, tau, softcap, vocab_axis, precision, c
 def _fused_replay_bwd(softcap, vocab_axis, precision, chunk, residuals, g):
   h, w, ids, vjp = residuals
   dx, dtau = vjp(g)  # d logits at the kept ids [N, K]; d tau
-  dx = jnp.where(ids >= 0, dx, 0.0)
+  # Rows without a cotangent hold anything (padding, NaN): they give nothing.
+  live = (g != 0)[:, None]
+  dx = jnp.where((ids >= 0) & live, dx, 0.0)
+  h = jnp.where(live, h, 0)
   safe = jnp.clip(ids, 0, w.shape[vocab_axis] - 1)
   w_rows = rows_major(w, vocab_axis)
 

@@ -227,6 +227,11 @@ def hidden_forward(
   return parts, _pool_top(values, cols, k, v, _chunk(config, n, v, token_bytes)), rows
 
 
+def live_rows(g) -> jax.Array:
+  """bool[N]: rows with a cotangent (a NaN one included: poisoned values keep theirs)."""
+  return (g[0] != 0) | (g[1] != 0) | (g[2] != 0)
+
+
 def row_grads(z, cols, targets, params: S.Params, kappa, log_s, log_sk, g, tau_grad: bool):
   """``d y`` of a block of capped logits ``z [N, W]`` at columns ``cols [1, W]``
   and, with ``tau_grad``, its part of ``d tau`` ([N]; else None).
@@ -243,6 +248,8 @@ def row_grads(z, cols, targets, params: S.Params, kappa, log_s, log_sk, g, tau_g
   pk = jnp.where(keep, P.softmax(z, shift, log_sk[:, None], tau_col), 0.0)
   onehot = cols == targets[:, None]
   dy = jnp.where(onehot, g_r + g_p, 0.0) - p * (g_r + g_l) + pk * (g_l - g_p)
+  # A dead row's statistics may be NaN (a NaN input nobody reads): it gives nothing.
+  dy = jnp.where(live_rows(g)[:, None], dy, 0.0)
   if not tau_grad or params.tau is None:
     return dy, None
   y_c = P.centred_y(z, shift, tau_col)
@@ -266,7 +273,8 @@ def logits_grads(x, targets, params, kappa, log_s, log_sk, g, softcap, tau_grad:
     return xb, pb, dy, dtau
 
   xb, pb, dy, _ = dy_and_dtau(False)
-  dx = P.grad_x(dy, xb, pb.col(pb.tau), softcap).astype(x.dtype)
+  dx = P.grad_x(dy, xb, pb.col(pb.tau), softcap)
+  dx = jnp.where(live_rows(g)[:, None], dx, 0.0).astype(x.dtype)  # softcap's factor at NaN x
   dtau = dy_and_dtau(True)[3] if tau_grad else None
   return dx, dtau
 
@@ -278,6 +286,8 @@ def hidden_grads(
   over the unembedding's blocks."""
   tau_col = params.col(params.tau)
   v = w.shape[vocab_axis]
+  # Dead rows hold anything (padding, NaN): zeros keep them out of d w's contraction.
+  h = jnp.where(live_rows(g)[:, None], h, 0)
   h = h if fused.dot_dtype is None else h.astype(fused.dot_dtype)
 
   def backward(cpu: bool):
