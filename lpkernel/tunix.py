@@ -34,7 +34,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from tunix.rl import common, function_registry
+
+try:
+  from tunix.rl import common, function_registry
+except ImportError as error:  # an optional dependency
+  raise ImportError("lpkernel.tunix needs tunix: pip install 'lpkernel[tunix]'") from error
 
 from lpkernel.flax.spec import ModelSpec
 from lpkernel.ops.fused.api import fused_token_stats

@@ -3,6 +3,8 @@ NumPy oracle written from the formulas, against TRL's own loss code (when PyTorc
 is installed), packing, the fused one-pass form and its temporaries, errors."""
 
 import itertools
+import subprocess
+import sys
 import types
 from collections import defaultdict
 
@@ -485,3 +487,16 @@ def test_grpo_example_learns_the_toy_reward():
 
   rewards = grpo.main(steps=8)
   assert rewards[0] < 0.3 and max(rewards[-3:]) > 0.8, rewards
+
+
+def test_lpkernel_and_its_objectives_import_without_tunix():
+  """tunix is an extra: lpkernel and lpkernel.rl import without it; lpkernel.tunix
+  says what is missing."""
+  program = (
+    "import sys; sys.modules['tunix'] = None\n"
+    "import lpkernel, lpkernel.rl\n"
+    "try:\n  import lpkernel.tunix\nexcept ImportError as e:\n  print('refused', e)\n"
+  )
+  result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.startswith("refused") and "lpkernel[tunix]" in result.stdout
