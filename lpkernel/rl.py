@@ -39,9 +39,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from lpkernel import checks
-from lpkernel.ops.fused.api import fused_token_stats
-from lpkernel.ops.processed.api import fused_processed_token_stats
 from lpkernel.sampling import Sampling
+from lpkernel.scoring import hidden_token_stats
+from lpkernel.types import TokenStats
 
 _F32 = jnp.float32
 
@@ -207,7 +207,7 @@ class _Sequences(NamedTuple):
 
   ids: jax.Array
   size: int
-  present: jax.Array  # bool [count]: the sequence exists (a row, or a segment that occurs)
+  present: jax.Array  # bool [size]: the sequence exists (a row, or a segment that occurs)
 
   def sum(self, x: jax.Array) -> jax.Array:
     return jax.ops.segment_sum(x.reshape(-1), self.ids.reshape(-1), self.size)
@@ -235,11 +235,10 @@ def _check_rollout(logprobs, rollout: Rollout, entropy) -> None:
   if not jnp.issubdtype(logprobs.dtype, jnp.floating):
     raise TypeError(f"logprobs must be floats, got {logprobs.dtype}")
   named = dict(rollout._asdict(), entropy=entropy)
-  for name in ("mask", "old_logprobs", "ref_logprobs", "rollout_logprobs", "is_weights"):
-    x = named[name]
-    if x is not None:
-      checks.check_same_dims(name, jnp.shape(x), "logprobs", shape)
-  for name in ("segment_ids", "entropy"):
+  for name in (
+    "mask", "old_logprobs", "ref_logprobs", "rollout_logprobs", "is_weights", "segment_ids",
+    "entropy",
+  ):  # fmt: skip
     if named[name] is not None:
       checks.check_same_dims(name, jnp.shape(named[name]), "logprobs", shape)
   adv = jnp.shape(rollout.advantages)
@@ -377,14 +376,23 @@ def policy_loss(
       "or use policy_loss_hidden, which computes it in the same sweep"
     )
   obj = objective
-  lp = logprobs.astype(_F32)
   mask = jnp.asarray(rollout.mask).astype(_F32)
   if rollout.segment_ids is not None:  # a token outside every sequence counts nowhere
     mask = mask * (jnp.asarray(rollout.segment_ids) > 0)
+  on = mask > 0
+
+  def counted(x):
+    """float32 ``x`` with masked positions 0: whatever they held (padding's -inf or
+    NaN log-probabilities, entropies, advantages) adds exactly 0 to the values
+    and, through ``where``, to the gradients."""
+    return None if x is None else jnp.where(on, jnp.asarray(x).astype(_F32), 0.0)
+
+  lp = counted(logprobs)
+  entropy = counted(entropy)
   seqs = _sequences(lp.shape, rollout.segment_ids)
-  adv = jnp.asarray(rollout.advantages).astype(_F32)
-  adv = adv[:, None] if adv.ndim == 1 else adv
-  old = lax.stop_gradient(lp) if rollout.old_logprobs is None else rollout.old_logprobs.astype(_F32)
+  adv = jnp.asarray(rollout.advantages)
+  adv = counted(jnp.broadcast_to(adv[:, None] if adv.ndim == 1 else adv, lp.shape))
+  old = lax.stop_gradient(lp) if rollout.old_logprobs is None else counted(rollout.old_logprobs)
 
   with jax.named_scope("ratio"):
     log_ratio = lp - old
@@ -418,15 +426,17 @@ def policy_loss(
   if obj.importance_sampling is not None:
     if rollout.rollout_logprobs is None:
       raise ValueError(f"importance_sampling={obj.importance_sampling!r} needs rollout_logprobs")
-    is_w = _importance_weights(old, rollout.rollout_logprobs.astype(_F32), mask, seqs, obj)
+    is_w = _importance_weights(old, counted(rollout.rollout_logprobs), mask, seqs, obj)
+  else:
+    is_w = counted(is_w)
   if is_w is not None:
-    per_token = per_token * lax.stop_gradient(jnp.asarray(is_w).astype(_F32))
+    per_token = per_token * lax.stop_gradient(is_w)
 
   pg_loss = _aggregate(per_token, mask, seqs, obj, rollout.global_tokens)
   loss = pg_loss
   kl = None
   if rollout.ref_logprobs is not None:
-    kl = kl_estimate(lp, rollout.ref_logprobs, obj.kl, obj.kl_clamp)
+    kl = kl_estimate(lp, counted(rollout.ref_logprobs), obj.kl, obj.kl_clamp)
     if obj.kl_ratio_weighted:
       kl = kl * ratio
     kl_loss = _aggregate(kl, mask, seqs, obj, rollout.global_tokens)
@@ -438,16 +448,15 @@ def policy_loss(
   before_entropy = loss
   if obj.entropy_coef:
     assert entropy is not None  # needs_entropy, checked above
-    loss = loss - obj.entropy_coef * _token_mean(entropy.astype(_F32), bonus_mask)
+    loss = loss - obj.entropy_coef * _token_mean(entropy, bonus_mask)
 
   terms = dict(
-    lp=lp,
     mask=mask,
     adv=adv,
     ratio=ratio,
+    capped=capped,
     log_w=log_w,
     seqs=seqs,
-    per_token=per_token,
     pre_dual=pre_dual,
     pg=(pg_unclipped, pg_clipped),
     pg_loss=pg_loss,
@@ -461,7 +470,7 @@ def policy_loss(
   return loss, lax.stop_gradient(metrics)
 
 
-def _trl_metrics(obj, *, mask, adv, ratio, seqs, kl, entropy, is_w, before_entropy, **_):
+def _trl_metrics(obj, *, mask, adv, capped, seqs, kl, entropy, is_w, before_entropy, **_):
   """TRL GRPOTrainer's logged numbers for this batch (one process)."""
   sequence_level = obj.ratio == "sequence"
   seq_mask = seqs.present & (seqs.sum(mask) > 0)
@@ -475,7 +484,6 @@ def _trl_metrics(obj, *, mask, adv, ratio, seqs, kl, entropy, is_w, before_entro
   def per_sequence(x):  # NaN for a sequence without tokens, as TRL's 0/0
     return jnp.where(seq_mask, seqs.sum(x * mask) / jnp.maximum(seqs.sum(mask), 1), jnp.nan)
 
-  capped = ratio if obj.delta is None else jnp.minimum(ratio, obj.delta)
   low = ((capped < 1 - obj.epsilon) & (adv < 0)).astype(_F32)
   high = ((capped > 1 + obj.eps_high) & (adv > 0)).astype(_F32)
   out = {
@@ -488,7 +496,7 @@ def _trl_metrics(obj, *, mask, adv, ratio, seqs, kl, entropy, is_w, before_entro
   if obj.beta:
     out["kl"] = global_mean(kl)
   if entropy is not None:
-    out["entropy"] = _token_mean(entropy.astype(_F32), mask)
+    out["entropy"] = _token_mean(entropy, mask)
   if obj.entropy_coef:
     out["policy_loss"] = before_entropy
   if is_w is not None and obj.importance_sampling is not None:
@@ -510,7 +518,6 @@ def _tunix_metrics(
 ):
   """tunix's ``grpo_loss_fn`` aux dict for this batch."""
   on = mask > 0
-  adv_full = jnp.broadcast_to(adv, mask.shape)
   pg_unclipped, pg_clipped = pg
 
   def mean(x):
@@ -531,10 +538,10 @@ def _tunix_metrics(
     "log_ratio/abs_mean": mean(jnp.abs(log_w)),
     "pg_loss/unclipped_mean": mean(pg_unclipped),
     "pg_loss/clipped_mean": mean(pg_clipped),
-    "advantage/abs_mean": mean(jnp.abs(adv_full)),
-    "advantage/max": jnp.max(jnp.where(on, adv_full, -jnp.inf)),
-    "advantage/min": jnp.min(jnp.where(on, adv_full, jnp.inf)),
-    "advantage/nonzero_frac": mean((jnp.abs(adv_full) > 1e-8).astype(_F32)),
+    "advantage/abs_mean": mean(jnp.abs(adv)),
+    "advantage/max": jnp.max(jnp.where(on, adv, -jnp.inf)),
+    "advantage/min": jnp.min(jnp.where(on, adv, jnp.inf)),
+    "advantage/nonzero_frac": mean((jnp.abs(adv) > 1e-8).astype(_F32)),
     "sampler_is/weight_mean": jnp.ones((), _F32) if is_w is None else mean(is_w),
     "sampler_is/weight_min": jnp.ones((), _F32)
     if is_w is None
@@ -544,7 +551,7 @@ def _tunix_metrics(
     out["kl"] = _token_mean(kl, mask)
     out["kl_loss"] = _aggregate(kl, mask, seqs, obj)
   if entropy is not None:
-    out["entropy"] = _aggregate(entropy.astype(_F32), mask, seqs, obj)
+    out["entropy"] = _aggregate(entropy, mask, seqs, obj)
   return out
 
 
@@ -566,29 +573,17 @@ def policy_token_stats(
   With ``sampling`` (the rollout engine's top-k / top-p / min-p): the processed
   log-probabilities (``lpk.fused_processed_token_stats``) and no entropy (None).
   """
-  if sampling is not None:
-    if not (isinstance(temperature, (int, float)) and temperature == 1.0):
-      raise ValueError("pass the temperature inside sampling= (lpk.Sampling(temperature=...))")
-    processed = fused_processed_token_stats(
-      hidden,
-      unembed,
-      targets,
-      sampling,
-      softcap=softcap,
-      vocab_axis=vocab_axis,
-      implementation=implementation,
-    )
-    return processed.logprobs, None
-  stats = fused_token_stats(
+  stats = hidden_token_stats(
     hidden,
     unembed,
     targets,
     temperature=temperature,
     softcap=softcap,
+    sampling=sampling,
     vocab_axis=vocab_axis,
     implementation=implementation,
   )
-  return stats.logprobs, stats.entropy
+  return stats.logprobs, stats.entropy if isinstance(stats, TokenStats) else None
 
 
 def policy_loss_hidden(

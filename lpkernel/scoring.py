@@ -19,7 +19,7 @@ from lpkernel import checks, ops
 from lpkernel.ops.fused.api import fused_token_stats
 from lpkernel.ops.logprobs.api import token_logprobs_and_greedy
 from lpkernel.ops.processed.api import fused_processed_token_stats, processed_token_stats
-from lpkernel.sampling import Sampling
+from lpkernel.sampling import ProcessedStats, Sampling
 from lpkernel.types import Scores, TokenStats
 
 _F32 = jnp.float32
@@ -172,6 +172,42 @@ def _one_temperature(temperature, sampling) -> None:
     raise ValueError("with sampling=, pass the temperature as Sampling.temperature")
 
 
+def hidden_token_stats(
+  hidden: jax.Array,
+  unembed: jax.Array,
+  targets: jax.Array,
+  *,
+  temperature: float | jax.Array = 1.0,
+  softcap: float | None = None,
+  sampling: Sampling | None = None,
+  vocab_axis: int = -1,
+  implementation=None,
+) -> TokenStats | ProcessedStats:
+  """Per-token statistics from hidden states in one sweep: the sampler's processed
+  ones (:func:`lpkernel.fused_processed_token_stats`) under ``sampling``, else the
+  plain fused sweep's (:func:`lpkernel.fused_token_stats`, with the entropy)."""
+  _one_temperature(temperature, sampling)
+  if sampling is not None:
+    return fused_processed_token_stats(
+      hidden,
+      unembed,
+      targets,
+      sampling,
+      softcap=softcap,
+      implementation=implementation,
+      vocab_axis=vocab_axis,
+    )
+  return fused_token_stats(
+    hidden,
+    unembed,
+    targets,
+    temperature=temperature,
+    softcap=softcap,
+    implementation=implementation,
+    vocab_axis=vocab_axis,
+  )
+
+
 def score(
   logits: jax.Array,
   tokens: jax.Array,
@@ -282,25 +318,15 @@ def score_hidden(
   _one_temperature(temperature, sampling)
 
   def per_token(targets):
-    if sampling is not None:
-      pstats = fused_processed_token_stats(
-        hidden,
-        unembed,
-        targets,
-        sampling,
-        softcap=softcap,
-        implementation=implementation,
-        vocab_axis=vocab_axis,
-      )
-      return pstats.logprobs, pstats.greedy, pstats
-    stats = fused_token_stats(
+    stats = hidden_token_stats(
       hidden,
       unembed,
       targets,
       temperature=temperature,
       softcap=softcap,
-      implementation=implementation,
+      sampling=sampling,
       vocab_axis=vocab_axis,
+      implementation=implementation,
     )
     return stats.logprobs, stats.greedy, stats
 

@@ -27,6 +27,7 @@ embedding table ``[V, D]`` read as stored (:func:`unembedding`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from typing import Any
@@ -68,6 +69,15 @@ def unembedding(model: nnx.Module) -> tuple[jax.Array, int, Any]:
     return weight[...], -1, getattr(head, "dtype", None)
   embedder = getattr(model, "embedder")  # noqa: B009  (nnx.Module declares no attributes)
   return embedder.input_embedding[...], 0, getattr(embedder, "dtype", None)
+
+
+def head_inputs(model: nnx.Module, hidden: jax.Array) -> tuple[jax.Array, jax.Array, int]:
+  """``(hidden, table, vocab_axis)`` as the model's head multiplies them: both cast
+  to the head's dtype (:func:`unembedding`)."""
+  table, vocab_axis, dtype = unembedding(model)
+  if dtype is not None:
+    hidden, table = hidden.astype(dtype), table.astype(dtype)
+  return hidden, table, vocab_axis
 
 
 def _accepts(model: nnx.Module, name: str) -> bool:
@@ -112,9 +122,8 @@ def _call(model: nnx.Module, tokens: jax.Array, **keywords: Any):
   keywords["cache"] = None
   if not hidden:
     return model(tokens, **keywords)[0]
-  table, _, dtype = unembedding(model)
-  h = hidden_states(model, tokens, **keywords)
-  return (h, table) if dtype is None else (h.astype(dtype), table.astype(dtype))
+  h, table, _ = head_inputs(model, hidden_states(model, tokens, **keywords))
+  return h, table
 
 
 def model_spec(model: nnx.Module) -> ModelSpec:
@@ -167,10 +176,8 @@ def token_stats(
     kwargs["images"] = images
   hidden = hidden_states(model, input_tokens, **kwargs)
   keep = input_tokens.shape[1] - 1 if segment_ids is not None else completion_tokens.shape[1]
-  rows, targets = hidden[:, -keep - 1 : -1], input_tokens[:, -keep:]
-  table, vocab_axis, dtype = unembedding(model)
-  if dtype is not None:
-    rows, table = rows.astype(dtype), table.astype(dtype)
+  rows, table, vocab_axis = head_inputs(model, hidden[:, -keep - 1 : -1])
+  targets = input_tokens[:, -keep:]
   stats = fused_token_stats(
     rows, table, targets, temperature=_temperature(temperature), vocab_axis=vocab_axis
   )
@@ -293,7 +300,7 @@ def grpo_loss_fn(model, train_example, algo_config, pad_id, eos_id, **kwargs):
   ref = train_example.ref_per_token_logps
   objective = objective_from_config(algo_config)
   if ref is None and objective.beta:  # tunix skips the KL term without reference log-probs
-    objective = PolicyObjective(**{**objective.__dict__, "beta": 0.0})
+    objective = dataclasses.replace(objective, beta=0.0)
   rollout = Rollout(
     mask=train_example.completion_mask,
     advantages=train_example.advantages,
@@ -307,6 +314,7 @@ def grpo_loss_fn(model, train_example, algo_config, pad_id, eos_id, **kwargs):
 __all__ = [
   "compute_per_token_logps",
   "grpo_loss_fn",
+  "head_inputs",
   "hidden_states",
   "model_spec",
   "objective_from_config",

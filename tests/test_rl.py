@@ -2,6 +2,7 @@
 NumPy oracle written from the formulas, against TRL's own loss code (when PyTorch
 is installed), packing, the fused one-pass form and its temporaries, errors."""
 
+import dataclasses
 import itertools
 import subprocess
 import sys
@@ -185,6 +186,60 @@ def test_on_policy_token_ratio_is_the_policy_gradient():
   g = jax.grad(lambda a: rl.policy_loss(a, rollout, rl.PolicyObjective(aggregation="bnpo"))[0])(lp)
   m = np.asarray(rollout.mask)
   assert_close(g, -np.asarray(rollout.advantages)[:, None] * m / m.sum(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(
+  "name", ["dapo-token-all-terms", "grpo-sequence-all-terms", "token-mean-gspo-token-all-terms"]
+)
+def test_masked_positions_contribute_exactly_zero(name):
+  """Whatever masked positions hold (-inf or NaN log-probabilities and entropies,
+  NaN constants, as padding does), the loss and the metrics are those of finite
+  values there, and their gradients there are exactly 0."""
+  obj = dataclasses.replace(OBJECTIVES[name], importance_sampling="token_mask")
+  lp, ent, rollout = _batch()
+  off = rollout.mask == 0
+  rollout = rollout._replace(advantages=jnp.broadcast_to(rollout.advantages[:, None], (B, T)))
+
+  def poison(x, value):
+    return jnp.where(off, value, x)
+
+  dirty = rollout._replace(
+    advantages=poison(rollout.advantages, jnp.nan),
+    old_logprobs=poison(rollout.old_logprobs, jnp.nan),
+    ref_logprobs=poison(rollout.ref_logprobs, -jnp.inf),
+    rollout_logprobs=poison(rollout.rollout_logprobs, jnp.nan),
+  )
+
+  def run(lp, ent, r):
+    return jax.value_and_grad(
+      lambda a, e: rl.policy_loss(a, r, obj, entropy=e), argnums=(0, 1), has_aux=True
+    )(lp, ent)
+
+  (loss, metrics), (d_lp, d_ent) = run(poison(lp, -jnp.inf).at[0, 0].set(jnp.nan),
+                                       poison(ent, jnp.nan), dirty)  # fmt: skip
+  (want, want_metrics), _ = run(lp, ent, rollout)
+  assert_close(loss, want, rtol=1e-6, atol=1e-7, what="loss")
+  for key, value in want_metrics.items():
+    assert_close(metrics[key], value, rtol=1e-6, atol=1e-7, what=key)
+  for g, what in ((d_lp, "d logprobs"), (d_ent, "d entropy")):
+    g = np.asarray(g)
+    assert np.all(np.isfinite(g)), what
+    assert np.all(g[np.asarray(off)] == 0), what
+
+
+def test_fused_objective_ignores_nan_hidden_states_at_masked_positions():
+  """Padding rows of NaN hidden states: a finite loss and finite gradients for
+  the hidden states (0 on those rows) and the whole unembedding."""
+  h, w, targets = _fused_inputs(2, 5, 16, 301, jnp.float32)
+  mask = jnp.ones((2, 5)).at[1, 3:].set(0)
+  h = jnp.where((mask == 0)[..., None], jnp.nan, h)
+  constant = jnp.full((2, 5), -5.0)
+  rollout = rl.Rollout(mask, jnp.array([1.0, -0.5]), constant, constant, constant)
+  loss, (dh, dw) = jax.value_and_grad(
+    lambda h, w: rl.policy_loss_hidden(h, w, targets, rollout, ALL_TERMS)[0], argnums=(0, 1)
+  )(h, w)
+  assert np.isfinite(loss) and np.all(np.isfinite(dw))
+  assert np.all(np.asarray(dh)[1, 3:] == 0) and np.all(np.isfinite(dh))
 
 
 def test_kl_estimators_are_the_written_formulas():
