@@ -167,7 +167,8 @@ def score_rows(
     return sum_scores(lp, greedy, layout, num_segments), extra
 
 
-def _one_temperature(temperature, sampling) -> None:
+def one_temperature(temperature, sampling) -> None:
+  """A ``ValueError`` when both ``temperature`` and ``sampling`` set one."""
   if sampling is not None and not (np.isscalar(temperature) and temperature == 1):
     raise ValueError("with sampling=, pass the temperature as Sampling.temperature")
 
@@ -186,7 +187,7 @@ def hidden_token_stats(
   """Per-token statistics from hidden states in one sweep: the sampler's processed
   ones (:func:`lpkernel.fused_processed_token_stats`) under ``sampling``, else the
   plain fused sweep's (:func:`lpkernel.fused_token_stats`, with the entropy)."""
-  _one_temperature(temperature, sampling)
+  one_temperature(temperature, sampling)
   if sampling is not None:
     return fused_processed_token_stats(
       hidden,
@@ -263,7 +264,7 @@ def score(
     (-1.3862943649291992, -1.3862943649291992)
   """
   logits = checks.as_model_rows("logits", logits, "V")
-  _one_temperature(temperature, sampling)
+  one_temperature(temperature, sampling)
 
   def per_token(targets):
     if sampling is not None:
@@ -315,7 +316,7 @@ def score_hidden(
     ``Scores``, or ``(Scores, TokenStats)`` when ``with_stats``.
   """
   hidden = checks.as_model_rows("hidden", hidden, "D")
-  _one_temperature(temperature, sampling)
+  one_temperature(temperature, sampling)
 
   def per_token(targets):
     stats = hidden_token_stats(

@@ -15,7 +15,12 @@ on each shard. Each device reduces its vocabulary block to
 
 * logits path: one ``pmax`` of (max, target logit), one ``psum`` of the
   rescaled sum of exp, one ``pmin`` of the first-argmax column: 16 bytes per token;
-* fused path: the same plus the entropy's sum in the ``psum``: 20 bytes per token.
+* fused path: the same plus the entropy's sum in the ``psum``: 20 bytes per token;
+* processed paths (``sampling=``, the rollout engine's distribution): the same
+  merge, an ``all_gather`` of each device's ``K`` largest values per row (the
+  whole row's ``K`` largest are among them), and for rows whose kept set those
+  do not settle, one ``psum`` (or ``pmax``) of two numbers per row per search
+  sweep, each device sweeping its own block.
 
 NaN wins across devices (``pmax`` keeps NaN; the ``psum`` of a NaN is NaN). The
 ``[N, V]`` logits are never gathered; the project's tests check the compiled
@@ -35,7 +40,16 @@ from jax.sharding import PartitionSpec as P
 from lpkernel import checks, ops
 from lpkernel.ops.fused.api import TokenStats, rows_fused_nll_loss, rows_fused_token_stats
 from lpkernel.ops.logprobs.api import rows_logprobs_and_greedy, rows_nll_loss
-from lpkernel.scoring import Scores, score_rows
+from lpkernel.ops.processed.api import (
+  DEFAULT_CONFIG,
+  SamplingRows,
+  rows_fused_processed_token_stats,
+  rows_processed_token_stats,
+  sampling_rows,
+)
+from lpkernel.ops.processed.xla import ProcessedConfig
+from lpkernel.sampling import ProcessedStats, Sampling
+from lpkernel.scoring import Scores, one_temperature, score_rows
 
 
 def _check_mesh(
@@ -178,11 +192,26 @@ def vocab_parallel_score(
   temperature: float | jax.Array = 1.0,
   softcap: float | None = None,
   implementation: str | ops.LogitsImplementation | None = None,
+  sampling: Sampling | None = None,
 ) -> Scores:
-  """``score`` for ``logits [B, T, V]`` sharded as ``P(batch_axis, None, model_axis)``."""
+  """``score`` for ``logits [B, T, V]`` sharded as ``P(batch_axis, None, model_axis)``;
+  under ``sampling`` the processed log-probabilities
+  (:func:`vocab_parallel_processed_token_stats`)."""
   logits = checks.as_model_rows("logits", logits, "V")
+  one_temperature(temperature, sampling)
 
   def per_token(targets):
+    if sampling is not None:
+      stats = vocab_parallel_processed_token_stats(
+        logits,
+        targets,
+        sampling,
+        mesh,
+        model_axis=model_axis,
+        batch_axis=batch_axis,
+        softcap=softcap,
+      )
+      return stats.logprobs, stats.greedy, None
     lp, greedy = vocab_parallel_token_logprobs_and_greedy(
       logits,
       targets,
@@ -334,11 +363,28 @@ def vocab_parallel_score_hidden(
   softcap: float | None = None,
   implementation: str | ops.FusedImplementation | None = None,
   vocab_axis: int = -1,
+  sampling: Sampling | None = None,
 ) -> Scores:
-  """``score_hidden`` with ``unembed`` sharded along V over ``model_axis``."""
+  """``score_hidden`` with ``unembed`` sharded along V over ``model_axis``; under
+  ``sampling`` the processed log-probabilities
+  (:func:`vocab_parallel_fused_processed_token_stats`)."""
   hidden = checks.as_model_rows("hidden", hidden, "D")
+  one_temperature(temperature, sampling)
 
   def per_token(targets):
+    if sampling is not None:
+      stats = vocab_parallel_fused_processed_token_stats(
+        hidden,
+        unembed,
+        targets,
+        sampling,
+        mesh,
+        model_axis=model_axis,
+        batch_axis=batch_axis,
+        softcap=softcap,
+        vocab_axis=vocab_axis,
+      )
+      return stats.logprobs, stats.greedy, None
     stats = vocab_parallel_fused_token_stats(
       hidden,
       unembed,
@@ -358,10 +404,111 @@ def vocab_parallel_score_hidden(
   )[0]
 
 
+def _processed_rows(sampling: Sampling, targets, v: int, config: ProcessedConfig, batch_axis):
+  """(SamplingRows [N], K, tau_grad, its shard_map spec: rows over ``batch_axis``)."""
+  rows, k, tau_grad = sampling_rows(sampling.check(), targets, v, config)
+  row = P(batch_axis)
+  spec = SamplingRows(None if rows.tau is None else row, row, row, row, row)  # type: ignore[arg-type]
+  return rows, k, tau_grad, spec
+
+
+def _processed_out(row) -> ProcessedStats:
+  return ProcessedStats(row, row, row, row, row, row)
+
+
+def vocab_parallel_processed_token_stats(
+  logits: jax.Array,
+  targets: jax.Array,
+  sampling: Sampling,
+  mesh: Mesh,
+  *,
+  model_axis: str = "model",
+  batch_axis: str | None = None,
+  softcap: float | None = None,
+  config: ProcessedConfig = DEFAULT_CONFIG,
+) -> ProcessedStats:
+  """:func:`lpkernel.processed_token_stats` for logits sharded along V over
+  ``model_axis`` (shardings as for :func:`vocab_parallel_token_logprobs_and_greedy`).
+
+  Each device finds its block's softmax partials and ``K`` largest values; the
+  rows' statistics are merged across the model axis and every device then holds
+  the same kept-set threshold (searched, where needed, by sweeps of its own
+  block reduced over the axis). The backward pass needs no collective.
+  """
+  logits, targets, _ = _logits_arguments(
+    logits, targets, mesh, model_axis, batch_axis, 1.0, softcap
+  )
+  v, row = logits.shape[-1], P(batch_axis)
+  rows, k, tau_grad, rows_spec = _processed_rows(sampling, targets, v, config, batch_axis)
+
+  def local(x, t, r):
+    return rows_processed_token_stats(
+      x, t, r, k, tau_grad, softcap=softcap, config=config, axis_name=model_axis, vocab_size=v
+    )
+
+  stats = jax.shard_map(
+    local,
+    mesh=mesh,
+    in_specs=(P(batch_axis, model_axis), row, rows_spec),
+    out_specs=_processed_out(row),
+    check_vma=False,
+  )(logits.reshape(-1, v), targets.reshape(-1), rows)
+  return jax.tree.map(lambda a: a.reshape(targets.shape), stats)
+
+
+def vocab_parallel_fused_processed_token_stats(
+  hidden: jax.Array,
+  unembed: jax.Array,
+  targets: jax.Array,
+  sampling: Sampling,
+  mesh: Mesh,
+  *,
+  model_axis: str = "model",
+  batch_axis: str | None = None,
+  softcap: float | None = None,
+  vocab_axis: int = -1,
+  config: ProcessedConfig = DEFAULT_CONFIG,
+) -> ProcessedStats:
+  """:func:`lpkernel.fused_processed_token_stats` with ``unembed`` sharded along V
+  over ``model_axis`` (shardings as for :func:`vocab_parallel_fused_token_stats`);
+  ``d hidden`` is summed over the model axis by shard_map's transpose."""
+  hidden, unembed, targets, vocab_axis, _ = _fused_arguments(
+    hidden, unembed, targets, mesh, model_axis, batch_axis, 1.0, softcap, vocab_axis
+  )
+  v, row = unembed.shape[vocab_axis], P(batch_axis)
+  rows, k, tau_grad, rows_spec = _processed_rows(sampling, targets, v, config, batch_axis)
+
+  def local(h, w, t, r):
+    return rows_fused_processed_token_stats(
+      h,
+      w,
+      t,
+      r,
+      k,
+      tau_grad,
+      softcap=softcap,
+      vocab_axis=vocab_axis,
+      config=config,
+      axis_name=model_axis,
+      vocab_size=v,
+    )
+
+  stats = jax.shard_map(
+    local,
+    mesh=mesh,
+    in_specs=(*_fused_specs(model_axis, batch_axis, vocab_axis, None)[:3], rows_spec),
+    out_specs=_processed_out(row),
+    check_vma=False,
+  )(hidden.reshape(-1, hidden.shape[-1]), unembed, targets.reshape(-1), rows)
+  return jax.tree.map(lambda a: a.reshape(targets.shape), stats)
+
+
 __all__ = [
   "vocab_parallel_fused_nll_loss",
+  "vocab_parallel_fused_processed_token_stats",
   "vocab_parallel_fused_token_stats",
   "vocab_parallel_nll_loss",
+  "vocab_parallel_processed_token_stats",
   "vocab_parallel_score",
   "vocab_parallel_score_hidden",
   "vocab_parallel_token_logprobs_and_greedy",

@@ -383,3 +383,165 @@ def test_vocab_parallel_second_derivatives_match_one_device(path):
   want = gradient_derivatives(one, tuple(np.asarray(a) for a in args))
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(b))))
+
+
+# The processed paths (sampling=): small candidate sets so that rows need the searches.
+_PROCESSED_CONFIG = lpk.ProcessedConfig(candidates=8, group=4, sweep_block=16)
+_PV = 256
+
+
+def _processed_inputs(seed):
+  k = jax.random.split(jax.random.key(seed), 4)
+  scale = jnp.array([4.0, 0.5, 2.0, 0.05])[:, None, None]  # peaked to flat rows
+  logits = scale * jax.random.normal(k[0], (B, T, _PV))
+  tokens = jax.random.randint(k[1], (B, T), 0, _PV)
+  hidden = jax.random.normal(k[2], (B, T, D))
+  unembed = jax.random.normal(k[3], (D, _PV)) * scale.reshape(B, 1)[:2].mean()
+  return logits, tokens, hidden, unembed
+
+
+def _samplings():
+  per_example = lpk.Sampling(
+    temperature=jnp.array([0.7, 1.0, 1.3, 0.9]),
+    top_k=jnp.array([0, 5, 40, 300]),  # off, settled by the candidates, searched, off (>= V)
+    top_p=jnp.array([0.9, 1.0, 0.99, 0.5]),
+    min_p=jnp.array([0.0, 0.05, 0.0, 0.0]),
+  )
+  return {
+    "per-example": per_example,
+    "top_p": lpk.Sampling(top_p=0.95),
+    "top_k": lpk.Sampling(top_k=20),
+  }
+
+
+def _processed_loss(stats):
+  kept_lp = jnp.where(stats.kept, stats.logprobs, 0.0)
+  return jnp.sum(kept_lp) + 0.3 * jnp.sum(stats.raw_logprobs) + 0.2 * jnp.sum(stats.log_kept_mass)
+
+
+def _assert_processed_equal(got, want):
+  for name in ("logprobs", "raw_logprobs", "log_kept_mass"):
+    np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=2e-5, atol=2e-5)
+  for name in ("kept", "kept_count", "greedy"):
+    np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+
+
+@pytest.mark.parametrize("which", ["per-example", "top_p", "top_k"])
+def test_vocab_parallel_processed_logits_values_and_grads(mesh, which):
+  """Sharded along V, the kept sets, processed log-probabilities and their
+  gradients (logits and per-example temperature) equal one device's, and the
+  kept sets equal the sorting reference's."""
+  sampling = _samplings()[which]
+  logits, tokens, _, _ = _processed_inputs(11)
+  xs = _put(mesh, logits, "data", None, "model")
+  tau_of = lambda t: sampling._replace(temperature=t)  # noqa: E731
+  tau = sampling.temperature
+
+  def run(fn, x, t, **kw):
+    stats = fn(x, tokens, tau_of(t), softcap=8.0, config=_PROCESSED_CONFIG, **kw)
+    return _processed_loss(stats), stats
+
+  vp = lambda x, t: run(  # noqa: E731
+    sharding.vocab_parallel_processed_token_stats, x, t, mesh=mesh, batch_axis="data"
+  )
+  argnums = (0, 1) if which == "per-example" else (0,)
+  (l1, s1), g1 = jax.jit(jax.value_and_grad(vp, argnums=argnums, has_aux=True))(xs, tau)
+  (l2, s2), g2 = jax.jit(
+    jax.value_and_grad(lambda x, t: run(lpk.processed_token_stats, x, t), argnums, has_aux=True)
+  )(logits, tau)
+  _assert_processed_equal(s1, s2)
+  ref = lpk.processed_token_stats(logits, tokens, sampling, softcap=8.0, implementation="reference")
+  np.testing.assert_array_equal(s1.kept_count, ref.kept_count)
+  assert np.any(~np.asarray(s1.kept)) and np.any(np.asarray(s1.kept))
+  for a, b in zip(g1, g2, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert g1[0].sharding.spec[-1] == "model"
+
+
+@pytest.mark.parametrize("vocab_axis", [-1, 0], ids=["DV", "tied-VD"])
+def test_vocab_parallel_fused_processed_values_and_grads(mesh, vocab_axis):
+  sampling = _samplings()["per-example"]
+  _, tokens, hidden, unembed = _processed_inputs(12)
+  unembed = 3 * unembed
+  if vocab_axis == 0:
+    unembed = unembed.T.copy()
+  ws = _put(mesh, unembed, *((None, "model") if vocab_axis else ("model", None)))
+  hs = _put(mesh, hidden, "data")
+
+  def run(fn, h, w, t, **kw):
+    stats = fn(
+      h,
+      w,
+      tokens,
+      sampling._replace(temperature=t),
+      vocab_axis=vocab_axis,
+      config=_PROCESSED_CONFIG,
+      **kw,
+    )
+    return _processed_loss(stats), stats
+
+  vp = lambda h, w, t: run(  # noqa: E731
+    sharding.vocab_parallel_fused_processed_token_stats, h, w, t, mesh=mesh, batch_axis="data"
+  )
+  one = lambda h, w, t: run(lpk.fused_processed_token_stats, h, w, t)  # noqa: E731
+  tau = sampling.temperature
+  (_, s1), g1 = jax.jit(jax.value_and_grad(vp, (0, 1, 2), has_aux=True))(hs, ws, tau)
+  (_, s2), g2 = jax.jit(jax.value_and_grad(one, (0, 1, 2), has_aux=True))(hidden, unembed, tau)
+  _assert_processed_equal(s1, s2)
+  for a, b in zip(g1, g2, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["logits", "hidden"])
+def test_vocab_parallel_score_under_a_sampler_matches_one_device(path):
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+  sampling = lpk.Sampling(temperature=0.8, top_k=jnp.array([3, 50, 0, 9]), top_p=0.9)
+  logits, tokens, hidden, unembed = _processed_inputs(13)
+  response = jnp.arange(T)[None] >= jnp.array([[2], [3], [1], [4]])
+  if path == "logits":
+    got = jax.jit(
+      lambda x: sharding.vocab_parallel_score(
+        x, tokens, response, mesh, batch_axis="data", sampling=sampling
+      )
+    )(_put(mesh, logits, "data", None, "model"))
+    want = lpk.score(logits, tokens, response, sampling=sampling)
+  else:
+    got = jax.jit(
+      lambda h, w: sharding.vocab_parallel_score_hidden(
+        h, w, tokens, response, mesh, batch_axis="data", sampling=sampling
+      )
+    )(_put(mesh, hidden, "data"), _put(mesh, unembed, None, "model"))
+    want = lpk.score_hidden(hidden, unembed, tokens, response, sampling=sampling)
+  _assert_scores_close(got, want)
+  with pytest.raises(ValueError, match="Sampling.temperature"):
+    sharding.vocab_parallel_score(
+      logits, tokens, response, mesh, temperature=0.5, sampling=sampling
+    )
+
+
+@pytest.mark.parametrize("path", ["logits", "hidden"])
+def test_vocab_parallel_processed_never_gathers_the_vocabulary(path):
+  """Forward and backward: the only gather is each device's K candidates per row
+  (``d unembed``'s all-reduce over the data axis is data parallelism's)."""
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+  v = 4096
+  _, tokens, hidden, _ = _processed_inputs(14)
+  sampling = lpk.Sampling(temperature=0.7, top_k=jnp.array([0, 50, 2000, 7]), top_p=0.95)
+  if path == "logits":
+    args = (_put(mesh, jnp.zeros((B, T, v)), "data", None, "model"),)
+    fn = lambda x: _processed_loss(  # noqa: E731
+      sharding.vocab_parallel_processed_token_stats(x, tokens, sampling, mesh, batch_axis="data")
+    )
+  else:
+    args = (_put(mesh, hidden, "data"), _put(mesh, jnp.zeros((D, v)), None, "model"))
+    fn = lambda h, w: _processed_loss(  # noqa: E731
+      sharding.vocab_parallel_fused_processed_token_stats(
+        h, w, tokens, sampling, mesh, batch_axis="data"
+      )
+    )
+  hlo = jax.jit(jax.grad(fn, argnums=tuple(range(len(args))))).lower(*args).compile().as_text()
+  found = collectives(hlo)
+  assert any(kind == "all-gather" for kind, _, _ in found), found
+  for kind, _, shape in found:
+    gathers = kind in ("all-gather", "all-to-all")
+    assert not (gathers and any(d >= v // 4 for d in shape)), (kind, shape)

@@ -10,10 +10,12 @@ a processed log-probability is ``onehot(target) - p_kept`` on the kept columns
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from lpkernel import checks, ops
 from lpkernel import partials as P
@@ -28,20 +30,69 @@ _IMPLEMENTATIONS = (None, "xla", "reference")
 DEFAULT_CONFIG = ProcessedConfig()
 
 
-def _finish(parts, top, rows: S.Rows, targets, tau, knobs, config: ProcessedConfig):
-  """(ProcessedStats before poisoning, residual row statistics) of whole rows."""
-  v = rows.vocab_size
-  k, p, min_p = knobs
+class SamplingRows(NamedTuple):
+  """The sampler's parameters as one value per scored row ``[N]`` (a pytree, so it
+  shards with the rows); bad rows are made safe and poisoned at the end.
+
+  Attributes:
+    tau: float32 temperature, or None (a Python 1).
+    top_k: int32; top_p, min_p: float32.
+    bad: bool, a parameter out of range or a target outside ``[0, V)``.
+  """
+
+  tau: jax.Array | None
+  top_k: jax.Array
+  top_p: jax.Array
+  min_p: jax.Array
+  bad: jax.Array
+
+
+def sampling_rows(
+  sampling: Sampling, targets: jax.Array, vocab_size: int, config: ProcessedConfig
+) -> tuple[SamplingRows, int, bool]:
+  """(the parameters per row of ``targets [...]``, flattened; ``K`` for the
+  candidates (:meth:`ProcessedConfig.k_for`); whether the temperature has a
+  derivative (an array one))."""
+  tau, k, p, min_p, bad_knobs = param_rows(sampling, targets.shape)
+  flat = targets.reshape(-1)
+  bad = bad_knobs | (flat < 0) | (flat >= vocab_size)
+  if tau is not None:
+    tau = jnp.where(bad, 1.0, tau)
+  rows = SamplingRows(
+    tau, jnp.where(bad, 0, k), jnp.where(bad, 1.0, p), jnp.where(bad, 0.0, min_p), bad
+  )
+  return rows, config.k_for(sampling.top_k, vocab_size), not np.isscalar(sampling.temperature)
+
+
+def _whole_rows(parts, top, rows: S.Rows, tau, k: int, axis):
+  """(parts, top ``[N, K]``, rows) of whole rows from this device's block of
+  columns: merged over the mesh axis (the partials as the plain path's; the ``K``
+  largest of every device's ``K`` largest), the rows' sweeps reduced over it."""
+  if axis is None:
+    return parts, top, rows
+  with jax.named_scope("vocab_parallel_combine"):
+    parts = P.combine_shards(parts, axis, P.block_offset(axis, rows.vocab_size), tau)
+    top = lax.top_k(lax.all_gather(top, axis, axis=1, tiled=True), k)[0]
+  return parts, top, rows._replace(axis_name=axis)
+
+
+def _finish(parts, top, rows: S.Rows, targets, r: SamplingRows, k: int, axis, v: int):
+  """(ProcessedStats, residual row statistics) of whole rows of ``v`` columns.
+
+  ``parts``, ``top`` and ``rows`` are this device's block's under ``axis`` (else
+  the whole rows'); ``targets`` are global ids."""
+  tau = r.tau
+  parts, top, rows = _whole_rows(parts, top, rows, tau, k, axis)
   f = P.finish(parts, targets, v, tau)
-  params = S.Params(tau, k, p, min_p, f.shift)
+  params = S.Params(tau, r.top_k, r.top_p, r.min_p, f.shift)
   d = S.decide(top, top.shape[1] == v, params, v, parts.s)
-  kappa, mass, count = S.threshold(rows, params, d)
+  kappa, mass, count = S.threshold(rows, params, d, v)
   log_sk = jnp.log(mass)
   kept = S.kept(parts.t[:, None], params, kappa)[:, 0]
   logprobs = jnp.where(kept, P.scaled(parts.t - f.shift, tau) - log_sk, -jnp.inf)
   logprobs = jnp.where(jnp.isnan(f.logprob), jnp.nan, logprobs)
   stats = ProcessedStats(logprobs, f.logprob, log_sk - f.log_s, kept, count, f.greedy)
-  return stats, (params, kappa, f.log_s, log_sk, kept)
+  return _poisoned(stats, r.bad), (params, kappa, f.log_s, log_sk, kept)
 
 
 def _poisoned(stats: ProcessedStats, bad) -> ProcessedStats:
@@ -54,75 +105,135 @@ def _poisoned(stats: ProcessedStats, bad) -> ProcessedStats:
   )
 
 
-def _cotangents(ct: ProcessedStats, kept, bad):
+def _cotangents(ct: ProcessedStats, kept, bad, axis):
   """(g_processed, g_raw, g_log_kept_mass): the processed term only where the target
   was kept; NaN on bad rows (their values are NaN)."""
+  # shard_map hands each device 1 / (axis size) of a replicated output's cotangent.
+  scale = 1 if axis is None else lax.axis_size(axis)
 
   def clean(c):
-    return jnp.where(bad, jnp.nan, c.astype(_F32))
+    return jnp.where(bad, jnp.nan, c.astype(_F32) * scale)
 
   return clean(jnp.where(kept, ct.logprobs, 0.0)), clean(ct.raw_logprobs), clean(ct.log_kept_mass)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _logits_op(x, targets, tau, knobs, bad, softcap, k, config, tau_grad):
-  return _logits_fwd(x, targets, tau, knobs, bad, softcap, k, config, tau_grad)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
+def _logits_op(x, targets, r, softcap, k, config, tau_grad, axis, v):
+  return _logits_fwd(x, targets, r, softcap, k, config, tau_grad, axis, v)[0]
 
 
-def _logits_fwd(x, targets, tau, knobs, bad, softcap, k, config, tau_grad):
-  parts, top, rows = xla.logits_forward(x, targets, tau, softcap, k, config)
-  stats, res = _finish(parts, top, rows, targets, tau, knobs, config)
-  return _poisoned(stats, bad), (x, targets, bad, res)
+def _logits_fwd(x, targets, r, softcap, k, config, tau_grad, axis, v):
+  local = targets - P.block_offset(axis, x.shape[1])
+  parts, top, rows = xla.logits_forward(x, local, r.tau, softcap, min(k, x.shape[1]), config)
+  stats, res = _finish(parts, top, rows, targets, r, k, axis, v)
+  return stats, (x, local, r.bad, res)
 
 
-def _logits_bwd(softcap, k, config, tau_grad, residuals, ct):
-  x, targets, bad, (params, kappa, log_s, log_sk, kept) = residuals
-  g = _cotangents(ct, kept, bad)
-  dx, dtau = xla.logits_grads(x, targets, params, kappa, log_s, log_sk, g, softcap, tau_grad)
-  return dx, None, dtau, None, None
+def _logits_bwd(softcap, k, config, tau_grad, axis, v, residuals, ct):
+  x, local, bad, (params, kappa, log_s, log_sk, kept) = residuals
+  g = _cotangents(ct, kept, bad, axis)
+  dx, dtau = xla.logits_grads(x, local, params, kappa, log_s, log_sk, g, softcap, tau_grad)
+  return dx, None, _row_cotangents(params, dtau, bad)
 
 
 _logits_op.defvjp(_logits_fwd, _logits_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11, 12))
+def _row_cotangents(params: S.Params, dtau, bad) -> SamplingRows:
+  """The cotangent of a :class:`SamplingRows`: ``d tau`` (or zeros), nothing else."""
+  if params.tau is not None and dtau is None:
+    dtau = jnp.zeros_like(params.tau)
+  return SamplingRows(dtau, None, None, None, None)  # type: ignore[arg-type]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9, 10, 11, 12))
 def _hidden_op(
-  h, w, targets, tau, knobs, bad, softcap, vocab_axis, precision, k, config, fused, tau_grad
+  h, w, targets, r, softcap, vocab_axis, precision, k, config, fused, tau_grad, axis, v
 ):
-  args = (softcap, vocab_axis, precision, k, config, fused, tau_grad)
-  return _hidden_fwd(h, w, targets, tau, knobs, bad, *args)[0]
+  args = (softcap, vocab_axis, precision, k, config, fused, tau_grad, axis, v)
+  return _hidden_fwd(h, w, targets, r, *args)[0]
 
 
 def _hidden_fwd(
-  h, w, targets, tau, knobs, bad, softcap, vocab_axis, precision, k, config, fused, tau_grad
+  h, w, targets, r, softcap, vocab_axis, precision, k, config, fused, tau_grad, axis, v
 ):
+  v_here = w.shape[vocab_axis]
+  local = targets - P.block_offset(axis, v_here)
   parts, top, rows = xla.hidden_forward(
-    h, w, targets, tau, softcap, vocab_axis, precision, k, config, fused
+    h, w, local, r.tau, softcap, vocab_axis, precision, min(k, v_here), config, fused
   )
-  stats, res = _finish(parts, top, rows, targets, tau, knobs, config)
-  return _poisoned(stats, bad), (h, w, targets, bad, res)
+  stats, res = _finish(parts, top, rows, targets, r, k, axis, v)
+  return stats, (h, w, local, r.bad, res)
 
 
-def _hidden_bwd(softcap, vocab_axis, precision, k, config, fused, tau_grad, residuals, ct):
-  h, w, targets, bad, (params, kappa, log_s, log_sk, kept) = residuals
-  g = _cotangents(ct, kept, bad)
+def _hidden_bwd(softcap, vocab_axis, precision, k, config, fused, tau_grad, axis, v, residuals, ct):
+  h, w, local, bad, (params, kappa, log_s, log_sk, kept) = residuals
+  g = _cotangents(ct, kept, bad, axis)
   dh, dw, dtau = xla.hidden_grads(
-    h, w, targets, params, kappa, log_s, log_sk, g, softcap, vocab_axis, precision, fused, tau_grad
+    h, w, local, params, kappa, log_s, log_sk, g, softcap, vocab_axis, precision, fused, tau_grad
   )
-  return dh.astype(h.dtype), dw, None, dtau, None, None
+  return dh.astype(h.dtype), dw, None, _row_cotangents(params, dtau, bad)
 
 
 _hidden_op.defvjp(_hidden_fwd, _hidden_bwd)
 
 
-def _rows(sampling: Sampling, batch_shape, vocab_size, targets):
-  """(tau [N] or None, (top_k, top_p, min_p) [N], bad [N]) with bad rows made safe."""
-  tau, k, p, min_p, bad_knobs = param_rows(sampling, batch_shape)
-  bad = bad_knobs | (targets < 0) | (targets >= vocab_size)
-  if tau is not None:
-    tau = jnp.where(bad, 1.0, tau)
-  knobs = (jnp.where(bad, 0, k), jnp.where(bad, 1.0, p), jnp.where(bad, 0.0, min_p))
-  return tau, knobs, bad
+def rows_processed_token_stats(
+  x: jax.Array,
+  targets: jax.Array,
+  rows: SamplingRows,
+  k: int,
+  tau_grad: bool,
+  *,
+  softcap: float | None = None,
+  config: ProcessedConfig = DEFAULT_CONFIG,
+  axis_name: str | None = None,
+  vocab_size: int | None = None,
+) -> ProcessedStats:
+  """The per-shard building block from logits: :class:`ProcessedStats` ``[N]`` of
+  rows ``x [N, Vb]``: whole rows, or (inside ``shard_map`` with ``axis_name``)
+  this device's block of columns of rows of ``vocab_size`` columns.
+
+  ``targets`` int32[N] global ids; ``rows``, ``k``, ``tau_grad`` from
+  :func:`sampling_rows`.
+  """
+  if x.shape[0] == 0:
+    return _empty()
+  v = x.shape[1] if vocab_size is None else vocab_size
+  return _logits_op(x, targets, rows, softcap, k, config, tau_grad, axis_name, v)
+
+
+def rows_fused_processed_token_stats(
+  h: jax.Array,
+  w: jax.Array,
+  targets: jax.Array,
+  rows: SamplingRows,
+  k: int,
+  tau_grad: bool,
+  *,
+  softcap: float | None = None,
+  vocab_axis: int = 1,
+  precision=None,
+  config: ProcessedConfig = DEFAULT_CONFIG,
+  fused_config: FusedConfig | None = None,
+  axis_name: str | None = None,
+  vocab_size: int | None = None,
+) -> ProcessedStats:
+  """The per-shard building block from hidden states ``h [N, D]`` and ``w`` (its
+  vocabulary axis ``vocab_axis``, 0 or 1): whole, or this device's block of the
+  vocabulary inside ``shard_map`` with ``axis_name``; as
+  :func:`rows_processed_token_stats` otherwise."""
+  if h.shape[0] == 0:
+    return _empty()
+  if precision is None:
+    precision = jax.config.jax_default_matmul_precision  # type: ignore[attr-defined]
+  v_here = w.shape[vocab_axis]
+  if fused_config is None:
+    like = ((h.shape[0], h.shape[1], v_here), h.dtype)
+    fused_config = ops.fused_implementation("xla", like).config  # type: ignore[attr-defined]
+  v = v_here if vocab_size is None else vocab_size
+  args = (softcap, vocab_axis, precision, k, config, fused_config, tau_grad, axis_name, v)
+  return _hidden_op(h, w, targets, rows, *args)
 
 
 def _check_implementation(implementation):
@@ -173,15 +284,13 @@ def processed_token_stats(
   logits, targets, _ = checks.logits_arguments(logits, targets, 1.0, softcap)
   if implementation == "reference":
     return processed_logprobs_reference(logits, targets, sampling, softcap=softcap)
-  batch_shape, v = targets.shape, logits.shape[-1]
-  tau, knobs, bad = _rows(sampling, batch_shape, v, targets.reshape(-1))
-  k = config.k_for(sampling.top_k, v)
+  v = logits.shape[-1]
+  rows, k, tau_grad = sampling_rows(sampling, targets, v, config)
   x = logits.reshape(-1, v)
-  if x.shape[0] == 0:
-    return jax.tree.map(lambda a: a.reshape(batch_shape), _empty())
-  tau_grad = not np.isscalar(sampling.temperature)  # a Python temperature has no derivative
-  stats = _logits_op(x, targets.reshape(-1), tau, knobs, bad, softcap, k, config, tau_grad)
-  return jax.tree.map(lambda a: a.reshape(batch_shape), stats)
+  stats = rows_processed_token_stats(
+    x, targets.reshape(-1), rows, k, tau_grad, softcap=softcap, config=config
+  )
+  return jax.tree.map(lambda a: a.reshape(targets.shape), stats)
 
 
 def _empty() -> ProcessedStats:
@@ -231,18 +340,18 @@ def fused_processed_token_stats(
       "...d,dv->...v", hidden, w, preferred_element_type=_F32, precision=precision
     )
     return processed_logprobs_reference(logits, targets, sampling, softcap=softcap)
-  batch_shape = targets.shape
-  tau, knobs, bad = _rows(sampling, batch_shape, v, targets.reshape(-1))
-  h = hidden.reshape(-1, hidden.shape[-1])
-  if h.shape[0] == 0:
-    return jax.tree.map(lambda a: a.reshape(batch_shape), _empty())
-  if precision is None:
-    precision = jax.config.jax_default_matmul_precision  # type: ignore[attr-defined]
-  k = config.k_for(sampling.top_k, v)
-  if fused_config is None:
-    like = ((h.shape[0], h.shape[1], v), h.dtype)
-    fused_config = ops.fused_implementation("xla", like).config  # type: ignore[attr-defined]
-  tau_grad = not np.isscalar(sampling.temperature)
-  args = (softcap, axis, precision, k, config, fused_config, tau_grad)
-  stats = _hidden_op(h, unembed, targets.reshape(-1), tau, knobs, bad, *args)
-  return jax.tree.map(lambda a: a.reshape(batch_shape), stats)
+  rows, k, tau_grad = sampling_rows(sampling, targets, v, config)
+  stats = rows_fused_processed_token_stats(
+    hidden.reshape(-1, hidden.shape[-1]),
+    unembed,
+    targets.reshape(-1),
+    rows,
+    k,
+    tau_grad,
+    softcap=softcap,
+    vocab_axis=axis,
+    precision=precision,
+    config=config,
+    fused_config=fused_config,
+  )
+  return jax.tree.map(lambda a: a.reshape(targets.shape), stats)

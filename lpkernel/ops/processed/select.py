@@ -16,7 +16,10 @@ ordered ``uint32``). This module finds ``kappa``:
 
 A :class:`Rows` is what is swept: ``block(lo, width)`` gives the capped logits
 of vocabulary columns ``[lo, lo + width)`` (a slice of the logits, or a matmul
-of hidden states with a block of the unembedding).
+of hidden states with a block of the unembedding). Under ``shard_map`` with the
+columns split over a mesh axis, each device sweeps its own block and every
+fold's sums and maxima are reduced over that axis (``psum``, ``pmax``: a few
+bytes per row per sweep), so every device reaches the same threshold.
 """
 
 from __future__ import annotations
@@ -42,22 +45,29 @@ class Rows(NamedTuple):
   Attributes:
     block: ``(lo, width) -> float32[N, width]``, the capped logits of columns
       ``[lo, lo + width)`` (``lo`` may be traced, ``width`` is static).
-    vocab_size: V.
+    vocab_size: the columns held here (this device's block under ``axis_name``).
     width: columns per sweep step.
+    axis_name: the mesh axis the row's columns are split over, or None.
   """
 
   block: Callable[[jax.Array | int, int], jax.Array]
   vocab_size: int
   width: int
+  axis_name: str | None = None
 
-  def fold(self, step, init):
-    """Folds ``step(carry, z [N, W], cols [1, W])`` over the row's column blocks."""
+  def fold(self, step, init, reduce: str = "sum"):
+    """Folds ``step(carry, z [N, W], cols [1, W])`` over the row's column blocks;
+    across the mesh axis the results are added (``reduce="sum"``) or their
+    maxima taken (``"max"``)."""
 
     def body(carry, lo, width):
       cols = lo + lax.broadcasted_iota(jnp.int32, (1, width), 1)
       return step(carry, self.block(lo, width), cols)
 
-    return sweep(body, init, self.vocab_size, self.width)
+    out = sweep(body, init, self.vocab_size, self.width)
+    if self.axis_name is None:
+      return out
+    return (lax.psum if reduce == "sum" else lax.pmax)(out, self.axis_name)
 
 
 class Params(NamedTuple):
@@ -284,7 +294,7 @@ def largest_key_within(
         jnp.maximum(below, jnp.max(jnp.where(under, key, _U32(0)), axis=1)),
       )
 
-    top, below = rows.fold(step, (lo, jnp.zeros_like(lo)))
+    top, below = rows.fold(step, (lo, jnp.zeros_like(lo)), reduce="max")
     top = jnp.where(c_hi - c_lo == 1, top, lo)  # one column in the bracket, or ties at lo
     cut = jnp.maximum(below + (top - below + _U32(1)) // _U32(2), floor)
     return jnp.where(active & (top > below), cut, lo)
@@ -292,10 +302,11 @@ def largest_key_within(
   return lax.cond(jnp.any(active), settle, lambda: lo)
 
 
-def threshold(rows: Rows, params: Params, d: Decision) -> tuple[jax.Array, ...]:
+def threshold(rows: Rows, params: Params, d: Decision, vocab_size: int) -> tuple[jax.Array, ...]:
   """(kappa, mass, count) of every row: :func:`decide`'s where it settled, else
   searched (top-k past ``K``, then top-p) and summed by further sweeps, run only
-  when some row needs them."""
+  when some row needs them. ``vocab_size``: the whole row's V (every device's
+  columns)."""
   k, p = params.top_k, params.top_p
 
   def maybe(needed, fn, otherwise):
@@ -324,7 +335,7 @@ def threshold(rows: Rows, params: Params, d: Decision) -> tuple[jax.Array, ...]:
     budget = (1 - p) * mass_a
     # Every column whose e is under budget / V is dropped (all of them weigh at most the budget).
     tau = 1.0 if params.tau is None else params.tau
-    lowest = order_key(params.shift + tau * jnp.log(budget / rows.vocab_size))
+    lowest = order_key(params.shift + tau * jnp.log(budget / vocab_size))
     kappa = maybe(
       search_p,
       lambda: largest_key_within(
