@@ -128,3 +128,31 @@ def test_two_dimensional_logits_hold_no_float32_copy(path, dtype):
 
   fraction = _temp_fraction(fn, (x, t), 0, True, 2048 * 32000 * jnp.dtype(dtype).itemsize)
   assert fraction < 0.10, f"temporaries {fraction:.2f}x the logits' bytes"
+
+
+@pytest.mark.parametrize("vocab_axis", [0, 1], ids=["tied-VD", "DV"])
+def test_a_long_sequence_backward_holds_one_hidden_sized_accumulator(vocab_axis):
+  """A 32k-token sequence's log-prob head (log-probabilities and entropy,
+  forward+backward, bfloat16, Qwen-sized V and D), compiled and never run: the
+  temporaries are ``d hidden``'s float32 accumulator and blocks. No second
+  ``[N, D]`` buffer (the blocks' ``dz @ w^T`` go into it in token chunks) and,
+  for a tied ``[V, D]`` table, no table-sized one (its gradient is written in
+  place); a ``[D, V]`` matrix's gradient is carried as its bits on the CPU,
+  whose view back is one copy of it."""
+  n, d, v = 32768, 4096, 151936
+  w_shape = (v, d) if vocab_axis == 0 else (d, v)
+  args = (
+    jax.ShapeDtypeStruct((n, d), jnp.bfloat16),
+    jax.ShapeDtypeStruct(w_shape, jnp.bfloat16),
+    jax.ShapeDtypeStruct((n,), jnp.int32),
+  )
+
+  def fn(h, w, targets):
+    stats = lpk.fused_token_stats(h, w, targets, vocab_axis=vocab_axis)
+    return jnp.sum(stats.logprobs) + 0.01 * jnp.sum(stats.entropy)
+
+  temporaries = jax.jit(jax.grad(fn, argnums=(0, 1))).lower(*args).compile().memory_analysis()
+  bound = n * d * 4 + (128 << 20)
+  if vocab_axis == 1 and jax.default_backend() == "cpu":
+    bound += v * d * 2
+  assert temporaries.temp_size_in_bytes < bound, (temporaries.temp_size_in_bytes / 2**30, bound)

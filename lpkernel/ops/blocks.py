@@ -23,6 +23,27 @@ def sweep(step, carry, size: int, block: int):
   return step(carry, full * block, tail) if tail else carry
 
 
+def sweep_in_place(step, carry, size: int, block: int):
+  """Folds ``step(carry, lo, width, fresh)`` over blocks of ``[0, size)`` in one loop
+  with no step outside it: when ``block`` does not divide ``size`` the last block
+  is the last ``block`` columns, overlapping its predecessor, and ``fresh`` (the
+  first column not seen before; ``lo`` for every other block) says which of its
+  columns to count. A step's sums count columns from ``fresh`` on; its writes of
+  whole blocks are idempotent. A carry written block by block then stays in
+  place through the loop and out of it (a step after the loop made XLA:CPU copy
+  a ``[V, D]`` carry to the output). Nothing when ``size`` is 0.
+  """
+  if size == 0:
+    return carry
+  block = min(block, size)
+
+  def body(k, c):
+    first = k * block
+    return step(c, jnp.minimum(first, size - block), block, first)
+
+  return lax.fori_loop(0, -(-size // block), body, carry)
+
+
 def block_of(a: jax.Array, lo, width: int, axis: int) -> jax.Array:
   """``a``'s ``[lo, lo + width)`` along ``axis``, sliced from the output of an
   optimisation barrier over ``(a, lo)``.

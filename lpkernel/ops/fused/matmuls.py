@@ -9,6 +9,8 @@ for the XLA and Pallas GPU implementations alike.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -25,6 +27,74 @@ def contract(a: jax.Array, a_axis: int, b: jax.Array, b_axis: int, precision) ->
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=_F32)
 
 
+ADD_ROWS_BYTES = 64 << 20
+
+
+class UnembedGrad(NamedTuple):
+  """``d unembed`` written block by block along its vocabulary axis in a loop.
+
+  With ``bits`` (``uint16``, the CPU's bfloat16): XLA:CPU copies a whole
+  bfloat16 carry per block update but updates a uint16 one in place. A ``[D, V]``
+  matrix's gradient is carried as its bits (the view back at the end is one copy
+  of it); a ``[V, D]`` table's row blocks go in through a bit view of the
+  bfloat16 carry, in place and with no copy (a uint16 carry's view back was a
+  table-sized temporary: 1.16 GiB at V = 151936, D = 4096).
+  """
+
+  shape: tuple[int, ...]
+  dtype: Any
+  vocab_axis: int
+  bits: Any = None
+
+  @property
+  def carried(self):
+    """The carry's dtype."""
+    return self.bits if self.bits is not None and self.vocab_axis == 1 else self.dtype
+
+  def zeros(self) -> jax.Array:
+    return jnp.zeros(self.shape, self.carried)
+
+  def put(self, dw: jax.Array, block: jax.Array, lo) -> jax.Array:
+    """``dw`` with ``block`` (in the gradient's dtype) at vocabulary offset ``lo``."""
+    if self.bits is None:
+      return lax.dynamic_update_slice_in_dim(dw, block, lo, self.vocab_axis)
+    block = lax.bitcast_convert_type(block, self.bits)
+    if self.vocab_axis == 1:
+      return lax.dynamic_update_slice_in_dim(dw, block, lo, 1)
+    view = lax.dynamic_update_slice_in_dim(lax.bitcast_convert_type(dw, self.bits), block, lo, 0)
+    return lax.bitcast_convert_type(view, self.dtype)
+
+  def value(self, dw: jax.Array) -> jax.Array:
+    """The gradient in its dtype."""
+    return dw if self.carried == self.dtype else lax.bitcast_convert_type(dw, self.dtype)
+
+
+def add_rows(dh, dz, wb, vocab_axis: int, precision) -> jax.Array:
+  """``dh + dz @ wb^T`` (float32 ``[N, D]``; ``dz [N, W]``, ``wb`` a block of the
+  matrix, its vocabulary axis ``vocab_axis``), updated in place in token chunks
+  of at most ``ADD_ROWS_BYTES``: one dot's ``[N, D]`` result beside ``dh`` was
+  the largest temporary of a long sequence's backward (512 MiB at N = 32768,
+  D = 4096)."""
+  n, d = dh.shape
+  chunk = max(1, min(n, ADD_ROWS_BYTES // (4 * d)))
+  if chunk == n:
+    return dh + contract(dz, 1, wb, vocab_axis, precision)
+
+  def step(dh, lo, width):
+    piece = contract(lax.dynamic_slice_in_dim(dz, lo, width, 0), 1, wb, vocab_axis, precision)
+    rows = lax.dynamic_slice_in_dim(dh, lo, width, 0) + piece
+    return lax.dynamic_update_slice_in_dim(dh, rows, lo, 0)
+
+  return sweep(step, dh, n, chunk)
+
+
+def fresh_rows(wb: jax.Array, fresh: jax.Array, vocab_axis: int) -> jax.Array:
+  """A block of the matrix with the columns not ``fresh`` (bool ``[1, W]``) zeroed:
+  in ``dz @ wb^T`` they then add nothing (masking the block of the matrix, not
+  the larger ``dz [N, W]``)."""
+  return jnp.where(fresh if vocab_axis == 1 else fresh.T, wb, 0)
+
+
 def grad_unembed(h, dz, vocab_axis: int, precision, h_t=None) -> jax.Array:
   """``h^T dz`` float32 in the matrix's layout: ``[D, W]``, or ``[W, D]`` for a ``[V, D]``
   table.
@@ -38,7 +108,7 @@ def grad_unembed(h, dz, vocab_axis: int, precision, h_t=None) -> jax.Array:
     return contract(h, 0, dz, 0, precision) if vocab_axis == 1 else contract(dz, 0, h, 0, precision)
   if vocab_axis == 1:
     return contract(h_t, 1, dz, 0, precision)
-  return contract(lax.optimization_barrier(dz.T), 1, h, 0, precision)
+  return lax.optimization_barrier(contract(h_t, 1, dz, 0, precision)).T
 
 
 def chunked_grads(h, w, size: int, vocab_axis: int, precision, row_grads, out_init=None, tau=None):

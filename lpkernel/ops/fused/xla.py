@@ -27,8 +27,15 @@ from jax import lax
 
 from lpkernel import partials as P
 from lpkernel.ops import higher_order, tuning
-from lpkernel.ops.blocks import block_of, sweep
-from lpkernel.ops.fused.matmuls import chunked_grads, contract, grad_unembed
+from lpkernel.ops.blocks import block_of, sweep, sweep_in_place
+from lpkernel.ops.fused.matmuls import (
+  UnembedGrad,
+  add_rows,
+  chunked_grads,
+  contract,
+  fresh_rows,
+  grad_unembed,
+)
 from lpkernel.ops.platform import on_cpu_or
 
 _F32 = jnp.float32
@@ -141,7 +148,7 @@ def block_logits(h, w, lo, width, softcap, precision, vocab_axis, dot_dtype=None
   return x, P.capped(x, softcap), wb
 
 
-def block_grad(x, z, cols, targets, tau_col, softcap, f: P.Finished, g, dtype):
+def block_grad(x, z, cols, targets, tau_col, softcap, f: P.Finished, g, dtype, fresh=None):
   """``d x`` of one block of logits (in ``dtype``) and its rows' part of ``d tau``.
 
   Args:
@@ -150,6 +157,8 @@ def block_grad(x, z, cols, targets, tau_col, softcap, f: P.Finished, g, dtype):
     targets: int32[N]; ``tau_col``: float32[N, 1] or None.
     f: the rows' finished statistics, ``[N]`` each; ``g``: (g_lp, g_lse, g_entropy),
       ``[N]`` each or None for an absent term.
+    fresh: None, or bool ``[1, W]``: the columns ``d tau`` counts (a block that
+      overlaps one already swept: :func:`lpkernel.ops.blocks.sweep_in_place`).
 
   Returns:
     (d x [N, W], d tau float32 [N] or None).
@@ -161,8 +170,12 @@ def block_grad(x, z, cols, targets, tau_col, softcap, f: P.Finished, g, dtype):
   # An absent log-probability term is a zero cotangent (grad_y leaves it out).
   g_lp = jnp.zeros_like(f.shift[:, None]) if g_lp is None else g_lp
   dy = P.grad_y(cols == targets[:, None], p, g_lp, g_lse, g_ent, y_c, f.centred[:, None], z=z)
-  dtau = None if tau_col is None else P.grad_tau(dy, y_c, tau_col, shift, p, g_lse)[:, 0]
-  return P.grad_x(dy, x, tau_col, softcap).astype(dtype), dtau
+  dx = P.grad_x(dy, x, tau_col, softcap).astype(dtype)
+  if tau_col is None:
+    return dx, None
+  if fresh is not None:
+    dy, y_c, p = (jnp.where(fresh, a, 0.0) for a in (dy, y_c, p))
+  return dx, P.grad_tau(dy, y_c, tau_col, shift, p, g_lse)[:, 0]
 
 
 def chunk_grad(x, lo, width, targets, tau_col, softcap, dtype, stats):
@@ -245,11 +258,10 @@ class XlaFused(tuning.Configured):
     """
     if self.config.grad_chunks:
       return self._chunked_grads(h, w, targets, tau, softcap, f, g, vocab_axis)
-    # On the CPU a bfloat16 d w is carried as its bits: XLA:CPU updates a
+    # On the CPU a bfloat16 d w is written through its bits: XLA:CPU updates a
     # bfloat16 [D, V] carry by copying all of it per block (2.8 s of 3.2 s at
-    # N=4096, D=512, V=32000) but a uint16 one in place. The view back costs
-    # one copy of d w (a temporary of the gradient's own size, never of the
-    # logits'); float16 has no fast CPU dot and does not gain. A bit view has no
+    # N=4096, D=512, V=32000) but a uint16 one in place (see _grads for the
+    # layouts); float16 has no fast CPU dot and does not gain. A bit view has no
     # derivative, so a derivative of this backward is the bfloat16 carry's.
     args = (self._dot(h), w, targets, tau, f, g)
 
@@ -261,8 +273,9 @@ class XlaFused(tuning.Configured):
     return on_cpu_or(lambda: backward(True), lambda: backward(False))
 
   def _grads(self, bits, h, w, targets, tau, f, g, *, softcap, vocab_axis, cpu: bool):
-    """:meth:`grads` with ``d w`` carried as ``bits`` (an unsigned dtype) or, for
-    None, as is; the CPU's layouts and block width with ``cpu``."""
+    """:meth:`grads` with ``d w`` written through ``bits`` (an unsigned dtype:
+    :class:`~lpkernel.ops.fused.matmuls.UnembedGrad`) or, for None, as is; the
+    CPU's layouts and block width with ``cpu``."""
     tau_col = None if tau is None else tau[:, None]
     # On the CPU, d w blocks come from a [D, N] copy of h made once: XLA:CPU's fast
     # bfloat16 dots want the contracted axis last on the left (contracting N on h
@@ -271,31 +284,32 @@ class XlaFused(tuning.Configured):
     # would take the temporaries past the bound for 15-30% on the d w dots.
     h_t = lax.optimization_barrier(h.T) if cpu and self.config.dot_dtype is None else None
 
-    def step(carry, lo, width):
+    dw_out = UnembedGrad(w.shape, w.dtype, vocab_axis, bits)
+
+    def step(carry, lo, width, fresh):
       dh, dw, dtau = carry
       x, z, wb = block_logits(
         h, w, lo, width, softcap, self.precision, vocab_axis, self.config.dot_dtype
       )
       cols = lo + lax.broadcasted_iota(jnp.int32, (1, width), 1)
-      dz, dtau_b = block_grad(x, z, cols, targets, tau_col, softcap, f, g, h.dtype)
+      fresh = cols >= fresh
+      dz, dtau_b = block_grad(x, z, cols, targets, tau_col, softcap, f, g, h.dtype, fresh)
       if tau is not None:
         dtau = dtau + dtau_b
-      # d h += dz @ w_block^T, contracting the block's vocabulary axis as stored.
-      dh = dh + contract(dz, 1, wb, vocab_axis, self.precision)
+      dh = add_rows(dh, dz, fresh_rows(wb, fresh, vocab_axis), vocab_axis, self.precision)
+      # The overlapped columns' d w is written again, the same.
       dwb = grad_unembed(h, dz, vocab_axis, self.precision, h_t).astype(w.dtype)
-      if bits is not None:
-        dwb = lax.bitcast_convert_type(dwb, bits)
-      return dh, lax.dynamic_update_slice_in_dim(dw, dwb, lo, vocab_axis), dtau
+      return dh, dw_out.put(dw, dwb, lo), dtau
 
     init = (
       jnp.zeros(h.shape, _F32),
-      jnp.zeros(w.shape, w.dtype if bits is None else bits),
+      dw_out.zeros(),
       None if tau is None else jnp.zeros((h.shape[0],), _F32),
     )
     with jax.named_scope("fused_sweep_backward"):
       v = w.shape[vocab_axis]
-      dh, dw, dtau = sweep(step, init, v, self.config.block(v, cpu))
-      return dh, dw if bits is None else lax.bitcast_convert_type(dw, w.dtype), dtau
+      dh, dw, dtau = sweep_in_place(step, init, v, self.config.block(v, cpu))
+      return dh, dw_out.value(dw), dtau
 
   def _chunked_grads(self, h, w, targets, tau, softcap, f: P.Finished, g, vocab_axis):
     """:meth:`grads` over token chunks (three matmuls per chunk, as the training loss)."""

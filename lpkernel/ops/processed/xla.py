@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from lpkernel import partials as P
-from lpkernel.ops.blocks import block_of, sweep
-from lpkernel.ops.fused.matmuls import contract, grad_unembed
+from lpkernel.ops.blocks import block_of, sweep, sweep_in_place
+from lpkernel.ops.fused.matmuls import UnembedGrad, add_rows, fresh_rows, grad_unembed
 from lpkernel.ops.fused.xla import FusedConfig, block_logits
 from lpkernel.ops.logprobs.xla import XlaLogits, chunk_rows, gather
 from lpkernel.ops.platform import on_cpu_or
@@ -232,9 +232,12 @@ def live_rows(g) -> jax.Array:
   return (g[0] != 0) | (g[1] != 0) | (g[2] != 0)
 
 
-def row_grads(z, cols, targets, params: S.Params, kappa, log_s, log_sk, g, tau_grad: bool):
+def row_grads(
+  z, cols, targets, params: S.Params, kappa, log_s, log_sk, g, tau_grad: bool, fresh=None
+):
   """``d y`` of a block of capped logits ``z [N, W]`` at columns ``cols [1, W]``
-  and, with ``tau_grad``, its part of ``d tau`` ([N]; else None).
+  and, with ``tau_grad``, its part of ``d tau`` ([N]; else None) over the
+  columns ``fresh`` (bool ``[1, W]``; None: all).
 
   ``g``: (g_processed, g_raw, g_log_kept_mass) float32[N], zero on dead rows;
   the processed term counts only where the target was kept (its value is
@@ -253,7 +256,8 @@ def row_grads(z, cols, targets, params: S.Params, kappa, log_s, log_sk, g, tau_g
   if not tau_grad or params.tau is None:
     return dy, None
   y_c = P.centred_y(z, shift, tau_col)
-  return dy, -jnp.sum(jnp.where(dy != 0, dy * y_c, 0.0), axis=-1) / params.tau
+  counted = dy != 0 if fresh is None else (dy != 0) & fresh
+  return dy, -jnp.sum(jnp.where(counted, dy * y_c, 0.0), axis=-1) / params.tau
 
 
 def logits_grads(x, targets, params, kappa, log_s, log_sk, g, softcap, tau_grad: bool):
@@ -291,23 +295,28 @@ def hidden_grads(
   h = h if fused.dot_dtype is None else h.astype(fused.dot_dtype)
 
   def backward(cpu: bool):
-    def step(carry, lo, wd):
+    bits = jnp.dtype(jnp.uint16) if cpu and w.dtype == jnp.bfloat16 else None
+    dw_out = UnembedGrad(w.shape, w.dtype, vocab_axis, bits)
+
+    def step(carry, lo, wd, fresh):
       dh, dw, dtau = carry
       x, z, wb = block_logits(h, w, lo, wd, softcap, precision, vocab_axis, fused.dot_dtype)
       cols = lo + lax.broadcasted_iota(jnp.int32, (1, wd), 1)
-      dy, dtau_b = row_grads(z, cols, targets, params, kappa, log_s, log_sk, g, tau_grad)
+      fresh = cols >= fresh
+      dy, dtau_b = row_grads(z, cols, targets, params, kappa, log_s, log_sk, g, tau_grad, fresh)
       dz = P.grad_x(dy, x, tau_col, softcap).astype(h.dtype)  # h as the matmuls take it
-      dh = dh + contract(dz, 1, wb, vocab_axis, precision)
-      dwb = grad_unembed(h, dz, vocab_axis, precision).astype(w.dtype)
+      dh = add_rows(dh, dz, fresh_rows(wb, fresh, vocab_axis), vocab_axis, precision)
+      dwb = grad_unembed(h, dz, vocab_axis, precision).astype(w.dtype)  # overlap: the same again
       dtau = None if dtau is None else dtau + dtau_b
-      return dh, lax.dynamic_update_slice_in_dim(dw, dwb, lo, vocab_axis), dtau
+      return dh, dw_out.put(dw, dwb, lo), dtau
 
     init = (
       jnp.zeros(h.shape, _F32),
-      jnp.zeros(w.shape, w.dtype),
+      dw_out.zeros(),
       jnp.zeros((h.shape[0],), _F32) if tau_grad and params.tau is not None else None,
     )
-    return sweep(step, init, v, fused.block(v, cpu))
+    dh, dw, dtau = sweep_in_place(step, init, v, fused.block(v, cpu))
+    return dh, dw_out.value(dw), dtau
 
   with jax.named_scope("processed_sweep_backward"):
     return on_cpu_or(lambda: backward(True), lambda: backward(False))
