@@ -200,3 +200,27 @@ def test_python_parameters_are_checked_and_array_ones_poison(impl):
   assert np.isnan(run(x, jnp.array([0, 5]), Sampling()).logprobs[1])
   s = run(x, t, Sampling(top_p=jnp.array([0.5, 1.5]), min_p=jnp.array([0.1, 0.0])))
   assert np.isfinite(s.logprobs[0]) and np.isnan(s.logprobs[1])
+
+
+@pytest.mark.parametrize("impl", ["logits", "hidden"])
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_per_example_top_k_at_the_candidates_boundary(impl, top_p):
+  """Array top_k at, below and past K (the exact candidates per row), and a tie
+  running past K: the kept sets are the reference's (a k equal to K once kept
+  half the row: the cut below the K-th value had no smaller value to go to)."""
+  k_max = lpk.ProcessedConfig().candidates
+  v = 3000
+  rng = np.random.default_rng(0)
+  logits = rng.permutation(v * 5).reshape(5, v).astype(np.float32) / v
+  order = np.argsort(-logits[4])
+  logits[4, order[9 : k_max + 20]] = logits[4, order[9]]  # ties from the 10th value to past K
+  top_k = jnp.array([k_max - 1, k_max, k_max + 1, k_max, 12])
+  sampling = Sampling(temperature=0.5, top_k=top_k, top_p=top_p)
+  x, targets = jnp.asarray(logits), jnp.asarray(np.argsort(-logits, axis=-1)[:, 5])
+  got = jax.jit(functools.partial(processed, impl))(x, targets, sampling)
+  want = processed("reference", x, targets, sampling)
+  np.testing.assert_array_equal(got.kept_count, want.kept_count)
+  np.testing.assert_array_equal(got.kept, want.kept)
+  np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-5, atol=1e-5)
+  if top_p == 1.0:
+    assert list(np.asarray(want.kept_count)) == [k_max - 1, k_max, k_max + 1, k_max, k_max + 20]

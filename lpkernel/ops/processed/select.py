@@ -7,7 +7,8 @@ per-row threshold ``kappa`` on :func:`order_key` (the float's bits as an
 ordered ``uint32``). This module finds ``kappa``:
 
 * from the row's ``K`` largest values (:func:`decide`), which settles every row
-  whose kept set lies among them (top-k with ``k <= K``, a nucleus of at most
+  whose kept set lies among them (top-k with a smaller value than the k-th
+  among them, so ``k < K``; a nucleus of at most
   ``K`` tokens, a min-p cut above the ``K``-th value) with no further read;
 * otherwise by a bisection (:func:`largest_key_within`): one masked sum per
   sweep, halving the bracket's values (its keys once they are not finite)
@@ -115,10 +116,10 @@ class Decision(NamedTuple):
   """What :func:`decide` settles per row ``[N]``.
 
   Attributes:
-    kappa: uint32 threshold key, final where ``settled``; else the top-k
-      threshold where ``top_k_known`` (0, all, when top-k is off).
+    kappa: uint32 threshold key, final where ``settled``; else 0 (all).
     settled: the kept set, its mass and size are known.
-    top_k_known: the top-k part of ``kappa`` is known (else a search finds it).
+    top_k_known: top-k is off, or the row is settled (else a search finds its
+      threshold).
     mass: the kept set's sum of :meth:`Params.e` where settled.
     size: int32, the kept set's size where settled.
     ceiling: uint32, one past the key of the row's largest value.
@@ -157,10 +158,12 @@ def decide(
   ok_min_p = params.min_p_holds(e)
   k_on = (k > 0) & (k < vocab_size)
   kth = jnp.take_along_axis(top, jnp.clip(k - 1, 0, k_max - 1)[:, None], axis=-1)[:, 0]
-  top_k_known = ~k_on | (k <= k_max)
   # Top-k past K matters only where min-p keeps more than the K values (not settled).
   in_a = ok_min_p & ((~k_on | (k > k_max))[:, None] | (top >= kth[:, None]))
   last = top[:, -1]
+  # Settled: min-p cuts inside the K values, or top-k does with a smaller value
+  # among them to cut above (the k-th value equal to the K-th, e.g. k == K or
+  # ties to the end, leaves the next smaller value unknown: searched).
   within = ~ok_min_p[:, -1] | (k_on & (k <= k_max) & (last < kth))
   if complete:
     within = jnp.ones_like(within)
@@ -169,12 +172,11 @@ def decide(
   keep = in_a & ((p[:, None] >= 1) | (tail > 1 - p[:, None]))
   thr = jnp.min(jnp.where(keep, top, jnp.inf), axis=-1)
   all_on = ~k_on & (p >= 1) & (params.min_p <= 0)  # nothing truncated
-  k_kappa = jnp.where(k_on & (k <= k_max), _cut_below(top, kth), _U32(0))
-  kappa = jnp.where(within, _cut_below(top, thr), k_kappa)
+  kappa = jnp.where(within, _cut_below(top, thr), _U32(0))
   return Decision(
     kappa=jnp.where(all_on, _U32(0), kappa),
     settled=within | all_on,
-    top_k_known=top_k_known,
+    top_k_known=~k_on,
     mass=jnp.where(all_on, total, jnp.sum(jnp.where(keep, e, 0.0), axis=-1)),
     size=jnp.where(all_on, vocab_size, jnp.sum(keep, axis=-1, dtype=jnp.int32)),
     ceiling=order_key(top[:, 0]) + _U32(1),

@@ -54,7 +54,7 @@ class ProcessedConfig:
   """
 
   candidates: int = 64
-  group: int = 32
+  group: int = 16
   sweep_block: int = 512
   gather_bytes: int = 32 << 20
 
