@@ -41,7 +41,6 @@ from jax import lax
 from lpkernel import checks
 from lpkernel.sampling import Sampling
 from lpkernel.scoring import hidden_token_stats
-from lpkernel.types import TokenStats
 
 _F32 = jnp.float32
 
@@ -565,13 +564,15 @@ def policy_token_stats(
   sampling: Sampling | None = None,
   vocab_axis: int = -1,
   implementation=None,
-) -> tuple[jax.Array, jax.Array | None]:
+) -> tuple[jax.Array, jax.Array]:
   """``(logprobs, entropy)`` ``[...]`` of the policy from hidden states, one fused sweep.
 
   Without ``sampling``: the full-vocabulary log-probabilities at
   ``temperature`` and the entropy of that distribution (both differentiable).
   With ``sampling`` (the rollout engine's top-k / top-p / min-p): the processed
-  log-probabilities (``lpk.fused_processed_token_stats``) and no entropy (None).
+  log-probabilities (``lpk.fused_processed_token_stats``) and the entropy of the
+  full-vocabulary distribution at the sampler's temperature (as TRL logs it),
+  from the same sweep.
   """
   stats = hidden_token_stats(
     hidden,
@@ -583,7 +584,7 @@ def policy_token_stats(
     vocab_axis=vocab_axis,
     implementation=implementation,
   )
-  return stats.logprobs, stats.entropy if isinstance(stats, TokenStats) else None
+  return stats.logprobs, stats.entropy
 
 
 def policy_loss_hidden(
@@ -612,14 +613,13 @@ def policy_loss_hidden(
     rollout, objective: as :func:`policy_loss`.
     temperature, softcap, vocab_axis, implementation: as ``lpk.fused_token_stats``.
     sampling: the engine's ``lpk.Sampling`` when the rollout sampled with
-      truncation: the policy's log-probabilities are then the processed ones
-      (entropy terms are refused: the processed entropy is not computed).
+      truncation: the policy's log-probabilities are then the processed ones;
+      the entropy is the full-vocabulary distribution's at the sampler's
+      temperature (:func:`policy_token_stats`).
 
   Returns:
     ``(loss, metrics)`` as :func:`policy_loss`.
   """
-  if sampling is not None and objective.needs_entropy:
-    raise ValueError("entropy terms are not available with sampling= (processed log-probabilities)")
   lp, entropy = policy_token_stats(
     hidden,
     unembed,

@@ -413,7 +413,7 @@ def _processed_rows(sampling: Sampling, targets, v: int, config: ProcessedConfig
 
 
 def _processed_out(row) -> ProcessedStats:
-  return ProcessedStats(row, row, row, row, row, row)
+  return ProcessedStats(row, row, row, row, row, row, row)
 
 
 def vocab_parallel_processed_token_stats(
