@@ -41,6 +41,7 @@ from jax import lax
 from lpkernel import checks
 from lpkernel.sampling import Sampling
 from lpkernel.scoring import hidden_token_stats
+from lpkernel.types import TokenStats
 
 _F32 = jnp.float32
 
@@ -564,15 +565,13 @@ def policy_token_stats(
   sampling: Sampling | None = None,
   vocab_axis: int = -1,
   implementation=None,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array | None]:
   """``(logprobs, entropy)`` ``[...]`` of the policy from hidden states, one fused sweep.
 
   Without ``sampling``: the full-vocabulary log-probabilities at
   ``temperature`` and the entropy of that distribution (both differentiable).
   With ``sampling`` (the rollout engine's top-k / top-p / min-p): the processed
-  log-probabilities (``lpk.fused_processed_token_stats``) and the entropy of the
-  full-vocabulary distribution at the sampler's temperature (as TRL logs it),
-  from the same sweep.
+  log-probabilities (``lpk.fused_processed_token_stats``) and no entropy (None).
   """
   stats = hidden_token_stats(
     hidden,
@@ -584,7 +583,7 @@ def policy_token_stats(
     vocab_axis=vocab_axis,
     implementation=implementation,
   )
-  return stats.logprobs, stats.entropy
+  return stats.logprobs, stats.entropy if isinstance(stats, TokenStats) else None
 
 
 def policy_loss_hidden(
@@ -613,13 +612,14 @@ def policy_loss_hidden(
     rollout, objective: as :func:`policy_loss`.
     temperature, softcap, vocab_axis, implementation: as ``lpk.fused_token_stats``.
     sampling: the engine's ``lpk.Sampling`` when the rollout sampled with
-      truncation: the policy's log-probabilities are then the processed ones;
-      the entropy is the full-vocabulary distribution's at the sampler's
-      temperature (:func:`policy_token_stats`).
+      truncation: the policy's log-probabilities are then the processed ones
+      (entropy terms are refused: the processed entropy is not computed).
 
   Returns:
     ``(loss, metrics)`` as :func:`policy_loss`.
   """
+  if sampling is not None and objective.needs_entropy:
+    raise ValueError("entropy terms are not available with sampling= (processed log-probabilities)")
   lp, entropy = policy_token_stats(
     hidden,
     unembed,

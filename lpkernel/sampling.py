@@ -81,9 +81,6 @@ class ProcessedStats(NamedTuple):
     kept: bool, the target is in the kept set.
     kept_count: int32, the kept set's size.
     greedy: bool, the target is the first argmax of its capped row (always kept).
-    entropy: the entropy of the full-vocabulary distribution at the
-      temperature (the raw one, as TRL and tunix log a policy's entropy);
-      differentiable like ``raw_logprobs``.
   """
 
   logprobs: jax.Array
@@ -92,7 +89,6 @@ class ProcessedStats(NamedTuple):
   kept: jax.Array
   kept_count: jax.Array
   greedy: jax.Array
-  entropy: jax.Array
 
 
 def _per_row(value, batch_shape, dtype) -> jax.Array:
@@ -215,5 +211,4 @@ def processed_logprobs_reference(
     kept=kept,
     kept_count=jnp.sum(keep, axis=-1, dtype=jnp.int32),
     greedy=greedy & ~jnp.isnan(z_t),
-    entropy=poison(-jnp.sum(jnp.where(raw > -jnp.inf, jnp.exp(raw) * raw, 0.0), axis=-1), bad),
   )

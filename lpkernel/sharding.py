@@ -73,6 +73,15 @@ def _check_mesh(
     )
 
 
+def _per_token(local, mesh: Mesh, in_specs, out_specs, batch_shape, *args):
+  """``local`` under ``shard_map`` over token rows, each per-token output
+  reshaped to ``batch_shape``."""
+  out = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(
+    *args
+  )
+  return jax.tree.map(lambda a: a.reshape(batch_shape), out)
+
+
 def vocab_parallel_token_logprobs_and_greedy(
   logits: jax.Array,
   targets: jax.Array,
@@ -115,14 +124,9 @@ def vocab_parallel_token_logprobs_and_greedy(
       vocab_size=v,
     )
 
-  out = jax.shard_map(
-    local,
-    mesh=mesh,
-    in_specs=(P(batch_axis, model_axis), row, None if tau is None else row),
-    out_specs=(row, row),
-    check_vma=False,
-  )(logits.reshape(-1, v), targets.reshape(-1), tau)
-  return tuple(o.reshape(batch_shape) for o in out)
+  in_specs = (P(batch_axis, model_axis), row, None if tau is None else row)
+  args = (logits.reshape(-1, v), targets.reshape(-1), tau)
+  return _per_token(local, mesh, in_specs, (row, row), batch_shape, *args)
 
 
 def vocab_parallel_nll_loss(
@@ -266,14 +270,10 @@ def vocab_parallel_fused_token_stats(
       vocab_axis=vocab_axis,
     )
 
-  stats = jax.shard_map(
-    local,
-    mesh=mesh,
-    in_specs=_fused_specs(model_axis, batch_axis, vocab_axis, tau),
-    out_specs=TokenStats(row, row, row, row),  # type: ignore[arg-type]  # a spec per field
-    check_vma=False,
-  )(hidden.reshape(-1, hidden.shape[-1]), unembed, targets.reshape(-1), tau)
-  return jax.tree.map(lambda x: x.reshape(batch_shape), stats)
+  out_specs = TokenStats(row, row, row, row)  # type: ignore[arg-type]  # a spec per field
+  in_specs = _fused_specs(model_axis, batch_axis, vocab_axis, tau)
+  args = (hidden.reshape(-1, hidden.shape[-1]), unembed, targets.reshape(-1), tau)
+  return _per_token(local, mesh, in_specs, out_specs, batch_shape, *args)
 
 
 def _logits_arguments(logits, targets, mesh, model_axis, batch_axis, temperature, softcap):
@@ -413,7 +413,7 @@ def _processed_rows(sampling: Sampling, targets, v: int, config: ProcessedConfig
 
 
 def _processed_out(row) -> ProcessedStats:
-  return ProcessedStats(row, row, row, row, row, row, row)
+  return ProcessedStats(row, row, row, row, row, row)
 
 
 def vocab_parallel_processed_token_stats(
@@ -446,14 +446,9 @@ def vocab_parallel_processed_token_stats(
       x, t, r, k, tau_grad, softcap=softcap, config=config, axis_name=model_axis, vocab_size=v
     )
 
-  stats = jax.shard_map(
-    local,
-    mesh=mesh,
-    in_specs=(P(batch_axis, model_axis), row, rows_spec),
-    out_specs=_processed_out(row),
-    check_vma=False,
-  )(logits.reshape(-1, v), targets.reshape(-1), rows)
-  return jax.tree.map(lambda a: a.reshape(targets.shape), stats)
+  in_specs = (P(batch_axis, model_axis), row, rows_spec)
+  args = (logits.reshape(-1, v), targets.reshape(-1), rows)
+  return _per_token(local, mesh, in_specs, _processed_out(row), targets.shape, *args)
 
 
 def vocab_parallel_fused_processed_token_stats(
@@ -478,29 +473,20 @@ def vocab_parallel_fused_processed_token_stats(
   v, row = unembed.shape[vocab_axis], P(batch_axis)
   rows, k, tau_grad, rows_spec = _processed_rows(sampling, targets, v, config, batch_axis)
 
-  def local(h, w, t, r):
-    return rows_fused_processed_token_stats(
-      h,
-      w,
-      t,
-      r,
-      k,
-      tau_grad,
-      softcap=softcap,
-      vocab_axis=vocab_axis,
-      config=config,
-      axis_name=model_axis,
-      vocab_size=v,
-    )
+  local = functools.partial(
+    rows_fused_processed_token_stats,
+    k=k,
+    tau_grad=tau_grad,
+    softcap=softcap,
+    vocab_axis=vocab_axis,
+    config=config,
+    axis_name=model_axis,
+    vocab_size=v,
+  )
 
-  stats = jax.shard_map(
-    local,
-    mesh=mesh,
-    in_specs=(*_fused_specs(model_axis, batch_axis, vocab_axis, None)[:3], rows_spec),
-    out_specs=_processed_out(row),
-    check_vma=False,
-  )(hidden.reshape(-1, hidden.shape[-1]), unembed, targets.reshape(-1), rows)
-  return jax.tree.map(lambda a: a.reshape(targets.shape), stats)
+  in_specs = (*_fused_specs(model_axis, batch_axis, vocab_axis, None)[:3], rows_spec)
+  args = (hidden.reshape(-1, hidden.shape[-1]), unembed, targets.reshape(-1), rows)
+  return _per_token(local, mesh, in_specs, _processed_out(row), targets.shape, *args)
 
 
 __all__ = [

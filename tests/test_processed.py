@@ -69,31 +69,24 @@ def test_gradients_with_softcap_and_per_example_temperature_match_float64(impl, 
 
 @pytest.mark.parametrize("impl", FAST)
 def test_raw_and_kept_mass_terms_have_the_references_gradients(impl):
-  """All four differentiable outputs at once (the entropy too), with a searched
-  row (a nucleus past K), in the logits and the per-example temperature."""
+  """All three differentiable outputs at once, with a searched row (a nucleus past K)."""
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.normal(size=(4, 2000)) * 0.3, jnp.float32)  # flat: big nuclei
   t = jnp.array([3, 5, 7, 11])
   sampling = lpk.Sampling(0.8, top_p=jnp.array([0.9, 0.5, 1.0, 0.999], jnp.float32))
   w = jnp.array([1.0, -2.0, 0.5, 3.0])
-  tau = jnp.array([0.8, 1.3, 0.6, 1.0])
 
   def loss(impl):
-    def f(x, tau):
-      s = processed(impl, x, t, sampling._replace(temperature=tau))
-      lp = jnp.where(s.kept, s.logprobs, 0)
-      return jnp.sum(w * lp + 0.3 * s.raw_logprobs - s.log_kept_mass + w[::-1] * s.entropy)
+    def f(x):
+      s = processed(impl, x, t, sampling)
+      return jnp.sum(w * jnp.where(s.kept, s.logprobs, 0) + 0.3 * s.raw_logprobs - s.log_kept_mass)
 
     return f
 
   got, want = processed(impl, x, t, sampling), processed("reference", x, t, sampling)
   np.testing.assert_array_equal(got.kept_count, want.kept_count)
   assert int(got.kept_count[0]) > lpk.ProcessedConfig().candidates  # the search ran
-  np.testing.assert_allclose(got.entropy, want.entropy, rtol=1e-6, atol=1e-6)
-  for a, b in zip(
-    jax.grad(loss(impl), (0, 1))(x, tau), jax.grad(loss("reference"), (0, 1))(x, tau), strict=True
-  ):
-    np.testing.assert_allclose(a, b, atol=1e-5)
+  np.testing.assert_allclose(jax.grad(loss(impl))(x), jax.grad(loss("reference"))(x), atol=2e-6)
 
 
 @pytest.mark.parametrize("impl", ["reference", "logits"])  # eye @ (-inf) is NaN: logits only

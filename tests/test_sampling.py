@@ -67,7 +67,7 @@ def vllm_kept(logits: np.ndarray, temperature, top_k, top_p, min_p) -> np.ndarra
 
 def _oracle(logits, targets, params):
   """float64 processed / raw log-probabilities, log S and kept flags of rows."""
-  out = {"lp": [], "raw": [], "log_s": [], "kept": [], "count": [], "entropy": []}
+  out = {"lp": [], "raw": [], "log_s": [], "kept": [], "count": []}
   for row, t, (tau, k, p, m) in zip(logits, targets, params, strict=True):
     y = np.asarray(row, np.float64) / tau
     raw = y - y.max() - np.log(np.exp(y - y.max()).sum())
@@ -78,7 +78,6 @@ def _oracle(logits, targets, params):
     out["log_s"].append(log_s)
     out["kept"].append(kept)
     out["count"].append(kept.sum())
-    out["entropy"].append(-np.sum(np.exp(raw) * raw))
   return {k: np.array(v) for k, v in out.items()}
 
 
@@ -118,7 +117,6 @@ def test_kept_sets_and_values_equal_vllms_with_per_example_parameters(v, impl):
   np.testing.assert_array_equal(got.kept, want["kept"][np.arange(b), targets])
   np.testing.assert_allclose(got.raw_logprobs, want["raw"], rtol=2e-6, atol=2e-5)
   np.testing.assert_allclose(got.log_kept_mass, want["log_s"], rtol=2e-6, atol=2e-5)
-  np.testing.assert_allclose(got.entropy, want["entropy"], rtol=2e-6, atol=2e-5)
   kept = want["kept"][np.arange(b), targets]
   np.testing.assert_allclose(got.logprobs[kept], want["lp"][kept], rtol=2e-6, atol=2e-5)
   assert np.all(np.asarray(got.logprobs)[~kept] == -np.inf)

@@ -20,7 +20,6 @@ from jax import lax
 from lpkernel import checks, ops
 from lpkernel import partials as P
 from lpkernel.ops.fused.xla import FusedConfig
-from lpkernel.ops.logprobs.xla import swept_centred_expected_y
 from lpkernel.ops.processed import select as S
 from lpkernel.ops.processed import xla
 from lpkernel.ops.processed.xla import ProcessedConfig
@@ -77,21 +76,14 @@ def _whole_rows(parts, top, rows: S.Rows, tau, k: int, axis):
   return parts, top, rows._replace(axis_name=axis)
 
 
-def _finish(
-  parts, top, rows: S.Rows, targets, r: SamplingRows, k: int, axis, v: int, centred_of=None
-):
+def _finish(parts, top, rows: S.Rows, targets, r: SamplingRows, k: int, axis, v: int):
   """(ProcessedStats, residual row statistics) of whole rows of ``v`` columns.
 
   ``parts``, ``top`` and ``rows`` are this device's block's under ``axis`` (else
-  the whole rows'); ``targets`` are global ids. The entropy's ``E_p[y_c]`` comes
-  from the partials' sum (``parts.sy``) or, without one, from ``centred_of(f)``
-  (this device's part of it, under ``axis``)."""
+  the whole rows'); ``targets`` are global ids."""
   tau = r.tau
   parts, top, rows = _whole_rows(parts, top, rows, tau, k, axis)
   f = P.finish(parts, targets, v, tau)
-  if centred_of is not None:
-    centred = centred_of(f)
-    f = f._replace(centred=centred if axis is None else lax.psum(centred, axis))
   params = S.Params(tau, r.top_k, r.top_p, r.min_p, f.shift)
   d = S.decide(top, top.shape[1] == v, params, v, parts.s)
   kappa, mass, count = S.threshold(rows, params, d, v)
@@ -99,8 +91,8 @@ def _finish(
   kept = S.kept(parts.t[:, None], params, kappa)[:, 0]
   logprobs = jnp.where(kept, P.scaled(parts.t - f.shift, tau) - log_sk, -jnp.inf)
   logprobs = jnp.where(jnp.isnan(f.logprob), jnp.nan, logprobs)
-  stats = ProcessedStats(logprobs, f.logprob, log_sk - f.log_s, kept, count, f.greedy, f.entropy)
-  return _poisoned(stats, r.bad), (params, kappa, f.log_s, log_sk, kept, f.centred)
+  stats = ProcessedStats(logprobs, f.logprob, log_sk - f.log_s, kept, count, f.greedy)
+  return _poisoned(stats, r.bad), (params, kappa, f.log_s, log_sk, kept)
 
 
 def _poisoned(stats: ProcessedStats, bad) -> ProcessedStats:
@@ -108,23 +100,21 @@ def _poisoned(stats: ProcessedStats, bad) -> ProcessedStats:
     logprobs=jnp.where(bad, jnp.nan, stats.logprobs),
     raw_logprobs=jnp.where(bad, jnp.nan, stats.raw_logprobs),
     log_kept_mass=jnp.where(bad, jnp.nan, stats.log_kept_mass),
-    entropy=jnp.where(bad, jnp.nan, stats.entropy),
     kept=stats.kept & ~bad,
     greedy=stats.greedy & ~bad,
   )
 
 
 def _cotangents(ct: ProcessedStats, kept, bad, axis):
-  """(g_processed, g_raw, g_log_kept_mass, g_entropy): the processed term only
-  where the target was kept; NaN on bad rows (their values are NaN)."""
+  """(g_processed, g_raw, g_log_kept_mass): the processed term only where the target
+  was kept; NaN on bad rows (their values are NaN)."""
   # shard_map hands each device 1 / (axis size) of a replicated output's cotangent.
   scale = 1 if axis is None else lax.axis_size(axis)
 
   def clean(c):
     return jnp.where(bad, jnp.nan, c.astype(_F32) * scale)
 
-  processed = clean(jnp.where(kept, ct.logprobs, 0.0))
-  return processed, clean(ct.raw_logprobs), clean(ct.log_kept_mass), clean(ct.entropy)
+  return clean(jnp.where(kept, ct.logprobs, 0.0)), clean(ct.raw_logprobs), clean(ct.log_kept_mass)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
@@ -135,23 +125,15 @@ def _logits_op(x, targets, r, softcap, k, config, tau_grad, axis, v):
 def _logits_fwd(x, targets, r, softcap, k, config, tau_grad, axis, v):
   local = targets - P.block_offset(axis, x.shape[1])
   parts, top, rows = xla.logits_forward(x, local, r.tau, softcap, min(k, x.shape[1]), config)
-
-  def centred_of(f):  # one more read of the rows (XLA drops it when the entropy is unused)
-    # A sweep of column blocks: a whole-row reduction materialised its operands
-    # on the CPU (two float32 [N, V] buffers).
-    block = min(config.sweep_block, x.shape[1])
-    return swept_centred_expected_y(x, r.tau, softcap, f.shift, f.log_s, block)
-
-  stats, res = _finish(parts, top, rows, targets, r, k, axis, v, centred_of)
+  stats, res = _finish(parts, top, rows, targets, r, k, axis, v)
   return stats, (x, local, r.bad, res)
 
 
 def _logits_bwd(softcap, k, config, tau_grad, axis, v, residuals, ct):
-  x, local, bad, (params, kappa, log_s, log_sk, kept, centred) = residuals
+  x, local, bad, (params, kappa, log_s, log_sk, kept) = residuals
   g = _cotangents(ct, kept, bad, axis)
-  stats = xla.RowStats(params, kappa, log_s, log_sk, centred)
-  dx, dtau = xla.logits_grads(x, local, stats, g, softcap, tau_grad)
-  return dx, None, _row_cotangents(stats.params, dtau, bad)
+  dx, dtau = xla.logits_grads(x, local, params, kappa, log_s, log_sk, g, softcap, tau_grad)
+  return dx, None, _row_cotangents(params, dtau, bad)
 
 
 _logits_op.defvjp(_logits_fwd, _logits_bwd)
@@ -185,13 +167,12 @@ def _hidden_fwd(
 
 
 def _hidden_bwd(softcap, vocab_axis, precision, k, config, fused, tau_grad, axis, v, residuals, ct):
-  h, w, local, bad, (params, kappa, log_s, log_sk, kept, centred) = residuals
+  h, w, local, bad, (params, kappa, log_s, log_sk, kept) = residuals
   g = _cotangents(ct, kept, bad, axis)
-  stats = xla.RowStats(params, kappa, log_s, log_sk, centred)
   dh, dw, dtau = xla.hidden_grads(
-    h, w, local, stats, g, softcap, vocab_axis, precision, fused, tau_grad
+    h, w, local, params, kappa, log_s, log_sk, g, softcap, vocab_axis, precision, fused, tau_grad
   )
-  return dh.astype(h.dtype), dw, None, _row_cotangents(stats.params, dtau, bad)
+  return dh.astype(h.dtype), dw, None, _row_cotangents(params, dtau, bad)
 
 
 _hidden_op.defvjp(_hidden_fwd, _hidden_bwd)
@@ -315,7 +296,7 @@ def processed_token_stats(
 def _empty() -> ProcessedStats:
   f = jnp.zeros((0,), _F32)
   return ProcessedStats(
-    f, f, f, jnp.zeros((0,), bool), jnp.zeros((0,), jnp.int32), jnp.zeros((0,), bool), f
+    f, f, f, jnp.zeros((0,), bool), jnp.zeros((0,), jnp.int32), jnp.zeros((0,), bool)
   )
 
 

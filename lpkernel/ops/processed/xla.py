@@ -19,7 +19,6 @@ the unembedding's blocks), the kept set given by each row's threshold key.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -99,26 +98,23 @@ def _logits_group_maxima(x, group: int, block: int) -> jax.Array:
   return sweep(step, jnp.full((n, -(-v // group)), -jnp.inf, x.dtype), v, width)
 
 
-def _pool_groups(maxima: jax.Array, k: int) -> jax.Array:
-  """int32[N, K']: each row's ``K' = min(K, groups)`` groups with the largest maxima."""
-  return lax.top_k(maxima, min(k, maxima.shape[1]))[1]
-
-
-def _columns(groups: jax.Array, group: int, vocab_size: int) -> jax.Array:
-  """int32[C, K' * group]: the columns of ``groups [C, K']``; past V: ``vocab_size`` (absent)."""
-  cols = groups[:, :, None] * group + jnp.arange(group, dtype=jnp.int32)
-  cols = cols.reshape(groups.shape[0], -1)
+def _pool_columns(maxima: jax.Array, k: int, group: int, vocab_size: int) -> jax.Array:
+  """int32[N, K' * group]: the columns of each row's ``K'`` groups with the largest
+  maxima (``K' = min(K, groups)``); columns past V are ``vocab_size`` (absent)."""
+  _, ids = lax.top_k(maxima, min(k, maxima.shape[1]))
+  cols = ids[:, :, None] * group + jnp.arange(group, dtype=jnp.int32)
+  cols = cols.reshape(ids.shape[0], -1)
   return jnp.where(cols < vocab_size, cols, vocab_size)
 
 
-def _pool_top(values, cols_of, n: int, k: int, vocab_size: int, chunk: int) -> jax.Array:
-  """float32[N, K]: each row's ``K`` largest capped values among its pool columns,
-  ``chunk`` tokens at a time: ``cols_of(lo, width)`` gives the tokens' pool
-  columns ``[width, P]`` and ``values(lo, width, cols)`` their capped values,
-  so no ``[N, P]`` temporary."""
+def _pool_top(values, cols, k: int, vocab_size: int, chunk: int) -> jax.Array:
+  """float32[N, K]: each row's ``K`` largest capped values among its pool columns
+  ``cols [N, P]``, ``chunk`` tokens at a time (``values(lo, width, cols_chunk)``
+  gives their capped values ``[width, P]``), so no ``[N, P]`` temporary."""
+  n = cols.shape[0]
 
   def step(out, lo, width):
-    cc = cols_of(lo, width)
+    cc = lax.dynamic_slice_in_dim(cols, lo, width, 0)
     pool = jnp.where(cc < vocab_size, values(lo, width, jnp.minimum(cc, vocab_size - 1)), -jnp.inf)
     # The barrier keeps XLA:CPU's top-k a top-k: with its consumers in view it was
     # rewritten as a sort of the pool, 15x slower (N = 4096, 2048 columns: 1.18 s).
@@ -151,20 +147,14 @@ def logits_forward(x, targets, tau, softcap, k: int, config: ProcessedConfig):
   xs = lax.stop_gradient(x)
   n, v = x.shape
   maxima = P.capped(_logits_group_maxima(xs, config.group, config.sweep_block), softcap)
-  # The logits' pool columns are made whole (made per chunk, XLA:CPU gathered
-  # them 6x slower).
-  cols = _columns(_pool_groups(maxima, k), config.group, v)
+  cols = _pool_columns(maxima, k, config.group, v)
 
   def values(lo, width, cc):
     rows = block_of(xs, lo, width, 0)  # a convert never moves onto all of x
     return P.capped(jax.vmap(gather, in_axes=(None, 1), out_axes=1)(rows, cc), softcap)
 
-  def cols_of(lo, width):
-    return lax.dynamic_slice_in_dim(cols, lo, width, 0)
-
   chunk = _chunk(config, n, v, cols.shape[1] * 4 * 3)
-  top = _pool_top(values, cols_of, n, k, v, chunk)
-  return parts, top, logits_rows(xs, softcap, config.sweep_block)
+  return parts, _pool_top(values, cols, k, v, chunk), logits_rows(xs, softcap, config.sweep_block)
 
 
 def hidden_rows(h, w, softcap, vocab_axis: int, precision, width: int, dot_dtype) -> S.Rows:
@@ -219,82 +209,58 @@ def hidden_forward(
       parts, maxima = carry
       _, z, _ = block_logits(h, w, lo, wd, softcap, precision, vocab_axis, fused.dot_dtype)
       cols = lo + lax.broadcasted_iota(jnp.int32, (1, wd), 1)
-      parts = P.merge(parts, P.block_partials(z, cols, targets, tau_col, with_entropy=True), tau)
+      parts = P.merge(parts, P.block_partials(z, cols, targets, tau_col, with_entropy=False), tau)
       bm = lax.stop_gradient(_group_maxima(z, g))
       return parts, lax.dynamic_update_slice_in_dim(maxima, bm, lo // g, 1)
 
     groups = -(-v // g)
-    init = (P.empty(n, with_entropy=True), jnp.full((n, groups), -jnp.inf, _F32))
+    init = (P.empty(n), jnp.full((n, groups), -jnp.inf, _F32))
     return sweep(step, init, v, width)
 
   with jax.named_scope("processed_sweep"):
     parts, maxima = on_cpu_or(lambda: forward(True), lambda: forward(False))
-  groups = _pool_groups(maxima, k)
-
-  def cols_of(lo, width):  # per chunk: an [N, P] int32 array was 3% of the logits' bytes
-    return _columns(lax.dynamic_slice_in_dim(groups, lo, width, 0), g, v)
-
+  cols = _pool_columns(maxima, k, g, v)
   hs, ws = lax.stop_gradient(h), lax.stop_gradient(w)
-  # The gathered rows may be upcast to float32 for their dot products.
-  token_bytes = groups.shape[1] * g * (h.shape[1] * 4 + 3 * 4)
+  token_bytes = cols.shape[1] * (h.shape[1] * w.dtype.itemsize + 3 * 4)
   values = _pool_values(hs, ws, vocab_axis, precision, softcap, fused.dot_dtype)
   rows = hidden_rows(hs, ws, softcap, vocab_axis, precision, fused.block(v, True), fused.dot_dtype)
-  return parts, _pool_top(values, cols_of, n, k, v, _chunk(config, n, v, token_bytes)), rows
-
-
-class RowStats(NamedTuple):
-  """The rows' statistics the backward passes read (``[N]`` each).
-
-  Attributes:
-    params: :class:`~lpkernel.ops.processed.select.Params` (with the shift).
-    kappa: the kept set's threshold key.
-    log_s: ``log`` of the whole row's sum of :meth:`~select.Params.e`.
-    log_sk: the same over the kept set.
-    centred: ``E_p[y_c]`` of the whole row (the entropy is ``log_s - centred``).
-  """
-
-  params: S.Params
-  kappa: jax.Array
-  log_s: jax.Array
-  log_sk: jax.Array
-  centred: jax.Array
+  return parts, _pool_top(values, cols, k, v, _chunk(config, n, v, token_bytes)), rows
 
 
 def live_rows(g) -> jax.Array:
   """bool[N]: rows with a cotangent (a NaN one included: poisoned values keep theirs)."""
-  return (g[0] != 0) | (g[1] != 0) | (g[2] != 0) | (g[3] != 0)
+  return (g[0] != 0) | (g[1] != 0) | (g[2] != 0)
 
 
-def row_grads(z, cols, targets, stats: RowStats, g, tau_grad: bool, fresh=None):
+def row_grads(
+  z, cols, targets, params: S.Params, kappa, log_s, log_sk, g, tau_grad: bool, fresh=None
+):
   """``d y`` of a block of capped logits ``z [N, W]`` at columns ``cols [1, W]``
   and, with ``tau_grad``, its part of ``d tau`` ([N]; else None) over the
   columns ``fresh`` (bool ``[1, W]``; None: all).
 
-  ``g``: (g_processed, g_raw, g_log_kept_mass, g_entropy) float32[N], zero on
-  dead rows; the processed term counts only where the target was kept (its
-  value is ``-inf`` otherwise).
+  ``g``: (g_processed, g_raw, g_log_kept_mass) float32[N], zero on dead rows;
+  the processed term counts only where the target was kept (its value is
+  ``-inf`` otherwise).
   """
-  params = stats.params
-  g_p, g_r, g_l, g_e = (c[:, None] for c in g)
+  g_p, g_r, g_l = (c[:, None] for c in g)
   tau_col = params.col(params.tau)
   shift = params.shift[:, None]
-  p = P.softmax(z, shift, stats.log_s[:, None], tau_col)
-  keep = S.kept(z, params, stats.kappa)
-  pk = jnp.where(keep, P.softmax(z, shift, stats.log_sk[:, None], tau_col), 0.0)
+  p = P.softmax(z, shift, log_s[:, None], tau_col)
+  keep = S.kept(z, params, kappa)
+  pk = jnp.where(keep, P.softmax(z, shift, log_sk[:, None], tau_col), 0.0)
   onehot = cols == targets[:, None]
   dy = jnp.where(onehot, g_r + g_p, 0.0) - p * (g_r + g_l) + pk * (g_l - g_p)
-  y_c = P.centred_y(z, shift, tau_col)
-  # The entropy's term, as every path's (P.grad_y with only g_ent).
-  dy = dy + P.grad_y(onehot, p, jnp.zeros_like(g_e), None, g_e, y_c, stats.centred[:, None], z=z)
   # A dead row's statistics may be NaN (a NaN input nobody reads): it gives nothing.
   dy = jnp.where(live_rows(g)[:, None], dy, 0.0)
   if not tau_grad or params.tau is None:
     return dy, None
+  y_c = P.centred_y(z, shift, tau_col)
   counted = dy != 0 if fresh is None else (dy != 0) & fresh
   return dy, -jnp.sum(jnp.where(counted, dy * y_c, 0.0), axis=-1) / params.tau
 
 
-def logits_grads(x, targets, stats: RowStats, g, softcap, tau_grad: bool):
+def logits_grads(x, targets, params, kappa, log_s, log_sk, g, softcap, tau_grad: bool):
   """(d x in x's dtype, d tau [N] or None): one elementwise pass, and with
   ``tau_grad`` a row reduction of its own (sharing ``d y`` with it made XLA
   materialise a float32 ``[N, V]`` buffer)."""
@@ -304,9 +270,11 @@ def logits_grads(x, targets, stats: RowStats, g, softcap, tau_grad: bool):
     # The barrier keeps XLA from sharing this pass's upcast of x, and its
     # broadcasts of the rows' statistics, with the forward's (CSE): shared, a
     # broadcast temperature was materialised as a float32 [N, V] buffer.
-    xb, sb = lax.optimization_barrier((x, stats))
-    dy, dtau = row_grads(P.capped(xb, softcap), cols, targets, sb, g, tau_grad)
-    return xb, sb.params, dy, dtau
+    xb, pb = lax.optimization_barrier((x, params))
+    dy, dtau = row_grads(
+      P.capped(xb, softcap), cols, targets, pb, kappa, log_s, log_sk, g, tau_grad
+    )
+    return xb, pb, dy, dtau
 
   xb, pb, dy, _ = dy_and_dtau(False)
   dx = P.grad_x(dy, xb, pb.col(pb.tau), softcap)
@@ -316,11 +284,10 @@ def logits_grads(x, targets, stats: RowStats, g, softcap, tau_grad: bool):
 
 
 def hidden_grads(
-  h, w, targets, stats: RowStats, g, softcap, vocab_axis, precision, fused, tau_grad
+  h, w, targets, params, kappa, log_s, log_sk, g, softcap, vocab_axis, precision, fused, tau_grad
 ):
   """(d h float32 [N, D], d w in w's layout and dtype, d tau [N] or None): one sweep
   over the unembedding's blocks."""
-  params = stats.params
   tau_col = params.col(params.tau)
   v = w.shape[vocab_axis]
   # Dead rows hold anything (padding, NaN): zeros keep them out of d w's contraction.
@@ -336,7 +303,7 @@ def hidden_grads(
       x, z, wb = block_logits(h, w, lo, wd, softcap, precision, vocab_axis, fused.dot_dtype)
       cols = lo + lax.broadcasted_iota(jnp.int32, (1, wd), 1)
       fresh = cols >= fresh
-      dy, dtau_b = row_grads(z, cols, targets, stats, g, tau_grad, fresh)
+      dy, dtau_b = row_grads(z, cols, targets, params, kappa, log_s, log_sk, g, tau_grad, fresh)
       dz = P.grad_x(dy, x, tau_col, softcap).astype(h.dtype)  # h as the matmuls take it
       dh = add_rows(dh, dz, fresh_rows(wb, fresh, vocab_axis), vocab_axis, precision)
       dwb = grad_unembed(h, dz, vocab_axis, precision).astype(w.dtype)  # overlap: the same again
