@@ -292,6 +292,23 @@ def _fraction(fn, args, reference_bytes):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_no_logits_sized_temporaries_at_the_benchmark_shape(dtype):
+  """The benchmark's logits case (B8 T512 V32000, its sampler and loss), forward
+  and backward: XLA:CPU's fusion choices change with the size (an entropy term
+  once materialised float32 [N, V] buffers here and not at N = 2048)."""
+  b, t, v = 8, 512, 32000
+  sampling = lpk.Sampling(temperature=0.7, top_k=50, top_p=0.95)
+
+  def loss(x, targets):
+    s = lpk.processed_token_stats(x, targets, sampling)
+    return jnp.sum(jnp.where(s.kept, s.logprobs, 0.0))
+
+  args = (jax.ShapeDtypeStruct((b, t, v), dtype), jax.ShapeDtypeStruct((b, t), jnp.int32))
+  for fn in (loss, jax.grad(loss)):
+    assert _fraction(fn, args, b * t * v * 4) < 0.10
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("sampler", ["top_k_top_p", "top_p", "min_p"])
 def test_no_logits_sized_temporaries(dtype, sampler):
   """Forward and forward+backward, from logits and from hidden states (both
