@@ -51,6 +51,11 @@ class UnembedGrad(NamedTuple):
     """The carry's dtype."""
     return self.bits if self.bits is not None and self.vocab_axis == 1 else self.dtype
 
+  @staticmethod
+  def bits_for(dtype, cpu: bool):
+    """``uint16`` for a bfloat16 gradient on the CPU, else None."""
+    return jnp.dtype(jnp.uint16) if cpu and dtype == jnp.bfloat16 else None
+
   def zeros(self) -> jax.Array:
     return jnp.zeros(self.shape, self.carried)
 

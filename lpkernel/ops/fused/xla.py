@@ -266,7 +266,7 @@ class XlaFused(tuning.Configured):
     args = (self._dot(h), w, targets, tau, f, g)
 
     def backward(cpu: bool):
-      bits = jnp.dtype(jnp.uint16) if cpu and w.dtype == jnp.bfloat16 else None
+      bits = UnembedGrad.bits_for(w.dtype, cpu)
       sweep_back = functools.partial(self._grads, softcap=softcap, vocab_axis=vocab_axis, cpu=cpu)
       return higher_order.differentiated_as(sweep_back, bits, None)(*args)
 

@@ -133,13 +133,13 @@ def _logits_bwd(softcap, k, config, tau_grad, axis, v, residuals, ct):
   x, local, bad, (params, kappa, log_s, log_sk, kept) = residuals
   g = _cotangents(ct, kept, bad, axis)
   dx, dtau = xla.logits_grads(x, local, params, kappa, log_s, log_sk, g, softcap, tau_grad)
-  return dx, None, _row_cotangents(params, dtau, bad)
+  return dx, None, _row_cotangents(params, dtau)
 
 
 _logits_op.defvjp(_logits_fwd, _logits_bwd)
 
 
-def _row_cotangents(params: S.Params, dtau, bad) -> SamplingRows:
+def _row_cotangents(params: S.Params, dtau) -> SamplingRows:
   """The cotangent of a :class:`SamplingRows`: ``d tau`` (or zeros), nothing else."""
   if params.tau is not None and dtau is None:
     dtau = jnp.zeros_like(params.tau)
@@ -172,7 +172,7 @@ def _hidden_bwd(softcap, vocab_axis, precision, k, config, fused, tau_grad, axis
   dh, dw, dtau = xla.hidden_grads(
     h, w, local, params, kappa, log_s, log_sk, g, softcap, vocab_axis, precision, fused, tau_grad
   )
-  return dh.astype(h.dtype), dw, None, _row_cotangents(params, dtau, bad)
+  return dh.astype(h.dtype), dw, None, _row_cotangents(params, dtau)
 
 
 _hidden_op.defvjp(_hidden_fwd, _hidden_bwd)

@@ -99,6 +99,10 @@ class Params(NamedTuple):
   def min_p_holds(self, e: jax.Array) -> jax.Array:
     return e >= self.min_p[:, None]
 
+  def top_k_on(self, vocab_size: int) -> jax.Array:
+    """bool[N]: top-k truncates (``0 < k < V``)."""
+    return (self.top_k > 0) & (self.top_k < vocab_size)
+
 
 def order_key(z: jax.Array) -> jax.Array:
   """uint32 keys ordered as the floats ``z`` (``-0.0`` as ``0.0``; NaN outside)."""
@@ -118,8 +122,6 @@ class Decision(NamedTuple):
   Attributes:
     kappa: uint32 threshold key, final where ``settled``; else 0 (all).
     settled: the kept set, its mass and size are known.
-    top_k_known: top-k is off, or the row is settled (else a search finds its
-      threshold).
     mass: the kept set's sum of :meth:`Params.e` where settled.
     size: int32, the kept set's size where settled.
     ceiling: uint32, one past the key of the row's largest value.
@@ -127,7 +129,6 @@ class Decision(NamedTuple):
 
   kappa: jax.Array
   settled: jax.Array
-  top_k_known: jax.Array
   mass: jax.Array
   size: jax.Array
   ceiling: jax.Array
@@ -156,7 +157,7 @@ def decide(
   k, p = params.top_k, params.top_p
   e = params.e(top)
   ok_min_p = params.min_p_holds(e)
-  k_on = (k > 0) & (k < vocab_size)
+  k_on = params.top_k_on(vocab_size)
   kth = jnp.take_along_axis(top, jnp.clip(k - 1, 0, k_max - 1)[:, None], axis=-1)[:, 0]
   # Top-k past K matters only where min-p keeps more than the K values (not settled).
   in_a = ok_min_p & ((~k_on | (k > k_max))[:, None] | (top >= kth[:, None]))
@@ -176,7 +177,6 @@ def decide(
   return Decision(
     kappa=jnp.where(all_on, _U32(0), kappa),
     settled=within | all_on,
-    top_k_known=~k_on,
     mass=jnp.where(all_on, total, jnp.sum(jnp.where(keep, e, 0.0), axis=-1)),
     size=jnp.where(all_on, vocab_size, jnp.sum(keep, axis=-1, dtype=jnp.int32)),
     ceiling=order_key(top[:, 0]) + _U32(1),
@@ -315,7 +315,7 @@ def threshold(rows: Rows, params: Params, d: Decision, vocab_size: int) -> tuple
     return lax.cond(jnp.any(needed), fn, lambda: otherwise)
 
   def unsettled(_):
-    search_k = ~d.settled & ~d.top_k_known
+    search_k = ~d.settled & params.top_k_on(vocab_size)
     zeros = (jnp.zeros_like(p), jnp.zeros_like(k))
     _, count_a = maybe(search_k, lambda: masked_sums(rows, params, d.kappa), zeros)
     kappa = maybe(

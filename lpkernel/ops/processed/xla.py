@@ -295,8 +295,7 @@ def hidden_grads(
   h = h if fused.dot_dtype is None else h.astype(fused.dot_dtype)
 
   def backward(cpu: bool):
-    bits = jnp.dtype(jnp.uint16) if cpu and w.dtype == jnp.bfloat16 else None
-    dw_out = UnembedGrad(w.shape, w.dtype, vocab_axis, bits)
+    dw_out = UnembedGrad(w.shape, w.dtype, vocab_axis, UnembedGrad.bits_for(w.dtype, cpu))
 
     def step(carry, lo, wd, fresh):
       dh, dw, dtau = carry
