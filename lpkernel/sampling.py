@@ -79,7 +79,8 @@ class ProcessedStats(NamedTuple):
     log_kept_mass: ``log S``, the kept set's mass under the temperature-scaled
       distribution (``logprobs = raw_logprobs - log_kept_mass`` where kept).
     kept: bool, the target is in the kept set.
-    kept_count: int32, the kept set's size.
+    kept_count: int32, the kept set's size; 0 where ``logprobs`` is NaN (an
+      id outside ``[0, V)``, a parameter out of range, NaN in the row).
     greedy: bool, the target is the first argmax of its capped row (always kept).
   """
 
@@ -204,11 +205,17 @@ def processed_logprobs_reference(
   kept = jnp.take_along_axis(keep, safe, axis=-1)[..., 0] & ~bad
   z_t = jnp.take_along_axis(z, safe, axis=-1)[..., 0]
   greedy = (jnp.argmax(z, axis=-1) == targets) & (z_t > -jnp.inf) & ~bad
+  logprobs = poison(jnp.take_along_axis(processed, safe, axis=-1)[..., 0], bad)
   return ProcessedStats(
-    logprobs=poison(jnp.take_along_axis(processed, safe, axis=-1)[..., 0], bad),
+    logprobs=logprobs,
     raw_logprobs=poison(jnp.take_along_axis(raw, safe, axis=-1)[..., 0], bad),
     log_kept_mass=poison(log_kept, bad),
     kept=kept,
-    kept_count=jnp.sum(keep, axis=-1, dtype=jnp.int32),
+    kept_count=defined_count(jnp.sum(keep, axis=-1, dtype=jnp.int32), logprobs),
     greedy=greedy & ~jnp.isnan(z_t),
   )
+
+
+def defined_count(count: jax.Array, logprobs: jax.Array) -> jax.Array:
+  """The kept sets' sizes, 0 where the log-probability is NaN (no kept set is defined)."""
+  return jnp.where(jnp.isnan(logprobs), 0, count)

@@ -545,3 +545,81 @@ def test_vocab_parallel_processed_never_gathers_the_vocabulary(path):
   for kind, _, shape in found:
     gathers = kind in ("all-gather", "all-to-all")
     assert not (gathers and any(d >= v // 4 for d in shape)), (kind, shape)
+
+
+@pytest.mark.parametrize("path", ["logits", "hidden"])
+def test_vocab_parallel_processed_bad_inputs_match_one_device(mesh, path):
+  """Through the mesh as on one device: an id outside ``[0, V)`` (negative too,
+  never wrapped) and an out-of-range parameter give NaN (kept count 0), a target
+  at ``-inf`` a ``-inf`` log-probability, and a NaN row masked out of the loss
+  leaves every other row's value and gradient clean (finite, zero on that row)."""
+  logits, tokens, hidden, unembed = _processed_inputs(15)
+  # Row (2, 0): its target at -inf (impossible); row (3, 4): NaN, masked out below.
+  logits = logits.at[2, 0, tokens[2, 0]].set(-jnp.inf).at[3, 4, 7].set(jnp.nan)
+  hidden = hidden.at[3, 4, 2].set(jnp.nan)
+  sampling = lpk.Sampling(
+    temperature=jnp.array([0.7, 1.0, 1.3, 0.9]),
+    top_k=jnp.array([0, 5, 40, 3]),
+    top_p=jnp.array([0.9, 1.0, 0.99, 0.5]),
+    min_p=jnp.array([0.0, 0.05, 0.0, 0.0]),
+  )
+  nan_row = np.zeros((B, T), bool)
+  nan_row[3, 4] = True
+
+  def loss(stats):
+    lp = jnp.where(nan_row | ~stats.kept, 0.0, stats.logprobs)
+    return jnp.sum(lp) + 0.3 * jnp.sum(jnp.where(nan_row, 0.0, stats.raw_logprobs)), stats
+
+  if path == "logits":
+    args = (logits,)
+    sharded = (_put(mesh, logits, "data", None, "model"),)
+
+    def vp(x, tokens=tokens, sampling=sampling):
+      return loss(
+        sharding.vocab_parallel_processed_token_stats(
+          x, tokens, sampling, mesh, batch_axis="data", config=_PROCESSED_CONFIG
+        )
+      )
+
+    def one(x, tokens=tokens, sampling=sampling):
+      return loss(lpk.processed_token_stats(x, tokens, sampling, config=_PROCESSED_CONFIG))
+  else:
+    args = (hidden, unembed)
+    sharded = (_put(mesh, hidden, "data"), _put(mesh, unembed, None, "model"))
+
+    def vp(h, w, tokens=tokens, sampling=sampling):
+      return loss(
+        sharding.vocab_parallel_fused_processed_token_stats(
+          h, w, tokens, sampling, mesh, batch_axis="data", config=_PROCESSED_CONFIG
+        )
+      )
+
+    def one(h, w, tokens=tokens, sampling=sampling):
+      return loss(lpk.fused_processed_token_stats(h, w, tokens, sampling, config=_PROCESSED_CONFIG))
+
+  argnums = tuple(range(len(args)))
+  (_, s1), g1 = jax.jit(jax.value_and_grad(vp, argnums, has_aux=True))(*sharded)
+  (_, s2), g2 = jax.jit(jax.value_and_grad(one, argnums, has_aux=True))(*args)
+  assert np.isnan(s1.logprobs[3, 4]) and s1.kept_count[3, 4] == 0
+  if path == "logits":
+    assert s1.logprobs[2, 0] == -np.inf and s1.raw_logprobs[2, 0] == -np.inf
+  _assert_processed_equal(s1, s2)
+  for a, b in zip(g1, g2, strict=True):
+    assert np.all(np.isfinite(np.asarray(a))), "the masked NaN row leaked into a gradient"
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  g = np.asarray(g1[0])
+  assert np.all(g[3, 4] == 0) and np.all(g[~nan_row].any(axis=-1))
+
+  # Bad ids and parameters: NaN values (their gradients are NaN by policy: loud).
+  bad_tokens = tokens.at[0, 1].set(_PV).at[1, 2].set(-1)
+  bad_sampling = sampling._replace(top_p=sampling.top_p.at[2].set(1.5))  # example 2: all NaN
+  s1 = jax.jit(lambda *a: vp(*a, tokens=bad_tokens, sampling=bad_sampling)[1])(*sharded)
+  s2 = one(*args, tokens=bad_tokens, sampling=bad_sampling)[1]
+  bad = nan_row.copy()
+  bad[0, 1] = bad[1, 2] = True
+  bad[2] = True
+  for s in (s1, s2):
+    for name in ("logprobs", "raw_logprobs", "log_kept_mass"):
+      np.testing.assert_array_equal(np.isnan(getattr(s, name)), bad, err_msg=name)
+    assert not np.any(np.asarray(s.kept)[bad]) and np.all(np.asarray(s.kept_count)[bad] == 0)
+  _assert_processed_equal(s1, s2)

@@ -23,7 +23,13 @@ from lpkernel.ops.fused.xla import FusedConfig
 from lpkernel.ops.processed import select as S
 from lpkernel.ops.processed import xla
 from lpkernel.ops.processed.xla import ProcessedConfig
-from lpkernel.sampling import ProcessedStats, Sampling, param_rows, processed_logprobs_reference
+from lpkernel.sampling import (
+  ProcessedStats,
+  Sampling,
+  defined_count,
+  param_rows,
+  processed_logprobs_reference,
+)
 
 _F32 = jnp.float32
 _IMPLEMENTATIONS = (None, "xla", "reference")
@@ -96,8 +102,10 @@ def _finish(parts, top, rows: S.Rows, targets, r: SamplingRows, k: int, axis, v:
 
 
 def _poisoned(stats: ProcessedStats, bad) -> ProcessedStats:
+  logprobs = jnp.where(bad, jnp.nan, stats.logprobs)
   return stats._replace(
-    logprobs=jnp.where(bad, jnp.nan, stats.logprobs),
+    logprobs=logprobs,
+    kept_count=defined_count(stats.kept_count, logprobs),
     raw_logprobs=jnp.where(bad, jnp.nan, stats.raw_logprobs),
     log_kept_mass=jnp.where(bad, jnp.nan, stats.log_kept_mass),
     kept=stats.kept & ~bad,
