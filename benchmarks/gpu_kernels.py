@@ -17,6 +17,9 @@
    kernels, and the XLA form), then
    the Pallas kernels (a few tilings), lpkernel's XLA path, the plain reference
    and optax.
+3. The opt-in processed kernels (``PallasGpuProcessed``): kept sets, values
+   and gradients against the sorting reference, then forward and
+   forward+backward times beside the XLA path.
 
 Writes ``gpu-kernels-<stamp>.json`` to ``--out``.
 """
@@ -42,6 +45,9 @@ from lpkernel import reference
 TILINGS = [(1, 2048, 4), (1, 4096, 8), (2, 4096, 8)]
 LOSS_TILINGS = [(1, 2048, 4), (1, 4096, 8), (2, 2048, 8), (1, 1024, 4)]
 BWD_TILINGS = [(4, 1024, 4), (2, 2048, 8)]
+# The processed kernels' checks (rows per example, V) and timed logits shape (B, T, V).
+PROCESSED_CHECKS = [(64, 1000), (37, 32003), (16, 151936)]
+PROCESSED_TIMED = (8, 512, 32000)
 
 
 def _max_err(got: list, want: list) -> float:
@@ -197,6 +203,61 @@ def _check_fused(out: dict) -> None:
   out["fused_checks"] = rows
 
 
+def _check_processed(out: dict, impl="pallas_gpu") -> None:
+  """The opt-in processed kernels (``PallasGpuProcessed``) on the device against
+  the sorting reference: kept sets, values, d logits and d temperature; then
+  both implementations' forward and forward+backward times at B8 T512 V32000."""
+  rows = []
+  sampling = lpk.Sampling(top_k=jnp.array([0, 50, 2000, 7]), top_p=jnp.array([0.95, 1.0, 0.9, 0.5]))
+  for n, v in PROCESSED_CHECKS:
+    for dtype in (jnp.float32, jnp.bfloat16):
+      k1, k2 = jax.random.split(jax.random.key(v))
+      x = (4 * jax.random.normal(k1, (4, n, v))).astype(dtype)
+      t = jax.random.randint(k2, (4, n), 0, v)
+      tau = jnp.array([0.7, 1.0, 1.3, 0.9])
+
+      def loss(x, tau, impl):
+        s = lpk.processed_token_stats(
+          x, t, sampling._replace(temperature=tau), softcap=30.0, implementation=impl
+        )
+        return jnp.sum(jnp.where(s.kept, s.logprobs, 0.0)) + 0.3 * jnp.sum(s.raw_logprobs), s
+
+      grad = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True), static_argnums=2)
+      (_, got), g = grad(x, tau, impl)
+      (_, want), g_ref = grad(x, tau, "reference")
+      r = dict(n=n, v=v, dtype=jnp.dtype(dtype).name)
+      r["kept_set_mismatches"] = int(jnp.sum(got.kept_count != want.kept_count))
+      r["kept_mismatches"] = int(jnp.sum(got.kept != want.kept))
+      r["logprobs"] = _max_err([jnp.where(want.kept, got.logprobs, 0)], [
+        jnp.where(want.kept, want.logprobs, 0)
+      ])  # fmt: skip
+      for name, a, b in zip(("dx", "dtau"), g, g_ref, strict=True):
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+        r[name] = float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+      rows.append(r)
+      print("processed check", r, flush=True)
+  out["processed_checks"] = rows
+  timings = []
+  for dtype in (jnp.bfloat16, jnp.float32):
+    b, t_len, v = PROCESSED_TIMED
+    x = (4 * jax.random.normal(jax.random.key(0), (b, t_len, v))).astype(dtype)
+    t = jax.random.randint(jax.random.key(1), (b, t_len), 0, v)
+    read = measure(floors.read, (x,), 10)[0].median_ms
+    for name in ("xla", impl):
+
+      def fwd(x, name=name):
+        s = lpk.processed_token_stats(x, t, lpk.Sampling(0.7, 50, 0.95), implementation=name)
+        return jnp.sum(jnp.where(s.kept, s.logprobs, 0.0))
+
+      f_ms = measure(fwd, (x,), 10)[0].median_ms
+      fb_ms = measure(jax.grad(fwd), (x,), 10)[0].median_ms
+      r = dict(dtype=jnp.dtype(dtype).name, impl=str(name), forward_ms=f_ms, fwd_bwd_ms=fb_ms)
+      r["forward_x_read"] = f_ms / read
+      timings.append(r)
+      print("processed time", r, flush=True)
+  out["processed_timings"] = timings
+
+
 def _time_fused(out: dict, repeats: int) -> None:
   rows = []
   n, d, v = FUSED_TIMED
@@ -333,6 +394,7 @@ def main(argv=None):
     lambda out: _time_fused(out, min(args.repeats, 10)),
     *([] if args.skip_checks else [_check]),
     lambda out: _time(out, args.repeats),
+    *([] if args.skip_checks else [_check_processed]),
   ]
   for section in sections:
     try:

@@ -227,6 +227,14 @@ METHODS = [
   Method("optax", False, _optax, ("logits",)),
   Method("lpkernel-processed", False, _processed(), ("logits",), baseline="sort-and-mask"),
   Method(
+    "lpkernel-processed-pallas",
+    False,
+    _processed("pallas_gpu"),
+    ("logits",),
+    _on_gpu,
+    baseline="sort-and-mask",
+  ),
+  Method(
     "sort-and-mask",
     False,
     _processed("reference"),

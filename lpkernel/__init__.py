@@ -11,10 +11,12 @@ from lpkernel.ops import ChunkConfig as ChunkConfig
 from lpkernel.ops import FusedConfig as FusedConfig
 from lpkernel.ops import PallasGpuFused as PallasGpuFused
 from lpkernel.ops import PallasGpuLogits as PallasGpuLogits
+from lpkernel.ops import PallasGpuProcessed as PallasGpuProcessed
 from lpkernel.ops import PallasTpuFused as PallasTpuFused
 from lpkernel.ops import PallasTpuLogits as PallasTpuLogits
 from lpkernel.ops import XlaFused as XlaFused
 from lpkernel.ops import XlaLogits as XlaLogits
+from lpkernel.ops import XlaProcessed as XlaProcessed
 from lpkernel.ops.fused.api import fused_nll_loss as fused_nll_loss
 from lpkernel.ops.fused.api import fused_token_logprobs as fused_token_logprobs
 from lpkernel.ops.fused.api import fused_token_stats as fused_token_stats
@@ -41,6 +43,7 @@ __all__ = [
   "FusedConfig",
   "PallasGpuFused",
   "PallasGpuLogits",
+  "PallasGpuProcessed",
   "PallasTpuFused",
   "PallasTpuLogits",
   "ProcessedConfig",
@@ -50,6 +53,7 @@ __all__ = [
   "TokenStats",
   "XlaFused",
   "XlaLogits",
+  "XlaProcessed",
   "check_chain_rule",
   "check_inputs",
   "checkify_inputs",

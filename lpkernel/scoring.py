@@ -218,7 +218,7 @@ def score(
   num_segments: int | None = None,
   temperature: float | jax.Array = 1.0,
   softcap: float | None = None,
-  implementation: str | ops.LogitsImplementation | None = None,
+  implementation: str | ops.LogitsImplementation | ops.ProcessedImplementation | None = None,
   sampling: Sampling | None = None,
 ) -> Scores:
   """Scores batched ``[x, y]`` rows: log Pr(x), log Pr(y | x) and log Pr([x, y]).
@@ -240,8 +240,9 @@ def score(
     temperature: finite positive Python number or array broadcastable to
       ``[B, T]`` (applied to logits row ``t``).
     softcap: None or a finite ``c > 0`` for ``c * tanh(logits / c)``.
-    implementation: as for :func:`lpkernel.token_logprobs` (with ``sampling``:
-      None, ``"xla"`` or ``"reference"``).
+    implementation: as for :func:`lpkernel.token_logprobs`; with ``sampling``
+      a processed one, as for :func:`lpkernel.processed_token_stats` (None,
+      ``"xla"``, ``"pallas_gpu"``, ``"reference"`` or such an object).
     sampling: score under the rollout engine's processed distribution
       (:class:`lpkernel.Sampling`: temperature, min-p, top-k, top-p, per-example
       arrays ``[B]`` allowed; :func:`lpkernel.processed_token_stats`); its

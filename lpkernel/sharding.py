@@ -195,7 +195,7 @@ def vocab_parallel_score(
   batch_axis: str | None = None,
   temperature: float | jax.Array = 1.0,
   softcap: float | None = None,
-  implementation: str | ops.LogitsImplementation | None = None,
+  implementation: str | ops.LogitsImplementation | ops.ProcessedImplementation | None = None,
   sampling: Sampling | None = None,
 ) -> Scores:
   """``score`` for ``logits [B, T, V]`` sharded as ``P(batch_axis, None, model_axis)``;
@@ -214,6 +214,7 @@ def vocab_parallel_score(
         model_axis=model_axis,
         batch_axis=batch_axis,
         softcap=softcap,
+        implementation=implementation,
       )
       return stats.logprobs, stats.greedy, None
     lp, greedy = vocab_parallel_token_logprobs_and_greedy(
@@ -426,14 +427,16 @@ def vocab_parallel_processed_token_stats(
   batch_axis: str | None = None,
   softcap: float | None = None,
   config: ProcessedConfig = DEFAULT_CONFIG,
+  implementation: str | ops.ProcessedImplementation | None = None,
 ) -> ProcessedStats:
   """:func:`lpkernel.processed_token_stats` for logits sharded along V over
   ``model_axis`` (shardings as for :func:`vocab_parallel_token_logprobs_and_greedy`).
 
-  Each device finds its block's softmax partials and ``K`` largest values; the
-  rows' statistics are merged across the model axis and every device then holds
-  the same kept-set threshold (searched, where needed, by sweeps of its own
-  block reduced over the axis). The backward pass needs no collective.
+  Each device finds its block's softmax partials and ``K`` largest values (by
+  ``implementation``'s passes, as for :func:`lpkernel.processed_token_stats`);
+  the rows' statistics are merged across the model axis and every device then
+  holds the same kept-set threshold (searched, where needed, by sweeps of its
+  own block reduced over the axis). The backward pass needs no collective.
   """
   logits, targets, _ = _logits_arguments(
     logits, targets, mesh, model_axis, batch_axis, 1.0, softcap
@@ -441,10 +444,13 @@ def vocab_parallel_processed_token_stats(
   v, row = logits.shape[-1], P(batch_axis)
   rows, k, tau_grad, rows_spec = _processed_rows(sampling, targets, v, config, batch_axis)
 
+  impl = ops.processed_implementation(implementation)
+
   def local(x, t, r):
     return rows_processed_token_stats(
-      x, t, r, k, tau_grad, softcap=softcap, config=config, axis_name=model_axis, vocab_size=v
-    )
+      x, t, r, k, tau_grad, softcap=softcap, config=config, axis_name=model_axis, vocab_size=v,
+      implementation=impl,
+    )  # fmt: skip
 
   in_specs = (P(batch_axis, model_axis), row, rows_spec)
   args = (logits.reshape(-1, v), targets.reshape(-1), rows)

@@ -89,7 +89,7 @@ def test_raw_and_kept_mass_terms_have_the_references_gradients(impl):
   np.testing.assert_allclose(jax.grad(loss(impl))(x), jax.grad(loss("reference"))(x), atol=2e-6)
 
 
-@pytest.mark.parametrize("impl", ["reference", "logits"])  # eye @ (-inf) is NaN: logits only
+@pytest.mark.parametrize("impl", ["reference", "logits", "pallas_gpu"])  # eye @ -inf is NaN
 def test_impossible_tokens_give_minus_inf_and_nan_rows_nan(impl):
   x = jnp.array(
     [[0.0, -jnp.inf, 1.0, 2.0], [0.0, 1.0, jnp.nan, 2.0], [-jnp.inf, 3.0, 1.0, 0.0]], jnp.float32
@@ -354,3 +354,38 @@ def test_the_rollout_example_runs():
   from lpkernel.examples import rollout_replay
 
   assert np.isfinite(rollout_replay.main())
+
+
+def test_the_processed_op_takes_its_own_implementations_by_name_or_object():
+  """Names resolve on this backend (the GPU kernels refuse the CPU by name, run
+  in interpret mode as an object), any object with the protocol's two passes
+  runs, and a logits implementation is refused naming the op it belongs to."""
+  x = jax.random.normal(jax.random.key(0), (3, 40))
+  t = jnp.array([0, 5, 39])
+  sampling = lpk.Sampling(temperature=0.8, top_k=5)
+  want = lpk.processed_token_stats(x, t, sampling, implementation="reference")
+
+  class Counting:  # a user's implementation: delegates to XLA's passes
+    name, platforms, calls = "counting", None, []
+
+    def partials_and_group_maxima(self, *args):
+      self.calls.append("forward")
+      return lpk.XlaProcessed().partials_and_group_maxima(*args)
+
+    def processed_grads(self, *args):
+      self.calls.append("backward")
+      return lpk.XlaProcessed().processed_grads(*args)
+
+  counting = Counting()
+  for impl in ("xla", lpk.PallasGpuProcessed(interpret=True), counting):
+    got = lpk.processed_token_stats(x, t, sampling, implementation=impl)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-6)
+  raw = lambda x: lpk.processed_token_stats(x, t, sampling, implementation=counting).raw_logprobs  # noqa: E731
+  jax.grad(lambda x: jnp.sum(raw(x)))(x)
+  assert counting.calls == ["forward", "forward", "backward"]
+  with pytest.raises(ValueError, match="runs on \\['gpu'\\]"):
+    lpk.processed_token_stats(x, t, sampling, implementation="pallas_gpu")
+  with pytest.raises(TypeError, match="is a logits implementation"):
+    lpk.processed_token_stats(x, t, sampling, implementation=lpk.PallasGpuLogits(interpret=True))
+  with pytest.raises(ValueError, match="from hidden states has"):
+    lpk.fused_processed_token_stats(x, jnp.eye(40), t, sampling, implementation="pallas_gpu")

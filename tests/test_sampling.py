@@ -21,15 +21,22 @@ from hypothesis import strategies as st
 import lpkernel as lpk
 from lpkernel.sampling import ProcessedStats, Sampling, kept_mask, processed_logprobs_reference
 
-IMPLEMENTATIONS = ["reference", "logits", "hidden", "hidden_tied"]
+IMPLEMENTATIONS = ["reference", "logits", "hidden", "hidden_tied", "pallas_gpu"]
+# The Pallas GPU kernels in interpret mode (a row tile of 256 columns: several per row).
+PALLAS_GPU = lpk.PallasGpuProcessed(
+  lpk.PallasGpuLogits(block_v=256, bwd_block_v=256), interpret=True
+)
 
 
 def processed(impl: str, logits, targets, sampling, softcap=None) -> ProcessedStats:
   """``ProcessedStats`` of ``logits [..., V]`` by one implementation (differentiable in logits)."""
   if impl == "reference":
     return processed_logprobs_reference(logits, targets, sampling, softcap=softcap)
-  if impl == "logits":
-    return lpk.processed_token_stats(logits, targets, sampling, softcap=softcap)
+  if impl in ("logits", "pallas_gpu"):
+    implementation = PALLAS_GPU if impl == "pallas_gpu" else None
+    return lpk.processed_token_stats(
+      logits, targets, sampling, softcap=softcap, implementation=implementation
+    )
   v = logits.shape[-1]
   n = int(np.prod(targets.shape))
   hidden = jnp.eye(n, dtype=logits.dtype).reshape(*targets.shape, n)
@@ -202,7 +209,7 @@ def test_python_parameters_are_checked_and_array_ones_poison(impl):
   assert np.isfinite(s.logprobs[0]) and np.isnan(s.logprobs[1])
 
 
-@pytest.mark.parametrize("impl", ["logits", "hidden"])
+@pytest.mark.parametrize("impl", ["logits", "hidden", "pallas_gpu"])
 @pytest.mark.parametrize("top_p", [1.0, 0.9])
 def test_per_example_top_k_at_the_candidates_boundary(impl, top_p):
   """Array top_k at, below and past K (the exact candidates per row), and a tie

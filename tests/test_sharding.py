@@ -426,11 +426,21 @@ def _assert_processed_equal(got, want):
     np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
 
 
-@pytest.mark.parametrize("which", ["per-example", "top_p", "top_k"])
-def test_vocab_parallel_processed_logits_values_and_grads(mesh, which):
+_PALLAS_PROCESSED = lpk.PallasGpuProcessed(
+  lpk.PallasGpuLogits(block_v=16, bwd_block_v=16), interpret=True
+)
+
+
+@pytest.mark.parametrize(
+  "which,impl",
+  [("per-example", None), ("top_p", None), ("top_k", None), ("per-example", _PALLAS_PROCESSED)],
+  ids=["per-example", "top_p", "top_k", "per-example-pallas_gpu"],
+)
+def test_vocab_parallel_processed_logits_values_and_grads(mesh, which, impl):
   """Sharded along V, the kept sets, processed log-probabilities and their
   gradients (logits and per-example temperature) equal one device's, and the
-  kept sets equal the sorting reference's."""
+  kept sets equal the sorting reference's; the Pallas GPU kernels (interpret
+  mode) on each shard too."""
   sampling = _samplings()[which]
   logits, tokens, _, _ = _processed_inputs(11)
   xs = _put(mesh, logits, "data", None, "model")
@@ -442,7 +452,12 @@ def test_vocab_parallel_processed_logits_values_and_grads(mesh, which):
     return _processed_loss(stats), stats
 
   vp = lambda x, t: run(  # noqa: E731
-    sharding.vocab_parallel_processed_token_stats, x, t, mesh=mesh, batch_axis="data"
+    sharding.vocab_parallel_processed_token_stats,
+    x,
+    t,
+    mesh=mesh,
+    batch_axis="data",
+    implementation=impl,
   )
   argnums = (0, 1) if which == "per-example" else (0,)
   (l1, s1), g1 = jax.jit(jax.value_and_grad(vp, argnums=argnums, has_aux=True))(xs, tau)

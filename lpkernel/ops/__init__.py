@@ -7,7 +7,9 @@ Per op (``ops/<op>/``: ``api.py`` the public entry, ``reference.py`` plain
 * logits path (``token_logprobs``, ``score``): :class:`XlaLogits`,
   :class:`PallasGpuLogits`, :class:`PallasTpuLogits`;
 * fused path (``fused_token_stats``, ``score_hidden``): :class:`XlaFused`,
-  :class:`PallasGpuFused`, :class:`PallasTpuFused`.
+  :class:`PallasGpuFused`, :class:`PallasTpuFused`;
+* processed path from logits (``processed_token_stats``, ``score(sampling=)``):
+  :class:`XlaProcessed`, :class:`PallasGpuProcessed` (opt-in).
 
 Each is held to the reference, values and gradients, by
 ``tests/test_implementations.py`` (against the float64 oracle too, Pallas in
@@ -44,6 +46,7 @@ import jax
 from lpkernel.ops.base import CentredExpectedY, GradLogitsAndTau
 from lpkernel.ops.base import FusedImplementation as FusedImplementation
 from lpkernel.ops.base import LogitsImplementation as LogitsImplementation
+from lpkernel.ops.base import ProcessedImplementation as ProcessedImplementation
 from lpkernel.ops.fused.pallas_gpu import PallasGpuFused as PallasGpuFused
 from lpkernel.ops.fused.pallas_tpu import PallasTpuFused as PallasTpuFused
 from lpkernel.ops.fused.xla import FusedConfig as FusedConfig
@@ -52,6 +55,8 @@ from lpkernel.ops.logprobs.pallas_gpu import PallasGpuLogits as PallasGpuLogits
 from lpkernel.ops.logprobs.pallas_tpu import PallasTpuLogits as PallasTpuLogits
 from lpkernel.ops.logprobs.xla import ChunkConfig as ChunkConfig
 from lpkernel.ops.logprobs.xla import XlaLogits as XlaLogits
+from lpkernel.ops.processed.pallas_gpu import PallasGpuProcessed as PallasGpuProcessed
+from lpkernel.ops.processed.xla import XlaProcessed as XlaProcessed
 
 REFERENCE = "reference"
 
@@ -65,12 +70,18 @@ FUSED: dict[str, type[FusedImplementation]] = {
   "pallas_gpu": PallasGpuFused,
   "pallas_tpu": PallasTpuFused,
 }
+PROCESSED: dict[str, type[ProcessedImplementation]] = {
+  "xla": XlaProcessed,
+  "pallas_gpu": PallasGpuProcessed,
+}
 
 # The measured best per backend: on an H200 (jax 0.11.2) the Pallas kernels beat
 # XLA on every measured shape, forward and backward; on TPUs the kernels are
 # unmeasured, so XLA stays the default.
 DEFAULT_LOGITS = {"cpu": "xla", "gpu": "pallas_gpu", "tpu": "xla"}
 DEFAULT_FUSED = {"cpu": "xla", "gpu": "xla", "tpu": "xla"}
+# The processed kernels are unmeasured on a GPU: opt-in.
+DEFAULT_PROCESSED = {"cpu": "xla", "gpu": "xla", "tpu": "xla"}
 
 __all__ = [
   "ChunkConfig",
@@ -79,13 +90,17 @@ __all__ = [
   "FusedConfig",
   "PallasGpuFused",
   "PallasGpuLogits",
+  "PallasGpuProcessed",
   "PallasTpuFused",
   "PallasTpuLogits",
+  "ProcessedImplementation",
   "XlaFused",
   "XlaLogits",
+  "XlaProcessed",
   "fused_implementation",
   "is_reference",
   "logits_implementation",
+  "processed_implementation",
 ]
 
 
@@ -96,10 +111,15 @@ def is_reference(implementation: object) -> bool:
 _ENTRIES = {
   "logits": "token_logprobs, score, nll_loss, sft_loss_logits",
   "fused": "fused_token_stats, fused_token_logprobs, score_hidden, fused_nll_loss, sft_loss_hidden",
+  "processed": "processed_token_stats, score(sampling=...)",
 }
 
 
-_PROTOCOLS = {"logits": LogitsImplementation, "fused": FusedImplementation}
+_PROTOCOLS = {
+  "logits": LogitsImplementation,
+  "fused": FusedImplementation,
+  "processed": ProcessedImplementation,
+}
 
 
 def _check_op(implementation, registry, op: str) -> None:
@@ -109,15 +129,14 @@ def _check_op(implementation, registry, op: str) -> None:
     if op == "logits" and not isinstance(implementation, (type(None), str)):
       _check_temperature_grad(implementation)
     return
-  other = "fused" if op == "logits" else "logits"
-  is_other = isinstance(implementation, _PROTOCOLS[other])
-  what = f"a {other} implementation" if is_other else "not one"
+  others = [o for o, p in _PROTOCOLS.items() if o != op and isinstance(implementation, p)]
+  what = f"a {others[0]} implementation" if others else "not one"
   names = ", ".join(c.__name__ for c in registry.values())
   raise TypeError(
     f"implementation={type(implementation).__name__}(...) is {what}: the {op} op "
     f"({_ENTRIES[op]}) takes {names}, a name, None or an object satisfying "
-    f"lpkernel.ops.base.{_PROTOCOLS[op].__name__}; {other} implementations go to "
-    f"{_ENTRIES[other]}"
+    f"lpkernel.ops.base.{_PROTOCOLS[op].__name__}"
+    + "".join(f"; {o} implementations go to {_ENTRIES[o]}" for o in others)
   )
 
 
@@ -176,3 +195,10 @@ def fused_implementation(
   """The fused implementation object for ``implementation`` on this backend;
   ``like``: ``((N, D, V), dtype)`` of the matmul a name is configured for."""
   return _resolve(implementation, FUSED, DEFAULT_FUSED, "fused", like)
+
+
+def processed_implementation(
+  implementation: str | ProcessedImplementation | None = None,
+) -> ProcessedImplementation:
+  """The processed implementation object for ``implementation`` on this backend."""
+  return _resolve(implementation, PROCESSED, DEFAULT_PROCESSED, "processed")

@@ -158,3 +158,48 @@ class FusedLossGrads(Protocol):
     out_init: Any,
     vocab_axis: int = 1,
   ) -> tuple[Any, Array, Array, Array | None] | None: ...
+
+
+@runtime_checkable
+class ProcessedImplementation(Protocol):
+  """The processed op from logits (:func:`lpkernel.processed_token_stats`): the two
+  passes over the logits ``x [N, Vb]``; the candidates, decisions and searches
+  between them are shared (:mod:`lpkernel.ops.processed`).
+
+  Attributes:
+    name, platforms: as for :class:`LogitsImplementation`.
+  """
+
+  @property
+  def name(self) -> str: ...
+
+  @property
+  def platforms(self) -> tuple[str, ...] | None: ...
+
+  def partials_and_group_maxima(
+    self, x: Array, targets: Array, tau: Array | None, softcap: float | None, config: Any
+  ) -> tuple[RowPartials, Array]:
+    """(the row partials of ``x``, ``[N, ceil(Vb / group)]``: the max of
+    each ``config.group``-column group of the capped logits), ``config`` a
+    :class:`lpkernel.ProcessedConfig`."""
+    ...
+
+  def processed_grads(
+    self,
+    x: Array,
+    targets: Array,
+    params: Any,
+    kappa: Array,
+    log_s: Array,
+    log_sk: Array,
+    g: Any,
+    softcap: float | None,
+    tau_grad: bool,
+  ) -> tuple[Array, Array | None]:
+    """(``d x`` in x's dtype, with ``tau_grad`` each row's ``d tau`` float32[N]
+    else None) of the processed statistics, the kept set given by each row's
+    threshold key ``kappa`` (uint32[N]) and ``params``
+    (:class:`lpkernel.ops.processed.select.Params`); ``log_s``, ``log_sk`` the
+    rows' log normaliser and kept mass; ``g`` the cotangents
+    (:func:`lpkernel.ops.processed.xla.row_grads`)."""
+    ...

@@ -83,6 +83,20 @@ class PallasGpuLogits(tuning.Configured):
 
   def partials(self, x, targets, tau, softcap, with_entropy: bool = False) -> P.RowPartials:
     """Row partials of logits ``x [N, V]``; with the entropy's ``sy`` if asked (the fused path)."""
+    return self._partials(x, targets, tau, softcap, with_entropy, None)[0]
+
+  def partials_and_group_maxima(self, x, targets, tau, softcap, group: int):
+    """(row partials of ``x [N, V]``, float32 ``[N, ceil(V / group)]``: the max of
+    each ``group``-column group of the capped logits), from one read of ``x``
+    (the processed paths' first pass; ``group`` divides ``block_v``)."""
+    if self.block_v % group:
+      raise ValueError(
+        f"PallasGpuLogits.block_v={self.block_v} must be a multiple of the "
+        f"candidates' group={group} (lpkernel.ProcessedConfig.group)"
+      )
+    return self._partials(x, targets, tau, softcap, False, group)
+
+  def _partials(self, x, targets, tau, softcap, with_entropy: bool, group: int | None):
     n, v = x.shape
     splits = self.num_splits(n, v)
     span = pl.cdiv(pl.cdiv(v, splits), self.block_v) * self.block_v
@@ -95,21 +109,24 @@ class PallasGpuLogits(tuning.Configured):
       softcap=softcap,
       has_tau=tau is not None,
       with_entropy=with_entropy,
+      group=group,
     )
     out = jax.ShapeDtypeStruct((splits * n,), _F32)
     arg = jax.ShapeDtypeStruct((splits * n,), jnp.int32)
-    fields = pl.pallas_call(
+    groups = () if group is None else (jax.ShapeDtypeStruct((n, pl.cdiv(v, group)), _F32),)
+    (*fields,) = pl.pallas_call(
       kernel,
       grid=(pl.cdiv(n, self.block_rows), splits),
-      out_shape=(out, out, out, arg) + ((out,) if with_entropy else ()),
+      out_shape=(out, out, out, arg) + ((out,) if with_entropy else ()) + groups,
       compiler_params=require_triton().CompilerParams(num_warps=self.num_warps, num_stages=3),
       interpret=self.interpret,
       name="lpkernel_logits_partials",
     )(x, targets, *_tau_args(tau))
+    fields, maxima = (fields, None) if group is None else (fields[:-1], fields[-1])
     if splits == 1:
-      return P.RowPartials(*fields)
+      return P.RowPartials(*fields), maxima
     blocks = P.RowPartials(*(a.reshape(splits, n) for a in fields))
-    return P.combine(blocks, P.over_axis(0), tau, expand=lambda r: r[None])
+    return P.combine(blocks, P.over_axis(0), tau, expand=lambda r: r[None]), maxima
 
   def grad_logits(self, x, targets, tau, softcap, shift, log_s, g, g_lse=None) -> jax.Array:
     if g_lse is None:

@@ -39,17 +39,23 @@ def _any(flags):
 
 
 def _online_tile(
-  x_ref, rows, row_ok, target, tau, start, carry, *, block_v, softcap, with_entropy, with_arg=True
-):
+  x_ref, rows, row_ok, target, tau, start, carry, *, block_v, softcap, with_entropy, with_arg=True,
+  maxima=None,
+):  # fmt: skip
   """Folds columns ``[start, start + block_v)`` of the rows into their running
   ``(m, s, t, arg, sy)`` (float32 ``[block_rows]`` each, as ``tau``; ``arg``
-  left as it is without ``with_arg``, for a loss that reads no greedy flag)."""
+  left as it is without ``with_arg``, for a loss that reads no greedy flag).
+
+  ``maxima``: None, or ``(ref, group)``: store the maxima of the tile's
+  ``group``-column groups (which ``block_v`` holds whole) into ``ref [N, G]``."""
   v = x_ref.shape[1]
   m, s, t, arg, sy = carry
   cols = jnp.asarray(start, jnp.int32) + _iota(block_v)
   mask = row_ok[:, None] & (cols < v)[None, :]
   x = plgpu.load(x_ref.at[rows[:, None], cols[None, :]], mask=mask, other=-jnp.inf)
   z = P.capped(x, softcap)  # masked columns are -inf: no mass, never the argmax
+  if maxima is not None:
+    _store_group_maxima(*maxima, z, rows, row_ok, start)
   block_m = jnp.max(z, axis=1)
   new_m = jnp.maximum(m, block_m)
   shift = P.shift_of(new_m)
@@ -87,6 +93,17 @@ def _online_tile(
   return new_m, s, t, arg, sy
 
 
+def _store_group_maxima(ref, group, z, rows, row_ok, start):
+  """The maxima of ``z [block_rows, block_v]``'s ``group``-column groups, stored
+  at their group indices (``start // group`` onwards) in ``ref [N, G]``."""
+  block_rows, block_v = z.shape
+  per_tile = block_v // group
+  maxima = jnp.max(z.reshape(block_rows, per_tile, group), axis=2)
+  groups = jnp.asarray(start, jnp.int32) // group + _iota(per_tile)
+  mask = row_ok[:, None] & (groups < ref.shape[1])[None, :]
+  plgpu.store(ref.at[rows[:, None], groups[None, :]], maxima, mask=mask)
+
+
 def _no_columns(block_rows):
   """The running ``(m, s, t, arg, sy)`` of rows before their first tile."""
   minus_inf = jnp.full((block_rows,), -jnp.inf, _F32)
@@ -94,8 +111,14 @@ def _no_columns(block_rows):
   return minus_inf, zeros, minus_inf, jnp.full((block_rows,), P.NO_COLUMN, jnp.int32), zeros
 
 
-def partials_kernel(x_ref, t_ref, *refs, block_rows, block_v, span, softcap, has_tau, with_entropy):
+def partials_kernel(
+  x_ref, t_ref, *refs, block_rows, block_v, span, softcap, has_tau, with_entropy, group=None
+):
+  """The rows' partials per vocabulary span; with ``group``, also every
+  ``group``-column group's max of the capped logits (the last output)."""
   tau_ref, refs = (refs[0], refs[1:]) if has_tau else (None, refs)
+  maxima = None if group is None else (refs[-1], group)
+  refs = refs if group is None else refs[:-1]
   n = x_ref.shape[0]
   i, j = pl.program_id(0), pl.program_id(1)
   rows = i * block_rows + _iota(block_rows)
@@ -104,7 +127,7 @@ def partials_kernel(x_ref, t_ref, *refs, block_rows, block_v, span, softcap, has
   target = plgpu.load(t_ref.at[rows], mask=row_ok, other=-1)
   tile = functools.partial(
     _online_tile, x_ref, rows, row_ok, target, tau,
-    block_v=block_v, softcap=softcap, with_entropy=with_entropy,
+    block_v=block_v, softcap=softcap, with_entropy=with_entropy, maxima=maxima,
   )  # fmt: skip
   fields = jax.lax.fori_loop(
     0, span // block_v, lambda k, c: tile(j * span + k * block_v, c), _no_columns(block_rows)

@@ -32,7 +32,7 @@ from lpkernel.sampling import (
 )
 
 _F32 = jnp.float32
-_IMPLEMENTATIONS = (None, "xla", "reference")
+_HIDDEN_IMPLEMENTATIONS = (None, "xla", "reference")
 DEFAULT_CONFIG = ProcessedConfig()
 
 
@@ -125,22 +125,23 @@ def _cotangents(ct: ProcessedStats, kept, bad, axis):
   return clean(jnp.where(kept, ct.logprobs, 0.0)), clean(ct.raw_logprobs), clean(ct.log_kept_mass)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
-def _logits_op(x, targets, r, softcap, k, config, tau_grad, axis, v):
-  return _logits_fwd(x, targets, r, softcap, k, config, tau_grad, axis, v)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8, 9))
+def _logits_op(x, targets, r, softcap, k, config, tau_grad, axis, v, impl):
+  return _logits_fwd(x, targets, r, softcap, k, config, tau_grad, axis, v, impl)[0]
 
 
-def _logits_fwd(x, targets, r, softcap, k, config, tau_grad, axis, v):
+def _logits_fwd(x, targets, r, softcap, k, config, tau_grad, axis, v, impl):
   local = targets - P.block_offset(axis, x.shape[1])
-  parts, top, rows = xla.logits_forward(x, local, r.tau, softcap, min(k, x.shape[1]), config)
+  k_here = min(k, x.shape[1])
+  parts, top, rows = xla.logits_forward(x, local, r.tau, softcap, k_here, config, impl)
   stats, res = _finish(parts, top, rows, targets, r, k, axis, v)
   return stats, (x, local, r.bad, res)
 
 
-def _logits_bwd(softcap, k, config, tau_grad, axis, v, residuals, ct):
+def _logits_bwd(softcap, k, config, tau_grad, axis, v, impl, residuals, ct):
   x, local, bad, (params, kappa, log_s, log_sk, kept) = residuals
   g = _cotangents(ct, kept, bad, axis)
-  dx, dtau = xla.logits_grads(x, local, params, kappa, log_s, log_sk, g, softcap, tau_grad)
+  dx, dtau = impl.processed_grads(x, local, params, kappa, log_s, log_sk, g, softcap, tau_grad)
   return dx, None, _row_cotangents(params, dtau)
 
 
@@ -197,18 +198,21 @@ def rows_processed_token_stats(
   config: ProcessedConfig = DEFAULT_CONFIG,
   axis_name: str | None = None,
   vocab_size: int | None = None,
+  implementation: str | ops.ProcessedImplementation | None = None,
 ) -> ProcessedStats:
   """The per-shard building block from logits: :class:`ProcessedStats` ``[N]`` of
   rows ``x [N, Vb]``: whole rows, or (inside ``shard_map`` with ``axis_name``)
   this device's block of columns of rows of ``vocab_size`` columns.
 
   ``targets`` int32[N] global ids; ``rows``, ``k``, ``tau_grad`` from
-  :func:`sampling_rows`.
+  :func:`sampling_rows`; ``implementation`` the passes over ``x``
+  (:func:`lpkernel.ops.processed_implementation`).
   """
   if x.shape[0] == 0:
     return _empty()
+  impl = ops.processed_implementation(implementation)
   v = x.shape[1] if vocab_size is None else vocab_size
-  return _logits_op(x, targets, rows, softcap, k, config, tau_grad, axis_name, v)
+  return _logits_op(x, targets, rows, softcap, k, config, tau_grad, axis_name, v, impl)
 
 
 def rows_fused_processed_token_stats(
@@ -244,10 +248,11 @@ def rows_fused_processed_token_stats(
   return _hidden_op(h, w, targets, rows, *args)
 
 
-def _check_implementation(implementation):
-  if implementation not in _IMPLEMENTATIONS:
+def _check_hidden_implementation(implementation):
+  if implementation not in _HIDDEN_IMPLEMENTATIONS:
     raise ValueError(
-      f"implementation={implementation!r}: the processed paths have {_IMPLEMENTATIONS}"
+      f"implementation={implementation!r}: the processed path from hidden states has "
+      f"{_HIDDEN_IMPLEMENTATIONS}"
     )
 
 
@@ -257,7 +262,7 @@ def processed_token_stats(
   sampling: Sampling,
   *,
   softcap: float | None = None,
-  implementation: str | None = None,
+  implementation: str | ops.ProcessedImplementation | None = None,
   config: ProcessedConfig = DEFAULT_CONFIG,
 ) -> ProcessedStats:
   """Each target's log-probability under the rollout engine's processed distribution.
@@ -273,9 +278,11 @@ def processed_token_stats(
     sampling: :class:`lpkernel.Sampling` (Python numbers or per-example arrays;
       an array temperature is differentiable).
     softcap: None or ``c > 0``, applied before the temperature, as the model does.
-    implementation: None or ``"xla"`` (no ``[N, V]`` temporary, no sort), or
+    implementation: None or ``"xla"`` (no ``[N, V]`` temporary, no sort),
+      ``"pallas_gpu"`` (opt-in; :class:`lpkernel.ops.PallasGpuProcessed`, or
+      that object with its tiling, ``interpret=True`` on the CPU), or
       ``"reference"`` (materialised rows and a sort).
-    config: the XLA path's tiling (:class:`lpkernel.ProcessedConfig`).
+    config: the candidates and the searches' tiling (:class:`lpkernel.ProcessedConfig`).
 
   Returns:
     :class:`lpkernel.ProcessedStats`, each field shaped like ``targets``.
@@ -287,16 +294,16 @@ def processed_token_stats(
     >>> round(float(s.logprobs[0]), 4), round(float(jnp.exp(s.log_kept_mass[0])), 4)
     (-0.9808, 0.8)
   """
-  _check_implementation(implementation)
   sampling = sampling.check()
   logits, targets, _ = checks.logits_arguments(logits, targets, 1.0, softcap)
-  if implementation == "reference":
+  if ops.is_reference(implementation):
     return processed_logprobs_reference(logits, targets, sampling, softcap=softcap)
+  impl = ops.processed_implementation(implementation)
   v = logits.shape[-1]
   rows, k, tau_grad = sampling_rows(sampling, targets, v, config)
   x = logits.reshape(-1, v)
   stats = rows_processed_token_stats(
-    x, targets.reshape(-1), rows, k, tau_grad, softcap=softcap, config=config
+    x, targets.reshape(-1), rows, k, tau_grad, softcap=softcap, config=config, implementation=impl
   )
   return jax.tree.map(lambda a: a.reshape(targets.shape), stats)
 
@@ -330,13 +337,13 @@ def fused_processed_token_stats(
   Args:
     hidden: float[..., D]; unembed: float[D, V], or a tied table ``[V, D]`` with
       ``vocab_axis=0`` (read as stored).
-    targets, sampling, softcap, implementation, config: as for
-      :func:`processed_token_stats`.
+    targets, sampling, softcap, config: as for :func:`processed_token_stats`.
+    implementation: None or ``"xla"``, or ``"reference"`` (no Pallas kernels here yet).
     precision: the matmuls' precision (None: ``jax.default_matmul_precision``).
     fused_config: the vocabulary tiling of the sweeps (:class:`lpkernel.FusedConfig`);
       None: the XLA fused path's for this shape, dtype and machine.
   """
-  _check_implementation(implementation)
+  _check_hidden_implementation(implementation)
   sampling = sampling.check()
   hidden, unembed, targets, axis, _ = checks.fused_arguments(
     hidden, unembed, targets, 1.0, softcap, vocab_axis

@@ -140,13 +140,32 @@ def logits_rows(x, softcap, width: int) -> S.Rows:
   )
 
 
-def logits_forward(x, targets, tau, softcap, k: int, config: ProcessedConfig):
+@dataclasses.dataclass(frozen=True)
+class XlaProcessed:
+  """The processed logits path's passes over the logits in XLA, on every backend
+  (:class:`lpkernel.ops.base.ProcessedImplementation`)."""
+
+  op = "processed"
+  name = "xla"
+  platforms = None
+
+  def partials_and_group_maxima(self, x, targets, tau, softcap, config: ProcessedConfig):
+    """The plain forward's partials, then the group maxima in a second read."""
+    parts = XlaLogits().partials(x, targets, tau, softcap)
+    maxima = _logits_group_maxima(lax.stop_gradient(x), config.group, config.sweep_block)
+    return parts, P.capped(maxima, softcap)
+
+  def processed_grads(self, x, targets, params, kappa, log_s, log_sk, g, softcap, tau_grad):
+    return logits_grads(x, targets, params, kappa, log_s, log_sk, g, softcap, tau_grad)
+
+
+def logits_forward(x, targets, tau, softcap, k: int, config: ProcessedConfig, impl):
   """(RowPartials of whole rows, float32[N, K] largest capped values, the rows as
-  sweepable :class:`~select.Rows` for a search) of logits ``x [N, V]``."""
-  parts = XlaLogits().partials(x, targets, tau, softcap)
+  sweepable :class:`~select.Rows` for a search) of logits ``x [N, V]``; ``impl``'s
+  first pass (:class:`lpkernel.ops.base.ProcessedImplementation`)."""
+  parts, maxima = impl.partials_and_group_maxima(x, targets, tau, softcap, config)
   xs = lax.stop_gradient(x)
   n, v = x.shape
-  maxima = P.capped(_logits_group_maxima(xs, config.group, config.sweep_block), softcap)
   cols = _pool_columns(maxima, k, config.group, v)
 
   def values(lo, width, cc):
