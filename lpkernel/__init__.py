@@ -14,6 +14,7 @@ from lpkernel.ops import PallasGpuLogits as PallasGpuLogits
 from lpkernel.ops import PallasGpuProcessed as PallasGpuProcessed
 from lpkernel.ops import PallasTpuFused as PallasTpuFused
 from lpkernel.ops import PallasTpuLogits as PallasTpuLogits
+from lpkernel.ops import PallasTpuProcessed as PallasTpuProcessed
 from lpkernel.ops import XlaFused as XlaFused
 from lpkernel.ops import XlaLogits as XlaLogits
 from lpkernel.ops import XlaProcessed as XlaProcessed
@@ -44,6 +45,7 @@ __all__ = [
   "PallasGpuFused",
   "PallasGpuLogits",
   "PallasGpuProcessed",
+  "PallasTpuProcessed",
   "PallasTpuFused",
   "PallasTpuLogits",
   "ProcessedConfig",

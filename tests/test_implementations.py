@@ -939,16 +939,27 @@ def test_backend_paths_follow_the_platform_lowered_for_not_the_host():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("splits", [None, 3], ids=["default", "split"])
-def test_processed_kernels_lower_for_their_hardware(dtype, splits):
-  """The processed logits path on GPUs (softcap, per-example temperature, min-p,
-  top-k, top-p), forward and backward: the row kernel with its group maxima,
-  then the gradient kernel with ``d temperature``; no XLA reduction reads the
-  logits (the candidates' pass gathers ``K * group`` columns per row)."""
-  x = jax.ShapeDtypeStruct((64, 1000), dtype)
+@pytest.mark.parametrize(
+  "impl,platform,call",
+  [
+    (lpk.PallasGpuProcessed(lpk.PallasGpuLogits(block_v=512)), "cuda", "__gpu$xla.gpu.triton"),
+    (
+      lpk.PallasGpuProcessed(lpk.PallasGpuLogits(block_v=512, splits=3)),
+      "cuda",
+      "__gpu$xla.gpu.triton",
+    ),
+    (lpk.PallasTpuProcessed(), "tpu", "tpu_custom_call"),
+  ],
+  ids=["gpu-default", "gpu-split", "tpu"],
+)
+def test_processed_kernels_lower_for_their_hardware(dtype, impl, platform, call):
+  """The processed logits path (softcap, per-example temperature, min-p, top-k,
+  top-p), forward and backward: the row kernel with its group maxima, then the
+  gradient kernel with ``d temperature``; no XLA reduction reads the logits (the
+  candidates' pass gathers ``K * group`` columns per row)."""
+  x = jax.ShapeDtypeStruct((64, 5000), dtype)
   t = jax.ShapeDtypeStruct((64,), jnp.int32)
   tau = jax.ShapeDtypeStruct((64,), jnp.float32)
-  impl = lpk.PallasGpuProcessed(lpk.PallasGpuLogits(block_v=512, splits=splits))
 
   def loss(x, t, tau):
     sampling = lpk.Sampling(temperature=tau, top_k=20, top_p=0.9, min_p=0.01)
@@ -956,6 +967,6 @@ def test_processed_kernels_lower_for_their_hardware(dtype, splits):
     return jnp.sum(jnp.where(s.kept, s.logprobs, 0.0)) + jnp.sum(s.raw_logprobs)
 
   lowered = jax.jit(jax.grad(loss, (0, 2))).trace(x, t, tau)
-  text = lowered.lower(lowering_platforms=("cuda",)).as_text()
-  assert text.count("custom_call @__gpu$xla.gpu.triton") == 2
+  text = lowered.lower(lowering_platforms=(platform,)).as_text()
+  assert text.count(f"custom_call @{call}") == 2
   assert not _xla_reductions_of(text, x.shape)

@@ -89,7 +89,9 @@ def test_raw_and_kept_mass_terms_have_the_references_gradients(impl):
   np.testing.assert_allclose(jax.grad(loss(impl))(x), jax.grad(loss("reference"))(x), atol=2e-6)
 
 
-@pytest.mark.parametrize("impl", ["reference", "logits", "pallas_gpu"])  # eye @ -inf is NaN
+@pytest.mark.parametrize(
+  "impl", ["reference", "logits", "pallas_gpu", "pallas_tpu"]
+)  # no eye @ -inf
 def test_impossible_tokens_give_minus_inf_and_nan_rows_nan(impl):
   x = jnp.array(
     [[0.0, -jnp.inf, 1.0, 2.0], [0.0, 1.0, jnp.nan, 2.0], [-jnp.inf, 3.0, 1.0, 0.0]], jnp.float32
@@ -366,7 +368,7 @@ def test_the_processed_op_takes_its_own_implementations_by_name_or_object():
   want = lpk.processed_token_stats(x, t, sampling, implementation="reference")
 
   class Counting:  # a user's implementation: delegates to XLA's passes
-    name, platforms, calls = "counting", None, []
+    name, platforms, lanes, calls = "counting", None, 1, []
 
     def partials_and_group_maxima(self, *args):
       self.calls.append("forward")
@@ -377,14 +379,16 @@ def test_the_processed_op_takes_its_own_implementations_by_name_or_object():
       return lpk.XlaProcessed().processed_grads(*args)
 
   counting = Counting()
-  for impl in ("xla", lpk.PallasGpuProcessed(interpret=True), counting):
+  pallas = (lpk.PallasGpuProcessed(interpret=True), lpk.PallasTpuProcessed(interpret=True))
+  for impl in ("xla", *pallas, counting):
     got = lpk.processed_token_stats(x, t, sampling, implementation=impl)
     np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-6)
   raw = lambda x: lpk.processed_token_stats(x, t, sampling, implementation=counting).raw_logprobs  # noqa: E731
   jax.grad(lambda x: jnp.sum(raw(x)))(x)
   assert counting.calls == ["forward", "forward", "backward"]
-  with pytest.raises(ValueError, match="runs on \\['gpu'\\]"):
-    lpk.processed_token_stats(x, t, sampling, implementation="pallas_gpu")
+  for name, platform in (("pallas_gpu", "gpu"), ("pallas_tpu", "tpu")):
+    with pytest.raises(ValueError, match=f"runs on \\['{platform}'\\]"):
+      lpk.processed_token_stats(x, t, sampling, implementation=name)
   with pytest.raises(TypeError, match="is a logits implementation"):
     lpk.processed_token_stats(x, t, sampling, implementation=lpk.PallasGpuLogits(interpret=True))
   with pytest.raises(ValueError, match="from hidden states has"):

@@ -21,21 +21,31 @@ from hypothesis import strategies as st
 import lpkernel as lpk
 from lpkernel.sampling import ProcessedStats, Sampling, kept_mask, processed_logprobs_reference
 
-IMPLEMENTATIONS = ["reference", "logits", "hidden", "hidden_tied", "pallas_gpu"]
-# The Pallas GPU kernels in interpret mode (a row tile of 256 columns: several per row).
-PALLAS_GPU = lpk.PallasGpuProcessed(
-  lpk.PallasGpuLogits(block_v=256, bwd_block_v=256), interpret=True
-)
+IMPLEMENTATIONS = ["reference", "logits", "hidden", "hidden_tied", "pallas_gpu", "pallas_tpu"]
+# The Pallas kernels in interpret mode, several tiles per row: the GPU's 256
+# columns wide; the TPU's forward tiles 128 * 2 (group 2), backward 256.
+PALLAS = {
+  "pallas_gpu": (
+    lpk.PallasGpuProcessed(lpk.PallasGpuLogits(block_v=256, bwd_block_v=256), interpret=True),
+    lpk.ProcessedConfig(),
+  ),
+  "pallas_tpu": (
+    lpk.PallasTpuProcessed(lpk.PallasTpuLogits(block_rows=8, block_v=256), interpret=True),
+    lpk.ProcessedConfig(candidates=32, group=2),
+  ),
+}
 
 
 def processed(impl: str, logits, targets, sampling, softcap=None) -> ProcessedStats:
   """``ProcessedStats`` of ``logits [..., V]`` by one implementation (differentiable in logits)."""
   if impl == "reference":
     return processed_logprobs_reference(logits, targets, sampling, softcap=softcap)
-  if impl in ("logits", "pallas_gpu"):
-    implementation = PALLAS_GPU if impl == "pallas_gpu" else None
+  if impl == "logits":
+    return lpk.processed_token_stats(logits, targets, sampling, softcap=softcap)
+  if impl in PALLAS:
+    implementation, config = PALLAS[impl]
     return lpk.processed_token_stats(
-      logits, targets, sampling, softcap=softcap, implementation=implementation
+      logits, targets, sampling, softcap=softcap, implementation=implementation, config=config
     )
   v = logits.shape[-1]
   n = int(np.prod(targets.shape))
@@ -209,13 +219,13 @@ def test_python_parameters_are_checked_and_array_ones_poison(impl):
   assert np.isfinite(s.logprobs[0]) and np.isnan(s.logprobs[1])
 
 
-@pytest.mark.parametrize("impl", ["logits", "hidden", "pallas_gpu"])
+@pytest.mark.parametrize("impl", ["logits", "hidden", "pallas_gpu", "pallas_tpu"])
 @pytest.mark.parametrize("top_p", [1.0, 0.9])
 def test_per_example_top_k_at_the_candidates_boundary(impl, top_p):
   """Array top_k at, below and past K (the exact candidates per row), and a tie
   running past K: the kept sets are the reference's (a k equal to K once kept
   half the row: the cut below the K-th value had no smaller value to go to)."""
-  k_max = lpk.ProcessedConfig().candidates
+  k_max = (PALLAS[impl][1] if impl in PALLAS else lpk.ProcessedConfig()).candidates
   v = 3000
   rng = np.random.default_rng(0)
   logits = rng.permutation(v * 5).reshape(5, v).astype(np.float32) / v

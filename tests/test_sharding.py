@@ -426,15 +426,22 @@ def _assert_processed_equal(got, want):
     np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
 
 
-_PALLAS_PROCESSED = lpk.PallasGpuProcessed(
+_PALLAS_GPU = lpk.PallasGpuProcessed(
   lpk.PallasGpuLogits(block_v=16, bwd_block_v=16), interpret=True
 )
+_PALLAS_TPU = lpk.PallasTpuProcessed(lpk.PallasTpuLogits(block_rows=8), interpret=True)
 
 
 @pytest.mark.parametrize(
   "which,impl",
-  [("per-example", None), ("top_p", None), ("top_k", None), ("per-example", _PALLAS_PROCESSED)],
-  ids=["per-example", "top_p", "top_k", "per-example-pallas_gpu"],
+  [
+    ("per-example", None),
+    ("top_p", None),
+    ("top_k", None),
+    ("per-example", _PALLAS_GPU),
+    ("per-example", _PALLAS_TPU),
+  ],
+  ids=["per-example", "top_p", "top_k", "per-example-pallas_gpu", "per-example-pallas_tpu"],
 )
 def test_vocab_parallel_processed_logits_values_and_grads(mesh, which, impl):
   """Sharded along V, the kept sets, processed log-probabilities and their

@@ -9,7 +9,8 @@ Per op (``ops/<op>/``: ``api.py`` the public entry, ``reference.py`` plain
 * fused path (``fused_token_stats``, ``score_hidden``): :class:`XlaFused`,
   :class:`PallasGpuFused`, :class:`PallasTpuFused`;
 * processed path from logits (``processed_token_stats``, ``score(sampling=)``):
-  :class:`XlaProcessed`, :class:`PallasGpuProcessed` (opt-in).
+  :class:`XlaProcessed`, :class:`PallasGpuProcessed`, :class:`PallasTpuProcessed`
+  (both opt-in).
 
 Each is held to the reference, values and gradients, by
 ``tests/test_implementations.py`` (against the float64 oracle too, Pallas in
@@ -56,6 +57,7 @@ from lpkernel.ops.logprobs.pallas_tpu import PallasTpuLogits as PallasTpuLogits
 from lpkernel.ops.logprobs.xla import ChunkConfig as ChunkConfig
 from lpkernel.ops.logprobs.xla import XlaLogits as XlaLogits
 from lpkernel.ops.processed.pallas_gpu import PallasGpuProcessed as PallasGpuProcessed
+from lpkernel.ops.processed.pallas_tpu import PallasTpuProcessed as PallasTpuProcessed
 from lpkernel.ops.processed.xla import XlaProcessed as XlaProcessed
 
 REFERENCE = "reference"
@@ -73,6 +75,7 @@ FUSED: dict[str, type[FusedImplementation]] = {
 PROCESSED: dict[str, type[ProcessedImplementation]] = {
   "xla": XlaProcessed,
   "pallas_gpu": PallasGpuProcessed,
+  "pallas_tpu": PallasTpuProcessed,
 }
 
 # The measured best per backend: on an H200 (jax 0.11.2) the Pallas kernels beat
@@ -93,6 +96,7 @@ __all__ = [
   "PallasGpuProcessed",
   "PallasTpuFused",
   "PallasTpuLogits",
+  "PallasTpuProcessed",
   "ProcessedImplementation",
   "XlaFused",
   "XlaLogits",

@@ -168,6 +168,9 @@ class ProcessedImplementation(Protocol):
 
   Attributes:
     name, platforms: as for :class:`LogitsImplementation`.
+    lanes: how columns form groups: group ``j`` holds columns
+      ``(j // lanes) * lanes * group + lanes * c + j % lanes`` (``c < group``);
+      1 for contiguous groups, 128 for a TPU tile's lanes.
   """
 
   @property
@@ -176,12 +179,15 @@ class ProcessedImplementation(Protocol):
   @property
   def platforms(self) -> tuple[str, ...] | None: ...
 
+  @property
+  def lanes(self) -> int: ...
+
   def partials_and_group_maxima(
     self, x: Array, targets: Array, tau: Array | None, softcap: float | None, config: Any
   ) -> tuple[RowPartials, Array]:
-    """(the row partials of ``x``, ``[N, ceil(Vb / group)]``: the max of
-    each ``config.group``-column group of the capped logits), ``config`` a
-    :class:`lpkernel.ProcessedConfig`."""
+    """(the row partials of ``x``, ``[N, G]``: the max of each group of
+    ``config.group`` columns of the capped logits, laid out as ``lanes`` says;
+    groups past V are ``-inf``), ``config`` a :class:`lpkernel.ProcessedConfig`."""
     ...
 
   def processed_grads(

@@ -73,25 +73,49 @@ class PallasTpuLogits(tuning.Configured):
     return rows, cols
 
   def partials(self, x, targets, tau, softcap) -> P.RowPartials:
+    return self._partials(x, targets, tau, softcap, self.blocks(x))[0]
+
+  def partials_and_lane_maxima(self, x, targets, tau, softcap, group: int):
+    """(row partials of ``x [N, V]``, float32 ``[N, 128 * tiles]``: per tile of
+    ``128 * group`` columns, each lane's max over its ``group`` columns
+    ``l + 128 c`` of the capped logits), from one read of ``x`` (the processed
+    paths' first pass; a row narrower than one tile is padded with ``-inf``)."""
     n, v = x.shape
-    br, bv = self.blocks(x)
+    tile = 128 * group
+    if v < tile:  # one tile, whole: a copy of a narrow row
+      x = jnp.concatenate([x, jnp.full((n, tile - v), -jnp.inf, x.dtype)], axis=1)
+    br = self.blocks(x)[0]
+    tiling.check_tpu_block("processed forward", (br, tile), x.shape, x.dtype)
+    return self._partials(x, targets, tau, softcap, (br, tile), vocab_size=v)
+
+  def _partials(self, x, targets, tau, softcap, block, vocab_size=None):
+    """(partials, the lane maxima or None): lane maxima when ``vocab_size`` is given."""
+    n, v = x.shape
+    br, bv = block
     grid = (pl.cdiv(n, br), pl.cdiv(v, bv))
     row = pl.BlockSpec((br, 1), lambda i, k: (i, 0))
     in_specs = [pl.BlockSpec((br, bv), lambda i, k: (i, k)), row] + ([] if tau is None else [row])
     col = jax.ShapeDtypeStruct((n, 1), _F32)
-    m, s, t, arg = tpu_call(
+    lanes = vocab_size is not None
+    out_specs = [row, row, row, row] + [pl.BlockSpec((br, 128), lambda i, k: (i, k))] * lanes
+    maxima = [jax.ShapeDtypeStruct((n, 128 * grid[1]), _F32)] * lanes
+    m, s, t, arg, *maxima = tpu_call(
       functools.partial(
-        kernels.partials_kernel, vocab_size=v, softcap=softcap, has_tau=tau is not None
+        kernels.partials_kernel,
+        vocab_size=v if vocab_size is None else vocab_size,
+        softcap=softcap,
+        has_tau=tau is not None,
+        lane_groups=lanes,
       ),
       grid,
       in_specs,
-      [row, row, row, row],
-      [col, col, col, jax.ShapeDtypeStruct((n, 1), jnp.int32)],
+      out_specs,
+      [col, col, col, jax.ShapeDtypeStruct((n, 1), jnp.int32), *maxima],
       (),
       ("parallel", "arbitrary"),
       self.interpret,
     )(x, targets[:, None], *([] if tau is None else [tau.astype(_F32)[:, None]]))
-    return P.RowPartials(m[:, 0], s[:, 0], t[:, 0], arg[:, 0])
+    return P.RowPartials(m[:, 0], s[:, 0], t[:, 0], arg[:, 0]), (maxima[0] if lanes else None)
 
   def grad_logits(self, x, targets, tau, softcap, shift, log_s, g, g_lse=None) -> jax.Array:
     return self._grad(x, targets, tau, softcap, shift, log_s, g, g_lse, with_tau=False)[0]

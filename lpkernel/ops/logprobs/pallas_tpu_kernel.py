@@ -5,6 +5,8 @@ launch are :mod:`lpkernel.ops.logprobs.pallas_tpu`."""
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -14,8 +16,12 @@ from lpkernel import partials as P
 _F32 = jnp.float32
 
 
-def partials_kernel(x_ref, target_ref, *refs, vocab_size, softcap, has_tau):
+def partials_kernel(x_ref, target_ref, *refs, vocab_size, softcap, has_tau, lane_groups=False):
+  """The running row partials; with ``lane_groups``, also the tile's 128 lane
+  groups' maxima of the capped logits (the last output, one ``[rows, 128]``
+  block per tile: lane ``l`` holds the max of the tile's columns ``l + 128 c``)."""
   tau_ref, outs = (refs[0], refs[1:]) if has_tau else (None, refs)
+  maxima_ref, outs = (outs[-1], outs[:-1]) if lane_groups else (None, outs)
   k = pl.program_id(1)
 
   @pl.when(k == 0)
@@ -27,6 +33,9 @@ def partials_kernel(x_ref, target_ref, *refs, vocab_size, softcap, has_tau):
   cols = k * x.shape[1] + lax.broadcasted_iota(jnp.int32, x.shape, 1)
   tau = None if tau_ref is None else tau_ref[...]
   z = jnp.where(cols < vocab_size, P.capped(x, softcap), -jnp.inf)  # the tail's columns past V
+  if maxima_ref is not None:  # lane-aligned slices: elementwise maxima, no relayout
+    lanes = [z[:, c : c + 128] for c in range(0, z.shape[1], 128)]
+    maxima_ref[...] = functools.reduce(jnp.maximum, lanes)
   # The row block's outputs stay in VMEM across the vocabulary axis: the running partials.
   block = P.block_partials(z, cols, target_ref[...], tau, keepdims=True, with_entropy=False)
   merged = P.merge(P.RowPartials(*(ref[...] for ref in outs)), block, tau)

@@ -48,6 +48,7 @@ class PallasGpuProcessed:
   op = "processed"
   name = "pallas_gpu"
   platforms = ("gpu",)
+  lanes = 1
 
   def _rows(self) -> PallasGpuLogits:
     return dataclasses.replace(self.logits, interpret=self.interpret)

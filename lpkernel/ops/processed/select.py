@@ -71,8 +71,15 @@ class Rows(NamedTuple):
     return (lax.psum if reduce == "sum" else lax.pmax)(out, self.axis_name)
 
 
+def column(a: jax.Array) -> jax.Array:
+  """Row values ``[N]`` as a column ``[N, 1]`` (given as one, e.g. a TPU kernel's
+  row block, unchanged)."""
+  return a if a.ndim == 2 else a[:, None]
+
+
 class Params(NamedTuple):
-  """The sampler's parameters and the row statistics, one value per row ``[N]``.
+  """The sampler's parameters and the row statistics, one value per row ``[N]``
+  (or ``[N, 1]``: :func:`column`).
 
   Attributes:
     tau: float32 temperature, or None (1).
@@ -89,15 +96,15 @@ class Params(NamedTuple):
   shift: jax.Array
 
   def col(self, a: jax.Array | None) -> jax.Array | None:
-    return None if a is None else a[:, None]
+    return None if a is None else column(a)
 
   def e(self, z: jax.Array) -> jax.Array:
     """``exp((z - shift) / tau)`` of ``z [N, W]``: each column's probability
     relative to the row's largest (min-p compares it with ``min_p``)."""
-    return jnp.exp(P.scaled(z - self.shift[:, None], self.col(self.tau)))
+    return jnp.exp(P.scaled(z - column(self.shift), self.col(self.tau)))
 
   def min_p_holds(self, e: jax.Array) -> jax.Array:
-    return e >= self.min_p[:, None]
+    return e >= column(self.min_p)
 
   def top_k_on(self, vocab_size: int) -> jax.Array:
     """bool[N]: top-k truncates (``0 < k < V``)."""
@@ -113,7 +120,7 @@ def order_key(z: jax.Array) -> jax.Array:
 
 def kept(z: jax.Array, params: Params, kappa: jax.Array) -> jax.Array:
   """bool[N, W]: the columns of ``z [N, W]`` in the kept set of threshold ``kappa [N]``."""
-  return params.min_p_holds(params.e(z)) & (order_key(z) >= kappa[:, None])
+  return params.min_p_holds(params.e(z)) & (order_key(z) >= column(kappa))
 
 
 class Decision(NamedTuple):

@@ -98,11 +98,18 @@ def _logits_group_maxima(x, group: int, block: int) -> jax.Array:
   return sweep(step, jnp.full((n, -(-v // group)), -jnp.inf, x.dtype), v, width)
 
 
-def _pool_columns(maxima: jax.Array, k: int, group: int, vocab_size: int) -> jax.Array:
+def _pool_columns(
+  maxima: jax.Array, k: int, group: int, vocab_size: int, lanes: int = 1
+) -> jax.Array:
   """int32[N, K' * group]: the columns of each row's ``K'`` groups with the largest
-  maxima (``K' = min(K, groups)``); columns past V are ``vocab_size`` (absent)."""
+  maxima (``K' = min(K, groups)``); columns past V are ``vocab_size`` (absent).
+
+  Group ``j`` holds columns ``(j // lanes) * lanes * group + lanes * c + j % lanes``
+  for ``c < group``: ``group`` contiguous columns with ``lanes = 1``; with
+  ``lanes = 128``, one lane's columns of a ``128 * group``-column TPU tile."""
   _, ids = lax.top_k(maxima, min(k, maxima.shape[1]))
-  cols = ids[:, :, None] * group + jnp.arange(group, dtype=jnp.int32)
+  c = jnp.arange(group, dtype=jnp.int32) * lanes
+  cols = (ids // lanes * (lanes * group) + ids % lanes)[:, :, None] + c
   cols = cols.reshape(ids.shape[0], -1)
   return jnp.where(cols < vocab_size, cols, vocab_size)
 
@@ -148,6 +155,7 @@ class XlaProcessed:
   op = "processed"
   name = "xla"
   platforms = None
+  lanes = 1
 
   def partials_and_group_maxima(self, x, targets, tau, softcap, config: ProcessedConfig):
     """The plain forward's partials, then the group maxima in a second read."""
@@ -166,7 +174,7 @@ def logits_forward(x, targets, tau, softcap, k: int, config: ProcessedConfig, im
   parts, maxima = impl.partials_and_group_maxima(x, targets, tau, softcap, config)
   xs = lax.stop_gradient(x)
   n, v = x.shape
-  cols = _pool_columns(maxima, k, config.group, v)
+  cols = _pool_columns(maxima, k, config.group, v, impl.lanes)
 
   def values(lo, width, cc):
     rows = block_of(xs, lo, width, 0)  # a convert never moves onto all of x
@@ -255,28 +263,31 @@ def row_grads(
   z, cols, targets, params: S.Params, kappa, log_s, log_sk, g, tau_grad: bool, fresh=None
 ):
   """``d y`` of a block of capped logits ``z [N, W]`` at columns ``cols [1, W]``
-  and, with ``tau_grad``, its part of ``d tau`` ([N]; else None) over the
-  columns ``fresh`` (bool ``[1, W]``; None: all).
+  and, with ``tau_grad``, its part of ``d tau`` (shaped as the row values; else
+  None) over the columns ``fresh`` (bool ``[1, W]``; None: all).
 
-  ``g``: (g_processed, g_raw, g_log_kept_mass) float32[N], zero on dead rows;
-  the processed term counts only where the target was kept (its value is
-  ``-inf`` otherwise).
+  Row values (``targets``, ``params``, ``kappa``, ``log_s``, ``log_sk``, each of
+  ``g``) are ``[N]``, or columns ``[N, 1]`` (:func:`~select.column`: a TPU
+  kernel's row blocks). ``g``: (g_processed, g_raw, g_log_kept_mass) float32,
+  zero on dead rows; the processed term counts only where the target was kept
+  (its value is ``-inf`` otherwise).
   """
-  g_p, g_r, g_l = (c[:, None] for c in g)
+  g_p, g_r, g_l = (S.column(c) for c in g)
   tau_col = params.col(params.tau)
-  shift = params.shift[:, None]
-  p = P.softmax(z, shift, log_s[:, None], tau_col)
+  shift = S.column(params.shift)
+  p = P.softmax(z, shift, S.column(log_s), tau_col)
   keep = S.kept(z, params, kappa)
-  pk = jnp.where(keep, P.softmax(z, shift, log_sk[:, None], tau_col), 0.0)
-  onehot = cols == targets[:, None]
+  pk = jnp.where(keep, P.softmax(z, shift, S.column(log_sk), tau_col), 0.0)
+  onehot = cols == S.column(targets)
   dy = jnp.where(onehot, g_r + g_p, 0.0) - p * (g_r + g_l) + pk * (g_l - g_p)
   # A dead row's statistics may be NaN (a NaN input nobody reads): it gives nothing.
-  dy = jnp.where(live_rows(g)[:, None], dy, 0.0)
+  dy = jnp.where(S.column(live_rows(g)), dy, 0.0)
   if not tau_grad or params.tau is None:
     return dy, None
   y_c = P.centred_y(z, shift, tau_col)
   counted = dy != 0 if fresh is None else (dy != 0) & fresh
-  return dy, -jnp.sum(jnp.where(counted, dy * y_c, 0.0), axis=-1) / params.tau
+  dtau = -jnp.sum(jnp.where(counted, dy * y_c, 0.0), axis=-1, keepdims=targets.ndim == 2)
+  return dy, dtau / params.tau
 
 
 def logits_grads(x, targets, params, kappa, log_s, log_sk, g, softcap, tau_grad: bool):

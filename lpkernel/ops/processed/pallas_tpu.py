@@ -1,0 +1,89 @@
+"""The processed logits path as Pallas Mosaic TPU kernels, opt-in.
+
+Forward: the logits path's kernel (:class:`~lpkernel.ops.PallasTpuLogits`)
+reads each row once, in tiles of ``128 * group`` columns, for its softmax
+partials and, from the same VMEM tiles, the maxima of 128 lane groups per tile
+(lane ``l``'s group: the tile's columns ``l + 128 c``, ``c < group``; elementwise
+maxima of lane-aligned slices, no relayout). The ``K`` largest values come from
+the gathered columns of the ``K`` groups with the largest maxima (XLA's top-k
+and gather), the kept set from :mod:`lpkernel.ops.processed.select` (its rare
+searches as XLA sweeps).
+
+Backward: one elementwise pass over the logits path's tiles from each row's
+shift, normaliser, kept mass and threshold key, with each row's
+``d temperature`` accumulated in the same kernel.
+
+Opt-in (``implementation="pallas_tpu"``) until a TPU measures it faster than XLA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from lpkernel.ops.logprobs.pallas_tpu import PallasTpuLogits
+from lpkernel.ops.mosaic import tpu_call
+from lpkernel.ops.processed import pallas_tpu_kernel as kernels
+
+_F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasTpuProcessed:
+  """Pallas Mosaic TPU kernels for the processed logits path
+  (:class:`lpkernel.ops.base.ProcessedImplementation`).
+
+  Attributes:
+    logits: the tiles (``block_rows``; the backward's ``block_v``; the forward's
+      tiles are ``128 * group`` columns wide, :attr:`lpkernel.ProcessedConfig.group`);
+      ``interpret`` is taken from this object.
+    interpret: run in Pallas TPU interpret mode on the CPU.
+  """
+
+  logits: PallasTpuLogits = PallasTpuLogits()
+  interpret: bool = False
+  op = "processed"
+  name = "pallas_tpu"
+  platforms = ("tpu",)
+  lanes = 128
+
+  def _rows(self) -> PallasTpuLogits:
+    return dataclasses.replace(self.logits, interpret=self.interpret)
+
+  def partials_and_group_maxima(self, x, targets, tau, softcap, config):
+    return self._rows().partials_and_lane_maxima(x, targets, tau, softcap, config.group)
+
+  def processed_grads(self, x, targets, params, kappa, log_s, log_sk, g, softcap, tau_grad):
+    rows = self._rows()
+    n, v = x.shape
+    br, bv = rows.blocks(x)
+    tile = pl.BlockSpec((br, bv), lambda i, k: (i, k))
+    row = pl.BlockSpec((br, 1), lambda i, k: (i, 0))
+    with_dtau = tau_grad and params.tau is not None
+    kernel = functools.partial(
+      kernels.grad_kernel,
+      vocab_size=v,
+      softcap=softcap,
+      has_tau=params.tau is not None,
+      with_dtau=with_dtau,
+    )
+    row_args = [targets, params.shift, log_s, log_sk, kappa, params.min_p, *g]
+    row_args += [] if params.tau is None else [params.tau]
+    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
+    if with_dtau:  # a row's sum, accumulated over its column tiles (resident output)
+      out_shape.append(jax.ShapeDtypeStruct((n, 1), _F32))
+    dx, *dtau = tpu_call(
+      kernel,
+      (pl.cdiv(n, br), pl.cdiv(v, bv)),
+      [tile] + [row] * len(row_args),
+      [tile, row][: len(out_shape)],
+      out_shape,
+      (),
+      ("parallel", "arbitrary" if with_dtau else "parallel"),
+      self.interpret,
+    )(x, *(r[:, None] for r in row_args))
+    return dx, (dtau[0][:, 0] if dtau else None)
