@@ -48,6 +48,7 @@ BWD_TILINGS = [(4, 1024, 4), (2, 2048, 8)]
 # The processed kernels' checks (rows per example, V) and timed logits shape (B, T, V).
 PROCESSED_CHECKS = [(64, 1000), (37, 32003), (16, 151936)]
 PROCESSED_TIMED = (8, 512, 32000)
+PROCESSED_HIDDEN_CHECKS = [(300, 256, 32003)]  # (tokens per example, D, V)
 
 
 def _max_err(got: list, want: list) -> float:
@@ -236,6 +237,32 @@ def _check_processed(out: dict, impl="pallas_gpu") -> None:
         r[name] = float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
       rows.append(r)
       print("processed check", r, flush=True)
+  for n, d, v in PROCESSED_HIDDEN_CHECKS:  # from hidden states: token chunks and a tail
+    k = jax.random.split(jax.random.key(v), 3)
+    h = jax.random.normal(k[0], (4, n, d), jnp.float32).astype(jnp.bfloat16)
+    w = (jax.random.normal(k[1], (d, v), jnp.float32) / d**0.25).astype(jnp.bfloat16)
+    t = jax.random.randint(k[2], (4, n), 0, v)
+    chunks = impl
+    if isinstance(impl, str):
+      chunks = lpk.PallasGpuProcessed(fused=lpk.PallasGpuFused(chunk_tokens=n))
+
+    def hidden_loss(h, w, impl):
+      s = lpk.fused_processed_token_stats(
+        h, w, t, sampling._replace(temperature=0.8), implementation=impl
+      )
+      return jnp.sum(jnp.where(s.kept, s.logprobs, 0.0)) + 0.3 * jnp.sum(s.raw_logprobs), s
+
+    grad = jax.jit(jax.value_and_grad(hidden_loss, (0, 1), has_aux=True), static_argnums=2)
+    with jax.default_matmul_precision("highest"):
+      (_, got), g = grad(h, w, chunks)
+      (_, want), g_ref = grad(h, w, "reference")
+    r = dict(n=4 * n, d=d, v=v, dtype="bfloat16", path="hidden")
+    r["kept_set_mismatches"] = int(jnp.sum(got.kept_count != want.kept_count))
+    for name, a, b in zip(("dh", "dw"), g, g_ref, strict=True):
+      a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+      r[name] = float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+    rows.append(r)
+    print("processed check", r, flush=True)
   out["processed_checks"] = rows
   timings = []
   for dtype in (jnp.bfloat16, jnp.float32):
@@ -251,7 +278,12 @@ def _check_processed(out: dict, impl="pallas_gpu") -> None:
 
       f_ms = measure(fwd, (x,), 10)[0].median_ms
       fb_ms = measure(jax.grad(fwd), (x,), 10)[0].median_ms
-      r = dict(dtype=jnp.dtype(dtype).name, impl=str(name), forward_ms=f_ms, fwd_bwd_ms=fb_ms)
+      r = dict(
+        dtype=jnp.dtype(dtype).name,
+        impl=getattr(name, "name", name),
+        forward_ms=f_ms,
+        fwd_bwd_ms=fb_ms,
+      )
       r["forward_x_read"] = f_ms / read
       timings.append(r)
       print("processed time", r, flush=True)

@@ -267,6 +267,14 @@ METHODS = [
     baseline="fused-sort-and-mask",
   ),
   Method(
+    "lpkernel-fused-processed-pallas",
+    True,
+    _fused_processed("pallas_gpu"),
+    ("hidden", "unembed"),
+    _on_gpu,
+    baseline="fused-sort-and-mask",
+  ),
+  Method(
     "fused-sort-and-mask",
     True,
     _fused_processed("reference"),

@@ -43,6 +43,7 @@ from lpkernel.ops.logprobs.api import rows_logprobs_and_greedy, rows_nll_loss
 from lpkernel.ops.processed.api import (
   DEFAULT_CONFIG,
   SamplingRows,
+  hidden_implementation,
   rows_fused_processed_token_stats,
   rows_processed_token_stats,
   sampling_rows,
@@ -469,10 +470,12 @@ def vocab_parallel_fused_processed_token_stats(
   softcap: float | None = None,
   vocab_axis: int = -1,
   config: ProcessedConfig = DEFAULT_CONFIG,
+  implementation: str | ops.ProcessedImplementation | None = None,
 ) -> ProcessedStats:
   """:func:`lpkernel.fused_processed_token_stats` with ``unembed`` sharded along V
-  over ``model_axis`` (shardings as for :func:`vocab_parallel_fused_token_stats`);
-  ``d hidden`` is summed over the model axis by shard_map's transpose."""
+  over ``model_axis`` (shardings as for :func:`vocab_parallel_fused_token_stats`;
+  ``implementation`` as there); ``d hidden`` is summed over the model axis by
+  shard_map's transpose."""
   hidden, unembed, targets, vocab_axis, _ = _fused_arguments(
     hidden, unembed, targets, mesh, model_axis, batch_axis, 1.0, softcap, vocab_axis
   )
@@ -488,6 +491,7 @@ def vocab_parallel_fused_processed_token_stats(
     config=config,
     axis_name=model_axis,
     vocab_size=v,
+    implementation=hidden_implementation(implementation),
   )
 
   in_specs = (*_fused_specs(model_axis, batch_axis, vocab_axis, None)[:3], rows_spec)

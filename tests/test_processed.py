@@ -10,7 +10,7 @@ import pytest
 
 import lpkernel as lpk
 from lpkernel.sampling import kept_mask
-from tests.test_sampling import IMPLEMENTATIONS, processed
+from tests.test_sampling import IMPLEMENTATIONS, PALLAS_GPU_HIDDEN, processed
 
 FAST = [i for i in IMPLEMENTATIONS if i != "reference"]
 
@@ -111,7 +111,8 @@ def test_impossible_tokens_give_minus_inf_and_nan_rows_nan(impl):
   assert np.all(np.isfinite(np.asarray(dx)[0])) and np.all(np.isfinite(np.asarray(dx)[2]))
 
 
-def test_nan_hidden_rows_are_nan_and_leave_the_others_alone():
+@pytest.mark.parametrize("impl", [None, PALLAS_GPU_HIDDEN], ids=["xla", "pallas_gpu"])
+def test_nan_hidden_rows_are_nan_and_leave_the_others_alone(impl):
   """The hidden path: a NaN hidden row gives that token NaN (value and gradient)
   and every other token its clean value and a finite gradient."""
   rng = np.random.default_rng(2)
@@ -121,14 +122,15 @@ def test_nan_hidden_rows_are_nan_and_leave_the_others_alone():
   sampling = lpk.Sampling(temperature=0.8, top_k=10, top_p=0.9)
   bad = h.at[1, 3].set(jnp.nan)
   for vocab_axis, table in ((-1, w), (0, w.T)):
-    clean = lpk.fused_processed_token_stats(h, table, t, sampling, vocab_axis=vocab_axis)
-    got = lpk.fused_processed_token_stats(bad, table, t, sampling, vocab_axis=vocab_axis)
+    kw = dict(vocab_axis=vocab_axis, implementation=impl)
+    clean = lpk.fused_processed_token_stats(h, table, t, sampling, **kw)
+    got = lpk.fused_processed_token_stats(bad, table, t, sampling, **kw)
     assert np.isnan(got.logprobs[1])
     others = np.array([0, 2, 3])
     np.testing.assert_allclose(got.logprobs[others], clean.logprobs[others], rtol=1e-6)
 
-    def loss(h, table, vocab_axis=vocab_axis):
-      lp = lpk.fused_processed_token_stats(h, table, t, sampling, vocab_axis=vocab_axis).logprobs
+    def loss(h, table, kw=kw):
+      lp = lpk.fused_processed_token_stats(h, table, t, sampling, **kw).logprobs
       return jnp.sum(jnp.where(jnp.arange(4) == 1, 0.0, lp))
 
     dh, dw = (np.asarray(g) for g in jax.grad(loss, argnums=(0, 1))(bad, table))
@@ -391,5 +393,6 @@ def test_the_processed_op_takes_its_own_implementations_by_name_or_object():
       lpk.processed_token_stats(x, t, sampling, implementation=name)
   with pytest.raises(TypeError, match="is a logits implementation"):
     lpk.processed_token_stats(x, t, sampling, implementation=lpk.PallasGpuLogits(interpret=True))
-  with pytest.raises(ValueError, match="from hidden states has"):
-    lpk.fused_processed_token_stats(x, jnp.eye(40), t, sampling, implementation="pallas_gpu")
+  tpu = lpk.PallasTpuProcessed(interpret=True)
+  with pytest.raises(ValueError, match="no processed kernels from hidden states"):
+    lpk.fused_processed_token_stats(x, jnp.eye(40), t, sampling, implementation=tpu)

@@ -8,6 +8,7 @@ The hidden-state paths score ``eye(N) @ logits`` (exact in any dtype), so the
 same oracle and the same gradient (``d unembed = d logits``) hold them.
 """
 
+import dataclasses
 import functools
 import itertools
 
@@ -21,7 +22,9 @@ from hypothesis import strategies as st
 import lpkernel as lpk
 from lpkernel.sampling import ProcessedStats, Sampling, kept_mask, processed_logprobs_reference
 
-IMPLEMENTATIONS = ["reference", "logits", "hidden", "hidden_tied", "pallas_gpu", "pallas_tpu"]
+IMPLEMENTATIONS = [
+  "reference", "logits", "hidden", "hidden_tied", "pallas_gpu", "pallas_tpu", "pallas_gpu_hidden"
+]  # fmt: skip
 # The Pallas kernels in interpret mode, several tiles per row: the GPU's 256
 # columns wide; the TPU's forward tiles 128 * 2 (group 2), backward 256.
 PALLAS = {
@@ -34,6 +37,10 @@ PALLAS = {
     lpk.ProcessedConfig(candidates=32, group=2),
   ),
 }
+# From hidden states: token chunks of 8 through the GPU kernels (a tail chunk too).
+PALLAS_GPU_HIDDEN = dataclasses.replace(
+  PALLAS["pallas_gpu"][0], fused=lpk.PallasGpuFused(chunk_tokens=8)
+)
 
 
 def processed(impl: str, logits, targets, sampling, softcap=None) -> ProcessedStats:
@@ -53,6 +60,10 @@ def processed(impl: str, logits, targets, sampling, softcap=None) -> ProcessedSt
   w = logits.reshape(n, v)
   if impl == "hidden":
     return lpk.fused_processed_token_stats(hidden, w, targets, sampling, softcap=softcap)
+  if impl == "pallas_gpu_hidden":
+    return lpk.fused_processed_token_stats(
+      hidden, w, targets, sampling, softcap=softcap, implementation=PALLAS_GPU_HIDDEN
+    )
   return lpk.fused_processed_token_stats(
     hidden, w.T, targets, sampling, softcap=softcap, vocab_axis=0
   )

@@ -1,5 +1,6 @@
 """Many devices: jit with NamedSharding, and vocab-parallel scoring on 8 CPU devices."""
 
+import dataclasses
 import re
 
 import jax
@@ -480,8 +481,12 @@ def test_vocab_parallel_processed_logits_values_and_grads(mesh, which, impl):
   assert g1[0].sharding.spec[-1] == "model"
 
 
-@pytest.mark.parametrize("vocab_axis", [-1, 0], ids=["DV", "tied-VD"])
-def test_vocab_parallel_fused_processed_values_and_grads(mesh, vocab_axis):
+@pytest.mark.parametrize(
+  "vocab_axis,impl",
+  [(-1, None), (0, None), (-1, dataclasses.replace(_PALLAS_GPU, fused=lpk.PallasGpuFused(8)))],
+  ids=["DV", "tied-VD", "DV-pallas_gpu"],
+)
+def test_vocab_parallel_fused_processed_values_and_grads(mesh, vocab_axis, impl):
   sampling = _samplings()["per-example"]
   _, tokens, hidden, unembed = _processed_inputs(12)
   unembed = 3 * unembed
@@ -503,7 +508,13 @@ def test_vocab_parallel_fused_processed_values_and_grads(mesh, vocab_axis):
     return _processed_loss(stats), stats
 
   vp = lambda h, w, t: run(  # noqa: E731
-    sharding.vocab_parallel_fused_processed_token_stats, h, w, t, mesh=mesh, batch_axis="data"
+    sharding.vocab_parallel_fused_processed_token_stats,
+    h,
+    w,
+    t,
+    mesh=mesh,
+    batch_axis="data",
+    implementation=impl,
   )
   one = lambda h, w, t: run(lpk.fused_processed_token_stats, h, w, t)  # noqa: E731
   tau = sampling.temperature

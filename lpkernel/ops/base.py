@@ -209,3 +209,46 @@ class ProcessedImplementation(Protocol):
     rows' log normaliser and kept mass; ``g`` the cotangents
     (:func:`lpkernel.ops.processed.xla.row_grads`)."""
     ...
+
+
+@runtime_checkable
+class ProcessedHidden(Protocol):
+  """A processed implementation's passes from hidden states ``h [N, D]`` and an
+  unembedding block (``[D, Vb]``, or ``[Vb, D]`` with ``vocab_axis=0``), for
+  :func:`lpkernel.fused_processed_token_stats`; ``fused`` is the XLA sweep's
+  tiling (:class:`lpkernel.FusedConfig`), ``h`` already in its dot dtype."""
+
+  def hidden_partials_and_group_maxima(
+    self,
+    h: Array,
+    w: Array,
+    targets: Array,
+    tau: Array | None,
+    softcap: float | None,
+    vocab_axis: int,
+    precision: Any,
+    config: Any,
+    fused: Any,
+  ) -> tuple[RowPartials, Array]:
+    """As :meth:`ProcessedImplementation.partials_and_group_maxima` of ``h @ w``."""
+    ...
+
+  def hidden_processed_grads(
+    self,
+    h: Array,
+    w: Array,
+    targets: Array,
+    params: Any,
+    kappa: Array,
+    log_s: Array,
+    log_sk: Array,
+    g: Any,
+    softcap: float | None,
+    vocab_axis: int,
+    precision: Any,
+    fused: Any,
+    tau_grad: bool,
+  ) -> tuple[Array, Array, Array | None]:
+    """(d h float32 [N, D], d w in w's layout and dtype, d tau float32[N] or
+    None), as :meth:`ProcessedImplementation.processed_grads` through ``h @ w``."""
+    ...

@@ -19,6 +19,7 @@ from jax import lax
 
 from lpkernel import checks, ops
 from lpkernel import partials as P
+from lpkernel.ops.base import ProcessedHidden
 from lpkernel.ops.fused.xla import FusedConfig
 from lpkernel.ops.processed import select as S
 from lpkernel.ops.processed import xla
@@ -32,7 +33,6 @@ from lpkernel.sampling import (
 )
 
 _F32 = jnp.float32
-_HIDDEN_IMPLEMENTATIONS = (None, "xla", "reference")
 DEFAULT_CONFIG = ProcessedConfig()
 
 
@@ -155,30 +155,32 @@ def _row_cotangents(params: S.Params, dtau) -> SamplingRows:
   return SamplingRows(dtau, None, None, None, None)  # type: ignore[arg-type]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9, 10, 11, 12))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9, 10, 11, 12, 13))
 def _hidden_op(
-  h, w, targets, r, softcap, vocab_axis, precision, k, config, fused, tau_grad, axis, v
+  h, w, targets, r, softcap, vocab_axis, precision, k, config, fused, tau_grad, axis, v, impl
 ):
-  args = (softcap, vocab_axis, precision, k, config, fused, tau_grad, axis, v)
+  args = (softcap, vocab_axis, precision, k, config, fused, tau_grad, axis, v, impl)
   return _hidden_fwd(h, w, targets, r, *args)[0]
 
 
 def _hidden_fwd(
-  h, w, targets, r, softcap, vocab_axis, precision, k, config, fused, tau_grad, axis, v
+  h, w, targets, r, softcap, vocab_axis, precision, k, config, fused, tau_grad, axis, v, impl
 ):
   v_here = w.shape[vocab_axis]
   local = targets - P.block_offset(axis, v_here)
   parts, top, rows = xla.hidden_forward(
-    h, w, local, r.tau, softcap, vocab_axis, precision, min(k, v_here), config, fused
+    h, w, local, r.tau, softcap, vocab_axis, precision, min(k, v_here), config, fused, impl
   )
   stats, res = _finish(parts, top, rows, targets, r, k, axis, v)
   return stats, (h, w, local, r.bad, res)
 
 
-def _hidden_bwd(softcap, vocab_axis, precision, k, config, fused, tau_grad, axis, v, residuals, ct):
+def _hidden_bwd(
+  softcap, vocab_axis, precision, k, config, fused, tau_grad, axis, v, impl, residuals, ct
+):
   h, w, local, bad, (params, kappa, log_s, log_sk, kept) = residuals
   g = _cotangents(ct, kept, bad, axis)
-  dh, dw, dtau = xla.hidden_grads(
+  dh, dw, dtau = impl.hidden_processed_grads(
     h, w, local, params, kappa, log_s, log_sk, g, softcap, vocab_axis, precision, fused, tau_grad
   )
   return dh.astype(h.dtype), dw, None, _row_cotangents(params, dtau)
@@ -230,11 +232,13 @@ def rows_fused_processed_token_stats(
   fused_config: FusedConfig | None = None,
   axis_name: str | None = None,
   vocab_size: int | None = None,
+  implementation: str | ops.ProcessedImplementation | None = None,
 ) -> ProcessedStats:
   """The per-shard building block from hidden states ``h [N, D]`` and ``w`` (its
   vocabulary axis ``vocab_axis``, 0 or 1): whole, or this device's block of the
   vocabulary inside ``shard_map`` with ``axis_name``; as
   :func:`rows_processed_token_stats` otherwise."""
+  impl = hidden_implementation(implementation)
   if h.shape[0] == 0:
     return _empty()
   if precision is None:
@@ -244,16 +248,20 @@ def rows_fused_processed_token_stats(
     like = ((h.shape[0], h.shape[1], v_here), h.dtype)
     fused_config = ops.fused_implementation("xla", like).config  # type: ignore[attr-defined]
   v = v_here if vocab_size is None else vocab_size
-  args = (softcap, vocab_axis, precision, k, config, fused_config, tau_grad, axis_name, v)
+  args = (softcap, vocab_axis, precision, k, config, fused_config, tau_grad, axis_name, v, impl)
   return _hidden_op(h, w, targets, rows, *args)
 
 
-def _check_hidden_implementation(implementation):
-  if implementation not in _HIDDEN_IMPLEMENTATIONS:
+def hidden_implementation(implementation) -> ops.ProcessedImplementation:
+  """The processed implementation for the path from hidden states, or ``ValueError``
+  for one without its passes (:class:`lpkernel.ops.base.ProcessedHidden`)."""
+  impl = ops.processed_implementation(implementation)
+  if not isinstance(impl, ProcessedHidden):
     raise ValueError(
-      f"implementation={implementation!r}: the processed path from hidden states has "
-      f"{_HIDDEN_IMPLEMENTATIONS}"
+      f"implementation={impl.name!r} has no processed kernels from hidden states "
+      "(the path from logits only): use 'xla', 'pallas_gpu' or 'reference'"
     )
+  return impl
 
 
 def processed_token_stats(
@@ -338,18 +346,20 @@ def fused_processed_token_stats(
     hidden: float[..., D]; unembed: float[D, V], or a tied table ``[V, D]`` with
       ``vocab_axis=0`` (read as stored).
     targets, sampling, softcap, config: as for :func:`processed_token_stats`.
-    implementation: None or ``"xla"``, or ``"reference"`` (no Pallas kernels here yet).
+    implementation: None or ``"xla"`` (one sweep over the unembedding's blocks),
+      ``"pallas_gpu"`` (opt-in: token chunks through the vendor matmul and the
+      processed row kernels, :class:`lpkernel.ops.PallasGpuProcessed`), or
+      ``"reference"``; the TPU kernels have no path from hidden states.
     precision: the matmuls' precision (None: ``jax.default_matmul_precision``).
     fused_config: the vocabulary tiling of the sweeps (:class:`lpkernel.FusedConfig`);
       None: the XLA fused path's for this shape, dtype and machine.
   """
-  _check_hidden_implementation(implementation)
   sampling = sampling.check()
   hidden, unembed, targets, axis, _ = checks.fused_arguments(
     hidden, unembed, targets, 1.0, softcap, vocab_axis
   )
   v = unembed.shape[axis]
-  if implementation == "reference":
+  if ops.is_reference(implementation):
     w = unembed if axis == 1 else unembed.T
     logits = jnp.einsum(
       "...d,dv->...v", hidden, w, preferred_element_type=_F32, precision=precision
@@ -368,5 +378,6 @@ def fused_processed_token_stats(
     precision=precision,
     config=config,
     fused_config=fused_config,
+    implementation=implementation,
   )
   return jax.tree.map(lambda a: a.reshape(targets.shape), stats)

@@ -11,6 +11,12 @@ Backward: one elementwise pass (1 read, 1 write) from each row's shift,
 normaliser, kept mass and threshold key, with each row's ``d temperature``
 summed in the same kernel.
 
+From hidden states (:func:`lpkernel.fused_processed_token_stats`), as
+:class:`~lpkernel.ops.PallasGpuFused`: token chunks, each chunk's float32
+logits made by one vendor matmul and read by the kernels above (the forward's
+once, the backward's after a recompute), ``d hidden`` and ``d unembed`` by two
+more vendor matmuls; the candidates' dot products are XLA's.
+
 Opt-in (``implementation="pallas_gpu"``) until a GPU measures it faster than XLA.
 """
 
@@ -21,12 +27,19 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 
+from lpkernel import partials as P
 from lpkernel.ops import tiling
+from lpkernel.ops.blocks import sweep
+from lpkernel.ops.fused.matmuls import chunked_grads, contract
+from lpkernel.ops.fused.pallas_gpu import PallasGpuFused
 from lpkernel.ops.logprobs.pallas_gpu import PallasGpuLogits
 from lpkernel.ops.pallas_backends import require_triton
 from lpkernel.ops.processed import pallas_gpu_kernel as kernels
+from lpkernel.ops.processed import select as S
+from lpkernel.ops.processed.xla import live_rows
 
 _F32 = jnp.float32
 
@@ -40,10 +53,13 @@ class PallasGpuProcessed:
     logits: the row kernels' tiling (forward ``block_rows``, ``block_v``, a
       multiple of :attr:`lpkernel.ProcessedConfig.group`, ``splits``; backward
       ``bwd_*``); ``interpret`` is taken from this object.
+    fused: the path from hidden states' token chunks (``chunk_tokens``,
+      ``chunk_bytes``; its other fields unused).
     interpret: run in Pallas interpret mode (on the CPU, for tests).
   """
 
   logits: PallasGpuLogits = PallasGpuLogits()
+  fused: PallasGpuFused = PallasGpuFused()
   interpret: bool = False
   op = "processed"
   name = "pallas_gpu"
@@ -57,6 +73,53 @@ class PallasGpuProcessed:
     return self._rows().partials_and_group_maxima(x, targets, tau, softcap, config.group)
 
   def processed_grads(self, x, targets, params, kappa, log_s, log_sk, g, softcap, tau_grad):
+    return self._grads(x, targets, params, kappa, log_s, log_sk, g, softcap, tau_grad, x.dtype)
+
+  def hidden_partials_and_group_maxima(
+    self, h, w, targets, tau, softcap, vocab_axis, precision, config, fused
+  ):
+    """Token chunks: one vendor matmul (float32 logits ``[C, V]``), then the row
+    kernel's partials and group maxima (``fused``, the XLA sweep's tiling: unused)."""
+    rows = self._rows()
+    n, v = h.shape[0], w.shape[vocab_axis]
+
+    def step(out, lo, width):
+      z = contract(lax.dynamic_slice_in_dim(h, lo, width, 0), 1, w, 1 - vocab_axis, precision)
+      t, tc = (
+        None if a is None else lax.dynamic_slice_in_dim(a, lo, width) for a in (targets, tau)
+      )
+      got = rows.partials_and_group_maxima(z, t, tc, softcap, config.group)
+      return jax.tree.map(lambda a, b: lax.dynamic_update_slice_in_dim(a, b, lo, 0), out, got)
+
+    init = (P.empty(n), jnp.full((n, pl.cdiv(v, config.group)), -jnp.inf, _F32))
+    with jax.named_scope("processed_chunks"):
+      return sweep(step, init, n, self.fused.chunk(n, v))
+
+  def hidden_processed_grads(
+    self, h, w, targets, params, kappa, log_s, log_sk, g, softcap, vocab_axis, precision, fused,
+    tau_grad,
+  ):  # fmt: skip
+    """Token chunks: the chunk's logits made once, the gradient kernel's ``d z``
+    in ``h``'s dtype, two vendor matmuls (:func:`~lpkernel.ops.fused.matmuls.chunked_grads`)."""
+    h = jnp.where(live_rows(g)[:, None], h, 0)  # dead rows (NaN, padding) stay out of d w
+
+    def row_grads(z, lo, width):
+      def cut(a):
+        return None if a is None else lax.dynamic_slice_in_dim(a, lo, width)
+
+      pc = S.Params(*(cut(a) for a in params))
+      rows = (cut(targets), pc, cut(kappa), cut(log_s), cut(log_sk), [cut(c) for c in g])
+      dz, dtau = self._grads(z, *rows, softcap, tau_grad, h.dtype)
+      return dz, dtau, None
+
+    size = self.fused.chunk(h.shape[0], w.shape[vocab_axis])
+    tau = params.tau if tau_grad else None
+    with jax.named_scope("processed_chunks_backward"):
+      _, dh, dw, dtau = chunked_grads(h, w, size, vocab_axis, precision, row_grads, tau=tau)
+    return dh, dw, dtau
+
+  def _grads(self, x, targets, params, kappa, log_s, log_sk, g, softcap, tau_grad, dtype):
+    """(d x in ``dtype``, d tau float32[N] or None): the gradient kernel."""
     rows = self._rows()
     n, v = x.shape
     bn, bv = rows.bwd_block_rows, rows.bwd_block_v
@@ -70,7 +133,7 @@ class PallasGpuProcessed:
       has_tau=params.tau is not None,
       tau_grad=with_dtau,
     )
-    out = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
+    out = [jax.ShapeDtypeStruct(x.shape, dtype)]
     if with_dtau:  # per (column block, row): the block's part of d tau
       out.append(jax.ShapeDtypeStruct((pl.cdiv(v, bv) * n,), _F32))
     row_args = (params.shift, log_s, log_sk, kappa, params.min_p, *g)

@@ -166,6 +166,22 @@ class XlaProcessed:
   def processed_grads(self, x, targets, params, kappa, log_s, log_sk, g, softcap, tau_grad):
     return logits_grads(x, targets, params, kappa, log_s, log_sk, g, softcap, tau_grad)
 
+  def hidden_partials_and_group_maxima(
+    self, h, w, targets, tau, softcap, vocab_axis, precision, config, fused
+  ):
+    """One sweep over the unembedding's blocks (``fused``'s tiling)."""
+    return _hidden_sweep(h, w, targets, tau, softcap, vocab_axis, precision, config.group, fused)
+
+  def hidden_processed_grads(
+    self, h, w, targets, params, kappa, log_s, log_sk, g, softcap, vocab_axis, precision, fused,
+    tau_grad,
+  ):  # fmt: skip
+    """One sweep over the unembedding's blocks (``fused``'s tiling)."""
+    return hidden_grads(
+      h, w, targets, params, kappa, log_s, log_sk, g, softcap, vocab_axis, precision, fused,
+      tau_grad,
+    )  # fmt: skip
+
 
 def logits_forward(x, targets, tau, softcap, k: int, config: ProcessedConfig, impl):
   """(RowPartials of whole rows, float32[N, K] largest capped values, the rows as
@@ -215,38 +231,47 @@ def _pool_values(h, w, vocab_axis: int, precision, softcap, dot_dtype):
   return values
 
 
-def hidden_forward(
-  h, w, targets, tau, softcap, vocab_axis: int, precision, k: int, config, fused: FusedConfig
-):
-  """(RowPartials of whole rows, float32[N, K] largest capped values, the rows as
-  sweepable :class:`~select.Rows` for a search) of ``h @ w``: one sweep over the
-  unembedding's blocks, then the candidates' dot products. ``h`` is upcast to
-  the dot dtype once, for all three."""
+def _hidden_sweep(h, w, targets, tau, softcap, vocab_axis: int, precision, group: int, fused):
+  """(RowPartials, float32 ``[N, ceil(V / group)]`` group maxima) of ``h @ w``: one
+  sweep over the unembedding's blocks (``h`` already in the dot dtype)."""
   n = h.shape[0]
   v = w.shape[vocab_axis]
   tau_col = None if tau is None else tau[:, None]
-  g = config.group
-  h = h if fused.dot_dtype is None else h.astype(fused.dot_dtype)
 
   def forward(cpu: bool):
     width = fused.block(v, cpu)
-    width = max(g, width // g * g) if width < v else width  # blocks start on group boundaries
+    width = max(group, width // group * group) if width < v else width  # on group boundaries
 
     def step(carry, lo, wd):
       parts, maxima = carry
       _, z, _ = block_logits(h, w, lo, wd, softcap, precision, vocab_axis, fused.dot_dtype)
       cols = lo + lax.broadcasted_iota(jnp.int32, (1, wd), 1)
       parts = P.merge(parts, P.block_partials(z, cols, targets, tau_col, with_entropy=False), tau)
-      bm = lax.stop_gradient(_group_maxima(z, g))
-      return parts, lax.dynamic_update_slice_in_dim(maxima, bm, lo // g, 1)
+      bm = lax.stop_gradient(_group_maxima(z, group))
+      return parts, lax.dynamic_update_slice_in_dim(maxima, bm, lo // group, 1)
 
-    groups = -(-v // g)
-    init = (P.empty(n), jnp.full((n, groups), -jnp.inf, _F32))
+    init = (P.empty(n), jnp.full((n, -(-v // group)), -jnp.inf, _F32))
     return sweep(step, init, v, width)
 
   with jax.named_scope("processed_sweep"):
-    parts, maxima = on_cpu_or(lambda: forward(True), lambda: forward(False))
-  cols = _pool_columns(maxima, k, g, v)
+    return on_cpu_or(lambda: forward(True), lambda: forward(False))
+
+
+def hidden_forward(
+  h, w, targets, tau, softcap, vocab_axis: int, precision, k: int, config, fused: FusedConfig, impl
+):
+  """(RowPartials of whole rows, float32[N, K] largest capped values, the rows as
+  sweepable :class:`~select.Rows` for a search) of ``h @ w``: ``impl``'s pass over
+  the unembedding (:class:`lpkernel.ops.base.ProcessedHidden`), then the
+  candidates' dot products. ``h`` is upcast to the dot dtype once, for all three."""
+  n = h.shape[0]
+  v = w.shape[vocab_axis]
+  g = config.group
+  h = h if fused.dot_dtype is None else h.astype(fused.dot_dtype)
+  parts, maxima = impl.hidden_partials_and_group_maxima(
+    h, w, targets, tau, softcap, vocab_axis, precision, config, fused
+  )
+  cols = _pool_columns(maxima, k, g, v, impl.lanes)
   hs, ws = lax.stop_gradient(h), lax.stop_gradient(w)
   token_bytes = cols.shape[1] * (h.shape[1] * w.dtype.itemsize + 3 * 4)
   values = _pool_values(hs, ws, vocab_axis, precision, softcap, fused.dot_dtype)
