@@ -94,18 +94,23 @@ IMPLEMENTATIONS = {
   n for n in MODULES if n.rsplit(".", 1)[-1] in ("xla", "pallas_gpu", "pallas_tpu")
 }
 # The fused GPU kernels reduce each block of logits with the logits kernels; the
-# processed op is built on the XLA logits partials and the fused sweep's blocks.
+# processed op is built on the logits paths' forward kernels (XLA's partials, the
+# Pallas row kernels with their group maxima), the fused sweep's blocks and, on
+# GPUs from hidden states, the fused path's token chunks.
 USES_ANOTHER = {
   ("lpkernel.ops.fused.pallas_gpu", "lpkernel.ops.logprobs.pallas_gpu"),
   ("lpkernel.ops.processed.xla", "lpkernel.ops.logprobs.xla"),
   ("lpkernel.ops.processed.xla", "lpkernel.ops.fused.xla"),
+  ("lpkernel.ops.processed.pallas_gpu", "lpkernel.ops.logprobs.pallas_gpu"),
+  ("lpkernel.ops.processed.pallas_gpu", "lpkernel.ops.fused.pallas_gpu"),
+  ("lpkernel.ops.processed.pallas_tpu", "lpkernel.ops.logprobs.pallas_tpu"),
 }
 
 
 def test_implementations_import_no_other_implementation():
   """What two implementations share lives in a module below them (``ops.blocks``,
   ``ops.fused.matmuls``, ``ops.mosaic``, ``partials``), not in one of them."""
-  assert len(IMPLEMENTATIONS) == 7
+  assert len(IMPLEMENTATIONS) == 9
   for name in sorted(IMPLEMENTATIONS):
     edges = _top_level_edges(ast.parse(MODULES[name].read_text()))
     others = {e for e in edges & IMPLEMENTATIONS if e != name and (name, e) not in USES_ANOTHER}

@@ -207,7 +207,7 @@ class ProcessedImplementation(Protocol):
     threshold key ``kappa`` (uint32[N]) and ``params``
     (:class:`lpkernel.ops.processed.select.Params`); ``log_s``, ``log_sk`` the
     rows' log normaliser and kept mass; ``g`` the cotangents
-    (:func:`lpkernel.ops.processed.xla.row_grads`)."""
+    (:func:`lpkernel.ops.processed.grads.row_grads`)."""
     ...
 
 

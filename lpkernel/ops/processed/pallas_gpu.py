@@ -39,7 +39,7 @@ from lpkernel.ops.logprobs.pallas_gpu import PallasGpuLogits
 from lpkernel.ops.pallas_backends import require_triton
 from lpkernel.ops.processed import pallas_gpu_kernel as kernels
 from lpkernel.ops.processed import select as S
-from lpkernel.ops.processed.xla import live_rows
+from lpkernel.ops.processed.grads import live_rows
 
 _F32 = jnp.float32
 

@@ -12,7 +12,7 @@ from jax.experimental import pallas as pl
 from lpkernel import partials as P
 from lpkernel.ops.pallas_backends import triton as plgpu  # the wrapper required it
 from lpkernel.ops.processed import select as S
-from lpkernel.ops.processed.xla import live_rows, row_grads
+from lpkernel.ops.processed.grads import live_rows, row_grads
 
 
 def grad_kernel(x_ref, t_ref, *refs, block_rows, block_v, softcap, has_tau, tau_grad):

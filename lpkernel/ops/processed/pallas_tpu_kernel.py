@@ -13,7 +13,7 @@ from jax.experimental import pallas as pl
 
 from lpkernel import partials as P
 from lpkernel.ops.processed import select as S
-from lpkernel.ops.processed.xla import live_rows, row_grads
+from lpkernel.ops.processed.grads import live_rows, row_grads
 
 
 def grad_kernel(x_ref, t_ref, *refs, vocab_size, softcap, has_tau, with_dtau):

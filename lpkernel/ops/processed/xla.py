@@ -31,6 +31,7 @@ from lpkernel.ops.fused.xla import FusedConfig, block_logits
 from lpkernel.ops.logprobs.xla import XlaLogits, chunk_rows, gather
 from lpkernel.ops.platform import on_cpu_or
 from lpkernel.ops.processed import select as S
+from lpkernel.ops.processed.grads import live_rows, row_grads
 from lpkernel.ops.processed.replay import rows_major
 
 _F32 = jnp.float32
@@ -277,42 +278,6 @@ def hidden_forward(
   values = _pool_values(hs, ws, vocab_axis, precision, softcap, fused.dot_dtype)
   rows = hidden_rows(hs, ws, softcap, vocab_axis, precision, fused.block(v, True), fused.dot_dtype)
   return parts, _pool_top(values, cols, k, v, _chunk(config, n, v, token_bytes)), rows
-
-
-def live_rows(g) -> jax.Array:
-  """bool[N]: rows with a cotangent (a NaN one included: poisoned values keep theirs)."""
-  return (g[0] != 0) | (g[1] != 0) | (g[2] != 0)
-
-
-def row_grads(
-  z, cols, targets, params: S.Params, kappa, log_s, log_sk, g, tau_grad: bool, fresh=None
-):
-  """``d y`` of a block of capped logits ``z [N, W]`` at columns ``cols [1, W]``
-  and, with ``tau_grad``, its part of ``d tau`` (shaped as the row values; else
-  None) over the columns ``fresh`` (bool ``[1, W]``; None: all).
-
-  Row values (``targets``, ``params``, ``kappa``, ``log_s``, ``log_sk``, each of
-  ``g``) are ``[N]``, or columns ``[N, 1]`` (:func:`~select.column`: a TPU
-  kernel's row blocks). ``g``: (g_processed, g_raw, g_log_kept_mass) float32,
-  zero on dead rows; the processed term counts only where the target was kept
-  (its value is ``-inf`` otherwise).
-  """
-  g_p, g_r, g_l = (S.column(c) for c in g)
-  tau_col = params.col(params.tau)
-  shift = S.column(params.shift)
-  p = P.softmax(z, shift, S.column(log_s), tau_col)
-  keep = S.kept(z, params, kappa)
-  pk = jnp.where(keep, P.softmax(z, shift, S.column(log_sk), tau_col), 0.0)
-  onehot = cols == S.column(targets)
-  dy = jnp.where(onehot, g_r + g_p, 0.0) - p * (g_r + g_l) + pk * (g_l - g_p)
-  # A dead row's statistics may be NaN (a NaN input nobody reads): it gives nothing.
-  dy = jnp.where(S.column(live_rows(g)), dy, 0.0)
-  if not tau_grad or params.tau is None:
-    return dy, None
-  y_c = P.centred_y(z, shift, tau_col)
-  counted = dy != 0 if fresh is None else (dy != 0) & fresh
-  dtau = -jnp.sum(jnp.where(counted, dy * y_c, 0.0), axis=-1, keepdims=targets.ndim == 2)
-  return dy, dtau / params.tau
 
 
 def logits_grads(x, targets, params, kappa, log_s, log_sk, g, softcap, tau_grad: bool):
