@@ -973,17 +973,30 @@ def test_processed_kernels_lower_for_their_hardware(dtype, impl, platform, call)
 
 
 @pytest.mark.parametrize("vocab_axis", [1, 0], ids=["unembed", "tied"])
-@pytest.mark.parametrize("chunk_tokens,count", [(None, 2), (24, 4)], ids=["one-chunk", "chunks"])
-def test_processed_hidden_kernels_lower_for_gpus(vocab_axis, chunk_tokens, count):
-  """The processed path from hidden states on GPUs, forward and backward: per
-  chunk shape the row kernel with its group maxima, then the gradient kernel
-  (a tail chunk adds one of each)."""
+@pytest.mark.parametrize(
+  "impl,platform,call,count",
+  [
+    (lpk.PallasGpuProcessed(), "cuda", "__gpu$xla.gpu.triton", 2),
+    (
+      lpk.PallasGpuProcessed(fused=lpk.PallasGpuFused(chunk_tokens=24)),
+      "cuda",
+      "__gpu$xla.gpu.triton",
+      4,
+    ),
+    (lpk.PallasTpuProcessed(), "tpu", "tpu_custom_call", 3),
+  ],
+  ids=["gpu-one-chunk", "gpu-chunks", "tpu"],
+)
+def test_processed_hidden_kernels_lower_for_their_hardware(vocab_axis, impl, platform, call, count):
+  """The processed path from hidden states, forward and backward: on GPUs per
+  chunk shape the row kernel with its group maxima, then the gradient kernel (a
+  tail chunk adds one of each); on TPUs the fused forward kernel with its lane
+  maxima, then the d hidden and d unembed kernels."""
   n, d, v = 64, 128, 1000
   h = jax.ShapeDtypeStruct((n, d), jnp.bfloat16)
   w = jax.ShapeDtypeStruct((d, v) if vocab_axis == 1 else (v, d), jnp.bfloat16)
   t = jax.ShapeDtypeStruct((n,), jnp.int32)
   tau = jax.ShapeDtypeStruct((n,), jnp.float32)
-  impl = lpk.PallasGpuProcessed(fused=lpk.PallasGpuFused(chunk_tokens=chunk_tokens))
 
   def loss(h, w, t, tau):
     sampling = lpk.Sampling(temperature=tau, top_k=20, top_p=0.9)
@@ -993,5 +1006,5 @@ def test_processed_hidden_kernels_lower_for_gpus(vocab_axis, chunk_tokens, count
     return jnp.sum(jnp.where(s.kept, s.logprobs, 0.0)) + jnp.sum(s.raw_logprobs)
 
   lowered = jax.jit(jax.grad(loss, (0, 1, 3))).trace(h, w, t, tau)
-  text = lowered.lower(lowering_platforms=("cuda",)).as_text()
-  assert text.count("custom_call @__gpu$xla.gpu.triton") == count
+  text = lowered.lower(lowering_platforms=(platform,)).as_text()
+  assert text.count(f"custom_call @{call}") == count

@@ -95,8 +95,8 @@ IMPLEMENTATIONS = {
 }
 # The fused GPU kernels reduce each block of logits with the logits kernels; the
 # processed op is built on the logits paths' forward kernels (XLA's partials, the
-# Pallas row kernels with their group maxima), the fused sweep's blocks and, on
-# GPUs from hidden states, the fused path's token chunks.
+# Pallas row kernels with their group maxima), the fused sweep's blocks and, from
+# hidden states, the fused path's GPU token chunks and TPU kernels.
 USES_ANOTHER = {
   ("lpkernel.ops.fused.pallas_gpu", "lpkernel.ops.logprobs.pallas_gpu"),
   ("lpkernel.ops.processed.xla", "lpkernel.ops.logprobs.xla"),
@@ -104,6 +104,7 @@ USES_ANOTHER = {
   ("lpkernel.ops.processed.pallas_gpu", "lpkernel.ops.logprobs.pallas_gpu"),
   ("lpkernel.ops.processed.pallas_gpu", "lpkernel.ops.fused.pallas_gpu"),
   ("lpkernel.ops.processed.pallas_tpu", "lpkernel.ops.logprobs.pallas_tpu"),
+  ("lpkernel.ops.processed.pallas_tpu", "lpkernel.ops.fused.pallas_tpu"),
 }
 
 

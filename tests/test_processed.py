@@ -10,7 +10,7 @@ import pytest
 
 import lpkernel as lpk
 from lpkernel.sampling import kept_mask
-from tests.test_sampling import IMPLEMENTATIONS, PALLAS_GPU_HIDDEN, processed
+from tests.test_sampling import IMPLEMENTATIONS, PALLAS_GPU_HIDDEN, PALLAS_TPU_HIDDEN, processed
 
 FAST = [i for i in IMPLEMENTATIONS if i != "reference"]
 
@@ -111,7 +111,9 @@ def test_impossible_tokens_give_minus_inf_and_nan_rows_nan(impl):
   assert np.all(np.isfinite(np.asarray(dx)[0])) and np.all(np.isfinite(np.asarray(dx)[2]))
 
 
-@pytest.mark.parametrize("impl", [None, PALLAS_GPU_HIDDEN], ids=["xla", "pallas_gpu"])
+@pytest.mark.parametrize(
+  "impl", [None, PALLAS_GPU_HIDDEN, PALLAS_TPU_HIDDEN], ids=["xla", "pallas_gpu", "pallas_tpu"]
+)
 def test_nan_hidden_rows_are_nan_and_leave_the_others_alone(impl):
   """The hidden path: a NaN hidden row gives that token NaN (value and gradient)
   and every other token its clean value and a finite gradient."""
@@ -393,6 +395,9 @@ def test_the_processed_op_takes_its_own_implementations_by_name_or_object():
       lpk.processed_token_stats(x, t, sampling, implementation=name)
   with pytest.raises(TypeError, match="is a logits implementation"):
     lpk.processed_token_stats(x, t, sampling, implementation=lpk.PallasGpuLogits(interpret=True))
-  tpu = lpk.PallasTpuProcessed(interpret=True)
+
+  class LogitsOnly(Counting):  # no passes from hidden states
+    pass
+
   with pytest.raises(ValueError, match="no processed kernels from hidden states"):
-    lpk.fused_processed_token_stats(x, jnp.eye(40), t, sampling, implementation=tpu)
+    lpk.fused_processed_token_stats(x, jnp.eye(40), t, sampling, implementation=LogitsOnly())

@@ -23,7 +23,8 @@ import lpkernel as lpk
 from lpkernel.sampling import ProcessedStats, Sampling, kept_mask, processed_logprobs_reference
 
 IMPLEMENTATIONS = [
-  "reference", "logits", "hidden", "hidden_tied", "pallas_gpu", "pallas_tpu", "pallas_gpu_hidden"
+  "reference", "logits", "hidden", "hidden_tied", "pallas_gpu", "pallas_tpu", "pallas_gpu_hidden",
+  "pallas_tpu_hidden",
 ]  # fmt: skip
 # The Pallas kernels in interpret mode, several tiles per row: the GPU's 256
 # columns wide; the TPU's forward tiles 128 * 2 (group 2), backward 256.
@@ -40,6 +41,11 @@ PALLAS = {
 # From hidden states: token chunks of 8 through the GPU kernels (a tail chunk too).
 PALLAS_GPU_HIDDEN = dataclasses.replace(
   PALLAS["pallas_gpu"][0], fused=lpk.PallasGpuFused(chunk_tokens=8)
+)
+# TPU MXU tiles: 8 rows; forward 128 * 32 columns (a narrow table padded to one
+# tile, a wide one with a partial last tile), backward 2048.
+PALLAS_TPU_HIDDEN = lpk.PallasTpuProcessed(
+  fused=lpk.PallasTpuFused(block_rows=8, block_v=2048), interpret=True
 )
 
 
@@ -60,9 +66,10 @@ def processed(impl: str, logits, targets, sampling, softcap=None) -> ProcessedSt
   w = logits.reshape(n, v)
   if impl == "hidden":
     return lpk.fused_processed_token_stats(hidden, w, targets, sampling, softcap=softcap)
-  if impl == "pallas_gpu_hidden":
+  if impl in ("pallas_gpu_hidden", "pallas_tpu_hidden"):
+    implementation = PALLAS_GPU_HIDDEN if impl == "pallas_gpu_hidden" else PALLAS_TPU_HIDDEN
     return lpk.fused_processed_token_stats(
-      hidden, w, targets, sampling, softcap=softcap, implementation=PALLAS_GPU_HIDDEN
+      hidden, w, targets, sampling, softcap=softcap, implementation=implementation
     )
   return lpk.fused_processed_token_stats(
     hidden, w.T, targets, sampling, softcap=softcap, vocab_axis=0

@@ -483,8 +483,13 @@ def test_vocab_parallel_processed_logits_values_and_grads(mesh, which, impl):
 
 @pytest.mark.parametrize(
   "vocab_axis,impl",
-  [(-1, None), (0, None), (-1, dataclasses.replace(_PALLAS_GPU, fused=lpk.PallasGpuFused(8)))],
-  ids=["DV", "tied-VD", "DV-pallas_gpu"],
+  [
+    (-1, None),
+    (0, None),
+    (-1, dataclasses.replace(_PALLAS_GPU, fused=lpk.PallasGpuFused(8))),
+    (0, dataclasses.replace(_PALLAS_TPU, fused=lpk.PallasTpuFused(8, 128))),
+  ],
+  ids=["DV", "tied-VD", "DV-pallas_gpu", "tied-VD-pallas_tpu"],
 )
 def test_vocab_parallel_fused_processed_values_and_grads(mesh, vocab_axis, impl):
   sampling = _samplings()["per-example"]
@@ -522,7 +527,10 @@ def test_vocab_parallel_fused_processed_values_and_grads(mesh, vocab_axis, impl)
   (_, s2), g2 = jax.jit(jax.value_and_grad(one, (0, 1, 2), has_aux=True))(hidden, unembed, tau)
   _assert_processed_equal(s1, s2)
   for a, b in zip(g1, g2, strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # The TPU kernel's tiles add in another order than XLA's dot: logits of several
+    # tens differ in their last bits, and so do the probabilities (~1e-5 relative).
+    tol = 1e-4 if isinstance(impl, lpk.PallasTpuProcessed) else 1e-5
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("path", ["logits", "hidden"])

@@ -1,7 +1,12 @@
-"""The Mosaic TPU ``pallas_call`` that both TPU implementations (logits and fused) make."""
+"""What the TPU implementations share: the Mosaic ``pallas_call`` they make, and
+the processed paths' lane-group maxima of a VMEM tile."""
 
 from __future__ import annotations
 
+import functools
+
+import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from lpkernel.ops.pallas_backends import require_mosaic
@@ -29,3 +34,9 @@ def tpu_call(
     ),
     interpret=pltpu.InterpretParams() if interpret else False,
   )
+
+
+def lane_maxima(z: jax.Array) -> jax.Array:
+  """``[rows, 128]``: lane ``l``'s max over the tile's columns ``l + 128 c`` of
+  ``z [rows, 128 m]`` (elementwise maxima of lane-aligned slices, no relayout)."""
+  return functools.reduce(jnp.maximum, [z[:, c : c + 128] for c in range(0, z.shape[1], 128)])

@@ -110,43 +110,88 @@ class PallasTpuFused(tuning.Configured):
 
   def partials(self, h, w, targets, tau, softcap, vocab_axis=1) -> P.RowPartials:
     """Partials of ``h [N, D] @ w [D, V]`` (or ``w [V, D]`` with ``vocab_axis=0``)."""
+    return self._partials(h, w, targets, tau, softcap, vocab_axis, self.blocks(h, w, vocab_axis))
+
+  def partials_and_lane_maxima(self, h, w, targets, tau, softcap, group: int, vocab_axis=1):
+    """(partials, float32 ``[N, 128 * tiles]`` lane-group maxima of the capped
+    logits, as :meth:`lpkernel.ops.PallasTpuLogits.partials_and_lane_maxima`)
+    over tiles of ``128 * group`` columns (the processed paths' first pass)."""
+    v = w.shape[vocab_axis]
+    rows = self.blocks(h, w, vocab_axis)[0]
+    cols = 128 * group
+    if v < cols:  # one tile, whole: a zero-padded copy of a narrow table
+      pad = [(0, 0), (0, 0)]
+      pad[vocab_axis] = (0, cols - v)
+      w = jnp.pad(w, pad)
+    w_block = (h.shape[1], cols) if vocab_axis == 1 else (cols, h.shape[1])
+    tiling.check_tpu_block("processed unembed", w_block, w.shape, w.dtype)
+    return self._partials(h, w, targets, tau, softcap, vocab_axis, (rows, cols), v)
+
+  def _partials(self, h, w, targets, tau, softcap, vocab_axis, block, vocab_size=None):
+    """The partials; with ``vocab_size`` (the table's columns before padding)
+    also the lane-group maxima."""
     n, v = h.shape[0], w.shape[vocab_axis]
-    rows, cols = self.blocks(h, w, vocab_axis)
+    lanes = vocab_size is not None
+    rows, cols = block
+    grid = (pl.cdiv(n, rows), pl.cdiv(v, cols))
     hs, ws, row = self._specs(h, w, vocab_axis, rows, cols)
     col = jax.ShapeDtypeStruct((n, 1), _F32)
-    out = tpu_call(
-      functools.partial(kernels.forward_kernel, **self._statics(h, w, vocab_axis, softcap, tau)),
-      (pl.cdiv(n, rows), pl.cdiv(v, cols)),
+    maxima = [jax.ShapeDtypeStruct((n, 128 * grid[1]), _F32)] * lanes
+    m, s, t, arg, sy, *maxima = tpu_call(
+      functools.partial(
+        kernels.forward_kernel,
+        lane_groups=lanes,
+        **dict(
+          self._statics(h, w, vocab_axis, softcap, tau), vocab_size=vocab_size if lanes else v
+        ),
+      ),
+      grid,
       [hs, ws, row] + ([] if tau is None else [row]),
-      [row] * 5,
-      [col, col, col, jax.ShapeDtypeStruct((n, 1), jnp.int32), col],
+      [row] * 5 + [pl.BlockSpec((rows, 128), lambda i, k: (i, k))] * lanes,
+      [col, col, col, jax.ShapeDtypeStruct((n, 1), jnp.int32), col, *maxima],
       (),
       ("parallel", "arbitrary"),
       self.interpret,
       self.vmem_limit_bytes,
     )(h, w, targets[:, None], *_column(tau))
-    return P.RowPartials(*(a[:, 0] for a in out))
+    parts = P.RowPartials(*(a[:, 0] for a in (m, s, t, arg, sy)))
+    return (parts, maxima[0]) if lanes else parts
 
   def grads(self, h, w, targets, tau, softcap, f: P.Finished, g, vocab_axis=1):
     """(d h float32 [N, D], d w in w's layout and dtype, d tau float32 [N] or None);
     arguments as for :meth:`lpkernel.ops.XlaFused.grads`."""
+    g = P.dense_cotangents(g, f.shift)
+    rows = [f.shift, f.log_s, f.centred, *g]
+    return self.grads_of(h, w, targets, tau, softcap, rows, kernels.plain_dy, True, vocab_axis)
+
+  def grads_of(self, h, w, targets, tau, softcap, rows, dy_fn, tau_grad, vocab_axis=1):
+    """The backward's two kernels for any cotangent formula: ``dy_fn(z, cols,
+    targets, rows, tau, inside, with_dtau) -> (d y, the tile's d tau or None)``
+    (:func:`~lpkernel.ops.fused.pallas_tpu_kernel.plain_dy`) of the tile's capped
+    logits and the ``[rows, 1]`` blocks of ``rows`` (``[N]`` vectors); with
+    ``tau_grad`` and a ``tau``, each row's ``d tau`` too.
+
+    Returns:
+      (d h float32 [N, D], d w in w's layout and dtype, d tau float32 [N] or None).
+    """
     n, d = h.shape
     v = w.shape[vocab_axis]
-    rows, cols = self.blocks(h, w, vocab_axis)
-    statics = self._statics(h, w, vocab_axis, softcap, tau)
-    g = P.dense_cotangents(g, f.shift)
-    vectors = [targets, f.shift, f.log_s, f.centred, *g, *([] if tau is None else [tau])]
+    blocks = self.blocks(h, w, vocab_axis)
+    vectors = [targets, *rows, *([] if tau is None else [tau])]
+    statics = dict(
+      self._statics(h, w, vocab_axis, softcap, tau), dy_fn=dy_fn, rows_in=len(vectors) - 1
+    )
     inputs = (h, w, *(_column(a)[0] for a in vectors))
 
-    hs, ws, row = self._specs(h, w, vocab_axis, rows, cols)
+    hs, ws, row = self._specs(h, w, vocab_axis, *blocks)
     dh_out = [jax.ShapeDtypeStruct((n, d), _F32)]
-    dh_specs = [pl.BlockSpec((rows, d), lambda i, k: (i, 0))]
-    if tau is not None:
+    dh_specs = [pl.BlockSpec((blocks[0], d), lambda i, k: (i, 0))]
+    if tau is not None and tau_grad:
       dh_out.append(jax.ShapeDtypeStruct((n, 1), _F32))
       dh_specs.append(row)
     dh, *dtau = tpu_call(
       functools.partial(kernels.dh_kernel, **statics),
-      (pl.cdiv(n, rows), pl.cdiv(v, cols)),
+      (pl.cdiv(n, blocks[0]), pl.cdiv(v, blocks[1])),
       [hs, ws] + [row] * len(vectors),
       dh_specs,
       dh_out,
@@ -156,10 +201,10 @@ class PallasTpuFused(tuning.Configured):
       self.vmem_limit_bytes,
     )(*inputs)
 
-    hs, ws, row = self._specs(h, w, vocab_axis, rows, cols, vocab_major=True)
+    hs, ws, row = self._specs(h, w, vocab_axis, *blocks, vocab_major=True)
     dw = tpu_call(
       functools.partial(kernels.dw_kernel, **statics),
-      (pl.cdiv(v, cols), pl.cdiv(n, rows)),
+      (pl.cdiv(v, blocks[1]), pl.cdiv(n, blocks[0])),
       [hs, ws] + [row] * len(vectors),
       ws,
       jax.ShapeDtypeStruct(w.shape, w.dtype),
@@ -172,5 +217,8 @@ class PallasTpuFused(tuning.Configured):
 
 
 def _column(a):
-  """An optional ``[N]`` vector as the ``[N, 1]`` column kernels take."""
-  return () if a is None else (a[:, None] if a.dtype == jnp.int32 else a.astype(_F32)[:, None],)
+  """An optional ``[N]`` vector as the ``[N, 1]`` column kernels take (integers as
+  they are, floats as float32)."""
+  if a is None:
+    return ()
+  return (a[:, None] if jnp.issubdtype(a.dtype, jnp.integer) else a.astype(_F32)[:, None],)

@@ -5,13 +5,12 @@ launch are :mod:`lpkernel.ops.logprobs.pallas_tpu`."""
 
 from __future__ import annotations
 
-import functools
-
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
 from lpkernel import partials as P
+from lpkernel.ops.mosaic import lane_maxima
 
 _F32 = jnp.float32
 
@@ -33,9 +32,8 @@ def partials_kernel(x_ref, target_ref, *refs, vocab_size, softcap, has_tau, lane
   cols = k * x.shape[1] + lax.broadcasted_iota(jnp.int32, x.shape, 1)
   tau = None if tau_ref is None else tau_ref[...]
   z = jnp.where(cols < vocab_size, P.capped(x, softcap), -jnp.inf)  # the tail's columns past V
-  if maxima_ref is not None:  # lane-aligned slices: elementwise maxima, no relayout
-    lanes = [z[:, c : c + 128] for c in range(0, z.shape[1], 128)]
-    maxima_ref[...] = functools.reduce(jnp.maximum, lanes)
+  if maxima_ref is not None:
+    maxima_ref[...] = lane_maxima(z)
   # The row block's outputs stay in VMEM across the vocabulary axis: the running partials.
   block = P.block_partials(z, cols, target_ref[...], tau, keepdims=True, with_entropy=False)
   merged = P.merge(P.RowPartials(*(ref[...] for ref in outs)), block, tau)

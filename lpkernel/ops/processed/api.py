@@ -259,7 +259,7 @@ def hidden_implementation(implementation) -> ops.ProcessedImplementation:
   if not isinstance(impl, ProcessedHidden):
     raise ValueError(
       f"implementation={impl.name!r} has no processed kernels from hidden states "
-      "(the path from logits only): use 'xla', 'pallas_gpu' or 'reference'"
+      "(the path from logits only): use 'xla', 'pallas_gpu', 'pallas_tpu' or 'reference'"
     )
   return impl
 
@@ -348,8 +348,9 @@ def fused_processed_token_stats(
     targets, sampling, softcap, config: as for :func:`processed_token_stats`.
     implementation: None or ``"xla"`` (one sweep over the unembedding's blocks),
       ``"pallas_gpu"`` (opt-in: token chunks through the vendor matmul and the
-      processed row kernels, :class:`lpkernel.ops.PallasGpuProcessed`), or
-      ``"reference"``; the TPU kernels have no path from hidden states.
+      processed row kernels, :class:`lpkernel.ops.PallasGpuProcessed`),
+      ``"pallas_tpu"`` (opt-in: the fused path's Mosaic kernels,
+      :class:`lpkernel.ops.PallasTpuProcessed`), or ``"reference"``.
     precision: the matmuls' precision (None: ``jax.default_matmul_precision``).
     fused_config: the vocabulary tiling of the sweeps (:class:`lpkernel.FusedConfig`);
       None: the XLA fused path's for this shape, dtype and machine.

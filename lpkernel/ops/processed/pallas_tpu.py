@@ -13,6 +13,12 @@ Backward: one elementwise pass over the logits path's tiles from each row's
 shift, normaliser, kept mass and threshold key, with each row's
 ``d temperature`` accumulated in the same kernel.
 
+From hidden states (:func:`lpkernel.fused_processed_token_stats`), as
+:class:`~lpkernel.ops.PallasTpuFused`: MXU tiles whose logits never leave VMEM,
+the forward kernel writing the lane-group maxima beside the partials, and the
+backward's ``d hidden`` (with ``d tau``) and ``d unembed`` kernels with the
+processed cotangents; the candidates' dot products are XLA's.
+
 Opt-in (``implementation="pallas_tpu"``) until a TPU measures it faster than XLA.
 """
 
@@ -25,9 +31,11 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from lpkernel.ops.fused.pallas_tpu import PallasTpuFused
 from lpkernel.ops.logprobs.pallas_tpu import PallasTpuLogits
 from lpkernel.ops.mosaic import tpu_call
 from lpkernel.ops.processed import pallas_tpu_kernel as kernels
+from lpkernel.ops.processed.grads import live_rows
 
 _F32 = jnp.float32
 
@@ -41,10 +49,14 @@ class PallasTpuProcessed:
     logits: the tiles (``block_rows``; the backward's ``block_v``; the forward's
       tiles are ``128 * group`` columns wide, :attr:`lpkernel.ProcessedConfig.group`);
       ``interpret`` is taken from this object.
+    fused: the path from hidden states' tiles (``block_rows``; the backward's
+      ``block_v``; ``vmem_limit_bytes``); the forward's tiles are ``128 * group``
+      columns wide.
     interpret: run in Pallas TPU interpret mode on the CPU.
   """
 
   logits: PallasTpuLogits = PallasTpuLogits()
+  fused: PallasTpuFused = PallasTpuFused()
   interpret: bool = False
   op = "processed"
   name = "pallas_tpu"
@@ -56,6 +68,31 @@ class PallasTpuProcessed:
 
   def partials_and_group_maxima(self, x, targets, tau, softcap, config):
     return self._rows().partials_and_lane_maxima(x, targets, tau, softcap, config.group)
+
+  def _fused(self, precision) -> PallasTpuFused:
+    return dataclasses.replace(self.fused, precision=precision, interpret=self.interpret)
+
+  def hidden_partials_and_group_maxima(
+    self, h, w, targets, tau, softcap, vocab_axis, precision, config, fused
+  ):
+    """The fused forward kernel with its lane-group maxima (``fused``, the XLA
+    sweep's tiling: unused)."""
+    parts, maxima = self._fused(precision).partials_and_lane_maxima(
+      h, w, targets, tau, softcap, config.group, vocab_axis
+    )
+    return parts._replace(sy=None), maxima
+
+  def hidden_processed_grads(
+    self, h, w, targets, params, kappa, log_s, log_sk, g, softcap, vocab_axis, precision, fused,
+    tau_grad,
+  ):  # fmt: skip
+    """The fused backward's two kernels (``d hidden`` with ``d tau``, ``d unembed``)
+    with the processed cotangents (:func:`.pallas_tpu_kernel.processed_dy`)."""
+    h = jnp.where(live_rows(g)[:, None], h, 0)  # dead rows (NaN, padding) stay out of d w
+    rows = [params.shift, log_s, log_sk, kappa, params.min_p, *g]
+    return self._fused(precision).grads_of(
+      h, w, targets, params.tau, softcap, rows, kernels.processed_dy, tau_grad, vocab_axis
+    )
 
   def processed_grads(self, x, targets, params, kappa, log_s, log_sk, g, softcap, tau_grad):
     rows = self._rows()
