@@ -27,7 +27,7 @@ IMPLEMENTATIONS = [
   "pallas_tpu_hidden",
 ]  # fmt: skip
 # The Pallas kernels in interpret mode, several tiles per row: the GPU's 256
-# columns wide; the TPU's forward tiles 128 * 2 (group 2), backward 256.
+# columns wide; the TPU's forward tiles 128 * 8 (group 8), backward 256.
 PALLAS = {
   "pallas_gpu": (
     lpk.PallasGpuProcessed(lpk.PallasGpuLogits(block_v=256, bwd_block_v=256), interpret=True),
@@ -35,7 +35,7 @@ PALLAS = {
   ),
   "pallas_tpu": (
     lpk.PallasTpuProcessed(lpk.PallasTpuLogits(block_rows=8, block_v=256), interpret=True),
-    lpk.ProcessedConfig(candidates=32, group=2),
+    lpk.ProcessedConfig(candidates=32, group=8),
   ),
 }
 # From hidden states: token chunks of 8 through the GPU kernels (a tail chunk too).
