@@ -401,3 +401,102 @@ def test_the_processed_op_takes_its_own_implementations_by_name_or_object():
 
   with pytest.raises(ValueError, match="no processed kernels from hidden states"):
     lpk.fused_processed_token_stats(x, jnp.eye(40), t, sampling, implementation=LogitsOnly())
+
+
+@pytest.mark.parametrize("group, c", [(64, 3), (5, 3), (8, 1), (4, 6), (1, 2)])
+def test_group_tops_are_each_groups_largest_values_with_their_copies(group, c):
+  """The sweep's record from hidden states: each group's ``c`` largest values,
+  descending, ties counted, ``-inf`` past a short group (also a tail group and a
+  group narrower than ``c``), NaN in a group holding one."""
+  from lpkernel.ops.processed.xla import _group_tops
+
+  rng = np.random.default_rng(group * 10 + c)
+  for w in (64, 70, 3):
+    z = rng.integers(0, 4, size=(3, w)).astype(np.float32)  # many ties
+    padded = np.concatenate([z, np.full((3, -w % group), -np.inf, np.float32)], 1)
+    want = -np.sort(-padded.reshape(3, -1, group), -1)[..., :c]
+    want = np.concatenate([want, np.full((*want.shape[:2], c - want.shape[2]), -np.inf)], -1)
+    np.testing.assert_array_equal(_group_tops(jnp.asarray(z), group, c), want)
+  z = np.zeros((1, group), np.float32)
+  z[0, -1] = np.nan
+  assert np.isnan(np.asarray(_group_tops(jnp.asarray(z), group, c))[0, 0, 0])
+
+
+def _clustered(n, d, v, spans, seed=0):
+  """Hidden states whose rows' largest logits lie in the columns ``spans``
+  (``(lo, width)`` each); random rows (largest values far apart) without spans."""
+  rng = np.random.default_rng(seed)
+  h = rng.normal(size=(n, d)).astype(np.float32)
+  w = rng.normal(size=(d, v)).astype(np.float32)
+  if spans:
+    h[:, 0] = 1.0
+    w[1:] *= 0.05
+    w[0] = 0.0
+    for lo, width in spans:
+      w[0, lo : lo + width] = 5 + 0.3 * rng.random(width)
+  return jnp.asarray(h), jnp.asarray(w), jnp.asarray(rng.integers(0, v, n))
+
+
+@pytest.mark.parametrize(
+  "case, spans, groups, share",
+  [
+    ("recorded", [], 4, 0.25),
+    ("gathered", [(64, 20)], 4, 1.0),
+    ("more_groups_than_gathered", [(64, 4), (128, 4)], 1, 1.0),
+    ("more_rows_than_gathered", [(64, 20)], 4, 0.25),
+  ],
+)
+def test_the_k_largest_from_hidden_states_in_every_branch(case, spans, groups, share):
+  """From hidden states the ``K`` largest come from the sweep's record of each
+  group's largest values, with the groups that may hold more of them gathered
+  (rows taken apart), or from whole groups when a row or the batch needs more:
+  each branch is reached here (checked on the record) and every one gives the
+  reference's kept sets and values."""
+  from lpkernel.ops.processed.xla import _group_tops, _recorded_top
+
+  n, d, v, k = 48, 16, 5000, 8
+  config = lpk.ProcessedConfig(candidates=k, gathered_groups=groups, gathered_rows=share)
+  h, w, t = _clustered(n, d, v, spans)
+  tops = _group_tops(h @ w, config.hidden_group, config.group_values)
+  _, ids, over = _recorded_top(tops, k, groups)
+  gathering = int(jnp.sum(jnp.any(ids >= 0, axis=1)))
+  over = bool(jnp.any(over))
+  reached = {
+    "recorded": gathering == 0,
+    "gathered": 0 < gathering <= n * share and not over,
+    "more_groups_than_gathered": over,
+    "more_rows_than_gathered": gathering > n * share and not over,
+  }[case]
+  assert reached, (gathering, over)
+  for sampling in (
+    lpk.Sampling(0.7, 5, 0.95),
+    lpk.Sampling(1.0, 0, 0.9),
+    lpk.Sampling(1.0, 7, 1.0),
+    lpk.Sampling(0.5, 0, 1.0, 0.05),
+  ):
+    got = lpk.fused_processed_token_stats(h, w, t, sampling, config=config)
+    want = lpk.fused_processed_token_stats(h, w, t, sampling, implementation="reference")
+    np.testing.assert_array_equal(got.kept, want.kept)
+    np.testing.assert_array_equal(got.kept_count, want.kept_count)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=2e-5, atol=2e-5)
+
+
+def test_no_sort_in_the_compiled_programs():
+  """XLA:CPU rewrites a top-k whose consumers it sees as a sort of the row (10x
+  to 15x slower, silently): the compiled processed programs, from logits and
+  from hidden states, forward and backward, hold top-k calls and no sort."""
+  n, d, v = 256, 32, 32000
+  sampling = lpk.Sampling(0.7, 50, 0.95)
+  t = jax.ShapeDtypeStruct((n,), jnp.int32)
+  h, w = jax.ShapeDtypeStruct((n, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32)
+  x = jax.ShapeDtypeStruct((n, v), jnp.float32)
+
+  def logits(x, t):
+    return lpk.processed_token_stats(x, t, sampling).logprobs.sum()
+
+  def hidden(h, w, t):
+    return lpk.fused_processed_token_stats(h, w, t, sampling).logprobs.sum()
+
+  for fn, args in ((logits, (x, t)), (hidden, (h, w, t)), (jax.grad(hidden), (h, w, t))):
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    assert '"TopK"' in text and " sort(" not in text

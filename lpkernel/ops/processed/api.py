@@ -338,9 +338,10 @@ def fused_processed_token_stats(
 ) -> ProcessedStats:
   """:func:`processed_token_stats` of ``hidden @ unembed`` without the logits.
 
-  One sweep over the unembedding's vocabulary blocks (as the fused forward) plus
-  the dot products of each token with the ``K * group`` rows of its candidate
-  groups (:class:`lpkernel.ProcessedConfig`); the backward is one sweep.
+  One sweep over the unembedding's vocabulary blocks (as the fused forward,
+  recording each group's few largest values) plus, for a token whose ``K``
+  largest crowd into a group, the dot products with that group's rows
+  (:class:`lpkernel.ProcessedConfig`); the backward is one sweep.
 
   Args:
     hidden: float[..., D]; unembed: float[D, V], or a tied table ``[V, D]`` with

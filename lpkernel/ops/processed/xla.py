@@ -4,11 +4,16 @@ The forward pass reads the row twice at most in the common case, never sorting
 it and never forming an ``[N, V]`` temporary:
 
 1. the row's softmax partials (max, sum of exp, target, first argmax: the plain
-   forward pass) and the maxima of its ``GROUP``-column groups;
-2. the ``K`` largest values, exactly, from the ``K`` groups with the largest
-   maxima (every column among a row's ``K`` largest lies in one of them): a
-   gather of ``K * GROUP`` columns, or from hidden states a dot product with
-   ``K * GROUP`` gathered rows of the unembedding per token;
+   forward pass) and the maxima of its ``group``-column groups (from hidden
+   states, each ``hidden_group``-column group's ``group_values`` largest values);
+2. the ``K`` largest values, exactly. From logits, from the ``K`` groups with
+   the largest maxima (every column among a row's ``K`` largest lies in one of
+   them): a gather of ``K * group`` columns. From hidden states, from the
+   recorded values: only a group whose last recorded value exceeds the ``K``-th
+   largest recorded one may hold more of them, and only such groups are
+   gathered (a dot product with their unembedding rows; a few per token, for
+   the few tokens that have one), else the ``K`` groups with the largest maxima
+   whole;
 3. :func:`lpkernel.ops.processed.select.decide`, then for the rows it leaves
    open a search by sweeps (:func:`lpkernel.ops.processed.select.threshold`).
 
@@ -52,17 +57,42 @@ class ProcessedConfig:
     gather_bytes: the most bytes of the candidates' pass held at once (its token
       chunks: ``K * group`` columns, and from hidden states as many gathered
       unembedding rows, per token; also at most 1% of the float32 logits).
+    hidden_group: columns per group of the XLA sweep from hidden states, which
+      records each group's ``group_values`` largest values (``group_values /
+      hidden_group`` of the logits): the ``K`` largest are then read from them,
+      and only a group holding more of them than it recorded is gathered.
+    group_values: values recorded per group from hidden states (1: only its max,
+      and the ``K`` groups with the largest maxima are gathered whole).
+    gathered_groups: the most such groups gathered per token (``gathered_groups
+      * hidden_group`` unembedding rows), for at most a share ``gathered_rows``
+      of the tokens; a batch with more of either gathers every token's ``K``
+      groups with the largest maxima whole, exactly.
+    gathered_rows: that share, in ``(0, 1]``.
   """
 
   candidates: int = 64
   group: int = 32
   sweep_block: int = 512
   gather_bytes: int = 32 << 20
+  hidden_group: int = 64
+  group_values: int = 3
+  gathered_groups: int = 4
+  gathered_rows: float = 0.25
 
   def __post_init__(self):
-    for name in ("candidates", "group", "sweep_block", "gather_bytes"):
+    for name in (
+      "candidates",
+      "group",
+      "sweep_block",
+      "gather_bytes",
+      "hidden_group",
+      "group_values",
+      "gathered_groups",
+    ):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ValueError(f"ProcessedConfig.{name}={getattr(self, name)!r} must be a positive int")
+    if not 0 < self.gathered_rows <= 1:
+      raise ValueError(f"ProcessedConfig.gathered_rows={self.gathered_rows!r} must be in (0, 1]")
 
   def k_for(self, top_k, vocab_size: int) -> int:
     """``K`` for a row of ``vocab_size`` with a static (Python) or traced ``top_k``."""
@@ -79,6 +109,63 @@ def _group_maxima(z: jax.Array, group: int) -> jax.Array:
   if pad:
     z = jnp.concatenate([z, jnp.full((n, pad), -jnp.inf, z.dtype)], axis=1)
   return jnp.max(z.reshape(n, -1, group), axis=-1)
+
+
+def top_k(a: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """``lax.top_k`` kept a top-k: with its consumers in view XLA:CPU rewrites it
+  as a sort of the whole row, 10x to 15x slower (N = 4096: 1.2 s for 2048
+  columns, 0.6 s for 1500)."""
+  values, ids = lax.top_k(a, k)
+  # One barrier per output: a barrier over the pair fails XLA's SPMD partitioner
+  # under shard_map (a check that expects a tuple element).
+  return lax.optimization_barrier(values), lax.optimization_barrier(ids)
+
+
+def _merge_tops(a: list[jax.Array], b: list[jax.Array], c: int) -> list[jax.Array]:
+  """The ``c`` largest of two descending lists of values (elementwise arrays):
+  the ``r``-th is the best split of ``r + 1`` values between the lists,
+  ``max_i min(a[i - 1], b[r - i])`` (a list's ``[-1]`` unbounded)."""
+
+  def split(i, r):
+    if i == 0:
+      return b[r] if r < len(b) else None
+    if r - i < 0:
+      return a[i - 1] if i - 1 < len(a) else None
+    if i - 1 >= len(a) or r - i >= len(b):
+      return None
+    return jnp.minimum(a[i - 1], b[r - i])
+
+  out = []
+  for r in range(min(c, len(a) + len(b))):
+    terms = [t for t in (split(i, r) for i in range(r + 2)) if t is not None]
+    best = terms[0]
+    for t in terms[1:]:
+      best = jnp.maximum(best, t)
+    out.append(best)
+  return out
+
+
+def _group_tops(z: jax.Array, group: int, c: int) -> jax.Array:
+  """``[N, W] -> [N, ceil(W / group), c]``: each group's ``c`` largest values,
+  descending, equal values counted as often as they occur (``-inf`` past a
+  group's columns; NaN in a group with one). A merge tree of elementwise maxima
+  and minima over halves of the groups: no sort, no reduction, one loop fusion
+  per level."""
+  n, w = z.shape
+  width = 1 << (group - 1).bit_length()  # the group padded to a power of two
+  zg = z.reshape(n, -1, group) if w % group == 0 else None
+  if zg is None or width != group:
+    pad = -w % group
+    z = jnp.concatenate([z, jnp.full((n, pad), -jnp.inf, z.dtype)], axis=1) if pad else z
+    zg = z.reshape(n, -1, group)
+    if width != group:
+      zg = jnp.concatenate([zg, jnp.full((*zg.shape[:2], width - group), -jnp.inf, z.dtype)], 2)
+  tops = [zg]
+  while tops[0].shape[-1] > 1:
+    h = tops[0].shape[-1] // 2
+    tops = _merge_tops([t[..., :h] for t in tops], [t[..., h:] for t in tops], c)
+  tops += [jnp.full_like(tops[0], -jnp.inf)] * (c - len(tops))
+  return jnp.concatenate(tops, axis=-1)
 
 
 def _logits_group_maxima(x, group: int, block: int) -> jax.Array:
@@ -99,34 +186,39 @@ def _logits_group_maxima(x, group: int, block: int) -> jax.Array:
   return sweep(step, jnp.full((n, -(-v // group)), -jnp.inf, x.dtype), v, width)
 
 
-def _pool_columns(
-  maxima: jax.Array, k: int, group: int, vocab_size: int, lanes: int = 1
-) -> jax.Array:
-  """int32[N, K' * group]: the columns of each row's ``K'`` groups with the largest
-  maxima (``K' = min(K, groups)``); columns past V are ``vocab_size`` (absent).
+def _largest_groups(maxima: jax.Array, k: int) -> jax.Array:
+  """int32[N, K']: each row's ``K' = min(K, groups)`` groups with the largest maxima."""
+  return top_k(maxima, min(k, maxima.shape[1]))[1]
+
+
+def _group_columns(ids: jax.Array, group: int, vocab_size: int, lanes: int = 1) -> jax.Array:
+  """int32[M, B * group]: the columns of groups ``ids [M, B]`` (``-1``: none);
+  ``vocab_size`` for none and past V.
 
   Group ``j`` holds columns ``(j // lanes) * lanes * group + lanes * c + j % lanes``
   for ``c < group``: ``group`` contiguous columns with ``lanes = 1``; with
   ``lanes = 128``, one lane's columns of a ``128 * group``-column TPU tile."""
-  _, ids = lax.top_k(maxima, min(k, maxima.shape[1]))
   c = jnp.arange(group, dtype=jnp.int32) * lanes
   cols = (ids // lanes * (lanes * group) + ids % lanes)[:, :, None] + c
-  cols = cols.reshape(ids.shape[0], -1)
-  return jnp.where(cols < vocab_size, cols, vocab_size)
+  cols = jnp.where((ids[:, :, None] >= 0) & (cols < vocab_size), cols, vocab_size)
+  return cols.reshape(ids.shape[0], -1)
 
 
-def _pool_top(values, cols, k: int, vocab_size: int, chunk: int) -> jax.Array:
-  """float32[N, K]: each row's ``K`` largest capped values among its pool columns
-  ``cols [N, P]``, ``chunk`` tokens at a time (``values(lo, width, cols_chunk)``
-  gives their capped values ``[width, P]``), so no ``[N, P]`` temporary."""
-  n = cols.shape[0]
+def _pool_top(
+  values, ids, group: int, k: int, vocab_size: int, chunk: int, known=None, lanes: int = 1
+) -> jax.Array:
+  """float32[N, K]: each row's ``K`` largest capped values in the columns of its
+  groups ``ids [N, B]`` (:func:`_group_columns`; and the values ``known [N, Q]``,
+  if given), ``chunk`` tokens at a time (``values(lo, width, cols_chunk)`` gives
+  their capped values ``[width, B * group]``), so no ``[N, B * group]`` temporary."""
+  n = ids.shape[0]
 
   def step(out, lo, width):
-    cc = lax.dynamic_slice_in_dim(cols, lo, width, 0)
+    cc = _group_columns(lax.dynamic_slice_in_dim(ids, lo, width, 0), group, vocab_size, lanes)
     pool = jnp.where(cc < vocab_size, values(lo, width, jnp.minimum(cc, vocab_size - 1)), -jnp.inf)
-    # The barrier keeps XLA:CPU's top-k a top-k: with its consumers in view it was
-    # rewritten as a sort of the pool, 15x slower (N = 4096, 2048 columns: 1.18 s).
-    top = lax.optimization_barrier(lax.top_k(pool, k)[0])
+    if known is not None:
+      pool = jnp.concatenate([lax.dynamic_slice_in_dim(known, lo, width, 0), pool], axis=1)
+    top = top_k(pool, k)[0]
     return lax.dynamic_update_slice_in_dim(out, top, lo, 0)
 
   return sweep(step, jnp.zeros((n, k), _F32), n, chunk)
@@ -170,8 +262,9 @@ class XlaProcessed:
   def hidden_partials_and_group_maxima(
     self, h, w, targets, tau, softcap, vocab_axis, precision, config, fused
   ):
-    """One sweep over the unembedding's blocks (``fused``'s tiling)."""
-    return _hidden_sweep(h, w, targets, tau, softcap, vocab_axis, precision, config.group, fused)
+    """One sweep over the unembedding's blocks (``fused``'s tiling), recording
+    each group's ``config.group_values`` largest values ``[N, G, c]``."""
+    return _hidden_sweep(h, w, targets, tau, softcap, vocab_axis, precision, config, fused)
 
   def hidden_processed_grads(
     self, h, w, targets, params, kappa, log_s, log_sk, g, softcap, vocab_axis, precision, fused,
@@ -191,14 +284,16 @@ def logits_forward(x, targets, tau, softcap, k: int, config: ProcessedConfig, im
   parts, maxima = impl.partials_and_group_maxima(x, targets, tau, softcap, config)
   xs = lax.stop_gradient(x)
   n, v = x.shape
-  cols = _pool_columns(maxima, k, config.group, v, impl.lanes)
+  ids = _largest_groups(maxima, k)
 
   def values(lo, width, cc):
     rows = block_of(xs, lo, width, 0)  # a convert never moves onto all of x
     return P.capped(jax.vmap(gather, in_axes=(None, 1), out_axes=1)(rows, cc), softcap)
 
-  chunk = _chunk(config, n, v, cols.shape[1] * 4 * 3)
-  return parts, _pool_top(values, cols, k, v, chunk), logits_rows(xs, softcap, config.sweep_block)
+  g = config.group
+  chunk = _chunk(config, n, v, ids.shape[1] * g * 4 * 3)
+  top = _pool_top(values, ids, g, k, v, chunk, lanes=impl.lanes)
+  return parts, top, logits_rows(xs, softcap, config.sweep_block)
 
 
 def hidden_rows(h, w, softcap, vocab_axis: int, precision, width: int, dot_dtype) -> S.Rows:
@@ -232,11 +327,13 @@ def _pool_values(h, w, vocab_axis: int, precision, softcap, dot_dtype):
   return values
 
 
-def _hidden_sweep(h, w, targets, tau, softcap, vocab_axis: int, precision, group: int, fused):
-  """(RowPartials, float32 ``[N, ceil(V / group)]`` group maxima) of ``h @ w``: one
+def _hidden_sweep(h, w, targets, tau, softcap, vocab_axis: int, precision, config, fused):
+  """(RowPartials, float32 ``[N, G, c]``: the ``c = config.group_values`` largest
+  values of each group of ``config.hidden_group`` columns) of ``h @ w``: one
   sweep over the unembedding's blocks (``h`` already in the dot dtype)."""
   n = h.shape[0]
   v = w.shape[vocab_axis]
+  group, c = config.hidden_group, config.group_values
   tau_col = None if tau is None else tau[:, None]
 
   def forward(cpu: bool):
@@ -248,10 +345,10 @@ def _hidden_sweep(h, w, targets, tau, softcap, vocab_axis: int, precision, group
       _, z, _ = block_logits(h, w, lo, wd, softcap, precision, vocab_axis, fused.dot_dtype)
       cols = lo + lax.broadcasted_iota(jnp.int32, (1, wd), 1)
       parts = P.merge(parts, P.block_partials(z, cols, targets, tau_col, with_entropy=False), tau)
-      bm = lax.stop_gradient(_group_maxima(z, group))
+      bm = lax.stop_gradient(_group_tops(z, group, c))
       return parts, lax.dynamic_update_slice_in_dim(maxima, bm, lo // group, 1)
 
-    init = (P.empty(n), jnp.full((n, -(-v // group)), -jnp.inf, _F32))
+    init = (P.empty(n), jnp.full((n, -(-v // group), c), -jnp.inf, _F32))
     return sweep(step, init, v, width)
 
   with jax.named_scope("processed_sweep"):
@@ -267,17 +364,72 @@ def hidden_forward(
   candidates' dot products. ``h`` is upcast to the dot dtype once, for all three."""
   n = h.shape[0]
   v = w.shape[vocab_axis]
-  g = config.group
   h = h if fused.dot_dtype is None else h.astype(fused.dot_dtype)
   parts, maxima = impl.hidden_partials_and_group_maxima(
     h, w, targets, tau, softcap, vocab_axis, precision, config, fused
   )
-  cols = _pool_columns(maxima, k, g, v, impl.lanes)
   hs, ws = lax.stop_gradient(h), lax.stop_gradient(w)
-  token_bytes = cols.shape[1] * (h.shape[1] * w.dtype.itemsize + 3 * 4)
   values = _pool_values(hs, ws, vocab_axis, precision, softcap, fused.dot_dtype)
+  row_bytes = h.shape[1] * w.dtype.itemsize + 3 * 4
+
+  def whole_groups(maxima, group: int, lanes: int):  # the K groups with the largest maxima
+    ids = _largest_groups(maxima, k)
+    chunk = _chunk(config, n, v, ids.shape[1] * group * row_bytes)
+    return _pool_top(values, ids, group, k, v, chunk, lanes=lanes)
+
   rows = hidden_rows(hs, ws, softcap, vocab_axis, precision, fused.block(v, True), fused.dot_dtype)
-  return parts, _pool_top(values, cols, k, v, _chunk(config, n, v, token_bytes)), rows
+  if maxima.ndim == 2:
+    return parts, whole_groups(maxima, config.group, impl.lanes), rows
+  group = config.hidden_group
+  if maxima.shape[1] * maxima.shape[2] < k:  # too few recorded values to hold the K largest
+    return parts, whole_groups(maxima[:, :, 0], group, 1), rows
+  b = min(config.gathered_groups, maxima.shape[1])
+  known, ids, over = _recorded_top(maxima, k, b)
+  # The rows with a group to gather, at most a share of them, taken apart.
+  need = jnp.any(ids >= 0, axis=1)
+  r = max(1, min(n, int(n * config.gathered_rows)))
+  taken, live = _first_rows(need, r)
+  values_taken = _pool_values(hs[taken], ws, vocab_axis, precision, softcap, fused.dot_dtype)
+  ids = jnp.where(live[:, None], ids[taken], -1)
+  chunk = _chunk(config, n, v, b * group * row_bytes)
+  top = known.at[jnp.where(live, taken, n)].set(
+    _pool_top(values_taken, ids, group, k, v, chunk, known[taken]), mode="drop"
+  )
+  over = jnp.any(over) | (jnp.sum(need) > r)
+  top = lax.cond(over, lambda: whole_groups(maxima[:, :, 0], group, 1), lambda: top)
+  return parts, top, rows
+
+
+def _first_rows(need: jax.Array, r: int) -> tuple[jax.Array, jax.Array]:
+  """(int32[r] the indices of the first ``r`` rows where ``need [N]``, then 0;
+  bool[r] which of them are such rows): a prefix count and a scatter."""
+  n = need.shape[0]
+  slot = jnp.where(need, jnp.cumsum(need, dtype=jnp.int32) - 1, r)
+  taken = jnp.zeros((r,), jnp.int32).at[slot].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
+  return taken, jnp.arange(r) < jnp.sum(need, dtype=jnp.int32)
+
+
+def _recorded_top(tops: jax.Array, k: int, b: int):
+  """The ``K`` largest values from each group's ``c`` largest ``tops [N, G, c]``:
+  (float32[N, K] the ``K`` largest recorded values, ``-inf`` where their group is
+  to be gathered; int32[N, b] the groups to gather, ``-1`` for none; bool[N] a
+  row with more than ``b`` groups to gather).
+
+  A group whose ``c``-th value exceeds the ``K``-th largest recorded value may
+  hold more of the row's ``K`` largest than it recorded: its columns are
+  gathered. Any other group's unrecorded values are at most that ``K``-th value,
+  so the ``K`` largest of the recorded values and the gathered groups' are the
+  row's ``K`` largest (equal values tied at the ``K``-th)."""
+  n, _, c = tops.shape
+  vals, idx = top_k(tops.reshape(n, -1), k)
+  kth = vals[:, -1:]
+  last = tops[:, :, -1]
+  full = last > kth  # may hold more than it recorded
+  key, ids = top_k(jnp.where(full, last, -jnp.inf), b)
+  ids = jnp.where(key > kth, ids, -1)
+  gathered = jnp.any((idx // c)[:, :, None] == ids[:, None, :], axis=-1)
+  over = jnp.sum(full, axis=1) > b
+  return jnp.where(gathered, -jnp.inf, vals), ids, over
 
 
 def logits_grads(x, targets, params, kappa, log_s, log_sk, g, softcap, tau_grad: bool):
