@@ -230,7 +230,11 @@ class ProcessedHidden(Protocol):
     config: Any,
     fused: Any,
   ) -> tuple[RowPartials, Array]:
-    """As :meth:`ProcessedImplementation.partials_and_group_maxima` of ``h @ w``."""
+    """As :meth:`ProcessedImplementation.partials_and_group_maxima` of ``h @ w``;
+    or, in place of the maxima, each ``config.hidden_group``-column group's
+    ``config.group_values`` largest values ``[N, G, c]``, descending (XLA's:
+    the ``K`` largest are read from them, and only groups that may hold more of
+    them are gathered)."""
     ...
 
   def hidden_processed_grads(

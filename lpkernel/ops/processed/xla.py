@@ -369,6 +369,10 @@ def hidden_forward(
     h, w, targets, tau, softcap, vocab_axis, precision, config, fused
   )
   hs, ws = lax.stop_gradient(h), lax.stop_gradient(w)
+
+  def values_of_rows(taken):  # the candidates' dot products of tokens hs[taken]
+    return _pool_values(hs[taken], ws, vocab_axis, precision, softcap, fused.dot_dtype)
+
   values = _pool_values(hs, ws, vocab_axis, precision, softcap, fused.dot_dtype)
   row_bytes = h.shape[1] * w.dtype.itemsize + 3 * 4
 
@@ -378,26 +382,33 @@ def hidden_forward(
     return _pool_top(values, ids, group, k, v, chunk, lanes=lanes)
 
   rows = hidden_rows(hs, ws, softcap, vocab_axis, precision, fused.block(v, True), fused.dot_dtype)
-  if maxima.ndim == 2:
+  if maxima.ndim == 2:  # group maxima (the Pallas implementations')
     return parts, whole_groups(maxima, config.group, impl.lanes), rows
   group = config.hidden_group
   if maxima.shape[1] * maxima.shape[2] < k:  # too few recorded values to hold the K largest
     return parts, whole_groups(maxima[:, :, 0], group, 1), rows
-  b = min(config.gathered_groups, maxima.shape[1])
-  known, ids, over = _recorded_top(maxima, k, b)
-  # The rows with a group to gather, at most a share of them, taken apart.
+  top, over = _recorded_and_gathered_top(maxima, k, group, config, v, row_bytes, values_of_rows)
+  top = lax.cond(over, lambda: whole_groups(maxima[:, :, 0], group, 1), lambda: top)
+  return parts, top, rows
+
+
+def _recorded_and_gathered_top(tops, k: int, group: int, config, v: int, row_bytes: int, values_of):
+  """(float32[N, K] the ``K`` largest values from the record ``tops [N, G, c]``
+  (:func:`_recorded_top`) and the groups it says to gather, bool: a row needs
+  more than ``config.gathered_groups`` groups, or more than a share
+  ``config.gathered_rows`` of the rows need any). The rows with groups to gather
+  are taken apart (``values_of(rows [R])`` gives their ``_pool_top`` values)."""
+  n = tops.shape[0]
+  b = min(config.gathered_groups, tops.shape[1])
+  known, ids, over = _recorded_top(tops, k, b)
   need = jnp.any(ids >= 0, axis=1)
   r = max(1, min(n, int(n * config.gathered_rows)))
   taken, live = _first_rows(need, r)
-  values_taken = _pool_values(hs[taken], ws, vocab_axis, precision, softcap, fused.dot_dtype)
   ids = jnp.where(live[:, None], ids[taken], -1)
   chunk = _chunk(config, n, v, b * group * row_bytes)
-  top = known.at[jnp.where(live, taken, n)].set(
-    _pool_top(values_taken, ids, group, k, v, chunk, known[taken]), mode="drop"
-  )
-  over = jnp.any(over) | (jnp.sum(need) > r)
-  top = lax.cond(over, lambda: whole_groups(maxima[:, :, 0], group, 1), lambda: top)
-  return parts, top, rows
+  top_taken = _pool_top(values_of(taken), ids, group, k, v, chunk, known[taken])
+  top = known.at[jnp.where(live, taken, n)].set(top_taken, mode="drop")
+  return top, jnp.any(over) | (jnp.sum(need) > r)
 
 
 def _first_rows(need: jax.Array, r: int) -> tuple[jax.Array, jax.Array]:
