@@ -989,9 +989,10 @@ def test_processed_kernels_lower_for_their_hardware(dtype, impl, platform, call)
 )
 def test_processed_hidden_kernels_lower_for_their_hardware(vocab_axis, impl, platform, call, count):
   """The processed path from hidden states, forward and backward: on GPUs per
-  chunk shape the row kernel with its group maxima, then the gradient kernel (a
-  tail chunk adds one of each); on TPUs the fused forward kernel with its lane
-  maxima, then the d hidden and d unembed kernels."""
+  chunk shape the row kernel's partials (the record of each group's largest
+  values is XLA's), then the gradient kernel (a tail chunk adds one of each); on
+  TPUs the fused forward kernel with its lane maxima, then the d hidden and d
+  unembed kernels."""
   n, d, v = 64, 128, 1000
   h = jax.ShapeDtypeStruct((n, d), jnp.bfloat16)
   w = jax.ShapeDtypeStruct((d, v) if vocab_axis == 1 else (v, d), jnp.bfloat16)

@@ -408,7 +408,7 @@ def test_group_tops_are_each_groups_largest_values_with_their_copies(group, c):
   """The sweep's record from hidden states: each group's ``c`` largest values,
   descending, ties counted, ``-inf`` past a short group (also a tail group and a
   group narrower than ``c``), NaN in a group holding one."""
-  from lpkernel.ops.processed.xla import _group_tops
+  from lpkernel.ops.processed.record import group_tops
 
   rng = np.random.default_rng(group * 10 + c)
   for w in (64, 70, 3):
@@ -416,10 +416,10 @@ def test_group_tops_are_each_groups_largest_values_with_their_copies(group, c):
     padded = np.concatenate([z, np.full((3, -w % group), -np.inf, np.float32)], 1)
     want = -np.sort(-padded.reshape(3, -1, group), -1)[..., :c]
     want = np.concatenate([want, np.full((*want.shape[:2], c - want.shape[2]), -np.inf)], -1)
-    np.testing.assert_array_equal(_group_tops(jnp.asarray(z), group, c), want)
+    np.testing.assert_array_equal(group_tops(jnp.asarray(z), group, c), want)
   z = np.zeros((1, group), np.float32)
   z[0, -1] = np.nan
-  assert np.isnan(np.asarray(_group_tops(jnp.asarray(z), group, c))[0, 0, 0])
+  assert np.isnan(np.asarray(group_tops(jnp.asarray(z), group, c))[0, 0, 0])
 
 
 def _clustered(n, d, v, spans, seed=0):
@@ -452,12 +452,13 @@ def test_the_k_largest_from_hidden_states_in_every_branch(case, spans, groups, s
   (rows taken apart), or from whole groups when a row or the batch needs more:
   each branch is reached here (checked on the record) and every one gives the
   reference's kept sets and values."""
-  from lpkernel.ops.processed.xla import _group_tops, _recorded_top
+  from lpkernel.ops.processed.record import group_tops
+  from lpkernel.ops.processed.xla import _recorded_top
 
   n, d, v, k = 48, 16, 5000, 8
   config = lpk.ProcessedConfig(candidates=k, gathered_groups=groups, gathered_rows=share)
   h, w, t = _clustered(n, d, v, spans)
-  tops = _group_tops(h @ w, config.hidden_group, config.group_values)
+  tops = group_tops(h @ w, config.hidden_group, config.group_values)
   _, ids, over = _recorded_top(tops, k, groups)
   gathering = int(jnp.sum(jnp.any(ids >= 0, axis=1)))
   over = bool(jnp.any(over))

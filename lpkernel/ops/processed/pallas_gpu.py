@@ -13,9 +13,12 @@ summed in the same kernel.
 
 From hidden states (:func:`lpkernel.fused_processed_token_stats`), as
 :class:`~lpkernel.ops.PallasGpuFused`: token chunks, each chunk's float32
-logits made by one vendor matmul and read by the kernels above (the forward's
-once, the backward's after a recompute), ``d hidden`` and ``d unembed`` by two
-more vendor matmuls; the candidates' dot products are XLA's.
+logits made by one vendor matmul and read by the row kernel's partials and by
+XLA's record of each group's largest values (:mod:`~lpkernel.ops.processed.record`:
+the ``K`` largest come from it, only the few groups that may hold more of them
+gathered), the backward's by the gradient kernel after a recompute; ``d hidden``
+and ``d unembed`` by two more vendor matmuls; the candidates' dot products are
+XLA's.
 
 Opt-in (``implementation="pallas_gpu"``) until a GPU measures it faster than XLA.
 """
@@ -40,6 +43,7 @@ from lpkernel.ops.pallas_backends import require_triton
 from lpkernel.ops.processed import pallas_gpu_kernel as kernels
 from lpkernel.ops.processed import select as S
 from lpkernel.ops.processed.grads import live_rows
+from lpkernel.ops.processed.record import group_tops
 
 _F32 = jnp.float32
 
@@ -79,19 +83,23 @@ class PallasGpuProcessed:
     self, h, w, targets, tau, softcap, vocab_axis, precision, config, fused
   ):
     """Token chunks: one vendor matmul (float32 logits ``[C, V]``), then the row
-    kernel's partials and group maxima (``fused``, the XLA sweep's tiling: unused)."""
+    kernel's partials and the record of each group's largest values
+    (:func:`~lpkernel.ops.processed.record.group_tops`, XLA's elementwise merge
+    tree on the chunk's logits), so only the few groups that may hold more of a
+    token's ``K`` largest are gathered (``fused``, the XLA sweep's tiling: unused)."""
     rows = self._rows()
     n, v = h.shape[0], w.shape[vocab_axis]
+    group, c = config.hidden_group, config.group_values
 
     def step(out, lo, width):
       z = contract(lax.dynamic_slice_in_dim(h, lo, width, 0), 1, w, 1 - vocab_axis, precision)
       t, tc = (
         None if a is None else lax.dynamic_slice_in_dim(a, lo, width) for a in (targets, tau)
       )
-      got = rows.partials_and_group_maxima(z, t, tc, softcap, config.group)
+      got = (rows.partials(z, t, tc, softcap), lax.stop_gradient(group_tops(z, group, c)))
       return jax.tree.map(lambda a, b: lax.dynamic_update_slice_in_dim(a, b, lo, 0), out, got)
 
-    init = (P.empty(n), jnp.full((n, pl.cdiv(v, config.group)), -jnp.inf, _F32))
+    init = (P.empty(n), jnp.full((n, pl.cdiv(v, group), c), -jnp.inf, _F32))
     with jax.named_scope("processed_chunks"):
       return sweep(step, init, n, self.fused.chunk(n, v))
 

@@ -37,6 +37,7 @@ from lpkernel.ops.logprobs.xla import XlaLogits, chunk_rows, gather
 from lpkernel.ops.platform import on_cpu_or
 from lpkernel.ops.processed import select as S
 from lpkernel.ops.processed.grads import live_rows, row_grads
+from lpkernel.ops.processed.record import group_tops
 from lpkernel.ops.processed.replay import rows_major
 
 _F32 = jnp.float32
@@ -119,53 +120,6 @@ def top_k(a: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   # One barrier per output: a barrier over the pair fails XLA's SPMD partitioner
   # under shard_map (a check that expects a tuple element).
   return lax.optimization_barrier(values), lax.optimization_barrier(ids)
-
-
-def _merge_tops(a: list[jax.Array], b: list[jax.Array], c: int) -> list[jax.Array]:
-  """The ``c`` largest of two descending lists of values (elementwise arrays):
-  the ``r``-th is the best split of ``r + 1`` values between the lists,
-  ``max_i min(a[i - 1], b[r - i])`` (a list's ``[-1]`` unbounded)."""
-
-  def split(i, r):
-    if i == 0:
-      return b[r] if r < len(b) else None
-    if r - i < 0:
-      return a[i - 1] if i - 1 < len(a) else None
-    if i - 1 >= len(a) or r - i >= len(b):
-      return None
-    return jnp.minimum(a[i - 1], b[r - i])
-
-  out = []
-  for r in range(min(c, len(a) + len(b))):
-    terms = [t for t in (split(i, r) for i in range(r + 2)) if t is not None]
-    best = terms[0]
-    for t in terms[1:]:
-      best = jnp.maximum(best, t)
-    out.append(best)
-  return out
-
-
-def _group_tops(z: jax.Array, group: int, c: int) -> jax.Array:
-  """``[N, W] -> [N, ceil(W / group), c]``: each group's ``c`` largest values,
-  descending, equal values counted as often as they occur (``-inf`` past a
-  group's columns; NaN in a group with one). A merge tree of elementwise maxima
-  and minima over halves of the groups: no sort, no reduction, one loop fusion
-  per level."""
-  n, w = z.shape
-  width = 1 << (group - 1).bit_length()  # the group padded to a power of two
-  zg = z.reshape(n, -1, group) if w % group == 0 else None
-  if zg is None or width != group:
-    pad = -w % group
-    z = jnp.concatenate([z, jnp.full((n, pad), -jnp.inf, z.dtype)], axis=1) if pad else z
-    zg = z.reshape(n, -1, group)
-    if width != group:
-      zg = jnp.concatenate([zg, jnp.full((*zg.shape[:2], width - group), -jnp.inf, z.dtype)], 2)
-  tops = [zg]
-  while tops[0].shape[-1] > 1:
-    h = tops[0].shape[-1] // 2
-    tops = _merge_tops([t[..., :h] for t in tops], [t[..., h:] for t in tops], c)
-  tops += [jnp.full_like(tops[0], -jnp.inf)] * (c - len(tops))
-  return jnp.concatenate(tops, axis=-1)
 
 
 def _logits_group_maxima(x, group: int, block: int) -> jax.Array:
@@ -345,7 +299,7 @@ def _hidden_sweep(h, w, targets, tau, softcap, vocab_axis: int, precision, confi
       _, z, _ = block_logits(h, w, lo, wd, softcap, precision, vocab_axis, fused.dot_dtype)
       cols = lo + lax.broadcasted_iota(jnp.int32, (1, wd), 1)
       parts = P.merge(parts, P.block_partials(z, cols, targets, tau_col, with_entropy=False), tau)
-      bm = lax.stop_gradient(_group_tops(z, group, c))
+      bm = lax.stop_gradient(group_tops(z, group, c))
       return parts, lax.dynamic_update_slice_in_dim(maxima, bm, lo // group, 1)
 
     init = (P.empty(n), jnp.full((n, -(-v // group), c), -jnp.inf, _F32))
