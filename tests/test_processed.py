@@ -501,3 +501,32 @@ def test_no_sort_in_the_compiled_programs():
   for fn, args in ((logits, (x, t)), (hidden, (h, w, t)), (jax.grad(hidden), (h, w, t))):
     text = jax.jit(fn).lower(*args).compile().as_text()
     assert '"TopK"' in text and " sort(" not in text
+
+
+@pytest.mark.parametrize("spans", [[], [(64, 20)]], ids=["recorded", "gathered"])
+def test_a_nan_row_on_the_recorded_path_is_nan_and_leaves_the_others_alone(spans):
+  """Wide enough for the record (V 5000): a NaN hidden row gives that token NaN
+  and a zero gradient, every other token the reference's kept set and value and
+  a finite gradient, with nothing gathered and with groups gathered."""
+  from lpkernel.ops.processed.record import group_tops
+  from lpkernel.ops.processed.xla import _recorded_top
+
+  h, w, t = _clustered(6, 16, 5000, spans, seed=3)
+  bad = h.at[2, 5].set(jnp.nan)
+  sampling = lpk.Sampling(0.7, 5, 0.95)
+  config = lpk.ProcessedConfig(candidates=8, gathered_rows=1.0)
+  _, ids, over = _recorded_top(group_tops(h @ w, 64, 3), 8, 4)
+  assert not bool(jnp.any(over)) and bool(jnp.any(ids >= 0)) == bool(spans)
+  got = lpk.fused_processed_token_stats(bad, w, t, sampling, config=config)
+  want = lpk.fused_processed_token_stats(h, w, t, sampling, implementation="reference")
+  others = np.array([0, 1, 3, 4, 5])
+  assert np.isnan(got.logprobs[2]) and np.isnan(got.log_kept_mass[2]) and not got.kept[2]
+  np.testing.assert_array_equal(got.kept_count[others], want.kept_count[others])
+  np.testing.assert_allclose(got.logprobs[others], want.logprobs[others], rtol=2e-5, atol=2e-5)
+
+  def loss(h, w):
+    lp = lpk.fused_processed_token_stats(h, w, t, sampling, config=config).logprobs
+    return jnp.sum(jnp.where((jnp.arange(6) == 2) | ~jnp.isfinite(lp), 0.0, lp))
+
+  dh, dw = (np.asarray(g) for g in jax.grad(loss, argnums=(0, 1))(bad, w))
+  assert np.all(dh[2] == 0) and np.all(np.isfinite(dh)) and np.all(np.isfinite(dw))

@@ -43,14 +43,12 @@ def group_tops(z: jax.Array, group: int, c: int) -> jax.Array:
   and minima over halves of the groups: no sort, no reduction, one loop fusion
   per level."""
   n, w = z.shape
+  if w % group:
+    z = jnp.concatenate([z, jnp.full((n, -w % group), -jnp.inf, z.dtype)], axis=1)
+  zg = z.reshape(n, -1, group)
   width = 1 << (group - 1).bit_length()  # the group padded to a power of two
-  zg = z.reshape(n, -1, group) if w % group == 0 else None
-  if zg is None or width != group:
-    pad = -w % group
-    z = jnp.concatenate([z, jnp.full((n, pad), -jnp.inf, z.dtype)], axis=1) if pad else z
-    zg = z.reshape(n, -1, group)
-    if width != group:
-      zg = jnp.concatenate([zg, jnp.full((*zg.shape[:2], width - group), -jnp.inf, z.dtype)], 2)
+  if width != group:
+    zg = jnp.concatenate([zg, jnp.full((*zg.shape[:2], width - group), -jnp.inf, z.dtype)], 2)
   tops = [zg]
   while tops[0].shape[-1] > 1:
     h = tops[0].shape[-1] // 2

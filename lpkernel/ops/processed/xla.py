@@ -260,12 +260,11 @@ def hidden_rows(h, w, softcap, vocab_axis: int, precision, width: int, dot_dtype
   )
 
 
-def _pool_values(h, w, vocab_axis: int, precision, softcap, dot_dtype):
-  """``values(lo, width, cols) -> float32[width, P]``: ``h[i] . w_row[cols[i, j]]``
-  capped, for tokens ``[lo, lo + width)`` (gathering ``width * P`` rows of ``w``,
-  upcast to ``dot_dtype`` if given), from the table as ``[V, D]`` (a ``[D, V]``
-  matrix transposed once: :func:`~lpkernel.ops.processed.replay.rows_major`)."""
-  w_rows = rows_major(w, vocab_axis)
+def _pool_values(h, w_rows, precision, softcap, dot_dtype):
+  """``values(lo, width, cols) -> float32[width, P]``: ``h[i] . w_rows[cols[i, j]]``
+  capped, for tokens ``[lo, lo + width)`` (gathering ``width * P`` rows of the
+  table as ``[V, D]``, :func:`~lpkernel.ops.processed.replay.rows_major`, upcast
+  to ``dot_dtype`` if given)."""
 
   def values(lo, width, cc):
     hc = lax.dynamic_slice_in_dim(h, lo, width, 0)
@@ -323,11 +322,12 @@ def hidden_forward(
     h, w, targets, tau, softcap, vocab_axis, precision, config, fused
   )
   hs, ws = lax.stop_gradient(h), lax.stop_gradient(w)
+  w_rows = rows_major(ws, vocab_axis)  # one transposed copy of a [D, V] table, for both
 
   def values_of_rows(taken):  # the candidates' dot products of tokens hs[taken]
-    return _pool_values(hs[taken], ws, vocab_axis, precision, softcap, fused.dot_dtype)
+    return _pool_values(hs[taken], w_rows, precision, softcap, fused.dot_dtype)
 
-  values = _pool_values(hs, ws, vocab_axis, precision, softcap, fused.dot_dtype)
+  values = _pool_values(hs, w_rows, precision, softcap, fused.dot_dtype)
   row_bytes = h.shape[1] * w.dtype.itemsize + 3 * 4
 
   def whole_groups(maxima, group: int, lanes: int):  # the K groups with the largest maxima
