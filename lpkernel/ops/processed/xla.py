@@ -36,6 +36,7 @@ from lpkernel.ops.fused.xla import FusedConfig, block_logits
 from lpkernel.ops.logprobs.xla import XlaLogits, chunk_rows, gather
 from lpkernel.ops.platform import on_cpu_or
 from lpkernel.ops.processed import select as S
+from lpkernel.ops.processed.cpu_top_k import top_k
 from lpkernel.ops.processed.grads import live_rows, row_grads
 from lpkernel.ops.processed.record import group_tops
 from lpkernel.ops.processed.replay import rows_major
@@ -110,16 +111,6 @@ def _group_maxima(z: jax.Array, group: int) -> jax.Array:
   if pad:
     z = jnp.concatenate([z, jnp.full((n, pad), -jnp.inf, z.dtype)], axis=1)
   return jnp.max(z.reshape(n, -1, group), axis=-1)
-
-
-def top_k(a: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """``lax.top_k`` kept a top-k: with its consumers in view XLA:CPU rewrites it
-  as a sort of the whole row, 10x to 15x slower (N = 4096: 1.2 s for 2048
-  columns, 0.6 s for 1500)."""
-  values, ids = lax.top_k(a, k)
-  # One barrier per output: a barrier over the pair fails XLA's SPMD partitioner
-  # under shard_map (a check that expects a tuple element).
-  return lax.optimization_barrier(values), lax.optimization_barrier(ids)
 
 
 def _logits_group_maxima(x, group: int, block: int) -> jax.Array:

@@ -1,0 +1,115 @@
+"""A row top-k for XLA:CPU: ``lax.top_k``'s values and indices, 3x to 10x faster.
+
+XLA:CPU's TopK runs each row's partial sort on one thread (about 12 us for the
+64 largest of 1000 values); the processed paths take two or three per token
+(:mod:`lpkernel.ops.processed.xla`). ``cpu_top_k.cc`` filters each row through a
+small buffer of candidates instead and shares the rows among XLA's intra-op
+threads, through JAX's typed FFI.
+
+The library is compiled on first use with the C++ compiler (``$CXX``, else
+``c++``) against the FFI headers of the installed jaxlib, and cached under
+``$LPKERNEL_CACHE`` (default ``~/.cache/lpkernel``) by a hash of the source,
+the compiler and jaxlib's version. Without a compiler, or with
+``LPKERNEL_CPU_TOP_K=0``, :func:`top_k` is ``lax.top_k`` everywhere (the same
+values and indices, slower on the CPU); the reason is logged once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lpkernel.ops.platform import on_cpu_or
+
+_LOG = logging.getLogger(__name__)
+_SOURCE = pathlib.Path(__file__).with_suffix(".cc")
+_TARGET = "lpkernel_cpu_top_k"
+_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")  # portable: no -march
+
+
+def _cache_dir() -> pathlib.Path:
+  default = pathlib.Path.home() / ".cache" / "lpkernel"
+  return pathlib.Path(os.environ.get("LPKERNEL_CACHE", default))
+
+
+def _build() -> pathlib.Path:
+  """The compiled library's path (compiled once per source, compiler and jaxlib)."""
+  import jaxlib
+
+  compiler = shutil.which(os.environ.get("CXX", "c++"))
+  if compiler is None:
+    raise OSError(f"no C++ compiler ({os.environ.get('CXX', 'c++')!r} not found)")
+  text = _SOURCE.read_bytes()
+  tag = hashlib.sha256(b"\0".join([text, compiler.encode(), jaxlib.__version__.encode()]))
+  out = _cache_dir() / f"cpu_top_k-{tag.hexdigest()[:16]}.so"
+  if out.exists():
+    return out
+  out.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # concurrent builds: last rename wins
+    built = pathlib.Path(tmp) / out.name
+    cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(built)]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode:
+      raise OSError(f"{' '.join(cmd)} failed:\n{run.stderr[-2000:]}")
+    os.replace(built, out)
+  return out
+
+
+@functools.cache
+def available() -> bool:
+  """Whether the CPU top-k is built and registered (tried once per process)."""
+  return _register()
+
+
+def _register() -> bool:
+  if os.environ.get("LPKERNEL_CPU_TOP_K", "1") == "0":
+    _LOG.info("lpkernel: LPKERNEL_CPU_TOP_K=0, lax.top_k on the CPU")
+    return False
+  try:
+    library = ctypes.cdll.LoadLibrary(str(_build()))
+    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.LpkernelTopK), platform="cpu")
+  except OSError as e:
+    _LOG.warning("lpkernel: the CPU top-k is not built, lax.top_k on the CPU: %s", e)
+    return False
+  return True
+
+
+def _native(a: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  shape = a.shape[:-1] + (k,)
+  call = jax.ffi.ffi_call(
+    _TARGET,
+    (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.int32)),
+    vmap_method="broadcast_all",
+  )
+  values, ids = call(a.astype(jnp.float32))
+  return values.astype(a.dtype), ids  # exact: a narrower float is a float32 too
+
+
+def _xla(a: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  values, ids = lax.top_k(a, k)
+  # With its consumers in view XLA:CPU rewrites a top-k as a sort of the whole
+  # row, 10x to 15x slower; one barrier per output (a barrier over the pair
+  # fails XLA's SPMD partitioner under shard_map).
+  return lax.optimization_barrier(values), lax.optimization_barrier(ids)
+
+
+def top_k(a: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """``lax.top_k(a, k)`` (``a [..., n]``, floating; ``k <= n``): on the CPU the
+  compiled top-k where :func:`available` and ``a`` is at most float32 wide, else
+  ``lax.top_k`` (kept from XLA:CPU's rewrite into a sort)."""
+  if k > a.shape[-1]:
+    raise ValueError(f"top_k: k={k} exceeds the last dimension {a.shape[-1]}")
+  if not (jnp.issubdtype(a.dtype, jnp.floating) and a.dtype.itemsize <= 4 and available()):
+    return _xla(a, k)
+  return on_cpu_or(lambda: _native(a, k), lambda: _xla(a, k))

@@ -1,0 +1,107 @@
+"""The compiled CPU top-k (lpkernel/ops/processed/cpu_top_k.cc) against
+``lax.top_k``: the same values, bit for bit, and the same indices, on rows with
+ties, NaN of both signs, signed zeros and infinities, at every ``k``."""
+
+import os
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax import lax
+
+from lpkernel.ops.processed import cpu_top_k
+from lpkernel.ops.processed.cpu_top_k import top_k
+
+# A few values drawn often: ties, and every corner of the floats' order.
+_SPECIAL = [0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, np.nan, -np.nan, 3.5, 1e-38]
+
+
+def _bits(values):
+  a = np.asarray(values)
+  return a.view(np.uint32 if a.itemsize == 4 else np.uint16)
+
+
+def _same(got, want):
+  """Values bit for bit (NaN's sign and the sign of zero included), and indices."""
+  assert got[0].dtype == want[0].dtype
+  np.testing.assert_array_equal(_bits(got[0]), _bits(want[0]))
+  np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_the_compiled_top_k_is_built_here():
+  """CI and this machine have a C++ compiler: the CPU paths run the compiled
+  top-k (a machine without one runs lax.top_k, logged; this test then says why)."""
+  if os.environ.get("LPKERNEL_CPU_TOP_K") == "0":
+    pytest.skip("LPKERNEL_CPU_TOP_K=0")
+  assert cpu_top_k.available()
+  text = jax.jit(lambda a: top_k(a, 3)).lower(jnp.zeros((4, 10))).as_text()
+  assert "lpkernel_cpu_top_k" in text
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+  data=st.data(),
+  rows=st.sampled_from([(), (1,), (3,), (2, 3)]),
+  n=st.integers(1, 300),
+)
+def test_values_and_indices_are_lax_top_ks(data, rows, n):
+  special = st.sampled_from(_SPECIAL)
+  normal = st.floats(-5, 5, width=32)
+  a = data.draw(hnp.arrays(np.float32, (*rows, n), elements=st.one_of(special, normal)))
+  k = data.draw(st.integers(0, n))
+  a = jnp.asarray(a)
+  _same(jax.jit(top_k, static_argnums=1)(a, k), lax.top_k(a, k))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("n, k", [(1000, 64), (2048, 64), (32000, 64), (1500, 1024), (70, 70)])
+def test_long_rows_on_many_threads(dtype, n, k):
+  """Rows long enough for every stage (the first bar from block maxima, the
+  block filter, buffer cuts) and enough of them for several threads' chunks;
+  sorted rows (each value raises the bar) and rows of one repeated value."""
+  rng = np.random.default_rng(n + k)
+  a = rng.normal(size=(300, n)) * 4
+  a[1] = np.sort(a[1])
+  a[2] = 7.0
+  a[3, ::3] = np.nan
+  a = jnp.asarray(a, dtype)
+  _same(jax.jit(top_k, static_argnums=1)(a, k), lax.top_k(a, k))
+
+
+def test_vmap_and_no_rows():
+  a = jnp.asarray(np.random.default_rng(0).normal(size=(4, 5, 40)), jnp.float32)
+  _same(jax.vmap(lambda r: top_k(r, 7))(a), lax.top_k(a, 7))
+  _same(top_k(jnp.zeros((0, 9)), 4), lax.top_k(jnp.zeros((0, 9)), 4))
+  with pytest.raises(ValueError, match="k=10 exceeds"):
+    top_k(jnp.zeros((2, 9)), 10)
+
+
+def test_float64_and_a_compiler_less_machine_take_lax_top_k(monkeypatch):
+  """float64 (wider than the compiled top-k) and, without the library, every
+  dtype: ``lax.top_k`` kept from XLA:CPU's rewrite into a sort."""
+  a = jnp.asarray(np.random.default_rng(1).normal(size=(3, 50)), jnp.float32)
+  with jax.enable_x64(True):
+    text = jax.jit(lambda a: top_k(a, 5)).lower(a.astype(jnp.float64)).as_text()
+    assert "lpkernel_cpu_top_k" not in text and "chlo.top_k" in text
+  monkeypatch.setattr(cpu_top_k, "available", lambda: False)
+  text = jax.jit(lambda a: top_k(a, 5)).lower(a).as_text()
+  assert "lpkernel_cpu_top_k" not in text and "chlo.top_k" in text
+  _same(jax.jit(lambda a: top_k(a, 5))(a), lax.top_k(a, 5))
+
+
+def test_a_failed_build_is_reported_and_falls_back(monkeypatch, tmp_path, caplog):
+  """No compiler: the build raises ``OSError`` naming it, and registering logs
+  the reason and says False (nothing raised, nothing registered)."""
+  monkeypatch.setenv("CXX", "no-such-compiler-here")
+  monkeypatch.setenv("LPKERNEL_CACHE", str(tmp_path))
+  with pytest.raises(OSError, match="no-such-compiler-here"):
+    cpu_top_k._build()
+  with caplog.at_level("WARNING"):
+    assert not cpu_top_k._register()
+  assert "no-such-compiler-here" in caplog.text
+  monkeypatch.setenv("LPKERNEL_CPU_TOP_K", "0")
+  assert not cpu_top_k._register()
