@@ -72,6 +72,32 @@ def test_long_rows_on_many_threads(dtype, n, k):
   _same(jax.jit(top_k, static_argnums=1)(a, k), lax.top_k(a, k))
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+  data=st.data(),
+  rows=st.integers(1, 4),
+  width=st.integers(1, 300),
+  group=st.sampled_from([1, 3, 4, 5, 8, 16, 64, 100]),
+  c=st.integers(1, 4),
+)
+def test_group_tops_are_a_sorts(data, rows, width, group, c):
+  """Each group's ``c`` largest values, descending, ties counted, ``-inf`` past
+  its columns; a group holding NaN is NaN throughout. Normal floats: XLA:CPU
+  runs with subnormals flushed to zero, in this kernel's maxima as in its own."""
+  normal = st.floats(-3, 3, width=32, allow_subnormal=False)
+  values = st.one_of(st.sampled_from([0.0, 1.0, -np.inf, np.inf, 2.5]), normal)
+  z = data.draw(hnp.arrays(np.float32, (rows, width), elements=values))
+  if data.draw(st.booleans()):
+    z[data.draw(st.integers(0, rows - 1)), data.draw(st.integers(0, width - 1))] = np.nan
+  padded = np.concatenate([z, np.full((rows, -width % group), -np.inf, np.float32)], 1)
+  grouped = padded.reshape(rows, -1, group)
+  want = -np.sort(-grouped, -1)[..., :c]
+  want = np.concatenate([want, np.full((*want.shape[:2], c - want.shape[2]), -np.inf)], -1)
+  want[np.isnan(grouped).any(-1)] = np.nan
+  got = jax.jit(cpu_top_k.group_tops, static_argnums=(1, 2))(jnp.asarray(z), group, c)
+  np.testing.assert_array_equal(got, want.astype(np.float32))
+
+
 def test_vmap_and_no_rows():
   a = jnp.asarray(np.random.default_rng(0).normal(size=(4, 5, 40)), jnp.float32)
   _same(jax.vmap(lambda r: top_k(r, 7))(a), lax.top_k(a, 7))

@@ -1,14 +1,20 @@
-// Each row's k largest float32 values and their indices, for XLA:CPU through
-// JAX's typed FFI (lpkernel/ops/processed/cpu_top_k.py builds and registers it).
+// Top-k kernels for XLA:CPU through JAX's typed FFI (lpkernel/ops/processed/
+// cpu_top_k.py builds and registers them); rows are shared among XLA's
+// intra-op threads.
 //
-// The order is lax.top_k's on the CPU: the floats' total order (-NaN < -inf <
-// ... < -0 < 0 < ... < inf < NaN), equal values by their index, lowest first;
-// values descending. Rows are shared among XLA's intra-op threads.
-//
-// Per row, a buffer of at most 4k candidates: every value at least the k-th
+// LpkernelTopK: each row's k largest float32 values and their indices, in
+// lax.top_k's order on the CPU: the floats' total order (-NaN < -inf < ... <
+// -0 < 0 < ... < inf < NaN), equal values by their index, lowest first; values
+// descending. Per row, a buffer of at most 4k candidates: every value at least the k-th
 // largest kept so far enters it, the block filter skipping 16 values at a time
 // where none does; a full buffer is cut back to its k largest (nth_element),
 // which raises the bar. The k kept are sorted once at the end.
+//
+// LpkernelGroupTops: each group of `group` columns' c largest values (c <= 4),
+// descending, equal values counted as often as they occur, -inf past a short
+// group's columns, NaN for a group holding one: lane-wise sorted lists of 4
+// lanes updated by maxima and minima, then the lanes merged (the record of
+// lpkernel.ops.processed.record.group_tops, in registers).
 
 #include <algorithm>
 #include <atomic>
@@ -16,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -45,16 +52,82 @@ inline float KeyValue(uint32_t key) {
 typedef float F4 __attribute__((vector_size(16)));   // GCC and Clang vectors:
 typedef int32_t I4 __attribute__((vector_size(16)));  // SSE2 on x86-64, NEON on arm64
 
+// x[0, 4) as floats.
+inline F4 Load4(const float* x) {
+  F4 v;
+  std::memcpy(&v, x, sizeof v);
+  return v;
+}
+
 // Whether a value of x[0, 16) may reach the bar (NaN and -0 as 0 included; Offer decides).
 inline bool AnyAtLeast(const float* x, float bar) {
   F4 b = {bar, bar, bar, bar};
   I4 any = {0, 0, 0, 0};
-  for (int j = 0; j < 16; j += 4) {
-    F4 v;
-    std::memcpy(&v, x + j, sizeof v);
-    any |= ~(v < b);
-  }
+  for (int j = 0; j < 16; j += 4) any |= ~(Load4(x + j) < b);
   return (any[0] | any[1] | any[2] | any[3]) != 0;
+}
+
+inline F4 Max(F4 a, F4 b) { return a > b ? a : b; }
+inline F4 Min(F4 a, F4 b) { return a < b ? a : b; }
+
+// One of x[0, width)'s values, their maximum where none is NaN (width: a multiple of 4).
+inline float BlockMax(const float* x, int64_t width) {
+  F4 m = Load4(x);
+  for (int64_t j = 4; j < width; j += 4) m = Max(m, Load4(x + j));
+  float a = m[0] > m[1] ? m[0] : m[1], b = m[2] > m[3] ? m[2] : m[3];
+  return a > b ? a : b;
+}
+
+// The C largest of two lane-wise descending lists: the r-th is the best split of
+// r + 1 values between them, max_i min(a[i - 1], b[r - i]).
+template <int C>
+void MergeLists(F4* a, const F4* b) {
+  F4 r[C];
+  for (int q = 0; q < C; ++q) {
+    F4 best = Max(a[q], b[q]);
+    for (int i = 1; i <= q; ++i) best = Max(best, Min(a[i - 1], b[q - i]));
+    r[q] = best;
+  }
+  for (int q = 0; q < C; ++q) a[q] = r[q];
+}
+
+// One row's groups: out[g * C + j] is group g's j-th largest value.
+template <int C>
+void GroupTopsRow(const float* z, int64_t w, int64_t group, float* out) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const F4 none = {-inf, -inf, -inf, -inf};
+  for (int64_t g = 0, lo = 0; lo < w; ++g, lo += group) {
+    int64_t hi = std::min(w, lo + group);
+    F4 t[C];
+    for (int j = 0; j < C; ++j) t[j] = none;
+    I4 nan = {0, 0, 0, 0};
+    auto take = [&](F4 v) {
+      nan |= v != v;
+      for (int j = 0; j < C; ++j) {
+        F4 larger = Max(t[j], v);
+        v = Min(t[j], v);
+        t[j] = larger;
+      }
+    };
+    int64_t i = lo;
+    for (; i + 4 <= hi; i += 4) {
+      F4 v;
+      std::memcpy(&v, z + i, sizeof v);
+      take(v);
+    }
+    if (i < hi) {
+      F4 v = none;
+      for (int j = 0; i + j < hi; ++j) v[j] = z[i + j];
+      take(v);
+    }
+    F4 other[C];
+    for (int j = 0; j < C; ++j) other[j] = __builtin_shufflevector(t[j], t[j], 2, 3, 0, 1);
+    MergeLists<C>(t, other);
+    for (int j = 0; j < C; ++j) other[j] = __builtin_shufflevector(t[j], t[j], 1, 0, 3, 2);
+    MergeLists<C>(t, other);
+    bool any_nan = (nan[0] | nan[1] | nan[2] | nan[3]) != 0;
+    for (int j = 0; j < C; ++j) out[g * C + j] = any_nan ? std::numeric_limits<float>::quiet_NaN() : t[j][0];
+  }
 }
 
 // Key above, inverted index below: a larger rank is a larger value, or the same
@@ -65,7 +138,7 @@ inline uint64_t Rank(uint32_t key, int64_t i) {
 
 class RowTopK {
  public:
-  explicit RowTopK(int64_t k) : k_(k), capacity_(4 * k), buffer_(4 * k + 1), maxima_(2 * k) {}
+  explicit RowTopK(int64_t k) : k_(k), capacity_(4 * k), buffer_(4 * k + 1), maxima_(4 * k) {}
 
   void Run(const float* x, int64_t n, float* values, int32_t* ids) {
     size_ = 0;
@@ -97,17 +170,18 @@ class RowTopK {
     if (size_ == capacity_) Cut();
   }
 
-  // A first bar: the k-th largest of the maxima of k to 2k blocks of 8 values
-  // at the row's start (each block holds a value at least its maximum, so the
-  // row holds k values at least the bar); 0 (all pass) for a row under 8k.
+  // A first bar: the k-th largest of the maxima of up to 4k blocks at the row's
+  // start, 64 values wide (narrower, down to 8, where the row holds fewer than
+  // 2k such blocks); each block holds a value at least its maximum, so the row
+  // holds k values at least the bar. 0 (all pass) for a row under 8k values.
+  // A block's maximum by float comparisons is one of its values (NaN or not),
+  // so the bar is such a value too.
   uint32_t SeedBar(const float* x, int64_t n) {
-    int64_t blocks = std::min(n / 8, 2 * k_);
+    int64_t width = 64;
+    while (width > 8 && n / width < 2 * k_) width /= 2;
+    int64_t blocks = std::min(n / width, 4 * k_);
     if (blocks < k_) return 0;
-    for (int64_t b = 0; b < blocks; ++b) {
-      uint32_t m = 0;
-      for (int j = 0; j < 8; ++j) m = std::max(m, OrderKey(x[8 * b + j]));
-      maxima_[b] = m;
-    }
+    for (int64_t b = 0; b < blocks; ++b) maxima_[b] = OrderKey(BlockMax(x + b * width, width));
     std::nth_element(maxima_.begin(), maxima_.begin() + (k_ - 1), maxima_.begin() + blocks,
                      std::greater<uint32_t>());
     return maxima_[k_ - 1];
@@ -118,7 +192,10 @@ class RowTopK {
     std::nth_element(buffer_.begin(), buffer_.begin() + (k_ - 1), buffer_.begin() + size_,
                      std::greater<uint64_t>());
     size_ = k_;
-    bar_ = static_cast<uint32_t>(buffer_[k_ - 1] >> 32);
+    // A later value equal to the k-th comes at a higher index, so below it: only
+    // larger keys may enter now (rows of many ties, e.g. bfloat16, pass fewer).
+    uint32_t kth = static_cast<uint32_t>(buffer_[k_ - 1] >> 32);
+    bar_ = kth == UINT32_MAX ? kth : kth + 1;
   }
 
   int64_t k_, capacity_;
@@ -128,30 +205,46 @@ class RowTopK {
   uint32_t bar_ = 0;
 };
 
-// Rows in chunks, taken by the calling thread and the pool's tasks from one
-// counter; the caller returns when every chunk is done (it can do them all
-// itself, so a busy pool never stalls it). Tasks hold the state they share.
-struct Rows {
-  const float* x;
-  float* values;
-  int32_t* ids;
-  int64_t n, k, rows, chunk, chunks;
+// Rows [0, rows) in chunks of about 64K values, taken by the calling thread
+// and the pool's tasks from one counter; the caller returns when every chunk is
+// done (it can do them all itself, so a busy pool never stalls it). Tasks hold
+// the state they share.
+struct Chunks {
+  std::function<void(int64_t, int64_t)> run;  // rows [lo, hi)
+  int64_t rows, chunk, count;
   std::atomic<int64_t> next{0}, done{0};
   std::mutex mu;
   std::condition_variable all_done;
 
   void Work() {
-    RowTopK top(k);
-    for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
-      int64_t end = std::min(rows, (c + 1) * chunk);
-      for (int64_t r = c * chunk; r < end; ++r) top.Run(x + r * n, n, values + r * k, ids + r * k);
-      if (done.fetch_add(1) + 1 == chunks) {
+    for (int64_t c; (c = next.fetch_add(1)) < count;) {
+      run(c * chunk, std::min(rows, (c + 1) * chunk));
+      if (done.fetch_add(1) + 1 == count) {
         std::lock_guard<std::mutex> lock(mu);
         all_done.notify_all();
       }
     }
   }
 };
+
+void ParallelRows(ffi::ThreadPool& pool, int64_t rows, int64_t row_values,
+                  std::function<void(int64_t, int64_t)> run) {
+  if (rows == 0) return;
+  auto chunks = std::make_shared<Chunks>();
+  chunks->run = std::move(run);
+  chunks->rows = rows;
+  int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  // At least 4 chunks per thread where the rows allow.
+  chunks->chunk = std::clamp<int64_t>((1 << 16) / std::max<int64_t>(1, row_values), 1,
+                                      std::max<int64_t>(1, rows / (4 * threads)));
+  chunks->count = (rows + chunks->chunk - 1) / chunks->chunk;
+  for (int64_t t = 1; t < std::min(threads, chunks->count); ++t) {
+    pool.Schedule([chunks] { chunks->Work(); });
+  }
+  chunks->Work();
+  std::unique_lock<std::mutex> lock(chunks->mu);
+  chunks->all_done.wait(lock, [&] { return chunks->done.load() == chunks->count; });
+}
 
 ffi::Error TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> values,
                 ffi::ResultBuffer<ffi::S32> ids) {
@@ -161,21 +254,31 @@ ffi::Error TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer
   int64_t k = values->dimensions().back();
   if (k > n || n > INT32_MAX) return ffi::Error::InvalidArgument("top_k: k > n or n >= 2^31");
   if (k == 0 || x.element_count() == 0) return ffi::Error::Success();
-  auto rows = std::make_shared<Rows>();
-  rows->x = x.typed_data();
-  rows->values = values->typed_data();
-  rows->ids = ids->typed_data();
-  rows->n = n;
-  rows->k = k;
-  rows->rows = x.element_count() / n;
-  int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  // About 64K values per chunk, at least 4 chunks per thread where the rows allow.
-  rows->chunk = std::clamp<int64_t>((1 << 16) / n, 1, std::max<int64_t>(1, rows->rows / (4 * threads)));
-  rows->chunks = (rows->rows + rows->chunk - 1) / rows->chunk;
-  for (int64_t t = 1; t < std::min(threads, rows->chunks); ++t) pool.Schedule([rows] { rows->Work(); });
-  rows->Work();
-  std::unique_lock<std::mutex> lock(rows->mu);
-  rows->all_done.wait(lock, [&] { return rows->done.load() == rows->chunks; });
+  const float* in = x.typed_data();
+  float* v = values->typed_data();
+  int32_t* i = ids->typed_data();
+  ParallelRows(pool, x.element_count() / n, n, [=](int64_t lo, int64_t hi) {
+    RowTopK top(k);
+    for (int64_t r = lo; r < hi; ++r) top.Run(in + r * n, n, v + r * k, i + r * k);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error GroupTops(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::ResultBuffer<ffi::F32> out,
+                     int64_t group, int64_t c) {
+  auto dims = z.dimensions();
+  if (dims.size() == 0 || group < 1 || c < 1 || c > 4) {
+    return ffi::Error::InvalidArgument("group_tops: a row, group >= 1 and 1 <= c <= 4");
+  }
+  int64_t w = dims.back();
+  if (w == 0 || z.element_count() == 0) return ffi::Error::Success();
+  int64_t width = (w + group - 1) / group * c;  // out values per row
+  const float* in = z.typed_data();
+  float* o = out->typed_data();
+  auto row = c == 1 ? GroupTopsRow<1> : c == 2 ? GroupTopsRow<2> : c == 3 ? GroupTopsRow<3> : GroupTopsRow<4>;
+  ParallelRows(pool, z.element_count() / w, w, [=](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) row(in + r * w, w, group, o + r * width);
+  });
   return ffi::Error::Success();
 }
 
@@ -187,3 +290,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LpkernelTopK, TopK,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LpkernelGroupTops, GroupTops,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("group")
+                                  .Attr<int64_t>("c"));

@@ -1,10 +1,13 @@
-"""A row top-k for XLA:CPU: ``lax.top_k``'s values and indices, 3x to 10x faster.
+"""Top-k kernels for XLA:CPU, through JAX's typed FFI (``cpu_top_k.cc``).
 
-XLA:CPU's TopK runs each row's partial sort on one thread (about 12 us for the
-64 largest of 1000 values); the processed paths take two or three per token
-(:mod:`lpkernel.ops.processed.xla`). ``cpu_top_k.cc`` filters each row through a
-small buffer of candidates instead and shares the rows among XLA's intra-op
-threads, through JAX's typed FFI.
+* :func:`top_k`: ``lax.top_k``'s values and indices, 3x to 6x faster. XLA:CPU's
+  TopK sorts each row partially on one thread (about 12 us for the 64 largest
+  of 1000 values), and the processed paths take two or three per token
+  (:mod:`lpkernel.ops.processed.xla`); the kernel filters each row through a
+  small buffer of candidates and shares the rows among XLA's intra-op threads.
+* :func:`group_tops`: :func:`lpkernel.ops.processed.record.group_tops` (each
+  group's few largest values, the record of the sweep from hidden states) in
+  registers, where XLA:CPU materialises each level of its merge tree.
 
 The library is compiled on first use with the C++ compiler (``$CXX``, else
 ``c++``) against the FFI headers of the installed jaxlib, and cached under
@@ -28,13 +31,15 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from lpkernel.ops.platform import on_cpu_or
+from lpkernel.ops.processed import record
 
 _LOG = logging.getLogger(__name__)
 _SOURCE = pathlib.Path(__file__).with_suffix(".cc")
-_TARGET = "lpkernel_cpu_top_k"
+_TARGETS = {"lpkernel_cpu_top_k": "LpkernelTopK", "lpkernel_cpu_group_tops": "LpkernelGroupTops"}
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")  # portable: no -march
 
 
@@ -78,9 +83,11 @@ def _register() -> bool:
     return False
   try:
     library = ctypes.cdll.LoadLibrary(str(_build()))
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.LpkernelTopK), platform="cpu")
+    for target, symbol in _TARGETS.items():
+      handler = jax.ffi.pycapsule(getattr(library, symbol))
+      jax.ffi.register_ffi_target(target, handler, platform="cpu")
   except OSError as e:
-    _LOG.warning("lpkernel: the CPU top-k is not built, lax.top_k on the CPU: %s", e)
+    _LOG.warning("lpkernel: the CPU top-k is not built, XLA's on the CPU: %s", e)
     return False
   return True
 
@@ -88,7 +95,7 @@ def _register() -> bool:
 def _native(a: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   shape = a.shape[:-1] + (k,)
   call = jax.ffi.ffi_call(
-    _TARGET,
+    "lpkernel_cpu_top_k",
     (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.int32)),
     vmap_method="broadcast_all",
   )
@@ -113,3 +120,20 @@ def top_k(a: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   if not (jnp.issubdtype(a.dtype, jnp.floating) and a.dtype.itemsize <= 4 and available()):
     return _xla(a, k)
   return on_cpu_or(lambda: _native(a, k), lambda: _xla(a, k))
+
+
+def _native_group_tops(z: jax.Array, group: int, c: int) -> jax.Array:
+  n, w = z.shape
+  out = jax.ShapeDtypeStruct((n, -(-w // group), c), jnp.float32)
+  call = jax.ffi.ffi_call("lpkernel_cpu_group_tops", out, vmap_method="broadcast_all")
+  return call(z, group=np.int64(group), c=np.int64(c))
+
+
+def group_tops(z: jax.Array, group: int, c: int) -> jax.Array:
+  """:func:`lpkernel.ops.processed.record.group_tops` of float32 ``z [N, W]``:
+  on the CPU the compiled kernel where :func:`available` and ``c <= 4``, else
+  XLA's merge tree (a group holding NaN is NaN throughout on the CPU, at least
+  its largest value in XLA's)."""
+  if not (z.dtype == jnp.float32 and c <= 4 and available()):
+    return record.group_tops(z, group, c)
+  return on_cpu_or(lambda: _native_group_tops(z, group, c), lambda: record.group_tops(z, group, c))

@@ -36,9 +36,8 @@ from lpkernel.ops.fused.xla import FusedConfig, block_logits
 from lpkernel.ops.logprobs.xla import XlaLogits, chunk_rows, gather
 from lpkernel.ops.platform import on_cpu_or
 from lpkernel.ops.processed import select as S
-from lpkernel.ops.processed.cpu_top_k import top_k
+from lpkernel.ops.processed.cpu_top_k import group_tops, top_k
 from lpkernel.ops.processed.grads import live_rows, row_grads
-from lpkernel.ops.processed.record import group_tops
 from lpkernel.ops.processed.replay import rows_major
 
 _F32 = jnp.float32
@@ -289,7 +288,7 @@ def _hidden_sweep(h, w, targets, tau, softcap, vocab_axis: int, precision, confi
       _, z, _ = block_logits(h, w, lo, wd, softcap, precision, vocab_axis, fused.dot_dtype)
       cols = lo + lax.broadcasted_iota(jnp.int32, (1, wd), 1)
       parts = P.merge(parts, P.block_partials(z, cols, targets, tau_col, with_entropy=False), tau)
-      bm = lax.stop_gradient(group_tops(z, group, c))
+      bm = group_tops(lax.stop_gradient(z), group, c)
       return parts, lax.dynamic_update_slice_in_dim(maxima, bm, lo // group, 1)
 
     init = (P.empty(n), jnp.full((n, -(-v // group), c), -jnp.inf, _F32))
