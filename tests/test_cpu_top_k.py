@@ -98,6 +98,32 @@ def test_group_tops_are_a_sorts(data, rows, width, group, c):
   np.testing.assert_array_equal(got, want.astype(np.float32))
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+  data=st.data(),
+  rows=st.integers(1, 4),
+  n=st.integers(1, 400),
+  group=st.sampled_from([1, 3, 4, 8, 32, 50]),
+  dtype=st.sampled_from([np.float32, jnp.bfloat16]),
+)
+def test_groups_top_k_is_lax_top_k_of_the_gathered_columns(data, rows, n, group, dtype):
+  """The ``k`` largest among each row's groups ``ids`` (in any order, fewer or
+  more than ``k`` of them; a short last group), read in place."""
+  special = st.sampled_from(_SPECIAL)
+  a = data.draw(hnp.arrays(np.float32, (rows, n), elements=st.one_of(special, st.floats(-5, 5))))
+  a = jnp.asarray(a, dtype)
+  groups = -(-n // group)
+  m = data.draw(st.integers(1, groups))
+  ids = np.stack([np.random.default_rng(r).permutation(groups)[:m] for r in range(rows)])
+  cols = ids[:, :, None] * group + np.arange(group)
+  width = int(np.min(np.sum(cols < n, axis=(1, 2))))
+  k = data.draw(st.integers(1, width))
+  pooled = [np.asarray(a[r])[np.sort(c[c < n])] for r, c in enumerate(cols)]
+  want = np.stack([np.asarray(lax.top_k(jnp.asarray(p, jnp.float32), k)[0]) for p in pooled])
+  got = jax.jit(cpu_top_k.groups_top_k, static_argnums=(2, 3))(a, jnp.asarray(ids), group, k)
+  np.testing.assert_array_equal(_bits(got), want.view(np.uint32))
+
+
 def test_vmap_and_no_rows():
   a = jnp.asarray(np.random.default_rng(0).normal(size=(4, 5, 40)), jnp.float32)
   _same(jax.vmap(lambda r: top_k(r, 7))(a), lax.top_k(a, 7))

@@ -487,6 +487,41 @@ def test_the_k_largest_from_hidden_states_in_every_branch(case, spans, groups, s
     np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_xlas_own_steps_give_the_compiled_kernels_numbers(monkeypatch, dtype):
+  """Without the compiled CPU kernels (a machine without a compiler, and the
+  programs for a GPU or TPU: XLA's top-k, gather and merge tree), the same kept
+  sets and values, from logits (ties, a NaN row, softcap: XLA's tanh may round
+  an ulp apart in another fusion) and from hidden states (groups gathered)."""
+  from lpkernel.ops.processed import cpu_top_k
+
+  rng = np.random.default_rng(7)
+  x = rng.normal(size=(12, 5000)) * 4
+  x[1, :40] = x[1].max()  # ties at the top
+  x[2, 3] = np.nan
+  x = jnp.asarray(x, dtype)
+  t = jnp.asarray(rng.integers(0, 5000, 12))
+  sampling = lpk.Sampling(0.7, jnp.array([50, 0, 5, 100] * 3), jnp.array([0.95, 0.9, 1.0] * 4))
+  h, w, th = _clustered(16, 16, 5000, [(64, 20)], seed=4)
+  hidden, config = lpk.Sampling(0.7, 5, 0.95), lpk.ProcessedConfig(candidates=8, gathered_rows=1.0)
+
+  def both():
+    return (
+      jax.jit(lambda x: lpk.processed_token_stats(x, t, sampling, softcap=30.0))(x),
+      jax.jit(lambda h: lpk.fused_processed_token_stats(h, w, th, hidden, config=config))(h),
+    )
+
+  compiled = both()
+  monkeypatch.setattr(cpu_top_k, "available", lambda: False)
+  for got, want in zip(both(), compiled, strict=True):
+    np.testing.assert_array_equal(got.kept, want.kept)
+    np.testing.assert_array_equal(got.kept_count, want.kept_count)
+    np.testing.assert_array_equal(got.greedy, want.greedy)
+    for a, b in zip(got[:3], want[:3], strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert np.isnan(compiled[0].logprobs[2]) and int(compiled[0].kept_count[1]) >= 40
+
+
 def test_no_sort_in_the_compiled_programs():
   """XLA:CPU rewrites a top-k whose consumers it sees as a sort of the row (10x
   to 15x slower, silently): the compiled processed programs, from logits and

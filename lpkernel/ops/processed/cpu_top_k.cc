@@ -10,6 +10,10 @@
 // where none does; a full buffer is cut back to its k largest (nth_element),
 // which raises the bar. The k kept are sorted once at the end.
 //
+// LpkernelGroupsTopK: the k largest values among the columns of k given groups
+// of each row (float32 or bfloat16), descending, as LpkernelTopK orders them;
+// the least of the groups' maxima is the first bar, so few values enter.
+//
 // LpkernelGroupTops: each group of `group` columns' c largest values (c <= 4),
 // descending, equal values counted as often as they occur, -inf past a short
 // group's columns, NaN for a group holding one: lane-wise sorted lists of 4
@@ -59,6 +63,28 @@ inline F4 Load4(const float* x) {
   return v;
 }
 
+typedef uint16_t U16x4 __attribute__((vector_size(8)));
+typedef uint32_t U4 __attribute__((vector_size(16)));
+
+// x[0, 4) of bfloat16 bits (XLA's uint16_t) as floats, exactly.
+inline F4 Load4(const uint16_t* x) {
+  U16x4 half;
+  std::memcpy(&half, x, sizeof half);
+  U4 bits = __builtin_convertvector(half, U4) << 16;
+  F4 v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+// A float32, or a bfloat16 widened exactly.
+inline float Widen(float v) { return v; }
+inline float Widen(uint16_t bits) {
+  uint32_t b = static_cast<uint32_t>(bits) << 16;
+  float v;
+  std::memcpy(&v, &b, sizeof v);
+  return v;
+}
+
 // Whether a value of x[0, 16) may reach the bar (NaN and -0 as 0 included; Offer decides).
 inline bool AnyAtLeast(const float* x, float bar) {
   F4 b = {bar, bar, bar, bar};
@@ -71,7 +97,8 @@ inline F4 Max(F4 a, F4 b) { return a > b ? a : b; }
 inline F4 Min(F4 a, F4 b) { return a < b ? a : b; }
 
 // One of x[0, width)'s values, their maximum where none is NaN (width: a multiple of 4).
-inline float BlockMax(const float* x, int64_t width) {
+template <typename T>
+inline float BlockMax(const T* x, int64_t width) {
   F4 m = Load4(x);
   for (int64_t j = 4; j < width; j += 4) m = Max(m, Load4(x + j));
   float a = m[0] > m[1] ? m[0] : m[1], b = m[2] > m[3] ? m[2] : m[3];
@@ -152,16 +179,56 @@ class RowTopK {
       }
     }
     for (; i < n; ++i) Offer(x[i], i);
+    Finish(values, ids, [&](int64_t at) { return x[at]; });
+  }
+
+  // The k largest values of the columns of groups ids[0, m) of a row x[0, n)
+  // (group j: columns [j * group, (j + 1) * group) below n; k <= the columns).
+  // With m >= k groups the first bar is the least of their maxima (each holds a
+  // value at least it). Values only: which of equal values enters is immaterial.
+  template <typename T>
+  void RunGroups(const T* x, int64_t n, const int32_t* ids, int64_t m, int64_t group,
+                 float* values) {
+    uint32_t bar = m >= k_ ? UINT32_MAX : 0;
+    for (int64_t g = 0; g < m && bar > 0; ++g) {
+      int64_t lo = int64_t{ids[g]} * group, hi = std::min(n, lo + group), i = lo;
+      uint32_t top = 0;
+      if (hi - lo >= 4) {
+        top = OrderKey(BlockMax(x + lo, (hi - lo) / 4 * 4));
+        i = lo + (hi - lo) / 4 * 4;
+      }
+      for (; i < hi; ++i) top = std::max(top, OrderKey(Widen(x[i])));
+      bar = std::min(bar, top);
+    }
+    size_ = 0;
+    bar_ = bar;
+    float barf = KeyValue(bar_);
+    for (int64_t g = 0; g < m; ++g) {
+      int64_t lo = int64_t{ids[g]} * group, hi = std::min(n, lo + group), i = lo;
+      for (; i + 4 <= hi; i += 4) {  // 4 values at a time where one may reach the bar
+        I4 pass = ~(Load4(x + i) < F4{barf, barf, barf, barf});
+        if ((pass[0] | pass[1] | pass[2] | pass[3]) == 0) continue;
+        for (int64_t j = i; j < i + 4; ++j) Offer(Widen(x[j]), j);
+        barf = KeyValue(bar_);
+      }
+      for (; i < hi; ++i) Offer(Widen(x[i]), i);
+    }
+    Finish(values, nullptr, [&](int64_t at) { return Widen(x[at]); });
+  }
+
+ private:
+  // Sorts the buffer's k largest and writes their values (and indices, if asked).
+  template <typename Value>
+  void Finish(float* values, int32_t* ids, Value value) {
     if (size_ > k_) Cut();
     std::sort(buffer_.begin(), buffer_.begin() + size_, std::greater<uint64_t>());
     for (int64_t j = 0; j < size_; ++j) {
       int64_t at = static_cast<uint32_t>(~static_cast<uint32_t>(buffer_[j]));
-      ids[j] = static_cast<int32_t>(at);
-      values[j] = x[at];
+      if (ids != nullptr) ids[j] = static_cast<int32_t>(at);
+      values[j] = value(at);
     }
   }
 
- private:
   // Written past the end and counted only when at the bar: no branch to mispredict.
   void Offer(float v, int64_t i) {
     uint32_t key = OrderKey(v);
@@ -264,6 +331,41 @@ ffi::Error TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer
   return ffi::Error::Success();
 }
 
+template <typename T>
+void RowsGroupsTopK(ffi::ThreadPool& pool, const T* x, int64_t rows, int64_t n, const int32_t* ids,
+                    int64_t m, int64_t group, int64_t k, float* values) {
+  ParallelRows(pool, rows, m * group, [=](int64_t lo, int64_t hi) {
+    RowTopK top(k);
+    for (int64_t r = lo; r < hi; ++r) {
+      top.RunGroups(x + r * n, n, ids + r * m, m, group, values + r * k);
+    }
+  });
+}
+
+// x [N, n] float32 or bfloat16; ids int32 [N, m], distinct, each in
+// [0, ceil(n / group)); values [N, k], k at most the groups' columns.
+ffi::Error GroupsTopK(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> ids,
+                      ffi::ResultBuffer<ffi::F32> values, int64_t group) {
+  auto dims = x.dimensions();
+  if (dims.size() != 2 || ids.dimensions().size() != 2 || group < 1) {
+    return ffi::Error::InvalidArgument("groups_top_k: x [N, n], ids [N, m], group >= 1");
+  }
+  int64_t rows = dims[0], n = dims[1], m = ids.dimensions()[1], k = values->dimensions()[1];
+  if (rows == 0 || k == 0) return ffi::Error::Success();
+  const int32_t* i = ids.typed_data();
+  float* v = values->typed_data();
+  switch (x.element_type()) {
+    case ffi::DataType::F32:
+      RowsGroupsTopK(pool, static_cast<const float*>(x.untyped_data()), rows, n, i, m, group, k, v);
+      return ffi::Error::Success();
+    case ffi::DataType::BF16:
+      RowsGroupsTopK(pool, static_cast<const uint16_t*>(x.untyped_data()), rows, n, i, m, group, k, v);
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument("groups_top_k: float32 or bfloat16");
+  }
+}
+
 ffi::Error GroupTops(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::ResultBuffer<ffi::F32> out,
                      int64_t group, int64_t c) {
   auto dims = z.dimensions();
@@ -298,3 +400,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LpkernelGroupTops, GroupTops,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("group")
                                   .Attr<int64_t>("c"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LpkernelGroupsTopK, GroupsTopK,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("group"));

@@ -5,6 +5,8 @@
   of 1000 values), and the processed paths take two or three per token
   (:mod:`lpkernel.ops.processed.xla`); the kernel filters each row through a
   small buffer of candidates and shares the rows among XLA's intra-op threads.
+* :func:`groups_top_k`: the ``K`` largest among a row's ``K`` groups with the
+  largest maxima, read in place (XLA gathers them first);
 * :func:`group_tops`: :func:`lpkernel.ops.processed.record.group_tops` (each
   group's few largest values, the record of the sweep from hidden states) in
   registers, where XLA:CPU materialises each level of its merge tree.
@@ -39,7 +41,11 @@ from lpkernel.ops.processed import record
 
 _LOG = logging.getLogger(__name__)
 _SOURCE = pathlib.Path(__file__).with_suffix(".cc")
-_TARGETS = {"lpkernel_cpu_top_k": "LpkernelTopK", "lpkernel_cpu_group_tops": "LpkernelGroupTops"}
+_TARGETS = {
+  "lpkernel_cpu_top_k": "LpkernelTopK",
+  "lpkernel_cpu_groups_top_k": "LpkernelGroupsTopK",
+  "lpkernel_cpu_group_tops": "LpkernelGroupTops",
+}
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")  # portable: no -march
 
 
@@ -120,6 +126,24 @@ def top_k(a: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   if not (jnp.issubdtype(a.dtype, jnp.floating) and a.dtype.itemsize <= 4 and available()):
     return _xla(a, k)
   return on_cpu_or(lambda: _native(a, k), lambda: _xla(a, k))
+
+
+def compiled(dtype) -> bool:
+  """Whether :func:`groups_top_k` takes ``dtype`` (float32, bfloat16) here."""
+  return jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16) and available()
+
+
+def groups_top_k(x: jax.Array, ids: jax.Array, group: int, k: int) -> jax.Array:
+  """float32[N, k]: the ``k`` largest values of ``x [N, n]`` (float32 or
+  bfloat16, read in place) among the columns of its groups ``ids [N, m]``
+  (distinct; group ``j``: columns ``[j * group, (j + 1) * group)`` below n),
+  descending: ``lax.top_k`` of the gathered columns, with no gather. The first
+  bar is the least of the groups' maxima, so few values enter the buffer. A
+  program for the CPU only (where :func:`compiled`); the caller chooses it with
+  :func:`lpkernel.ops.platform.on_cpu_or`."""
+  out = jax.ShapeDtypeStruct((x.shape[0], k), jnp.float32)
+  call = jax.ffi.ffi_call("lpkernel_cpu_groups_top_k", out, vmap_method="broadcast_all")
+  return call(x, ids.astype(jnp.int32), group=np.int64(group))
 
 
 def _native_group_tops(z: jax.Array, group: int, c: int) -> jax.Array:

@@ -35,6 +35,7 @@ from lpkernel.ops.fused.matmuls import UnembedGrad, add_rows, fresh_rows, grad_u
 from lpkernel.ops.fused.xla import FusedConfig, block_logits
 from lpkernel.ops.logprobs.xla import XlaLogits, chunk_rows, gather
 from lpkernel.ops.platform import on_cpu_or
+from lpkernel.ops.processed import cpu_top_k
 from lpkernel.ops.processed import select as S
 from lpkernel.ops.processed.cpu_top_k import group_tops, top_k
 from lpkernel.ops.processed.grads import live_rows, row_grads
@@ -229,14 +230,20 @@ def logits_forward(x, targets, tau, softcap, k: int, config: ProcessedConfig, im
   xs = lax.stop_gradient(x)
   n, v = x.shape
   ids = _largest_groups(maxima, k)
+  g = config.group
 
   def values(lo, width, cc):
     rows = block_of(xs, lo, width, 0)  # a convert never moves onto all of x
     return P.capped(jax.vmap(gather, in_axes=(None, 1), out_axes=1)(rows, cc), softcap)
 
-  g = config.group
-  chunk = _chunk(config, n, v, ids.shape[1] * g * 4 * 3)
-  top = _pool_top(values, ids, g, k, v, chunk, lanes=impl.lanes)
+  def pool():
+    chunk = _chunk(config, n, v, ids.shape[1] * g * 4 * 3)
+    return _pool_top(values, ids, g, k, v, chunk, lanes=impl.lanes)
+
+  if impl.lanes == 1 and cpu_top_k.compiled(x.dtype):  # capping keeps the order
+    top = on_cpu_or(lambda: P.capped(cpu_top_k.groups_top_k(xs, ids, g, k), softcap), pool)
+  else:
+    top = pool()
   return parts, top, logits_rows(xs, softcap, config.sweep_block)
 
 
