@@ -132,6 +132,31 @@ def test_vmap_and_no_rows():
     top_k(jnp.zeros((2, 9)), 10)
 
 
+def test_the_processed_paths_run_under_vmap():
+  """``jax.vmap`` of the processed ops (from logits and from hidden states, values
+  and gradients) batches the compiled kernels' calls: the same as one call each."""
+  import lpkernel as lpk
+
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 6, 3000)) * 3, jnp.float32)
+  t = jnp.asarray(rng.integers(0, 3000, (2, 6)))
+  h = jnp.asarray(rng.normal(size=(2, 6, 16)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(16, 3000)), jnp.float32)
+  sampling = lpk.Sampling(0.7, 20, 0.9)
+
+  def logits(x, t):
+    return jnp.sum(lpk.processed_token_stats(x, t, sampling).logprobs)
+
+  def hidden(h, t):
+    return jnp.sum(lpk.fused_processed_token_stats(h, w, t, sampling).logprobs)
+
+  for fn, a in ((logits, x), (hidden, h)):
+    got = jax.jit(jax.vmap(jax.value_and_grad(fn)))(a, t)
+    want = [jax.value_and_grad(fn)(a[i], t[i]) for i in range(2)]
+    np.testing.assert_allclose(got[0], [v for v, _ in want], rtol=1e-6)
+    np.testing.assert_allclose(got[1], np.stack([g for _, g in want]), rtol=1e-5, atol=1e-6)
+
+
 def test_float64_and_a_compiler_less_machine_take_lax_top_k(monkeypatch):
   """float64 (wider than the compiled top-k) and, without the library, every
   dtype: ``lax.top_k`` kept from XLA:CPU's rewrite into a sort."""

@@ -342,16 +342,18 @@ void RowsGroupsTopK(ffi::ThreadPool& pool, const T* x, int64_t rows, int64_t n, 
   });
 }
 
-// x [N, n] float32 or bfloat16; ids int32 [N, m], distinct, each in
-// [0, ceil(n / group)); values [N, k], k at most the groups' columns.
+// x [..., n] float32 or bfloat16; ids int32 [..., m], distinct, each in
+// [0, ceil(n / group)); values [..., k], k at most the groups' columns.
 ffi::Error GroupsTopK(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> ids,
                       ffi::ResultBuffer<ffi::F32> values, int64_t group) {
   auto dims = x.dimensions();
-  if (dims.size() != 2 || ids.dimensions().size() != 2 || group < 1) {
-    return ffi::Error::InvalidArgument("groups_top_k: x [N, n], ids [N, m], group >= 1");
+  if (dims.size() == 0 || ids.dimensions().size() == 0 || group < 1) {
+    return ffi::Error::InvalidArgument("groups_top_k: x [..., n], ids [..., m], group >= 1");
   }
-  int64_t rows = dims[0], n = dims[1], m = ids.dimensions()[1], k = values->dimensions()[1];
-  if (rows == 0 || k == 0) return ffi::Error::Success();
+  int64_t n = dims.back(), m = ids.dimensions().back(), k = values->dimensions().back();
+  if (n == 0 || m == 0 || k == 0) return ffi::Error::Success();
+  int64_t rows = x.element_count() / n;
+  if (ids.element_count() / m != rows) return ffi::Error::InvalidArgument("groups_top_k: rows");
   const int32_t* i = ids.typed_data();
   float* v = values->typed_data();
   switch (x.element_type()) {
