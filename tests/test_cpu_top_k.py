@@ -62,12 +62,16 @@ def test_values_and_indices_are_lax_top_ks(data, rows, n):
 def test_long_rows_on_many_threads(dtype, n, k):
   """Rows long enough for every stage (the first bar from block maxima, the
   block filter, buffer cuts) and enough of them for several threads' chunks;
-  sorted rows (each value raises the bar) and rows of one repeated value."""
+  sorted rows (each value raises the bar), rows of one repeated value, and a row
+  of negative subnormals and zeros (XLA:CPU flushes subnormals in float
+  arithmetic: the kernel's bars are bit keys)."""
   rng = np.random.default_rng(n + k)
   a = rng.normal(size=(300, n)) * 4
   a[1] = np.sort(a[1])
   a[2] = 7.0
   a[3, ::3] = np.nan
+  a[4] = -np.abs(rng.normal(size=n)) * 1e-42
+  a[4, ::97] = -0.0
   a = jnp.asarray(a, dtype)
   _same(jax.jit(top_k, static_argnums=1)(a, k), lax.top_k(a, k))
 

@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
@@ -96,13 +97,21 @@ inline bool AnyAtLeast(const float* x, float bar) {
 inline F4 Max(F4 a, F4 b) { return a > b ? a : b; }
 inline F4 Min(F4 a, F4 b) { return a < b ? a : b; }
 
-// One of x[0, width)'s values, their maximum where none is NaN (width: a multiple of 4).
+// The largest OrderKey of x[0, width) (width: a positive multiple of 4), or a
+// smaller key of one of its values (NaN). By float maxima, except where the
+// maximum is a zero or subnormal: XLA:CPU runs with subnormals flushed, which
+// may turn a negative subnormal maximum into a -0 it does not hold, so such a
+// block is read again by bit keys.
 template <typename T>
-inline float BlockMax(const T* x, int64_t width) {
+inline uint32_t BlockMaxKey(const T* x, int64_t width) {
   F4 m = Load4(x);
   for (int64_t j = 4; j < width; j += 4) m = Max(m, Load4(x + j));
   float a = m[0] > m[1] ? m[0] : m[1], b = m[2] > m[3] ? m[2] : m[3];
-  return a > b ? a : b;
+  float top = a > b ? a : b;
+  if (!(std::fabs(top) < std::numeric_limits<float>::min())) return OrderKey(top);
+  uint32_t key = 0;
+  for (int64_t j = 0; j < width; ++j) key = std::max(key, OrderKey(Widen(x[j])));
+  return key;
 }
 
 // The C largest of two lane-wise descending lists: the r-th is the best split of
@@ -191,10 +200,10 @@ class RowTopK {
                  float* values) {
     uint32_t bar = m >= k_ ? UINT32_MAX : 0;
     for (int64_t g = 0; g < m && bar > 0; ++g) {
-      int64_t lo = int64_t{ids[g]} * group, hi = std::min(n, lo + group), i = lo;
+      int64_t lo = std::max<int64_t>(ids[g], 0) * group, hi = std::min(n, lo + group), i = lo;
       uint32_t top = 0;
       if (hi - lo >= 4) {
-        top = OrderKey(BlockMax(x + lo, (hi - lo) / 4 * 4));
+        top = BlockMaxKey(x + lo, (hi - lo) / 4 * 4);
         i = lo + (hi - lo) / 4 * 4;
       }
       for (; i < hi; ++i) top = std::max(top, OrderKey(Widen(x[i])));
@@ -204,6 +213,7 @@ class RowTopK {
     bar_ = bar;
     float barf = KeyValue(bar_);
     for (int64_t g = 0; g < m; ++g) {
+      if (ids[g] < 0) continue;
       int64_t lo = int64_t{ids[g]} * group, hi = std::min(n, lo + group), i = lo;
       for (; i + 4 <= hi; i += 4) {  // 4 values at a time where one may reach the bar
         I4 pass = ~(Load4(x + i) < F4{barf, barf, barf, barf});
@@ -227,6 +237,10 @@ class RowTopK {
       if (ids != nullptr) ids[j] = static_cast<int32_t>(at);
       values[j] = value(at);
     }
+    for (int64_t j = size_; j < k_; ++j) {  // fewer values than k: only from bad group ids
+      if (ids != nullptr) ids[j] = -1;
+      values[j] = -std::numeric_limits<float>::infinity();
+    }
   }
 
   // Written past the end and counted only when at the bar: no branch to mispredict.
@@ -241,14 +255,12 @@ class RowTopK {
   // start, 64 values wide (narrower, down to 8, where the row holds fewer than
   // 2k such blocks); each block holds a value at least its maximum, so the row
   // holds k values at least the bar. 0 (all pass) for a row under 8k values.
-  // A block's maximum by float comparisons is one of its values (NaN or not),
-  // so the bar is such a value too.
   uint32_t SeedBar(const float* x, int64_t n) {
     int64_t width = 64;
     while (width > 8 && n / width < 2 * k_) width /= 2;
     int64_t blocks = std::min(n / width, 4 * k_);
     if (blocks < k_) return 0;
-    for (int64_t b = 0; b < blocks; ++b) maxima_[b] = OrderKey(BlockMax(x + b * width, width));
+    for (int64_t b = 0; b < blocks; ++b) maxima_[b] = BlockMaxKey(x + b * width, width);
     std::nth_element(maxima_.begin(), maxima_.begin() + (k_ - 1), maxima_.begin() + blocks,
                      std::greater<uint32_t>());
     return maxima_[k_ - 1];
@@ -353,7 +365,7 @@ ffi::Error GroupsTopK(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S
   int64_t n = dims.back(), m = ids.dimensions().back(), k = values->dimensions().back();
   if (n == 0 || m == 0 || k == 0) return ffi::Error::Success();
   int64_t rows = x.element_count() / n;
-  if (ids.element_count() / m != rows) return ffi::Error::InvalidArgument("groups_top_k: rows");
+  if (static_cast<int64_t>(ids.element_count()) / m != rows) return ffi::Error::InvalidArgument("groups_top_k: rows");
   const int32_t* i = ids.typed_data();
   float* v = values->typed_data();
   switch (x.element_type()) {
