@@ -146,11 +146,7 @@ void GroupTopsRow(const float* z, int64_t w, int64_t group, float* out) {
       }
     };
     int64_t i = lo;
-    for (; i + 4 <= hi; i += 4) {
-      F4 v;
-      std::memcpy(&v, z + i, sizeof v);
-      take(v);
-    }
+    for (; i + 4 <= hi; i += 4) take(Load4(z + i));
     if (i < hi) {
       F4 v = none;
       for (int j = 0; i + j < hi; ++j) v[j] = z[i + j];

@@ -15,8 +15,9 @@ The library is compiled on first use with the C++ compiler (``$CXX``, else
 ``c++``) against the FFI headers of the installed jaxlib, and cached under
 ``$LPKERNEL_CACHE`` (default ``~/.cache/lpkernel``) by a hash of the source,
 the compiler and jaxlib's version. Without a compiler, or with
-``LPKERNEL_CPU_TOP_K=0``, :func:`top_k` is ``lax.top_k`` everywhere (the same
-values and indices, slower on the CPU); the reason is logged once.
+``LPKERNEL_CPU_TOP_K=0``, every step is XLA's (:func:`top_k` is ``lax.top_k``,
+:func:`group_tops` the merge tree, and :func:`compiled` says False so callers
+gather): the same numbers, slower on the CPU; the reason is logged once.
 """
 
 from __future__ import annotations

@@ -35,9 +35,8 @@ from lpkernel.ops.fused.matmuls import UnembedGrad, add_rows, fresh_rows, grad_u
 from lpkernel.ops.fused.xla import FusedConfig, block_logits
 from lpkernel.ops.logprobs.xla import XlaLogits, chunk_rows, gather
 from lpkernel.ops.platform import on_cpu_or
-from lpkernel.ops.processed import cpu_top_k
 from lpkernel.ops.processed import select as S
-from lpkernel.ops.processed.cpu_top_k import group_tops, top_k
+from lpkernel.ops.processed.cpu_top_k import compiled, group_tops, groups_top_k, top_k
 from lpkernel.ops.processed.grads import live_rows, row_grads
 from lpkernel.ops.processed.replay import rows_major
 
@@ -240,8 +239,8 @@ def logits_forward(x, targets, tau, softcap, k: int, config: ProcessedConfig, im
     chunk = _chunk(config, n, v, ids.shape[1] * g * 4 * 3)
     return _pool_top(values, ids, g, k, v, chunk, lanes=impl.lanes)
 
-  if impl.lanes == 1 and cpu_top_k.compiled(x.dtype):  # capping keeps the order
-    top = on_cpu_or(lambda: P.capped(cpu_top_k.groups_top_k(xs, ids, g, k), softcap), pool)
+  if impl.lanes == 1 and compiled(x.dtype):  # capping keeps the order
+    top = on_cpu_or(lambda: P.capped(groups_top_k(xs, ids, g, k), softcap), pool)
   else:
     top = pool()
   return parts, top, logits_rows(xs, softcap, config.sweep_block)
