@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax import lax
 
-from lpkernel.ops.processed import cpu_top_k
+from lpkernel.ops.processed import cpu_library, cpu_top_k
 from lpkernel.ops.processed.cpu_top_k import top_k
 
 # A few values drawn often: ties, and every corner of the floats' order.
@@ -35,8 +35,8 @@ def _same(got, want):
 def test_the_compiled_top_k_is_built_here():
   """CI and this machine have a C++ compiler: the CPU paths run the compiled
   top-k (a machine without one runs lax.top_k, logged; this test then says why)."""
-  if os.environ.get("LPKERNEL_CPU_TOP_K") == "0":
-    pytest.skip("LPKERNEL_CPU_TOP_K=0")
+  if os.environ.get("LPKERNEL_CPU_KERNELS") == "0":
+    pytest.skip("LPKERNEL_CPU_KERNELS=0")
   assert cpu_top_k.available()
   text = jax.jit(lambda a: top_k(a, 3)).lower(jnp.zeros((4, 10))).as_text()
   assert "lpkernel_cpu_top_k" in text
@@ -180,9 +180,9 @@ def test_a_failed_build_is_reported_and_falls_back(monkeypatch, tmp_path, caplog
   monkeypatch.setenv("CXX", "no-such-compiler-here")
   monkeypatch.setenv("LPKERNEL_CACHE", str(tmp_path))
   with pytest.raises(OSError, match="no-such-compiler-here"):
-    cpu_top_k._build()
+    cpu_library._build()
   with caplog.at_level("WARNING"):
-    assert not cpu_top_k._register()
+    assert not cpu_library._register()
   assert "no-such-compiler-here" in caplog.text
-  monkeypatch.setenv("LPKERNEL_CPU_TOP_K", "0")
-  assert not cpu_top_k._register()
+  monkeypatch.setenv("LPKERNEL_CPU_KERNELS", "0")
+  assert not cpu_library._register()

@@ -20,23 +20,14 @@
 // lanes updated by maxima and minima, then the lanes merged (the record of
 // lpkernel.ops.processed.record.group_tops, in registers).
 
-#include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
-#include <cstdint>
-#include <cstring>
-#include <functional>
 #include <limits>
-#include <memory>
-#include <mutex>
-#include <vector>
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "cpu_common.h"
 
 namespace {
+
+using namespace lpkernel;  // NOLINT: the shared vectors, loads and thread split
 
 // The float's bits as an unsigned key in the floats' total order.
 inline uint32_t OrderKey(float v) {
@@ -49,38 +40,6 @@ inline uint32_t OrderKey(float v) {
 // The float of an OrderKey.
 inline float KeyValue(uint32_t key) {
   uint32_t b = (key & 0x80000000u) ? (key & 0x7fffffffu) : ~key;
-  float v;
-  std::memcpy(&v, &b, sizeof v);
-  return v;
-}
-
-typedef float F4 __attribute__((vector_size(16)));   // GCC and Clang vectors:
-typedef int32_t I4 __attribute__((vector_size(16)));  // SSE2 on x86-64, NEON on arm64
-
-// x[0, 4) as floats.
-inline F4 Load4(const float* x) {
-  F4 v;
-  std::memcpy(&v, x, sizeof v);
-  return v;
-}
-
-typedef uint16_t U16x4 __attribute__((vector_size(8)));
-typedef uint32_t U4 __attribute__((vector_size(16)));
-
-// x[0, 4) of bfloat16 bits (XLA's uint16_t) as floats, exactly.
-inline F4 Load4(const uint16_t* x) {
-  U16x4 half;
-  std::memcpy(&half, x, sizeof half);
-  U4 bits = __builtin_convertvector(half, U4) << 16;
-  F4 v;
-  std::memcpy(&v, &bits, sizeof v);
-  return v;
-}
-
-// A float32, or a bfloat16 widened exactly.
-inline float Widen(float v) { return v; }
-inline float Widen(uint16_t bits) {
-  uint32_t b = static_cast<uint32_t>(bits) << 16;
   float v;
   std::memcpy(&v, &b, sizeof v);
   return v;
@@ -279,47 +238,6 @@ class RowTopK {
   int64_t size_ = 0;
   uint32_t bar_ = 0;
 };
-
-// Rows [0, rows) in chunks of about 64K values, taken by the calling thread
-// and the pool's tasks from one counter; the caller returns when every chunk is
-// done (it can do them all itself, so a busy pool never stalls it). Tasks hold
-// the state they share.
-struct Chunks {
-  std::function<void(int64_t, int64_t)> run;  // rows [lo, hi)
-  int64_t rows, chunk, count;
-  std::atomic<int64_t> next{0}, done{0};
-  std::mutex mu;
-  std::condition_variable all_done;
-
-  void Work() {
-    for (int64_t c; (c = next.fetch_add(1)) < count;) {
-      run(c * chunk, std::min(rows, (c + 1) * chunk));
-      if (done.fetch_add(1) + 1 == count) {
-        std::lock_guard<std::mutex> lock(mu);
-        all_done.notify_all();
-      }
-    }
-  }
-};
-
-void ParallelRows(ffi::ThreadPool& pool, int64_t rows, int64_t row_values,
-                  std::function<void(int64_t, int64_t)> run) {
-  if (rows == 0) return;
-  auto chunks = std::make_shared<Chunks>();
-  chunks->run = std::move(run);
-  chunks->rows = rows;
-  int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  // At least 4 chunks per thread where the rows allow.
-  chunks->chunk = std::clamp<int64_t>((1 << 16) / std::max<int64_t>(1, row_values), 1,
-                                      std::max<int64_t>(1, rows / (4 * threads)));
-  chunks->count = (rows + chunks->chunk - 1) / chunks->chunk;
-  for (int64_t t = 1; t < std::min(threads, chunks->count); ++t) {
-    pool.Schedule([chunks] { chunks->Work(); });
-  }
-  chunks->Work();
-  std::unique_lock<std::mutex> lock(chunks->mu);
-  chunks->all_done.wait(lock, [&] { return chunks->done.load() == chunks->count; });
-}
 
 ffi::Error TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> values,
                 ffi::ResultBuffer<ffi::S32> ids) {

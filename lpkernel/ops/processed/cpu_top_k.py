@@ -1,4 +1,4 @@
-"""Top-k kernels for XLA:CPU, through JAX's typed FFI (``cpu_top_k.cc``).
+"""Top-k kernels for XLA:CPU (``cpu_top_k.cc``, through JAX's typed FFI).
 
 * :func:`top_k`: ``lax.top_k``'s values and indices, 3x to 6x faster. XLA:CPU's
   TopK sorts each row partially on one thread (about 12 us for the 64 largest
@@ -11,26 +11,13 @@
   group's few largest values, the record of the sweep from hidden states) in
   registers, where XLA:CPU materialises each level of its merge tree.
 
-The library is compiled on first use with the C++ compiler (``$CXX``, else
-``c++``) against the FFI headers of the installed jaxlib, and cached under
-``$LPKERNEL_CACHE`` (default ``~/.cache/lpkernel``) by a hash of the source,
-the compiler and jaxlib's version. Without a compiler, or with
-``LPKERNEL_CPU_TOP_K=0``, every step is XLA's (:func:`top_k` is ``lax.top_k``,
+Built and registered by :mod:`.cpu_library`; where it is not
+(:func:`available` False), every step is XLA's (:func:`top_k` is ``lax.top_k``,
 :func:`group_tops` the merge tree, and :func:`compiled` says False so callers
-gather): the same numbers, slower on the CPU; the reason is logged once.
+gather): the same numbers, slower on the CPU.
 """
 
 from __future__ import annotations
-
-import ctypes
-import functools
-import hashlib
-import logging
-import os
-import pathlib
-import shutil
-import subprocess
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -39,64 +26,7 @@ from jax import lax
 
 from lpkernel.ops.platform import on_cpu_or
 from lpkernel.ops.processed import record
-
-_LOG = logging.getLogger(__name__)
-_SOURCE = pathlib.Path(__file__).with_suffix(".cc")
-_TARGETS = {
-  "lpkernel_cpu_top_k": "LpkernelTopK",
-  "lpkernel_cpu_groups_top_k": "LpkernelGroupsTopK",
-  "lpkernel_cpu_group_tops": "LpkernelGroupTops",
-}
-_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")  # portable: no -march
-
-
-def _cache_dir() -> pathlib.Path:
-  default = pathlib.Path.home() / ".cache" / "lpkernel"
-  return pathlib.Path(os.environ.get("LPKERNEL_CACHE", default))
-
-
-def _build() -> pathlib.Path:
-  """The compiled library's path (compiled once per source, compiler and jaxlib)."""
-  import jaxlib
-
-  compiler = shutil.which(os.environ.get("CXX", "c++"))
-  if compiler is None:
-    raise OSError(f"no C++ compiler ({os.environ.get('CXX', 'c++')!r} not found)")
-  text = _SOURCE.read_bytes()
-  tag = hashlib.sha256(b"\0".join([text, compiler.encode(), jaxlib.__version__.encode()]))
-  out = _cache_dir() / f"cpu_top_k-{tag.hexdigest()[:16]}.so"
-  if out.exists():
-    return out
-  out.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # concurrent builds: last rename wins
-    built = pathlib.Path(tmp) / out.name
-    cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(built)]
-    run = subprocess.run(cmd, capture_output=True, text=True)
-    if run.returncode:
-      raise OSError(f"{' '.join(cmd)} failed:\n{run.stderr[-2000:]}")
-    os.replace(built, out)
-  return out
-
-
-@functools.cache
-def available() -> bool:
-  """Whether the CPU top-k is built and registered (tried once per process)."""
-  return _register()
-
-
-def _register() -> bool:
-  if os.environ.get("LPKERNEL_CPU_TOP_K", "1") == "0":
-    _LOG.info("lpkernel: LPKERNEL_CPU_TOP_K=0, lax.top_k on the CPU")
-    return False
-  try:
-    library = ctypes.cdll.LoadLibrary(str(_build()))
-    for target, symbol in _TARGETS.items():
-      handler = jax.ffi.pycapsule(getattr(library, symbol))
-      jax.ffi.register_ffi_target(target, handler, platform="cpu")
-  except OSError as e:
-    _LOG.warning("lpkernel: the CPU top-k is not built, XLA's on the CPU: %s", e)
-    return False
-  return True
+from lpkernel.ops.processed.cpu_library import available
 
 
 def _native(a: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:

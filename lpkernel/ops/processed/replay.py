@@ -19,6 +19,8 @@ from jax import lax
 from lpkernel import checks
 from lpkernel import partials as P
 from lpkernel.ops.blocks import sweep
+from lpkernel.ops.platform import on_cpu_or
+from lpkernel.ops.processed import cpu_replay
 
 _F32 = jnp.float32
 
@@ -103,17 +105,54 @@ def _gather_rows(w_rows, ids) -> jax.Array:
 
 
 def _kept_logits(h, w_rows, ids, precision, chunk: int) -> jax.Array:
-  """float32[N, K]: ``h[i] . w_rows[ids[i, j]]`` in token chunks."""
-  n, k = ids.shape
-  safe = jnp.clip(ids, 0, w_rows.shape[0] - 1)
+  """float32[N, K]: ``h[i] . w_rows[ids[i, j]]`` (anything where an id is outside
+  ``[0, V)``): on the CPU the compiled kernel where it takes the types (each
+  table row read once), else gathered in token chunks."""
 
-  def step(out, lo, width):
-    hc = lax.dynamic_slice_in_dim(h, lo, width, 0)
-    rows = _gather_rows(w_rows, lax.dynamic_slice_in_dim(safe, lo, width, 0))
-    x = jnp.einsum("cd,ckd->ck", hc, rows, precision=precision, preferred_element_type=_F32)
-    return lax.dynamic_update_slice_in_dim(out, x, lo, 0)
+  def gathered():
+    safe = jnp.clip(ids, 0, w_rows.shape[0] - 1)
 
-  return sweep(step, jnp.zeros((n, k), _F32), n, chunk)
+    def step(out, lo, width):
+      hc = lax.dynamic_slice_in_dim(h, lo, width, 0)
+      rows = _gather_rows(w_rows, lax.dynamic_slice_in_dim(safe, lo, width, 0))
+      x = jnp.einsum("cd,ckd->ck", hc, rows, precision=precision, preferred_element_type=_F32)
+      return lax.dynamic_update_slice_in_dim(out, x, lo, 0)
+
+    return sweep(step, jnp.zeros(ids.shape, _F32), ids.shape[0], chunk)
+
+  if not cpu_replay.takes(h, w_rows):
+    return gathered()
+  return on_cpu_or(lambda: cpu_replay.kept_dots(h, w_rows, ids), gathered)
+
+
+def _kept_grads(h, w_rows, ids, dx, precision, chunk: int) -> tuple[jax.Array, jax.Array]:
+  """``(dh [N, D] in h's type, dw float32 [V, D])`` of :func:`_kept_logits` for
+  ``dx float32 [N, K]`` (0 where an id is outside ``[0, V)``)."""
+
+  def gathered():
+    safe = jnp.clip(ids, 0, w_rows.shape[0] - 1)
+
+    def step(carry, lo, width):
+      dh, dw = carry
+      hc = lax.dynamic_slice_in_dim(h, lo, width, 0)
+      ic = lax.dynamic_slice_in_dim(safe, lo, width, 0)
+      dc = lax.dynamic_slice_in_dim(dx, lo, width, 0)
+      rows = _gather_rows(w_rows, ic)
+      dhc = jnp.einsum("ck,ckd->cd", dc, rows, precision=precision, preferred_element_type=_F32)
+      d_rows = jnp.einsum("ck,cd->ckd", dc, hc, precision=precision, preferred_element_type=_F32)
+      dw = dw.at[ic.reshape(-1)].add(d_rows.reshape(-1, h.shape[1]))  # [V, D]
+      return lax.dynamic_update_slice_in_dim(dh, dhc.astype(h.dtype), lo, 0), dw
+
+    init = (jnp.zeros(h.shape, h.dtype), jnp.zeros(w_rows.shape, _F32))
+    return sweep(step, init, h.shape[0], chunk)
+
+  def compiled():
+    dh, dw = cpu_replay.kept_grads(h, w_rows, ids, dx)
+    return dh.astype(h.dtype), dw
+
+  if not cpu_replay.takes(h, w_rows):
+    return gathered()
+  return on_cpu_or(compiled, gathered)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
@@ -133,26 +172,9 @@ def _fused_replay_bwd(softcap, vocab_axis, precision, chunk, residuals, g):
   dx, dtau = vjp(g)  # d logits at the kept ids [N, K]; d tau
   # Rows without a cotangent hold anything (padding, NaN): they give nothing.
   live = (g != 0)[:, None]
-  dx = jnp.where((ids >= 0) & live, dx, 0.0)
+  dx = jnp.where((ids >= 0) & (ids < w.shape[vocab_axis]) & live, dx, 0.0)
   h = jnp.where(live, h, 0)
-  safe = jnp.clip(ids, 0, w.shape[vocab_axis] - 1)
-  w_rows = rows_major(w, vocab_axis)
-
-  def step(carry, lo, width):
-    dh, dw = carry
-    hc = lax.dynamic_slice_in_dim(h, lo, width, 0)
-    ic = lax.dynamic_slice_in_dim(safe, lo, width, 0)
-    dc = lax.dynamic_slice_in_dim(dx, lo, width, 0)
-    rows = _gather_rows(w_rows, ic)
-    dhc = jnp.einsum("ck,ckd->cd", dc, rows, precision=precision, preferred_element_type=_F32)
-    d_rows = jnp.einsum("ck,cd->ckd", dc, hc, precision=precision, preferred_element_type=_F32)
-    d_rows = d_rows.reshape(-1, h.shape[1])
-    flat = ic.reshape(-1)
-    dw = dw.at[flat].add(d_rows)  # [V, D]
-    return lax.dynamic_update_slice_in_dim(dh, dhc.astype(h.dtype), lo, 0), dw
-
-  init = (jnp.zeros(h.shape, h.dtype), jnp.zeros(w_rows.shape, _F32))
-  dh, dw = sweep(step, init, h.shape[0], chunk)
+  dh, dw = _kept_grads(h, rows_major(w, vocab_axis), ids, dx, precision, chunk)
   dw = dw if vocab_axis == 0 else dw.T
   return dh, dw.astype(w.dtype), None, None, dtau
 

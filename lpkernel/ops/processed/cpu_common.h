@@ -1,0 +1,115 @@
+// What the CPU kernels (cpu_top_k.cc, cpu_replay.cc) share: GCC/Clang vectors
+// of 4 floats and their loads from float32 or bfloat16, and the work split
+// among XLA's intra-op threads.
+
+#ifndef LPKERNEL_OPS_PROCESSED_CPU_COMMON_H_
+#define LPKERNEL_OPS_PROCESSED_CPU_COMMON_H_
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace lpkernel {
+
+namespace ffi = xla::ffi;
+
+typedef float F4 __attribute__((vector_size(16)));   // SSE2 on x86-64, NEON on arm64
+typedef int32_t I4 __attribute__((vector_size(16)));
+typedef uint16_t U16x4 __attribute__((vector_size(8)));
+typedef uint32_t U4 __attribute__((vector_size(16)));
+
+// x[0, 4) as floats.
+inline F4 Load4(const float* x) {
+  F4 v;
+  std::memcpy(&v, x, sizeof v);
+  return v;
+}
+
+// x[0, 4) of bfloat16 bits (XLA's uint16_t) as floats, exactly.
+inline F4 Load4(const uint16_t* x) {
+  U16x4 half;
+  std::memcpy(&half, x, sizeof half);
+  U4 bits = __builtin_convertvector(half, U4) << 16;
+  F4 v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+// A float32, or a bfloat16 widened exactly.
+inline float Widen(float v) { return v; }
+inline float Widen(uint16_t bits) {
+  uint32_t b = static_cast<uint32_t>(bits) << 16;
+  float v;
+  std::memcpy(&v, &b, sizeof v);
+  return v;
+}
+
+// The ranges [bounds[c], bounds[c + 1]), taken by the calling thread and the
+// pool's tasks from one counter; the caller returns when every range is done
+// (it can do them all itself, so a busy pool never stalls it). Each taker is a
+// worker numbered from 0 (at most min(threads, ranges) of them). Tasks hold the
+// state they share.
+struct Chunks {
+  std::function<void(int64_t, int64_t, int)> run;  // [lo, hi), worker
+  std::vector<int64_t> bounds;
+  int64_t count;
+  std::atomic<int64_t> next{0}, done{0};
+  std::atomic<int> workers{0};
+  std::mutex mu;
+  std::condition_variable all_done;
+
+  void Work() {
+    int worker = workers.fetch_add(1);
+    for (int64_t c; (c = next.fetch_add(1)) < count;) {
+      run(bounds[c], bounds[c + 1], worker);
+      if (done.fetch_add(1) + 1 == count) {
+        std::lock_guard<std::mutex> lock(mu);
+        all_done.notify_all();
+      }
+    }
+  }
+};
+
+// The number of workers ParallelRanges may use for `ranges` ranges.
+inline int Workers(ffi::ThreadPool& pool, int64_t ranges) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), ranges)));
+}
+
+inline void ParallelRanges(ffi::ThreadPool& pool, std::vector<int64_t> bounds,
+                           std::function<void(int64_t, int64_t, int)> run) {
+  if (bounds.size() < 2) return;
+  auto chunks = std::make_shared<Chunks>();
+  chunks->run = std::move(run);
+  chunks->count = static_cast<int64_t>(bounds.size()) - 1;
+  chunks->bounds = std::move(bounds);
+  for (int t = 1; t < Workers(pool, chunks->count); ++t) pool.Schedule([chunks] { chunks->Work(); });
+  chunks->Work();
+  std::unique_lock<std::mutex> lock(chunks->mu);
+  chunks->all_done.wait(lock, [&] { return chunks->done.load() == chunks->count; });
+}
+
+// Rows [0, rows) in chunks of about 64K values, at least 4 per thread where the
+// rows allow.
+inline void ParallelRows(ffi::ThreadPool& pool, int64_t rows, int64_t row_values,
+                         std::function<void(int64_t, int64_t)> run) {
+  if (rows == 0) return;
+  int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  int64_t chunk = std::clamp<int64_t>((1 << 16) / std::max<int64_t>(1, row_values), 1,
+                                      std::max<int64_t>(1, rows / (4 * threads)));
+  std::vector<int64_t> bounds;
+  for (int64_t lo = 0; lo < rows; lo += chunk) bounds.push_back(lo);
+  bounds.push_back(rows);
+  ParallelRanges(pool, std::move(bounds), [run](int64_t lo, int64_t hi, int) { run(lo, hi); });
+}
+
+}  // namespace lpkernel
+
+#endif  // LPKERNEL_OPS_PROCESSED_CPU_COMMON_H_

@@ -1,0 +1,89 @@
+"""The compiled CPU kernels' library: built on first use, registered with XLA:CPU.
+
+One shared library from ``cpu_top_k.cc`` (:mod:`.cpu_top_k`) and
+``cpu_replay.cc`` (:mod:`.cpu_replay`), with what they share in
+``cpu_common.h``, through JAX's typed FFI (no Python headers). It is compiled
+with the C++ compiler (``$CXX``, else ``c++``) against the FFI headers of the
+installed jaxlib and cached under ``$LPKERNEL_CACHE`` (default
+``~/.cache/lpkernel``) by a hash of the sources, the compiler and jaxlib's
+version. Without a compiler, or with ``LPKERNEL_CPU_KERNELS=0``,
+:func:`available` says False and every caller takes XLA's steps: the same
+numbers, slower on the CPU; the reason is logged once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import jax
+
+_LOG = logging.getLogger(__name__)
+_HERE = pathlib.Path(__file__).parent
+SOURCES = ("cpu_top_k.cc", "cpu_replay.cc")
+HEADERS = ("cpu_common.h",)
+_TARGETS = {
+  "lpkernel_cpu_top_k": "LpkernelTopK",
+  "lpkernel_cpu_groups_top_k": "LpkernelGroupsTopK",
+  "lpkernel_cpu_group_tops": "LpkernelGroupTops",
+  "lpkernel_cpu_replay_dots": "LpkernelReplayDots",
+  "lpkernel_cpu_replay_grads": "LpkernelReplayGrads",
+}
+_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")  # portable: no -march
+
+
+def _cache_dir() -> pathlib.Path:
+  default = pathlib.Path.home() / ".cache" / "lpkernel"
+  return pathlib.Path(os.environ.get("LPKERNEL_CACHE", default))
+
+
+def _build() -> pathlib.Path:
+  """The compiled library's path (compiled once per sources, compiler and jaxlib)."""
+  import jaxlib
+
+  compiler = shutil.which(os.environ.get("CXX", "c++"))
+  if compiler is None:
+    raise OSError(f"no C++ compiler ({os.environ.get('CXX', 'c++')!r} not found)")
+  texts = [(_HERE / name).read_bytes() for name in SOURCES + HEADERS]
+  tag = hashlib.sha256(b"\0".join([*texts, compiler.encode(), jaxlib.__version__.encode()]))
+  out = _cache_dir() / f"cpu_kernels-{tag.hexdigest()[:16]}.so"
+  if out.exists():
+    return out
+  out.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # concurrent builds: last rename wins
+    built = pathlib.Path(tmp) / out.name
+    sources = [str(_HERE / name) for name in SOURCES]
+    cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", *sources, "-o", str(built)]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode:
+      raise OSError(f"{' '.join(cmd)} failed:\n{run.stderr[-2000:]}")
+    os.replace(built, out)
+  return out
+
+
+@functools.cache
+def available() -> bool:
+  """Whether the CPU kernels are built and registered (tried once per process)."""
+  return _register()
+
+
+def _register() -> bool:
+  if os.environ.get("LPKERNEL_CPU_KERNELS", "1") == "0":
+    _LOG.info("lpkernel: LPKERNEL_CPU_KERNELS=0, XLA's steps on the CPU")
+    return False
+  try:
+    library = ctypes.cdll.LoadLibrary(str(_build()))
+    for target, symbol in _TARGETS.items():
+      handler = jax.ffi.pycapsule(getattr(library, symbol))
+      jax.ffi.register_ffi_target(target, handler, platform="cpu")
+  except OSError as e:
+    _LOG.warning("lpkernel: the CPU kernels are not built, XLA's steps on the CPU: %s", e)
+    return False
+  return True

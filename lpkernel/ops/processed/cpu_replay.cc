@@ -1,0 +1,281 @@
+// Replay kernels for XLA:CPU through JAX's typed FFI (lpkernel/ops/processed/
+// cpu_library.py builds and registers them): the dot products of each token's
+// hidden state with the table rows of its kept ids, and their gradients,
+// reading the table in row order.
+//
+// A token's kept ids name K rows of a [V, D] table; gathered token by token
+// (XLA's way) the table is read N * K / V times over (14 times at N 4096,
+// K 512, V 151936) at random. Here a block of tokens' (token, slot) pairs is
+// grouped by table row (a counting sort), and each row is read once per block,
+// its pairs' hidden states (a few MB, in cache) four at a time.
+//
+// LpkernelReplayDots: x[t, j] = h[t] . w[ids[t, j]], 0 where the id is outside
+// [0, V). h [N, D] and w [V, D] float32 or bfloat16 (one type), x float32.
+//
+// LpkernelReplayGrads: given dx [N, K] float32, dh[t] = sum_j dx[t, j] w[ids[t, j]]
+// and dw[r] = sum over (t, j) with ids[t, j] = r of dx[t, j] h[t], float32.
+// Rows of w are shared among the workers, so dw takes no locks; each worker
+// sums its share of dh into its own block-sized buffer, added up at the end
+// of the block.
+
+#include <type_traits>
+
+#include "cpu_common.h"
+
+namespace {
+
+using namespace lpkernel;  // NOLINT: the shared vectors, loads and thread split
+
+inline float Sum(F4 a) { return (a[0] + a[1]) + (a[2] + a[3]); }
+
+// out[m] = w . h[m] for M rows h of d values (float32 sums; d's tail one by one).
+template <int M, typename T>
+inline void Dots(const T* w, const T* const* h, int64_t d, float* out) {
+  F4 acc[M][2];
+  for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = F4{0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= d; j += 8) {
+    F4 w0 = Load4(w + j), w1 = Load4(w + j + 4);
+    for (int m = 0; m < M; ++m) {
+      acc[m][0] += w0 * Load4(h[m] + j);
+      acc[m][1] += w1 * Load4(h[m] + j + 4);
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    float s = Sum(acc[m][0] + acc[m][1]);
+    for (int64_t i = j; i < d; ++i) s += Widen(w[i]) * Widen(h[m][i]);
+    out[m] = s;
+  }
+}
+
+// dw_row += sum_m g[m] h[m]; dh[m] += g[m] w (M rows of d values).
+template <int M, typename T>
+inline void Axpys(const T* w, const T* const* h, const float* g, int64_t d, float* dw_row,
+                  float* const* dh) {
+  F4 gv[M];
+  for (int m = 0; m < M; ++m) gv[m] = F4{g[m], g[m], g[m], g[m]};
+  int64_t j = 0;
+  for (; j + 4 <= d; j += 4) {
+    F4 wv = Load4(w + j), acc = Load4(dw_row + j);
+    for (int m = 0; m < M; ++m) {
+      acc += gv[m] * Load4(h[m] + j);
+      F4 dhv = Load4(dh[m] + j) + gv[m] * wv;
+      std::memcpy(dh[m] + j, &dhv, sizeof dhv);
+    }
+    std::memcpy(dw_row + j, &acc, sizeof acc);
+  }
+  for (; j < d; ++j) {
+    for (int m = 0; m < M; ++m) {
+      dw_row[j] += g[m] * Widen(h[m][j]);
+      dh[m][j] += g[m] * Widen(w[j]);
+    }
+  }
+}
+
+// f(m, p) for the pairs p[0, size) in groups of m = 4, then one group of 1 to 3
+// (m a compile-time constant: std::integral_constant).
+template <typename F>
+inline void ForGroups(const int32_t* p, int64_t size, F f) {
+  int64_t i = 0;
+  for (; i + 4 <= size; i += 4) f(std::integral_constant<int, 4>(), p + i);
+  switch (size - i) {
+    case 3: f(std::integral_constant<int, 3>(), p + i); break;
+    case 2: f(std::integral_constant<int, 2>(), p + i); break;
+    case 1: f(std::integral_constant<int, 1>(), p + i); break;
+  }
+}
+
+// A block of tokens' (token, slot) pairs grouped by table row: pairs[start[r],
+// start[r + 1]) hold t * K + j (t from the block's first token) for ids[t, j] = r.
+class PairsByRow {
+ public:
+  explicit PairsByRow(int64_t v) : v_(v), start_(v + 1) {}
+
+  void Group(const int32_t* ids, int64_t count) {
+    std::fill(start_.begin(), start_.end(), 0);
+    for (int64_t p = 0; p < count; ++p) {
+      if (ids[p] >= 0 && ids[p] < v_) ++start_[ids[p] + 1];
+    }
+    for (int64_t r = 0; r < v_; ++r) start_[r + 1] += start_[r];
+    pairs_.resize(start_[v_]);
+    fill_.assign(start_.begin(), start_.end() - 1);
+    for (int64_t p = 0; p < count; ++p) {
+      if (ids[p] >= 0 && ids[p] < v_) pairs_[fill_[ids[p]]++] = static_cast<int32_t>(p);
+    }
+  }
+
+  // Row ranges of about equal work (a row read, and D values per pair), at
+  // least 4 per thread where the rows allow.
+  std::vector<int64_t> Ranges(ffi::ThreadPool& pool) const {
+    int64_t work = start_[v_] + v_ / 4;
+    int64_t per = std::max<int64_t>(1, work / (4 * std::max<int64_t>(1, pool.num_threads())));
+    std::vector<int64_t> bounds = {0};
+    int64_t acc = 0;
+    for (int64_t r = 0; r < v_; ++r) {
+      acc += start_[r + 1] - start_[r] + (r % 4 == 0);
+      if (acc >= per) {
+        bounds.push_back(r + 1);
+        acc = 0;
+      }
+    }
+    if (bounds.back() != v_) bounds.push_back(v_);
+    return bounds;
+  }
+
+  const int32_t* begin(int64_t r) const { return pairs_.data() + start_[r]; }
+  int64_t size(int64_t r) const { return start_[r + 1] - start_[r]; }
+
+ private:
+  int64_t v_;
+  std::vector<int64_t> start_, fill_;
+  std::vector<int32_t> pairs_;
+};
+
+// Tokens per block: `block` where positive (tests), else as many as keep the
+// pairs indexed by int32 and (for the gradients) each worker's dh buffer of
+// the block within `buffer_bytes`.
+int64_t BlockTokens(int64_t block, int64_t n, int64_t k, int64_t d, int workers, int64_t buffer_bytes) {
+  if (block > 0) return std::min(block, std::max<int64_t>(1, (int64_t{1} << 30) / std::max<int64_t>(1, k)));
+  int64_t by_pairs = std::max<int64_t>(1, (int64_t{1} << 30) / std::max<int64_t>(1, k));
+  int64_t by_buffers = std::max<int64_t>(1, buffer_bytes / (workers * std::max<int64_t>(1, d) * 4));
+  return std::max<int64_t>(1, std::min({n, by_pairs, by_buffers}));
+}
+
+template <typename T>
+void ReplayDots(ffi::ThreadPool& pool, const T* h, const T* w, const int32_t* ids, int64_t n,
+                int64_t d, int64_t v, int64_t k, int64_t block, float* x) {
+  std::fill(x, x + n * k, 0.0f);
+  PairsByRow by_row(v);
+  block = BlockTokens(block, n, k, d, 1, int64_t{1} << 62);
+  for (int64_t t0 = 0; t0 < n; t0 += block) {
+    int64_t tokens = std::min(block, n - t0);
+    by_row.Group(ids + t0 * k, tokens * k);
+    const T* hb = h + t0 * d;
+    float* xb = x + t0 * k;
+    ParallelRanges(pool, by_row.Ranges(pool), [&](int64_t lo, int64_t hi, int) {
+      for (int64_t r = lo; r < hi; ++r) {
+        ForGroups(by_row.begin(r), by_row.size(r), [&](auto group, const int32_t* p) {
+          constexpr int m = decltype(group)::value;
+          const T* rows[4];
+          float out[4];
+          for (int q = 0; q < m; ++q) rows[q] = hb + (p[q] / k) * d;
+          Dots<m>(w + r * d, rows, d, out);
+          for (int q = 0; q < m; ++q) xb[p[q]] = out[q];
+        });
+      }
+    });
+  }
+}
+
+template <typename T>
+void ReplayGrads(ffi::ThreadPool& pool, const T* h, const T* w, const int32_t* ids,
+                 const float* dx, int64_t n, int64_t d, int64_t v, int64_t k, int64_t block,
+                 float* dh, float* dw) {
+  if (n == 0) std::fill(dw, dw + v * d, 0.0f);  // else the first block writes every row
+  PairsByRow by_row(v);
+  int workers = Workers(pool, int64_t{1} << 30);
+  block = BlockTokens(block, n, k, d, workers, int64_t{256} << 20);
+  std::vector<std::vector<float>> buffers(workers);
+  for (int64_t t0 = 0; t0 < n; t0 += block) {
+    int64_t tokens = std::min(block, n - t0);
+    by_row.Group(ids + t0 * k, tokens * k);
+    for (auto& b : buffers) b.clear();
+    const T* hb = h + t0 * d;
+    const float* gb = dx + t0 * k;
+    ParallelRanges(pool, by_row.Ranges(pool), [&](int64_t lo, int64_t hi, int worker) {
+      std::vector<float>& buffer = buffers[worker];
+      if (buffer.empty()) buffer.assign(tokens * d, 0.0f);
+      for (int64_t r = lo; r < hi; ++r) {
+        float* dw_row = dw + r * d;
+        if (t0 == 0) std::fill(dw_row, dw_row + d, 0.0f);  // the first block writes every row
+        ForGroups(by_row.begin(r), by_row.size(r), [&](auto group, const int32_t* p) {
+          constexpr int m = decltype(group)::value;
+          const T* rows[4];
+          float* dh_rows[4];
+          float g[4];
+          for (int q = 0; q < m; ++q) {
+            rows[q] = hb + (p[q] / k) * d;
+            dh_rows[q] = buffer.data() + (p[q] / k) * d;
+            g[q] = gb[p[q]];
+          }
+          Axpys<m>(w + r * d, rows, g, d, dw_row, dh_rows);
+        });
+      }
+    });
+    ParallelRows(pool, tokens, d * workers, [&](int64_t lo, int64_t hi) {
+      std::fill(dh + (t0 + lo) * d, dh + (t0 + hi) * d, 0.0f);
+      for (const auto& b : buffers) {
+        if (b.empty()) continue;
+        for (int64_t i = lo * d; i < hi * d; ++i) dh[t0 * d + i] += b[i];
+      }
+    });
+  }
+}
+
+// h [N, D], w [V, D] (float32 or bfloat16, one type), ids int32 [N, K].
+ffi::Error Shapes(const ffi::AnyBuffer& h, const ffi::AnyBuffer& w, const ffi::Buffer<ffi::S32>& ids,
+                  int64_t* n, int64_t* d, int64_t* v, int64_t* k) {
+  auto hd = h.dimensions(), wd = w.dimensions(), id = ids.dimensions();
+  if (hd.size() != 2 || wd.size() != 2 || id.size() != 2 || hd[1] != wd[1] || hd[0] != id[0]) {
+    return ffi::Error::InvalidArgument("replay: h [N, D], w [V, D], ids [N, K]");
+  }
+  if (h.element_type() != w.element_type() ||
+      (h.element_type() != ffi::DataType::F32 && h.element_type() != ffi::DataType::BF16)) {
+    return ffi::Error::InvalidArgument("replay: h and w both float32 or both bfloat16");
+  }
+  *n = hd[0], *d = hd[1], *v = wd[0], *k = id[1];
+  return ffi::Error::Success();
+}
+
+ffi::Error KeptDots(ffi::ThreadPool pool, ffi::AnyBuffer h, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> ids,
+                ffi::ResultBuffer<ffi::F32> x, int64_t block) {
+  int64_t n, d, v, k;
+  if (auto e = Shapes(h, w, ids, &n, &d, &v, &k); e.failure()) return e;
+  if (n * k == 0) return ffi::Error::Success();
+  if (h.element_type() == ffi::DataType::F32) {
+    ReplayDots(pool, static_cast<const float*>(h.untyped_data()), static_cast<const float*>(w.untyped_data()),
+               ids.typed_data(), n, d, v, k, block, x->typed_data());
+  } else {
+    ReplayDots(pool, static_cast<const uint16_t*>(h.untyped_data()),
+               static_cast<const uint16_t*>(w.untyped_data()), ids.typed_data(), n, d, v, k, block, x->typed_data());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error KeptGrads(ffi::ThreadPool pool, ffi::AnyBuffer h, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> ids,
+                 ffi::Buffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dh, ffi::ResultBuffer<ffi::F32> dw, int64_t block) {
+  int64_t n, d, v, k;
+  if (auto e = Shapes(h, w, ids, &n, &d, &v, &k); e.failure()) return e;
+  if (dx.element_count() != static_cast<size_t>(n * k)) return ffi::Error::InvalidArgument("replay: dx [N, K]");
+  if (h.element_type() == ffi::DataType::F32) {
+    ReplayGrads(pool, static_cast<const float*>(h.untyped_data()), static_cast<const float*>(w.untyped_data()),
+                ids.typed_data(), dx.typed_data(), n, d, v, k, block, dh->typed_data(), dw->typed_data());
+  } else {
+    ReplayGrads(pool, static_cast<const uint16_t*>(h.untyped_data()),
+                static_cast<const uint16_t*>(w.untyped_data()), ids.typed_data(), dx.typed_data(), n, d, v,
+                k, block, dh->typed_data(), dw->typed_data());
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LpkernelReplayDots, KeptDots,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("block"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LpkernelReplayGrads, KeptGrads,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("block"));

@@ -1,0 +1,147 @@
+"""The compiled CPU replay kernels (lpkernel/ops/processed/cpu_replay.cc) against
+a float64 NumPy oracle, and the replay they serve against its gathered XLA steps:
+values and gradients, float32 and bfloat16, ids outside ``[0, V)``, awkward
+widths, several token blocks, vmap, and the program for another platform."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lpkernel as lpk
+from lpkernel.ops.processed import cpu_library, cpu_replay
+
+
+def _require_kernels():
+  """CI and this machine have a C++ compiler: the kernels are built (a machine
+  without one takes XLA's steps, logged; these tests then say why)."""
+  if os.environ.get("LPKERNEL_CPU_KERNELS") == "0":
+    pytest.skip("LPKERNEL_CPU_KERNELS=0")
+  assert cpu_library.available()
+
+
+def _oracle(h, w, ids, dx):
+  """float64 ``(x, dh, dw)``: the kept dot products and their gradients for ``dx``."""
+  h, w, dx = (np.asarray(a, np.float64) for a in (h, w, dx))
+  ids = np.asarray(ids)
+  ok = (ids >= 0) & (ids < w.shape[0])
+  rows = w[np.where(ok, ids, 0)] * ok[..., None]  # [N, K, D]
+  x = np.einsum("nd,nkd->nk", h, rows)
+  g = dx * ok
+  dh = np.einsum("nk,nkd->nd", g, rows)
+  dw = np.zeros_like(w)
+  np.add.at(
+    dw, np.where(ok, ids, 0).reshape(-1), (g[..., None] * h[:, None, :]).reshape(-1, h.shape[1])
+  )
+  return x, dh, dw
+
+
+def _close(got, want, scale, rtol):
+  """``got`` within ``rtol`` of ``scale`` (the sum of the terms' magnitudes) of ``want``."""
+  np.testing.assert_array_less(np.abs(np.asarray(got, np.float64) - want), rtol * scale + 1e-30)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+  data=st.data(),
+  n=st.integers(1, 9),
+  d=st.sampled_from([1, 3, 4, 7, 8, 13, 33]),
+  v=st.sampled_from([1, 2, 5, 40]),
+  k=st.integers(1, 7),
+  block=st.sampled_from([0, 1, 2, 4]),
+  dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+)
+def test_dots_and_grads_are_the_oracles(data, n, d, v, k, block, dtype):
+  rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+  h = jnp.asarray(rng.normal(size=(n, d)), dtype)
+  w = jnp.asarray(rng.normal(size=(v, d)), dtype)
+  ids = jnp.asarray(rng.integers(-3, v + 3, (n, k)), jnp.int32)  # -1 padding, bad ids, repeats
+  dx = jnp.asarray(rng.normal(size=(n, k)), jnp.float32)
+  _require_kernels()
+  x, dh, dw = _oracle(h.astype(jnp.float32), w.astype(jnp.float32), ids, dx)
+  got_x = jax.jit(cpu_replay.kept_dots, static_argnums=3)(h, w, ids, block)
+  got_dh, got_dw = jax.jit(cpu_replay.kept_grads, static_argnums=4)(h, w, ids, dx, block)
+  habs, wabs = np.abs(np.asarray(h, np.float64)), np.abs(np.asarray(w, np.float64))
+  ones = np.ones_like(dx)
+  scale_x = _oracle(habs, wabs, ids, ones)[0]
+  _, scale_dh, scale_dw = _oracle(habs, wabs, ids, np.abs(np.asarray(dx)))
+  _close(got_x, x, scale_x, 1e-6)
+  _close(got_dh, dh, scale_dh, 1e-6)
+  _close(got_dw, dw, scale_dw, 1e-6)
+  bad = (np.asarray(ids) < 0) | (np.asarray(ids) >= v)
+  assert np.all(np.asarray(got_x)[bad] == 0)
+
+
+def test_the_replay_runs_the_compiled_kernels_here():
+  """CI and this machine have a C++ compiler: the replay's forward and backward
+  are the two custom calls on the CPU, and a program for a GPU holds none."""
+  _require_kernels()
+  h = jax.ShapeDtypeStruct((8, 16), jnp.float32)
+  w = jax.ShapeDtypeStruct((100, 16), jnp.float32)
+  t = jax.ShapeDtypeStruct((8,), jnp.int32)
+  ids = jax.ShapeDtypeStruct((8, 5), jnp.int32)
+
+  def loss(h, w, t, ids):
+    return jnp.sum(lpk.fused_replay_token_logprobs(h, w, t, ids, vocab_axis=0))
+
+  traced = jax.jit(jax.grad(loss, (0, 1))).trace(h, w, t, ids)
+  cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
+  assert "lpkernel_cpu_replay_dots" in cpu and "lpkernel_cpu_replay_grads" in cpu
+  gpu = traced.lower(lowering_platforms=("cuda",)).as_text()
+  assert "lpkernel_cpu_replay" not in gpu
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("vocab_axis", [0, -1])
+def test_the_compiled_replay_gives_the_gathered_steps_numbers(monkeypatch, dtype, vocab_axis):
+  """The whole replay (values, and gradients into hidden states, table and
+  temperature) on the CPU's kernels and on the XLA steps every other platform
+  runs, at a size that spreads the rows over the threads."""
+  rng = np.random.default_rng(7)
+  n, d, v, k = 300, 40, 5000, 64
+  h = jnp.asarray(rng.normal(size=(n, d)), dtype)
+  w = jnp.asarray(rng.normal(size=(v, d)) * 0.3, dtype)
+  table = w if vocab_axis == 0 else w.T
+  t = jnp.asarray(rng.integers(0, v, n), jnp.int32)
+  ids = jnp.asarray(rng.permuted(np.tile(np.arange(v), (n, 1)), axis=1)[:, :k], jnp.int32)
+  ids = ids.at[:, 0].set(t).at[::7, -5:].set(-1)  # the target kept; some rows padded
+  tau = jnp.asarray(rng.uniform(0.5, 1.5, n), jnp.float32)
+
+  def loss(h, table, tau):
+    lp = lpk.fused_replay_token_logprobs(h, table, t, ids, temperature=tau, vocab_axis=vocab_axis)
+    return jnp.sum(lp * jnp.linspace(0.5, 1.5, n))
+
+  run = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))
+  got = run(h, table, tau)
+  monkeypatch.setattr(cpu_replay, "available", lambda: False)
+  want = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(h, table, tau)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(got[0], want[0], rtol=tol)
+  for a, b in zip(got[1], want[1], strict=True):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.max(np.abs(b)))
+
+
+def test_vmap_of_the_replay():
+  """``jax.vmap`` of the replay (values and gradients) calls the kernels once per
+  example: the same numbers as one call each."""
+  rng = np.random.default_rng(11)
+  h = jnp.asarray(rng.normal(size=(3, 6, 8)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(50, 8)), jnp.float32)
+  t = jnp.asarray(rng.integers(0, 50, (3, 6)), jnp.int32)
+  ids = jnp.concatenate([t[..., None], jnp.asarray(rng.integers(-1, 50, (3, 6, 4)), jnp.int32)], -1)
+
+  def loss(h, w, t, ids):
+    lp = lpk.fused_replay_token_logprobs(h, w, t, ids, vocab_axis=0)
+    return jnp.sum(jnp.where(jnp.isfinite(lp), lp, 0.0))
+
+  got = jax.jit(jax.vmap(jax.value_and_grad(loss, (0, 1)), (0, None, 0, 0)))(h, w, t, ids)
+  for i in range(3):
+    value, (dh, dw) = jax.value_and_grad(loss, (0, 1))(h[i], w, t[i], ids[i])
+    np.testing.assert_allclose(got[0][i], value, rtol=1e-6)
+    np.testing.assert_allclose(got[1][0][i], dh, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[1][1][i], dw, rtol=1e-5, atol=1e-6)
