@@ -488,6 +488,49 @@ def test_the_k_largest_from_hidden_states_in_every_branch(case, spans, groups, s
     np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("v", [32 * 37, 65536], ids=["one-chunk", "two-chunks"])
+@pytest.mark.parametrize(
+  "dtype,softcap",
+  [(jnp.float32, None), (jnp.bfloat16, None), (jnp.float16, None), (jnp.float32, 5.0)],
+  ids=["float32", "bfloat16", "float16", "softcap"],
+)
+def test_partials_from_the_group_maxima_are_the_plain_ones(v, dtype, softcap):
+  """On the CPU the processed path's partials take their maxima and the greedy
+  flag's block maxima from its 32-column group maxima: the same max, sum, target
+  and greedy flag as the plain forward's own passes, on rows with ties across
+  groups and chunks, targets at group edges, a NaN row and an all -inf row."""
+  from lpkernel.ops.logprobs.xla import XlaLogits
+  from lpkernel.ops.processed.xla import _logits_group_maxima
+
+  rng = np.random.default_rng(12)
+  n = 12
+  x = np.round(rng.normal(size=(n, v)) * 2, 1)  # many ties
+  top = x.max(-1, keepdims=True)
+  x[:4, [31, 32, v // 2, v - 1]] = top[:4] + 1  # the max in several groups and chunks
+  x[4, :] = 7.0  # every column ties
+  x[5, 40] = np.nan
+  x[6, :] = -np.inf
+  x = jnp.asarray(x, dtype)
+  t = jnp.asarray([31, 32, v // 2, v - 1, 0, 40, 3, *rng.integers(0, v, n - 7)], jnp.int32)
+  t = t.at[7].set(jnp.argmax(x[7]))  # a greedy one among the random rows
+  tau = jnp.asarray(rng.uniform(0.5, 2, n), jnp.float32)
+  maxima = _logits_group_maxima(x, 32, 512)
+
+  def run(maxima):
+    return jax.jit(lambda x, t, tau, m: XlaLogits().partials(x, t, tau, softcap, m))(
+      x, t, tau, maxima
+    )
+
+  got, want = run(maxima), run(None)
+  np.testing.assert_array_equal(got.m, want.m)
+  np.testing.assert_array_equal(got.t, want.t)
+  np.testing.assert_allclose(got.s, want.s, rtol=1e-6)
+  np.testing.assert_array_equal(got.arg == t, want.arg == t)
+  greedy = [0, 4] if softcap else [0, 4, 7]  # capping may tie row 7's max with another
+  assert bool(np.all(np.asarray(want.arg == t)[greedy]))  # the flags the rows set up
+  assert not bool(np.any(np.asarray(want.arg == t)[1:4]))
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
 def test_xlas_own_steps_give_the_compiled_kernels_numbers(monkeypatch, dtype):
   """Without the compiled CPU kernels (a machine without a compiler, and the

@@ -164,10 +164,11 @@ def target_z(x, targets, softcap) -> jax.Array:
   return jnp.where(in_block, P.capped(gather(x, targets), softcap), -jnp.inf)
 
 
-def _before_in_blocks(x, targets, block: int) -> jax.Array:
+def _before_in_blocks(x, targets, block: int, maxima=None) -> jax.Array:
   """The max of each row's columns before its target ``[N]``, from one plain max
-  over ``block``-column blocks (``block`` divides V) and one re-read of the
-  target's block: the first-argmax rule's input.
+  over ``block``-column blocks (``block`` divides V; or their ``maxima
+  [N, V // block]`` where the caller has them) and one re-read of the target's
+  block: the first-argmax rule's input.
 
   XLA:CPU's fast reductions take no compare in their prologue: a masked max over
   the whole row (the fallback in :func:`partials`) materialised its select, a
@@ -178,11 +179,17 @@ def _before_in_blocks(x, targets, block: int) -> jax.Array:
   through the merge, so the row's columns can stand for the chunk's.
   """
   n, v = x.shape
-  fine = jnp.max(chunk_rows(x, block), axis=-1).reshape(n, v // block)
+  fine = jnp.max(chunk_rows(x, block), axis=-1).reshape(n, v // block) if maxima is None else maxima
   safe = _safe_ids(targets, v)
   own = safe // block  # the target's block
-  j = lax.broadcasted_iota(jnp.int32, fine.shape, 1)
-  before = jnp.max(jnp.where(j < own[:, None], fine, -jnp.inf), axis=-1)
+  # Many blocks (the processed path's 32-column groups): their masked max was
+  # materialised (17 ms at [4096, 4008]); the same rule one level up.
+  coarse = [c for c in range(2, 65) if fine.shape[1] % c == 0] if fine.shape[1] > 1024 else []
+  if coarse:
+    before = _before_in_blocks(fine, own, coarse[-1])
+  else:
+    j = lax.broadcasted_iota(jnp.int32, fine.shape, 1)
+    before = jnp.max(jnp.where(j < own[:, None], fine, -jnp.inf), axis=-1)
   # The target's block [N, block], taken through the bit view (a bfloat16 take
   # was upcast whole: a float32 copy of the logits). It only decides a flag.
   cols = own[:, None] * block + lax.broadcasted_iota(jnp.int32, (n, block), 1)
@@ -191,12 +198,16 @@ def _before_in_blocks(x, targets, block: int) -> jax.Array:
   return jnp.maximum(before, within)
 
 
-def partials(x, targets, tau, softcap, chunk: int, block: int | None = None) -> P.RowPartials:
+def partials(
+  x, targets, tau, softcap, chunk: int, block: int | None = None, maxima=None
+) -> P.RowPartials:
   """Row partials of ``x [N, V]`` (block-local ``targets``), ``chunk`` columns at a time.
 
   With ``block`` (a divisor of ``chunk``) the first argmax is located from the
   maxima of ``block``-column blocks (:func:`_before_in_blocks`); without, by a
-  masked max over each chunk.
+  masked max over each chunk. Given those ``maxima [N, V // block]`` (in x's
+  dtype), the chunks' maxima come from them too, and ``x`` is read once more
+  only for the sums of ``exp``.
   """
   n, v = x.shape
   k = v // chunk
@@ -206,12 +217,17 @@ def partials(x, targets, tau, softcap, chunk: int, block: int | None = None) -> 
   local_t = _per_chunk(targets, k) - starts
   with jax.named_scope("chunk_max"):
     # The max commutes with the monotone softcap: reduce in x's own dtype.
-    max_x = jnp.max(xc, axis=-1)
+    if maxima is None:
+      max_x = jnp.max(xc, axis=-1)
+    else:
+      max_x = jnp.max(maxima.reshape(n * k, -1), axis=-1)
+      if k > 1:  # XLA:CPU moved the chunks' reshape after the sums' upcast: materialised
+        xc = lax.optimization_barrier(xc)
     if block is None:
       cols = lax.broadcasted_iota(jnp.int32, xc.shape, 1)
       before_x = jnp.max(jnp.where(cols < local_t[:, None], xc, -jnp.inf), axis=-1)
     else:  # before_x holds only for the target's chunk, the one that reads it
-      before_x = _per_chunk(_before_in_blocks(x, targets, block), k)
+      before_x = _per_chunk(_before_in_blocks(x, targets, block, maxima), k)
     m = P.capped(max_x, softcap)
   with jax.named_scope("chunk_sumexp"):
     z = P.capped(xc, softcap)
@@ -346,11 +362,20 @@ class XlaLogits(tuning.Configured):
   platforms = None  # every backend
   differentiable = True  # plain jnp at any order (lpkernel.ops.higher_order)
 
-  def partials(self, x, targets, tau, softcap) -> P.RowPartials:
+  def partials(self, x, targets, tau, softcap, maxima=None) -> P.RowPartials:
+    """``maxima``: the maxima of each row's ``block``-column blocks ``[N, V // block]``
+    in x's dtype, where the caller has them (the processed path's group maxima):
+    on the CPU they stand for the max pass and the argmax blocks' where ``block``
+    divides the chunk."""
     v = x.shape[1]
 
     def cpu():
       chunk = self.chunks.chunk(v)
+      if chunk is not None and maxima is not None and chunk % (v // maxima.shape[1]) == 0:
+        fn = lambda x, t, tau, mx: partials(x, t, tau, softcap, chunk, v // mx.shape[1], mx)  # noqa: E731
+        if _needs_row_blocks(x, softcap):
+          return _in_row_blocks(fn, x, targets, tau, maxima)
+        return fn(x, targets, tau, maxima)
 
       def reduce(x, t, tau):  # whole rows of x, or a swept slice of them
         width = chunk or x.shape[1]

@@ -195,9 +195,12 @@ class XlaProcessed:
   lanes = 1
 
   def partials_and_group_maxima(self, x, targets, tau, softcap, config: ProcessedConfig):
-    """The plain forward's partials, then the group maxima in a second read."""
-    parts = XlaLogits().partials(x, targets, tau, softcap)
+    """The group maxima, then the plain forward's partials: on the CPU, where the
+    group divides V, from the group maxima and one more read for the sums of
+    ``exp`` (two reads of the logits in all, where the plain forward takes two)."""
     maxima = _logits_group_maxima(lax.stop_gradient(x), config.group, config.sweep_block)
+    whole = x.shape[1] % config.group == 0
+    parts = XlaLogits().partials(x, targets, tau, softcap, maxima if whole else None)
     return parts, P.capped(maxima, softcap)
 
   def processed_grads(self, x, targets, params, kappa, log_s, log_sk, g, softcap, tau_grad):
