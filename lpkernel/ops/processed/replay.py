@@ -5,7 +5,8 @@ An engine that returns its sampling mask (the kept set of each position,
 exactly those ids. From logits that is a gather of ``K`` columns; from hidden
 states it needs only ``K`` rows of the unembedding per token (a gather and
 ``K`` dot products, never the ``[N, V]`` matmul), and the gradient reaches
-exactly those rows.
+exactly those rows. On the CPU the rows are read in table order, each once per
+block of tokens, by compiled kernels (:mod:`.cpu_replay`).
 """
 
 from __future__ import annotations
@@ -195,8 +196,8 @@ def fused_replay_token_logprobs(
   gather_bytes: int = 32 << 20,
 ) -> jax.Array:
   """:func:`replay_token_logprobs` of ``hidden @ unembed``, from the ``K`` kept rows
-  of the unembedding per token (``gather_bytes`` of them at a time), never the
-  ``[N, V]`` logits. A ``[D, V]`` matrix is transposed once for its row gathers
+  of the unembedding per token (``gather_bytes`` of them at a time; on the CPU
+  each row read once per block of tokens instead), never the ``[N, V]`` logits. A ``[D, V]`` matrix is transposed once for its row gathers
   (a table-sized temporary); a tied ``[V, D]`` table is read as stored.
 
   Args:
