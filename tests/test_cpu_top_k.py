@@ -80,32 +80,6 @@ def test_long_rows_on_many_threads(dtype, n, k):
 @given(
   data=st.data(),
   rows=st.integers(1, 4),
-  width=st.integers(1, 300),
-  group=st.sampled_from([1, 3, 4, 5, 8, 16, 64, 100]),
-  c=st.integers(1, 4),
-)
-def test_group_tops_are_a_sorts(data, rows, width, group, c):
-  """Each group's ``c`` largest values, descending, ties counted, ``-inf`` past
-  its columns; a group holding NaN is NaN throughout. Normal floats: XLA:CPU
-  runs with subnormals flushed to zero, in this kernel's maxima as in its own."""
-  normal = st.floats(-3, 3, width=32, allow_subnormal=False)
-  values = st.one_of(st.sampled_from([0.0, 1.0, -np.inf, np.inf, 2.5]), normal)
-  z = data.draw(hnp.arrays(np.float32, (rows, width), elements=values))
-  if data.draw(st.booleans()):
-    z[data.draw(st.integers(0, rows - 1)), data.draw(st.integers(0, width - 1))] = np.nan
-  padded = np.concatenate([z, np.full((rows, -width % group), -np.inf, np.float32)], 1)
-  grouped = padded.reshape(rows, -1, group)
-  want = -np.sort(-grouped, -1)[..., :c]
-  want = np.concatenate([want, np.full((*want.shape[:2], c - want.shape[2]), -np.inf)], -1)
-  want[np.isnan(grouped).any(-1)] = np.nan
-  got = jax.jit(cpu_top_k.group_tops, static_argnums=(1, 2))(jnp.asarray(z), group, c)
-  np.testing.assert_array_equal(got, want.astype(np.float32))
-
-
-@settings(max_examples=100, deadline=None)
-@given(
-  data=st.data(),
-  rows=st.integers(1, 4),
   n=st.integers(1, 400),
   group=st.sampled_from([1, 3, 4, 8, 32, 50]),
   dtype=st.sampled_from([np.float32, jnp.bfloat16]),
@@ -126,6 +100,37 @@ def test_groups_top_k_is_lax_top_k_of_the_gathered_columns(data, rows, n, group,
   want = np.stack([np.asarray(lax.top_k(jnp.asarray(p, jnp.float32), k)[0]) for p in pooled])
   got = jax.jit(cpu_top_k.groups_top_k, static_argnums=(2, 3))(a, jnp.asarray(ids), group, k)
   np.testing.assert_array_equal(_bits(got), want.view(np.uint32))
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+  data=st.data(),
+  rows=st.integers(1, 5),
+  k=st.integers(1, 40),
+  widths=st.lists(st.integers(0, 200), min_size=1, max_size=6),
+)
+def test_running_candidates_keep_lax_top_ks_values(data, rows, k, widths):
+  """A row read block by block into the running candidates (the buffer cut back
+  when full, the bar raised) ends with ``lax.top_k``'s values of the whole row,
+  bit for bit, ``-inf`` past a row shorter than ``k``; ties, NaN of both signs,
+  signed zeros and infinities included."""
+  assert cpu_top_k.available() or os.environ.get("LPKERNEL_CPU_KERNELS") == "0"
+  if not cpu_top_k.available():
+    pytest.skip("LPKERNEL_CPU_KERNELS=0")
+  special = st.sampled_from(_SPECIAL)
+  normal = st.floats(-5, 5, width=32)
+  blocks = [
+    data.draw(hnp.arrays(np.float32, (rows, w), elements=st.one_of(special, normal)))
+    for w in widths
+  ]
+  state = cpu_top_k.running_top_k(rows, k)
+  step = jax.jit(cpu_top_k.add_block, static_argnums=2)
+  for b in blocks:
+    state = step(state, jnp.asarray(b), k)
+  got = cpu_top_k.running_values(state, k)
+  whole = np.concatenate(blocks + [np.full((rows, k), -np.inf, np.float32)], axis=1)
+  want = lax.top_k(jnp.asarray(whole), k)[0]
+  np.testing.assert_array_equal(_bits(got), _bits(want))
 
 
 def test_vmap_and_no_rows():

@@ -1,5 +1,5 @@
 // Top-k kernels for XLA:CPU through JAX's typed FFI (lpkernel/ops/processed/
-// cpu_top_k.py builds and registers them); rows are shared among XLA's
+// cpu_library.py builds and registers them); rows are shared among XLA's
 // intra-op threads.
 //
 // LpkernelTopK: each row's k largest float32 values and their indices, in
@@ -14,11 +14,9 @@
 // of each row (float32 or bfloat16), descending, as LpkernelTopK orders them;
 // the least of the groups' maxima is the first bar, so few values enter.
 //
-// LpkernelGroupTops: each group of `group` columns' c largest values (c <= 4),
-// descending, equal values counted as often as they occur, -inf past a short
-// group's columns, NaN for a group holding one: lane-wise sorted lists of 4
-// lanes updated by maxima and minima, then the lanes merged (the record of
-// lpkernel.ops.processed.record.group_tops, in registers).
+// LpkernelBufferTopK: a row's running candidates for its k largest values (a
+// buffer and its bar, updated in place) given one more block of the row (the
+// sweep from hidden states keeps them across the unembedding's blocks).
 
 #include <cmath>
 #include <limits>
@@ -54,7 +52,6 @@ inline bool AnyAtLeast(const float* x, float bar) {
 }
 
 inline F4 Max(F4 a, F4 b) { return a > b ? a : b; }
-inline F4 Min(F4 a, F4 b) { return a < b ? a : b; }
 
 // The largest OrderKey of x[0, width) (width: a positive multiple of 4), or a
 // smaller key of one of its values (NaN). By float maxima, except where the
@@ -71,54 +68,6 @@ inline uint32_t BlockMaxKey(const T* x, int64_t width) {
   uint32_t key = 0;
   for (int64_t j = 0; j < width; ++j) key = std::max(key, OrderKey(Widen(x[j])));
   return key;
-}
-
-// The C largest of two lane-wise descending lists: the r-th is the best split of
-// r + 1 values between them, max_i min(a[i - 1], b[r - i]).
-template <int C>
-void MergeLists(F4* a, const F4* b) {
-  F4 r[C];
-  for (int q = 0; q < C; ++q) {
-    F4 best = Max(a[q], b[q]);
-    for (int i = 1; i <= q; ++i) best = Max(best, Min(a[i - 1], b[q - i]));
-    r[q] = best;
-  }
-  for (int q = 0; q < C; ++q) a[q] = r[q];
-}
-
-// One row's groups: out[g * C + j] is group g's j-th largest value.
-template <int C>
-void GroupTopsRow(const float* z, int64_t w, int64_t group, float* out) {
-  const float inf = std::numeric_limits<float>::infinity();
-  const F4 none = {-inf, -inf, -inf, -inf};
-  for (int64_t g = 0, lo = 0; lo < w; ++g, lo += group) {
-    int64_t hi = std::min(w, lo + group);
-    F4 t[C];
-    for (int j = 0; j < C; ++j) t[j] = none;
-    I4 nan = {0, 0, 0, 0};
-    auto take = [&](F4 v) {
-      nan |= v != v;
-      for (int j = 0; j < C; ++j) {
-        F4 larger = Max(t[j], v);
-        v = Min(t[j], v);
-        t[j] = larger;
-      }
-    };
-    int64_t i = lo;
-    for (; i + 4 <= hi; i += 4) take(Load4(z + i));
-    if (i < hi) {
-      F4 v = none;
-      for (int j = 0; i + j < hi; ++j) v[j] = z[i + j];
-      take(v);
-    }
-    F4 other[C];
-    for (int j = 0; j < C; ++j) other[j] = __builtin_shufflevector(t[j], t[j], 2, 3, 0, 1);
-    MergeLists<C>(t, other);
-    for (int j = 0; j < C; ++j) other[j] = __builtin_shufflevector(t[j], t[j], 1, 0, 3, 2);
-    MergeLists<C>(t, other);
-    bool any_nan = (nan[0] | nan[1] | nan[2] | nan[3]) != 0;
-    for (int j = 0; j < C; ++j) out[g * C + j] = any_nan ? std::numeric_limits<float>::quiet_NaN() : t[j][0];
-  }
 }
 
 // Key above, inverted index below: a larger rank is a larger value, or the same
@@ -294,20 +243,61 @@ ffi::Error GroupsTopK(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S
   }
 }
 
-ffi::Error GroupTops(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::ResultBuffer<ffi::F32> out,
-                     int64_t group, int64_t c) {
-  auto dims = z.dimensions();
-  if (dims.size() == 0 || group < 1 || c < 1 || c > 4) {
-    return ffi::Error::InvalidArgument("group_tops: a row, group >= 1 and 1 <= c <= 4");
+// One row's block x[0, n) into its running buffer buf[0, cap) of candidates for
+// its k largest values (meta: the count held and the bar, an OrderKey: only
+// values at least the bar enter). A full buffer is cut back to its k largest
+// (nth_element), which raises the bar past the k-th: values only, an equal
+// value is not needed.
+void BufferRow(const float* x, int64_t n, float* buf, int32_t* meta, int64_t k, int64_t cap) {
+  int64_t size = meta[0];
+  uint32_t bar = static_cast<uint32_t>(meta[1]);
+  float barf = KeyValue(bar);
+  auto offer = [&](float v) {
+    if (OrderKey(v) < bar) return;
+    buf[size++] = v;
+    if (size < cap) return;
+    std::nth_element(buf, buf + (k - 1), buf + size,
+                     [](float a, float b) { return OrderKey(a) > OrderKey(b); });
+    size = k;
+    uint32_t kth = OrderKey(buf[k - 1]);
+    bar = kth == UINT32_MAX ? kth : kth + 1;
+    barf = KeyValue(bar);
+  };
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    if (AnyAtLeast(x + i, barf)) {
+      for (int64_t j = i; j < i + 16; ++j) offer(x[j]);
+    }
   }
-  int64_t w = dims.back();
-  if (w == 0 || z.element_count() == 0) return ffi::Error::Success();
-  int64_t width = (w + group - 1) / group * c;  // out values per row
-  const float* in = z.typed_data();
-  float* o = out->typed_data();
-  auto row = c == 1 ? GroupTopsRow<1> : c == 2 ? GroupTopsRow<2> : c == 3 ? GroupTopsRow<3> : GroupTopsRow<4>;
-  ParallelRows(pool, z.element_count() / w, w, [=](int64_t lo, int64_t hi) {
-    for (int64_t r = lo; r < hi; ++r) row(in + r * w, w, group, o + r * width);
+  for (; i < n; ++i) offer(x[i]);
+  meta[0] = static_cast<int32_t>(size);
+  meta[1] = static_cast<int32_t>(bar);
+}
+
+// x float32 [..., n]; buf float32 [..., cap] and meta int32 [..., 2] (updated in
+// place: the results alias them), cap > k.
+ffi::Error BufferTopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> buf,
+                      ffi::Buffer<ffi::S32> meta, ffi::ResultBuffer<ffi::F32> buf_out,
+                      ffi::ResultBuffer<ffi::S32> meta_out, int64_t k) {
+  auto dims = x.dimensions();
+  if (dims.size() == 0 || buf.dimensions().size() == 0) {
+    return ffi::Error::InvalidArgument("buffer_top_k: x [..., n], buf [..., cap], meta [..., 2]");
+  }
+  int64_t n = dims.back(), cap = buf.dimensions().back();
+  if (k < 1 || cap <= k) return ffi::Error::InvalidArgument("buffer_top_k: 1 <= k < cap");
+  int64_t rows = buf.element_count() / cap;
+  if (rows == 0) return ffi::Error::Success();
+  if (static_cast<int64_t>(meta.element_count()) != 2 * rows ||
+      (n > 0 && static_cast<int64_t>(x.element_count()) / n != rows)) {
+    return ffi::Error::InvalidArgument("buffer_top_k: rows");
+  }
+  float* b = buf_out->typed_data();
+  int32_t* m = meta_out->typed_data();
+  if (b != buf.typed_data()) std::copy(buf.typed_data(), buf.typed_data() + rows * cap, b);
+  if (m != meta.typed_data()) std::copy(meta.typed_data(), meta.typed_data() + 2 * rows, m);
+  const float* in = x.typed_data();
+  ParallelRows(pool, rows, n + 64, [=](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) BufferRow(in + r * n, n, b + r * cap, m + 2 * r, k, cap);
   });
   return ffi::Error::Success();
 }
@@ -321,14 +311,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LpkernelTopK, TopK,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LpkernelGroupTops, GroupTops,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("group")
-                                  .Attr<int64_t>("c"));
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LpkernelGroupsTopK, GroupsTopK,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -336,3 +318,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LpkernelGroupsTopK, GroupsTopK,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("group"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LpkernelBufferTopK, BufferTopK,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("k"));

@@ -7,14 +7,13 @@
   small buffer of candidates and shares the rows among XLA's intra-op threads.
 * :func:`groups_top_k`: the ``K`` largest among a row's ``K`` groups with the
   largest maxima, read in place (XLA gathers them first);
-* :func:`group_tops`: :func:`lpkernel.ops.processed.record.group_tops` (each
-  group's few largest values, the record of the sweep from hidden states) in
-  registers, where XLA:CPU materialises each level of its merge tree.
+* :func:`add_block`: a row's running candidates for its ``K`` largest values,
+  given one more block of the row (the sweep from hidden states).
 
 Built and registered by :mod:`.cpu_library`; where it is not
 (:func:`available` False), every step is XLA's (:func:`top_k` is ``lax.top_k``,
-:func:`group_tops` the merge tree, and :func:`compiled` says False so callers
-gather): the same numbers, slower on the CPU.
+and :func:`compiled` says False so callers gather, or record each group's
+largest values from hidden states): the same numbers, slower on the CPU.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ import numpy as np
 from jax import lax
 
 from lpkernel.ops.platform import on_cpu_or
-from lpkernel.ops.processed import record
 from lpkernel.ops.processed.cpu_library import available
 
 
@@ -77,18 +75,28 @@ def groups_top_k(x: jax.Array, ids: jax.Array, group: int, k: int) -> jax.Array:
   return call(x, ids.astype(jnp.int32), group=np.int64(group))
 
 
-def _native_group_tops(z: jax.Array, group: int, c: int) -> jax.Array:
-  n, w = z.shape
-  out = jax.ShapeDtypeStruct((n, -(-w // group), c), jnp.float32)
-  call = jax.ffi.ffi_call("lpkernel_cpu_group_tops", out, vmap_method="broadcast_all")
-  return call(z, group=np.int64(group), c=np.int64(c))
+def running_top_k(n: int, k: int) -> tuple[jax.Array, jax.Array]:
+  """The empty running candidates of :func:`add_block` for ``n`` rows' ``k``
+  largest values: a buffer ``float32[n, 4k]`` and ``int32[n, 2]`` (count, bar)."""
+  return jnp.full((n, 4 * k), -jnp.inf, jnp.float32), jnp.zeros((n, 2), jnp.int32)
 
 
-def group_tops(z: jax.Array, group: int, c: int) -> jax.Array:
-  """:func:`lpkernel.ops.processed.record.group_tops` of float32 ``z [N, W]``:
-  on the CPU the compiled kernel where :func:`available` and ``c <= 4``, else
-  XLA's merge tree (a group holding NaN is NaN throughout on the CPU, at least
-  its largest value in XLA's)."""
-  if not (z.dtype == jnp.float32 and c <= 4 and available()):
-    return record.group_tops(z, group, c)
-  return on_cpu_or(lambda: _native_group_tops(z, group, c), lambda: record.group_tops(z, group, c))
+def add_block(state, z: jax.Array, k: int):
+  """The running candidates ``state`` (:func:`running_top_k`) given one more
+  block ``z float32 [n, W]`` of the rows, updated in place. A program for the
+  CPU only (where :func:`compiled`); the caller chooses it with
+  :func:`lpkernel.ops.platform.on_cpu_or`."""
+  buf, meta = state
+  out = (jax.ShapeDtypeStruct(buf.shape, jnp.float32), jax.ShapeDtypeStruct(meta.shape, jnp.int32))
+  call = jax.ffi.ffi_call(
+    "lpkernel_cpu_buffer_top_k", out, vmap_method="broadcast_all", input_output_aliases={1: 0, 2: 1}
+  )
+  return tuple(call(z.astype(jnp.float32), buf, meta, k=np.int64(k)))
+
+
+def running_values(state, k: int) -> jax.Array:
+  """float32[n, k]: the ``k`` largest values the running candidates saw, descending
+  (``-inf`` where fewer)."""
+  buf, meta = state
+  held = lax.broadcasted_iota(jnp.int32, buf.shape, 1) < meta[:, :1]
+  return top_k(jnp.where(held, buf, -jnp.inf), k)[0]

@@ -197,8 +197,9 @@ def fused_replay_token_logprobs(
 ) -> jax.Array:
   """:func:`replay_token_logprobs` of ``hidden @ unembed``, from the ``K`` kept rows
   of the unembedding per token (``gather_bytes`` of them at a time; on the CPU
-  each row read once per block of tokens instead), never the ``[N, V]`` logits. A ``[D, V]`` matrix is transposed once for its row gathers
-  (a table-sized temporary); a tied ``[V, D]`` table is read as stored.
+  each row read once per block of tokens instead), never the ``[N, V]`` logits.
+  A ``[D, V]`` matrix is transposed once for its row gathers (a table-sized
+  temporary); a tied ``[V, D]`` table is read as stored.
 
   Args:
     hidden: float[..., D]; unembed: float[D, V] or a tied table ``[V, D]`` with

@@ -35,8 +35,9 @@ from lpkernel.ops.fused.matmuls import UnembedGrad, add_rows, fresh_rows, grad_u
 from lpkernel.ops.fused.xla import FusedConfig, block_logits
 from lpkernel.ops.logprobs.xla import XlaLogits, chunk_rows, gather
 from lpkernel.ops.platform import on_cpu_or
+from lpkernel.ops.processed import cpu_top_k, record
 from lpkernel.ops.processed import select as S
-from lpkernel.ops.processed.cpu_top_k import compiled, group_tops, groups_top_k, top_k
+from lpkernel.ops.processed.cpu_top_k import compiled, groups_top_k, top_k
 from lpkernel.ops.processed.grads import live_rows, row_grads
 from lpkernel.ops.processed.replay import rows_major
 
@@ -297,7 +298,7 @@ def _hidden_sweep(h, w, targets, tau, softcap, vocab_axis: int, precision, confi
       _, z, _ = block_logits(h, w, lo, wd, softcap, precision, vocab_axis, fused.dot_dtype)
       cols = lo + lax.broadcasted_iota(jnp.int32, (1, wd), 1)
       parts = P.merge(parts, P.block_partials(z, cols, targets, tau_col, with_entropy=False), tau)
-      bm = group_tops(lax.stop_gradient(z), group, c)
+      bm = record.group_tops(lax.stop_gradient(z), group, c)
       return parts, lax.dynamic_update_slice_in_dim(maxima, bm, lo // group, 1)
 
     init = (P.empty(n), jnp.full((n, -(-v // group), c), -jnp.inf, _F32))
@@ -305,6 +306,31 @@ def _hidden_sweep(h, w, targets, tau, softcap, vocab_axis: int, precision, confi
 
   with jax.named_scope("processed_sweep"):
     return on_cpu_or(lambda: forward(True), lambda: forward(False))
+
+
+def _hidden_sweep_top(h, w, targets, tau, softcap, vocab_axis: int, precision, k: int, fused):
+  """(RowPartials, float32[N, K]: each row's ``K`` largest capped values,
+  descending) of ``h @ w``: one sweep over the unembedding's blocks, each
+  block's values merged into the row's running ``K`` largest by the compiled
+  kernel (:func:`~lpkernel.ops.processed.cpu_top_k.add_block`). A program for
+  the CPU only; XLA:CPU's own steps record each group's largest values instead
+  (:func:`_hidden_sweep`), a third of the logits' size carried through the
+  sweep, then a top-k of them and the gathers they may need."""
+  n = h.shape[0]
+  v = w.shape[vocab_axis]
+  tau_col = None if tau is None else tau[:, None]
+
+  def step(carry, lo, wd):
+    parts, top = carry
+    _, z, _ = block_logits(h, w, lo, wd, softcap, precision, vocab_axis, fused.dot_dtype)
+    cols = lo + lax.broadcasted_iota(jnp.int32, (1, wd), 1)
+    parts = P.merge(parts, P.block_partials(z, cols, targets, tau_col, with_entropy=False), tau)
+    return parts, cpu_top_k.add_block(top, lax.stop_gradient(z), k)
+
+  init = (P.empty(n), cpu_top_k.running_top_k(n, k))
+  with jax.named_scope("processed_sweep"):
+    parts, top = sweep(step, init, v, fused.block(v, True))
+  return parts, cpu_top_k.running_values(top, k)
 
 
 def hidden_forward(
@@ -317,32 +343,38 @@ def hidden_forward(
   n = h.shape[0]
   v = w.shape[vocab_axis]
   h = h if fused.dot_dtype is None else h.astype(fused.dot_dtype)
-  parts, maxima = impl.hidden_partials_and_group_maxima(
-    h, w, targets, tau, softcap, vocab_axis, precision, config, fused
-  )
   hs, ws = lax.stop_gradient(h), lax.stop_gradient(w)
-  w_rows = rows_major(ws, vocab_axis)  # one transposed copy of a [D, V] table, for both
-
-  def values_of_rows(taken):  # the candidates' dot products of tokens hs[taken]
-    return _pool_values(hs[taken], w_rows, precision, softcap, fused.dot_dtype)
-
-  values = _pool_values(hs, w_rows, precision, softcap, fused.dot_dtype)
-  row_bytes = h.shape[1] * w.dtype.itemsize + 3 * 4
-
-  def whole_groups(maxima, group: int, lanes: int):  # the K groups with the largest maxima
-    ids = _largest_groups(maxima, k)
-    chunk = _chunk(config, n, v, ids.shape[1] * group * row_bytes)
-    return _pool_top(values, ids, group, k, v, chunk, lanes=lanes)
-
   rows = hidden_rows(hs, ws, softcap, vocab_axis, precision, fused.block(v, True), fused.dot_dtype)
-  if maxima.ndim == 2:  # group maxima (the Pallas implementations')
-    return parts, whole_groups(maxima, config.group, impl.lanes), rows
-  group = config.hidden_group
-  if maxima.shape[1] * maxima.shape[2] < k:  # too few recorded values to hold the K largest
-    return parts, whole_groups(maxima[:, :, 0], group, 1), rows
-  top, over = _recorded_and_gathered_top(maxima, k, group, config, v, row_bytes, values_of_rows)
-  top = lax.cond(over, lambda: whole_groups(maxima[:, :, 0], group, 1), lambda: top)
-  return parts, top, rows
+
+  def recorded():  # impl's pass, then the candidates from its record
+    parts, maxima = impl.hidden_partials_and_group_maxima(
+      h, w, targets, tau, softcap, vocab_axis, precision, config, fused
+    )
+    w_rows = rows_major(ws, vocab_axis)  # one transposed copy of a [D, V] table, for both
+
+    def values_of_rows(taken):  # the candidates' dot products of tokens hs[taken]
+      return _pool_values(hs[taken], w_rows, precision, softcap, fused.dot_dtype)
+
+    values = _pool_values(hs, w_rows, precision, softcap, fused.dot_dtype)
+    row_bytes = h.shape[1] * w.dtype.itemsize + 3 * 4
+
+    def whole_groups(maxima, group: int, lanes: int):  # the K groups with the largest maxima
+      ids = _largest_groups(maxima, k)
+      chunk = _chunk(config, n, v, ids.shape[1] * group * row_bytes)
+      return _pool_top(values, ids, group, k, v, chunk, lanes=lanes)
+
+    if maxima.ndim == 2:  # group maxima (the Pallas implementations')
+      return parts, whole_groups(maxima, config.group, impl.lanes)
+    group = config.hidden_group
+    if maxima.shape[1] * maxima.shape[2] < k:  # too few recorded values to hold the K largest
+      return parts, whole_groups(maxima[:, :, 0], group, 1)
+    top, over = _recorded_and_gathered_top(maxima, k, group, config, v, row_bytes, values_of_rows)
+    return parts, lax.cond(over, lambda: whole_groups(maxima[:, :, 0], group, 1), lambda: top)
+
+  if impl.name != "xla" or not compiled(jnp.float32):
+    return (*recorded(), rows)
+  running = lambda: _hidden_sweep_top(h, w, targets, tau, softcap, vocab_axis, precision, k, fused)  # noqa: E731
+  return (*on_cpu_or(running, recorded), rows)
 
 
 def _recorded_and_gathered_top(tops, k: int, group: int, config, v: int, row_bytes: int, values_of):
