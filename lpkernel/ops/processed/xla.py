@@ -197,8 +197,9 @@ class XlaProcessed:
 
   def partials_and_group_maxima(self, x, targets, tau, softcap, config: ProcessedConfig):
     """The group maxima, then the plain forward's partials: on the CPU, where the
-    group divides V, from the group maxima and one more read for the sums of
-    ``exp`` (two reads of the logits in all, where the plain forward takes two)."""
+    group divides V, their max and argmax blocks from the group maxima and one
+    more read for the sums of ``exp`` (two reads of the logits in all; the plain
+    forward's own max and argmax-block passes would make it four)."""
     maxima = _logits_group_maxima(lax.stop_gradient(x), config.group, config.sweep_block)
     whole = x.shape[1] % config.group == 0
     parts = XlaLogits().partials(x, targets, tau, softcap, maxima if whole else None)
@@ -280,32 +281,44 @@ def _pool_values(h, w_rows, precision, softcap, dot_dtype):
   return values
 
 
+def _partials_sweep(
+  h, w, targets, tau, softcap, vocab_axis: int, precision, fused, width, init, take
+):
+  """(RowPartials, carry) of ``h @ w``: one sweep over the unembedding's blocks of
+  ``width`` columns, ``take(carry, z, lo)`` folding in what else each block's
+  capped logits ``z [N, wd]`` (starting at column ``lo``) give."""
+  v = w.shape[vocab_axis]
+  tau_col = None if tau is None else tau[:, None]
+
+  def step(carry, lo, wd):
+    parts, extra = carry
+    _, z, _ = block_logits(h, w, lo, wd, softcap, precision, vocab_axis, fused.dot_dtype)
+    cols = lo + lax.broadcasted_iota(jnp.int32, (1, wd), 1)
+    parts = P.merge(parts, P.block_partials(z, cols, targets, tau_col, with_entropy=False), tau)
+    return parts, take(extra, lax.stop_gradient(z), lo)
+
+  with jax.named_scope("processed_sweep"):
+    return sweep(step, (P.empty(h.shape[0]), init), v, width)
+
+
 def _hidden_sweep(h, w, targets, tau, softcap, vocab_axis: int, precision, config, fused):
   """(RowPartials, float32 ``[N, G, c]``: the ``c = config.group_values`` largest
   values of each group of ``config.hidden_group`` columns) of ``h @ w``: one
   sweep over the unembedding's blocks (``h`` already in the dot dtype)."""
-  n = h.shape[0]
   v = w.shape[vocab_axis]
   group, c = config.hidden_group, config.group_values
-  tau_col = None if tau is None else tau[:, None]
+
+  def record_block(maxima, z, lo):
+    return lax.dynamic_update_slice_in_dim(maxima, record.group_tops(z, group, c), lo // group, 1)
 
   def forward(cpu: bool):
     width = fused.block(v, cpu)
     width = max(group, width // group * group) if width < v else width  # on group boundaries
+    init = jnp.full((h.shape[0], -(-v // group), c), -jnp.inf, _F32)
+    args = (h, w, targets, tau, softcap, vocab_axis, precision, fused, width, init)
+    return _partials_sweep(*args, record_block)
 
-    def step(carry, lo, wd):
-      parts, maxima = carry
-      _, z, _ = block_logits(h, w, lo, wd, softcap, precision, vocab_axis, fused.dot_dtype)
-      cols = lo + lax.broadcasted_iota(jnp.int32, (1, wd), 1)
-      parts = P.merge(parts, P.block_partials(z, cols, targets, tau_col, with_entropy=False), tau)
-      bm = record.group_tops(lax.stop_gradient(z), group, c)
-      return parts, lax.dynamic_update_slice_in_dim(maxima, bm, lo // group, 1)
-
-    init = (P.empty(n), jnp.full((n, -(-v // group), c), -jnp.inf, _F32))
-    return sweep(step, init, v, width)
-
-  with jax.named_scope("processed_sweep"):
-    return on_cpu_or(lambda: forward(True), lambda: forward(False))
+  return on_cpu_or(lambda: forward(True), lambda: forward(False))
 
 
 def _hidden_sweep_top(h, w, targets, tau, softcap, vocab_axis: int, precision, k: int, fused):
@@ -316,20 +329,10 @@ def _hidden_sweep_top(h, w, targets, tau, softcap, vocab_axis: int, precision, k
   the CPU only; XLA:CPU's own steps record each group's largest values instead
   (:func:`_hidden_sweep`), a third of the logits' size carried through the
   sweep, then a top-k of them and the gathers they may need."""
-  n = h.shape[0]
   v = w.shape[vocab_axis]
-  tau_col = None if tau is None else tau[:, None]
-
-  def step(carry, lo, wd):
-    parts, top = carry
-    _, z, _ = block_logits(h, w, lo, wd, softcap, precision, vocab_axis, fused.dot_dtype)
-    cols = lo + lax.broadcasted_iota(jnp.int32, (1, wd), 1)
-    parts = P.merge(parts, P.block_partials(z, cols, targets, tau_col, with_entropy=False), tau)
-    return parts, cpu_top_k.add_block(top, lax.stop_gradient(z), k)
-
-  init = (P.empty(n), cpu_top_k.running_top_k(n, k))
-  with jax.named_scope("processed_sweep"):
-    parts, top = sweep(step, init, v, fused.block(v, True))
+  init = cpu_top_k.running_top_k(h.shape[0], k)
+  args = (h, w, targets, tau, softcap, vocab_axis, precision, fused, fused.block(v, True), init)
+  parts, top = _partials_sweep(*args, lambda top, z, lo: cpu_top_k.add_block(top, z, k))
   return parts, cpu_top_k.running_values(top, k)
 
 
