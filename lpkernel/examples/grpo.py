@@ -34,8 +34,10 @@ def policy_stats(model, tokens, sampling=SAMPLING):
   return stats.logprobs
 
 
+@nnx.jit
 def sample(model, prompts, key):
-  """Responses drawn from the processed (top-k) distribution, token by token."""
+  """Responses drawn from the processed (top-k) distribution, token by token (one
+  compiled program: eagerly, each token's step would compile op by op)."""
   tokens = prompts
   for _ in range(RESPONSE):
     key, sub = jax.random.split(key)
@@ -78,13 +80,13 @@ def main(steps: int = 12, seed: int = 0) -> list[float]:
   cfg = TinyLMConfig(vocab_size=VOCAB, width=32, num_heads=2, num_layers=1, max_length=16)
   model, reference = TinyLM(cfg, rngs=nnx.Rngs(seed)), TinyLM(cfg, rngs=nnx.Rngs(seed))
   optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
-  step, draw = nnx.jit(grpo_step), nnx.jit(sample)
+  step = nnx.jit(grpo_step)
   key = jax.random.key(seed)
   mean_rewards = []
   for i in range(steps):
     key, k_prompt, k_sample = jax.random.split(key, 3)
     prompts = jax.random.randint(k_prompt, (PROMPTS, PROMPT), 1, VOCAB).repeat(GROUP, axis=0)
-    tokens = draw(model, prompts, k_sample)
+    tokens = sample(model, prompts, k_sample)
     rewards = jnp.mean(tokens[:, PROMPT:] == TARGET, axis=1).astype(jnp.float32)
     loss, metrics = step(model, reference, optimizer, tokens, rewards)
     mean_rewards.append(float(rewards.mean()))

@@ -21,6 +21,7 @@ from lpkernel import checks, ops
 from lpkernel import partials as P
 from lpkernel.ops import base, higher_order
 from lpkernel.ops.fused import reference
+from lpkernel.ops.staged import staged
 from lpkernel.types import TokenStats
 
 _F32 = jnp.float32
@@ -91,6 +92,7 @@ def _fused_bwd(softcap, impl, axis, vocab_size, vocab_axis, residuals, ct: Token
 
 
 _fused.defvjp(_forward, _fused_bwd)
+_fused = staged(_fused, (4, 5, 6, 7, 8))
 
 
 def rows_fused_token_stats(
@@ -296,6 +298,7 @@ def _nll_bwd(z_loss, softcap, impl, axis, vocab_size, vocab_axis, residuals, ct)
 
 _nll = jax.custom_vjp(_nll_value, nondiff_argnums=(5, 6, 7, 8, 9, 10))
 _nll.defvjp(_nll_fwd, _nll_bwd)
+_nll = staged(_nll, (5, 6, 7, 8, 9, 10))
 
 
 def rows_fused_nll_loss(

@@ -21,6 +21,7 @@ from lpkernel import checks, ops
 from lpkernel import partials as P
 from lpkernel.ops import base, higher_order
 from lpkernel.ops.logprobs import reference, xla
+from lpkernel.ops.staged import staged
 
 _F32 = jnp.float32
 
@@ -74,6 +75,7 @@ def _logprobs_bwd(softcap, impl, axis, vocab_size, residuals, cotangents):
 
 
 _logprobs.defvjp(_forward, _logprobs_bwd)
+_logprobs = staged(_logprobs, (3, 4, 5, 6))
 
 
 def _grads(impl, x, local, tau, softcap, shift, log_s, g, g_lse=None, mass=None):
@@ -277,6 +279,7 @@ def _nll_bwd(z_loss, softcap, impl, axis, vocab_size, residuals, ct):
 
 _nll = jax.custom_vjp(_nll_value, nondiff_argnums=(4, 5, 6, 7, 8))
 _nll.defvjp(_nll_fwd, _nll_bwd)
+_nll = staged(_nll, (4, 5, 6, 7, 8))
 
 
 def rows_nll_loss(

@@ -24,6 +24,7 @@ from lpkernel.ops.fused.xla import FusedConfig
 from lpkernel.ops.processed import select as S
 from lpkernel.ops.processed import xla
 from lpkernel.ops.processed.xla import ProcessedConfig
+from lpkernel.ops.staged import staged
 from lpkernel.sampling import (
   ProcessedStats,
   Sampling,
@@ -146,6 +147,7 @@ def _logits_bwd(softcap, k, config, tau_grad, axis, v, impl, residuals, ct):
 
 
 _logits_op.defvjp(_logits_fwd, _logits_bwd)
+_logits_op = staged(_logits_op, (3, 4, 5, 6, 7, 8, 9))
 
 
 def _row_cotangents(params: S.Params, dtau) -> SamplingRows:
@@ -187,6 +189,7 @@ def _hidden_bwd(
 
 
 _hidden_op.defvjp(_hidden_fwd, _hidden_bwd)
+_hidden_op = staged(_hidden_op, (4, 5, 6, 7, 8, 9, 10, 11, 12, 13))
 
 
 def rows_processed_token_stats(

@@ -22,6 +22,7 @@ from lpkernel import partials as P
 from lpkernel.ops.blocks import sweep
 from lpkernel.ops.platform import on_cpu_or
 from lpkernel.ops.processed import cpu_replay
+from lpkernel.ops.staged import staged
 
 _F32 = jnp.float32
 
@@ -181,6 +182,7 @@ def _fused_replay_bwd(softcap, vocab_axis, precision, chunk, residuals, g):
 
 
 _fused_replay.defvjp(_fused_replay_fwd, _fused_replay_bwd)
+_fused_replay = staged(_fused_replay, (5, 6, 7, 8))
 
 
 def fused_replay_token_logprobs(
