@@ -567,8 +567,9 @@ def test_xlas_own_steps_give_the_compiled_kernels_numbers(monkeypatch, dtype):
 def test_no_sort_in_the_compiled_programs():
   """XLA:CPU rewrites a top-k whose consumers it sees as a sort of the row (10x
   to 15x slower, silently): the compiled processed programs, from logits and
-  from hidden states, forward and backward, hold the compiled CPU top-k
-  (:mod:`lpkernel.ops.processed.cpu_top_k`), or without it XLA's, and no sort."""
+  from hidden states, forward and backward, hold the compiled CPU kernels
+  (:mod:`lpkernel.ops.processed.cpu_top_k`: from logits the candidates from the
+  group maxima, with no top-k left), or without them XLA's top-k, and no sort."""
   from lpkernel.ops.processed import cpu_top_k
 
   n, d, v = 256, 32, 32000
@@ -583,10 +584,14 @@ def test_no_sort_in_the_compiled_programs():
   def hidden(h, w, t):
     return lpk.fused_processed_token_stats(h, w, t, sampling).logprobs.sum()
 
-  for fn, args in ((logits, (x, t)), (hidden, (h, w, t)), (jax.grad(hidden), (h, w, t))):
+  compiled = cpu_top_k.available()
+  for fn, args, kernel in (
+    (logits, (x, t), "lpkernel_cpu_groups_top_k"),
+    (hidden, (h, w, t), "lpkernel_cpu_top_k"),
+    (jax.grad(hidden), (h, w, t), "lpkernel_cpu_top_k"),
+  ):
     text = jax.jit(fn).lower(*args).compile().as_text()
-    top_k = "lpkernel_cpu_top_k" if cpu_top_k.available() else '"TopK"'
-    assert top_k in text and " sort(" not in text
+    assert (kernel if compiled else '"TopK"') in text and " sort(" not in text
 
 
 @pytest.mark.parametrize("spans", [[], [(64, 20)]], ids=["recorded", "gathered"])

@@ -10,9 +10,12 @@
 // where none does; a full buffer is cut back to its k largest (nth_element),
 // which raises the bar. The k kept are sorted once at the end.
 //
-// LpkernelGroupsTopK: the k largest values among the columns of k given groups
-// of each row (float32 or bfloat16), descending, as LpkernelTopK orders them;
-// the least of the groups' maxima is the first bar, so few values enter.
+// LpkernelGroupsTopK: each row's k largest values (float32 or bfloat16),
+// descending, as LpkernelTopK orders them, from the row and its groups' maxima
+// (float32 or bfloat16, in the order of the row's values, or of any increasing
+// function of them: capped logits): only the groups whose maximum is at least
+// the k-th largest maximum can hold one; the least of those groups' own maxima
+// is the first bar, so few values enter.
 //
 // LpkernelBufferTopK: a row's running candidates for its k largest values (a
 // buffer and its bar, updated in place) given one more block of the row (the
@@ -78,7 +81,8 @@ inline uint64_t Rank(uint32_t key, int64_t i) {
 
 class RowTopK {
  public:
-  explicit RowTopK(int64_t k) : k_(k), capacity_(4 * k), buffer_(4 * k + 1), maxima_(4 * k) {}
+  explicit RowTopK(int64_t k)
+      : k_(k), capacity_(4 * k), buffer_(4 * k + 1), maxima_(4 * k), counts_(4 * 256) {}
 
   void Run(const float* x, int64_t n, float* values, int32_t* ids) {
     size_ = 0;
@@ -95,16 +99,42 @@ class RowTopK {
     Finish(values, ids, [&](int64_t at) { return x[at]; });
   }
 
-  // The k largest values of the columns of groups ids[0, m) of a row x[0, n)
-  // (group j: columns [j * group, (j + 1) * group) below n; k <= the columns).
-  // With m >= k groups the first bar is the least of their maxima (each holds a
-  // value at least it). Values only: which of equal values enters is immaterial.
+  // A row's k largest values come from the groups of `group` columns whose
+  // maxima mx[0, g) (g = ceil(n / group); or an increasing function of them:
+  // capped logits) are at least the k-th largest maximum: the k largest maxima
+  // are k values of the row. Choose puts those groups in `chosen` and
+  // prefetches their columns of x (scattered over the row: read from memory,
+  // they are latency-bound).
+  template <typename T, typename M>
+  void Choose(const T* x, int64_t n, const M* mx, int64_t g, int64_t group,
+                  std::vector<int64_t>& chosen) {
+    uint32_t least = 0;
+    if (g > k_) {
+      least = KthFloor(mx, g);
+      // XLA:CPU flushes subnormals, so a maximum that is a zero or subnormal may
+      // be off by one (BlockMaxKey): every group is read then.
+      if (std::fabs(KeyValue(least)) < std::numeric_limits<float>::min()) least = 0;
+    }
+    chosen.clear();
+    for (int64_t j = 0; j < g; ++j) {
+      if (OrderKey(Widen(mx[j])) < least) continue;
+      chosen.push_back(j);
+      for (int64_t c = j * group; c < std::min(n, (j + 1) * group); c += 64 / sizeof(T)) {
+        __builtin_prefetch(x + c);
+      }
+    }
+  }
+
+  // The k largest values of the row x[0, n) among its `chosen` groups. With k
+  // or more of them the first bar is the least of their maxima (each holds a
+  // value at least it).
   template <typename T>
-  void RunGroups(const T* x, int64_t n, const int32_t* ids, int64_t m, int64_t group,
-                 float* values) {
-    uint32_t bar = m >= k_ ? UINT32_MAX : 0;
-    for (int64_t g = 0; g < m && bar > 0; ++g) {
-      int64_t lo = std::max<int64_t>(ids[g], 0) * group, hi = std::min(n, lo + group), i = lo;
+  void Scan(const T* x, int64_t n, const std::vector<int64_t>& chosen, int64_t group,
+            float* values) {
+    uint32_t bar = static_cast<int64_t>(chosen.size()) >= k_ ? UINT32_MAX : 0;
+    for (int64_t j : chosen) {
+      if (bar == 0) break;
+      int64_t lo = j * group, hi = std::min(n, lo + group), i = lo;
       uint32_t top = 0;
       if (hi - lo >= 4) {
         top = BlockMaxKey(x + lo, (hi - lo) / 4 * 4);
@@ -116,13 +146,12 @@ class RowTopK {
     size_ = 0;
     bar_ = bar;
     float barf = KeyValue(bar_);
-    for (int64_t g = 0; g < m; ++g) {
-      if (ids[g] < 0) continue;
-      int64_t lo = int64_t{ids[g]} * group, hi = std::min(n, lo + group), i = lo;
+    for (int64_t j : chosen) {
+      int64_t lo = j * group, hi = std::min(n, lo + group), i = lo;
       for (; i + 4 <= hi; i += 4) {  // 4 values at a time where one may reach the bar
         I4 pass = ~(Load4(x + i) < F4{barf, barf, barf, barf});
         if ((pass[0] | pass[1] | pass[2] | pass[3]) == 0) continue;
-        for (int64_t j = i; j < i + 4; ++j) Offer(Widen(x[j]), j);
+        for (int64_t c = i; c < i + 4; ++c) Offer(Widen(x[c]), c);
         barf = KeyValue(bar_);
       }
       for (; i < hi; ++i) Offer(Widen(x[i]), i);
@@ -131,6 +160,32 @@ class RowTopK {
   }
 
  private:
+  // The k-th largest key of mx[0, g) (g > k) with its low 16 bits cleared (at
+  // most it; in its float's sign, exponent and 7 high mantissa bits): a count
+  // of the keys' high bytes, then of the next byte within the k-th's bin (an
+  // nth_element of 256 keys takes 2 us, these two passes a fraction of it).
+  // Four interleaved counts: most keys share a few high bytes, and one count's
+  // increments would wait on each other.
+  template <typename M>
+  uint32_t KthFloor(const M* mx, int64_t g) {
+    uint32_t prefix = 0;
+    int64_t rank = k_;  // the k-th's rank within the bins still in play
+    for (int shift = 24; shift >= 16; shift -= 8) {
+      std::fill(counts_.begin(), counts_.end(), 0);
+      for (int64_t j = 0; j < g; ++j) {
+        uint32_t key = OrderKey(Widen(mx[j]));
+        if (shift == 24 || key >> 24 == prefix >> 24) ++counts_[(j & 3) * 256 + ((key >> shift) & 255)];
+      }
+      int64_t bin = 255, in_bin;
+      while (rank > (in_bin = counts_[bin] + counts_[256 + bin] + counts_[512 + bin] + counts_[768 + bin])) {
+        rank -= in_bin;
+        --bin;
+      }
+      prefix |= static_cast<uint32_t>(bin) << shift;
+    }
+    return prefix;
+  }
+
   // Sorts the buffer's k largest and writes their values (and indices, if asked).
   template <typename Value>
   void Finish(float* values, int32_t* ids, Value value) {
@@ -184,6 +239,7 @@ class RowTopK {
   int64_t k_, capacity_;
   std::vector<uint64_t> buffer_;  // capacity_ ranks and one written past them
   std::vector<uint32_t> maxima_;
+  std::vector<int32_t> counts_;  // KthFloor's bins, four times
   int64_t size_ = 0;
   uint32_t bar_ = 0;
 };
@@ -206,38 +262,59 @@ ffi::Error TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer
   return ffi::Error::Success();
 }
 
-template <typename T>
-void RowsGroupsTopK(ffi::ThreadPool& pool, const T* x, int64_t rows, int64_t n, const int32_t* ids,
-                    int64_t m, int64_t group, int64_t k, float* values) {
-  ParallelRows(pool, rows, m * group, [=](int64_t lo, int64_t hi) {
+template <typename T, typename M>
+void RowsGroupsTopK(ffi::ThreadPool& pool, const T* x, int64_t rows, int64_t n, const M* mx,
+                    int64_t g, int64_t group, int64_t k, float* values) {
+  ParallelRows(pool, rows, g + 2 * k * group, [=](int64_t lo, int64_t hi) {
     RowTopK top(k);
+    std::vector<int64_t> chosen;
     for (int64_t r = lo; r < hi; ++r) {
-      top.RunGroups(x + r * n, n, ids + r * m, m, group, values + r * k);
+      top.Choose(x + r * n, n, mx + r * g, g, group, chosen);
+      top.Scan(x + r * n, n, chosen, group, values + r * k);
     }
   });
 }
 
-// x [..., n] float32 or bfloat16; ids int32 [..., m], distinct, each in
-// [0, ceil(n / group)); values [..., k], k at most the groups' columns.
-ffi::Error GroupsTopK(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> ids,
+template <typename T>
+ffi::Error GroupsTopKOf(ffi::ThreadPool& pool, const T* x, int64_t rows, int64_t n,
+                        ffi::AnyBuffer mx, int64_t g, int64_t group, int64_t k, float* values) {
+  switch (mx.element_type()) {
+    case ffi::DataType::F32:
+      RowsGroupsTopK(pool, x, rows, n, static_cast<const float*>(mx.untyped_data()), g, group, k,
+                     values);
+      return ffi::Error::Success();
+    case ffi::DataType::BF16:
+      RowsGroupsTopK(pool, x, rows, n, static_cast<const uint16_t*>(mx.untyped_data()), g, group, k,
+                     values);
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument("groups_top_k: maxima float32 or bfloat16");
+  }
+}
+
+// x [..., n] float32 or bfloat16; maxima [..., ceil(n / group)] float32 or
+// bfloat16; values [..., k], k at most n.
+ffi::Error GroupsTopK(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer maxima,
                       ffi::ResultBuffer<ffi::F32> values, int64_t group) {
   auto dims = x.dimensions();
-  if (dims.size() == 0 || ids.dimensions().size() == 0 || group < 1) {
-    return ffi::Error::InvalidArgument("groups_top_k: x [..., n], ids [..., m], group >= 1");
+  if (dims.size() == 0 || maxima.dimensions().size() == 0 || group < 1) {
+    return ffi::Error::InvalidArgument("groups_top_k: x [..., n], maxima [..., g], group >= 1");
   }
-  int64_t n = dims.back(), m = ids.dimensions().back(), k = values->dimensions().back();
-  if (n == 0 || m == 0 || k == 0) return ffi::Error::Success();
+  int64_t n = dims.back(), g = maxima.dimensions().back(), k = values->dimensions().back();
+  if (n == 0 || k == 0) return ffi::Error::Success();
   int64_t rows = x.element_count() / n;
-  if (static_cast<int64_t>(ids.element_count()) / m != rows) return ffi::Error::InvalidArgument("groups_top_k: rows");
-  const int32_t* i = ids.typed_data();
+  if (g != (n + group - 1) / group || k > n ||
+      static_cast<int64_t>(maxima.element_count()) / g != rows) {
+    return ffi::Error::InvalidArgument("groups_top_k: maxima [..., ceil(n / group)], k <= n");
+  }
   float* v = values->typed_data();
   switch (x.element_type()) {
     case ffi::DataType::F32:
-      RowsGroupsTopK(pool, static_cast<const float*>(x.untyped_data()), rows, n, i, m, group, k, v);
-      return ffi::Error::Success();
+      return GroupsTopKOf(pool, static_cast<const float*>(x.untyped_data()), rows, n, maxima, g,
+                          group, k, v);
     case ffi::DataType::BF16:
-      RowsGroupsTopK(pool, static_cast<const uint16_t*>(x.untyped_data()), rows, n, i, m, group, k, v);
-      return ffi::Error::Success();
+      return GroupsTopKOf(pool, static_cast<const uint16_t*>(x.untyped_data()), rows, n, maxima,
+                          g, group, k, v);
     default:
       return ffi::Error::InvalidArgument("groups_top_k: float32 or bfloat16");
   }
@@ -315,7 +392,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LpkernelGroupsTopK, GroupsTopK,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("group"));
 

@@ -5,8 +5,9 @@
   of 1000 values), and the processed paths take two or three per token
   (:mod:`lpkernel.ops.processed.xla`); the kernel filters each row through a
   small buffer of candidates and shares the rows among XLA's intra-op threads.
-* :func:`groups_top_k`: the ``K`` largest among a row's ``K`` groups with the
-  largest maxima, read in place (XLA gathers them first);
+* :func:`groups_top_k`: a row's ``K`` largest values from the groups whose
+  maxima are among the ``K`` largest, read in place (XLA takes the top-k of the
+  maxima, then gathers those groups);
 * :func:`add_block`: a row's running candidates for its ``K`` largest values,
   given one more block of the row (the sweep from hidden states).
 
@@ -62,17 +63,19 @@ def compiled(dtype) -> bool:
   return jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16) and available()
 
 
-def groups_top_k(x: jax.Array, ids: jax.Array, group: int, k: int) -> jax.Array:
-  """float32[N, k]: the ``k`` largest values of ``x [N, n]`` (float32 or
-  bfloat16, read in place) among the columns of its groups ``ids [N, m]``
-  (distinct; group ``j``: columns ``[j * group, (j + 1) * group)`` below n),
-  descending: ``lax.top_k`` of the gathered columns, with no gather. The first
-  bar is the least of the groups' maxima, so few values enter the buffer. A
-  program for the CPU only (where :func:`compiled`); the caller chooses it with
+def groups_top_k(x: jax.Array, maxima: jax.Array, group: int, k: int) -> jax.Array:
+  """float32[N, k]: the ``k`` largest values of ``x [N, n]`` (float32 or bfloat16,
+  read in place), descending, as ``lax.top_k``'s, given its groups' maxima
+  ``maxima [N, ceil(n / group)]`` (float32 or bfloat16; group ``j``: columns
+  ``[j * group, (j + 1) * group)``), or an increasing function of them (capped
+  logits'). Only the groups whose maximum is at least the ``k``-th largest are
+  read (prefetched: they are scattered over the row), and the least of their
+  own maxima is the first bar, so few values enter the buffer. A program for
+  the CPU only (where :func:`compiled`); the caller chooses it with
   :func:`lpkernel.ops.platform.on_cpu_or`."""
   out = jax.ShapeDtypeStruct((x.shape[0], k), jnp.float32)
   call = jax.ffi.ffi_call("lpkernel_cpu_groups_top_k", out, vmap_method="broadcast_all")
-  return call(x, ids.astype(jnp.int32), group=np.int64(group))
+  return call(x, maxima, group=np.int64(group))
 
 
 def running_top_k(n: int, k: int) -> tuple[jax.Array, jax.Array]:

@@ -233,7 +233,6 @@ def logits_forward(x, targets, tau, softcap, k: int, config: ProcessedConfig, im
   parts, maxima = impl.partials_and_group_maxima(x, targets, tau, softcap, config)
   xs = lax.stop_gradient(x)
   n, v = x.shape
-  ids = _largest_groups(maxima, k)
   g = config.group
 
   def values(lo, width, cc):
@@ -241,11 +240,15 @@ def logits_forward(x, targets, tau, softcap, k: int, config: ProcessedConfig, im
     return P.capped(jax.vmap(gather, in_axes=(None, 1), out_axes=1)(rows, cc), softcap)
 
   def pool():
+    ids = _largest_groups(maxima, k)
     chunk = _chunk(config, n, v, ids.shape[1] * g * 4 * 3)
     return _pool_top(values, ids, g, k, v, chunk, lanes=impl.lanes)
 
-  if impl.lanes == 1 and compiled(x.dtype):  # capping keeps the order
-    top = on_cpu_or(lambda: P.capped(groups_top_k(xs, ids, g, k), softcap), pool)
+  def compiled_top():  # the groups chosen by the (capped) maxima; capping keeps the order
+    return P.capped(groups_top_k(xs, lax.stop_gradient(maxima), g, k), softcap)
+
+  if impl.lanes == 1 and compiled(x.dtype):
+    top = on_cpu_or(compiled_top, pool)
   else:
     top = pool()
   return parts, top, logits_rows(xs, softcap, config.sweep_block)
