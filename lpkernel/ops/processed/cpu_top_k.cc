@@ -107,7 +107,7 @@ class RowTopK {
   // they are latency-bound).
   template <typename T, typename M>
   void Choose(const T* x, int64_t n, const M* mx, int64_t g, int64_t group,
-                  std::vector<int64_t>& chosen) {
+              std::vector<int64_t>& chosen) {
     uint32_t least = 0;
     if (g > k_) {
       least = KthFloor(mx, g);
@@ -174,13 +174,15 @@ class RowTopK {
       std::fill(counts_.begin(), counts_.end(), 0);
       for (int64_t j = 0; j < g; ++j) {
         uint32_t key = OrderKey(Widen(mx[j]));
-        if (shift == 24 || key >> 24 == prefix >> 24) ++counts_[(j & 3) * 256 + ((key >> shift) & 255)];
+        if (shift == 24 || key >> 24 == prefix >> 24) {
+          ++counts_[(j & 3) * 256 + ((key >> shift) & 255)];
+        }
       }
-      int64_t bin = 255, in_bin;
-      while (rank > (in_bin = counts_[bin] + counts_[256 + bin] + counts_[512 + bin] + counts_[768 + bin])) {
-        rank -= in_bin;
-        --bin;
-      }
+      auto in_bin = [&](int64_t b) {
+        return counts_[b] + counts_[256 + b] + counts_[512 + b] + counts_[768 + b];
+      };
+      int64_t bin = 255;
+      for (; rank > in_bin(bin); --bin) rank -= in_bin(bin);
       prefix |= static_cast<uint32_t>(bin) << shift;
     }
     return prefix;
