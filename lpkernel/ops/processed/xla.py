@@ -35,9 +35,16 @@ from lpkernel.ops.fused.matmuls import UnembedGrad, add_rows, fresh_rows, grad_u
 from lpkernel.ops.fused.xla import FusedConfig, block_logits
 from lpkernel.ops.logprobs.xla import XlaLogits, chunk_rows, gather
 from lpkernel.ops.platform import on_cpu_or
-from lpkernel.ops.processed import cpu_top_k, record
+from lpkernel.ops.processed import record
 from lpkernel.ops.processed import select as S
-from lpkernel.ops.processed.cpu_top_k import compiled, groups_top_k, top_k
+from lpkernel.ops.processed.cpu_top_k import (
+  add_block,
+  compiled,
+  groups_top_k,
+  running_top_k,
+  running_values,
+  top_k,
+)
 from lpkernel.ops.processed.grads import live_rows, row_grads
 from lpkernel.ops.processed.replay import rows_major
 
@@ -245,7 +252,7 @@ def logits_forward(x, targets, tau, softcap, k: int, config: ProcessedConfig, im
     return _pool_top(values, ids, g, k, v, chunk, lanes=impl.lanes)
 
   def compiled_top():  # the groups chosen by the (capped) maxima; capping keeps the order
-    return P.capped(groups_top_k(xs, lax.stop_gradient(maxima), g, k), softcap)
+    return P.capped(groups_top_k(xs, maxima, g, k), softcap)
 
   if impl.lanes == 1 and compiled(x.dtype):
     top = on_cpu_or(compiled_top, pool)
@@ -333,10 +340,10 @@ def _hidden_sweep_top(h, w, targets, tau, softcap, vocab_axis: int, precision, k
   (:func:`_hidden_sweep`), a third of the logits' size carried through the
   sweep, then a top-k of them and the gathers they may need."""
   v = w.shape[vocab_axis]
-  init = cpu_top_k.running_top_k(h.shape[0], k)
+  init = running_top_k(h.shape[0], k)
   args = (h, w, targets, tau, softcap, vocab_axis, precision, fused, fused.block(v, True), init)
-  parts, top = _partials_sweep(*args, lambda top, z, lo: cpu_top_k.add_block(top, z, k))
-  return parts, cpu_top_k.running_values(top, k)
+  parts, top = _partials_sweep(*args, lambda top, z, lo: add_block(top, z, k))
+  return parts, running_values(top, k)
 
 
 def hidden_forward(
