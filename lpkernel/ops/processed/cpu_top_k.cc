@@ -73,6 +73,40 @@ inline uint32_t BlockMaxKey(const T* x, int64_t width) {
   return key;
 }
 
+// OrderKey as a signed int, 4 at a time: the floats' total order as int32 order.
+inline I4 SignedKeys(F4 v) {
+  I4 b;
+  std::memcpy(&b, &v, sizeof b);
+  return b ^ ((b >> 31) & 0x7fffffff);
+}
+inline int32_t SignedKey(float v) { return static_cast<int32_t>(OrderKey(v) ^ 0x80000000u); }
+
+// The floats of SignedKeys (the map is its own inverse).
+inline F4 SignedKeyValues(I4 key) {
+  I4 b = key ^ ((key >> 31) & 0x7fffffff);
+  F4 v;
+  std::memcpy(&v, &b, sizeof v);
+  return v;
+}
+inline float SignedKeyValue(int32_t key) { return KeyValue(static_cast<uint32_t>(key) ^ 0x80000000u); }
+
+inline I4 Splat(int32_t v) { return I4{v, v, v, v}; }
+inline I4 LoadI4(const int32_t* x) {
+  I4 v;
+  std::memcpy(&v, x, sizeof v);
+  return v;
+}
+inline void Store(int32_t* x, I4 v) { std::memcpy(x, &v, sizeof v); }
+
+// Bit c set where lane c of the comparison's result is (all ones).
+inline uint32_t Mask(I4 lanes) {
+#if defined(__SSE__)
+  return static_cast<uint32_t>(__builtin_ia32_movmskps(reinterpret_cast<F4>(lanes)));
+#else
+  return (lanes[0] & 1) | (lanes[1] & 2) | (lanes[2] & 4) | (lanes[3] & 8);
+#endif
+}
+
 // Key above, inverted index below: a larger rank is a larger value, or the same
 // value at a lower index.
 inline uint64_t Rank(uint32_t key, int64_t i) {
@@ -82,7 +116,7 @@ inline uint64_t Rank(uint32_t key, int64_t i) {
 class RowTopK {
  public:
   explicit RowTopK(int64_t k)
-      : k_(k), capacity_(4 * k), buffer_(4 * k + 1), maxima_(4 * k), counts_(4 * 256) {}
+      : k_(k), capacity_(4 * k), buffer_(4 * k + 1), maxima_(4 * k) {}
 
   void Run(const float* x, int64_t n, float* values, int32_t* ids) {
     size_ = 0;
@@ -96,111 +130,18 @@ class RowTopK {
       }
     }
     for (; i < n; ++i) Offer(x[i], i);
-    Finish(values, ids, [&](int64_t at) { return x[at]; });
-  }
-
-  // A row's k largest values come from the groups of `group` columns whose
-  // maxima mx[0, g) (g = ceil(n / group); or an increasing function of them:
-  // capped logits) are at least the k-th largest maximum: the k largest maxima
-  // are k values of the row. Choose puts those groups in `chosen` and
-  // prefetches their columns of x (scattered over the row: read from memory,
-  // they are latency-bound).
-  template <typename T, typename M>
-  void Choose(const T* x, int64_t n, const M* mx, int64_t g, int64_t group,
-              std::vector<int64_t>& chosen) {
-    uint32_t least = 0;
-    if (g > k_) {
-      least = KthFloor(mx, g);
-      // XLA:CPU flushes subnormals, so a maximum that is a zero or subnormal may
-      // be off by one (BlockMaxKey): every group is read then.
-      if (std::fabs(KeyValue(least)) < std::numeric_limits<float>::min()) least = 0;
-    }
-    chosen.clear();
-    for (int64_t j = 0; j < g; ++j) {
-      if (OrderKey(Widen(mx[j])) < least) continue;
-      chosen.push_back(j);
-      for (int64_t c = j * group; c < std::min(n, (j + 1) * group); c += 64 / sizeof(T)) {
-        __builtin_prefetch(x + c);
-      }
-    }
-  }
-
-  // The k largest values of the row x[0, n) among its `chosen` groups. With k
-  // or more of them the first bar is the least of their maxima (each holds a
-  // value at least it).
-  template <typename T>
-  void Scan(const T* x, int64_t n, const std::vector<int64_t>& chosen, int64_t group,
-            float* values) {
-    uint32_t bar = static_cast<int64_t>(chosen.size()) >= k_ ? UINT32_MAX : 0;
-    for (int64_t j : chosen) {
-      if (bar == 0) break;
-      int64_t lo = j * group, hi = std::min(n, lo + group), i = lo;
-      uint32_t top = 0;
-      if (hi - lo >= 4) {
-        top = BlockMaxKey(x + lo, (hi - lo) / 4 * 4);
-        i = lo + (hi - lo) / 4 * 4;
-      }
-      for (; i < hi; ++i) top = std::max(top, OrderKey(Widen(x[i])));
-      bar = std::min(bar, top);
-    }
-    size_ = 0;
-    bar_ = bar;
-    float barf = KeyValue(bar_);
-    for (int64_t j : chosen) {
-      int64_t lo = j * group, hi = std::min(n, lo + group), i = lo;
-      for (; i + 4 <= hi; i += 4) {  // 4 values at a time where one may reach the bar
-        I4 pass = ~(Load4(x + i) < F4{barf, barf, barf, barf});
-        if ((pass[0] | pass[1] | pass[2] | pass[3]) == 0) continue;
-        for (int64_t c = i; c < i + 4; ++c) Offer(Widen(x[c]), c);
-        barf = KeyValue(bar_);
-      }
-      for (; i < hi; ++i) Offer(Widen(x[i]), i);
-    }
-    Finish(values, nullptr, [&](int64_t at) { return Widen(x[at]); });
+    Finish(values, ids, x);
   }
 
  private:
-  // The k-th largest key of mx[0, g) (g > k) with its low 16 bits cleared (at
-  // most it; in its float's sign, exponent and 7 high mantissa bits): a count
-  // of the keys' high bytes, then of the next byte within the k-th's bin (an
-  // nth_element of 256 keys takes 2 us, these two passes a fraction of it).
-  // Four interleaved counts: most keys share a few high bytes, and one count's
-  // increments would wait on each other.
-  template <typename M>
-  uint32_t KthFloor(const M* mx, int64_t g) {
-    uint32_t prefix = 0;
-    int64_t rank = k_;  // the k-th's rank within the bins still in play
-    for (int shift = 24; shift >= 16; shift -= 8) {
-      std::fill(counts_.begin(), counts_.end(), 0);
-      for (int64_t j = 0; j < g; ++j) {
-        uint32_t key = OrderKey(Widen(mx[j]));
-        if (shift == 24 || key >> 24 == prefix >> 24) {
-          ++counts_[(j & 3) * 256 + ((key >> shift) & 255)];
-        }
-      }
-      auto in_bin = [&](int64_t b) {
-        return counts_[b] + counts_[256 + b] + counts_[512 + b] + counts_[768 + b];
-      };
-      int64_t bin = 255;
-      for (; rank > in_bin(bin); --bin) rank -= in_bin(bin);
-      prefix |= static_cast<uint32_t>(bin) << shift;
-    }
-    return prefix;
-  }
-
-  // Sorts the buffer's k largest and writes their values (and indices, if asked).
-  template <typename Value>
-  void Finish(float* values, int32_t* ids, Value value) {
+  // Sorts the buffer's k largest and writes their values and indices.
+  void Finish(float* values, int32_t* ids, const float* x) {
     if (size_ > k_) Cut();
     std::sort(buffer_.begin(), buffer_.begin() + size_, std::greater<uint64_t>());
     for (int64_t j = 0; j < size_; ++j) {
       int64_t at = static_cast<uint32_t>(~static_cast<uint32_t>(buffer_[j]));
-      if (ids != nullptr) ids[j] = static_cast<int32_t>(at);
-      values[j] = value(at);
-    }
-    for (int64_t j = size_; j < k_; ++j) {  // fewer values than k: only from bad group ids
-      if (ids != nullptr) ids[j] = -1;
-      values[j] = -std::numeric_limits<float>::infinity();
+      ids[j] = static_cast<int32_t>(at);
+      values[j] = x[at];
     }
   }
 
@@ -241,9 +182,207 @@ class RowTopK {
   int64_t k_, capacity_;
   std::vector<uint64_t> buffer_;  // capacity_ ranks and one written past them
   std::vector<uint32_t> maxima_;
-  std::vector<int32_t> counts_;  // KthFloor's bins, four times
   int64_t size_ = 0;
   uint32_t bar_ = 0;
+};
+
+// A row's k largest values (LpkernelGroupsTopK) from the groups of `group`
+// columns whose maxima mx[0, g) (g = ceil(n / group); or an increasing function
+// of them: capped logits) are at least the k-th largest maximum: the k largest
+// maxima are k values of the row. Values only (equal values are the same
+// output), so the candidates are signed keys and branches are few: every step
+// is a count or a bit mask over 4 lanes at a time.
+class RowGroupsTopK {
+ public:
+  explicit RowGroupsTopK(int64_t k)
+      : k_(k), capacity_(4 * k), keys_(4 * k + 4), ranks_(4 * k + 4), sorted_(k + 5) {}
+
+  // The row's k largest values, descending, into values[0, k).
+  template <typename T, typename M>
+  void Run(const T* x, int64_t n, const M* mx, int64_t g, int64_t group, float* values) {
+    Choose(x, n, mx, g, group);
+    Scan(x, n, group);
+    Finish(values);
+  }
+
+ private:
+  // Puts the groups whose maxima are at least the k-th largest (rounded down:
+  // KthFloor) in chosen_, in order, and prefetches their columns of x (scattered
+  // over the row: read from memory, they are latency-bound).
+  template <typename T, typename M>
+  void Choose(const T* x, int64_t n, const M* mx, int64_t g, int64_t group) {
+    int64_t g4 = (g + 3) / 4 * 4, j = 0;
+    maxima_.resize(g4);
+    chosen_.resize(g4);
+    for (; j + 4 <= g; j += 4) Store(maxima_.data() + j, SignedKeys(Load4(mx + j)));
+    for (; j < g4; ++j) maxima_[j] = j < g ? SignedKey(Widen(mx[j])) : INT32_MIN;
+    int32_t least = INT32_MIN;
+    if (g > k_) {
+      least = KthFloor(g);
+      // XLA:CPU flushes subnormals, so a maximum that is a zero or subnormal may
+      // be off by one (BlockMaxKey): every group is read then.
+      if (std::fabs(SignedKeyValue(least)) < std::numeric_limits<float>::min()) least = INT32_MIN;
+    }
+    count_ = 0;
+    for (int64_t lo = 0; lo < g4; lo += 64) {  // 64 groups' bits at a time
+      uint64_t bits = 0;
+      for (int64_t c = lo; c < std::min(g4, lo + 64); c += 4) {
+        bits |= static_cast<uint64_t>(Mask(LoadI4(maxima_.data() + c) >= Splat(least))) << (c - lo);
+      }
+      for (; bits != 0; bits &= bits - 1) chosen_[count_++] = lo + __builtin_ctzll(bits);
+    }
+    while (count_ > 0 && chosen_[count_ - 1] >= g) --count_;  // the padding's
+    for (int64_t c = 0; c < count_; ++c) {
+      int64_t lo = chosen_[c] * group, hi = std::min(n, lo + group);
+      for (int64_t i = lo; i < hi; i += 64 / sizeof(T)) __builtin_prefetch(x + i);
+    }
+  }
+
+  // The k-th largest of maxima_[0, g) (g > k) with its low 16 bits cleared (at
+  // most it; in its float's sign, exponent and 7 high mantissa bits): a
+  // bisection on those 16 bits, each step a count of the maxima at least the
+  // midpoint (the keys' histograms took twice as long, their sort 4 times).
+  int32_t KthFloor(int64_t g) {
+    I4 low = Splat(INT32_MAX), high = Splat(INT32_MIN);
+    int64_t j = 0;
+    for (; j + 4 <= g; j += 4) {
+      I4 key = LoadI4(maxima_.data() + j);
+      low = key < low ? key : low;
+      high = key > high ? key : high;
+    }
+    int32_t lo = std::min({low[0], low[1], low[2], low[3]});
+    int32_t hi = std::max({high[0], high[1], high[2], high[3]});
+    for (; j < g; ++j) lo = std::min(lo, maxima_[j]), hi = std::max(hi, maxima_[j]);
+    int64_t bottom = lo >> 16, top = hi >> 16;  // all g >= k maxima are at least bottom's
+    while (bottom < top) {
+      int64_t mid = (bottom + top + 1) >> 1;
+      if (CountAtLeast(static_cast<int32_t>(mid * 65536), maxima_.size()) >= k_) {
+        bottom = mid;
+      } else {
+        top = mid - 1;
+      }
+    }
+    return static_cast<int32_t>(bottom * 65536);
+  }
+
+  // How many of maxima_[0, g4) are at least `least` (g4 a multiple of 4).
+  int64_t CountAtLeast(int32_t least, int64_t g4) const {
+    I4 bar = Splat(least), a = Splat(0), b = Splat(0);
+    int64_t j = 0;
+    for (; j + 8 <= g4; j += 8) {
+      a -= LoadI4(maxima_.data() + j) >= bar;
+      b -= LoadI4(maxima_.data() + j + 4) >= bar;
+    }
+    if (j < g4) a -= LoadI4(maxima_.data() + j) >= bar;
+    a += b;
+    return a[0] + a[1] + a[2] + a[3];
+  }
+
+  // The chosen groups' values at least the first bar into keys_: with k or more
+  // groups, the least of their own maxima (each holds a value at least it).
+  template <typename T>
+  void Scan(const T* x, int64_t n, int64_t group) {
+    int32_t bar = count_ >= k_ ? INT32_MAX : INT32_MIN;
+    for (int64_t c = 0; c < count_ && bar != INT32_MIN; ++c) {
+      int64_t lo = chosen_[c] * group, hi = std::min(n, lo + group), i = lo;
+      uint32_t top = 0;
+      if (hi - lo >= 4) {
+        top = BlockMaxKey(x + lo, (hi - lo) / 4 * 4);
+        i = lo + (hi - lo) / 4 * 4;
+      }
+      for (; i < hi; ++i) top = std::max(top, OrderKey(Widen(x[i])));
+      bar = std::min(bar, static_cast<int32_t>(top ^ 0x80000000u));
+    }
+    size_ = 0;
+    bar_ = bar;
+    for (int64_t c = 0; c < count_; ++c) {
+      int64_t lo = chosen_[c] * group;
+      Filter(x + lo, std::min(n, lo + group) - lo);
+    }
+  }
+
+  // Offers the values of x[0, width) that may reach the bar: 64 at a time, a bit
+  // each (NaN and -0 as 0 included; Offer decides).
+  template <typename T>
+  void Filter(const T* x, int64_t width) {
+    int64_t whole = width / 4 * 4, i = 0;
+    while (i < whole) {
+      float barf = SignedKeyValue(bar_);
+      F4 bar = {barf, barf, barf, barf};
+      int64_t end = std::min(whole, i + 64);
+      uint64_t bits = 0;
+      for (int64_t c = i; c < end; c += 4) {
+        bits |= static_cast<uint64_t>(Mask(~(Load4(x + c) < bar))) << (c - i);
+      }
+      for (; bits != 0; bits &= bits - 1) Offer(SignedKey(Widen(x[i + __builtin_ctzll(bits)])));
+      i = end;
+    }
+    for (; i < width; ++i) Offer(SignedKey(Widen(x[i])));
+  }
+
+  // Written past the end and counted only when at the bar: no branch to mispredict.
+  void Offer(int32_t key) {
+    keys_[size_] = key;
+    size_ += key >= bar_;
+    if (size_ == capacity_) Cut();
+  }
+
+  // Keeps the k largest keys; a value under the k-th, or equal to it (the same
+  // output), is not needed after them.
+  void Cut() {
+    std::nth_element(keys_.begin(), keys_.begin() + (k_ - 1), keys_.begin() + size_,
+                     std::greater<int32_t>());
+    size_ = k_;
+    bar_ = keys_[k_ - 1] == INT32_MAX ? INT32_MAX : keys_[k_ - 1] + 1;
+  }
+
+  // The k largest keys' values, descending, into values[0, k) (-inf past the
+  // keys held: fewer than k only from NaN maxima). Up to 256 keys by counting:
+  // a key's position is how many keys exceed it (sorting, its branches cost
+  // twice as much); equal keys share the first position of their run, which
+  // the positions after it copy (a running minimum).
+  void Finish(float* values) {
+    if (size_ > 2 * k_) Cut();
+    int64_t m = size_, k4 = (k_ + 3) / 4 * 4;
+    if (m <= 256) {
+      int64_t m4 = (m + 3) / 4 * 4;
+      std::fill(keys_.begin() + m, keys_.begin() + m4, INT32_MIN);
+      for (int64_t i = 0; i < m4; i += 4) {
+        I4 key = LoadI4(keys_.data() + i), above = Splat(0);
+        for (int64_t j = 0; j < m; ++j) above -= Splat(keys_[j]) > key;
+        Store(ranks_.data() + i, above);
+      }
+      std::fill(sorted_.begin(), sorted_.end(), INT32_MAX);
+      for (int64_t i = 0; i < m; ++i) sorted_[std::min<int64_t>(ranks_[i], k_)] = keys_[i];
+      I4 carry = Splat(INT32_MAX);
+      for (int64_t j = 0; j < k4; j += 4) {
+        I4 run = LoadI4(sorted_.data() + j);
+        I4 one = __builtin_shufflevector(run, run, 0, 0, 1, 2);
+        one[0] = INT32_MAX;
+        run = one < run ? one : run;
+        I4 two = __builtin_shufflevector(run, run, 0, 0, 0, 1);
+        two[0] = two[1] = INT32_MAX;
+        run = two < run ? two : run;
+        run = carry < run ? carry : run;
+        carry = __builtin_shufflevector(run, run, 3, 3, 3, 3);
+        Store(sorted_.data() + j, run);
+      }
+    } else {
+      std::sort(keys_.begin(), keys_.begin() + m, std::greater<int32_t>());
+      std::copy(keys_.begin(), keys_.begin() + std::min(m, k_), sorted_.begin());
+    }
+    float ninf = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < k_; ++j) values[j] = j < m ? SignedKeyValue(sorted_[j]) : ninf;
+  }
+
+  int64_t k_, capacity_;
+  std::vector<int32_t> keys_;    // capacity_ signed keys and one written past them
+  std::vector<int32_t> ranks_;   // Finish's positions of keys_
+  std::vector<int32_t> sorted_;  // the k largest keys, descending (and a slot for the rest)
+  std::vector<int32_t> maxima_;  // the maxima's signed keys
+  std::vector<int64_t> chosen_;  // the chosen groups, count_ of them
+  int64_t count_ = 0, size_ = 0;
+  int32_t bar_ = 0;
 };
 
 ffi::Error TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> values,
@@ -268,12 +407,8 @@ template <typename T, typename M>
 void RowsGroupsTopK(ffi::ThreadPool& pool, const T* x, int64_t rows, int64_t n, const M* mx,
                     int64_t g, int64_t group, int64_t k, float* values) {
   ParallelRows(pool, rows, g + 2 * k * group, [=](int64_t lo, int64_t hi) {
-    RowTopK top(k);
-    std::vector<int64_t> chosen;
-    for (int64_t r = lo; r < hi; ++r) {
-      top.Choose(x + r * n, n, mx + r * g, g, group, chosen);
-      top.Scan(x + r * n, n, chosen, group, values + r * k);
-    }
+    RowGroupsTopK top(k);
+    for (int64_t r = lo; r < hi; ++r) top.Run(x + r * n, n, mx + r * g, g, group, values + r * k);
   });
 }
 
