@@ -118,21 +118,21 @@ def param_rows(
   return tau, k, p, m, bad
 
 
-def at_or_below(w: jax.Array, values: jax.Array) -> jax.Array:
-  """``[..., K]``: for columns sorted descending by ``values``, the sum of ``w`` over
-  the columns whose value is at most this one's, its ties included (summed from
-  the smallest, as the engine's ascending cumulative sum)."""
+def nucleus_floor(w: jax.Array, values: jax.Array, p: jax.Array) -> jax.Array:
+  """``[...]``: top-p's least kept value, for columns ``[..., K]`` sorted descending
+  by ``values`` with weights ``w`` (summing to 1) and ``p [...]``: the least value
+  whose weight at or below it, its ties included, exceeds ``1 - p``, and at most
+  the largest (never dropped, as the engine's), ``-inf`` where ``p >= 1``: top-p
+  keeps every value at least it.
+
+  The weights are summed from the smallest, as the engine's ascending cumulative
+  sum. A run of ties holds its weight at or below it at its first column, and a
+  later column of the run holds less; so the least value of any column whose own
+  sum exceeds ``1 - p`` is the least kept run's, and no segmented scan is needed
+  (which took 1.1 ms of 1.2 at ``[4096, 64]`` on XLA:CPU)."""
   tail = jnp.flip(jnp.cumsum(jnp.flip(w, -1), axis=-1), -1)
-  first = jnp.concatenate(
-    [jnp.ones_like(values[..., :1], bool), values[..., 1:] != values[..., :-1]], axis=-1
-  )
-
-  def carry(a, b):  # a run of ties takes its first column's tail: a segmented copy
-    return a[0] | b[0], jnp.where(b[0], b[1], a[1])
-
-  # A scan, not a gather of each run's first column (2.3 -> 1.1 ms at [4096, 64]
-  # on XLA:CPU, whose gathers are slow).
-  return lax.associative_scan(carry, (first, tail), axis=values.ndim - 1)[1]
+  least = jnp.min(jnp.where(tail > 1 - p[..., None], values, jnp.inf), axis=-1)
+  return jnp.where(p >= 1, -jnp.inf, jnp.minimum(least, values[..., 0]))
 
 
 def kept_mask(y: jax.Array, sampling: Sampling) -> jax.Array:
@@ -158,12 +158,10 @@ def kept_mask(y: jax.Array, sampling: Sampling) -> jax.Array:
   survivors = jnp.where(keep, prob, 0.0)
   mass = survivors / jnp.sum(survivors, axis=-1, keepdims=True)
   order = jnp.argsort(-y, axis=-1, stable=True)  # descending
-  tail = at_or_below(
-    jnp.take_along_axis(mass, order, axis=-1), jnp.take_along_axis(y, order, axis=-1)
+  least = nucleus_floor(
+    jnp.take_along_axis(mass, order, axis=-1), jnp.take_along_axis(y, order, axis=-1), p[..., 0]
   )
-  top_p_sorted = (p >= 1) | (tail > 1 - p)
-  top_p = jnp.take_along_axis(top_p_sorted, jnp.argsort(order, axis=-1), axis=-1)
-  return keep & top_p
+  return keep & (y >= least[..., None])
 
 
 def processed_logprobs_reference(

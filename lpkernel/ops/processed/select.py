@@ -34,7 +34,7 @@ from jax import lax
 
 from lpkernel import partials as P
 from lpkernel.ops.blocks import sweep
-from lpkernel.sampling import at_or_below
+from lpkernel.sampling import nucleus_floor
 
 _F32 = jnp.float32
 _U32 = jnp.uint32
@@ -176,8 +176,7 @@ def decide(
   if complete:
     within = jnp.ones_like(within)
   w = jnp.where(in_a, e, 0.0)
-  tail = at_or_below(w / jnp.sum(w, axis=-1, keepdims=True), top)
-  keep = in_a & ((p[:, None] >= 1) | (tail > 1 - p[:, None]))
+  keep = in_a & (top >= nucleus_floor(w / jnp.sum(w, axis=-1, keepdims=True), top, p)[:, None])
   thr = jnp.min(jnp.where(keep, top, jnp.inf), axis=-1)
   all_on = ~k_on & (p >= 1) & (params.min_p <= 0)  # nothing truncated
   kappa = jnp.where(within, _cut_below(top, thr), _U32(0))
