@@ -6,16 +6,17 @@
 // lax.top_k's order on the CPU: the floats' total order (-NaN < -inf < ... <
 // -0 < 0 < ... < inf < NaN), equal values by their index, lowest first; values
 // descending. Per row, a buffer of at most 4k candidates: every value at least the k-th
-// largest kept so far enters it, the block filter skipping 16 values at a time
-// where none does; a full buffer is cut back to its k largest (nth_element),
-// which raises the bar. The k kept are sorted once at the end.
+// largest kept so far enters it (ForEachAtLeast: a bit per value from one
+// comparison of 4, only the set bits visited); a full buffer is cut back to its
+// k largest (nth_element), which raises the bar. The k kept are sorted once at
+// the end.
 //
 // LpkernelGroupsTopK: each row's k largest values (float32 or bfloat16),
 // descending, as LpkernelTopK orders them, from the row and its groups' maxima
 // (float32 or bfloat16, in the order of the row's values, or of any increasing
 // function of them: capped logits): only the groups whose maximum is at least
 // the k-th largest maximum can hold one; the least of those groups' own maxima
-// is the first bar, so few values enter.
+// is the first bar, so few values enter (RowGroupsTopK).
 //
 // LpkernelBufferTopK: a row's running candidates for its k largest values (a
 // buffer and its bar, updated in place) given one more block of the row (the
@@ -44,14 +45,6 @@ inline float KeyValue(uint32_t key) {
   float v;
   std::memcpy(&v, &b, sizeof v);
   return v;
-}
-
-// Whether a value of x[0, 16) may reach the bar (NaN and -0 as 0 included; Offer decides).
-inline bool AnyAtLeast(const float* x, float bar) {
-  F4 b = {bar, bar, bar, bar};
-  I4 any = {0, 0, 0, 0};
-  for (int j = 0; j < 16; j += 4) any |= ~(Load4(x + j) < b);
-  return (any[0] | any[1] | any[2] | any[3]) != 0;
 }
 
 inline F4 Max(F4 a, F4 b) { return a > b ? a : b; }
@@ -107,6 +100,27 @@ inline uint32_t Mask(I4 lanes) {
 #endif
 }
 
+// offer(i) for each i of [0, width) where x[i] may reach the bar (not under
+// bar() as a float: NaN and -0 as 0 included; offer decides): 64 values at a
+// time, a bit each, bar() read once per 64 (an offer may raise it); each value
+// past the last multiple of 4.
+template <typename T, typename Bar, typename Offer>
+inline void ForEachAtLeast(const T* x, int64_t width, Bar bar, Offer offer) {
+  int64_t whole = width / 4 * 4, i = 0;
+  while (i < whole) {
+    float b = bar();
+    F4 bar4 = {b, b, b, b};
+    int64_t end = std::min(whole, i + 64);
+    uint64_t bits = 0;
+    for (int64_t c = i; c < end; c += 4) {
+      bits |= static_cast<uint64_t>(Mask(~(Load4(x + c) < bar4))) << (c - i);
+    }
+    for (; bits != 0; bits &= bits - 1) offer(i + __builtin_ctzll(bits));
+    i = end;
+  }
+  for (; i < width; ++i) offer(i);
+}
+
 // Key above, inverted index below: a larger rank is a larger value, or the same
 // value at a lower index.
 inline uint64_t Rank(uint32_t key, int64_t i) {
@@ -121,15 +135,8 @@ class RowTopK {
   void Run(const float* x, int64_t n, float* values, int32_t* ids) {
     size_ = 0;
     bar_ = SeedBar(x, n);
-    float bar = KeyValue(bar_);
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-      if (AnyAtLeast(x + i, bar)) {
-        for (int64_t j = i; j < i + 16; ++j) Offer(x[j], j);
-        bar = KeyValue(bar_);
-      }
-    }
-    for (; i < n; ++i) Offer(x[i], i);
+    ForEachAtLeast(
+        x, n, [&] { return KeyValue(bar_); }, [&](int64_t i) { Offer(x[i], i); });
     Finish(values, ids, x);
   }
 
@@ -297,27 +304,10 @@ class RowGroupsTopK {
     bar_ = bar;
     for (int64_t c = 0; c < count_; ++c) {
       int64_t lo = chosen_[c] * group;
-      Filter(x + lo, std::min(n, lo + group) - lo);
+      ForEachAtLeast(
+          x + lo, std::min(n, lo + group) - lo, [&] { return SignedKeyValue(bar_); },
+          [&](int64_t i) { Offer(SignedKey(Widen(x[lo + i]))); });
     }
-  }
-
-  // Offers the values of x[0, width) that may reach the bar: 64 at a time, a bit
-  // each (NaN and -0 as 0 included; Offer decides).
-  template <typename T>
-  void Filter(const T* x, int64_t width) {
-    int64_t whole = width / 4 * 4, i = 0;
-    while (i < whole) {
-      float barf = SignedKeyValue(bar_);
-      F4 bar = {barf, barf, barf, barf};
-      int64_t end = std::min(whole, i + 64);
-      uint64_t bits = 0;
-      for (int64_t c = i; c < end; c += 4) {
-        bits |= static_cast<uint64_t>(Mask(~(Load4(x + c) < bar))) << (c - i);
-      }
-      for (; bits != 0; bits &= bits - 1) Offer(SignedKey(Widen(x[i + __builtin_ctzll(bits)])));
-      i = end;
-    }
-    for (; i < width; ++i) Offer(SignedKey(Widen(x[i])));
   }
 
   // Written past the end and counted only when at the bar: no branch to mispredict.
@@ -477,13 +467,7 @@ void BufferRow(const float* x, int64_t n, float* buf, int32_t* meta, int64_t k, 
     bar = kth == UINT32_MAX ? kth : kth + 1;
     barf = KeyValue(bar);
   };
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    if (AnyAtLeast(x + i, barf)) {
-      for (int64_t j = i; j < i + 16; ++j) offer(x[j]);
-    }
-  }
-  for (; i < n; ++i) offer(x[i]);
+  ForEachAtLeast(x, n, [&] { return barf; }, [&](int64_t i) { offer(x[i]); });
   meta[0] = static_cast<int32_t>(size);
   meta[1] = static_cast<int32_t>(bar);
 }
