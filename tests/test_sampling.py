@@ -185,6 +185,19 @@ def test_tokens_equal_to_the_top_p_boundary_share_its_fate(ties, p, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_a_nucleus_below_float32_rounding_keeps_the_most_likely_token(impl):
+  """``1 - p`` rounds to 1 in float32, above every sum of the renormalised mass
+  that rounds under it: top-p still keeps the most likely token (vLLM's
+  ``mask[:, -1] = False``), and only it."""
+  logits = jax.random.normal(jax.random.key(5), (8, 1000), jnp.float32) * 2
+  best = jnp.argmax(logits, axis=-1)
+  s = processed(impl, logits, best, Sampling(top_p=1e-9))
+  np.testing.assert_array_equal(s.kept_count, 1)
+  assert bool(jnp.all(s.kept))
+  np.testing.assert_allclose(s.logprobs, 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_gradients_keep_the_kept_set_constant(impl):
   """d processed_lp / d logits = (onehot - p_kept) / tau on kept columns, 0 elsewhere;
   d / d tau by finite differences of the same kept set."""
