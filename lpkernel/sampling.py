@@ -28,7 +28,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from lpkernel import partials as P
 from lpkernel.checks import poison, positive_finite_number

@@ -66,21 +66,14 @@ inline uint32_t BlockMaxKey(const T* x, int64_t width) {
   return key;
 }
 
-// OrderKey as a signed int, 4 at a time: the floats' total order as int32 order.
+// OrderKey as a signed int (the floats' total order as int32 order), 4 at a
+// time or one, and the float of one.
 inline I4 SignedKeys(F4 v) {
   I4 b;
   std::memcpy(&b, &v, sizeof b);
   return b ^ ((b >> 31) & 0x7fffffff);
 }
 inline int32_t SignedKey(float v) { return static_cast<int32_t>(OrderKey(v) ^ 0x80000000u); }
-
-// The floats of SignedKeys (the map is its own inverse).
-inline F4 SignedKeyValues(I4 key) {
-  I4 b = key ^ ((key >> 31) & 0x7fffffff);
-  F4 v;
-  std::memcpy(&v, &b, sizeof v);
-  return v;
-}
 inline float SignedKeyValue(int32_t key) { return KeyValue(static_cast<uint32_t>(key) ^ 0x80000000u); }
 
 inline I4 Splat(int32_t v) { return I4{v, v, v, v}; }
