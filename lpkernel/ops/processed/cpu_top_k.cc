@@ -339,15 +339,13 @@ class RowGroupsTopK {
       for (int64_t i = 0; i < m; ++i) sorted_[std::min<int64_t>(ranks_[i], k_)] = keys_[i];
       I4 carry = Splat(INT32_MAX);
       for (int64_t j = 0; j < k4; j += 4) {
-        I4 run = LoadI4(sorted_.data() + j);
-        I4 one = __builtin_shufflevector(run, run, 0, 0, 1, 2);
-        one[0] = INT32_MAX;
+        I4 run = LoadI4(sorted_.data() + j);  // lanes by index: GCC before 12 has no shufflevector
+        I4 one = {INT32_MAX, run[0], run[1], run[2]};
         run = one < run ? one : run;
-        I4 two = __builtin_shufflevector(run, run, 0, 0, 0, 1);
-        two[0] = two[1] = INT32_MAX;
+        I4 two = {INT32_MAX, INT32_MAX, run[0], run[1]};
         run = two < run ? two : run;
         run = carry < run ? carry : run;
-        carry = __builtin_shufflevector(run, run, 3, 3, 3, 3);
+        carry = Splat(run[3]);
         Store(sorted_.data() + j, run);
       }
     } else {
