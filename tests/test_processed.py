@@ -621,3 +621,30 @@ def test_a_nan_row_on_the_recorded_path_is_nan_and_leaves_the_others_alone(spans
 
   dh, dw = (np.asarray(g) for g in jax.grad(loss, argnums=(0, 1))(bad, w))
   assert np.all(dh[2] == 0) and np.all(np.isfinite(dh)) and np.all(np.isfinite(dw))
+
+
+def test_a_whole_rows_nucleus_among_the_candidates_needs_no_search():
+  """Top-p alone (no top-k, no min-p): a nucleus that ends among the ``K``
+  candidates is decided there, from the row's whole mass (the columns past them
+  summed first, as the engine's ascending sum), with the reference's kept set;
+  a nucleus past them is left to the search."""
+  from lpkernel import partials as P
+  from lpkernel.ops.processed import select as S
+  from lpkernel.ops.processed import xla as X
+
+  n, v = 8, 1000
+  scale = jnp.where(jnp.arange(n) % 2 == 0, 8.0, 0.05)[:, None]  # peaked rows, flat rows
+  x = jax.random.normal(jax.random.key(3), (n, v), jnp.float32) * scale
+  targets = jnp.zeros((n,), jnp.int32)
+  config = X.ProcessedConfig()
+  parts, top, _ = X.logits_forward(x, targets, None, None, 64, config, X.XlaProcessed())
+  shift = P.finish(parts, targets, v, None).shift
+  p = jnp.full((n,), 0.9)
+  params = S.Params(None, jnp.zeros((n,), jnp.int32), p, jnp.zeros((n,)), shift)
+  d = S.decide(top, False, params, v, parts.s)
+  want = kept_mask(x, lpk.Sampling(top_p=0.9))
+  np.testing.assert_array_equal(d.settled, np.arange(n) % 2 == 0)
+  settled = np.asarray(d.settled)
+  np.testing.assert_array_equal(S.kept(x, params, d.kappa)[settled], want[settled])
+  np.testing.assert_array_equal(d.size[settled], jnp.sum(want, axis=-1)[settled])
+  assert int(jnp.max(jnp.sum(want, axis=-1)[settled])) > 1  # a nucleus, not only the argmax

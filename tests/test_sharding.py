@@ -527,9 +527,12 @@ def test_vocab_parallel_fused_processed_values_and_grads(mesh, vocab_axis, impl)
   (_, s2), g2 = jax.jit(jax.value_and_grad(one, (0, 1, 2), has_aux=True))(hidden, unembed, tau)
   _assert_processed_equal(s1, s2)
   for a, b in zip(g1, g2, strict=True):
-    # The TPU kernel's tiles add in another order than XLA's dot: logits of several
-    # tens differ in their last bits, and so do the probabilities (~1e-5 relative).
-    tol = 1e-4 if isinstance(impl, lpk.PallasTpuProcessed) else 1e-5
+    # The Pallas paths' logits add in another order than XLA's dot (the TPU
+    # kernel's tiles; the GPU path's candidates, dot products of gathered rows):
+    # logits of several tens differ in their last bits, and so do the
+    # probabilities (~2e-5 relative), and a row's kept mass where the candidates
+    # settle its nucleus.
+    tol = 1e-5 if impl is None else 1e-4
     np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
 
 

@@ -8,8 +8,9 @@ ordered ``uint32``). This module finds ``kappa``:
 
 * from the row's ``K`` largest values (:func:`decide`), which settles every row
   whose kept set lies among them (top-k with a smaller value than the k-th
-  among them, so ``k < K``; a nucleus of at most
-  ``K`` tokens, a min-p cut above the ``K``-th value) with no further read;
+  among them, so ``k < K``; a nucleus of fewer than ``K`` tokens, of a top-k
+  set or min-p set among them or of the whole row; a min-p cut above the
+  ``K``-th value) with no further read;
 * otherwise by a bisection (:func:`largest_key_within`): one masked sum per
   sweep, halving the bracket's values (its keys once they are not finite)
   until at most one column lies in it, then one masked max; about
@@ -169,14 +170,26 @@ def decide(
   # Top-k past K matters only where min-p keeps more than the K values (not settled).
   in_a = ok_min_p & ((~k_on | (k > k_max))[:, None] | (top >= kth[:, None]))
   last = top[:, -1]
-  # Settled: min-p cuts inside the K values, or top-k does with a smaller value
+  w = jnp.where(in_a, e, 0.0)
+  # Without top-k and min-p, A is the whole row and its mass is the row's: the
+  # columns past the K values weigh the rest, summed first (they are the least
+  # likely), so the nucleus is decided here wherever it ends among the K values.
+  whole = ~k_on & (params.min_p <= 0)
+  rest = jnp.where(whole, jnp.maximum(total - jnp.sum(w, axis=-1), 0.0), 0.0)
+  mass_a = (jnp.sum(w, axis=-1) + rest)[:, None]
+  least = nucleus_floor(
+    jnp.concatenate([w, rest[:, None]], axis=-1) / mass_a,
+    jnp.concatenate([top, jnp.full_like(last[:, None], -jnp.inf)], axis=-1),
+    p,
+  )
+  # Settled: min-p cuts inside the K values; top-k does with a smaller value
   # among them to cut above (the k-th value equal to the K-th, e.g. k == K or
-  # ties to the end, leaves the next smaller value unknown: searched).
-  within = ~ok_min_p[:, -1] | (k_on & (k <= k_max) & (last < kth))
+  # ties to the end, leaves the next smaller value unknown: searched); or top-p
+  # drops the K-th value of a whole row.
+  within = ~ok_min_p[:, -1] | (k_on & (k <= k_max) & (last < kth)) | (whole & (last < least))
   if complete:
     within = jnp.ones_like(within)
-  w = jnp.where(in_a, e, 0.0)
-  keep = in_a & (top >= nucleus_floor(w / jnp.sum(w, axis=-1, keepdims=True), top, p)[:, None])
+  keep = in_a & (top >= least[:, None])
   thr = jnp.min(jnp.where(keep, top, jnp.inf), axis=-1)
   all_on = ~k_on & (p >= 1) & (params.min_p <= 0)  # nothing truncated
   kappa = jnp.where(within, _cut_below(top, thr), _U32(0))
