@@ -175,8 +175,9 @@ def decide(
   # columns past the K values weigh the rest, summed first (they are the least
   # likely), so the nucleus is decided here wherever it ends among the K values.
   whole = ~k_on & (params.min_p <= 0)
-  rest = jnp.where(whole, jnp.maximum(total - jnp.sum(w, axis=-1), 0.0), 0.0)
-  mass_a = (jnp.sum(w, axis=-1) + rest)[:, None]
+  held = jnp.sum(w, axis=-1)
+  rest = jnp.where(whole, jnp.maximum(total - held, 0.0), 0.0)
+  mass_a = (held + rest)[:, None]
   least = nucleus_floor(
     jnp.concatenate([w, rest[:, None]], axis=-1) / mass_a,
     jnp.concatenate([top, jnp.full_like(last[:, None], -jnp.inf)], axis=-1),
