@@ -532,10 +532,11 @@ def test_partials_from_the_group_maxima_are_the_plain_ones(v, dtype, softcap):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
 def test_xlas_own_steps_give_the_compiled_kernels_numbers(monkeypatch, dtype):
   """Without the compiled CPU kernels (a machine without a compiler, and the
-  programs for a GPU or TPU: XLA's top-k, gather and merge tree), the same kept
-  sets and values, from logits (ties, a NaN row, softcap: XLA's tanh may round
-  an ulp apart in another fusion) and from hidden states (groups gathered)."""
-  from lpkernel.ops.processed import cpu_top_k
+  programs for a GPU or TPU: XLA's top-k, gather and merge tree, and its
+  bisection for the rows the candidates leave open), the same kept sets and
+  values, from logits (ties, a NaN row, softcap: XLA's tanh may round an ulp
+  apart in another fusion) and from hidden states (groups gathered)."""
+  from lpkernel.ops.processed import cpu_search, cpu_top_k
 
   rng = np.random.default_rng(7)
   x = rng.normal(size=(12, 5000)) * 4
@@ -554,7 +555,9 @@ def test_xlas_own_steps_give_the_compiled_kernels_numbers(monkeypatch, dtype):
     )
 
   compiled = both()
+  assert int(jnp.max(compiled[0].kept_count)) > 64  # nuclei past the candidates: searched
   monkeypatch.setattr(cpu_top_k, "available", lambda: False)
+  monkeypatch.setattr(cpu_search, "available", lambda: False)
   for got, want in zip(both(), compiled, strict=True):
     np.testing.assert_array_equal(got.kept, want.kept)
     np.testing.assert_array_equal(got.kept_count, want.kept_count)

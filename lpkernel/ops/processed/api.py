@@ -74,7 +74,7 @@ def sampling_rows(
 def _whole_rows(parts, top, rows: S.Rows, tau, k: int, axis):
   """(parts, top ``[N, K]``, rows) of whole rows from this device's block of
   columns: merged over the mesh axis (the partials as the plain path's; the ``K``
-  largest of every device's ``K`` largest), the rows' sweeps reduced over it."""
+  largest of every device's ``K`` largest), the rows' search reduced over it."""
   if axis is None:
     return parts, top, rows
   with jax.named_scope("vocab_parallel_combine"):

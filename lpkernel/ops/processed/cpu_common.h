@@ -52,6 +52,31 @@ inline float Widen(uint16_t bits) {
   return v;
 }
 
+// The float's bits as an unsigned key in the floats' total order.
+inline uint32_t OrderKey(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof b);
+  uint32_t negative = static_cast<uint32_t>(static_cast<int32_t>(b) >> 31);
+  return b ^ (negative | 0x80000000u);
+}
+
+// The float of an OrderKey.
+inline float KeyValue(uint32_t key) {
+  uint32_t b = (key & 0x80000000u) ? (key & 0x7fffffffu) : ~key;
+  float v;
+  std::memcpy(&v, &b, sizeof v);
+  return v;
+}
+
+// Bit c set where lane c of the comparison's result is (all ones).
+inline uint32_t Mask(I4 lanes) {
+#if defined(__SSE__)
+  return static_cast<uint32_t>(__builtin_ia32_movmskps(reinterpret_cast<F4>(lanes)));
+#else
+  return (lanes[0] & 1) | (lanes[1] & 2) | (lanes[2] & 4) | (lanes[3] & 8);
+#endif
+}
+
 // The ranges [bounds[c], bounds[c + 1]), taken by the calling thread and the
 // pool's tasks from one counter; the caller returns when every range is done
 // (it can do them all itself, so a busy pool never stalls it). Each taker is a

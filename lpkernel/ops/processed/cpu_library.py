@@ -1,8 +1,8 @@
 """The compiled CPU kernels' library: built on first use, registered with XLA:CPU.
 
-One shared library from ``cpu_top_k.cc`` (:mod:`.cpu_top_k`) and
-``cpu_replay.cc`` (:mod:`.cpu_replay`), with what they share in
-``cpu_common.h``, through JAX's typed FFI (no Python headers). It is compiled
+One shared library from ``cpu_top_k.cc`` (:mod:`.cpu_top_k`), ``cpu_replay.cc``
+(:mod:`.cpu_replay`) and ``cpu_search.cc`` (:mod:`.cpu_search`), with what they
+share in ``cpu_common.h``, through JAX's typed FFI (no Python headers). It is compiled
 with the C++ compiler (``$CXX``, else ``c++``) against the FFI headers of the
 installed jaxlib and cached under ``$LPKERNEL_CACHE`` (default
 ``~/.cache/lpkernel``) by a hash of the sources, the compiler and jaxlib's
@@ -27,7 +27,7 @@ import jax
 
 _LOG = logging.getLogger(__name__)
 _HERE = pathlib.Path(__file__).parent
-SOURCES = ("cpu_top_k.cc", "cpu_replay.cc")
+SOURCES = ("cpu_top_k.cc", "cpu_replay.cc", "cpu_search.cc")
 HEADERS = ("cpu_common.h",)
 _TARGETS = {
   "lpkernel_cpu_top_k": "LpkernelTopK",
@@ -35,6 +35,7 @@ _TARGETS = {
   "lpkernel_cpu_buffer_top_k": "LpkernelBufferTopK",
   "lpkernel_cpu_replay_dots": "LpkernelReplayDots",
   "lpkernel_cpu_replay_grads": "LpkernelReplayGrads",
+  "lpkernel_cpu_key_within": "LpkernelKeyWithin",
 }
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")  # portable: no -march
 

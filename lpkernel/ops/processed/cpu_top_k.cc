@@ -31,22 +31,6 @@ namespace {
 
 using namespace lpkernel;  // NOLINT: the shared vectors, loads and thread split
 
-// The float's bits as an unsigned key in the floats' total order.
-inline uint32_t OrderKey(float v) {
-  uint32_t b;
-  std::memcpy(&b, &v, sizeof b);
-  uint32_t negative = static_cast<uint32_t>(static_cast<int32_t>(b) >> 31);
-  return b ^ (negative | 0x80000000u);
-}
-
-// The float of an OrderKey.
-inline float KeyValue(uint32_t key) {
-  uint32_t b = (key & 0x80000000u) ? (key & 0x7fffffffu) : ~key;
-  float v;
-  std::memcpy(&v, &b, sizeof v);
-  return v;
-}
-
 inline F4 Max(F4 a, F4 b) { return a > b ? a : b; }
 
 // The largest OrderKey of x[0, width) (width: a positive multiple of 4), or a
@@ -83,15 +67,6 @@ inline I4 LoadI4(const int32_t* x) {
   return v;
 }
 inline void Store(int32_t* x, I4 v) { std::memcpy(x, &v, sizeof v); }
-
-// Bit c set where lane c of the comparison's result is (all ones).
-inline uint32_t Mask(I4 lanes) {
-#if defined(__SSE__)
-  return static_cast<uint32_t>(__builtin_ia32_movmskps(reinterpret_cast<F4>(lanes)));
-#else
-  return (lanes[0] & 1) | (lanes[1] & 2) | (lanes[2] & 4) | (lanes[3] & 8);
-#endif
-}
 
 // offer(i) for each i of [0, width) where x[i] may reach the bar (not under
 // bar() as a float: NaN and -0 as 0 included; offer decides): 64 values at a

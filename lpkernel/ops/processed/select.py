@@ -11,17 +11,20 @@ ordered ``uint32``). This module finds ``kappa``:
   among them, so ``k < K``; a nucleus of fewer than ``K`` tokens, of a top-k
   set or min-p set among them or of the whole row; a min-p cut above the
   ``K``-th value) with no further read;
-* otherwise by a bisection (:func:`largest_key_within`): one masked sum per
-  sweep, halving the bracket's values (its keys once they are not finite)
-  until at most one column lies in it, then one masked max; about
-  ``log2`` of the columns in the first bracket sweeps.
+* otherwise by a search of the rows it leaves open (:func:`threshold`), a
+  chunk of rows at a time: their capped logits are formed once (a gather of
+  logits, or a matmul of those rows' hidden states), then a bisection
+  (:func:`largest_key_within`) halves each row's bracket, its values (its keys
+  once they are not finite), until at most one column lies in it, and the
+  threshold is cut halfway to the next smaller column; about ``log2`` of the
+  columns in the first bracket halvings. In XLA each halving is a masked sum
+  over the chunk; on the CPU a compiled kernel halves a shrinking list.
 
-A :class:`Rows` is what is swept: ``block(lo, width)`` gives the capped logits
-of vocabulary columns ``[lo, lo + width)`` (a slice of the logits, or a matmul
-of hidden states with a block of the unembedding). Under ``shard_map`` with the
-columns split over a mesh axis, each device sweeps its own block and every
-fold's sums and maxima are reduced over that axis (``psum``, ``pmax``: a few
-bytes per row per sweep), so every device reaches the same threshold.
+A :class:`Rows` gives a chunk's capped logits (``take``). Under ``shard_map``
+with the columns split over a mesh axis, each device holds its block of the
+chunk's columns, and every sum and maximum is reduced over that axis (``psum``,
+``pmax``: a few bytes per row per halving), so every device reaches the same
+threshold.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from lpkernel import partials as P
-from lpkernel.ops.blocks import sweep
+from lpkernel.ops.platform import on_cpu_or
+from lpkernel.ops.processed import cpu_search
 from lpkernel.sampling import nucleus_floor
 
 _F32 = jnp.float32
@@ -42,34 +46,29 @@ _U32 = jnp.uint32
 
 
 class Rows(NamedTuple):
-  """A sweepable ``[N, V]`` matrix of capped logits.
+  """Rows of capped logits ``[N, V]`` that a search reads a chunk of rows at a time.
 
   Attributes:
-    block: ``(lo, width) -> float32[N, width]``, the capped logits of columns
-      ``[lo, lo + width)`` (``lo`` may be traced, ``width`` is static).
+    take: ``idx int32[chunk] -> float32[chunk, vocab_size]``, the capped logits
+      of rows ``idx`` (a gather of logits, or a matmul of their hidden states
+      with the unembedding).
     vocab_size: the columns held here (this device's block under ``axis_name``).
-    width: columns per sweep step.
+    chunk: rows per step of the search.
     axis_name: the mesh axis the row's columns are split over, or None.
   """
 
-  block: Callable[[jax.Array | int, int], jax.Array]
+  take: Callable[[jax.Array], jax.Array]
   vocab_size: int
-  width: int
+  chunk: int
   axis_name: str | None = None
 
-  def fold(self, step, init, reduce: str = "sum"):
-    """Folds ``step(carry, z [N, W], cols [1, W])`` over the row's column blocks;
-    across the mesh axis the results are added (``reduce="sum"``) or their
-    maxima taken (``"max"``)."""
 
-    def body(carry, lo, width):
-      cols = lo + lax.broadcasted_iota(jnp.int32, (1, width), 1)
-      return step(carry, self.block(lo, width), cols)
-
-    out = sweep(body, init, self.vocab_size, self.width)
-    if self.axis_name is None:
-      return out
-    return (lax.psum if reduce == "sum" else lax.pmax)(out, self.axis_name)
+def _across(out, axis_name: str | None, reduce: str = "sum"):
+  """Row sums (``reduce="sum"``) or maxima (``"max"``) of one device's columns
+  made the whole row's over the mesh axis ``axis_name`` (unchanged for None)."""
+  if axis_name is None:
+    return out
+  return (lax.psum if reduce == "sum" else lax.pmax)(out, axis_name)
 
 
 def column(a: jax.Array) -> jax.Array:
@@ -203,19 +202,34 @@ def decide(
   )
 
 
-def masked_sums(rows: Rows, params: Params, kappa: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """One sweep: the kept set's mass (sum of :meth:`Params.e`) and size per row."""
+class Chunk(NamedTuple):
+  """Rows being searched, each value's weight and key formed once.
 
-  def step(carry, z, cols):
-    mass, count = carry
-    e = params.e(z)
-    keep = params.min_p_holds(e) & (order_key(z) >= kappa[:, None]) & (cols < rows.vocab_size)
-    return mass + jnp.sum(jnp.where(keep, e, 0.0), axis=-1), count + jnp.sum(
-      keep, axis=-1, dtype=jnp.int32
-    )
+  Attributes:
+    e: float32[C, W], :meth:`Params.e` of the capped logits.
+    key: uint32[C, W], their :func:`order_key`.
+    axis_name: the mesh axis the columns are split over, or None.
+  """
 
-  n = kappa.shape[0]
-  return rows.fold(step, (jnp.zeros((n,), _F32), jnp.zeros((n,), jnp.int32)))
+  e: jax.Array
+  key: jax.Array
+  axis_name: str | None = None
+
+  @classmethod
+  def of(cls, z: jax.Array, params: Params, axis_name: str | None = None) -> Chunk:
+    """The chunk of capped logits ``z [C, W]`` (this device's columns under ``axis_name``)."""
+    return cls(params.e(z), order_key(z), axis_name)
+
+  def in_a(self, params: Params, floor: jax.Array) -> jax.Array:
+    """bool[C, W]: min-p holds and the key is at least ``floor [C]``."""
+    return params.min_p_holds(self.e) & (self.key >= column(floor))
+
+
+def masked_sums(c: Chunk, params: Params, kappa: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The kept set's mass (sum of :meth:`Params.e`) and size per row of the chunk."""
+  keep = c.in_a(params, kappa)
+  sums = (jnp.sum(jnp.where(keep, c.e, 0.0), axis=-1), jnp.sum(keep, axis=-1, dtype=jnp.int32))
+  return _across(sums, c.axis_name)
 
 
 def key_value(key: jax.Array) -> jax.Array:
@@ -224,59 +238,53 @@ def key_value(key: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(b, _F32)
 
 
-def _masked(rows: Rows, params: Params, floor, z, cols):
-  """(e, key, bool in A) of a block: min-p holds, key at least ``floor``, inside V."""
-  e = params.e(z)
-  key = order_key(z)
-  in_a = params.min_p_holds(e) & (key >= floor[:, None]) & (cols < rows.vocab_size)
-  return e, key, in_a
-
-
 def largest_key_within(
-  rows: Rows,
+  c: Chunk,
   params: Params,
   floor: jax.Array,
   ceiling: jax.Array,
-  weight: Callable[[jax.Array], jax.Array],
+  by_count: bool,
   budget: jax.Array,
   count: jax.Array,
   active: jax.Array,
   start: jax.Array | None = None,
 ) -> jax.Array:
-  """uint32[N]: the largest key ``kappa`` in ``[floor, ceiling)`` whose columns of
+  """uint32[C]: the largest key ``kappa`` in ``[floor, ceiling)`` whose columns of
   A (min-p holds, key at least ``floor``) below it weigh at most ``budget``;
-  ``floor`` for rows not ``active``.
+  ``floor`` for rows not ``active``, of the rows of chunk ``c``.
 
   The kept set ``key >= kappa`` then drops exactly the columns whose weight at
-  or below them (ties included) is within the budget: top-k with ``weight = 1``
-  and ``budget = count - k``; top-p with ``weight = e`` and ``budget = (1 - p) S``.
+  or below them (ties included) is within the budget: top-k with each column
+  weighing 1 (``by_count``) and ``budget = count - k``; top-p with each column
+  weighing its :meth:`Params.e` and ``budget = (1 - p) S``.
 
-  A bisection, one masked sum per sweep, halving the bracket's *values* while
+  A bisection, one masked sum per step, halving the bracket's *values* while
   they are finite (its keys otherwise), until at most one column of A lies in it;
-  then one sweep of masked maxima gives that column's key and the next smaller
-  one's, and the threshold is halfway between (as :func:`_cut_below`: a
-  recomputation of the logits that rounds otherwise, e.g. a ``tanh`` in another
-  fusion, keeps the same set).
+  then masked maxima give that column's key and the next smaller one's, and the
+  threshold is halfway between (as :func:`_cut_below`: a recomputation of the
+  logits that rounds otherwise, e.g. a ``tanh`` in another fusion, keeps the
+  same set). On the CPU (without a mesh axis) the compiled
+  :func:`~lpkernel.ops.processed.cpu_search.key_within` halves a shrinking list
+  of the bracket's values instead of the whole rows.
 
   Args:
-    floor, ceiling: uint32[N]; ``ceiling`` is past the row's largest key.
-    weight: ``e [N, W] -> float32[N, W]``.
-    budget: float32[N].
-    count: int32[N], the size of A.
-    start: uint32[N] keys known to be within the budget (a tighter lower end), or None.
+    floor, ceiling: uint32[C]; ``ceiling`` is past the row's largest key.
+    budget: float32[C].
+    count: int32[C], the size of A.
+    start: uint32[C] keys known to be within the budget (a tighter lower end), or None.
   """
   n = floor.shape[0]
 
-  def below(mid):  # (weight, count) of A strictly below mid
-    def step(carry, z, cols):
-      e, key, in_a = _masked(rows, params, floor, z, cols)
-      under = in_a & (key < mid[:, None])
-      return (
-        carry[0] + jnp.sum(jnp.where(under, weight(e), 0.0), axis=1),
-        carry[1] + jnp.sum(under, axis=1, dtype=jnp.int32),
-      )
+  def weight(e):
+    return jnp.ones_like(e) if by_count else e
 
-    return rows.fold(step, (jnp.zeros((n,), _F32), jnp.zeros((n,), jnp.int32)))
+  def below(mid):  # (weight, count) of A strictly below mid
+    under = c.in_a(params, floor) & (c.key < mid[:, None])
+    sums = (
+      jnp.sum(jnp.where(under, weight(c.e), 0.0), axis=1),
+      jnp.sum(under, axis=1, dtype=jnp.int32),
+    )
+    return _across(sums, c.axis_name)
 
   def open_(state):
     lo, hi, c_lo, c_hi = state
@@ -299,77 +307,117 @@ def largest_key_within(
       jnp.where(moves & ~fits, c_mid, c_hi),
     )
 
-  lo = floor if start is None else jnp.maximum(floor, start)
-  hi = jnp.where(active, jnp.maximum(ceiling, lo + _U32(1)), lo + _U32(1))
-  c_lo = jnp.zeros((n,), jnp.int32) if start is None else below(lo)[1]
-  state = lax.while_loop(lambda s: jnp.any(open_(s)), body, (lo, hi, c_lo, count))
-  lo, hi, c_lo, c_hi = state
+  def swept():
+    lo = floor if start is None else jnp.maximum(floor, start)
+    hi = jnp.where(active, jnp.maximum(ceiling, lo + _U32(1)), lo + _U32(1))
+    c_lo = jnp.zeros((n,), jnp.int32) if start is None else below(lo)[1]
+    state = lax.while_loop(lambda s: jnp.any(open_(s)), body, (lo, hi, c_lo, count))
+    lo, hi, c_lo, c_hi = state
 
-  def settle():  # the smallest kept key, then halfway down to the next smaller column of A
-    def step(carry, z, cols):
-      top, below = carry
-      _, key, in_a = _masked(rows, params, floor, z, cols)
-      inside = in_a & (key >= lo[:, None]) & (key < hi[:, None])
-      under = in_a & (key < lo[:, None])
-      return (
-        jnp.maximum(top, jnp.max(jnp.where(inside, key, _U32(0)), axis=1)),
-        jnp.maximum(below, jnp.max(jnp.where(under, key, _U32(0)), axis=1)),
+    def settle():  # the smallest kept key, then halfway down to the next smaller column of A
+      in_a = c.in_a(params, floor)
+      inside = in_a & (c.key >= lo[:, None]) & (c.key < hi[:, None])
+      under = in_a & (c.key < lo[:, None])
+      top, below = _across(
+        (
+          jnp.maximum(lo, jnp.max(jnp.where(inside, c.key, _U32(0)), axis=1)),
+          jnp.max(jnp.where(under, c.key, _U32(0)), axis=1),
+        ),
+        c.axis_name,
+        "max",
       )
+      top = jnp.where(c_hi - c_lo == 1, top, lo)  # one column in the bracket, or ties at lo
+      cut = jnp.maximum(below + (top - below + _U32(1)) // _U32(2), floor)
+      return jnp.where(active & (top > below), cut, lo)
 
-    top, below = rows.fold(step, (lo, jnp.zeros_like(lo)), reduce="max")
-    top = jnp.where(c_hi - c_lo == 1, top, lo)  # one column in the bracket, or ties at lo
-    cut = jnp.maximum(below + (top - below + _U32(1)) // _U32(2), floor)
-    return jnp.where(active & (top > below), cut, lo)
+    return lax.cond(jnp.any(active), settle, lambda: lo)
 
-  return lax.cond(jnp.any(active), settle, lambda: lo)
+  if c.axis_name is not None or not cpu_search.available():
+    return swept()
+
+  def compiled():
+    lo = floor if start is None else start
+    min_p = column(params.min_p)[:, 0]
+    return cpu_search.key_within(
+      c.key, c.e, floor, ceiling, lo, budget, min_p, active, ones=by_count
+    )
+
+  return on_cpu_or(compiled, swept)
 
 
-def threshold(rows: Rows, params: Params, d: Decision, vocab_size: int) -> tuple[jax.Array, ...]:
-  """(kappa, mass, count) of every row: :func:`decide`'s where it settled, else
-  searched (top-k past ``K``, then top-p) and summed by further sweeps, run only
-  when some row needs them. ``vocab_size``: the whole row's V (every device's
-  columns)."""
+def _search(c: Chunk, params: Params, d: Decision, vocab_size: int):
+  """(kappa, mass, count) of the rows of chunk ``c``: :func:`decide`'s where it
+  settled, else searched (top-k past ``K``, then top-p) and summed; each search
+  runs only when some row needs it."""
   k, p = params.top_k, params.top_p
 
   def maybe(needed, fn, otherwise):
     return lax.cond(jnp.any(needed), fn, lambda: otherwise)
 
+  search_k = ~d.settled & params.top_k_on(vocab_size)
+  zeros = (jnp.zeros_like(p), jnp.zeros_like(k))
+  _, count_a = maybe(search_k, lambda: masked_sums(c, params, d.kappa), zeros)
+  kappa = maybe(
+    search_k,
+    lambda: largest_key_within(
+      c, params, d.kappa, d.ceiling, True, (count_a - k).astype(_F32), count_a, search_k
+    ),
+    d.kappa,
+  )
+  search_p = ~d.settled & (p < 1)
+  mass_a, count_a = maybe(search_p, lambda: masked_sums(c, params, kappa), zeros)
+  budget = (1 - p) * mass_a
+  # Every column whose e is under budget / V is dropped (all of them weigh at most the budget).
+  tau = 1.0 if params.tau is None else params.tau
+  lowest = order_key(params.shift + tau * jnp.log(budget / vocab_size))
+  kappa = maybe(
+    search_p,
+    lambda: largest_key_within(
+      c, params, kappa, d.ceiling, False, budget, count_a, search_p, lowest
+    ),
+    kappa,
+  )
+  mass, count = masked_sums(c, params, kappa)
+  return (
+    jnp.where(d.settled, d.kappa, kappa),
+    jnp.where(d.settled, d.mass, mass),
+    jnp.where(d.settled, d.size, count),
+  )
+
+
+def threshold(rows: Rows, params: Params, d: Decision, vocab_size: int) -> tuple[jax.Array, ...]:
+  """(kappa, mass, count) of every row: :func:`decide`'s where it settled, else
+  searched. The rows it leaves open are taken first, ``rows.chunk`` at a time
+  (their capped logits formed once per chunk), until none is left: a search
+  costs in proportion to the open rows, not to the batch. ``vocab_size``: the
+  whole row's V (every device's columns)."""
+  n = d.kappa.shape[0]
+  c = min(rows.chunk, n)
+  steps = -(-n // c)
+
+  def chunk(idx):
+    def pick(a):
+      return None if a is None else jnp.take(a, idx, axis=0)
+
+    part = Params(*map(pick, params))
+    return _search(
+      Chunk.of(rows.take(idx), part, rows.axis_name), part, Decision(*map(pick, d)), vocab_size
+    )
+
   def unsettled(_):
-    search_k = ~d.settled & params.top_k_on(vocab_size)
-    zeros = (jnp.zeros_like(p), jnp.zeros_like(k))
-    _, count_a = maybe(search_k, lambda: masked_sums(rows, params, d.kappa), zeros)
-    kappa = maybe(
-      search_k,
-      lambda: largest_key_within(
-        rows,
-        params,
-        d.kappa,
-        d.ceiling,
-        jnp.ones_like,
-        (count_a - k).astype(_F32),
-        count_a,
-        search_k,
-      ),
-      d.kappa,
-    )
-    search_p = ~d.settled & (p < 1)
-    mass_a, count_a = maybe(search_p, lambda: masked_sums(rows, params, kappa), zeros)
-    budget = (1 - p) * mass_a
-    # Every column whose e is under budget / V is dropped (all of them weigh at most the budget).
-    tau = 1.0 if params.tau is None else params.tau
-    lowest = order_key(params.shift + tau * jnp.log(budget / vocab_size))
-    kappa = maybe(
-      search_p,
-      lambda: largest_key_within(
-        rows, params, kappa, d.ceiling, lambda e: e, budget, count_a, search_p, lowest
-      ),
-      kappa,
-    )
-    mass, count = masked_sums(rows, params, kappa)
-    return (
-      jnp.where(d.settled, d.kappa, kappa),
-      jnp.where(d.settled, d.mass, mass),
-      jnp.where(d.settled, d.size, count),
-    )
+    open_ = ~d.settled
+    open_rows = jnp.sum(open_, dtype=jnp.int32)
+    # The open rows first, then the others (each in order); past them, n (dropped when written).
+    at = jnp.where(open_, jnp.cumsum(open_) - 1, open_rows + jnp.cumsum(~open_) - 1)
+    order = jnp.full((steps * c,), n, jnp.int32).at[at].set(jnp.arange(n, dtype=jnp.int32))
+
+    def body(state):
+      i, out = state
+      idx = lax.dynamic_slice_in_dim(order, i * c, c)
+      got = chunk(jnp.minimum(idx, n - 1))
+      return i + 1, tuple(o.at[idx].set(g, mode="drop") for o, g in zip(out, got, strict=True))
+
+    init = (jnp.int32(0), (d.kappa, d.mass, d.size))
+    return lax.while_loop(lambda s: s[0] * c < open_rows, body, init)[1]
 
   return lax.cond(jnp.all(d.settled), lambda _: (d.kappa, d.mass, d.size), unsettled, operand=None)

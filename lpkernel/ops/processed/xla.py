@@ -15,7 +15,7 @@ it and never forming an ``[N, V]`` temporary:
    the few tokens that have one), else the ``K`` groups with the largest maxima
    whole;
 3. :func:`lpkernel.ops.processed.select.decide`, then for the rows it leaves
-   open a search by sweeps (:func:`lpkernel.ops.processed.select.threshold`).
+   open a search, a chunk of rows at a time (:func:`lpkernel.ops.processed.select.threshold`).
 
 The backward pass is one elementwise pass over the logits (or one sweep over
 the unembedding's blocks), the kept set given by each row's threshold key.
@@ -62,7 +62,8 @@ class ProcessedConfig:
       ``top_k + 1`` (up to 1024).
     group: columns per group whose maxima locate the ``K`` largest values; the
       group maxima are ``1 / group`` of the logits (under the 10% bound from 16).
-    sweep_block: columns per step of a search sweep over logits.
+    sweep_block: columns per step of the group maxima's pass over logits whose
+      vocabulary the group does not divide.
     gather_bytes: the most bytes of the candidates' pass held at once (its token
       chunks: ``K * group`` columns, and from hidden states as many gathered
       unembedding rows, per token; also at most 1% of the float32 logits).
@@ -183,13 +184,23 @@ def _chunk(config: ProcessedConfig, n: int, vocab_size: int, token_bytes: int) -
   return max(1, min(n, budget // max(token_bytes, 1)))
 
 
-def logits_rows(x, softcap, width: int) -> S.Rows:
-  """The capped logits ``x [N, V]`` as sweepable :class:`~select.Rows`."""
-  return S.Rows(
-    block=lambda lo, w: P.capped(block_of(x, lo, w, 1), softcap),
-    vocab_size=x.shape[1],
-    width=min(width, x.shape[1]),
-  )
+def search_chunk(n: int) -> int:
+  """Rows per step of a search (:func:`~lpkernel.ops.processed.select.threshold`)
+  of ``n`` rows: their capped logits, weights, keys and gathered rows (16 bytes
+  per value) within 4% of the float32 logits' bytes, so ``n // 100``. From
+  hidden states each step reads the whole unembedding: under about 64 rows per
+  step (``n`` under 6400) the search reads it more often than its matmuls need."""
+  return max(1, n // 100)
+
+
+def logits_rows(x, softcap, chunk: int) -> S.Rows:
+  """The capped logits ``x [N, V]`` as :class:`~select.Rows` of ``chunk`` rows."""
+
+  def take(idx):
+    xb, idx = lax.optimization_barrier((x, idx))  # no convert of all of x out of a loop
+    return P.capped(jnp.take(xb, idx, axis=0), softcap)
+
+  return S.Rows(take=take, vocab_size=x.shape[1], chunk=chunk)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,7 +246,7 @@ class XlaProcessed:
 
 def logits_forward(x, targets, tau, softcap, k: int, config: ProcessedConfig, impl):
   """(RowPartials of whole rows, float32[N, K] largest capped values, the rows as
-  sweepable :class:`~select.Rows` for a search) of logits ``x [N, V]``; ``impl``'s
+  :class:`~select.Rows` for a search) of logits ``x [N, V]``; ``impl``'s
   first pass (:class:`lpkernel.ops.base.ProcessedImplementation`)."""
   parts, maxima = impl.partials_and_group_maxima(x, targets, tau, softcap, config)
   xs = lax.stop_gradient(x)
@@ -258,17 +269,26 @@ def logits_forward(x, targets, tau, softcap, k: int, config: ProcessedConfig, im
     top = on_cpu_or(compiled_top, pool)
   else:
     top = pool()
-  return parts, top, logits_rows(xs, softcap, config.sweep_block)
+  return parts, top, logits_rows(xs, softcap, search_chunk(n))
 
 
-def hidden_rows(h, w, softcap, vocab_axis: int, precision, width: int, dot_dtype) -> S.Rows:
-  """The capped logits ``h @ w`` as sweepable :class:`~select.Rows` (never formed whole)."""
+def hidden_rows(
+  h, w, softcap, vocab_axis: int, precision, width: int, dot_dtype, chunk: int
+) -> S.Rows:
+  """The capped logits ``h @ w`` as :class:`~select.Rows` of ``chunk`` rows,
+  formed ``width`` columns at a time (never all rows at once)."""
   v = w.shape[vocab_axis]
-  return S.Rows(
-    block=lambda lo, wd: block_logits(h, w, lo, wd, softcap, precision, vocab_axis, dot_dtype)[1],
-    vocab_size=v,
-    width=min(width, v),
-  )
+
+  def take(idx):
+    hc = jnp.take(h, idx, axis=0)
+
+    def step(z, lo, wd, fresh):
+      block = block_logits(hc, w, lo, wd, softcap, precision, vocab_axis, dot_dtype)[1]
+      return lax.dynamic_update_slice_in_dim(z, block, lo, 1)
+
+    return sweep_in_place(step, jnp.zeros((idx.shape[0], v), _F32), v, width)
+
+  return S.Rows(take=take, vocab_size=v, chunk=chunk)
 
 
 def _pool_values(h, w_rows, precision, softcap, dot_dtype):
@@ -350,14 +370,16 @@ def hidden_forward(
   h, w, targets, tau, softcap, vocab_axis: int, precision, k: int, config, fused: FusedConfig, impl
 ):
   """(RowPartials of whole rows, float32[N, K] largest capped values, the rows as
-  sweepable :class:`~select.Rows` for a search) of ``h @ w``: ``impl``'s pass over
+  :class:`~select.Rows` for a search) of ``h @ w``: ``impl``'s pass over
   the unembedding (:class:`lpkernel.ops.base.ProcessedHidden`), then the
   candidates' dot products. ``h`` is upcast to the dot dtype once, for all three."""
   n = h.shape[0]
   v = w.shape[vocab_axis]
   h = h if fused.dot_dtype is None else h.astype(fused.dot_dtype)
   hs, ws = lax.stop_gradient(h), lax.stop_gradient(w)
-  rows = hidden_rows(hs, ws, softcap, vocab_axis, precision, fused.block(v, True), fused.dot_dtype)
+  chunk = search_chunk(n)
+  width = fused.block(v, True)
+  rows = hidden_rows(hs, ws, softcap, vocab_axis, precision, width, fused.dot_dtype, chunk)
 
   def recorded():  # impl's pass, then the candidates from its record
     parts, maxima = impl.hidden_partials_and_group_maxima(

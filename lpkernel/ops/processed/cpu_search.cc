@@ -1,0 +1,310 @@
+// The search for a row's threshold key on XLA:CPU (lpkernel/ops/processed/
+// select.py's largest_key_within, row by row, through JAX's typed FFI).
+//
+// XLA's search sweeps every row's block once per halving of the bracket (about
+// 26 sweeps, each an exp of every value). Here a row's values of A inside the
+// bracket are listed as (key, weight) pairs, and each halving splits the list at
+// its midpoint in one pass and keeps the half that holds the threshold: the
+// first pass reads the row, the next ones a list about half as long each time. The weights are the caller's (its exp), so
+// A and the masses are the same as in XLA's sums of the same values.
+
+#include <cmath>
+#include <limits>
+
+#include "cpu_common.h"
+
+namespace lpkernel {
+namespace {
+
+// select.order_key: OrderKey with -0.0 as 0.0.
+inline uint32_t ZeroKey(float z) { return OrderKey(z == 0 ? 0.0f : z); }
+
+inline U4 SplatU(uint32_t v) { return U4{v, v, v, v}; }
+inline U4 MaxU(U4 a, U4 b) { return a > b ? a : b; }
+inline float Sum(F4 v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+
+// What a row's search is given: A is {e >= min_p, key >= floor}; the threshold
+// lies in [max(floor, start), ceiling); a weight is e (or 1 with `ones`).
+struct Bounds {
+  uint32_t floor, ceiling, start;
+  float budget, min_p;
+};
+
+// The pairs of the source [j, j + 4) (fewer at its end): keys, weights, and
+// which lanes are members. A row's members are A; a list's, all its pairs.
+struct RowSource {
+  const uint32_t* key;
+  const float* e;
+  int64_t n;
+  uint32_t floor;
+  float min_p;
+  bool ones;
+
+  int64_t size() const { return n; }
+  void Load(int64_t j, U4* k, F4* w, I4* member) const {
+    F4 ev;
+    if (j + 4 <= n) {
+      std::memcpy(k, key + j, sizeof *k);
+      ev = Load4(e + j);
+    } else {  // the tail: lanes past the row are not in A (e NaN)
+      const float nan = std::numeric_limits<float>::quiet_NaN();
+      *k = SplatU(0);
+      ev = F4{nan, nan, nan, nan};
+      for (int64_t l = 0; j + l < n; ++l) (*k)[l] = key[j + l], ev[l] = e[j + l];
+    }
+    const F4 min_p4 = {min_p, min_p, min_p, min_p}, one = {1, 1, 1, 1};
+    *member = (ev >= min_p4) & reinterpret_cast<I4>(*k >= SplatU(floor));
+    *w = ones ? one : ev;
+  }
+  void Get(int64_t i, uint32_t* k, float* w) const {
+    *k = key[i];
+    *w = ones ? 1.0f : e[i];
+  }
+};
+
+struct ListSource {
+  const uint32_t* keys;
+  const float* weights;
+  int64_t n;
+
+  int64_t size() const { return n; }
+  void Load(int64_t j, U4* key, F4* w, I4* member) const {
+    std::memcpy(key, keys + j, sizeof *key);
+    *w = Load4(weights + j);
+    *member = I4{0, 1, 2, 3} < static_cast<int32_t>(n - j);
+  }
+  void Get(int64_t i, uint32_t* key, float* w) const {
+    *key = keys[i];
+    *w = weights[i];
+  }
+};
+
+// What one pass over a source's members gives for pivots p1 <= p2.
+struct Passed {
+  double below_p1 = 0, inside = 0;  // the weight of those below p1, of those in [p1, p2)
+  uint32_t top_below = 0;           // the largest key below p1 (0: none)
+  int64_t count = 0;                // how many are in [p1, p2), listed
+};
+
+// One pass: the members in [p1, p2) listed in (keys, weights) in order, and
+// their weights and those below p1 summed: 4 at a time, a bit per value for 64
+// of them, then the listed ones read again (about a tenth, except in the last
+// halvings); float sums flushed to float64 every 256 values.
+template <typename Source>
+Passed Pass(const Source& src, uint32_t p1, uint32_t p2, uint32_t* keys, float* weights) {
+  const U4 p1s = SplatU(p1), p2s = SplatU(p2);
+  U4 top = SplatU(0);
+  Passed out;
+  int64_t m = 0, n = src.size();
+  for (int64_t j0 = 0; j0 < n; j0 += 256) {
+    F4 below = {0, 0, 0, 0}, inside = {0, 0, 0, 0};
+    for (int64_t j1 = j0; j1 < std::min(n, j0 + 256); j1 += 64) {
+      uint64_t bits = 0;
+      for (int64_t j = j1; j < std::min(n, j1 + 64); j += 4) {
+        U4 key;
+        F4 w;
+        I4 member;
+        src.Load(j, &key, &w, &member);
+        I4 is_below = member & reinterpret_cast<I4>(key < p1s);
+        I4 is_inside = member & ~is_below & reinterpret_cast<I4>(key < p2s);
+        below += reinterpret_cast<F4>(reinterpret_cast<I4>(w) & is_below);
+        inside += reinterpret_cast<F4>(reinterpret_cast<I4>(w) & is_inside);
+        top = MaxU(top, key & reinterpret_cast<U4>(is_below));
+        bits |= static_cast<uint64_t>(Mask(is_inside)) << (j - j1);
+      }
+      for (; bits != 0; bits &= bits - 1, ++m) src.Get(j1 + __builtin_ctzll(bits), keys + m, weights + m);
+    }
+    out.below_p1 += Sum(below);
+    out.inside += Sum(inside);
+  }
+  out.top_below = std::max(std::max(top[0], top[1]), std::max(top[2], top[3]));
+  out.count = m;
+  return out;
+}
+
+// A row's values of A inside the bracket as (key, weight) pairs, narrowed with it.
+class RowSearch {
+ public:
+  explicit RowSearch(int64_t n)
+      : keys_(n + 4), under_keys_(n + 4), weights_(n + 4), under_weights_(n + 4) {}
+
+  // The largest key kappa whose columns of A below it weigh at most the budget,
+  // then moved halfway down to the next smaller column of A (select.py's settle).
+  //
+  // First, passes that cut the bracket at two pivots around the threshold as
+  // estimated from a sample of 64 values (the row's, then the list's): a pass
+  // keeps about a tenth; where the sample misjudged, the same values are passed
+  // again with the bracket's side that holds it. Then halvings of the short list.
+  uint32_t Run(const uint32_t* key, const float* e, int64_t n, const Bounds& b, bool ones) {
+    lo_ = std::max(b.floor, b.start);
+    hi_ = std::max(b.ceiling, lo_ + 1u);
+    budget_ = b.budget;
+    base_ = 0;
+    below_ = 0;
+    size_ = 0;
+    RowSource row{key, e, n, b.floor, b.min_p, ones};
+    Narrow(row, true);
+    for (int pass = 0; pass < kPasses && size_ > kShort; ++pass) {
+      if (!Narrow(ListSource{keys_.data(), weights_.data(), size_}, false)) break;
+    }
+    Halve();
+    uint32_t top = size_ == 1 ? keys_[0] : lo_;  // one column in the bracket, or ties at lo
+    if (top <= below_) return lo_;
+    return std::max(below_ + (top - below_ + 1u) / 2u, b.floor);
+  }
+
+ private:
+  static constexpr int kSample = 64, kMargin = 3, kPasses = 8, kShort = 64;
+
+  // One narrowing pass (two where the sample misjudged) over src: the list's
+  // pairs, or the row's A (`row`: its pass lists the bracket's values even
+  // where the sample cannot cut the bracket); false when it cannot, and nothing done.
+  template <typename Source>
+  bool Narrow(const Source& src, bool row) {
+    uint32_t p1 = lo_, p2 = hi_;
+    if (!Pivots(src, row, &p1, &p2) && !row) return false;
+    double base = row ? 0.0 : base_;  // a row's pass weighs A below lo too
+    Passed r = Pass(src, p1, p2, under_keys_.data(), under_weights_.data());
+    double w1 = base + r.below_p1, w2 = w1 + r.inside;
+    bool fits1 = p1 == lo_ || w1 <= budget_, fits2 = p2 < hi_ && w2 <= budget_;
+    if (fits1 && !fits2) {
+      Take(r, w1, p1, p2);
+    } else {  // the side that holds the threshold, taken as known (not summed again)
+      uint32_t q1 = fits1 ? p2 : lo_, q2 = fits1 ? hi_ : p1;
+      Passed again = Pass(src, q1, q2, under_keys_.data(), under_weights_.data());
+      Take(again, base + again.below_p1, q1, q2);
+    }
+    return true;
+  }
+
+  // Two pivots in [lo, hi] kMargin sample values either side of the one where the
+  // sample's ascending weight (scaled to the source's size) passes the budget;
+  // false where the sample holds too few members or cannot cut the bracket.
+  template <typename Source>
+  bool Pivots(const Source& src, bool row, uint32_t* p1, uint32_t* p2) {
+    int64_t n = src.size();
+    std::pair<uint32_t, float> sample[kSample];
+    int count = 0;
+    for (int t = 0; t < kSample; ++t) {
+      U4 key;
+      F4 w;
+      I4 member;
+      src.Load(t * n / kSample, &key, &w, &member);
+      if (member[0]) sample[count++] = {key[0], w[0]};
+    }
+    if (count < kSample / 4) return false;
+    std::sort(sample, sample + count);
+    double scale = static_cast<double>(n) / kSample, cum = row ? 0.0 : base_;
+    int q = count;
+    for (int i = 0; i < count; ++i) {
+      cum += scale * sample[i].second;
+      if (cum > budget_) {
+        q = i;
+        break;
+      }
+    }
+    uint32_t a = q >= kMargin ? sample[q - kMargin].first : lo_;
+    uint32_t c = q + kMargin < count ? sample[q + kMargin].first : hi_;
+    a = a < lo_ || a >= hi_ ? lo_ : a;
+    c = std::min(std::max(c, a + 1u), hi_);
+    if (a == lo_ && c == hi_) return false;
+    *p1 = a;
+    *p2 = c;
+    return true;
+  }
+
+  // The bracket [p1, p2), the weight of A below p1, the pairs passed as the list.
+  void Take(const Passed& r, double w1, uint32_t p1, uint32_t p2) {
+    lo_ = p1;
+    hi_ = p2;
+    base_ = w1;
+    below_ = std::max(below_, r.top_below);
+    size_ = r.count;
+    std::swap(keys_, under_keys_);
+    std::swap(weights_, under_weights_);
+  }
+
+  // Halvings of the short list (select.py's bisection) until at most one pair,
+  // or ties at lo, is left: below mid first, then (where it fits) from mid up.
+  void Halve() {
+    while (hi_ - lo_ > 1 && size_ > 1) {
+      uint32_t mid = Mid(lo_, hi_);
+      ListSource list{keys_.data(), weights_.data(), size_};
+      Passed r = Pass(list, lo_, mid, under_keys_.data(), under_weights_.data());
+      if (base_ + r.inside > budget_) {
+        Take(r, base_, lo_, mid);
+      } else {
+        Passed up = Pass(list, mid, hi_, under_keys_.data(), under_weights_.data());
+        Take(up, base_ + up.below_p1, mid, hi_);
+      }
+    }
+  }
+
+  // Halfway between lo and hi by value while both are finite, else by key.
+  static uint32_t Mid(uint32_t lo, uint32_t hi) {
+    float v_lo = KeyValue(lo), v_hi = KeyValue(hi);
+    const float inf = std::numeric_limits<float>::infinity();
+    bool finite = std::fabs(v_lo) < inf && std::fabs(v_hi) < inf;
+    uint32_t mid = finite ? ZeroKey(v_lo / 2 + v_hi / 2) : lo + (hi - lo) / 2u;
+    return std::clamp(mid, lo + 1u, hi - 1u);
+  }
+
+  std::vector<uint32_t> keys_, under_keys_;  // the list, and the next one
+  std::vector<float> weights_, under_weights_;
+  int64_t size_ = 0;              // the list's length
+  uint32_t lo_ = 0, hi_ = 0;      // the bracket [lo, hi) of keys
+  uint32_t below_ = 0;            // the largest key of A below lo (0: none)
+  double base_ = 0, budget_ = 0;  // the weight of A below lo; the budget
+};
+
+// key [rows, n] uint32 (select.order_key of the capped logits), e [rows, n]
+// float32 (their exp weights); floor, ceiling,
+// start uint32 [rows]; budget, min_p float32 [rows]; active int32 [rows];
+// kappa uint32 [rows] (max(floor, start) where not active).
+ffi::Error KeyWithin(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> key, ffi::Buffer<ffi::F32> e,
+                     ffi::Buffer<ffi::U32> floor, ffi::Buffer<ffi::U32> ceiling,
+                     ffi::Buffer<ffi::U32> start, ffi::Buffer<ffi::F32> budget,
+                     ffi::Buffer<ffi::F32> min_p, ffi::Buffer<ffi::S32> active,
+                     ffi::ResultBuffer<ffi::U32> kappa, int64_t ones) {
+  auto dims = key.dimensions();
+  if (dims.size() != 2 || e.dimensions().size() != 2 || e.element_count() != key.element_count()) {
+    return ffi::Error::InvalidArgument("key_within: key and e [rows, n]");
+  }
+  int64_t rows = dims[0], n = dims[1];
+  for (int64_t count : {floor.element_count(), ceiling.element_count(), start.element_count(),
+                        budget.element_count(), min_p.element_count(), active.element_count()}) {
+    if (count != rows) return ffi::Error::InvalidArgument("key_within: one value per row");
+  }
+  const uint32_t* ks = key.typed_data();
+  const float* es = e.typed_data();
+  const uint32_t *fl = floor.typed_data(), *ce = ceiling.typed_data(), *st = start.typed_data();
+  const float *bu = budget.typed_data(), *mp = min_p.typed_data();
+  const int32_t* ac = active.typed_data();
+  uint32_t* out = kappa->typed_data();
+  ParallelRows(pool, rows, 2 * n, [=](int64_t lo, int64_t hi) {
+    RowSearch search(n);
+    for (int64_t r = lo; r < hi; ++r) {
+      Bounds b{fl[r], ce[r], st[r], bu[r], mp[r]};
+      out[r] = ac[r] ? search.Run(ks + r * n, es + r * n, n, b, ones) : std::max(fl[r], st[r]);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LpkernelKeyWithin, KeyWithin,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::U32>>()
+                                  .Attr<int64_t>("ones"));
+
+}  // namespace lpkernel
