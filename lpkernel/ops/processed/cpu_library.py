@@ -35,7 +35,7 @@ _TARGETS = {
   "lpkernel_cpu_buffer_top_k": "LpkernelBufferTopK",
   "lpkernel_cpu_replay_dots": "LpkernelReplayDots",
   "lpkernel_cpu_replay_grads": "LpkernelReplayGrads",
-  "lpkernel_cpu_key_within": "LpkernelKeyWithin",
+  "lpkernel_cpu_kept_set": "LpkernelKeptSet",
 }
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")  # portable: no -march
 

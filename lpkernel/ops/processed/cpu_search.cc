@@ -23,11 +23,20 @@ inline U4 SplatU(uint32_t v) { return U4{v, v, v, v}; }
 inline U4 MaxU(U4 a, U4 b) { return a > b ? a : b; }
 inline float Sum(F4 v) { return (v[0] + v[1]) + (v[2] + v[3]); }
 
-// What a row's search is given: A is {e >= min_p, key >= floor}; the threshold
-// lies in [max(floor, start), ceiling); a weight is e (or 1 with `ones`).
+// What a row's search is given: A is {e >= min_p, key >= floor}, and ceiling
+// is past its largest key; `share` is top-p's p (A's least likely columns
+// weighing at most 1 - p of its mass are dropped) or, by count, top-k's k (A's
+// columns past its k largest are dropped, ties kept).
 struct Bounds {
-  uint32_t floor, ceiling, start;
-  float budget, min_p;
+  uint32_t floor, ceiling;
+  float share, min_p;
+};
+
+// The kept set's threshold key, mass (sum of e) and size.
+struct Kept {
+  uint32_t kappa;
+  float mass;
+  int32_t count;
 };
 
 // The pairs of the source [j, j + 4) (fewer at its end): keys, weights, and
@@ -86,10 +95,10 @@ struct Passed {
   int64_t count = 0;                // how many are in [p1, p2), listed
 };
 
-// One pass: the members in [p1, p2) listed in (keys, weights) in order, and
-// their weights and those below p1 summed: 4 at a time, a bit per value for 64
-// of them, then the listed ones read again (about a tenth, except in the last
-// halvings); float sums flushed to float64 every 256 values.
+// One pass: the members in [p1, p2) listed in (keys, weights) in order, and their weights and those below p1 summed: 4 at a time,
+// a bit per value for 64 of them, then the listed ones read again (about a
+// tenth, except in the last halvings); float sums flushed to float64 every 256
+// values.
 template <typename Source>
 Passed Pass(const Source& src, uint32_t p1, uint32_t p2, uint32_t* keys, float* weights) {
   const U4 p1s = SplatU(p1), p2s = SplatU(p2);
@@ -122,27 +131,74 @@ Passed Pass(const Source& src, uint32_t p1, uint32_t p2, uint32_t* keys, float* 
   return out;
 }
 
+// The mass (sum of e, or the count with `ones`) and size of A's values with keys
+// at least `least` (>= floor): 4 at a time, keys compared as signed integers
+// (SSE2 compares no unsigned ones), float sums flushed to float64 every 256.
+inline std::pair<double, int64_t> Sums(const RowSource& row, uint32_t least) {
+  const I4 flip = {INT32_MIN, INT32_MIN, INT32_MIN, INT32_MIN};
+  const I4 bar = reinterpret_cast<I4>(SplatU(std::max(least, row.floor))) ^ flip;
+  const F4 min_p = {row.min_p, row.min_p, row.min_p, row.min_p};
+  double mass = 0;
+  I4 count = {0, 0, 0, 0};
+  int64_t whole = row.n / 4 * 4, j = 0;
+  while (j < whole) {
+    F4 acc = {0, 0, 0, 0};
+    for (int64_t end = std::min(whole, j + 256); j < end; j += 4) {
+      I4 key;
+      std::memcpy(&key, row.key + j, sizeof key);
+      F4 ev = Load4(row.e + j);
+      I4 in = (ev >= min_p) & ((key ^ flip) >= bar);
+      acc += reinterpret_cast<F4>(reinterpret_cast<I4>(ev) & in);
+      count -= in;
+    }
+    mass += Sum(acc);
+  }
+  int64_t total = int64_t{count[0]} + count[1] + count[2] + count[3];
+  for (; j < row.n; ++j) {
+    bool in = row.e[j] >= row.min_p && row.key[j] >= std::max(least, row.floor);
+    mass += in ? row.e[j] : 0.0f;
+    total += in;
+  }
+  return {mass, total};
+}
+
 // A row's values of A inside the bracket as (key, weight) pairs, narrowed with it.
 class RowSearch {
  public:
   explicit RowSearch(int64_t n)
       : keys_(n + 4), under_keys_(n + 4), weights_(n + 4), under_weights_(n + 4) {}
 
-  // The largest key kappa whose columns of A below it weigh at most the budget,
-  // then moved halfway down to the next smaller column of A (select.py's settle).
+  // A's kept set: A whole where not `active`; else by the largest key kappa
+  // whose columns of A below it weigh at most the budget, moved halfway down to
+  // the next smaller column of A (select.py's largest_key_within).
   //
-  // First, passes that cut the bracket at two pivots around the threshold as
-  // estimated from a sample of 64 values (the row's, then the list's): a pass
-  // keeps about a tenth; where the sample misjudged, the same values are passed
-  // again with the bracket's side that holds it. Then halvings of the short list.
-  uint32_t Run(const uint32_t* key, const float* e, int64_t n, const Bounds& b, bool ones) {
-    lo_ = std::max(b.floor, b.start);
+  // A pass over the row for A's mass and size (the budget), then passes that
+  // cut the bracket at two pivots around the threshold as estimated from a
+  // sample of 64 values (the row's, then the list's): a pass keeps about a
+  // tenth; where the sample misjudged, the same values are passed again with
+  // the bracket's side that holds it. Then halvings of the short list, and a
+  // pass over the row for the kept set's mass and size: the row is read three
+  // times while it is in cache.
+  Kept Run(const uint32_t* key, const float* e, int64_t n, const Bounds& b, bool ones,
+           bool active) {
+    const RowSource row{key, e, n, b.floor, b.min_p, ones};
+    uint32_t kappa = b.floor;
+    if (active) {
+      auto [mass, count] = Sums(row, b.floor);
+      budget_ = ones ? count - b.share : (1.0 - b.share) * mass;
+      kappa = Search(row, b);
+    }
+    auto [mass, count] = Sums(row, kappa);
+    return Kept{kappa, static_cast<float>(mass), static_cast<int32_t>(count)};
+  }
+
+ private:
+  uint32_t Search(const RowSource& row, const Bounds& b) {
+    lo_ = b.floor;
     hi_ = std::max(b.ceiling, lo_ + 1u);
-    budget_ = b.budget;
     base_ = 0;
     below_ = 0;
     size_ = 0;
-    RowSource row{key, e, n, b.floor, b.min_p, ones};
     Narrow(row, true);
     for (int pass = 0; pass < kPasses && size_ > kShort; ++pass) {
       if (!Narrow(ListSource{keys_.data(), weights_.data(), size_}, false)) break;
@@ -153,7 +209,6 @@ class RowSearch {
     return std::max(below_ + (top - below_ + 1u) / 2u, b.floor);
   }
 
- private:
   static constexpr int kSample = 64, kMargin = 3, kPasses = 8, kShort = 64;
 
   // One narrowing pass (two where the sample misjudged) over src: the list's
@@ -258,34 +313,40 @@ class RowSearch {
 };
 
 // key [rows, n] uint32 (select.order_key of the capped logits), e [rows, n]
-// float32 (their exp weights); floor, ceiling,
-// start uint32 [rows]; budget, min_p float32 [rows]; active int32 [rows];
-// kappa uint32 [rows] (max(floor, start) where not active).
-ffi::Error KeyWithin(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> key, ffi::Buffer<ffi::F32> e,
-                     ffi::Buffer<ffi::U32> floor, ffi::Buffer<ffi::U32> ceiling,
-                     ffi::Buffer<ffi::U32> start, ffi::Buffer<ffi::F32> budget,
-                     ffi::Buffer<ffi::F32> min_p, ffi::Buffer<ffi::S32> active,
-                     ffi::ResultBuffer<ffi::U32> kappa, int64_t ones) {
+// float32 (their exp weights); floor, ceiling uint32 [rows]; share (top-p's p,
+// or top-k's k with `ones`), min_p float32 [rows]; active int32 [rows]. The
+// kept set's kappa uint32, mass float32 and count int32 [rows].
+ffi::Error KeptSet(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> key, ffi::Buffer<ffi::F32> e,
+                   ffi::Buffer<ffi::U32> floor, ffi::Buffer<ffi::U32> ceiling,
+                   ffi::Buffer<ffi::F32> share, ffi::Buffer<ffi::F32> min_p,
+                   ffi::Buffer<ffi::S32> active, ffi::ResultBuffer<ffi::U32> kappa,
+                   ffi::ResultBuffer<ffi::F32> mass, ffi::ResultBuffer<ffi::S32> count,
+                   int64_t ones) {
   auto dims = key.dimensions();
   if (dims.size() != 2 || e.dimensions().size() != 2 || e.element_count() != key.element_count()) {
-    return ffi::Error::InvalidArgument("key_within: key and e [rows, n]");
+    return ffi::Error::InvalidArgument("kept_set: key and e [rows, n]");
   }
   int64_t rows = dims[0], n = dims[1];
-  for (int64_t count : {floor.element_count(), ceiling.element_count(), start.element_count(),
-                        budget.element_count(), min_p.element_count(), active.element_count()}) {
-    if (count != rows) return ffi::Error::InvalidArgument("key_within: one value per row");
+  for (int64_t c : {floor.element_count(), ceiling.element_count(), share.element_count(),
+                    min_p.element_count(), active.element_count()}) {
+    if (c != rows) return ffi::Error::InvalidArgument("kept_set: one value per row");
   }
   const uint32_t* ks = key.typed_data();
   const float* es = e.typed_data();
-  const uint32_t *fl = floor.typed_data(), *ce = ceiling.typed_data(), *st = start.typed_data();
-  const float *bu = budget.typed_data(), *mp = min_p.typed_data();
+  const uint32_t *fl = floor.typed_data(), *ce = ceiling.typed_data();
+  const float *sh = share.typed_data(), *mp = min_p.typed_data();
   const int32_t* ac = active.typed_data();
-  uint32_t* out = kappa->typed_data();
+  uint32_t* kp = kappa->typed_data();
+  float* ms = mass->typed_data();
+  int32_t* ct = count->typed_data();
   ParallelRows(pool, rows, 2 * n, [=](int64_t lo, int64_t hi) {
     RowSearch search(n);
     for (int64_t r = lo; r < hi; ++r) {
-      Bounds b{fl[r], ce[r], st[r], bu[r], mp[r]};
-      out[r] = ac[r] ? search.Run(ks + r * n, es + r * n, n, b, ones) : std::max(fl[r], st[r]);
+      Bounds b{fl[r], ce[r], sh[r], mp[r]};
+      Kept k = search.Run(ks + r * n, es + r * n, n, b, ones, ac[r] != 0);
+      kp[r] = k.kappa;
+      ms[r] = k.mass;
+      ct[r] = k.count;
     }
   });
   return ffi::Error::Success();
@@ -293,18 +354,19 @@ ffi::Error KeyWithin(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> key, ffi::Buffe
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LpkernelKeyWithin, KeyWithin,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LpkernelKeptSet, KeptSet,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::U32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U32>>()
                                   .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::U32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("ones"));
 
 }  // namespace lpkernel

@@ -1,10 +1,13 @@
-"""The threshold search for XLA:CPU (``cpu_search.cc``, through JAX's typed FFI).
+"""The kept set's search for XLA:CPU (``cpu_search.cc``, through JAX's typed FFI).
 
-:func:`lpkernel.ops.processed.select.largest_key_within` in XLA sweeps every
-row once per halving of its bracket, an ``exp`` of every value each time (about
-26 sweeps for a nucleus of thousands of tokens). The kernel takes the values
-and their weights once and halves a list of the bracket's values that shrinks
-with it: the same threshold (the masses summed in float64, XLA's in float32).
+XLA's search (:func:`lpkernel.ops.processed.select.kept_within`) reads a chunk
+of rows once per halving of their brackets (about 26 times for a nucleus of
+thousands of tokens), and twice more for A's mass and the kept set's. The
+kernel takes one row at a time, in cache: a pass for A's mass, a pass that
+lists only the values between two pivots sampled around the threshold (about a
+tenth), passes over that shrinking list, and a pass for the kept set's mass and
+size. The same kept sets (its masses summed in float64 from float32 blocks of
+256, XLA's in float32).
 Built and registered by :mod:`.cpu_library`; where it is not, :func:`available`
 says False and the caller sweeps in XLA.
 """
@@ -17,28 +20,33 @@ import numpy as np
 
 from lpkernel.ops.processed.cpu_library import available
 
-__all__ = ["available", "key_within"]
+__all__ = ["available", "kept_set"]
 
 
-def key_within(key, e, floor, ceiling, start, budget, min_p, active, ones: bool) -> jax.Array:
-  """uint32[C]: :func:`~lpkernel.ops.processed.select.largest_key_within` of rows
-  whose values' keys are ``key uint32 [C, n]`` (:func:`~lpkernel.ops.processed.
-  select.order_key`) and weights ``e float32 [C, n]`` (or 1 with ``ones``), A
-  being ``{e >= min_p, key >= floor}``; ``floor``, ``ceiling``, ``start``
-  uint32[C], ``budget`` and ``min_p`` float32[C], ``active`` bool[C]. A program
-  for the CPU only (where :func:`available`); the caller chooses it with
+def kept_set(key, e, floor, ceiling, share, min_p, active, by_count: bool):
+  """(kappa uint32, mass float32, count int32) ``[C]``: the kept set of A, ``{e >=
+  min_p, key >= floor}``, of rows whose values' keys are ``key uint32 [C, n]``
+  (:func:`~lpkernel.ops.processed.select.order_key`) and weights ``e float32 [C,
+  n]``; as :func:`~lpkernel.ops.processed.select.kept_within` (``share``: top-p's
+  ``p``, or top-k's ``k`` ``by_count``; ``ceiling`` past each row's largest key;
+  A whole where not ``active``). A program for the CPU only (where
+  :func:`available`); the caller chooses it with
   :func:`lpkernel.ops.platform.on_cpu_or`."""
-  out = jax.ShapeDtypeStruct(floor.shape, jnp.uint32)
-  call = jax.ffi.ffi_call("lpkernel_cpu_key_within", out, vmap_method="sequential")
+  rows = floor.shape
+  out = (
+    jax.ShapeDtypeStruct(rows, jnp.uint32),
+    jax.ShapeDtypeStruct(rows, jnp.float32),
+    jax.ShapeDtypeStruct(rows, jnp.int32),
+  )
+  call = jax.ffi.ffi_call("lpkernel_cpu_kept_set", out, vmap_method="sequential")
   u32, f32 = jnp.uint32, jnp.float32
   return call(
     key.astype(u32),
     e.astype(f32),
     floor.astype(u32),
     ceiling.astype(u32),
-    start.astype(u32),
-    budget.astype(f32),
+    share.astype(f32),
     min_p.astype(f32),
     active.astype(jnp.int32),
-    ones=np.int64(ones),
+    ones=np.int64(by_count),
   )

@@ -263,9 +263,7 @@ def largest_key_within(
   then masked maxima give that column's key and the next smaller one's, and the
   threshold is halfway between (as :func:`_cut_below`: a recomputation of the
   logits that rounds otherwise, e.g. a ``tanh`` in another fusion, keeps the
-  same set). On the CPU (without a mesh axis) the compiled
-  :func:`~lpkernel.ops.processed.cpu_search.key_within` halves a shrinking list
-  of the bracket's values instead of the whole rows.
+  same set).
 
   Args:
     floor, ceiling: uint32[C]; ``ceiling`` is past the row's largest key.
@@ -307,77 +305,93 @@ def largest_key_within(
       jnp.where(moves & ~fits, c_mid, c_hi),
     )
 
+  lo = floor if start is None else jnp.maximum(floor, start)
+  hi = jnp.where(active, jnp.maximum(ceiling, lo + _U32(1)), lo + _U32(1))
+  c_lo = jnp.zeros((n,), jnp.int32) if start is None else below(lo)[1]
+  state = lax.while_loop(lambda s: jnp.any(open_(s)), body, (lo, hi, c_lo, count))
+  lo, hi, c_lo, c_hi = state
+
+  def settle():  # the smallest kept key, then halfway down to the next smaller column of A
+    in_a = c.in_a(params, floor)
+    inside = in_a & (c.key >= lo[:, None]) & (c.key < hi[:, None])
+    under = in_a & (c.key < lo[:, None])
+    top, below = _across(
+      (
+        jnp.maximum(lo, jnp.max(jnp.where(inside, c.key, _U32(0)), axis=1)),
+        jnp.max(jnp.where(under, c.key, _U32(0)), axis=1),
+      ),
+      c.axis_name,
+      "max",
+    )
+    top = jnp.where(c_hi - c_lo == 1, top, lo)  # one column in the bracket, or ties at lo
+    cut = jnp.maximum(below + (top - below + _U32(1)) // _U32(2), floor)
+    return jnp.where(active & (top > below), cut, lo)
+
+  return lax.cond(jnp.any(active), settle, lambda: lo)
+
+
+def kept_within(
+  c: Chunk,
+  params: Params,
+  floor: jax.Array,
+  ceiling: jax.Array,
+  by_count: bool,
+  share: jax.Array,
+  active: jax.Array,
+  vocab_size: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(kappa uint32, mass, count) ``[C]`` of the kept set of A (min-p holds, key at
+  least ``floor``) in the rows of chunk ``c``: top-k ``by_count`` (``share`` the
+  rows' ``k``: A's ``k`` largest values, ties kept) or top-p (``share`` the rows'
+  ``p``: A's least likely columns weighing at most ``1 - p`` of A's mass are
+  dropped); A whole where not ``active``. ``mass``: the kept set's sum of
+  :meth:`Params.e`; ``vocab_size``: the whole row's V.
+
+  In XLA: A's mass and size, :func:`largest_key_within` (for top-p from the key
+  below which every column weighs under ``budget / V``), the kept set's mass
+  and size. On the CPU without a mesh axis, the compiled
+  :func:`~lpkernel.ops.processed.cpu_search.kept_set`, row by row in cache.
+  """
+
   def swept():
-    lo = floor if start is None else jnp.maximum(floor, start)
-    hi = jnp.where(active, jnp.maximum(ceiling, lo + _U32(1)), lo + _U32(1))
-    c_lo = jnp.zeros((n,), jnp.int32) if start is None else below(lo)[1]
-    state = lax.while_loop(lambda s: jnp.any(open_(s)), body, (lo, hi, c_lo, count))
-    lo, hi, c_lo, c_hi = state
+    mass_a, count_a = masked_sums(c, params, floor)
 
-    def settle():  # the smallest kept key, then halfway down to the next smaller column of A
-      in_a = c.in_a(params, floor)
-      inside = in_a & (c.key >= lo[:, None]) & (c.key < hi[:, None])
-      under = in_a & (c.key < lo[:, None])
-      top, below = _across(
-        (
-          jnp.maximum(lo, jnp.max(jnp.where(inside, c.key, _U32(0)), axis=1)),
-          jnp.max(jnp.where(under, c.key, _U32(0)), axis=1),
-        ),
-        c.axis_name,
-        "max",
-      )
-      top = jnp.where(c_hi - c_lo == 1, top, lo)  # one column in the bracket, or ties at lo
-      cut = jnp.maximum(below + (top - below + _U32(1)) // _U32(2), floor)
-      return jnp.where(active & (top > below), cut, lo)
+    def search():
+      if by_count:
+        budget, start = (count_a - share).astype(_F32), None
+      else:
+        budget = (1 - share) * mass_a
+        tau = 1.0 if params.tau is None else params.tau
+        start = order_key(params.shift + tau * jnp.log(budget / vocab_size))
+      return largest_key_within(c, params, floor, ceiling, by_count, budget, count_a, active, start)
 
-    return lax.cond(jnp.any(active), settle, lambda: lo)
+    kappa = lax.cond(jnp.any(active), search, lambda: floor)
+    return (kappa, *masked_sums(c, params, kappa))
 
   if c.axis_name is not None or not cpu_search.available():
     return swept()
 
   def compiled():
-    lo = floor if start is None else start
     min_p = column(params.min_p)[:, 0]
-    return cpu_search.key_within(
-      c.key, c.e, floor, ceiling, lo, budget, min_p, active, ones=by_count
-    )
+    return tuple(cpu_search.kept_set(c.key, c.e, floor, ceiling, share, min_p, active, by_count))
 
   return on_cpu_or(compiled, swept)
 
 
 def _search(c: Chunk, params: Params, d: Decision, vocab_size: int):
   """(kappa, mass, count) of the rows of chunk ``c``: :func:`decide`'s where it
-  settled, else searched (top-k past ``K``, then top-p) and summed; each search
-  runs only when some row needs it."""
-  k, p = params.top_k, params.top_p
-
-  def maybe(needed, fn, otherwise):
-    return lax.cond(jnp.any(needed), fn, lambda: otherwise)
-
+  settled, else searched (top-k past ``K``, only when some row needs it, then
+  top-p within that set)."""
   search_k = ~d.settled & params.top_k_on(vocab_size)
-  zeros = (jnp.zeros_like(p), jnp.zeros_like(k))
-  _, count_a = maybe(search_k, lambda: masked_sums(c, params, d.kappa), zeros)
-  kappa = maybe(
-    search_k,
-    lambda: largest_key_within(
-      c, params, d.kappa, d.ceiling, True, (count_a - k).astype(_F32), count_a, search_k
-    ),
-    d.kappa,
+  kappa = lax.cond(
+    jnp.any(search_k),
+    lambda: kept_within(c, params, d.kappa, d.ceiling, True, params.top_k, search_k, vocab_size)[0],
+    lambda: d.kappa,
   )
-  search_p = ~d.settled & (p < 1)
-  mass_a, count_a = maybe(search_p, lambda: masked_sums(c, params, kappa), zeros)
-  budget = (1 - p) * mass_a
-  # Every column whose e is under budget / V is dropped (all of them weigh at most the budget).
-  tau = 1.0 if params.tau is None else params.tau
-  lowest = order_key(params.shift + tau * jnp.log(budget / vocab_size))
-  kappa = maybe(
-    search_p,
-    lambda: largest_key_within(
-      c, params, kappa, d.ceiling, False, budget, count_a, search_p, lowest
-    ),
-    kappa,
+  search_p = ~d.settled & (params.top_p < 1)
+  kappa, mass, count = kept_within(
+    c, params, kappa, d.ceiling, False, params.top_p, search_p, vocab_size
   )
-  mass, count = masked_sums(c, params, kappa)
   return (
     jnp.where(d.settled, d.kappa, kappa),
     jnp.where(d.settled, d.mass, mass),
