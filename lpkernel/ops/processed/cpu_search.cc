@@ -1,12 +1,14 @@
-// The search for a row's threshold key on XLA:CPU (lpkernel/ops/processed/
-// select.py's largest_key_within, row by row, through JAX's typed FFI).
+// A kept set's search on XLA:CPU (select.py's kept_within, row by row, through
+// JAX's typed FFI): top-k by count or top-p by weight within A, the values
+// whose weight e (the caller's exp, so A and the masses are XLA's) passes
+// min-p and whose key is at least a floor.
 //
-// XLA's search sweeps every row's block once per halving of the bracket (about
-// 26 sweeps, each an exp of every value). Here a row's values of A inside the
-// bracket are listed as (key, weight) pairs, and each halving splits the list at
-// its midpoint in one pass and keeps the half that holds the threshold: the
-// first pass reads the row, the next ones a list about half as long each time. The weights are the caller's (its exp), so
-// A and the masses are the same as in XLA's sums of the same values.
+// XLA's search reads a chunk of rows once per halving of their brackets (about
+// 26 times for a nucleus of thousands of tokens), and twice more for A's mass
+// and the kept set's. Here one row at a time, in cache: a pass for A's mass,
+// a pass that lists only the values between two pivots sampled around the
+// threshold (about a sixth of them), passes over that shrinking list, halvings
+// of its last values, and a pass for the kept set's mass and size.
 
 #include <cmath>
 #include <limits>
@@ -20,7 +22,10 @@ namespace {
 inline uint32_t ZeroKey(float z) { return OrderKey(z == 0 ? 0.0f : z); }
 
 inline U4 SplatU(uint32_t v) { return U4{v, v, v, v}; }
-inline U4 MaxU(U4 a, U4 b) { return a > b ? a : b; }
+inline I4 Splat(uint32_t v) {
+  int32_t i = static_cast<int32_t>(v);
+  return I4{i, i, i, i};
+}
 inline float Sum(F4 v) { return (v[0] + v[1]) + (v[2] + v[3]); }
 
 // What a row's search is given: A is {e >= min_p, key >= floor}, and ceiling
@@ -95,14 +100,15 @@ struct Passed {
   int64_t count = 0;                // how many are in [p1, p2), listed
 };
 
-// One pass: the members in [p1, p2) listed in (keys, weights) in order, and their weights and those below p1 summed: 4 at a time,
-// a bit per value for 64 of them, then the listed ones read again (about a
-// tenth, except in the last halvings); float sums flushed to float64 every 256
-// values.
+// One pass: the members in [p1, p2) listed in (keys, weights) in order, and
+// their weights and those below p1 summed. 4 at a time (keys compared as
+// signed integers: SSE2 compares no unsigned ones), a bit per value for 64 of
+// them, then the listed ones read again (about a sixth, except in the last
+// halvings); float sums flushed to float64 every 256 values.
 template <typename Source>
 Passed Pass(const Source& src, uint32_t p1, uint32_t p2, uint32_t* keys, float* weights) {
-  const U4 p1s = SplatU(p1), p2s = SplatU(p2);
-  U4 top = SplatU(0);
+  const I4 flip = Splat(INT32_MIN), p1s = Splat(p1) ^ flip, p2s = Splat(p2) ^ flip;
+  I4 top = flip;
   Passed out;
   int64_t m = 0, n = src.size();
   for (int64_t j0 = 0; j0 < n; j0 += 256) {
@@ -114,29 +120,33 @@ Passed Pass(const Source& src, uint32_t p1, uint32_t p2, uint32_t* keys, float* 
         F4 w;
         I4 member;
         src.Load(j, &key, &w, &member);
-        I4 is_below = member & reinterpret_cast<I4>(key < p1s);
-        I4 is_inside = member & ~is_below & reinterpret_cast<I4>(key < p2s);
+        I4 ks = reinterpret_cast<I4>(key) ^ flip;
+        I4 is_below = member & (ks < p1s);
+        I4 is_inside = member & ~is_below & (ks < p2s);
         below += reinterpret_cast<F4>(reinterpret_cast<I4>(w) & is_below);
         inside += reinterpret_cast<F4>(reinterpret_cast<I4>(w) & is_inside);
-        top = MaxU(top, key & reinterpret_cast<U4>(is_below));
+        I4 under = (ks & is_below) | (flip & ~is_below);
+        top = top > under ? top : under;
         bits |= static_cast<uint64_t>(Mask(is_inside)) << (j - j1);
       }
-      for (; bits != 0; bits &= bits - 1, ++m) src.Get(j1 + __builtin_ctzll(bits), keys + m, weights + m);
+      for (; bits != 0; bits &= bits - 1, ++m) {
+        src.Get(j1 + __builtin_ctzll(bits), keys + m, weights + m);
+      }
     }
     out.below_p1 += Sum(below);
     out.inside += Sum(inside);
   }
-  out.top_below = std::max(std::max(top[0], top[1]), std::max(top[2], top[3]));
+  int32_t most = std::max(std::max(top[0], top[1]), std::max(top[2], top[3]));
+  out.top_below = static_cast<uint32_t>(most) ^ 0x80000000u;  // 0 where none
   out.count = m;
   return out;
 }
 
-// The mass (sum of e, or the count with `ones`) and size of A's values with keys
-// at least `least` (>= floor): 4 at a time, keys compared as signed integers
-// (SSE2 compares no unsigned ones), float sums flushed to float64 every 256.
+// The mass (sum of e) and size of A's values with keys at least `least`: 4 at a
+// time, keys compared as signed integers, float sums flushed to float64 every 256.
 inline std::pair<double, int64_t> Sums(const RowSource& row, uint32_t least) {
-  const I4 flip = {INT32_MIN, INT32_MIN, INT32_MIN, INT32_MIN};
-  const I4 bar = reinterpret_cast<I4>(SplatU(std::max(least, row.floor))) ^ flip;
+  const I4 flip = Splat(INT32_MIN);
+  const I4 bar = Splat(std::max(least, row.floor)) ^ flip;
   const F4 min_p = {row.min_p, row.min_p, row.min_p, row.min_p};
   double mass = 0;
   I4 count = {0, 0, 0, 0};
@@ -175,7 +185,7 @@ class RowSearch {
   // A pass over the row for A's mass and size (the budget), then passes that
   // cut the bracket at two pivots around the threshold as estimated from a
   // sample of 64 values (the row's, then the list's): a pass keeps about a
-  // tenth; where the sample misjudged, the same values are passed again with
+  // sixth; where the sample misjudged, the same values are passed again with
   // the bracket's side that holds it. Then halvings of the short list, and a
   // pass over the row for the kept set's mass and size: the row is read three
   // times while it is in cache.
@@ -209,7 +219,7 @@ class RowSearch {
     return std::max(below_ + (top - below_ + 1u) / 2u, b.floor);
   }
 
-  static constexpr int kSample = 64, kMargin = 3, kPasses = 8, kShort = 64;
+  static constexpr int kSample = 64, kMargin = 5, kPasses = 8, kShort = 64;
 
   // One narrowing pass (two where the sample misjudged) over src: the list's
   // pairs, or the row's A (`row`: its pass lists the bracket's values even

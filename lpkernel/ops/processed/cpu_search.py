@@ -5,7 +5,7 @@ of rows once per halving of their brackets (about 26 times for a nucleus of
 thousands of tokens), and twice more for A's mass and the kept set's. The
 kernel takes one row at a time, in cache: a pass for A's mass, a pass that
 lists only the values between two pivots sampled around the threshold (about a
-tenth), passes over that shrinking list, and a pass for the kept set's mass and
+sixth), passes over that shrinking list, and a pass for the kept set's mass and
 size. The same kept sets (its masses summed in float64 from float32 blocks of
 256, XLA's in float32).
 Built and registered by :mod:`.cpu_library`; where it is not, :func:`available`
