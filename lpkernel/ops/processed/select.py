@@ -354,9 +354,8 @@ def kept_within(
   """
 
   def swept():
-    mass_a, count_a = masked_sums(c, params, floor)
-
-    def search():
+    def search():  # only when some row is active
+      mass_a, count_a = masked_sums(c, params, floor)
       if by_count:
         budget, start = (count_a - share).astype(_F32), None
       else:
