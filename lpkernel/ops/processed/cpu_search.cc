@@ -255,7 +255,7 @@ class RowSearch {
       F4 w;
       I4 member;
       src.Load(t * n / kSample, &key, &w, &member);
-      if (member[0]) sample[count++] = {key[0], w[0]};
+      if (member[0]) sample[count++] = {uint32_t{key[0]}, float{w[0]}};
     }
     if (count < kSample / 4) return false;
     std::sort(sample, sample + count);
