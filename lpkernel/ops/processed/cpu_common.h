@@ -52,6 +52,9 @@ inline float Widen(uint16_t bits) {
   return v;
 }
 
+inline I4 Splat(int32_t v) { return I4{v, v, v, v}; }
+inline float Sum(F4 a) { return (a[0] + a[1]) + (a[2] + a[3]); }
+
 // The float's bits as an unsigned key in the floats' total order.
 inline uint32_t OrderKey(float v) {
   uint32_t b;

@@ -26,8 +26,6 @@ namespace {
 
 using namespace lpkernel;  // NOLINT: the shared vectors, loads and thread split
 
-inline float Sum(F4 a) { return (a[0] + a[1]) + (a[2] + a[3]); }
-
 // out[m] = w . h[m] for M rows h of d values (float32 sums; d's tail one by one).
 template <int M, typename T>
 inline void Dots(const T* w, const T* const* h, int64_t d, float* out) {

@@ -21,12 +21,8 @@ namespace {
 // select.order_key: OrderKey with -0.0 as 0.0.
 inline uint32_t ZeroKey(float z) { return OrderKey(z == 0 ? 0.0f : z); }
 
-inline U4 SplatU(uint32_t v) { return U4{v, v, v, v}; }
-inline I4 Splat(uint32_t v) {
-  int32_t i = static_cast<int32_t>(v);
-  return I4{i, i, i, i};
-}
-inline float Sum(F4 v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+// An OrderKey as a signed integer in every lane (SSE2 compares no unsigned ones).
+inline I4 SignedSplat(uint32_t key) { return Splat(static_cast<int32_t>(key ^ 0x80000000u)); }
 
 // What a row's search is given: A is {e >= min_p, key >= floor}, and ceiling
 // is past its largest key; `share` is top-p's p (A's least likely columns
@@ -62,12 +58,12 @@ struct RowSource {
       ev = Load4(e + j);
     } else {  // the tail: lanes past the row are not in A (e NaN)
       const float nan = std::numeric_limits<float>::quiet_NaN();
-      *k = SplatU(0);
+      *k = U4{0, 0, 0, 0};
       ev = F4{nan, nan, nan, nan};
       for (int64_t l = 0; j + l < n; ++l) (*k)[l] = key[j + l], ev[l] = e[j + l];
     }
     const F4 min_p4 = {min_p, min_p, min_p, min_p}, one = {1, 1, 1, 1};
-    *member = (ev >= min_p4) & reinterpret_cast<I4>(*k >= SplatU(floor));
+    *member = (ev >= min_p4) & ((reinterpret_cast<I4>(*k) ^ Splat(INT32_MIN)) >= SignedSplat(floor));
     *w = ones ? one : ev;
   }
   void Get(int64_t i, uint32_t* k, float* w) const {
@@ -107,7 +103,7 @@ struct Passed {
 // halvings); float sums flushed to float64 every 256 values.
 template <typename Source>
 Passed Pass(const Source& src, uint32_t p1, uint32_t p2, uint32_t* keys, float* weights) {
-  const I4 flip = Splat(INT32_MIN), p1s = Splat(p1) ^ flip, p2s = Splat(p2) ^ flip;
+  const I4 flip = Splat(INT32_MIN), p1s = SignedSplat(p1), p2s = SignedSplat(p2);
   I4 top = flip;
   Passed out;
   int64_t m = 0, n = src.size();
@@ -146,7 +142,7 @@ Passed Pass(const Source& src, uint32_t p1, uint32_t p2, uint32_t* keys, float* 
 // time, keys compared as signed integers, float sums flushed to float64 every 256.
 inline std::pair<double, int64_t> Sums(const RowSource& row, uint32_t least) {
   const I4 flip = Splat(INT32_MIN);
-  const I4 bar = Splat(std::max(least, row.floor)) ^ flip;
+  const I4 bar = SignedSplat(std::max(least, row.floor));
   const F4 min_p = {row.min_p, row.min_p, row.min_p, row.min_p};
   double mass = 0;
   I4 count = {0, 0, 0, 0};

@@ -60,7 +60,6 @@ inline I4 SignedKeys(F4 v) {
 inline int32_t SignedKey(float v) { return static_cast<int32_t>(OrderKey(v) ^ 0x80000000u); }
 inline float SignedKeyValue(int32_t key) { return KeyValue(static_cast<uint32_t>(key) ^ 0x80000000u); }
 
-inline I4 Splat(int32_t v) { return I4{v, v, v, v}; }
 inline I4 LoadI4(const int32_t* x) {
   I4 v;
   std::memcpy(&v, x, sizeof v);
