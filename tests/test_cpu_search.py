@@ -173,3 +173,29 @@ def test_long_rows_whose_pivots_misjudge(by_count, dtype):
   args, (want, gap) = _rows(z, min_p, by_count, share, np.resize([-1.0, 0.1], r))
   _both(args, min_p, by_count, np.ones(r, bool), want, gap)
   assert int((gap > _AMBIGUOUS).sum()) >= r - 2  # the oracle's sets are checked, not excused
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "xla"])
+def test_a_nan_row_searched_beside_others_is_nan_and_leaves_them_alone(compiled):
+  """NaN wins and ``-inf`` stays impossible through the search: flat rows whose
+  nuclei run past the candidates (searched, in one chunk) with a NaN row and a
+  row of ``-inf`` columns among them; the others' kept sets and values are the
+  reference's (the kernel, or XLA's bisection)."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(6, 3000)).astype(np.float32) * 2
+  x[2, 5] = np.nan
+  x[4, :100] = -np.inf
+  t = jnp.array([1, 2, 3, 50, 5, 6])  # row 4's target is impossible
+  s = lpk.Sampling(1.0, 0, 0.95)
+  with mock.patch.object(
+    cpu_search, "available", (lambda: False) if not compiled else cpu_search.available
+  ):
+    got = lpk.processed_token_stats(jnp.asarray(x), t, s)
+  want = lpk.processed_token_stats(jnp.asarray(x), t, s, implementation="reference")
+  assert np.isnan(got.logprobs[2]) and int(got.kept_count[2]) == 0 and not got.kept[2]
+  assert float(got.logprobs[4]) == -np.inf and not got.kept[4]
+  others = np.array([0, 1, 3, 4, 5])
+  assert int(np.min(np.asarray(got.kept_count)[others])) > lpk.ProcessedConfig().candidates
+  np.testing.assert_array_equal(got.kept_count[others], want.kept_count[others])
+  np.testing.assert_array_equal(got.kept[others], want.kept[others])
+  np.testing.assert_allclose(got.logprobs[others], want.logprobs[others], rtol=1e-5)

@@ -109,7 +109,7 @@ def _poisoned(stats: ProcessedStats, bad) -> ProcessedStats:
     kept_count=defined_count(stats.kept_count, logprobs),
     raw_logprobs=jnp.where(bad, jnp.nan, stats.raw_logprobs),
     log_kept_mass=jnp.where(bad, jnp.nan, stats.log_kept_mass),
-    kept=stats.kept & ~bad,
+    kept=stats.kept & ~jnp.isnan(logprobs),  # no kept set where the row is NaN
     greedy=stats.greedy & ~bad,
   )
 
