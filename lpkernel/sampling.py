@@ -193,7 +193,7 @@ def processed_logprobs_reference(
   batch = targets.shape
   tau_rows, _, _, _, bad = param_rows(sampling, batch)
   tau = jnp.ones(batch, _F32) if tau_rows is None else tau_rows.reshape(batch)
-  bad = bad.reshape(batch)
+  bad = bad.reshape(batch) | jnp.any(jnp.isnan(z), axis=-1)  # NaN wins
   shift = P.shift_of(jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True)))
   y = P.scaled(z - shift, tau[..., None])  # shift before scale
   keep = kept_mask(y, sampling)

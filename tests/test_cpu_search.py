@@ -179,8 +179,8 @@ def test_long_rows_whose_pivots_misjudge(by_count, dtype):
 def test_a_nan_row_searched_beside_others_is_nan_and_leaves_them_alone(compiled):
   """NaN wins and ``-inf`` stays impossible through the search: flat rows whose
   nuclei run past the candidates (searched, in one chunk) with a NaN row and a
-  row of ``-inf`` columns among them; the others' kept sets and values are the
-  reference's (the kernel, or XLA's bisection)."""
+  row of ``-inf`` columns among them; every row's kept set and values are the
+  reference's (the kernel, or XLA's bisection), the NaN row's NaN in both."""
   rng = np.random.default_rng(0)
   x = rng.normal(size=(6, 3000)).astype(np.float32) * 2
   x[2, 5] = np.nan
@@ -192,10 +192,12 @@ def test_a_nan_row_searched_beside_others_is_nan_and_leaves_them_alone(compiled)
   ):
     got = lpk.processed_token_stats(jnp.asarray(x), t, s)
   want = lpk.processed_token_stats(jnp.asarray(x), t, s, implementation="reference")
-  assert np.isnan(got.logprobs[2]) and int(got.kept_count[2]) == 0 and not got.kept[2]
-  assert float(got.logprobs[4]) == -np.inf and not got.kept[4]
+  for stats in (got, want):
+    assert np.isnan(stats.logprobs[2]) and int(stats.kept_count[2]) == 0
+    assert not stats.kept[2] and np.isnan(stats.log_kept_mass[2])
+    assert float(stats.logprobs[4]) == -np.inf and not stats.kept[4]
   others = np.array([0, 1, 3, 4, 5])
   assert int(np.min(np.asarray(got.kept_count)[others])) > lpk.ProcessedConfig().candidates
-  np.testing.assert_array_equal(got.kept_count[others], want.kept_count[others])
-  np.testing.assert_array_equal(got.kept[others], want.kept[others])
-  np.testing.assert_allclose(got.logprobs[others], want.logprobs[others], rtol=1e-5)
+  np.testing.assert_array_equal(got.kept_count, want.kept_count)
+  np.testing.assert_array_equal(got.kept, want.kept)
+  np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-5)
