@@ -105,6 +105,37 @@ def test_groups_top_k_from_the_group_maxima_is_lax_top_k(data, rows, n, group, d
 
   want = lax.top_k(a.astype(jnp.float32), k)[0]
   np.testing.assert_array_equal(_bits(got(a)), _bits(want))
+  if dtype == np.float32:  # the kernel's own maxima: XLA's (NaN as NaN), the same values
+    maxima, top = jax.jit(cpu_top_k.maxima_and_top_k, static_argnums=(1, 2))(a, group, k)
+    _same_maxima(maxima, _logits_group_maxima(a, group, 512))
+    np.testing.assert_array_equal(_bits(top), _bits(want))
+
+
+def _same_maxima(got, want):
+  """Equal as floats (``-0 == 0``: XLA's max may give either), NaN where NaN; zeros
+  and subnormals alike (XLA:CPU's comparisons flush them: either may be a max)."""
+  got, want = np.asarray(got), np.asarray(want)
+  np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+  tiny = np.finfo(np.float32).tiny
+  flushed = (np.abs(got) < tiny) & (np.abs(want) < tiny)
+  assert np.all((got == want) | np.isnan(want) | flushed)
+
+
+@pytest.mark.parametrize("own_maxima", [False, True], ids=["xla_maxima", "own_maxima"])
+def test_a_nan_group_hides_no_larger_value(own_maxima):
+  """A group holding NaN has a NaN maximum, whatever its other values: with a
+  negative NaN (below ``-inf`` in ``lax.top_k``'s order) its other values are
+  small and the row's largest lie in other groups; with a positive NaN, the NaN
+  is the largest. Every ``k``, both NaN signs: ``lax.top_k``'s values."""
+  negative_nan = np.uint32(0xFFC00000).view(np.float32)
+  for nan in (np.float32(np.nan), negative_nan):
+    a = jnp.asarray(np.array([[1, nan, 5, 0.5, 0.25, 0.1, 0.2, 0.3, 2, 0.7]], np.float32))
+    for k in range(1, 11):
+      if own_maxima:
+        top = cpu_top_k.maxima_and_top_k(a, 2, k)[1]
+      else:
+        top = cpu_top_k.groups_top_k(a, _logits_group_maxima(a, 2, 512), 2, k)
+      np.testing.assert_array_equal(_bits(top), _bits(lax.top_k(a, k)[0]), err_msg=f"{nan} {k}")
 
 
 @settings(max_examples=100, deadline=None)

@@ -572,10 +572,12 @@ def test_no_sort_in_the_compiled_programs():
   to 15x slower, silently): the compiled processed programs, from logits and
   from hidden states, forward and backward, hold the compiled CPU kernels
   (:mod:`lpkernel.ops.processed.cpu_top_k`: from logits the candidates from the
-  group maxima, with no top-k left), or without them XLA's top-k, and no sort."""
+  group maxima, the float32 logits' maxima taken by the kernel, with no top-k
+  left), or without them XLA's top-k, and no sort."""
   from lpkernel.ops.processed import cpu_top_k
 
   n, d, v = 256, 32, 32000
+  x16 = jax.ShapeDtypeStruct((n, v), jnp.bfloat16)
   sampling = lpk.Sampling(0.7, 50, 0.95)
   t = jax.ShapeDtypeStruct((n,), jnp.int32)
   h, w = jax.ShapeDtypeStruct((n, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32)
@@ -589,7 +591,8 @@ def test_no_sort_in_the_compiled_programs():
 
   compiled = cpu_top_k.available()
   for fn, args, kernel in (
-    (logits, (x, t), "lpkernel_cpu_groups_top_k"),
+    (logits, (x, t), "lpkernel_cpu_maxima_top_k"),  # float32: the maxima the kernel's own
+    (logits, (x16, t), "lpkernel_cpu_groups_top_k"),  # bfloat16: XLA's maxima
     (hidden, (h, w, t), "lpkernel_cpu_top_k"),
     (jax.grad(hidden), (h, w, t), "lpkernel_cpu_top_k"),
   ):

@@ -1,6 +1,6 @@
-// What the CPU kernels (cpu_top_k.cc, cpu_replay.cc) share: GCC/Clang vectors
+// What the CPU kernels (cpu_top_k.cc, cpu_replay.cc, cpu_search.cc) share: GCC/Clang vectors
 // of 4 floats and their loads from float32 or bfloat16, and the work split
-// among XLA's intra-op threads.
+// among XLA's intra-op threads and the library's own helpers.
 
 #ifndef LPKERNEL_OPS_PROCESSED_CPU_COMMON_H_
 #define LPKERNEL_OPS_PROCESSED_CPU_COMMON_H_
@@ -10,10 +10,14 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <thread>
 #include <vector>
+
+#include <unistd.h>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -82,13 +86,15 @@ inline uint32_t Mask(I4 lanes) {
 
 // The ranges [bounds[c], bounds[c + 1]), taken by the calling thread and the
 // pool's tasks from one counter; the caller returns when every range is done
-// (it can do them all itself, so a busy pool never stalls it). Each taker is a
-// worker numbered from 0 (at most min(threads, ranges) of them). Tasks hold the
-// state they share.
+// (it can do them all itself, so a busy pool never stalls it), and offered to
+// the Helpers too. Each taker is a worker numbered from 0 (at most
+// min(threads, ranges) of them; a later taker finds nothing to do). Tasks hold
+// the state they share.
 struct Chunks {
   std::function<void(int64_t, int64_t, int)> run;  // [lo, hi), worker
   std::vector<int64_t> bounds;
   int64_t count;
+  int most;  // workers
   std::atomic<int64_t> next{0}, done{0};
   std::atomic<int> workers{0};
   std::mutex mu;
@@ -96,6 +102,7 @@ struct Chunks {
 
   void Work() {
     int worker = workers.fetch_add(1);
+    if (worker >= most) return;
     for (int64_t c; (c = next.fetch_add(1)) < count;) {
       run(bounds[c], bounds[c + 1], worker);
       if (done.fetch_add(1) + 1 == count) {
@@ -104,6 +111,62 @@ struct Chunks {
       }
     }
   }
+};
+
+// Threads of the library's own (at most 3, one fewer than XLA's pool) that
+// offer to take ranges beside XLA's pool: after an XLA:CPU fusion its pool's
+// workers may stay busy for a while (waiting for more work), and a kernel
+// called then ran on its calling thread alone, at half speed on two cores.
+// Made once per process (again after a fork, which copies no threads).
+class Helpers {
+ public:
+  // `task` queued `times` times for the helpers (none where there are none).
+  static void Offer(const std::function<void()>& task, int times, int pool_threads) {
+    static std::atomic<Helpers*> current{nullptr};
+    static std::mutex making;
+    Helpers* h = current.load();
+    if (h == nullptr || h->pid_ != getpid()) {
+      std::lock_guard<std::mutex> lock(making);
+      h = current.load();
+      if (h == nullptr || h->pid_ != getpid()) {
+        h = new Helpers(std::min(3, pool_threads - 1));  // never freed: its threads run on
+        current.store(h);
+      }
+    }
+    if (h->threads_ > 0) h->Push(task, std::min(times, h->threads_));
+  }
+
+ private:
+  explicit Helpers(int threads) : threads_(std::max(0, threads)), pid_(getpid()) {
+    for (int t = 0; t < threads_; ++t) std::thread([this] { Loop(); }).detach();
+  }
+
+  void Push(const std::function<void()>& task, int times) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (int t = 0; t < times; ++t) tasks_.push_back(task);
+    }
+    ready_.notify_all();
+  }
+
+  void Loop() {
+    for (;;) {
+      std::function<void()> task;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        ready_.wait(lock, [&] { return !tasks_.empty(); });
+        task = std::move(tasks_.front());
+        tasks_.pop_front();
+      }
+      task();
+    }
+  }
+
+  const int threads_;
+  const pid_t pid_;
+  std::mutex mu_;
+  std::condition_variable ready_;
+  std::deque<std::function<void()>> tasks_;
 };
 
 // The number of workers ParallelRanges may use for `ranges` ranges.
@@ -118,7 +181,11 @@ inline void ParallelRanges(ffi::ThreadPool& pool, std::vector<int64_t> bounds,
   chunks->run = std::move(run);
   chunks->count = static_cast<int64_t>(bounds.size()) - 1;
   chunks->bounds = std::move(bounds);
-  for (int t = 1; t < Workers(pool, chunks->count); ++t) pool.Schedule([chunks] { chunks->Work(); });
+  chunks->most = Workers(pool, chunks->count);
+  for (int t = 1; t < chunks->most; ++t) pool.Schedule([chunks] { chunks->Work(); });
+  if (chunks->most > 1) {
+    Helpers::Offer([chunks] { chunks->Work(); }, chunks->most - 1, pool.num_threads());
+  }
   chunks->Work();
   std::unique_lock<std::mutex> lock(chunks->mu);
   chunks->all_done.wait(lock, [&] { return chunks->done.load() == chunks->count; });

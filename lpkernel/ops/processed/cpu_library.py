@@ -32,6 +32,7 @@ HEADERS = ("cpu_common.h",)
 _TARGETS = {
   "lpkernel_cpu_top_k": "LpkernelTopK",
   "lpkernel_cpu_groups_top_k": "LpkernelGroupsTopK",
+  "lpkernel_cpu_maxima_top_k": "LpkernelMaximaTopK",
   "lpkernel_cpu_buffer_top_k": "LpkernelBufferTopK",
   "lpkernel_cpu_replay_dots": "LpkernelReplayDots",
   "lpkernel_cpu_replay_grads": "LpkernelReplayGrads",

@@ -18,6 +18,10 @@
 // the k-th largest maximum can hold one; the least of those groups' own maxima
 // is the first bar, so few values enter (RowGroupsTopK).
 //
+// LpkernelMaximaTopK: as LpkernelGroupsTopK for float32 rows, the row's
+// groups' maxima first (an output too, as jnp.max gives them), from the row
+// itself while it is in cache: one read of the row from memory for both.
+//
 // LpkernelBufferTopK: a row's running candidates for its k largest values (a
 // buffer and its bar, updated in place) given one more block of the row (the
 // sweep from hidden states keeps them across the unembedding's blocks).
@@ -173,13 +177,53 @@ class RowGroupsTopK {
 
   // The row's k largest values, descending, into values[0, k).
   template <typename T, typename M>
-  void Run(const T* x, int64_t n, const M* mx, int64_t g, int64_t group, float* values) {
+  void Run(const T* x, int64_t n, const M* mx, int64_t g, int64_t group, float* values,
+           bool held = false) {
     Choose(x, n, mx, g, group);
-    Scan(x, n, group);
+    Scan(x, n, group, held);
     Finish(values);
   }
 
+  // As Run, the maxima of the row's g = ceil(n / group) groups written first
+  // into mx[0, g) (GroupMaxima) and taken from there.
+  void RunWithMaxima(const float* x, int64_t n, int64_t group, float* mx, float* values) {
+    GroupMaxima(x, n, group, mx);
+    Run(x, n, mx, (n + group - 1) / group, group, values, true);
+  }
+
  private:
+  // The maxima of x's groups of `group` columns (the last one shorter where
+  // group does not divide n) into mx[0, ceil(n / group)), as jnp.max reduces
+  // them: NaN where a group holds one, else one of the group's values (the
+  // float comparisons' maximum: a flushed subnormal may stand for a larger
+  // zero). The row is read from memory once, in order; Choose and Scan read it
+  // again from the cache.
+  static void GroupMaxima(const float* x, int64_t n, int64_t group, float* mx) {
+    const float ninf = -std::numeric_limits<float>::infinity();
+    for (int64_t lo = 0; lo < n; lo += group) {
+      int64_t hi = std::min(n, lo + group), i = lo;
+      float top = ninf;
+      bool nan = false;
+      if (hi - lo >= 4) {
+        F4 m = Load4(x + lo);
+        I4 unordered = m != m;
+        for (i = lo + 4; i + 4 <= hi; i += 4) {
+          F4 v = Load4(x + i);
+          unordered |= v != v;
+          m = Max(m, v);
+        }
+        nan = Mask(unordered) != 0;
+        top = std::max(std::max(m[0], m[1]), std::max(m[2], m[3]));
+      }
+      for (; i < hi; ++i) {
+        float v = x[i];
+        nan |= v != v;
+        top = std::max(top, v);
+      }
+      mx[lo / group] = nan ? std::numeric_limits<float>::quiet_NaN() : top;
+    }
+  }
+
   // Puts the groups whose maxima are at least the k-th largest (rounded down:
   // KthFloor) in chosen_, in order, and prefetches their columns of x (scattered
   // over the row: read from memory, they are latency-bound).
@@ -216,6 +260,7 @@ class RowGroupsTopK {
   // most it; in its float's sign, exponent and 7 high mantissa bits): a
   // bisection on those 16 bits, each step a count of the maxima at least the
   // midpoint (the keys' histograms took twice as long, their sort 4 times).
+  // INT32_MIN (every group) where a maximum is NaN.
   int32_t KthFloor(int64_t g) {
     I4 low = Splat(INT32_MAX), high = Splat(INT32_MIN);
     int64_t j = 0;
@@ -227,6 +272,9 @@ class RowGroupsTopK {
     int32_t lo = std::min({low[0], low[1], low[2], low[3]});
     int32_t hi = std::max({high[0], high[1], high[2], high[3]});
     for (; j < g; ++j) lo = std::min(lo, maxima_[j]), hi = std::max(hi, maxima_[j]);
+    // A NaN maximum (past an infinity) says nothing of its group's other values.
+    float inf = std::numeric_limits<float>::infinity();
+    if (hi > SignedKey(inf) || lo < SignedKey(-inf)) return INT32_MIN;
     int64_t bottom = lo >> 16, top = hi >> 16;  // all g >= k maxima are at least bottom's
     while (bottom < top) {
       int64_t mid = (bottom + top + 1) >> 1;
@@ -254,10 +302,19 @@ class RowGroupsTopK {
 
   // The chosen groups' values at least the first bar into keys_: with k or more
   // groups, the least of their own maxima (each holds a value at least it).
+  // Maxima that are values of their groups (`held`: GroupMaxima's, but not a
+  // NaN, which jnp.max gives for a group holding any) give it as they are;
+  // others (XLA's, whose flushed subnormals may not be values of the row) are
+  // taken again from the groups.
   template <typename T>
-  void Scan(const T* x, int64_t n, int64_t group) {
+  void Scan(const T* x, int64_t n, int64_t group, bool held) {
     int32_t bar = count_ >= k_ ? INT32_MAX : INT32_MIN;
     for (int64_t c = 0; c < count_ && bar != INT32_MIN; ++c) {
+      float held_max = SignedKeyValue(maxima_[chosen_[c]]);
+      if (held && held_max == held_max) {
+        bar = std::min(bar, maxima_[chosen_[c]]);
+        continue;
+      }
       int64_t lo = chosen_[c] * group, hi = std::min(n, lo + group), i = lo;
       uint32_t top = 0;
       if (hi - lo >= 4) {
@@ -412,6 +469,31 @@ ffi::Error GroupsTopK(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer max
   }
 }
 
+// x [..., n] float32 -> maxima [..., ceil(n / group)] float32, values [..., k]
+// float32, k at most n.
+ffi::Error MaximaTopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                      ffi::ResultBuffer<ffi::F32> maxima, ffi::ResultBuffer<ffi::F32> values,
+                      int64_t group) {
+  auto dims = x.dimensions();
+  if (dims.size() == 0 || group < 1) {
+    return ffi::Error::InvalidArgument("maxima_top_k: x [..., n], group >= 1");
+  }
+  int64_t n = dims.back(), k = values->dimensions().back();
+  if (n == 0) return ffi::Error::Success();
+  int64_t rows = x.element_count() / n, g = (n + group - 1) / group;
+  if (k < 1 || k > n || static_cast<int64_t>(maxima->element_count()) != rows * g) {
+    return ffi::Error::InvalidArgument("maxima_top_k: maxima [..., ceil(n / group)], 1 <= k <= n");
+  }
+  const float* in = x.typed_data();
+  float* mx = maxima->typed_data();
+  float* v = values->typed_data();
+  ParallelRows(pool, rows, n, [=](int64_t lo, int64_t hi) {
+    RowGroupsTopK top(k);
+    for (int64_t r = lo; r < hi; ++r) top.RunWithMaxima(in + r * n, n, group, mx + r * g, v + r * k);
+  });
+  return ffi::Error::Success();
+}
+
 // One row's block x[0, n) into its running buffer buf[0, cap) of candidates for
 // its k largest values (meta: the count held and the bar, an OrderKey: only
 // values at least the bar enter). A full buffer is cut back to its k largest
@@ -479,6 +561,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LpkernelGroupsTopK, GroupsTopK,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("group"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LpkernelMaximaTopK, MaximaTopK,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("group"));
 

@@ -8,6 +8,8 @@
 * :func:`groups_top_k`: a row's ``K`` largest values from the groups whose
   maxima are among the ``K`` largest, read in place (XLA takes the top-k of the
   maxima, then gathers those groups);
+* :func:`maxima_and_top_k`: the same for float32 rows, the groups' maxima
+  taken by the kernel from each row as it reads it (one read from memory);
 * :func:`add_block`: a row's running candidates for its ``K`` largest values,
   given one more block of the row (the sweep from hidden states).
 
@@ -76,6 +78,24 @@ def groups_top_k(x: jax.Array, maxima: jax.Array, group: int, k: int) -> jax.Arr
   out = jax.ShapeDtypeStruct((x.shape[0], k), jnp.float32)
   call = jax.ffi.ffi_call("lpkernel_cpu_groups_top_k", out, vmap_method="broadcast_all")
   return call(x, maxima, group=np.int64(group))
+
+
+def maxima_and_top_k(x: jax.Array, group: int, k: int) -> tuple[jax.Array, jax.Array]:
+  """(float32[N, ceil(n / group)] the maxima of each group of ``group`` columns,
+  as ``jnp.max`` gives them; float32[N, k] as :func:`groups_top_k`) of ``x
+  [N, n]`` float32: each row read from memory once, its groups' maxima taken
+  first and then the groups they choose, from the cache. (A bfloat16 row is
+  half as many bytes and XLA's maxima pass over it is faster than the
+  kernel's.) A program for the CPU only (where :func:`compiled`); the caller
+  chooses it with :func:`lpkernel.ops.platform.on_cpu_or`."""
+  n, v = x.shape
+  out = (
+    jax.ShapeDtypeStruct((n, -(-v // group)), jnp.float32),
+    jax.ShapeDtypeStruct((n, k), jnp.float32),
+  )
+  call = jax.ffi.ffi_call("lpkernel_cpu_maxima_top_k", out, vmap_method="broadcast_all")
+  maxima, top = call(x, group=np.int64(group))
+  return maxima, top
 
 
 def running_top_k(n: int, k: int) -> tuple[jax.Array, jax.Array]:

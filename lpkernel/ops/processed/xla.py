@@ -8,7 +8,10 @@ it and never forming an ``[N, V]`` temporary:
    states, each ``hidden_group``-column group's ``group_values`` largest values);
 2. the ``K`` largest values, exactly. From logits, from the ``K`` groups with
    the largest maxima (every column among a row's ``K`` largest lies in one of
-   them): a gather of ``K * group`` columns. From hidden states, from the
+   them): a gather of ``K * group`` columns (on the CPU a compiled kernel reads
+   them in place; from float32 logits it takes the maxima itself, from each
+   row as it reads it, and they stand for the partials' max pass). From
+   hidden states, from the
    recorded values: only a group whose last recorded value exceeds the ``K``-th
    largest recorded one may hold more of them, and only such groups are
    gathered (a dot product with their unembedding rows; a few per token, for
@@ -41,6 +44,7 @@ from lpkernel.ops.processed.cpu_top_k import (
   add_block,
   compiled,
   groups_top_k,
+  maxima_and_top_k,
   running_top_k,
   running_values,
   top_k,
@@ -248,28 +252,40 @@ def logits_forward(x, targets, tau, softcap, k: int, config: ProcessedConfig, im
   """(RowPartials of whole rows, float32[N, K] largest capped values, the rows as
   :class:`~select.Rows` for a search) of logits ``x [N, V]``; ``impl``'s
   first pass (:class:`lpkernel.ops.base.ProcessedImplementation`)."""
-  parts, maxima = impl.partials_and_group_maxima(x, targets, tau, softcap, config)
   xs = lax.stop_gradient(x)
   n, v = x.shape
   g = config.group
+  rows = logits_rows(xs, softcap, search_chunk(n))
 
   def values(lo, width, cc):
     rows = block_of(xs, lo, width, 0)  # a convert never moves onto all of x
     return P.capped(jax.vmap(gather, in_axes=(None, 1), out_axes=1)(rows, cc), softcap)
 
-  def pool():
+  def largest(maxima):  # the K largest from the K groups with the largest maxima
     ids = _largest_groups(maxima, k)
     chunk = _chunk(config, n, v, ids.shape[1] * g * 4 * 3)
     return _pool_top(values, ids, g, k, v, chunk, lanes=impl.lanes)
 
+  def one_read():  # the kernel's maxima stand for XLA's max pass (and its argmax blocks)
+    maxima, top = maxima_and_top_k(xs, g, k)
+    parts = XlaLogits().partials(x, targets, tau, softcap, maxima if v % g == 0 else None)
+    return parts, P.capped(top, softcap)
+
+  def impls_pass():
+    parts, maxima = impl.partials_and_group_maxima(x, targets, tau, softcap, config)
+    return parts, largest(maxima)
+
+  kernels = impl.lanes == 1 and compiled(x.dtype)
+  if kernels and impl.name == "xla" and x.dtype == jnp.float32:
+    return (*on_cpu_or(one_read, impls_pass), rows)
+  parts, maxima = impl.partials_and_group_maxima(x, targets, tau, softcap, config)
+  if not kernels:
+    return parts, largest(maxima), rows
+
   def compiled_top():  # the groups chosen by the (capped) maxima; capping keeps the order
     return P.capped(groups_top_k(xs, maxima, g, k), softcap)
 
-  if impl.lanes == 1 and compiled(x.dtype):
-    top = on_cpu_or(compiled_top, pool)
-  else:
-    top = pool()
-  return parts, top, logits_rows(xs, softcap, search_chunk(n))
+  return parts, on_cpu_or(compiled_top, lambda: largest(maxima)), rows
 
 
 def hidden_rows(
