@@ -80,16 +80,24 @@ def test_logits_implementation_matches_reference_and_oracle(name, v, dtype, opti
     lp = lpk.token_logprobs(x, t, implementation=impl, **opts | with_tau)
     return jnp.sum(jnp.where(scored & jnp.isfinite(lp), w * lp, 0.0))
 
-  lp, greedy = lpk.token_logprobs_and_greedy(x, t, implementation=impl, **opts)
-  want_lp, want_greedy = reference.token_logprobs_and_greedy(x, t, **opts)
+  @jax.jit
+  def everything(x, tau):  # one program: values, greedy flags and gradients of both
+    fixed = opts | ({} if options == "plain" else dict(temperature=tau))
+    grads = jax.grad(loss, argnums=(0, 1))
+    return (
+      lpk.token_logprobs_and_greedy(x, t, implementation=impl, **fixed),
+      reference.token_logprobs_and_greedy(x, t, **fixed),
+      grads(x, tau, impl),
+      grads(x, tau, "reference"),
+    )
+
+  tau = opts.get("temperature", jnp.ones(n))
+  (lp, greedy), (want_lp, want_greedy), (g, g_tau), (g_ref, g_tau_ref) = everything(x, tau)
   assert_close(lp, want_lp, rtol=2e-5, atol=2e-5, what=f"{name} vs reference")
   oracle = oracle_token_logprobs(x, t, opts.get("temperature", 1.0), opts.get("softcap"))
   assert_close(lp, oracle, rtol=2e-5, atol=2e-5, what=f"{name} vs oracle")
   np.testing.assert_array_equal(greedy, want_greedy)
   assert not bool(greedy[4]) and bool(greedy[5])  # the first of two tied maxima
-  tau = opts.get("temperature", jnp.ones(n))
-  g, g_tau = jax.grad(loss, argnums=(0, 1))(x, tau, impl)
-  g_ref, g_tau_ref = jax.grad(loss, argnums=(0, 1))(x, tau, "reference")
   assert g.dtype == x.dtype
   # Row 0 (all -inf, masked out) is exactly zero here; autodiff of the plain
   # reference puts 0 * NaN there.

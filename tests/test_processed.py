@@ -43,12 +43,16 @@ def test_gradients_with_softcap_and_per_example_temperature_match_float64(impl, 
     min_p=jnp.array([0.0, 0.02, 0.0, 0.0, 0.05, 0.0], jnp.float32),
   )
   want = processed("reference", x.astype(jnp.float32), t, sampling, softcap)
-  got = jax.jit(lambda x: processed(impl, x, t, sampling, softcap))(x)
+
+  def total(x, tau):  # one program for the values and both gradients
+    stats = processed(impl, x, t, sampling._replace(temperature=tau), softcap)
+    return jnp.sum(stats.logprobs), stats
+
+  (_, got), (dx, dtau) = jax.jit(jax.value_and_grad(total, (0, 1), has_aux=True))(x, tau)
   np.testing.assert_array_equal(got.kept_count, want.kept_count)
   assert bool(jnp.all(got.kept))
   np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got.log_kept_mass, want.log_kept_mass, rtol=1e-5, atol=1e-5)
-  dx = jax.grad(lambda x: jnp.sum(processed(impl, x, t, sampling, softcap).logprobs))(x)
   assert dx.dtype == dtype
   tau64 = np.asarray(tau, np.float64)
   y = z / tau64[:, None]
@@ -58,9 +62,6 @@ def test_gradients_with_softcap_and_per_example_temperature_match_float64(impl, 
   np.testing.assert_allclose(np.asarray(dx, np.float64), oracle, atol=tol)
   assert np.all(np.asarray(dx, np.float64)[~keep] == 0)
   # d tau with the kept set held: (E_p_kept[y] - y_t) / tau.
-  dtau = jax.grad(
-    lambda tau: jnp.sum(processed(impl, x, t, sampling._replace(temperature=tau), softcap).logprobs)
-  )(tau)
   p = np.where(keep, np.exp(y - y.max(-1, keepdims=True)), 0.0)
   p /= p.sum(-1, keepdims=True)
   y_t = y[np.arange(n), np.asarray(t)]
@@ -198,8 +199,11 @@ def test_awkward_shapes(impl, shape):
   n, v = shape
   x = jnp.asarray(np.random.default_rng(n * 7 + v).normal(size=(n, v)), jnp.float32)
   t = jnp.argmax(x, -1)
-  for s in [lpk.Sampling(), lpk.Sampling(0.5, 1, 0.1, 0.5), lpk.Sampling(top_k=2, top_p=0.9)]:
-    got, want = processed(impl, x, t, s), processed("reference", x, t, s)
+  samplings = [lpk.Sampling(), lpk.Sampling(0.5, 1, 0.1, 0.5), lpk.Sampling(top_k=2, top_p=0.9)]
+  both = jax.jit(
+    lambda x: [(processed(impl, x, t, s), processed("reference", x, t, s)) for s in samplings]
+  )
+  for got, want in both(x):  # one program for every setting
     np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-6)
     np.testing.assert_array_equal(got.kept_count, want.kept_count)
     assert bool(jnp.all(got.greedy))
