@@ -5,8 +5,8 @@ One shared library from ``cpu_top_k.cc`` (:mod:`.cpu_top_k`), ``cpu_replay.cc``
 share in ``cpu_common.h``, through JAX's typed FFI (no Python headers). It is compiled
 with the C++ compiler (``$CXX``, else ``c++``) against the FFI headers of the
 installed jaxlib and cached under ``$LPKERNEL_CACHE`` (default
-``~/.cache/lpkernel``) by a hash of the sources, the compiler and jaxlib's
-version. Without a compiler, or with ``LPKERNEL_CPU_KERNELS=0``,
+``~/.cache/lpkernel``) by a hash of the sources, the compiler, its flags and
+jaxlib's version. Without a compiler, or with ``LPKERNEL_CPU_KERNELS=0``,
 :func:`available` says False and every caller takes XLA's steps: the same
 numbers, slower on the CPU; the reason is logged once.
 """
@@ -54,7 +54,8 @@ def _build() -> pathlib.Path:
   if compiler is None:
     raise OSError(f"no C++ compiler ({os.environ.get('CXX', 'c++')!r} not found)")
   texts = [(_HERE / name).read_bytes() for name in SOURCES + HEADERS]
-  tag = hashlib.sha256(b"\0".join([*texts, compiler.encode(), jaxlib.__version__.encode()]))
+  flags = " ".join(_FLAGS).encode()
+  tag = hashlib.sha256(b"\0".join([*texts, compiler.encode(), flags, jaxlib.__version__.encode()]))
   out = _cache_dir() / f"cpu_kernels-{tag.hexdigest()[:16]}.so"
   if out.exists():
     return out
