@@ -658,3 +658,33 @@ def test_a_whole_rows_nucleus_among_the_candidates_needs_no_search():
   np.testing.assert_array_equal(S.kept(x, params, d.kappa)[settled], want[settled])
   np.testing.assert_array_equal(d.size[settled], jnp.sum(want, axis=-1)[settled])
   assert int(jnp.max(jnp.sum(want, axis=-1)[settled])) > 1  # a nucleus, not only the argmax
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_group_maxima_stand_for_the_max_pass_on_whole_groups(dtype):
+  """V a multiple of the group (32): the partials' row max and first argmax come
+  from the group maxima (float32: the candidates' kernel's own). Tied maxima in
+  two groups (greedy is the first), a tie inside one group, an impossible
+  target, a NaN row, a row of ``-inf`` but one column: the reference's values,
+  kept sets and greedy flags."""
+  rng = np.random.default_rng(5)
+  v = 2048
+  x = rng.normal(size=(6, v)).astype(np.float32) * 2
+  x[0, [40, 1500]] = 30.0  # tied maxima in groups 1 and 46
+  x[1, [65, 66]] = 30.0  # tied inside group 2
+  x[2, 7] = -np.inf
+  x[3, 100] = np.nan
+  x[4, :] = -np.inf
+  x[4, 2047] = 1.0
+  t = jnp.array([1500, 65, 7, 3, 2047, 40])
+  x = jnp.asarray(x, dtype)
+  s = lpk.Sampling(0.7, 50, 0.95)
+  got = jax.jit(lambda x: lpk.processed_token_stats(x, t, s))(x)
+  want = lpk.processed_token_stats(x, t, s, implementation="reference")
+  np.testing.assert_array_equal(got.greedy, want.greedy)
+  np.testing.assert_array_equal(got.greedy, [False, True, False, False, True, False])
+  np.testing.assert_array_equal(got.kept, want.kept)
+  np.testing.assert_array_equal(got.kept_count, want.kept_count)
+  np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got.raw_logprobs, want.raw_logprobs, rtol=1e-5, atol=1e-6)
+  assert np.isneginf(got.logprobs[2]) and np.isnan(got.logprobs[3]) and got.logprobs[4] == 0
