@@ -26,9 +26,9 @@ from lpkernel.ops.logprobs.api import token_logprobs as token_logprobs
 from lpkernel.ops.logprobs.api import token_logprobs_and_greedy as token_logprobs_and_greedy
 from lpkernel.ops.processed.api import fused_processed_token_stats as fused_processed_token_stats
 from lpkernel.ops.processed.api import processed_token_stats as processed_token_stats
+from lpkernel.ops.processed.candidates import ProcessedConfig as ProcessedConfig
 from lpkernel.ops.processed.replay import fused_replay_token_logprobs as fused_replay_token_logprobs
 from lpkernel.ops.processed.replay import replay_token_logprobs as replay_token_logprobs
-from lpkernel.ops.processed.xla import ProcessedConfig as ProcessedConfig
 from lpkernel.sampling import ProcessedStats as ProcessedStats
 from lpkernel.sampling import Sampling as Sampling
 from lpkernel.scoring import score as score

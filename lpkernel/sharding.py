@@ -48,7 +48,7 @@ from lpkernel.ops.processed.api import (
   rows_processed_token_stats,
   sampling_rows,
 )
-from lpkernel.ops.processed.xla import ProcessedConfig
+from lpkernel.ops.processed.candidates import ProcessedConfig
 from lpkernel.sampling import ProcessedStats, Sampling
 from lpkernel.scoring import Scores, one_temperature, score_rows
 

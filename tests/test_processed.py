@@ -379,9 +379,9 @@ def test_the_processed_op_takes_its_own_implementations_by_name_or_object():
   class Counting:  # a user's implementation: delegates to XLA's passes
     name, platforms, lanes, calls = "counting", None, 1, []
 
-    def partials_and_group_maxima(self, *args):
+    def partials_and_candidates(self, *args):
       self.calls.append("forward")
-      return lpk.XlaProcessed().partials_and_group_maxima(*args)
+      return lpk.XlaProcessed().partials_and_candidates(*args)
 
     def processed_grads(self, *args):
       self.calls.append("backward")
@@ -646,7 +646,7 @@ def test_a_whole_rows_nucleus_among_the_candidates_needs_no_search():
   scale = jnp.where(jnp.arange(n) % 2 == 0, 8.0, 0.05)[:, None]  # peaked rows, flat rows
   x = jax.random.normal(jax.random.key(3), (n, v), jnp.float32) * scale
   targets = jnp.zeros((n,), jnp.int32)
-  config = X.ProcessedConfig()
+  config = lpk.ProcessedConfig()
   parts, top, _ = X.logits_forward(x, targets, None, None, 64, config, X.XlaProcessed())
   shift = P.finish(parts, targets, v, None).shift
   p = jnp.full((n,), 0.9)

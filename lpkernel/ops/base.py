@@ -163,8 +163,9 @@ class FusedLossGrads(Protocol):
 @runtime_checkable
 class ProcessedImplementation(Protocol):
   """The processed op from logits (:func:`lpkernel.processed_token_stats`): the two
-  passes over the logits ``x [N, Vb]``; the candidates, decisions and searches
-  between them are shared (:mod:`lpkernel.ops.processed`).
+  passes over the logits ``x [N, Vb]`` (the first also takes each row's largest
+  values, the candidates); the decisions and searches between them are shared
+  (:mod:`lpkernel.ops.processed`).
 
   Attributes:
     name, platforms: as for :class:`LogitsImplementation`.
@@ -182,12 +183,21 @@ class ProcessedImplementation(Protocol):
   @property
   def lanes(self) -> int: ...
 
-  def partials_and_group_maxima(
-    self, x: Array, targets: Array, tau: Array | None, softcap: float | None, config: Any
+  def partials_and_candidates(
+    self,
+    x: Array,
+    targets: Array,
+    tau: Array | None,
+    softcap: float | None,
+    k: int,
+    config: Any,
   ) -> tuple[RowPartials, Array]:
-    """(the row partials of ``x``, ``[N, G]``: the max of each group of
-    ``config.group`` columns of the capped logits, laid out as ``lanes`` says;
-    groups past V are ``-inf``), ``config`` a :class:`lpkernel.ProcessedConfig`."""
+    """(the row partials of ``x``, float32[N, k]: each row's ``k`` largest capped
+    logits, descending, as ``lax.top_k``'s), ``config`` a
+    :class:`lpkernel.ProcessedConfig`. Each implementation chooses how;
+    :func:`lpkernel.ops.processed.candidates.from_group_maxima` takes them from
+    the maxima of groups of ``config.group`` columns (laid out as ``lanes``
+    says) in one more read of the groups it chooses."""
     ...
 
   def processed_grads(
@@ -230,8 +240,9 @@ class ProcessedHidden(Protocol):
     config: Any,
     fused: Any,
   ) -> tuple[RowPartials, Array]:
-    """As :meth:`ProcessedImplementation.partials_and_group_maxima` of ``h @ w``;
-    or, in place of the maxima, each ``config.hidden_group``-column group's
+    """(the row partials of ``h @ w``, ``[N, G]``: the max of each group of
+    ``config.group`` columns of the capped logits, laid out as ``lanes`` says,
+    groups past V ``-inf``); or, in place of the maxima, each ``config.hidden_group``-column group's
     ``config.group_values`` largest values ``[N, G, c]``, descending (XLA's:
     the ``K`` largest are read from them, and only groups that may hold more of
     them are gathered)."""

@@ -23,7 +23,7 @@ from lpkernel.ops.base import ProcessedHidden
 from lpkernel.ops.fused.xla import FusedConfig
 from lpkernel.ops.processed import select as S
 from lpkernel.ops.processed import xla
-from lpkernel.ops.processed.xla import ProcessedConfig
+from lpkernel.ops.processed.candidates import ProcessedConfig
 from lpkernel.ops.staged import staged
 from lpkernel.sampling import (
   ProcessedStats,

@@ -42,6 +42,7 @@ from lpkernel.ops.logprobs.pallas_gpu import PallasGpuLogits
 from lpkernel.ops.pallas_backends import require_triton
 from lpkernel.ops.processed import pallas_gpu_kernel as kernels
 from lpkernel.ops.processed import select as S
+from lpkernel.ops.processed.candidates import from_group_maxima
 from lpkernel.ops.processed.grads import live_rows
 from lpkernel.ops.processed.record import group_tops
 
@@ -73,8 +74,11 @@ class PallasGpuProcessed:
   def _rows(self) -> PallasGpuLogits:
     return dataclasses.replace(self.logits, interpret=self.interpret)
 
-  def partials_and_group_maxima(self, x, targets, tau, softcap, config):
-    return self._rows().partials_and_group_maxima(x, targets, tau, softcap, config.group)
+  def partials_and_candidates(self, x, targets, tau, softcap, k, config):
+    """The row kernel's partials and group maxima, then the candidates from the
+    maxima (:func:`~lpkernel.ops.processed.xla.from_group_maxima`)."""
+    parts, maxima = self._rows().partials_and_group_maxima(x, targets, tau, softcap, config.group)
+    return parts, from_group_maxima(x, maxima, softcap, k, config, self.lanes)
 
   def processed_grads(self, x, targets, params, kappa, log_s, log_sk, g, softcap, tau_grad):
     return self._grads(x, targets, params, kappa, log_s, log_sk, g, softcap, tau_grad, x.dtype)

@@ -35,6 +35,7 @@ from lpkernel.ops.fused.pallas_tpu import PallasTpuFused
 from lpkernel.ops.logprobs.pallas_tpu import PallasTpuLogits
 from lpkernel.ops.mosaic import tpu_call
 from lpkernel.ops.processed import pallas_tpu_kernel as kernels
+from lpkernel.ops.processed.candidates import from_group_maxima
 from lpkernel.ops.processed.grads import live_rows
 
 _F32 = jnp.float32
@@ -66,8 +67,11 @@ class PallasTpuProcessed:
   def _rows(self) -> PallasTpuLogits:
     return dataclasses.replace(self.logits, interpret=self.interpret)
 
-  def partials_and_group_maxima(self, x, targets, tau, softcap, config):
-    return self._rows().partials_and_lane_maxima(x, targets, tau, softcap, config.group)
+  def partials_and_candidates(self, x, targets, tau, softcap, k, config):
+    """The row kernel's partials and group maxima, then the candidates from the
+    maxima (:func:`~lpkernel.ops.processed.xla.from_group_maxima`)."""
+    parts, maxima = self._rows().partials_and_lane_maxima(x, targets, tau, softcap, config.group)
+    return parts, from_group_maxima(x, maxima, softcap, k, config, self.lanes)
 
   def _fused(self, precision) -> PallasTpuFused:
     return dataclasses.replace(self.fused, precision=precision, interpret=self.interpret)

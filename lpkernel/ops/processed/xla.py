@@ -7,16 +7,14 @@ it and never forming an ``[N, V]`` temporary:
    forward pass) and the maxima of its ``group``-column groups (from hidden
    states, each ``hidden_group``-column group's ``group_values`` largest values);
 2. the ``K`` largest values, exactly. From logits, from the ``K`` groups with
-   the largest maxima (every column among a row's ``K`` largest lies in one of
-   them): a gather of ``K * group`` columns (on the CPU a compiled kernel reads
-   them in place; from float32 logits it takes the maxima itself, from each
-   row as it reads it, and they stand for the partials' max pass). From
-   hidden states, from the
-   recorded values: only a group whose last recorded value exceeds the ``K``-th
-   largest recorded one may hold more of them, and only such groups are
-   gathered (a dot product with their unembedding rows; a few per token, for
-   the few tokens that have one), else the ``K`` groups with the largest maxima
-   whole;
+   the largest maxima (:mod:`lpkernel.ops.processed.candidates`; on the CPU a
+   compiled kernel reads them in place, and from float32 logits it takes the
+   maxima itself, from each row as it reads it, and they stand for the
+   partials' max pass). From hidden states, from the recorded values: only a
+   group whose last recorded value exceeds the ``K``-th largest recorded one
+   may hold more of them, and only such groups are gathered (a dot product with
+   their unembedding rows; a few per token, for the few tokens that have one),
+   else the ``K`` groups with the largest maxima whole;
 3. :func:`lpkernel.ops.processed.select.decide`, then for the rows it leaves
    open a search, a chunk of rows at a time (:func:`lpkernel.ops.processed.select.threshold`).
 
@@ -36,14 +34,14 @@ from lpkernel import partials as P
 from lpkernel.ops.blocks import block_of, sweep, sweep_in_place
 from lpkernel.ops.fused.matmuls import UnembedGrad, add_rows, fresh_rows, grad_unembed
 from lpkernel.ops.fused.xla import FusedConfig, block_logits
-from lpkernel.ops.logprobs.xla import XlaLogits, chunk_rows, gather
+from lpkernel.ops.logprobs.xla import XlaLogits, chunk_rows
 from lpkernel.ops.platform import on_cpu_or
+from lpkernel.ops.processed import candidates as C
 from lpkernel.ops.processed import record
 from lpkernel.ops.processed import select as S
 from lpkernel.ops.processed.cpu_top_k import (
   add_block,
   compiled,
-  groups_top_k,
   maxima_and_top_k,
   running_top_k,
   running_values,
@@ -53,67 +51,6 @@ from lpkernel.ops.processed.grads import live_rows, row_grads
 from lpkernel.ops.processed.replay import rows_major
 
 _F32 = jnp.float32
-
-
-@dataclasses.dataclass(frozen=True)
-class ProcessedConfig:
-  """Tiling of the processed paths.
-
-  Attributes:
-    candidates: ``K``, the largest values per row taken exactly; rows whose kept
-      set lies among them need no search (top-k up to ``K``, a nucleus of up to
-      ``K`` tokens). A Python ``top_k`` at or above it raises ``K`` to
-      ``top_k + 1`` (up to 1024).
-    group: columns per group whose maxima locate the ``K`` largest values; the
-      group maxima are ``1 / group`` of the logits (under the 10% bound from 16).
-    sweep_block: columns per step of the group maxima's pass over logits whose
-      vocabulary the group does not divide.
-    gather_bytes: the most bytes of the candidates' pass held at once (its token
-      chunks: ``K * group`` columns, and from hidden states as many gathered
-      unembedding rows, per token; also at most 1% of the float32 logits).
-    hidden_group: columns per group of the XLA sweep from hidden states, which
-      records each group's ``group_values`` largest values (``group_values /
-      hidden_group`` of the logits): the ``K`` largest are then read from them,
-      and only a group holding more of them than it recorded is gathered.
-    group_values: values recorded per group from hidden states (1: only its max,
-      and the ``K`` groups with the largest maxima are gathered whole).
-    gathered_groups: the most such groups gathered per token (``gathered_groups
-      * hidden_group`` unembedding rows), for at most a share ``gathered_rows``
-      of the tokens; a batch with more of either gathers every token's ``K``
-      groups with the largest maxima whole, exactly.
-    gathered_rows: that share, in ``(0, 1]``.
-  """
-
-  candidates: int = 64
-  group: int = 32
-  sweep_block: int = 512
-  gather_bytes: int = 32 << 20
-  hidden_group: int = 64
-  group_values: int = 3
-  gathered_groups: int = 4
-  gathered_rows: float = 0.25
-
-  def __post_init__(self):
-    for name in (
-      "candidates",
-      "group",
-      "sweep_block",
-      "gather_bytes",
-      "hidden_group",
-      "group_values",
-      "gathered_groups",
-    ):
-      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-        raise ValueError(f"ProcessedConfig.{name}={getattr(self, name)!r} must be a positive int")
-    if not 0 < self.gathered_rows <= 1:
-      raise ValueError(f"ProcessedConfig.gathered_rows={self.gathered_rows!r} must be in (0, 1]")
-
-  def k_for(self, top_k, vocab_size: int) -> int:
-    """``K`` for a row of ``vocab_size`` with a static (Python) or traced ``top_k``."""
-    k = self.candidates
-    if isinstance(top_k, int) and 0 < top_k < vocab_size:
-      k = max(k, min(top_k + 1, 1024))  # one past the k-th: its next smaller value
-    return min(k, vocab_size)
 
 
 def _group_maxima(z: jax.Array, group: int) -> jax.Array:
@@ -141,51 +78,6 @@ def _logits_group_maxima(x, group: int, block: int) -> jax.Array:
     )
 
   return sweep(step, jnp.full((n, -(-v // group)), -jnp.inf, x.dtype), v, width)
-
-
-def _largest_groups(maxima: jax.Array, k: int) -> jax.Array:
-  """int32[N, K']: each row's ``K' = min(K, groups)`` groups with the largest maxima."""
-  return top_k(maxima, min(k, maxima.shape[1]))[1]
-
-
-def _group_columns(ids: jax.Array, group: int, vocab_size: int, lanes: int = 1) -> jax.Array:
-  """int32[M, B * group]: the columns of groups ``ids [M, B]`` (``-1``: none);
-  ``vocab_size`` for none and past V.
-
-  Group ``j`` holds columns ``(j // lanes) * lanes * group + lanes * c + j % lanes``
-  for ``c < group``: ``group`` contiguous columns with ``lanes = 1``; with
-  ``lanes = 128``, one lane's columns of a ``128 * group``-column TPU tile."""
-  c = jnp.arange(group, dtype=jnp.int32) * lanes
-  cols = (ids // lanes * (lanes * group) + ids % lanes)[:, :, None] + c
-  cols = jnp.where((ids[:, :, None] >= 0) & (cols < vocab_size), cols, vocab_size)
-  return cols.reshape(ids.shape[0], -1)
-
-
-def _pool_top(
-  values, ids, group: int, k: int, vocab_size: int, chunk: int, known=None, lanes: int = 1
-) -> jax.Array:
-  """float32[N, K]: each row's ``K`` largest capped values in the columns of its
-  groups ``ids [N, B]`` (:func:`_group_columns`; and the values ``known [N, Q]``,
-  if given), ``chunk`` tokens at a time (``values(lo, width, cols_chunk)`` gives
-  their capped values ``[width, B * group]``), so no ``[N, B * group]`` temporary."""
-  n = ids.shape[0]
-
-  def step(out, lo, width):
-    cc = _group_columns(lax.dynamic_slice_in_dim(ids, lo, width, 0), group, vocab_size, lanes)
-    pool = jnp.where(cc < vocab_size, values(lo, width, jnp.minimum(cc, vocab_size - 1)), -jnp.inf)
-    if known is not None:
-      pool = jnp.concatenate([lax.dynamic_slice_in_dim(known, lo, width, 0), pool], axis=1)
-    top = top_k(pool, k)[0]
-    return lax.dynamic_update_slice_in_dim(out, top, lo, 0)
-
-  return sweep(step, jnp.zeros((n, k), _F32), n, chunk)
-
-
-def _chunk(config: ProcessedConfig, n: int, vocab_size: int, token_bytes: int) -> int:
-  """Tokens per chunk of the candidates' pass: ``token_bytes`` each, within
-  ``gather_bytes`` and 1% of the float32 logits' bytes."""
-  budget = min(config.gather_bytes, n * vocab_size * 4 // 100)
-  return max(1, min(n, budget // max(token_bytes, 1)))
 
 
 def search_chunk(n: int) -> int:
@@ -217,15 +109,32 @@ class XlaProcessed:
   platforms = None
   lanes = 1
 
-  def partials_and_group_maxima(self, x, targets, tau, softcap, config: ProcessedConfig):
-    """The group maxima, then the plain forward's partials: on the CPU, where the
-    group divides V, their max and argmax blocks from the group maxima and one
-    more read for the sums of ``exp`` (two reads of the logits in all; the plain
-    forward's own max and argmax-block passes would make it four)."""
-    maxima = _logits_group_maxima(lax.stop_gradient(x), config.group, config.sweep_block)
+  def partials_and_candidates(self, x, targets, tau, softcap, k: int, config: C.ProcessedConfig):
+    """The group maxima, then the plain forward's partials (where the group
+    divides V, their max and argmax blocks from the group maxima: one more read
+    for the sums of ``exp``, where the plain forward's own max and argmax-block
+    passes would make two), then the candidates
+    (:func:`~lpkernel.ops.processed.candidates.from_group_maxima`). On the CPU,
+    from float32 logits, a compiled kernel takes the group maxima and the
+    candidates in one read of each row."""
+    xs = lax.stop_gradient(x)
     whole = x.shape[1] % config.group == 0
-    parts = XlaLogits().partials(x, targets, tau, softcap, maxima if whole else None)
-    return parts, P.capped(maxima, softcap)
+
+    def partials(maxima):
+      return XlaLogits().partials(x, targets, tau, softcap, maxima if whole else None)
+
+    def one_read():
+      maxima, top = maxima_and_top_k(xs, config.group, k)
+      return partials(maxima), P.capped(top, softcap)
+
+    def two_reads():
+      maxima = _logits_group_maxima(xs, config.group, config.sweep_block)
+      capped = P.capped(maxima, softcap)
+      return partials(maxima), C.from_group_maxima(x, capped, softcap, k, config)
+
+    if x.dtype == jnp.float32 and compiled(x.dtype):
+      return on_cpu_or(one_read, two_reads)
+    return two_reads()
 
   def processed_grads(self, x, targets, params, kappa, log_s, log_sk, g, softcap, tau_grad):
     return logits_grads(x, targets, params, kappa, log_s, log_sk, g, softcap, tau_grad)
@@ -248,44 +157,12 @@ class XlaProcessed:
     )  # fmt: skip
 
 
-def logits_forward(x, targets, tau, softcap, k: int, config: ProcessedConfig, impl):
+def logits_forward(x, targets, tau, softcap, k: int, config: C.ProcessedConfig, impl):
   """(RowPartials of whole rows, float32[N, K] largest capped values, the rows as
   :class:`~select.Rows` for a search) of logits ``x [N, V]``; ``impl``'s
   first pass (:class:`lpkernel.ops.base.ProcessedImplementation`)."""
-  xs = lax.stop_gradient(x)
-  n, v = x.shape
-  g = config.group
-  rows = logits_rows(xs, softcap, search_chunk(n))
-
-  def values(lo, width, cc):
-    rows = block_of(xs, lo, width, 0)  # a convert never moves onto all of x
-    return P.capped(jax.vmap(gather, in_axes=(None, 1), out_axes=1)(rows, cc), softcap)
-
-  def largest(maxima):  # the K largest from the K groups with the largest maxima
-    ids = _largest_groups(maxima, k)
-    chunk = _chunk(config, n, v, ids.shape[1] * g * 4 * 3)
-    return _pool_top(values, ids, g, k, v, chunk, lanes=impl.lanes)
-
-  def one_read():  # the kernel's maxima stand for XLA's max pass (and its argmax blocks)
-    maxima, top = maxima_and_top_k(xs, g, k)
-    parts = XlaLogits().partials(x, targets, tau, softcap, maxima if v % g == 0 else None)
-    return parts, P.capped(top, softcap)
-
-  def impls_pass():
-    parts, maxima = impl.partials_and_group_maxima(x, targets, tau, softcap, config)
-    return parts, largest(maxima)
-
-  kernels = impl.lanes == 1 and compiled(x.dtype)
-  if kernels and impl.name == "xla" and x.dtype == jnp.float32:
-    return (*on_cpu_or(one_read, impls_pass), rows)
-  parts, maxima = impl.partials_and_group_maxima(x, targets, tau, softcap, config)
-  if not kernels:
-    return parts, largest(maxima), rows
-
-  def compiled_top():  # the groups chosen by the (capped) maxima; capping keeps the order
-    return P.capped(groups_top_k(xs, maxima, g, k), softcap)
-
-  return parts, on_cpu_or(compiled_top, lambda: largest(maxima)), rows
+  parts, top = impl.partials_and_candidates(x, targets, tau, softcap, k, config)
+  return parts, top, logits_rows(lax.stop_gradient(x), softcap, search_chunk(x.shape[0]))
 
 
 def hidden_rows(
@@ -410,9 +287,7 @@ def hidden_forward(
     row_bytes = h.shape[1] * w.dtype.itemsize + 3 * 4
 
     def whole_groups(maxima, group: int, lanes: int):  # the K groups with the largest maxima
-      ids = _largest_groups(maxima, k)
-      chunk = _chunk(config, n, v, ids.shape[1] * group * row_bytes)
-      return _pool_top(values, ids, group, k, v, chunk, lanes=lanes)
+      return C.from_groups(values, maxima, group, k, v, config, row_bytes, lanes)
 
     if maxima.ndim == 2:  # group maxima (the Pallas implementations')
       return parts, whole_groups(maxima, config.group, impl.lanes)
@@ -433,7 +308,7 @@ def _recorded_and_gathered_top(tops, k: int, group: int, config, v: int, row_byt
   (:func:`_recorded_top`) and the groups it says to gather, bool: a row needs
   more than ``config.gathered_groups`` groups, or more than a share
   ``config.gathered_rows`` of the rows need any). The rows with groups to gather
-  are taken apart (``values_of(rows [R])`` gives their ``_pool_top`` values)."""
+  are taken apart (``values_of(rows [R])`` gives their ``C.pool_top`` values)."""
   n = tops.shape[0]
   b = min(config.gathered_groups, tops.shape[1])
   known, ids, over = _recorded_top(tops, k, b)
@@ -441,8 +316,8 @@ def _recorded_and_gathered_top(tops, k: int, group: int, config, v: int, row_byt
   r = max(1, min(n, int(n * config.gathered_rows)))
   taken, live = _first_rows(need, r)
   ids = jnp.where(live[:, None], ids[taken], -1)
-  chunk = _chunk(config, n, v, b * group * row_bytes)
-  top_taken = _pool_top(values_of(taken), ids, group, k, v, chunk, known[taken])
+  chunk = C.token_chunk(config, n, v, b * group * row_bytes)
+  top_taken = C.pool_top(values_of(taken), ids, group, k, v, chunk, known[taken])
   top = known.at[jnp.where(live, taken, n)].set(top_taken, mode="drop")
   return top, jnp.any(over) | (jnp.sum(need) > r)
 

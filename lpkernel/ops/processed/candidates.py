@@ -1,0 +1,161 @@
+"""Each row's ``K`` largest values, the candidates of the processed paths, from
+the maxima of its groups of columns: every column among a row's ``K`` largest
+lies in one of the ``K`` groups with the largest maxima, so only those are read
+(:class:`ProcessedConfig` tiles this, and the paths from hidden states)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lpkernel import partials as P
+from lpkernel.ops.blocks import block_of, sweep
+from lpkernel.ops.logprobs.xla import gather
+from lpkernel.ops.platform import on_cpu_or
+from lpkernel.ops.processed.cpu_top_k import compiled, groups_top_k, top_k
+
+_F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessedConfig:
+  """Tiling of the processed paths.
+
+  Attributes:
+    candidates: ``K``, the largest values per row taken exactly; rows whose kept
+      set lies among them need no search (top-k up to ``K``, a nucleus of up to
+      ``K`` tokens). A Python ``top_k`` at or above it raises ``K`` to
+      ``top_k + 1`` (up to 1024).
+    group: columns per group whose maxima locate the ``K`` largest values; the
+      group maxima are ``1 / group`` of the logits (under the 10% bound from 16).
+    sweep_block: columns per step of the group maxima's pass over logits whose
+      vocabulary the group does not divide.
+    gather_bytes: the most bytes of the candidates' pass held at once (its token
+      chunks: ``K * group`` columns, and from hidden states as many gathered
+      unembedding rows, per token; also at most 1% of the float32 logits).
+    hidden_group: columns per group of the XLA sweep from hidden states, which
+      records each group's ``group_values`` largest values (``group_values /
+      hidden_group`` of the logits): the ``K`` largest are then read from them,
+      and only a group holding more of them than it recorded is gathered.
+    group_values: values recorded per group from hidden states (1: only its max,
+      and the ``K`` groups with the largest maxima are gathered whole).
+    gathered_groups: the most such groups gathered per token (``gathered_groups
+      * hidden_group`` unembedding rows), for at most a share ``gathered_rows``
+      of the tokens; a batch with more of either gathers every token's ``K``
+      groups with the largest maxima whole, exactly.
+    gathered_rows: that share, in ``(0, 1]``.
+  """
+
+  candidates: int = 64
+  group: int = 32
+  sweep_block: int = 512
+  gather_bytes: int = 32 << 20
+  hidden_group: int = 64
+  group_values: int = 3
+  gathered_groups: int = 4
+  gathered_rows: float = 0.25
+
+  def __post_init__(self):
+    for name in (
+      "candidates",
+      "group",
+      "sweep_block",
+      "gather_bytes",
+      "hidden_group",
+      "group_values",
+      "gathered_groups",
+    ):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        raise ValueError(f"ProcessedConfig.{name}={getattr(self, name)!r} must be a positive int")
+    if not 0 < self.gathered_rows <= 1:
+      raise ValueError(f"ProcessedConfig.gathered_rows={self.gathered_rows!r} must be in (0, 1]")
+
+  def k_for(self, top_k, vocab_size: int) -> int:
+    """``K`` for a row of ``vocab_size`` with a static (Python) or traced ``top_k``."""
+    k = self.candidates
+    if isinstance(top_k, int) and 0 < top_k < vocab_size:
+      k = max(k, min(top_k + 1, 1024))  # one past the k-th: its next smaller value
+    return min(k, vocab_size)
+
+
+def _largest_groups(maxima: jax.Array, k: int) -> jax.Array:
+  """int32[N, K']: each row's ``K' = min(K, groups)`` groups with the largest maxima."""
+  return top_k(maxima, min(k, maxima.shape[1]))[1]
+
+
+def group_columns(ids: jax.Array, group: int, vocab_size: int, lanes: int = 1) -> jax.Array:
+  """int32[M, B * group]: the columns of groups ``ids [M, B]`` (``-1``: none);
+  ``vocab_size`` for none and past V.
+
+  Group ``j`` holds columns ``(j // lanes) * lanes * group + lanes * c + j % lanes``
+  for ``c < group``: ``group`` contiguous columns with ``lanes = 1``; with
+  ``lanes = 128``, one lane's columns of a ``128 * group``-column TPU tile."""
+  c = jnp.arange(group, dtype=jnp.int32) * lanes
+  cols = (ids // lanes * (lanes * group) + ids % lanes)[:, :, None] + c
+  cols = jnp.where((ids[:, :, None] >= 0) & (cols < vocab_size), cols, vocab_size)
+  return cols.reshape(ids.shape[0], -1)
+
+
+def pool_top(
+  values, ids, group: int, k: int, vocab_size: int, chunk: int, known=None, lanes: int = 1
+) -> jax.Array:
+  """float32[N, K]: each row's ``K`` largest capped values in the columns of its
+  groups ``ids [N, B]`` (:func:`group_columns`; and the values ``known [N, Q]``,
+  if given), ``chunk`` tokens at a time (``values(lo, width, cols_chunk)`` gives
+  their capped values ``[width, B * group]``), so no ``[N, B * group]`` temporary."""
+  n = ids.shape[0]
+
+  def step(out, lo, width):
+    cc = group_columns(lax.dynamic_slice_in_dim(ids, lo, width, 0), group, vocab_size, lanes)
+    pool = jnp.where(cc < vocab_size, values(lo, width, jnp.minimum(cc, vocab_size - 1)), -jnp.inf)
+    if known is not None:
+      pool = jnp.concatenate([lax.dynamic_slice_in_dim(known, lo, width, 0), pool], axis=1)
+    top = top_k(pool, k)[0]
+    return lax.dynamic_update_slice_in_dim(out, top, lo, 0)
+
+  return sweep(step, jnp.zeros((n, k), _F32), n, chunk)
+
+
+def token_chunk(config: ProcessedConfig, n: int, vocab_size: int, token_bytes: int) -> int:
+  """Tokens per chunk of the candidates' pass: ``token_bytes`` each, within
+  ``gather_bytes`` and 1% of the float32 logits' bytes."""
+  budget = min(config.gather_bytes, n * vocab_size * 4 // 100)
+  return max(1, min(n, budget // max(token_bytes, 1)))
+
+
+def from_groups(
+  values, maxima, group: int, k: int, vocab_size: int, config, value_bytes: int, lanes: int = 1
+) -> jax.Array:
+  """float32[N, K]: each row's ``K`` largest values in the ``K`` groups with the
+  largest maxima ``maxima [N, G]`` (:func:`pool_top`'s ``values`` give them,
+  ``value_bytes`` each at once), a chunk of tokens at a time within ``config``'s
+  :func:`token_chunk`."""
+  ids = _largest_groups(maxima, k)
+  chunk = token_chunk(config, maxima.shape[0], vocab_size, ids.shape[1] * group * value_bytes)
+  return pool_top(values, ids, group, k, vocab_size, chunk, lanes=lanes)
+
+
+def from_group_maxima(x, maxima, softcap, k: int, config: ProcessedConfig, lanes: int = 1):
+  """float32[N, K]: the ``K`` largest capped values of logits ``x [N, V]``, from
+  the ``K`` groups with the largest (capped) maxima ``maxima [N, G]`` (grouped as
+  ``lanes`` says, :func:`group_columns`): on the CPU a compiled kernel reads them
+  in place (``lanes`` 1), else a gather of ``K * group`` columns a chunk of
+  tokens at a time."""
+  xs = lax.stop_gradient(x)
+  n, v = x.shape
+  g = config.group
+
+  def values(lo, width, cc):
+    rows = block_of(xs, lo, width, 0)  # a convert never moves onto all of x
+    return P.capped(jax.vmap(gather, in_axes=(None, 1), out_axes=1)(rows, cc), softcap)
+
+  def gathered():
+    return from_groups(values, maxima, g, k, v, config, 4 * 3, lanes)
+
+  if lanes != 1 or not compiled(x.dtype):
+    return gathered()
+  # The kernel chooses the groups by the capped maxima: capping keeps the order.
+  return on_cpu_or(lambda: P.capped(groups_top_k(xs, maxima, g, k), softcap), gathered)
