@@ -460,8 +460,8 @@ def test_the_k_largest_from_hidden_states_in_every_branch(case, spans, groups, s
   (rows taken apart), or from whole groups when a row or the batch needs more:
   each branch is reached here (checked on the record) and every one gives the
   reference's kept sets and values."""
+  from lpkernel.ops.processed.candidates import _recorded_top
   from lpkernel.ops.processed.record import group_tops
-  from lpkernel.ops.processed.xla import _recorded_top
 
   n, d, v, k = 48, 16, 5000, 8
   config = lpk.ProcessedConfig(candidates=k, gathered_groups=groups, gathered_rows=share)
@@ -609,8 +609,8 @@ def test_a_nan_row_on_the_recorded_path_is_nan_and_leaves_the_others_alone(spans
   """Wide enough for the record (V 5000): a NaN hidden row gives that token NaN
   and a zero gradient, every other token the reference's kept set and value and
   a finite gradient, with nothing gathered and with groups gathered."""
+  from lpkernel.ops.processed.candidates import _recorded_top
   from lpkernel.ops.processed.record import group_tops
-  from lpkernel.ops.processed.xla import _recorded_top
 
   h, w, t = _clustered(6, 16, 5000, spans, seed=3)
   bad = h.at[2, 5].set(jnp.nan)

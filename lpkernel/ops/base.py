@@ -228,7 +228,7 @@ class ProcessedHidden(Protocol):
   :func:`lpkernel.fused_processed_token_stats`; ``fused`` is the XLA sweep's
   tiling (:class:`lpkernel.FusedConfig`), ``h`` already in its dot dtype."""
 
-  def hidden_partials_and_group_maxima(
+  def hidden_partials_and_candidates(
     self,
     h: Array,
     w: Array,
@@ -237,15 +237,14 @@ class ProcessedHidden(Protocol):
     softcap: float | None,
     vocab_axis: int,
     precision: Any,
+    k: int,
     config: Any,
     fused: Any,
   ) -> tuple[RowPartials, Array]:
-    """(the row partials of ``h @ w``, ``[N, G]``: the max of each group of
-    ``config.group`` columns of the capped logits, laid out as ``lanes`` says,
-    groups past V ``-inf``); or, in place of the maxima, each ``config.hidden_group``-column group's
-    ``config.group_values`` largest values ``[N, G, c]``, descending (XLA's:
-    the ``K`` largest are read from them, and only groups that may hold more of
-    them are gathered)."""
+    """As :meth:`ProcessedImplementation.partials_and_candidates` of ``h @ w``;
+    :func:`lpkernel.ops.processed.candidates.from_hidden_record` takes the
+    candidates from group maxima or from each group's few largest values (then
+    gathering only the groups that may hold more of them)."""
     ...
 
   def hidden_processed_grads(

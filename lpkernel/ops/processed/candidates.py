@@ -1,7 +1,9 @@
 """Each row's ``K`` largest values, the candidates of the processed paths, from
 the maxima of its groups of columns: every column among a row's ``K`` largest
 lies in one of the ``K`` groups with the largest maxima, so only those are read
-(:class:`ProcessedConfig` tiles this, and the paths from hidden states)."""
+(:class:`ProcessedConfig` tiles this); from hidden states, also from the
+record of each group's few largest values, gathering only the groups that may
+hold more of the ``K`` largest than they recorded."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from lpkernel.ops.blocks import block_of, sweep
 from lpkernel.ops.logprobs.xla import gather
 from lpkernel.ops.platform import on_cpu_or
 from lpkernel.ops.processed.cpu_top_k import compiled, groups_top_k, top_k
+from lpkernel.ops.processed.replay import rows_major
 
 _F32 = jnp.float32
 
@@ -86,7 +89,7 @@ def _largest_groups(maxima: jax.Array, k: int) -> jax.Array:
   return top_k(maxima, min(k, maxima.shape[1]))[1]
 
 
-def group_columns(ids: jax.Array, group: int, vocab_size: int, lanes: int = 1) -> jax.Array:
+def _group_columns(ids: jax.Array, group: int, vocab_size: int, lanes: int = 1) -> jax.Array:
   """int32[M, B * group]: the columns of groups ``ids [M, B]`` (``-1``: none);
   ``vocab_size`` for none and past V.
 
@@ -99,17 +102,17 @@ def group_columns(ids: jax.Array, group: int, vocab_size: int, lanes: int = 1) -
   return cols.reshape(ids.shape[0], -1)
 
 
-def pool_top(
+def _pool_top(
   values, ids, group: int, k: int, vocab_size: int, chunk: int, known=None, lanes: int = 1
 ) -> jax.Array:
   """float32[N, K]: each row's ``K`` largest capped values in the columns of its
-  groups ``ids [N, B]`` (:func:`group_columns`; and the values ``known [N, Q]``,
+  groups ``ids [N, B]`` (:func:`_group_columns`; and the values ``known [N, Q]``,
   if given), ``chunk`` tokens at a time (``values(lo, width, cols_chunk)`` gives
   their capped values ``[width, B * group]``), so no ``[N, B * group]`` temporary."""
   n = ids.shape[0]
 
   def step(out, lo, width):
-    cc = group_columns(lax.dynamic_slice_in_dim(ids, lo, width, 0), group, vocab_size, lanes)
+    cc = _group_columns(lax.dynamic_slice_in_dim(ids, lo, width, 0), group, vocab_size, lanes)
     pool = jnp.where(cc < vocab_size, values(lo, width, jnp.minimum(cc, vocab_size - 1)), -jnp.inf)
     if known is not None:
       pool = jnp.concatenate([lax.dynamic_slice_in_dim(known, lo, width, 0), pool], axis=1)
@@ -119,29 +122,29 @@ def pool_top(
   return sweep(step, jnp.zeros((n, k), _F32), n, chunk)
 
 
-def token_chunk(config: ProcessedConfig, n: int, vocab_size: int, token_bytes: int) -> int:
+def _token_chunk(config: ProcessedConfig, n: int, vocab_size: int, token_bytes: int) -> int:
   """Tokens per chunk of the candidates' pass: ``token_bytes`` each, within
   ``gather_bytes`` and 1% of the float32 logits' bytes."""
   budget = min(config.gather_bytes, n * vocab_size * 4 // 100)
   return max(1, min(n, budget // max(token_bytes, 1)))
 
 
-def from_groups(
+def _from_groups(
   values, maxima, group: int, k: int, vocab_size: int, config, value_bytes: int, lanes: int = 1
 ) -> jax.Array:
   """float32[N, K]: each row's ``K`` largest values in the ``K`` groups with the
-  largest maxima ``maxima [N, G]`` (:func:`pool_top`'s ``values`` give them,
+  largest maxima ``maxima [N, G]`` (:func:`_pool_top`'s ``values`` give them,
   ``value_bytes`` each at once), a chunk of tokens at a time within ``config``'s
-  :func:`token_chunk`."""
+  :func:`_token_chunk`."""
   ids = _largest_groups(maxima, k)
-  chunk = token_chunk(config, maxima.shape[0], vocab_size, ids.shape[1] * group * value_bytes)
-  return pool_top(values, ids, group, k, vocab_size, chunk, lanes=lanes)
+  chunk = _token_chunk(config, maxima.shape[0], vocab_size, ids.shape[1] * group * value_bytes)
+  return _pool_top(values, ids, group, k, vocab_size, chunk, lanes=lanes)
 
 
 def from_group_maxima(x, maxima, softcap, k: int, config: ProcessedConfig, lanes: int = 1):
   """float32[N, K]: the ``K`` largest capped values of logits ``x [N, V]``, from
   the ``K`` groups with the largest (capped) maxima ``maxima [N, G]`` (grouped as
-  ``lanes`` says, :func:`group_columns`): on the CPU a compiled kernel reads them
+  ``lanes`` says, :func:`_group_columns`): on the CPU a compiled kernel reads them
   in place (``lanes`` 1), else a gather of ``K * group`` columns a chunk of
   tokens at a time."""
   xs = lax.stop_gradient(x)
@@ -153,9 +156,118 @@ def from_group_maxima(x, maxima, softcap, k: int, config: ProcessedConfig, lanes
     return P.capped(jax.vmap(gather, in_axes=(None, 1), out_axes=1)(rows, cc), softcap)
 
   def gathered():
-    return from_groups(values, maxima, g, k, v, config, 4 * 3, lanes)
+    return _from_groups(values, maxima, g, k, v, config, 4 * 3, lanes)
 
   if lanes != 1 or not compiled(x.dtype):
     return gathered()
   # The kernel chooses the groups by the capped maxima: capping keeps the order.
   return on_cpu_or(lambda: P.capped(groups_top_k(xs, maxima, g, k), softcap), gathered)
+
+
+def _hidden_values(h, w_rows, precision, softcap, dot_dtype):
+  """``values(lo, width, cols) -> float32[width, P]``: ``h[i] . w_rows[cols[i, j]]``
+  capped, for tokens ``[lo, lo + width)`` (gathering ``width * P`` rows of the
+  table as ``[V, D]``, :func:`~lpkernel.ops.processed.replay.rows_major`, upcast
+  to ``dot_dtype`` if given)."""
+
+  def values(lo, width, cc):
+    hc = lax.dynamic_slice_in_dim(h, lo, width, 0)
+    # The barrier keeps a convert of the gathered rows from moving onto all of w
+    # and out of the loop (a float32 copy of the table).
+    wb, _ = lax.optimization_barrier((w_rows, lo))
+    rows = jnp.take(wb, cc, axis=0)  # [C, P, D]
+    if dot_dtype is not None:
+      rows = rows.astype(dot_dtype)
+    dots = jnp.einsum("cd,cpd->cp", hc, rows, precision=precision, preferred_element_type=_F32)
+    return P.capped(dots, softcap)
+
+  return values
+
+
+def from_hidden_record(
+  h, w, record, softcap, vocab_axis: int, precision, k: int, config, dot_dtype, lanes: int = 1
+) -> jax.Array:
+  """float32[N, K]: each row's ``K`` largest capped values of ``h @ w`` (``h``
+  in the dot dtype, ``w`` ``[D, V]`` or ``[V, D]`` with ``vocab_axis=0``), from
+  a first pass's ``record``, the gathered columns' values dot products with
+  their unembedding rows (:func:`_hidden_values`):
+
+  - group maxima ``[N, G]`` (of ``config.group`` columns, laid out as ``lanes``
+    says): the ``K`` groups with the largest maxima, gathered whole;
+  - each ``config.hidden_group``-column group's ``c`` largest values
+    ``[N, G, c]``, descending: the ``K`` largest read from them, and only the
+    groups that may hold more of them gathered (:func:`_recorded_top`); where a
+    row needs more than ``config.gathered_groups`` such groups, or more than a
+    share ``config.gathered_rows`` of the rows need any, every row's ``K``
+    groups with the largest maxima whole."""
+  hs, ws = lax.stop_gradient(h), lax.stop_gradient(w)
+  v = w.shape[vocab_axis]
+  w_rows = rows_major(ws, vocab_axis)  # one transposed copy of a [D, V] table, for both
+  values = _hidden_values(hs, w_rows, precision, softcap, dot_dtype)
+  row_bytes = h.shape[1] * w.dtype.itemsize + 3 * 4
+
+  def whole_groups(maxima, group: int, lanes: int):
+    return _from_groups(values, maxima, group, k, v, config, row_bytes, lanes)
+
+  if record.ndim == 2:
+    return whole_groups(record, config.group, lanes)
+  group = config.hidden_group
+  if record.shape[1] * record.shape[2] < k:  # too few recorded values to hold the K largest
+    return whole_groups(record[:, :, 0], group, 1)
+
+  def values_of_rows(taken):  # the candidates' dot products of tokens hs[taken]
+    return _hidden_values(hs[taken], w_rows, precision, softcap, dot_dtype)
+
+  top, over = _recorded_and_gathered_top(record, k, group, config, v, row_bytes, values_of_rows)
+  return lax.cond(over, lambda: whole_groups(record[:, :, 0], group, 1), lambda: top)
+
+
+def _recorded_and_gathered_top(tops, k: int, group: int, config, v: int, row_bytes: int, values_of):
+  """(float32[N, K] the ``K`` largest values from the record ``tops [N, G, c]``
+  (:func:`_recorded_top`) and the groups it says to gather, bool: a row needs
+  more than ``config.gathered_groups`` groups, or more than a share
+  ``config.gathered_rows`` of the rows need any). The rows with groups to gather
+  are taken apart (``values_of(rows [R])`` gives their ``_pool_top`` values)."""
+  n = tops.shape[0]
+  b = min(config.gathered_groups, tops.shape[1])
+  known, ids, over = _recorded_top(tops, k, b)
+  need = jnp.any(ids >= 0, axis=1)
+  r = max(1, min(n, int(n * config.gathered_rows)))
+  taken, live = _first_rows(need, r)
+  ids = jnp.where(live[:, None], ids[taken], -1)
+  chunk = _token_chunk(config, n, v, b * group * row_bytes)
+  top_taken = _pool_top(values_of(taken), ids, group, k, v, chunk, known[taken])
+  top = known.at[jnp.where(live, taken, n)].set(top_taken, mode="drop")
+  return top, jnp.any(over) | (jnp.sum(need) > r)
+
+
+def _first_rows(need: jax.Array, r: int) -> tuple[jax.Array, jax.Array]:
+  """(int32[r] the indices of the first ``r`` rows where ``need [N]``, then 0;
+  bool[r] which of them are such rows): a prefix count and a scatter."""
+  n = need.shape[0]
+  slot = jnp.where(need, jnp.cumsum(need, dtype=jnp.int32) - 1, r)
+  taken = jnp.zeros((r,), jnp.int32).at[slot].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
+  return taken, jnp.arange(r) < jnp.sum(need, dtype=jnp.int32)
+
+
+def _recorded_top(tops: jax.Array, k: int, b: int):
+  """The ``K`` largest values from each group's ``c`` largest ``tops [N, G, c]``:
+  (float32[N, K] the ``K`` largest recorded values, ``-inf`` where their group is
+  to be gathered; int32[N, b] the groups to gather, ``-1`` for none; bool[N] a
+  row with more than ``b`` groups to gather).
+
+  A group whose ``c``-th value exceeds the ``K``-th largest recorded value may
+  hold more of the row's ``K`` largest than it recorded: its columns are
+  gathered. Any other group's unrecorded values are at most that ``K``-th value,
+  so the ``K`` largest of the recorded values and the gathered groups' are the
+  row's ``K`` largest (equal values tied at the ``K``-th)."""
+  n, _, c = tops.shape
+  vals, idx = top_k(tops.reshape(n, -1), k)
+  kth = vals[:, -1:]
+  last = tops[:, :, -1]
+  full = last > kth  # may hold more than it recorded
+  key, ids = top_k(jnp.where(full, last, -jnp.inf), b)
+  ids = jnp.where(key > kth, ids, -1)
+  gathered = jnp.any((idx // c)[:, :, None] == ids[:, None, :], axis=-1)
+  over = jnp.sum(full, axis=1) > b
+  return jnp.where(gathered, -jnp.inf, vals), ids, over

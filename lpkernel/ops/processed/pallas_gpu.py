@@ -42,7 +42,7 @@ from lpkernel.ops.logprobs.pallas_gpu import PallasGpuLogits
 from lpkernel.ops.pallas_backends import require_triton
 from lpkernel.ops.processed import pallas_gpu_kernel as kernels
 from lpkernel.ops.processed import select as S
-from lpkernel.ops.processed.candidates import from_group_maxima
+from lpkernel.ops.processed.candidates import from_group_maxima, from_hidden_record
 from lpkernel.ops.processed.grads import live_rows
 from lpkernel.ops.processed.record import group_tops
 
@@ -83,14 +83,15 @@ class PallasGpuProcessed:
   def processed_grads(self, x, targets, params, kappa, log_s, log_sk, g, softcap, tau_grad):
     return self._grads(x, targets, params, kappa, log_s, log_sk, g, softcap, tau_grad, x.dtype)
 
-  def hidden_partials_and_group_maxima(
-    self, h, w, targets, tau, softcap, vocab_axis, precision, config, fused
+  def hidden_partials_and_candidates(
+    self, h, w, targets, tau, softcap, vocab_axis, precision, k, config, fused
   ):
     """Token chunks: one vendor matmul (float32 logits ``[C, V]``), then the row
     kernel's partials and the record of each group's largest values
     (:func:`~lpkernel.ops.processed.record.group_tops`, XLA's elementwise merge
     tree on the chunk's logits), so only the few groups that may hold more of a
-    token's ``K`` largest are gathered (``fused``, the XLA sweep's tiling: unused)."""
+    token's ``K`` largest are gathered
+    (:func:`~lpkernel.ops.processed.candidates.from_hidden_record`)."""
     rows = self._rows()
     n, v = h.shape[0], w.shape[vocab_axis]
     group, c = config.hidden_group, config.group_values
@@ -105,7 +106,9 @@ class PallasGpuProcessed:
 
     init = (P.empty(n), jnp.full((n, pl.cdiv(v, group), c), -jnp.inf, _F32))
     with jax.named_scope("processed_chunks"):
-      return sweep(step, init, n, self.fused.chunk(n, v))
+      parts, tops = sweep(step, init, n, self.fused.chunk(n, v))
+    args = (softcap, vocab_axis, precision, k, config, fused.dot_dtype)
+    return parts, from_hidden_record(h, w, tops, *args)
 
   def hidden_processed_grads(
     self, h, w, targets, params, kappa, log_s, log_sk, g, softcap, vocab_axis, precision, fused,

@@ -35,7 +35,7 @@ from lpkernel.ops.fused.pallas_tpu import PallasTpuFused
 from lpkernel.ops.logprobs.pallas_tpu import PallasTpuLogits
 from lpkernel.ops.mosaic import tpu_call
 from lpkernel.ops.processed import pallas_tpu_kernel as kernels
-from lpkernel.ops.processed.candidates import from_group_maxima
+from lpkernel.ops.processed.candidates import from_group_maxima, from_hidden_record
 from lpkernel.ops.processed.grads import live_rows
 
 _F32 = jnp.float32
@@ -76,15 +76,17 @@ class PallasTpuProcessed:
   def _fused(self, precision) -> PallasTpuFused:
     return dataclasses.replace(self.fused, precision=precision, interpret=self.interpret)
 
-  def hidden_partials_and_group_maxima(
-    self, h, w, targets, tau, softcap, vocab_axis, precision, config, fused
+  def hidden_partials_and_candidates(
+    self, h, w, targets, tau, softcap, vocab_axis, precision, k, config, fused
   ):
-    """The fused forward kernel with its lane-group maxima (``fused``, the XLA
-    sweep's tiling: unused)."""
+    """The fused forward kernel with its lane-group maxima, then the ``K`` groups
+    with the largest maxima gathered
+    (:func:`~lpkernel.ops.processed.candidates.from_hidden_record`)."""
     parts, maxima = self._fused(precision).partials_and_lane_maxima(
       h, w, targets, tau, softcap, config.group, vocab_axis
     )
-    return parts._replace(sy=None), maxima
+    args = (softcap, vocab_axis, precision, k, config, fused.dot_dtype, self.lanes)
+    return parts._replace(sy=None), from_hidden_record(h, w, maxima, *args)
 
   def hidden_processed_grads(
     self, h, w, targets, params, kappa, log_s, log_sk, g, softcap, vocab_axis, precision, fused,

@@ -2,7 +2,7 @@
 
 The ``K`` largest values of a row are read from it (exactly, where no group
 holds more of them than it recorded), so only a few groups' unembedding rows
-are gathered (:func:`lpkernel.ops.processed.xla.hidden_forward`). Shared by the
+are gathered (:func:`lpkernel.ops.processed.candidates.from_hidden_record`). Shared by the
 XLA sweep and the Pallas GPU chunks.
 """
 

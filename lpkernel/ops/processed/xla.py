@@ -45,10 +45,8 @@ from lpkernel.ops.processed.cpu_top_k import (
   maxima_and_top_k,
   running_top_k,
   running_values,
-  top_k,
 )
 from lpkernel.ops.processed.grads import live_rows, row_grads
-from lpkernel.ops.processed.replay import rows_major
 
 _F32 = jnp.float32
 
@@ -139,12 +137,24 @@ class XlaProcessed:
   def processed_grads(self, x, targets, params, kappa, log_s, log_sk, g, softcap, tau_grad):
     return logits_grads(x, targets, params, kappa, log_s, log_sk, g, softcap, tau_grad)
 
-  def hidden_partials_and_group_maxima(
-    self, h, w, targets, tau, softcap, vocab_axis, precision, config, fused
+  def hidden_partials_and_candidates(
+    self, h, w, targets, tau, softcap, vocab_axis, precision, k, config, fused
   ):
     """One sweep over the unembedding's blocks (``fused``'s tiling), recording
-    each group's ``config.group_values`` largest values ``[N, G, c]``."""
-    return _hidden_sweep(h, w, targets, tau, softcap, vocab_axis, precision, config, fused)
+    each group's ``config.group_values`` largest values, then the candidates
+    from the record (:func:`~lpkernel.ops.processed.candidates.from_hidden_record`).
+    On the CPU the sweep keeps each row's running ``K`` largest values instead
+    (a compiled kernel)."""
+
+    def recorded():
+      parts, tops = _hidden_sweep(h, w, targets, tau, softcap, vocab_axis, precision, config, fused)
+      args = (softcap, vocab_axis, precision, k, config, fused.dot_dtype)
+      return parts, C.from_hidden_record(h, w, tops, *args)
+
+    if not compiled(jnp.float32):
+      return recorded()
+    args = (h, w, targets, tau, softcap, vocab_axis, precision, k, fused)
+    return on_cpu_or(lambda: _hidden_sweep_top(*args), recorded)
 
   def hidden_processed_grads(
     self, h, w, targets, params, kappa, log_s, log_sk, g, softcap, vocab_axis, precision, fused,
@@ -182,26 +192,6 @@ def hidden_rows(
     return sweep_in_place(step, jnp.zeros((idx.shape[0], v), _F32), v, width)
 
   return S.Rows(take=take, vocab_size=v, chunk=chunk)
-
-
-def _pool_values(h, w_rows, precision, softcap, dot_dtype):
-  """``values(lo, width, cols) -> float32[width, P]``: ``h[i] . w_rows[cols[i, j]]``
-  capped, for tokens ``[lo, lo + width)`` (gathering ``width * P`` rows of the
-  table as ``[V, D]``, :func:`~lpkernel.ops.processed.replay.rows_major`, upcast
-  to ``dot_dtype`` if given)."""
-
-  def values(lo, width, cc):
-    hc = lax.dynamic_slice_in_dim(h, lo, width, 0)
-    # The barrier keeps a convert of the gathered rows from moving onto all of w
-    # and out of the loop (a float32 copy of the table).
-    wb, _ = lax.optimization_barrier((w_rows, lo))
-    rows = jnp.take(wb, cc, axis=0)  # [C, P, D]
-    if dot_dtype is not None:
-      rows = rows.astype(dot_dtype)
-    dots = jnp.einsum("cd,cpd->cp", hc, rows, precision=precision, preferred_element_type=_F32)
-    return P.capped(dots, softcap)
-
-  return values
 
 
 def _partials_sweep(
@@ -263,95 +253,16 @@ def hidden_forward(
   h, w, targets, tau, softcap, vocab_axis: int, precision, k: int, config, fused: FusedConfig, impl
 ):
   """(RowPartials of whole rows, float32[N, K] largest capped values, the rows as
-  :class:`~select.Rows` for a search) of ``h @ w``: ``impl``'s pass over
-  the unembedding (:class:`lpkernel.ops.base.ProcessedHidden`), then the
-  candidates' dot products. ``h`` is upcast to the dot dtype once, for all three."""
-  n = h.shape[0]
-  v = w.shape[vocab_axis]
+  :class:`~select.Rows` for a search) of ``h @ w``: ``impl``'s first pass
+  (:class:`lpkernel.ops.base.ProcessedHidden`). ``h`` is upcast to the dot
+  dtype once, for both."""
   h = h if fused.dot_dtype is None else h.astype(fused.dot_dtype)
   hs, ws = lax.stop_gradient(h), lax.stop_gradient(w)
-  chunk = search_chunk(n)
-  width = fused.block(v, True)
+  chunk = search_chunk(h.shape[0])
+  width = fused.block(w.shape[vocab_axis], True)
   rows = hidden_rows(hs, ws, softcap, vocab_axis, precision, width, fused.dot_dtype, chunk)
-
-  def recorded():  # impl's pass, then the candidates from its record
-    parts, maxima = impl.hidden_partials_and_group_maxima(
-      h, w, targets, tau, softcap, vocab_axis, precision, config, fused
-    )
-    w_rows = rows_major(ws, vocab_axis)  # one transposed copy of a [D, V] table, for both
-
-    def values_of_rows(taken):  # the candidates' dot products of tokens hs[taken]
-      return _pool_values(hs[taken], w_rows, precision, softcap, fused.dot_dtype)
-
-    values = _pool_values(hs, w_rows, precision, softcap, fused.dot_dtype)
-    row_bytes = h.shape[1] * w.dtype.itemsize + 3 * 4
-
-    def whole_groups(maxima, group: int, lanes: int):  # the K groups with the largest maxima
-      return C.from_groups(values, maxima, group, k, v, config, row_bytes, lanes)
-
-    if maxima.ndim == 2:  # group maxima (the Pallas implementations')
-      return parts, whole_groups(maxima, config.group, impl.lanes)
-    group = config.hidden_group
-    if maxima.shape[1] * maxima.shape[2] < k:  # too few recorded values to hold the K largest
-      return parts, whole_groups(maxima[:, :, 0], group, 1)
-    top, over = _recorded_and_gathered_top(maxima, k, group, config, v, row_bytes, values_of_rows)
-    return parts, lax.cond(over, lambda: whole_groups(maxima[:, :, 0], group, 1), lambda: top)
-
-  if impl.name != "xla" or not compiled(jnp.float32):
-    return (*recorded(), rows)
-  running = lambda: _hidden_sweep_top(h, w, targets, tau, softcap, vocab_axis, precision, k, fused)  # noqa: E731
-  return (*on_cpu_or(running, recorded), rows)
-
-
-def _recorded_and_gathered_top(tops, k: int, group: int, config, v: int, row_bytes: int, values_of):
-  """(float32[N, K] the ``K`` largest values from the record ``tops [N, G, c]``
-  (:func:`_recorded_top`) and the groups it says to gather, bool: a row needs
-  more than ``config.gathered_groups`` groups, or more than a share
-  ``config.gathered_rows`` of the rows need any). The rows with groups to gather
-  are taken apart (``values_of(rows [R])`` gives their ``C.pool_top`` values)."""
-  n = tops.shape[0]
-  b = min(config.gathered_groups, tops.shape[1])
-  known, ids, over = _recorded_top(tops, k, b)
-  need = jnp.any(ids >= 0, axis=1)
-  r = max(1, min(n, int(n * config.gathered_rows)))
-  taken, live = _first_rows(need, r)
-  ids = jnp.where(live[:, None], ids[taken], -1)
-  chunk = C.token_chunk(config, n, v, b * group * row_bytes)
-  top_taken = C.pool_top(values_of(taken), ids, group, k, v, chunk, known[taken])
-  top = known.at[jnp.where(live, taken, n)].set(top_taken, mode="drop")
-  return top, jnp.any(over) | (jnp.sum(need) > r)
-
-
-def _first_rows(need: jax.Array, r: int) -> tuple[jax.Array, jax.Array]:
-  """(int32[r] the indices of the first ``r`` rows where ``need [N]``, then 0;
-  bool[r] which of them are such rows): a prefix count and a scatter."""
-  n = need.shape[0]
-  slot = jnp.where(need, jnp.cumsum(need, dtype=jnp.int32) - 1, r)
-  taken = jnp.zeros((r,), jnp.int32).at[slot].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
-  return taken, jnp.arange(r) < jnp.sum(need, dtype=jnp.int32)
-
-
-def _recorded_top(tops: jax.Array, k: int, b: int):
-  """The ``K`` largest values from each group's ``c`` largest ``tops [N, G, c]``:
-  (float32[N, K] the ``K`` largest recorded values, ``-inf`` where their group is
-  to be gathered; int32[N, b] the groups to gather, ``-1`` for none; bool[N] a
-  row with more than ``b`` groups to gather).
-
-  A group whose ``c``-th value exceeds the ``K``-th largest recorded value may
-  hold more of the row's ``K`` largest than it recorded: its columns are
-  gathered. Any other group's unrecorded values are at most that ``K``-th value,
-  so the ``K`` largest of the recorded values and the gathered groups' are the
-  row's ``K`` largest (equal values tied at the ``K``-th)."""
-  n, _, c = tops.shape
-  vals, idx = top_k(tops.reshape(n, -1), k)
-  kth = vals[:, -1:]
-  last = tops[:, :, -1]
-  full = last > kth  # may hold more than it recorded
-  key, ids = top_k(jnp.where(full, last, -jnp.inf), b)
-  ids = jnp.where(key > kth, ids, -1)
-  gathered = jnp.any((idx // c)[:, :, None] == ids[:, None, :], axis=-1)
-  over = jnp.sum(full, axis=1) > b
-  return jnp.where(gathered, -jnp.inf, vals), ids, over
+  args = (h, w, targets, tau, softcap, vocab_axis, precision, k, config, fused)
+  return (*impl.hidden_partials_and_candidates(*args), rows)
 
 
 def logits_grads(x, targets, params, kappa, log_s, log_sk, g, softcap, tau_grad: bool):
