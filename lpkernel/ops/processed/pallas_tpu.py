@@ -69,7 +69,7 @@ class PallasTpuProcessed:
 
   def partials_and_candidates(self, x, targets, tau, softcap, k, config):
     """The row kernel's partials and group maxima, then the candidates from the
-    maxima (:func:`~lpkernel.ops.processed.xla.from_group_maxima`)."""
+    maxima (:func:`~lpkernel.ops.processed.candidates.from_group_maxima`)."""
     parts, maxima = self._rows().partials_and_lane_maxima(x, targets, tau, softcap, config.group)
     return parts, from_group_maxima(x, maxima, softcap, k, config, self.lanes)
 
