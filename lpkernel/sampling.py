@@ -200,9 +200,15 @@ def processed_logprobs_reference(
   in_range = (targets >= 0) & (targets < v)
   bad |= ~in_range
   safe = jnp.where(in_range, targets, 0)[..., None]
-  raw = jax.nn.log_softmax(y, axis=-1)
-  processed = jax.nn.log_softmax(jnp.where(keep, y, -jnp.inf), axis=-1)
+  # A row of -inf holds no possible token: every log-probability and its kept
+  # mass -inf, and no derivative (its softmaxes see zeros in its place).
+  no_mass = jnp.all(y == -jnp.inf, axis=-1, keepdims=True)
+  y_safe = jnp.where(no_mass, 0.0, y)
+  raw = jnp.where(no_mass, -jnp.inf, jax.nn.log_softmax(y_safe, axis=-1))
+  processed = jax.nn.log_softmax(jnp.where(keep | no_mass, y_safe, -jnp.inf), axis=-1)
+  processed = jnp.where(no_mass, -jnp.inf, processed)
   log_kept = jax.nn.logsumexp(jnp.where(keep, raw, -jnp.inf), axis=-1)
+  keep &= ~no_mass
   kept = jnp.take_along_axis(keep, safe, axis=-1)[..., 0] & ~bad
   z_t = jnp.take_along_axis(z, safe, axis=-1)[..., 0]
   greedy = (jnp.argmax(z, axis=-1) == targets) & (z_t > -jnp.inf) & ~bad

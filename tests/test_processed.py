@@ -112,6 +112,74 @@ def test_impossible_tokens_give_minus_inf_and_nan_rows_nan(impl):
   assert np.all(np.isfinite(np.asarray(dx)[0])) and np.all(np.isfinite(np.asarray(dx)[2]))
 
 
+@pytest.mark.parametrize("impl", ["reference", "logits", "pallas_gpu", "pallas_tpu"])
+def test_a_row_of_minus_inf_keeps_nothing_and_gives_minus_inf(impl):
+  """A row with no possible token (every logit ``-inf``): its processed and raw
+  log-probabilities and its kept mass are ``-inf`` (never NaN), it keeps
+  nothing and is not greedy, with zero derivatives, truncated or not, beside
+  rows that keep their values. (The fast paths gave NaN and kept every column
+  where nothing truncated, the reference NaN.)"""
+  x = jnp.array([[0.0, 1.0, 2.0, -1.0], [-jnp.inf] * 4, [3.0, -jnp.inf, 1.0, 0.0]], jnp.float32)
+  t = jnp.array([1, 2, 0])
+  samplers = [
+    lpk.Sampling(),
+    lpk.Sampling(temperature=0.7, top_k=2, top_p=0.9, min_p=0.05),
+    lpk.Sampling(temperature=jnp.array([0.5, 0.8, 1.2]), top_p=jnp.array([0.5, 0.9, 1.0])),
+  ]
+
+  def loss(x, sampling):
+    s = processed(impl, x, t, sampling)
+    finite = [jnp.where(jnp.isfinite(a), a, 0) for a in (s.logprobs, s.raw_logprobs)]
+    return jnp.sum(
+      finite[0] + finite[1] + jnp.where(jnp.isfinite(s.log_kept_mass), s.log_kept_mass, 0)
+    ), s
+
+  for sampling in samplers:
+    (dx, s), (_, want) = jax.jit(
+      lambda x, sampling=sampling: (
+        jax.grad(loss, has_aux=True)(x, sampling),
+        loss(x.at[1].set(0.0), sampling),
+      )
+    )(x)
+    for name in ("logprobs", "raw_logprobs", "log_kept_mass"):
+      assert float(getattr(s, name)[1]) == -np.inf, (name, sampling)
+    assert not bool(s.kept[1]) and int(s.kept_count[1]) == 0 and not bool(s.greedy[1])
+    np.testing.assert_array_equal(np.asarray(dx)[1], 0.0)
+    assert np.all(np.isfinite(np.asarray(dx)))
+    others = np.array([0, 2])  # the other rows as without it
+    np.testing.assert_allclose(s.logprobs[others], want.logprobs[others], rtol=1e-6)
+    np.testing.assert_array_equal(s.kept_count[others], want.kept_count[others])
+
+
+def test_replay_gives_nan_for_a_nan_kept_logit_and_minus_inf_for_no_mass():
+  """Replay of recorded kept ids reads only their logits: a NaN among them gives
+  NaN (it gave the NaN column's -inf treatment: a finite number), kept ids whose
+  logits are all ``-inf`` give ``-inf`` (it gave NaN), a ``-inf`` target among
+  finite ones ``-inf``; a NaN outside the kept ids is not read. Derivatives stay
+  finite (zero where the value is not finite)."""
+  x = jnp.array(
+    [
+      [0.0, 1.0, jnp.nan, 2.0],  # NaN among the kept ids
+      [0.0, 1.0, jnp.nan, 2.0],  # NaN outside them
+      [0.0, 1.0, -jnp.inf, -jnp.inf],  # the kept ids' logits all -inf
+      [3.0, -jnp.inf, 1.0, 0.0],  # a -inf target beside a finite one
+    ],
+    jnp.float32,
+  )
+  t = jnp.array([0, 0, 2, 1])
+  ids = jnp.array([[0, 2, -1], [0, 1, -1], [2, 3, -1], [0, 1, -1]])
+
+  def run(x):
+    lp = lpk.replay_token_logprobs(x, t, ids, temperature=0.8)
+    return jnp.sum(jnp.where(jnp.isfinite(lp), lp, 0)), lp
+
+  dx, lp = jax.jit(jax.grad(run, has_aux=True))(x)
+  assert np.isnan(lp[0]) and float(lp[2]) == -np.inf and float(lp[3]) == -np.inf
+  np.testing.assert_allclose(lp[1], jax.nn.log_softmax(jnp.array([0.0, 1.0]) / 0.8)[0], rtol=1e-6)
+  assert np.all(np.isfinite(np.asarray(dx)))
+  np.testing.assert_array_equal(np.asarray(dx)[[0, 2, 3]], 0.0)
+
+
 @pytest.mark.parametrize(
   "impl", [None, PALLAS_GPU_HIDDEN, PALLAS_TPU_HIDDEN], ids=["xla", "pallas_gpu", "pallas_tpu"]
 )

@@ -95,10 +95,15 @@ def _finish(parts, top, rows: S.Rows, targets, r: SamplingRows, k: int, axis, v:
   d = S.decide(top, top.shape[1] == v, params, v, parts.s)
   kappa, mass, count = S.threshold(rows, params, d, v)
   log_sk = jnp.log(mass)
-  kept = S.kept(parts.t[:, None], params, kappa)[:, 0]
-  logprobs = jnp.where(kept, P.scaled(parts.t - f.shift, tau) - log_sk, -jnp.inf)
+  # A row of -inf holds no possible token: it keeps none, its kept mass is -inf.
+  no_mass = parts.s == 0
+  count = jnp.where(no_mass, 0, count)
+  kept = S.kept(parts.t[:, None], params, kappa)[:, 0] & ~no_mass
+  impossible = ~(parts.t > -jnp.inf)  # a -inf target (NaN ones are NaN below)
+  logprobs = jnp.where(kept & ~impossible, P.scaled(parts.t - f.shift, tau) - log_sk, -jnp.inf)
   logprobs = jnp.where(jnp.isnan(f.logprob), jnp.nan, logprobs)
-  stats = ProcessedStats(logprobs, f.logprob, log_sk - f.log_s, kept, count, f.greedy)
+  log_kept_mass = jnp.where(no_mass, -jnp.inf, log_sk - f.log_s)
+  stats = ProcessedStats(logprobs, f.logprob, log_kept_mass, kept, count, f.greedy)
   return _poisoned(stats, r.bad), (params, kappa, f.log_s, log_sk, kept)
 
 

@@ -41,10 +41,13 @@ def _kept_logprobs(x_kept, ids, targets, tau, softcap, vocab_size):
   """float32[N]: the target's log-probability over its row's kept ids (plain jnp).
 
   ``x_kept [N, K]`` holds the raw logits at ``ids`` (anything where ``ids == -1``);
-  ``-inf`` when the target is not among them; NaN for an id outside ``[-1, V)``
-  or a target outside ``[0, V)``.
+  ``-inf`` when the target is not among them or its logit is ``-inf`` (also
+  where every kept logit is: no mass); NaN for an id outside ``[-1, V)``, a
+  target outside ``[0, V)`` or a NaN among the kept logits (NaN wins; the
+  columns outside the kept ids are not read).
   """
   z = P.capped(x_kept, softcap)
+  nan = jnp.any((ids >= 0) & jnp.isnan(z), axis=-1)
   finite = (ids >= 0) & (z > -jnp.inf)
   z = jnp.where(finite, z, 0.0)  # no -inf meets the temperature (its derivative would be NaN)
   shift = P.shift_of(lax.stop_gradient(jnp.max(jnp.where(finite, z, -jnp.inf), axis=-1)))
@@ -53,11 +56,12 @@ def _kept_logprobs(x_kept, ids, targets, tau, softcap, vocab_size):
   log_s = jax.nn.logsumexp(y, axis=-1)
   at_target = ids == targets[:, None]
   y_t = jnp.max(jnp.where(at_target, y, -jnp.inf), axis=-1)
-  lp = jnp.where(jnp.any(at_target, axis=-1), y_t - log_s, -jnp.inf)
+  lp = jnp.where(jnp.any(at_target, axis=-1) & (y_t > -jnp.inf), y_t - log_s, -jnp.inf)
   bad = jnp.any((ids < -1) | (ids >= vocab_size), axis=-1) | (targets < 0) | (targets >= vocab_size)
   if tau is not None:
     bad |= ~(jnp.isfinite(tau) & (tau > 0))
-  return checks.poison(lp, bad)
+  # NaN logits: NaN, with no derivative (as the processed op's NaN rows).
+  return checks.poison(jnp.where(nan, jnp.nan, lp), bad)
 
 
 def replay_token_logprobs(
@@ -79,7 +83,9 @@ def replay_token_logprobs(
     softcap: None or ``c > 0``, applied before the temperature.
 
   Returns:
-    float32[...]; ``-inf`` where the target is not among the kept ids. Equal to
+    float32[...]; ``-inf`` where the target is not among the kept ids (or its
+    logit, or every kept logit, is ``-inf``); NaN where a kept logit is NaN
+    (only the kept ids' logits are read). Equal to
     :func:`lpkernel.processed_token_stats`' ``logprobs`` when ``kept_ids`` is the
     processed kept set.
   """
