@@ -78,11 +78,47 @@ def shift_of(m: jax.Array) -> jax.Array:
   return finite_or_zero(m)
 
 
+# tanh(y) = y + y**3 q(y**2) on |y| < _TANH_SMALL: q a minimax polynomial
+# (relative error under 5e-9), coefficients from s**0 up.
+_TANH_SMALL = 0.625
+_TANH_Q = (-0.33333284410815744, 0.133314849843449, -0.053742077920945146, 0.020644166172266804,
+           -0.005708570191834194)  # fmt: skip
+
+
+@jax.jit
+def monotone_tanh(y: jax.Array) -> jax.Array:
+  """float32 ``tanh(y)``, non-decreasing in ``y`` (within 1.4 ulp of the exact
+  value; -inf, inf, NaN as ``tanh``'s).
+
+  Softcap's ``tanh``: XLA's float32 ``tanh`` keeps the order of its arguments
+  only up to a few ulp (on the CPU one adjacent pair of floats in five, from
+  0.5 to 8, decreases), and the sampler's rules (top-k, min-p, the first argmax)
+  read the order of the capped logits: a row's largest capped logit must be
+  the cap of its largest logit. Here ``|y| >= 0.625`` gives ``1 - 2 / (exp(2
+  |y|) + 1)``, non-decreasing wherever ``exp`` is (each step is one correctly
+  rounded operation); below, an odd polynomial whose correction is a small
+  fraction of ``y``. Checked on every float32 from 0 to 12 on XLA:CPU. Each
+  branch takes a clamped argument, so derivatives by autodiff stay finite. One
+  jitted function, so an eager call rounds as a compiled program does (XLA
+  contracts the polynomial's multiply-adds where they are fused)."""
+  y = y.astype(_F32)
+  a = jnp.abs(y)
+  ys = jnp.clip(y, -_TANH_SMALL, _TANH_SMALL)
+  s = ys * ys
+  q = functools.reduce(lambda acc, c: acc * s + c, _TANH_Q[-2::-1], jnp.asarray(_TANH_Q[-1], _F32))
+  small = ys + ys * s * q
+  # exp(32) is finite; past |y| = 9.1 the quotient rounds to 1 anyway.
+  large = 1.0 - 2.0 / (jnp.exp(2.0 * jnp.minimum(a, 16.0)) + 1.0)
+  return jnp.where(a < _TANH_SMALL, small, jnp.where(y < 0, -large, large))
+
+
 def capped(x: jax.Array, softcap: float | None) -> jax.Array:
-  """``z = softcap(x)`` in float32; ``-inf`` stays ``-inf`` under softcap."""
+  """``z = softcap(x) = softcap * tanh(x / softcap)`` in float32
+  (:func:`monotone_tanh`, so ``z`` keeps the order of ``x``); ``-inf`` stays
+  ``-inf`` under softcap."""
   z = x.astype(_F32)
   if softcap is not None:
-    z = jnp.where(z == -jnp.inf, -jnp.inf, softcap * jnp.tanh(z / softcap))
+    z = jnp.where(z == -jnp.inf, -jnp.inf, softcap * monotone_tanh(z / softcap))
   return z
 
 
@@ -96,7 +132,7 @@ def transform_grad(x: jax.Array, tau: jax.Array | None, softcap: float | None) -
   """``dy / dx`` of ``y = softcap(x) / tau`` elementwise (a Python 1.0 when neither applies)."""
   d: jax.Array | float = 1.0
   if softcap is not None:
-    d = 1.0 - jnp.square(jnp.tanh(x.astype(_F32) / softcap))
+    d = 1.0 - jnp.square(monotone_tanh(x.astype(_F32) / softcap))
   if tau is not None:
     d = d / tau
   return d

@@ -134,13 +134,19 @@ def nucleus_floor(w: jax.Array, values: jax.Array, p: jax.Array) -> jax.Array:
   return jnp.where(p >= 1, -jnp.inf, jnp.minimum(least, values[..., 0]))
 
 
-def kept_mask(y: jax.Array, sampling: Sampling) -> jax.Array:
+def kept_mask(y: jax.Array, sampling: Sampling, order: jax.Array | None = None) -> jax.Array:
   """bool[..., V]: the kept set of temperature-scaled logits rows ``y`` under
   min-p, then top-k, then top-p (the tie rule above); a constant (no derivative).
+
+  ``order`` (float[..., V], default ``y``): the values whose order and ties
+  decide top-k and top-p, where ``y`` is computed from them by a rounding that
+  may merge neighbours (the reference passes the capped logits ``z`` for ``y =
+  (z - shift) / tau``: equal means equal capped logits).
 
   Sorts each row: the reference's way, with ``[..., V]`` temporaries.
   """
   y = jax.lax.stop_gradient(y)
+  order = y if order is None else jax.lax.stop_gradient(order)
   v = y.shape[-1]
   batch = y.shape[:-1]
   k = _per_row(sampling.top_k, batch, jnp.int32)[..., None]
@@ -150,17 +156,17 @@ def kept_mask(y: jax.Array, sampling: Sampling) -> jax.Array:
   prob = jnp.exp(y - m)  # relative to the largest: min-p compares these with min_p
   keep = prob >= min_p
   # top-k: at least the k-th largest value (ties at the boundary kept); off for k <= 0 or >= V.
-  ranked = jnp.sort(jnp.where(keep, y, -jnp.inf), axis=-1)  # ascending
+  ranked = jnp.sort(jnp.where(keep, order, -jnp.inf), axis=-1)  # ascending
   kth = jnp.take_along_axis(ranked, jnp.clip(v - k, 0, v - 1), axis=-1)
-  keep &= (k <= 0) | (k >= v) | (y >= kth)
+  keep &= (k <= 0) | (k >= v) | (order >= kth)
   # top-p over the survivors' renormalised mass: dropped iff the mass at or below it is <= 1 - p.
   survivors = jnp.where(keep, prob, 0.0)
   mass = survivors / jnp.sum(survivors, axis=-1, keepdims=True)
-  order = jnp.argsort(-y, axis=-1, stable=True)  # descending
+  ranks = jnp.argsort(-order, axis=-1, stable=True)  # descending
   least = nucleus_floor(
-    jnp.take_along_axis(mass, order, axis=-1), jnp.take_along_axis(y, order, axis=-1), p[..., 0]
+    jnp.take_along_axis(mass, ranks, axis=-1), jnp.take_along_axis(order, ranks, axis=-1), p[..., 0]
   )
-  return keep & (y >= least[..., None])
+  return keep & (order >= least[..., None])
 
 
 def processed_logprobs_reference(
@@ -196,7 +202,7 @@ def processed_logprobs_reference(
   bad = bad.reshape(batch) | jnp.any(jnp.isnan(z), axis=-1)  # NaN wins
   shift = P.shift_of(jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True)))
   y = P.scaled(z - shift, tau[..., None])  # shift before scale
-  keep = kept_mask(y, sampling)
+  keep = kept_mask(y, sampling, order=z)  # equal: equal capped logits
   in_range = (targets >= 0) & (targets < v)
   bad |= ~in_range
   safe = jnp.where(in_range, targets, 0)[..., None]

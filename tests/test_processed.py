@@ -151,25 +151,65 @@ def test_a_row_of_minus_inf_keeps_nothing_and_gives_minus_inf(impl):
     np.testing.assert_array_equal(s.kept_count[others], want.kept_count[others])
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
-def test_candidates_are_descending_after_a_saturated_softcap(dtype):
-  """Logits far past the softcap (bfloat16 values of scale 20, cap 7): XLA's
-  float32 ``tanh`` keeps their order only up to an ulp, so the capped values of
-  the raw logits' largest (the CPU kernels choose by raw values) are not
-  descending, and the decisions read them as sorted; they are sorted again
-  after capping. (Randomised against the reference under XLA's default flags,
-  processed rows with other kept sets than the reference's fell from 188 to 25
-  in about 3500 batches; the rest is left open.)"""
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(64, 1000)) * 20, jnp.bfloat16).astype(dtype)
-  t = jnp.argmax(x, -1)
-  first = jax.jit(
-    lambda x: lpk.XlaProcessed().partials_and_candidates(x, t, None, 7.0, 64, lpk.ProcessedConfig())
+def _saturated_rows(v: int) -> tuple[np.ndarray, np.ndarray]:
+  """float32 rows ``[8, v]`` and targets ``[8]`` past a softcap of 7 where capped
+  logits tie or lie an ulp apart (see the test below)."""
+  rng = np.random.default_rng(1)
+  # An adjacent pair x1 < x2 that XLA's float32 tanh orders the other way (one
+  # pair in five here), else any adjacent pair.
+  xs = (np.float32(38.0).view(np.int32) + np.arange(1 << 14, dtype=np.int32)).view(np.float32)
+  capped = np.asarray(jax.jit(lambda x: 7.0 * jnp.tanh(x / 7.0))(xs))
+  i = int(np.argmax(np.diff(capped) < 0))
+  x1, x2 = xs[i], xs[i + 1]
+  x = rng.normal(size=(8, v)).astype(np.float32) * 2
+  t = rng.integers(0, v, 8)
+  x[0, 10], x[0, 20], t[0] = x2, x1, 10  # the largest logit, and a smaller one
+  x[1, :62] = np.linspace(x2 + 1, x2 + 9, 62)  # then x2, x1 at ranks 63 and 64
+  x[1, 100], x[1, 200], t[1] = x2, x1, 200
+  x[2, 0], x[2, 1], x[2, 2], t[2] = 70.0, -80.0, -62.0, 1  # caps 7, -7 and -7 + 1 ulp
+  x[3:] = np.round(rng.normal(size=(5, v)) * 20 * 4) / 4  # coarse: ties
+  x[4, :5] = x[4].max()
+  t[3:] = np.where(rng.random(5) < 0.5, np.argmax(x[3:], -1), t[3:])
+  return x, t
+
+
+@pytest.mark.parametrize("impl", ["logits", "pallas_gpu", "pallas_tpu", "hidden"])
+def test_a_saturated_softcap_keeps_the_references_sets(impl):
+  """Logits far past the softcap (cap 7), where capped logits tie or lie an ulp
+  apart: the kept sets, their sizes and the greedy flags are the reference's,
+  ties meaning equal capped logits; the candidates are each row's largest
+  capped values exactly. XLA's float32 ``tanh`` is not monotone (the larger
+  of an adjacent pair x1 < x2 may cap an ulp lower; the library's tie), and
+  the fast paths read order from raw logits (the CPU kernels choose candidates
+  by them, the row max is the cap of the largest logit): with it x2 was greedy
+  and min-p 1 kept both where the reference kept x1 (row 0), top-k 64 kept 65
+  (row 1: x1 65th by raw value); and the reference ranked values after the
+  shift, where ``-7 - 7`` and its neighbour's round alike, so top-k V - 1 kept
+  V (row 2). Randomised batches like rows 3-7 kept other sets than the
+  reference's in 25 of 3500."""
+  v = 1000
+  x, t = map(jnp.asarray, _saturated_rows(v))
+  sampling = lpk.Sampling(
+    jnp.array([1.0, 0.7, 2.0, 0.25, 1.0, 0.7, 2.0, 0.25]),
+    jnp.array([0, 64, v - 1, 2, 63, 0, 0, v - 1]),
+    jnp.array([1.0, 1.0, 1.0, 1.0, 0.999, 0.5, 0.9, 1.0]),
+    jnp.array([1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]),
   )
-  top = np.asarray(first(x)[1])
-  assert np.all(np.diff(top, axis=1) <= 0)
-  want = -np.sort(-np.asarray(lpk.partials.capped(x, 7.0)), axis=1)[:, :64]
-  np.testing.assert_allclose(top, want, rtol=0, atol=2e-6)  # the K largest, up to an ulp
+  want = jax.jit(lambda x: processed("reference", x, t, sampling, 7.0))(x)
+  got = jax.jit(lambda x: processed(impl, x, t, sampling, 7.0))(x)
+  np.testing.assert_array_equal(got.kept_count, want.kept_count)
+  np.testing.assert_array_equal(got.kept, want.kept)
+  np.testing.assert_array_equal(got.greedy, want.greedy)
+  np.testing.assert_allclose(got.log_kept_mass, want.log_kept_mass, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(want.kept_count[:3], [2, 64, v - 1])  # x1, x2 tie; -7 alone
+  if impl == "logits":
+    first = jax.jit(
+      lambda x: lpk.XlaProcessed().partials_and_candidates(
+        x, t, None, 7.0, 64, lpk.ProcessedConfig()
+      )
+    )
+    want_top = -np.sort(-np.asarray(lpk.partials.capped(x, 7.0)), axis=1)[:, :64]
+    np.testing.assert_array_equal(np.asarray(first(x)[1]), want_top)
 
 
 def test_replay_gives_nan_for_a_nan_kept_logit_and_minus_inf_for_no_mass():

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from lpkernel import partials as P
 from lpkernel.checks import poison
 from lpkernel.types import TokenStats
 
@@ -54,7 +55,7 @@ def _rows(logits, temperature, softcap) -> _Rows:
   impossible = x == -jnp.inf
   x = jnp.where(impossible, 0.0, x)  # and again below: no 0 * inf in any derivative
   if softcap is not None:
-    x = softcap * jnp.tanh(x / softcap)
+    x = softcap * P.monotone_tanh(x / softcap)
   z = jnp.where(impossible, -jnp.inf, x)
   m = jnp.max(z, axis=-1)
   shift = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))

@@ -160,19 +160,8 @@ def from_group_maxima(x, maxima, softcap, k: int, config: ProcessedConfig, lanes
 
   if lanes != 1 or not compiled(x.dtype):
     return gathered()
-  # The kernel chooses the groups by the capped maxima: capping keeps the order
-  # (up to an ulp: see capped_descending).
-  return on_cpu_or(lambda: capped_descending(groups_top_k(xs, maxima, g, k), softcap), gathered)
-
-
-def capped_descending(top: jax.Array, softcap) -> jax.Array:
-  """float32[N, K]: the raw logits' ``K`` largest values ``top`` capped, in
-  descending order again: XLA's float32 ``tanh`` keeps the order only up to an
-  ulp (about one adjacent pair of floats in five decreases by one), and the
-  decisions read the candidates as sorted."""
-  if softcap is None:
-    return top
-  return top_k(P.capped(top, softcap), top.shape[1])[0]
+  # The kernel chooses by raw values: capping keeps their order (P.monotone_tanh).
+  return on_cpu_or(lambda: P.capped(groups_top_k(xs, maxima, g, k), softcap), gathered)
 
 
 def _hidden_values(h, w_rows, precision, softcap, dot_dtype):

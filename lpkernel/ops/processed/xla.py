@@ -123,7 +123,7 @@ class XlaProcessed:
 
     def one_read():
       maxima, top = maxima_and_top_k(xs, config.group, k)
-      return partials(maxima), C.capped_descending(top, softcap)
+      return partials(maxima), P.capped(top, softcap)
 
     def two_reads():
       maxima = _logits_group_maxima(xs, config.group, config.sweep_block)
