@@ -89,7 +89,8 @@ def test_long_rows_on_many_threads(dtype, n, k):
 )
 def test_groups_top_k_from_the_group_maxima_is_lax_top_k(data, rows, n, group, dtype, softcap):
   """Each row's ``k`` largest values from the row and XLA's group maxima (a short
-  last group), the row's own or capped ones (the groups are chosen by them):
+  last group), the row's own (taken as values of their groups, or read again)
+  or capped ones (the groups are chosen by them):
   ``lax.top_k``'s values bit for bit; ties, NaN of both signs, signed zeros,
   infinities and negative subnormals (XLA:CPU flushes them in its maxima)
   included."""
@@ -97,11 +98,12 @@ def test_groups_top_k_from_the_group_maxima_is_lax_top_k(data, rows, n, group, d
   a = data.draw(hnp.arrays(np.float32, (rows, n), elements=st.one_of(special, st.floats(-5, 5))))
   a = jnp.asarray(a, dtype)
   k = data.draw(st.integers(1, n))
+  held = softcap is None and data.draw(st.booleans())  # own maxima, read as such or again
 
   @jax.jit
   def got(a):
     maxima = P.capped(_logits_group_maxima(a, group, 512), softcap)
-    return cpu_top_k.groups_top_k(a, maxima, group, k)
+    return cpu_top_k.groups_top_k(a, maxima, group, k, held)
 
   want = lax.top_k(a.astype(jnp.float32), k)[0]
   np.testing.assert_array_equal(_bits(got(a)), _bits(want))
@@ -134,7 +136,7 @@ def test_a_nan_group_hides_no_larger_value(own_maxima):
       if own_maxima:
         top = cpu_top_k.maxima_and_top_k(a, 2, k)[1]
       else:
-        top = cpu_top_k.groups_top_k(a, _logits_group_maxima(a, 2, 512), 2, k)
+        top = cpu_top_k.groups_top_k(a, _logits_group_maxima(a, 2, 512), 2, k, True)
       np.testing.assert_array_equal(_bits(top), _bits(lax.top_k(a, k)[0]), err_msg=f"{nan} {k}")
 
 

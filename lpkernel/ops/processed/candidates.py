@@ -161,7 +161,8 @@ def from_group_maxima(x, maxima, softcap, k: int, config: ProcessedConfig, lanes
   if lanes != 1 or not compiled(x.dtype):
     return gathered()
   # The kernel chooses by raw values: capping keeps their order (P.monotone_tanh).
-  return on_cpu_or(lambda: P.capped(groups_top_k(xs, maxima, g, k), softcap), gathered)
+  held = softcap is None  # the maxima are the groups' own, not capped
+  return on_cpu_or(lambda: P.capped(groups_top_k(xs, maxima, g, k, held), softcap), gathered)
 
 
 def _hidden_values(h, w_rows, precision, softcap, dot_dtype):

@@ -175,10 +175,11 @@ class RowGroupsTopK {
   explicit RowGroupsTopK(int64_t k)
       : k_(k), capacity_(4 * k), keys_(4 * k + 4), ranks_(4 * k + 4), sorted_(k + 5) {}
 
-  // The row's k largest values, descending, into values[0, k).
+  // The row's k largest values, descending, into values[0, k). `held`: the
+  // maxima are the groups' own (Scan).
   template <typename T, typename M>
   void Run(const T* x, int64_t n, const M* mx, int64_t g, int64_t group, float* values,
-           bool held = false) {
+           bool held) {
     Choose(x, n, mx, g, group);
     Scan(x, n, group, held);
     Finish(values);
@@ -302,16 +303,17 @@ class RowGroupsTopK {
 
   // The chosen groups' values at least the first bar into keys_: with k or more
   // groups, the least of their own maxima (each holds a value at least it).
-  // Maxima that are values of their groups (`held`: GroupMaxima's, but not a
-  // NaN, which jnp.max gives for a group holding any) give it as they are;
-  // others (XLA's, whose flushed subnormals may not be values of the row) are
-  // taken again from the groups.
+  // The groups' own maxima (`held`: GroupMaxima's, or jnp.max's of the row)
+  // give it as they are where they are normal numbers; others are taken again
+  // from the groups (a NaN, which jnp.max gives for a group holding any; a
+  // zero or subnormal, which XLA's flushed comparisons may not take from the
+  // row; an increasing function of the maxima, e.g. capped ones).
   template <typename T>
   void Scan(const T* x, int64_t n, int64_t group, bool held) {
     int32_t bar = count_ >= k_ ? INT32_MAX : INT32_MIN;
     for (int64_t c = 0; c < count_ && bar != INT32_MIN; ++c) {
       float held_max = SignedKeyValue(maxima_[chosen_[c]]);
-      if (held && held_max == held_max) {
+      if (held && std::fabs(held_max) >= std::numeric_limits<float>::min()) {  // not NaN
         bar = std::min(bar, maxima_[chosen_[c]]);
         continue;
       }
@@ -417,24 +419,27 @@ ffi::Error TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer
 
 template <typename T, typename M>
 void RowsGroupsTopK(ffi::ThreadPool& pool, const T* x, int64_t rows, int64_t n, const M* mx,
-                    int64_t g, int64_t group, int64_t k, float* values) {
+                    int64_t g, int64_t group, int64_t k, bool held, float* values) {
   ParallelRows(pool, rows, g + 2 * k * group, [=](int64_t lo, int64_t hi) {
     RowGroupsTopK top(k);
-    for (int64_t r = lo; r < hi; ++r) top.Run(x + r * n, n, mx + r * g, g, group, values + r * k);
+    for (int64_t r = lo; r < hi; ++r) {
+      top.Run(x + r * n, n, mx + r * g, g, group, values + r * k, held);
+    }
   });
 }
 
 template <typename T>
 ffi::Error GroupsTopKOf(ffi::ThreadPool& pool, const T* x, int64_t rows, int64_t n,
-                        ffi::AnyBuffer mx, int64_t g, int64_t group, int64_t k, float* values) {
+                        ffi::AnyBuffer mx, int64_t g, int64_t group, int64_t k, bool held,
+                        float* values) {
   switch (mx.element_type()) {
     case ffi::DataType::F32:
       RowsGroupsTopK(pool, x, rows, n, static_cast<const float*>(mx.untyped_data()), g, group, k,
-                     values);
+                     held, values);
       return ffi::Error::Success();
     case ffi::DataType::BF16:
       RowsGroupsTopK(pool, x, rows, n, static_cast<const uint16_t*>(mx.untyped_data()), g, group, k,
-                     values);
+                     held, values);
       return ffi::Error::Success();
     default:
       return ffi::Error::InvalidArgument("groups_top_k: maxima float32 or bfloat16");
@@ -442,9 +447,10 @@ ffi::Error GroupsTopKOf(ffi::ThreadPool& pool, const T* x, int64_t rows, int64_t
 }
 
 // x [..., n] float32 or bfloat16; maxima [..., ceil(n / group)] float32 or
-// bfloat16; values [..., k], k at most n.
+// bfloat16 (held: 1 where they are the groups' own, as jnp.max gives them, 0
+// for an increasing function of them); values [..., k], k at most n.
 ffi::Error GroupsTopK(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer maxima,
-                      ffi::ResultBuffer<ffi::F32> values, int64_t group) {
+                      ffi::ResultBuffer<ffi::F32> values, int64_t group, int64_t held) {
   auto dims = x.dimensions();
   if (dims.size() == 0 || maxima.dimensions().size() == 0 || group < 1) {
     return ffi::Error::InvalidArgument("groups_top_k: x [..., n], maxima [..., g], group >= 1");
@@ -460,10 +466,10 @@ ffi::Error GroupsTopK(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer max
   switch (x.element_type()) {
     case ffi::DataType::F32:
       return GroupsTopKOf(pool, static_cast<const float*>(x.untyped_data()), rows, n, maxima, g,
-                          group, k, v);
+                          group, k, held != 0, v);
     case ffi::DataType::BF16:
       return GroupsTopKOf(pool, static_cast<const uint16_t*>(x.untyped_data()), rows, n, maxima,
-                          g, group, k, v);
+                          g, group, k, held != 0, v);
     default:
       return ffi::Error::InvalidArgument("groups_top_k: float32 or bfloat16");
   }
@@ -562,7 +568,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LpkernelGroupsTopK, GroupsTopK,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("group"));
+                                  .Attr<int64_t>("group")
+                                  .Attr<int64_t>("held"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LpkernelMaximaTopK, MaximaTopK,
                               ffi::Ffi::Bind()

@@ -65,19 +65,21 @@ def compiled(dtype) -> bool:
   return jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16) and available()
 
 
-def groups_top_k(x: jax.Array, maxima: jax.Array, group: int, k: int) -> jax.Array:
+def groups_top_k(x: jax.Array, maxima: jax.Array, group: int, k: int, held: bool) -> jax.Array:
   """float32[N, k]: the ``k`` largest values of ``x [N, n]`` (float32 or bfloat16,
   read in place), descending, as ``lax.top_k``'s, given its groups' maxima
   ``maxima [N, ceil(n / group)]`` (float32 or bfloat16; group ``j``: columns
-  ``[j * group, (j + 1) * group)``), or an increasing function of them (capped
-  logits'). Only the groups whose maximum is at least the ``k``-th largest are
-  read (prefetched: they are scattered over the row), and the least of their
-  own maxima is the first bar, so few values enter the buffer. A program for
-  the CPU only (where :func:`compiled`); the caller chooses it with
+  ``[j * group, (j + 1) * group)``): ``held``, the groups' own maxima as
+  ``jnp.max`` gives them, else an increasing function of them (capped
+  logits'), which the kernel takes again from the groups it reads. Only the
+  groups whose maximum is at least the ``k``-th largest are read (prefetched:
+  they are scattered over the row), and the least of their own
+  maxima is the first bar, so few values enter the buffer. A program for the
+  CPU only (where :func:`compiled`); the caller chooses it with
   :func:`lpkernel.ops.platform.on_cpu_or`."""
   out = jax.ShapeDtypeStruct((x.shape[0], k), jnp.float32)
   call = jax.ffi.ffi_call("lpkernel_cpu_groups_top_k", out, vmap_method="broadcast_all")
-  return call(x, maxima, group=np.int64(group))
+  return call(x, maxima, group=np.int64(group), held=np.int64(held))
 
 
 def maxima_and_top_k(x: jax.Array, group: int, k: int) -> tuple[jax.Array, jax.Array]:
