@@ -45,7 +45,12 @@ def parse_args(argv=None):
   p.add_argument("--suite", choices=sorted(SUITES), default="default")
   p.add_argument("--methods", nargs="*", help=f"subset of {[m.name for m in methods_lib.METHODS]}")
   p.add_argument("--passes", nargs="*", choices=PASSES, default=list(PASSES))
-  p.add_argument("--repeats", type=int, default=3, help="timed runs per row (after 1 warm-up)")
+  p.add_argument(
+    "--repeats",
+    type=int,
+    default=3,
+    help="timed runs per row, at least (after a warm-up; fast rows: 0.2 s of runs, up to 30)",
+  )
   p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
   p.add_argument(
     "--allocator",
