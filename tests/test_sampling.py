@@ -185,6 +185,23 @@ def test_tokens_equal_to_the_top_p_boundary_share_its_fate(ties, p, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("tau", [1.0, 0.7])
+def test_equal_means_equal_logits_before_the_shift_and_temperature(impl, tau):
+  """-8 and the float above it are distinct logits, but ``z - 8`` rounds both to
+  -16 (and the temperature may merge others): top-k 4 of five keeps four, as
+  every path compares the logits themselves (the reference ranked ``(z - max)
+  / tau`` and kept five). ``kept_mask`` ranks by ``order`` where given."""
+  above = np.nextafter(np.float32(-8.0), np.float32(0.0))
+  row = jnp.asarray([[8.0, 1.0, 0.0, above, -8.0]], jnp.float32)
+  assert float(row[0, 3] - 8.0) == float(row[0, 4] - 8.0)  # merged by the shift
+  s = processed(impl, row, jnp.array([3]), Sampling(temperature=tau, top_k=4))
+  assert int(s.kept_count[0]) == 4 and bool(s.kept[0])
+  y = (row - 8.0) / tau
+  np.testing.assert_array_equal(kept_mask(y, Sampling(top_k=4), order=row)[0], [1, 1, 1, 1, 0])
+  assert int(jnp.sum(kept_mask(y, Sampling(top_k=4)))) == 5  # ranked by y, ties kept
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_a_nucleus_below_float32_rounding_keeps_the_most_likely_token(impl):
   """``1 - p`` rounds to 1 in float32, above every sum of the renormalised mass
   that rounds under it: top-p still keeps the most likely token (vLLM's
