@@ -97,7 +97,7 @@ def monotone_tanh(y: jax.Array) -> jax.Array:
   the cap of its largest logit. Here ``|y| >= 0.625`` gives ``1 - 2 / (exp(2
   |y|) + 1)``, non-decreasing wherever ``exp`` is (each step is one correctly
   rounded operation); below, an odd polynomial whose correction is a small
-  fraction of ``y``. Checked on every float32 from 0 to 12 on XLA:CPU. Each
+  fraction of ``y``. Checked on every float32 up to 1e38 on XLA:CPU. Each
   branch takes a clamped argument, so derivatives by autodiff stay finite. One
   jitted function, so an eager call rounds as a compiled program does (XLA
   contracts the polynomial's multiply-adds where they are fused)."""
