@@ -24,7 +24,8 @@
 Before them (about a second): softcap's ``tanh``
 (:func:`lpkernel.partials.monotone_tanh`) never decreases over every float32
 from 0 to 12 on the device (its ``exp`` and division are the device's), beside
-XLA's own ``tanh``'s count of decreases.
+XLA's own ``tanh``'s count of decreases, nor ``exp`` over [-104, 0] (min-p and
+the kept sets read its order).
 
 Writes ``gpu-kernels-<stamp>.json`` to ``--out``.
 """
@@ -63,8 +64,9 @@ def _max_err(got: list, want: list) -> float:
   return max((float(jnp.nanmax(jnp.abs(a - b))) for a, b in pairs), default=0.0)
 
 
-def _check_softcap_order(out: dict) -> None:
-  """Decreases of softcap's ``tanh`` and XLA's over consecutive float32 in [0, 12)."""
+def _check_monotone(out: dict) -> None:
+  """Decreases over consecutive float32: of softcap's ``tanh`` and XLA's on [0,
+  12), and of ``exp`` on [-104, 0] (min-p and the kept sets read its order)."""
   from lpkernel.partials import monotone_tanh
 
   chunk = 1 << 25
@@ -72,17 +74,19 @@ def _check_softcap_order(out: dict) -> None:
   @jax.jit
   def decreases(start, f_id):
     bits = start + lax.iota(jnp.int32, chunk + 1)  # one past: pairs across chunks
-    y = lax.bitcast_convert_type(bits, jnp.float32)
-    t = lax.switch(f_id, [monotone_tanh, jnp.tanh], y)
-    return jnp.sum((t[1:] < t[:-1]) & (y[1:] < 12.0), dtype=jnp.int32)
+    y = lax.bitcast_convert_type(bits, jnp.float32)  # increasing bits: |y| increasing
+    t = lax.switch(f_id, [monotone_tanh, jnp.tanh, lambda y: -jnp.exp(y)], y)
+    return jnp.sum((t[1:] < t[:-1]) & (jnp.abs(y[1:]) <= jnp.where(f_id == 2, 104.0, 12.0)),
+                   dtype=jnp.int32)  # fmt: skip
 
-  end = int(np.float32(12.0).view(np.int32))
-  for f_id, name in enumerate(["softcap_tanh", "xla_tanh"]):
-    total = sum(int(decreases(jnp.int32(lo), f_id)) for lo in range(0, end, chunk))
-    out[f"{name}_decreases_0_to_12"] = total
-    print(name, "decreases over every float32 in [0, 12):", total, flush=True)
-  if out["softcap_tanh_decreases_0_to_12"]:  # recorded; the kernels' checks still run
-    print("FAIL: softcap's tanh decreases on this device", flush=True)
+  ranges = {"softcap_tanh": (0.0, 12.0), "xla_tanh": (0.0, 12.0), "exp": (-0.0, -104.0)}
+  for f_id, (name, (lo, hi)) in enumerate(ranges.items()):
+    start, end = (int(np.float32(b).view(np.int32)) for b in (lo, hi))
+    total = sum(int(decreases(jnp.int32(a), f_id)) for a in range(start, end, chunk))
+    out[f"{name}_decreases"] = total
+    print(name, f"decreases over every float32 from {lo} to {hi}:", total, flush=True)
+  if out["softcap_tanh_decreases"] or out["exp_decreases"]:  # recorded; the checks run on
+    print("FAIL: softcap's tanh or exp is not monotone on this device", flush=True)
 
 
 def _check(out: dict) -> None:
@@ -450,7 +454,7 @@ def main(argv=None):
   stamp = time.strftime("%Y%m%d-%H%M%S")
   path = f"{args.out}/gpu-kernels-{stamp}.json"
   sections = [
-    *([] if args.skip_checks else [_check_softcap_order, _check_fused]),
+    *([] if args.skip_checks else [_check_monotone, _check_fused]),
     lambda out: _time_fused(out, min(args.repeats, 10)),
     *([] if args.skip_checks else [_check]),
     lambda out: _time(out, args.repeats),
