@@ -667,8 +667,8 @@ def test_xlas_own_steps_give_the_compiled_kernels_numbers(monkeypatch, dtype):
   """Without the compiled CPU kernels (a machine without a compiler, and the
   programs for a GPU or TPU: XLA's top-k, gather and merge tree, and its
   bisection for the rows the candidates leave open), the same kept sets and
-  values, from logits (ties, a NaN row, softcap: XLA's tanh may round an ulp
-  apart in another fusion) and from hidden states (groups gathered)."""
+  values, from logits (ties, a NaN row, softcap: its polynomial may round an
+  ulp apart in another fusion) and from hidden states (groups gathered)."""
   from lpkernel.ops.processed import cpu_search, cpu_top_k
 
   rng = np.random.default_rng(7)
