@@ -73,9 +73,9 @@ def groups_top_k(x: jax.Array, maxima: jax.Array, group: int, k: int, held: bool
   ``jnp.max`` gives them, else an increasing function of them (capped
   logits'), which the kernel takes again from the groups it reads. Only the
   groups whose maximum is at least the ``k``-th largest are read (prefetched:
-  they are scattered over the row), and the least of their own
-  maxima is the first bar, so few values enter the buffer. A program for the
-  CPU only (where :func:`compiled`); the caller chooses it with
+  they are scattered over the row), and the least of their own maxima is the
+  first bar, so few values enter the buffer. A program for the CPU only (where
+  :func:`compiled`); the caller chooses it with
   :func:`lpkernel.ops.platform.on_cpu_or`."""
   out = jax.ShapeDtypeStruct((x.shape[0], k), jnp.float32)
   call = jax.ffi.ffi_call("lpkernel_cpu_groups_top_k", out, vmap_method="broadcast_all")
