@@ -208,12 +208,20 @@ def test_chunk_choice_divides_vocab(v, chunk):
   assert ChunkConfig().chunk(v) == chunk
 
 
-def test_softcap_tanh_is_monotone_odd_and_within_one_and_a_half_ulp():
+def test_softcap_tanh_is_monotone_odd_and_within_its_rounding_bound():
   """Softcap's ``tanh`` (:func:`lpkernel.partials.monotone_tanh`) on every float32
   of windows where XLA's own float32 ``tanh`` decreases (one adjacent pair in
   five from 0.5 to 8 on the CPU), across the switch between its two branches
-  and into saturation: never decreasing, exactly odd, within 1.5 ulp of the
-  float64 ``tanh``; its autodiff derivative ``1 - tanh**2``, finite everywhere."""
+  and into saturation: never decreasing, exactly odd, within 2.1 ulp of the
+  float64 ``tanh``; its autodiff derivative ``1 - tanh**2``, finite everywhere.
+
+  The bound is its roundings', given an ``exp`` within 1 ulp: from |y| = 0.625,
+  ``t = 1 - q`` with ``q = 2 / (exp(2|y|) + 1) <= 0.445`` and ``t`` in [0.555,
+  1), whose ulp is the unit roundoff u: ``exp``'s 2u relative through ``q``
+  (at most ``2e / (e + 1)**2 <= 0.346`` of it: 0.69), the add's and the
+  divide's u each (0.89), the subtraction's 0.5: 2.08 ulp; below, the
+  polynomial's last add (0.5) and its correction's few roundings of under a
+  tenth of ``y``. (Measured on XLA:CPU over every float32: 1.33.)"""
   from lpkernel.partials import monotone_tanh
 
   f = jax.jit(monotone_tanh)
@@ -227,7 +235,7 @@ def test_softcap_tanh_is_monotone_odd_and_within_one_and_a_half_ulp():
   assert np.all(np.diff(t) >= 0)
   np.testing.assert_array_equal(np.asarray(f(jnp.asarray(-y))), -t)
   ulp = np.spacing(np.abs(t)).astype(np.float64)
-  assert np.max(np.abs(t - np.tanh(y.astype(np.float64))) / np.maximum(ulp, 1e-45)) <= 1.5
+  assert np.max(np.abs(t - np.tanh(y.astype(np.float64))) / np.maximum(ulp, 1e-45)) <= 2.1
   assert np.isnan(f(jnp.float32(np.nan)))
   d = np.asarray(jax.jit(jax.vmap(jax.grad(monotone_tanh)))(jnp.asarray(y)))
   np.testing.assert_allclose(d, 1 - np.tanh(y.astype(np.float64)) ** 2, rtol=1e-5, atol=1e-7)

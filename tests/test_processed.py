@@ -200,7 +200,8 @@ def test_a_saturated_softcap_keeps_the_references_sets(impl):
   np.testing.assert_array_equal(got.kept_count, want.kept_count)
   np.testing.assert_array_equal(got.kept, want.kept)
   np.testing.assert_array_equal(got.greedy, want.greedy)
-  np.testing.assert_allclose(got.log_kept_mass, want.log_kept_mass, rtol=1e-5, atol=1e-6)
+  # Two float32 sums of up to 1000 exps each, in other orders than the reference's.
+  np.testing.assert_allclose(got.log_kept_mass, want.log_kept_mass, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(want.kept_count[:3], [2, 64, v - 1])  # x1, x2 tie; -7 alone
   if impl == "logits":
     first = jax.jit(
