@@ -54,6 +54,7 @@ def _rows(z, min_p, by_count, share, floor_share):
   set, gap): ``share`` each row's ``k`` or ``p``; floors at keys of the row
   (``floor_share`` of the way up its sorted keys; 0 where negative)."""
   z = np.asarray(z, np.float32)
+  share = np.asarray(share, np.float32)  # as the search is given it
   key = _keys(z)
   top = np.max(z, axis=1, keepdims=True)
   e = np.exp(np.where(np.isfinite(top), z - top, -np.inf)).astype(np.float32)
@@ -61,7 +62,7 @@ def _rows(z, min_p, by_count, share, floor_share):
   for r in range(z.shape[0]):
     ordered = np.sort(key[r])
     f = ordered[int(floor_share[r] * (len(ordered) - 1))] if floor_share[r] >= 0 else 0
-    k, g = _oracle(key[r], e[r], f, share[r], min_p[r], by_count)
+    k, g = _oracle(key[r], e[r], f, float(share[r]), min_p[r], by_count)
     floors.append(f)
     kept.append(k)
     gaps.append(g)
@@ -82,11 +83,12 @@ def _search(args, min_p, by_count, active):
   return np.asarray(c.in_a(params, floor) & (c.key >= kappa[:, None])), mass, count
 
 
-def _agree(got, args, want, gap, active):
-  """The oracle's kept sets where the rows are clear of rounding, and the kept
-  sets' masses and sizes (A whole where not active)."""
+def _agree(got, args, want, gap, active, ambiguous=_AMBIGUOUS):
+  """The oracle's kept sets where the rows are clear of rounding (their gaps
+  over ``ambiguous``), and the kept sets' masses and sizes (A whole where not
+  active)."""
   kept, mass, count = got
-  clear = np.asarray(active) & (gap > _AMBIGUOUS)
+  clear = np.asarray(active) & (gap > ambiguous)
   np.testing.assert_array_equal(kept[clear], want[clear])
   e = np.asarray(args[1], np.float64)
   np.testing.assert_array_equal(count, kept.sum(axis=1))
@@ -99,6 +101,36 @@ def _both(args, min_p, by_count, active, want, gap):
   _agree(_search(args, min_p, by_count, active), args, want, gap, active)
   with mock.patch.object(cpu_search, "available", lambda: False):
     _agree(_search(args, min_p, by_count, active), args, want, gap, active)
+
+
+def _on_logits(z, by_count, share, floor_share, active):
+  """The compiled search from the logits themselves (min-p off: A is ``{key >=
+  floor}``), each weight its own ``exp``, held to the oracle. Below a sampled
+  pivot A's weight is the row's float32 total (XLA's sum) less the list's: off
+  by about 2^-20 of the total (under 2^-15 of the budget, ``1 - p`` at least
+  1/32 there), so rounding reaches that much further."""
+  args, (want, gap) = _rows(z, np.zeros(len(z), np.float32), by_count, share, floor_share)
+  key, e, floor, ceiling, share, shift = (jnp.asarray(a) for a in args)
+  total = jnp.sum(e, axis=1)
+  got = cpu_search.kept_set_of_logits(
+    jnp.asarray(z, jnp.float32),
+    shift,
+    None,
+    total,
+    floor,
+    ceiling,
+    share,
+    jnp.asarray(active),
+    by_count,
+  )
+  kept = (key >= floor[:, None]) & (key >= got[0][:, None])
+  if by_count:  # each value weighs 1: the mass is the size
+    np.testing.assert_array_equal(got[1], got[2])
+    args = (key, jnp.ones_like(e), *args[2:])
+  dropped = np.maximum(1 - np.asarray(share, np.float64), 1 / 32)
+  ambiguous = _AMBIGUOUS + (0.0 if by_count else 2.0**-20 / dropped)
+  _agree((np.asarray(kept), got[1], got[2]), args, want, gap, active, ambiguous)
+  return gap / ambiguous * _AMBIGUOUS
 
 
 def test_the_compiled_search_is_built_here():
@@ -143,6 +175,7 @@ def test_the_kept_sets_are_the_float64_oracles(data, n, by_count):
   active = np.asarray(data.draw(st.lists(st.booleans(), min_size=rows, max_size=rows)))
   args, (want, gap) = _rows(z, min_p, by_count, share, floor_share)
   _both(args, min_p, by_count, active, want, gap)
+  _on_logits(z, by_count, share, floor_share, active)
 
 
 @pytest.mark.parametrize("by_count", [False, True], ids=["by_weight", "by_count"])
@@ -151,7 +184,8 @@ def test_long_rows_whose_pivots_misjudge(by_count, dtype):
   """V 32003 (not a multiple of 4): flat, peaked, heavy-tailed and bfloat16 rows
   (runs of hundreds of equal values), from a nucleus of nearly all of A to a
   sliver, ``k`` from 1 to V: the sampled pivots' passes, the passes again
-  where a sample misjudged, and a list left long by ties."""
+  where a sample misjudged, and a list left long by ties; from the logits
+  themselves too (their lists sparse and dense)."""
   rng = np.random.default_rng(3)
   v = 32003
   z = np.concatenate(
@@ -173,6 +207,8 @@ def test_long_rows_whose_pivots_misjudge(by_count, dtype):
   args, (want, gap) = _rows(z, min_p, by_count, share, np.resize([-1.0, 0.1], r))
   _both(args, min_p, by_count, np.ones(r, bool), want, gap)
   assert int((gap > _AMBIGUOUS).sum()) >= r - 2  # the oracle's sets are checked, not excused
+  gap = _on_logits(z, by_count, share, np.resize([-1.0, 0.1], r), np.ones(r, bool))
+  assert int((gap > _AMBIGUOUS).sum()) >= r - 2
 
 
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "xla"])

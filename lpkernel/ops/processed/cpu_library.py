@@ -37,6 +37,7 @@ _TARGETS = {
   "lpkernel_cpu_replay_dots": "LpkernelReplayDots",
   "lpkernel_cpu_replay_grads": "LpkernelReplayGrads",
   "lpkernel_cpu_kept_set": "LpkernelKeptSet",
+  "lpkernel_cpu_kept_set_of_logits": "LpkernelKeptSetOfLogits",
 }
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")  # portable: no -march
 

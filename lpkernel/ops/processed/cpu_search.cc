@@ -168,11 +168,147 @@ inline std::pair<double, int64_t> Sums(const RowSource& row, uint32_t least) {
   return {mass, total};
 }
 
+// The weight of a capped logit z from the row's shift and temperature, as
+// select.Params.e: exp((z - shift) / tau) (within an ulp or two of XLA's), or 1
+// by count.
+struct Weigher {
+  float shift, tau;
+  bool ones;
+  float operator()(float z) const { return ones ? 1.0f : std::exp((z - shift) / tau); }
+};
+
+inline F4 SplatF(float v) { return F4{v, v, v, v}; }
+inline F4 Select(I4 mask, F4 a, F4 b) {
+  return reinterpret_cast<F4>((reinterpret_cast<I4>(a) & mask) | (reinterpret_cast<I4>(b) & ~mask));
+}
+
+// exp(x) of 4 floats: x = n ln 2 + r, |r| <= ln 2 / 2, exp(r) by Cephes' expf
+// polynomial (about an ulp), times 2^n; 0 below -87.3 (a weight beside the
+// row's largest, 1, that no sum of them can tell from 0), NaN kept.
+inline F4 Exp4(F4 x) {
+  const F4 low = SplatF(-87.3f), high = SplatF(88.3f);
+  F4 c = Select(x < low, low, Select(x > high, high, x));
+  F4 t = c * SplatF(1.44269504088896341f);
+  I4 n = __builtin_convertvector(t + Select(t < SplatF(0), SplatF(-0.5f), SplatF(0.5f)), I4);
+  F4 fn = __builtin_convertvector(n, F4);
+  F4 r = (c - fn * SplatF(0.693359375f)) - fn * SplatF(-2.12194440e-4f);
+  F4 y = SplatF(1.9875691500e-4f);
+  y = y * r + SplatF(1.3981999507e-3f);
+  y = y * r + SplatF(8.3334519073e-3f);
+  y = y * r + SplatF(4.1665795894e-2f);
+  y = y * r + SplatF(1.6666665459e-1f);
+  y = y * r + SplatF(5.0000001201e-1f);
+  y = y * (r * r) + r + SplatF(1.0f);
+  F4 scale = reinterpret_cast<F4>((n + Splat(127)) << 23);
+  F4 out = Select(x < low, SplatF(0), y * scale);
+  return Select(x != x, x, out);
+}
+
+// The float bound of keys: key >= lo is z >= LowerBound(lo) for every z but NaN
+// (ZeroKey's -0.0 is 0.0).
+inline float LowerBound(uint32_t lo) {
+  const uint32_t minus_inf = OrderKey(-std::numeric_limits<float>::infinity());
+  return lo <= minus_inf ? -std::numeric_limits<float>::infinity() : KeyValue(lo);
+}
+
+// What ListOf lists of a row.
+struct Listed {
+  double weight = 0;  // the listed values' weight, summed in float64
+  int64_t m = 0;      // how many are listed
+  uint32_t top = 0;   // their largest key
+};
+
+// The values of the row z [0, n) with keys at least lo (NaN none), listed as (key,
+// weight) pairs in order: 4 at a time compared as floats (the keys' bounds), a
+// bit per value for 64 of them (`dense`: one at a time, without a branch);
+// then their weights, 4 at a time.
+Listed ListOf(const float* z, int64_t n, uint32_t lo, const Weigher& weigh, bool dense,
+              uint32_t* keys, float* weights) {
+  const F4 lo4 = SplatF(LowerBound(lo));
+  Listed out;
+  const int64_t whole = dense ? 0 : n / 4 * 4;
+  if (dense) {  // most values listed: each written, the list's end moved past the listed ones
+    for (int64_t j = 0; j < n; ++j) {
+      weights[out.m] = z[j];
+      out.m += z[j] >= lo4[0];
+    }
+  }
+  for (int64_t j1 = 0; j1 < whole; j1 += 64) {
+    uint64_t bits = 0;
+    for (int64_t j = j1; j < std::min(whole, j1 + 64); j += 4) {
+      F4 v = Load4(z + j);
+      bits |= static_cast<uint64_t>(Mask(v >= lo4)) << (j - j1);
+    }
+    for (; bits != 0; bits &= bits - 1) weights[out.m++] = z[j1 + __builtin_ctzll(bits)];
+  }
+  for (int64_t j = dense ? n : whole; j < n; ++j) {
+    uint32_t key = ZeroKey(z[j]);
+    if (key >= lo && z[j] == z[j]) weights[out.m++] = z[j];
+  }
+  // keys, then weights in place of the values (float sums flushed to float64 every 256)
+  for (int64_t i = 0; i < out.m; ++i) {
+    keys[i] = ZeroKey(weights[i]);
+    out.top = std::max(out.top, keys[i]);
+  }
+  const int64_t quads = out.m / 4 * 4;
+  const F4 shift = SplatF(weigh.shift), tau = SplatF(weigh.tau);
+  for (int64_t i0 = 0; i0 < quads; i0 += 256) {
+    F4 acc = SplatF(0);
+    for (int64_t i = i0; i < std::min(quads, i0 + 256); i += 4) {
+      F4 w = weigh.ones ? SplatF(1) : Exp4((Load4(weights + i) - shift) / tau);
+      std::memcpy(weights + i, &w, sizeof w);
+      acc += w;
+    }
+    out.weight += Sum(acc);
+  }
+  for (int64_t i = quads; i < out.m; ++i) {
+    weights[i] = weigh(weights[i]);
+    out.weight += weights[i];
+  }
+  return out;
+}
+
+// The largest key in [floor, lo) of the row z [0, n) (0: none).
+uint32_t LargestBelow(const float* z, int64_t n, uint32_t floor, uint32_t lo) {
+  uint32_t most = 0;
+  if (lo <= floor) return most;
+  const F4 floor4 = SplatF(LowerBound(floor)), lo4 = SplatF(LowerBound(lo));
+  const F4 none = SplatF(-std::numeric_limits<float>::infinity());
+  F4 below = none;
+  I4 any = Splat(0);
+  const int64_t whole = n / 4 * 4;
+  for (int64_t j = 0; j < whole; j += 4) {
+    F4 v = Load4(z + j);
+    I4 is_below = (v >= floor4) & ~(v >= lo4);
+    below = Select(is_below & (v > below), v, below);
+    any |= is_below;
+  }
+  for (int l = 0; l < 4; ++l) {
+    if (any[l]) most = std::max(most, ZeroKey(below[l]));
+  }
+  for (int64_t j = whole; j < n; ++j) {
+    uint32_t key = ZeroKey(z[j]);
+    if (key >= floor && key < lo) most = std::max(most, key);
+  }
+  return most;
+}
+
 // A row's values of A inside the bracket as (key, weight) pairs, narrowed with it.
 class RowSearch {
  public:
-  explicit RowSearch(int64_t n)
-      : keys_(n + 4), under_keys_(n + 4), weights_(n + 4), under_weights_(n + 4) {}
+  // A thread's searcher for rows of n values: its buffers kept from call to
+  // call (made for every few rows, their zeroing had cost more than the search
+  // at V 128256: 3 MB a row).
+  static RowSearch& ForRows(int64_t n) {
+    thread_local RowSearch search;
+    if (static_cast<int64_t>(search.keys_.size()) < n + 4) {
+      for (auto* b : {&search.keys_, &search.under_keys_, &search.list_keys_}) b->resize(n + 4);
+      for (auto* b : {&search.weights_, &search.under_weights_, &search.list_weights_}) {
+        b->resize(n + 4);
+      }
+    }
+    return search;
+  }
 
   // A's kept set: A whole where not `active`; else by the largest key kappa
   // whose columns of A below it weigh at most the budget, moved halfway down to
@@ -198,6 +334,53 @@ class RowSearch {
     return Kept{kappa, static_cast<float>(mass), static_cast<int32_t>(count)};
   }
 
+  // A's kept set from the row's capped logits z itself, min-p off (A is {key >=
+  // floor}), its weights exp((z - shift) / tau) formed only where listed. `total`:
+  // the row's sum of them (A's mass where floor is 0). A pass lists A's values at
+  // or above a pivot sampled so that they likely weigh more than the kept set's
+  // share T (p of A's mass, or by count k): the kept set is then among them, and
+  // the largest kappa whose values at or above it weigh at least T is the same
+  // kappa as Run's (A's values below it weigh at most the budget). Where the
+  // sample misjudged, a lower pivot and the pass again. The list is then
+  // narrowed as Run's, and the kept set's mass and size summed over it: the
+  // row is read about once, and exp taken for the list alone.
+  Kept RunOnLogits(const float* z, int64_t n, const Bounds& b, const Weigher& weigh, double total,
+                   bool ones, bool active) {
+    const uint32_t hi = std::max(b.ceiling, b.floor + 1u);
+    if (!active && b.floor == 0) {  // A whole, its mass known
+      return Kept{0, static_cast<float>(ones ? n : total), static_cast<int32_t>(n)};
+    }
+    // A sampled pivot where A is the whole row and, by weight, the budget is no
+    // sliver of its float32 total (the list's is that share of it less the
+    // weight below the pivot, unsummed); else A is listed whole.
+    const bool pivot = active && b.floor == 0 && (ones || 1.0 - b.share >= kLeastDropped);
+    const Sample sample = pivot ? SampleOf(z, n, weigh) : Sample{};
+    for (int retry = 0;; ++retry) {
+      double target = ones ? b.share : b.share * total;
+      uint32_t lo = b.floor;
+      if (pivot) lo = std::max(lo, sample.Pivot((ones ? n : total) - target, n, retry));
+      // over a quarter of the row listed, likely (A whole from the floor 0)
+      bool dense = pivot ? sample.Above(lo) * 4 > sample.count : b.floor == 0;
+      Listed got = ListOf(z, n, lo, weigh, dense, list_keys_.data(), list_weights_.data());
+      if (lo == b.floor) target = ones ? b.share : b.share * got.weight;  // A's own mass
+      if (!active) return Kept{b.floor, static_cast<float>(got.weight), static_cast<int32_t>(got.m)};
+      if (got.weight < target && lo != b.floor) continue;  // the kept set reaches below lo
+      std::copy_n(list_keys_.data(), got.m, keys_.data());
+      std::copy_n(list_weights_.data(), got.m, weights_.data());
+      lo_ = lo;
+      hi_ = std::max(hi, got.top + 1u);  // a recomputed z may round past the ceiling
+      base_ = 0;
+      below_ = 0;  // A's largest key below lo: read from the row only if needed, below
+      size_ = got.m;
+      budget_ = std::max(got.weight - target, 0.0);  // what the list may drop
+      Narrowed();
+      if (below_ < lo) below_ = LargestBelow(z, n, b.floor, lo);
+      uint32_t kappa = Placed(b.floor);
+      auto [mass, count] = ListSums(got.m, kappa);
+      return Kept{kappa, static_cast<float>(mass), static_cast<int32_t>(count)};
+    }
+  }
+
  private:
   uint32_t Search(const RowSource& row, const Bounds& b) {
     lo_ = b.floor;
@@ -206,16 +389,82 @@ class RowSearch {
     below_ = 0;
     size_ = 0;
     Narrow(row, true);
+    Narrowed();
+    return Placed(b.floor);
+  }
+
+  // The list narrowed by passes and halvings to the threshold.
+  void Narrowed() {
     for (int pass = 0; pass < kPasses && size_ > kShort; ++pass) {
       if (!Narrow(ListSource{keys_.data(), weights_.data(), size_}, false)) break;
     }
     Halve();
-    uint32_t top = size_ == 1 ? keys_[0] : lo_;  // one column in the bracket, or ties at lo
-    if (top <= below_) return lo_;
-    return std::max(below_ + (top - below_ + 1u) / 2u, b.floor);
   }
 
-  static constexpr int kSample = 64, kMargin = 5, kPasses = 8, kShort = 64;
+  // The narrowed bracket's threshold moved halfway down to the next smaller
+  // column of A (at least `floor`).
+  uint32_t Placed(uint32_t floor) const {
+    uint32_t top = size_ == 1 ? keys_[0] : lo_;  // one column in the bracket, or ties at lo
+    if (top <= below_) return lo_;
+    return std::max(below_ + (top - below_ + 1u) / 2u, floor);
+  }
+
+  static constexpr int kSample = 64, kMargin = 5, kPasses = 8, kShort = 64, kUpperMargin = 2;
+  static constexpr double kLeastDropped = 1.0 / 32;
+
+  // What a row's sample of kSample values says: their keys, ascending, and weights.
+  struct Sample {
+    std::pair<uint32_t, float> at[kSample];
+    int count = 0;
+
+    // A pivot below which A likely weighs at most `budget`: the sample value
+    // kMargin << retry before the one where the sample's weight from the bottom
+    // (scaled to n values) passes it; 0 (A whole) before the sample's start.
+    uint32_t Pivot(double budget, int64_t n, int retry) const {
+      double scale = static_cast<double>(n) / count, cum = 0;
+      int q = count;
+      for (int i = 0; i < count; ++i) {
+        cum += scale * at[i].second;
+        if (cum > budget) {
+          q = i;
+          break;
+        }
+      }
+      int64_t i = int64_t{q} - (int64_t{kUpperMargin} << std::min(retry, 20));
+      return i >= 0 ? at[i].first : 0u;
+    }
+
+    // How many of the sample's values have keys at least `lo`.
+    int Above(uint32_t lo) const {
+      return static_cast<int>(at + count - std::lower_bound(at, at + count, std::make_pair(lo, -1.0f)));
+    }
+  };
+
+  static Sample SampleOf(const float* z, int64_t n, const Weigher& weigh) {
+    Sample s;
+    for (int t = 0; t < kSample && n > 0; ++t) {
+      float v = z[t * n / kSample];
+      s.at[s.count++] = {ZeroKey(v), weigh(v)};
+    }
+    std::sort(s.at, s.at + s.count);
+    return s;
+  }
+
+  // The mass and size of the saved list's values with keys at least kappa.
+  std::pair<double, int64_t> ListSums(int64_t m, uint32_t kappa) const {
+    double mass = 0;
+    int64_t count = 0;
+    for (int64_t i0 = 0; i0 < m; i0 += 256) {
+      float acc = 0;
+      for (int64_t i = i0; i < std::min(m, i0 + 256); ++i) {
+        bool in = list_keys_[i] >= kappa;
+        acc += in ? list_weights_[i] : 0.0f;
+        count += in;
+      }
+      mass += acc;
+    }
+    return {mass, count};
+  }
 
   // One narrowing pass (two where the sample misjudged) over src: the list's
   // pairs, or the row's A (`row`: its pass lists the bracket's values even
@@ -312,6 +561,8 @@ class RowSearch {
 
   std::vector<uint32_t> keys_, under_keys_;  // the list, and the next one
   std::vector<float> weights_, under_weights_;
+  std::vector<uint32_t> list_keys_;  // RunOnLogits' first list, kept for the sums
+  std::vector<float> list_weights_;
   int64_t size_ = 0;              // the list's length
   uint32_t lo_ = 0, hi_ = 0;      // the bracket [lo, hi) of keys
   uint32_t below_ = 0;            // the largest key of A below lo (0: none)
@@ -346,10 +597,51 @@ ffi::Error KeptSet(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> key, ffi::Buffer<
   float* ms = mass->typed_data();
   int32_t* ct = count->typed_data();
   ParallelRows(pool, rows, 2 * n, [=](int64_t lo, int64_t hi) {
-    RowSearch search(n);
+    RowSearch& search = RowSearch::ForRows(n);
     for (int64_t r = lo; r < hi; ++r) {
       Bounds b{fl[r], ce[r], sh[r], mp[r]};
       Kept k = search.Run(ks + r * n, es + r * n, n, b, ones, ac[r] != 0);
+      kp[r] = k.kappa;
+      ms[r] = k.mass;
+      ct[r] = k.count;
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// z [rows, n] float32 (the capped logits), shift, tau, total float32 [rows]
+// (each row's shift, temperature and sum of weights), floor, ceiling uint32,
+// share float32 (top-p's p, or top-k's k with `ones`), active int32 [rows];
+// min-p off. The kept set's kappa uint32, mass float32 and count int32 [rows].
+ffi::Error KeptSetOfLogits(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z,
+                           ffi::Buffer<ffi::F32> shift, ffi::Buffer<ffi::F32> tau,
+                           ffi::Buffer<ffi::F32> total, ffi::Buffer<ffi::U32> floor,
+                           ffi::Buffer<ffi::U32> ceiling, ffi::Buffer<ffi::F32> share,
+                           ffi::Buffer<ffi::S32> active, ffi::ResultBuffer<ffi::U32> kappa,
+                           ffi::ResultBuffer<ffi::F32> mass, ffi::ResultBuffer<ffi::S32> count,
+                           int64_t ones) {
+  auto dims = z.dimensions();
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("kept_set_of_logits: z [rows, n]");
+  int64_t rows = dims[0], n = dims[1];
+  for (int64_t c : {shift.element_count(), tau.element_count(), total.element_count(),
+                    floor.element_count(), ceiling.element_count(), share.element_count(),
+                    active.element_count()}) {
+    if (c != rows) return ffi::Error::InvalidArgument("kept_set_of_logits: one value per row");
+  }
+  const float* zs = z.typed_data();
+  const float *sf = shift.typed_data(), *ta = tau.typed_data(), *to = total.typed_data();
+  const uint32_t *fl = floor.typed_data(), *ce = ceiling.typed_data();
+  const float* sh = share.typed_data();
+  const int32_t* ac = active.typed_data();
+  uint32_t* kp = kappa->typed_data();
+  float* ms = mass->typed_data();
+  int32_t* ct = count->typed_data();
+  ParallelRows(pool, rows, n, [=](int64_t lo, int64_t hi) {
+    RowSearch& search = RowSearch::ForRows(n);
+    for (int64_t r = lo; r < hi; ++r) {
+      Bounds b{fl[r], ce[r], sh[r], 0.0f};
+      Weigher weigh{sf[r], ta[r], ones != 0};
+      Kept k = search.RunOnLogits(zs + r * n, n, b, weigh, to[r], ones != 0, ac[r] != 0);
       kp[r] = k.kappa;
       ms[r] = k.mass;
       ct[r] = k.count;
@@ -368,6 +660,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LpkernelKeptSet, KeptSet,
                                   .Arg<ffi::Buffer<ffi::U32>>()
                                   .Arg<ffi::Buffer<ffi::U32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::U32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("ones"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LpkernelKeptSetOfLogits, KeptSetOfLogits,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::U32>>()

@@ -20,7 +20,7 @@ import numpy as np
 
 from lpkernel.ops.processed.cpu_library import available
 
-__all__ = ["available", "kept_set"]
+__all__ = ["available", "kept_set", "kept_set_of_logits"]
 
 
 def kept_set(key, e, floor, ceiling, share, min_p, active, by_count: bool):
@@ -47,6 +47,35 @@ def kept_set(key, e, floor, ceiling, share, min_p, active, by_count: bool):
     ceiling.astype(u32),
     share.astype(f32),
     min_p.astype(f32),
+    active.astype(jnp.int32),
+    ones=np.int64(by_count),
+  )
+
+
+def kept_set_of_logits(z, shift, tau, total, floor, ceiling, share, active, by_count: bool):
+  """As :func:`kept_set` with min-p off (A is ``{key >= floor}``), from the capped
+  logits ``z float32 [C, n]`` themselves: each row's ``shift``, temperature
+  ``tau`` and ``total`` (its sum of :meth:`~lpkernel.ops.processed.select.Params.e`,
+  A's mass where ``floor`` is 0) ``[C]``. The kernel lists the values at or
+  above a pivot sampled so that they likely hold the kept set and takes their
+  ``exp`` alone: the row is read about once, with no weights or keys formed for
+  it. A program for the CPU only (where :func:`available`)."""
+  rows = floor.shape
+  out = (
+    jax.ShapeDtypeStruct(rows, jnp.uint32),
+    jax.ShapeDtypeStruct(rows, jnp.float32),
+    jax.ShapeDtypeStruct(rows, jnp.int32),
+  )
+  call = jax.ffi.ffi_call("lpkernel_cpu_kept_set_of_logits", out, vmap_method="sequential")
+  u32, f32 = jnp.uint32, jnp.float32
+  return call(
+    z.astype(f32),
+    jnp.broadcast_to(shift, rows).astype(f32),
+    jnp.broadcast_to(1.0 if tau is None else tau, rows).astype(f32),
+    total.astype(f32),
+    floor.astype(u32),
+    ceiling.astype(u32),
+    share.astype(f32),
     active.astype(jnp.int32),
     ones=np.int64(by_count),
   )

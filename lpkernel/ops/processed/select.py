@@ -29,6 +29,7 @@ threshold.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -132,6 +133,8 @@ class Decision(NamedTuple):
     mass: the kept set's sum of :meth:`Params.e` where settled.
     size: int32, the kept set's size where settled.
     ceiling: uint32, one past the key of the row's largest value.
+    total: the row's sum of :meth:`Params.e` (its mass).
+    held: the ``K`` largest values' sum of :meth:`Params.e`.
   """
 
   kappa: jax.Array
@@ -139,6 +142,8 @@ class Decision(NamedTuple):
   mass: jax.Array
   size: jax.Array
   ceiling: jax.Array
+  total: jax.Array
+  held: jax.Array
 
 
 def _cut_below(top: jax.Array, value: jax.Array) -> jax.Array:
@@ -199,6 +204,8 @@ def decide(
     mass=jnp.where(all_on, total, jnp.sum(jnp.where(keep, e, 0.0), axis=-1)),
     size=jnp.where(all_on, vocab_size, jnp.sum(keep, axis=-1, dtype=jnp.int32)),
     ceiling=order_key(top[:, 0]) + _U32(1),
+    total=total,
+    held=jnp.sum(e, axis=-1),
   )
 
 
@@ -377,25 +384,58 @@ def kept_within(
   return on_cpu_or(compiled, swept)
 
 
-def _search(c: Chunk, params: Params, d: Decision, vocab_size: int):
-  """(kappa, mass, count) of the rows of chunk ``c``: :func:`decide`'s where it
-  settled, else searched (top-k past ``K``, only when some row needs it, then
-  top-p within that set)."""
+def _search(within: Callable, params: Params, d: Decision, vocab_size: int):
+  """(kappa, mass, count) of a chunk's rows: :func:`decide`'s where it settled,
+  else searched (top-k past ``K``, only when some row needs it, then top-p
+  within that set) by ``within(floor, ceiling, by_count, share, active)``, as
+  :func:`kept_within`."""
   search_k = ~d.settled & params.top_k_on(vocab_size)
   kappa = lax.cond(
     jnp.any(search_k),
-    lambda: kept_within(c, params, d.kappa, d.ceiling, True, params.top_k, search_k, vocab_size)[0],
+    lambda: within(d.kappa, d.ceiling, True, params.top_k, search_k)[0],
     lambda: d.kappa,
   )
   search_p = ~d.settled & (params.top_p < 1)
-  kappa, mass, count = kept_within(
-    c, params, kappa, d.ceiling, False, params.top_p, search_p, vocab_size
-  )
+  kappa, mass, count = within(kappa, d.ceiling, False, params.top_p, search_p)
   return (
     jnp.where(d.settled, d.kappa, kappa),
     jnp.where(d.settled, d.mass, mass),
     jnp.where(d.settled, d.size, count),
   )
+
+
+def _search_chunk(z: jax.Array, params: Params, d: Decision, rows: Rows, vocab_size: int):
+  """:func:`_search` of the chunk of capped logits ``z [C, W]``: in XLA (or the
+  compiled :func:`~lpkernel.ops.processed.cpu_search.kept_set`) on its weights
+  and keys; on the CPU without a mesh axis and without min-p, the compiled
+  :func:`~lpkernel.ops.processed.cpu_search.kept_set_of_logits` on ``z``
+  itself (no weights or keys formed for the chunk) where the kept sets are
+  likely a small part of the rows."""
+
+  def on_weights():
+    c = Chunk.of(z, params, rows.axis_name)
+    return _search(
+      functools.partial(kept_within, c, params, vocab_size=vocab_size), params, d, vocab_size
+    )
+
+  if rows.axis_name is not None or not cpu_search.available():
+    return on_weights()
+  row_values = [None if a is None else column(a)[:, 0] for a in (params.shift, params.tau)]
+
+  def on_logits():
+    def within(floor, ceiling, by_count, share, active):
+      args = (z, *row_values, d.total, floor, ceiling, share, active)
+      return tuple(cpu_search.kept_set_of_logits(*args, by_count))
+
+    return _search(within, params, d, vocab_size)
+
+  # Where the K largest values hold under a quarter of a row's mass, or top-p
+  # drops under 1/32 of it (the kernel then lists the row whole), its kept set
+  # may be most of the row, every value weighed: XLA's exp and the list's kernel.
+  p = column(params.top_p)[:, 0]
+  wide = ~d.settled & ((d.held < d.total / 4) | ((p < 1) & (1 - p < 1 / 32)))
+  by_logits = ~jnp.any(params.min_p > 0) & ~jnp.any(wide)
+  return on_cpu_or(lambda: lax.cond(by_logits, on_logits, on_weights), on_weights)
 
 
 def threshold(rows: Rows, params: Params, d: Decision, vocab_size: int) -> tuple[jax.Array, ...]:
@@ -413,9 +453,7 @@ def threshold(rows: Rows, params: Params, d: Decision, vocab_size: int) -> tuple
       return None if a is None else jnp.take(a, idx, axis=0)
 
     part = Params(*map(pick, params))
-    return _search(
-      Chunk.of(rows.take(idx), part, rows.axis_name), part, Decision(*map(pick, d)), vocab_size
-    )
+    return _search_chunk(rows.take(idx), part, Decision(*map(pick, d)), rows, vocab_size)
 
   def unsettled(_):
     open_ = ~d.settled
