@@ -8,7 +8,9 @@
 // and the kept set's. Here one row at a time, in cache: a pass for A's mass,
 // a pass that lists only the values between two pivots sampled around the
 // threshold (about a sixth of them), passes over that shrinking list, halvings
-// of its last values, and a pass for the kept set's mass and size.
+// of its last values, and a pass for the kept set's mass and size. From the
+// capped logits themselves (min-p off), one pass lists the values at or above
+// a sampled pivot and only those are weighed (RowSearch::RunOnLogits).
 
 #include <cmath>
 #include <limits>

@@ -7,7 +7,9 @@ kernel takes one row at a time, in cache: a pass for A's mass, a pass that
 lists only the values between two pivots sampled around the threshold (about a
 sixth), passes over that shrinking list, and a pass for the kept set's mass and
 size. The same kept sets (its masses summed in float64 from float32 blocks of
-256, XLA's in float32).
+256, XLA's in float32). :func:`kept_set_of_logits` searches from the capped
+logits themselves where min-p is off: one pass lists the values at or above a
+sampled pivot, and only they are weighed.
 Built and registered by :mod:`.cpu_library`; where it is not, :func:`available`
 says False and the caller sweeps in XLA.
 """
