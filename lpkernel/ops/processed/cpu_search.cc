@@ -571,6 +571,27 @@ class RowSearch {
   double base_ = 0, budget_ = 0;  // the weight of A below lo; the budget
 };
 
+// Each row's kept set, kept_of(search, row), written to (kappa, mass, count):
+// rows of n values (row_values read per row) shared among the threads, each
+// with its searcher.
+template <typename KeptOf>
+void SearchRows(ffi::ThreadPool& pool, int64_t rows, int64_t n, int64_t row_values,
+                ffi::ResultBuffer<ffi::U32>& kappa, ffi::ResultBuffer<ffi::F32>& mass,
+                ffi::ResultBuffer<ffi::S32>& count, KeptOf kept_of) {
+  uint32_t* kp = kappa->typed_data();
+  float* ms = mass->typed_data();
+  int32_t* ct = count->typed_data();
+  ParallelRows(pool, rows, row_values, [=](int64_t lo, int64_t hi) {
+    RowSearch& search = RowSearch::ForRows(n);
+    for (int64_t r = lo; r < hi; ++r) {
+      Kept k = kept_of(search, r);
+      kp[r] = k.kappa;
+      ms[r] = k.mass;
+      ct[r] = k.count;
+    }
+  });
+}
+
 // key [rows, n] uint32 (select.order_key of the capped logits), e [rows, n]
 // float32 (their exp weights); floor, ceiling uint32 [rows]; share (top-p's p,
 // or top-k's k with `ones`), min_p float32 [rows]; active int32 [rows]. The
@@ -595,18 +616,9 @@ ffi::Error KeptSet(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> key, ffi::Buffer<
   const uint32_t *fl = floor.typed_data(), *ce = ceiling.typed_data();
   const float *sh = share.typed_data(), *mp = min_p.typed_data();
   const int32_t* ac = active.typed_data();
-  uint32_t* kp = kappa->typed_data();
-  float* ms = mass->typed_data();
-  int32_t* ct = count->typed_data();
-  ParallelRows(pool, rows, 2 * n, [=](int64_t lo, int64_t hi) {
-    RowSearch& search = RowSearch::ForRows(n);
-    for (int64_t r = lo; r < hi; ++r) {
-      Bounds b{fl[r], ce[r], sh[r], mp[r]};
-      Kept k = search.Run(ks + r * n, es + r * n, n, b, ones, ac[r] != 0);
-      kp[r] = k.kappa;
-      ms[r] = k.mass;
-      ct[r] = k.count;
-    }
+  SearchRows(pool, rows, n, 2 * n, kappa, mass, count, [=](RowSearch& search, int64_t r) {
+    Bounds b{fl[r], ce[r], sh[r], mp[r]};
+    return search.Run(ks + r * n, es + r * n, n, b, ones, ac[r] != 0);
   });
   return ffi::Error::Success();
 }
@@ -635,19 +647,10 @@ ffi::Error KeptSetOfLogits(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z,
   const uint32_t *fl = floor.typed_data(), *ce = ceiling.typed_data();
   const float* sh = share.typed_data();
   const int32_t* ac = active.typed_data();
-  uint32_t* kp = kappa->typed_data();
-  float* ms = mass->typed_data();
-  int32_t* ct = count->typed_data();
-  ParallelRows(pool, rows, n, [=](int64_t lo, int64_t hi) {
-    RowSearch& search = RowSearch::ForRows(n);
-    for (int64_t r = lo; r < hi; ++r) {
-      Bounds b{fl[r], ce[r], sh[r], 0.0f};
-      Weigher weigh{sf[r], ta[r], ones != 0};
-      Kept k = search.RunOnLogits(zs + r * n, n, b, weigh, to[r], ones != 0, ac[r] != 0);
-      kp[r] = k.kappa;
-      ms[r] = k.mass;
-      ct[r] = k.count;
-    }
+  SearchRows(pool, rows, n, n, kappa, mass, count, [=](RowSearch& search, int64_t r) {
+    Bounds b{fl[r], ce[r], sh[r], 0.0f};
+    Weigher weigh{sf[r], ta[r], ones != 0};
+    return search.RunOnLogits(zs + r * n, n, b, weigh, to[r], ones != 0, ac[r] != 0);
   });
   return ffi::Error::Success();
 }

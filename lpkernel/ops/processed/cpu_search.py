@@ -25,6 +25,11 @@ from lpkernel.ops.processed.cpu_library import available
 __all__ = ["available", "kept_set", "kept_set_of_logits"]
 
 
+def _kept_set_types(rows: tuple[int, ...]):
+  """(kappa, mass, count)'s types, one value per row."""
+  return tuple(jax.ShapeDtypeStruct(rows, d) for d in (jnp.uint32, jnp.float32, jnp.int32))
+
+
 def kept_set(key, e, floor, ceiling, share, min_p, active, by_count: bool):
   """(kappa uint32, mass float32, count int32) ``[C]``: the kept set of A, ``{e >=
   min_p, key >= floor}``, of rows whose values' keys are ``key uint32 [C, n]``
@@ -35,11 +40,7 @@ def kept_set(key, e, floor, ceiling, share, min_p, active, by_count: bool):
   :func:`available`); the caller chooses it with
   :func:`lpkernel.ops.platform.on_cpu_or`."""
   rows = floor.shape
-  out = (
-    jax.ShapeDtypeStruct(rows, jnp.uint32),
-    jax.ShapeDtypeStruct(rows, jnp.float32),
-    jax.ShapeDtypeStruct(rows, jnp.int32),
-  )
+  out = _kept_set_types(rows)
   call = jax.ffi.ffi_call("lpkernel_cpu_kept_set", out, vmap_method="sequential")
   u32, f32 = jnp.uint32, jnp.float32
   return call(
@@ -63,11 +64,7 @@ def kept_set_of_logits(z, shift, tau, total, floor, ceiling, share, active, by_c
   ``exp`` alone: the row is read about once, with no weights or keys formed for
   it. A program for the CPU only (where :func:`available`)."""
   rows = floor.shape
-  out = (
-    jax.ShapeDtypeStruct(rows, jnp.uint32),
-    jax.ShapeDtypeStruct(rows, jnp.float32),
-    jax.ShapeDtypeStruct(rows, jnp.int32),
-  )
+  out = _kept_set_types(rows)
   call = jax.ffi.ffi_call("lpkernel_cpu_kept_set_of_logits", out, vmap_method="sequential")
   u32, f32 = jnp.uint32, jnp.float32
   return call(
