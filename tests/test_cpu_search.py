@@ -105,24 +105,25 @@ def _both(args, min_p, by_count, active, want, gap):
 
 def _on_logits(z, by_count, share, floor_share, active):
   """The compiled search from the logits themselves (min-p off: A is ``{key >=
-  floor}``), each weight its own ``exp``, held to the oracle. Below a sampled
-  pivot A's weight is the row's float32 total (XLA's sum) less the list's: off
-  by about 2^-20 of the total (under 2^-15 of the budget, ``1 - p`` at least
-  1/32 there), so rounding reaches that much further."""
+  floor}``), each weight its own ``exp``, the rows it declines (count -1: to
+  weigh mostly) given to :func:`cpu_search.kept_set` as the library does, held
+  to the oracle. Below a sampled pivot A's weight is the row's float32 total
+  (XLA's sum) less the list's: off by about 2^-20 of the total (under 2^-15 of
+  the budget, ``1 - p`` at least 1/32 there), so rounding reaches that much
+  further. Returns the gaps (relative to that reach) and which rows were declined."""
   args, (want, gap) = _rows(z, np.zeros(len(z), np.float32), by_count, share, floor_share)
   key, e, floor, ceiling, share, shift = (jnp.asarray(a) for a in args)
+  active = jnp.asarray(active)
   total = jnp.sum(e, axis=1)
   got = cpu_search.kept_set_of_logits(
-    jnp.asarray(z, jnp.float32),
-    shift,
-    None,
-    total,
-    floor,
-    ceiling,
-    share,
-    jnp.asarray(active),
-    by_count,
+    jnp.asarray(z, jnp.float32), shift, None, total, floor, ceiling, share, active, by_count
   )
+  declined = got[2] < 0
+  assert not (by_count and bool(jnp.any(declined)))  # counting is cheap: never declined
+  weighed = cpu_search.kept_set(
+    key, e, floor, ceiling, share, jnp.zeros_like(e[:, 0]), active & declined, by_count
+  )
+  got = [jnp.where(declined, w, g) for w, g in zip(weighed, got, strict=True)]
   kept = (key >= floor[:, None]) & (key >= got[0][:, None])
   if by_count:  # each value weighs 1: the mass is the size
     np.testing.assert_array_equal(got[1], got[2])
@@ -130,7 +131,7 @@ def _on_logits(z, by_count, share, floor_share, active):
   dropped = np.maximum(1 - np.asarray(share, np.float64), 1 / 32)
   ambiguous = _AMBIGUOUS + (0.0 if by_count else 2.0**-20 / dropped)
   _agree((np.asarray(kept), got[1], got[2]), args, want, gap, active, ambiguous)
-  return gap / ambiguous * _AMBIGUOUS
+  return gap / ambiguous * _AMBIGUOUS, np.asarray(declined)
 
 
 def test_the_compiled_search_is_built_here():
@@ -207,8 +208,12 @@ def test_long_rows_whose_pivots_misjudge(by_count, dtype):
   args, (want, gap) = _rows(z, min_p, by_count, share, np.resize([-1.0, 0.1], r))
   _both(args, min_p, by_count, np.ones(r, bool), want, gap)
   assert int((gap > _AMBIGUOUS).sum()) >= r - 2  # the oracle's sets are checked, not excused
-  gap = _on_logits(z, by_count, share, np.resize([-1.0, 0.1], r), np.ones(r, bool))
+  gap, declined = _on_logits(z, by_count, share, np.resize([-1.0, 0.1], r), np.ones(r, bool))
   assert int((gap > _AMBIGUOUS).sum()) >= r - 2
+  if (
+    not by_count
+  ):  # some rows searched from the logits, the flattest (nuclei of most of A) declined
+    assert 0 < int(declined.sum()) < r
 
 
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "xla"])

@@ -363,6 +363,9 @@ class RowSearch {
       if (pivot) lo = std::max(lo, sample.Pivot((ones ? n : total) - target, n, retry));
       // over a quarter of the row listed, likely (A whole from the floor 0)
       bool dense = pivot ? sample.Above(lo) * 4 > sample.count : b.floor == 0;
+      // By weight, a row to weigh mostly or whole is declined (count -1): the
+      // caller's exp, 16 lanes wide in XLA, and Run are faster there.
+      if (!ones && active && dense && retry == 0) return Kept{b.floor, 0.0f, -1};
       Listed got = ListOf(z, n, lo, weigh, dense, list_keys_.data(), list_weights_.data());
       if (lo == b.floor) target = ones ? b.share : b.share * got.weight;  // A's own mass
       if (!active) return Kept{b.floor, static_cast<float>(got.weight), static_cast<int32_t>(got.m)};

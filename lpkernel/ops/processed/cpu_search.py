@@ -62,7 +62,10 @@ def kept_set_of_logits(z, shift, tau, total, floor, ceiling, share, active, by_c
   A's mass where ``floor`` is 0) ``[C]``. The kernel lists the values at or
   above a pivot sampled so that they likely hold the kept set and takes their
   ``exp`` alone: the row is read about once, with no weights or keys formed for
-  it. A program for the CPU only (where :func:`available`)."""
+  it. By weight, a row whose sample says most of it is to be weighed (over a
+  quarter listed, or top-p above 31/32 with the floor 0) is declined: its
+  ``count`` is -1, for :func:`kept_set` on XLA's weights. A program for the CPU
+  only (where :func:`available`)."""
   rows = floor.shape
   out = _kept_set_types(rows)
   call = jax.ffi.ffi_call("lpkernel_cpu_kept_set_of_logits", out, vmap_method="sequential")

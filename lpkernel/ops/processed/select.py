@@ -134,7 +134,6 @@ class Decision(NamedTuple):
     size: int32, the kept set's size where settled.
     ceiling: uint32, one past the key of the row's largest value.
     total: the row's sum of :meth:`Params.e` (its mass).
-    held: the ``K`` largest values' sum of :meth:`Params.e`.
   """
 
   kappa: jax.Array
@@ -143,7 +142,6 @@ class Decision(NamedTuple):
   size: jax.Array
   ceiling: jax.Array
   total: jax.Array
-  held: jax.Array
 
 
 def _cut_below(top: jax.Array, value: jax.Array) -> jax.Array:
@@ -205,7 +203,6 @@ def decide(
     size=jnp.where(all_on, vocab_size, jnp.sum(keep, axis=-1, dtype=jnp.int32)),
     ceiling=order_key(top[:, 0]) + _U32(1),
     total=total,
-    held=jnp.sum(e, axis=-1),
   )
 
 
@@ -409,14 +406,19 @@ def _search_chunk(z: jax.Array, params: Params, d: Decision, rows: Rows, vocab_s
   compiled :func:`~lpkernel.ops.processed.cpu_search.kept_set`) on its weights
   and keys; on the CPU without a mesh axis and without min-p, the compiled
   :func:`~lpkernel.ops.processed.cpu_search.kept_set_of_logits` on ``z``
-  itself (no weights or keys formed for the chunk) where the kept sets are
-  likely a small part of the rows."""
+  itself (no weights or keys formed for the chunk), the rows it declines (to
+  weigh mostly) on their weights."""
 
   def on_weights():
-    c = Chunk.of(z, params, rows.axis_name)
     return _search(
-      functools.partial(kept_within, c, params, vocab_size=vocab_size), params, d, vocab_size
+      functools.partial(kept_within, weighed(), params, vocab_size=vocab_size),
+      params,
+      d,
+      vocab_size,
     )
+
+  def weighed():
+    return Chunk.of(z, params, rows.axis_name)
 
   if rows.axis_name is not None or not cpu_search.available():
     return on_weights()
@@ -425,17 +427,21 @@ def _search_chunk(z: jax.Array, params: Params, d: Decision, rows: Rows, vocab_s
   def on_logits():
     def within(floor, ceiling, by_count, share, active):
       args = (z, *row_values, d.total, floor, ceiling, share, active)
-      return tuple(cpu_search.kept_set_of_logits(*args, by_count))
+      got = tuple(cpu_search.kept_set_of_logits(*args, by_count))
+      declined = got[2] < 0  # to weigh mostly: on XLA's weights
+
+      def again():
+        c = weighed()
+        return kept_within(
+          c, params, floor, ceiling, by_count, share, active & declined, vocab_size
+        )
+
+      redone = lax.cond(jnp.any(declined), again, lambda: got)
+      return tuple(jnp.where(declined, r, g) for r, g in zip(redone, got, strict=True))
 
     return _search(within, params, d, vocab_size)
 
-  # Where the K largest values hold under a quarter of a row's mass, or top-p
-  # drops under 1/32 of it (the kernel then lists the row whole), its kept set
-  # may be most of the row, every value weighed: XLA's exp and the list's kernel.
-  p = column(params.top_p)[:, 0]
-  wide = ~d.settled & ((d.held < d.total / 4) | ((p < 1) & (1 - p < 1 / 32)))
-  by_logits = ~jnp.any(params.min_p > 0) & ~jnp.any(wide)
-  return on_cpu_or(lambda: lax.cond(by_logits, on_logits, on_weights), on_weights)
+  return on_cpu_or(lambda: lax.cond(jnp.any(params.min_p > 0), on_weights, on_logits), on_weights)
 
 
 def threshold(rows: Rows, params: Params, d: Decision, vocab_size: int) -> tuple[jax.Array, ...]:
