@@ -58,3 +58,10 @@ settings.register_profile(
   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_collection_modifyitems(items):
+  """The tests marked ``long`` (tens of seconds each) first: xdist's workers then
+  end on short tests and finish together, not one waiting on the other's last
+  long test (the order is the same in every worker, as xdist requires)."""
+  items.sort(key=lambda item: item.get_closest_marker("long") is None)

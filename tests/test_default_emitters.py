@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # One or two parametrisations of each: values against the float64 oracle and
@@ -36,6 +38,7 @@ UNDER_FUSION_EMITTERS = [
 ]  # fmt: skip
 
 
+@pytest.mark.long
 def test_oracle_and_temporaries_tests_pass_under_the_fusion_emitters():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["LPKERNEL_TEST_EMITTERS"] = "fusion"

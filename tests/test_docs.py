@@ -54,6 +54,7 @@ def test_readme_is_short_and_every_link_resolves():
     assert (ROOT / link).exists(), f"README links to {link}, which does not exist"
 
 
+@pytest.mark.long
 def test_the_documentation_builds_with_warnings_as_errors(tmp_path):
   """Sphinx with MyST, myst-nb (executing the notebooks: a failing cell fails the
   build), autodoc of the public modules and the generated results page."""

@@ -230,6 +230,7 @@ def test_registering_adds_to_lm_evals_own_models():
   assert get_model("dummy").__name__ == "DummyLM"  # lm-eval's own, still there
 
 
+@pytest.mark.long
 def test_command_line_end_to_end(tmp_path, model):
   """``python -m lpkernel.lm_eval`` with lm-eval's arguments, a factory and a local
   tokenizer directory, in a subprocess: the same metrics as simple_evaluate in process."""

@@ -79,6 +79,7 @@ def _run_two_processes(out_dir: Path) -> list[str]:
   return outputs
 
 
+@pytest.mark.long
 @pytest.mark.timeout(TIMEOUT_S + 120)
 def test_two_processes_match_one_device(tmp_path):
   _run_two_processes(tmp_path)

@@ -547,6 +547,7 @@ def _values_and_grads(impl, softcap):
   return jax.jit(run)
 
 
+@pytest.mark.long
 @given(
   rows=st.lists(st.lists(_SPECIAL, min_size=9, max_size=9), min_size=_ROWS, max_size=_ROWS),
   targets=st.lists(st.integers(-3, 12), min_size=_ROWS, max_size=_ROWS),

@@ -339,6 +339,7 @@ def _train_grpo(policy_loss_fn: str, steps: int = 2):
 
 # tunix 0.1.7's training loop uses APIs that jax and optax deprecated (`with mesh:`,
 # optax.global_norm, ...): its warnings, not ours.
+@pytest.mark.long
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_grpo_learner_trains_the_same_with_lpkernel():
   """One config value switches tunix's own GRPOLearner to lpkernel (its reference

@@ -56,6 +56,7 @@ wrong_op: FusedImplementation = Delegating()  # and this one: a logits implement
 """
 
 
+@pytest.mark.long
 def test_mypy_passes_on_lpkernel_and_checks_implementations_against_the_protocols(tmp_path):
   user = tmp_path / "user_implementation.py"
   user.write_text(USER_IMPLEMENTATION)
