@@ -3,6 +3,11 @@
 ties, NaN of both signs, signed zeros and infinities, at every ``k``."""
 
 import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import hypothesis.extra.numpy as hnp
 import jax
@@ -42,6 +47,51 @@ def test_the_compiled_top_k_is_built_here():
   assert cpu_top_k.available()
   text = jax.jit(lambda a: top_k(a, 3)).lower(jnp.zeros((4, 10))).as_text()
   assert "lpkernel_cpu_top_k" in text
+
+
+def test_the_avx2_build_runs_where_the_cpu_has_avx2():
+  """On an x86-64 CPU with AVX2 (this machine and CI) the kernels registered are
+  the AVX2 build, whose wide loops run 8 lanes; elsewhere, or with
+  ``LPKERNEL_CPU_AVX2=0``, the portable build (4 lanes), which
+  :func:`test_the_portable_build_passes_the_kernel_tests` holds to the same tests."""
+  if os.environ.get("LPKERNEL_CPU_KERNELS") == "0":
+    pytest.skip("LPKERNEL_CPU_KERNELS=0")
+  cpuinfo = Path("/proc/cpuinfo")
+  flags = cpuinfo.read_text() if cpuinfo.exists() else ""
+  has_avx2 = platform.machine() in ("x86_64", "AMD64") and re.search(r"\bavx2\b", flags)
+  assert cpu_top_k.available()
+  assert cpu_library.avx2() == (bool(has_avx2) and os.environ.get("LPKERNEL_CPU_AVX2") != "0")
+
+
+# The kernels' oracle tests, run again on the portable build (the suite runs the
+# AVX2 build here): the top-k kernels (their loops written for any lane count),
+# the searches and the replay (built the same, without -mavx2).
+UNDER_THE_PORTABLE_BUILD = [
+  "tests/test_cpu_top_k.py::test_the_avx2_build_runs_where_the_cpu_has_avx2",
+  "tests/test_cpu_top_k.py::test_values_and_indices_are_lax_top_ks",
+  "tests/test_cpu_top_k.py::test_groups_top_k_from_the_group_maxima_is_lax_top_k",
+  "tests/test_cpu_top_k.py::test_a_nan_group_hides_no_larger_value",
+  "tests/test_cpu_top_k.py::test_running_candidates_keep_lax_top_ks_values",
+  "tests/test_cpu_search.py::test_the_kept_sets_are_the_float64_oracles",
+  "tests/test_cpu_replay.py::test_dots_and_grads_are_the_oracles",
+]
+
+
+@pytest.mark.long
+def test_the_portable_build_passes_the_kernel_tests():
+  if os.environ.get("LPKERNEL_CPU_KERNELS") == "0" or not (
+    cpu_library.available() and cpu_library.avx2()
+  ):
+    pytest.skip("the portable build is the one the suite runs")
+  env = {**os.environ, "LPKERNEL_CPU_AVX2": "0"}
+  command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0"]
+  result = subprocess.run(
+    [*command, *UNDER_THE_PORTABLE_BUILD], env=env, cwd=Path(__file__).resolve().parents[1],
+    capture_output=True, text=True, timeout=900,
+  )  # fmt: skip
+  tail = result.stdout[-3000:] + result.stderr[-2000:]
+  assert result.returncode == 0, tail
+  assert re.search(r"\b\d+ passed", result.stdout) and " skipped" not in result.stdout, tail
 
 
 @settings(max_examples=150, deadline=None)
@@ -129,6 +179,7 @@ def test_a_nan_group_hides_no_larger_value(own_maxima):
   negative NaN (below ``-inf`` in ``lax.top_k``'s order) its other values are
   small and the row's largest lie in other groups; with a positive NaN, the NaN
   is the largest. Every ``k``, both NaN signs: ``lax.top_k``'s values."""
+  assert cpu_top_k.available()  # registered here, whichever test ran first
   negative_nan = np.uint32(0xFFC00000).view(np.float32)
   for nan in (np.float32(np.nan), negative_nan):
     a = jnp.asarray(np.array([[1, nan, 5, 0.5, 0.25, 0.1, 0.2, 0.3, 2, 0.7]], np.float32))

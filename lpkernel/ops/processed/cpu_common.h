@@ -57,6 +57,61 @@ inline float Widen(uint16_t bits) {
 }
 
 inline I4 Splat(int32_t v) { return I4{v, v, v, v}; }
+
+// Vectors of kLanes floats or ints for the loops that run as wide as the build
+// allows: 4 (SSE2, NEON: the portable build) or 8 (the AVX2 build,
+// cpu_library.py). Compared lanes are all ones.
+#ifndef LPKERNEL_LANES
+#define LPKERNEL_LANES 4
+#endif
+constexpr int kLanes = LPKERNEL_LANES;
+static_assert(kLanes == 4 || kLanes == 8 || kLanes == 16, "lanes: 4, 8 or 16");
+typedef float FV __attribute__((vector_size(4 * kLanes)));
+typedef int32_t IV __attribute__((vector_size(4 * kLanes)));
+typedef uint32_t UV __attribute__((vector_size(4 * kLanes)));
+typedef uint16_t U16V __attribute__((vector_size(2 * kLanes)));
+
+inline FV LoadV(const float* x) {
+  FV v;
+  std::memcpy(&v, x, sizeof v);
+  return v;
+}
+inline FV LoadV(const uint16_t* x) {  // bfloat16 bits, widened exactly
+  U16V half;
+  std::memcpy(&half, x, sizeof half);
+  UV bits = __builtin_convertvector(half, UV) << 16;
+  FV v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+inline IV LoadIV(const int32_t* x) {
+  IV v;
+  std::memcpy(&v, x, sizeof v);
+  return v;
+}
+inline void StoreV(int32_t* x, IV v) { std::memcpy(x, &v, sizeof v); }
+inline IV SplatV(int32_t v) { return IV{} + v; }
+inline FV SplatV(float v) { return FV{} + v; }
+inline float MaxOf(FV v) {  // of ordered lanes
+  float m = v[0];
+  for (int l = 1; l < kLanes; ++l) m = v[l] > m ? v[l] : m;
+  return m;
+}
+inline int32_t MinOf(IV v) {
+  int32_t m = v[0];
+  for (int l = 1; l < kLanes; ++l) m = std::min(m, v[l]);
+  return m;
+}
+inline int32_t MaxOf(IV v) {
+  int32_t m = v[0];
+  for (int l = 1; l < kLanes; ++l) m = std::max(m, v[l]);
+  return m;
+}
+inline int32_t SumOf(IV v) {
+  int32_t s = 0;
+  for (int l = 0; l < kLanes; ++l) s += v[l];
+  return s;
+}
 inline float Sum(F4 a) { return (a[0] + a[1]) + (a[2] + a[3]); }
 
 // The float's bits as an unsigned key in the floats' total order.
@@ -83,6 +138,17 @@ inline uint32_t Mask(I4 lanes) {
   return (lanes[0] & 1) | (lanes[1] & 2) | (lanes[2] & 4) | (lanes[3] & 8);
 #endif
 }
+#if LPKERNEL_LANES != 4
+inline uint32_t Mask(IV lanes) {
+#if LPKERNEL_LANES == 8 && defined(__AVX__)
+  return static_cast<uint32_t>(__builtin_ia32_movmskps256(reinterpret_cast<FV>(lanes)));
+#else
+  uint32_t bits = 0;
+  for (int l = 0; l < kLanes; ++l) bits |= static_cast<uint32_t>(lanes[l] & 1) << l;
+  return bits;
+#endif
+}
+#endif
 
 // The ranges [bounds[c], bounds[c + 1]), taken by the calling thread and the
 // pool's tasks from one counter; the caller returns when every range is done

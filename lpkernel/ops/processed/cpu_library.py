@@ -9,6 +9,12 @@ installed jaxlib and cached under ``$LPKERNEL_CACHE`` (default
 jaxlib's version. Without a compiler, or with ``LPKERNEL_CPU_KERNELS=0``,
 :func:`available` says False and every caller takes XLA's steps: the same
 numbers, slower on the CPU; the reason is logged once.
+
+Two builds: the portable one (no ``-march``: SSE2 on x86-64, NEON on arm64,
+vector loops 4 lanes wide) and, on an x86-64 CPU with AVX2 (as the portable
+build's ``LpkernelCpuRunsAvx2`` tells), one with ``-mavx2`` whose wide vector
+loops (``kLanes`` in ``cpu_common.h``) run 8 lanes, registered in its place
+unless ``LPKERNEL_CPU_AVX2=0``; it rounds every float as the portable one.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ _TARGETS = {
   "lpkernel_cpu_kept_set_of_logits": "LpkernelKeptSetOfLogits",
 }
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")  # portable: no -march
+_AVX2 = ("-mavx2", "-DLPKERNEL_LANES=8")  # no -mfma: no contraction, the same rounding
+_state = {"avx2": False}
 
 
 def _cache_dir() -> pathlib.Path:
@@ -47,15 +55,16 @@ def _cache_dir() -> pathlib.Path:
   return pathlib.Path(os.environ.get("LPKERNEL_CACHE", default))
 
 
-def _build() -> pathlib.Path:
-  """The compiled library's path (compiled once per sources, compiler and jaxlib)."""
+def _build(extra: tuple[str, ...] = ()) -> pathlib.Path:
+  """The compiled library's path (compiled once per sources, compiler, flags
+  (``extra`` beyond the portable ones) and jaxlib)."""
   import jaxlib
 
   compiler = shutil.which(os.environ.get("CXX", "c++"))
   if compiler is None:
     raise OSError(f"no C++ compiler ({os.environ.get('CXX', 'c++')!r} not found)")
   texts = [(_HERE / name).read_bytes() for name in SOURCES + HEADERS]
-  flags = " ".join(_FLAGS).encode()
+  flags = " ".join(_FLAGS + extra).encode()
   tag = hashlib.sha256(b"\0".join([*texts, compiler.encode(), flags, jaxlib.__version__.encode()]))
   out = _cache_dir() / f"cpu_kernels-{tag.hexdigest()[:16]}.so"
   if out.exists():
@@ -64,7 +73,7 @@ def _build() -> pathlib.Path:
   with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # concurrent builds: last rename wins
     built = pathlib.Path(tmp) / out.name
     sources = [str(_HERE / name) for name in SOURCES]
-    cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", *sources, "-o", str(built)]
+    cmd = [compiler, *_FLAGS, *extra, f"-I{jax.ffi.include_dir()}", *sources, "-o", str(built)]
     run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode:
       raise OSError(f"{' '.join(cmd)} failed:\n{run.stderr[-2000:]}")
@@ -84,10 +93,20 @@ def _register() -> bool:
     return False
   try:
     library = ctypes.cdll.LoadLibrary(str(_build()))
-    for target, symbol in _TARGETS.items():
-      handler = jax.ffi.pycapsule(getattr(library, symbol))
-      jax.ffi.register_ffi_target(target, handler, platform="cpu")
   except OSError as e:
     _LOG.warning("lpkernel: the CPU kernels are not built, XLA's steps on the CPU: %s", e)
     return False
+  if library.LpkernelCpuRunsAvx2() and os.environ.get("LPKERNEL_CPU_AVX2", "1") != "0":
+    try:
+      library = ctypes.cdll.LoadLibrary(str(_build(_AVX2)))
+      _state["avx2"] = True
+    except OSError as e:
+      _LOG.warning("lpkernel: the AVX2 build of the CPU kernels failed, the portable one: %s", e)
+  for name, symbol in _TARGETS.items():
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
   return True
+
+
+def avx2() -> bool:
+  """Whether the AVX2 build is the one registered (after :func:`available`)."""
+  return _state["avx2"]

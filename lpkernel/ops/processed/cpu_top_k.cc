@@ -7,7 +7,7 @@
 // -0 < 0 < ... < inf < NaN), equal values by their index, lowest first; values
 // descending. Per row, a buffer of at most 4k candidates: every value at least the k-th
 // largest kept so far enters it (ForEachAtLeast: a bit per value from one
-// comparison of 4, only the set bits visited); a full buffer is cut back to its
+// comparison of kLanes, only the set bits visited); a full buffer is cut back to its
 // k largest (nth_element), which raises the bar. The k kept are sorted once at
 // the end.
 //
@@ -35,7 +35,10 @@ namespace {
 
 using namespace lpkernel;  // NOLINT: the shared vectors, loads and thread split
 
-inline F4 Max(F4 a, F4 b) { return a > b ? a : b; }
+template <typename V>
+inline V Max(V a, V b) {
+  return a > b ? a : b;
+}
 
 // The largest OrderKey of x[0, width) (width: a positive multiple of 4), or a
 // smaller key of one of its values (NaN). By float maxima, except where the
@@ -73,18 +76,17 @@ inline void Store(int32_t* x, I4 v) { std::memcpy(x, &v, sizeof v); }
 
 // offer(i) for each i of [0, width) where x[i] may reach the bar (not under
 // bar() as a float: NaN and -0 as 0 included; offer decides): 64 values at a
-// time, a bit each, bar() read once per 64 (an offer may raise it); each value
-// past the last multiple of 4.
+// time, a bit each (kLanes compared at once), bar() read once per 64 (an offer
+// may raise it); each value past the last multiple of kLanes.
 template <typename T, typename Bar, typename Offer>
 inline void ForEachAtLeast(const T* x, int64_t width, Bar bar, Offer offer) {
-  int64_t whole = width / 4 * 4, i = 0;
+  int64_t whole = width / kLanes * kLanes, i = 0;
   while (i < whole) {
-    float b = bar();
-    F4 bar4 = {b, b, b, b};
+    FV bars = SplatV(bar());
     int64_t end = std::min(whole, i + 64);
     uint64_t bits = 0;
-    for (int64_t c = i; c < end; c += 4) {
-      bits |= static_cast<uint64_t>(Mask(~(Load4(x + c) < bar4))) << (c - i);
+    for (int64_t c = i; c < end; c += kLanes) {
+      bits |= static_cast<uint64_t>(Mask(~(LoadV(x + c) < bars))) << (c - i);
     }
     for (; bits != 0; bits &= bits - 1) offer(i + __builtin_ctzll(bits));
     i = end;
@@ -169,11 +171,15 @@ class RowTopK {
 // of them: capped logits) are at least the k-th largest maximum: the k largest
 // maxima are k values of the row. Values only (equal values are the same
 // output), so the candidates are signed keys and branches are few: every step
-// is a count or a bit mask over 4 lanes at a time.
+// is a count or a bit mask over kLanes (4, or 8 in the AVX2 build) at a time.
 class RowGroupsTopK {
  public:
   explicit RowGroupsTopK(int64_t k)
-      : k_(k), capacity_(4 * k), keys_(4 * k + 4), ranks_(4 * k + 4), sorted_(k + 5) {}
+      : k_(k),
+        capacity_(4 * k),
+        keys_(4 * k + kLanes),
+        ranks_(4 * k + kLanes),
+        sorted_(k + 5) {}
 
   // The row's k largest values, descending, into values[0, k). `held`: the
   // maxima are the groups' own (Scan).
@@ -205,16 +211,16 @@ class RowGroupsTopK {
       int64_t hi = std::min(n, lo + group), i = lo;
       float top = ninf;
       bool nan = false;
-      if (hi - lo >= 4) {
-        F4 m = Load4(x + lo);
-        I4 unordered = m != m;
-        for (i = lo + 4; i + 4 <= hi; i += 4) {
-          F4 v = Load4(x + i);
+      if (hi - lo >= kLanes) {
+        FV m = LoadV(x + lo);
+        IV unordered = m != m;
+        for (i = lo + kLanes; i + kLanes <= hi; i += kLanes) {
+          FV v = LoadV(x + i);
           unordered |= v != v;
           m = Max(m, v);
         }
         nan = Mask(unordered) != 0;
-        top = std::max(std::max(m[0], m[1]), std::max(m[2], m[3]));
+        top = MaxOf(m);
       }
       for (; i < hi; ++i) {
         float v = x[i];
@@ -230,11 +236,11 @@ class RowGroupsTopK {
   // over the row: read from memory, they are latency-bound).
   template <typename T, typename M>
   void Choose(const T* x, int64_t n, const M* mx, int64_t g, int64_t group) {
-    int64_t g4 = (g + 3) / 4 * 4, j = 0;
-    maxima_.resize(g4);
-    chosen_.resize(g4);
+    int64_t gv = (g + kLanes - 1) / kLanes * kLanes, j = 0;
+    maxima_.resize(gv);
+    chosen_.resize(gv);
     for (; j + 4 <= g; j += 4) Store(maxima_.data() + j, SignedKeys(Load4(mx + j)));
-    for (; j < g4; ++j) maxima_[j] = j < g ? SignedKey(Widen(mx[j])) : INT32_MIN;
+    for (; j < gv; ++j) maxima_[j] = j < g ? SignedKey(Widen(mx[j])) : INT32_MIN;
     int32_t least = INT32_MIN;
     if (g > k_) {
       least = KthFloor(g);
@@ -243,10 +249,11 @@ class RowGroupsTopK {
       if (std::fabs(SignedKeyValue(least)) < std::numeric_limits<float>::min()) least = INT32_MIN;
     }
     count_ = 0;
-    for (int64_t lo = 0; lo < g4; lo += 64) {  // 64 groups' bits at a time
+    for (int64_t lo = 0; lo < gv; lo += 64) {  // 64 groups' bits at a time
       uint64_t bits = 0;
-      for (int64_t c = lo; c < std::min(g4, lo + 64); c += 4) {
-        bits |= static_cast<uint64_t>(Mask(LoadI4(maxima_.data() + c) >= Splat(least))) << (c - lo);
+      for (int64_t c = lo; c < std::min(gv, lo + 64); c += kLanes) {
+        bits |= static_cast<uint64_t>(Mask(LoadIV(maxima_.data() + c) >= SplatV(least)))
+                << (c - lo);
       }
       for (; bits != 0; bits &= bits - 1) chosen_[count_++] = lo + __builtin_ctzll(bits);
     }
@@ -263,15 +270,14 @@ class RowGroupsTopK {
   // midpoint (the keys' histograms took twice as long, their sort 4 times).
   // INT32_MIN (every group) where a maximum is NaN.
   int32_t KthFloor(int64_t g) {
-    I4 low = Splat(INT32_MAX), high = Splat(INT32_MIN);
+    IV low = SplatV(INT32_MAX), high = SplatV(INT32_MIN);
     int64_t j = 0;
-    for (; j + 4 <= g; j += 4) {
-      I4 key = LoadI4(maxima_.data() + j);
+    for (; j + kLanes <= g; j += kLanes) {
+      IV key = LoadIV(maxima_.data() + j);
       low = key < low ? key : low;
       high = key > high ? key : high;
     }
-    int32_t lo = std::min({low[0], low[1], low[2], low[3]});
-    int32_t hi = std::max({high[0], high[1], high[2], high[3]});
+    int32_t lo = MinOf(low), hi = MaxOf(high);
     for (; j < g; ++j) lo = std::min(lo, maxima_[j]), hi = std::max(hi, maxima_[j]);
     // A NaN maximum (past an infinity) says nothing of its group's other values.
     float inf = std::numeric_limits<float>::infinity();
@@ -288,17 +294,16 @@ class RowGroupsTopK {
     return static_cast<int32_t>(bottom * 65536);
   }
 
-  // How many of maxima_[0, g4) are at least `least` (g4 a multiple of 4).
-  int64_t CountAtLeast(int32_t least, int64_t g4) const {
-    I4 bar = Splat(least), a = Splat(0), b = Splat(0);
+  // How many of maxima_[0, gv) are at least `least` (gv a multiple of kLanes).
+  int64_t CountAtLeast(int32_t least, int64_t gv) const {
+    IV bar = SplatV(least), a = SplatV(0), b = SplatV(0);
     int64_t j = 0;
-    for (; j + 8 <= g4; j += 8) {
-      a -= LoadI4(maxima_.data() + j) >= bar;
-      b -= LoadI4(maxima_.data() + j + 4) >= bar;
+    for (; j + 2 * kLanes <= gv; j += 2 * kLanes) {
+      a -= LoadIV(maxima_.data() + j) >= bar;
+      b -= LoadIV(maxima_.data() + j + kLanes) >= bar;
     }
-    if (j < g4) a -= LoadI4(maxima_.data() + j) >= bar;
-    a += b;
-    return a[0] + a[1] + a[2] + a[3];
+    if (j < gv) a -= LoadIV(maxima_.data() + j) >= bar;
+    return SumOf(a + b);
   }
 
   // The chosen groups' values at least the first bar into keys_: with k or more
@@ -361,12 +366,12 @@ class RowGroupsTopK {
     if (size_ > 2 * k_) Cut();
     int64_t m = size_, k4 = (k_ + 3) / 4 * 4;
     if (m <= 256) {
-      int64_t m4 = (m + 3) / 4 * 4;
-      std::fill(keys_.begin() + m, keys_.begin() + m4, INT32_MIN);
-      for (int64_t i = 0; i < m4; i += 4) {
-        I4 key = LoadI4(keys_.data() + i), above = Splat(0);
-        for (int64_t j = 0; j < m; ++j) above -= Splat(keys_[j]) > key;
-        Store(ranks_.data() + i, above);
+      int64_t mv = (m + kLanes - 1) / kLanes * kLanes;
+      std::fill(keys_.begin() + m, keys_.begin() + mv, INT32_MIN);
+      for (int64_t i = 0; i < mv; i += kLanes) {
+        IV key = LoadIV(keys_.data() + i), above = SplatV(0);
+        for (int64_t j = 0; j < m; ++j) above -= SplatV(keys_[j]) > key;
+        StoreV(ranks_.data() + i, above);
       }
       std::fill(sorted_.begin(), sorted_.end(), INT32_MAX);
       for (int64_t i = 0; i < m; ++i) sorted_[std::min<int64_t>(ranks_[i], k_)] = keys_[i];
@@ -588,3 +593,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LpkernelBufferTopK, BufferTopK,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("k"));
+
+// 1 where this CPU runs the AVX2 build (cpu_library.py: its wide vector loops 8
+// lanes), else 0.
+extern "C" int LpkernelCpuRunsAvx2() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2");
+#else
+  return 0;
+#endif
+}
