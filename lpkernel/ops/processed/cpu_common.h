@@ -37,15 +37,18 @@ inline F4 Load4(const float* x) {
   return v;
 }
 
-// x[0, 4) of bfloat16 bits (XLA's uint16_t) as floats, exactly.
-inline F4 Load4(const uint16_t* x) {
-  U16x4 half;
+// x[0, lanes) of bfloat16 bits (XLA's uint16_t) as a vector F of floats,
+// exactly (U: its uint32 lanes, H: its uint16 ones).
+template <typename F, typename U, typename H>
+inline F WidenedLanes(const uint16_t* x) {
+  H half;
   std::memcpy(&half, x, sizeof half);
-  U4 bits = __builtin_convertvector(half, U4) << 16;
-  F4 v;
+  U bits = __builtin_convertvector(half, U) << 16;
+  F v;
   std::memcpy(&v, &bits, sizeof v);
   return v;
 }
+inline F4 Load4(const uint16_t* x) { return WidenedLanes<F4, U4, U16x4>(x); }
 
 // A float32, or a bfloat16 widened exactly.
 inline float Widen(float v) { return v; }
@@ -76,14 +79,7 @@ inline FV LoadV(const float* x) {
   std::memcpy(&v, x, sizeof v);
   return v;
 }
-inline FV LoadV(const uint16_t* x) {  // bfloat16 bits, widened exactly
-  U16V half;
-  std::memcpy(&half, x, sizeof half);
-  UV bits = __builtin_convertvector(half, UV) << 16;
-  FV v;
-  std::memcpy(&v, &bits, sizeof v);
-  return v;
-}
+inline FV LoadV(const uint16_t* x) { return WidenedLanes<FV, UV, U16V>(x); }
 inline IV LoadIV(const int32_t* x) {
   IV v;
   std::memcpy(&v, x, sizeof v);
