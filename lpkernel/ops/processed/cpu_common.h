@@ -30,12 +30,18 @@ typedef int32_t I4 __attribute__((vector_size(16)));
 typedef uint16_t U16x4 __attribute__((vector_size(8)));
 typedef uint32_t U4 __attribute__((vector_size(16)));
 
-// x[0, 4) as floats.
-inline F4 Load4(const float* x) {
-  F4 v;
+// x[0, lanes) as the vector V of the same element type (unaligned), and back.
+template <typename V, typename T>
+inline V Lanes(const T* x) {
+  V v;
   std::memcpy(&v, x, sizeof v);
   return v;
 }
+template <typename V, typename T>
+inline void Store(T* x, V v) {
+  std::memcpy(x, &v, sizeof v);
+}
+inline F4 Load4(const float* x) { return Lanes<F4>(x); }
 
 // x[0, lanes) of bfloat16 bits (XLA's uint16_t) as a vector F of floats,
 // exactly (U: its uint32 lanes, H: its uint16 ones).
@@ -68,24 +74,15 @@ inline I4 Splat(int32_t v) { return I4{v, v, v, v}; }
 #define LPKERNEL_LANES 4
 #endif
 constexpr int kLanes = LPKERNEL_LANES;
-static_assert(kLanes == 4 || kLanes == 8 || kLanes == 16, "lanes: 4, 8 or 16");
+static_assert(kLanes == 4 || kLanes == 8, "lanes: 4 (portable) or 8 (AVX2)");
 typedef float FV __attribute__((vector_size(4 * kLanes)));
 typedef int32_t IV __attribute__((vector_size(4 * kLanes)));
 typedef uint32_t UV __attribute__((vector_size(4 * kLanes)));
 typedef uint16_t U16V __attribute__((vector_size(2 * kLanes)));
 
-inline FV LoadV(const float* x) {
-  FV v;
-  std::memcpy(&v, x, sizeof v);
-  return v;
-}
+inline FV LoadV(const float* x) { return Lanes<FV>(x); }
 inline FV LoadV(const uint16_t* x) { return WidenedLanes<FV, UV, U16V>(x); }
-inline IV LoadIV(const int32_t* x) {
-  IV v;
-  std::memcpy(&v, x, sizeof v);
-  return v;
-}
-inline void StoreV(int32_t* x, IV v) { std::memcpy(x, &v, sizeof v); }
+inline IV LoadIV(const int32_t* x) { return Lanes<IV>(x); }
 inline IV SplatV(int32_t v) { return IV{} + v; }
 inline FV SplatV(float v) { return FV{} + v; }
 inline float MaxOf(FV v) {  // of ordered lanes
@@ -134,15 +131,9 @@ inline uint32_t Mask(I4 lanes) {
   return (lanes[0] & 1) | (lanes[1] & 2) | (lanes[2] & 4) | (lanes[3] & 8);
 #endif
 }
-#if LPKERNEL_LANES != 4
+#if LPKERNEL_LANES == 8  // the AVX2 build
 inline uint32_t Mask(IV lanes) {
-#if LPKERNEL_LANES == 8 && defined(__AVX__)
   return static_cast<uint32_t>(__builtin_ia32_movmskps256(reinterpret_cast<FV>(lanes)));
-#else
-  uint32_t bits = 0;
-  for (int l = 0; l < kLanes; ++l) bits |= static_cast<uint32_t>(lanes[l] & 1) << l;
-  return bits;
-#endif
 }
 #endif
 

@@ -67,12 +67,7 @@ inline I4 SignedKeys(F4 v) {
 inline int32_t SignedKey(float v) { return static_cast<int32_t>(OrderKey(v) ^ 0x80000000u); }
 inline float SignedKeyValue(int32_t key) { return KeyValue(static_cast<uint32_t>(key) ^ 0x80000000u); }
 
-inline I4 LoadI4(const int32_t* x) {
-  I4 v;
-  std::memcpy(&v, x, sizeof v);
-  return v;
-}
-inline void Store(int32_t* x, I4 v) { std::memcpy(x, &v, sizeof v); }
+inline I4 LoadI4(const int32_t* x) { return Lanes<I4>(x); }
 
 // offer(i) for each i of [0, width) where x[i] may reach the bar (not under
 // bar() as a float: NaN and -0 as 0 included; offer decides): 64 values at a
@@ -371,7 +366,7 @@ class RowGroupsTopK {
       for (int64_t i = 0; i < mv; i += kLanes) {
         IV key = LoadIV(keys_.data() + i), above = SplatV(0);
         for (int64_t j = 0; j < m; ++j) above -= SplatV(keys_[j]) > key;
-        StoreV(ranks_.data() + i, above);
+        Store(ranks_.data() + i, above);
       }
       std::fill(sorted_.begin(), sorted_.end(), INT32_MAX);
       for (int64_t i = 0; i < m; ++i) sorted_[std::min<int64_t>(ranks_[i], k_)] = keys_[i];
