@@ -3,6 +3,7 @@ XLA's bisection (:func:`lpkernel.ops.processed.select.kept_within`) against a
 float64 NumPy oracle: the same kept sets, masses and sizes, on rows with ties,
 ``-inf``, min-p and a floor, by count (top-k) and by probability (top-p)."""
 
+import functools
 import os
 from unittest import mock
 
@@ -38,14 +39,12 @@ def _oracle(key, e, floor, share, min_p, by_count):
     return a, np.inf
   w = np.where(a, 1.0 if by_count else e.astype(np.float64), 0.0)
   budget = w.sum() - share if by_count else (1.0 - share) * w.sum()
-  groups = np.unique(key[a])
-  run, cut, gap = 0.0, groups[-1], np.inf
-  for g in groups[:-1]:
-    run += w[key == g].sum()
-    gap = min(gap, abs(run - budget) / max(abs(budget), 1e-30))
-    if run > budget:
-      cut = g
-      break
+  groups, group = np.unique(key[a], return_inverse=True)
+  run = np.cumsum(np.bincount(group, weights=w[a]))[:-1]  # after each group but the largest
+  over = np.flatnonzero(run > budget)
+  stop = over[0] + 1 if over.size else run.size  # the groups weighed before the cut
+  cut = groups[over[0]] if over.size else groups[-1]
+  gap = np.min(np.abs(run[:stop] - budget)) / max(abs(budget), 1e-30) if stop else np.inf
   return a & (key >= cut), np.inf if by_count else gap
 
 
@@ -71,16 +70,23 @@ def _rows(z, min_p, by_count, share, floor_share):
   return args, (np.asarray(kept), np.asarray(gaps))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _kept_within(by_count, compiled, key, e, floor, ceiling, share, shift, min_p, active):
+  """:func:`select.kept_within` as one program; ``compiled`` (static) is what
+  ``cpu_search.available()`` said when it was traced, so each search keeps its own."""
+  del compiled
+  r, n = key.shape
+  params = S.Params(None, jnp.zeros(r, jnp.int32), jnp.ones(r), min_p, shift)
+  c = S.Chunk(e, key)
+  kappa, mass, count = S.kept_within(c, params, floor, ceiling, by_count, share, active, n)
+  return c.in_a(params, floor) & (c.key >= kappa[:, None]), mass, count
+
+
 def _search(args, min_p, by_count, active):
   """(kept bool[R, n], mass, count) of :func:`select.kept_within`."""
-  key, e, floor, ceiling, share, shift = (jnp.asarray(a) for a in args)
-  r, n = key.shape
-  params = S.Params(None, jnp.zeros(r, jnp.int32), jnp.ones(r), jnp.asarray(min_p), shift)
-  c = S.Chunk(e, key)
-  kappa, mass, count = S.kept_within(
-    c, params, floor, ceiling, by_count, share, jnp.asarray(active), n
-  )
-  return np.asarray(c.in_a(params, floor) & (c.key >= kappa[:, None])), mass, count
+  arrays = (jnp.asarray(a) for a in (*args, min_p, active))
+  kept, mass, count = _kept_within(by_count, cpu_search.available(), *arrays)
+  return np.asarray(kept), mass, count
 
 
 def _agree(got, args, want, gap, active, ambiguous=_AMBIGUOUS):

@@ -121,23 +121,32 @@ TOP_P = [0.5, 0.9, 0.95, 0.999, 1.0]
 MIN_P = [0.0, 0.05]
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-@pytest.mark.parametrize("v", [1000, 32003, 151936])
-def test_kept_sets_and_values_equal_vllms_with_per_example_parameters(v, impl):
-  """Every (top_k, top_p, min_p) combination at once, one example each, peaked and
-  flat rows, temperatures mixed: the kept sets equal the port's, values to
-  float32 rounding."""
+@functools.cache
+def _every_combination(v):
+  """float64 rows ``[b, V]`` (distinct logits, each exact in float32), targets,
+  temperatures, every (top_k, top_p, min_p) combination one row each, and the
+  port's answers: made once per ``V`` for every implementation."""
   combos = list(itertools.product(TOP_K, TOP_P, MIN_P))
   b = len(combos)
   rng = np.random.default_rng(v)
   scale = np.where(np.arange(b) % 2 == 0, 4.0, 0.5)[:, None]  # peaked and flat rows
-  # Distinct logits, each exact in float32.
   logits = (rng.permutation(v * b).reshape(b, v) / (v * b) * 2 - 1) * scale * 8
   logits = np.asarray(logits.astype(np.float32), np.float64)
   targets = rng.integers(0, v, b)
   targets[::3] = np.argsort(logits[::3], axis=-1)[:, -2]  # often kept: the second most likely
   tau = np.where(np.arange(b) % 3 == 0, 0.7, 1.0)
   params = [(t, k, p, m) for t, (k, p, m) in zip(tau, combos, strict=True)]
+  return logits, targets, tau, combos, _oracle(logits, targets, params)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("v", [1000, 32003, 151936])
+def test_kept_sets_and_values_equal_vllms_with_per_example_parameters(v, impl):
+  """Every (top_k, top_p, min_p) combination at once, one example each, peaked and
+  flat rows, temperatures mixed: the kept sets equal the port's, values to
+  float32 rounding."""
+  logits, targets, tau, combos, want = _every_combination(v)
+  b = len(combos)
   sampling = Sampling(
     temperature=jnp.asarray(tau, jnp.float32),
     top_k=jnp.array([c[0] for c in combos]),
@@ -147,7 +156,6 @@ def test_kept_sets_and_values_equal_vllms_with_per_example_parameters(v, impl):
   got = jax.jit(functools.partial(processed, impl))(
     jnp.asarray(logits, jnp.float32), jnp.asarray(targets), sampling
   )
-  want = _oracle(logits, targets, params)
   np.testing.assert_array_equal(got.kept_count, want["count"])
   np.testing.assert_array_equal(got.kept, want["kept"][np.arange(b), targets])
   np.testing.assert_allclose(got.raw_logprobs, want["raw"], rtol=2e-6, atol=2e-5)
