@@ -33,6 +33,8 @@ from lpkernel import partials as P
 from lpkernel.checks import poison, positive_finite_number
 
 _F32 = jnp.float32
+# vLLM's _SAMPLING_EPS: a request whose temperature is below it is decoded greedily.
+GREEDY_BELOW = 1e-5
 
 
 class Sampling(NamedTuple):
@@ -40,7 +42,9 @@ class Sampling(NamedTuple):
   (``[B]``, broadcast over that example's tokens). A pytree.
 
   Attributes:
-    temperature: ``> 0``.
+    temperature: ``> 0``; below 1e-5 (``GREEDY_BELOW``; 0 included) a greedy
+      request, scored as vLLM reports one: at temperature 1, with min-p, top-k
+      and top-p off (the engine resets them for such a request).
     top_k: keep the ``k`` most likely tokens (ties at the boundary kept); off
       when ``<= 0`` or ``>= V``.
     top_p: keep the nucleus of mass ``p`` in ``(0, 1]``; off at 1.
@@ -57,8 +61,8 @@ class Sampling(NamedTuple):
     """``ValueError`` naming a Python value out of range (array values that are
     out of range make their examples' results NaN instead)."""
     t, k, p, m = self
-    if np.isscalar(t) and not positive_finite_number(t):
-      raise ValueError(f"Sampling.temperature={t!r} must be finite and > 0")
+    if np.isscalar(t) and not (positive_finite_number(t) or _greedy(t)):
+      raise ValueError(f"Sampling.temperature={t!r} must be finite and >= 0 (0: greedy)")
     if isinstance(k, (float, bool)):
       raise ValueError(f"Sampling.top_k={k!r} must be an int (<= 0 for off)")
     if isinstance(p, (int, float)) and not (0 < p <= 1):
@@ -100,20 +104,32 @@ def _per_row(value, batch_shape, dtype) -> jax.Array:
   return jnp.broadcast_to(a, batch_shape)
 
 
+def _greedy(t):
+  """Whether temperatures ``t`` (a Python number or an array) ask for greedy decoding."""
+  return (t >= 0) & (t < GREEDY_BELOW)
+
+
 def param_rows(
   sampling: Sampling, batch_shape
 ) -> tuple[jax.Array | None, jax.Array, jax.Array, jax.Array, jax.Array]:
   """The parameters flattened to one value per position ``[N]``: (temperature or
   None for a Python 1, top_k int32, top_p, min_p, bool bad: an array value out of
-  range)."""
+  range). A greedy request's row (temperature below ``GREEDY_BELOW``) gets
+  temperature 1 and every truncation off, as vLLM scores it."""
   t = sampling.temperature
-  tau = None if (np.isscalar(t) and t == 1) else _per_row(t, batch_shape, _F32).reshape(-1)
   k = _per_row(sampling.top_k, batch_shape, jnp.int32).reshape(-1)
   p = _per_row(sampling.top_p, batch_shape, _F32).reshape(-1)
   m = _per_row(sampling.min_p, batch_shape, _F32).reshape(-1)
-  bad = ~((p > 0) & (p <= 1)) | ~((m >= 0) & (m <= 1))
-  if tau is not None:
+  bad = ~((p > 0) & (p <= 1)) | ~((m >= 0) & (m <= 1))  # out of range, greedy or not
+  if np.isscalar(t) and (t == 1 or _greedy(t)):
+    tau, greedy = None, bool(_greedy(t))
+  else:
+    tau = _per_row(t, batch_shape, _F32).reshape(-1)
+    greedy = _greedy(tau)
+    tau = jnp.where(greedy, 1.0, tau)  # no derivative reaches a greedy row's temperature
     bad |= ~(jnp.isfinite(tau) & (tau > 0))
+  if greedy is not False:
+    k, p, m = jnp.where(greedy, 0, k), jnp.where(greedy, 1.0, p), jnp.where(greedy, 0.0, m)
   return tau, k, p, m, bad
 
 
@@ -197,12 +213,13 @@ def processed_logprobs_reference(
   v = logits.shape[-1]
   z = P.capped(logits, softcap)
   batch = targets.shape
-  tau_rows, _, _, _, bad = param_rows(sampling, batch)
+  tau_rows, k, p, m, bad = param_rows(sampling, batch)  # greedy requests' rows untruncated
   tau = jnp.ones(batch, _F32) if tau_rows is None else tau_rows.reshape(batch)
   bad = bad.reshape(batch) | jnp.any(jnp.isnan(z), axis=-1)  # NaN wins
   shift = P.shift_of(jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True)))
   y = P.scaled(z - shift, tau[..., None])  # shift before scale
-  keep = kept_mask(y, sampling, order=z)  # equal: equal capped logits
+  rules = Sampling(1.0, k.reshape(batch), p.reshape(batch), m.reshape(batch))
+  keep = kept_mask(y, rules, order=z)  # equal: equal capped logits
   in_range = (targets >= 0) & (targets < v)
   bad |= ~in_range
   safe = jnp.where(in_range, targets, 0)[..., None]

@@ -104,6 +104,8 @@ def _oracle(logits, targets, params):
   """float64 processed / raw log-probabilities, log S and kept flags of rows."""
   out = {"lp": [], "raw": [], "log_s": [], "kept": [], "count": []}
   for row, t, (tau, k, p, m) in zip(logits, targets, params, strict=True):
+    if tau < 1e-5:  # vLLM's greedy request: its SamplingParams turn truncation off, at T = 1
+      tau, k, p, m = 1.0, 0, 1.0, 0.0
     y = np.asarray(row, np.float64) / tau
     raw = y - y.max() - np.log(np.exp(y - y.max()).sum())
     kept = vllm_kept(row, tau, k, p, m)
@@ -164,6 +166,41 @@ def test_kept_sets_and_values_equal_vllms_with_per_example_parameters(v, impl):
   np.testing.assert_allclose(got.logprobs[kept], want["lp"][kept], rtol=2e-6, atol=2e-5)
   assert np.all(np.asarray(got.logprobs)[~kept] == -np.inf)
   assert kept.sum() >= b // 4  # the comparison is not vacuous
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_a_greedy_request_is_scored_as_vllm_reports_it(impl):
+  """A temperature below 1e-5 (0 included) is vLLM's greedy request: the engine
+  reports its log-probabilities at temperature 1 with min-p, top-k and top-p
+  off; array and Python temperatures alike. The other rows keep their sampler,
+  and no derivative reaches a greedy row's temperature."""
+  rng = np.random.default_rng(5)
+  logits = np.asarray(rng.normal(size=(4, 300)).astype(np.float32) * 3, np.float64)
+  targets = np.argsort(logits, -1)[:, -4]  # outside top-3: kept by greedy rows only
+  tau = np.array([0.0, 5e-6, 0.7, 1.0])
+  want = _oracle(logits, targets, [(t, 3, 0.8, 0.05) for t in tau])
+  x, t = jnp.asarray(logits, jnp.float32), jnp.asarray(targets)
+
+  def total(x, tau):
+    s = processed(impl, x, t, Sampling(tau, 3, 0.8, 0.05))
+    return jnp.sum(jnp.where(s.kept, s.logprobs, 0.0)), s
+
+  (_, got), (dx, dtau) = jax.jit(jax.value_and_grad(total, (0, 1), has_aux=True))(
+    x, jnp.asarray(tau, jnp.float32)
+  )
+  np.testing.assert_array_equal(got.kept_count, want["count"])
+  np.testing.assert_array_equal(got.kept, [True, True, False, False])
+  np.testing.assert_allclose(got.logprobs[:2], want["raw"][:2], rtol=2e-6, atol=2e-5)
+  np.testing.assert_allclose(got.raw_logprobs, want["raw"], rtol=2e-6, atol=2e-5)
+  np.testing.assert_allclose(got.log_kept_mass[:2], 0.0, atol=2e-6)
+  np.testing.assert_array_equal(dtau[:2], 0.0)
+  p = np.exp(logits[:2] - logits[:2].max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  onehot = np.arange(300) == targets[:2, None]
+  np.testing.assert_allclose(dx[:2], onehot - p, atol=1e-6)  # d log_softmax at T = 1
+  python = processed(impl, x[:2], t[:2], Sampling(0.0, 3, 0.8, 0.05))
+  np.testing.assert_allclose(python.logprobs, want["raw"][:2], rtol=2e-6, atol=2e-5)
+  np.testing.assert_array_equal(python.kept_count, [300, 300])
 
 
 @given(
@@ -262,7 +299,8 @@ def test_python_parameters_are_checked_and_array_ones_poison(impl):
   x, t = jnp.zeros((2, 5)), jnp.array([0, 1])
   run = functools.partial(processed, impl)
   for bad in [
-    Sampling(temperature=0.0),
+    Sampling(temperature=-0.5),
+    Sampling(temperature=float("nan")),
     Sampling(top_p=0.0),
     Sampling(top_p=1.5),
     Sampling(min_p=-0.1),
