@@ -121,12 +121,14 @@ def param_rows(
   p = _per_row(sampling.top_p, batch_shape, _F32).reshape(-1)
   m = _per_row(sampling.min_p, batch_shape, _F32).reshape(-1)
   bad = ~((p > 0) & (p <= 1)) | ~((m >= 0) & (m <= 1))  # out of range, greedy or not
-  if np.isscalar(t) and (t == 1 or _greedy(t)):
-    tau, greedy = None, bool(_greedy(t))
+  if np.isscalar(t):
+    greedy = bool(_greedy(t))
+    tau = None if (t == 1 or greedy) else _per_row(t, batch_shape, _F32).reshape(-1)
   else:
     tau = _per_row(t, batch_shape, _F32).reshape(-1)
     greedy = _greedy(tau)
     tau = jnp.where(greedy, 1.0, tau)  # no derivative reaches a greedy row's temperature
+  if tau is not None:
     bad |= ~(jnp.isfinite(tau) & (tau > 0))
   if greedy is not False:
     k, p, m = jnp.where(greedy, 0, k), jnp.where(greedy, 1.0, p), jnp.where(greedy, 0.0, m)
