@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
+
+if TYPE_CHECKING:
+  from lpkernel.sampling import Sampling
 
 LOGIT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _INT32_MAX = np.iinfo(np.int32).max
@@ -383,16 +387,18 @@ def check_inputs(
   response_mask: jax.Array,
   segment_ids: jax.Array | None = None,
   num_segments: int | None = None,
+  sampling: Sampling | None = None,
 ) -> None:
   """Eager validation of ``score``'s inputs with clear messages.
 
   Checks shapes and dtypes, token ids in ``[0, V)`` wherever ``segment_ids > 0``
   (64-bit ids are checked before any cast), segment ids in ``[0, S]`` and each
-  segment one contiguous run. Call it outside ``jit`` (it reads values).
+  segment one contiguous run, and a sampler's parameters (their shapes, and
+  array values in range). Call it outside ``jit`` (it reads values).
 
   Args:
     logits_or_vocab_size: float[B, T, V] logits, or the vocabulary size V.
-    tokens, response_mask, segment_ids, num_segments: as for ``score``.
+    tokens, response_mask, segment_ids, num_segments, sampling: as for ``score``.
 
   Raises:
     TypeError / ValueError naming the offending input, position and value.
@@ -411,6 +417,19 @@ def check_inputs(
       if message is _NOT_CONTIGUOUS:
         t = _first_restart(values[b])
       raise ValueError(f"{message}: first at [b={b}, t={t}] with value {values[b, t]}")
+  if sampling is not None:
+    _check_sampling(sampling, tokens.shape)
+
+
+def _check_sampling(sampling: Sampling, batch_shape) -> None:
+  """Python values, shapes and dtypes (as every processed op checks them), then
+  array values out of range, the first named."""
+  sampling.check_shapes(batch_shape)
+  for bad, message, values in sampling.value_problems(np):
+    if bad.any():
+      where = tuple(int(i) for i in np.argwhere(bad)[0])
+      names = ", ".join(f"{n}={i}" for n, i in zip("bt", where, strict=False))
+      raise ValueError(f"{message}: first at [{names}] with value {values[where]}")
 
 
 def checkify_inputs(
@@ -419,19 +438,24 @@ def checkify_inputs(
   response_mask: jax.Array,
   segment_ids: jax.Array | None = None,
   num_segments: int | None = None,
+  sampling: Sampling | None = None,
 ) -> None:
   """The value checks of :func:`check_inputs` as ``checkify.check`` calls.
 
   Use inside a function transformed by ``jax.experimental.checkify.checkify``;
   works under ``jit``. 64-bit ids are range-checked before any cast, as by
   every scoring function (pass them with ``jax_enable_x64``, or as NumPy arrays
-  to the checkified function's caller unjitted).
+  to the checkified function's caller unjitted). A sampler's Python values,
+  shapes and dtypes raise at trace time, as in every processed op.
   """
   tokens, response_mask, segment_ids = as_rows(tokens, response_mask, segment_ids)
   vocab_size = _vocab_size(logits_or_vocab_size)
   tokens = jnp.asarray(tokens)
   segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
-  for bad, message, _ in _value_problems(vocab_size, tokens, segment_ids, num_segments, jnp):
+  problems = _value_problems(vocab_size, tokens, segment_ids, num_segments, jnp)
+  if sampling is not None:
+    problems += sampling.check_shapes(tokens.shape).value_problems(jnp)
+  for bad, message, _ in problems:
     checkify.check(~jnp.any(bad), message)
 
 

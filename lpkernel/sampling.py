@@ -23,7 +23,7 @@ the fast paths without ``[N, V]`` temporaries are :mod:`lpkernel.ops.processed`.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +71,30 @@ class Sampling(NamedTuple):
       raise ValueError(f"Sampling.min_p={m!r} must be in [0, 1] (0 for off)")
     return self
 
+  def check_shapes(self, batch_shape) -> Sampling:
+    """:meth:`check`, then ``TypeError`` / ``ValueError`` for an array of the wrong
+    dtype or shape against the targets' ``batch_shape`` (as every processed op)."""
+    for name, value in zip(self._fields, self.check(), strict=True):
+      _checked(value, batch_shape, name)
+    return self
+
+  def value_problems(self, xp) -> list[tuple[Any, str, Any]]:
+    """(bad, message, values) of each array parameter, ``bad`` True where a value
+    is out of range (its examples' results are NaN); ``xp`` is ``numpy`` (eager,
+    :func:`lpkernel.check_inputs`) or ``jax.numpy`` (:func:`lpkernel.checkify_inputs`)."""
+    rules = (
+      ("temperature", lambda t: xp.isfinite(t) & (t >= 0), "negative or not finite (0 is greedy)"),
+      ("top_p", lambda p: (p > 0) & (p <= 1), "outside (0, 1] (1 for off)"),
+      ("min_p", lambda m: (m >= 0) & (m <= 1), "outside [0, 1] (0 for off)"),
+    )
+    problems = []
+    for name, in_range, rule in rules:
+      value = getattr(self, name)
+      if not np.isscalar(value):
+        value = xp.asarray(value)
+        problems.append((~in_range(value), f"Sampling.{name} holds values {rule}", value))
+    return problems
+
 
 class ProcessedStats(NamedTuple):
   """Per scored token, all shaped like the targets.
@@ -95,10 +119,27 @@ class ProcessedStats(NamedTuple):
   greedy: jax.Array
 
 
-def _per_row(value, batch_shape, dtype) -> jax.Array:
-  """A parameter as one value per row: a scalar, or ``[B]`` broadcast over the
-  remaining batch axes."""
-  a = jnp.asarray(value, dtype)
+def _checked(value, batch_shape, name: str):
+  """``Sampling.<name>`` as an array, its dtype and shape checked against the
+  targets' ``batch_shape``: a scalar, one value per example (``[B]``) or per
+  position (``batch_shape``). ``TypeError`` for a top_k that does not hold
+  integers, ``ValueError`` naming any other shape."""
+  a = value if isinstance(value, jax.Array) else np.asarray(value)
+  if name == "top_k" and not jnp.issubdtype(a.dtype, jnp.integer):
+    raise TypeError(f"Sampling.top_k must hold integers (<= 0 for off), got {a.dtype}")
+  per_example = tuple(batch_shape[:1])
+  if a.ndim and a.shape not in (per_example, tuple(batch_shape)):
+    raise ValueError(
+      f"Sampling.{name} has shape {a.shape}: pass a Python number or one value per "
+      f"example, shape {per_example} (the targets' leading dimension)"
+    )
+  return a
+
+
+def _per_row(value, batch_shape, dtype, name: str) -> jax.Array:
+  """``Sampling.<name>`` as one value per row: a scalar, or ``[B]`` broadcast over
+  the remaining batch axes (:func:`_checked`)."""
+  a = jnp.asarray(_checked(value, batch_shape, name), dtype)
   if a.ndim == 1 and len(batch_shape) > 1:
     a = a.reshape(a.shape + (1,) * (len(batch_shape) - 1))
   return jnp.broadcast_to(a, batch_shape)
@@ -117,15 +158,15 @@ def param_rows(
   range). A greedy request's row (temperature below ``GREEDY_BELOW``) gets
   temperature 1 and every truncation off, as vLLM scores it."""
   t = sampling.temperature
-  k = _per_row(sampling.top_k, batch_shape, jnp.int32).reshape(-1)
-  p = _per_row(sampling.top_p, batch_shape, _F32).reshape(-1)
-  m = _per_row(sampling.min_p, batch_shape, _F32).reshape(-1)
+  k = _per_row(sampling.top_k, batch_shape, jnp.int32, "top_k").reshape(-1)
+  p = _per_row(sampling.top_p, batch_shape, _F32, "top_p").reshape(-1)
+  m = _per_row(sampling.min_p, batch_shape, _F32, "min_p").reshape(-1)
   bad = ~((p > 0) & (p <= 1)) | ~((m >= 0) & (m <= 1))  # out of range, greedy or not
   if np.isscalar(t):
     greedy = bool(_greedy(t))
-    tau = None if (t == 1 or greedy) else _per_row(t, batch_shape, _F32).reshape(-1)
+    tau = None if (t == 1 or greedy) else _per_row(t, batch_shape, _F32, "temperature").reshape(-1)
   else:
-    tau = _per_row(t, batch_shape, _F32).reshape(-1)
+    tau = _per_row(t, batch_shape, _F32, "temperature").reshape(-1)
     greedy = _greedy(tau)
     tau = jnp.where(greedy, 1.0, tau)  # no derivative reaches a greedy row's temperature
   if tau is not None:
@@ -167,9 +208,9 @@ def kept_mask(y: jax.Array, sampling: Sampling, order: jax.Array | None = None) 
   order = y if order is None else jax.lax.stop_gradient(order)
   v = y.shape[-1]
   batch = y.shape[:-1]
-  k = _per_row(sampling.top_k, batch, jnp.int32)[..., None]
-  p = _per_row(sampling.top_p, batch, _F32)[..., None]
-  min_p = _per_row(sampling.min_p, batch, _F32)[..., None]
+  k = _per_row(sampling.top_k, batch, jnp.int32, "top_k")[..., None]
+  p = _per_row(sampling.top_p, batch, _F32, "top_p")[..., None]
+  min_p = _per_row(sampling.min_p, batch, _F32, "min_p")[..., None]
   m = jnp.max(y, axis=-1, keepdims=True)
   prob = jnp.exp(y - m)  # relative to the largest: min-p compares these with min_p
   keep = prob >= min_p

@@ -64,6 +64,50 @@ def test_checkify_raises_under_jit(tokens, seg, num_segments, match):
   err.throw()  # valid inputs: no error
 
 
+@pytest.mark.parametrize(
+  "sampling,error,match",
+  [
+    (
+      lpk.Sampling(top_p=jnp.array([0.5, 1.5])),
+      ValueError,
+      r"top_p holds .*\[b=1\] with value 1.5",
+    ),
+    (lpk.Sampling(temperature=np.array([0.7, -1.0])), ValueError, r"temperature holds .*\[b=1\]"),
+    (lpk.Sampling(min_p=jnp.array([jnp.nan, 0.0])), ValueError, r"min_p holds .*\[b=0\]"),
+    (lpk.Sampling(top_k=jnp.array([2.0, 3.0])), TypeError, "top_k must hold integers"),
+    (lpk.Sampling(top_p=jnp.array([0.5, 0.9, 1.0])), ValueError, r"top_p has shape \(3,\)"),
+    (lpk.Sampling(top_p=0.0), ValueError, r"top_p=0.0 must be in"),  # jit traces it: an array
+  ],
+)
+def test_sampling_values_raise_eagerly_and_through_checkify(sampling, error, match):
+  """A sampler's array values out of range (NaN in every processed op) are named
+  by check_inputs, first position and value, and raise through checkify under
+  jit; shapes, dtypes and Python values raise at call time, as in the ops. A
+  greedy request (temperature 0) and valid arrays pass."""
+  with pytest.raises(error, match=match):
+    lpk.check_inputs(5, TOKENS, MASK, SEG, sampling=sampling)
+  valid = lpk.Sampling(jnp.array([0.0, 0.7]), jnp.array([0, 3]), jnp.array([1.0, 0.9]), 0.05)
+  lpk.check_inputs(5, TOKENS, MASK, SEG, sampling=valid)
+
+  def checked(logits, sampling):
+    lpk.checkify_inputs(logits, TOKENS, MASK, SEG, sampling=sampling)
+    return lpk.score(logits, TOKENS, MASK, segment_ids=SEG, sampling=sampling)
+
+  run = jax.jit(checkify.checkify(checked))
+  logits = jnp.zeros((2, 4, 5))
+  if error is TypeError or "shape" in match:
+    with pytest.raises(error, match=match):  # at trace time
+      run(logits, sampling)
+  else:
+    err, scores = run(logits, sampling)
+    assert np.isnan(np.asarray(scores.response_logprob)).any()  # the op poisons it
+    name = match.split(" ")[0].split("=")[0]
+    with pytest.raises(checkify.JaxRuntimeError, match=f"Sampling.{name} holds values"):
+      err.throw()
+  err, _ = run(logits, valid)
+  err.throw()
+
+
 def test_seed_pair_is_rejected_by_the_chain_rule():
   """log Pr([x, y]) = -3.5 with log Pr(x) = -5.2 means log Pr(y|x) = +1.7 > 0."""
   with pytest.raises(ValueError, match="cannot be positive"):
