@@ -37,6 +37,15 @@ _F32 = jnp.float32
 GREEDY_BELOW = 1e-5
 
 
+# Each array parameter's range (its examples are NaN outside it): the rule and
+# what a value outside it is, for param_rows and Sampling.value_problems.
+_IN_RANGE = {
+  "temperature": (lambda t: (abs(t) < np.inf) & (t >= 0), "negative or not finite (0 is greedy)"),
+  "top_p": (lambda p: (p > 0) & (p <= 1), "outside (0, 1] (1 for off)"),
+  "min_p": (lambda m: (m >= 0) & (m <= 1), "outside [0, 1] (0 for off)"),
+}
+
+
 class Sampling(NamedTuple):
   """A sampler's parameters: Python numbers, or arrays of one value per example
   (``[B]``, broadcast over that example's tokens). A pytree.
@@ -82,13 +91,8 @@ class Sampling(NamedTuple):
     """(bad, message, values) of each array parameter, ``bad`` True where a value
     is out of range (its examples' results are NaN); ``xp`` is ``numpy`` (eager,
     :func:`lpkernel.check_inputs`) or ``jax.numpy`` (:func:`lpkernel.checkify_inputs`)."""
-    rules = (
-      ("temperature", lambda t: xp.isfinite(t) & (t >= 0), "negative or not finite (0 is greedy)"),
-      ("top_p", lambda p: (p > 0) & (p <= 1), "outside (0, 1] (1 for off)"),
-      ("min_p", lambda m: (m >= 0) & (m <= 1), "outside [0, 1] (0 for off)"),
-    )
     problems = []
-    for name, in_range, rule in rules:
+    for name, (in_range, rule) in _IN_RANGE.items():
       value = getattr(self, name)
       if not np.isscalar(value):
         value = xp.asarray(value)
@@ -161,7 +165,7 @@ def param_rows(
   k = _per_row(sampling.top_k, batch_shape, jnp.int32, "top_k").reshape(-1)
   p = _per_row(sampling.top_p, batch_shape, _F32, "top_p").reshape(-1)
   m = _per_row(sampling.min_p, batch_shape, _F32, "min_p").reshape(-1)
-  bad = ~((p > 0) & (p <= 1)) | ~((m >= 0) & (m <= 1))  # out of range, greedy or not
+  bad = ~_IN_RANGE["top_p"][0](p) | ~_IN_RANGE["min_p"][0](m)  # out of range, greedy or not
   if np.isscalar(t):
     greedy = bool(_greedy(t))
     tau = None if (t == 1 or greedy) else _per_row(t, batch_shape, _F32, "temperature").reshape(-1)
@@ -170,7 +174,7 @@ def param_rows(
     greedy = _greedy(tau)
     tau = jnp.where(greedy, 1.0, tau)  # no derivative reaches a greedy row's temperature
   if tau is not None:
-    bad |= ~(jnp.isfinite(tau) & (tau > 0))
+    bad |= ~_IN_RANGE["temperature"][0](tau)  # greedy rows are 1 here: 0 < tau < inf
   if greedy is not False:
     k, p, m = jnp.where(greedy, 0, k), jnp.where(greedy, 1.0, p), jnp.where(greedy, 0.0, m)
   return tau, k, p, m, bad
