@@ -539,7 +539,10 @@ def test_vocab_parallel_fused_processed_values_and_grads(mesh, vocab_axis, impl)
 @pytest.mark.parametrize("path", ["logits", "hidden"])
 def test_vocab_parallel_score_under_a_sampler_matches_one_device(path):
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
-  sampling = lpk.Sampling(temperature=0.8, top_k=jnp.array([3, 50, 0, 9]), top_p=0.9)
+  # The second example is a greedy request (truncation off at temperature 1).
+  sampling = lpk.Sampling(
+    temperature=jnp.array([0.8, 0.0, 0.8, 1.2]), top_k=jnp.array([3, 50, 0, 9]), top_p=0.9
+  )
   logits, tokens, hidden, unembed = _processed_inputs(13)
   response = jnp.arange(T)[None] >= jnp.array([[2], [3], [1], [4]])
   if path == "logits":
@@ -557,6 +560,12 @@ def test_vocab_parallel_score_under_a_sampler_matches_one_device(path):
     )(_put(mesh, hidden, "data"), _put(mesh, unembed, None, "model"))
     want = lpk.score_hidden(hidden, unembed, tokens, response, sampling=sampling)
   _assert_scores_close(got, want)
+  # The greedy row: unprocessed, at temperature 1.
+  if path == "logits":
+    plain = lpk.score(logits, tokens, response)
+  else:
+    plain = lpk.score_hidden(hidden, unembed, tokens, response)
+  np.testing.assert_allclose(got.token_logprobs[1], plain.token_logprobs[1], rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="Sampling.temperature"):
     sharding.vocab_parallel_score(
       logits, tokens, response, mesh, temperature=0.5, sampling=sampling
