@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import lpkernel as lpk
+from lpkernel.ops.processed import cpu_replay, cpu_search, cpu_top_k
 
 # Tolerances for float32 results computed from logits of each input dtype,
 # compared against an oracle fed the *same* (already rounded) logits.
@@ -196,3 +200,27 @@ def gradient_derivatives(f, args):
     return rr, jax.jvp(grad, args, tangents)[1]
 
   return jax.jit(derivatives)(*args)
+
+
+@contextlib.contextmanager
+def without_cpu_kernels():
+  """Within: the compiled CPU kernels off (top-k, search, replay), so ops trace
+  XLA's own steps, as on a machine without a compiler and in the programs for a
+  GPU or TPU. The ops are staged (``jax.jit`` inside), and a trace cached before
+  would keep the kernels: JAX's caches are cleared on the way in and out."""
+  off = [
+    mock.patch.object(m, "available", lambda: False) for m in (cpu_replay, cpu_search, cpu_top_k)
+  ]
+  with contextlib.ExitStack() as stack:
+    for patch in off:
+      stack.enter_context(patch)
+    jax.clear_caches()
+    try:
+      yield
+    finally:
+      jax.clear_caches()
+
+
+def holds_cpu_kernels(fn, *args) -> bool:
+  """Whether ``jax.jit(fn)``'s program for ``args`` calls a compiled CPU kernel."""
+  return "lpkernel_cpu" in jax.jit(fn).lower(*args).as_text()

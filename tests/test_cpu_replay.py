@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import lpkernel as lpk
 from lpkernel.ops.processed import cpu_library, cpu_replay
+from tests.helpers import holds_cpu_kernels, without_cpu_kernels
 
 
 def _require_kernels():
@@ -104,7 +105,7 @@ def test_the_replay_runs_the_compiled_kernels_here():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("vocab_axis", [0, -1])
-def test_the_compiled_replay_gives_the_gathered_steps_numbers(monkeypatch, dtype, vocab_axis):
+def test_the_compiled_replay_gives_the_gathered_steps_numbers(dtype, vocab_axis):
   """The whole replay (values, and gradients into hidden states, table and
   temperature) on the CPU's kernels and on the XLA steps every other platform
   runs, at a size that spreads the rows over the threads."""
@@ -122,10 +123,12 @@ def test_the_compiled_replay_gives_the_gathered_steps_numbers(monkeypatch, dtype
     lp = lpk.fused_replay_token_logprobs(h, table, t, ids, temperature=tau, vocab_axis=vocab_axis)
     return jnp.sum(lp * jnp.linspace(0.5, 1.5, n))
 
-  run = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))
-  got = run(h, table, tau)
-  monkeypatch.setattr(cpu_replay, "available", lambda: False)
-  want = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(h, table, tau)
+  grads = jax.value_and_grad(loss, (0, 1, 2))
+  got = jax.jit(grads)(h, table, tau)
+  assert holds_cpu_kernels(grads, h, table, tau)
+  with without_cpu_kernels():
+    assert not holds_cpu_kernels(grads, h, table, tau)
+    want = jax.jit(grads)(h, table, tau)
   tol = 1e-5 if dtype == jnp.float32 else 2e-2
   np.testing.assert_allclose(got[0], want[0], rtol=tol)
   for a, b in zip(got[1], want[1], strict=True):

@@ -3,6 +3,8 @@ gradients in bfloat16 with softcap and per-example temperatures against a
 float64 oracle, -inf and NaN, awkward shapes, replay of recorded kept ids,
 ``score`` under a sampler, and the temporaries of every path."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 
 import lpkernel as lpk
 from lpkernel.sampling import kept_mask
+from tests.helpers import holds_cpu_kernels, without_cpu_kernels
 from tests.test_sampling import IMPLEMENTATIONS, PALLAS_GPU_HIDDEN, PALLAS_TPU_HIDDEN, processed
 
 FAST = [i for i in IMPLEMENTATIONS if i != "reference"]
@@ -584,12 +587,17 @@ def _clustered(n, d, v, spans, seed=0):
     ("more_rows_than_gathered", [(64, 20)], 4, 0.25),
   ],
 )
-def test_the_k_largest_from_hidden_states_in_every_branch(case, spans, groups, share):
+@pytest.mark.parametrize("impl", ["xla", "pallas_gpu"])
+def test_the_k_largest_from_hidden_states_in_every_branch(impl, case, spans, groups, share):
   """From hidden states the ``K`` largest come from the sweep's record of each
-  group's largest values, with the groups that may hold more of them gathered
-  (rows taken apart), or from whole groups when a row or the batch needs more:
-  each branch is reached here (checked on the record) and every one gives the
-  reference's kept sets and values."""
+  group's largest (capped) values, with the groups that may hold more of them
+  gathered (rows taken apart), or from whole groups when a row or the batch
+  needs more: each branch is reached here (checked on the record) and every one
+  gives the reference's kept sets and values, with a softcap and without. XLA's
+  steps (the CPU kernels off: on the CPU a running top-k takes the record's
+  place) and the Pallas GPU kernels' token chunks (interpret mode), which
+  recorded the uncapped values: with a softcap, the kept sets and masses of the
+  rows the record settled were wrong."""
   from lpkernel.ops.processed.candidates import _recorded_top
   from lpkernel.ops.processed.record import group_tops
 
@@ -607,17 +615,31 @@ def test_the_k_largest_from_hidden_states_in_every_branch(case, spans, groups, s
     "more_rows_than_gathered": gathering > n * share and not over,
   }[case]
   assert reached, (gathering, over)
-  for sampling in (
-    lpk.Sampling(0.7, 5, 0.95),
-    lpk.Sampling(1.0, 0, 0.9),
-    lpk.Sampling(1.0, 7, 1.0),
-    lpk.Sampling(0.5, 0, 1.0, 0.05),
-  ):
-    got = lpk.fused_processed_token_stats(h, w, t, sampling, config=config)
-    want = lpk.fused_processed_token_stats(h, w, t, sampling, implementation="reference")
+  chunks = lpk.PallasGpuProcessed(fused=lpk.PallasGpuFused(chunk_tokens=16), interpret=True)
+  cases = (
+    (lpk.Sampling(0.7, 5, 0.95), None),
+    (lpk.Sampling(1.0, 0, 0.9), 4.0),
+    (lpk.Sampling(1.0, 7, 1.0), 4.0),
+    (lpk.Sampling(0.5, 0, 1.0, 0.05), None),
+  )
+
+  def every_case(h, implementation, config=None):  # one program for the four
+    return [
+      lpk.fused_processed_token_stats(
+        h, w, t, sampling, softcap=softcap, config=config, implementation=implementation
+      )
+      for sampling, softcap in cases
+    ]
+
+  wanted = jax.jit(lambda h: every_case(h, "reference"))(h)
+  with contextlib.nullcontext() if impl == "pallas_gpu" else without_cpu_kernels():
+    implementation = chunks if impl == "pallas_gpu" else None
+    found = jax.jit(lambda h: every_case(h, implementation, config))(h)
+  for got, want in zip(found, wanted, strict=True):
     np.testing.assert_array_equal(got.kept, want.kept)
     np.testing.assert_array_equal(got.kept_count, want.kept_count)
     np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(got.log_kept_mass, want.log_kept_mass, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("v", [32 * 37, 65536], ids=["one-chunk", "two-chunks"])
@@ -664,14 +686,12 @@ def test_partials_from_the_group_maxima_are_the_plain_ones(v, dtype, softcap):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
-def test_xlas_own_steps_give_the_compiled_kernels_numbers(monkeypatch, dtype):
+def test_xlas_own_steps_give_the_compiled_kernels_numbers(dtype):
   """Without the compiled CPU kernels (a machine without a compiler, and the
   programs for a GPU or TPU: XLA's top-k, gather and merge tree, and its
   bisection for the rows the candidates leave open), the same kept sets and
   values, from logits (ties, a NaN row, softcap: its polynomial may round an
   ulp apart in another fusion) and from hidden states (groups gathered)."""
-  from lpkernel.ops.processed import cpu_search, cpu_top_k
-
   rng = np.random.default_rng(7)
   x = rng.normal(size=(12, 5000)) * 4
   x[1, :40] = x[1].max()  # ties at the top
@@ -682,17 +702,22 @@ def test_xlas_own_steps_give_the_compiled_kernels_numbers(monkeypatch, dtype):
   h, w, th = _clustered(16, 16, 5000, [(64, 20)], seed=4)
   hidden, config = lpk.Sampling(0.7, 5, 0.95), lpk.ProcessedConfig(candidates=8, gathered_rows=1.0)
 
+  def from_logits(x):
+    return lpk.processed_token_stats(x, t, sampling, softcap=30.0)
+
+  def from_hidden(h):
+    return lpk.fused_processed_token_stats(h, w, th, hidden, config=config)
+
   def both():
-    return (
-      jax.jit(lambda x: lpk.processed_token_stats(x, t, sampling, softcap=30.0))(x),
-      jax.jit(lambda h: lpk.fused_processed_token_stats(h, w, th, hidden, config=config))(h),
-    )
+    return jax.jit(from_logits)(x), jax.jit(from_hidden)(h)
 
   compiled = both()
+  assert holds_cpu_kernels(from_logits, x) and holds_cpu_kernels(from_hidden, h)
   assert int(jnp.max(compiled[0].kept_count)) > 64  # nuclei past the candidates: searched
-  monkeypatch.setattr(cpu_top_k, "available", lambda: False)
-  monkeypatch.setattr(cpu_search, "available", lambda: False)
-  for got, want in zip(both(), compiled, strict=True):
+  with without_cpu_kernels():
+    assert not holds_cpu_kernels(from_logits, x) and not holds_cpu_kernels(from_hidden, h)
+    steps = both()
+  for got, want in zip(steps, compiled, strict=True):
     np.testing.assert_array_equal(got.kept, want.kept)
     np.testing.assert_array_equal(got.kept_count, want.kept_count)
     np.testing.assert_array_equal(got.greedy, want.greedy)

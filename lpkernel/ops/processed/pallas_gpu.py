@@ -87,7 +87,7 @@ class PallasGpuProcessed:
     self, h, w, targets, tau, softcap, vocab_axis, precision, k, config, fused
   ):
     """Token chunks: one vendor matmul (float32 logits ``[C, V]``), then the row
-    kernel's partials and the record of each group's largest values
+    kernel's partials and the record of each group's largest capped values
     (:func:`~lpkernel.ops.processed.record.group_tops`, XLA's elementwise merge
     tree on the chunk's logits), so only the few groups that may hold more of a
     token's ``K`` largest are gathered
@@ -101,7 +101,8 @@ class PallasGpuProcessed:
       t, tc = (
         None if a is None else lax.dynamic_slice_in_dim(a, lo, width) for a in (targets, tau)
       )
-      got = (rows.partials(z, t, tc, softcap), lax.stop_gradient(group_tops(z, group, c)))
+      recorded = group_tops(P.capped(lax.stop_gradient(z), softcap), group, c)  # capped, as XLA's
+      got = (rows.partials(z, t, tc, softcap), recorded)
       return jax.tree.map(lambda a, b: lax.dynamic_update_slice_in_dim(a, b, lo, 0), out, got)
 
     init = (P.empty(n), jnp.full((n, pl.cdiv(v, group), c), -jnp.inf, _F32))
