@@ -3,6 +3,7 @@ XLA's bisection (:func:`lpkernel.ops.processed.select.kept_within`) against a
 float64 NumPy oracle: the same kept sets, masses and sizes, on rows with ties,
 ``-inf``, min-p and a floor, by count (top-k) and by probability (top-p)."""
 
+import contextlib
 import functools
 import os
 from unittest import mock
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 import lpkernel as lpk
 from lpkernel.ops.processed import cpu_search
 from lpkernel.ops.processed import select as S
+from tests.helpers import holds_cpu_kernels, without_cpu_kernels
 
 # Where a running weight comes within this share of the budget, float32 sums
 # (XLA's; the kernel's, flushed to float64 every 256 values) may decide otherwise;
@@ -234,9 +236,8 @@ def test_a_nan_row_searched_beside_others_is_nan_and_leaves_them_alone(compiled)
   x[4, :100] = -np.inf
   t = jnp.array([1, 2, 3, 50, 5, 6])  # row 4's target is impossible
   s = lpk.Sampling(1.0, 0, 0.95)
-  with mock.patch.object(
-    cpu_search, "available", (lambda: False) if not compiled else cpu_search.available
-  ):
+  with contextlib.nullcontext() if compiled else without_cpu_kernels():
+    assert holds_cpu_kernels(lambda x: lpk.processed_token_stats(x, t, s), x) == compiled
     got = lpk.processed_token_stats(jnp.asarray(x), t, s)
   want = lpk.processed_token_stats(jnp.asarray(x), t, s, implementation="reference")
   for stats in (got, want):
