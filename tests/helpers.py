@@ -208,12 +208,9 @@ def without_cpu_kernels():
   XLA's own steps, as on a machine without a compiler and in the programs for a
   GPU or TPU. The ops are staged (``jax.jit`` inside), and a trace cached before
   would keep the kernels: JAX's caches are cleared on the way in and out."""
-  off = [
-    mock.patch.object(m, "available", lambda: False) for m in (cpu_replay, cpu_search, cpu_top_k)
-  ]
   with contextlib.ExitStack() as stack:
-    for patch in off:
-      stack.enter_context(patch)
+    for module in (cpu_replay, cpu_search, cpu_top_k):
+      stack.enter_context(mock.patch.object(module, "available", lambda: False))
     jax.clear_caches()
     try:
       yield
