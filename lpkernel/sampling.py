@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lpkernel import partials as P
-from lpkernel.checks import poison, positive_finite_number
+from lpkernel.checks import poison, positive_finite_number, temperature_rows
 
 _F32 = jnp.float32
 # vLLM's _SAMPLING_EPS: a request whose temperature is below it is decoded greedily.
@@ -152,6 +152,23 @@ def _per_row(value, batch_shape, dtype, name: str) -> jax.Array:
 def _greedy(t):
   """Whether temperatures ``t`` (a Python number or an array) ask for greedy decoding."""
   return (t >= 0) & (t < GREEDY_BELOW)
+
+
+def replay_temperature_rows(temperature, batch_shape) -> jax.Array | None:
+  """Replay's temperature as float32[N] rows (None for a Python 1) under the
+  sampler's rule: below ``GREEDY_BELOW`` (0 included) a greedy request, replayed
+  at temperature 1 with no derivative into its temperature. A negative or
+  non-finite Python value raises ``ValueError``; such array values poison their
+  positions downstream."""
+  if isinstance(temperature, (int, float, np.integer, np.floating)):
+    if _greedy(temperature):
+      return None
+    if not positive_finite_number(temperature):
+      raise ValueError(
+        f"temperature={temperature!r} must be finite and >= 0 (below {GREEDY_BELOW}: greedy)"
+      )
+  tau = temperature_rows(temperature, batch_shape)
+  return tau if tau is None else jnp.where(_greedy(tau), 1.0, tau)
 
 
 def param_rows(

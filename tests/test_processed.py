@@ -402,6 +402,45 @@ def test_replay_checks_its_ids():
   assert np.isnan(lp[0]) and np.isclose(lp[1], 0.0)
 
 
+def test_replay_of_a_greedy_request_is_at_temperature_one():
+  rng = np.random.default_rng(5)
+  n, d, v = 6, 8, 40
+  h = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
+  x = h @ w
+  temps = jnp.array([0.8, 0.0, 1.3, 5e-6, 0.8, 0.0])  # rows 1, 3 and 5 greedy
+  sampling = lpk.Sampling(temps, top_k=5, top_p=0.9)
+  greedy = temps < 1e-5  # at temperature 1, untruncated
+  y = x / jnp.where(greedy, 1.0, temps)[:, None]
+  rules = lpk.Sampling(1.0, jnp.where(greedy, 0, 5), jnp.where(greedy, 1.0, 0.9))
+  keep = kept_mask(y - jnp.max(y, -1, keepdims=True), rules)
+  ids = jnp.where(keep, jnp.arange(v), -1)  # the processed kept sets
+  t = jnp.asarray(rng.integers(0, 3, n))
+  want = lpk.processed_token_stats(x, t, sampling).logprobs
+  at_one = lpk.token_logprobs(x, t)
+  for lp in (
+    lpk.replay_token_logprobs(x, t, ids, temperature=temps),
+    lpk.fused_replay_token_logprobs(h, w, t, ids, temperature=temps),
+  ):
+    np.testing.assert_array_equal(np.isinf(lp), np.isinf(want))
+    ok = ~np.isinf(np.asarray(want))
+    np.testing.assert_allclose(lp[ok], want[ok], rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(lp[1::2], at_one[1::2], rtol=2e-6, atol=2e-6)
+  every = jnp.broadcast_to(jnp.arange(v), (n, v))
+  np.testing.assert_allclose(lpk.replay_token_logprobs(x, t, every, temperature=0), at_one, atol=2e-6)
+
+  def total(tau):
+    lp = lpk.replay_token_logprobs(x, t, every, temperature=tau)
+    return jnp.sum(lp)
+
+  d_tau = np.asarray(jax.grad(total)(temps))
+  assert np.all(d_tau[1::2] == 0) and np.all(d_tau[0::2] != 0)
+  with pytest.raises(ValueError, match="greedy"):
+    lpk.replay_token_logprobs(x, t, ids, temperature=-0.5)
+  bad = lpk.replay_token_logprobs(x, t, every, temperature=jnp.full(n, -1.0))
+  assert np.all(np.isnan(bad))
+
+
 @pytest.mark.parametrize("path", ["logits", "hidden"])
 def test_score_under_a_sampler_sums_processed_logprobs(path):
   rng = np.random.default_rng(4)

@@ -23,6 +23,7 @@ from lpkernel.ops.blocks import sweep
 from lpkernel.ops.platform import on_cpu_or
 from lpkernel.ops.processed import cpu_replay
 from lpkernel.ops.staged import staged
+from lpkernel.sampling import replay_temperature_rows
 
 _F32 = jnp.float32
 
@@ -79,7 +80,9 @@ def replay_token_logprobs(
     targets: int[...] ids in ``[0, V)``.
     kept_ids: int[..., K], the recorded kept set of each position (distinct ids,
       ``-1`` padded); an id outside ``[-1, V)`` gives NaN.
-    temperature: a Python number or an array broadcastable to ``targets``.
+    temperature: a Python number or an array broadcastable to ``targets``; as
+      :class:`lpkernel.Sampling`'s, below 1e-5 (0 included) is a greedy request,
+      replayed at temperature 1.
     softcap: None or ``c > 0``, applied before the temperature.
 
   Returns:
@@ -89,7 +92,8 @@ def replay_token_logprobs(
     :func:`lpkernel.processed_token_stats`' ``logprobs`` when ``kept_ids`` is the
     processed kept set.
   """
-  logits, targets, tau = checks.logits_arguments(logits, targets, temperature, softcap)
+  logits, targets, _ = checks.logits_arguments(logits, targets, 1.0, softcap)
+  tau = replay_temperature_rows(temperature, targets.shape)
   kept_ids = _check_ids(kept_ids, targets.shape)
   v = logits.shape[-1]
   x = logits.reshape(-1, v)
@@ -215,9 +219,10 @@ def fused_replay_token_logprobs(
     targets, kept_ids, temperature, softcap: as for :func:`replay_token_logprobs`.
     precision: the dot products' precision.
   """
-  hidden, unembed, targets, axis, tau = checks.fused_arguments(
-    hidden, unembed, targets, temperature, softcap, vocab_axis
+  hidden, unembed, targets, axis, _ = checks.fused_arguments(
+    hidden, unembed, targets, 1.0, softcap, vocab_axis
   )
+  tau = replay_temperature_rows(temperature, targets.shape)
   kept_ids = _check_ids(kept_ids, targets.shape)
   h = hidden.reshape(-1, hidden.shape[-1])
   ids = kept_ids.reshape(h.shape[0], -1)
