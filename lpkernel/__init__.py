@@ -6,7 +6,9 @@ from lpkernel import reference as reference
 from lpkernel import rl as rl
 from lpkernel.checks import check_chain_rule as check_chain_rule
 from lpkernel.checks import check_inputs as check_inputs
+from lpkernel.checks import check_kept_ids as check_kept_ids
 from lpkernel.checks import checkify_inputs as checkify_inputs
+from lpkernel.checks import checkify_kept_ids as checkify_kept_ids
 from lpkernel.ops import ChunkConfig as ChunkConfig
 from lpkernel.ops import FusedConfig as FusedConfig
 from lpkernel.ops import PallasGpuFused as PallasGpuFused
@@ -58,7 +60,9 @@ __all__ = [
   "XlaProcessed",
   "check_chain_rule",
   "check_inputs",
+  "check_kept_ids",
   "checkify_inputs",
+  "checkify_kept_ids",
   "fused_nll_loss",
   "nll_loss",
   "fused_token_logprobs",

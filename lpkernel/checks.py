@@ -459,6 +459,52 @@ def checkify_inputs(
     checkify.check(~jnp.any(bad), message)
 
 
+def repeated_ids(kept_ids, xp=jnp):
+  """bool[...]: an id ``>= 0`` appears twice among a position's ``kept_ids
+  [..., K]`` (a kept set counts each id once; ``-1`` pads). ``xp`` is ``numpy``
+  (eager) or ``jax.numpy`` (traced): a sort of each position's ids."""
+  ordered = xp.sort(kept_ids, axis=-1)
+  return xp.any((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0), axis=-1)
+
+
+def _kept_ids_problems(vocab_size: int, kept_ids, xp) -> list:
+  """(bad [...], message) of each value rule of a recorded kept set."""
+  outside = xp.any((kept_ids < -1) | (kept_ids >= vocab_size), axis=-1)
+  return [
+    (outside, f"kept_ids hold ids outside [-1, V={vocab_size}) (-1 pads)"),
+    (repeated_ids(kept_ids, xp), "kept_ids repeat an id within a position (pad with -1)"),
+  ]
+
+
+def check_kept_ids(logits_or_vocab_size: jax.Array | int, kept_ids) -> None:
+  """Eager validation of a recorded kept set ``int[..., K]`` for
+  :func:`lpkernel.replay_token_logprobs`: ids in ``[-1, V)`` (64-bit ids checked
+  before any cast) and no id twice in a position. The replay makes such a
+  position's log-probability NaN; this names the first. Call it outside ``jit``.
+
+  Raises:
+    TypeError for ids that are not integers; ValueError naming the position
+    and its ids.
+  """
+  ids = np.asarray(kept_ids)
+  check_int("kept_ids", ids)
+  if ids.ndim < 1:
+    raise ValueError(f"kept_ids must be [..., K], got shape {ids.shape}")
+  for bad, message in _kept_ids_problems(_vocab_size(logits_or_vocab_size), ids, np):
+    if bad.any():
+      where = tuple(int(i) for i in np.argwhere(bad)[0])
+      raise ValueError(f"{message}: first at {list(where)} with ids {ids[where].tolist()}")
+
+
+def checkify_kept_ids(logits_or_vocab_size: jax.Array | int, kept_ids) -> None:
+  """The value checks of :func:`check_kept_ids` as ``checkify.check`` calls
+  (inside a function transformed by ``jax.experimental.checkify.checkify``;
+  works under ``jit``)."""
+  ids = jnp.asarray(as_ids("kept_ids", kept_ids, fill=-2))
+  for bad, message in _kept_ids_problems(_vocab_size(logits_or_vocab_size), ids, jnp):
+    checkify.check(~jnp.any(bad), message)
+
+
 def check_chain_rule(
   joint_logprob: jax.Array | float, prompt_logprob: jax.Array | float, *, atol: float = 1e-4
 ) -> None:

@@ -64,7 +64,10 @@ def test_dots_and_grads_are_the_oracles(data, n, d, v, k, block, dtype):
   dx = jnp.asarray(rng.normal(size=(n, k)), jnp.float32)
   _require_kernels()
   x, dh, dw = _oracle(h.astype(jnp.float32), w.astype(jnp.float32), ids, dx)
-  got_x = jax.jit(cpu_replay.kept_dots, static_argnums=3)(h, w, ids, block)
+  got_x, repeated = jax.jit(cpu_replay.kept_dots, static_argnums=3)(h, w, ids, block)
+  a = np.asarray(ids)
+  twice = (a >= 0) & (a < v) & (np.sum(a[:, :, None] == a[:, None, :], axis=-1) > 1)
+  np.testing.assert_array_equal(repeated, twice.any(-1))  # a token naming a row twice
   got_dh, got_dw = jax.jit(cpu_replay.kept_grads, static_argnums=4)(h, w, ids, dx, block)
   habs, wabs = np.abs(np.asarray(h, np.float64)), np.abs(np.asarray(w, np.float64))
   ones = np.ones_like(dx)
@@ -115,8 +118,11 @@ def test_the_compiled_replay_gives_the_gathered_steps_numbers(dtype, vocab_axis)
   w = jnp.asarray(rng.normal(size=(v, d)) * 0.3, dtype)
   table = w if vocab_axis == 0 else w.T
   t = jnp.asarray(rng.integers(0, v, n), jnp.int32)
-  ids = jnp.asarray(rng.permuted(np.tile(np.arange(v), (n, 1)), axis=1)[:, :k], jnp.int32)
-  ids = ids.at[:, 0].set(t).at[::7, -5:].set(-1)  # the target kept; some rows padded
+  others = rng.permuted(np.tile(np.arange(1, v), (n, 1)), axis=1)[:, : k - 1]  # distinct, not 0
+  ids = jnp.asarray(
+    (np.asarray(t)[:, None] + np.concatenate([np.zeros((n, 1), int), others], 1)) % v
+  )
+  ids = ids.astype(jnp.int32).at[::7, -5:].set(-1)  # the target kept first; some rows padded
   tau = jnp.asarray(rng.uniform(0.5, 1.5, n), jnp.float32)
 
   def loss(h, table, tau):

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import checkify
 
 import lpkernel as lpk
 from lpkernel.sampling import kept_mask
@@ -400,6 +401,59 @@ def test_replay_checks_its_ids():
     lpk.replay_token_logprobs(x, t, jnp.zeros((3, 2), jnp.int32))
   lp = lpk.replay_token_logprobs(x, t, jnp.array([[0, 9], [1, -1]]))
   assert np.isnan(lp[0]) and np.isclose(lp[1], 0.0)
+  wide = np.array([[0, 2**32 + 3], [1, -1]], np.int64)  # beyond int32: out of range, not padding
+  assert np.isnan(lpk.replay_token_logprobs(x, t, wide)[0])
+  with pytest.raises(ValueError, match=r"outside \[-1, V=5\).*\[0\] with ids \[0, 4294967299\]"):
+    lpk.check_kept_ids(x, wide)
+
+
+@pytest.mark.parametrize("kernels", ["cpu", "xla"])
+def test_a_repeated_kept_id_poisons_its_position(kernels):
+  """A kept set counts an id once; an id twice (0-padded ids, say) would count
+  its mass twice: a plausible wrong number. The position is NaN instead, on
+  every path, with a NaN derivative (as an id out of range), the other
+  positions untouched; the eager and the checkified checks name it."""
+  rng = np.random.default_rng(8)
+  n, d, v = 6, 8, 30
+  h = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
+  t = jnp.arange(n)
+  ids = jnp.stack([t, t + 6, t + 12, jnp.full(n, -1)], axis=-1)
+  repeated = ids.at[2, 3].set(14).at[4, 1].set(4)  # row 2 names 14 twice; row 4 its target
+  context = without_cpu_kernels() if kernels == "xla" else contextlib.nullcontext()
+  with context:
+
+    def lps(h, w, kept):
+      return (
+        lpk.replay_token_logprobs(h @ w, t, kept, temperature=0.9),
+        lpk.fused_replay_token_logprobs(h, w, t, kept, temperature=0.9),
+      )
+
+    def d_hidden(h, w, kept):
+      return [jax.grad(lambda h, i=i: jnp.sum(lps(h, w, kept)[i]))(h) for i in range(2)]
+
+    assert holds_cpu_kernels(lambda h, w: lps(h, w, repeated), h, w) == (kernels == "cpu")
+    want = lps(h, w, ids)
+    got = jax.jit(lps)(h, w, repeated)
+    grads = jax.jit(d_hidden)(h, w, repeated)
+  rows = np.array([2, 4])
+  for lp, ref, dh in zip(got, want, grads, strict=True):
+    assert np.all(np.isnan(np.asarray(lp)[rows]))
+    np.testing.assert_allclose(np.delete(lp, rows), np.delete(ref, rows), rtol=1e-5)
+    dh = np.asarray(dh)
+    assert np.all(np.isnan(dh[rows])) and np.all(np.isfinite(np.delete(dh, rows, axis=0)))
+  with pytest.raises(ValueError, match=r"repeat an id.*first at \[2\] with ids \[2, 8, 14, 14\]"):
+    lpk.check_kept_ids(v, repeated)
+  lpk.check_kept_ids(v, ids)
+
+  def checked(kept):
+    lpk.checkify_kept_ids(v, kept)
+    return lpk.replay_token_logprobs(h @ w, t, kept)
+
+  err, _ = jax.jit(checkify.checkify(checked))(repeated)
+  assert "repeat an id" in str(err.get())
+  err, _ = jax.jit(checkify.checkify(checked))(ids)
+  assert err.get() is None
 
 
 def test_replay_of_a_greedy_request_is_at_temperature_one():
@@ -427,7 +481,9 @@ def test_replay_of_a_greedy_request_is_at_temperature_one():
     np.testing.assert_allclose(lp[ok], want[ok], rtol=2e-6, atol=2e-6)
     np.testing.assert_allclose(lp[1::2], at_one[1::2], rtol=2e-6, atol=2e-6)
   every = jnp.broadcast_to(jnp.arange(v), (n, v))
-  np.testing.assert_allclose(lpk.replay_token_logprobs(x, t, every, temperature=0), at_one, atol=2e-6)
+  np.testing.assert_allclose(
+    lpk.replay_token_logprobs(x, t, every, temperature=0), at_one, atol=2e-6
+  )
 
   def total(tau):
     lp = lpk.replay_token_logprobs(x, t, every, temperature=tau)

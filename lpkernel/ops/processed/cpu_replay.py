@@ -26,15 +26,19 @@ def takes(h: jax.Array, w_rows: jax.Array) -> bool:
   return h.dtype == w_rows.dtype and h.dtype in (jnp.float32, jnp.bfloat16) and available()
 
 
-def kept_dots(h: jax.Array, w_rows: jax.Array, ids: jax.Array, block: int = 0) -> jax.Array:
-  """float32[N, K]: ``h[t] . w_rows[ids[t, j]]``, 0 where an id is outside
-  ``[0, V)`` (``h [N, D]``, ``w_rows [V, D]``, ``ids int32 [N, K]``). A program
-  for the CPU only (where :func:`takes`); the caller chooses it with
+def kept_dots(
+  h: jax.Array, w_rows: jax.Array, ids: jax.Array, block: int = 0
+) -> tuple[jax.Array, jax.Array]:
+  """``(x float32[N, K], repeated bool[N])``: ``x[t, j] = h[t] . w_rows[ids[t, j]]``,
+  0 where an id is outside ``[0, V)``, and whether token ``t`` names a row twice
+  (``h [N, D]``, ``w_rows [V, D]``, ``ids int32 [N, K]``). A program for the CPU
+  only (where :func:`takes`); the caller chooses it with
   :func:`lpkernel.ops.platform.on_cpu_or`. ``block``: tokens per block (0: as
   many as the kernel's scratch bounds allow; tests take a few)."""
-  out = jax.ShapeDtypeStruct(ids.shape, _F32)
+  out = (jax.ShapeDtypeStruct(ids.shape, _F32), jax.ShapeDtypeStruct(ids.shape[:1], jnp.int32))
   call = jax.ffi.ffi_call("lpkernel_cpu_replay_dots", out, vmap_method="sequential")
-  return call(h, w_rows, ids.astype(jnp.int32), block=np.int64(block))
+  x, repeated = call(h, w_rows, ids.astype(jnp.int32), block=np.int64(block))
+  return x, repeated != 0
 
 
 def kept_grads(h, w_rows, ids, dx, block: int = 0) -> tuple[jax.Array, jax.Array]:

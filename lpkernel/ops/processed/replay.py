@@ -29,7 +29,8 @@ _F32 = jnp.float32
 
 
 def _check_ids(kept_ids, targets_shape, name="kept_ids") -> jax.Array:
-  kept_ids = checks.as_ids(name, kept_ids)
+  # An id beyond int32 becomes -2: out of range (NaN), never -1 padding.
+  kept_ids = checks.as_ids(name, kept_ids, fill=-2)
   if kept_ids.shape[:-1] != tuple(targets_shape) or kept_ids.ndim < 1:
     raise ValueError(
       f"{name} must be [..., K] with leading dims equal to targets' {tuple(targets_shape)}, "
@@ -38,14 +39,15 @@ def _check_ids(kept_ids, targets_shape, name="kept_ids") -> jax.Array:
   return kept_ids
 
 
-def _kept_logprobs(x_kept, ids, targets, tau, softcap, vocab_size):
+def _kept_logprobs(x_kept, ids, repeated, targets, tau, softcap, vocab_size):
   """float32[N]: the target's log-probability over its row's kept ids (plain jnp).
 
   ``x_kept [N, K]`` holds the raw logits at ``ids`` (anything where ``ids == -1``);
   ``-inf`` when the target is not among them or its logit is ``-inf`` (also
-  where every kept logit is: no mass); NaN for an id outside ``[-1, V)``, a
-  target outside ``[0, V)`` or a NaN among the kept logits (NaN wins; the
-  columns outside the kept ids are not read).
+  where every kept logit is: no mass); NaN for an id outside ``[-1, V)``, an id
+  ``repeated [N]`` in its row (a kept set counts an id once), a target outside
+  ``[0, V)`` (these with a NaN derivative) or a NaN among the kept logits (with
+  none; NaN wins; the columns outside the kept ids are not read).
   """
   z = P.capped(x_kept, softcap)
   nan = jnp.any((ids >= 0) & jnp.isnan(z), axis=-1)
@@ -59,6 +61,7 @@ def _kept_logprobs(x_kept, ids, targets, tau, softcap, vocab_size):
   y_t = jnp.max(jnp.where(at_target, y, -jnp.inf), axis=-1)
   lp = jnp.where(jnp.any(at_target, axis=-1) & (y_t > -jnp.inf), y_t - log_s, -jnp.inf)
   bad = jnp.any((ids < -1) | (ids >= vocab_size), axis=-1) | (targets < 0) | (targets >= vocab_size)
+  bad |= repeated
   if tau is not None:
     bad |= ~(jnp.isfinite(tau) & (tau > 0))
   # NaN logits: NaN, with no derivative (as the processed op's NaN rows).
@@ -79,7 +82,8 @@ def replay_token_logprobs(
     logits: float[..., V].
     targets: int[...] ids in ``[0, V)``.
     kept_ids: int[..., K], the recorded kept set of each position (distinct ids,
-      ``-1`` padded); an id outside ``[-1, V)`` gives NaN.
+      ``-1`` padded); an id outside ``[-1, V)``, or one repeated in a position,
+      gives NaN (:func:`lpkernel.check_kept_ids` names it eagerly).
     temperature: a Python number or an array broadcastable to ``targets``; as
       :class:`lpkernel.Sampling`'s, below 1e-5 (0 included) is a greedy request,
       replayed at temperature 1.
@@ -99,7 +103,7 @@ def replay_token_logprobs(
   x = logits.reshape(-1, v)
   ids = kept_ids.reshape(x.shape[0], -1)
   x_kept = jnp.take_along_axis(x, jnp.clip(ids, 0, v - 1), axis=-1)
-  lp = _kept_logprobs(x_kept, ids, targets.reshape(-1), tau, softcap, v)
+  lp = _kept_logprobs(x_kept, ids, checks.repeated_ids(ids), targets.reshape(-1), tau, softcap, v)
   return lp.reshape(targets.shape)
 
 
@@ -116,10 +120,11 @@ def _gather_rows(w_rows, ids) -> jax.Array:
   return jnp.take(w_rows, ids, axis=0)
 
 
-def _kept_logits(h, w_rows, ids, precision, chunk: int) -> jax.Array:
-  """float32[N, K]: ``h[i] . w_rows[ids[i, j]]`` (anything where an id is outside
-  ``[0, V)``): on the CPU the compiled kernel where it takes the types (each
-  table row read once), else gathered in token chunks."""
+def _kept_logits(h, w_rows, ids, precision, chunk: int) -> tuple[jax.Array, jax.Array]:
+  """``(float32[N, K], bool[N])``: ``h[i] . w_rows[ids[i, j]]`` (anything where
+  an id is outside ``[0, V)``) and whether row ``i``'s ids repeat one: on the
+  CPU the compiled kernel where it takes the types (each table row read once),
+  else gathered in token chunks (and the ids sorted)."""
 
   def gathered():
     safe = jnp.clip(ids, 0, w_rows.shape[0] - 1)
@@ -130,7 +135,8 @@ def _kept_logits(h, w_rows, ids, precision, chunk: int) -> jax.Array:
       x = jnp.einsum("cd,ckd->ck", hc, rows, precision=precision, preferred_element_type=_F32)
       return lax.dynamic_update_slice_in_dim(out, x, lo, 0)
 
-    return sweep(step, jnp.zeros(ids.shape, _F32), ids.shape[0], chunk)
+    x = sweep(step, jnp.zeros(ids.shape, _F32), ids.shape[0], chunk)
+    return x, checks.repeated_ids(ids)
 
   if not cpu_replay.takes(h, w_rows):
     return gathered()
@@ -173,9 +179,11 @@ def _fused_replay(h, w, ids, targets, tau, softcap, vocab_axis, precision, chunk
 
 
 def _fused_replay_fwd(h, w, ids, targets, tau, softcap, vocab_axis, precision, chunk):
-  x_kept = _kept_logits(h, rows_major(w, vocab_axis), ids, precision, chunk)
+  x_kept, repeated = _kept_logits(h, rows_major(w, vocab_axis), ids, precision, chunk)
   v = w.shape[vocab_axis]
-  lp, vjp = jax.vjp(lambda x, t: _kept_logprobs(x, ids, targets, t, softcap, v), x_kept, tau)
+  lp, vjp = jax.vjp(
+    lambda x, t: _kept_logprobs(x, ids, repeated, targets, t, softcap, v), x_kept, tau
+  )
   return lp, (h, w, ids, vjp)
 
 
