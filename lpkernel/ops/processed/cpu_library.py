@@ -42,6 +42,7 @@ _TARGETS = {
   "lpkernel_cpu_buffer_top_k": "LpkernelBufferTopK",
   "lpkernel_cpu_replay_dots": "LpkernelReplayDots",
   "lpkernel_cpu_replay_grads": "LpkernelReplayGrads",
+  "lpkernel_cpu_replay_repeats": "LpkernelReplayRepeats",
   "lpkernel_cpu_kept_set": "LpkernelKeptSet",
   "lpkernel_cpu_kept_set_of_logits": "LpkernelKeptSetOfLogits",
 }

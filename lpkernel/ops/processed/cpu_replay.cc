@@ -10,9 +10,11 @@
 // its pairs' hidden states (a few MB, in cache) four at a time.
 //
 // LpkernelReplayDots: x[t, j] = h[t] . w[ids[t, j]], 0 where the id is outside
-// [0, V), and repeated[t] = 1 where token t names a row twice (a kept set
-// counts an id once; the caller poisons the token), else 0. h [N, D] and
-// w [V, D] float32 or bfloat16 (one type), x float32, repeated int32.
+// [0, V). h [N, D] and w [V, D] float32 or bfloat16 (one type), x float32.
+//
+// LpkernelReplayRepeats: repeated[t] = 1 where ids[t] (int32 [N, K]) names an
+// id in [0, V) twice, else 0: each token's ids marked in a V-bit set of its
+// worker's, and unmarked after (no sort).
 //
 // LpkernelReplayGrads: given dx [N, K] float32, dh[t] = sum_j dx[t, j] w[ids[t, j]]
 // and dw[r] = sum over (t, j) with ids[t, j] = r of dx[t, j] h[t], float32.
@@ -143,19 +145,16 @@ int64_t BlockTokens(int64_t block, int64_t n, int64_t k, int64_t d, int workers,
 
 template <typename T>
 void ReplayDots(ffi::ThreadPool& pool, const T* h, const T* w, const int32_t* ids, int64_t n,
-                int64_t d, int64_t v, int64_t k, int64_t block, float* x, int32_t* repeated) {
+                int64_t d, int64_t v, int64_t k, int64_t block, float* x) {
   std::fill(x, x + n * k, 0.0f);
   PairsByRow by_row(v);
   block = BlockTokens(block, n, k, d, 1, int64_t{1} << 62);
-  std::fill(repeated, repeated + n, 0);
-  // The tokens that name a row twice, as each worker finds them (rare: none in a valid kept set).
-  std::vector<std::vector<int64_t>> twice(std::max<int64_t>(1, pool.num_threads()));
   for (int64_t t0 = 0; t0 < n; t0 += block) {
     int64_t tokens = std::min(block, n - t0);
     by_row.Group(ids + t0 * k, tokens * k);
     const T* hb = h + t0 * d;
     float* xb = x + t0 * k;
-    ParallelRanges(pool, by_row.Ranges(pool), [&](int64_t lo, int64_t hi, int worker) {
+    ParallelRanges(pool, by_row.Ranges(pool), [&](int64_t lo, int64_t hi, int) {
       for (int64_t r = lo; r < hi; ++r) {
         ForGroups(by_row.begin(r), by_row.size(r), [&](auto group, const int32_t* p) {
           constexpr int m = decltype(group)::value;
@@ -165,17 +164,8 @@ void ReplayDots(ffi::ThreadPool& pool, const T* h, const T* w, const int32_t* id
           Dots<m>(w + r * d, rows, d, out);
           for (int q = 0; q < m; ++q) xb[p[q]] = out[q];
         });
-        // A row's pairs are in (token, slot) order: a token naming it twice is a neighbour.
-        const int32_t* p = by_row.begin(r);
-        for (int64_t i = 1; i < by_row.size(r); ++i) {
-          if (p[i] / k == p[i - 1] / k) twice[worker].push_back(t0 + p[i] / k);
-        }
       }
     });
-    for (auto& found : twice) {
-      for (int64_t t : found) repeated[t] = 1;
-      found.clear();
-    }
   }
 }
 
@@ -224,6 +214,26 @@ void ReplayGrads(ffi::ThreadPool& pool, const T* h, const T* w, const int32_t* i
   }
 }
 
+void Repeats(ffi::ThreadPool& pool, const int32_t* ids, int64_t n, int64_t k, int64_t v, int32_t* repeated) {
+  ParallelRows(pool, n, k, [&](int64_t lo, int64_t hi) {
+    std::vector<uint64_t> seen((v + 63) / 64, 0);
+    for (int64_t t = lo; t < hi; ++t) {
+      const int32_t* row = ids + t * k;
+      int32_t twice = 0;
+      for (int64_t j = 0; j < k; ++j) {
+        if (row[j] < 0 || row[j] >= v) continue;
+        uint64_t bit = uint64_t{1} << (row[j] & 63);
+        twice |= (seen[row[j] >> 6] & bit) != 0;
+        seen[row[j] >> 6] |= bit;
+      }
+      for (int64_t j = 0; j < k; ++j) {
+        if (row[j] >= 0 && row[j] < v) seen[row[j] >> 6] = 0;
+      }
+      repeated[t] = twice;
+    }
+  });
+}
+
 // h [N, D], w [V, D] (float32 or bfloat16, one type), ids int32 [N, K].
 ffi::Error Shapes(const ffi::AnyBuffer& h, const ffi::AnyBuffer& w, const ffi::Buffer<ffi::S32>& ids,
                   int64_t* n, int64_t* d, int64_t* v, int64_t* k) {
@@ -240,21 +250,16 @@ ffi::Error Shapes(const ffi::AnyBuffer& h, const ffi::AnyBuffer& w, const ffi::B
 }
 
 ffi::Error KeptDots(ffi::ThreadPool pool, ffi::AnyBuffer h, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> ids,
-                ffi::ResultBuffer<ffi::F32> x, ffi::ResultBuffer<ffi::S32> repeated, int64_t block) {
+                ffi::ResultBuffer<ffi::F32> x, int64_t block) {
   int64_t n, d, v, k;
   if (auto e = Shapes(h, w, ids, &n, &d, &v, &k); e.failure()) return e;
-  if (repeated->element_count() != static_cast<size_t>(n)) return ffi::Error::InvalidArgument("replay: repeated [N]");
-  if (n * k == 0) {
-    std::fill(repeated->typed_data(), repeated->typed_data() + n, 0);
-    return ffi::Error::Success();
-  }
+  if (n * k == 0) return ffi::Error::Success();
   if (h.element_type() == ffi::DataType::F32) {
     ReplayDots(pool, static_cast<const float*>(h.untyped_data()), static_cast<const float*>(w.untyped_data()),
-               ids.typed_data(), n, d, v, k, block, x->typed_data(), repeated->typed_data());
+               ids.typed_data(), n, d, v, k, block, x->typed_data());
   } else {
     ReplayDots(pool, static_cast<const uint16_t*>(h.untyped_data()),
-               static_cast<const uint16_t*>(w.untyped_data()), ids.typed_data(), n, d, v, k, block, x->typed_data(),
-               repeated->typed_data());
+               static_cast<const uint16_t*>(w.untyped_data()), ids.typed_data(), n, d, v, k, block, x->typed_data());
   }
   return ffi::Error::Success();
 }
@@ -275,7 +280,24 @@ ffi::Error KeptGrads(ffi::ThreadPool pool, ffi::AnyBuffer h, ffi::AnyBuffer w, f
   return ffi::Error::Success();
 }
 
+ffi::Error KeptRepeats(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> ids, ffi::ResultBuffer<ffi::S32> repeated,
+                       int64_t v) {
+  auto id = ids.dimensions();
+  if (id.size() != 2 || repeated->element_count() != static_cast<size_t>(id[0])) {
+    return ffi::Error::InvalidArgument("replay: ids [N, K], repeated [N]");
+  }
+  Repeats(pool, ids.typed_data(), id[0], id[1], v, repeated->typed_data());
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LpkernelReplayRepeats, KeptRepeats,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("v"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LpkernelReplayDots, KeptDots,
                               ffi::Ffi::Bind()
@@ -284,7 +306,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LpkernelReplayDots, KeptDots,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("block"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LpkernelReplayGrads, KeptGrads,

@@ -1,10 +1,11 @@
-"""Replay's dot products for XLA:CPU (``cpu_replay.cc``, through JAX's typed FFI).
+"""Replay's dot products and repeated-id check for XLA:CPU (``cpu_replay.cc``, JAX FFI).
 
 Gathered token by token (:mod:`.replay`'s XLA steps), the table rows of the
 kept ids are read ``N * K / V`` times over at random (14 times at N 4096,
 K 512, V 151936) and materialised in chunks. The kernels group a block of
 tokens' (token, slot) pairs by table row and read each row once per block:
 6x faster forward, 7x backward at N 1024, D 2048, V 151936, K 512 on 2 cores.
+A third finds the positions that name an id twice without sorting their ids.
 Built and registered by :mod:`.cpu_library`; where it is not, :func:`takes`
 says False and the caller gathers.
 """
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lpkernel.ops.processed.cpu_library import available
+from lpkernel.ops.processed.cpu_library import available as available
 
 _F32 = jnp.float32
 
@@ -26,19 +27,24 @@ def takes(h: jax.Array, w_rows: jax.Array) -> bool:
   return h.dtype == w_rows.dtype and h.dtype in (jnp.float32, jnp.bfloat16) and available()
 
 
-def kept_dots(
-  h: jax.Array, w_rows: jax.Array, ids: jax.Array, block: int = 0
-) -> tuple[jax.Array, jax.Array]:
-  """``(x float32[N, K], repeated bool[N])``: ``x[t, j] = h[t] . w_rows[ids[t, j]]``,
-  0 where an id is outside ``[0, V)``, and whether token ``t`` names a row twice
-  (``h [N, D]``, ``w_rows [V, D]``, ``ids int32 [N, K]``). A program for the CPU
-  only (where :func:`takes`); the caller chooses it with
+def kept_dots(h: jax.Array, w_rows: jax.Array, ids: jax.Array, block: int = 0) -> jax.Array:
+  """float32[N, K]: ``h[t] . w_rows[ids[t, j]]``, 0 where an id is outside
+  ``[0, V)`` (``h [N, D]``, ``w_rows [V, D]``, ``ids int32 [N, K]``). A program
+  for the CPU only (where :func:`takes`); the caller chooses it with
   :func:`lpkernel.ops.platform.on_cpu_or`. ``block``: tokens per block (0: as
   many as the kernel's scratch bounds allow; tests take a few)."""
-  out = (jax.ShapeDtypeStruct(ids.shape, _F32), jax.ShapeDtypeStruct(ids.shape[:1], jnp.int32))
+  out = jax.ShapeDtypeStruct(ids.shape, _F32)
   call = jax.ffi.ffi_call("lpkernel_cpu_replay_dots", out, vmap_method="sequential")
-  x, repeated = call(h, w_rows, ids.astype(jnp.int32), block=np.int64(block))
-  return x, repeated != 0
+  return call(h, w_rows, ids.astype(jnp.int32), block=np.int64(block))
+
+
+def repeated(ids: jax.Array, vocab_size: int) -> jax.Array:
+  """bool[N]: whether row ``t`` of ``ids int32 [N, K]`` names an id in ``[0, V)``
+  twice (:func:`lpkernel.checks.repeated_ids` without its sort: each row's ids
+  marked in a V-bit set). A program for the CPU only (where :func:`available`)."""
+  out = jax.ShapeDtypeStruct(ids.shape[:1], jnp.int32)
+  call = jax.ffi.ffi_call("lpkernel_cpu_replay_repeats", out, vmap_method="sequential")
+  return call(ids.astype(jnp.int32), v=np.int64(vocab_size)) != 0
 
 
 def kept_grads(h, w_rows, ids, dx, block: int = 0) -> tuple[jax.Array, jax.Array]:
