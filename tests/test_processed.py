@@ -589,6 +589,31 @@ def test_no_logits_sized_temporaries(dtype, sampler):
   assert not failures, failures
 
 
+@pytest.mark.parametrize("kernels", ["cpu", "xla"])
+def test_replay_from_hidden_states_has_no_logits_sized_temporaries(kernels):
+  """Forward and forward+backward of the replay from a tied table, on the CPU
+  kernels and on XLA's steps (the ids' sort for repeats; the kept rows gathered
+  in chunks of at most ``gather_bytes``, 32 MB, two such arrays in the
+  backward), under 10% of the float32 logits' bytes at the benchmark's
+  vocabulary (2.5 GB of logits here). XLA's chunks are a fixed size: below
+  about 700 MB of logits they are over 10% (13.5% at N 4096, V 32000)."""
+  n, d, v, k = 4096, 64, 151936, 64
+  bound = n * v * 4
+  h = jax.ShapeDtypeStruct((n, d), jnp.float32)
+  w = jax.ShapeDtypeStruct((v, d), jnp.float32)
+  t = jax.ShapeDtypeStruct((n,), jnp.int32)
+  ids = jax.ShapeDtypeStruct((n, k), jnp.int32)
+
+  def replayed(h, w, t, ids):
+    return lpk.fused_replay_token_logprobs(h, w, t, ids, temperature=0.7, vocab_axis=0).sum()
+
+  context = without_cpu_kernels() if kernels == "xla" else contextlib.nullcontext()
+  with context:
+    for f in (replayed, jax.grad(replayed, (0, 1))):
+      assert holds_cpu_kernels(f, h, w, t, ids) == (kernels == "cpu")
+      assert _fraction(f, (h, w, t, ids), bound) < 0.1
+
+
 def test_the_rollout_example_runs():
   from lpkernel.examples import rollout_replay
 
