@@ -44,6 +44,14 @@ def sweep_in_place(step, carry, size: int, block: int):
   return lax.fori_loop(0, -(-size // block), body, carry)
 
 
+def tokens_per_chunk(n: int, vocab_size: int, token_bytes: int, most_bytes: int) -> int:
+  """Tokens per chunk of a pass that holds ``token_bytes`` per token: within
+  ``most_bytes`` and 1% of the float32 logits' bytes (``n * vocab_size * 4``),
+  at least one token, at most ``n``."""
+  budget = min(most_bytes, n * vocab_size * 4 // 100)
+  return max(1, min(n, budget // max(token_bytes, 1)))
+
+
 def block_of(a: jax.Array, lo, width: int, axis: int) -> jax.Array:
   """``a``'s ``[lo, lo + width)`` along ``axis``, sliced from the output of an
   optimisation barrier over ``(a, lo)``.

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lpkernel import partials as P
-from lpkernel.ops.blocks import block_of, sweep
+from lpkernel.ops.blocks import block_of, sweep, tokens_per_chunk
 from lpkernel.ops.logprobs.xla import gather
 from lpkernel.ops.platform import on_cpu_or
 from lpkernel.ops.processed.cpu_top_k import compiled, groups_top_k, top_k
@@ -122,22 +122,17 @@ def _pool_top(
   return sweep(step, jnp.zeros((n, k), _F32), n, chunk)
 
 
-def _token_chunk(config: ProcessedConfig, n: int, vocab_size: int, token_bytes: int) -> int:
-  """Tokens per chunk of the candidates' pass: ``token_bytes`` each, within
-  ``gather_bytes`` and 1% of the float32 logits' bytes."""
-  budget = min(config.gather_bytes, n * vocab_size * 4 // 100)
-  return max(1, min(n, budget // max(token_bytes, 1)))
-
-
 def _from_groups(
   values, maxima, group: int, k: int, vocab_size: int, config, value_bytes: int, lanes: int = 1
 ) -> jax.Array:
   """float32[N, K]: each row's ``K`` largest values in the ``K`` groups with the
   largest maxima ``maxima [N, G]`` (:func:`_pool_top`'s ``values`` give them,
-  ``value_bytes`` each at once), a chunk of tokens at a time within ``config``'s
-  :func:`_token_chunk`."""
+  ``value_bytes`` each at once), a chunk of tokens at a time within
+  ``config.gather_bytes`` (:func:`~lpkernel.ops.blocks.tokens_per_chunk`)."""
   ids = _largest_groups(maxima, k)
-  chunk = _token_chunk(config, maxima.shape[0], vocab_size, ids.shape[1] * group * value_bytes)
+  chunk = tokens_per_chunk(
+    maxima.shape[0], vocab_size, ids.shape[1] * group * value_bytes, config.gather_bytes
+  )
   return _pool_top(values, ids, group, k, vocab_size, chunk, lanes=lanes)
 
 
@@ -236,7 +231,7 @@ def _recorded_and_gathered_top(tops, k: int, group: int, config, v: int, row_byt
   r = max(1, min(n, int(n * config.gathered_rows)))
   taken, live = _first_rows(need, r)
   ids = jnp.where(live[:, None], ids[taken], -1)
-  chunk = _token_chunk(config, n, v, b * group * row_bytes)
+  chunk = tokens_per_chunk(n, v, b * group * row_bytes, config.gather_bytes)
   top_taken = _pool_top(values_of(taken), ids, group, k, v, chunk, known[taken])
   top = known.at[jnp.where(live, taken, n)].set(top_taken, mode="drop")
   return top, jnp.any(over) | (jnp.sum(need) > r)

@@ -19,7 +19,7 @@ from jax import lax
 
 from lpkernel import checks
 from lpkernel import partials as P
-from lpkernel.ops.blocks import sweep
+from lpkernel.ops.blocks import sweep, tokens_per_chunk
 from lpkernel.ops.platform import on_cpu_or
 from lpkernel.ops.processed import cpu_replay
 from lpkernel.ops.staged import staged
@@ -224,8 +224,9 @@ def fused_replay_token_logprobs(
   gather_bytes: int = 32 << 20,
 ) -> jax.Array:
   """:func:`replay_token_logprobs` of ``hidden @ unembed``, from the ``K`` kept rows
-  of the unembedding per token (``gather_bytes`` of them at a time; on the CPU
-  each row read once per block of tokens instead), never the ``[N, V]`` logits.
+  of the unembedding per token (at most ``gather_bytes`` of them at a time, and
+  1% of the float32 logits' bytes, at least one token's; on the CPU each row
+  read once per block of tokens instead), never the ``[N, V]`` logits.
   A ``[D, V]`` matrix is transposed once for its row gathers (a table-sized
   temporary); a tied ``[V, D]`` table is read as stored.
 
@@ -246,7 +247,8 @@ def fused_replay_token_logprobs(
     return jnp.zeros(targets.shape, _F32)
   if precision is None:
     precision = jax.config.jax_default_matmul_precision  # type: ignore[attr-defined]
-  row_bytes = ids.shape[1] * h.shape[1] * 4
-  chunk = max(1, min(h.shape[0], gather_bytes // max(row_bytes, 1)))
+  chunk = tokens_per_chunk(
+    h.shape[0], unembed.shape[axis], ids.shape[1] * h.shape[1] * 4, gather_bytes
+  )
   lp = _fused_replay(h, unembed, ids, targets.reshape(-1), tau, softcap, axis, precision, chunk)
   return lp.reshape(targets.shape)
