@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -42,15 +43,70 @@ def measure(fn: Callable, args: tuple, repeats: int, warmup: int = 1) -> tuple[T
   compiled = jax.jit(fn).lower(*args).compile()
   out = None
   for _ in range(warmup):
-    out = jax.block_until_ready(compiled(*args))
+    out = _timed(compiled, args)[0]
   times: list[float] = []
   while len(times) < repeats or (
     len(times) < max(repeats, MAX_REPEATS) and sum(times) < 1e3 * MIN_TIMED_SECONDS
   ):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append((time.perf_counter() - start) * 1e3)
+    times.append(_timed(compiled, args)[1])
   return Timing(statistics.median(times), min(times), max(times), _temp_mb(compiled)), out
+
+
+def _timed(compiled, args) -> tuple[object, float]:
+  """(output, milliseconds) of one run."""
+  start = time.perf_counter()
+  out = jax.block_until_ready(compiled(*args))
+  return out, (time.perf_counter() - start) * 1e3
+
+
+def measure_in_turns(
+  tasks: dict, repeats: int, warmup: int = 1, on_step: Callable[[], None] = lambda: None
+) -> dict:
+  """Times several functions in turns: ``repeats`` rounds, each running every
+  one (in a fresh shuffled order), so that a shared machine's slow spells, and
+  the after-effects of a run with large temporaries, fall on all of them alike
+  instead of on whichever was timed at that moment. A function whose warm-up
+  run took under ``MIN_TIMED_SECONDS / repeats`` runs several times a round,
+  so that about that much of it is timed (up to ``MAX_REPEATS`` runs in all),
+  as :func:`measure`.
+
+  Args:
+    tasks: ``{key: (fn, args)}``.
+    on_step: called after each function's compile and warm-up, and after each round.
+
+  Returns:
+    ``{key: (Timing, value)}`` (the warm-up's output as a float where it is one
+    number, else None: no gradient is held while the others run), or ``{key:
+    exception}`` for a function that failed to compile or warm up.
+  """
+  ready, out = {}, {}
+  for key, (fn, args) in tasks.items():
+    try:
+      compiled = jax.jit(fn).lower(*args).compile()
+      result, warm_ms = None, 0.0
+      for _ in range(warmup):
+        result, warm_ms = _timed(compiled, args)
+    except Exception as e:  # noqa: BLE001 - a peer failing on this backend is reported
+      out[key] = e
+    else:
+      total = min(
+        max(repeats, MAX_REPEATS), max(1, int(1e3 * MIN_TIMED_SECONDS / max(warm_ms, 1e-3)))
+      )
+      value = float(result) if getattr(result, "size", None) == 1 else None
+      ready[key] = (compiled, args, value, -(-max(repeats, total) // repeats), [])
+    on_step()
+  order = list(ready)
+  shuffle = random.Random(0).shuffle
+  for _ in range(repeats):
+    shuffle(order)
+    for key in order:
+      compiled, args, _, per_round, times = ready[key]
+      times.extend(_timed(compiled, args)[1] for _ in range(per_round))
+    on_step()
+  for key, (compiled, _, value, _, times) in ready.items():
+    timing = Timing(statistics.median(times), min(times), max(times), _temp_mb(compiled))
+    out[key] = (timing, value)
+  return out
 
 
 def make_inputs(case: Case, seed: int = 0) -> dict:
@@ -104,15 +160,13 @@ def _bytes_read(case: Case) -> int:
 
 
 def run_case(case: Case, methods: list[Method], passes, repeats: int, on_step=lambda: None) -> dict:
-  """Floors and method rows for one case."""
+  """Floors and method rows for one case, timed in turns (:func:`measure_in_turns`)."""
   inputs = make_inputs(case)
-  floor_ms = {}
-  for name, (fn, arg_names) in _floor_tasks(case).items():
-    timing, _ = measure(fn, tuple(inputs[a] for a in arg_names), repeats)
-    floor_ms[name] = timing.median_ms
-    on_step()
-  if not case.fused:
-    floor_ms["read+write+2exp"] = floor_ms["read+write"] + 2 * floor_ms["exp"]
+  names = sorted(inputs)
+  tasks = {
+    ("floor", name): (fn, tuple(inputs[a] for a in arg_names))
+    for name, (fn, arg_names) in _floor_tasks(case).items()
+  }
   rows = []
   for method in methods:
     if method.fused != case.fused:
@@ -131,24 +185,40 @@ def run_case(case: Case, methods: list[Method], passes, repeats: int, on_step=la
         reason = "not run at this shape (see the suite)"
       reason = reason or method.skip(case, pass_name)
       if reason is None:
-        names = sorted(inputs)
         fn = _pass_fn(method, pass_name, names)
-        try:
-          timing, out = measure(fn, tuple(inputs[n] for n in names), repeats)
-        except Exception as e:  # noqa: BLE001 - a peer failing on this backend is reported
-          reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-      if reason is not None:
-        rows.append(row | dict(status="skipped", reason=reason))
+        tasks[(method.name, pass_name)] = (fn, tuple(inputs[n] for n in names))
       else:
-        row |= dict(status="ok", **dataclasses.asdict(timing))
-        if pass_name == "forward":
-          row["value"] = float(out)
-        row["tokens_per_s"] = case.shape.tokens / (timing.median_ms / 1e3)
-        row["gb_per_s"] = _bytes_read(case) / 1e9 / (timing.median_ms / 1e3)
-        rows.append(row)
-      on_step()
-  _add_ratios(rows, floor_ms, case)
-  return {"case": case.label, "fused": case.fused, "floors_ms": floor_ms, "rows": rows}
+        on_step()
+      rows.append((row, reason))
+  measured = measure_in_turns(tasks, repeats, on_step=on_step)
+  floor_ms = {}
+  for name in _floor_tasks(case):
+    got = measured[("floor", name)]
+    if isinstance(got, Exception):
+      raise got
+    floor_ms[name] = got[0].median_ms
+  if not case.fused:
+    floor_ms["read+write+2exp"] = floor_ms["read+write"] + 2 * floor_ms["exp"]
+  results = [_row(case, row, reason, measured) for row, reason in rows]
+  _add_ratios(results, floor_ms, case)
+  return {"case": case.label, "fused": case.fused, "floors_ms": floor_ms, "rows": results}
+
+
+def _row(case: Case, row: dict, reason: str | None, measured: dict) -> dict:
+  """A method row: skipped with its reason (or the error that stopped it), or
+  its timing, throughput and forward value."""
+  got = None if reason else measured[(row["method"], row["pass_"])]
+  if isinstance(got, Exception):
+    reason = f"{type(got).__name__}: {str(got).splitlines()[0][:160]}"
+  if reason:
+    return row | dict(status="skipped", reason=reason)
+  timing, value = got
+  row |= dict(status="ok", **dataclasses.asdict(timing))
+  if row["pass_"] == "forward":
+    row["value"] = value
+  row["tokens_per_s"] = case.shape.tokens / (timing.median_ms / 1e3)
+  row["gb_per_s"] = _bytes_read(case) / 1e9 / (timing.median_ms / 1e3)
+  return row
 
 
 def _add_ratios(rows: list[dict], floor_ms: dict, case: Case) -> None:
@@ -173,11 +243,12 @@ def _add_ratios(rows: list[dict], floor_ms: dict, case: Case) -> None:
       r["rel_diff_vs_baseline"] = abs(r["value"] - base["value"]) / max(abs(base["value"]), 1e-30)
 
 
-def steps(cases: list[Case], methods: list[Method], passes) -> int:
+def steps(cases: list[Case], methods: list[Method], passes, repeats: int) -> int:
+  """Progress steps of a suite: each floor and row, and each case's rounds."""
   total = 0
   for case in cases:
-    total += len(_floor_tasks(case))
-    total += sum(len(passes) for m in methods if m.fused == case.fused)
+    total += len(_floor_tasks(case)) + repeats
+    total += sum(len(case.passes or passes) for m in methods if m.fused == case.fused)
   return total
 
 
@@ -189,7 +260,7 @@ def run_suite(
   if progress:
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=steps(cases, methods, passes), desc="benchmarks", unit="run")
+    bar = tqdm(total=steps(cases, methods, passes, repeats), desc="benchmarks", unit="run")
   results = []
   for case in cases:
     if bar is not None:

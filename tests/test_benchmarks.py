@@ -2,10 +2,12 @@
 
 import json
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from benchmarks import __main__ as cli
-from benchmarks import methods, shapes, suites
+from benchmarks import methods, runner, shapes, suites
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +94,33 @@ def test_suites_reuse_the_library_shapes():
 def test_unknown_method_is_an_error():
   with pytest.raises(ValueError, match="unknown methods"):
     methods.by_name(["nope"])
+
+
+def test_rows_are_timed_in_turns():
+  """Each function runs in every round (its runs spread over the measurement,
+  not one stretch); a fast one several times a round, up to MAX_REPEATS; one
+  that fails to compile is reported, the others still timed."""
+  calls = []
+
+  def task(name):
+    def fn(x):
+      jax.debug.callback(lambda: calls.append(name))
+      return jnp.sum(x)
+
+    return fn, (jnp.ones(8),)
+
+  def broken(x):
+    return jnp.dot(x, jnp.ones(3))  # shapes [8] and [3]
+
+  steps = []
+  tasks = {"a": task("a"), "b": task("b"), "bad": (broken, (jnp.ones(8),))}
+  got = runner.measure_in_turns(tasks, repeats=3, on_step=lambda: steps.append(1))
+  assert isinstance(got["bad"], TypeError)
+  timed = calls[2:]  # after one warm-up run each
+  assert timed.count("a") == timed.count("b") == runner.MAX_REPEATS
+  stretches = 1 + sum(x != y for x, y in zip(timed, timed[1:]))
+  assert stretches >= 4  # a stretch per function and round, two may meet at a round's edge
+  for key in "ab":
+    timing, value = got[key]
+    assert value == 8.0 and 0 < timing.min_ms <= timing.median_ms <= timing.max_ms
+  assert len(steps) == len(tasks) + 3
