@@ -118,7 +118,7 @@ def test_rows_are_timed_in_turns():
   assert isinstance(got["bad"], TypeError)
   timed = calls[2:]  # after one warm-up run each
   assert timed.count("a") == timed.count("b") == runner.MAX_REPEATS
-  stretches = 1 + sum(x != y for x, y in zip(timed, timed[1:]))
+  stretches = 1 + sum(x != y for x, y in zip(timed, timed[1:], strict=False))
   assert stretches >= 4  # a stretch per function and round, two may meet at a round's edge
   for key in "ab":
     timing, value = got[key]

@@ -591,7 +591,8 @@ def test_no_logits_sized_temporaries(dtype, sampler):
 
 @pytest.mark.parametrize("kernels", ["cpu", "xla"])
 @pytest.mark.parametrize(
-  "n, d, v, k", [(4096, 64, 151936, 64), (4096, 64, 32000, 64), (1024, 2048, 32000, 512)]
+  "n, d, v, k",
+  [(4096, 64, 151936, 64), (4096, 64, 32000, 64), (4096, 64, 32000, 512), (1024, 2048, 32000, 512)],
 )
 def test_replay_from_hidden_states_has_no_logits_sized_temporaries(kernels, n, d, v, k):
   """Forward and forward+backward of the replay from a tied table, on the CPU
@@ -599,7 +600,9 @@ def test_replay_from_hidden_states_has_no_logits_sized_temporaries(kernels, n, d
   in token chunks of at most 1% of the float32 logits, two such arrays in the
   backward), under 10% of the float32 logits' bytes: at the benchmark's
   vocabulary, at 524 MB of logits (XLA's chunks were a fixed 32 MB before, 13.5%
-  here) and where one token's kept rows (4 MB) outweigh its logits 32 times."""
+  here; with K 512 its ``[N, K]`` arrays hold several percent, and chunks of
+  2.5% of the logits would have made it 13.2%) and where one token's kept rows
+  (4 MB) outweigh its logits 32 times."""
   bound = n * v * 4
   h = jax.ShapeDtypeStruct((n, d), jnp.float32)
   w = jax.ShapeDtypeStruct((v, d), jnp.float32)
