@@ -467,11 +467,19 @@ def repeated_ids(kept_ids, xp=jnp):
   return xp.any((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0), axis=-1)
 
 
+def kept_ids_outside(kept_ids, vocab_size: int, xp=jnp):
+  """bool[...]: whether a position's kept ids ``[..., K]`` hold one outside
+  ``[-1, V)`` (-1 pads)."""
+  return xp.any((kept_ids < -1) | (kept_ids >= vocab_size), axis=-1)
+
+
 def _kept_ids_problems(vocab_size: int, kept_ids, xp) -> list:
   """(bad [...], message) of each value rule of a recorded kept set."""
-  outside = xp.any((kept_ids < -1) | (kept_ids >= vocab_size), axis=-1)
   return [
-    (outside, f"kept_ids hold ids outside [-1, V={vocab_size}) (-1 pads)"),
+    (
+      kept_ids_outside(kept_ids, vocab_size, xp),
+      f"kept_ids hold ids outside [-1, V={vocab_size}) (-1 pads)",
+    ),
     (repeated_ids(kept_ids, xp), "kept_ids repeat an id within a position (pad with -1)"),
   ]
 

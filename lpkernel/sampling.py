@@ -70,8 +70,8 @@ class Sampling(NamedTuple):
     """``ValueError`` naming a Python value out of range (array values that are
     out of range make their examples' results NaN instead)."""
     t, k, p, m = self
-    if np.isscalar(t) and not (positive_finite_number(t) or _greedy(t)):
-      raise ValueError(f"Sampling.temperature={t!r} must be finite and >= 0 (0: greedy)")
+    if np.isscalar(t):
+      _check_temperature_number(t, "Sampling.temperature")
     if isinstance(k, (float, bool)):
       raise ValueError(f"Sampling.top_k={k!r} must be an int (<= 0 for off)")
     if isinstance(p, (int, float)) and not (0 < p <= 1):
@@ -149,6 +149,13 @@ def _per_row(value, batch_shape, dtype, name: str) -> jax.Array:
   return jnp.broadcast_to(a, batch_shape)
 
 
+def _check_temperature_number(t, name: str) -> None:
+  """``ValueError`` for a Python temperature that is negative or not finite
+  (below ``GREEDY_BELOW``, 0 included, is a greedy request)."""
+  if not (positive_finite_number(t) or _greedy(t)):
+    raise ValueError(f"{name}={t!r} must be finite and >= 0 (below {GREEDY_BELOW}: greedy)")
+
+
 def _greedy(t):
   """Whether temperatures ``t`` (a Python number or an array) ask for greedy decoding."""
   return (t >= 0) & (t < GREEDY_BELOW)
@@ -161,12 +168,9 @@ def replay_temperature_rows(temperature, batch_shape) -> jax.Array | None:
   non-finite Python value raises ``ValueError``; such array values poison their
   positions downstream."""
   if isinstance(temperature, (int, float, np.integer, np.floating)):
+    _check_temperature_number(temperature, "temperature")
     if _greedy(temperature):
       return None
-    if not positive_finite_number(temperature):
-      raise ValueError(
-        f"temperature={temperature!r} must be finite and >= 0 (below {GREEDY_BELOW}: greedy)"
-      )
   tau = temperature_rows(temperature, batch_shape)
   return tau if tau is None else jnp.where(_greedy(tau), 1.0, tau)
 

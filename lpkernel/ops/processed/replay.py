@@ -60,7 +60,7 @@ def _kept_logprobs(x_kept, ids, repeated, targets, tau, softcap, vocab_size):
   at_target = ids == targets[:, None]
   y_t = jnp.max(jnp.where(at_target, y, -jnp.inf), axis=-1)
   lp = jnp.where(jnp.any(at_target, axis=-1) & (y_t > -jnp.inf), y_t - log_s, -jnp.inf)
-  bad = jnp.any((ids < -1) | (ids >= vocab_size), axis=-1) | (targets < 0) | (targets >= vocab_size)
+  bad = checks.kept_ids_outside(ids, vocab_size) | (targets < 0) | (targets >= vocab_size)
   bad |= repeated
   if tau is not None:
     bad |= ~(jnp.isfinite(tau) & (tau > 0))
