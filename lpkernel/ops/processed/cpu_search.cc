@@ -626,11 +626,13 @@ ffi::Error KeptSet(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> key, ffi::Buffer<
   return ffi::Error::Success();
 }
 
-// z [rows, n] float32 (the capped logits), shift, tau, total float32 [rows]
-// (each row's shift, temperature and sum of weights), floor, ceiling uint32,
-// share float32 (top-p's p, or top-k's k with `ones`), active int32 [rows];
-// min-p off. The kept set's kappa uint32, mass float32 and count int32 [rows].
-ffi::Error KeptSetOfLogits(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z,
+// z [R, n] float32 (capped logits), at int32 [rows] (the row of z each row
+// reads, clamped to [0, R): a chunk's rows read in place), shift, tau, total
+// float32 [rows] (each row's shift, temperature and sum of weights), floor,
+// ceiling uint32, share float32 (top-p's p, or top-k's k with `ones`), active
+// int32 [rows]; min-p off. The kept set's kappa uint32, mass float32 and count
+// int32 [rows].
+ffi::Error KeptSetOfLogits(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::Buffer<ffi::S32> at,
                            ffi::Buffer<ffi::F32> shift, ffi::Buffer<ffi::F32> tau,
                            ffi::Buffer<ffi::F32> total, ffi::Buffer<ffi::U32> floor,
                            ffi::Buffer<ffi::U32> ceiling, ffi::Buffer<ffi::F32> share,
@@ -638,14 +640,15 @@ ffi::Error KeptSetOfLogits(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z,
                            ffi::ResultBuffer<ffi::F32> mass, ffi::ResultBuffer<ffi::S32> count,
                            int64_t ones) {
   auto dims = z.dimensions();
-  if (dims.size() != 2) return ffi::Error::InvalidArgument("kept_set_of_logits: z [rows, n]");
-  int64_t rows = dims[0], n = dims[1];
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("kept_set_of_logits: z [R, n]");
+  int64_t stored = dims[0], rows = at.element_count(), n = dims[1];
   for (int64_t c : {shift.element_count(), tau.element_count(), total.element_count(),
                     floor.element_count(), ceiling.element_count(), share.element_count(),
                     active.element_count()}) {
     if (c != rows) return ffi::Error::InvalidArgument("kept_set_of_logits: one value per row");
   }
   const float* zs = z.typed_data();
+  const int32_t* row_of = at.typed_data();
   const float *sf = shift.typed_data(), *ta = tau.typed_data(), *to = total.typed_data();
   const uint32_t *fl = floor.typed_data(), *ce = ceiling.typed_data();
   const float* sh = share.typed_data();
@@ -653,7 +656,8 @@ ffi::Error KeptSetOfLogits(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z,
   SearchRows(pool, rows, n, n, kappa, mass, count, [=](RowSearch& search, int64_t r) {
     Bounds b{fl[r], ce[r], sh[r], 0.0f};
     Weigher weigh{sf[r], ta[r], ones != 0};
-    return search.RunOnLogits(zs + r * n, n, b, weigh, to[r], ones != 0, ac[r] != 0);
+    const int64_t row = std::clamp<int64_t>(row_of[r], 0, std::max<int64_t>(stored - 1, 0));
+    return search.RunOnLogits(zs + row * n, n, b, weigh, to[r], ones != 0, ac[r] != 0);
   });
   return ffi::Error::Success();
 }
@@ -679,6 +683,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LpkernelKeptSetOfLogits, KeptSetOfLogits,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -55,9 +55,11 @@ def kept_set(key, e, floor, ceiling, share, min_p, active, by_count: bool):
   )
 
 
-def kept_set_of_logits(z, shift, tau, total, floor, ceiling, share, active, by_count: bool):
+def kept_set_of_logits(z, at, shift, tau, total, floor, ceiling, share, active, by_count: bool):
   """As :func:`kept_set` with min-p off (A is ``{key >= floor}``), from the capped
-  logits ``z float32 [C, n]`` themselves: each row's ``shift``, temperature
+  logits themselves, read in place: row ``i`` of the result is row ``at[i]`` of
+  ``z float32 [R, n]`` (``at int32 [C]``, or None for ``z``'s rows in order,
+  ``C = R``); each row's ``shift``, temperature
   ``tau`` and ``total`` (its sum of :meth:`~lpkernel.ops.processed.select.Params.e`,
   A's mass where ``floor`` is 0) ``[C]``. The kernel lists the values at or
   above a pivot sampled so that they likely hold the kept set and takes their
@@ -70,8 +72,10 @@ def kept_set_of_logits(z, shift, tau, total, floor, ceiling, share, active, by_c
   out = _kept_set_types(rows)
   call = jax.ffi.ffi_call("lpkernel_cpu_kept_set_of_logits", out, vmap_method="sequential")
   u32, f32 = jnp.uint32, jnp.float32
+  at = jnp.arange(z.shape[0], dtype=jnp.int32) if at is None else at.astype(jnp.int32)
   return call(
     z.astype(f32),
+    at,
     jnp.broadcast_to(shift, rows).astype(f32),
     jnp.broadcast_to(1.0 if tau is None else tau, rows).astype(f32),
     total.astype(f32),

@@ -56,12 +56,16 @@ class Rows(NamedTuple):
     vocab_size: the columns held here (this device's block under ``axis_name``).
     chunk: rows per step of the search.
     axis_name: the mesh axis the row's columns are split over, or None.
+    whole: the capped logits ``float32 [N, V]`` themselves where ``take`` only
+      gathers them (no softcap, float32 logits), else None: the CPU's search
+      then reads a chunk's rows in place, with no gather.
   """
 
   take: Callable[[jax.Array], jax.Array]
   vocab_size: int
   chunk: int
   axis_name: str | None = None
+  whole: jax.Array | None = None
 
 
 def _across(out, axis_name: str | None, reduce: str = "sum"):
@@ -401,23 +405,25 @@ def _search(within: Callable, params: Params, d: Decision, vocab_size: int):
   )
 
 
-def _search_chunk(z: jax.Array, params: Params, d: Decision, rows: Rows, vocab_size: int):
-  """:func:`_search` of the chunk of capped logits ``z [C, W]``: in XLA (or the
-  compiled :func:`~lpkernel.ops.processed.cpu_search.kept_set`) on its weights
-  and keys; on the CPU without a mesh axis and without min-p, the compiled
-  :func:`~lpkernel.ops.processed.cpu_search.kept_set_of_logits` on ``z``
-  itself (no weights or keys formed for the chunk), the rows it declines (to
-  weigh mostly) on their weights."""
+def _search_chunk(idx, params: Params, d: Decision, rows: Rows, vocab_size: int):
+  """:func:`_search` of the chunk of rows ``idx [C]`` (their capped logits
+  ``rows.take(idx)``, formed where needed): in XLA (or the compiled
+  :func:`~lpkernel.ops.processed.cpu_search.kept_set`) on its weights and keys;
+  on the CPU without a mesh axis and without min-p, the compiled
+  :func:`~lpkernel.ops.processed.cpu_search.kept_set_of_logits` on the capped
+  logits themselves (no weights or keys formed for the chunk; rows read in
+  place from ``rows.whole``), the rows it declines (to weigh mostly) on their
+  weights."""
 
   def on_weights():
     return _search(
-      functools.partial(kept_within, weighed(), params, vocab_size=vocab_size),
+      functools.partial(kept_within, weighed(rows.take(idx)), params, vocab_size=vocab_size),
       params,
       d,
       vocab_size,
     )
 
-  def weighed():
+  def weighed(z):
     return Chunk.of(z, params, rows.axis_name)
 
   if rows.axis_name is not None or not cpu_search.available():
@@ -425,13 +431,16 @@ def _search_chunk(z: jax.Array, params: Params, d: Decision, rows: Rows, vocab_s
   row_values = [None if a is None else column(a)[:, 0] for a in (params.shift, params.tau)]
 
   def on_logits():
+    in_place = rows.whole is not None
+    z = rows.whole if in_place else rows.take(idx)
+
     def within(floor, ceiling, by_count, share, active):
-      args = (z, *row_values, d.total, floor, ceiling, share, active)
+      args = (z, idx if in_place else None, *row_values, d.total, floor, ceiling, share, active)
       got = tuple(cpu_search.kept_set_of_logits(*args, by_count))
       declined = got[2] < 0  # to weigh mostly: on XLA's weights
 
       def again():
-        c = weighed()
+        c = weighed(rows.take(idx) if in_place else z)
         return kept_within(
           c, params, floor, ceiling, by_count, share, active & declined, vocab_size
         )
@@ -459,7 +468,7 @@ def threshold(rows: Rows, params: Params, d: Decision, vocab_size: int) -> tuple
       return None if a is None else jnp.take(a, idx, axis=0)
 
     part = Params(*map(pick, params))
-    return _search_chunk(rows.take(idx), part, Decision(*map(pick, d)), rows, vocab_size)
+    return _search_chunk(idx, part, Decision(*map(pick, d)), rows, vocab_size)
 
   def unsettled(_):
     open_ = ~d.settled

@@ -88,13 +88,15 @@ def search_chunk(n: int) -> int:
 
 
 def logits_rows(x, softcap, chunk: int) -> S.Rows:
-  """The capped logits ``x [N, V]`` as :class:`~select.Rows` of ``chunk`` rows."""
+  """The capped logits ``x [N, V]`` as :class:`~select.Rows` of ``chunk`` rows
+  (read in place by the CPU's search where they are float32 and uncapped)."""
 
   def take(idx):
     xb, idx = lax.optimization_barrier((x, idx))  # no convert of all of x out of a loop
     return P.capped(jnp.take(xb, idx, axis=0), softcap)
 
-  return S.Rows(take=take, vocab_size=x.shape[1], chunk=chunk)
+  whole = x if softcap is None and x.dtype == jnp.float32 else None
+  return S.Rows(take=take, vocab_size=x.shape[1], chunk=chunk, whole=whole)
 
 
 @dataclasses.dataclass(frozen=True)
