@@ -95,6 +95,9 @@ def logits_rows(x, softcap, chunk: int) -> S.Rows:
     xb, idx = lax.optimization_barrier((x, idx))  # no convert of all of x out of a loop
     return P.capped(jnp.take(xb, idx, axis=0), softcap)
 
+  # bfloat16 rows are gathered and widened once per chunk: read in place, the
+  # kernel's passes widened them each time (56 ms against 44 + 8.6 for the
+  # gather at B8 T512 V32000, top-p alone).
   whole = x if softcap is None and x.dtype == jnp.float32 else None
   return S.Rows(take=take, vocab_size=x.shape[1], chunk=chunk, whole=whole)
 
