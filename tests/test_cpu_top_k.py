@@ -229,9 +229,12 @@ def test_vmap_and_no_rows():
     top_k(jnp.zeros((2, 9)), 10)
 
 
-def test_the_processed_paths_run_under_vmap():
+@pytest.mark.parametrize("top_k, top_p", [(20, 0.9), (0, 0.9)], ids=["candidates", "searched"])
+def test_the_processed_paths_run_under_vmap(top_k, top_p):
   """``jax.vmap`` of the processed ops (from logits and from hidden states, values
-  and gradients) batches the compiled kernels' calls: the same as one call each."""
+  and gradients) batches the compiled kernels' calls: the same as one call each.
+  Top-p 0.9 alone keeps 90-280 tokens here, past the 64 candidates: the search
+  (reading the float32 logits in place) runs batched too."""
   import lpkernel as lpk
 
   rng = np.random.default_rng(3)
@@ -239,7 +242,7 @@ def test_the_processed_paths_run_under_vmap():
   t = jnp.asarray(rng.integers(0, 3000, (2, 6)))
   h = jnp.asarray(rng.normal(size=(2, 6, 16)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(16, 3000)), jnp.float32)
-  sampling = lpk.Sampling(0.7, 20, 0.9)
+  sampling = lpk.Sampling(0.7 if top_k else 1.0, top_k, top_p)
 
   def logits(x, t):
     return jnp.sum(lpk.processed_token_stats(x, t, sampling).logprobs)
