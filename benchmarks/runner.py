@@ -38,18 +38,14 @@ MAX_REPEATS = 30
 
 
 def measure(fn: Callable, args: tuple, repeats: int, warmup: int = 1) -> tuple[Timing, object]:
-  """Compiles ``fn``, runs it ``warmup`` times, then times ``repeats`` runs, or
-  more (up to ``MAX_REPEATS``) until ``MIN_TIMED_SECONDS`` are timed."""
-  compiled = jax.jit(fn).lower(*args).compile()
-  out = None
-  for _ in range(warmup):
-    out = _timed(compiled, args)[0]
-  times: list[float] = []
-  while len(times) < repeats or (
-    len(times) < max(repeats, MAX_REPEATS) and sum(times) < 1e3 * MIN_TIMED_SECONDS
-  ):
-    times.append(_timed(compiled, args)[1])
-  return Timing(statistics.median(times), min(times), max(times), _temp_mb(compiled)), out
+  """(Timing, value) of ``fn`` alone: :func:`measure_in_turns` with one function
+  (``repeats`` runs after the warm-up, or more, up to ``MAX_REPEATS``, until
+  about ``MIN_TIMED_SECONDS`` are timed). Raises what compiling or running it
+  raised."""
+  got = measure_in_turns({0: (fn, args)}, repeats, warmup)[0]
+  if isinstance(got, Exception):
+    raise got
+  return got
 
 
 def _timed(compiled, args) -> tuple[object, float]:
@@ -93,7 +89,7 @@ def measure_in_turns(
         max(repeats, MAX_REPEATS), max(1, int(1e3 * MIN_TIMED_SECONDS / max(warm_ms, 1e-3)))
       )
       value = float(result) if getattr(result, "size", None) == 1 else None
-      ready[key] = (compiled, args, value, -(-max(repeats, total) // repeats), [])
+      ready[key] = (compiled, args, value, max(repeats, total) // repeats, [])
     on_step()
   order = list(ready)
   shuffle = random.Random(0).shuffle
