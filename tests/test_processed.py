@@ -395,6 +395,153 @@ def test_replay_equals_processed_and_reaches_only_the_kept_rows(vocab_axis):
   assert np.all(np.asarray(keep)[finite].any(0) >= touched)  # only rows in some kept set
 
 
+def _replay_oracle(h, w, t, ids, tau, softcap, weights):
+  """float64 (lp [N], d h, d w [V, D], d tau) of ``sum(weights * lp)`` over the
+  kept ids, ``w`` as rows ``[V, D]``; ``weights`` 0 where lp is not finite."""
+  h, w = np.asarray(h, np.float64), np.asarray(w, np.float64)
+  x = np.einsum("nd,nkd->nk", h, w[np.maximum(ids, 0)])
+  z = softcap * np.tanh(x / softcap) if softcap else x
+  y = np.where(ids >= 0, z / tau[:, None], -np.inf)
+  log_s = np.logaddexp.reduce(y, axis=-1)
+  at = ids == t[:, None]
+  lp = np.where(at.any(-1), np.max(np.where(at, y, -np.inf), -1) - log_s, -np.inf)
+  p = np.where(ids >= 0, np.exp(y - log_s[:, None]), 0.0)
+  dy = weights[:, None] * (at - p)  # d loss / d y at the kept ids
+  dz = dy / tau[:, None]
+  dx = dz * (1 - np.tanh(x / softcap) ** 2 if softcap else 1.0)
+  dh = np.einsum("nk,nkd->nd", dx, w[np.maximum(ids, 0)])
+  dw = np.zeros_like(w)
+  np.add.at(dw, ids[ids >= 0], (dx[:, :, None] * h[:, None, :])[ids >= 0])
+  dtau = -np.sum(dy * np.where(ids >= 0, z, 0.0), -1) / tau**2
+  return lp, dh, dw, dtau
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize(
+  "n, d, v, k, vocab_axis, softcap",
+  [(5, 3, 7, 4, 0, None), (37, 96, 1000, 70, -1, 30.0), (9, 256, 3001, 130, 0, None)],
+  ids=["D3-tied", "K70-softcap", "K130-two-column-blocks"],
+)
+def test_the_gpu_replay_kernels_are_the_float64_oracles(dtype, n, d, v, k, vocab_axis, softcap):
+  """:class:`lpkernel.ops.PallasGpuProcessed`' replay kernels (interpret mode):
+  values and gradients into hidden states, table and per-token temperature
+  against a float64 oracle, on awkward shapes: ``D`` 3 (one column per
+  program), ``K`` past one block of ids and not a power of two, ``D`` 256 (two
+  column blocks), ``-1`` padding, targets outside the kept set."""
+  rng = np.random.default_rng(n)
+  h = jnp.asarray(rng.normal(size=(n, d)), dtype)
+  w = jnp.asarray(rng.normal(size=(v, d)) * (2 / d) ** 0.5, dtype)
+  table = w if vocab_axis == 0 else w.T
+  drawn = np.stack([rng.permutation(v)[: k + 1] for _ in range(n)]).astype(np.int32)
+  ids = drawn[:, :k].copy()
+  ids[::3, -min(k - 1, 5) :] = -1
+  t = np.where(np.arange(n) % 4 == 1, drawn[:, k], drawn[:, 0])  # some targets not kept
+  tau = rng.uniform(0.5, 1.5, n).astype(np.float32)
+  weights = np.linspace(0.5, 1.5, n)
+  want_lp, *want_grads = _replay_oracle(h, w, t, ids, tau, softcap, weights)
+  weights = np.where(np.isfinite(want_lp), weights, 0.0)
+  want_lp, *want_grads = _replay_oracle(h, w, t, ids, tau, softcap, weights)
+
+  def loss(h, table, tau):
+    lp = lpk.fused_replay_token_logprobs(
+      h, table, jnp.asarray(t), jnp.asarray(ids), temperature=tau, softcap=softcap,
+      vocab_axis=vocab_axis, implementation=lpk.PallasGpuProcessed(interpret=True),
+    )  # fmt: skip
+    return jnp.sum(jnp.where(weights > 0, lp * weights, 0.0)), lp
+
+  grad = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))
+  (_, lp), (dh, dtable, dtau) = grad(h, table, jnp.asarray(tau))
+  assert dh.dtype == dtype and dtable.dtype == dtype
+  np.testing.assert_array_equal(np.isneginf(lp), np.isneginf(want_lp))
+  finite = np.isfinite(want_lp)
+  np.testing.assert_allclose(lp[finite], want_lp[finite], rtol=1e-5, atol=1e-5)
+  dw = dtable if vocab_axis == 0 else dtable.T
+  tol = 1e-5 if dtype == jnp.float32 else 1e-2  # d h and d w rounded to bfloat16
+  for got, want in zip((dh, dw, dtau), want_grads, strict=True):
+    got = np.asarray(got, np.float64)
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.max(np.abs(want)))
+
+
+def test_the_replay_takes_a_processed_implementation():
+  """``implementation=``: the GPU kernels refuse the CPU by name and run as an
+  object in interpret mode (also under ``vmap``), the reference materialises the
+  logits, an implementation without the replay's kernels (the TPU's) runs XLA's
+  steps, and a user's object with :class:`lpkernel.ops.base.ReplayRows`' two
+  methods is called for both passes."""
+  rng = np.random.default_rng(11)
+  h = jnp.asarray(rng.normal(size=(3, 6, 8)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(50, 8)), jnp.float32)
+  t = jnp.asarray(rng.integers(0, 50, (3, 6)), jnp.int32)
+  others = np.stack([rng.permutation(49)[:4] + 1 for _ in range(18)]).reshape(3, 6, 4)
+  ids = jnp.concatenate([t[..., None], jnp.asarray((np.asarray(t)[..., None] + others) % 50)], -1)
+  ids = ids.at[0, :, -1].set(-1).astype(jnp.int32)
+
+  def loss(h, w, t, ids, impl):
+    lp = lpk.fused_replay_token_logprobs(h, w, t, ids, vocab_axis=0, implementation=impl)
+    return jnp.sum(lp * jnp.linspace(0.5, 1.5, lp.size).reshape(lp.shape))
+
+  grads = jax.value_and_grad(loss, (0, 1))
+  want = grads(h, w, t, ids, "reference")
+  with pytest.raises(ValueError, match="pallas_gpu.*not on this 'cpu' backend"):
+    grads(h, w, t, ids, "pallas_gpu")
+
+  class Counting:  # a user's kernels: XLA's dot products, each call counted
+    name, platforms, lanes, calls = "counting", None, 1, []
+
+    def partials_and_candidates(self, *args):
+      raise AssertionError("not the replay's")
+
+    processed_grads = partials_and_candidates
+
+    def kept_dots(self, h, w, ids):
+      self.calls.append("dots")
+      return jnp.einsum("nd,nkd->nk", h, w[jnp.clip(ids, 0)])
+
+    def kept_grads(self, h, w, ids, dx):
+      self.calls.append("grads")
+      dw = jnp.zeros(w.shape).at[jnp.clip(ids, 0)].add(dx[..., None] * h[:, None])
+      return jnp.einsum("nk,nkd->nd", dx, w[jnp.clip(ids, 0)]), dw
+
+  counting = Counting()
+  impls = [lpk.PallasGpuProcessed(interpret=True), lpk.PallasTpuProcessed(interpret=True), counting]
+  for impl in impls:
+    got = grads(h, w, t, ids, impl)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert set(counting.calls) == {"dots", "grads"}  # both passes are the object's
+  batched = jax.jit(jax.vmap(grads, (0, None, 0, 0, None)), static_argnums=4)
+  value, (dh, dw) = batched(h, w, t, ids, impls[0])
+  for i in range(3):
+    one = grads(h[i], w, t[i], ids[i], "reference")
+    np.testing.assert_allclose(value[i], one[0], rtol=1e-6)
+    np.testing.assert_allclose(dh[i], one[1][0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dw[i], one[1][1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("vocab_axis", [0, -1], ids=["tied", "unembed"])
+def test_the_gpu_replay_kernels_lower_for_a_gpu(dtype, vocab_axis):
+  """Lowered for a GPU (Triton), the replay's forward and backward are the two
+  kernels and nothing gathers kept rows in XLA: no chunk loop."""
+  n, d, v, k = 64, 256, 1000, 100
+  h = jax.ShapeDtypeStruct((n, d), dtype)
+  w = jax.ShapeDtypeStruct((v, d) if vocab_axis == 0 else (d, v), dtype)
+  t = jax.ShapeDtypeStruct((n,), jnp.int32)
+  ids = jax.ShapeDtypeStruct((n, k), jnp.int32)
+  tau = jax.ShapeDtypeStruct((n,), jnp.float32)
+
+  def loss(h, w, t, ids, tau):
+    return lpk.fused_replay_token_logprobs(
+      h, w, t, ids, temperature=tau, vocab_axis=vocab_axis, implementation=lpk.PallasGpuProcessed()
+    ).sum()
+
+  lowered = jax.jit(jax.grad(loss, (0, 1, 4))).trace(h, w, t, ids, tau)
+  text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("custom_call @__gpu$xla.gpu.triton") == 2
+  assert "lpkernel_replay_dots" in text and "lpkernel_replay_grads" in text
+  assert "stablehlo.while" not in text
+
+
 def test_replay_checks_its_ids():
   x, t = jnp.zeros((2, 5)), jnp.array([0, 1])
   with pytest.raises(ValueError, match="kept_ids"):

@@ -266,3 +266,21 @@ class ProcessedHidden(Protocol):
     """(d h float32 [N, D], d w in w's layout and dtype, d tau float32[N] or
     None), as :meth:`ProcessedImplementation.processed_grads` through ``h @ w``."""
     ...
+
+
+@runtime_checkable
+class ReplayRows(Protocol):
+  """Optional on a processed implementation: the kept dot products of the replay
+  from hidden states (:func:`lpkernel.fused_replay_token_logprobs`) and their
+  gradients, from ``h [N, D]``, the table as rows ``w [V, D]`` and the kept ids
+  ``ids int32[N, K]`` (``-1`` padded). Without it the replay runs XLA's steps
+  (on the CPU its compiled kernels)."""
+
+  def kept_dots(self, h: Array, w: Array, ids: Array) -> Array:
+    """float32[N, K]: ``h[i] . w[ids[i, j]]``, anything where an id is outside ``[0, V)``."""
+    ...
+
+  def kept_grads(self, h: Array, w: Array, ids: Array, dx: Array) -> tuple[Array, Array]:
+    """``(d h [N, D] in h's dtype, d w float32 [V, D])`` of :meth:`kept_dots` for
+    ``dx float32 [N, K]``, 0 where an id is outside ``[0, V)``."""
+    ...

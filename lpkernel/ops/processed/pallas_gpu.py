@@ -20,6 +20,14 @@ gathered), the backward's by the gradient kernel after a recompute; ``d hidden``
 and ``d unembed`` by two more vendor matmuls; the candidates' dot products are
 XLA's.
 
+Replay of recorded kept ids from hidden states
+(:func:`lpkernel.fused_replay_token_logprobs`): one kernel gathers each token's
+kept rows of the ``[V, D]`` table and takes their dot products; the backward's
+kernel gives ``d hidden`` and adds each row's ``d unembed`` atomically, one
+kept id at a time. No chunks: nothing beyond ``[N, K]`` and the float32
+``[V, D]`` gradient is held (XLA's steps take one token at a time where a
+token's kept rows outweigh 1% of the logits).
+
 Opt-in (``implementation="pallas_gpu"``) until a GPU measures it faster than XLA.
 """
 
@@ -60,11 +68,17 @@ class PallasGpuProcessed:
       ``bwd_*``); ``interpret`` is taken from this object.
     fused: the path from hidden states' token chunks (``chunk_tokens``,
       ``chunk_bytes``; its other fields unused).
+    replay_block_k, replay_block_d, replay_num_warps: the replay kernels'
+      tiling: kept ids per program of the forward, columns per program (the
+      largest power of two up to it that divides ``D``), warps per program.
     interpret: run in Pallas interpret mode (on the CPU, for tests).
   """
 
   logits: PallasGpuLogits = PallasGpuLogits()
   fused: PallasGpuFused = PallasGpuFused()
+  replay_block_k: int = 64
+  replay_block_d: int = 128
+  replay_num_warps: int = 4
   interpret: bool = False
   op = "processed"
   name = "pallas_gpu"
@@ -163,3 +177,49 @@ class PallasGpuProcessed:
       name="lpkernel_processed_grad",
     )(x, targets, *row_args, *tau)
     return dx, (jnp.sum(parts[0].reshape(-1, n), axis=0) if parts else None)
+
+  def kept_dots(self, h, w_rows, ids):
+    """float32[N, K]: ``h[i] . w_rows[ids[i, j]]`` (float32 products), anything
+    where an id is outside ``[0, V)``: :func:`~.pallas_gpu_kernel.replay_dots_kernel`."""
+    n, k = ids.shape
+    block_k = min(self.replay_block_k, pl.next_power_of_2(k))
+    kernel = functools.partial(
+      kernels.replay_dots_kernel, block_k=block_k, block_d=self._replay_block_d(h.shape[1])
+    )
+    return pl.pallas_call(
+      kernel,
+      grid=(n, pl.cdiv(k, block_k)),
+      out_shape=jax.ShapeDtypeStruct((n, k), _F32),
+      compiler_params=self._replay_params(),
+      interpret=self.interpret,
+      name="lpkernel_replay_dots",
+    )(h, w_rows, ids)
+
+  def kept_grads(self, h, w_rows, ids, dx):
+    """``(d h [N, D] in h's dtype, d w float32 [V, D])`` of :meth:`kept_dots` for
+    ``dx float32 [N, K]`` (0 where an id is outside ``[0, V)``):
+    :func:`~.pallas_gpu_kernel.replay_grads_kernel`."""
+    n, d = h.shape
+    block_d = self._replay_block_d(d)
+    kernel = functools.partial(kernels.replay_grads_kernel, block_d=block_d)
+    out = (jax.ShapeDtypeStruct(h.shape, h.dtype), jax.ShapeDtypeStruct(w_rows.shape, _F32))
+    return pl.pallas_call(
+      kernel,
+      grid=(n, d // block_d),
+      out_shape=out,
+      input_output_aliases={4: 1},
+      compiler_params=self._replay_params(),
+      interpret=self.interpret,
+      name="lpkernel_replay_grads",
+    )(h, w_rows, ids, dx, jnp.zeros(w_rows.shape, _F32))
+
+  def _replay_block_d(self, d: int) -> int:
+    """The largest power of two up to ``replay_block_d`` that divides ``d``
+    (the backward's atomic adds take whole blocks, unmasked)."""
+    block = 1
+    while block * 2 <= self.replay_block_d and d % (block * 2) == 0:
+      block *= 2
+    return block
+
+  def _replay_params(self):
+    return require_triton().CompilerParams(num_warps=self.replay_num_warps, num_stages=2)

@@ -1,12 +1,15 @@
-"""The processed logits path's Pallas GPU (Triton) gradient kernel: one
-elementwise pass, the kept set given by each row's threshold key. Its wrapper is
-:mod:`lpkernel.ops.processed.pallas_gpu`; the forward's kernel is the logits
-path's (:func:`lpkernel.ops.logprobs.pallas_gpu_kernel.partials_kernel` with its
-group maxima)."""
+"""The processed path's Pallas GPU (Triton) kernels: the logits' gradient (one
+elementwise pass, the kept set given by each row's threshold key), and the
+replay from hidden states' kept dot products and their gradients (each kept
+row of the unembedding gathered, never the ``[N, V]`` logits). Their wrapper is
+:mod:`lpkernel.ops.processed.pallas_gpu`; the logits forward's kernel is the
+logits path's (:func:`lpkernel.ops.logprobs.pallas_gpu_kernel.partials_kernel`
+with its group maxima)."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 
 from lpkernel import partials as P
@@ -45,3 +48,47 @@ def grad_kernel(x_ref, t_ref, *refs, block_rows, block_v, softcap, has_tau, tau_
   plgpu.store(dx_ref.at[rows[:, None], cols[None, :]], dx.astype(dx_ref.dtype), mask=mask)
   if dtau_ref:
     plgpu.store(dtau_ref[0].at[pl.program_id(1) * n + rows], dtau, mask=row_ok)
+
+
+def replay_dots_kernel(h_ref, w_ref, ids_ref, out_ref, *, block_k, block_d):
+  """Replay from hidden states: token ``program_id(0)``'s kept dot products for
+  ids ``[block_k * program_id(1), ...)``: ``out[i, j] = h[i] . w[ids[i, j]]``,
+  float32 products summed over ``block_d`` columns at a time from the gathered
+  rows of ``w [V, D]`` (``block_d`` divides ``D``); anything where an id is
+  outside ``[0, V)``."""
+  i = pl.program_id(0)
+  v, d = w_ref.shape
+  ks = pl.program_id(1) * block_k + jnp.arange(block_k, dtype=jnp.int32)
+  live = ks < ids_ref.shape[1]
+  ids = jnp.clip(plgpu.load(ids_ref.at[i, ks], mask=live, other=0), 0, v - 1)
+
+  def step(c, acc):
+    cols = c * block_d + jnp.arange(block_d, dtype=jnp.int32)
+    rows = plgpu.load(w_ref.at[ids[:, None], cols[None, :]]).astype(jnp.float32)
+    hc = plgpu.load(h_ref.at[i, cols]).astype(jnp.float32)
+    return acc + jnp.sum(rows * hc[None, :], axis=1)
+
+  acc = lax.fori_loop(0, d // block_d, step, jnp.zeros((block_k,), jnp.float32))
+  plgpu.store(out_ref.at[i, ks], acc, mask=live)
+
+
+def replay_grads_kernel(h_ref, w_ref, ids_ref, dx_ref, _, dh_ref, dw_ref, *, block_d):
+  """The backward of :func:`replay_dots_kernel` for token ``program_id(0)`` and
+  columns ``[block_d * program_id(1), ...)``: ``d h[i] = sum_j dx[i, j] w[ids[i, j]]``
+  stored, and ``dx[i, j] h[i]`` added atomically to row ``ids[i, j]`` of the
+  float32 ``dw`` (aliased to the zeros before it), one id at a time (so two
+  tokens' adds to one row, or interpret mode's, never overwrite each other).
+  ``dx`` is 0 where an id is outside ``[0, V)`` (its row clipped in)."""
+  i = pl.program_id(0)
+  v = w_ref.shape[0]
+  cols = pl.program_id(1) * block_d + jnp.arange(block_d, dtype=jnp.int32)
+  hc = plgpu.load(h_ref.at[i, cols]).astype(jnp.float32)
+
+  def step(j, acc):
+    row = jnp.clip(plgpu.load(ids_ref.at[i, j]), 0, v - 1)
+    g = plgpu.load(dx_ref.at[i, j])
+    plgpu.atomic_add(dw_ref, (row, cols), g * hc)
+    return acc + g * plgpu.load(w_ref.at[row, cols]).astype(jnp.float32)
+
+  acc = lax.fori_loop(0, ids_ref.shape[1], step, jnp.zeros((block_d,), jnp.float32))
+  plgpu.store(dh_ref.at[i, cols], acc.astype(dh_ref.dtype))

@@ -6,7 +6,9 @@ exactly those ids. From logits that is a gather of ``K`` columns; from hidden
 states it needs only ``K`` rows of the unembedding per token (a gather and
 ``K`` dot products, never the ``[N, V]`` matmul), and the gradient reaches
 exactly those rows. On the CPU the rows are read in table order, each once per
-block of tokens, by compiled kernels (:mod:`.cpu_replay`).
+block of tokens, by compiled kernels (:mod:`.cpu_replay`); elsewhere XLA gathers
+them in token chunks, or an implementation's own kernels do
+(:class:`lpkernel.ops.base.ReplayRows`: :class:`lpkernel.ops.PallasGpuProcessed`).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lpkernel import checks
+from lpkernel import checks, ops
 from lpkernel import partials as P
+from lpkernel.ops.base import ReplayRows
 from lpkernel.ops.blocks import sweep, tokens_per_chunk
 from lpkernel.ops.platform import on_cpu_or
 from lpkernel.ops.processed import cpu_replay
@@ -129,10 +132,13 @@ def _repeated(ids, vocab_size: int) -> jax.Array:
   return on_cpu_or(lambda: cpu_replay.repeated(ids, vocab_size), lambda: checks.repeated_ids(ids))
 
 
-def _kept_logits(h, w_rows, ids, precision, chunk: int) -> jax.Array:
+def _kept_logits(h, w_rows, ids, precision, chunk: int, kernels) -> jax.Array:
   """float32[N, K]: ``h[i] . w_rows[ids[i, j]]`` (anything where an id is outside
-  ``[0, V)``): on the CPU the compiled kernel where it takes the types (each
-  table row read once), else gathered in token chunks."""
+  ``[0, V)``): ``kernels``' (a :class:`~lpkernel.ops.base.ReplayRows`) if given;
+  else on the CPU the compiled kernel where it takes the types (each table row
+  read once), else gathered in token chunks."""
+  if kernels is not None:
+    return kernels.kept_dots(h, w_rows, ids)
 
   def gathered():
     safe = jnp.clip(ids, 0, w_rows.shape[0] - 1)
@@ -150,9 +156,11 @@ def _kept_logits(h, w_rows, ids, precision, chunk: int) -> jax.Array:
   return on_cpu_or(lambda: cpu_replay.kept_dots(h, w_rows, ids), gathered)
 
 
-def _kept_grads(h, w_rows, ids, dx, precision, chunk: int) -> tuple[jax.Array, jax.Array]:
+def _kept_grads(h, w_rows, ids, dx, precision, chunk: int, kernels) -> tuple[jax.Array, jax.Array]:
   """``(dh [N, D] in h's type, dw float32 [V, D])`` of :func:`_kept_logits` for
   ``dx float32 [N, K]`` (0 where an id is outside ``[0, V)``)."""
+  if kernels is not None:
+    return kernels.kept_grads(h, w_rows, ids, dx)
 
   def gathered():
     safe = jnp.clip(ids, 0, w_rows.shape[0] - 1)
@@ -180,13 +188,14 @@ def _kept_grads(h, w_rows, ids, dx, precision, chunk: int) -> tuple[jax.Array, j
   return on_cpu_or(compiled, gathered)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _fused_replay(h, w, ids, targets, tau, softcap, vocab_axis, precision, chunk):
-  return _fused_replay_fwd(h, w, ids, targets, tau, softcap, vocab_axis, precision, chunk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _fused_replay(h, w, ids, targets, tau, softcap, vocab_axis, precision, chunk, kernels):
+  args = (softcap, vocab_axis, precision, chunk, kernels)
+  return _fused_replay_fwd(h, w, ids, targets, tau, *args)[0]
 
 
-def _fused_replay_fwd(h, w, ids, targets, tau, softcap, vocab_axis, precision, chunk):
-  x_kept = _kept_logits(h, rows_major(w, vocab_axis), ids, precision, chunk)
+def _fused_replay_fwd(h, w, ids, targets, tau, softcap, vocab_axis, precision, chunk, kernels):
+  x_kept = _kept_logits(h, rows_major(w, vocab_axis), ids, precision, chunk, kernels)
   v = w.shape[vocab_axis]
   repeated = _repeated(ids, v)
   lp, vjp = jax.vjp(
@@ -195,20 +204,20 @@ def _fused_replay_fwd(h, w, ids, targets, tau, softcap, vocab_axis, precision, c
   return lp, (h, w, ids, vjp)
 
 
-def _fused_replay_bwd(softcap, vocab_axis, precision, chunk, residuals, g):
+def _fused_replay_bwd(softcap, vocab_axis, precision, chunk, kernels, residuals, g):
   h, w, ids, vjp = residuals
   dx, dtau = vjp(g)  # d logits at the kept ids [N, K]; d tau
   # Rows without a cotangent hold anything (padding, NaN): they give nothing.
   live = (g != 0)[:, None]
   dx = jnp.where((ids >= 0) & (ids < w.shape[vocab_axis]) & live, dx, 0.0)
   h = jnp.where(live, h, 0)
-  dh, dw = _kept_grads(h, rows_major(w, vocab_axis), ids, dx, precision, chunk)
+  dh, dw = _kept_grads(h, rows_major(w, vocab_axis), ids, dx, precision, chunk, kernels)
   dw = dw if vocab_axis == 0 else dw.T
   return dh, dw.astype(w.dtype), None, None, dtau
 
 
 _fused_replay.defvjp(_fused_replay_fwd, _fused_replay_bwd)
-_fused_replay = staged(_fused_replay, (5, 6, 7, 8))
+_fused_replay = staged(_fused_replay, (5, 6, 7, 8, 9))
 
 
 def fused_replay_token_logprobs(
@@ -222,23 +231,44 @@ def fused_replay_token_logprobs(
   vocab_axis: int = -1,
   precision=None,
   gather_bytes: int = 32 << 20,
+  implementation=None,
 ) -> jax.Array:
   """:func:`replay_token_logprobs` of ``hidden @ unembed``, from the ``K`` kept rows
-  of the unembedding per token (at most ``gather_bytes`` of them at a time, and
-  1% of the float32 logits' bytes, at least one token's; on the CPU each row
-  read once per block of tokens instead), never the ``[N, V]`` logits.
-  A ``[D, V]`` matrix is transposed once for its row gathers (a table-sized
-  temporary); a tied ``[V, D]`` table is read as stored.
+  of the unembedding per token, never the ``[N, V]`` logits. XLA gathers them
+  in token chunks (at most ``gather_bytes`` at a time, and 1% of the float32
+  logits' bytes, at least one token's); on the CPU compiled kernels read each
+  row once per block of tokens instead. A ``[D, V]`` matrix is transposed once
+  for its row gathers (a table-sized temporary); a tied ``[V, D]`` table is
+  read as stored.
 
   Args:
     hidden: float[..., D]; unembed: float[D, V] or a tied table ``[V, D]`` with
       ``vocab_axis=0``.
     targets, kept_ids, temperature, softcap: as for :func:`replay_token_logprobs`.
-    precision: the dot products' precision.
+    precision: the dot products' precision (the Pallas kernels' are float32
+      products of the stored values, as ``"highest"``).
+    implementation: a processed implementation (:func:`lpkernel.processed_token_stats`'):
+      None or ``"xla"`` (the steps above), ``"pallas_gpu"`` (opt-in: one Triton
+      kernel gathers each token's kept rows and another writes ``d hidden`` and
+      adds ``d unembed`` atomically, :class:`lpkernel.ops.PallasGpuProcessed`,
+      or that object with its tiling, ``interpret=True`` on the CPU), any object
+      with :class:`lpkernel.ops.base.ReplayRows`' two methods (one without
+      them, ``"pallas_tpu"`` say, runs the steps above), or ``"reference"``
+      (the logits materialised, then :func:`replay_token_logprobs`).
   """
   hidden, unembed, targets, axis, _ = checks.fused_arguments(
     hidden, unembed, targets, 1.0, softcap, vocab_axis
   )
+  if ops.is_reference(implementation):
+    w = unembed if axis == 1 else unembed.T
+    logits = jnp.einsum(
+      "...d,dv->...v", hidden, w, preferred_element_type=_F32, precision=precision
+    )
+    return replay_token_logprobs(
+      logits, targets, kept_ids, temperature=temperature, softcap=softcap
+    )
+  impl = ops.processed_implementation(implementation)
+  kernels = impl if isinstance(impl, ReplayRows) else None
   tau = replay_temperature_rows(temperature, targets.shape)
   kept_ids = _check_ids(kept_ids, targets.shape)
   h = hidden.reshape(-1, hidden.shape[-1])
@@ -250,5 +280,6 @@ def fused_replay_token_logprobs(
   chunk = tokens_per_chunk(
     h.shape[0], unembed.shape[axis], ids.shape[1] * h.shape[1] * 4, gather_bytes
   )
-  lp = _fused_replay(h, unembed, ids, targets.reshape(-1), tau, softcap, axis, precision, chunk)
+  args = (softcap, axis, precision, chunk, kernels)
+  lp = _fused_replay(h, unembed, ids, targets.reshape(-1), tau, *args)
   return lp.reshape(targets.shape)
