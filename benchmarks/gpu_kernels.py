@@ -22,6 +22,12 @@
    forward+backward times beside the XLA path, under the suite's sampler and
    under top-p alone (every row searched).
 
+4. Replay from hidden states (``fused_replay_token_logprobs``, 512 kept ids,
+   a tied table): the opt-in Pallas kernels checked on the device against the
+   materialised reference (values, d hidden, d unembed, d temperature), then
+   forward and forward+backward times at N = 4096, D = 2048, V = 151936
+   bfloat16 beside XLA's steps and the fused full-vocabulary forward.
+
 Before them (about a second): softcap's ``tanh``
 (:func:`lpkernel.partials.monotone_tanh`) never decreases over every float32
 from 0 to 12 on the device (its ``exp`` and division are the device's), beside
@@ -67,6 +73,10 @@ PROCESSED_SAMPLINGS = {
   "1.5/top-p 0.95 alone": lpk.Sampling(1.5, 0, 0.95),
 }
 PROCESSED_HIDDEN_CHECKS = [(300, 256, 32003)]  # (tokens per example, D, V)
+# Replay: (N, D, V, K) checked, then timed (the issue's shape, Qwen's vocabulary).
+REPLAY_CHECK = (256, 2048, 151936, 512)
+REPLAY_TIMED = (4096, 2048, 151936, 512)
+REPLAY_KERNELS = "pallas_gpu"  # (an interpret-mode object for a CPU smoke run)
 
 
 def _max_err(got: list, want: list) -> float:
@@ -334,6 +344,70 @@ def _check_processed(out: dict, impl="pallas_gpu") -> None:
   out["processed_timings"] = timings
 
 
+def _replay_inputs(n, d, v, k):
+  """A tied bfloat16 table ``[V, D]``, hidden states, targets, and distinct kept
+  ids spread over the table (the target first, every 7th position padded with
+  -1 past half of its ids), and per-token temperatures."""
+  keys = jax.random.split(jax.random.key(n), 4)
+  h = jax.random.normal(keys[0], (n, d), jnp.float32).astype(jnp.bfloat16)
+  w = (jax.random.normal(keys[1], (v, d), jnp.float32) / d**0.5).astype(jnp.bfloat16)
+  t = jax.random.randint(keys[2], (n,), 0, v)
+  ids = (t[:, None] + 293 * jnp.arange(k)) % v  # distinct while 293 * K < V
+  ids = jnp.where((jnp.arange(n) % 7 == 0)[:, None] & (jnp.arange(k) >= k // 2), -1, ids)
+  tau = jax.random.uniform(keys[3], (n,), jnp.float32, 0.6, 1.2)
+  return h, w, t, ids.astype(jnp.int32), tau
+
+
+def _replay(out: dict, repeats: int) -> None:
+  """Section 4: the replay's Pallas kernels checked against the reference, then
+  timed beside XLA's steps and the fused full-vocabulary forward."""
+
+  def replayed(impl, t, ids):
+    def f(h, w, tau):
+      lp = lpk.fused_replay_token_logprobs(
+        h, w, t, ids, temperature=tau, vocab_axis=0, implementation=impl
+      )
+      return jnp.sum(jnp.where(jnp.isfinite(lp), lp, 0.0))
+
+    return f
+
+  h, w, t, ids, tau = _replay_inputs(*REPLAY_CHECK)
+  with jax.default_matmul_precision("highest"):
+    grads = {
+      impl: jax.jit(jax.value_and_grad(replayed(impl, t, ids), (0, 1, 2)))(h, w, tau)
+      for impl in ("reference", "xla", REPLAY_KERNELS)
+    }
+  checks = []
+  for impl in ("xla", REPLAY_KERNELS):
+    r = dict(impl=getattr(impl, "name", impl))
+    for name, a, b in zip(("value", "dh", "dw", "dtau"), jax.tree.leaves(grads[impl]),
+                          jax.tree.leaves(grads["reference"]), strict=True):  # fmt: skip
+      a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+      r[name] = float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+    checks.append(r)
+    print("replay check", r, flush=True)
+  out["replay_checks"] = checks
+  n, d, v, k = REPLAY_TIMED
+  h, w, t, ids, tau = _replay_inputs(*REPLAY_TIMED)
+  fused = lambda h, w, tau: jnp.sum(lpk.fused_token_logprobs(h, w, t, vocab_axis=0))  # noqa: E731
+  rows = []
+  for name, f in [("fused forward", fused)] + [
+    (getattr(impl, "name", impl), replayed(impl, t, ids)) for impl in ("xla", REPLAY_KERNELS)
+  ]:
+    for pass_, fn in (("forward", f), ("forward+backward", jax.grad(f, (0, 1, 2)))):
+      if name == "fused forward" and pass_ != "forward":
+        continue
+      try:
+        timing = measure(fn, (h, w, tau), repeats)[0]
+      except Exception as e:  # reported, not fatal
+        print(f"  replay {name} {pass_}: failed {type(e).__name__}: {str(e)[:200]}", flush=True)
+        continue
+      r = dict(method=name, pass_=pass_, ms=timing.median_ms, temp_mb=timing.temp_mb)
+      rows.append(r)
+      print(f"  replay N{n} D{d} V{v} K{k} {name:14s} {pass_:17s} {r['ms']:8.2f} ms", flush=True)
+  out["replay_timings"] = rows
+
+
 def _time_fused(out: dict, repeats: int) -> None:
   rows = []
   n, d, v = FUSED_TIMED
@@ -471,6 +545,7 @@ def main(argv=None):
     *([] if args.skip_checks else [_check]),
     lambda out: _time(out, args.repeats),
     *([] if args.skip_checks else [_check_processed]),
+    lambda out: _replay(out, min(args.repeats, 10)),
   ]
   for section in sections:
     try:

@@ -172,13 +172,17 @@ def _fused_processed(implementation=None):
   return loss
 
 
-def _replay(inp):
+def _replay(implementation=None):
   # The table as a tied embedding [V, D] (Qwen's small models tie it): rows are
   # gathered as stored (a [D, V] matrix would be transposed once first).
-  lp = lpk.fused_replay_token_logprobs(
-    inp["hidden"], inp["unembed_t"], inp["targets"], inp["kept_ids"], temperature=0.7, vocab_axis=0
-  )
-  return jnp.sum(lp)
+  def replayed(inp):
+    lp = lpk.fused_replay_token_logprobs(
+      inp["hidden"], inp["unembed_t"], inp["targets"], inp["kept_ids"], temperature=0.7,
+      vocab_axis=0, implementation=implementation,
+    )  # fmt: skip
+    return jnp.sum(lp)
+
+  return replayed
 
 
 def _replay_materialised(inp):
@@ -303,8 +307,16 @@ METHODS = [
   Method(
     "lpkernel-replay",
     True,
-    _replay,
+    _replay(),
     ("hidden", "unembed_t"),
+    baseline="replay-materialised",
+  ),
+  Method(
+    "lpkernel-replay-pallas",
+    True,
+    _replay("pallas_gpu"),
+    ("hidden", "unembed_t"),
+    _on_gpu,
     baseline="replay-materialised",
   ),
   Method(

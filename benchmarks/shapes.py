@@ -42,3 +42,5 @@ FUSED_DEFAULT = HiddenShape("fused-d1024", 4096, 1024, 32000)
 FUSED_GPU = HiddenShape("fused-gpu", 32768, 4096, 128256)
 # Qwen's vocabulary at D = 2048 (N scaled to 2 CPU cores), for the kept-set replay.
 REPLAY = HiddenShape("replay-qwen", 1024, 2048, 151936)
+# The same at the N (a GPU's shape).
+REPLAY_GPU = HiddenShape("replay-qwen-gpu", 4096, 2048, 151936)

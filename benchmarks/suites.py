@@ -49,7 +49,14 @@ SUITES: dict[str, list[Case]] = {
   "large": _cases([shapes.LLAMA3_VOCAB, shapes.LLAMA3_LONG], [shapes.FUSED_DEFAULT]),
   # Accelerator-sized shapes.
   "gpu": _cases([shapes.LLAMA2_VOCAB, shapes.LLAMA3_LONG], [], dtypes=("bfloat16", "float32"))
-  + _cases([], [shapes.FUSED_GPU], dtypes=("bfloat16",)),
+  + _cases([], [shapes.FUSED_GPU], dtypes=("bfloat16",))
+  + [
+    Case(
+      shapes.REPLAY_GPU,
+      "bfloat16",
+      ("lpkernel-fused", "lpkernel-replay", "lpkernel-replay-pallas", "replay-materialised"),
+    )
+  ],  # fmt: skip
 }
 
 PASSES = ("forward", "forward+backward")

@@ -10,7 +10,9 @@ Per op (``ops/<op>/``: ``api.py`` the public entry, ``reference.py`` plain
   :class:`PallasGpuFused`, :class:`PallasTpuFused`;
 * processed path from logits (``processed_token_stats``, ``score(sampling=)``):
   :class:`XlaProcessed`, :class:`PallasGpuProcessed`, :class:`PallasTpuProcessed`
-  (both opt-in).
+  (both opt-in); replay from hidden states (``fused_replay_token_logprobs``)
+  takes the same objects, and runs an object's own kernels where it has
+  :class:`~lpkernel.ops.base.ReplayRows`' two methods (the GPU's).
 
 Each is held to the reference, values and gradients, by
 ``tests/test_implementations.py`` (against the float64 oracle too, Pallas in
