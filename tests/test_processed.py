@@ -522,7 +522,8 @@ def test_the_replay_takes_a_processed_implementation():
 @pytest.mark.parametrize("vocab_axis", [0, -1], ids=["tied", "unembed"])
 def test_the_gpu_replay_kernels_lower_for_a_gpu(dtype, vocab_axis):
   """Lowered for a GPU (Triton), the replay's forward and backward are the two
-  kernels and nothing gathers kept rows in XLA: no chunk loop."""
+  kernels and nothing gathers kept rows in XLA: no chunk loop, no ``[N, K, D]``
+  rows and no ``[N, V]`` logits anywhere in the program."""
   n, d, v, k = 64, 256, 1000, 100
   h = jax.ShapeDtypeStruct((n, d), dtype)
   w = jax.ShapeDtypeStruct((v, d) if vocab_axis == 0 else (d, v), dtype)
@@ -540,6 +541,7 @@ def test_the_gpu_replay_kernels_lower_for_a_gpu(dtype, vocab_axis):
   assert text.count("custom_call @__gpu$xla.gpu.triton") == 2
   assert "lpkernel_replay_dots" in text and "lpkernel_replay_grads" in text
   assert "stablehlo.while" not in text
+  assert f"tensor<{n}x{k}x{d}x" not in text and f"tensor<{n}x{v}x" not in text
 
 
 def test_replay_checks_its_ids():
