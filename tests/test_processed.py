@@ -548,6 +548,8 @@ def test_replay_checks_its_ids():
   x, t = jnp.zeros((2, 5)), jnp.array([0, 1])
   with pytest.raises(ValueError, match="kept_ids"):
     lpk.replay_token_logprobs(x, t, jnp.zeros((3, 2), jnp.int32))
+  with pytest.raises(ValueError, match=r"K >= 1\), got \(2, 0\)"):
+    lpk.replay_token_logprobs(x, t, jnp.zeros((2, 0), jnp.int32))
   lp = lpk.replay_token_logprobs(x, t, jnp.array([[0, 9], [1, -1]]))
   assert np.isnan(lp[0]) and np.isclose(lp[1], 0.0)
   wide = np.array([[0, 2**32 + 3], [1, -1]], np.int64)  # beyond int32: out of range, not padding

@@ -39,6 +39,8 @@ def _check_ids(kept_ids, targets_shape, name="kept_ids") -> jax.Array:
       f"{name} must be [..., K] with leading dims equal to targets' {tuple(targets_shape)}, "
       f"got {kept_ids.shape}"
     )
+  if kept_ids.shape[-1] == 0:
+    raise ValueError(f"{name} must hold at least one id per position (K >= 1), got {kept_ids.shape}")
   return kept_ids
 
 
