@@ -60,11 +60,14 @@ def replay_dots_kernel(h_ref, w_ref, ids_ref, out_ref, *, block_k, block_d):
   v, d = w_ref.shape
   ks = pl.program_id(1) * block_k + jnp.arange(block_k, dtype=jnp.int32)
   live = ks < ids_ref.shape[1]
-  ids = jnp.clip(plgpu.load(ids_ref.at[i, ks], mask=live, other=0), 0, v - 1)
+  ids = plgpu.load(ids_ref.at[i, ks], mask=live, other=-1)
+  read = ((ids >= 0) & (ids < v))[:, None]  # padding reads nothing
+  ids = jnp.clip(ids, 0, v - 1)
 
   def step(c, acc):
     cols = c * block_d + jnp.arange(block_d, dtype=jnp.int32)
-    rows = plgpu.load(w_ref.at[ids[:, None], cols[None, :]]).astype(jnp.float32)
+    rows = plgpu.load(w_ref.at[ids[:, None], cols[None, :]], mask=read, other=0)
+    rows = rows.astype(jnp.float32)
     hc = plgpu.load(h_ref.at[i, cols]).astype(jnp.float32)
     return acc + jnp.sum(rows * hc[None, :], axis=1)
 
@@ -78,17 +81,22 @@ def replay_grads_kernel(h_ref, w_ref, ids_ref, dx_ref, _, dh_ref, dw_ref, *, blo
   stored, and ``dx[i, j] h[i]`` added atomically to row ``ids[i, j]`` of the
   float32 ``dw`` (aliased to the zeros before it), one id at a time (so two
   tokens' adds to one row, or interpret mode's, never overwrite each other).
-  ``dx`` is 0 where an id is outside ``[0, V)`` (its row clipped in)."""
+  An id outside ``[0, V)`` (padding) is skipped: no read, no add (a padded
+  kept set's many ``-1`` would otherwise all add to one row, atomically)."""
   i = pl.program_id(0)
   v = w_ref.shape[0]
   cols = pl.program_id(1) * block_d + jnp.arange(block_d, dtype=jnp.int32)
   hc = plgpu.load(h_ref.at[i, cols]).astype(jnp.float32)
 
   def step(j, acc):
-    row = jnp.clip(plgpu.load(ids_ref.at[i, j]), 0, v - 1)
-    g = plgpu.load(dx_ref.at[i, j])
-    plgpu.atomic_add(dw_ref, (row, cols), g * hc)
-    return acc + g * plgpu.load(w_ref.at[row, cols]).astype(jnp.float32)
+    row = plgpu.load(ids_ref.at[i, j])
+
+    def add(acc):
+      g = plgpu.load(dx_ref.at[i, j])
+      plgpu.atomic_add(dw_ref, (row, cols), g * hc)
+      return acc + g * plgpu.load(w_ref.at[row, cols]).astype(jnp.float32)
+
+    return lax.cond((row >= 0) & (row < v), add, lambda acc: acc, acc)
 
   acc = lax.fori_loop(0, ids_ref.shape[1], step, jnp.zeros((block_d,), jnp.float32))
   plgpu.store(dh_ref.at[i, cols], acc.astype(dh_ref.dtype))
