@@ -66,7 +66,8 @@ def replay_dots_kernel(h_ref, w_ref, ids_ref, out_ref, *, block_k, block_d):
 
   def step(c, acc):
     cols = c * block_d + jnp.arange(block_d, dtype=jnp.int32)
-    rows = plgpu.load(w_ref.at[ids[:, None], cols[None, :]], mask=read, other=0)
+    mask = read & (cols < d)[None, :]  # [block_k, block_d]; block_d divides D
+    rows = plgpu.load(w_ref.at[ids[:, None], cols[None, :]], mask=mask, other=0)
     rows = rows.astype(jnp.float32)
     hc = plgpu.load(h_ref.at[i, cols]).astype(jnp.float32)
     return acc + jnp.sum(rows * hc[None, :], axis=1)
