@@ -21,7 +21,7 @@ from jax import lax
 
 from lpkernel import checks, ops
 from lpkernel import partials as P
-from lpkernel.ops.base import ReplayRows
+from lpkernel.ops.base import ProcessedImplementation, ReplayRows
 from lpkernel.ops.blocks import sweep, tokens_per_chunk
 from lpkernel.ops.platform import on_cpu_or
 from lpkernel.ops.processed import cpu_replay
@@ -40,7 +40,9 @@ def _check_ids(kept_ids, targets_shape, name="kept_ids") -> jax.Array:
       f"got {kept_ids.shape}"
     )
   if kept_ids.shape[-1] == 0:
-    raise ValueError(f"{name} must hold at least one id per position (K >= 1), got {kept_ids.shape}")
+    raise ValueError(
+      f"{name} must hold at least one id per position (K >= 1), got {kept_ids.shape}"
+    )
   return kept_ids
 
 
@@ -233,7 +235,7 @@ def fused_replay_token_logprobs(
   vocab_axis: int = -1,
   precision=None,
   gather_bytes: int = 32 << 20,
-  implementation=None,
+  implementation: str | ProcessedImplementation | None = None,
 ) -> jax.Array:
   """:func:`replay_token_logprobs` of ``hidden @ unembed``, from the ``K`` kept rows
   of the unembedding per token, never the ``[N, V]`` logits. XLA gathers them
@@ -253,10 +255,11 @@ def fused_replay_token_logprobs(
       None or ``"xla"`` (the steps above), ``"pallas_gpu"`` (opt-in: one Triton
       kernel gathers each token's kept rows and another writes ``d hidden`` and
       adds ``d unembed`` atomically, :class:`lpkernel.ops.PallasGpuProcessed`,
-      or that object with its tiling, ``interpret=True`` on the CPU), any object
-      with :class:`lpkernel.ops.base.ReplayRows`' two methods (one without
-      them, ``"pallas_tpu"`` say, runs the steps above), or ``"reference"``
-      (the logits materialised, then :func:`replay_token_logprobs`).
+      or that object with its tiling, ``interpret=True`` on the CPU), any
+      processed implementation object with :class:`lpkernel.ops.base.ReplayRows`'
+      two methods (one without them, ``"pallas_tpu"`` say, runs the steps
+      above), or ``"reference"`` (the logits materialised, then
+      :func:`replay_token_logprobs`).
   """
   hidden, unembed, targets, axis, _ = checks.fused_arguments(
     hidden, unembed, targets, 1.0, softcap, vocab_axis
