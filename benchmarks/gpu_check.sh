@@ -3,7 +3,8 @@
 # device and the JAX/Flax versions, then, most important first, checks the Pallas
 # fused (token chunks) and logits kernels on the device against the reference and
 # times them against the device's floors (benchmarks/gpu_kernels.py, results saved
-# after each section), then runs `python -m benchmarks --suite gpu`. Results (JSON,
+# after each section; KERNEL_ARGS="--sections processed,replay" runs only those),
+# then runs `python -m benchmarks --suite gpu`. Results (JSON,
 # plots, logs) go under $OUT (default /tmp/gpu-out). Wheels in .whl/, if any, are
 # installed first into /tmp/site (for a machine without a package index).
 # Usage: bash benchmarks/gpu_check.sh

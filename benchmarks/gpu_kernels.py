@@ -529,25 +529,47 @@ def _time(out: dict, repeats: int) -> None:
   out["timings"] = rows
 
 
+# The sections in their default order, most important first.
+SECTIONS = (
+  "monotone",
+  "fused-check",
+  "fused-time",
+  "logits-check",
+  "logits-time",
+  "processed",
+  "replay",
+)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--out", default="benchmarks/results")
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--skip-checks", action="store_true")
+  parser.add_argument(
+    "--sections",
+    default=",".join(SECTIONS),
+    help="comma-separated, run in this order (a short device budget: processed,replay)",
+  )
   args = parser.parse_args(argv)
+  chosen = args.sections.split(",")
+  unknown = sorted(set(chosen) - set(SECTIONS))
+  if unknown:
+    parser.error(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
   out = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
   print(out, flush=True)
   stamp = time.strftime("%Y%m%d-%H%M%S")
   path = f"{args.out}/gpu-kernels-{stamp}.json"
-  sections = [
-    *([] if args.skip_checks else [_check_monotone, _check_fused]),
-    lambda out: _time_fused(out, min(args.repeats, 10)),
-    *([] if args.skip_checks else [_check]),
-    lambda out: _time(out, args.repeats),
-    *([] if args.skip_checks else [_check_processed]),
-    lambda out: _replay(out, min(args.repeats, 10)),
-  ]
-  for section in sections:
+  sections = {
+    "monotone": None if args.skip_checks else _check_monotone,
+    "fused-check": None if args.skip_checks else _check_fused,
+    "fused-time": lambda out: _time_fused(out, min(args.repeats, 10)),
+    "logits-check": None if args.skip_checks else _check,
+    "logits-time": lambda out: _time(out, args.repeats),
+    "processed": None if args.skip_checks else _check_processed,
+    "replay": lambda out: _replay(out, min(args.repeats, 10)),
+  }
+  for section in filter(None, (sections[name] for name in chosen)):
     try:
       section(out)
     finally:  # after every section: a run cut short by its timeout keeps what it measured

@@ -124,3 +124,28 @@ def test_rows_are_timed_in_turns():
     timing, value = got[key]
     assert value == 8.0 and 0 < timing.min_ms <= timing.median_ms <= timing.max_ms
   assert len(steps) == len(tasks) + 3
+
+
+def test_the_gpu_checks_replay_section_runs(tmp_path, monkeypatch):
+  """``benchmarks.gpu_kernels``' replay section (``--sections replay``), at small
+  shapes with the kernels in interpret mode: the check's errors against the
+  reference and a timed row for each method and pass, written to its JSON (a
+  GPU session is short: a script that fails there loses it)."""
+  import lpkernel as lpk
+  from benchmarks import gpu_kernels
+
+  monkeypatch.setattr(gpu_kernels, "REPLAY_CHECK", (16, 64, 1000, 40))
+  monkeypatch.setattr(gpu_kernels, "REPLAY_TIMED", (32, 64, 1000, 40))
+  monkeypatch.setattr(gpu_kernels, "REPLAY_KERNELS", lpk.PallasGpuProcessed(interpret=True))
+  gpu_kernels.main(["--sections", "replay", "--repeats", "2", "--out", str(tmp_path)])
+  (path,) = tmp_path.glob("gpu-kernels-*.json")
+  out = json.loads(path.read_text())
+  assert [r["impl"] for r in out["replay_checks"]] == ["xla", "pallas_gpu"]
+  for r in out["replay_checks"]:
+    assert max(r["value"], r["dh"], r["dw"], r["dtau"]) < 1e-3, r
+  timed = [(r["method"], r["pass_"]) for r in out["replay_timings"]]
+  assert timed == [
+    ("fused forward", "forward"),
+    *[(m, p) for m in ("xla", "pallas_gpu") for p in ("forward", "forward+backward")],
+  ]
+  assert "timings" not in out and "processed_checks" not in out  # only the section asked for
