@@ -16,6 +16,8 @@ on each shard. Each device reduces its vocabulary block to
 * logits path: one ``pmax`` of (max, target logit), one ``psum`` of the
   rescaled sum of exp, one ``pmin`` of the first-argmax column: 16 bytes per token;
 * fused path: the same plus the entropy's sum in the ``psum``: 20 bytes per token;
+* replay of recorded kept ids from hidden states: each device's dot products
+  with the kept ids in its block, one ``psum`` of the ``[N, K]`` kept logits;
 * processed paths (``sampling=``, the rollout engine's distribution): the same
   merge, an ``all_gather`` of each device's ``K`` largest values per row (the
   whole row's ``K`` largest are among them), and for rows whose kept set those
@@ -49,7 +51,8 @@ from lpkernel.ops.processed.api import (
   sampling_rows,
 )
 from lpkernel.ops.processed.candidates import ProcessedConfig
-from lpkernel.sampling import ProcessedStats, Sampling
+from lpkernel.ops.processed.replay import checked_ids, rows_fused_replay_token_logprobs
+from lpkernel.sampling import ProcessedStats, Sampling, replay_temperature_rows
 from lpkernel.scoring import Scores, one_temperature, score_rows
 
 
@@ -499,9 +502,55 @@ def vocab_parallel_fused_processed_token_stats(
   return _per_token(local, mesh, in_specs, _processed_out(row), targets.shape, *args)
 
 
+def vocab_parallel_fused_replay_token_logprobs(
+  hidden: jax.Array,
+  unembed: jax.Array,
+  targets: jax.Array,
+  kept_ids: jax.Array,
+  mesh: Mesh,
+  *,
+  model_axis: str = "model",
+  batch_axis: str | None = None,
+  temperature: float | jax.Array = 1.0,
+  softcap: float | None = None,
+  vocab_axis: int = -1,
+  implementation: str | ops.ProcessedImplementation | None = None,
+) -> jax.Array:
+  """:func:`lpkernel.fused_replay_token_logprobs` with ``unembed`` sharded along V
+  over ``model_axis`` (shardings as for :func:`vocab_parallel_fused_token_stats`;
+  ``kept_ids [..., K]`` and ``temperature`` as ``targets``). Each device takes
+  the dot products of the kept ids in its block (by ``implementation``'s
+  kernels where it has them), one ``psum`` of the ``[N, K]`` kept logits gives
+  every device the same log-probabilities; ``d unembed`` stays on its shard,
+  ``d hidden`` and ``d temperature`` are summed over the model axis by
+  shard_map's transpose."""
+  hidden, unembed, targets, vocab_axis, _ = _fused_arguments(
+    hidden, unembed, targets, mesh, model_axis, batch_axis, 1.0, softcap, vocab_axis
+  )
+  tau = replay_temperature_rows(temperature, targets.shape)
+  kept_ids = checked_ids(kept_ids, targets.shape)
+  v, row = unembed.shape[vocab_axis], P(batch_axis)
+
+  def local(h, w, t, ids, tau):
+    return rows_fused_replay_token_logprobs(
+      h, w, t, ids, tau, softcap=softcap, vocab_axis=vocab_axis, implementation=implementation,
+      axis_name=model_axis, vocab_size=v,
+    )  # fmt: skip
+
+  in_specs = (
+    *_fused_specs(model_axis, batch_axis, vocab_axis, None)[:3],
+    P(batch_axis, None),
+    None if tau is None else row,
+  )
+  n = targets.size
+  args = (hidden.reshape(n, -1), unembed, targets.reshape(-1), kept_ids.reshape(n, -1), tau)
+  return _per_token(local, mesh, in_specs, row, targets.shape, *args)
+
+
 __all__ = [
   "vocab_parallel_fused_nll_loss",
   "vocab_parallel_fused_processed_token_stats",
+  "vocab_parallel_fused_replay_token_logprobs",
   "vocab_parallel_fused_token_stats",
   "vocab_parallel_nll_loss",
   "vocab_parallel_processed_token_stats",

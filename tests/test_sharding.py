@@ -676,3 +676,46 @@ def test_vocab_parallel_processed_bad_inputs_match_one_device(mesh, path):
       np.testing.assert_array_equal(np.isnan(getattr(s, name)), bad, err_msg=name)
     assert not np.any(np.asarray(s.kept)[bad]) and np.all(np.asarray(s.kept_count)[bad] == 0)
   _assert_processed_equal(s1, s2)
+
+
+@pytest.mark.parametrize(
+  "vocab_axis,impl",
+  [(-1, None), (0, None), (0, lpk.PallasGpuProcessed(interpret=True))],
+  ids=["DV", "tied-VD", "tied-VD-pallas_gpu"],
+)
+def test_vocab_parallel_replay_from_hidden_states_matches_one_device(mesh, vocab_axis, impl):
+  """Replay of recorded kept ids with the unembedding sharded along V: values,
+  ``d hidden``, ``d unembed`` (on its shard) and ``d temperature`` equal one
+  device's; kept ids spread over every shard, ``-1`` padding, a target outside
+  its kept set (-inf) and one outside ``[0, V)`` (NaN) where it was."""
+  rng = np.random.default_rng(4)
+  hidden = jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32)
+  unembed = jnp.asarray(rng.normal(size=(D, V)) / D**0.5, jnp.float32)
+  table = unembed.T.copy() if vocab_axis == 0 else unembed
+  drawn = np.stack([rng.permutation(V)[:7] for _ in range(B * T)]).reshape(B, T, 7)
+  ids, targets = drawn[..., :6].copy(), drawn[..., 0].copy()
+  ids[0, :, 4:] = -1
+  targets[1, 2] = drawn[1, 2, 6]  # not kept: -inf
+  targets[2, 3] = V  # out of range: NaN
+  ids, targets = jnp.asarray(ids, jnp.int32), jnp.asarray(targets, jnp.int32)
+  tau = jnp.asarray(rng.uniform(0.6, 1.4, (B, T)), jnp.float32)
+  weights = jnp.asarray(rng.uniform(0.5, 1.5, (B, T)), jnp.float32)
+
+  def loss(fn, h, w, t, **kw):
+    lp = fn(h, w, targets, ids, temperature=t, softcap=5.0, vocab_axis=vocab_axis, **kw)
+    return jnp.sum(jnp.where(jnp.isfinite(lp), lp * weights, 0.0)), lp
+
+  spec = (None, "model") if vocab_axis == -1 else ("model", None)
+  vp = lambda h, w, t: loss(  # noqa: E731
+    sharding.vocab_parallel_fused_replay_token_logprobs, h, w, t, mesh=mesh,
+    batch_axis="data", implementation=impl,
+  )  # fmt: skip
+  one = lambda h, w, t: loss(lpk.fused_replay_token_logprobs, h, w, t)  # noqa: E731
+  args = (_put(mesh, hidden, "data"), _put(mesh, table, *spec), tau)
+  (_, lp1), g1 = jax.jit(jax.value_and_grad(vp, (0, 1, 2), has_aux=True))(*args)
+  (_, lp2), g2 = jax.jit(jax.value_and_grad(one, (0, 1, 2), has_aux=True))(hidden, table, tau)
+  assert np.isneginf(lp1[1, 2]) and np.isnan(lp1[2, 3])
+  np.testing.assert_allclose(lp1, lp2, rtol=1e-6, atol=1e-6)
+  for a, b in zip(g1, g2, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert g1[1].sharding.spec[vocab_axis] == "model"  # d unembed stays on its shard

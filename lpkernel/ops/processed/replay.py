@@ -31,7 +31,8 @@ from lpkernel.sampling import replay_temperature_rows
 _F32 = jnp.float32
 
 
-def _check_ids(kept_ids, targets_shape, name="kept_ids") -> jax.Array:
+def checked_ids(kept_ids, targets_shape, name="kept_ids") -> jax.Array:
+  """``kept_ids`` as int32 ``[..., K]`` beside ``targets_shape``, or ``ValueError``."""
   # An id beyond int32 becomes -2: out of range (NaN), never -1 padding.
   kept_ids = checks.as_ids(name, kept_ids, fill=-2)
   if kept_ids.shape[:-1] != tuple(targets_shape) or kept_ids.ndim < 1:
@@ -105,7 +106,7 @@ def replay_token_logprobs(
   """
   logits, targets, _ = checks.logits_arguments(logits, targets, 1.0, softcap)
   tau = replay_temperature_rows(temperature, targets.shape)
-  kept_ids = _check_ids(kept_ids, targets.shape)
+  kept_ids = checked_ids(kept_ids, targets.shape)
   v = logits.shape[-1]
   x = logits.reshape(-1, v)
   ids = kept_ids.reshape(x.shape[0], -1)
@@ -192,36 +193,102 @@ def _kept_grads(h, w_rows, ids, dx, precision, chunk: int, kernels) -> tuple[jax
   return on_cpu_or(compiled, gathered)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _fused_replay(h, w, ids, targets, tau, softcap, vocab_axis, precision, chunk, kernels):
-  args = (softcap, vocab_axis, precision, chunk, kernels)
-  return _fused_replay_fwd(h, w, ids, targets, tau, *args)[0]
+def _block_ids(ids, block_size: int, axis_name):
+  """(``ids`` as rows of this device's vocabulary block, ``-1`` for every id
+  outside it; bool[N, K] where an id is in it, or None without ``axis_name``:
+  the whole vocabulary, ids as given)."""
+  if axis_name is None:
+    return ids, None
+  local = ids - lax.axis_index(axis_name) * block_size
+  mine = (ids >= 0) & (local >= 0) & (local < block_size)
+  return jnp.where(mine, local, -1), mine
 
 
-def _fused_replay_fwd(h, w, ids, targets, tau, softcap, vocab_axis, precision, chunk, kernels):
-  x_kept = _kept_logits(h, rows_major(w, vocab_axis), ids, precision, chunk, kernels)
-  v = w.shape[vocab_axis]
-  repeated = _repeated(ids, v)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10, 11))
+def _fused_replay(h, w, ids, targets, tau, *options):
+  return _fused_replay_fwd(h, w, ids, targets, tau, *options)[0]
+
+
+def _fused_replay_fwd(
+  h, w, ids, targets, tau, softcap, vocab_axis, precision, chunk, kernels, axis_name, vocab_size
+):
+  """With ``axis_name``, ``w`` is this device's block of a vocabulary of
+  ``vocab_size`` sharded over that axis: each device's dot products of the ids
+  in its block, summed over the axis (one ``psum`` of ``[N, K]``); the rest
+  (the same numbers on every device) as without it."""
+  w_rows = rows_major(w, vocab_axis)
+  block_ids, mine = _block_ids(ids, w_rows.shape[0], axis_name)
+  x_kept = _kept_logits(h, w_rows, block_ids, precision, chunk, kernels)
+  if mine is not None:
+    x_kept = lax.psum(jnp.where(mine, x_kept, 0.0), axis_name)
+  repeated = _repeated(ids, vocab_size)
   lp, vjp = jax.vjp(
-    lambda x, t: _kept_logprobs(x, ids, repeated, targets, t, softcap, v), x_kept, tau
+    lambda x, t: _kept_logprobs(x, ids, repeated, targets, t, softcap, vocab_size), x_kept, tau
   )
   return lp, (h, w, ids, vjp)
 
 
-def _fused_replay_bwd(softcap, vocab_axis, precision, chunk, kernels, residuals, g):
+def _fused_replay_bwd(
+  softcap, vocab_axis, precision, chunk, kernels, axis_name, vocab_size, residuals, g
+):
+  """Each device's ``d hidden`` and ``d temperature`` are its share (shard_map's
+  transpose sums them over the axis): ``d hidden`` from the ids in its block,
+  ``d temperature`` on the axis' first device."""
   h, w, ids, vjp = residuals
+  if axis_name is not None:  # shard_map hands each device 1 / (axis size) of the cotangent
+    g = g * lax.axis_size(axis_name)
   dx, dtau = vjp(g)  # d logits at the kept ids [N, K]; d tau
   # Rows without a cotangent hold anything (padding, NaN): they give nothing.
   live = (g != 0)[:, None]
-  dx = jnp.where((ids >= 0) & (ids < w.shape[vocab_axis]) & live, dx, 0.0)
+  dx = jnp.where((ids >= 0) & (ids < vocab_size) & live, dx, 0.0)
   h = jnp.where(live, h, 0)
-  dh, dw = _kept_grads(h, rows_major(w, vocab_axis), ids, dx, precision, chunk, kernels)
+  w_rows = rows_major(w, vocab_axis)
+  block_ids, mine = _block_ids(ids, w_rows.shape[0], axis_name)
+  if mine is not None:
+    dx = jnp.where(mine, dx, 0.0)
+    first = lax.axis_index(axis_name) == 0
+    dtau = None if dtau is None else jnp.where(first, dtau, 0.0)
+  dh, dw = _kept_grads(h, w_rows, block_ids, dx, precision, chunk, kernels)
   dw = dw if vocab_axis == 0 else dw.T
   return dh, dw.astype(w.dtype), None, None, dtau
 
 
 _fused_replay.defvjp(_fused_replay_fwd, _fused_replay_bwd)
-_fused_replay = staged(_fused_replay, (5, 6, 7, 8, 9))
+_fused_replay = staged(_fused_replay, (5, 6, 7, 8, 9, 10, 11))
+
+
+def rows_fused_replay_token_logprobs(
+  h: jax.Array,
+  w: jax.Array,
+  targets: jax.Array,
+  kept_ids: jax.Array,
+  tau: jax.Array | None,
+  *,
+  softcap: float | None,
+  vocab_axis: int,
+  precision=None,
+  gather_bytes: int = 32 << 20,
+  implementation: str | ProcessedImplementation | None = None,
+  axis_name: str | None = None,
+  vocab_size: int | None = None,
+) -> jax.Array:
+  """float32[N]: the replay of checked rows (``h [N, D]``, ``targets [N]``,
+  ``kept_ids [N, K]``, ``tau`` float32[N] or None from
+  :func:`~lpkernel.sampling.replay_temperature_rows`), the per-shard building
+  block of :func:`fused_replay_token_logprobs` and its vocab-parallel form
+  (``w`` the block of a vocabulary of ``vocab_size`` sharded over
+  ``axis_name``; its ``d hidden`` and ``d temperature`` are each device's
+  share)."""
+  impl = ops.processed_implementation(implementation)
+  kernels = impl if isinstance(impl, ReplayRows) else None
+  block = w.shape[vocab_axis]
+  if h.shape[0] == 0:
+    return jnp.zeros((0,), _F32)
+  if precision is None:
+    precision = jax.config.jax_default_matmul_precision  # type: ignore[attr-defined]
+  chunk = tokens_per_chunk(h.shape[0], block, kept_ids.shape[1] * h.shape[1] * 4, gather_bytes)
+  options = (softcap, vocab_axis, precision, chunk, kernels, axis_name, vocab_size or block)
+  return _fused_replay(h, w, kept_ids, targets, tau, *options)
 
 
 def fused_replay_token_logprobs(
@@ -272,19 +339,11 @@ def fused_replay_token_logprobs(
     return replay_token_logprobs(
       logits, targets, kept_ids, temperature=temperature, softcap=softcap
     )
-  impl = ops.processed_implementation(implementation)
-  kernels = impl if isinstance(impl, ReplayRows) else None
   tau = replay_temperature_rows(temperature, targets.shape)
-  kept_ids = _check_ids(kept_ids, targets.shape)
+  kept_ids = checked_ids(kept_ids, targets.shape)
   h = hidden.reshape(-1, hidden.shape[-1])
-  ids = kept_ids.reshape(h.shape[0], -1)
-  if h.shape[0] == 0:
-    return jnp.zeros(targets.shape, _F32)
-  if precision is None:
-    precision = jax.config.jax_default_matmul_precision  # type: ignore[attr-defined]
-  chunk = tokens_per_chunk(
-    h.shape[0], unembed.shape[axis], ids.shape[1] * h.shape[1] * 4, gather_bytes
-  )
-  args = (softcap, axis, precision, chunk, kernels)
-  lp = _fused_replay(h, unembed, ids, targets.reshape(-1), tau, *args)
+  lp = rows_fused_replay_token_logprobs(
+    h, unembed, targets.reshape(-1), kept_ids.reshape(h.shape[0], -1), tau, softcap=softcap,
+    vocab_axis=axis, precision=precision, gather_bytes=gather_bytes, implementation=implementation,
+  )  # fmt: skip
   return lp.reshape(targets.shape)
