@@ -16,8 +16,9 @@ on each shard. Each device reduces its vocabulary block to
 * logits path: one ``pmax`` of (max, target logit), one ``psum`` of the
   rescaled sum of exp, one ``pmin`` of the first-argmax column: 16 bytes per token;
 * fused path: the same plus the entropy's sum in the ``psum``: 20 bytes per token;
-* replay of recorded kept ids from hidden states: each device's dot products
-  with the kept ids in its block, one ``psum`` of the ``[N, K]`` kept logits;
+* replay of recorded kept ids (from logits, or hidden states): each device's
+  kept logits (gathered, or dot products) of the ids in its block, one
+  ``psum`` of the ``[N, K]`` kept logits;
 * processed paths (``sampling=``, the rollout engine's distribution): the same
   merge, an ``all_gather`` of each device's ``K`` largest values per row (the
   whole row's ``K`` largest are among them), and for rows whose kept set those
@@ -51,7 +52,11 @@ from lpkernel.ops.processed.api import (
   sampling_rows,
 )
 from lpkernel.ops.processed.candidates import ProcessedConfig
-from lpkernel.ops.processed.replay import checked_ids, rows_fused_replay_token_logprobs
+from lpkernel.ops.processed.replay import (
+  checked_ids,
+  rows_fused_replay_token_logprobs,
+  rows_replay_token_logprobs,
+)
 from lpkernel.sampling import ProcessedStats, Sampling, replay_temperature_rows
 from lpkernel.scoring import Scores, one_temperature, score_rows
 
@@ -502,6 +507,39 @@ def vocab_parallel_fused_processed_token_stats(
   return _per_token(local, mesh, in_specs, _processed_out(row), targets.shape, *args)
 
 
+def vocab_parallel_replay_token_logprobs(
+  logits: jax.Array,
+  targets: jax.Array,
+  kept_ids: jax.Array,
+  mesh: Mesh,
+  *,
+  model_axis: str = "model",
+  batch_axis: str | None = None,
+  temperature: float | jax.Array = 1.0,
+  softcap: float | None = None,
+) -> jax.Array:
+  """:func:`lpkernel.replay_token_logprobs` for logits sharded along V over
+  ``model_axis`` (shardings as for :func:`vocab_parallel_token_logprobs_and_greedy`;
+  ``kept_ids [..., K]`` and ``temperature`` as ``targets``): each device gathers
+  the kept ids in its block, one ``psum`` of the ``[N, K]`` kept logits gives
+  every device the same log-probabilities; ``d logits`` stays on its shard."""
+  logits, targets, _ = _logits_arguments(
+    logits, targets, mesh, model_axis, batch_axis, 1.0, softcap
+  )
+  tau = replay_temperature_rows(temperature, targets.shape)
+  kept_ids = checked_ids(kept_ids, targets.shape)
+  v, n, row = logits.shape[-1], targets.size, P(batch_axis)
+
+  def local(x, t, ids, tau):
+    return rows_replay_token_logprobs(
+      x, t, ids, tau, softcap=softcap, axis_name=model_axis, vocab_size=v
+    )
+
+  in_specs = (P(batch_axis, model_axis), row, P(batch_axis, None), None if tau is None else row)
+  args = (logits.reshape(n, v), targets.reshape(-1), kept_ids.reshape(n, -1), tau)
+  return _per_token(local, mesh, in_specs, row, targets.shape, *args)
+
+
 def vocab_parallel_fused_replay_token_logprobs(
   hidden: jax.Array,
   unembed: jax.Array,
@@ -554,6 +592,7 @@ __all__ = [
   "vocab_parallel_fused_token_stats",
   "vocab_parallel_nll_loss",
   "vocab_parallel_processed_token_stats",
+  "vocab_parallel_replay_token_logprobs",
   "vocab_parallel_score",
   "vocab_parallel_score_hidden",
   "vocab_parallel_token_logprobs_and_greedy",

@@ -678,6 +678,46 @@ def test_vocab_parallel_processed_bad_inputs_match_one_device(mesh, path):
   _assert_processed_equal(s1, s2)
 
 
+def _replay_inputs(rng):
+  """Kept ids [B, T, 6] spread over every shard (some -1 padded), targets (one
+  not kept: -inf; one outside [0, V): NaN), temperatures and loss weights."""
+  drawn = np.stack([rng.permutation(V)[:7] for _ in range(B * T)]).reshape(B, T, 7)
+  ids, targets = drawn[..., :6].copy(), drawn[..., 0].copy()
+  ids[0, :, 4:] = -1
+  targets[1, 2] = drawn[1, 2, 6]  # not kept: -inf
+  targets[2, 3] = V  # out of range: NaN
+  tau = jnp.asarray(rng.uniform(0.6, 1.4, (B, T)), jnp.float32)
+  weights = jnp.asarray(rng.uniform(0.5, 1.5, (B, T)), jnp.float32)
+  return jnp.asarray(ids, jnp.int32), jnp.asarray(targets, jnp.int32), tau, weights
+
+
+def test_vocab_parallel_replay_from_logits_matches_one_device(mesh):
+  """Replay of recorded kept ids with the logits sharded along V: values,
+  ``d logits`` (on its shard) and ``d temperature`` equal one device's, a
+  ``-inf`` logit among the kept ones included."""
+  rng = np.random.default_rng(5)
+  logits = jnp.asarray(rng.normal(size=(B, T, V)) * 3, jnp.float32)
+  ids, targets, tau, weights = _replay_inputs(rng)
+  logits = logits.at[3, 0, ids[3, 0, 2]].set(-jnp.inf)
+
+  def loss(fn, x, t, **kw):
+    lp = fn(x, targets, ids, temperature=t, softcap=5.0, **kw)
+    return jnp.sum(jnp.where(jnp.isfinite(lp), lp * weights, 0.0)), lp
+
+  vp = lambda x, t: loss(  # noqa: E731
+    sharding.vocab_parallel_replay_token_logprobs, x, t, mesh=mesh, batch_axis="data"
+  )
+  one = lambda x, t: loss(lpk.replay_token_logprobs, x, t)  # noqa: E731
+  xs = _put(mesh, logits, "data", None, "model")
+  (_, lp1), g1 = jax.jit(jax.value_and_grad(vp, (0, 1), has_aux=True))(xs, tau)
+  (_, lp2), g2 = jax.jit(jax.value_and_grad(one, (0, 1), has_aux=True))(logits, tau)
+  assert np.isneginf(lp1[1, 2]) and np.isnan(lp1[2, 3]) and np.isfinite(lp1[3, 0])
+  np.testing.assert_allclose(lp1, lp2, rtol=1e-6, atol=1e-6)
+  for a, b in zip(g1, g2, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert g1[0].sharding.spec[-1] == "model"  # d logits stays on its shard
+
+
 @pytest.mark.parametrize(
   "vocab_axis,impl",
   [(-1, None), (0, None), (0, lpk.PallasGpuProcessed(interpret=True))],
@@ -692,14 +732,7 @@ def test_vocab_parallel_replay_from_hidden_states_matches_one_device(mesh, vocab
   hidden = jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32)
   unembed = jnp.asarray(rng.normal(size=(D, V)) / D**0.5, jnp.float32)
   table = unembed.T.copy() if vocab_axis == 0 else unembed
-  drawn = np.stack([rng.permutation(V)[:7] for _ in range(B * T)]).reshape(B, T, 7)
-  ids, targets = drawn[..., :6].copy(), drawn[..., 0].copy()
-  ids[0, :, 4:] = -1
-  targets[1, 2] = drawn[1, 2, 6]  # not kept: -inf
-  targets[2, 3] = V  # out of range: NaN
-  ids, targets = jnp.asarray(ids, jnp.int32), jnp.asarray(targets, jnp.int32)
-  tau = jnp.asarray(rng.uniform(0.6, 1.4, (B, T)), jnp.float32)
-  weights = jnp.asarray(rng.uniform(0.5, 1.5, (B, T)), jnp.float32)
+  ids, targets, tau, weights = _replay_inputs(rng)
 
   def loss(fn, h, w, t, **kw):
     lp = fn(h, w, targets, ids, temperature=t, softcap=5.0, vocab_axis=vocab_axis, **kw)

@@ -107,12 +107,37 @@ def replay_token_logprobs(
   logits, targets, _ = checks.logits_arguments(logits, targets, 1.0, softcap)
   tau = replay_temperature_rows(temperature, targets.shape)
   kept_ids = checked_ids(kept_ids, targets.shape)
-  v = logits.shape[-1]
-  x = logits.reshape(-1, v)
+  x = logits.reshape(-1, logits.shape[-1])
   ids = kept_ids.reshape(x.shape[0], -1)
-  x_kept = jnp.take_along_axis(x, jnp.clip(ids, 0, v - 1), axis=-1)
-  lp = _kept_logprobs(x_kept, ids, _repeated(ids, v), targets.reshape(-1), tau, softcap, v)
+  lp = rows_replay_token_logprobs(x, targets.reshape(-1), ids, tau, softcap=softcap)
   return lp.reshape(targets.shape)
+
+
+def rows_replay_token_logprobs(
+  x: jax.Array,
+  targets: jax.Array,
+  kept_ids: jax.Array,
+  tau: jax.Array | None,
+  *,
+  softcap: float | None,
+  axis_name: str | None = None,
+  vocab_size: int | None = None,
+) -> jax.Array:
+  """float32[N]: the replay of checked rows (``x [N, V]``, ``targets [N]``,
+  ``kept_ids [N, K]``, ``tau`` float32[N] or None), the per-shard building block
+  of :func:`replay_token_logprobs` and its vocab-parallel form: with
+  ``axis_name``, ``x`` is this device's block of a vocabulary of ``vocab_size``
+  sharded over that axis, each device gathers the kept ids in its block and
+  one ``psum`` of the ``[N, K]`` kept logits gives every device the same
+  numbers (differentiated by JAX: under shard_map the psum's transpose sums
+  the split cotangent back)."""
+  block = x.shape[1]
+  v = vocab_size or block
+  block_ids, mine = _block_ids(kept_ids, block, axis_name)
+  x_kept = jnp.take_along_axis(x, jnp.clip(block_ids, 0, block - 1), axis=-1)
+  if mine is not None:
+    x_kept = lax.psum(jnp.where(mine, x_kept, 0), axis_name)
+  return _kept_logprobs(x_kept, kept_ids, _repeated(kept_ids, v), targets, tau, softcap, v)
 
 
 def rows_major(w: jax.Array, vocab_axis: int) -> jax.Array:
