@@ -601,6 +601,34 @@ def test_vocab_parallel_processed_never_gathers_the_vocabulary(path):
 
 
 @pytest.mark.parametrize("path", ["logits", "hidden"])
+def test_vocab_parallel_replay_all_reduces_only_the_kept_logits(path):
+  """Forward and backward of the vocab-parallel replay: nothing gathered, and
+  over the model axis only the ``[N, K]`` kept logits' ``psum`` (4 K bytes per
+  token) plus, from hidden states, ``d hidden``'s sum (and ``d unembed``'s
+  all-reduce over the data axis, data parallelism's)."""
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+  v, k, n_local = 4096, 6, B * T // 2
+  ids, targets, _, _ = _replay_inputs(np.random.default_rng(6))
+  if path == "logits":
+    args = (_put(mesh, jnp.zeros((B, T, v)), "data", None, "model"),)
+    fn = lambda x: sharding.vocab_parallel_replay_token_logprobs(  # noqa: E731
+      x, targets % v, ids, mesh, batch_axis="data"
+    ).sum()
+  else:
+    args = (_put(mesh, jnp.ones((B, T, D)), "data"), _put(mesh, jnp.zeros((D, v)), None, "model"))
+    fn = lambda h, w: sharding.vocab_parallel_fused_replay_token_logprobs(  # noqa: E731
+      h, w, targets % v, ids, mesh, batch_axis="data"
+    ).sum()
+  hlo = jax.jit(jax.grad(fn, argnums=tuple(range(len(args))))).lower(*args).compile().as_text()
+  found = collectives(hlo)
+  assert not any(kind in ("all-gather", "all-to-all") for kind, _, _ in found), found
+  reduced = sorted(shape for kind, _, shape in found if kind == "all-reduce")
+  hidden_sums = [(n_local, D)] if path == "hidden" else []
+  unembed_sums = [(D, v // 4)] if path == "hidden" else []
+  assert reduced == sorted([(n_local, k), *hidden_sums, *unembed_sums]), found
+
+
+@pytest.mark.parametrize("path", ["logits", "hidden"])
 def test_vocab_parallel_processed_bad_inputs_match_one_device(mesh, path):
   """Through the mesh as on one device: an id outside ``[0, V)`` (negative too,
   never wrapped) and an out-of-range parameter give NaN (kept count 0), a target

@@ -129,15 +129,29 @@ def rows_replay_token_logprobs(
   ``axis_name``, ``x`` is this device's block of a vocabulary of ``vocab_size``
   sharded over that axis, each device gathers the kept ids in its block and
   one ``psum`` of the ``[N, K]`` kept logits gives every device the same
-  numbers (differentiated by JAX: under shard_map the psum's transpose sums
-  the split cotangent back)."""
+  numbers (differentiated by JAX, with no collective in the backward)."""
   block = x.shape[1]
   v = vocab_size or block
   block_ids, mine = _block_ids(kept_ids, block, axis_name)
   x_kept = jnp.take_along_axis(x, jnp.clip(block_ids, 0, block - 1), axis=-1)
   if mine is not None:
-    x_kept = lax.psum(jnp.where(mine, x_kept, 0), axis_name)
+    x_kept = _summed_over(jnp.where(mine, x_kept, 0), axis_name)
   return _kept_logprobs(x_kept, kept_ids, _repeated(kept_ids, v), targets, tau, softcap, v)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _summed_over(x, axis_name):
+  """``psum`` of each device's share of a value then replicated over the axis;
+  its backward multiplies back the cotangent that shard_map splits over the
+  axis (each device's share of it is the whole), where JAX's transpose of the
+  ``psum`` would all-reduce it."""
+  return lax.psum(x, axis_name)
+
+
+_summed_over.defvjp(
+  lambda x, axis_name: (lax.psum(x, axis_name), None),
+  lambda axis_name, _, g: (g * lax.axis_size(axis_name),),
+)
 
 
 def rows_major(w: jax.Array, vocab_axis: int) -> jax.Array:
