@@ -22,9 +22,17 @@ _F32 = jnp.float32
 
 
 def contract(a: jax.Array, a_axis: int, b: jax.Array, b_axis: int, precision) -> jax.Array:
-  """``a`` times ``b`` over ``a``'s axis ``a_axis`` and ``b``'s axis ``b_axis`` (2-D each)."""
+  """``a`` times ``b`` over ``a``'s axis ``a_axis`` and ``b``'s axis ``b_axis`` (``b`` 2-D;
+  ``a``'s other axes lead the result)."""
   dims = (((a_axis,), (b_axis,)), ((), ()))
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=_F32)
+
+
+def materialised_logits(hidden: jax.Array, unembed: jax.Array, vocab_axis: int, precision):
+  """float32 ``[..., V]``: ``hidden [..., D]`` times ``unembed`` (``[D, V]``, or a
+  tied ``[V, D]`` table with ``vocab_axis`` 0, read as stored): the references'
+  materialised logits."""
+  return contract(hidden, hidden.ndim - 1, unembed, 1 - vocab_axis, precision)
 
 
 ADD_ROWS_BYTES = 64 << 20

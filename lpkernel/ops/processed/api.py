@@ -20,6 +20,7 @@ from jax import lax
 from lpkernel import checks, ops
 from lpkernel import partials as P
 from lpkernel.ops.base import ProcessedHidden
+from lpkernel.ops.fused.matmuls import materialised_logits
 from lpkernel.ops.fused.xla import FusedConfig
 from lpkernel.ops.processed import select as S
 from lpkernel.ops.processed import xla
@@ -370,10 +371,7 @@ def fused_processed_token_stats(
   )
   v = unembed.shape[axis]
   if ops.is_reference(implementation):
-    w = unembed if axis == 1 else unembed.T
-    logits = jnp.einsum(
-      "...d,dv->...v", hidden, w, preferred_element_type=_F32, precision=precision
-    )
+    logits = materialised_logits(hidden, unembed, axis, precision)
     return processed_logprobs_reference(logits, targets, sampling, softcap=softcap)
   rows, k, tau_grad = sampling_rows(sampling, targets, v, config)
   stats = rows_fused_processed_token_stats(

@@ -23,6 +23,7 @@ from lpkernel import checks, ops
 from lpkernel import partials as P
 from lpkernel.ops.base import ProcessedImplementation, ReplayRows
 from lpkernel.ops.blocks import sweep, tokens_per_chunk
+from lpkernel.ops.fused.matmuls import materialised_logits
 from lpkernel.ops.platform import on_cpu_or
 from lpkernel.ops.processed import cpu_replay
 from lpkernel.ops.staged import staged
@@ -134,9 +135,17 @@ def rows_replay_token_logprobs(
   v = vocab_size or block
   block_ids, mine = _block_ids(kept_ids, block, axis_name)
   x_kept = jnp.take_along_axis(x, jnp.clip(block_ids, 0, block - 1), axis=-1)
-  if mine is not None:
-    x_kept = _summed_over(jnp.where(mine, x_kept, 0), axis_name)
+  x_kept = _over_blocks(x_kept, mine, axis_name)
   return _kept_logprobs(x_kept, kept_ids, _repeated(kept_ids, v), targets, tau, softcap, v)
+
+
+def _over_blocks(x_kept, mine, axis_name) -> jax.Array:
+  """The kept logits ``[N, K]`` of the whole vocabulary from each device's, whose
+  ids outside its block (``mine`` False) hold anything: summed over the axis
+  (every id is in one block), or as given without an axis."""
+  if axis_name is None:
+    return x_kept
+  return _summed_over(jnp.where(mine, x_kept, 0), axis_name)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -257,9 +266,9 @@ def _fused_replay_fwd(
   (the same numbers on every device) as without it."""
   w_rows = rows_major(w, vocab_axis)
   block_ids, mine = _block_ids(ids, w_rows.shape[0], axis_name)
-  x_kept = _kept_logits(h, w_rows, block_ids, precision, chunk, kernels)
-  if mine is not None:
-    x_kept = lax.psum(jnp.where(mine, x_kept, 0.0), axis_name)
+  x_kept = _over_blocks(
+    _kept_logits(h, w_rows, block_ids, precision, chunk, kernels), mine, axis_name
+  )
   repeated = _repeated(ids, vocab_size)
   lp, vjp = jax.vjp(
     lambda x, t: _kept_logprobs(x, ids, repeated, targets, t, softcap, vocab_size), x_kept, tau
@@ -371,10 +380,7 @@ def fused_replay_token_logprobs(
     hidden, unembed, targets, 1.0, softcap, vocab_axis
   )
   if ops.is_reference(implementation):
-    w = unembed if axis == 1 else unembed.T
-    logits = jnp.einsum(
-      "...d,dv->...v", hidden, w, preferred_element_type=_F32, precision=precision
-    )
+    logits = materialised_logits(hidden, unembed, axis, precision)
     return replay_token_logprobs(
       logits, targets, kept_ids, temperature=temperature, softcap=softcap
     )
