@@ -251,7 +251,8 @@ def test_replay_gives_nan_for_a_nan_kept_logit_and_minus_inf_for_no_mass():
 )
 def test_nan_hidden_rows_are_nan_and_leave_the_others_alone(impl):
   """The hidden path: a NaN hidden row gives that token NaN (value and gradient)
-  and every other token its clean value and a finite gradient."""
+  and every other token its clean value and a finite gradient; so does the
+  replay from hidden states on the same implementation."""
   rng = np.random.default_rng(2)
   h = jnp.asarray(rng.normal(size=(4, 8)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(8, 50)), jnp.float32)
@@ -274,9 +275,12 @@ def test_nan_hidden_rows_are_nan_and_leave_the_others_alone(impl):
     assert np.all(np.isfinite(dh[others])) and np.all(dh[1] == 0)
     assert np.all(np.isfinite(dw)), "a dead NaN row leaked into d unembed"
 
-    def replayed(h, table, vocab_axis=vocab_axis):
-      ids = jnp.tile(jnp.arange(10), (4, 1))
-      lp = lpk.fused_replay_token_logprobs(h, table, t % 10, ids, vocab_axis=vocab_axis)
+    ids = jnp.tile(jnp.arange(10), (4, 1))  # the replay's own kernels where impl has them
+    lp = lpk.fused_replay_token_logprobs(bad, table, t % 10, ids, **kw)
+    assert np.isnan(lp[1]) and np.all(np.isfinite(lp[others]))
+
+    def replayed(h, table, kw=kw, ids=ids):
+      lp = lpk.fused_replay_token_logprobs(h, table, t % 10, ids, **kw)
       return jnp.sum(jnp.where(jnp.arange(4) == 1, 0.0, lp))
 
     dh, dw = (np.asarray(g) for g in jax.grad(replayed, argnums=(0, 1))(bad, table))
