@@ -34,7 +34,9 @@ from 0 to 12 on the device (its ``exp`` and division are the device's), beside
 XLA's own ``tanh``'s count of decreases, nor ``exp`` over [-104, 0] (min-p and
 the kept sets read its order).
 
-Writes ``gpu-kernels-<stamp>.json`` to ``--out``.
+Writes ``gpu-kernels-<stamp>.json`` to ``--out`` after each section. A section
+that raises is recorded under ``errors`` and the next one runs; the run then
+exits with an error naming the failed sections.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import argparse
 import itertools
 import json
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -569,13 +572,20 @@ def main(argv=None):
     "processed": None if args.skip_checks else _check_processed,
     "replay": lambda out: _replay(out, min(args.repeats, 10)),
   }
-  for section in filter(None, (sections[name] for name in chosen)):
+  for name in chosen:
+    if sections[name] is None:
+      continue
     try:
-      section(out)
+      sections[name](out)
+    except Exception as e:  # a failing section (a kernel's first GPU) leaves the next its time
+      traceback.print_exc()
+      out.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"[:4000]
     finally:  # after every section: a run cut short by its timeout keeps what it measured
       with open(path, "w") as f:
         json.dump(out, f, indent=1, default=lambda o: None if o is None else float(np.asarray(o)))
       print("wrote", path, flush=True)
+  if "errors" in out:
+    raise SystemExit(f"sections failed: {sorted(out['errors'])} (their errors in {path})")
 
 
 if __name__ == "__main__":

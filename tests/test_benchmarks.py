@@ -130,16 +130,24 @@ def test_the_gpu_checks_replay_section_runs(tmp_path, monkeypatch):
   """``benchmarks.gpu_kernels``' replay section (``--sections replay``), at small
   shapes with the kernels in interpret mode: the check's errors against the
   reference and a timed row for each method and pass, written to its JSON (a
-  GPU session is short: a script that fails there loses it)."""
+  GPU session is short: a script that fails there loses it). A section before
+  it that raises is recorded and the replay still runs; the run then fails."""
   import lpkernel as lpk
   from benchmarks import gpu_kernels
+
+  def broken(out):
+    raise RuntimeError("a kernel's first GPU")
 
   monkeypatch.setattr(gpu_kernels, "REPLAY_CHECK", (16, 64, 1000, 40))
   monkeypatch.setattr(gpu_kernels, "REPLAY_TIMED", (32, 64, 1000, 40))
   monkeypatch.setattr(gpu_kernels, "REPLAY_KERNELS", lpk.PallasGpuProcessed(interpret=True))
-  gpu_kernels.main(["--sections", "replay", "--repeats", "2", "--out", str(tmp_path)])
+  monkeypatch.setattr(gpu_kernels, "_check_processed", broken)
+  argv = ["--sections", "processed,replay", "--repeats", "2", "--out", str(tmp_path)]
+  with pytest.raises(SystemExit, match=r"sections failed: \['processed'\]"):
+    gpu_kernels.main(argv)
   (path,) = tmp_path.glob("gpu-kernels-*.json")
   out = json.loads(path.read_text())
+  assert out["errors"] == {"processed": "RuntimeError: a kernel's first GPU"}
   assert [r["impl"] for r in out["replay_checks"]] == ["xla", "pallas_gpu"]
   for r in out["replay_checks"]:
     assert max(r["value"], r["dh"], r["dw"], r["dtau"]) < 1e-3, r
