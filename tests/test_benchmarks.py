@@ -157,3 +157,53 @@ def test_the_gpu_checks_replay_section_runs(tmp_path, monkeypatch):
     *[(m, p) for m in ("xla", "pallas_gpu") for p in ("forward", "forward+backward")],
   ]
   assert "timings" not in out and "processed_checks" not in out  # only the section asked for
+
+
+def test_the_gpu_checks_processed_section_runs(tmp_path, monkeypatch):
+  """``--sections processed`` (the GPU check's most important rows) at small
+  shapes with the kernels in interpret mode: every kept set the reference's,
+  values and gradients close, from logits and from hidden states, and a timed
+  row for each sampler, method and dtype."""
+  import lpkernel as lpk
+  from benchmarks import gpu_kernels
+
+  monkeypatch.setattr(gpu_kernels, "PROCESSED_CHECKS", [(6, 300)])
+  monkeypatch.setattr(gpu_kernels, "PROCESSED_HIDDEN_CHECKS", [(5, 16, 400)])
+  monkeypatch.setattr(gpu_kernels, "PROCESSED_TIMED", (1, 4, 300))
+  monkeypatch.setattr(gpu_kernels, "PROCESSED_KERNELS", lpk.PallasGpuProcessed(interpret=True))
+  gpu_kernels.main(["--sections", "processed", "--out", str(tmp_path)])
+  (path,) = tmp_path.glob("gpu-kernels-*.json")
+  out = json.loads(path.read_text())
+  checks = out["processed_checks"]
+  assert [r.get("path", "logits") for r in checks] == ["logits", "logits", "hidden"]
+  for r in checks:
+    assert r["kept_set_mismatches"] == 0 and r.get("kept_mismatches", 0) == 0, r
+    assert max(r.get(e, 0) for e in ("logprobs", "dx", "dtau", "dh", "dw")) < 2e-2, r
+  timed = [(r["dtype"], r["sampling"], r["impl"]) for r in out["processed_timings"]]
+  assert len(timed) == 8 and all("forward_ms" in r for r in out["processed_timings"]), timed
+  assert "errors" not in out
+
+
+def test_a_replay_kernel_that_fails_leaves_the_rest_of_its_section(tmp_path, monkeypatch):
+  """A method that fails on the device (here kernels that raise) is reported in
+  its check row, and XLA's steps are still checked and timed beside the fused
+  forward."""
+  import lpkernel as lpk
+  from benchmarks import gpu_kernels
+
+  class Failing(lpk.PallasGpuProcessed):
+    def kept_dots(self, h, w_rows, ids):
+      raise RuntimeError("no Triton here")
+
+  monkeypatch.setattr(gpu_kernels, "REPLAY_CHECK", (8, 16, 300, 5))
+  monkeypatch.setattr(gpu_kernels, "REPLAY_TIMED", (8, 16, 300, 5))
+  monkeypatch.setattr(gpu_kernels, "REPLAY_KERNELS", Failing(interpret=True))
+  gpu_kernels.main(["--sections", "replay", "--repeats", "1", "--out", str(tmp_path)])
+  (path,) = tmp_path.glob("gpu-kernels-*.json")
+  out = json.loads(path.read_text())
+  xla, failing = out["replay_checks"]
+  assert xla["impl"] == "xla" and max(xla["value"], xla["dh"], xla["dw"]) < 1e-3
+  assert failing == {"impl": "pallas_gpu", "error": "RuntimeError: no Triton here"}
+  timed = [(r["method"], r["pass_"]) for r in out["replay_timings"]]
+  assert timed == [("fused forward", "forward"), ("xla", "forward"), ("xla", "forward+backward")]
+  assert "errors" not in out
