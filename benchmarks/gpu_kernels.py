@@ -63,6 +63,9 @@ from lpkernel import reference
 TILINGS = [(1, 2048, 4), (1, 4096, 8), (2, 4096, 8)]
 LOSS_TILINGS = [(1, 2048, 4), (1, 4096, 8), (2, 2048, 8), (1, 1024, 4)]
 BWD_TILINGS = [(4, 1024, 4), (2, 2048, 8)]
+# The logits kernels' checks (rows, V) and timed shapes (B, T, V): the design's targets.
+LOGITS_CHECKS = [(64, 1000), (37, 4097), (16, 32003), (8, 128256)]
+LOGITS_TIMED = [(8, 4096, 128256), (8, 512, 32000)]
 # The processed kernels' checks (rows per example, V) and timed logits shape (B, T, V).
 PROCESSED_CHECKS = [(64, 1000), (37, 32003), (16, 151936)]
 PROCESSED_TIMED = (8, 512, 32000)
@@ -124,7 +127,7 @@ def _check_monotone(out: dict) -> None:
 
 def _check(out: dict) -> None:
   rows = []
-  for n, v in [(64, 1000), (37, 4097), (16, 32003), (8, 128256)]:
+  for n, v in LOGITS_CHECKS:
     for dtype in (jnp.float32, jnp.bfloat16):
       for softcap, tau in [(None, None), (30.0, "rows")]:
         k1, k2 = jax.random.split(jax.random.key(v))
@@ -486,7 +489,7 @@ def _time_fused(out: dict, repeats: int) -> None:
 
 def _time(out: dict, repeats: int) -> None:
   rows = []
-  for b, t, v in [(8, 4096, 128256), (8, 512, 32000)]:
+  for b, t, v in LOGITS_TIMED:
     for dtype in ("bfloat16", "float32"):
       x = (3 * jax.random.normal(jax.random.key(0), (b * t, v), jnp.float32)).astype(dtype)
       tg = jax.random.randint(jax.random.key(1), (b * t,), 0, v)
