@@ -95,6 +95,12 @@ def _failure(what: str, e: Exception) -> str:
   return line
 
 
+def _rel_err(got, want) -> float:
+  """max |got - want| over max |want|, in float32."""
+  got, want = jnp.asarray(got, jnp.float32), jnp.asarray(want, jnp.float32)
+  return float(jnp.max(jnp.abs(got - want)) / (jnp.max(jnp.abs(want)) + 1e-30))
+
+
 def _max_err(got: list, want: list) -> float:
   """The largest |got - want| over pairs of arrays (NaN ignored; 0 for none)."""
   pairs = zip(got, want, strict=True)
@@ -233,8 +239,7 @@ def _check_fused(out: dict) -> None:
         for f in ("logprobs", "lse", "entropy")
       }
       for name, a, b in zip(("dh", "dw"), g, g_ref, strict=True):
-        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-        err[name] = float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+        err[name] = _rel_err(a, b)
       err["greedy_mismatches"] = int(jnp.sum(got.greedy != want.greedy))
 
       def nll(h, table, impl):
@@ -255,8 +260,7 @@ def _check_fused(out: dict) -> None:
         (got_loss, g), (want_loss, g_ref) = grad(h, table, impl), grad(h, table, "reference")
       err["loss_rel"] = float(jnp.abs(got_loss - want_loss) / jnp.abs(want_loss))
       for name, a, b in zip(("loss_dh", "loss_dw"), g, g_ref, strict=True):
-        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-        err[name] = float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+        err[name] = _rel_err(a, b)
       r = dict(
         n=n,
         d=d,
@@ -307,8 +311,7 @@ def _check_processed(out: dict) -> None:
         jnp.where(want.kept, want.logprobs, 0)
       ])  # fmt: skip
       for name, a, b in zip(("dx", "dtau"), g, g_ref, strict=True):
-        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-        r[name] = float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+        r[name] = _rel_err(a, b)
       rows.append(r)
       print("processed check", r, flush=True)
   for n, d, v in PROCESSED_HIDDEN_CHECKS:  # from hidden states: token chunks and a tail
@@ -337,8 +340,7 @@ def _check_processed(out: dict) -> None:
         continue
     r["kept_set_mismatches"] = int(jnp.sum(got.kept_count != want.kept_count))
     for name, a, b in zip(("dh", "dw"), g, g_ref, strict=True):
-      a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-      r[name] = float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+      r[name] = _rel_err(a, b)
     rows.append(r)
     print("processed check", r, flush=True)
   out["processed_checks"] = rows
@@ -412,8 +414,7 @@ def _replay(out: dict, repeats: int) -> None:
       continue
     for name, a, b in zip(("value", "dh", "dw", "dtau"), jax.tree.leaves(got),
                           jax.tree.leaves(want), strict=True):  # fmt: skip
-      a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-      r[name] = float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+      r[name] = _rel_err(a, b)
     checks.append(r)
     print("replay check", r, flush=True)
   out["replay_checks"] = checks
