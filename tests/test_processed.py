@@ -331,6 +331,45 @@ def test_greedy_is_the_first_of_tied_maxima(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_a_sampler_that_truncates_nothing_is_the_plain_distribution(impl):
+  """Temperature alone (top-k, top-p and min-p Python numbers, all off: the
+  path takes one candidate per row, not 64): every row keeps its whole row, the
+  processed log-probabilities are the raw ones and :func:`lpkernel.token_logprobs`',
+  the kept mass is 1 (``-inf`` for a row of ``-inf``), the kept set has V
+  ids, and the gradients into the logits and the per-example temperature are
+  the reference's."""
+  from lpkernel.ops.processed.api import sampling_rows
+
+  v = 300
+  x = 3 * jax.random.normal(jax.random.key(5), (2, 4, v))
+  t = jax.random.randint(jax.random.key(6), (2, 4), 0, v)
+  if "hidden" not in impl:  # (the hidden paths' logits are h @ w: no -inf)
+    x, t = x.at[1, 2, :7].set(-jnp.inf), t.at[1, 2].set(3)  # an impossible target
+  tau = jnp.array([0.7, 1.3])
+  for off in (lpk.Sampling(), lpk.Sampling(0.7, v, 1.0, 0.0)):
+    assert sampling_rows(off, t, v, lpk.ProcessedConfig())[1] == 1
+  assert sampling_rows(lpk.Sampling(top_p=0.99), t, v, lpk.ProcessedConfig())[1] == 64
+
+  def loss(impl, x, tau):
+    s = processed(impl, x, t, lpk.Sampling(temperature=tau))
+    finite = jnp.where(jnp.isfinite(s.logprobs), s.logprobs, 0.0)
+    return jnp.sum(finite * jnp.arange(1.0, 9.0).reshape(2, 4)), s
+
+  grads = jax.jit(jax.grad(loss, (1, 2), has_aux=True), static_argnums=0)
+  (dx, dtau), got = grads(impl, x, tau)
+  (dx_ref, dtau_ref), want = grads("reference", x, tau)
+  plain = lpk.token_logprobs(x, t, temperature=tau[:, None])
+  np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got.logprobs, plain, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(got.raw_logprobs == got.logprobs, ~jnp.isnan(got.logprobs))
+  np.testing.assert_array_equal(got.kept, want.kept)
+  assert bool(jnp.all(got.kept)) and bool(jnp.all(got.kept_count == v))
+  np.testing.assert_allclose(got.log_kept_mass, 0.0, atol=1e-6)  # (the reference's: a logsumexp)
+  np.testing.assert_allclose(dx, dx_ref, atol=1e-5)
+  np.testing.assert_allclose(dtau, dtau_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("shape", [(1, 1), (3, 1), (2, 3), (1, 3)])
 def test_awkward_shapes(impl, shape):
   """V = 1 and 3, one token; every sampler setting keeps the most likely token."""
