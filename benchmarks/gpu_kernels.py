@@ -276,6 +276,19 @@ def _check_fused(out: dict) -> None:
   out["fused_checks"] = rows
 
 
+def _beside_reference(grad, args: tuple, impl, r: dict, rows: list):
+  """``(want, d want, got, d got)``: ``grad(*args, impl)``'s value, aux and
+  gradients and the reference's; None where the implementation fails, its
+  error then appended to ``rows`` as ``r``'s row."""
+  (_, want), g_ref = grad(*args, "reference")
+  try:
+    (_, got), g = grad(*args, impl)
+  except Exception as e:
+    rows.append({**r, "error": _failure(f"processed check {r}", e)})
+    return None
+  return want, g_ref, got, g
+
+
 def _check_processed(out: dict) -> None:
   """The opt-in processed kernels (``PallasGpuProcessed``) on the device against
   the sorting reference: kept sets, values, d logits and d temperature; then
@@ -299,12 +312,9 @@ def _check_processed(out: dict) -> None:
 
       grad = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True), static_argnums=2)
       r = dict(n=n, v=v, dtype=jnp.dtype(dtype).name)
-      (_, want), g_ref = grad(x, tau, "reference")
-      try:
-        (_, got), g = grad(x, tau, impl)
-      except Exception as e:
-        rows.append({**r, "error": _failure(f"processed check {r}", e)})
+      if (pair := _beside_reference(grad, (x, tau), impl, r, rows)) is None:
         continue
+      want, g_ref, got, g = pair
       r["kept_set_mismatches"] = int(jnp.sum(got.kept_count != want.kept_count))
       r["kept_mismatches"] = int(jnp.sum(got.kept != want.kept))
       r["logprobs"] = _max_err([jnp.where(want.kept, got.logprobs, 0)], [
@@ -332,12 +342,10 @@ def _check_processed(out: dict) -> None:
     grad = jax.jit(jax.value_and_grad(hidden_loss, (0, 1), has_aux=True), static_argnums=2)
     r = dict(n=4 * n, d=d, v=v, dtype="bfloat16", path="hidden")
     with jax.default_matmul_precision("highest"):
-      (_, want), g_ref = grad(h, w, "reference")
-      try:
-        (_, got), g = grad(h, w, chunks)
-      except Exception as e:
-        rows.append({**r, "error": _failure(f"processed check {r}", e)})
-        continue
+      pair = _beside_reference(grad, (h, w), chunks, r, rows)
+    if pair is None:
+      continue
+    want, g_ref, got, g = pair
     r["kept_set_mismatches"] = int(jnp.sum(got.kept_count != want.kept_count))
     for name, a, b in zip(("dh", "dw"), g, g_ref, strict=True):
       r[name] = _rel_err(a, b)

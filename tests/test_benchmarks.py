@@ -186,8 +186,8 @@ def test_the_gpu_checks_processed_section_runs(tmp_path, monkeypatch):
 
 def test_a_replay_kernel_that_fails_leaves_the_rest_of_its_section(tmp_path, monkeypatch):
   """A method that fails on the device (here kernels that raise) is reported in
-  its check row, and XLA's steps are still checked and timed beside the fused
-  forward."""
+  its check rows and timed rows, and XLA's are still timed (the processed
+  section), checked and timed beside the fused forward (the replay's)."""
   import lpkernel as lpk
   from benchmarks import gpu_kernels
 
@@ -195,12 +195,28 @@ def test_a_replay_kernel_that_fails_leaves_the_rest_of_its_section(tmp_path, mon
     def kept_dots(self, h, w_rows, ids):
       raise RuntimeError("no Triton here")
 
+    def partials_and_candidates(self, *args):
+      raise RuntimeError("no Triton here")
+
+    def hidden_partials_and_candidates(self, *args):
+      raise RuntimeError("no Triton here")
+
   monkeypatch.setattr(gpu_kernels, "REPLAY_CHECK", (8, 16, 300, 5))
   monkeypatch.setattr(gpu_kernels, "REPLAY_TIMED", (8, 16, 300, 5))
   monkeypatch.setattr(gpu_kernels, "REPLAY_KERNELS", Failing(interpret=True))
-  gpu_kernels.main(["--sections", "replay", "--repeats", "1", "--out", str(tmp_path)])
+  monkeypatch.setattr(gpu_kernels, "PROCESSED_CHECKS", [(3, 200)])
+  monkeypatch.setattr(gpu_kernels, "PROCESSED_HIDDEN_CHECKS", [(3, 8, 200)])
+  monkeypatch.setattr(gpu_kernels, "PROCESSED_TIMED", (1, 2, 200))
+  monkeypatch.setattr(gpu_kernels, "PROCESSED_SAMPLINGS", {"0.7/50": lpk.Sampling(0.7, 50)})
+  monkeypatch.setattr(gpu_kernels, "PROCESSED_KERNELS", Failing(interpret=True))
+  argv = ["--sections", "processed,replay", "--repeats", "1", "--out", str(tmp_path)]
+  gpu_kernels.main(argv)
   (path,) = tmp_path.glob("gpu-kernels-*.json")
   out = json.loads(path.read_text())
+  error = "RuntimeError: no Triton here"
+  assert [r["error"] for r in out["processed_checks"]] == [error] * 3  # 2 dtypes, hidden
+  timed = [(r["impl"], "error" in r) for r in out["processed_timings"]]
+  assert timed == [("xla", False), ("pallas_gpu", True)] * 2  # (2 dtypes)
   xla, failing = out["replay_checks"]
   assert xla["impl"] == "xla" and max(xla["value"], xla["dh"], xla["dw"]) < 1e-3
   assert failing == {"impl": "pallas_gpu", "error": "RuntimeError: no Triton here"}
