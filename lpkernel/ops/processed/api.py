@@ -69,20 +69,7 @@ def sampling_rows(
   rows = SamplingRows(
     tau, jnp.where(bad, 0, k), jnp.where(bad, 1.0, p), jnp.where(bad, 0.0, min_p), bad
   )
-  return rows, _candidates(sampling, vocab_size, config), not np.isscalar(sampling.temperature)
-
-
-def _candidates(sampling: Sampling, vocab_size: int, config: ProcessedConfig) -> int:
-  """``K``, the largest values per row taken exactly (:meth:`ProcessedConfig.k_for`);
-  1 where the sampler truncates nothing, known before tracing (top-k, top-p and
-  min-p Python numbers, all off): every row then keeps its whole row and its
-  ``K`` largest are never read (one, the row's largest, keeps each
-  implementation's candidates pass as it is; 64 cost 7-20% of the fused
-  forward on the CPU)."""
-  k, p, m = sampling.top_k, sampling.top_p, sampling.min_p
-  if all(np.isscalar(a) for a in (k, p, m)) and not 0 < k < vocab_size and p >= 1 and m == 0:
-    return 1
-  return config.k_for(k, vocab_size)
+  return rows, config.k_for(sampling, vocab_size), not np.isscalar(sampling.temperature)
 
 
 def _whole_rows(parts, top, rows: S.Rows, tau, k: int, axis):

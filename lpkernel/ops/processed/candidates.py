@@ -8,9 +8,11 @@ hold more of the ``K`` largest than they recorded."""
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from lpkernel import partials as P
@@ -19,6 +21,9 @@ from lpkernel.ops.logprobs.xla import gather
 from lpkernel.ops.platform import on_cpu_or
 from lpkernel.ops.processed.cpu_top_k import compiled, groups_top_k, top_k
 from lpkernel.ops.processed.replay import rows_major
+
+if TYPE_CHECKING:
+  from lpkernel.sampling import Sampling
 
 _F32 = jnp.float32
 
@@ -76,8 +81,18 @@ class ProcessedConfig:
     if not 0 < self.gathered_rows <= 1:
       raise ValueError(f"ProcessedConfig.gathered_rows={self.gathered_rows!r} must be in (0, 1]")
 
-  def k_for(self, top_k, vocab_size: int) -> int:
-    """``K`` for a row of ``vocab_size`` with a static (Python) or traced ``top_k``."""
+  def k_for(self, sampling: Sampling, vocab_size: int) -> int:
+    """``K`` for rows of ``vocab_size`` under ``sampling`` (its parameters Python
+    numbers or traced arrays): ``candidates``, or one past a larger Python
+    ``top_k``; 1 where the sampler truncates nothing, known before tracing
+    (top-k, top-p and min-p Python numbers, all off): every row then keeps its
+    whole row and its ``K`` largest are never read (one, the row's largest,
+    keeps each implementation's candidates pass as it is; 64 cost 7-20% of the
+    fused forward on the CPU)."""
+    top_k, p, m = sampling.top_k, sampling.top_p, sampling.min_p
+    if all(np.isscalar(a) for a in (top_k, p, m)) and not 0 < top_k < vocab_size:
+      if p >= 1 and m == 0:
+        return 1
     k = self.candidates
     if isinstance(top_k, int) and 0 < top_k < vocab_size:
       k = max(k, min(top_k + 1, 1024))  # one past the k-th: its next smaller value
