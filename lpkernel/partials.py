@@ -129,6 +129,12 @@ def scaled(d: jax.Array, tau: jax.Array | None) -> jax.Array:
   return d if tau is None else d / tau
 
 
+def scaled_where(possible: jax.Array, d: jax.Array, tau: jax.Array | None) -> jax.Array:
+  """:func:`scaled` where ``possible``, ``-inf`` elsewhere; an impossible ``d``
+  (``-inf``) never meets the temperature, whose derivative would be 0 x inf, NaN."""
+  return jnp.where(possible, scaled(jnp.where(possible, d, 0.0), tau), -jnp.inf)
+
+
 def transform_grad(x: jax.Array, tau: jax.Array | None, softcap: float | None) -> jax.Array | float:
   """``dy / dx`` of ``y = softcap(x) / tau`` elementwise (a Python 1.0 when neither applies)."""
   d: jax.Array | float = 1.0

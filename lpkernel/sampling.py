@@ -285,12 +285,7 @@ def processed_logprobs_reference(
   tau = jnp.ones(batch, _F32) if tau_rows is None else tau_rows.reshape(batch)
   bad = bad.reshape(batch) | jnp.any(jnp.isnan(z), axis=-1)  # NaN wins
   shift = P.shift_of(jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True)))
-  # Shift before scale; a -inf logit stays -inf without meeting the temperature
-  # (its derivative in an array temperature would be 0 x inf, NaN).
-  impossible = z == -jnp.inf
-  y = jnp.where(
-    impossible, -jnp.inf, P.scaled(jnp.where(impossible, 0.0, z - shift), tau[..., None])
-  )
+  y = P.scaled_where(z != -jnp.inf, z - shift, tau[..., None])  # shift before scale
   rules = Sampling(1.0, k.reshape(batch), p.reshape(batch), m.reshape(batch))
   keep = kept_mask(y, rules, order=z)  # equal: equal capped logits
   in_range = (targets >= 0) & (targets < v)

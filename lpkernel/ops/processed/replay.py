@@ -61,10 +61,9 @@ def _kept_logprobs(x_kept, ids, repeated, targets, tau, softcap, vocab_size):
   z = P.capped(x_kept, softcap)
   nan = jnp.any((ids >= 0) & jnp.isnan(z), axis=-1)
   finite = (ids >= 0) & (z > -jnp.inf)
-  z = jnp.where(finite, z, 0.0)  # no -inf meets the temperature (its derivative would be NaN)
   shift = P.shift_of(lax.stop_gradient(jnp.max(jnp.where(finite, z, -jnp.inf), axis=-1)))
   tau_col = None if tau is None else tau[:, None]
-  y = jnp.where(finite, P.scaled(z - shift[:, None], tau_col), -jnp.inf)
+  y = P.scaled_where(finite, z - shift[:, None], tau_col)
   log_s = jax.nn.logsumexp(y, axis=-1)
   at_target = ids == targets[:, None]
   y_t = jnp.max(jnp.where(at_target, y, -jnp.inf), axis=-1)
