@@ -283,9 +283,10 @@ def processed_logprobs_reference(
   batch = targets.shape
   tau_rows, k, p, m, bad = param_rows(sampling, batch)  # greedy requests' rows untruncated
   tau = jnp.ones(batch, _F32) if tau_rows is None else tau_rows.reshape(batch)
-  bad = bad.reshape(batch) | jnp.any(jnp.isnan(z), axis=-1)  # NaN wins
+  nan_rows = jnp.any(jnp.isnan(z), axis=-1, keepdims=True)
+  bad = bad.reshape(batch) | nan_rows[..., 0]  # NaN wins: poisoned below, with no derivative
   shift = P.shift_of(jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True)))
-  y = P.scaled_where(z != -jnp.inf, z - shift, tau[..., None])  # shift before scale
+  y = P.scaled_where((z != -jnp.inf) & ~nan_rows, z - shift, tau[..., None])  # shift, then scale
   rules = Sampling(1.0, k.reshape(batch), p.reshape(batch), m.reshape(batch))
   keep = kept_mask(y, rules, order=z)  # equal: equal capped logits
   in_range = (targets >= 0) & (targets < v)

@@ -334,17 +334,21 @@ def test_greedy_is_the_first_of_tied_maxima(impl):
 def test_a_sampler_that_truncates_nothing_is_the_plain_distribution(impl):
   """Temperature alone (top-k, top-p and min-p Python numbers, all off: the
   path takes one candidate per row, not 64): every row keeps its whole row, the
-  processed log-probabilities are the raw ones and :func:`lpkernel.token_logprobs`',
-  the kept mass is 1 (``-inf`` for a row of ``-inf``), the kept set has V
-  ids, and the gradients into the logits and the per-example temperature are
-  the reference's."""
+  processed log-probabilities are the raw ones and :func:`lpkernel.token_logprobs`'
+  (``-inf`` for an impossible target, NaN for a row holding a NaN, whose kept
+  set is then undefined), the kept mass is 1, the kept set has V ids, greedy
+  is the reference's first argmax, and the gradients into the logits and the
+  per-example temperature are the reference's (nothing from the masked NaN
+  row's position)."""
   from lpkernel.ops.processed.api import sampling_rows
 
   v = 300
   x = 3 * jax.random.normal(jax.random.key(5), (2, 4, v))
-  t = jax.random.randint(jax.random.key(6), (2, 4), 0, v)
-  if "hidden" not in impl:  # (the hidden paths' logits are h @ w: no -inf)
+  t = jax.random.randint(jax.random.key(6), (2, 4), 0, v).at[0, 1].set(jnp.argmax(x[0, 1]))
+  if "hidden" not in impl:  # (the hidden paths' logits are h @ w: no -inf or NaN of one row)
     x, t = x.at[1, 2, :7].set(-jnp.inf), t.at[1, 2].set(3)  # an impossible target
+    x = x.at[0, 3, 5].set(jnp.nan)
+  nan_row = jnp.any(jnp.isnan(x), axis=-1)
   tau = jnp.array([0.7, 1.3])
   for off in (lpk.Sampling(), lpk.Sampling(0.7, v, 1.0, 0.0)):
     assert sampling_rows(off, t, v, lpk.ProcessedConfig())[1] == 1
@@ -361,11 +365,15 @@ def test_a_sampler_that_truncates_nothing_is_the_plain_distribution(impl):
   plain = lpk.token_logprobs(x, t, temperature=tau[:, None])
   np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got.logprobs, plain, rtol=1e-5, atol=1e-5)
-  np.testing.assert_array_equal(got.raw_logprobs == got.logprobs, ~jnp.isnan(got.logprobs))
-  np.testing.assert_array_equal(got.kept, want.kept)
-  assert bool(jnp.all(got.kept)) and bool(jnp.all(got.kept_count == v))
-  np.testing.assert_allclose(got.log_kept_mass, 0.0, atol=1e-6)  # (the reference's: a logsumexp)
-  np.testing.assert_allclose(dx, dx_ref, atol=1e-5)
+  np.testing.assert_array_equal(jnp.isnan(got.logprobs), nan_row)
+  np.testing.assert_array_equal(got.raw_logprobs == got.logprobs, ~nan_row)
+  np.testing.assert_array_equal(got.kept, ~nan_row)
+  np.testing.assert_array_equal(got.kept_count, jnp.where(nan_row, 0, v))
+  np.testing.assert_allclose(got.log_kept_mass[~nan_row], 0.0, atol=1e-6)  # (reference: logsumexp)
+  np.testing.assert_array_equal(got.greedy, want.greedy)
+  assert bool(got.greedy[0, 1])
+  np.testing.assert_array_equal(dx[nan_row], 0.0)
+  np.testing.assert_allclose(dx[~nan_row], dx_ref[~nan_row], atol=1e-5)
   np.testing.assert_allclose(dtau, dtau_ref, rtol=1e-4, atol=1e-5)
 
 
