@@ -347,6 +347,7 @@ def kept_within(
   share: jax.Array,
   active: jax.Array,
   vocab_size: int,
+  cpu: bool | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(kappa uint32, mass, count) ``[C]`` of the kept set of A (min-p holds, key at
   least ``floor``) in the rows of chunk ``c``: top-k ``by_count`` (``share`` the
@@ -359,6 +360,9 @@ def kept_within(
   below which every column weighs under ``budget / V``), the kept set's mass
   and size. On the CPU without a mesh axis, the compiled
   :func:`~lpkernel.ops.processed.cpu_search.kept_set`, row by row in cache.
+  ``cpu``: True or False inside a caller's branch of
+  :func:`~lpkernel.ops.platform.on_cpu_or` already chosen for the CPU or for
+  another platform (only that path is traced), None to choose here.
   """
 
   def swept():
@@ -375,14 +379,14 @@ def kept_within(
     kappa = lax.cond(jnp.any(active), search, lambda: floor)
     return (kappa, *masked_sums(c, params, kappa))
 
-  if c.axis_name is not None or not cpu_search.available():
+  if c.axis_name is not None or not cpu_search.available() or cpu is False:
     return swept()
 
   def compiled():
     min_p = column(params.min_p)[:, 0]
     return tuple(cpu_search.kept_set(c.key, c.e, floor, ceiling, share, min_p, active, by_count))
 
-  return on_cpu_or(compiled, swept)
+  return compiled() if cpu else on_cpu_or(compiled, swept)
 
 
 def _search(within: Callable, params: Params, d: Decision, vocab_size: int):
@@ -415,9 +419,11 @@ def _search_chunk(idx, params: Params, d: Decision, rows: Rows, vocab_size: int)
   place from ``rows.whole``), the rows it declines (to weigh mostly) on their
   weights."""
 
-  def on_weights():
+  def on_weights(cpu=None):
     return _search(
-      functools.partial(kept_within, weighed(rows.take(idx)), params, vocab_size=vocab_size),
+      functools.partial(
+        kept_within, weighed(rows.take(idx)), params, vocab_size=vocab_size, cpu=cpu
+      ),
       params,
       d,
       vocab_size,
@@ -442,7 +448,7 @@ def _search_chunk(idx, params: Params, d: Decision, rows: Rows, vocab_size: int)
       def again():
         c = weighed(rows.take(idx) if in_place else z)
         return kept_within(
-          c, params, floor, ceiling, by_count, share, active & declined, vocab_size
+          c, params, floor, ceiling, by_count, share, active & declined, vocab_size, cpu=True
         )
 
       redone = lax.cond(jnp.any(declined), again, lambda: got)
@@ -450,7 +456,10 @@ def _search_chunk(idx, params: Params, d: Decision, rows: Rows, vocab_size: int)
 
     return _search(within, params, d, vocab_size)
 
-  return on_cpu_or(lambda: lax.cond(jnp.any(params.min_p > 0), on_weights, on_logits), on_weights)
+  def on_cpu():
+    return lax.cond(jnp.any(params.min_p > 0), lambda: on_weights(cpu=True), on_logits)
+
+  return on_cpu_or(on_cpu, lambda: on_weights(cpu=False))
 
 
 def threshold(rows: Rows, params: Params, d: Decision, vocab_size: int) -> tuple[jax.Array, ...]:
