@@ -44,7 +44,14 @@ SUITES: dict[str, list[Case]] = {
     [shapes.SMALL_VOCAB, shapes.LLAMA2_VOCAB, shapes.LLAMA3_VOCAB], [shapes.FUSED_MEMORY]
   )
   # Replaying a recorded kept set of 512 ids against the full-vocabulary forward.
-  + [Case(shapes.REPLAY, "float32", ("lpkernel-fused", "lpkernel-replay"), ("forward",))],
+  + [
+    Case(
+      shapes.REPLAY,
+      "float32",
+      ("lpkernel-fused", "lpkernel-replay", "lpkernel-replay-dv"),
+      ("forward",),
+    )
+  ],  # fmt: skip
   # Longer CPU runs.
   "large": _cases([shapes.LLAMA3_VOCAB, shapes.LLAMA3_LONG], [shapes.FUSED_DEFAULT]),
   # Accelerator-sized shapes.

@@ -3,6 +3,7 @@ a float64 NumPy oracle, and the replay they serve against its gathered XLA steps
 values and gradients, float32 and bfloat16, ids outside ``[0, V)``, awkward
 widths, several token blocks, vmap, and the program for another platform."""
 
+import functools
 import os
 
 import jax
@@ -55,8 +56,9 @@ def _close(got, want, scale, rtol):
   k=st.integers(1, 7),
   block=st.sampled_from([0, 1, 2, 4]),
   dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+  vocab_axis=st.sampled_from([0, 1]),
 )
-def test_dots_and_grads_are_the_oracles(data, n, d, v, k, block, dtype):
+def test_dots_and_grads_are_the_oracles(data, n, d, v, k, block, dtype, vocab_axis):
   rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
   h = jnp.asarray(rng.normal(size=(n, d)), dtype)
   w = jnp.asarray(rng.normal(size=(v, d)), dtype)
@@ -64,12 +66,16 @@ def test_dots_and_grads_are_the_oracles(data, n, d, v, k, block, dtype):
   dx = jnp.asarray(rng.normal(size=(n, k)), jnp.float32)
   _require_kernels()
   x, dh, dw = _oracle(h.astype(jnp.float32), w.astype(jnp.float32), ids, dx)
-  got_x = jax.jit(cpu_replay.kept_dots, static_argnums=3)(h, w, ids, block)
+  table = w if vocab_axis == 0 else w.T  # [D, V]: read in place
+  dots = functools.partial(cpu_replay.kept_dots, block=block, vocab_axis=vocab_axis)
+  got_x = jax.jit(dots)(h, table, ids)
   a = np.asarray(ids)
   twice = (a >= 0) & (a < v) & (np.sum(a[:, :, None] == a[:, None, :], axis=-1) > 1)
   repeated = jax.jit(cpu_replay.repeated, static_argnums=1)(ids, v)
   np.testing.assert_array_equal(repeated, twice.any(-1))  # a token naming an id twice
-  got_dh, got_dw = jax.jit(cpu_replay.kept_grads, static_argnums=4)(h, w, ids, dx, block)
+  grads = functools.partial(cpu_replay.kept_grads, block=block, vocab_axis=vocab_axis)
+  got_dh, got_dw = jax.jit(grads)(h, table, ids, dx)
+  got_dw = got_dw if vocab_axis == 0 else got_dw.T
   habs, wabs = np.abs(np.asarray(h, np.float64)), np.abs(np.asarray(w, np.float64))
   ones = np.ones_like(dx)
   scale_x = _oracle(habs, wabs, ids, ones)[0]
@@ -86,6 +92,57 @@ def test_dots_and_grads_are_the_oracles(data, n, d, v, k, block, dtype):
   _close(got_dw, dw, scale_dw, gamma(n * k))
   bad = (np.asarray(ids) < 0) | (np.asarray(ids) >= v)
   assert np.all(np.asarray(got_x)[bad] == 0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_a_dv_matrix_gives_the_rows_tables_numbers_exactly(dtype):
+  """A ``[D, V]`` table is copied into rows a tile at a time (256 or 512 rows,
+  16 columns at a time): over several tiles, a ragged last one, ``D`` not a
+  multiple of 16 and several token blocks (``d w`` carried from one to the
+  next through the ``[D, V]`` output), the same bits as the ``[V, D]`` table
+  (``d hidden`` to rounding: the workers' shares are added in the order they
+  finish)."""
+  _require_kernels()
+  rng = np.random.default_rng(3)
+  n, d, v, k = 7, 37, 1300, 48
+  h = jnp.asarray(rng.normal(size=(n, d)), dtype)
+  w = jnp.asarray(rng.normal(size=(v, d)), dtype)
+  ids = jnp.asarray(rng.integers(-2, v + 2, (n, k)), jnp.int32)
+  dx = jnp.asarray(rng.normal(size=(n, k)), jnp.float32)
+  for block in (0, 2):
+    rows = jax.jit(functools.partial(cpu_replay.kept_dots, block=block))(h, w, ids)
+    dots = functools.partial(cpu_replay.kept_dots, block=block, vocab_axis=1)
+    np.testing.assert_array_equal(jax.jit(dots)(h, w.T, ids), rows)
+    dh, dw = jax.jit(functools.partial(cpu_replay.kept_grads, block=block))(h, w, ids, dx)
+    grads = functools.partial(cpu_replay.kept_grads, block=block, vocab_axis=1)
+    dh_t, dw_t = jax.jit(grads)(h, w.T, ids, dx)
+    np.testing.assert_allclose(dh_t, dh, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(dh))))
+    np.testing.assert_array_equal(dw_t, dw.T)
+
+
+def test_a_dv_matrix_is_never_transposed_whole_on_the_cpu():
+  """The replay from a ``[D, V]`` unembedding (the default layout) reads it in
+  place on the CPU: forward and backward hold no table-sized temporary (XLA's
+  steps transpose it once, which this bound would catch)."""
+  _require_kernels()
+  n, d, v, k = 64, 256, 4096, 16
+  h = jax.ShapeDtypeStruct((n, d), jnp.float32)
+  w = jax.ShapeDtypeStruct((d, v), jnp.float32)
+  t = jax.ShapeDtypeStruct((n,), jnp.int32)
+  ids = jax.ShapeDtypeStruct((n, k), jnp.int32)
+
+  def replayed(h, w, t, ids):
+    return jnp.sum(lpk.fused_replay_token_logprobs(h, w, t, ids, temperature=0.7))
+
+  def temporaries(f):
+    return jax.jit(f).lower(h, w, t, ids).compile().memory_analysis().temp_size_in_bytes
+
+  table = d * v * 4
+  for f in (replayed, jax.grad(replayed, (0, 1))):
+    assert holds_cpu_kernels(f, h, w, t, ids)
+    assert temporaries(f) < 0.1 * table
+  with without_cpu_kernels():
+    assert temporaries(replayed) >= table  # the transposed copy
 
 
 def test_the_replay_runs_the_compiled_kernels_here():

@@ -5,6 +5,8 @@ kept ids are read ``N * K / V`` times over at random (14 times at N 4096,
 K 512, V 151936) and materialised in chunks. The kernels group a block of
 tokens' (token, slot) pairs by table row and read each row once per block:
 6x faster forward, 7x backward at N 1024, D 2048, V 151936, K 512 on 2 cores.
+A ``[D, V]`` unembedding matrix is read in place, a tile of rows copied at a
+time, never transposed whole.
 A third finds the positions that name an id twice without sorting their ids.
 Built and registered by :mod:`.cpu_library`; where it is not, :func:`takes`
 says False and the caller gathers.
@@ -21,21 +23,25 @@ from lpkernel.ops.processed.cpu_library import available as available
 _F32 = jnp.float32
 
 
-def takes(h: jax.Array, w_rows: jax.Array) -> bool:
-  """Whether the kernels take ``h`` and ``w_rows`` (float32 or bfloat16, one
-  type) here."""
-  return h.dtype == w_rows.dtype and h.dtype in (jnp.float32, jnp.bfloat16) and available()
+def takes(h: jax.Array, w: jax.Array) -> bool:
+  """Whether the kernels take ``h`` and the table ``w`` (float32 or bfloat16,
+  one type) here."""
+  return h.dtype == w.dtype and h.dtype in (jnp.float32, jnp.bfloat16) and available()
 
 
-def kept_dots(h: jax.Array, w_rows: jax.Array, ids: jax.Array, block: int = 0) -> jax.Array:
-  """float32[N, K]: ``h[t] . w_rows[ids[t, j]]``, 0 where an id is outside
-  ``[0, V)`` (``h [N, D]``, ``w_rows [V, D]``, ``ids int32 [N, K]``). A program
-  for the CPU only (where :func:`takes`); the caller chooses it with
+def kept_dots(
+  h: jax.Array, w: jax.Array, ids: jax.Array, block: int = 0, *, vocab_axis: int = 0
+) -> jax.Array:
+  """float32[N, K]: ``h[t] . (row ids[t, j] of the table)``, 0 where an id is
+  outside ``[0, V)`` (``h [N, D]``, ``w [V, D]``, or ``[D, V]`` with
+  ``vocab_axis=1``: read in place, a tile of rows at a time; ``ids int32 [N, K]``).
+  A program for the CPU only (where :func:`takes`); the caller chooses it with
   :func:`lpkernel.ops.platform.on_cpu_or`. ``block``: tokens per block (0: as
   many as the kernel's scratch bounds allow; tests take a few)."""
   out = jax.ShapeDtypeStruct(ids.shape, _F32)
   call = jax.ffi.ffi_call("lpkernel_cpu_replay_dots", out, vmap_method="sequential")
-  return call(h, w_rows, ids.astype(jnp.int32), block=np.int64(block))
+  columns = np.int64(vocab_axis == 1)
+  return call(h, w, ids.astype(jnp.int32), block=np.int64(block), columns=columns)
 
 
 def repeated(ids: jax.Array, vocab_size: int) -> jax.Array:
@@ -47,11 +53,15 @@ def repeated(ids: jax.Array, vocab_size: int) -> jax.Array:
   return call(ids.astype(jnp.int32), v=np.int64(vocab_size)) != 0
 
 
-def kept_grads(h, w_rows, ids, dx, block: int = 0) -> tuple[jax.Array, jax.Array]:
-  """float32 ``(dh [N, D], dw [V, D])`` of :func:`kept_dots` for the cotangent
-  ``dx float32 [N, K]``: ``dh[t] = sum_j dx[t, j] w_rows[ids[t, j]]`` and
-  ``dw[r] = sum over ids[t, j] = r of dx[t, j] h[t]``."""
-  out = (jax.ShapeDtypeStruct(h.shape, _F32), jax.ShapeDtypeStruct(w_rows.shape, _F32))
+def kept_grads(
+  h, w, ids, dx, block: int = 0, *, vocab_axis: int = 0
+) -> tuple[jax.Array, jax.Array]:
+  """float32 ``(dh [N, D], dw)`` of :func:`kept_dots` for the cotangent
+  ``dx float32 [N, K]``: ``dh[t] = sum_j dx[t, j] w[ids[t, j]]`` and
+  ``dw[r] = sum over ids[t, j] = r of dx[t, j] h[t]`` (rows of the table;
+  ``dw`` in ``w``'s layout)."""
+  out = (jax.ShapeDtypeStruct(h.shape, _F32), jax.ShapeDtypeStruct(w.shape, _F32))
   call = jax.ffi.ffi_call("lpkernel_cpu_replay_grads", out, vmap_method="sequential")
-  dh, dw = call(h, w_rows, ids.astype(jnp.int32), dx.astype(_F32), block=np.int64(block))
+  args = (h, w, ids.astype(jnp.int32), dx.astype(_F32))
+  dh, dw = call(*args, block=np.int64(block), columns=np.int64(vocab_axis == 1))
   return dh, dw

@@ -164,9 +164,10 @@ _summed_over.defvjp(
 
 def rows_major(w: jax.Array, vocab_axis: int) -> jax.Array:
   """The table as ``[V, D]``: itself, or a ``[D, V]`` matrix transposed once (a
-  table-sized temporary). Gathering columns of ``[D, V]`` reads ``D`` strided
-  elements per id: 13x slower than rows on 2 CPU cores (N = 1024, D = 512,
-  V = 32000, K = 512: 1.06 s against 0.08 s)."""
+  table-sized temporary; the CPU kernels read it in place instead). Gathering
+  columns of ``[D, V]`` reads ``D`` strided elements per id: 13x slower than
+  rows on 2 CPU cores (N = 1024, D = 512, V = 32000, K = 512: 1.06 s against
+  0.08 s)."""
   return w if vocab_axis == 0 else lax.optimization_barrier(w.T)
 
 
@@ -184,15 +185,17 @@ def _repeated(ids, vocab_size: int) -> jax.Array:
   return on_cpu_or(lambda: cpu_replay.repeated(ids, vocab_size), lambda: checks.repeated_ids(ids))
 
 
-def _kept_logits(h, w_rows, ids, precision, chunk: int, kernels) -> jax.Array:
-  """float32[N, K]: ``h[i] . w_rows[ids[i, j]]`` (anything where an id is outside
-  ``[0, V)``): ``kernels``' (a :class:`~lpkernel.ops.base.ReplayRows`) if given;
-  else on the CPU the compiled kernel where it takes the types (each table row
-  read once), else gathered in token chunks."""
+def _kept_logits(h, w, vocab_axis, ids, precision, chunk: int, kernels) -> jax.Array:
+  """float32[N, K]: ``h[i] . (row ids[i, j] of the table w)`` (anything where an
+  id is outside ``[0, V)``): ``kernels``' (a :class:`~lpkernel.ops.base.ReplayRows`)
+  if given; else on the CPU the compiled kernel where it takes the types (each
+  table row read once, a ``[D, V]`` matrix in place), else gathered in token
+  chunks from the table as rows (:func:`rows_major`)."""
   if kernels is not None:
-    return kernels.kept_dots(h, w_rows, ids)
+    return kernels.kept_dots(h, rows_major(w, vocab_axis), ids)
 
   def gathered():
+    w_rows = rows_major(w, vocab_axis)
     safe = jnp.clip(ids, 0, w_rows.shape[0] - 1)
 
     def step(out, lo, width):
@@ -203,18 +206,25 @@ def _kept_logits(h, w_rows, ids, precision, chunk: int, kernels) -> jax.Array:
 
     return sweep(step, jnp.zeros(ids.shape, _F32), ids.shape[0], chunk)
 
-  if not cpu_replay.takes(h, w_rows):
+  if not cpu_replay.takes(h, w):
     return gathered()
-  return on_cpu_or(lambda: cpu_replay.kept_dots(h, w_rows, ids), gathered)
+  return on_cpu_or(lambda: cpu_replay.kept_dots(h, w, ids, vocab_axis=vocab_axis), gathered)
 
 
-def _kept_grads(h, w_rows, ids, dx, precision, chunk: int, kernels) -> tuple[jax.Array, jax.Array]:
-  """``(dh [N, D] in h's type, dw float32 [V, D])`` of :func:`_kept_logits` for
-  ``dx float32 [N, K]`` (0 where an id is outside ``[0, V)``)."""
+def _kept_grads(
+  h, w, vocab_axis, ids, dx, precision, chunk: int, kernels
+) -> tuple[jax.Array, jax.Array]:
+  """``(dh [N, D] in h's type, dw float32 in w's layout)`` of :func:`_kept_logits`
+  for ``dx float32 [N, K]`` (0 where an id is outside ``[0, V)``)."""
+
+  def in_layout(dh, dw_rows):
+    return dh, dw_rows if vocab_axis == 0 else dw_rows.T
+
   if kernels is not None:
-    return kernels.kept_grads(h, w_rows, ids, dx)
+    return in_layout(*kernels.kept_grads(h, rows_major(w, vocab_axis), ids, dx))
 
   def gathered():
+    w_rows = rows_major(w, vocab_axis)
     safe = jnp.clip(ids, 0, w_rows.shape[0] - 1)
 
     def step(carry, lo, width):
@@ -229,13 +239,13 @@ def _kept_grads(h, w_rows, ids, dx, precision, chunk: int, kernels) -> tuple[jax
       return lax.dynamic_update_slice_in_dim(dh, dhc.astype(h.dtype), lo, 0), dw
 
     init = (jnp.zeros(h.shape, h.dtype), jnp.zeros(w_rows.shape, _F32))
-    return sweep(step, init, h.shape[0], chunk)
+    return in_layout(*sweep(step, init, h.shape[0], chunk))
 
   def compiled():
-    dh, dw = cpu_replay.kept_grads(h, w_rows, ids, dx)
+    dh, dw = cpu_replay.kept_grads(h, w, ids, dx, vocab_axis=vocab_axis)
     return dh.astype(h.dtype), dw
 
-  if not cpu_replay.takes(h, w_rows):
+  if not cpu_replay.takes(h, w):
     return gathered()
   return on_cpu_or(compiled, gathered)
 
@@ -263,10 +273,9 @@ def _fused_replay_fwd(
   ``vocab_size`` sharded over that axis: each device's dot products of the ids
   in its block, summed over the axis (one ``psum`` of ``[N, K]``); the rest
   (the same numbers on every device) as without it."""
-  w_rows = rows_major(w, vocab_axis)
-  block_ids, mine = _block_ids(ids, w_rows.shape[0], axis_name)
+  block_ids, mine = _block_ids(ids, w.shape[vocab_axis], axis_name)
   x_kept = _over_blocks(
-    _kept_logits(h, w_rows, block_ids, precision, chunk, kernels), mine, axis_name
+    _kept_logits(h, w, vocab_axis, block_ids, precision, chunk, kernels), mine, axis_name
   )
   repeated = _repeated(ids, vocab_size)
   lp, vjp = jax.vjp(
@@ -289,14 +298,12 @@ def _fused_replay_bwd(
   live = (g != 0)[:, None]
   dx = jnp.where((ids >= 0) & (ids < vocab_size) & live, dx, 0.0)
   h = jnp.where(live, h, 0)
-  w_rows = rows_major(w, vocab_axis)
-  block_ids, mine = _block_ids(ids, w_rows.shape[0], axis_name)
+  block_ids, mine = _block_ids(ids, w.shape[vocab_axis], axis_name)
   if mine is not None:
     dx = jnp.where(mine, dx, 0.0)
     first = lax.axis_index(axis_name) == 0
     dtau = None if dtau is None else jnp.where(first, dtau, 0.0)
-  dh, dw = _kept_grads(h, w_rows, block_ids, dx, precision, chunk, kernels)
-  dw = dw if vocab_axis == 0 else dw.T
+  dh, dw = _kept_grads(h, w, vocab_axis, block_ids, dx, precision, chunk, kernels)
   return dh, dw.astype(w.dtype), None, None, dtau
 
 
@@ -354,10 +361,10 @@ def fused_replay_token_logprobs(
   """:func:`replay_token_logprobs` of ``hidden @ unembed``, from the ``K`` kept rows
   of the unembedding per token, never the ``[N, V]`` logits. XLA gathers them
   in token chunks (at most ``gather_bytes`` at a time, and 1% of the float32
-  logits' bytes, at least one token's); on the CPU compiled kernels read each
-  row once per block of tokens instead. A ``[D, V]`` matrix is transposed once
-  for its row gathers (a table-sized temporary); a tied ``[V, D]`` table is
-  read as stored.
+  logits' bytes, at least one token's), from a ``[D, V]`` matrix transposed
+  once (a table-sized temporary); on the CPU compiled kernels read each row
+  once per block of tokens instead, a ``[D, V]`` matrix in place (a tile of
+  rows copied at a time). A tied ``[V, D]`` table is read as stored.
 
   Args:
     hidden: float[..., D]; unembed: float[D, V] or a tied table ``[V, D]`` with
