@@ -12,8 +12,8 @@
 // LpkernelReplayDots: x[t, j] = h[t] . w[ids[t, j]], 0 where the id is outside
 // [0, V). h [N, D] and w [V, D] float32 or bfloat16 (one type), x float32.
 // With `columns`, w is stored [D, V] (an unembedding matrix): each range of
-// rows is copied into a worker's buffer a tile at a time (256 bytes of each of
-// the D columns), so the table is still read once per block, in place.
+// rows is copied into a worker's buffer a tile at a time (1 KB of each of the
+// D columns), so the table is still read once per block, in place.
 //
 // LpkernelReplayRepeats: repeated[t] = 1 where ids[t] (int32 [N, K]) names an
 // id in [0, V) twice, else 0: each token's ids marked in a V-bit set of its
