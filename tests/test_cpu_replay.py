@@ -56,7 +56,7 @@ def _close(got, want, scale, rtol):
   k=st.integers(1, 7),
   block=st.sampled_from([0, 1, 2, 4]),
   dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
-  vocab_axis=st.sampled_from([0, 1]),
+  vocab_axis=st.sampled_from([0, 1, -1]),
 )
 def test_dots_and_grads_are_the_oracles(data, n, d, v, k, block, dtype, vocab_axis):
   rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))

@@ -229,7 +229,7 @@ void ReplayDots(ffi::ThreadPool& pool, const T* h, const T* w, const int32_t* id
   PairsByRow by_row(v);
   TableRows<T> table(w, v, d, columns);
   block = BlockTokens(block, n, k, d, 1, int64_t{1} << 62);
-  std::vector<std::vector<T>> tiles(pool.num_threads() + 1);
+  std::vector<std::vector<T>> tiles(Workers(pool, int64_t{1} << 30));
   for (int64_t t0 = 0; t0 < n; t0 += block) {
     int64_t tokens = std::min(block, n - t0);
     by_row.Group(ids + t0 * k, tokens * k);

@@ -29,19 +29,24 @@ def takes(h: jax.Array, w: jax.Array) -> bool:
   return h.dtype == w.dtype and h.dtype in (jnp.float32, jnp.bfloat16) and available()
 
 
+def _columns(w: jax.Array, vocab_axis: int) -> np.int64:
+  """The kernels' ``columns`` attribute: 1 where ``w`` is stored ``[D, V]``
+  (``vocab_axis`` 1 or -1), 0 for ``[V, D]``."""
+  return np.int64(vocab_axis % w.ndim == 1)
+
+
 def kept_dots(
   h: jax.Array, w: jax.Array, ids: jax.Array, block: int = 0, *, vocab_axis: int = 0
 ) -> jax.Array:
   """float32[N, K]: ``h[t] . (row ids[t, j] of the table)``, 0 where an id is
   outside ``[0, V)`` (``h [N, D]``, ``w [V, D]``, or ``[D, V]`` with
-  ``vocab_axis=1``: read in place, a tile of rows at a time; ``ids int32 [N, K]``).
+  ``vocab_axis`` 1 or -1: read in place, a tile of rows at a time; ``ids int32 [N, K]``).
   A program for the CPU only (where :func:`takes`); the caller chooses it with
   :func:`lpkernel.ops.platform.on_cpu_or`. ``block``: tokens per block (0: as
   many as the kernel's scratch bounds allow; tests take a few)."""
   out = jax.ShapeDtypeStruct(ids.shape, _F32)
   call = jax.ffi.ffi_call("lpkernel_cpu_replay_dots", out, vmap_method="sequential")
-  columns = np.int64(vocab_axis == 1)
-  return call(h, w, ids.astype(jnp.int32), block=np.int64(block), columns=columns)
+  return call(h, w, ids.astype(jnp.int32), block=np.int64(block), columns=_columns(w, vocab_axis))
 
 
 def repeated(ids: jax.Array, vocab_size: int) -> jax.Array:
@@ -63,5 +68,5 @@ def kept_grads(
   out = (jax.ShapeDtypeStruct(h.shape, _F32), jax.ShapeDtypeStruct(w.shape, _F32))
   call = jax.ffi.ffi_call("lpkernel_cpu_replay_grads", out, vmap_method="sequential")
   args = (h, w, ids.astype(jnp.int32), dx.astype(_F32))
-  dh, dw = call(*args, block=np.int64(block), columns=np.int64(vocab_axis == 1))
+  dh, dw = call(*args, block=np.int64(block), columns=_columns(w, vocab_axis))
   return dh, dw
