@@ -17,6 +17,9 @@ import sys
 # controller's).
 CHEAP_CODEGEN = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 LOOP_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+# One LLVM module per program: XLA:CPU splits its codegen across threads, which
+# only costs here (each xdist worker has one core); compiles about 17% faster.
+ONE_CODEGEN_MODULE = "--xla_cpu_parallel_codegen_split_count=1"
 
 
 def _xla_accepts(flags: str) -> bool:
@@ -28,6 +31,8 @@ def _xla_accepts(flags: str) -> bool:
 
 if "XLA_FLAGS" not in os.environ:
   flags = f"--xla_force_host_platform_device_count=8 {CHEAP_CODEGEN}"
+  if _xla_accepts(ONE_CODEGEN_MODULE):
+    flags += " " + ONE_CODEGEN_MODULE
   if os.environ.get("LPKERNEL_TEST_EMITTERS") != "fusion" and _xla_accepts(LOOP_EMITTERS):
     flags += " " + LOOP_EMITTERS
   os.environ["XLA_FLAGS"] = flags

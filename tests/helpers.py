@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 from unittest import mock
 
 import jax
@@ -28,6 +29,35 @@ GRAD_TOLERANCES = {
   jnp.dtype(jnp.bfloat16): dict(rtol=1e-2, atol=1e-2),  # one bf16 ulp of the result
   jnp.dtype(jnp.float16): dict(rtol=2e-3, atol=1e-3),  # one f16 ulp of the result
 }
+
+
+def pairwise(*factors):
+  """Cases covering every pair of values of any two ``factors`` (each a sequence
+  of values), greedily (the case covering most uncovered pairs first, ties to
+  the earliest in product order): about the product of the two largest
+  factors' sizes, in place of the product of all. A bug in one value or in the
+  meeting of two is reached; the full products of many options cost the suite
+  minutes (tests/conftest.py). Deterministic: the same cases in every run."""
+  if len(factors) < 2:
+    return list(itertools.product(*factors))
+  indices = [range(len(f)) for f in factors]
+  uncovered = {
+    (a, i, b, j)
+    for a, b in itertools.combinations(range(len(factors)), 2)
+    for i in indices[a]
+    for j in indices[b]
+  }
+
+  def covers(case):
+    return {(a, case[a], b, case[b]) for a, b in itertools.combinations(range(len(case)), 2)}
+
+  candidates = list(itertools.product(*indices))
+  cases = []
+  while uncovered:
+    best = max(candidates, key=lambda case: len(covers(case) & uncovered))
+    uncovered -= covers(best)
+    cases.append(tuple(f[i] for f, i in zip(factors, best, strict=True)))
+  return cases
 
 
 def assert_close(actual, expected, *, rtol, atol, what=""):

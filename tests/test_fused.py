@@ -8,7 +8,13 @@ import pytest
 import lpkernel as lpk
 from benchmarks import shapes
 from lpkernel import reference
-from tests.helpers import GRAD_TOLERANCES, assert_close, oracle_score, oracle_token_logprobs
+from tests.helpers import (
+  GRAD_TOLERANCES,
+  assert_close,
+  oracle_score,
+  oracle_token_logprobs,
+  pairwise,
+)
 
 SMALL = lpk.FusedConfig(vocab_block=4)  # many blocks and a tail on small V
 
@@ -24,10 +30,24 @@ def _logits(h, w):
   return jnp.dot(h, w, preferred_element_type=jnp.float32)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("n,v", [(5, 1), (9, 7), (3, 32003), (17, 64)])
-@pytest.mark.parametrize("config", [lpk.FusedConfig(), SMALL], ids=["default-block", "block4"])
-def test_values_match_materialised_and_oracle(n, v, dtype, config):
+def _name(value) -> str:
+  return value if isinstance(value, str) else jnp.dtype(value).name
+
+
+# Every pair of values of the options (tests/helpers.pairwise); the first case
+# is named by tests/test_default_emitters.py.
+VALUE_CASES = [
+  pytest.param(config, n, v, dtype, id=f"{config_id}-{n}-{v}-{_name(dtype)}")
+  for (config_id, config), (n, v), dtype in pairwise(
+    [("default-block", lpk.FusedConfig()), ("block4", SMALL)],
+    [(3, 32003), (5, 1), (9, 7), (17, 64)],
+    [jnp.bfloat16, jnp.float32],
+  )
+]
+
+
+@pytest.mark.parametrize("config,n,v,dtype", VALUE_CASES)
+def test_values_match_materialised_and_oracle(config, n, v, dtype):
   h, w, t = _inputs(0, n, 16, v, dtype)
   with jax.default_matmul_precision("highest"):  # GPUs default to TF32
     got = lpk.fused_token_logprobs(h, w, t, implementation=lpk.XlaFused(config))
@@ -42,11 +62,16 @@ def test_values_match_materialised_and_oracle(n, v, dtype, config):
 BACKWARDS = {"sweep": SMALL, "chunks": lpk.FusedConfig(grad_chunks=True, loss_chunk_tokens=4)}
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("softcap", [None, 3.0])
-@pytest.mark.parametrize("temperature", ["one", "per-token"])
-@pytest.mark.parametrize("backward", BACKWARDS)
-def test_gradients_match_materialised(dtype, softcap, temperature, backward):
+@pytest.mark.parametrize(
+  "backward,temperature,softcap,dtype",
+  [
+    pytest.param(*case, id="-".join(map(str, case[:3])) + f"-{_name(case[3])}")
+    for case in pairwise(
+      list(BACKWARDS), ["per-token", "one"], [3.0, None], [jnp.bfloat16, jnp.float32]
+    )
+  ],
+)
+def test_gradients_match_materialised(backward, temperature, softcap, dtype):
   h, w, t = _inputs(1, 11, 8, 13, dtype)
   impl = lpk.XlaFused(BACKWARDS[backward])
   tau = 1.0 if temperature == "one" else jnp.linspace(0.5, 2.0, 11)

@@ -17,6 +17,7 @@ from tests.helpers import (
   TOLERANCES,
   assert_close,
   oracle_token_logprobs,
+  pairwise,
   random_logits,
   random_tokens,
 )
@@ -66,11 +67,25 @@ def test_random_shapes(n, v, dtype, chunked, seed):
   )
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("softcap", [None, 2.5], ids=["plain", "softcap"])
-@pytest.mark.parametrize("temperature", ["one", "scalar", "per-row"])
-@pytest.mark.parametrize("chunks", [ChunkConfig(), SMALL_CHUNKS], ids=["one-chunk", "chunked"])
-def test_value_and_grad_match_reference(dtype, softcap, temperature, chunks):
+# Every pair of values of the four options (tests/helpers.pairwise), the first
+# case with every option on (tests/test_default_emitters.py names two).
+VALUE_AND_GRAD_CASES = [
+  pytest.param(
+    chunks, temperature, softcap, dtype,
+    id=f"{chunks_id}-{temperature}-{'plain' if softcap is None else 'softcap'}-"
+    f"{jnp.dtype(dtype).name}",
+  )
+  for (chunks_id, chunks), temperature, softcap, dtype in pairwise(
+    [("chunked", SMALL_CHUNKS), ("one-chunk", ChunkConfig())],
+    ["per-row", "scalar", "one"],
+    [2.5, None],
+    [jnp.bfloat16, jnp.float32, jnp.float16],
+  )
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("chunks,temperature,softcap,dtype", VALUE_AND_GRAD_CASES)
+def test_value_and_grad_match_reference(chunks, temperature, softcap, dtype):
   logits, targets = _inputs(1, (3, 4), 24, dtype)
   tau = {"one": 1.0, "scalar": jnp.float32(0.7), "per-row": jnp.array([[0.5], [1.0], [2.0]])}[
     temperature

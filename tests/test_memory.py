@@ -1,16 +1,14 @@
 """No logits-sized temporaries, under every option: the compiled programs' temporary bytes.
 
-The cross product of dtype (float32, bfloat16, float16) x temperature (none,
-scalar, per-example) x softcap (none, 30) x pass (forward, forward+backward) x
-vocabulary (32000 in one chunk, 65536 in two, 32771 swept in column blocks:
-it is prime), for ``score``,
-``token_logprobs`` and the fused path (whose logits never exist). The bound is
+Each dtype (float32, bfloat16, float16), and within it every pair of values of
+temperature (none, scalar, per-example), softcap (none, 30), pass (forward,
+forward+backward) and vocabulary (32000 in one chunk, 65536 in two, 32771
+swept in column blocks: it is prime), for ``score``, ``token_logprobs`` and
+the fused path (whose logits never exist). The bound is
 10% of the logits' bytes (float32 logits for the fused path); the gradient is
 an output, not a temporary. ``test_reference_does_materialise`` shows the
 measurement can fail.
 """
-
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +17,7 @@ import pytest
 import lpkernel as lpk
 from lpkernel import reference
 from lpkernel.ops import tuning
+from tests.helpers import pairwise
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 TEMPERATURES = ["none", "scalar", "per-example"]
@@ -61,7 +60,7 @@ def test_no_logits_sized_temporaries_under_any_option(path, dtype, monkeypatch):
   # The fused path's configuration follows the CPU (lpkernel.ops.tuning): this
   # one's, and that of a CPU without bfloat16 dots (float32 matmuls).
   cpus = [tuning.cpu_flags(), frozenset({"avx2"})] if path == "fused" else [tuning.cpu_flags()]
-  for (b, t, v), kind, softcap, with_grad, cpu in itertools.product(
+  for (b, t, v), kind, softcap, with_grad, cpu in pairwise(
     shapes, TEMPERATURES, SOFTCAPS, PASSES, cpus
   ):
     monkeypatch.setattr(tuning, "cpu_flags", lambda cpu=cpu: cpu)
