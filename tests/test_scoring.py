@@ -51,19 +51,20 @@ def _check(scores, expected, dtype=jnp.float32):
     )
 
 
+# Compiled once each (eager calls compile every primitive on its own).
+_jit_score = jax.jit(lpk.score, static_argnames=("num_segments",))
+_jit_reference = jax.jit(reference.score, static_argnames=("num_segments",))
+
+
 @pytest.mark.parametrize(
   "dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=lambda d: jnp.dtype(d).name
 )
 @pytest.mark.parametrize("b,t,v", [(2, 1, 5), (3, 6, 1), (2, 5, 3), (1, 3, 32003), (2, 9, 40)])
 def test_matches_reference_and_oracle(b, t, v, dtype):
   logits, tokens, response = _inputs(0, b, t, v, dtype)
-  scores = jax.jit(lpk.score)(logits, tokens, response)
-  _check(scores, reference.score(logits, tokens, response), dtype)
+  scores = _jit_score(logits, tokens, response)
+  _check(scores, _jit_reference(logits, tokens, response), dtype)
   _check(scores, oracle_score(logits, tokens, response), dtype)
-
-
-_jit_score = jax.jit(lpk.score, static_argnames=("num_segments",))
-_jit_reference = jax.jit(reference.score, static_argnames=("num_segments",))
 
 
 # Shapes come from small sets (awkward ones included) so that the drawn examples
