@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 from unittest import mock
 
@@ -193,6 +194,11 @@ FUSED_IMPLEMENTATIONS = {
 
 
 def random_logits(key, shape, dtype=jnp.float32, scale=3.0):
+  return _random_logits(key, tuple(shape), jnp.dtype(dtype), scale)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _random_logits(key, shape, dtype, scale):  # one program, not three
   return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
