@@ -27,7 +27,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module", params=[(2, 4), (1, 8)], ids=["2x4", "1x8"])
+MESHES = [(2, 4), (1, 8)]
+
+
+def _mesh_id(shape):
+  return "x".join(map(str, shape))
+
+
+@pytest.fixture(scope="module", params=MESHES, ids=_mesh_id)
 def mesh(request):
   return Mesh(np.array(jax.devices()[:8]).reshape(request.param), ("data", "model"))
 
@@ -433,17 +440,25 @@ _PALLAS_GPU = lpk.PallasGpuProcessed(
 _PALLAS_TPU = lpk.PallasTpuProcessed(lpk.PallasTpuLogits(block_rows=8), interpret=True)
 
 
+SAMPLERS = ("per-example", "top_p", "top_k")
+
+
+# XLA's steps on both meshes; each Pallas kernel on one (the kernels see a
+# shard's columns, and both meshes' collectives are XLA's steps' own).
 @pytest.mark.parametrize(
-  "which,impl",
+  "mesh,which,impl",
   [
-    ("per-example", None),
-    ("top_p", None),
-    ("top_k", None),
-    ("per-example", _PALLAS_GPU),
-    ("per-example", _PALLAS_TPU),
+    *((shape, which, None) for shape in MESHES for which in SAMPLERS),
+    ((1, 8), "per-example", _PALLAS_GPU),
+    ((2, 4), "per-example", _PALLAS_TPU),
   ],
-  ids=["per-example", "top_p", "top_k", "per-example-pallas_gpu", "per-example-pallas_tpu"],
-)
+  ids=[
+    *(f"{_mesh_id(shape)}-{which}" for shape in MESHES for which in SAMPLERS),
+    "1x8-per-example-pallas_gpu",
+    "2x4-per-example-pallas_tpu",
+  ],
+  indirect=["mesh"],
+)  # fmt: skip
 def test_vocab_parallel_processed_logits_values_and_grads(mesh, which, impl):
   """Sharded along V, the kept sets, processed log-probabilities and their
   gradients (logits and per-example temperature) equal one device's, and the
@@ -482,15 +497,19 @@ def test_vocab_parallel_processed_logits_values_and_grads(mesh, which, impl):
 
 
 @pytest.mark.parametrize(
-  "vocab_axis,impl",
+  "mesh,vocab_axis,impl",
   [
-    (-1, None),
-    (0, None),
-    (-1, dataclasses.replace(_PALLAS_GPU, fused=lpk.PallasGpuFused(8))),
-    (0, dataclasses.replace(_PALLAS_TPU, fused=lpk.PallasTpuFused(8, 128))),
+    *((shape, axis, None) for shape in MESHES for axis in (-1, 0)),
+    ((1, 8), -1, dataclasses.replace(_PALLAS_GPU, fused=lpk.PallasGpuFused(8))),
+    ((2, 4), 0, dataclasses.replace(_PALLAS_TPU, fused=lpk.PallasTpuFused(8, 128))),
   ],
-  ids=["DV", "tied-VD", "DV-pallas_gpu", "tied-VD-pallas_tpu"],
-)
+  ids=[
+    *(f"{_mesh_id(shape)}-{name}" for shape in MESHES for name in ("DV", "tied-VD")),
+    "1x8-DV-pallas_gpu",
+    "2x4-tied-VD-pallas_tpu",
+  ],
+  indirect=["mesh"],
+)  # fmt: skip
 def test_vocab_parallel_fused_processed_values_and_grads(mesh, vocab_axis, impl):
   sampling = _samplings()["per-example"]
   _, tokens, hidden, unembed = _processed_inputs(12)
