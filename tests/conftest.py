@@ -30,12 +30,14 @@ def _xla_accepts(flags: str) -> bool:
 
 
 if "XLA_FLAGS" not in os.environ:
-  flags = f"--xla_force_host_platform_device_count=8 {CHEAP_CODEGEN}"
-  if _xla_accepts(ONE_CODEGEN_MODULE):
-    flags += " " + ONE_CODEGEN_MODULE
-  if os.environ.get("LPKERNEL_TEST_EMITTERS") != "fusion" and _xla_accepts(LOOP_EMITTERS):
-    flags += " " + LOOP_EMITTERS
-  os.environ["XLA_FLAGS"] = flags
+  optional = [ONE_CODEGEN_MODULE]
+  if os.environ.get("LPKERNEL_TEST_EMITTERS") != "fusion":
+    optional.append(LOOP_EMITTERS)
+  if not _xla_accepts(" ".join(optional)):  # one probe where all are known (~2 s each)
+    optional = [flag for flag in optional if _xla_accepts(flag)]
+  os.environ["XLA_FLAGS"] = " ".join(
+    ["--xla_force_host_platform_device_count=8", CHEAP_CODEGEN, *optional]
+  )
 
 # No tuned table of the machine's user (~/.cache/lpkernel/tuned.json) reaches the
 # tests: each that needs one writes its own (tests/test_tuning.py).
