@@ -8,7 +8,7 @@ import sys
 # small programs and runs them on tiny shapes, so it compiles them the cheapest
 # way: LLVM's cheapest pipeline (-O0, no expensive passes; about 30% of the
 # time) and XLA:CPU's loop emitters in place of its fusion emitters (compiles
-# about 2.5x faster; the whole suite 13 -> 8 min on 2 cores). XLA's HLO passes,
+# about 2.5x faster), one LLVM module per program. XLA's HLO passes,
 # fusion and buffer assignment are XLA's own either way (the temporaries'
 # bytes agree to a few hundred bytes). tests/test_default_emitters.py runs the
 # float64-oracle and temporaries tests again under the fusion emitters, the
