@@ -49,10 +49,27 @@ PALLAS_TPU_HIDDEN = lpk.PallasTpuProcessed(
 )
 
 
+def _reference(logits, targets, sampling, softcap):
+  """The reference as one compiled program (called eagerly it dispatches and
+  compiles every primitive on its own); Python numbers stay Python numbers."""
+  fields = sampling._asdict()
+  numbers = tuple((k, v) for k, v in fields.items() if isinstance(v, (int, float)))
+  if softcap is not None and not isinstance(softcap, (int, float)):
+    return processed_logprobs_reference(logits, targets, sampling, softcap=softcap)
+  arrays = {k: v for k, v in fields.items() if k not in dict(numbers)}
+  return _compiled_reference(logits, targets, arrays, numbers, softcap)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _compiled_reference(logits, targets, arrays, numbers, softcap):
+  sampling = Sampling(**arrays, **dict(numbers))
+  return processed_logprobs_reference(logits, targets, sampling, softcap=softcap)
+
+
 def processed(impl: str, logits, targets, sampling, softcap=None) -> ProcessedStats:
   """``ProcessedStats`` of ``logits [..., V]`` by one implementation (differentiable in logits)."""
   if impl == "reference":
-    return processed_logprobs_reference(logits, targets, sampling, softcap=softcap)
+    return _reference(logits, targets, sampling, softcap)
   if impl == "logits":
     return lpk.processed_token_stats(logits, targets, sampling, softcap=softcap)
   if impl in PALLAS:
