@@ -42,15 +42,11 @@ def pairwise(*factors):
   if len(factors) < 2:
     return list(itertools.product(*factors))
   indices = [range(len(f)) for f in factors]
-  uncovered = {
-    (a, i, b, j)
-    for a, b in itertools.combinations(range(len(factors)), 2)
-    for i in indices[a]
-    for j in indices[b]
-  }
+  pairs = list(itertools.combinations(range(len(factors)), 2))
+  uncovered = {(a, i, b, j) for a, b in pairs for i in indices[a] for j in indices[b]}
 
   def covers(case):
-    return {(a, case[a], b, case[b]) for a, b in itertools.combinations(range(len(case)), 2)}
+    return {(a, case[a], b, case[b]) for a, b in pairs}
 
   candidates = list(itertools.product(*indices))
   cases = []

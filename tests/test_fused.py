@@ -31,8 +31,8 @@ def _logits(h, w):
   return jnp.dot(h, w, preferred_element_type=jnp.float32)
 
 
-def _name(value) -> str:
-  return value if isinstance(value, str) else jnp.dtype(value).name
+def _name(dtype) -> str:
+  return jnp.dtype(dtype).name
 
 
 # Every pair of values of the options (tests/helpers.pairwise); the first case

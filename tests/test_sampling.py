@@ -52,12 +52,12 @@ PALLAS_TPU_HIDDEN = lpk.PallasTpuProcessed(
 def _reference(logits, targets, sampling, softcap):
   """The reference as one compiled program (called eagerly it dispatches and
   compiles every primitive on its own); Python numbers stay Python numbers."""
-  fields = sampling._asdict()
-  numbers = tuple((k, v) for k, v in fields.items() if isinstance(v, (int, float)))
   if softcap is not None and not isinstance(softcap, (int, float)):
     return processed_logprobs_reference(logits, targets, sampling, softcap=softcap)
-  arrays = {k: v for k, v in fields.items() if k not in dict(numbers)}
-  return _compiled_reference(logits, targets, arrays, numbers, softcap)
+  fields = sampling._asdict()
+  numbers = {k: v for k, v in fields.items() if isinstance(v, (int, float))}
+  arrays = {k: v for k, v in fields.items() if k not in numbers}
+  return _compiled_reference(logits, targets, arrays, tuple(numbers.items()), softcap)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))

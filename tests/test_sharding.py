@@ -448,14 +448,13 @@ SAMPLERS = ("per-example", "top_p", "top_k")
 @pytest.mark.parametrize(
   "mesh,which,impl",
   [
-    *((shape, which, None) for shape in MESHES for which in SAMPLERS),
-    ((1, 8), "per-example", _PALLAS_GPU),
-    ((2, 4), "per-example", _PALLAS_TPU),
-  ],
-  ids=[
-    *(f"{_mesh_id(shape)}-{which}" for shape in MESHES for which in SAMPLERS),
-    "1x8-per-example-pallas_gpu",
-    "2x4-per-example-pallas_tpu",
+    *(
+      pytest.param(s, which, None, id=f"{_mesh_id(s)}-{which}")
+      for s in MESHES
+      for which in SAMPLERS
+    ),
+    pytest.param((1, 8), "per-example", _PALLAS_GPU, id="1x8-per-example-pallas_gpu"),
+    pytest.param((2, 4), "per-example", _PALLAS_TPU, id="2x4-per-example-pallas_tpu"),
   ],
   indirect=["mesh"],
 )  # fmt: skip
@@ -499,14 +498,19 @@ def test_vocab_parallel_processed_logits_values_and_grads(mesh, which, impl):
 @pytest.mark.parametrize(
   "mesh,vocab_axis,impl",
   [
-    *((shape, axis, None) for shape in MESHES for axis in (-1, 0)),
-    ((1, 8), -1, dataclasses.replace(_PALLAS_GPU, fused=lpk.PallasGpuFused(8))),
-    ((2, 4), 0, dataclasses.replace(_PALLAS_TPU, fused=lpk.PallasTpuFused(8, 128))),
-  ],
-  ids=[
-    *(f"{_mesh_id(shape)}-{name}" for shape in MESHES for name in ("DV", "tied-VD")),
-    "1x8-DV-pallas_gpu",
-    "2x4-tied-VD-pallas_tpu",
+    *(
+      pytest.param(s, axis, None, id=f"{_mesh_id(s)}-{name}")
+      for s in MESHES
+      for axis, name in ((-1, "DV"), (0, "tied-VD"))
+    ),
+    pytest.param(
+      (1, 8), -1, dataclasses.replace(_PALLAS_GPU, fused=lpk.PallasGpuFused(8)),
+      id="1x8-DV-pallas_gpu",
+    ),
+    pytest.param(
+      (2, 4), 0, dataclasses.replace(_PALLAS_TPU, fused=lpk.PallasTpuFused(8, 128)),
+      id="2x4-tied-VD-pallas_tpu",
+    ),
   ],
   indirect=["mesh"],
 )  # fmt: skip
