@@ -61,10 +61,11 @@ def _close(got, want, scale, rtol):
   v=st.sampled_from([1, 2, 5, 40, 200]),  # 200: ids past one 64-bit word
   k=st.integers(1, 7),
   block=st.sampled_from([0, 1, 2, 4]),
+  width=st.sampled_from([0, 8, 16]),  # hidden-state columns per pass of the forward
   dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
   vocab_axis=st.sampled_from([0, 1, -1]),
 )
-def test_dots_and_grads_are_the_oracles(data, n, d, v, k, block, dtype, vocab_axis):
+def test_dots_and_grads_are_the_oracles(data, n, d, v, k, block, width, dtype, vocab_axis):
   rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
   h = jnp.asarray(rng.normal(size=(n, d)), dtype)
   w = jnp.asarray(rng.normal(size=(v, d)), dtype)
@@ -73,7 +74,7 @@ def test_dots_and_grads_are_the_oracles(data, n, d, v, k, block, dtype, vocab_ax
   _require_kernels()
   x, dh, dw = _oracle(h.astype(jnp.float32), w.astype(jnp.float32), ids, dx)
   table = w if vocab_axis == 0 else w.T  # [D, V]: read in place
-  dots = functools.partial(cpu_replay.kept_dots, block=block, vocab_axis=vocab_axis)
+  dots = functools.partial(cpu_replay.kept_dots, block=block, vocab_axis=vocab_axis, width=width)
   got_x = jax.jit(dots)(h, table, ids)
   a = np.asarray(ids)
   twice = (a >= 0) & (a < v) & (np.sum(a[:, :, None] == a[:, None, :], axis=-1) > 1)
@@ -99,8 +100,9 @@ def test_dots_and_grads_are_the_oracles(data, n, d, v, k, block, dtype, vocab_ax
 def test_a_dv_matrix_gives_the_rows_tables_numbers_exactly(dtype):
   """A ``[D, V]`` table is copied into rows a tile at a time (256 or 512 rows,
   16 columns at a time): over several tiles, a ragged last one, ``D`` not a
-  multiple of 16 and several token blocks (``d w`` carried from one to the
-  next through the ``[D, V]`` output), the same bits as the ``[V, D]`` table
+  multiple of 16, several token blocks (``d w`` carried from one to the
+  next through the ``[D, V]`` output) and passes over pieces of ``D`` (the
+  forward's ``width``, the same on both), the same bits as the ``[V, D]`` table
   (``d hidden`` to rounding: the workers' shares are added in the order they
   finish)."""
   _require_kernels()
@@ -112,9 +114,9 @@ def test_a_dv_matrix_gives_the_rows_tables_numbers_exactly(dtype):
   dx = jnp.asarray(rng.normal(size=(n, k)), jnp.float32)
   habs, wabs = (np.abs(np.asarray(a, np.float64)) for a in (h, w))
   scale_dh = _oracle(habs, wabs, ids, np.abs(np.asarray(dx)))[1]
-  for block in (0, 2):
-    rows = jax.jit(functools.partial(cpu_replay.kept_dots, block=block))(h, w, ids)
-    dots = functools.partial(cpu_replay.kept_dots, block=block, vocab_axis=1)
+  for block, width in ((0, 0), (2, 0), (0, 16), (2, 8)):
+    rows = jax.jit(functools.partial(cpu_replay.kept_dots, block=block, width=width))(h, w, ids)
+    dots = functools.partial(cpu_replay.kept_dots, block=block, vocab_axis=1, width=width)
     np.testing.assert_array_equal(jax.jit(dots)(h, w.T, ids), rows)
     dh, dw = jax.jit(functools.partial(cpu_replay.kept_grads, block=block))(h, w, ids, dx)
     grads = functools.partial(cpu_replay.kept_grads, block=block, vocab_axis=1)
@@ -223,3 +225,28 @@ def test_vmap_of_the_replay():
     np.testing.assert_allclose(got[0][i], value, rtol=1e-6)
     np.testing.assert_allclose(got[1][0][i], dh, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got[1][1][i], dw, rtol=1e-5, atol=1e-6)
+
+
+def test_a_dv_matrix_is_read_in_passes_when_the_hidden_states_outgrow_the_cache():
+  """The forward from a ``[D, V]`` table reads ``D`` in passes of 128 columns
+  once a block's hidden states pass 512 KB (1100 tokens of 160 float32 here):
+  the oracle's numbers, the same bits as passes of 128 asked for, other bits
+  than one pass; a ``[V, D]`` table is read in one pass."""
+  _require_kernels()
+  rng = np.random.default_rng(5)
+  n, d, v, k = 1100, 160, 3000, 16
+  h = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(v, d)), jnp.float32)
+  ids = jnp.asarray(rng.integers(-1, v, (n, k)), jnp.int32)
+
+  def dots(table, vocab_axis, width):
+    call = functools.partial(cpu_replay.kept_dots, vocab_axis=vocab_axis, width=width)
+    return np.asarray(jax.jit(call)(h, table, ids))
+
+  got = dots(w.T, 1, 0)
+  x = _oracle(h, w, ids, np.ones((n, k)))[0]
+  scale = _oracle(np.abs(np.asarray(h)), np.abs(np.asarray(w)), ids, np.ones((n, k)))[0]
+  _close(got, x, scale, _gamma(d))
+  np.testing.assert_array_equal(got, dots(w.T, 1, 128))
+  assert np.any(got != dots(w.T, 1, d))
+  np.testing.assert_array_equal(dots(w, 0, 0), dots(w, 0, d))

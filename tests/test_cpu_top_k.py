@@ -63,16 +63,18 @@ def test_the_avx2_build_runs_where_the_cpu_has_avx2():
   assert cpu_library.avx2() == (bool(has_avx2) and os.environ.get("LPKERNEL_CPU_AVX2") != "0")
 
 
-# The top-k kernels' oracle tests, run again on the portable build (the suite
-# runs the AVX2 build here): their loops are written for any lane count, 4 there
-# (group maxima, counts, bit masks and ranks by groups_top_k and
-# maxima_and_top_k; ForEachAtLeast by top_k). The searches and the replay are
-# the same code in both builds.
+# The top-k kernels' and the replay's oracle tests, run again on the portable
+# build (the suite runs the AVX2 build here): their loops are written for any
+# lane count, 4 there (group maxima, counts, bit masks and ranks by
+# groups_top_k and maxima_and_top_k; ForEachAtLeast by top_k; the replay's
+# dot products, two vectors of 4 lanes for one of 8). The searches are the
+# same code in both builds.
 UNDER_THE_PORTABLE_BUILD = [
   "tests/test_cpu_top_k.py::test_the_avx2_build_runs_where_the_cpu_has_avx2",
   "tests/test_cpu_top_k.py::test_values_and_indices_are_lax_top_ks",
   "tests/test_cpu_top_k.py::test_groups_top_k_from_the_group_maxima_is_lax_top_k",
   "tests/test_cpu_top_k.py::test_a_nan_group_hides_no_larger_value",
+  "tests/test_cpu_replay.py::test_dots_and_grads_are_the_oracles",
 ]
 
 
