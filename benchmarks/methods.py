@@ -175,7 +175,7 @@ def _fused_processed(implementation=None):
 def _replay(implementation=None, vocab_axis=0):
   # vocab_axis 0: the table as a tied embedding [V, D] (Qwen's small models tie
   # it), rows gathered as stored; -1: an unembedding matrix [D, V] (the CPU
-  # kernels copy a tile of its rows at a time; XLA transposes it once first).
+  # kernels copy a tile of its rows at a time; XLA transposes a slab of D at a time).
   table = "unembed_t" if vocab_axis == 0 else "unembed"
 
   def replayed(inp):

@@ -128,8 +128,9 @@ def test_a_dv_matrix_gives_the_rows_tables_numbers_exactly(dtype):
 
 def test_a_dv_matrix_is_never_transposed_whole_on_the_cpu():
   """The replay from a ``[D, V]`` unembedding (the default layout) reads it in
-  place on the CPU: forward and backward hold no table-sized temporary (XLA's
-  steps transpose it once, which this bound would catch)."""
+  place on the CPU: forward and backward hold no table-sized temporary. XLA's
+  steps transpose it a slab of ``D`` at a time (``[V, 16]`` here, a
+  sixteenth of the table; XLA holds a few such arrays)."""
   _require_kernels()
   n, d, v, k = 64, 256, 4096, 16
   h = jax.ShapeDtypeStruct((n, d), jnp.float32)
@@ -148,7 +149,8 @@ def test_a_dv_matrix_is_never_transposed_whole_on_the_cpu():
     assert holds_cpu_kernels(f, h, w, t, ids)
     assert temporaries(f) < 0.1 * table
   with without_cpu_kernels():
-    assert temporaries(replayed) >= table  # the transposed copy
+    assert temporaries(replayed) < table / 4
+    assert temporaries(jax.grad(replayed, (0, 1))) < table / 4
 
 
 def test_the_replay_runs_the_compiled_kernels_here():

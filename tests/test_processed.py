@@ -580,7 +580,9 @@ def test_the_replay_takes_a_processed_implementation():
 def test_the_gpu_replay_kernels_lower_for_a_gpu(dtype, vocab_axis):
   """Lowered for a GPU (Triton), the replay's forward and backward are the two
   kernels and nothing gathers kept rows in XLA: no chunk loop, no ``[N, K, D]``
-  rows and no ``[N, V]`` logits anywhere in the program."""
+  rows and no ``[N, V]`` logits anywhere in the program; a ``[D, V]`` table's
+  kernels run in a loop over slabs of ``D`` (``[V, 16]`` here), never on the
+  whole table transposed."""
   n, d, v, k = 64, 256, 1000, 100
   h = jax.ShapeDtypeStruct((n, d), dtype)
   w = jax.ShapeDtypeStruct((v, d) if vocab_axis == 0 else (d, v), dtype)
@@ -597,8 +599,10 @@ def test_the_gpu_replay_kernels_lower_for_a_gpu(dtype, vocab_axis):
   text = lowered.lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("custom_call @__gpu$xla.gpu.triton") == 2
   assert "lpkernel_replay_dots" in text and "lpkernel_replay_grads" in text
-  assert "stablehlo.while" not in text
+  assert text.count("stablehlo.while") == (0 if vocab_axis == 0 else 2)
   assert f"tensor<{n}x{k}x{d}x" not in text and f"tensor<{n}x{v}x" not in text
+  if vocab_axis != 0:
+    assert f"tensor<{v}x{d}x" not in text and f"tensor<{v}x16x" in text
 
 
 def test_replay_checks_its_ids():
@@ -806,26 +810,36 @@ def test_no_logits_sized_temporaries(dtype, sampler):
 
 @pytest.mark.parametrize("kernels", ["cpu", "xla"])
 @pytest.mark.parametrize(
-  "n, d, v, k",
-  [(4096, 64, 151936, 64), (4096, 64, 32000, 64), (4096, 64, 32000, 512), (1024, 2048, 32000, 512)],
+  "n, d, v, k, vocab_axis",
+  [
+    (4096, 64, 151936, 64, 0),
+    (4096, 64, 32000, 64, 0),
+    (4096, 64, 32000, 512, 0),
+    (1024, 2048, 32000, 512, 0),
+    (1024, 2048, 151936, 512, -1),
+  ],
+  ids=["qwen-vocabulary", "llama-vocabulary", "K512", "D2048", "unembed-D2048"],
 )
-def test_replay_from_hidden_states_has_no_logits_sized_temporaries(kernels, n, d, v, k):
-  """Forward and forward+backward of the replay from a tied table, on the CPU
-  kernels and on XLA's steps (the ids' sort for repeats; the kept rows gathered
-  in token chunks of at most 1% of the float32 logits, two such arrays in the
+def test_replay_from_hidden_states_has_no_logits_sized_temporaries(kernels, n, d, v, k, vocab_axis):
+  """Forward and forward+backward of the replay, on the CPU kernels and on
+  XLA's steps (the ids' sort for repeats; the kept rows gathered in token
+  chunks of at most 1% of the float32 logits, two such arrays in the
   backward), under 10% of the float32 logits' bytes: at the benchmark's
   vocabulary, at 524 MB of logits (XLA's chunks were a fixed 32 MB before, 13.5%
   here; with K 512 its ``[N, K]`` arrays hold several percent, and chunks of
-  2.5% of the logits would have made it 13.2%) and where one token's kept rows
-  (4 MB) outweigh its logits 32 times."""
+  2.5% of the logits would have made it 13.2%), where one token's kept rows
+  (4 MB) outweigh its logits 32 times, and from a ``[D, V]`` unembedding twice
+  the logits' size (XLA's steps transposed it whole before: 200%; now a slab
+  of 16 columns of ``D`` at a time)."""
   bound = n * v * 4
   h = jax.ShapeDtypeStruct((n, d), jnp.float32)
-  w = jax.ShapeDtypeStruct((v, d), jnp.float32)
+  w = jax.ShapeDtypeStruct((v, d) if vocab_axis == 0 else (d, v), jnp.float32)
   t = jax.ShapeDtypeStruct((n,), jnp.int32)
   ids = jax.ShapeDtypeStruct((n, k), jnp.int32)
 
   def replayed(h, w, t, ids):
-    return lpk.fused_replay_token_logprobs(h, w, t, ids, temperature=0.7, vocab_axis=0).sum()
+    lp = lpk.fused_replay_token_logprobs(h, w, t, ids, temperature=0.7, vocab_axis=vocab_axis)
+    return lp.sum()
 
   context = without_cpu_kernels() if kernels == "xla" else contextlib.nullcontext()
   with context:

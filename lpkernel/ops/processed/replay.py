@@ -8,7 +8,8 @@ states it needs only ``K`` rows of the unembedding per token (a gather and
 exactly those rows. On the CPU the rows are read in table order, each once per
 block of tokens, by compiled kernels (:mod:`.cpu_replay`); elsewhere XLA gathers
 them in token chunks, or an implementation's own kernels do
-(:class:`lpkernel.ops.base.ReplayRows`: :class:`lpkernel.ops.PallasGpuProcessed`).
+(:class:`lpkernel.ops.base.ReplayRows`: :class:`lpkernel.ops.PallasGpuProcessed`),
+from a ``[D, V]`` unembedding one transposed slab of ``D`` at a time.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from jax import lax
 from lpkernel import checks, ops
 from lpkernel import partials as P
 from lpkernel.ops.base import ProcessedImplementation, ReplayRows
-from lpkernel.ops.blocks import sweep, tokens_per_chunk
+from lpkernel.ops.blocks import block_of, sweep, sweep_in_place, tokens_per_chunk
 from lpkernel.ops.fused.matmuls import materialised_logits
 from lpkernel.ops.platform import on_cpu_or
 from lpkernel.ops.processed import cpu_replay
@@ -164,11 +165,36 @@ _summed_over.defvjp(
 
 def rows_major(w: jax.Array, vocab_axis: int) -> jax.Array:
   """The table as ``[V, D]``: itself, or a ``[D, V]`` matrix transposed once (a
-  table-sized temporary; the CPU kernels read it in place instead). Gathering
+  table-sized temporary; the replay transposes a slab of ``D`` at a time,
+  :func:`slab_width`, and the CPU kernels read it in place). Gathering
   columns of ``[D, V]`` reads ``D`` strided elements per id: 13x slower than
   rows on 2 CPU cores (N = 1024, D = 512, V = 32000, K = 512: 1.06 s against
   0.08 s)."""
   return w if vocab_axis == 0 else lax.optimization_barrier(w.T)
+
+
+def slab_width(n: int, d: int) -> int:
+  """Columns of ``D`` per slab of a ``[D, V]`` table transposed at a time for
+  XLA's gathers and a :class:`~lpkernel.ops.base.ReplayRows`' kernels: the
+  slab (``[V, width]``; XLA holds about two and a half such arrays in the
+  forward, three and a half with the float32 gradient's) about 1% of the
+  ``N`` tokens' float32 logits (``V x width`` against ``N x V``), at least
+  16 columns and ``D / 128`` (each slab one more sweep over the tokens), a
+  power of two, at most ``D``.
+  Transposed whole, the table was 50% of the logits at N 4096, D 2048."""
+  width = max(16, -(-d // 128), n // 100)
+  return min(d, 1 << (width - 1).bit_length())
+
+
+def _is_columns(w: jax.Array, vocab_axis: int) -> bool:
+  """Whether the table ``w`` is stored ``[D, V]`` (``vocab_axis`` 1 or -1)."""
+  return vocab_axis % w.ndim == 1
+
+
+def _slab(w, lo, width: int) -> jax.Array:
+  """``[V, width]``: columns ``[lo, lo + width)`` of ``D`` of a ``[D, V]``
+  table as rows (a transposed copy of one slab)."""
+  return lax.optimization_barrier(block_of(w, lo, width, 0).T)
 
 
 def _gather_rows(w_rows, ids) -> jax.Array:
@@ -185,18 +211,17 @@ def _repeated(ids, vocab_size: int) -> jax.Array:
   return on_cpu_or(lambda: cpu_replay.repeated(ids, vocab_size), lambda: checks.repeated_ids(ids))
 
 
-def _kept_logits(h, w, vocab_axis, ids, precision, chunk: int, kernels) -> jax.Array:
-  """float32[N, K]: ``h[i] . (row ids[i, j] of the table w)`` (anything where an
-  id is outside ``[0, V)``): ``kernels``' (a :class:`~lpkernel.ops.base.ReplayRows`)
-  if given; else on the CPU the compiled kernel where it takes the types (each
-  table row read once, a ``[D, V]`` matrix in place), else gathered in token
-  chunks from the table as rows (:func:`rows_major`)."""
-  if kernels is not None:
-    return kernels.kept_dots(h, rows_major(w, vocab_axis), ids)
+def _row_dots(ids, precision, gather_bytes: int, kernels):
+  """``dots(h [N, W], w_rows [V, W]) -> float32[N, K]``: ``h[i] . w_rows[ids[i, j]]``
+  (anything where an id is outside ``[0, V)``): ``kernels``' if given, else
+  the rows gathered in token chunks (at most ``gather_bytes`` and 1% of the
+  float32 logits' bytes at a time)."""
 
-  def gathered():
-    w_rows = rows_major(w, vocab_axis)
-    safe = jnp.clip(ids, 0, w_rows.shape[0] - 1)
+  def dots(h, w_rows):
+    if kernels is not None:
+      return kernels.kept_dots(h, w_rows, ids)
+    (n, k), v = ids.shape, w_rows.shape[0]
+    safe = jnp.clip(ids, 0, v - 1)
 
     def step(out, lo, width):
       hc = lax.dynamic_slice_in_dim(h, lo, width, 0)
@@ -204,28 +229,22 @@ def _kept_logits(h, w, vocab_axis, ids, precision, chunk: int, kernels) -> jax.A
       x = jnp.einsum("cd,ckd->ck", hc, rows, precision=precision, preferred_element_type=_F32)
       return lax.dynamic_update_slice_in_dim(out, x, lo, 0)
 
-    return sweep(step, jnp.zeros(ids.shape, _F32), ids.shape[0], chunk)
+    chunk = tokens_per_chunk(n, v, k * h.shape[1] * 4, gather_bytes)
+    return sweep(step, jnp.zeros(ids.shape, _F32), n, chunk)
 
-  if not cpu_replay.takes(h, w):
-    return gathered()
-  return on_cpu_or(lambda: cpu_replay.kept_dots(h, w, ids, vocab_axis=vocab_axis), gathered)
+  return dots
 
 
-def _kept_grads(
-  h, w, vocab_axis, ids, dx, precision, chunk: int, kernels
-) -> tuple[jax.Array, jax.Array]:
-  """``(dh [N, D] in h's type, dw float32 in w's layout)`` of :func:`_kept_logits`
-  for ``dx float32 [N, K]`` (0 where an id is outside ``[0, V)``)."""
+def _row_grads(ids, dx, precision, gather_bytes: int, kernels):
+  """``grads(h [N, W], w_rows [V, W]) -> (d h in h's type, d w_rows float32)``
+  of :func:`_row_dots`' ``dots`` for ``dx float32 [N, K]`` (0 where an id is
+  outside ``[0, V)``)."""
 
-  def in_layout(dh, dw_rows):
-    return dh, dw_rows if vocab_axis == 0 else dw_rows.T
-
-  if kernels is not None:
-    return in_layout(*kernels.kept_grads(h, rows_major(w, vocab_axis), ids, dx))
-
-  def gathered():
-    w_rows = rows_major(w, vocab_axis)
-    safe = jnp.clip(ids, 0, w_rows.shape[0] - 1)
+  def grads(h, w_rows):
+    if kernels is not None:
+      return kernels.kept_grads(h, w_rows, ids, dx)
+    (n, k), (v, d) = ids.shape, w_rows.shape
+    safe = jnp.clip(ids, 0, v - 1)
 
     def step(carry, lo, width):
       dh, dw = carry
@@ -235,17 +254,71 @@ def _kept_grads(
       rows = _gather_rows(w_rows, ic)
       dhc = jnp.einsum("ck,ckd->cd", dc, rows, precision=precision, preferred_element_type=_F32)
       d_rows = jnp.einsum("ck,cd->ckd", dc, hc, precision=precision, preferred_element_type=_F32)
-      dw = dw.at[ic.reshape(-1)].add(d_rows.reshape(-1, h.shape[1]))  # [V, D]
+      dw = dw.at[ic.reshape(-1)].add(d_rows.reshape(-1, d))  # [V, W]
       return lax.dynamic_update_slice_in_dim(dh, dhc.astype(h.dtype), lo, 0), dw
 
+    chunk = tokens_per_chunk(n, v, k * d * 4, gather_bytes)  # the float32 rows' products
     init = (jnp.zeros(h.shape, h.dtype), jnp.zeros(w_rows.shape, _F32))
-    return in_layout(*sweep(step, init, h.shape[0], chunk))
+    return sweep(step, init, n, chunk)
+
+  return grads
+
+
+def _kept_logits(h, w, vocab_axis, ids, precision, gather_bytes: int, kernels) -> jax.Array:
+  """float32[N, K]: ``h[i] . (row ids[i, j] of the table w)`` (anything where an
+  id is outside ``[0, V)``): on the CPU the compiled kernel where it takes the
+  types and no ``kernels`` (a :class:`~lpkernel.ops.base.ReplayRows`) are
+  given (each table row read once, a ``[D, V]`` matrix in place); else
+  ``kernels``' or XLA's gathers (:func:`_row_dots`) of a ``[V, D]`` table as
+  stored, of a ``[D, V]`` one a transposed slab of ``D`` at a time
+  (:func:`slab_width`; the slabs' dot products summed)."""
+  dots = _row_dots(ids, precision, gather_bytes, kernels)
+
+  def gathered():
+    if not _is_columns(w, vocab_axis):
+      return dots(h, w)
+    d, n = w.shape[0], h.shape[0]
+
+    def step(x, lo, width):
+      return x + dots(block_of(h, lo, width, 1), _slab(w, lo, width))
+
+    return sweep(step, jnp.zeros(ids.shape, _F32), d, slab_width(n, d))
+
+  if kernels is not None or not cpu_replay.takes(h, w):
+    return gathered()
+  return on_cpu_or(lambda: cpu_replay.kept_dots(h, w, ids, vocab_axis=vocab_axis), gathered)
+
+
+def _kept_grads(
+  h, w, vocab_axis, ids, dx, precision, gather_bytes: int, kernels
+) -> tuple[jax.Array, jax.Array]:
+  """``(dh [N, D] in h's type, dw in w's layout and type)`` of :func:`_kept_logits`
+  for ``dx float32 [N, K]`` (0 where an id is outside ``[0, V)``); a ``[D, V]``
+  table's slab by slab, each slab's ``d hidden`` columns and ``d w`` rows
+  written whole (rounded once from their float32 sums)."""
+  grads = _row_grads(ids, dx, precision, gather_bytes, kernels)
+
+  def gathered():
+    if not _is_columns(w, vocab_axis):
+      dh, dw = grads(h, w)
+      return dh, dw.astype(w.dtype)
+    d, n = w.shape[0], h.shape[0]
+
+    def step(carry, lo, width, fresh):
+      del fresh  # an overlapping last slab writes the same columns again
+      dh, dw = carry
+      dh_slab, dw_slab = grads(block_of(h, lo, width, 1), _slab(w, lo, width))
+      dh = lax.dynamic_update_slice_in_dim(dh, dh_slab.astype(h.dtype), lo, 1)
+      return dh, lax.dynamic_update_slice_in_dim(dw, dw_slab.T.astype(w.dtype), lo, 0)
+
+    init = (jnp.zeros(h.shape, h.dtype), jnp.zeros(w.shape, w.dtype))
+    return sweep_in_place(step, init, d, slab_width(n, d))
 
   def compiled():
     dh, dw = cpu_replay.kept_grads(h, w, ids, dx, vocab_axis=vocab_axis)
-    return dh.astype(h.dtype), dw
+    return dh.astype(h.dtype), dw.astype(w.dtype)
 
-  if not cpu_replay.takes(h, w):
+  if kernels is not None or not cpu_replay.takes(h, w):
     return gathered()
   return on_cpu_or(compiled, gathered)
 
@@ -267,7 +340,18 @@ def _fused_replay(h, w, ids, targets, tau, *options):
 
 
 def _fused_replay_fwd(
-  h, w, ids, targets, tau, softcap, vocab_axis, precision, chunk, kernels, axis_name, vocab_size
+  h,
+  w,
+  ids,
+  targets,
+  tau,
+  softcap,
+  vocab_axis,
+  precision,
+  gather_bytes,
+  kernels,
+  axis_name,
+  vocab_size,
 ):
   """With ``axis_name``, ``w`` is this device's block of a vocabulary of
   ``vocab_size`` sharded over that axis: each device's dot products of the ids
@@ -275,7 +359,7 @@ def _fused_replay_fwd(
   (the same numbers on every device) as without it."""
   block_ids, mine = _block_ids(ids, w.shape[vocab_axis], axis_name)
   x_kept = _over_blocks(
-    _kept_logits(h, w, vocab_axis, block_ids, precision, chunk, kernels), mine, axis_name
+    _kept_logits(h, w, vocab_axis, block_ids, precision, gather_bytes, kernels), mine, axis_name
   )
   repeated = _repeated(ids, vocab_size)
   lp, vjp = jax.vjp(
@@ -285,7 +369,7 @@ def _fused_replay_fwd(
 
 
 def _fused_replay_bwd(
-  softcap, vocab_axis, precision, chunk, kernels, axis_name, vocab_size, residuals, g
+  softcap, vocab_axis, precision, gather_bytes, kernels, axis_name, vocab_size, residuals, g
 ):
   """Each device's ``d hidden`` and ``d temperature`` are its share (shard_map's
   transpose sums them over the axis): ``d hidden`` from the ids in its block,
@@ -303,8 +387,8 @@ def _fused_replay_bwd(
     dx = jnp.where(mine, dx, 0.0)
     first = lax.axis_index(axis_name) == 0
     dtau = None if dtau is None else jnp.where(first, dtau, 0.0)
-  dh, dw = _kept_grads(h, w, vocab_axis, block_ids, dx, precision, chunk, kernels)
-  return dh, dw.astype(w.dtype), None, None, dtau
+  dh, dw = _kept_grads(h, w, vocab_axis, block_ids, dx, precision, gather_bytes, kernels)
+  return dh, dw, None, None, dtau
 
 
 _fused_replay.defvjp(_fused_replay_fwd, _fused_replay_bwd)
@@ -340,8 +424,7 @@ def rows_fused_replay_token_logprobs(
     return jnp.zeros((0,), _F32)
   if precision is None:
     precision = jax.config.jax_default_matmul_precision  # type: ignore[attr-defined]
-  chunk = tokens_per_chunk(h.shape[0], block, kept_ids.shape[1] * h.shape[1] * 4, gather_bytes)
-  options = (softcap, vocab_axis, precision, chunk, kernels, axis_name, vocab_size or block)
+  options = (softcap, vocab_axis, precision, gather_bytes, kernels, axis_name, vocab_size or block)
   return _fused_replay(h, w, kept_ids, targets, tau, *options)
 
 
@@ -362,9 +445,10 @@ def fused_replay_token_logprobs(
   of the unembedding per token, never the ``[N, V]`` logits. XLA gathers them
   in token chunks (at most ``gather_bytes`` at a time, and 1% of the float32
   logits' bytes, at least one token's), from a ``[D, V]`` matrix transposed
-  once (a table-sized temporary); on the CPU compiled kernels read each row
-  once per block of tokens instead, a ``[D, V]`` matrix in place (a tile of
-  rows copied at a time). A tied ``[V, D]`` table is read as stored.
+  a slab of ``D`` at a time (about 1% of the logits, :func:`slab_width`); on
+  the CPU compiled kernels read each row once per block of tokens instead, a
+  ``[D, V]`` matrix in place (a tile of rows copied at a time). A tied
+  ``[V, D]`` table is read as stored.
 
   Args:
     hidden: float[..., D]; unembed: float[D, V] or a tied table ``[V, D]`` with
