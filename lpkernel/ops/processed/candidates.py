@@ -20,7 +20,6 @@ from lpkernel.ops.blocks import block_of, sweep, tokens_per_chunk
 from lpkernel.ops.logprobs.xla import gather
 from lpkernel.ops.platform import on_cpu_or
 from lpkernel.ops.processed.cpu_top_k import compiled, groups_top_k, top_k
-from lpkernel.ops.processed.replay import rows_major
 
 if TYPE_CHECKING:
   from lpkernel.sampling import Sampling
@@ -175,22 +174,54 @@ def from_group_maxima(x, maxima, softcap, k: int, config: ProcessedConfig, lanes
   return on_cpu_or(lambda: P.capped(groups_top_k(xs, maxima, g, k, held), softcap), gathered)
 
 
-def _hidden_values(h, w_rows, precision, softcap, dot_dtype):
-  """``values(lo, width, cols) -> float32[width, P]``: ``h[i] . w_rows[cols[i, j]]``
-  capped, for tokens ``[lo, lo + width)`` (gathering ``width * P`` rows of the
-  table as ``[V, D]``, :func:`~lpkernel.ops.processed.replay.rows_major`, upcast
-  to ``dot_dtype`` if given)."""
+def _table_values(w, cols, lo, width: int, columns: bool) -> jax.Array:
+  """The table's values at columns ``cols [C, P]`` of ``h @ w`` for ``D`` in
+  ``[lo, lo + width)``: ``[width, C, P]`` read in place from a ``[D, V]`` table
+  (a group's columns are contiguous in each row of ``D``), ``[C, P, width]``
+  from the rows of a ``[V, D]`` one. ``cols`` lie in ``[0, V)``."""
+  start = jnp.full(cols.shape, lo, jnp.int32)
+  if columns:
+    index, offset, collapsed, sizes = (start, cols), 0, 1, (width, 1)
+  else:
+    index, offset, collapsed, sizes = (cols, start), 2, 0, (1, width)
+  numbers = lax.GatherDimensionNumbers(
+    offset_dims=(offset,), collapsed_slice_dims=(collapsed,), start_index_map=(0, 1)
+  )
+  mode = lax.GatherScatterMode.CLIP
+  return lax.gather(w, jnp.stack(index, -1), numbers, sizes, mode=mode)
+
+
+def _hidden_values(h, w, vocab_axis: int, precision, softcap, dot_dtype, budget: int):
+  """``values(lo, width, cols) -> float32[width, P]``: ``h[i] . (column cols[i, j]
+  of h @ w)`` capped, for tokens ``[lo, lo + width)``: ``width * P`` rows of a
+  ``[V, D]`` table gathered, or as many columns of a ``[D, V]`` one read in
+  place (:func:`_table_values`; a transposed copy of the table was 50% of the
+  float32 logits at N 4096, D 2048), upcast to ``dot_dtype`` if given; in
+  pieces of ``D`` where they would hold more than ``budget`` bytes (one
+  token's ``P`` columns can outweigh 1% of every token's logits: 16.8 MB of
+  1.3 MB at N 1024, D 2048, V 32000, ``P`` 2048), their dot products summed."""
+  d = h.shape[1]
+  columns = vocab_axis % w.ndim == 1
+  spec = "cd,dcp->cp" if columns else "cd,cpd->cp"
 
   def values(lo, width, cc):
     hc = lax.dynamic_slice_in_dim(h, lo, width, 0)
-    # The barrier keeps a convert of the gathered rows from moving onto all of w
-    # and out of the loop (a float32 copy of the table).
-    wb, _ = lax.optimization_barrier((w_rows, lo))
-    rows = jnp.take(wb, cc, axis=0)  # [C, P, D]
-    if dot_dtype is not None:
-      rows = rows.astype(dot_dtype)
-    dots = jnp.einsum("cd,cpd->cp", hc, rows, precision=precision, preferred_element_type=_F32)
-    return P.capped(dots, softcap)
+    # The barrier keeps a convert of the gathered values from moving onto all of
+    # w and out of the loop (a float32 copy of the table).
+    wb, _ = lax.optimization_barrier((w, lo))
+
+    def dots(j0, size):
+      gathered = _table_values(wb, cc, j0, size, columns)
+      if dot_dtype is not None:
+        gathered = gathered.astype(dot_dtype)
+      hp = lax.dynamic_slice_in_dim(hc, j0, size, 1)
+      return jnp.einsum(spec, hp, gathered, precision=precision, preferred_element_type=_F32)
+
+    piece = max(1, budget // max(1, cc.size * 4))  # float32 values
+    if piece >= d:
+      return P.capped(dots(0, d), softcap)
+    init = jnp.zeros(cc.shape, _F32)
+    return P.capped(sweep(lambda acc, j0, size: acc + dots(j0, size), init, d, piece), softcap)
 
   return values
 
@@ -213,8 +244,8 @@ def from_hidden_record(
     groups with the largest maxima whole."""
   hs, ws = lax.stop_gradient(h), lax.stop_gradient(w)
   v = w.shape[vocab_axis]
-  w_rows = rows_major(ws, vocab_axis)  # one transposed copy of a [D, V] table, for both
-  values = _hidden_values(hs, w_rows, precision, softcap, dot_dtype)
+  budget = min(config.gather_bytes, h.shape[0] * v * 4 // 100)  # as tokens_per_chunk's
+  values = _hidden_values(hs, ws, vocab_axis, precision, softcap, dot_dtype, budget)
   row_bytes = h.shape[1] * w.dtype.itemsize + 3 * 4
 
   def whole_groups(maxima, group: int, lanes: int):
@@ -227,7 +258,7 @@ def from_hidden_record(
     return whole_groups(record[:, :, 0], group, 1)
 
   def values_of_rows(taken):  # the candidates' dot products of tokens hs[taken]
-    return _hidden_values(hs[taken], w_rows, precision, softcap, dot_dtype)
+    return _hidden_values(hs[taken], ws, vocab_axis, precision, softcap, dot_dtype, budget)
 
   top, over = _recorded_and_gathered_top(record, k, group, config, v, row_bytes, values_of_rows)
   return lax.cond(over, lambda: whole_groups(record[:, :, 0], group, 1), lambda: top)

@@ -163,16 +163,6 @@ _summed_over.defvjp(
 )
 
 
-def rows_major(w: jax.Array, vocab_axis: int) -> jax.Array:
-  """The table as ``[V, D]``: itself, or a ``[D, V]`` matrix transposed once (a
-  table-sized temporary; the replay transposes a slab of ``D`` at a time,
-  :func:`slab_width`, and the CPU kernels read it in place). Gathering
-  columns of ``[D, V]`` reads ``D`` strided elements per id: 13x slower than
-  rows on 2 CPU cores (N = 1024, D = 512, V = 32000, K = 512: 1.06 s against
-  0.08 s)."""
-  return w if vocab_axis == 0 else lax.optimization_barrier(w.T)
-
-
 def slab_width(n: int, d: int) -> int:
   """Columns of ``D`` per slab of a ``[D, V]`` table transposed at a time for
   XLA's gathers and a :class:`~lpkernel.ops.base.ReplayRows`' kernels: the
@@ -181,7 +171,10 @@ def slab_width(n: int, d: int) -> int:
   ``N`` tokens' float32 logits (``V x width`` against ``N x V``), at least
   16 columns and ``D / 128`` (each slab one more sweep over the tokens), a
   power of two, at most ``D``.
-  Transposed whole, the table was 50% of the logits at N 4096, D 2048."""
+  Transposed whole, the table was 50% of the logits at N 4096, D 2048; its
+  columns gathered in place (a kept id's ``D`` values ``V`` apart) were 13x
+  slower than rows on 2 CPU cores (N 1024, D 512, V 32000, K 512: 1.06 s
+  against 0.08 s)."""
   width = max(16, -(-d // 128), n // 100)
   return min(d, 1 << (width - 1).bit_length())
 
