@@ -80,7 +80,7 @@ def test_dots_and_grads_are_the_oracles(data, n, d, v, k, block, width, dtype, v
   twice = (a >= 0) & (a < v) & (np.sum(a[:, :, None] == a[:, None, :], axis=-1) > 1)
   repeated = jax.jit(cpu_replay.repeated, static_argnums=1)(ids, v)
   np.testing.assert_array_equal(repeated, twice.any(-1))  # a token naming an id twice
-  grads = functools.partial(cpu_replay.kept_grads, block=block, vocab_axis=vocab_axis)
+  grads = functools.partial(cpu_replay.kept_grads, block=block, vocab_axis=vocab_axis, width=width)
   got_dh, got_dw = jax.jit(grads)(h, table, ids, dx)
   got_dw = got_dw if vocab_axis == 0 else got_dw.T
   habs, wabs = np.abs(np.asarray(h, np.float64)), np.abs(np.asarray(w, np.float64))
@@ -101,8 +101,8 @@ def test_a_dv_matrix_gives_the_rows_tables_numbers_exactly(dtype):
   """A ``[D, V]`` table is copied into rows a tile at a time (256 or 512 rows,
   16 columns at a time): over several tiles, a ragged last one, ``D`` not a
   multiple of 16, several token blocks (``d w`` carried from one to the
-  next through the ``[D, V]`` output) and passes over pieces of ``D`` (the
-  forward's ``width``, the same on both), the same bits as the ``[V, D]`` table
+  next through the ``[D, V]`` output) and passes over pieces of ``D``
+  (``width``, the same on both), the same bits as the ``[V, D]`` table
   (``d hidden`` to rounding: the workers' shares are added in the order they
   finish)."""
   _require_kernels()
@@ -118,8 +118,9 @@ def test_a_dv_matrix_gives_the_rows_tables_numbers_exactly(dtype):
     rows = jax.jit(functools.partial(cpu_replay.kept_dots, block=block, width=width))(h, w, ids)
     dots = functools.partial(cpu_replay.kept_dots, block=block, vocab_axis=1, width=width)
     np.testing.assert_array_equal(jax.jit(dots)(h, w.T, ids), rows)
-    dh, dw = jax.jit(functools.partial(cpu_replay.kept_grads, block=block))(h, w, ids, dx)
-    grads = functools.partial(cpu_replay.kept_grads, block=block, vocab_axis=1)
+    rows_grads = functools.partial(cpu_replay.kept_grads, block=block, width=width)
+    dh, dw = jax.jit(rows_grads)(h, w, ids, dx)
+    grads = functools.partial(cpu_replay.kept_grads, block=block, vocab_axis=1, width=width)
     dh_t, dw_t = jax.jit(grads)(h, w.T, ids, dx)
     # Two sums of the same K terms in other orders: within twice the bound.
     _close(dh_t, np.asarray(dh, np.float64), scale_dh, 2 * _gamma(k))
@@ -230,13 +231,14 @@ def test_vmap_of_the_replay():
 
 
 def test_a_dv_matrix_is_read_in_passes_when_the_hidden_states_outgrow_the_cache():
-  """The forward from a ``[D, V]`` table reads ``D`` in passes of 128 columns
-  once a block's hidden states pass 512 KB (1100 tokens of 160 float32 here):
-  the oracle's numbers, the same bits as passes of 128 asked for, other bits
-  than one pass; a ``[V, D]`` table is read in one pass."""
+  """The forward and backward from a ``[D, V]`` table read ``D`` in passes of
+  128 columns once a block's hidden states pass 512 KB and 128 columns of
+  them fit (1000 tokens of 160 float32 here): the oracle's numbers, the same
+  bits as passes of 128 asked for, other bits than one pass; a ``[V, D]``
+  table is read in one pass."""
   _require_kernels()
   rng = np.random.default_rng(5)
-  n, d, v, k = 1100, 160, 3000, 16
+  n, d, v, k = 1000, 160, 3000, 16
   h = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(v, d)), jnp.float32)
   ids = jnp.asarray(rng.integers(-1, v, (n, k)), jnp.int32)
@@ -252,3 +254,11 @@ def test_a_dv_matrix_is_read_in_passes_when_the_hidden_states_outgrow_the_cache(
   np.testing.assert_array_equal(got, dots(w.T, 1, 128))
   assert np.any(got != dots(w.T, 1, d))
   np.testing.assert_array_equal(dots(w, 0, 0), dots(w, 0, d))
+  # The backward in the same passes: the oracle's gradients.
+  dx = rng.normal(size=(n, k)).astype(np.float32)
+  dh, dw_t = jax.jit(functools.partial(cpu_replay.kept_grads, vocab_axis=1))(h, w.T, ids, dx)
+  _, want_dh, want_dw = _oracle(h, w, ids, dx)
+  habs, wabs = np.abs(np.asarray(h)), np.abs(np.asarray(w))
+  _, scale_dh, scale_dw = _oracle(habs, wabs, ids, np.abs(dx))
+  _close(dh, want_dh, scale_dh, _gamma(k))
+  _close(np.asarray(dw_t).T, want_dw, scale_dw, _gamma(n * k))

@@ -65,7 +65,7 @@ def repeated(ids: jax.Array, vocab_size: int) -> jax.Array:
 
 
 def kept_grads(
-  h, w, ids, dx, block: int = 0, *, vocab_axis: int = 0
+  h, w, ids, dx, block: int = 0, *, vocab_axis: int = 0, width: int = 0
 ) -> tuple[jax.Array, jax.Array]:
   """float32 ``(dh [N, D], dw)`` of :func:`kept_dots` for the cotangent
   ``dx float32 [N, K]``: ``dh[t] = sum_j dx[t, j] w[ids[t, j]]`` and
@@ -74,5 +74,6 @@ def kept_grads(
   out = (jax.ShapeDtypeStruct(h.shape, _F32), jax.ShapeDtypeStruct(w.shape, _F32))
   call = jax.ffi.ffi_call("lpkernel_cpu_replay_grads", out, vmap_method="sequential")
   args = (h, w, ids.astype(jnp.int32), dx.astype(_F32))
-  dh, dw = call(*args, block=np.int64(block), columns=_columns(w, vocab_axis))
+  attrs = {"block": np.int64(block), "width": np.int64(width), "columns": _columns(w, vocab_axis)}
+  dh, dw = call(*args, **attrs)
   return dh, dw
