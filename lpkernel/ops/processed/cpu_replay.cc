@@ -273,6 +273,20 @@ int64_t PassWidth(int64_t width, int64_t tokens, int64_t d, bool columns, int64_
   return fits < kMinWidth ? d : std::min(d, fits / 16 * 16);
 }
 
+// Columns [j0, j0 + piece) of `tokens` rows of d values h, as rows of `piece`
+// values: h itself where the piece is all of them, else packed into `packed`
+// (pieces 2^k bytes apart would share a fraction of the cache's sets).
+template <typename T>
+const T* Piece(ffi::ThreadPool& pool, const T* h, int64_t tokens, int64_t d, int64_t j0,
+               int64_t piece, std::vector<T>& packed) {
+  if (piece == d) return h;
+  packed.resize(tokens * piece);
+  ParallelRows(pool, tokens, piece, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) std::copy_n(h + t * d + j0, piece, &packed[t * piece]);
+  });
+  return packed.data();
+}
+
 template <typename T>
 void ReplayDots(ffi::ThreadPool& pool, const T* h, const T* w, const int32_t* ids, int64_t n,
                 int64_t d, int64_t v, int64_t k, int64_t block, int64_t width, bool columns,
@@ -294,16 +308,7 @@ void ReplayDots(ffi::ThreadPool& pool, const T* h, const T* w, const int32_t* id
     for (int64_t j0 = 0; j0 < d; j0 += pass) {
       int64_t piece = std::min(pass, d - j0);
       TableRows<T> table(w, v, d, columns, j0, piece);
-      // The hidden states' piece, packed where it is not all of them (pieces
-      // 2^k bytes apart would share a fraction of the cache's sets).
-      const T* hp = hb;
-      if (piece < d) {
-        packed.resize(tokens * piece);
-        ParallelRows(pool, tokens, piece, [&](int64_t lo, int64_t hi) {
-          for (int64_t t = lo; t < hi; ++t) std::copy_n(hb + t * d + j0, piece, &packed[t * piece]);
-        });
-        hp = packed.data();
-      }
+      const T* hp = Piece(pool, hb, tokens, d, j0, piece, packed);
       ParallelRanges(pool, ranges, [&](int64_t lo, int64_t hi, int worker) {
         table.ForTiles(lo, hi, [&](int64_t r0, int64_t r1) {
           if (by_row.start(r1) == by_row.start(r0)) return;  // no pairs
@@ -369,14 +374,7 @@ void ReplayGrads(ffi::ThreadPool& pool, const T* h, const T* w, const int32_t* i
     for (int64_t j0 = 0; j0 < d; j0 += pass) {
       int64_t piece = std::min(pass, d - j0);
       TableRows<T> table(w, v, d, columns, j0, piece);
-      const T* hp = hb;
-      if (piece < d) {
-        packed.resize(tokens * piece);
-        ParallelRows(pool, tokens, piece, [&](int64_t lo, int64_t hi) {
-          for (int64_t t = lo; t < hi; ++t) std::copy_n(hb + t * d + j0, piece, &packed[t * piece]);
-        });
-        hp = packed.data();
-      }
+      const T* hp = Piece(pool, hb, tokens, d, j0, piece, packed);
       for (auto& b : buffers) b.clear();
       // Rows [r0, r1) of the table (`tile`) and of d w (`dw_rows`), `stride` apart.
       auto rows = [&](int64_t r0, int64_t r1, const T* tile, float* dw_rows, int64_t stride,
