@@ -26,8 +26,8 @@
 // (dw [D, V] with `columns`, as w, in the forward's passes).
 // Rows of w are shared among the workers, so dw takes no locks; each worker
 // sums its share of dh into its own block-sized buffer, added up at the end
-// of the block (of the pass). dw, table-sized and fresh, is asked to be backed
-// by huge pages (AdviseHugePages).
+// of the block (of the pass). A [V, D] table's dw, table-sized and fresh, is
+// asked to be backed by huge pages (AdviseHugePages).
 
 #include <type_traits>
 
@@ -340,7 +340,10 @@ void ReplayDots(ffi::ThreadPool& pool, const T* h, const T* w, const int32_t* id
 // where it may (transparent huge pages in "madvise" mode): a fresh
 // table-sized output is otherwise written through one page fault per 4 KB.
 // The replay's backward from a [V, D] table at N 1024, D 2048, V 151936,
-// K 512 on 2 cores: 630 -> 400 ms.
+// K 512 on 2 cores: 630 -> 400 ms (forward and backward 710-750 -> 490-540
+// ms over three runs each). Not for a [D, V] table's d unembed, written a
+// pass of rows at a time: 1000 ms with 4 KB pages, 790-1300 ms with huge
+// ones.
 inline void AdviseHugePages(void* p, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t{2} << 20;
@@ -354,7 +357,7 @@ template <typename T>
 void ReplayGrads(ffi::ThreadPool& pool, const T* h, const T* w, const int32_t* ids,
                  const float* dx, int64_t n, int64_t d, int64_t v, int64_t k, int64_t block,
                  int64_t width, bool columns, float* dh, float* dw) {
-  AdviseHugePages(dw, v * d * sizeof(float));
+  if (!columns) AdviseHugePages(dw, v * d * sizeof(float));
   if (n == 0) std::fill(dw, dw + v * d, 0.0f);  // else the first block writes every row
   PairsByRow by_row(v);
   int workers = Workers(pool, int64_t{1} << 30);
