@@ -44,12 +44,22 @@ def sweep_in_place(step, carry, size: int, block: int):
   return lax.fori_loop(0, -(-size // block), body, carry)
 
 
+def chunk_budget(n: int, vocab_size: int, most_bytes: int) -> int:
+  """The most bytes a pass's chunk holds at once: ``most_bytes``, and at most
+  1% of the float32 logits' bytes (``n * vocab_size * 4``)."""
+  return min(most_bytes, n * vocab_size * 4 // 100)
+
+
 def tokens_per_chunk(n: int, vocab_size: int, token_bytes: int, most_bytes: int) -> int:
   """Tokens per chunk of a pass that holds ``token_bytes`` per token: within
-  ``most_bytes`` and 1% of the float32 logits' bytes (``n * vocab_size * 4``),
-  at least one token, at most ``n``."""
-  budget = min(most_bytes, n * vocab_size * 4 // 100)
-  return max(1, min(n, budget // max(token_bytes, 1)))
+  :func:`chunk_budget`, at least one token, at most ``n``."""
+  return max(1, min(n, chunk_budget(n, vocab_size, most_bytes) // max(token_bytes, 1)))
+
+
+def stores_columns(w: jax.Array, vocab_axis: int) -> bool:
+  """Whether the table ``w`` is stored ``[D, V]`` (``vocab_axis`` 1 or -1), not
+  as a tied ``[V, D]`` table (0)."""
+  return vocab_axis % w.ndim == 1
 
 
 def block_of(a: jax.Array, lo, width: int, axis: int) -> jax.Array:

@@ -16,7 +16,7 @@ import numpy as np
 from jax import lax
 
 from lpkernel import partials as P
-from lpkernel.ops.blocks import block_of, sweep, tokens_per_chunk
+from lpkernel.ops.blocks import block_of, chunk_budget, stores_columns, sweep, tokens_per_chunk
 from lpkernel.ops.logprobs.xla import gather
 from lpkernel.ops.platform import on_cpu_or
 from lpkernel.ops.processed.cpu_top_k import compiled, groups_top_k, top_k
@@ -201,7 +201,7 @@ def _hidden_values(h, w, vocab_axis: int, precision, softcap, dot_dtype, budget:
   token's ``P`` columns can outweigh 1% of every token's logits: 16.8 MB of
   1.3 MB at N 1024, D 2048, V 32000, ``P`` 2048), their dot products summed."""
   d = h.shape[1]
-  columns = vocab_axis % w.ndim == 1
+  columns = stores_columns(w, vocab_axis)
   spec = "cd,dcp->cp" if columns else "cd,cpd->cp"
 
   def values(lo, width, cc):
@@ -244,7 +244,7 @@ def from_hidden_record(
     groups with the largest maxima whole."""
   hs, ws = lax.stop_gradient(h), lax.stop_gradient(w)
   v = w.shape[vocab_axis]
-  budget = min(config.gather_bytes, h.shape[0] * v * 4 // 100)  # as tokens_per_chunk's
+  budget = chunk_budget(h.shape[0], v, config.gather_bytes)
   values = _hidden_values(hs, ws, vocab_axis, precision, softcap, dot_dtype, budget)
   row_bytes = h.shape[1] * w.dtype.itemsize + 3 * 4
 

@@ -23,7 +23,13 @@ from jax import lax
 from lpkernel import checks, ops
 from lpkernel import partials as P
 from lpkernel.ops.base import ProcessedImplementation, ReplayRows
-from lpkernel.ops.blocks import block_of, sweep, sweep_in_place, tokens_per_chunk
+from lpkernel.ops.blocks import (
+  block_of,
+  stores_columns,
+  sweep,
+  sweep_in_place,
+  tokens_per_chunk,
+)
 from lpkernel.ops.fused.matmuls import materialised_logits
 from lpkernel.ops.platform import on_cpu_or
 from lpkernel.ops.processed import cpu_replay
@@ -179,11 +185,6 @@ def slab_width(n: int, d: int) -> int:
   return min(d, 1 << (width - 1).bit_length())
 
 
-def _is_columns(w: jax.Array, vocab_axis: int) -> bool:
-  """Whether the table ``w`` is stored ``[D, V]`` (``vocab_axis`` 1 or -1)."""
-  return vocab_axis % w.ndim == 1
-
-
 def _slab(w, lo, width: int) -> jax.Array:
   """``[V, width]``: columns ``[lo, lo + width)`` of ``D`` of a ``[D, V]``
   table as rows (a transposed copy of one slab)."""
@@ -268,7 +269,7 @@ def _kept_logits(h, w, vocab_axis, ids, precision, gather_bytes: int, kernels) -
   dots = _row_dots(ids, precision, gather_bytes, kernels)
 
   def gathered():
-    if not _is_columns(w, vocab_axis):
+    if not stores_columns(w, vocab_axis):
       return dots(h, w)
     d, n = w.shape[0], h.shape[0]
 
@@ -292,7 +293,7 @@ def _kept_grads(
   grads = _row_grads(ids, dx, precision, gather_bytes, kernels)
 
   def gathered():
-    if not _is_columns(w, vocab_axis):
+    if not stores_columns(w, vocab_axis):
       dh, dw = grads(h, w)
       return dh, dw.astype(w.dtype)
     d, n = w.shape[0], h.shape[0]
