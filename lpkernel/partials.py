@@ -172,22 +172,33 @@ def block_partials(
   tau: jax.Array | None,
   keepdims: bool = False,
   with_entropy: bool = True,
+  stats=None,
 ) -> RowPartials:
   """The partials of one block of capped logits ``z [N, W]`` at global columns ``cols``.
 
   ``targets`` is ``[N]`` and every field ``[N]``; with ``keepdims`` both are
   ``[N, 1]`` (the 2-D layout TPU kernels keep). ``tau`` is ``[N, 1]`` or None.
-  Columns outside the array must already be ``-inf`` in ``z``.
+  Columns outside the array must already be ``-inf`` in ``z``. ``stats``: the
+  block's maximum ``m``, first column of it ``arg`` (counted from the block's
+  first, ``W`` where none) and target value ``t``, ``[N]`` each, where a kernel
+  took them (:class:`lpkernel.ops.processed.cpu_top_k.BlockStats`: XLA's
+  reductions give the same; not with ``keepdims``), else reduced here.
   """
-  m = jnp.max(z, axis=-1, keepdims=True)
+  target_col = targets if keepdims else targets[:, None]
+  if stats is None:
+    m = jnp.max(z, axis=-1, keepdims=True)
+    t = jnp.max(jnp.where(cols == target_col, z, -jnp.inf), axis=-1, keepdims=True)
+    arg = jnp.min(jnp.where(z == m, cols, NO_COLUMN), axis=-1, keepdims=True)
+  else:
+    m, t = stats.m[:, None], stats.t[:, None]
+    arg = jnp.where(stats.arg < z.shape[-1], cols[:, :1] + stats.arg[:, None], NO_COLUMN)
   y_c = scaled(z - shift_of(m), tau)
   e = jnp.exp(y_c)
-  target_col = targets if keepdims else targets[:, None]
   p = RowPartials(
     m=m,
     s=jnp.sum(e, axis=-1, keepdims=True),
-    t=jnp.max(jnp.where(cols == target_col, z, -jnp.inf), axis=-1, keepdims=True),
-    arg=jnp.min(jnp.where(z == m, cols, NO_COLUMN), axis=-1, keepdims=True),
+    t=t,
+    arg=arg,
     sy=jnp.sum(e * finite_or_zero(y_c), axis=-1, keepdims=True) if with_entropy else None,
   )
   return p if keepdims else jax.tree.map(lambda a: a[:, 0], p)

@@ -74,6 +74,8 @@ UNDER_THE_PORTABLE_BUILD = [
   "tests/test_cpu_top_k.py::test_values_and_indices_are_lax_top_ks",
   "tests/test_cpu_top_k.py::test_groups_top_k_from_the_group_maxima_is_lax_top_k",
   "tests/test_cpu_top_k.py::test_a_nan_group_hides_no_larger_value",
+  "tests/test_cpu_top_k.py::test_running_candidates_keep_lax_top_ks_values",
+  "tests/test_cpu_top_k.py::test_block_stats_are_xlas_reductions",
   "tests/test_cpu_replay.py::test_dots_and_grads_are_the_oracles",
 ]
 
@@ -192,6 +194,35 @@ def test_a_nan_group_hides_no_larger_value(own_maxima):
       np.testing.assert_array_equal(_bits(top), _bits(lax.top_k(a, k)[0]), err_msg=f"{nan} {k}")
 
 
+def _want_stats(z, targets):
+  """A block's partials as XLA reduces them (:func:`lpkernel.partials.block_partials`)."""
+  cols = jnp.arange(z.shape[1])[None, :]
+  return jax.jit(lambda z, t: P.block_partials(z, cols, t, None))(z, targets)
+
+
+def _same_flushed(got, want):
+  """Equal floats, bit for bit, except that a zero or subnormal may stand for a
+  zero or subnormal of either sign (XLA:CPU's reductions flush subnormals)."""
+  got, want = np.asarray(got), np.asarray(want)
+  tiny = np.finfo(np.float32).tiny
+  np.testing.assert_array_equal(np.abs(got) < tiny, np.abs(want) < tiny)
+  plain = ~(np.abs(want) < tiny)
+  np.testing.assert_array_equal(_bits(got[plain]), _bits(want[plain]))
+
+
+def _same_stats(stats, z, targets):
+  """The kernel's block statistics are XLA's (:func:`_same_flushed`): the
+  maximum (NaN where the row holds one), its first column, the target's value
+  (``-inf`` outside the block)."""
+  want = _want_stats(z, targets)
+  m, wm = np.asarray(stats.m), np.asarray(want.m)
+  np.testing.assert_array_equal(np.isnan(m), np.isnan(wm))
+  _same_flushed(np.where(np.isnan(m), 0, m), np.where(np.isnan(wm), 0, wm))
+  arg = np.where(np.asarray(stats.arg) < z.shape[1], stats.arg, P.NO_COLUMN)
+  np.testing.assert_array_equal(arg, want.arg)
+  _same_flushed(stats.t, want.t)
+
+
 @settings(max_examples=100, deadline=None)
 @given(
   data=st.data(),
@@ -203,7 +234,8 @@ def test_running_candidates_keep_lax_top_ks_values(data, rows, k, widths):
   """A row read block by block into the running candidates (the buffer cut back
   when full, the bar raised) ends with ``lax.top_k``'s values of the whole row,
   bit for bit, ``-inf`` past a row shorter than ``k``; ties, NaN of both signs,
-  signed zeros and infinities included."""
+  signed zeros and infinities included. Each block's statistics, taken in the
+  same read, are XLA's (:func:`_same_stats`)."""
   assert cpu_top_k.available() or os.environ.get("LPKERNEL_CPU_KERNELS") == "0"
   if not cpu_top_k.available():
     pytest.skip("LPKERNEL_CPU_KERNELS=0")
@@ -216,11 +248,29 @@ def test_running_candidates_keep_lax_top_ks_values(data, rows, k, widths):
   state = cpu_top_k.running_top_k(rows, k)
   step = jax.jit(cpu_top_k.add_block, static_argnums=2)
   for b in blocks:
-    state = step(state, jnp.asarray(b), k)
+    targets = jnp.asarray(data.draw(hnp.arrays(np.int32, (rows,), elements=st.integers(-2, 201))))
+    state, stats = step(state, jnp.asarray(b), k, targets)
+    if b.shape[1]:
+      _same_stats(stats, jnp.asarray(b), targets)
   got = cpu_top_k.running_values(state, k)
   whole = np.concatenate(blocks + [np.full((rows, k), -np.inf, np.float32)], axis=1)
   want = lax.top_k(jnp.asarray(whole), k)[0]
   np.testing.assert_array_equal(_bits(got), _bits(want))
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), rows=st.integers(1, 5), width=st.integers(1, 300))
+def test_block_stats_are_xlas_reductions(data, rows, width):
+  """The fused sweeps' block statistics from the kernel (one read of the block)
+  are XLA's reductions' (:func:`_same_stats`): maxima with NaN, ties of the
+  maximum (the first column), signed zeros, infinities, targets in and out of
+  the block."""
+  if not cpu_top_k.available():
+    pytest.skip("LPKERNEL_CPU_KERNELS=0")
+  elements = st.one_of(st.sampled_from(_SPECIAL), st.floats(-5, 5, width=32))
+  z = jnp.asarray(data.draw(hnp.arrays(np.float32, (rows, width), elements=elements)))
+  targets = data.draw(hnp.arrays(np.int32, (rows,), elements=st.integers(-3, width + 3)))
+  _same_stats(jax.jit(cpu_top_k.block_stats)(z, jnp.asarray(targets)), z, jnp.asarray(targets))
 
 
 def test_vmap_and_no_rows():

@@ -24,6 +24,7 @@ from jax import export
 import lpkernel as lpk
 from lpkernel import reference
 from lpkernel.ops import tiling
+from lpkernel.ops.processed import cpu_top_k
 from tests.helpers import (
   GRAD_TOLERANCES,
   LOGITS_IMPLEMENTATIONS,
@@ -917,15 +918,21 @@ def test_gpu_kernels_run_under_vmap():
 # --- backend paths: chosen for the platform a program is lowered for -----------------
 
 
-def _lowered_text(fn, platform, *args):
-  """The StableHLO of ``fn`` exported for ``platform`` (no device of it needed)."""
-  return export.export(jax.jit(fn), platforms=[platform])(*args).mlir_module()
+def _lowered_text(fn, platform, *args, custom_calls=()):
+  """The StableHLO of ``fn`` exported for ``platform`` (no device of it needed),
+  holding the named custom calls (the CPU kernels': no compatibility
+  guarantee, so ``jax.export`` asks for them by name)."""
+  checks = [export.DisabledSafetyCheck.custom_call(name) for name in custom_calls]
+  return export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(
+    *args
+  ).mlir_module()
 
 
 def test_backend_paths_follow_the_platform_lowered_for_not_the_host():
   """A program exported for a GPU from this CPU host holds the accelerator paths
   (whole rows, 2048-column fused blocks, no bit-view carry); exported for the CPU,
-  the CPU's (argmax blocks, 256-column blocks, a uint16 d unembed carry)."""
+  the CPU's (argmax blocks, 256-column blocks, each block's statistics from the
+  compiled kernel where it is built, a uint16 d unembed carry)."""
   n, d, v = 8, 16, 1 << 19  # abstract shapes: nothing is allocated
   x = jax.ShapeDtypeStruct((n, v), jnp.float32)
   h = jax.ShapeDtypeStruct((n, d), jnp.bfloat16)
@@ -947,8 +954,9 @@ def test_backend_paths_follow_the_platform_lowered_for_not_the_host():
   for platform, on_cpu in [("cpu", True), ("cuda", False), ("tpu", False)]:
     text = _lowered_text(logits_path, platform, x, t)
     assert (argmax_blocks in text) == on_cpu, platform
-    text = _lowered_text(fused_grads, platform, h, w, t)
+    text = _lowered_text(fused_grads, platform, h, w, t, custom_calls=["lpkernel_cpu_block_stats"])
     assert (f"tensor<{n}x256xf32>" in text) == on_cpu, platform
+    assert ("lpkernel_cpu_block_stats" in text) == (on_cpu and cpu_top_k.available()), platform
     assert (f"tensor<{n}x2048xf32>" in text) != on_cpu, platform
     assert (f"tensor<{d}x{v}xui16>" in text) == on_cpu, platform
 

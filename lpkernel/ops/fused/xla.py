@@ -37,6 +37,7 @@ from lpkernel.ops.fused.matmuls import (
   grad_unembed,
 )
 from lpkernel.ops.platform import on_cpu_or
+from lpkernel.ops.processed import cpu_top_k
 
 _F32 = jnp.float32
 
@@ -236,12 +237,13 @@ class XlaFused(tuning.Configured):
     tau_col = None if tau is None else tau[:, None]
     h, dot_dtype = self._dot(h), self.config.dot_dtype
 
-    def step(carry, lo, width):
-      _, z, _ = block_logits(h, w, lo, width, softcap, self.precision, vocab_axis, dot_dtype)
-      cols = lo + lax.broadcasted_iota(jnp.int32, (1, width), 1)
-      return P.merge(carry, P.block_partials(z, cols, targets, tau_col), tau)
-
     def forward(cpu: bool) -> P.RowPartials:
+      def step(carry, lo, width):
+        _, z, _ = block_logits(h, w, lo, width, softcap, self.precision, vocab_axis, dot_dtype)
+        cols = lo + lax.broadcasted_iota(jnp.int32, (1, width), 1)
+        stats = cpu_top_k.block_stats(z, targets - lo) if cpu and cpu_top_k.available() else None
+        return P.merge(carry, P.block_partials(z, cols, targets, tau_col, stats=stats), tau)
+
       v = w.shape[vocab_axis]
       return sweep(step, P.empty(h.shape[0], with_entropy=True), v, self.config.block(v, cpu))
 

@@ -10,8 +10,11 @@
   maxima, then gathers those groups);
 * :func:`maxima_and_top_k`: the same for float32 rows, the groups' maxima
   taken by the kernel from each row as it reads it (one read from memory);
-* :func:`add_block`: a row's running candidates for its ``K`` largest values,
-  given one more block of the row (the sweep from hidden states).
+* :func:`block_stats`: a block's maximum, first column of it and target value
+  per row, one read of the block for the three (the fused sweeps' blocks);
+* :func:`add_block`: the same, and a row's running candidates for its ``K``
+  largest values given one more block of the row (the sweep from hidden
+  states).
 
 Built and registered by :mod:`.cpu_library`; where it is not
 (:func:`available` False), every step is XLA's (:func:`top_k` is ``lax.top_k``,
@@ -20,6 +23,8 @@ largest values from hidden states): the same numbers, slower on the CPU.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -106,17 +111,89 @@ def running_top_k(n: int, k: int) -> tuple[jax.Array, jax.Array]:
   return jnp.full((n, 4 * k), -jnp.inf, jnp.float32), jnp.zeros((n, 2), jnp.int32)
 
 
-def add_block(state, z: jax.Array, k: int):
-  """The running candidates ``state`` (:func:`running_top_k`) given one more
-  block ``z float32 [n, W]`` of the rows, updated in place. A program for the
-  CPU only (where :func:`compiled`); the caller chooses it with
-  :func:`lpkernel.ops.platform.on_cpu_or`."""
-  buf, meta = state
-  out = (jax.ShapeDtypeStruct(buf.shape, jnp.float32), jax.ShapeDtypeStruct(meta.shape, jnp.int32))
-  call = jax.ffi.ffi_call(
-    "lpkernel_cpu_buffer_top_k", out, vmap_method="broadcast_all", input_output_aliases={1: 0, 2: 1}
+class BlockStats(NamedTuple):
+  """A block's statistics of each of its rows, as ``jnp``'s reductions give them
+  (:func:`lpkernel.partials.block_partials`): ``m`` its maximum (NaN where the
+  row holds one; a subnormal maximum may come as a zero, as XLA:CPU flushes
+  them), ``arg`` the first column holding it (the block's width where none)
+  and ``t`` the value at the row's target (``-inf`` outside the block); ``[n]``
+  each."""
+
+  m: jax.Array
+  t: jax.Array
+  arg: jax.Array
+
+
+def _stats_out(n: int) -> tuple:
+  f32, i32 = jnp.float32, jnp.int32
+  return (
+    jax.ShapeDtypeStruct((n,), f32),
+    jax.ShapeDtypeStruct((n,), f32),
+    jax.ShapeDtypeStruct((n,), i32),
   )
-  return tuple(call(z.astype(jnp.float32), buf, meta, k=np.int64(k)))
+
+
+def _at(a: jax.Array, cols: jax.Array) -> jax.Array:
+  """``a [n, W]`` at each row's column ``cols [n]``, 0 outside ``[0, W)``."""
+  w = a.shape[-1]
+  values = jnp.take_along_axis(a, jnp.clip(cols, 0, w - 1)[:, None], axis=-1)[:, 0]
+  return jnp.where((cols >= 0) & (cols < w), values, 0)
+
+
+@jax.custom_jvp
+def _with_tangents(z, targets, m, t, arg):
+  """``(m, t)`` as given (the kernel's, of ``stop_gradient(z)``), differentiable
+  in ``z`` as ``jnp.max`` and the target's gather are: ``dz`` at the first
+  maximum (ties: one column, not their mean; the partials' maximum is a shift
+  whose derivative cancels) and at the target."""
+  del z, targets, arg
+  return m, t
+
+
+@_with_tangents.defjvp
+def _with_tangents_jvp(primals, tangents):
+  z, targets, m, t, arg = primals
+  dz = tangents[0]
+  return (m, t), (_at(dz, arg), _at(dz, targets))
+
+
+def _stats(z, targets, m, t, arg) -> BlockStats:
+  m, t = _with_tangents(z, targets, m, t, arg)
+  return BlockStats(m, t, arg)
+
+
+def block_stats(z: jax.Array, targets: jax.Array) -> BlockStats:
+  """:class:`BlockStats` of ``z float32 [n, W]`` with ``targets int32 [n]`` the
+  block's columns (outside ``[0, W)`` where a target is in another block): one
+  read of the block for all three, differentiable in ``z`` as XLA's
+  reductions (:func:`_with_tangents`). A program for the CPU only (where
+  :func:`available`); the caller chooses it with
+  :func:`lpkernel.ops.platform.on_cpu_or`."""
+  z, targets = z.astype(jnp.float32), targets.astype(jnp.int32)
+  call = jax.ffi.ffi_call(
+    "lpkernel_cpu_block_stats", _stats_out(z.shape[0]), vmap_method="broadcast_all"
+  )
+  return _stats(z, targets, *call(lax.stop_gradient(z), targets))
+
+
+def add_block(state, z: jax.Array, k: int, targets: jax.Array):
+  """(the running candidates ``state`` (:func:`running_top_k`) given one more
+  block ``z float32 [n, W]`` of the rows, updated in place; the block's
+  :class:`BlockStats`, as :func:`block_stats`): one read of the block for
+  both. A program for the CPU only (where :func:`available`)."""
+  z, targets = z.astype(jnp.float32), targets.astype(jnp.int32)
+  buf, meta = state
+  out = (
+    *_stats_out(z.shape[0]),
+    jax.ShapeDtypeStruct(buf.shape, jnp.float32),
+    jax.ShapeDtypeStruct(meta.shape, jnp.int32),
+  )
+  call = jax.ffi.ffi_call(
+    "lpkernel_cpu_block_stats_top_k", out, vmap_method="broadcast_all",
+    input_output_aliases={2: 3, 3: 4},
+  )  # fmt: skip
+  m, t, arg, buf, meta = call(lax.stop_gradient(z), targets, buf, meta, k=np.int64(k))
+  return (buf, meta), _stats(z, targets, m, t, arg)
 
 
 def running_values(state, k: int) -> jax.Array:
@@ -124,4 +201,6 @@ def running_values(state, k: int) -> jax.Array:
   (``-inf`` where fewer)."""
   buf, meta = state
   held = lax.broadcasted_iota(jnp.int32, buf.shape, 1) < meta[:, :1]
-  return top_k(jnp.where(held, buf, -jnp.inf), k)[0]
+  # k values -inf past those held, above any negative NaN held (the floats' order)
+  fill = jnp.full((buf.shape[0], k), -jnp.inf, jnp.float32)
+  return top_k(jnp.concatenate([jnp.where(held, buf, -jnp.inf), fill], axis=1), k)[0]

@@ -204,7 +204,10 @@ def _partials_sweep(
 ):
   """(RowPartials, carry) of ``h @ w``: one sweep over the unembedding's blocks of
   ``width`` columns, ``take(carry, z, lo)`` folding in what else each block's
-  capped logits ``z [N, wd]`` (starting at column ``lo``) give."""
+  capped logits ``z [N, wd]`` (starting at column ``lo``; constants of the
+  carry) give: (the carry,
+  the block's :class:`~lpkernel.ops.processed.cpu_top_k.BlockStats` where its
+  kernel took them, else None)."""
   v = w.shape[vocab_axis]
   tau_col = None if tau is None else tau[:, None]
 
@@ -212,8 +215,9 @@ def _partials_sweep(
     parts, extra = carry
     _, z, _ = block_logits(h, w, lo, wd, softcap, precision, vocab_axis, fused.dot_dtype)
     cols = lo + lax.broadcasted_iota(jnp.int32, (1, wd), 1)
-    parts = P.merge(parts, P.block_partials(z, cols, targets, tau_col, with_entropy=False), tau)
-    return parts, take(extra, lax.stop_gradient(z), lo)
+    extra, stats = take(extra, z, lo)
+    block = P.block_partials(z, cols, targets, tau_col, with_entropy=False, stats=stats)
+    return P.merge(parts, block, tau), extra
 
   with jax.named_scope("processed_sweep"):
     return sweep(step, (P.empty(h.shape[0]), init), v, width)
@@ -227,7 +231,8 @@ def _hidden_sweep(h, w, targets, tau, softcap, vocab_axis: int, precision, confi
   group, c = config.hidden_group, config.group_values
 
   def record_block(maxima, z, lo):
-    return lax.dynamic_update_slice_in_dim(maxima, record.group_tops(z, group, c), lo // group, 1)
+    tops = record.group_tops(lax.stop_gradient(z), group, c)
+    return lax.dynamic_update_slice_in_dim(maxima, tops, lo // group, 1), None
 
   def forward(cpu: bool):
     width = fused.block(v, cpu)
@@ -250,7 +255,7 @@ def _hidden_sweep_top(h, w, targets, tau, softcap, vocab_axis: int, precision, k
   v = w.shape[vocab_axis]
   init = running_top_k(h.shape[0], k)
   args = (h, w, targets, tau, softcap, vocab_axis, precision, fused, fused.block(v, True), init)
-  parts, top = _partials_sweep(*args, lambda top, z, lo: add_block(top, z, k))
+  parts, top = _partials_sweep(*args, lambda top, z, lo: add_block(top, z, k, targets - lo))
   return parts, running_values(top, k)
 
 
