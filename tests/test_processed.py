@@ -1217,3 +1217,41 @@ def test_group_maxima_stand_for_the_max_pass_on_whole_groups(dtype):
   np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(got.raw_logprobs, want.raw_logprobs, rtol=1e-5, atol=1e-6)
   assert np.isneginf(got.logprobs[2]) and np.isnan(got.logprobs[3]) and got.logprobs[4] == 0
+
+
+@pytest.mark.parametrize("dot_dtype", [None, "float32"], ids=["as-stored", "upcast"])
+def test_searched_rows_from_hidden_states_take_wide_matmuls(dot_dtype):
+  """Top-p alone on flat rows (every row's nucleus past the candidates: each is
+  searched, its logits made again a chunk of rows at a time): the reference's
+  kept sets and log-probabilities whether the table is read as stored (one
+  matmul per chunk, ``rows_width``) or upcast a block at a time; and under
+  the upcast the temporaries stay under 10% of the float32 logits."""
+  from lpkernel.ops.processed import xla as X
+
+  n, d, v = 96, 16, 4099
+  h = 0.05 * jax.random.normal(jax.random.key(0), (n, d), jnp.float32)
+  w = jax.random.normal(jax.random.key(1), (d, v), jnp.float32)
+  targets = jax.random.randint(jax.random.key(2), (n,), 0, v)
+  sampling = lpk.Sampling(temperature=1.0, top_p=0.95)
+  config = lpk.FusedConfig(dot_dtype=dot_dtype)
+  got = lpk.fused_processed_token_stats(h, w, targets, sampling, fused_config=config)
+  want = lpk.fused_processed_token_stats(h, w, targets, sampling, implementation="reference")
+  assert int(jnp.min(want.kept_count)) > 64  # past the candidates: searched
+  np.testing.assert_array_equal(got.kept, want.kept)
+  np.testing.assert_array_equal(got.kept_count, want.kept_count)
+  np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-5, atol=1e-5)
+  chunk, width = X.search_chunk(2048), X.rows_width(X.search_chunk(2048), 256, 32000, config)
+  if dot_dtype is None:
+    assert width == 32000
+  else:  # the upcast block within the chunk's logits, whole sweep blocks
+    assert 256 <= width and width % 256 == 0 and 256 * width <= chunk * 32000
+  if dot_dtype is not None:
+    shapes = (
+      jax.ShapeDtypeStruct((2048, 256), jnp.bfloat16),
+      jax.ShapeDtypeStruct((256, 32000), jnp.bfloat16),
+      jax.ShapeDtypeStruct((2048,), jnp.int32),
+    )
+    fn = lambda h, w, t: lpk.fused_processed_token_stats(  # noqa: E731
+      h, w, t, sampling, fused_config=config
+    ).logprobs.sum()
+    assert _fraction(fn, shapes, 2048 * 32000 * 4) < 0.10
