@@ -325,6 +325,9 @@ def hidden_grads(
 
   def backward(cpu: bool):
     dw_out = UnembedGrad(w.shape, w.dtype, vocab_axis, UnembedGrad.bits_for(w.dtype, cpu))
+    # d w's blocks from a [D, N] copy of h on the CPU, as the fused backward's
+    # (XlaFused._grads): contracting N on h itself took XLA:CPU's slow dot.
+    h_t = lax.optimization_barrier(h.T) if cpu and fused.dot_dtype is None else None
 
     def step(carry, lo, wd, fresh):
       dh, dw, dtau = carry
@@ -334,7 +337,7 @@ def hidden_grads(
       dy, dtau_b = row_grads(z, cols, targets, params, kappa, log_s, log_sk, g, tau_grad, fresh)
       dz = P.grad_x(dy, x, tau_col, softcap).astype(h.dtype)  # h as the matmuls take it
       dh = add_rows(dh, dz, fresh_rows(wb, fresh, vocab_axis), vocab_axis, precision)
-      dwb = grad_unembed(h, dz, vocab_axis, precision).astype(w.dtype)  # overlap: the same again
+      dwb = grad_unembed(h, dz, vocab_axis, precision, h_t).astype(w.dtype)  # overlap: the same again
       dtau = None if dtau is None else dtau + dtau_b
       return dh, dw_out.put(dw, dwb, lo), dtau
 
