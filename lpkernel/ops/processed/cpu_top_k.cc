@@ -650,6 +650,22 @@ RowStats BlockRow(const float* x, int64_t n, int64_t target, float* buf, int32_t
   return Finish(x, n, target, most, nan, tail);
 }
 
+// Each row of x [rows, n] through BlockRow (with buf: rows of cap values and
+// meta [rows, 2]; without: statistics only), its RowStats into m, t, arg.
+void BlockRows(ffi::ThreadPool& pool, const float* x, int64_t rows, int64_t n,
+               const int32_t* targets, float* buf, int32_t* meta, int64_t k, int64_t cap, float* m,
+               float* t, int32_t* arg) {
+  ParallelRows(pool, rows, n + 64, [=](int64_t lo, int64_t hi) {
+    std::vector<int32_t> keys;
+    for (int64_t r = lo; r < hi; ++r) {
+      float* row_buf = buf ? buf + r * cap : nullptr;
+      int32_t* row_meta = meta ? meta + 2 * r : nullptr;
+      RowStats st = BlockRow(x + r * n, n, targets[r], row_buf, row_meta, k, cap, keys);
+      m[r] = st.max, t[r] = st.target, arg[r] = st.arg;
+    }
+  });
+}
+
 // x float32 [..., n], targets int32 [...] (the block's columns: outside
 // [0, n) where the target is in another block); each row's RowStats into m,
 // t, arg.
@@ -662,18 +678,8 @@ ffi::Error BlockStats(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   if (dims.size() == 0 || targets.element_count() != static_cast<size_t>(rows)) {
     return ffi::Error::InvalidArgument("block_stats: x [..., n], targets [...]");
   }
-  if (rows == 0) return ffi::Error::Success();
-  const float* in = x.typed_data();
-  const int32_t* tg = targets.typed_data();
-  float *mo = m->typed_data(), *to = t->typed_data();
-  int32_t* ao = arg->typed_data();
-  ParallelRows(pool, rows, n + 64, [=](int64_t lo, int64_t hi) {
-    std::vector<int32_t> keys;
-    for (int64_t r = lo; r < hi; ++r) {
-      RowStats st = BlockRow(in + r * n, n, tg[r], nullptr, nullptr, 0, 0, keys);
-      mo[r] = st.max, to[r] = st.target, ao[r] = st.arg;
-    }
-  });
+  BlockRows(pool, x.typed_data(), rows, n, targets.typed_data(), nullptr, nullptr, 0, 0,
+            m->typed_data(), t->typed_data(), arg->typed_data());
   return ffi::Error::Success();
 }
 
@@ -697,22 +703,12 @@ ffi::Error BlockStatsTopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
       x.element_count() != static_cast<size_t>(rows * n)) {
     return ffi::Error::InvalidArgument("block_stats: x [..., n], targets [...], buf [..., cap], meta [..., 2]");
   }
-  if (rows == 0) return ffi::Error::Success();
   float* b = buf_out->typed_data();
   int32_t* mt = meta_out->typed_data();
   if (b != buf.typed_data()) std::copy(buf.typed_data(), buf.typed_data() + rows * cap, b);
   if (mt != meta.typed_data()) std::copy(meta.typed_data(), meta.typed_data() + 2 * rows, mt);
-  const float* in = x.typed_data();
-  const int32_t* tg = targets.typed_data();
-  float *mo = m->typed_data(), *to = t->typed_data();
-  int32_t* ao = arg->typed_data();
-  ParallelRows(pool, rows, n + 64, [=](int64_t lo, int64_t hi) {
-    std::vector<int32_t> keys;
-    for (int64_t r = lo; r < hi; ++r) {
-      RowStats st = BlockRow(in + r * n, n, tg[r], b + r * cap, mt + 2 * r, k, cap, keys);
-      mo[r] = st.max, to[r] = st.target, ao[r] = st.arg;
-    }
-  });
+  BlockRows(pool, x.typed_data(), rows, n, targets.typed_data(), b, mt, k, cap, m->typed_data(),
+            t->typed_data(), arg->typed_data());
   return ffi::Error::Success();
 }
 
