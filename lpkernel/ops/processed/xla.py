@@ -337,7 +337,9 @@ def hidden_grads(
       dy, dtau_b = row_grads(z, cols, targets, params, kappa, log_s, log_sk, g, tau_grad, fresh)
       dz = P.grad_x(dy, x, tau_col, softcap).astype(h.dtype)  # h as the matmuls take it
       dh = add_rows(dh, dz, fresh_rows(wb, fresh, vocab_axis), vocab_axis, precision)
-      dwb = grad_unembed(h, dz, vocab_axis, precision, h_t).astype(w.dtype)  # overlap: the same again
+      dwb = grad_unembed(h, dz, vocab_axis, precision, h_t).astype(
+        w.dtype
+      )  # overlap: the same again
       dtau = None if dtau is None else dtau + dtau_b
       return dh, dw_out.put(dw, dwb, lo), dtau
 
