@@ -234,8 +234,9 @@ def test_running_candidates_keep_lax_top_ks_values(data, rows, k, widths):
   """A row read block by block into the running candidates (the buffer cut back
   when full, the bar raised) ends with ``lax.top_k``'s values of the whole row,
   bit for bit, ``-inf`` past a row shorter than ``k``; ties, NaN of both signs,
-  signed zeros and infinities included. Each block's statistics, taken in the
-  same read, are XLA's (:func:`_same_stats`)."""
+  signed zeros and infinities included. The first block's statistics, taken
+  in the same read, are XLA's (:func:`_same_stats`; every case of them:
+  :func:`test_block_stats_are_xlas_reductions`)."""
   assert cpu_top_k.available() or os.environ.get("LPKERNEL_CPU_KERNELS") == "0"
   if not cpu_top_k.available():
     pytest.skip("LPKERNEL_CPU_KERNELS=0")
@@ -247,11 +248,13 @@ def test_running_candidates_keep_lax_top_ks_values(data, rows, k, widths):
   ]
   state = cpu_top_k.running_top_k(rows, k)
   step = jax.jit(cpu_top_k.add_block, static_argnums=2)
+  checked = False  # the statistics of the first block read (each is a compile of XLA's)
   for b in blocks:
     targets = jnp.asarray(data.draw(hnp.arrays(np.int32, (rows,), elements=st.integers(-2, 201))))
     state, stats = step(state, jnp.asarray(b), k, targets)
-    if b.shape[1]:
+    if b.shape[1] and not checked:
       _same_stats(stats, jnp.asarray(b), targets)
+      checked = True
   got = cpu_top_k.running_values(state, k)
   whole = np.concatenate(blocks + [np.full((rows, k), -np.inf, np.float32)], axis=1)
   want = lax.top_k(jnp.asarray(whole), k)[0]
