@@ -188,9 +188,9 @@ def rows_width(chunk: int, d: int, v: int, fused: FusedConfig) -> int:
   size (at least the sweep's block). The sweep's 256-column blocks made each
   chunk 125 small matmuls at V 32000: top-p alone on flat rows (every row
   searched) at N 4096, D 512 in bfloat16 took 1.95 s on 2 CPU cores."""
-  block = fused.block(v, True)
   if fused.dot_dtype is None:
     return v
+  block = fused.block(v, True)
   return min(v, max(block, chunk * v // max(1, d) // block * block))
 
 
@@ -219,9 +219,9 @@ def _partials_sweep(
   """(RowPartials, carry) of ``h @ w``: one sweep over the unembedding's blocks of
   ``width`` columns, ``take(carry, z, lo)`` folding in what else each block's
   capped logits ``z [N, wd]`` (starting at column ``lo``; constants of the
-  carry) give: (the carry,
-  the block's :class:`~lpkernel.ops.processed.cpu_top_k.BlockStats` where its
-  kernel took them, else None)."""
+  carry) give: (the carry, the block's
+  :class:`~lpkernel.ops.processed.cpu_top_k.BlockStats` where its kernel took
+  them, else None)."""
   v = w.shape[vocab_axis]
   tau_col = None if tau is None else tau[:, None]
 
@@ -337,9 +337,8 @@ def hidden_grads(
       dy, dtau_b = row_grads(z, cols, targets, params, kappa, log_s, log_sk, g, tau_grad, fresh)
       dz = P.grad_x(dy, x, tau_col, softcap).astype(h.dtype)  # h as the matmuls take it
       dh = add_rows(dh, dz, fresh_rows(wb, fresh, vocab_axis), vocab_axis, precision)
-      dwb = grad_unembed(h, dz, vocab_axis, precision, h_t).astype(
-        w.dtype
-      )  # overlap: the same again
+      # The overlapped columns' d w is written again, the same.
+      dwb = grad_unembed(h, dz, vocab_axis, precision, h_t).astype(w.dtype)
       dtau = None if dtau is None else dtau + dtau_b
       return dh, dw_out.put(dw, dwb, lo), dtau
 
