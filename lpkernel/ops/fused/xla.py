@@ -35,6 +35,7 @@ from lpkernel.ops.fused.matmuls import (
   contract,
   fresh_rows,
   grad_unembed,
+  hidden_for_grad_unembed,
 )
 from lpkernel.ops.platform import on_cpu_or
 from lpkernel.ops.processed import cpu_top_k
@@ -279,12 +280,7 @@ class XlaFused(tuning.Configured):
     :class:`~lpkernel.ops.fused.matmuls.UnembedGrad`) or, for None, as is; the
     CPU's layouts and block width with ``cpu``."""
     tau_col = None if tau is None else tau[:, None]
-    # On the CPU, d w blocks come from a [D, N] copy of h made once: XLA:CPU's fast
-    # bfloat16 dots want the contracted axis last on the left (contracting N on h
-    # itself ran 5x slower). Other backends contract h as it is, with no copy, and
-    # so do float32 matmuls (FusedConfig.dot_dtype): a second float32 copy of h
-    # would take the temporaries past the bound for 15-30% on the d w dots.
-    h_t = lax.optimization_barrier(h.T) if cpu and self.config.dot_dtype is None else None
+    h_t = hidden_for_grad_unembed(h, cpu, self.config.dot_dtype)  # on the CPU, h.T once
 
     dw_out = UnembedGrad(w.shape, w.dtype, vocab_axis, bits)
 

@@ -32,7 +32,13 @@ from jax import lax
 
 from lpkernel import partials as P
 from lpkernel.ops.blocks import block_of, sweep, sweep_in_place
-from lpkernel.ops.fused.matmuls import UnembedGrad, add_rows, fresh_rows, grad_unembed
+from lpkernel.ops.fused.matmuls import (
+  UnembedGrad,
+  add_rows,
+  fresh_rows,
+  grad_unembed,
+  hidden_for_grad_unembed,
+)
 from lpkernel.ops.fused.xla import FusedConfig, block_logits
 from lpkernel.ops.logprobs.xla import XlaLogits, chunk_rows
 from lpkernel.ops.platform import on_cpu_or
@@ -325,9 +331,7 @@ def hidden_grads(
 
   def backward(cpu: bool):
     dw_out = UnembedGrad(w.shape, w.dtype, vocab_axis, UnembedGrad.bits_for(w.dtype, cpu))
-    # d w's blocks from a [D, N] copy of h on the CPU, as the fused backward's
-    # (XlaFused._grads): contracting N on h itself took XLA:CPU's slow dot.
-    h_t = lax.optimization_barrier(h.T) if cpu and fused.dot_dtype is None else None
+    h_t = hidden_for_grad_unembed(h, cpu, fused.dot_dtype)  # on the CPU, h.T once
 
     def step(carry, lo, wd, fresh):
       dh, dw, dtau = carry
