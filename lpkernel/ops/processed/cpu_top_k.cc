@@ -86,6 +86,25 @@ inline int64_t CountAtLeast(const int32_t* keys, int64_t nv, int32_t least) {
   return SumOf(a + b);
 }
 
+// The largest b * 2^shift (b from lo >> shift to hi >> shift) that at least k
+// of keys[0, nv) reach, where k of them reach lo (nv a multiple of kLanes, the
+// padding at most lo): a bisection, each step a count (CountAtLeast). shift 0
+// gives the k-th largest key; 16 keeps its float's sign, exponent and 7 high
+// mantissa bits.
+inline int32_t KthAtLeast(const int32_t* keys, int64_t nv, int32_t lo, int32_t hi, int64_t k,
+                          int shift) {
+  int64_t unit = int64_t{1} << shift, bottom = int64_t{lo} >> shift, top = int64_t{hi} >> shift;
+  while (bottom < top) {
+    int64_t mid = bottom + (top - bottom + 1) / 2;
+    if (CountAtLeast(keys, nv, static_cast<int32_t>(mid * unit)) >= k) {
+      bottom = mid;
+    } else {
+      top = mid - 1;
+    }
+  }
+  return static_cast<int32_t>(bottom * unit);
+}
+
 // offer(i) for each i of [0, width) where x[i] may reach the bar (not under
 // bar() as a float: NaN and -0 as 0 included; offer decides): 64 values at a
 // time, a bit each (kLanes compared at once), bar() read once per 64 (an offer
@@ -298,16 +317,7 @@ class RowGroupsTopK {
     // A NaN maximum (past an infinity) says nothing of its group's other values.
     float inf = std::numeric_limits<float>::infinity();
     if (hi > SignedKey(inf) || lo < SignedKey(-inf)) return INT32_MIN;
-    int64_t bottom = lo >> 16, top = hi >> 16;  // all g >= k maxima are at least bottom's
-    while (bottom < top) {
-      int64_t mid = (bottom + top + 1) >> 1;
-      if (CountAtLeast(maxima_.data(), maxima_.size(), static_cast<int32_t>(mid * 65536)) >= k_) {
-        bottom = mid;
-      } else {
-        top = mid - 1;
-      }
-    }
-    return static_cast<int32_t>(bottom * 65536);
+    return KthAtLeast(maxima_.data(), maxima_.size(), lo, hi, k_, 16);  // all g >= k reach lo
   }
 
   // The chosen groups' values at least the first bar into keys_: with k or more
@@ -541,17 +551,8 @@ uint32_t CutBuffer(float* buf, int64_t size, int64_t k, std::vector<int32_t>& ke
     keys[i] = SignedKey(buf[i]);
     lo = std::min(lo, keys[i]), hi = std::max(hi, keys[i]);
   }
-  std::fill(keys.begin() + size, keys.end(), INT32_MIN);  // at least lo: never counted above it
-  int64_t bottom = lo, top = hi;  // k keys are at least bottom's
-  while (bottom < top) {
-    int64_t mid = bottom + (top - bottom + 1) / 2;
-    if (CountAtLeast(keys.data(), padded, static_cast<int32_t>(mid)) >= k) {
-      bottom = mid;
-    } else {
-      top = mid - 1;
-    }
-  }
-  int32_t kth = static_cast<int32_t>(bottom);
+  std::fill(keys.begin() + size, keys.end(), INT32_MIN);  // at most lo: never counted above it
+  int32_t kth = KthAtLeast(keys.data(), padded, lo, hi, k, 0);  // all size > k reach lo
   int64_t kept = 0;  // fewer than k keys exceed the k-th
   for (i = 0; i < size; ++i) {
     buf[kept] = buf[i];
@@ -585,7 +586,9 @@ inline int32_t FirstAt(const float* x, int64_t n, float top) {
   return static_cast<int32_t>(n);
 }
 
-inline RowStats Finish(const float* x, int64_t n, int64_t target, FV most, IV nan, float tail) {
+// The RowStats of x[0, n) from its lanes' maxima `most` and NaN flags `nan`
+// and the tail's maximum `tail` (NaN where the tail holds one).
+inline RowStats StatsOf(const float* x, int64_t n, int64_t target, FV most, IV nan, float tail) {
   float top = std::max(MaxOf(most), tail);
   bool any_nan = Mask(nan) != 0 || tail != tail;
   RowStats out;
@@ -647,7 +650,7 @@ RowStats BlockRow(const float* x, int64_t n, int64_t target, float* buf, int32_t
     meta[0] = static_cast<int32_t>(size);
     meta[1] = static_cast<int32_t>(bar);
   }
-  return Finish(x, n, target, most, nan, tail);
+  return StatsOf(x, n, target, most, nan, tail);
 }
 
 // Each row of x [rows, n] through BlockRow (with buf: rows of cap values and
