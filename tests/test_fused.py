@@ -18,6 +18,9 @@ from tests.helpers import (
 )
 
 SMALL = lpk.FusedConfig(vocab_block=4)  # many blocks and a tail on small V
+# Backward steps of three 4-column blocks: at V = 13 the last step's blocks
+# overlap the first step's columns but one (FusedConfig.grad_blocks).
+GROUPED = lpk.FusedConfig(vocab_block=4, grad_blocks=3)
 
 
 def _inputs(seed, n, d, v, dtype=jnp.float32):
@@ -59,8 +62,13 @@ def test_values_match_materialised_and_oracle(config, n, v, dtype):
   assert_close(got, oracle_token_logprobs(logits, t), rtol=1e-5, atol=1e-4, what="vs oracle")
 
 
-# The backward sweep over 4-column blocks, or token chunks of 4 (two and a tail of 3).
-BACKWARDS = {"sweep": SMALL, "chunks": lpk.FusedConfig(grad_chunks=True, loss_chunk_tokens=4)}
+# The backward sweep over 4-column blocks one or three to a step, or token
+# chunks of 4 (two and a tail of 3).
+BACKWARDS = {
+  "sweep": SMALL,
+  "grouped": GROUPED,
+  "chunks": lpk.FusedConfig(grad_chunks=True, loss_chunk_tokens=4),
+}
 
 
 @pytest.mark.parametrize(
@@ -106,7 +114,9 @@ def test_gradients_match_materialised(backward, temperature, softcap, dtype):
     assert_close(a, b, **tol, what=name)
 
 
-@pytest.mark.parametrize("implementation", [lpk.XlaFused(SMALL), "xla", "reference"], ids=str)
+@pytest.mark.parametrize(
+  "implementation", [lpk.XlaFused(SMALL), lpk.XlaFused(GROUPED), "xla", "reference"], ids=str
+)
 def test_tied_table_is_read_as_stored(implementation):
   """``vocab_axis=0``: a ``[V, D]`` table gives the ``[D, V]`` values and oracle gradients."""
   h, w, t = _inputs(3, 9, 8, 13)
@@ -345,6 +355,8 @@ def test_nll_loss_bad_arguments_raise(kwargs, err, match):
     lpk.fused_nll_loss(jnp.zeros((4, 8)), jnp.zeros((8, 10)), jnp.zeros(4, jnp.int32), **kwargs)
   with pytest.raises(ValueError, match="loss_chunk_tokens"):
     lpk.FusedConfig(loss_chunk_tokens=0)
+  with pytest.raises(ValueError, match="grad_blocks"):
+    lpk.FusedConfig(grad_blocks=0)
 
 
 @pytest.mark.slow
@@ -369,9 +381,10 @@ def test_nll_loss_gradients_hold_no_logits_sized_temporaries(dtype):
   "implementation",
   [
     lpk.XlaFused(lpk.FusedConfig(vocab_block=128)),
+    lpk.XlaFused(lpk.FusedConfig(vocab_block=128, grad_blocks=2)),
     lpk.XlaFused(lpk.FusedConfig(vocab_block=128, loss_chunks=True, loss_chunk_tokens=16)),
   ],
-  ids=["sweeps", "loss-chunks"],
+  ids=["sweeps", "sweeps-grouped", "loss-chunks"],
 )
 def test_bfloat16_tied_table_gradients_run_on_the_cpu(implementation):
   """A bfloat16 ``[V, D]`` table's gradient blocks: XLA:CPU has no bfloat16 dot with a

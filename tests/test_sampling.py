@@ -49,6 +49,9 @@ PALLAS_TPU_HIDDEN = lpk.PallasTpuProcessed(
 )
 
 
+GROUPED = lpk.FusedConfig(vocab_block=8, grad_blocks=3)
+
+
 def _reference(logits, targets, sampling, softcap):
   """The reference as one compiled program (called eagerly it dispatches and
   compiles every primitive on its own); Python numbers stay Python numbers."""
@@ -83,6 +86,10 @@ def processed(impl: str, logits, targets, sampling, softcap=None) -> ProcessedSt
   w = logits.reshape(n, v)
   if impl == "hidden":
     return lpk.fused_processed_token_stats(hidden, w, targets, sampling, softcap=softcap)
+  if impl == "hidden_grouped":  # backward steps of three 8-column blocks, the last overlapping
+    return lpk.fused_processed_token_stats(
+      hidden, w, targets, sampling, softcap=softcap, fused_config=GROUPED
+    )
   if impl in ("pallas_gpu_hidden", "pallas_tpu_hidden"):
     implementation = PALLAS_GPU_HIDDEN if impl == "pallas_gpu_hidden" else PALLAS_TPU_HIDDEN
     return lpk.fused_processed_token_stats(
@@ -276,7 +283,7 @@ def test_a_nucleus_below_float32_rounding_keeps_the_most_likely_token(impl):
   np.testing.assert_allclose(s.logprobs, 0.0, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("impl", [*IMPLEMENTATIONS, "hidden_grouped"])
 def test_gradients_keep_the_kept_set_constant(impl):
   """d processed_lp / d logits = (onehot - p_kept) / tau on kept columns, 0 elsewhere;
   d / d tau by finite differences of the same kept set."""

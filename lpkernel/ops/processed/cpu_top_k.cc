@@ -602,56 +602,99 @@ inline RowStats StatsOf(const float* x, int64_t n, int64_t target, FV most, IV n
 // non-null) the block offered to the row's running buffer buf[0, cap) of
 // candidates for its k largest values (meta: the count held and the bar, an
 // OrderKey: only values at least the bar enter); a buffer without room is cut
-// back to its k largest (CutBuffer), which raises the bar. kLanes values at a
-// time, read once for both: their maximum and NaN, their keys against the
-// bar, and where any passes, each lane written at the end of the buffer and
-// counted where it passed (no branch per value; room for kLanes where
-// cap >= k + kLanes, else value by value).
-RowStats BlockRow(const float* x, int64_t n, int64_t target, float* buf, int32_t* meta, int64_t k,
-                  int64_t cap, std::vector<int32_t>& keys) {
-  const float ninf = -std::numeric_limits<float>::infinity();
-  FV most = SplatV(ninf);
-  IV nan = SplatV(0);
-  float tail = ninf;
-  int64_t size = buf ? meta[0] : 0, i = 0;
-  uint32_t bar = buf ? static_cast<uint32_t>(meta[1]) : UINT32_MAX;
-  IV bars = SplatV(static_cast<int32_t>(bar ^ 0x80000000u));
-  bool vectors = buf == nullptr || cap >= k + kLanes;
-  for (; vectors && i + kLanes <= n; i += kLanes) {
-    FV v = LoadV(x + i);
-    nan |= v != v;
-    most = v > most ? v : most;
-    if (buf == nullptr) continue;
-    uint32_t passed = Mask(SignedKeysOf<IV>(v) >= bars);
-    if (passed == 0) continue;
-    if (size + kLanes > cap) {
-      bar = CutBuffer(buf, size, k, keys);
-      size = k;
-      bars = SplatV(static_cast<int32_t>(bar ^ 0x80000000u));
-      passed = Mask(SignedKeysOf<IV>(v) >= bars);
+// back to its k largest (CutBuffer), which raises the bar. Read once for both:
+// 4 * kLanes values at a time into 4 lanes' maxima (4 chains: a maximum's
+// latency is longer than a load) and NaN flags, their keys against the bar
+// tested at once, and where any passes each vector offered (Offer); each
+// value past the last multiple of kLanes, and every value where the buffer has
+// no room for a vector (cap < k + kLanes), one at a time.
+class BlockRow {
+ public:
+  BlockRow(float* buf, int32_t* meta, int64_t k, int64_t cap, std::vector<int32_t>& keys)
+      : buf_(buf), meta_(meta), k_(k), cap_(cap), keys_(keys) {
+    if (buf == nullptr) return;
+    size_ = meta[0];
+    SetBar(static_cast<uint32_t>(meta[1]));
+  }
+
+  template <bool kOffers>
+  RowStats Run(const float* x, int64_t n, int64_t target) {
+    const float ninf = -std::numeric_limits<float>::infinity();
+    FV m0 = SplatV(ninf), m1 = m0, m2 = m0, m3 = m0;
+    IV nan = SplatV(0);
+    int64_t i = 0;
+    bool vectors = !kOffers || cap_ >= k_ + kLanes;
+    for (; vectors && i + 4 * kLanes <= n; i += 4 * kLanes) {
+      FV a = LoadV(x + i), b = LoadV(x + i + kLanes), c = LoadV(x + i + 2 * kLanes),
+         d = LoadV(x + i + 3 * kLanes);
+      nan |= (a != a) | (b != b) | (c != c) | (d != d);
+      m0 = Max(a, m0), m1 = Max(b, m1), m2 = Max(c, m2), m3 = Max(d, m3);
+      if constexpr (kOffers) {
+        if (Mask(Passes(a) | Passes(b) | Passes(c) | Passes(d)) != 0) {
+          Offer(a), Offer(b), Offer(c), Offer(d);
+        }
+      }
+    }
+    for (; vectors && i + kLanes <= n; i += kLanes) {
+      FV a = LoadV(x + i);
+      nan |= a != a;
+      m0 = Max(a, m0);
+      if constexpr (kOffers) Offer(a);
+    }
+    float tail = ninf;
+    for (; i < n; ++i) {
+      float v = x[i];
+      tail = v > tail || v != v ? v : tail;
+      if (!kOffers || OrderKey(v) < bar_) continue;
+      if (size_ == cap_) {
+        Cut();
+        if (OrderKey(v) < bar_) continue;
+      }
+      buf_[size_++] = v;
+    }
+    if constexpr (kOffers) {
+      meta_[0] = static_cast<int32_t>(size_);
+      meta_[1] = static_cast<int32_t>(bar_);
+    }
+    return StatsOf(x, n, target, Max(Max(m0, m1), Max(m2, m3)), nan, tail);
+  }
+
+ private:
+  IV Passes(FV v) const { return SignedKeysOf<IV>(v) >= bars_; }
+
+  void SetBar(uint32_t bar) {
+    bar_ = bar;
+    bars_ = SplatV(static_cast<int32_t>(bar ^ 0x80000000u));
+  }
+
+  void Cut() {
+    SetBar(CutBuffer(buf_, size_, k_, keys_));
+    size_ = k_;
+  }
+
+  // v's lanes at least the bar, written at the end of the buffer (cut first
+  // where it has no room for kLanes) and counted where they pass: no branch
+  // per value.
+  void Offer(FV v) {
+    uint32_t passed = Mask(Passes(v));
+    if (passed == 0) return;
+    if (size_ + kLanes > cap_) {
+      Cut();
+      passed = Mask(Passes(v));
     }
     for (int l = 0; l < kLanes; ++l) {
-      buf[size] = v[l];
-      size += (passed >> l) & 1;
+      buf_[size_] = v[l];
+      size_ += (passed >> l) & 1;
     }
   }
-  for (; i < n; ++i) {
-    float v = x[i];
-    tail = v > tail || v != v ? v : tail;
-    if (buf == nullptr || OrderKey(v) < bar) continue;
-    if (size == cap) {
-      bar = CutBuffer(buf, size, k, keys);
-      size = k;
-      if (OrderKey(v) < bar) continue;
-    }
-    buf[size++] = v;
-  }
-  if (buf) {
-    meta[0] = static_cast<int32_t>(size);
-    meta[1] = static_cast<int32_t>(bar);
-  }
-  return StatsOf(x, n, target, most, nan, tail);
-}
+
+  float* buf_;
+  int32_t* meta_;
+  int64_t k_, cap_, size_ = 0;
+  std::vector<int32_t>& keys_;
+  uint32_t bar_ = UINT32_MAX;
+  IV bars_ = SplatV(0);
+};
 
 // Each row of x [rows, n] through BlockRow (with buf: rows of cap values and
 // meta [rows, 2]; without: statistics only), its RowStats into m, t, arg.
@@ -663,7 +706,9 @@ void BlockRows(ffi::ThreadPool& pool, const float* x, int64_t rows, int64_t n,
     for (int64_t r = lo; r < hi; ++r) {
       float* row_buf = buf ? buf + r * cap : nullptr;
       int32_t* row_meta = meta ? meta + 2 * r : nullptr;
-      RowStats st = BlockRow(x + r * n, n, targets[r], row_buf, row_meta, k, cap, keys);
+      BlockRow row(row_buf, row_meta, k, cap, keys);
+      RowStats st = buf ? row.Run<true>(x + r * n, n, targets[r])
+                        : row.Run<false>(x + r * n, n, targets[r]);
       m[r] = st.max, t[r] = st.target, arg[r] = st.arg;
     }
   });

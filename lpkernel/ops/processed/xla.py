@@ -39,7 +39,7 @@ from lpkernel.ops.fused.matmuls import (
   grad_unembed,
   hidden_for_grad_unembed,
 )
-from lpkernel.ops.fused.xla import FusedConfig, block_logits
+from lpkernel.ops.fused.xla import FusedConfig, block_logits, grouped_dz
 from lpkernel.ops.logprobs.xla import XlaLogits, chunk_rows
 from lpkernel.ops.platform import on_cpu_or
 from lpkernel.ops.processed import candidates as C
@@ -332,14 +332,17 @@ def hidden_grads(
   def backward(cpu: bool):
     dw_out = UnembedGrad(w.shape, w.dtype, vocab_axis, UnembedGrad.bits_for(w.dtype, cpu))
     h_t = hidden_for_grad_unembed(h, cpu, fused.dot_dtype)  # on the CPU, h.T once
+    block = fused.block(v, cpu)
+
+    def grad(x, z, cols, fresh):
+      dy, dtau_b = row_grads(z, cols, targets, params, kappa, log_s, log_sk, g, tau_grad, fresh)
+      return P.grad_x(dy, x, tau_col, softcap).astype(h.dtype), dtau_b  # h as the matmuls take it
 
     def step(carry, lo, wd, fresh):
       dh, dw, dtau = carry
-      x, z, wb = block_logits(h, w, lo, wd, softcap, precision, vocab_axis, fused.dot_dtype)
-      cols = lo + lax.broadcasted_iota(jnp.int32, (1, wd), 1)
-      fresh = cols >= fresh
-      dy, dtau_b = row_grads(z, cols, targets, params, kappa, log_s, log_sk, g, tau_grad, fresh)
-      dz = P.grad_x(dy, x, tau_col, softcap).astype(h.dtype)  # h as the matmuls take it
+      args = (h, w, lo, wd, block, fresh, softcap, precision, vocab_axis, fused.dot_dtype, grad)
+      dz, wb, dtau_b = grouped_dz(*args)
+      fresh = lo + lax.broadcasted_iota(jnp.int32, (1, wd), 1) >= fresh
       dh = add_rows(dh, dz, fresh_rows(wb, fresh, vocab_axis), vocab_axis, precision)
       # The overlapped columns' d w is written again, the same.
       dwb = grad_unembed(h, dz, vocab_axis, precision, h_t).astype(w.dtype)
@@ -351,7 +354,8 @@ def hidden_grads(
       dw_out.zeros(),
       jnp.zeros((h.shape[0],), _F32) if tau_grad and params.tau is not None else None,
     )
-    dh, dw, dtau = sweep_in_place(step, init, v, fused.block(v, cpu))
+    group = fused.grad_group(h.shape[0], v, h.dtype, cpu)
+    dh, dw, dtau = sweep_in_place(step, init, v, block * group)
     return dh, dw_out.value(dw), dtau
 
   with jax.named_scope("processed_sweep_backward"):
