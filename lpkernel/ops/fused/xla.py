@@ -27,7 +27,7 @@ from jax import lax
 
 from lpkernel import partials as P
 from lpkernel.ops import higher_order, tuning
-from lpkernel.ops.blocks import block_of, chunk_budget, sweep, sweep_in_place
+from lpkernel.ops.blocks import block_of, sweep, sweep_in_place
 from lpkernel.ops.fused.matmuls import (
   UnembedGrad,
   add_rows,
@@ -88,12 +88,15 @@ class FusedConfig:
       sweep gathers for its two matmuls (``d hidden += dz @ w^T``, ``d w = h^T
       dz``), each block's logits still made and differentiated on their own;
       None for the default: 1 off the CPU (its blocks are wide already), on the
-      CPU as many, up to 4, as keep the gathered ``dz`` within 8 MiB and 1% of
-      the float32 logits' bytes. Each step reads and writes the float32
-      ``[N, D]`` accumulator of ``d hidden``: a third of a bfloat16 backward at
-      N = 4096, D = 512, V = 32000 on 2 cores with one block per step (the
-      training loss: 958 ms; 2 blocks, the default there, 770 ms; 4, 746 ms
-      but 10.7% of the logits' bytes in temporaries).
+      CPU as many, up to 4, as keep the gathered ``dz`` within 16 MiB and 3%
+      (float32) or 1% (narrower dtypes) of the float32 logits' bytes. Each step
+      reads and writes the float32 ``[N, D]`` accumulator of ``d hidden``: a
+      third of a bfloat16 backward at N = 4096, D = 512, V = 32000 on 2 cores
+      with one block per step (same process: the training loss 958 ms; 2
+      blocks, the default there, 770 ms; 4, 746 ms but 10.7% of the logits'
+      bytes in temporaries). In float32 (the per-token backward; the training
+      loss takes token chunks there) 3 blocks, the default, 2597 -> 2427 ms,
+      temporaries 21 -> 34 MB.
     dot_dtype: None, the matmuls take ``hidden`` and ``unembed`` as they are;
       ``"float32"``, each vocabulary block of a narrower table (and the hidden
       states, once) is upcast first: for a CPU without bfloat16 dot
@@ -154,8 +157,11 @@ class FusedConfig:
       return self.grad_blocks
     if not cpu:
       return 1
-    per_block = max(1, n * self.block(vocab_size, cpu) * jnp.dtype(dtype).itemsize)
-    return max(1, min(4, chunk_budget(n, vocab_size, 8 << 20) // per_block))
+    itemsize = jnp.dtype(dtype).itemsize
+    # Of the float32 logits' bytes: 3% of float32 d logits, 1% of narrower ones
+    # (their blocks' upcast copies make more of the other temporaries).
+    budget = min(16 << 20, n * vocab_size * 4 * (3 if itemsize == 4 else 1) // 100)
+    return max(1, min(4, budget // max(1, n * self.block(vocab_size, cpu) * itemsize)))
 
   def block(self, vocab_size: int, cpu: bool) -> int:
     """Columns per step of the sweep in a program lowered for the CPU (``cpu``) or another."""
