@@ -19,8 +19,10 @@ from tests.helpers import (
 
 SMALL = lpk.FusedConfig(vocab_block=4)  # many blocks and a tail on small V
 # Backward steps of three 4-column blocks: at V = 13 the last step's blocks
-# overlap the first step's columns but one (FusedConfig.grad_blocks).
+# overlap the first step's columns but one (FusedConfig.grad_blocks); of four,
+# one step of 4 + 4 + 4 + 1 columns.
 GROUPED = lpk.FusedConfig(vocab_block=4, grad_blocks=3)
+ONE_STEP = lpk.FusedConfig(vocab_block=4, grad_blocks=4)
 
 
 def _inputs(seed, n, d, v, dtype=jnp.float32):
@@ -115,7 +117,9 @@ def test_gradients_match_materialised(backward, temperature, softcap, dtype):
 
 
 @pytest.mark.parametrize(
-  "implementation", [lpk.XlaFused(SMALL), lpk.XlaFused(GROUPED), "xla", "reference"], ids=str
+  "implementation",
+  [lpk.XlaFused(SMALL), lpk.XlaFused(GROUPED), lpk.XlaFused(ONE_STEP), "xla", "reference"],
+  ids=str,
 )
 def test_tied_table_is_read_as_stored(implementation):
   """``vocab_axis=0``: a ``[V, D]`` table gives the ``[D, V]`` values and oracle gradients."""
