@@ -89,7 +89,8 @@ class FusedConfig:
       dz``), each block's logits still made and differentiated on their own;
       None for the default: 1 off the CPU (its blocks are wide already), on the
       CPU as many, up to 4, as keep the gathered ``dz`` within 16 MiB and 3%
-      (float32) or 1% (narrower dtypes) of the float32 logits' bytes. Each step
+      (from a float32 table) or 1% (from a narrower one, upcast or not) of the
+      float32 logits' bytes. Each step
       reads and writes the float32 ``[N, D]`` accumulator of ``d hidden``: a
       third of a bfloat16 backward at N = 4096, D = 512, V = 32000 on 2 cores
       with one block per step (same process: the training loss 958 ms; 2
@@ -150,17 +151,18 @@ class FusedConfig:
       return min(n, self.loss_chunk_tokens)
     return min(n, max(64, self.loss_chunk_bytes // (4 * vocab_size) // 64 * 64))
 
-  def grad_group(self, n: int, vocab_size: int, dtype, cpu: bool) -> int:
+  def grad_group(self, n: int, vocab_size: int, dtype, table_dtype, cpu: bool) -> int:
     """Blocks per step of the backward sweep (``grad_blocks``) over ``n`` rows
-    whose ``d logits`` are taken in ``dtype``."""
+    whose ``d logits`` are taken in ``dtype``, from a table of ``table_dtype``."""
     if self.grad_blocks is not None:
       return self.grad_blocks
     if not cpu:
       return 1
     itemsize = jnp.dtype(dtype).itemsize
-    # Of the float32 logits' bytes: 3% of float32 d logits, 1% of narrower ones
-    # (their blocks' upcast copies make more of the other temporaries).
-    budget = min(16 << 20, n * vocab_size * 4 * (3 if itemsize == 4 else 1) // 100)
+    # Of the float32 logits' bytes: 3% from a float32 table, 1% from a narrower
+    # one (its blocks' upcast copies make more of the other temporaries).
+    share = 3 if itemsize == 4 and jnp.dtype(table_dtype).itemsize == 4 else 1
+    budget = min(16 << 20, n * vocab_size * 4 * share // 100)
     return max(1, min(4, budget // max(1, n * self.block(vocab_size, cpu) * itemsize)))
 
   def block(self, vocab_size: int, cpu: bool) -> int:
@@ -374,7 +376,7 @@ class XlaFused(tuning.Configured):
       None if tau is None else jnp.zeros((h.shape[0],), _F32),
     )
     with jax.named_scope("fused_sweep_backward"):
-      group = self.config.grad_group(h.shape[0], v, h.dtype, cpu)
+      group = self.config.grad_group(h.shape[0], v, h.dtype, w.dtype, cpu)
       dh, dw, dtau = sweep_in_place(step, init, v, block * group)
       return dh, dw_out.value(dw), dtau
 

@@ -354,7 +354,7 @@ def hidden_grads(
       dw_out.zeros(),
       jnp.zeros((h.shape[0],), _F32) if tau_grad and params.tau is not None else None,
     )
-    group = fused.grad_group(h.shape[0], v, h.dtype, cpu)
+    group = fused.grad_group(h.shape[0], v, h.dtype, w.dtype, cpu)
     dh, dw, dtau = sweep_in_place(step, init, v, block * group)
     return dh, dw_out.value(dw), dtau
 
