@@ -90,14 +90,13 @@ class FusedConfig:
       None for the default: 1 off the CPU (its blocks are wide already), on the
       CPU as many, up to 4, as keep the gathered ``dz`` within 16 MiB and 3%
       (from a float32 table) or 1% (from a narrower one, upcast or not) of the
-      float32 logits' bytes. Each step
-      reads and writes the float32 ``[N, D]`` accumulator of ``d hidden``: a
-      third of a bfloat16 backward at N = 4096, D = 512, V = 32000 on 2 cores
-      with one block per step (same process: the training loss 958 ms; 2
-      blocks, the default there, 770 ms; 4, 746 ms but 10.7% of the logits'
-      bytes in temporaries). In float32 (the per-token backward; the training
-      loss takes token chunks there) 3 blocks, the default, 2597 -> 2427 ms,
-      temporaries 21 -> 34 MB.
+      float32 logits' bytes. Each step reads and writes the float32 ``[N, D]``
+      accumulator of ``d hidden``: a third of a bfloat16 backward at N = 4096,
+      D = 512, V = 32000 on 2 cores with one block per step (same process: the
+      training loss 958 ms; 2 blocks, the default there, 770 ms; 4, 746 ms but
+      10.7% of the logits' bytes in temporaries). In float32 (the per-token
+      backward; the training loss takes token chunks there) 3 blocks, the
+      default, 2597 -> 2427 ms, temporaries 21 -> 34 MB.
     dot_dtype: None, the matmuls take ``hidden`` and ``unembed`` as they are;
       ``"float32"``, each vocabulary block of a narrower table (and the hidden
       states, once) is upcast first: for a CPU without bfloat16 dot
@@ -195,26 +194,47 @@ def _joined(pieces: list[jax.Array]) -> jax.Array:
   return lax.bitcast_convert_type(jnp.concatenate(bits, axis=1), dtype)
 
 
-def grouped_dz(h, w, lo, width, block, fresh, softcap, precision, vocab_axis, dot_dtype, grad):
-  """(``d logits [N, width]``, the matrix's block (upcast to ``dot_dtype`` if
-  given), the summed ``d tau [N]`` or None) of vocabulary ``[lo, lo + width)``
-  in a backward sweep (:func:`~lpkernel.ops.blocks.sweep_in_place`'s ``fresh``):
-  each ``block`` columns' logits from one matmul, their ``d logits`` by
-  ``grad(x, z, cols, fresh_cols) -> (dz, d tau or None)``, gathered for the
-  step's two matmuls (``FusedConfig.grad_blocks``)."""
-  wb = block_of(w, lo, width, vocab_axis)
-  if dot_dtype is not None:
-    wb = wb.astype(dot_dtype)
-  pieces, dtau = [], None
-  for off in range(0, width, block):
-    wd = min(block, width - off)
-    piece = lax.slice_in_dim(wb, off, off + wd, axis=vocab_axis)
-    x = contract(h, 1, piece, 1 - vocab_axis, precision)
-    cols = lo + off + lax.broadcasted_iota(jnp.int32, (1, wd), 1)
-    dz, dtau_b = grad(x, P.capped(x, softcap), cols, cols >= fresh)
-    pieces.append(dz)
-    dtau = dtau_b if dtau is None else dtau + dtau_b
-  return _joined(pieces), wb, dtau
+def backward_sweep(h, w, grad, h_t, dw_out, tau_grad: bool, block, group, config):
+  """(d h float32 ``[N, D]``, d w as ``dw_out``
+  (:class:`~lpkernel.ops.fused.matmuls.UnembedGrad`) gives it, the summed
+  ``d tau [N]`` or None) of ``h [N, D] @ w``: one sweep over the matrix's
+  vocabulary blocks, recomputed. Each step takes ``group`` blocks of ``block``
+  columns (``FusedConfig.grad_blocks``): each block's logits from one matmul and
+  its ``d logits`` (in ``h``'s dtype) by ``grad(x, z, cols, fresh) -> (dz,
+  d tau or None)`` (``fresh``: bool ``[1, W]``, the columns not swept before:
+  :func:`~lpkernel.ops.blocks.sweep_in_place`), then one ``d hidden`` and one
+  ``d w`` matmul for them all. ``config``: (softcap, precision, vocab_axis,
+  dot_dtype); ``h_t``: :func:`~lpkernel.ops.fused.matmuls.hidden_for_grad_unembed`'s."""
+  softcap, precision, vocab_axis, dot_dtype = config
+
+  def step(carry, lo, width, fresh):
+    dh, dw, dtau = carry
+    wb = block_of(w, lo, width, vocab_axis)
+    if dot_dtype is not None:
+      wb = wb.astype(dot_dtype)
+    pieces = []
+    for off in range(0, width, block):
+      wd = min(block, width - off)
+      piece = lax.slice_in_dim(wb, off, off + wd, axis=vocab_axis)
+      x = contract(h, 1, piece, 1 - vocab_axis, precision)
+      cols = lo + off + lax.broadcasted_iota(jnp.int32, (1, wd), 1)
+      dz, dtau_b = grad(x, P.capped(x, softcap), cols, cols >= fresh)
+      pieces.append(dz)
+      dtau = None if dtau is None else dtau + dtau_b
+    dz = _joined(pieces)
+    fresh = lo + lax.broadcasted_iota(jnp.int32, (1, width), 1) >= fresh
+    dh = add_rows(dh, dz, fresh_rows(wb, fresh, vocab_axis), vocab_axis, precision)
+    # The overlapped columns' d w is written again, the same.
+    dwb = grad_unembed(h, dz, vocab_axis, precision, h_t).astype(w.dtype)
+    return dh, dw_out.put(dw, dwb, lo), dtau
+
+  init = (
+    jnp.zeros(h.shape, _F32),
+    dw_out.zeros(),
+    jnp.zeros((h.shape[0],), _F32) if tau_grad else None,
+  )
+  dh, dw, dtau = sweep_in_place(step, init, w.shape[vocab_axis], block * group)
+  return dh, dw_out.value(dw), dtau
 
 
 def block_grad(x, z, cols, targets, tau_col, softcap, f: P.Finished, g, dtype, fresh=None):
@@ -352,33 +372,14 @@ class XlaFused(tuning.Configured):
     dw_out = UnembedGrad(w.shape, w.dtype, vocab_axis, bits)
     v = w.shape[vocab_axis]
     block = self.config.block(v, cpu)
+    group = self.config.grad_group(h.shape[0], v, h.dtype, w.dtype, cpu)
 
     def grad(x, z, cols, fresh):
       return block_grad(x, z, cols, targets, tau_col, softcap, f, g, h.dtype, fresh)
 
-    def step(carry, lo, width, fresh):
-      dh, dw, dtau = carry
-      dz, wb, dtau_b = grouped_dz(
-        h, w, lo, width, block, fresh, softcap, self.precision, vocab_axis,
-        self.config.dot_dtype, grad,
-      )  # fmt: skip
-      if tau is not None:
-        dtau = dtau + dtau_b
-      fresh = lo + lax.broadcasted_iota(jnp.int32, (1, width), 1) >= fresh
-      dh = add_rows(dh, dz, fresh_rows(wb, fresh, vocab_axis), vocab_axis, self.precision)
-      # The overlapped columns' d w is written again, the same.
-      dwb = grad_unembed(h, dz, vocab_axis, self.precision, h_t).astype(w.dtype)
-      return dh, dw_out.put(dw, dwb, lo), dtau
-
-    init = (
-      jnp.zeros(h.shape, _F32),
-      dw_out.zeros(),
-      None if tau is None else jnp.zeros((h.shape[0],), _F32),
-    )
+    config = (softcap, self.precision, vocab_axis, self.config.dot_dtype)
     with jax.named_scope("fused_sweep_backward"):
-      group = self.config.grad_group(h.shape[0], v, h.dtype, w.dtype, cpu)
-      dh, dw, dtau = sweep_in_place(step, init, v, block * group)
-      return dh, dw_out.value(dw), dtau
+      return backward_sweep(h, w, grad, h_t, dw_out, tau is not None, block, group, config)
 
   def _chunked_grads(self, h, w, targets, tau, softcap, f: P.Finished, g, vocab_axis):
     """:meth:`grads` over token chunks (three matmuls per chunk, as the training loss)."""

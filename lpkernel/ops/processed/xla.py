@@ -34,12 +34,9 @@ from lpkernel import partials as P
 from lpkernel.ops.blocks import block_of, sweep, sweep_in_place
 from lpkernel.ops.fused.matmuls import (
   UnembedGrad,
-  add_rows,
-  fresh_rows,
-  grad_unembed,
   hidden_for_grad_unembed,
 )
-from lpkernel.ops.fused.xla import FusedConfig, block_logits, grouped_dz
+from lpkernel.ops.fused.xla import FusedConfig, backward_sweep, block_logits
 from lpkernel.ops.logprobs.xla import XlaLogits, chunk_rows
 from lpkernel.ops.platform import on_cpu_or
 from lpkernel.ops.processed import candidates as C
@@ -333,30 +330,15 @@ def hidden_grads(
     dw_out = UnembedGrad(w.shape, w.dtype, vocab_axis, UnembedGrad.bits_for(w.dtype, cpu))
     h_t = hidden_for_grad_unembed(h, cpu, fused.dot_dtype)  # on the CPU, h.T once
     block = fused.block(v, cpu)
+    group = fused.grad_group(h.shape[0], v, h.dtype, w.dtype, cpu)
 
     def grad(x, z, cols, fresh):
       dy, dtau_b = row_grads(z, cols, targets, params, kappa, log_s, log_sk, g, tau_grad, fresh)
       return P.grad_x(dy, x, tau_col, softcap).astype(h.dtype), dtau_b  # h as the matmuls take it
 
-    def step(carry, lo, wd, fresh):
-      dh, dw, dtau = carry
-      args = (h, w, lo, wd, block, fresh, softcap, precision, vocab_axis, fused.dot_dtype, grad)
-      dz, wb, dtau_b = grouped_dz(*args)
-      fresh = lo + lax.broadcasted_iota(jnp.int32, (1, wd), 1) >= fresh
-      dh = add_rows(dh, dz, fresh_rows(wb, fresh, vocab_axis), vocab_axis, precision)
-      # The overlapped columns' d w is written again, the same.
-      dwb = grad_unembed(h, dz, vocab_axis, precision, h_t).astype(w.dtype)
-      dtau = None if dtau is None else dtau + dtau_b
-      return dh, dw_out.put(dw, dwb, lo), dtau
-
-    init = (
-      jnp.zeros(h.shape, _F32),
-      dw_out.zeros(),
-      jnp.zeros((h.shape[0],), _F32) if tau_grad and params.tau is not None else None,
-    )
-    group = fused.grad_group(h.shape[0], v, h.dtype, w.dtype, cpu)
-    dh, dw, dtau = sweep_in_place(step, init, v, block * group)
-    return dh, dw_out.value(dw), dtau
+    with_tau = tau_grad and params.tau is not None
+    config = (softcap, precision, vocab_axis, fused.dot_dtype)
+    return backward_sweep(h, w, grad, h_t, dw_out, with_tau, block, group, config)
 
   with jax.named_scope("processed_sweep_backward"):
     return on_cpu_or(lambda: backward(True), lambda: backward(False))
