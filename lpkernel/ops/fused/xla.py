@@ -194,18 +194,22 @@ def _joined(pieces: list[jax.Array]) -> jax.Array:
   return lax.bitcast_convert_type(jnp.concatenate(bits, axis=1), dtype)
 
 
-def backward_sweep(h, w, grad, h_t, dw_out, tau_grad: bool, block, group, config):
+def backward_sweep(h, w, grad, dw_out, tau_grad: bool, fused: FusedConfig, cpu: bool, ops):
   """(d h float32 ``[N, D]``, d w as ``dw_out``
   (:class:`~lpkernel.ops.fused.matmuls.UnembedGrad`) gives it, the summed
-  ``d tau [N]`` or None) of ``h [N, D] @ w``: one sweep over the matrix's
-  vocabulary blocks, recomputed. Each step takes ``group`` blocks of ``block``
-  columns (``FusedConfig.grad_blocks``): each block's logits from one matmul and
-  its ``d logits`` (in ``h``'s dtype) by ``grad(x, z, cols, fresh) -> (dz,
-  d tau or None)`` (``fresh``: bool ``[1, W]``, the columns not swept before:
+  ``d tau [N]`` or None) of ``h [N, D] @ w`` (``h`` as the matmuls take it):
+  one sweep over the matrix's vocabulary blocks, recomputed, in a program
+  lowered for the CPU (``cpu``) or another. Each step takes
+  ``fused.grad_group`` blocks of ``fused.block`` columns
+  (``FusedConfig.grad_blocks``): each block's logits from one matmul and its
+  ``d logits`` (in ``h``'s dtype) by ``grad(x, z, cols, fresh) -> (dz, d tau or
+  None)`` (``fresh``: bool ``[1, W]``, the columns not swept before:
   :func:`~lpkernel.ops.blocks.sweep_in_place`), then one ``d hidden`` and one
-  ``d w`` matmul for them all. ``config``: (softcap, precision, vocab_axis,
-  dot_dtype); ``h_t``: :func:`~lpkernel.ops.fused.matmuls.hidden_for_grad_unembed`'s."""
-  softcap, precision, vocab_axis, dot_dtype = config
+  ``d w`` matmul for them all. ``ops``: (softcap, precision, vocab_axis)."""
+  softcap, precision, vocab_axis = ops
+  dot_dtype, v = fused.dot_dtype, w.shape[vocab_axis]
+  block = fused.block(v, cpu)
+  h_t = hidden_for_grad_unembed(h, cpu, dot_dtype)  # on the CPU, h.T once
 
   def step(carry, lo, width, fresh):
     dh, dw, dtau = carry
@@ -233,7 +237,8 @@ def backward_sweep(h, w, grad, h_t, dw_out, tau_grad: bool, block, group, config
     dw_out.zeros(),
     jnp.zeros((h.shape[0],), _F32) if tau_grad else None,
   )
-  dh, dw, dtau = sweep_in_place(step, init, w.shape[vocab_axis], block * group)
+  group = fused.grad_group(h.shape[0], v, h.dtype, w.dtype, cpu)
+  dh, dw, dtau = sweep_in_place(step, init, v, block * group)
   return dh, dw_out.value(dw), dtau
 
 
@@ -367,19 +372,14 @@ class XlaFused(tuning.Configured):
     :class:`~lpkernel.ops.fused.matmuls.UnembedGrad`) or, for None, as is; the
     CPU's layouts and block width with ``cpu``."""
     tau_col = None if tau is None else tau[:, None]
-    h_t = hidden_for_grad_unembed(h, cpu, self.config.dot_dtype)  # on the CPU, h.T once
-
     dw_out = UnembedGrad(w.shape, w.dtype, vocab_axis, bits)
-    v = w.shape[vocab_axis]
-    block = self.config.block(v, cpu)
-    group = self.config.grad_group(h.shape[0], v, h.dtype, w.dtype, cpu)
 
     def grad(x, z, cols, fresh):
       return block_grad(x, z, cols, targets, tau_col, softcap, f, g, h.dtype, fresh)
 
-    config = (softcap, self.precision, vocab_axis, self.config.dot_dtype)
+    ops = (softcap, self.precision, vocab_axis)
     with jax.named_scope("fused_sweep_backward"):
-      return backward_sweep(h, w, grad, h_t, dw_out, tau is not None, block, group, config)
+      return backward_sweep(h, w, grad, dw_out, tau is not None, self.config, cpu, ops)
 
   def _chunked_grads(self, h, w, targets, tau, softcap, f: P.Finished, g, vocab_axis):
     """:meth:`grads` over token chunks (three matmuls per chunk, as the training loss)."""

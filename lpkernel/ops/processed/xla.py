@@ -32,10 +32,7 @@ from jax import lax
 
 from lpkernel import partials as P
 from lpkernel.ops.blocks import block_of, sweep, sweep_in_place
-from lpkernel.ops.fused.matmuls import (
-  UnembedGrad,
-  hidden_for_grad_unembed,
-)
+from lpkernel.ops.fused.matmuls import UnembedGrad
 from lpkernel.ops.fused.xla import FusedConfig, backward_sweep, block_logits
 from lpkernel.ops.logprobs.xla import XlaLogits, chunk_rows
 from lpkernel.ops.platform import on_cpu_or
@@ -321,24 +318,20 @@ def hidden_grads(
   """(d h float32 [N, D], d w in w's layout and dtype, d tau [N] or None): one sweep
   over the unembedding's blocks."""
   tau_col = params.col(params.tau)
-  v = w.shape[vocab_axis]
   # Dead rows hold anything (padding, NaN): zeros keep them out of d w's contraction.
   h = jnp.where(live_rows(g)[:, None], h, 0)
   h = h if fused.dot_dtype is None else h.astype(fused.dot_dtype)
 
   def backward(cpu: bool):
     dw_out = UnembedGrad(w.shape, w.dtype, vocab_axis, UnembedGrad.bits_for(w.dtype, cpu))
-    h_t = hidden_for_grad_unembed(h, cpu, fused.dot_dtype)  # on the CPU, h.T once
-    block = fused.block(v, cpu)
-    group = fused.grad_group(h.shape[0], v, h.dtype, w.dtype, cpu)
 
     def grad(x, z, cols, fresh):
       dy, dtau_b = row_grads(z, cols, targets, params, kappa, log_s, log_sk, g, tau_grad, fresh)
       return P.grad_x(dy, x, tau_col, softcap).astype(h.dtype), dtau_b  # h as the matmuls take it
 
     with_tau = tau_grad and params.tau is not None
-    config = (softcap, precision, vocab_axis, fused.dot_dtype)
-    return backward_sweep(h, w, grad, h_t, dw_out, with_tau, block, group, config)
+    ops = (softcap, precision, vocab_axis)
+    return backward_sweep(h, w, grad, dw_out, with_tau, fused, cpu, ops)
 
   with jax.named_scope("processed_sweep_backward"):
     return on_cpu_or(lambda: backward(True), lambda: backward(False))
