@@ -6,8 +6,9 @@
 // A token's kept ids name K rows of a [V, D] table; gathered token by token
 // (XLA's way) the table is read N * K / V times over (14 times at N 4096,
 // K 512, V 151936) at random. Here a block of tokens' (token, slot) pairs is
-// grouped by table row (a counting sort), and each row is read once per block,
-// its pairs' hidden states (a few MB, in cache) four at a time.
+// grouped by table row (a counting sort, the workers' shares at once), and
+// each row is read once per block, its pairs' hidden states (a few MB, in
+// cache) four at a time, the next row fetched a line per line read.
 //
 // LpkernelReplayDots: x[t, j] = h[t] . w[ids[t, j]], 0 where the id is outside
 // [0, V). h [N, D] and w [V, D] float32 or bfloat16 (one type), x float32.
@@ -39,16 +40,28 @@ namespace {
 
 using namespace lpkernel;  // NOLINT: the shared vectors, loads and thread split
 
+// Asks for the cache line of `next` (may be null) at byte `offset` when
+// `offset` starts a line.
+inline void FetchLine(const char* next, int64_t offset) {
+  if (next != nullptr && offset % 64 == 0) __builtin_prefetch(next + offset);
+}
+
 // out[m] = w . h[m] for M rows h of d values (float32 sums; d's tail one by
 // one). Two sums of 4 lanes per row, of values j % 8 < 4 and >= 4: one vector
 // of 8 lanes in the AVX2 build, rounding as the portable build's two.
+// `next`: the table's next row (or null), fetched a line per line of `w`
+// read: the hardware's prefetcher left most of each 8 KB row to DRAM's
+// latency (N 1024, D 2048, V 151936, K 512 on 2 cores: 135 -> 126 ms; the
+// whole next row asked for at once, 128 lines, gained nothing).
 template <int M, typename T>
-inline void Dots(const T* w, const T* const* h, int64_t d, float* out) {
+inline void Dots(const T* w, const T* const* h, int64_t d, float* out, const T* next) {
+  const char* ahead = reinterpret_cast<const char*>(next);
 #if LPKERNEL_LANES == 8
   FV acc[M];
   for (int m = 0; m < M; ++m) acc[m] = FV{};
   int64_t j = 0;
   for (; j + 8 <= d; j += 8) {
+    FetchLine(ahead, j * int64_t{sizeof(T)});
     FV wv = LoadV(w + j);
     for (int m = 0; m < M; ++m) acc[m] += wv * LoadV(h[m] + j);
   }
@@ -64,6 +77,7 @@ inline void Dots(const T* w, const T* const* h, int64_t d, float* out) {
   for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = F4{0, 0, 0, 0};
   int64_t j = 0;
   for (; j + 8 <= d; j += 8) {
+    FetchLine(ahead, j * int64_t{sizeof(T)});
     F4 w0 = Load4(w + j), w1 = Load4(w + j + 4);
     for (int m = 0; m < M; ++m) {
       acc[m][0] += w0 * Load4(h[m] + j);
@@ -78,14 +92,17 @@ inline void Dots(const T* w, const T* const* h, int64_t d, float* out) {
 #endif
 }
 
-// dw_row += sum_m g[m] h[m]; dh[m] += g[m] w (M rows of d values).
+// dw_row += sum_m g[m] h[m]; dh[m] += g[m] w (M rows of d values); `next`
+// as Dots' (the backward at the shape there: 420 -> 375 ms).
 template <int M, typename T>
 inline void Axpys(const T* w, const T* const* h, const float* g, int64_t d, float* dw_row,
-                  float* const* dh) {
+                  float* const* dh, const T* next) {
+  const char* ahead = reinterpret_cast<const char*>(next);
   F4 gv[M];
   for (int m = 0; m < M; ++m) gv[m] = F4{g[m], g[m], g[m], g[m]};
   int64_t j = 0;
   for (; j + 4 <= d; j += 4) {
+    FetchLine(ahead, j * int64_t{sizeof(T)});
     F4 wv = Load4(w + j), acc = Load4(dw_row + j);
     for (int m = 0; m < M; ++m) {
       acc += gv[m] * Load4(h[m] + j);
@@ -121,17 +138,42 @@ class PairsByRow {
  public:
   explicit PairsByRow(int64_t v) : v_(v), start_(v + 1) {}
 
-  void Group(const int32_t* ids, int64_t count) {
-    std::fill(start_.begin(), start_.end(), 0);
-    for (int64_t p = 0; p < count; ++p) {
-      if (ids[p] >= 0 && ids[p] < v_) ++start_[ids[p] + 1];
+  // A counting sort in two passes over the pairs, each worker's share at once
+  // (a serial one was 5% of the forward at N 1024, K 512, V 151936): the
+  // shares' counts of each row, then their places, a row's pairs in
+  // ascending order as one worker would place them.
+  void Group(ffi::ThreadPool& pool, const int32_t* ids, int64_t count) {
+    int shares = Workers(pool, count / 4096 + 1);
+    std::vector<int64_t> bounds(shares + 1);
+    for (int q = 0; q <= shares; ++q) bounds[q] = count * q / shares;
+    counts_.resize(shares);
+    auto counts = [&](int64_t lo) -> std::vector<int32_t>& {  // of the share from pair lo
+      return counts_[std::lower_bound(bounds.begin(), bounds.end(), lo) - bounds.begin()];
+    };
+    ParallelRanges(pool, bounds, [&](int64_t lo, int64_t hi, int) {
+      std::vector<int32_t>& c = counts(lo);
+      c.assign(v_, 0);
+      for (int64_t p = lo; p < hi; ++p) {
+        if (ids[p] >= 0 && ids[p] < v_) ++c[ids[p]];
+      }
+    });
+    start_[0] = 0;
+    for (int64_t r = 0; r < v_; ++r) {  // each share's first place in row r
+      int64_t at = start_[r];
+      for (auto& c : counts_) {
+        int32_t here = c[r];
+        c[r] = static_cast<int32_t>(at);
+        at += here;
+      }
+      start_[r + 1] = at;
     }
-    for (int64_t r = 0; r < v_; ++r) start_[r + 1] += start_[r];
     pairs_.resize(start_[v_]);
-    fill_.assign(start_.begin(), start_.end() - 1);
-    for (int64_t p = 0; p < count; ++p) {
-      if (ids[p] >= 0 && ids[p] < v_) pairs_[fill_[ids[p]]++] = static_cast<int32_t>(p);
-    }
+    ParallelRanges(pool, bounds, [&](int64_t lo, int64_t hi, int) {
+      std::vector<int32_t>& place = counts(lo);
+      for (int64_t p = lo; p < hi; ++p) {
+        if (ids[p] >= 0 && ids[p] < v_) pairs_[place[ids[p]]++] = static_cast<int32_t>(p);
+      }
+    });
   }
 
   // Row ranges of about equal work (a row read, and D values per pair), at
@@ -158,7 +200,8 @@ class PairsByRow {
 
  private:
   int64_t v_;
-  std::vector<int64_t> start_, fill_;
+  std::vector<int64_t> start_;
+  std::vector<std::vector<int32_t>> counts_;  // per share: its rows' counts, then places
   std::vector<int32_t> pairs_;
 };
 
@@ -299,7 +342,7 @@ void ReplayDots(ffi::ThreadPool& pool, const T* h, const T* w, const int32_t* id
   std::vector<T> packed;    // a pass's columns of the block's hidden states
   for (int64_t t0 = 0; t0 < n; t0 += block) {
     int64_t tokens = std::min(block, n - t0);
-    by_row.Group(ids + t0 * k, tokens * k);
+    by_row.Group(pool, ids + t0 * k, tokens * k);
     sums.assign(by_row.start(v), 0.0f);
     std::vector<int64_t> ranges = by_row.Ranges(pool);
     const T* hb = h + t0 * d;
@@ -321,7 +364,9 @@ void ReplayDots(ffi::ThreadPool& pool, const T* h, const T* w, const int32_t* id
               const T* rows[4];
               float part[4];
               for (int q = 0; q < m; ++q) rows[q] = hp + (p[q] / k) * piece;
-              Dots<m>(tile + (r - r0) * table.Stride(), rows, piece, part);
+              const T* row = tile + (r - r0) * table.Stride();
+              bool fetch = p == first && r + 1 < r1;  // the row's first group fetches the next
+              Dots<m>(row, rows, piece, part, fetch ? row + table.Stride() : nullptr);
               for (int q = 0; q < m; ++q) out[p - first + q] += part[q];
             });
           }
@@ -367,7 +412,7 @@ void ReplayGrads(ffi::ThreadPool& pool, const T* h, const T* w, const int32_t* i
   std::vector<T> packed;
   for (int64_t t0 = 0; t0 < n; t0 += block) {
     int64_t tokens = std::min(block, n - t0);
-    by_row.Group(ids + t0 * k, tokens * k);
+    by_row.Group(pool, ids + t0 * k, tokens * k);
     std::vector<int64_t> ranges = by_row.Ranges(pool);
     const T* hb = h + t0 * d;
     const float* gb = dx + t0 * k;
@@ -381,11 +426,12 @@ void ReplayGrads(ffi::ThreadPool& pool, const T* h, const T* w, const int32_t* i
       for (auto& b : buffers) b.clear();
       // Rows [r0, r1) of the table (`tile`) and of d w (`dw_rows`), `stride` apart.
       auto rows = [&](int64_t r0, int64_t r1, const T* tile, float* dw_rows, int64_t stride,
-                      int worker) {
+                      int worker, bool fresh) {
         std::vector<float>& buffer = buffers[worker];
         if (buffer.empty()) buffer.assign(tokens * piece, 0.0f);
         for (int64_t r = r0; r < r1; ++r) {
           float* dw_row = dw_rows + (r - r0) * stride;
+          if (fresh) std::fill_n(dw_row, piece, 0.0f);  // in cache for its sums
           ForGroups(by_row.begin(r), by_row.size(r), [&](auto group, const int32_t* p) {
             constexpr int m = decltype(group)::value;
             const T* hs[4];
@@ -396,16 +442,17 @@ void ReplayGrads(ffi::ThreadPool& pool, const T* h, const T* w, const int32_t* i
               dh_rows[q] = buffer.data() + (p[q] / k) * piece;
               g[q] = gb[p[q]];
             }
-            Axpys<m>(tile + (r - r0) * table.Stride(), hs, g, piece, dw_row, dh_rows);
+            const T* row = tile + (r - r0) * table.Stride();
+            bool fetch = p == by_row.begin(r) && r + 1 < r1;  // the row's first group fetches the next
+            Axpys<m>(row, hs, g, piece, dw_row, dh_rows, fetch ? row + table.Stride() : nullptr);
           });
         }
       };
       ParallelRanges(pool, ranges, [&](int64_t lo, int64_t hi, int worker) {
         if (!columns) {
-          if (t0 == 0) {  // the first block writes every row
-            for (int64_t r = lo; r < hi; ++r) std::fill_n(dw + r * d + j0, piece, 0.0f);
-          }
-          rows(lo, hi, table.Tile(lo, hi, tiles[worker]), dw + lo * d + j0, d, worker);
+          // The first block writes every row, each zeroed as it is reached (all
+          // of the range's zeroed first, then read back from DRAM: 410 ms, 390).
+          rows(lo, hi, table.Tile(lo, hi, tiles[worker]), dw + lo * d + j0, d, worker, t0 == 0);
           return;
         }
         // d w's rows in a tile of the table's shape (the first block writes every row).
@@ -422,7 +469,7 @@ void ReplayGrads(ffi::ThreadPool& pool, const T* h, const T* w, const int32_t* i
             ColumnsToRows(static_cast<const float*>(dw_piece), v, piece, r0, r1 - r0, dw_tile.data(),
                           stride);
           }
-          if (pairs) rows(r0, r1, table.Tile(r0, r1, tiles[worker]), dw_tile.data(), stride, worker);
+          if (pairs) rows(r0, r1, table.Tile(r0, r1, tiles[worker]), dw_tile.data(), stride, worker, false);
           RowsToColumns(dw_tile.data(), stride, dw_piece, v, piece, r0, r1 - r0);
         });
       });
