@@ -96,6 +96,29 @@ def test_dots_and_grads_are_the_oracles(data, n, d, v, k, block, width, dtype, v
   assert np.all(np.asarray(got_x)[bad] == 0)
 
 
+def test_d_unembed_sums_each_rows_pairs_in_order_whatever_the_threads():
+  """The pairs are grouped by row in the workers' shares at once (here two
+  shares of 4096 pairs or more): each row's pairs still come in ascending
+  (token, slot) order, so ``d w`` is the float32 sum of ``dx[t, j] h[t]``
+  taken in that order, bit for bit (a product rounded, then added: the
+  kernels do not contract), in one block and in several."""
+  _require_kernels()
+  rng = np.random.default_rng(13)
+  n, d, v, k = 80, 12, 40, 128  # 10240 pairs, about 256 per row
+  h = rng.normal(size=(n, d)).astype(np.float32)
+  w = rng.normal(size=(v, d)).astype(np.float32)
+  ids = rng.integers(-1, v, (n, k)).astype(np.int32)
+  dx = rng.normal(size=(n, k)).astype(np.float32)
+  want = np.zeros((v, d), np.float32)
+  for t in range(n):
+    for j in range(k):
+      if ids[t, j] >= 0:
+        want[ids[t, j]] += dx[t, j] * h[t]  # float32 product, then float32 sum
+  for block in (0, 48):
+    grads = jax.jit(functools.partial(cpu_replay.kept_grads, block=block))
+    np.testing.assert_array_equal(np.asarray(grads(h, w, ids, dx)[1]), want)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_a_dv_matrix_gives_the_rows_tables_numbers_exactly(dtype):
   """A ``[D, V]`` table is copied into rows a tile at a time (256 or 512 rows,
