@@ -67,7 +67,7 @@ def test_the_avx2_build_runs_where_the_cpu_has_avx2():
 # build (the suite runs the AVX2 build here): their loops are written for any
 # lane count, 4 there (group maxima, counts, bit masks and ranks by
 # groups_top_k and maxima_and_top_k; ForEachAtLeast by top_k; the replay's
-# dot products, two vectors of 4 lanes for one of 8). The searches are the
+# dot products, four vectors of 4 lanes for two of 8). The searches are the
 # same code in both builds.
 UNDER_THE_PORTABLE_BUILD = [
   "tests/test_cpu_top_k.py::test_the_avx2_build_runs_where_the_cpu_has_avx2",
