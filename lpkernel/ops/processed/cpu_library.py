@@ -47,7 +47,10 @@ _TARGETS = {
   "lpkernel_cpu_kept_set": "LpkernelKeptSet",
   "lpkernel_cpu_kept_set_of_logits": "LpkernelKeptSetOfLogits",
 }
-_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")  # portable: no -march
+# Portable: no -march. No contraction into fused multiply-adds on any target
+# (arm64's NEON has them; x86-64 has none without -mfma): each product is
+# rounded, then added, as the kernels' comments and tests count on.
+_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w", "-ffp-contract=off")
 _AVX2 = ("-mavx2", "-DLPKERNEL_LANES=8")  # no -mfma: no contraction, the same rounding
 _state = {"avx2": False}
 

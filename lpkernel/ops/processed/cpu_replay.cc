@@ -270,6 +270,13 @@ class TableRows {
 
   int64_t Stride() const { return stride_; }
 
+  // Row r of a tile of rows [r0, r1) at `tile` (Tile's), and the row after it
+  // there, or null at the tile's end (Dots' and Axpys' `next`).
+  const T* Row(const T* tile, int64_t r0, int64_t r) const { return tile + (r - r0) * stride_; }
+  const T* After(const T* tile, int64_t r0, int64_t r, int64_t r1) const {
+    return r + 1 < r1 ? Row(tile, r0, r + 1) : nullptr;
+  }
+
   // Rows [r0, r1) (r1 - r0 <= kTile where `columns`), row r at the result +
   // (r - r0) * Stride().
   const T* Tile(int64_t r0, int64_t r1, std::vector<T>& buffer) const {
@@ -369,14 +376,14 @@ void ReplayDots(ffi::ThreadPool& pool, const T* h, const T* w, const int32_t* id
           for (int64_t r = r0; r < r1; ++r) {
             const int32_t* first = by_row.begin(r);
             float* out = sums.data() + by_row.start(r);
+            const T* row = table.Row(tile, r0, r);
+            const T* next = table.After(tile, r0, r, r1);  // fetched by the row's first group
             ForGroups(first, by_row.size(r), [&](auto group, const int32_t* p) {
               constexpr int m = decltype(group)::value;
               const T* rows[4];
               float part[4];
               for (int q = 0; q < m; ++q) rows[q] = hp + (p[q] / k) * piece;
-              const T* row = tile + (r - r0) * table.Stride();
-              bool fetch = p == first && r + 1 < r1;  // the row's first group fetches the next
-              Dots<m>(row, rows, piece, part, fetch ? row + table.Stride() : nullptr);
+              Dots<m>(row, rows, piece, part, p == first ? next : nullptr);
               for (int q = 0; q < m; ++q) out[p - first + q] += part[q];
             });
           }
@@ -442,7 +449,10 @@ void ReplayGrads(ffi::ThreadPool& pool, const T* h, const T* w, const int32_t* i
         for (int64_t r = r0; r < r1; ++r) {
           float* dw_row = dw_rows + (r - r0) * stride;
           if (fresh) std::fill_n(dw_row, piece, 0.0f);  // in cache for its sums
-          ForGroups(by_row.begin(r), by_row.size(r), [&](auto group, const int32_t* p) {
+          const int32_t* first = by_row.begin(r);
+          const T* row = table.Row(tile, r0, r);
+          const T* next = table.After(tile, r0, r, r1);  // fetched by the row's first group
+          ForGroups(first, by_row.size(r), [&](auto group, const int32_t* p) {
             constexpr int m = decltype(group)::value;
             const T* hs[4];
             float* dh_rows[4];
@@ -452,9 +462,7 @@ void ReplayGrads(ffi::ThreadPool& pool, const T* h, const T* w, const int32_t* i
               dh_rows[q] = buffer.data() + (p[q] / k) * piece;
               g[q] = gb[p[q]];
             }
-            const T* row = tile + (r - r0) * table.Stride();
-            bool fetch = p == by_row.begin(r) && r + 1 < r1;  // the row's first group fetches the next
-            Axpys<m>(row, hs, g, piece, dw_row, dh_rows, fetch ? row + table.Stride() : nullptr);
+            Axpys<m>(row, hs, g, piece, dw_row, dh_rows, p == first ? next : nullptr);
           });
         }
       };
