@@ -74,6 +74,7 @@ UNDER_THE_PORTABLE_BUILD = [
   "tests/test_cpu_top_k.py::test_values_and_indices_are_lax_top_ks",
   "tests/test_cpu_top_k.py::test_groups_top_k_from_the_group_maxima_is_lax_top_k",
   "tests/test_cpu_top_k.py::test_a_nan_group_hides_no_larger_value",
+  "tests/test_cpu_top_k.py::test_a_nan_among_a_vector_of_groups_keeps_its_groups_maximum_nan",
   "tests/test_cpu_top_k.py::test_running_candidates_keep_lax_top_ks_values",
   "tests/test_cpu_top_k.py::test_block_stats_are_xlas_reductions",
   "tests/test_cpu_replay.py::test_dots_and_grads_are_the_oracles",
@@ -192,6 +193,30 @@ def test_a_nan_group_hides_no_larger_value(own_maxima):
       else:
         top = cpu_top_k.groups_top_k(a, _logits_group_maxima(a, 2, 512), 2, k, True)
       np.testing.assert_array_equal(_bits(top), _bits(lax.top_k(a, k)[0]), err_msg=f"{nan} {k}")
+
+
+def test_a_nan_among_a_vector_of_groups_keeps_its_groups_maximum_nan():
+  """``maxima_and_top_k`` takes the maxima of 8 groups (4 in the portable
+  build) at a time; a NaN among them sends them one by one: each of the 16
+  groups of 32 holds a NaN in turn (both signs): every group's maximum is
+  NumPy's (NaN where the group holds one; XLA:CPU's own ``jnp.max`` over
+  these ``[16, 16, 32]`` groups drops the NaN, jax 0.10.2), the values
+  ``lax.top_k``'s."""
+  assert cpu_top_k.available()  # registered here, whichever test ran first
+  rng = np.random.default_rng(17)
+  base = rng.normal(size=512).astype(np.float32)
+  negative_nan = np.uint32(0xFFC00000).view(np.float32)
+  rows = []
+  for g in range(16):
+    row = base.copy()
+    row[g * 32 + g] = np.float32(np.nan) if g % 2 else negative_nan
+    rows.append(row)
+  a = np.stack(rows)
+  maxima, top = jax.jit(cpu_top_k.maxima_and_top_k, static_argnums=(1, 2))(jnp.asarray(a), 32, 20)
+  want = np.max(a.reshape(16, 16, 32), axis=-1)
+  assert np.sum(np.isnan(want)) == 16  # one per row: its own group
+  _same_maxima(maxima, want)
+  np.testing.assert_array_equal(_bits(top), _bits(lax.top_k(jnp.asarray(a), 20)[0]))
 
 
 def _want_stats(z, targets):
