@@ -360,6 +360,77 @@ def test_float64_and_a_compiler_less_machine_take_lax_top_k(monkeypatch):
   _same(jax.jit(lambda a: top_k(a, 5))(a), lax.top_k(a, 5))
 
 
+# A stand-in compiler: logs each call's start and end, takes 0.3 s, writes the
+# file after -o, and fails where its flags hold -DFAIL.
+_FAKE_COMPILER = """#!/bin/sh
+echo "start $$" >> "$FAKE_LOG"
+sleep 0.3
+out=""; prev=""
+for a in "$@"; do
+  [ "$prev" = "-o" ] && out="$a"
+  [ "$a" = "-DFAIL" ] && { echo "end $$ failed" >> "$FAKE_LOG"; echo "bad flag" >&2; exit 1; }
+  prev="$a"
+done
+: > "$out"
+echo "end $$ $*" >> "$FAKE_LOG"
+"""
+
+
+def _fake_compiler(monkeypatch, tmp_path) -> Path:
+  compiler = tmp_path / "fake-c++"
+  compiler.write_text(_FAKE_COMPILER)
+  compiler.chmod(0o755)
+  log = tmp_path / "calls.log"
+  monkeypatch.setenv("CXX", str(compiler))
+  monkeypatch.setenv("FAKE_LOG", str(log))
+  monkeypatch.setenv("LPKERNEL_CACHE", str(tmp_path / "cache"))
+  return log
+
+
+def _most_at_once(log: Path) -> int:
+  running = most = 0
+  for line in log.read_text().splitlines():
+    running += 1 if line.startswith("start") else -1
+    most = max(most, running)
+  return most
+
+
+def test_variants_compile_their_sources_at_once_and_a_failed_one_alone_fails(monkeypatch, tmp_path):
+  """Every source of every variant a compiler of its own, as many at once as
+  cores; each variant linked; a variant whose compile fails comes back as its
+  ``OSError``, the others built; built ones are cached (no call the next time)."""
+  log = _fake_compiler(monkeypatch, tmp_path)
+  portable, fast, failed = cpu_library._build((), ("-DFAST",), ("-DFAIL",))
+  assert portable.exists() and fast.exists() and portable != fast
+  assert isinstance(failed, OSError) and "bad flag" in str(failed)
+  calls = [line for line in log.read_text().splitlines() if line.startswith("end")]
+  compiles = [c for c in calls if " -c " in c]
+  assert len(compiles) == 2 * len(cpu_library.SOURCES)  # the failed variant's: logged as failed
+  assert sum(" -shared " in c for c in calls) == 2  # not the failed one
+  if (os.cpu_count() or 1) > 1:
+    assert _most_at_once(log) > 1
+  log.write_text("")
+  assert cpu_library._build((), ("-DFAST",)) == [portable, fast]
+  assert log.read_text() == ""
+
+
+def test_processes_building_at_once_build_once(monkeypatch, tmp_path):
+  """Two builds of the same variant at once (a test run's workers): one builds
+  under the cache's lock, the other waits and finds it built."""
+  import threading
+
+  log = _fake_compiler(monkeypatch, tmp_path)
+  results = []
+  threads = [threading.Thread(target=lambda: results.append(cpu_library._build())) for _ in "ab"]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert results[0] == results[1] and results[0][0].exists()
+  calls = [line for line in log.read_text().splitlines() if line.startswith("end")]
+  assert len(calls) == len(cpu_library.SOURCES) + 1  # compiled and linked once
+
+
 def test_a_failed_build_is_reported_and_falls_back(monkeypatch, tmp_path, caplog):
   """No compiler: the build raises ``OSError`` naming it, and registering logs
   the reason and says False (nothing raised, nothing registered)."""
