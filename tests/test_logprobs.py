@@ -289,11 +289,12 @@ def test_softcap_backward_is_one_pass_over_whole_rows(dtype):
 @pytest.mark.parametrize(
   "chunks,block",
   [
-    (ChunkConfig(max_chunk=2**30, argmax_block=12), 12),  # one chunk of 48, blocks of 12
+    # one chunk of 48 in blocks of 8 (8 + 48 / 8 = 14 values per row, the least with 6)
+    (ChunkConfig(max_chunk=2**30, argmax_block=12), 8),
     (ChunkConfig(max_chunk=16, min_chunk=2, argmax_block=4), 4),  # chunks of 16, blocks of 4
-    (ChunkConfig(max_chunk=16, min_chunk=2), None),  # no divisor in [64, 8]: the masked max
+    (ChunkConfig(max_chunk=16, min_chunk=2, argmax_block=1), None),  # no block: the masked max
   ],
-  ids=["blocks12", "chunks16-blocks4", "masked"],
+  ids=["blocks8", "chunks16-blocks4", "masked"],
 )
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
 def test_first_argmax_from_block_maxima(chunks, block, dtype):

@@ -97,6 +97,26 @@ def test_no_logits_sized_temporaries_under_any_option(path, dtype, monkeypatch):
   assert not failures, "temporaries vs the logits' bytes:\n" + "\n".join(failures)
 
 
+@pytest.mark.parametrize("v", [1000, 2048, 4096, 8192])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+def test_greedy_flags_of_small_vocabularies_hold_no_large_temporary(v, dtype):
+  """The first argmax's blocks are sized to the row: the target's block is read
+  again and every block's maximum kept, ``d + V / d`` values per row, so blocks
+  of 1024 columns were half of V = 1000's or 2048's float32 logits and a
+  quarter of V = 4096's. Under 10% of the float32 logits' bytes now (a
+  bfloat16 row of 1000 is too short for 10% of its own bytes: ``d + V / d``
+  float32 values are at least ``4 sqrt(V)`` bytes)."""
+  b, t = 8, 512
+  args = (
+    jax.ShapeDtypeStruct((b, t, v), dtype),
+    jax.ShapeDtypeStruct((b, t), jnp.int32),
+    jax.ShapeDtypeStruct((b, t), jnp.bool_),
+    jax.ShapeDtypeStruct((b, t), jnp.float32),
+  )
+  fraction = _temp_fraction(_logits_loss("score", "none", None), args, 0, False, b * t * v * 4)
+  assert fraction < 0.10, f"temporaries {fraction:.3f}x the float32 logits' bytes"
+
+
 def test_reference_does_materialise():
   """The memory test can fail: the plain reference builds a [B, T, V] float32 log-softmax."""
   logits = jax.ShapeDtypeStruct((2, 64, 1000), jnp.float32)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -84,11 +85,21 @@ class ChunkConfig:
       )
 
   def argmax_block_for(self, chunk: int) -> int | None:
-    """The width of the blocks whose maxima locate the first argmax in a chunk:
-    its largest divisor in ``[argmax_block // 32, min(argmax_block, chunk // 2)]``,
-    or None (a masked max over the chunk)."""
-    lo, hi = max(1, self.argmax_block // 32), min(self.argmax_block, chunk // 2)
-    return next((d for d in range(hi, lo - 1, -1) if chunk % d == 0), None)
+    """The width of the blocks whose maxima locate the first argmax in a chunk,
+    or None (a masked max over the chunk). The target's block is read again
+    and the blocks' maxima kept: ``d + chunk / d`` values per row for blocks of
+    ``d`` columns (a 1024-column block of V = 4096 was a quarter of the
+    logits' bytes). So: the widest divisor ``d`` of the chunk in
+    ``[max(2, min(argmax_block // 32, sqrt(chunk) / 2)), min(argmax_block,
+    chunk // 2)]`` whose ``d + chunk / d`` is at most a sixteenth of the chunk,
+    or, where none is, the least of them."""
+    lo = max(2, min(self.argmax_block // 32, math.isqrt(chunk) // 2))
+    hi = min(self.argmax_block, chunk // 2)
+    blocks = [d for d in range(lo, hi + 1) if chunk % d == 0]
+    if not blocks:
+      return None
+    budget = max(chunk // 16, min(d + chunk // d for d in blocks))
+    return max(d for d in blocks if d + chunk // d <= budget)
 
   def _fits(self, chunk: int) -> bool:
     """A chunk is reduced as such if it has argmax blocks (or is short, or blocks are off)."""
