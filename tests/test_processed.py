@@ -759,6 +759,24 @@ def test_no_logits_sized_temporaries_at_the_benchmark_shape(dtype):
     assert _fraction(fn, args, b * t * v * 4) < 0.10
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("v,top_k", [(2048, 50), (4099, 50), (32000, 1000)])
+def test_no_large_temporaries_for_a_short_row_or_a_large_top_k(v, top_k, dtype):
+  """The decision over each row's ``K`` largest values runs a chunk of rows at
+  a time where its ``[N, K]`` arrays would be large against the logits (15%
+  of them at V = 2048 with top-k 50, 14% at V = 32000 with top-k 1000), and a
+  short swept row's slices are a sixteenth of it (V = 4099: an eighth)."""
+  b, t = 8, 512
+  sampling = lpk.Sampling(0.7, top_k, 0.95)
+
+  def loss(x, targets):
+    return lpk.processed_token_stats(x, targets, sampling).logprobs.sum()
+
+  args = (jax.ShapeDtypeStruct((b, t, v), dtype), jax.ShapeDtypeStruct((b, t), jnp.int32))
+  fractions = [_fraction(fn, args, b * t * v * 4) for fn in (loss, jax.grad(loss))]
+  assert max(fractions) < 0.10, fractions
+
+
 SAMPLERS = ["top_k_top_p", "top_p", "min_p"]
 
 

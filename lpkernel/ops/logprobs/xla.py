@@ -107,6 +107,12 @@ class ChunkConfig:
       return True
     return self.argmax_block_for(chunk) is not None
 
+  def sweep_width(self, vocab_size: int) -> int:
+    """Columns per step of a swept vocabulary: ``sweep_block``, at most a
+    sixteenth of the row (each step's slice is a copy: 512 columns of
+    V = 4099 were an eighth of its logits)."""
+    return max(1, min(self.sweep_block, vocab_size // 16))
+
   def chunk(self, vocab_size: int) -> int | None:
     """The chunk width used for ``vocab_size`` (a divisor of it with argmax blocks),
     or None when the vocabulary is swept in ``sweep_block`` column blocks."""
@@ -395,7 +401,7 @@ class XlaLogits(tuning.Configured):
         return _in_row_blocks(fn, x, t, tau) if _needs_row_blocks(x, softcap) else fn(x, t, tau)
 
       if chunk is None:
-        return swept_partials(reduce, x, targets, tau, self.chunks.sweep_block)
+        return swept_partials(reduce, x, targets, tau, self.chunks.sweep_width(v))
       return reduce(x, targets, tau)
 
     return on_cpu_or(cpu, lambda: partials(x, targets, tau, softcap, v))
@@ -410,7 +416,8 @@ class XlaLogits(tuning.Configured):
     def cpu():
       chunk = self.chunks.chunk(x.shape[1])
       if chunk is None:
-        return swept_centred_expected_y(x, tau, softcap, shift, log_s, self.chunks.sweep_block)
+        width = self.chunks.sweep_width(x.shape[1])
+        return swept_centred_expected_y(x, tau, softcap, shift, log_s, width)
       return centred_expected_y(x, tau, softcap, shift, log_s, chunk)
 
     default = lambda: centred_expected_y(x, tau, softcap, shift, log_s, x.shape[1])  # noqa: E731

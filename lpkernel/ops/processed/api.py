@@ -94,7 +94,7 @@ def _finish(parts, top, rows: S.Rows, targets, r: SamplingRows, k: int, axis, v:
   parts, top, rows = _whole_rows(parts, top, rows, tau, k, axis)
   f = P.finish(parts, targets, v, tau)
   params = S.Params(tau, r.top_k, r.top_p, r.min_p, f.shift)
-  d = S.decide(top, top.shape[1] == v, params, v, parts.s)
+  d = S.decide_in_row_chunks(top, top.shape[1] == v, params, v, parts.s)
   kappa, mass, count = S.threshold(rows, params, d, v)
   log_sk = jnp.log(mass)
   # A row of -inf holds no possible token: it keeps none, its kept mass is -inf.
