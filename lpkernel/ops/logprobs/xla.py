@@ -53,8 +53,9 @@ class ChunkConfig:
     sweep_block: columns per step of the loop that reduces a vocabulary with no
       chunk (a divisor in ``[min_chunk, max_chunk]`` with argmax blocks, e.g.
       V = 100277, a prime): each step slices (copies) a ``[N, sweep_block]``
-      block and merges its partials online, so its temporaries are under 5% of
-      the logits' bytes for any V past ``max_chunk``. On 2 cores at N = 1024,
+      block (at most a sixteenth of a row, :meth:`sweep_width`) and merges its
+      partials online, so its temporaries are under 5% of the logits' bytes
+      for any V past ``max_chunk``. On 2 cores at N = 1024,
       V = 100277 the forward took 73-86 ms in float32 with 512-4096 columns
       (bfloat16 60-68 ms), against 320-470 ms for whole rows, and 60-72 ms
       (bfloat16 51) for V = 100352 in chunks.
