@@ -44,6 +44,13 @@ def sweep_in_place(step, carry, size: int, block: int):
   return lax.fori_loop(0, -(-size // block), body, carry)
 
 
+def slice_width(block: int, size: int) -> int:
+  """Columns per step of a sweep that slices (copies) each step's columns out
+  of rows of ``size``: ``block``, at most a sixteenth of a row (512 columns of
+  V = 4099 were an eighth of its logits), at least one."""
+  return max(1, min(block, size // 16))
+
+
 def chunk_budget(n: int, vocab_size: int, most_bytes: int) -> int:
   """The most bytes a pass's chunk holds at once: ``most_bytes``, and at most
   1% of the float32 logits' bytes (``n * vocab_size * 4``)."""

@@ -34,7 +34,7 @@ from jax import lax
 
 from lpkernel import partials as P
 from lpkernel.ops import tuning
-from lpkernel.ops.blocks import block_of, sweep
+from lpkernel.ops.blocks import block_of, slice_width, sweep
 from lpkernel.ops.platform import on_cpu_or
 
 _F32 = jnp.float32
@@ -109,10 +109,9 @@ class ChunkConfig:
     return self.argmax_block_for(chunk) is not None
 
   def sweep_width(self, vocab_size: int) -> int:
-    """Columns per step of a swept vocabulary: ``sweep_block``, at most a
-    sixteenth of the row (each step's slice is a copy: 512 columns of
-    V = 4099 were an eighth of its logits)."""
-    return max(1, min(self.sweep_block, vocab_size // 16))
+    """Columns per step of a swept vocabulary
+    (:func:`~lpkernel.ops.blocks.slice_width` of ``sweep_block``)."""
+    return slice_width(self.sweep_block, vocab_size)
 
   def chunk(self, vocab_size: int) -> int | None:
     """The chunk width used for ``vocab_size`` (a divisor of it with argmax blocks),

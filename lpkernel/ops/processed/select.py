@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lpkernel import partials as P
-from lpkernel.ops.blocks import sweep_in_place
+from lpkernel.ops.blocks import sweep_in_place, tokens_per_chunk
 from lpkernel.ops.platform import on_cpu_or
 from lpkernel.ops.processed import cpu_search
 from lpkernel.sampling import nucleus_floor
@@ -221,8 +221,8 @@ def decide_in_row_chunks(
   loop over the chunks, the last overlapping its predecessor (a row decided
   twice gives the same decision)."""
   n, k = top.shape
-  chunk = max(1, n * vocab_size // (100 * k))
-  if chunk >= n:
+  chunk = tokens_per_chunk(n, vocab_size, 4 * k, most_bytes=4 * k * n)  # 1%, no other cap
+  if chunk == n:
     return decide(top, complete, params, vocab_size, total)
 
   def step(out, lo, width, fresh):

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lpkernel import partials as P
-from lpkernel.ops.blocks import block_of, sweep, sweep_in_place
+from lpkernel.ops.blocks import block_of, slice_width, sweep, sweep_in_place
 from lpkernel.ops.fused.matmuls import UnembedGrad
 from lpkernel.ops.fused.xla import FusedConfig, backward_sweep, block_logits
 from lpkernel.ops.logprobs.xla import XlaLogits, chunk_rows
@@ -68,7 +68,7 @@ def _logits_group_maxima(x, group: int, block: int) -> jax.Array:
   n, v = x.shape
   if v % group == 0:
     return jnp.max(chunk_rows(x, group), axis=-1).reshape(n, v // group)
-  width = max(group, min(block, v // 16) // group * group)  # a slice's copy: 1/16 of a row
+  width = max(group, slice_width(block, v) // group * group)
 
   def step(out, lo, wd):
     return lax.dynamic_update_slice_in_dim(
