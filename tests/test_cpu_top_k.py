@@ -347,6 +347,40 @@ def test_the_processed_paths_run_under_vmap(top_k, top_p):
     np.testing.assert_allclose(got[1], np.stack([g for _, g in want]), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("top_k", [0, 20], ids=["nothing-truncated", "top-k"])
+def test_a_sampler_that_truncates_nothing_offers_no_candidates(top_k):
+  """From hidden states on the CPU, a sampler that truncates nothing (``K`` 1)
+  takes its blocks' statistics alone (the row's largest value is their
+  maximum): no running candidates, whose buffer of 4 took every value one at a
+  time (2.3x the fused forward); with top-k, the candidates' kernel. The
+  values are the full-vocabulary log-probabilities under the temperature, and
+  every token is kept."""
+  import lpkernel as lpk
+
+  if not cpu_top_k.available():
+    pytest.skip("LPKERNEL_CPU_KERNELS=0")
+  rng = np.random.default_rng(5)
+  h = jnp.asarray(rng.normal(size=(37, 16)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(16, 3001)), jnp.float32)
+  t = jnp.asarray(rng.integers(0, 3001, 37), jnp.int32)
+  sampling = lpk.Sampling(0.7, top_k)
+
+  def stats(h):
+    return lpk.fused_processed_token_stats(h, w, t, sampling)
+
+  text = jax.jit(stats).lower(h).as_text()
+  assert ("lpkernel_cpu_block_stats_top_k" in text) == (top_k > 0)
+  assert "lpkernel_cpu_block_stats" in text
+  if top_k:
+    return
+  got = jax.jit(stats)(h)
+  want = lpk.fused_token_logprobs(h / 0.7, w, t)  # no softcap: the temperature scales h @ w
+  np.testing.assert_allclose(got.logprobs, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got.raw_logprobs, want, rtol=1e-5, atol=1e-5)
+  assert bool(jnp.all(got.kept)) and bool(jnp.all(got.kept_count == 3001))
+  np.testing.assert_allclose(got.log_kept_mass, 0.0, atol=1e-6)
+
+
 def test_float64_and_a_compiler_less_machine_take_lax_top_k(monkeypatch):
   """float64 (wider than the compiled top-k) and, without the library, every
   dtype: ``lax.top_k`` kept from XLA:CPU's rewrite into a sort."""
