@@ -232,10 +232,16 @@ def backward_sweep(h, w, grad, dw_out, tau_grad: bool, fused: FusedConfig, cpu: 
     dwb = grad_unembed(h, dz, vocab_axis, precision, h_t).astype(w.dtype)
     return dh, dw_out.put(dw, dwb, lo), dtau
 
+  # Zeros computed from h (a 0 XLA cannot fold to a constant): a constant's
+  # broadcast was scheduled before the forward, its [D, V] carry live through
+  # it (beside a processed forward's [N, K] candidates: 13% of the float32
+  # logits at V 32000, top-k 1000).
+  first = jnp.sum(h.reshape(-1)[:1].astype(_F32))  # 0 where h is empty
+  zero = jnp.where(jnp.isfinite(first), jnp.abs(first) * 0.0, 0.0)
   init = (
-    jnp.zeros(h.shape, _F32),
-    dw_out.zeros(),
-    jnp.zeros((h.shape[0],), _F32) if tau_grad else None,
+    jnp.broadcast_to(zero, h.shape),
+    jnp.broadcast_to(zero.astype(dw_out.carried), dw_out.shape),
+    jnp.broadcast_to(zero, (h.shape[0],)) if tau_grad else None,
   )
   group = fused.grad_group(h.shape[0], v, h.dtype, w.dtype, cpu)
   dh, dw, dtau = sweep_in_place(step, init, v, block * group)

@@ -49,6 +49,7 @@ _TARGETS = {
   "lpkernel_cpu_maxima_top_k": "LpkernelMaximaTopK",
   "lpkernel_cpu_block_stats": "LpkernelBlockStats",
   "lpkernel_cpu_block_stats_top_k": "LpkernelBlockStatsTopK",
+  "lpkernel_cpu_running_values": "LpkernelRunningValues",
   "lpkernel_cpu_replay_dots": "LpkernelReplayDots",
   "lpkernel_cpu_replay_grads": "LpkernelReplayGrads",
   "lpkernel_cpu_replay_repeats": "LpkernelReplayRepeats",

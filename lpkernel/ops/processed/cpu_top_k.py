@@ -14,7 +14,7 @@
   per row, one read of the block for the three (the fused sweeps' blocks);
 * :func:`add_block`: the same, and a row's running candidates for its ``K``
   largest values given one more block of the row (the sweep from hidden
-  states).
+  states); :func:`running_values`: the ``K`` largest values they saw.
 
 Built and registered by :mod:`.cpu_library`; where it is not
 (:func:`available` False), every step is XLA's (:func:`top_k` is ``lax.top_k``,
@@ -105,10 +105,21 @@ def maxima_and_top_k(x: jax.Array, group: int, k: int) -> tuple[jax.Array, jax.A
   return maxima, top
 
 
-def running_top_k(n: int, k: int) -> tuple[jax.Array, jax.Array]:
+def running_capacity(k: int, vocab_size: int) -> int:
+  """Values per row of :func:`running_top_k`'s buffer for a row's ``k`` largest
+  of ``vocab_size``: ``4k``, within a 25th of the row (4% of the float32
+  logits; ``4k`` was 12.5% with top-k 1000 at V 32000), but at least ``k`` and
+  a quarter more, and room for a vector of offers (each cut back to ``k`` makes
+  room for the next)."""
+  return max(k + k // 4 + 16, min(4 * k, vocab_size // 25))
+
+
+def running_top_k(n: int, k: int, vocab_size: int) -> tuple[jax.Array, jax.Array]:
   """The empty running candidates of :func:`add_block` for ``n`` rows' ``k``
-  largest values: a buffer ``float32[n, 4k]`` and ``int32[n, 2]`` (count, bar)."""
-  return jnp.full((n, 4 * k), -jnp.inf, jnp.float32), jnp.zeros((n, 2), jnp.int32)
+  largest values of ``vocab_size``: a buffer ``float32[n, cap]``
+  (:func:`running_capacity`) and ``int32[n, 2]`` (count, bar)."""
+  cap = running_capacity(k, vocab_size)
+  return jnp.full((n, cap), -jnp.inf, jnp.float32), jnp.zeros((n, 2), jnp.int32)
 
 
 class BlockStats(NamedTuple):
@@ -198,9 +209,10 @@ def add_block(state, z: jax.Array, k: int, targets: jax.Array):
 
 def running_values(state, k: int) -> jax.Array:
   """float32[n, k]: the ``k`` largest values the running candidates saw, descending
-  (``-inf`` where fewer)."""
+  (``-inf`` where fewer, and in place of a negative NaN: ``lax.top_k`` of them and
+  ``k`` values ``-inf``), read from the buffer in place. A program for the CPU
+  only (where :func:`available`)."""
   buf, meta = state
-  held = lax.broadcasted_iota(jnp.int32, buf.shape, 1) < meta[:, :1]
-  # k values -inf past those held, above any negative NaN held (the floats' order)
-  fill = jnp.full((buf.shape[0], k), -jnp.inf, jnp.float32)
-  return top_k(jnp.concatenate([jnp.where(held, buf, -jnp.inf), fill], axis=1), k)[0]
+  out = jax.ShapeDtypeStruct((buf.shape[0], k), jnp.float32)
+  call = jax.ffi.ffi_call("lpkernel_cpu_running_values", out, vmap_method="broadcast_all")
+  return call(buf, meta, k=np.int64(k))

@@ -277,7 +277,7 @@ def _hidden_sweep_top(h, w, targets, tau, softcap, vocab_axis: int, precision, k
     args = (h, w, targets, tau, softcap, vocab_axis, precision, fused, width, ())
     parts, _ = _partials_sweep(*args, lambda _, z, lo: ((), block_stats(z, targets - lo)))
     return parts, lax.stop_gradient(parts.m)[:, None]
-  init = running_top_k(h.shape[0], k)
+  init = running_top_k(h.shape[0], k, v)
   args = (h, w, targets, tau, softcap, vocab_axis, precision, fused, width, init)
   parts, top = _partials_sweep(*args, lambda top, z, lo: add_block(top, z, k, targets - lo))
   return parts, running_values(top, k)
