@@ -167,6 +167,10 @@ def test_groups_top_k_from_the_group_maxima_is_lax_top_k(data, rows, n, group, d
     maxima, top = jax.jit(cpu_top_k.maxima_and_top_k, static_argnums=(1, 2))(a, group, k)
     _same_maxima(maxima, _group_maxima(np.asarray(a), group))
     np.testing.assert_array_equal(_bits(top), _bits(want))
+    # Without the maxima written: the same values (each row's maxima in a scratch).
+    alone = jax.jit(cpu_top_k.maxima_and_top_k, static_argnums=(1, 2, 3))(a, group, k, False)
+    assert alone[0].shape == (rows, 0)
+    np.testing.assert_array_equal(_bits(alone[1]), _bits(want))
 
 
 def _group_maxima(a, group: int):

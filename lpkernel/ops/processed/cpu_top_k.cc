@@ -19,8 +19,9 @@
 // is the first bar, so few values enter (RowGroupsTopK).
 //
 // LpkernelMaximaTopK: as LpkernelGroupsTopK for float32 rows, the row's
-// groups' maxima first (an output too, as jnp.max gives them), from the row
-// itself while it is in cache: one read of the row from memory for both.
+// groups' maxima first (an output too, as jnp.max gives them, unless it is
+// given no columns), from the row itself while it is in cache: one read of
+// the row from memory for both.
 //
 // LpkernelBlockStats: a block of rows' statistics for the fused sweeps' partials
 // (the maximum, its first column, the target's value), in one read of the
@@ -574,15 +575,20 @@ ffi::Error MaximaTopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   int64_t n = dims.back(), k = values->dimensions().back();
   if (n == 0) return ffi::Error::Success();
   int64_t rows = x.element_count() / n, g = (n + group - 1) / group;
-  if (k < 1 || k > n || static_cast<int64_t>(maxima->element_count()) != rows * g) {
-    return ffi::Error::InvalidArgument("maxima_top_k: maxima [..., ceil(n / group)], 1 <= k <= n");
+  int64_t given = static_cast<int64_t>(maxima->element_count());
+  if (k < 1 || k > n || (given != rows * g && given != 0)) {
+    return ffi::Error::InvalidArgument(
+        "maxima_top_k: maxima [..., ceil(n / group)] or [..., 0], 1 <= k <= n");
   }
   const float* in = x.typed_data();
-  float* mx = maxima->typed_data();
+  float* mx = given ? maxima->typed_data() : nullptr;  // none: each row's in a scratch
   float* v = values->typed_data();
   ParallelRows(pool, rows, n, [=](int64_t lo, int64_t hi) {
     RowGroupsTopK top(k);
-    for (int64_t r = lo; r < hi; ++r) top.RunWithMaxima(in + r * n, n, group, mx + r * g, v + r * k);
+    std::vector<float> scratch(mx ? 0 : g);
+    for (int64_t r = lo; r < hi; ++r) {
+      top.RunWithMaxima(in + r * n, n, group, mx ? mx + r * g : scratch.data(), v + r * k);
+    }
   });
   return ffi::Error::Success();
 }

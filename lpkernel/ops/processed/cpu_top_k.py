@@ -87,17 +87,20 @@ def groups_top_k(x: jax.Array, maxima: jax.Array, group: int, k: int, held: bool
   return call(x, maxima, group=np.int64(group), held=np.int64(held))
 
 
-def maxima_and_top_k(x: jax.Array, group: int, k: int) -> tuple[jax.Array, jax.Array]:
+def maxima_and_top_k(
+  x: jax.Array, group: int, k: int, with_maxima: bool = True
+) -> tuple[jax.Array, jax.Array]:
   """(float32[N, ceil(n / group)] the maxima of each group of ``group`` columns,
-  as ``jnp.max`` gives them; float32[N, k] as :func:`groups_top_k`) of ``x
-  [N, n]`` float32: each row read from memory once, its groups' maxima taken
-  first and then the groups they choose, from the cache. (A bfloat16 row is
-  half as many bytes and XLA's maxima pass over it is faster than the
-  kernel's.) A program for the CPU only (where :func:`compiled`); the caller
-  chooses it with :func:`lpkernel.ops.platform.on_cpu_or`."""
+  as ``jnp.max`` gives them, ``[N, 0]`` without ``with_maxima``; float32[N, k]
+  as :func:`groups_top_k`) of ``x [N, n]`` float32: each row read from memory
+  once, its groups' maxima taken first and then the groups they choose, from
+  the cache. (A bfloat16 row is half as many bytes and XLA's maxima pass over
+  it is faster than the kernel's.) A program for the CPU only (where
+  :func:`compiled`); the caller chooses it with
+  :func:`lpkernel.ops.platform.on_cpu_or`."""
   n, v = x.shape
   out = (
-    jax.ShapeDtypeStruct((n, -(-v // group)), jnp.float32),
+    jax.ShapeDtypeStruct((n, -(-v // group) if with_maxima else 0), jnp.float32),
     jax.ShapeDtypeStruct((n, k), jnp.float32),
   )
   call = jax.ffi.ffi_call("lpkernel_cpu_maxima_top_k", out, vmap_method="broadcast_all")

@@ -215,13 +215,14 @@ def decide_in_row_chunks(
   top: jax.Array, complete: bool, params: Params, vocab_size: int, total: jax.Array
 ) -> Decision:
   """:func:`decide` a chunk of rows at a time, each chunk's ``[C, K]`` values
-  within 1% of the rows' float32 logits (``C * K <= N * V / 100``): its few
-  ``[N, K]`` temporaries were 14% of the logits' bytes at V = 32000 with
-  top-k 1000, and 15% at V = 2048 with top-k 50. Whole where they fit; one
+  within half a percent of the rows' float32 logits (``C * K <= N * V / 200``):
+  its few ``[N, K]`` temporaries were 14% of the logits' bytes at V = 32000
+  with top-k 1000, and 15% at V = 2048 with top-k 50; at 1% each, beside the
+  candidates themselves (6.4% at V = 1000), 11.5%. Whole where they fit; one
   loop over the chunks, the last overlapping its predecessor (a row decided
   twice gives the same decision)."""
   n, k = top.shape
-  chunk = tokens_per_chunk(n, vocab_size, 4 * k, most_bytes=4 * k * n)  # 1%, no other cap
+  chunk = tokens_per_chunk(n, vocab_size, 8 * k, most_bytes=8 * k * n)  # 0.5% each, no other cap
   if chunk == n:
     return decide(top, complete, params, vocab_size, total)
 
