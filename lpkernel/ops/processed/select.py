@@ -215,14 +215,17 @@ def decide_in_row_chunks(
   top: jax.Array, complete: bool, params: Params, vocab_size: int, total: jax.Array
 ) -> Decision:
   """:func:`decide` a chunk of rows at a time, each chunk's ``[C, K]`` values
-  within half a percent of the rows' float32 logits (``C * K <= N * V / 200``):
-  its few ``[N, K]`` temporaries were 14% of the logits' bytes at V = 32000
-  with top-k 1000, and 15% at V = 2048 with top-k 50; at 1% each, beside the
-  candidates themselves (6.4% at V = 1000), 11.5%. Whole where they fit; one
-  loop over the chunks, the last overlapping its predecessor (a row decided
-  twice gives the same decision)."""
+  within 1% of the rows' float32 logits (``C * K <= N * V / 100``), or half a
+  percent where the candidates themselves pass 5% of them (``20 K > V``): its
+  few ``[N, K]`` temporaries were 14% of the logits' bytes at V = 32000 with
+  top-k 1000, and 15% at V = 2048 with top-k 50; at V = 1000, 1% chunks
+  beside the candidates (6.4%) made 11.5% (half a percent everywhere cost 1-2
+  ms of 18-26 at B32 T128 V8192, whose decision is whole at 1%). Whole where
+  they fit; one loop over the chunks, the last overlapping its predecessor (a
+  row decided twice gives the same decision)."""
   n, k = top.shape
-  chunk = tokens_per_chunk(n, vocab_size, 8 * k, most_bytes=8 * k * n)  # 0.5% each, no other cap
+  per_row = 4 * k if 20 * k <= vocab_size else 8 * k
+  chunk = tokens_per_chunk(n, vocab_size, per_row, most_bytes=per_row * n)  # no other cap
   if chunk == n:
     return decide(top, complete, params, vocab_size, total)
 
