@@ -64,8 +64,9 @@ class UnembedGrad(NamedTuple):
     """``uint16`` for a bfloat16 gradient on the CPU, else None."""
     return jnp.dtype(jnp.uint16) if cpu and dtype == jnp.bfloat16 else None
 
-  def zeros(self) -> jax.Array:
-    return jnp.zeros(self.shape, self.carried)
+  def zeros(self, zero: jax.Array) -> jax.Array:
+    """The carry's zeros, broadcast from the float32 scalar ``zero``."""
+    return jnp.broadcast_to(zero.astype(self.carried), self.shape)
 
   def put(self, dw: jax.Array, block: jax.Array, lo) -> jax.Array:
     """``dw`` with ``block`` (in the gradient's dtype) at vocabulary offset ``lo``."""

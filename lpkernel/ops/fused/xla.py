@@ -240,7 +240,7 @@ def backward_sweep(h, w, grad, dw_out, tau_grad: bool, fused: FusedConfig, cpu: 
   zero = jnp.where(jnp.isfinite(first), jnp.abs(first) * 0.0, 0.0)
   init = (
     jnp.broadcast_to(zero, h.shape),
-    jnp.broadcast_to(zero.astype(dw_out.carried), dw_out.shape),
+    dw_out.zeros(zero),
     jnp.broadcast_to(zero, (h.shape[0],)) if tau_grad else None,
   )
   group = fused.grad_group(h.shape[0], v, h.dtype, w.dtype, cpu)
