@@ -255,13 +255,13 @@ def _same_stats(stats, z, targets):
   """The kernel's block statistics are XLA's (:func:`_same_flushed`): the
   maximum (NaN where the row holds one), its first column, the target's value
   (``-inf`` outside the block)."""
-  want = _want_stats(z, targets)
-  m, wm = np.asarray(stats.m), np.asarray(want.m)
+  want = _want_stats(z, targets)  # in z's dtype: a bfloat16 one widened exactly
+  m, wm = np.asarray(stats.m), np.asarray(want.m, np.float32)
   np.testing.assert_array_equal(np.isnan(m), np.isnan(wm))
   _same_flushed(np.where(np.isnan(m), 0, m), np.where(np.isnan(wm), 0, wm))
   arg = np.where(np.asarray(stats.arg) < z.shape[1], stats.arg, P.NO_COLUMN)
   np.testing.assert_array_equal(arg, want.arg)
-  _same_flushed(stats.t, want.t)
+  _same_flushed(stats.t, np.asarray(want.t, np.float32))
 
 
 @settings(max_examples=100, deadline=None)
@@ -305,16 +305,22 @@ def test_running_candidates_keep_lax_top_ks_values(data, rows, k, widths, vocab_
 
 
 @settings(max_examples=60, deadline=None)
-@given(data=st.data(), rows=st.integers(1, 5), width=st.integers(1, 300))
-def test_block_stats_are_xlas_reductions(data, rows, width):
-  """The fused sweeps' block statistics from the kernel (one read of the block)
-  are XLA's reductions' (:func:`_same_stats`): maxima with NaN, ties of the
+@given(
+  data=st.data(),
+  rows=st.integers(1, 5),
+  width=st.integers(1, 300),
+  dtype=st.sampled_from([np.float32, jnp.bfloat16]),
+)
+def test_block_stats_are_xlas_reductions(data, rows, width, dtype):
+  """The fused sweeps' block statistics from the kernel (one read of the block;
+  a bfloat16 one read in place, as the logits path's short rows are) are
+  XLA's reductions' (:func:`_same_stats`): maxima with NaN, ties of the
   maximum (the first column), signed zeros, infinities, targets in and out of
   the block."""
   if not cpu_top_k.available():
     pytest.skip("LPKERNEL_CPU_KERNELS=0")
   elements = st.one_of(st.sampled_from(_SPECIAL), st.floats(-5, 5, width=32))
-  z = jnp.asarray(data.draw(hnp.arrays(np.float32, (rows, width), elements=elements)))
+  z = jnp.asarray(data.draw(hnp.arrays(np.float32, (rows, width), elements=elements)), dtype)
   targets = data.draw(hnp.arrays(np.int32, (rows,), elements=st.integers(-3, width + 3)))
   _same_stats(jax.jit(cpu_top_k.block_stats)(z, jnp.asarray(targets)), z, jnp.asarray(targets))
 

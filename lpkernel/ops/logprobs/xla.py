@@ -36,6 +36,7 @@ from lpkernel import partials as P
 from lpkernel.ops import tuning
 from lpkernel.ops.blocks import block_of, slice_width, sweep
 from lpkernel.ops.platform import on_cpu_or
+from lpkernel.ops.processed import cpu_top_k
 
 _F32 = jnp.float32
 _BITS = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
@@ -216,15 +217,20 @@ def _before_in_blocks(x, targets, block: int, maxima=None) -> jax.Array:
 
 
 def partials(
-  x, targets, tau, softcap, chunk: int, block: int | None = None, maxima=None
+  x, targets, tau, softcap, chunk: int, block: int | None = None, maxima=None, stats=False
 ) -> P.RowPartials:
   """Row partials of ``x [N, V]`` (block-local ``targets``), ``chunk`` columns at a time.
 
   With ``block`` (a divisor of ``chunk``) the first argmax is located from the
   maxima of ``block``-column blocks (:func:`_before_in_blocks`); without, by a
-  masked max over each chunk. Given those ``maxima [N, V // block]`` (in x's
-  dtype), the chunks' maxima come from them too, and ``x`` is read once more
-  only for the sums of ``exp``.
+  masked max over each chunk, or with ``stats`` (the CPU's compiled kernels;
+  float32 or bfloat16 ``x``, no softcap) by the first column of each chunk's
+  max, one read of it in place
+  (:func:`~lpkernel.ops.processed.cpu_top_k.block_stats`: XLA:CPU's masked max
+  materialised its select, a float32 copy of the logits, two of bfloat16 ones,
+  at V = 257). Given those ``maxima [N, V // block]`` (in x's dtype), the
+  chunks' maxima come from them too, and ``x`` is read once more only for the
+  sums of ``exp``.
   """
   n, v = x.shape
   k = v // chunk
@@ -234,17 +240,22 @@ def partials(
   local_t = _per_chunk(targets, k) - starts
   with jax.named_scope("chunk_max"):
     # The max commutes with the monotone softcap: reduce in x's own dtype.
-    if maxima is None:
+    if block is None and stats:
       max_x = jnp.max(xc, axis=-1)
+      # The max's first column, one read (dropped, as XLA's passes, where no flag is asked for).
+      at_first = cpu_top_k.block_stats(xc, local_t).arg == local_t
     else:
-      max_x = jnp.max(maxima.reshape(n * k, -1), axis=-1)
-      if k > 1:  # XLA:CPU moved the chunks' reshape after the sums' upcast: materialised
-        xc = lax.optimization_barrier(xc)
-    if block is None:
-      cols = lax.broadcasted_iota(jnp.int32, xc.shape, 1)
-      before_x = jnp.max(jnp.where(cols < local_t[:, None], xc, -jnp.inf), axis=-1)
-    else:  # before_x holds only for the target's chunk, the one that reads it
-      before_x = _per_chunk(_before_in_blocks(x, targets, block, maxima), k)
+      if maxima is None:
+        max_x = jnp.max(xc, axis=-1)
+      else:
+        max_x = jnp.max(maxima.reshape(n * k, -1), axis=-1)
+        if k > 1:  # XLA:CPU moved the chunks' reshape after the sums' upcast: materialised
+          xc = lax.optimization_barrier(xc)
+      if block is None:
+        cols = lax.broadcasted_iota(jnp.int32, xc.shape, 1)
+        before_x = jnp.max(jnp.where(cols < local_t[:, None], xc, -jnp.inf), axis=-1)
+      else:  # before_x holds only for the target's chunk, the one that reads it
+        before_x = _per_chunk(_before_in_blocks(x, targets, block, maxima), k)
     m = P.capped(max_x, softcap)
   with jax.named_scope("chunk_sumexp"):
     z = P.capped(xc, softcap)
@@ -253,8 +264,12 @@ def partials(
   t = target_z(x, targets, softcap)
   holds = (local_t >= 0) & (local_t < chunk)
   # The target's chunk says whether the target is its first argmax (see
-  # RowPartials.arg): it attains the chunk's max and no column before it does.
-  first = (P.capped(before_x, softcap) < m) & (_per_chunk(t, k) == m)
+  # RowPartials.arg): it attains the chunk's max and no column before it does
+  # (a chunk of -inf has none).
+  if block is None and stats:
+    first = at_first & (_per_chunk(t, k) == m) & (m > -jnp.inf)
+  else:
+    first = (P.capped(before_x, softcap) < m) & (_per_chunk(t, k) == m)
   arg = jnp.where(holds, jnp.where(first, starts + local_t, -1), starts)
   if k == 1:
     return P.RowPartials(m, s, t, arg)
@@ -397,7 +412,13 @@ class XlaLogits(tuning.Configured):
       def reduce(x, t, tau):  # whole rows of x, or a swept slice of them
         width = chunk or x.shape[1]
         block = self.chunks.argmax_block_for(width)
-        fn = lambda x, t, tau: partials(x, t, tau, softcap, width, block)  # noqa: E731
+        # A short row's blocks and maxima weigh against it (V = 256: 14% of
+        # the float32 logits), and a row without them was copied: the kernel.
+        short = block is None or width <= self.chunks.sweep_block
+        read = x.dtype in (jnp.float32, jnp.bfloat16) and softcap is None  # in place, as is
+        stats = short and read and cpu_top_k.available()
+        block = None if stats else block
+        fn = lambda x, t, tau: partials(x, t, tau, softcap, width, block, stats=stats)  # noqa: E731
         return _in_row_blocks(fn, x, t, tau) if _needs_row_blocks(x, softcap) else fn(x, t, tau)
 
       if chunk is None:

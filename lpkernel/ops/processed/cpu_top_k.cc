@@ -637,9 +637,10 @@ struct RowStats {
   int32_t arg;
 };
 
-// The first index of x[0, n) holding `top` (float equality, -0 == 0), n where
-// none.
-inline int32_t FirstAt(const float* x, int64_t n, float top) {
+// The first index of x[0, n) (float32, or bfloat16 widened) holding `top`
+// (float equality, -0 == 0), n where none.
+template <typename T>
+inline int32_t FirstAt(const T* x, int64_t n, float top) {
   int64_t i = 0;
   FV tops = SplatV(top);
   for (; i + kLanes <= n; i += kLanes) {
@@ -647,20 +648,21 @@ inline int32_t FirstAt(const float* x, int64_t n, float top) {
     if (at != 0) return static_cast<int32_t>(i + __builtin_ctz(at));
   }
   for (; i < n; ++i) {
-    if (x[i] == top) return static_cast<int32_t>(i);
+    if (Widen(x[i]) == top) return static_cast<int32_t>(i);
   }
   return static_cast<int32_t>(n);
 }
 
 // The RowStats of x[0, n) from its lanes' maxima `most` and NaN flags `nan`
 // and the tail's maximum `tail` (NaN where the tail holds one).
-inline RowStats StatsOf(const float* x, int64_t n, int64_t target, FV most, IV nan, float tail) {
+template <typename T>
+inline RowStats StatsOf(const T* x, int64_t n, int64_t target, FV most, IV nan, float tail) {
   float top = std::max(MaxOf(most), tail);
   bool any_nan = Mask(nan) != 0 || tail != tail;
   RowStats out;
   out.max = any_nan ? std::numeric_limits<float>::quiet_NaN() : top;
   out.arg = any_nan ? static_cast<int32_t>(n) : FirstAt(x, n, top);
-  out.target = target >= 0 && target < n ? x[target] : -std::numeric_limits<float>::infinity();
+  out.target = target >= 0 && target < n ? Widen(x[target]) : -std::numeric_limits<float>::infinity();
   return out;
 }
 
@@ -683,8 +685,8 @@ class BlockRow {
     SetBar(static_cast<uint32_t>(meta[1]));
   }
 
-  template <bool kOffers>
-  RowStats Run(const float* x, int64_t n, int64_t target) {
+  template <bool kOffers, typename T>
+  RowStats Run(const T* x, int64_t n, int64_t target) {
     const float ninf = -std::numeric_limits<float>::infinity();
     FV m0 = SplatV(ninf), m1 = m0, m2 = m0, m3 = m0;
     IV nan = SplatV(0);
@@ -709,7 +711,7 @@ class BlockRow {
     }
     float tail = ninf;
     for (; i < n; ++i) {
-      float v = x[i];
+      float v = Widen(x[i]);
       tail = v > tail || v != v ? v : tail;
       if (!kOffers || OrderKey(v) < bar_) continue;
       if (size_ == cap_) {
@@ -763,8 +765,10 @@ class BlockRow {
 };
 
 // Each row of x [rows, n] through BlockRow (with buf: rows of cap values and
-// meta [rows, 2]; without: statistics only), its RowStats into m, t, arg.
-void BlockRows(ffi::ThreadPool& pool, const float* x, int64_t rows, int64_t n,
+// meta [rows, 2], x float32; without: statistics only, x float32 or bfloat16),
+// its RowStats into m, t, arg.
+template <typename T>
+void BlockRows(ffi::ThreadPool& pool, const T* x, int64_t rows, int64_t n,
                const int32_t* targets, float* buf, int32_t* meta, int64_t k, int64_t cap, float* m,
                float* t, int32_t* arg) {
   ParallelRows(pool, rows, n + 64, [=](int64_t lo, int64_t hi) {
@@ -780,10 +784,10 @@ void BlockRows(ffi::ThreadPool& pool, const float* x, int64_t rows, int64_t n,
   });
 }
 
-// x float32 [..., n], targets int32 [...] (the block's columns: outside
-// [0, n) where the target is in another block); each row's RowStats into m,
-// t, arg.
-ffi::Error BlockStats(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> targets,
+// x float32 or bfloat16 [..., n], targets int32 [...] (the block's columns:
+// outside [0, n) where the target is in another block); each row's RowStats
+// into m, t, arg.
+ffi::Error BlockStats(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> targets,
                       ffi::ResultBuffer<ffi::F32> m, ffi::ResultBuffer<ffi::F32> t,
                       ffi::ResultBuffer<ffi::S32> arg) {
   auto dims = x.dimensions();
@@ -792,9 +796,19 @@ ffi::Error BlockStats(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   if (dims.size() == 0 || targets.element_count() != static_cast<size_t>(rows)) {
     return ffi::Error::InvalidArgument("block_stats: x [..., n], targets [...]");
   }
-  BlockRows(pool, x.typed_data(), rows, n, targets.typed_data(), nullptr, nullptr, 0, 0,
-            m->typed_data(), t->typed_data(), arg->typed_data());
-  return ffi::Error::Success();
+  const int32_t* ts = targets.typed_data();
+  switch (x.element_type()) {
+    case ffi::DataType::F32:
+      BlockRows(pool, static_cast<const float*>(x.untyped_data()), rows, n, ts, nullptr, nullptr, 0,
+                0, m->typed_data(), t->typed_data(), arg->typed_data());
+      return ffi::Error::Success();
+    case ffi::DataType::BF16:
+      BlockRows(pool, static_cast<const uint16_t*>(x.untyped_data()), rows, n, ts, nullptr,
+                nullptr, 0, 0, m->typed_data(), t->typed_data(), arg->typed_data());
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument("block_stats: float32 or bfloat16");
+  }
 }
 
 // As BlockStats, each row's block also offered to its running buffer: buf
@@ -903,7 +917,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LpkernelMaximaTopK, MaximaTopK,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LpkernelBlockStats, BlockStats,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

@@ -168,7 +168,7 @@ def _with_tangents(z, targets, m, t, arg):
 def _with_tangents_jvp(primals, tangents):
   z, targets, m, t, arg = primals
   dz = tangents[0]
-  return (m, t), (_at(dz, arg), _at(dz, targets))
+  return (m, t), (_at(dz, arg).astype(m.dtype), _at(dz, targets).astype(t.dtype))
 
 
 def _stats(z, targets, m, t, arg) -> BlockStats:
@@ -177,13 +177,16 @@ def _stats(z, targets, m, t, arg) -> BlockStats:
 
 
 def block_stats(z: jax.Array, targets: jax.Array) -> BlockStats:
-  """:class:`BlockStats` of ``z float32 [n, W]`` with ``targets int32 [n]`` the
-  block's columns (outside ``[0, W)`` where a target is in another block): one
-  read of the block for all three, differentiable in ``z`` as XLA's
-  reductions (:func:`_with_tangents`). A program for the CPU only (where
+  """:class:`BlockStats` (float32) of ``z [n, W]`` (float32 or bfloat16, read
+  in place; another dtype as float32) with ``targets int32 [n]`` the block's
+  columns (outside ``[0, W)`` where a target is in another block): one read of
+  the block for all three, differentiable in ``z`` as XLA's reductions
+  (:func:`_with_tangents`). A program for the CPU only (where
   :func:`available`); the caller chooses it with
   :func:`lpkernel.ops.platform.on_cpu_or`."""
-  z, targets = z.astype(jnp.float32), targets.astype(jnp.int32)
+  if z.dtype not in (jnp.float32, jnp.bfloat16):
+    z = z.astype(jnp.float32)
+  targets = targets.astype(jnp.int32)
   call = jax.ffi.ffi_call(
     "lpkernel_cpu_block_stats", _stats_out(z.shape[0]), vmap_method="broadcast_all"
   )
