@@ -110,6 +110,10 @@ def test_greedy_flags_of_small_vocabularies_hold_no_large_temporary(v, dtype):
   read: its blocks were 14% of V = 256's logits, and a row without blocks (a
   prime, V = 257) took a masked max whose select XLA:CPU materialised (a
   float32 copy, two of bfloat16 logits)."""
+  from lpkernel.ops.processed import cpu_top_k
+
+  if v <= 512 and not cpu_top_k.available():  # tests/test_cpu_top_k.py asserts the build
+    pytest.skip("the CPU kernels are not built here: XLA's masked max")
   b, t = 8, 512
   args = (
     jax.ShapeDtypeStruct((b, t, v), dtype),
