@@ -223,8 +223,8 @@ def partials(
 
   With ``block`` (a divisor of ``chunk``) the first argmax is located from the
   maxima of ``block``-column blocks (:func:`_before_in_blocks`); without, by a
-  masked max over each chunk, or with ``stats`` (the CPU's compiled kernels;
-  float32 or bfloat16 ``x``, no softcap) by the first column of each chunk's
+  masked max over each chunk, or with ``stats`` (and no ``block``: the CPU's
+  compiled kernels; float32 or bfloat16 ``x``, no softcap) by the first column of each chunk's
   max, one read of it in place
   (:func:`~lpkernel.ops.processed.cpu_top_k.block_stats`: XLA:CPU's masked max
   materialised its select, a float32 copy of the logits, two of bfloat16 ones,
@@ -240,7 +240,7 @@ def partials(
   local_t = _per_chunk(targets, k) - starts
   with jax.named_scope("chunk_max"):
     # The max commutes with the monotone softcap: reduce in x's own dtype.
-    if block is None and stats:
+    if stats:
       max_x = jnp.max(xc, axis=-1)
       # The max's first column, one read (dropped, as XLA's passes, where no flag is asked for).
       at_first = cpu_top_k.block_stats(xc, local_t).arg == local_t
@@ -266,7 +266,7 @@ def partials(
   # The target's chunk says whether the target is its first argmax (see
   # RowPartials.arg): it attains the chunk's max and no column before it does
   # (a chunk of -inf has none).
-  if block is None and stats:
+  if stats:
     first = at_first & (_per_chunk(t, k) == m) & (m > -jnp.inf)
   else:
     first = (P.capped(before_x, softcap) < m) & (_per_chunk(t, k) == m)

@@ -276,9 +276,11 @@ def _hidden_sweep_top(h, w, targets, tau, softcap, vocab_axis: int, precision, k
   (:func:`_hidden_sweep`), a third of the logits' size carried through the
   sweep, then a top-k of them and the gathers they may need. With ``K`` 1 (a
   sampler that truncates nothing) the row's largest value is the maximum its
-  blocks' statistics take: no candidates are offered (a buffer of 4 held no
-  vector of offers: every value went through the kernel one at a time, 2.3x
-  the fused forward at N 4096, D 512, V 32000 in bfloat16)."""
+  blocks' statistics take: no candidates are offered (their buffer was once 4
+  values, with no room for a vector of offers: every value went through the
+  kernel one at a time, 2.3x the fused forward at N 4096, D 512, V 32000 in
+  bfloat16; :func:`~lpkernel.ops.processed.cpu_top_k.running_capacity` now
+  leaves room, but the offers would still cost a pass the maximum does not)."""
   v = w.shape[vocab_axis]
   ops = (h, w, targets, tau, softcap, vocab_axis, precision, fused, fused.block(v, True))
   if k == 1:
