@@ -461,3 +461,26 @@ def test_nll_loss_is_the_weighted_sum_of_token_logprobs(n, v, dtype, z_loss, see
   want, g_want = jax.jit(jax.value_and_grad(composed))(x)
   assert_close(got, want, rtol=1e-5, atol=1e-5, what="loss")
   assert_close(g, g_want, **GRAD_TOLERANCES[jnp.dtype(dtype)], what="d logits")
+
+
+@pytest.mark.parametrize("v", [4, 257], ids=["V4", "V257"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_short_rows_greedy_flag_is_the_first_argmax_with_ties_nan_and_minus_inf(v, dtype):
+  """A row of at most 512 columns takes its max's first column from the CPU's
+  block statistics kernel: the flag is the first argmax (a tie's later column
+  is not greedy), a row with a NaN has none, and a row of ``-inf`` (no
+  possible token) has none either, at its first column too. The same flags
+  as the reference."""
+  x = np.linspace(-2.0, 1.0, 6 * v).reshape(6, v)
+  x[0, [1, 3]] = 5.0  # a tie: column 1 is greedy, 3 is not
+  x[1, [1, 3]] = 5.0
+  x[2, 0] = np.nan  # NaN wins: no greedy column
+  x[3, :] = -np.inf  # no possible token: target 0 is not greedy
+  x[4, :] = -np.inf
+  x[5, v - 1] = 3.0  # the row's one max (bfloat16 rounds the ramp's top into ties)
+  x = jnp.asarray(x, dtype)
+  t = jnp.array([1, 3, v - 1, 0, v - 1, v - 1])
+  got = jax.jit(lpk.token_logprobs_and_greedy)(x, t)[1]
+  want = reference.token_logprobs_and_greedy(x, t)[1]
+  np.testing.assert_array_equal(got, [True, False, False, False, False, True])
+  np.testing.assert_array_equal(got, want)

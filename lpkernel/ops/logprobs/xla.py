@@ -265,9 +265,9 @@ def partials(
   holds = (local_t >= 0) & (local_t < chunk)
   # The target's chunk says whether the target is its first argmax (see
   # RowPartials.arg): it attains the chunk's max and no column before it does
-  # (a chunk of -inf has none).
+  # (an impossible target is never greedy: P.finish).
   if stats:
-    first = at_first & (_per_chunk(t, k) == m) & (m > -jnp.inf)
+    first = at_first & (_per_chunk(t, k) == m)
   else:
     first = (P.capped(before_x, softcap) < m) & (_per_chunk(t, k) == m)
   arg = jnp.where(holds, jnp.where(first, starts + local_t, -1), starts)
