@@ -24,7 +24,7 @@ from lpkernel.ops.processed.cpu_top_k import top_k
 from lpkernel.ops.processed.xla import _logits_group_maxima
 
 # A few values drawn often: ties, and every corner of the floats' order.
-_SPECIAL = [0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, np.nan, -np.nan, 3.5, 1e-38]
+_SPECIAL = [0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, np.nan, -np.nan, 3.5, 1e-38, -1e-38]
 
 
 def _bits(values):

@@ -137,6 +137,39 @@ inline uint32_t Mask(IV lanes) {
 }
 #endif
 
+// The lanes of v whose bit is set in `mask` written in order at out[0, count)
+// (out has room for kLanes; past the count it holds anything); the count. The
+// AVX2 build packs them with one permutation from a table of 256 (a value at
+// a time made the running candidates' offers a chain of 8 dependent stores).
+#if LPKERNEL_LANES == 8  // the AVX2 build
+struct PackTable {
+  int32_t lanes[256][8];
+  constexpr PackTable() : lanes() {
+    for (int m = 0; m < 256; ++m) {
+      int c = 0;
+      for (int l = 0; l < 8; ++l) {
+        if (m >> l & 1) lanes[m][c++] = l;
+      }
+    }
+  }
+};
+inline constexpr PackTable kPack{};
+inline int Pack(float* out, FV v, uint32_t mask) {
+  IV lanes = LoadIV(kPack.lanes[mask]);
+  Store(out, reinterpret_cast<FV>(__builtin_ia32_permvarsf256(v, lanes)));
+  return __builtin_popcount(mask);
+}
+#else
+inline int Pack(float* out, FV v, uint32_t mask) {
+  int count = 0;
+  for (int l = 0; l < kLanes; ++l) {
+    out[count] = v[l];
+    count += (mask >> l) & 1;
+  }
+  return count;
+}
+#endif
+
 // The ranges [bounds[c], bounds[c + 1]), taken by the calling thread and the
 // pool's tasks from one counter; the caller returns when every range is done
 // (it can do them all itself, so a busy pool never stalls it), and offered to
