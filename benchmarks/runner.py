@@ -35,6 +35,13 @@ def _temp_mb(compiled) -> float | None:
 # row's median then over a few dozen runs, not three, on a shared machine).
 MIN_TIMED_SECONDS = 0.2
 MAX_REPEATS = 30
+# A row whose run takes under this many seconds runs once untimed at the start of
+# each turn: the run after another function's bore its after-effects (the fused
+# forward at N 4096, D 512, V 32000 in bfloat16 on 2 CPU cores: 182 ms median
+# timed in turns with the floors' matmuls, whose float32 logits are 0.5 GB, 164
+# ms without them; their minima 156 and 160 ms). A slower row's run outweighs
+# them, and a second run would cost more of the suite's time.
+SETTLE_SECONDS = 0.5
 
 
 def measure(fn: Callable, args: tuple, repeats: int, warmup: int = 1) -> tuple[Timing, object]:
@@ -59,12 +66,14 @@ def measure_in_turns(
   tasks: dict, repeats: int, warmup: int = 1, on_step: Callable[[], None] = lambda: None
 ) -> dict:
   """Times several functions in turns: ``repeats`` rounds, each running every
-  one (in a fresh shuffled order), so that a shared machine's slow spells, and
-  the after-effects of a run with large temporaries, fall on all of them alike
-  instead of on whichever was timed at that moment. A function whose warm-up
-  run took under ``MIN_TIMED_SECONDS / repeats`` runs several times a round,
-  so that about that much of it is timed (up to ``MAX_REPEATS`` runs in all),
-  as :func:`measure`.
+  one (in a fresh shuffled order), so that a shared machine's slow spells fall
+  on all of them alike instead of on whichever was timed at that moment; a
+  function whose run takes under ``SETTLE_SECONDS`` runs once untimed at the
+  start of each of its turns, so that no timed run bears the after-effects of
+  the function before it (a run with large temporaries). A function whose
+  warm-up run took under ``MIN_TIMED_SECONDS / repeats`` runs several times a
+  round, so that about that much of it is timed (up to ``MAX_REPEATS`` runs in
+  all), as :func:`measure`.
 
   Args:
     tasks: ``{key: (fn, args)}``.
@@ -89,17 +98,20 @@ def measure_in_turns(
         max(repeats, MAX_REPEATS), max(1, int(1e3 * MIN_TIMED_SECONDS / max(warm_ms, 1e-3)))
       )
       value = float(result) if getattr(result, "size", None) == 1 else None
-      ready[key] = (compiled, args, value, max(repeats, total) // repeats, [])
+      per_round = max(repeats, total) // repeats
+      ready[key] = (compiled, args, value, per_round, [], warm_ms < 1e3 * SETTLE_SECONDS)
     on_step()
   order = list(ready)
   shuffle = random.Random(0).shuffle
   for _ in range(repeats):
     shuffle(order)
     for key in order:
-      compiled, args, _, per_round, times = ready[key]
+      compiled, args, _, per_round, times, settle = ready[key]
+      if settle:
+        _timed(compiled, args)
       times.extend(_timed(compiled, args)[1] for _ in range(per_round))
     on_step()
-  for key, (compiled, _, value, _, times) in ready.items():
+  for key, (compiled, _, value, _, times, _) in ready.items():
     timing = Timing(statistics.median(times), min(times), max(times), _temp_mb(compiled))
     out[key] = (timing, value)
   return out

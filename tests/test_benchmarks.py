@@ -96,10 +96,13 @@ def test_unknown_method_is_an_error():
     methods.by_name(["nope"])
 
 
-def test_rows_are_timed_in_turns():
+@pytest.mark.parametrize("settle", [True, False])
+def test_rows_are_timed_in_turns(settle, monkeypatch):
   """Each function runs in every round (its runs spread over the measurement,
-  not one stretch); a fast one several times a round, up to MAX_REPEATS; one
+  not one stretch); a fast one several times a round, up to MAX_REPEATS, after
+  one untimed run in each turn where its runs are under SETTLE_SECONDS; one
   that fails to compile is reported, the others still timed."""
+  monkeypatch.setattr(runner, "SETTLE_SECONDS", 0.5 if settle else 0.0)
   calls = []
 
   def task(name):
@@ -117,7 +120,7 @@ def test_rows_are_timed_in_turns():
   got = runner.measure_in_turns(tasks, repeats=3, on_step=lambda: steps.append(1))
   assert isinstance(got["bad"], TypeError)
   timed = calls[2:]  # after one warm-up run each
-  assert timed.count("a") == timed.count("b") == runner.MAX_REPEATS
+  assert timed.count("a") == timed.count("b") == runner.MAX_REPEATS + 3 * settle
   stretches = 1 + sum(x != y for x, y in zip(timed, timed[1:], strict=False))
   assert stretches >= 4  # a stretch per function and round, two may meet at a round's edge
   for key in "ab":
