@@ -44,6 +44,30 @@ def sweep_in_place(step, carry, size: int, block: int):
   return lax.fori_loop(0, -(-size // block), body, carry)
 
 
+def map_row_chunks(fn, args: tuple, chunk: int):
+  """``fn(*args)`` for a row-wise ``fn`` of pytrees ``args`` whose arrays share
+  ``n`` leading rows (and whose outputs do), ``chunk`` rows at a time in one
+  ``scan`` (``fn`` traced once), each chunk's rows sliced past an optimisation
+  barrier (:func:`block_of`); the last chunk is the last ``chunk`` rows,
+  overlapping its predecessor, and gives only its rows not given before. At
+  once where ``chunk >= n``."""
+  n = jax.tree.leaves(args)[0].shape[0]
+  if chunk >= n:
+    return fn(*args)
+  steps = -(-n // chunk)
+  fresh = n - (steps - 1) * chunk  # the last chunk's rows not in its predecessors
+
+  def body(_, i):
+    lo = jnp.minimum(i * chunk, n - chunk)
+    return None, fn(*jax.tree.map(lambda a: block_of(a, lo, chunk, 0), args))
+
+  def joined(y):  # [steps, chunk, ...] -> [n, ...]
+    head = y[:-1].reshape((-1, *y.shape[2:]))
+    return jnp.concatenate([head, y[-1, chunk - fresh :]], axis=0)
+
+  return jax.tree.map(joined, lax.scan(body, None, jnp.arange(steps))[1])
+
+
 def slice_width(block: int, size: int) -> int:
   """Columns per step of a sweep that slices (copies) each step's columns out
   of rows of ``size``: ``block``, at most a sixteenth of a row (512 columns of

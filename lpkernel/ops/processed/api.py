@@ -20,6 +20,7 @@ from jax import lax
 from lpkernel import checks, ops
 from lpkernel import partials as P
 from lpkernel.ops.base import ProcessedHidden
+from lpkernel.ops.blocks import map_row_chunks
 from lpkernel.ops.fused.matmuls import materialised_logits
 from lpkernel.ops.fused.xla import FusedConfig
 from lpkernel.ops.platform import on_cpu_or
@@ -85,16 +86,21 @@ def _whole_rows(parts, top, rows: S.Rows, tau, k: int, axis):
   return parts, top, rows._replace(axis_name=axis)
 
 
-def _finish(parts, top, rows: S.Rows, targets, r: SamplingRows, k: int, axis, v: int):
+def _finish(
+  parts, top, rows: S.Rows, targets, r: SamplingRows, k: int, axis, v: int, chunk: bool = False
+):
   """(ProcessedStats, residual row statistics) of whole rows of ``v`` columns.
 
   ``parts``, ``top`` and ``rows`` are this device's block's under ``axis`` (else
-  the whole rows'); ``targets`` are global ids."""
+  the whole rows'); ``targets`` are global ids. ``chunk``: the rows are a chunk
+  sized for their candidates (:func:`~lpkernel.ops.processed.xla.forward_chunk`),
+  decided at once (in chunks of their own they were 50 of 35 rows at V = 256)."""
   tau = r.tau
   parts, top, rows = _whole_rows(parts, top, rows, tau, k, axis)
   f = P.finish(parts, targets, v, tau)
   params = S.Params(tau, r.top_k, r.top_p, r.min_p, f.shift)
-  d = S.decide_in_row_chunks(top, top.shape[1] == v, params, v, parts.s)
+  decide = S.decide if chunk else S.decide_in_row_chunks
+  d = decide(top, top.shape[1] == v, params, v, parts.s)
   kappa, mass, count = S.threshold(rows, params, d, v)
   log_sk = jnp.log(mass)
   # A row of -inf holds no possible token: it keeps none, its kept mass is -inf.
@@ -141,8 +147,17 @@ def _logits_op(x, targets, r, softcap, k, config, tau_grad, axis, v, impl):
 def _logits_fwd(x, targets, r, softcap, k, config, tau_grad, axis, v, impl):
   local = targets - P.block_offset(axis, x.shape[1])
   k_here = min(k, x.shape[1])
-  parts, top, rows = xla.logits_forward(x, local, r.tau, softcap, k_here, config, impl)
-  stats, res = _finish(parts, top, rows, targets, r, k, axis, v)
+
+  # Short rows (a few hundred columns) a chunk at a time: their candidates pass
+  # the bound. Under a mesh axis every device takes its rows whole.
+  chunk = x.shape[0] if axis is not None else xla.forward_chunk(*x.shape, k_here)
+  chunked = chunk < x.shape[0]
+
+  def rows(x, local, targets, r):
+    parts, top, rows = xla.logits_forward(x, local, r.tau, softcap, k_here, config, impl)
+    return _finish(parts, top, rows, targets, r, k, axis, v, chunked)
+
+  stats, res = map_row_chunks(rows, (x, local, targets, r), chunk)
   return stats, (x, local, r.bad, res)
 
 

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lpkernel import partials as P
-from lpkernel.ops.blocks import sweep_in_place, tokens_per_chunk
+from lpkernel.ops.blocks import map_row_chunks, tokens_per_chunk
 from lpkernel.ops.platform import on_cpu_or
 from lpkernel.ops.processed import cpu_search
 from lpkernel.sampling import nucleus_floor
@@ -226,19 +226,11 @@ def decide_in_row_chunks(
   n, k = top.shape
   per_row = 4 * k if 20 * k <= vocab_size else 8 * k
   chunk = tokens_per_chunk(n, vocab_size, per_row, most_bytes=per_row * n)  # no other cap
-  if chunk == n:
+
+  def rows(top, params, total):
     return decide(top, complete, params, vocab_size, total)
 
-  def step(out, lo, width, fresh):
-    rows = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, lo, width, 0), (top, params, total))
-    d = decide(rows[0], complete, rows[1], vocab_size, rows[2])
-    return jax.tree.map(lambda o, a: lax.dynamic_update_slice_in_dim(o, a, lo, 0), out, d)
-
-  shapes = jax.eval_shape(
-    lambda *a: decide(a[0], complete, a[1], vocab_size, a[2]), top, params, total
-  )
-  init = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
-  return sweep_in_place(step, init, n, chunk)
+  return map_row_chunks(rows, (top, params, total), chunk)
 
 
 class Chunk(NamedTuple):
