@@ -400,6 +400,39 @@ def test_awkward_shapes(impl, shape):
     assert bool(jnp.all(got.greedy))
 
 
+@pytest.mark.parametrize("impl", ["logits", "pallas_gpu"])
+def test_short_rows_in_chunks_are_the_references(impl):
+  """Short rows run the forward a chunk of rows at a time
+  (:func:`lpkernel.ops.processed.xla.forward_chunk`: 2 rows of V = 64 with
+  top-k 50), the last chunk overlapping its predecessor (201 rows): values,
+  kept sets and gradients (logits and per-example temperature) are the
+  reference's; a NaN row stays in its own chunk."""
+  from lpkernel.ops.processed.xla import forward_chunk
+
+  n, v = 201, 64
+  assert forward_chunk(n, v, 64) == 2 and n % 2 == 1
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(n, v)) * 3, jnp.float32).at[7].set(jnp.nan)
+  t = jnp.asarray(rng.integers(0, v, n), jnp.int32)
+  tau = jnp.asarray(rng.uniform(0.5, 1.5, n), jnp.float32)
+
+  def loss(impl, x, tau):
+    s = processed(impl, x, t, lpk.Sampling(tau, 50, 0.9))
+    return jnp.sum(jnp.where(s.kept & ~jnp.isnan(s.logprobs), s.logprobs, 0.0)), s
+
+  grads = jax.jit(
+    lambda i, x, tau: jax.grad(loss, (1, 2), has_aux=True)(i, x, tau), static_argnums=0
+  )
+  (dx, dtau), got = grads(impl, x, tau)
+  (dx_ref, dtau_ref), want = grads("reference", x, tau)
+  np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(got.kept, want.kept)
+  np.testing.assert_array_equal(got.kept_count, want.kept_count)
+  assert np.isnan(got.logprobs[7]) and not np.isnan(np.delete(np.asarray(got.logprobs), 7)).any()
+  np.testing.assert_allclose(dx, dx_ref, atol=1e-5)
+  np.testing.assert_allclose(dtau, dtau_ref, rtol=1e-4, atol=1e-5)
+
+
 def test_no_rows():
   s = lpk.processed_token_stats(
     jnp.zeros((0, 5)), jnp.zeros((0,), jnp.int32), lpk.Sampling(top_k=2)
