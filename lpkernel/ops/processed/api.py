@@ -87,19 +87,19 @@ def _whole_rows(parts, top, rows: S.Rows, tau, k: int, axis):
 
 
 def _finish(
-  parts, top, rows: S.Rows, targets, r: SamplingRows, k: int, axis, v: int, chunk: bool = False
+  parts, top, rows: S.Rows, targets, r: SamplingRows, k: int, axis, v: int, in_chunk: bool = False
 ):
   """(ProcessedStats, residual row statistics) of whole rows of ``v`` columns.
 
   ``parts``, ``top`` and ``rows`` are this device's block's under ``axis`` (else
-  the whole rows'); ``targets`` are global ids. ``chunk``: the rows are a chunk
+  the whole rows'); ``targets`` are global ids. ``in_chunk``: the rows are a chunk
   sized for their candidates (:func:`~lpkernel.ops.processed.xla.forward_chunk`),
   decided at once (in chunks of their own they were 50 of 35 rows at V = 256)."""
   tau = r.tau
   parts, top, rows = _whole_rows(parts, top, rows, tau, k, axis)
   f = P.finish(parts, targets, v, tau)
   params = S.Params(tau, r.top_k, r.top_p, r.min_p, f.shift)
-  decide = S.decide if chunk else S.decide_in_row_chunks
+  decide = S.decide if in_chunk else S.decide_in_row_chunks
   d = decide(top, top.shape[1] == v, params, v, parts.s)
   kappa, mass, count = S.threshold(rows, params, d, v)
   log_sk = jnp.log(mass)

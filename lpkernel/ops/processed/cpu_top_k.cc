@@ -108,6 +108,29 @@ inline int32_t KthAtLeast(const int32_t* keys, int64_t nv, int32_t lo, int32_t h
   return static_cast<int32_t>(bottom * unit);
 }
 
+// The k-th largest signed key of x[0, n) (n > k; float32, or bfloat16
+// widened) with its low `shift` bits cleared (KthAtLeast), the keys left in
+// keys[0, n) (padded with INT32_MIN to a multiple of 2 * kLanes).
+template <typename T>
+inline int32_t KthKeyOf(const T* x, int64_t n, int64_t k, int shift, std::vector<int32_t>& keys) {
+  int64_t padded = (n + 2 * kLanes - 1) / (2 * kLanes) * (2 * kLanes), i = 0;
+  keys.resize(padded);
+  IV low = SplatV(INT32_MAX), high = SplatV(INT32_MIN);
+  for (; i + kLanes <= n; i += kLanes) {
+    IV key = SignedKeysOf<IV>(LoadV(x + i));
+    Store(keys.data() + i, key);
+    low = key < low ? key : low;
+    high = key > high ? key : high;
+  }
+  int32_t lo = MinOf(low), hi = MaxOf(high);
+  for (; i < n; ++i) {
+    keys[i] = SignedKey(Widen(x[i]));
+    lo = std::min(lo, keys[i]), hi = std::max(hi, keys[i]);
+  }
+  std::fill(keys.begin() + n, keys.end(), INT32_MIN);  // at most lo: never counted above it
+  return KthAtLeast(keys.data(), padded, lo, hi, k, shift);  // all n > k reach lo
+}
+
 // offer(i) for each i of [0, width) where x[i] may reach the bar (not under
 // bar() as a float: NaN and -0 as 0 included; offer decides): 64 values at a
 // time, a bit each (kLanes compared at once), bar() read once per 64 (an offer
@@ -431,23 +454,7 @@ class RowGroupsTopK {
   // every value entered, cut and counted: 6 ns a value.
   template <typename T>
   int32_t RowFloor(const T* x, int64_t n) {
-    if (n <= k_) return INT32_MIN;
-    int64_t nv = (n + kLanes - 1) / kLanes * kLanes, j = 0;
-    row_.resize(nv);
-    IV low = SplatV(INT32_MAX), high = SplatV(INT32_MIN);
-    for (; j + kLanes <= n; j += kLanes) {
-      IV key = SignedKeysOf<IV>(LoadV(x + j));
-      Store(row_.data() + j, key);
-      low = key < low ? key : low;
-      high = key > high ? key : high;
-    }
-    int32_t lo = MinOf(low), hi = MaxOf(high);
-    for (; j < n; ++j) {
-      row_[j] = SignedKey(Widen(x[j]));
-      lo = std::min(lo, row_[j]), hi = std::max(hi, row_[j]);
-    }
-    std::fill(row_.begin() + n, row_.end(), INT32_MIN);  // at most lo: never counted above it
-    return KthAtLeast(row_.data(), nv, lo, hi, k_, 16);  // all n > k reach lo
+    return n > k_ ? KthKeyOf(x, n, k_, 16, row_) : INT32_MIN;
   }
 
   // Written past the end and counted only when at the bar: no branch to mispredict.
@@ -629,25 +636,9 @@ ffi::Error MaximaTopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // row) std::nth_element's comparisons, a mispredicted branch each, took a third
 // of the kernel's time.
 uint32_t CutBuffer(float* buf, int64_t size, int64_t k, std::vector<int32_t>& keys) {
-  int64_t whole = size / kLanes * kLanes, padded = (size + 2 * kLanes - 1) / (2 * kLanes) * (2 * kLanes);
-  keys.resize(padded);
-  IV low = SplatV(INT32_MAX), high = SplatV(INT32_MIN);
-  int64_t i = 0;
-  for (; i < whole; i += kLanes) {
-    IV key = SignedKeysOf<IV>(LoadV(buf + i));
-    Store(keys.data() + i, key);
-    low = key < low ? key : low;
-    high = key > high ? key : high;
-  }
-  int32_t lo = MinOf(low), hi = MaxOf(high);
-  for (; i < size; ++i) {
-    keys[i] = SignedKey(buf[i]);
-    lo = std::min(lo, keys[i]), hi = std::max(hi, keys[i]);
-  }
-  std::fill(keys.begin() + size, keys.end(), INT32_MIN);  // at most lo: never counted above it
-  int32_t kth = KthAtLeast(keys.data(), padded, lo, hi, k, 0);  // all size > k reach lo
+  int32_t kth = KthKeyOf(buf, size, k, 0, keys);
   int64_t kept = 0;  // fewer than k keys exceed the k-th
-  for (i = 0; i < size; ++i) {
+  for (int64_t i = 0; i < size; ++i) {
     buf[kept] = buf[i];
     kept += keys[i] > kth;
   }
