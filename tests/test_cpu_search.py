@@ -155,22 +155,35 @@ def test_the_compiled_search_is_built_here():
 
 
 @pytest.mark.parametrize(
-  "dtype, softcap, in_place",
-  [(jnp.float32, None, True), (jnp.float32, 30.0, False), (jnp.bfloat16, None, False)],
+  "dtype, softcap, in_place, v",
+  [
+    (jnp.float32, None, True, 2000),
+    (jnp.float32, 30.0, False, 2000),
+    (jnp.bfloat16, None, False, 2000),
+    (jnp.float32, None, True, 1000),
+    (jnp.bfloat16, None, False, 1000),
+  ],
 )
-def test_the_search_reads_float32_logits_in_place(dtype, softcap, in_place):
+def test_the_search_reads_float32_logits_in_place(dtype, softcap, in_place, v):
   """From uncapped float32 logits the search reads its chunk's rows where they
   are (the kernel's first operand is all of the logits), with no gather of the
   chunk (16 ms of 131 at B8 T512 V32000, top-p alone); capped or narrow logits
-  are gathered and converted a chunk at a time (``[3, V]`` here)."""
-  n, v = 300, 1000
+  are gathered and converted a chunk at a time (``[3, V]`` here). Short rows
+  (V = 1000, whose forward runs a chunk of rows at a time:
+  :func:`~lpkernel.ops.processed.xla.forward_chunk`) are read in their chunk's
+  copy, and gathered in steps of 3 rows still (sized by all the rows)."""
+  from lpkernel.ops.processed.xla import forward_chunk
+
+  n = 300
   x = jax.ShapeDtypeStruct((n, v), dtype)
   t = jax.ShapeDtypeStruct((n,), jnp.int32)
   sampling = lpk.Sampling(1.0, 0, 0.9)
+  k = lpk.ProcessedConfig().k_for(sampling, v)
   fn = jax.jit(lambda x, t: lpk.processed_token_stats(x, t, sampling, softcap=softcap).logprobs)
   calls = [line for line in fn.lower(x, t).as_text().splitlines() if "kept_set_of_logits" in line]
   assert calls
-  rows = n if in_place else n // 100
+  rows = forward_chunk(n, v, k) if in_place else n // 100
+  assert not in_place or (rows < n) == (v == 1000)  # the forward in chunks at V = 1000
   assert all(f"(tensor<{rows}x{v}xf32>" in line for line in calls), calls
 
 

@@ -94,7 +94,7 @@ def _finish(
   ``parts``, ``top`` and ``rows`` are this device's block's under ``axis`` (else
   the whole rows'); ``targets`` are global ids. ``in_chunk``: the rows are a chunk
   sized for their candidates (:func:`~lpkernel.ops.processed.xla.forward_chunk`),
-  decided at once (in chunks of their own they were 50 of 35 rows at V = 256)."""
+  decided at once (in chunks of their own: 50 of 35 rows each at V = 256, N = 65536)."""
   tau = r.tau
   parts, top, rows = _whole_rows(parts, top, rows, tau, k, axis)
   f = P.finish(parts, targets, v, tau)
@@ -152,10 +152,11 @@ def _logits_fwd(x, targets, r, softcap, k, config, tau_grad, axis, v, impl):
   # the bound. Under a mesh axis every device takes its rows whole.
   chunk = x.shape[0] if axis is not None else xla.forward_chunk(*x.shape, k_here)
   chunked = chunk < x.shape[0]
+  search = xla.search_chunk(x.shape[0])  # a search's steps sized by all the rows
 
   def rows(x, local, targets, r):
-    parts, top, rows = xla.logits_forward(x, local, r.tau, softcap, k_here, config, impl)
-    return _finish(parts, top, rows, targets, r, k, axis, v, chunked)
+    args = (x, local, r.tau, softcap, k_here, config, impl, search)
+    return _finish(*xla.logits_forward(*args), targets, r, k, axis, v, chunked)
 
   stats, res = map_row_chunks(rows, (x, local, targets, r), chunk)
   return stats, (x, local, r.bad, res)

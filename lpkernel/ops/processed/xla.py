@@ -94,8 +94,8 @@ def forward_chunk(n: int, v: int, k: int) -> int:
   of the logits' float32 bytes (``25 K <= V``), else as many as keep a chunk's
   copy of its rows and its candidates within 3% of them. Whole, the forward
   held 33% of them at V = 256 with top-k 50 (``K`` = 64), 15% at V = 640 and
-  9.9% at V = 1280; in chunks 6.7%, 4.1% (V = 1000) and 3.9%, as fast at V
-  = 256 and 1000 and 10-18% slower at V = 1280 (B = 16384, 2 CPU cores)."""
+  9.9% at V = 1280; in chunks 6.7%, 4.7% and 3.9% (B8 T512, float32), as fast
+  at V = 256 and 1000 and 10-18% slower at V = 1280 (N = 16384, 2 CPU cores)."""
   if 25 * k <= v:
     return n
   return max(1, min(n, n * v // (33 * (v + 2 * k))))
@@ -194,12 +194,17 @@ class XlaProcessed:
     )  # fmt: skip
 
 
-def logits_forward(x, targets, tau, softcap, k: int, config: C.ProcessedConfig, impl):
+def logits_forward(
+  x, targets, tau, softcap, k: int, config: C.ProcessedConfig, impl, search: int | None = None
+):
   """(RowPartials of whole rows, float32[N, K] largest capped values, the rows as
-  :class:`~select.Rows` for a search) of logits ``x [N, V]``; ``impl``'s
-  first pass (:class:`lpkernel.ops.base.ProcessedImplementation`)."""
+  :class:`~select.Rows` for a search, ``search`` rows a step: by default
+  :func:`search_chunk`'s) of logits ``x [N, V]``; ``impl``'s first pass
+  (:class:`lpkernel.ops.base.ProcessedImplementation`)."""
   parts, top = impl.partials_and_candidates(x, targets, tau, softcap, k, config)
-  return parts, top, logits_rows(lax.stop_gradient(x), softcap, search_chunk(x.shape[0]))
+  n = x.shape[0]
+  chunk = min(n, search or search_chunk(n))
+  return parts, top, logits_rows(lax.stop_gradient(x), softcap, chunk)
 
 
 def rows_width(chunk: int, d: int, v: int, fused: FusedConfig) -> int:
