@@ -1273,7 +1273,7 @@ def test_a_whole_rows_nucleus_among_the_candidates_needs_no_search():
   x = jax.random.normal(jax.random.key(3), (n, v), jnp.float32) * scale
   targets = jnp.zeros((n,), jnp.int32)
   config = lpk.ProcessedConfig()
-  parts, top, _ = X.logits_forward(x, targets, None, None, 64, config, X.XlaProcessed())
+  parts, top, _ = X.logits_forward(x, targets, None, None, 64, config, X.XlaProcessed(), 1)
   shift = P.finish(parts, targets, v, None).shift
   p = jnp.full((n,), 0.9)
   params = S.Params(None, jnp.zeros((n,), jnp.int32), p, jnp.zeros((n,)), shift)

@@ -419,8 +419,23 @@ class RowGroupsTopK {
   void Scan(const T* x, int64_t n, int64_t group, bool held) {
     int64_t ahead = std::max<int64_t>(1, 16 * 64 / (group * static_cast<int64_t>(sizeof(T))));
     for (int64_t c = 0; c < ahead; ++c) Prefetch(x, n, group, c);
-    int32_t bar = count_ >= k_ ? INT32_MAX : RowFloor(x, n);
-    for (int64_t c = 0; c < count_ && bar != INT32_MIN && count_ >= k_; ++c) {
+    size_ = 0;
+    bar_ = count_ >= k_ ? GroupsFloor(x, n, group, held, ahead) : RowFloor(x, n);
+    for (int64_t c = 0; c < count_; ++c) {
+      Prefetch(x, n, group, c + ahead);
+      int64_t lo = chosen_[c] * group;
+      ForEachAtLeast(
+          x + lo, std::min(n, lo + group) - lo, [&] { return SignedKeyValue(bar_); },
+          [&](int64_t i) { Offer(SignedKey(Widen(x[lo + i]))); });
+    }
+  }
+
+  // The first bar where k or more groups are chosen: the least of their own
+  // maxima (Scan; INT32_MIN, all, once one is NaN).
+  template <typename T>
+  int32_t GroupsFloor(const T* x, int64_t n, int64_t group, bool held, int64_t ahead) {
+    int32_t bar = INT32_MAX;
+    for (int64_t c = 0; c < count_ && bar != INT32_MIN; ++c) {
       float held_max = SignedKeyValue(maxima_[chosen_[c]]);
       if (held && std::fabs(held_max) >= std::numeric_limits<float>::min()) {  // not NaN
         bar = std::min(bar, maxima_[chosen_[c]]);
@@ -436,15 +451,7 @@ class RowGroupsTopK {
       for (; i < hi; ++i) top = std::max(top, OrderKey(Widen(x[i])));
       bar = std::min(bar, static_cast<int32_t>(top ^ 0x80000000u));
     }
-    size_ = 0;
-    bar_ = bar;
-    for (int64_t c = 0; c < count_; ++c) {
-      Prefetch(x, n, group, c + ahead);
-      int64_t lo = chosen_[c] * group;
-      ForEachAtLeast(
-          x + lo, std::min(n, lo + group) - lo, [&] { return SignedKeyValue(bar_); },
-          [&](int64_t i) { Offer(SignedKey(Widen(x[lo + i]))); });
-    }
+    return bar;
   }
 
   // A first bar where there are fewer groups than k (every one is read: their

@@ -194,17 +194,14 @@ class XlaProcessed:
     )  # fmt: skip
 
 
-def logits_forward(
-  x, targets, tau, softcap, k: int, config: C.ProcessedConfig, impl, search: int | None = None
-):
+def logits_forward(x, targets, tau, softcap, k: int, config: C.ProcessedConfig, impl, search: int):
   """(RowPartials of whole rows, float32[N, K] largest capped values, the rows as
-  :class:`~select.Rows` for a search, ``search`` rows a step: by default
-  :func:`search_chunk`'s) of logits ``x [N, V]``; ``impl``'s first pass
+  :class:`~select.Rows` for a search, at most ``search`` rows a step: the
+  :func:`search_chunk` of all the rows, of which ``x`` may be a chunk) of
+  logits ``x [N, V]``; ``impl``'s first pass
   (:class:`lpkernel.ops.base.ProcessedImplementation`)."""
   parts, top = impl.partials_and_candidates(x, targets, tau, softcap, k, config)
-  n = x.shape[0]
-  chunk = min(n, search or search_chunk(n))
-  return parts, top, logits_rows(lax.stop_gradient(x), softcap, chunk)
+  return parts, top, logits_rows(lax.stop_gradient(x), softcap, min(x.shape[0], search))
 
 
 def rows_width(chunk: int, d: int, v: int, fused: FusedConfig) -> int:
