@@ -793,9 +793,9 @@ def test_no_logits_sized_temporaries_at_the_benchmark_shape(dtype):
 
 
 @pytest.mark.parametrize(
-  "v,top_k,dtype",
+  "v,top_k,dtype,softcap",
   [
-    (v, k, d)
+    (v, k, d, None)
     for v, k in [
       (256, 50),
       (384, 50),
@@ -806,10 +806,11 @@ def test_no_logits_sized_temporaries_at_the_benchmark_shape(dtype):
       (4099, 50),
       (32000, 1000),
     ]  # fmt: skip
-    for d in ("float32", "bfloat16")
-  ],
+    for d in ("float32", "bfloat16", "float16")
+  ]
+  + [(v, 50, d, 30.0) for v in (256, 1000, 2048, 4099) for d in ("float32", "bfloat16")],
 )
-def test_no_large_temporaries_for_a_short_row_or_a_large_top_k(v, top_k, dtype):
+def test_no_large_temporaries_for_a_short_row_or_a_large_top_k(v, top_k, dtype, softcap):
   """The decision over each row's ``K`` largest values runs a chunk of rows at
   a time where its ``[N, K]`` arrays would be large against the logits (15%
   of them at V = 2048 with top-k 50, 14% at V = 32000 with top-k 1000), each
@@ -818,13 +819,16 @@ def test_no_large_temporaries_for_a_short_row_or_a_large_top_k(v, top_k, dtype):
   4% of the logits (``K`` = 64 of V under 1600) the whole forward runs a chunk
   of rows at a time (:func:`lpkernel.ops.processed.xla.forward_chunk`): whole,
   it held 33% of the logits at V = 256, 23% at 384, 15% at 640, 9.7% at 1000
-  and 9.9% at 1280."""
+  and 9.9% at 1280. Float16 candidates, which XLA gathers (the CPU's kernel
+  takes float32 and bfloat16), weigh twice in that rule (V = 2048: 15%), and
+  a softcap's reductions run in blocks of rows within 2% of the logits (V =
+  256: a block was all of them; V = 2048 and 4099: 13-16%)."""
   dtype = jnp.dtype(dtype)
   b, t = 8, 512
   sampling = lpk.Sampling(0.7, top_k, 0.95)
 
   def loss(x, targets):
-    return lpk.processed_token_stats(x, targets, sampling).logprobs.sum()
+    return lpk.processed_token_stats(x, targets, sampling, softcap=softcap).logprobs.sum()
 
   args = (jax.ShapeDtypeStruct((b, t, v), dtype), jax.ShapeDtypeStruct((b, t), jnp.int32))
   fractions = [_fraction(fn, args, b * t * v * 4) for fn in (loss, jax.grad(loss))]

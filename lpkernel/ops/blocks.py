@@ -47,25 +47,35 @@ def sweep_in_place(step, carry, size: int, block: int):
 def map_row_chunks(fn, args: tuple, chunk: int):
   """``fn(*args)`` for a row-wise ``fn`` of pytrees ``args`` whose arrays share
   ``n`` leading rows (and whose outputs do), ``chunk`` rows at a time in one
-  ``scan`` (``fn`` traced once), each chunk's rows sliced past an optimisation
-  barrier (:func:`block_of`); the last chunk is the last ``chunk`` rows,
-  overlapping its predecessor, and gives only its rows not given before. At
-  once where ``chunk >= n``."""
+  ``fori_loop``, each chunk's rows sliced past an optimisation barrier
+  (:func:`block_of`) and its results written into the outputs in place; the
+  last chunk is the last ``chunk`` rows, overlapping its predecessor (a
+  row-wise ``fn`` writes those rows again, the same). At once where ``chunk >= n``.
+
+  ``fn`` is traced once: its jitted form gives the outputs' shapes and then
+  runs, from its cache, in the loop. (Outputs stacked by a ``scan`` instead
+  cost XLA:CPU 0.17 ms a step: 256 chunks of a softcapped row's reductions,
+  V = 32000, took 225 ms against 175.)
+  """
   n = jax.tree.leaves(args)[0].shape[0]
   if chunk >= n:
     return fn(*args)
-  steps = -(-n // chunk)
-  fresh = n - (steps - 1) * chunk  # the last chunk's rows not in its predecessors
+  jitted = jax.jit(fn)
 
-  def body(_, i):
+  def chunk_of(a):
+    aval = jax.typeof(a)
+    return jax.ShapeDtypeStruct((chunk, *aval.shape[1:]), aval.dtype, weak_type=aval.weak_type)
+
+  shapes = jitted.eval_shape(*jax.tree.map(chunk_of, args))
+  init = jax.tree.map(lambda s: jnp.zeros((n, *s.shape[1:]), s.dtype), shapes)
+
+  def body(i, out):
     lo = jnp.minimum(i * chunk, n - chunk)
-    return None, fn(*jax.tree.map(lambda a: block_of(a, lo, chunk, 0), args))
+    rows = jax.tree.map(lambda a: block_of(a, lo, chunk, 0), args)
+    put = lambda o, r: lax.dynamic_update_slice_in_dim(o, r, lo, 0)  # noqa: E731
+    return jax.tree.map(put, out, jitted(*rows))
 
-  def joined(y):  # [steps, chunk, ...] -> [n, ...]
-    head = y[:-1].reshape((-1, *y.shape[2:]))
-    return jnp.concatenate([head, y[-1, chunk - fresh :]], axis=0)
-
-  return jax.tree.map(joined, lax.scan(body, None, jnp.arange(steps))[1])
+  return lax.fori_loop(0, -(-n // chunk), body, init)
 
 
 def slice_width(block: int, size: int) -> int:
