@@ -24,8 +24,8 @@ from lpkernel.ops.blocks import map_row_chunks
 from lpkernel.ops.fused.matmuls import materialised_logits
 from lpkernel.ops.fused.xla import FusedConfig
 from lpkernel.ops.platform import on_cpu_or
-from lpkernel.ops.processed import select as S
 from lpkernel.ops.processed import cpu_top_k, xla
+from lpkernel.ops.processed import select as S
 from lpkernel.ops.processed.candidates import ProcessedConfig
 from lpkernel.ops.staged import staged
 from lpkernel.sampling import (
