@@ -298,11 +298,12 @@ def centred_expected_y(x, tau, softcap, shift, log_s, chunk: int) -> jax.Array:
 
 def swept_partials(reduce, x, targets, tau, block: int) -> P.RowPartials:
   """Row partials of ``x [N, V]`` by a loop over ``block``-column slices merged
-  online, for a V that no chunk width divides; ``reduce(x, targets, tau)`` gives
-  one slice's partials (its ``targets`` slice-local)."""
+  online, for a V that no chunk width divides; ``reduce(x, lo, width, targets,
+  tau)`` gives the partials of x's columns ``[lo, lo + width)`` (its
+  ``targets`` slice-local)."""
 
   def step(carry, lo, width):
-    block = P.at_offset(reduce(block_of(x, lo, width, 1), targets - lo, tau), lo)
+    block = P.at_offset(reduce(x, lo, width, targets - lo, tau), lo)
     return P.merge(carry, block, tau)
 
   return sweep(step, P.empty(x.shape[0]), x.shape[1], block)
@@ -355,9 +356,10 @@ def _needs_row_blocks(x, softcap) -> bool:
   return softcap is not None or x.dtype == jnp.float16
 
 
-def _in_row_blocks(fn, x, *rows, vocab_size: int):
+def _in_row_blocks(fn, x, *rows, width: int, vocab_size: int):
   """``fn(x, *rows)`` over blocks of rows (:func:`blocks.map_row_chunks`) of
-  ``x [N, W]``, W columns of rows of ``vocab_size``; results have N leading rows.
+  ``x``, rows of ``vocab_size`` of which ``fn`` reads ``width`` columns; results
+  have N leading rows.
 
   A block holds at most ``_ROW_BLOCK_ELEMENTS`` and 2% of the logits' elements
   (but not under ``_ROW_BLOCK_ELEMENTS // 32``: rows too few to weigh are not
@@ -365,7 +367,7 @@ def _in_row_blocks(fn, x, *rows, vocab_size: int):
   alone were the whole of V = 256's float32 logits under a softcap (4096 rows),
   and a quarter of V = 1000's.
   """
-  n, width = x.shape
+  n = x.shape[0]
   elements = min(_ROW_BLOCK_ELEMENTS, max(_ROW_BLOCK_ELEMENTS // 32, n * vocab_size // 50))
   return map_row_chunks(fn, (x, *rows), max(1, min(n, elements // width)))
 
@@ -396,11 +398,11 @@ class XlaLogits(tuning.Configured):
       if chunk is not None and maxima is not None and chunk % (v // maxima.shape[1]) == 0:
         fn = lambda x, t, tau, mx: partials(x, t, tau, softcap, chunk, v // mx.shape[1], mx)  # noqa: E731
         if _needs_row_blocks(x, softcap):
-          return _in_row_blocks(fn, x, targets, tau, maxima, vocab_size=v)
+          return _in_row_blocks(fn, x, targets, tau, maxima, width=v, vocab_size=v)
         return fn(x, targets, tau, maxima)
 
-      def reduce(x, t, tau):  # whole rows of x, or a swept slice of them
-        width = chunk or x.shape[1]
+      def reduce(x, lo, cols, t, tau):  # x's columns [lo, lo + cols): all, or a slice
+        width = chunk or cols
         block = self.chunks.argmax_block_for(width)
         # A short row's blocks and maxima weigh against it (V = 256: 14% of
         # the float32 logits), and a row without them was copied: the kernel.
@@ -409,19 +411,23 @@ class XlaLogits(tuning.Configured):
         stats = short and read and cpu_top_k.available()
         block = None if stats else block
         fn = lambda x, t, tau: partials(x, t, tau, softcap, width, block, stats=stats)  # noqa: E731
-        if _needs_row_blocks(x, softcap):
-          return _in_row_blocks(fn, x, t, tau, vocab_size=v)
-        return fn(x, t, tau)
+        if not _needs_row_blocks(x, softcap):
+          return fn(x if cols == v else block_of(x, lo, cols, 1), t, tau)
+
+        # Each block of rows slices its rows and columns of x at once: a slice
+        # of all the rows was copied whole (V = 4099: 256 columns, 6% of the
+        # logits), and a block's rows, sliced, then their columns, were
+        # widened whole from bfloat16 (V = 32771: 65 -> 550 ms).
+        def sliced(ids, t, tau):  # ids: the block's rows
+          xs, r0, c0 = lax.optimization_barrier((x, ids[0], jnp.asarray(lo, jnp.int32)))
+          return fn(lax.dynamic_slice(xs, (r0, c0), (ids.shape[0], cols)), t, tau)
+
+        ids = jnp.arange(x.shape[0], dtype=jnp.int32)
+        return _in_row_blocks(sliced, ids, t, tau, width=cols, vocab_size=v)
 
       if chunk is None:
-        width = self.chunks.sweep_width(v)
-        if _needs_row_blocks(x, softcap):
-          # Each slice is copied whole, in float32: within 2% of the logits
-          # (at V = 4099 its 256 columns were 6%, 12% with the row blocks'; 64
-          # now, and 20 -> 55 ms for 4096 rows of float32).
-          width = min(width, max(32, v // 50 // 32 * 32))
-        return swept_partials(reduce, x, targets, tau, width)
-      return reduce(x, targets, tau)
+        return swept_partials(reduce, x, targets, tau, self.chunks.sweep_width(v))
+      return reduce(x, 0, v, targets, tau)
 
     return on_cpu_or(cpu, lambda: partials(x, targets, tau, softcap, v))
 
