@@ -4,8 +4,9 @@ Each dtype (float32, bfloat16, float16), and within it every pair of values of
 temperature (none, scalar, per-example), softcap (none, 30), pass (forward,
 forward+backward) and vocabulary (32000 in one chunk, 65536 in two, 32771
 swept in column blocks: it is prime), for ``score``, ``token_logprobs``,
-``nll_loss`` and the fused path (whose logits never exist). The bound is
-10% of the logits' bytes (float32 logits for the fused path); the gradient is
+``nll_loss`` and the fused paths (``fused_token_stats``, ``fused_nll_loss``:
+their logits never exist). The bound is 10% of the logits' bytes (float32
+logits for the fused paths); the gradient is
 an output, not a temporary. ``test_reference_does_materialise`` shows the
 measurement can fail.
 """
@@ -52,22 +53,23 @@ def _temp_fraction(fn, args, argnums, with_grad, reference_bytes):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", ["score", "token_logprobs", "nll_loss", "fused"])
+@pytest.mark.parametrize("path", ["score", "token_logprobs", "nll_loss", "fused", "fused_nll_loss"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 def test_no_logits_sized_temporaries_under_any_option(path, dtype, monkeypatch):
   failures = []
   # Chunks and sweeps matter where they are (the logits paths); float16 shares
   # their code with bfloat16, so it runs the one-chunk shape only.
-  shapes = SHAPES[:1] if path == "fused" or dtype == jnp.float16 else SHAPES
+  fused = path.startswith("fused")
+  shapes = SHAPES[:1] if fused or dtype == jnp.float16 else SHAPES
   # The fused path's configuration follows the CPU (lpkernel.ops.tuning): this
   # one's, and that of a CPU without bfloat16 dots (float32 matmuls).
-  cpus = [tuning.cpu_flags(), frozenset({"avx2"})] if path == "fused" else [tuning.cpu_flags()]
+  cpus = [tuning.cpu_flags(), frozenset({"avx2"})] if fused else [tuning.cpu_flags()]
   for (b, t, v), kind, softcap, with_grad, cpu in pairwise(
     shapes, TEMPERATURES, SOFTCAPS, PASSES, cpus
   ):
     monkeypatch.setattr(tuning, "cpu_flags", lambda cpu=cpu: cpu)
     tau = jax.ShapeDtypeStruct((b, t), jnp.float32)
-    if path == "fused":
+    if fused:
       args = (
         jax.ShapeDtypeStruct((b * t, WIDTH), dtype),
         jax.ShapeDtypeStruct((WIDTH, v), dtype),
@@ -77,6 +79,8 @@ def test_no_logits_sized_temporaries_under_any_option(path, dtype, monkeypatch):
 
       def fn(h, w, targets, tau, kind=kind, softcap=softcap):
         temperature = _temperature(kind, tau)
+        if path == "fused_nll_loss":  # its float32 token chunks held 25-50% of the logits
+          return lpk.fused_nll_loss(h, w, targets, temperature=temperature, softcap=softcap)
         stats = lpk.fused_token_stats(h, w, targets, temperature=temperature, softcap=softcap)
         return jnp.sum(stats.logprobs)
 
@@ -210,3 +214,30 @@ def test_a_long_sequence_backward_holds_one_hidden_sized_accumulator(vocab_axis)
   if vocab_axis == 1 and jax.default_backend() == "cpu":
     bound += v * d * 2
   assert temporaries.temp_size_in_bytes < bound, (temporaries.temp_size_in_bytes / 2**30, bound)
+
+
+@pytest.mark.parametrize(
+  "n,d,chunked", [(4096, 512, False), (32768, 1024, True)], ids=["sweeps", "chunks"]
+)
+def test_the_float32_loss_takes_token_chunks_within_the_bound(n, d, chunked):
+  """``fused_nll_loss`` in float32 on the CPU takes token chunks only where
+  their temporaries (a float32 ``[D, V]`` product per chunk, copies of its
+  ``[C, V]`` logits) are within the bound (``FusedConfig.chunked_loss``): at N
+  = 4096, D = 512 they held 25% of the float32 logits, 50% with softcap and
+  a temperature; a long sequence holds them under 10%."""
+  v = 32000
+  assert lpk.FusedConfig().chunked_loss(jnp.float32, True, n, d, v) is chunked
+  assert not lpk.FusedConfig().chunked_loss(jnp.float32, False, n, d, v)  # other backends
+  assert not lpk.FusedConfig().chunked_loss(jnp.bfloat16, True, n, d, v)
+  args = (
+    jax.ShapeDtypeStruct((n, d), jnp.float32),
+    jax.ShapeDtypeStruct((d, v), jnp.float32),
+    jax.ShapeDtypeStruct((n,), jnp.int32),
+  )
+
+  def loss(h, w, targets):
+    return lpk.fused_nll_loss(h, w, targets, temperature=0.7, softcap=30.0)
+
+  compiled = jax.jit(jax.grad(loss, (0, 1))).lower(*args).compile()
+  assert ("fused_loss_chunks" in compiled.as_text()) is chunked
+  assert compiled.memory_analysis().temp_size_in_bytes / (n * v * 4) < 0.10

@@ -64,11 +64,14 @@ class FusedConfig:
       chunk's whole ``[C, V]`` float32 logits from one matmul, then ``d logits``,
       ``d hidden`` and a float32 ``d unembed`` accumulator: three matmuls in
       all); False, the forward sweep then the backward sweep (four); None, the
-      measured best: chunks for float32 on the CPU (N = 4096, D = 512,
-      V = 32000 on 2 cores, same process: 512-token chunks 3.1-3.3 s,
-      256-token chunks 3.2-3.7 s, the sweeps 4.6 s, the materialised form
-      3.2-3.3 s), sweeps for bfloat16 there (1.6 s against 1.9 s) and,
-      unmeasured, on other backends.
+      measured best within the temporaries' bound: chunks for float32 on the
+      CPU where they hold under 10% of the float32 logits (:meth:`chunked_loss`:
+      N = 4096, D = 512, V = 32000 on 2 cores, same process: 512-token chunks
+      3.1-3.3 s, 256-token chunks 3.2-3.7 s, the sweeps 4.6 s, the
+      materialised form 3.2-3.3 s; another day 1.65 s at 25% of the logits,
+      1.81 s at 50% with softcap and a temperature, the sweeps 2.06 s at 7%),
+      sweeps for bfloat16 there (1.6 s against 1.9 s) and, unmeasured, on
+      other backends.
     grad_chunks: the backward pass of the per-token ops (:meth:`XlaFused.grads`)
       in token chunks as well (``loss_chunk_tokens`` each; the cotangents are
       known there), instead of the backward sweep over vocabulary blocks. Off by
@@ -137,12 +140,23 @@ class FusedConfig:
     if not isinstance(self.loss_chunk_bytes, int) or self.loss_chunk_bytes < 1:
       raise ValueError(f"FusedConfig.loss_chunk_bytes={self.loss_chunk_bytes!r} must be positive")
 
-  def chunked_loss(self, dtype, cpu: bool) -> bool:
-    """Whether the training loss takes token chunks (else the forward and backward
-    sweeps) in a program lowered for the CPU (``cpu``) or another platform."""
+  def chunked_loss(self, dtype, cpu: bool, n: int, d: int, vocab_size: int) -> bool:
+    """Whether the training loss over ``n`` tokens of width ``d`` takes token
+    chunks (else the forward and backward sweeps) in a program lowered for the
+    CPU (``cpu``) or another platform.
+
+    By default float32 on the CPU, where the chunks' temporaries are within 10%
+    of the float32 logits: each chunk's ``d unembed``, a float32 ``[D, V]``
+    product that XLA:CPU does not add in place, and up to 4 float32 copies of
+    its ``[C, V]`` logits (3 with softcap and a temperature), so
+    ``10 (D + 4 C) <= N``. At N = 4096, D = 512, V = 32000 they held 25% of
+    the logits (50% with softcap and a temperature; 2x at V = 8192, where a
+    chunk is half the tokens): a long sequence takes them (N = 32768, V = 32000:
+    D up to 1228)."""
     if self.loss_chunks is not None:
       return self.loss_chunks
-    return cpu and jnp.dtype(dtype) == jnp.float32
+    fits = 10 * (d + 4 * self.loss_chunk(n, vocab_size)) <= n
+    return cpu and jnp.dtype(dtype) == jnp.float32 and fits
 
   def loss_chunk(self, n: int, vocab_size: int) -> int:
     """Tokens per chunk of the training loss."""
@@ -418,7 +432,8 @@ class XlaFused(tuning.Configured):
     Returns:
       (out, d h float32 [N, D], d w in w's layout and dtype, d tau float32 [N] or None).
     """
-    chunked = [self.config.chunked_loss(h.dtype, cpu) for cpu in (True, False)]
+    shape = (h.shape[0], h.shape[1], w.shape[vocab_axis])
+    chunked = [self.config.chunked_loss(h.dtype, cpu, *shape) for cpu in (True, False)]
     if chunked[0] == chunked[1]:  # no platform decides it
       return self._loss(chunked[0], h, w, tau, softcap, rows, out_init, vocab_axis)
     args = (h, w, tau, softcap, rows, out_init, vocab_axis)
