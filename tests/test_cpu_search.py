@@ -182,7 +182,7 @@ def test_the_search_reads_float32_logits_in_place(dtype, softcap, in_place, v):
   fn = jax.jit(lambda x, t: lpk.processed_token_stats(x, t, sampling, softcap=softcap).logprobs)
   calls = [line for line in fn.lower(x, t).as_text().splitlines() if "kept_set_of_logits" in line]
   assert calls
-  rows = forward_chunk(n, v, k) if in_place else n // 100
+  rows = forward_chunk(n, v, k, dtype, softcap) if in_place else n // 100
   assert not in_place or (rows < n) == (v == 1000)  # the forward in chunks at V = 1000
   assert all(f"(tensor<{rows}x{v}xf32>" in line for line in calls), calls
 

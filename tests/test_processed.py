@@ -410,7 +410,7 @@ def test_short_rows_in_chunks_are_the_references(impl):
   from lpkernel.ops.processed.xla import forward_chunk
 
   n, v = 201, 64
-  assert forward_chunk(n, v, 64) == 2 and n % 2 == 1
+  assert forward_chunk(n, v, 64, jnp.float32, None) == 2 and n % 2 == 1
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.normal(size=(n, v)) * 3, jnp.float32).at[7].set(jnp.nan)
   t = jnp.asarray(rng.integers(0, v, n), jnp.int32)

@@ -24,8 +24,8 @@ from lpkernel.ops.blocks import map_row_chunks
 from lpkernel.ops.fused.matmuls import materialised_logits
 from lpkernel.ops.fused.xla import FusedConfig
 from lpkernel.ops.platform import on_cpu_or
-from lpkernel.ops.processed import cpu_top_k, xla
 from lpkernel.ops.processed import select as S
+from lpkernel.ops.processed import xla
 from lpkernel.ops.processed.candidates import ProcessedConfig
 from lpkernel.ops.staged import staged
 from lpkernel.sampling import (
@@ -150,11 +150,9 @@ def _logits_fwd(x, targets, r, softcap, k, config, tau_grad, axis, v, impl):
 
   # Short rows (a few hundred columns) a chunk at a time: their candidates pass
   # the bound. Under a mesh axis every device takes its rows whole.
-  # Candidates the CPU's kernel does not take (float16) are gathered by XLA, and
-  # capped ones are copied: weighed as twice as many (V = 2048: float16 15%
-  # -> 4.6% of the logits, float32 under a softcap 9.9% -> 5.9%).
-  weight = k_here if cpu_top_k.compiled(x.dtype) and softcap is None else 2 * k_here
-  chunk = x.shape[0] if axis is not None else xla.forward_chunk(*x.shape, weight)
+  chunk = x.shape[0]
+  if axis is None:
+    chunk = xla.forward_chunk(*x.shape, k_here, x.dtype, softcap)
   chunked = chunk < x.shape[0]
   search = xla.search_chunk(x.shape[0])  # a search's steps sized by all the rows
 

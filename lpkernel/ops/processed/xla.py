@@ -88,14 +88,21 @@ def search_chunk(n: int) -> int:
   return max(1, n // 100)
 
 
-def forward_chunk(n: int, v: int, k: int) -> int:
-  """Rows per chunk of the processed forward from logits ``[n, v]`` with ``k``
-  candidates: all ``n`` where the candidates' float32 ``[N, K]`` are within 4%
-  of the logits' float32 bytes (``25 K <= V``), else as many as keep a chunk's
-  copy of its rows and its candidates within 3% of them. Whole, the forward
-  held 33% of them at V = 256 with top-k 50 (``K`` = 64), 15% at V = 640 and
-  9.9% at V = 1280; in chunks 6.7%, 4.7% and 3.9% (B8 T512, float32), as fast
-  at V = 256 and 1000 and 10-18% slower at V = 1280 (N = 16384, 2 CPU cores)."""
+def forward_chunk(n: int, v: int, k: int, dtype, softcap) -> int:
+  """Rows per chunk of the processed forward from logits ``[n, v]`` of ``dtype``
+  (capped by ``softcap``, or None) with ``k`` candidates: all ``n`` where the
+  candidates' float32 ``[N, K]`` are within 4% of the logits' float32 bytes
+  (``25 K <= V``), else as many as keep a chunk's copy of its rows and its
+  candidates within 3% of them. Whole, the forward held 33% of them at V = 256
+  with top-k 50 (``K`` = 64), 15% at V = 640 and 9.9% at V = 1280; in chunks
+  6.7%, 4.7% and 3.9% (B8 T512, float32), as fast at V = 256 and 1000 and
+  10-18% slower at V = 1280 (N = 16384, 2 CPU cores).
+
+  Candidates the CPU's kernel does not take (float16) are gathered by XLA, and
+  capped ones are copied: they weigh as twice as many (V = 2048: float16 15%
+  -> 4.6% of the logits, float32 under a softcap 9.9% -> 5.9%)."""
+  if not compiled(dtype) or softcap is not None:
+    k = 2 * k
   if 25 * k <= v:
     return n
   return max(1, min(n, n * v // (33 * (v + 2 * k))))
