@@ -484,3 +484,38 @@ def test_short_rows_greedy_flag_is_the_first_argmax_with_ties_nan_and_minus_inf(
   want = reference.token_logprobs_and_greedy(x, t)[1]
   np.testing.assert_array_equal(got, [True, False, False, False, False, True])
   np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("v", [1031, 1024], ids=["swept", "one-chunk"])
+def test_capped_rows_in_blocks_of_rows_are_the_reference(v, dtype):
+  """Capped rows are reduced in blocks of rows within 2% of the logits, each
+  block slicing its rows and its swept slice's columns of the logits at once
+  (``xla._in_row_blocks``): 1000 rows in blocks of 322 (the last overlapping
+  its predecessor) over a prime V's 64-column slices, or of 20 over whole
+  rows. Values, greedy
+  flags and gradients (logits and per-example temperature) are the reference's,
+  with a NaN row, a row of -inf but its target and an impossible target."""
+  n = 1000
+  logits, targets = _inputs(3, (n,), v, dtype)
+  logits = logits.at[5].set(jnp.nan).at[600, : v - 1].set(-jnp.inf).at[999, 0].set(-jnp.inf)
+  targets = targets.at[600].set(v - 1).at[999].set(0)
+  tau = jnp.asarray(np.random.default_rng(0).uniform(0.5, 2.0, n), jnp.float32)
+  opts = dict(softcap=5.0)
+
+  def run(fn):
+    def loss(x, tau):
+      lp, greedy = fn(x, targets, temperature=tau, **opts)
+      return jnp.sum(jnp.where(jnp.isfinite(lp), lp, 0.0)), (lp, greedy)
+
+    (_, (lp, greedy)), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(logits, tau)
+    return lp, greedy, grads
+
+  lp, greedy, (dx, dtau) = run(lpk.token_logprobs_and_greedy)
+  lp_ref, greedy_ref, (dx_ref, dtau_ref) = run(reference.token_logprobs_and_greedy)
+  assert np.isnan(lp[5]) and lp[999] == -np.inf and np.isfinite(lp[600])
+  assert_close(lp, lp_ref, **TOLERANCES[jnp.dtype(dtype)], what="values")
+  np.testing.assert_array_equal(greedy, greedy_ref)
+  tol = GRAD_TOLERANCES[jnp.dtype(dtype)]
+  assert_close(dx.astype(jnp.float32), dx_ref.astype(jnp.float32), **tol, what="d logits")
+  assert_close(dtau, dtau_ref, **GRAD_TOLERANCES[jnp.dtype(jnp.float32)], what="d temperature")
